@@ -122,3 +122,5 @@ class FeatureSchema:
 
 
 SCHEMA = FeatureSchema()
+
+ACTION_TYPES: tuple[str, ...] = ("upsell", "cross_sell", "bundle", "retention", "acquisition", "service")

@@ -1,0 +1,243 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Channel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANNEL_UNSPECIFIED: _ClassVar[Channel]
+    CHANNEL_CALL_CENTER: _ClassVar[Channel]
+    CHANNEL_WEB: _ClassVar[Channel]
+    CHANNEL_MOBILE_APP: _ClassVar[Channel]
+    CHANNEL_EMAIL: _ClassVar[Channel]
+    CHANNEL_SMS: _ClassVar[Channel]
+    CHANNEL_BRANCH: _ClassVar[Channel]
+    CHANNEL_POINT_OF_SALE: _ClassVar[Channel]
+
+class ActionType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_TYPE_UNSPECIFIED: _ClassVar[ActionType]
+    ACTION_TYPE_UP_SELL: _ClassVar[ActionType]
+    ACTION_TYPE_CROSS_SELL: _ClassVar[ActionType]
+    ACTION_TYPE_BUNDLE: _ClassVar[ActionType]
+    ACTION_TYPE_RETENTION: _ClassVar[ActionType]
+    ACTION_TYPE_ACQUISITION: _ClassVar[ActionType]
+    ACTION_TYPE_SERVICE: _ClassVar[ActionType]
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    OUTCOME_IMPRESSION: _ClassVar[Outcome]
+    OUTCOME_CLICKED: _ClassVar[Outcome]
+    OUTCOME_ACCEPTED: _ClassVar[Outcome]
+    OUTCOME_REJECTED: _ClassVar[Outcome]
+    OUTCOME_IGNORED: _ClassVar[Outcome]
+CHANNEL_UNSPECIFIED: Channel
+CHANNEL_CALL_CENTER: Channel
+CHANNEL_WEB: Channel
+CHANNEL_MOBILE_APP: Channel
+CHANNEL_EMAIL: Channel
+CHANNEL_SMS: Channel
+CHANNEL_BRANCH: Channel
+CHANNEL_POINT_OF_SALE: Channel
+ACTION_TYPE_UNSPECIFIED: ActionType
+ACTION_TYPE_UP_SELL: ActionType
+ACTION_TYPE_CROSS_SELL: ActionType
+ACTION_TYPE_BUNDLE: ActionType
+ACTION_TYPE_RETENTION: ActionType
+ACTION_TYPE_ACQUISITION: ActionType
+ACTION_TYPE_SERVICE: ActionType
+OUTCOME_UNSPECIFIED: Outcome
+OUTCOME_IMPRESSION: Outcome
+OUTCOME_CLICKED: Outcome
+OUTCOME_ACCEPTED: Outcome
+OUTCOME_REJECTED: Outcome
+OUTCOME_IGNORED: Outcome
+
+class DecideRequest(_message.Message):
+    __slots__ = ("customer_id", "channel", "touchpoint", "context", "max_actions", "explain")
+    class ContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    TOUCHPOINT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    channel: Channel
+    touchpoint: str
+    context: _containers.ScalarMap[str, str]
+    max_actions: int
+    explain: bool
+    def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., touchpoint: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., max_actions: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class Treatment(_message.Message):
+    __slots__ = ("channel", "content")
+    class ContentEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    channel: Channel
+    content: _containers.ScalarMap[str, str]
+    def __init__(self, channel: _Optional[_Union[Channel, str]] = ..., content: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RankedAction(_message.Message):
+    __slots__ = ("action_id", "name", "type", "group", "propensity", "value", "priority", "treatment", "reasons", "rank")
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TREATMENT_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    action_id: str
+    name: str
+    type: ActionType
+    group: str
+    propensity: float
+    value: float
+    priority: float
+    treatment: Treatment
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    rank: int
+    def __init__(self, action_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ActionType, str]] = ..., group: _Optional[str] = ..., propensity: _Optional[float] = ..., value: _Optional[float] = ..., priority: _Optional[float] = ..., treatment: _Optional[_Union[Treatment, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class FunnelEntry(_message.Message):
+    __slots__ = ("action_id", "stage", "detail", "propensity", "priority")
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    action_id: str
+    stage: str
+    detail: str
+    propensity: float
+    priority: float
+    def __init__(self, action_id: _Optional[str] = ..., stage: _Optional[str] = ..., detail: _Optional[str] = ..., propensity: _Optional[float] = ..., priority: _Optional[float] = ...) -> None: ...
+
+class DecideResponse(_message.Message):
+    __slots__ = ("decision_id", "actions", "ruleset_version", "model_version", "degraded", "cold_start", "situations", "funnel", "decided_at")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    SITUATIONS_FIELD_NUMBER: _ClassVar[int]
+    FUNNEL_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    actions: _containers.RepeatedCompositeFieldContainer[RankedAction]
+    ruleset_version: str
+    model_version: str
+    degraded: bool
+    cold_start: bool
+    situations: _containers.RepeatedScalarFieldContainer[str]
+    funnel: _containers.RepeatedCompositeFieldContainer[FunnelEntry]
+    decided_at: _timestamp_pb2.Timestamp
+    def __init__(self, decision_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[RankedAction, _Mapping]]] = ..., ruleset_version: _Optional[str] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cold_start: _Optional[bool] = ..., situations: _Optional[_Iterable[str]] = ..., funnel: _Optional[_Iterable[_Union[FunnelEntry, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordResponseRequest(_message.Message):
+    __slots__ = ("decision_id", "action_id", "outcome", "timestamp")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    action_id: str
+    outcome: Outcome
+    timestamp: _timestamp_pb2.Timestamp
+    def __init__(self, decision_id: _Optional[str] = ..., action_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordResponseResponse(_message.Message):
+    __slots__ = ("response_id",)
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    response_id: str
+    def __init__(self, response_id: _Optional[str] = ...) -> None: ...
+
+class PublishEventRequest(_message.Message):
+    __slots__ = ("event_id", "customer_id", "type", "attributes", "timestamp")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    customer_id: str
+    type: str
+    attributes: _containers.ScalarMap[str, str]
+    timestamp: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., type: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PublishEventResponse(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class ReloadRulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadRulesResponse(_message.Message):
+    __slots__ = ("applied", "ruleset_version", "errors")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    ruleset_version: str
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, applied: _Optional[bool] = ..., ruleset_version: _Optional[str] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version")
+    RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULESET_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    REDIS_OK_FIELD_NUMBER: _ClassVar[int]
+    REDIS_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ruleset_version: str
+    ruleset_loaded_at: _timestamp_pb2.Timestamp
+    model_version: str
+    model_loaded_at: _timestamp_pb2.Timestamp
+    redis_ok: bool
+    redis_detail: str
+    catalog_size: int
+    service_version: str
+    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,83 @@
+"""The model's input rows: one customer block shared by all candidate actions, plus an action block.
+
+Serving and training build rows with the same functions so the model sees one layout. Categorical
+values are integer codes (index into their level list); an unknown or empty level is NaN (missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from engine.derived import derive
+from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, DERIVED, NUMERIC, SETS
+from engine.store import Profile
+
+PRODUCTS = SETS["products"]
+CUSTOMER_FEATURES: tuple[str, ...] = (
+    NUMERIC + DERIVED + tuple(CATEGORICAL) + tuple(f"holds_{p}" for p in PRODUCTS)
+)
+ACTION_FEATURES: tuple[str, ...] = ("action", "action_type", "action_value", "channel")
+FEATURES: tuple[str, ...] = CUSTOMER_FEATURES + ACTION_FEATURES
+CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORICAL) + ("action", "action_type", "channel")
+
+_CAT_OFFSET = len(NUMERIC) + len(DERIVED)
+_PROD_OFFSET = _CAT_OFFSET + len(CATEGORICAL)
+
+
+def _code(levels: Sequence[str], value: str) -> float:
+    try:
+        return float(levels.index(value))
+    except ValueError:
+        return float("nan")
+
+
+def customer_block(profile: Profile, derived: np.ndarray | None = None) -> np.ndarray:
+    """The customer part of a row (float64, CUSTOMER_FEATURES order)."""
+    out = np.empty(len(CUSTOMER_FEATURES), dtype=np.float64)
+    out[: len(NUMERIC)] = profile.numeric
+    out[len(NUMERIC): _CAT_OFFSET] = derive(profile.numeric) if derived is None else derived
+    for i, (name, levels) in enumerate(CATEGORICAL.items()):
+        out[_CAT_OFFSET + i] = _code(levels, profile.categorical.get(name, ""))
+    held = profile.sets.get("products", frozenset())
+    out[_PROD_OFFSET:] = [p in held for p in PRODUCTS]
+    return out
+
+
+def customer_blocks(numeric: np.ndarray, categorical: dict[str, np.ndarray],
+                    products: np.ndarray) -> np.ndarray:
+    """Vectorised ``customer_block`` for many customers given as column arrays (training)."""
+    n = numeric.shape[0]
+    out = np.empty((n, len(CUSTOMER_FEATURES)), dtype=np.float64)
+    out[:, : len(NUMERIC)] = numeric
+    out[:, len(NUMERIC): _CAT_OFFSET] = derive(numeric)
+    for i, name in enumerate(CATEGORICAL):
+        out[:, _CAT_OFFSET + i] = categorical[name]
+    out[:, _PROD_OFFSET:] = products
+    return out
+
+
+@dataclass(frozen=True)
+class ActionTable:
+    """Action-feature rows for a catalog, in the level order a model was trained with."""
+
+    action_ids: tuple[str, ...]
+    rows: np.ndarray  # (len(action_ids), 3): action code, type code, value
+
+    @classmethod
+    def build(cls, actions: Sequence, model_actions: Sequence[str]) -> "ActionTable":
+        rows = np.empty((len(actions), 3), dtype=np.float64)
+        for i, a in enumerate(actions):
+            rows[i] = (_code(model_actions, a.id), _code(ACTION_TYPES, a.type), float(a.value))
+        return cls(tuple(a.id for a in actions), rows)
+
+
+def assemble(customer: np.ndarray, actions: ActionTable, idx: np.ndarray, channel: str) -> np.ndarray:
+    """Rows for customer x actions[idx] on ``channel``: C-contiguous float64 for the scorer."""
+    x = np.empty((len(idx), len(FEATURES)), dtype=np.float64)
+    x[:, : len(CUSTOMER_FEATURES)] = customer
+    x[:, len(CUSTOMER_FEATURES): -1] = actions.rows[idx]
+    x[:, -1] = _code(CHANNELS, channel)
+    return x
