@@ -1,0 +1,30 @@
+"""Service configuration: defaults, environment (REDIS_URL, NBA_DATA_DIR) and command-line overrides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_CUSTOMERS = 20_000
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _default_dir(name: str) -> Path:
+    here = Path.cwd() / name
+    return here if here.is_dir() else REPO / name
+
+
+@dataclass
+class Config:
+    grpc_address: str = "127.0.0.1:50051"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    redis_url: str | None = field(default_factory=lambda: os.environ.get("REDIS_URL") or None)
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("NBA_DATA_DIR", ".nba-data")))
+    rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
+    models_dir: Path = field(default_factory=lambda: _default_dir("models"))
+    demo_customers: int = DEMO_CUSTOMERS
+    demo: bool = True  # seed demo customers and train a demo model when missing
+
+

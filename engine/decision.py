@@ -1,0 +1,278 @@
+"""The decision core: one Decide call as plain Python, called by the gRPC layer and by tests.
+
+Funnel: validate -> profile (one Redis round trip) -> derived features (numba) -> rules (one
+durable-rules evaluation) -> propensity (one numba call for all admitted actions) -> arbitration ->
+log (background). Every stage is timed into ``nba_decision_stage_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import redis
+
+from engine import metrics
+from engine.decision_log import DecisionLog
+from engine.derived import derive
+from engine.features import CHANNELS
+from engine.live import Live
+from engine.model_input import ActionTable, assemble, customer_block
+from engine.registry import LoadedModel
+from engine.rules.runtime import CompiledRules
+from engine.store import Profile, ProfileStore, SchemaMismatch
+
+log = logging.getLogger(__name__)
+
+MAX_ACTIONS_LIMIT = 20
+DEFAULT_MAX_ACTIONS = 3
+MAX_ID_LENGTH = 128
+
+
+class InvalidRequest(ValueError):
+    """A request the caller must fix; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DecideInput:
+    customer_id: str
+    channel: str
+    touchpoint: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    max_actions: int = 0  # 0: DEFAULT_MAX_ACTIONS
+    explain: bool = False
+
+
+@dataclass
+class RankedAction:
+    action_id: str
+    name: str
+    type: str
+    group: str
+    propensity: float
+    value: float
+    priority: float
+    treatment: dict[str, str]
+    reasons: list[str]
+    rank: int
+
+
+@dataclass
+class FunnelEntry:
+    action_id: str
+    stage: str  # ranked | not_eligible | blocked | channel | expired | group | cutoff
+    detail: str
+    propensity: float = 0.0
+    priority: float = 0.0
+
+
+@dataclass
+class Decision:
+    decision_id: str
+    customer_id: str
+    channel: str
+    actions: list[RankedAction]
+    ruleset_version: str
+    model_version: str
+    degraded: bool
+    cold_start: bool
+    situations: list[str]
+    decided_at: float
+    funnel: list[FunnelEntry] = field(default_factory=list)
+
+
+def validate(req: DecideInput) -> int:
+    """Raise InvalidRequest naming the field; return the effective max_actions."""
+    if not req.customer_id or not req.customer_id.strip():
+        raise InvalidRequest("customer_id", "must not be empty")
+    if len(req.customer_id) > MAX_ID_LENGTH or any(c in req.customer_id for c in "{}\n\r\t "):
+        raise InvalidRequest("customer_id", f"at most {MAX_ID_LENGTH} characters, no spaces or braces")
+    if req.channel not in CHANNELS:
+        raise InvalidRequest("channel", f"must be one of {', '.join(CHANNELS)}")
+    if not 0 <= req.max_actions <= MAX_ACTIONS_LIMIT:
+        raise InvalidRequest("max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})")
+    if len(req.touchpoint) > 256:
+        raise InvalidRequest("touchpoint", "at most 256 characters")
+    if len(req.context) > 64:
+        raise InvalidRequest("context", "at most 64 entries")
+    return req.max_actions or DEFAULT_MAX_ACTIONS
+
+
+class _Stages:
+    """Times consecutive stages with one clock read per boundary."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        metrics.STAGE_SECONDS.labels(stage).observe(now - self.last)
+        self.last = now
+
+
+class DecisionEngine:
+    def __init__(self, store: ProfileStore, rules: Live[CompiledRules], model: Live[LoadedModel],
+                 decision_log: DecisionLog | None = None) -> None:
+        self.store = store
+        self.rules = rules
+        self.model = model
+        self.decision_log = decision_log
+        self._tables: dict[tuple[int, str], ActionTable] = {}
+
+    def _action_table(self, rules: CompiledRules, model: LoadedModel) -> ActionTable:
+        key = (id(rules), model.version)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > 8:
+                self._tables.clear()
+            table = self._tables[key] = ActionTable.build(rules.catalog, model.action_levels)
+        return table
+
+    def _fetch(self, customer_id: str) -> tuple[Profile, str | None]:
+        try:
+            return self.store.fetch(customer_id), None
+        except redis.exceptions.RedisError as exc:
+            metrics.REDIS_ERRORS.labels("profile_fetch").inc()
+            log.warning("profile fetch failed for %s: %s", customer_id, exc)
+            return Profile.cold(customer_id), "profile_store"
+        except SchemaMismatch as exc:
+            log.warning("%s", exc)
+            return Profile.cold(customer_id), "profile_schema"
+
+    def decide(self, req: DecideInput) -> Decision:
+        started = time.perf_counter()
+        max_actions = validate(req)
+        stages = _Stages()
+        profile, degraded_by = self._fetch(req.customer_id)
+        stages.done("profile")
+        derived = derive(profile.numeric)
+        stages.done("derive")
+        with self.rules.use() as rules:
+            model = self.model.current
+            outcome = rules.evaluate(rules.build_fact(profile, derived, req.channel, req.touchpoint, req.context))
+            candidates, funnel = self._admit(rules, outcome, req.channel)
+            stages.done("rules")
+            propensity = self._score(rules, model, profile, derived, candidates, req.channel)
+            stages.done("scoring")
+            ranked = self._arbitrate(rules, outcome, candidates, propensity, req.channel, max_actions, funnel)
+            if not ranked:
+                ranked = self._fallback(rules, req.channel)
+            stages.done("arbitration")
+            ruleset_version = rules.version
+        decision = Decision(
+            decision_id=uuid.uuid4().hex,
+            customer_id=req.customer_id,
+            channel=req.channel,
+            actions=ranked,
+            ruleset_version=ruleset_version,
+            model_version=model.version,
+            degraded=degraded_by is not None,
+            cold_start=not profile.found,
+            situations=sorted(outcome.situations),
+            decided_at=time.time(),
+            funnel=funnel if req.explain else [],
+        )
+        self._record(decision, req, degraded_by)
+        stages.done("logging")
+        metrics.DECIDE_SECONDS.labels(req.channel).observe(time.perf_counter() - started)
+        return decision
+
+    def _admit(self, rules: CompiledRules, outcome, channel: str) -> tuple[list[int], list[FunnelEntry]]:
+        """Indices of catalog actions that pass validity, channel, eligibility and engagement policies."""
+        today = dt.date.today()
+        admitted: list[int] = []
+        funnel: list[FunnelEntry] = []
+        blocked = rules.blocked_actions(outcome)
+        for i, action in enumerate(rules.catalog):
+            if (action.valid_from and today < action.valid_from) or (action.valid_to and today > action.valid_to):
+                funnel.append(FunnelEntry(action.id, "expired", f"valid {action.valid_from} to {action.valid_to}"))
+            elif channel not in action.channels:
+                funnel.append(FunnelEntry(action.id, "channel", f"no treatment for {channel}"))
+            elif action.id not in outcome.eligible:
+                funnel.append(FunnelEntry(action.id, "not_eligible", f"eligibility false: {action.eligible_text}"))
+            elif action.id in blocked:
+                policy = blocked[action.id]
+                funnel.append(FunnelEntry(action.id, "blocked", f"policy {policy.name}: {policy.reason}"))
+            else:
+                admitted.append(i)
+        return admitted, funnel
+
+    def _score(self, rules: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
+               candidates: list[int], channel: str) -> np.ndarray:
+        if not candidates:
+            return np.empty(0)
+        table = self._action_table(rules, model)
+        x = assemble(customer_block(profile, derived), table, np.asarray(candidates), channel)
+        return model.scorer.predict(x)
+
+    def _arbitrate(self, rules: CompiledRules, outcome, candidates: list[int], propensity: np.ndarray,
+                   channel: str, max_actions: int, funnel: list[FunnelEntry]) -> list[RankedAction]:
+        """priority = propensity x value x levers x context weight; top N, one per group."""
+        scored = []
+        for i, p in zip(candidates, propensity.tolist()):
+            action = rules.catalog[i]
+            weight, reasons = rules.weights(action, outcome, channel)
+            scored.append((p * action.value * weight, p, action, reasons))
+        scored.sort(key=lambda s: (-s[0], s[2].id))
+        ranked: list[RankedAction] = []
+        groups: set[str] = set()
+        for priority, p, action, reasons in scored:
+            if action.group in groups:
+                funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority))
+                continue
+            if len(ranked) >= max_actions:
+                funnel.append(FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
+                continue
+            groups.add(action.group)
+            ranked.append(RankedAction(
+                action_id=action.id, name=action.name, type=action.type, group=action.group,
+                propensity=p, value=action.value, priority=priority,
+                treatment=dict(action.channels[channel]),
+                reasons=[f"propensity {p:.3f} x value {action.value:g}", *reasons],
+                rank=len(ranked) + 1,
+            ))
+            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+        return ranked
+
+    def _fallback(self, rules: CompiledRules, channel: str) -> list[RankedAction]:
+        action = rules.fallback_action(channel)
+        if action is None:
+            return []
+        metrics.FALLBACKS.labels(channel).inc()
+        return [RankedAction(
+            action_id=action.id, name=action.name, type=action.type, group=action.group,
+            propensity=0.0, value=action.value, priority=0.0,
+            treatment=dict(action.channels.get(channel, {})),
+            reasons=["fallback: no action survived the rules for this channel"], rank=1,
+        )]
+
+    def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
+        metrics.DECISIONS.labels(decision.channel).inc()
+        for a in decision.actions:
+            metrics.ACTIONS_PRESENTED.labels(a.action_id, a.type, decision.channel).inc()
+        if decision.cold_start:
+            metrics.COLD_STARTS.inc()
+        if degraded_by:
+            metrics.DEGRADED.labels(degraded_by).inc()
+        if self.decision_log is not None:
+            self.decision_log.write({
+                "decision_id": decision.decision_id,
+                "customer_id": decision.customer_id,
+                "channel": decision.channel,
+                "touchpoint": req.touchpoint,
+                "actions": ",".join(a.action_id for a in decision.actions),
+                "propensities": ",".join(f"{a.propensity:.5f}" for a in decision.actions),
+                "ruleset_version": decision.ruleset_version,
+                "model_version": decision.model_version,
+                "degraded": "1" if decision.degraded else "0",
+                "ts": f"{decision.decided_at:.3f}",
+            })
