@@ -38,7 +38,7 @@ class App:
         self.store = ProfileStore.from_url(url)
         rules = load_and_compile(cfg.rules_dir)
         if cfg.demo:
-            self._ensure_demo(rules.catalog)
+            self._ensure_demo(rules.ruleset.actions)
         self.rules = Live(rules, retire=lambda r: r.close())
         self.model = Live(self.registry.load())
         self.decision_log = DecisionLog(self.store.client)
@@ -60,7 +60,7 @@ class App:
         rules, model = self.rules.current, self.model.current
         metrics.RULESET_INFO.info({"version": rules.version})
         metrics.MODEL_INFO.info({"version": model.version})
-        metrics.CATALOG_SIZE.set(len(rules.catalog))
+        metrics.CATALOG_SIZE.set(len(rules.ruleset.actions))
 
     def reload_rules(self) -> tuple[bool, str, list[str]]:
         """Compile the rule files aside and swap them in; on errors the live set stays."""

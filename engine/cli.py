@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     rules = load_and_compile(cfg.rules_dir)
     try:
         registry = ModelRegistry(cfg.models_dir)
-        version, metrics = demo.train_demo(registry, rules.catalog, args.customers, args.world_seed,
+        version, metrics = demo.train_demo(registry, rules.ruleset.actions, args.customers, args.world_seed,
                                            args.rounds, promote=not args.no_promote)
     finally:
         rules.close()

@@ -7,7 +7,6 @@ log (background). Every stage is timed into ``nba_decision_stage_duration_second
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 import uuid
@@ -24,7 +23,8 @@ from engine.features import CHANNELS
 from engine.live import Live
 from engine.model_input import ActionTable, assemble, customer_block
 from engine.registry import LoadedModel
-from engine.rules.runtime import CompiledRules
+from engine.rules.facts import FactInputs
+from engine.rules.runtime import ActionVerdict, CompiledRules
 from engine.store import Profile, ProfileStore, SchemaMismatch
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class DecisionEngine:
         if table is None:
             if len(self._tables) > 8:
                 self._tables.clear()
-            table = self._tables[key] = ActionTable.build(rules.catalog, model.action_levels)
+            table = self._tables[key] = ActionTable.build(rules.ruleset.actions, model.action_levels)
         return table
 
     def _fetch(self, customer_id: str) -> tuple[Profile, str | None]:
@@ -158,16 +158,30 @@ class DecisionEngine:
         stages.done("derive")
         with self.rules.use() as rules:
             model = self.model.current
-            outcome = rules.evaluate(rules.build_fact(profile, derived, req.channel, req.touchpoint, req.context))
-            candidates, funnel = self._admit(rules, outcome, req.channel)
+            outcome = rules.evaluate(rules.build_fact(FactInputs(
+                numbers=np.concatenate((profile.numeric, derived)),
+                categories=profile.categorical,
+                products=profile.sets.get("products", ()),
+                consents=profile.sets.get("consent", ()),
+                channel=req.channel, touchpoint=req.touchpoint, context=req.context,
+                triggers=profile.triggers,
+            )))
+            verdicts = rules.verdicts(outcome, req.channel)
             stages.done("rules")
-            propensity = self._score(rules, model, profile, derived, candidates, req.channel)
+            admitted = [i for i, v in enumerate(verdicts) if v.admitted]
+            propensity = self._score(rules, model, profile, derived, admitted, req.channel)
             stages.done("scoring")
-            ranked = self._arbitrate(rules, outcome, candidates, propensity, req.channel, max_actions, funnel)
+            funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
+                      for v in verdicts if not v.admitted]
+            ranked = _arbitrate([verdicts[i] for i in admitted], propensity, req.channel, max_actions, funnel)
             if not ranked:
                 ranked = self._fallback(rules, req.channel)
             stages.done("arbitration")
             ruleset_version = rules.version
+        for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
+                            ("lever", outcome.levers)):
+            for name in names:
+                metrics.RULE_FIRINGS.labels(kind, name).inc()
         decision = Decision(
             decision_id=uuid.uuid4().hex,
             customer_id=req.customer_id,
@@ -186,65 +200,17 @@ class DecisionEngine:
         metrics.DECIDE_SECONDS.labels(req.channel).observe(time.perf_counter() - started)
         return decision
 
-    def _admit(self, rules: CompiledRules, outcome, channel: str) -> tuple[list[int], list[FunnelEntry]]:
-        """Indices of catalog actions that pass validity, channel, eligibility and engagement policies."""
-        today = dt.date.today()
-        admitted: list[int] = []
-        funnel: list[FunnelEntry] = []
-        blocked = rules.blocked_actions(outcome)
-        for i, action in enumerate(rules.catalog):
-            if (action.valid_from and today < action.valid_from) or (action.valid_to and today > action.valid_to):
-                funnel.append(FunnelEntry(action.id, "expired", f"valid {action.valid_from} to {action.valid_to}"))
-            elif channel not in action.channels:
-                funnel.append(FunnelEntry(action.id, "channel", f"no treatment for {channel}"))
-            elif action.id not in outcome.eligible:
-                funnel.append(FunnelEntry(action.id, "not_eligible", f"eligibility false: {action.eligible_text}"))
-            elif action.id in blocked:
-                policy = blocked[action.id]
-                funnel.append(FunnelEntry(action.id, "blocked", f"policy {policy.name}: {policy.reason}"))
-            else:
-                admitted.append(i)
-        return admitted, funnel
-
     def _score(self, rules: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
-               candidates: list[int], channel: str) -> np.ndarray:
-        if not candidates:
+               admitted: list[int], channel: str) -> np.ndarray:
+        """Propensity of every admitted action in one scorer call."""
+        if not admitted:
             return np.empty(0)
         table = self._action_table(rules, model)
-        x = assemble(customer_block(profile, derived), table, np.asarray(candidates), channel)
+        x = assemble(customer_block(profile, derived), table, np.asarray(admitted), channel)
         return model.scorer.predict(x)
 
-    def _arbitrate(self, rules: CompiledRules, outcome, candidates: list[int], propensity: np.ndarray,
-                   channel: str, max_actions: int, funnel: list[FunnelEntry]) -> list[RankedAction]:
-        """priority = propensity x value x levers x context weight; top N, one per group."""
-        scored = []
-        for i, p in zip(candidates, propensity.tolist()):
-            action = rules.catalog[i]
-            weight, reasons = rules.weights(action, outcome, channel)
-            scored.append((p * action.value * weight, p, action, reasons))
-        scored.sort(key=lambda s: (-s[0], s[2].id))
-        ranked: list[RankedAction] = []
-        groups: set[str] = set()
-        for priority, p, action, reasons in scored:
-            if action.group in groups:
-                funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority))
-                continue
-            if len(ranked) >= max_actions:
-                funnel.append(FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
-                continue
-            groups.add(action.group)
-            ranked.append(RankedAction(
-                action_id=action.id, name=action.name, type=action.type, group=action.group,
-                propensity=p, value=action.value, priority=priority,
-                treatment=dict(action.channels[channel]),
-                reasons=[f"propensity {p:.3f} x value {action.value:g}", *reasons],
-                rank=len(ranked) + 1,
-            ))
-            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
-        return ranked
-
     def _fallback(self, rules: CompiledRules, channel: str) -> list[RankedAction]:
-        action = rules.fallback_action(channel)
+        action = rules.ruleset.fallback_for(channel)
         if action is None:
             return []
         metrics.FALLBACKS.labels(channel).inc()
@@ -276,3 +242,50 @@ class DecisionEngine:
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
             })
+
+
+_STAGE_NAMES = {"channel": "channel", "dates": "expired", "eligibility": "not_eligible", "policy": "blocked"}
+
+
+def _dropped_detail(v: ActionVerdict) -> str:
+    a = v.action
+    if v.stage == "channel":
+        return "no treatment for this channel"
+    if v.stage == "dates":
+        return f"valid {a.valid_from or '...'} to {a.valid_to or '...'}"
+    if v.stage == "eligibility":
+        return f"eligible is false: {a.eligible_text}"
+    return "; ".join(f"policy {name}: {reason}" for name, reason in zip(v.blocked_by, v.reasons))
+
+
+def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
+               funnel: list[FunnelEntry]) -> list[RankedAction]:
+    """priority = propensity x value x weight (context weight x levers); top N, one per group.
+
+    Ties break on the action id so that the same state always gives the same answer.
+    """
+    scored = sorted(
+        ((p * v.action.value * v.weight, p, v) for v, p in zip(admitted, propensity.tolist())),
+        key=lambda s: (-s[0], s[2].action.id),
+    )
+    ranked: list[RankedAction] = []
+    groups: set[str] = set()
+    for priority, p, v in scored:
+        action = v.action
+        if action.group in groups:
+            funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority))
+            continue
+        if len(ranked) >= max_actions:
+            funnel.append(FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
+            continue
+        groups.add(action.group)
+        reasons = [f"propensity {p:.3f} x value {action.value:g}"]
+        if v.weight != 1.0:
+            reasons.append(f"weight x{v.weight:g}" + (f" (levers: {', '.join(v.levers)})" if v.levers else " (channel)"))
+        ranked.append(RankedAction(
+            action_id=action.id, name=action.name, type=action.type, group=action.group,
+            propensity=p, value=action.value, priority=priority, treatment=dict(action.channels[channel]),
+            reasons=reasons, rank=len(ranked) + 1,
+        ))
+        funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+    return ranked

@@ -182,9 +182,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         rules, model = self.app.rules.current, self.app.model.current
         ok, detail = self.app.store.ping()
         return pb.GetStatusResponse(
-            ruleset_version=rules.version, ruleset_loaded_at=_timestamp(rules.loaded_at),
+            ruleset_version=rules.version, ruleset_loaded_at=_timestamp(rules.ruleset.loaded_at.timestamp()),
             model_version=model.version, model_loaded_at=_timestamp(model.loaded_at),
-            redis_ok=ok, redis_detail=detail, catalog_size=len(rules.catalog),
+            redis_ok=ok, redis_detail=detail, catalog_size=len(rules.ruleset.actions),
             service_version=__version__,
         )
 

@@ -39,7 +39,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     rules = load_and_compile(RULES_DIR)
     try:
-        demo.train_demo(ModelRegistry(root), rules.catalog, customers=6_000, rounds=60)
+        demo.train_demo(ModelRegistry(root), rules.ruleset.actions, customers=6_000, rounds=60)
     finally:
         rules.close()
     return root

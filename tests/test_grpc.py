@@ -37,9 +37,9 @@ def service(redis_url: str, models_dir: Path, tmp_path: Path):
     app.close()
 
 
-def decide(channel: grpc.Channel, **kw) -> pb.DecideResponse:
+def decide(grpc_channel: grpc.Channel, **kw) -> pb.DecideResponse:
     kw.setdefault("channel", pb.CHANNEL_WEB)
-    return pb_grpc.DecisionServiceStub(channel).Decide(pb.DecideRequest(**kw), timeout=10)
+    return pb_grpc.DecisionServiceStub(grpc_channel).Decide(pb.DecideRequest(**kw), timeout=10)
 
 
 def test_health_and_reflection_list_the_services(service) -> None:
@@ -79,7 +79,7 @@ def test_unknown_customer_gets_a_cold_start_decision(service) -> None:
 def test_explain_accounts_for_every_catalog_action(service) -> None:
     app, channel = service
     reply = decide(channel, customer_id="C0000007", explain=True)
-    assert {f.action_id for f in reply.funnel} == {a.id for a in app.rules.current.catalog}
+    assert {f.action_id for f in reply.funnel} == {a.id for a in app.rules.current.ruleset.actions}
     ranked = [f.action_id for f in reply.funnel if f.stage == "ranked"]
     assert sorted(ranked) == sorted(a.action_id for a in reply.actions)
 
