@@ -43,6 +43,7 @@ class App:
         self.model = Live(self.registry.load())
         self.decision_log = DecisionLog(self.store.client)
         self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log)
+        self.engine.warmup()
         self._publish_versions()
         return self
 

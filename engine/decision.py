@@ -110,12 +110,14 @@ def validate(req: DecideInput) -> int:
 class _Stages:
     """Times consecutive stages with one clock read per boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: bool = True) -> None:
+        self.observe = observe
         self.last = time.perf_counter()
 
     def done(self, stage: str) -> None:
         now = time.perf_counter()
-        metrics.STAGE_SECONDS.labels(stage).observe(now - self.last)
+        if self.observe:
+            metrics.STAGE_SECONDS.labels(stage).observe(now - self.last)
         self.last = now
 
 
@@ -150,8 +152,21 @@ class DecisionEngine:
 
     def decide(self, req: DecideInput) -> Decision:
         started = time.perf_counter()
-        max_actions = validate(req)
+        decision, degraded_by = self._decide(req)
         stages = _Stages()
+        self._record(decision, req, degraded_by)
+        stages.done("logging")
+        metrics.DECIDE_SECONDS.labels(req.channel).observe(time.perf_counter() - started)
+        return decision
+
+    def warmup(self) -> None:
+        """Run every stage once per channel (JIT, Redis pool, rule engine) before taking traffic."""
+        for channel in CHANNELS:
+            self._decide(DecideInput(customer_id="warmup", channel=channel, explain=True), observe=False)
+
+    def _decide(self, req: DecideInput, observe: bool = True) -> tuple[Decision, str | None]:
+        max_actions = validate(req)
+        stages = _Stages(observe)
         profile, degraded_by = self._fetch(req.customer_id)
         stages.done("profile")
         derived = derive(profile.numeric)
@@ -172,17 +187,18 @@ class DecisionEngine:
             propensity = self._score(rules, model, profile, derived, admitted, req.channel)
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
-                      for v in verdicts if not v.admitted]
+                      for v in verdicts if not v.admitted] if req.explain else None
             ranked = _arbitrate([verdicts[i] for i in admitted], propensity, req.channel, max_actions, funnel)
             if not ranked:
                 ranked = self._fallback(rules, req.channel)
             stages.done("arbitration")
             ruleset_version = rules.version
-        for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
-                            ("lever", outcome.levers)):
-            for name in names:
-                metrics.RULE_FIRINGS.labels(kind, name).inc()
-        decision = Decision(
+        if observe:
+            for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
+                                ("lever", outcome.levers)):
+                for name in names:
+                    metrics.RULE_FIRINGS.labels(kind, name).inc()
+        return Decision(
             decision_id=uuid.uuid4().hex,
             customer_id=req.customer_id,
             channel=req.channel,
@@ -193,12 +209,8 @@ class DecisionEngine:
             cold_start=not profile.found,
             situations=sorted(outcome.situations),
             decided_at=time.time(),
-            funnel=funnel if req.explain else [],
-        )
-        self._record(decision, req, degraded_by)
-        stages.done("logging")
-        metrics.DECIDE_SECONDS.labels(req.channel).observe(time.perf_counter() - started)
-        return decision
+            funnel=funnel or [],
+        ), degraded_by
 
     def _score(self, rules: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
                admitted: list[int], channel: str) -> np.ndarray:
@@ -259,7 +271,7 @@ def _dropped_detail(v: ActionVerdict) -> str:
 
 
 def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
-               funnel: list[FunnelEntry]) -> list[RankedAction]:
+               funnel: list[FunnelEntry] | None) -> list[RankedAction]:
     """priority = propensity x value x weight (context weight x levers); top N, one per group.
 
     Ties break on the action id so that the same state always gives the same answer.
@@ -272,11 +284,13 @@ def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: s
     groups: set[str] = set()
     for priority, p, v in scored:
         action = v.action
-        if action.group in groups:
-            funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority))
-            continue
-        if len(ranked) >= max_actions:
-            funnel.append(FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
+        if funnel is None and len(ranked) >= max_actions:
+            break
+        if action.group in groups or len(ranked) >= max_actions:
+            if funnel is not None:
+                funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority)
+                              if action.group in groups else
+                              FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
             continue
         groups.add(action.group)
         reasons = [f"propensity {p:.3f} x value {action.value:g}"]
@@ -287,5 +301,6 @@ def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: s
             propensity=p, value=action.value, priority=priority, treatment=dict(action.channels[channel]),
             reasons=reasons, rank=len(ranked) + 1,
         ))
-        funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+        if funnel is not None:
+            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
     return ranked
