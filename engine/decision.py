@@ -117,7 +117,7 @@ class _Stages:
     def done(self, stage: str) -> None:
         now = time.perf_counter()
         if self.observe:
-            metrics.STAGE_SECONDS.labels(stage).observe(now - self.last)
+            metrics.stage_seconds(stage).observe(now - self.last)
         self.last = now
 
 
@@ -156,7 +156,7 @@ class DecisionEngine:
         stages = _Stages()
         self._record(decision, req, degraded_by)
         stages.done("logging")
-        metrics.DECIDE_SECONDS.labels(req.channel).observe(time.perf_counter() - started)
+        metrics.decide_seconds(req.channel).observe(time.perf_counter() - started)
         return decision
 
     def warmup(self) -> None:
@@ -197,7 +197,7 @@ class DecisionEngine:
             for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
                                 ("lever", outcome.levers)):
                 for name in names:
-                    metrics.RULE_FIRINGS.labels(kind, name).inc()
+                    metrics.rule_firings(kind, name).inc()
         return Decision(
             decision_id=uuid.uuid4().hex,
             customer_id=req.customer_id,
@@ -234,9 +234,9 @@ class DecisionEngine:
         )]
 
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
-        metrics.DECISIONS.labels(decision.channel).inc()
+        metrics.decisions(decision.channel).inc()
         for a in decision.actions:
-            metrics.ACTIONS_PRESENTED.labels(a.action_id, a.type, decision.channel).inc()
+            metrics.actions_presented(a.action_id, a.type, decision.channel).inc()
         if decision.cold_start:
             metrics.COLD_STARTS.inc()
         if degraded_by:
