@@ -234,7 +234,8 @@ def test_condition_errors_point_at_the_character_in_the_file(tmp_path):
     assert messages(tmp_path) == [
         'catalog.yaml:22:35: unknown feature "tenure_month"; did you mean "tenure_months"?',
         'policies.yaml:5:31: unknown feature "segmnt"; did you mean "segment"?',
-        'policies.yaml:11:9: cannot compare a number with text; compare it, e.g. context.intent == "upgrade"',
+        'policies.yaml:12:13: cannot compare a number with text; compare numbers with numbers (no quotes), '
+        'e.g. churn_risk > 0.5',
     ]
 
 
@@ -426,3 +427,91 @@ def test_source_has_no_eval_exec_compile_or_durable_dsl():
             if isinstance(node, pyast.Import):
                 assert all(not a.name.startswith("durable.") and a.name != "durable" for a in node.names), \
                     f"{path}:{node.lineno}"
+
+
+# --- docs and editor schema ------------------------------------------------------------------------
+def test_readme_feature_list_is_generated_from_the_schema():
+    from engine.rules.reference import END, START, feature_reference
+
+    text = (REPO / "rules" / "README.md").read_text()
+    assert text[text.index(START): text.index(END) + len(END)] == feature_reference(), \
+        "run: python -m engine.rules.reference --write"
+
+
+def _validate(value, schema, root, path="$") -> list[str]:
+    """A small JSON Schema (draft-07 subset) validator: enough for rules.schema.json."""
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return _validate(value, {**target, **{k: v for k, v in schema.items() if k != "$ref"}}, root, path)
+    errors = []
+    if "oneOf" in schema:
+        matches = sum(not _validate(value, option, root, path) for option in schema["oneOf"])
+        if matches != 1:
+            errors.append(f"{path}: matches {matches} alternatives")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in enum")
+    kind = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "integer": int, "number": (int, float)}
+    if kind and (not isinstance(value, types[kind]) or (kind in ("number", "integer") and isinstance(value, bool))):
+        return errors + [f"{path}: expected {kind}"]
+    if isinstance(value, str):
+        if "pattern" in schema and not __import__("re").match(schema["pattern"], value):
+            errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{path}: too short")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{path}: below minimum")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{path}: not above {schema['exclusiveMinimum']}")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            errors += _validate(item, schema.get("items", {}), root, f"{path}[{i}]")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{path}: missing {key}")
+        if len(value) < schema.get("minProperties", 0):
+            errors.append(f"{path}: too few properties")
+        props = schema.get("properties", {})
+        for key, item in value.items():
+            if "propertyNames" in schema:
+                errors += _validate(key, schema["propertyNames"], root, f"{path}.{key}(name)")
+            if key in props:
+                errors += _validate(item, props[key], root, f"{path}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: unknown key {key}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += _validate(item, schema["additionalProperties"], root, f"{path}.{key}")
+    return errors
+
+
+def _yaml_as_json(path: Path):
+    import json
+
+    import yaml
+
+    return json.loads(json.dumps(yaml.safe_load(path.read_text()), default=str))  # dates -> "YYYY-MM-DD"
+
+
+def test_json_schema_accepts_the_demo_files_and_rejects_mistakes():
+    import json
+
+    from engine.rules import loader
+
+    schema = json.loads((REPO / "rules" / "schema" / "rules.schema.json").read_text())
+    for name in ("catalog.yaml", "policies.yaml"):
+        assert _validate(_yaml_as_json(REPO / "rules" / name), schema, schema) == [], name
+    catalog = _yaml_as_json(REPO / "rules" / "catalog.yaml")
+    catalog["actions"][0]["type"] = "servise"
+    catalog["actions"][1]["chanels"] = {}
+    catalog["actions"][2]["channels"]["fax"] = {"text": "x"}
+    catalog["actions"][3]["value"] = -1
+    assert len(_validate(catalog, schema, schema)) == 4
+    # the schema and the loader agree on the keys
+    assert set(schema["definitions"]["action"]["properties"]) == set(loader.ACTION_KEYS)
+    assert set(schema["properties"]) == set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS)
+    assert set(schema["properties"]["policies"]["items"]["properties"]) == set(loader.POLICY_KEYS)
+    assert set(schema["properties"]["levers"]["items"]["properties"]) == set(loader.LEVER_KEYS)

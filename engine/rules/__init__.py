@@ -1,0 +1,38 @@
+"""Rules owned by marketers: the condition language, the YAML loader, and durable-rules at run time.
+
+Typical use::
+
+    rules = load_and_compile(Path("rules"))          # raises RuleErrors
+    fact = rules.build_fact(FactInputs(numbers=..., categories=..., products=..., consents=...,
+                                       channel="web", touchpoint="home", context={}, triggers=[]))
+    outcome = rules.evaluate(fact)                   # RuleOutcome
+    verdicts = rules.verdicts(outcome, "web")        # one ActionVerdict per catalog action
+"""
+
+from .check import check, load_and_compile
+from .errors import ConditionError, RuleError, RuleErrors
+from .facts import FactInputs
+from .loader import load_rules
+from .model import ACTION_TYPES, Action, Lever, Policy, RuleSet, Situation, Targets
+from .runtime import ActionVerdict, CompiledRules, RuleOutcome, compile_rules
+
+__all__ = [
+    "ACTION_TYPES",
+    "Action",
+    "ActionVerdict",
+    "CompiledRules",
+    "ConditionError",
+    "FactInputs",
+    "Lever",
+    "Policy",
+    "RuleError",
+    "RuleErrors",
+    "RuleOutcome",
+    "RuleSet",
+    "Situation",
+    "Targets",
+    "check",
+    "compile_rules",
+    "load_and_compile",
+    "load_rules",
+]

@@ -1,0 +1,336 @@
+"""Name resolution and type checking of conditions against the feature schema.
+
+Turns a parsed tree into a resolved tree whose leaves are fact ``Field``s, literals and ``SitRef``s,
+collecting every error (with offsets into the condition text) instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from engine.features import CHANNELS, SCHEMA, FeatureSchema
+
+from .errors import ConditionError, suggest
+from .facts import consent_field, context_field, holds_field, trigger_field
+from .nodes import (
+    And,
+    Arith,
+    Bool,
+    Call,
+    Compare,
+    ContextRef,
+    Field,
+    In,
+    ListLit,
+    Name,
+    Neg,
+    Node,
+    Not,
+    Num,
+    Or,
+    SitRef,
+    Str,
+    walk,
+)
+
+FUNCTIONS = {
+    "holds": 'holds("broadband"): the customer holds that product',
+    "consent": 'consent("email"): the customer consented to that channel',
+    "trigger": 'trigger("callback_requested"): that trigger is active for the customer',
+}
+BUILTINS = ("channel", "touchpoint", "has_consent", "context")
+IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Ty:
+    kind: str  # "num", "bool", "str", "cat"
+    cat: str = ""  # categorical feature name (or "channel")
+    levels: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "num":
+            return "a number"
+        if self.kind == "bool":
+            return "a condition (true/false)"
+        if self.kind == "cat":
+            return f"a category ({self.cat})"
+        return "text"
+
+
+NUM, BOOL, STR = Ty("num"), Ty("bool"), Ty("str")
+CHANNEL_TY = Ty("cat", "channel", CHANNELS)
+
+
+@dataclass
+class Scope:
+    """What names a condition may use."""
+
+    schema: FeatureSchema = SCHEMA
+    situations: Collection[str] = ()
+    triggers: Collection[str] | None = None  # declared trigger names; None accepts any
+
+    def reserved(self) -> set[str]:
+        return set(self.schema.numbers) | set(self.schema.categorical) | set(BUILTINS) | set(FUNCTIONS)
+
+    def names(self) -> list[str]:
+        return [*self.schema.numbers, *self.schema.categorical, *self.situations, *BUILTINS]
+
+
+def check(node: Node, scope: Scope) -> tuple[Node, list[ConditionError]]:
+    """Resolve and type-check a parsed condition. The result is meaningful only without errors."""
+    checker = _Checker(scope)
+    resolved, ty = checker.expr(node)
+    if ty is not None and ty.kind != "bool":
+        checker.error(node, f"expected a condition (true or false) but this is {ty.describe()}", _compare_hint(ty))
+    return resolved, checker.errors
+
+
+def situation_refs(node: Node) -> list[SitRef]:
+    """The situations a resolved condition references directly."""
+    return [n for n in walk(node) if isinstance(n, SitRef)]
+
+
+def _compare_hint(ty: Ty) -> str:
+    if ty.kind == "num":
+        return "compare it, e.g. tenure_months >= 12"
+    if ty.kind == "cat":
+        return f'compare it, e.g. {ty.cat} == "{ty.levels[0]}"'
+    return 'compare it, e.g. context.intent == "upgrade"'
+
+
+def _is_const(node: Node) -> bool:
+    return not any(isinstance(n, (Field, SitRef)) for n in walk(node))
+
+
+class _Checker:
+    def __init__(self, scope: Scope):
+        self.scope = scope
+        self.errors: list[ConditionError] = []
+
+    def error(self, node: Node, message: str, hint: str = "") -> None:
+        self.errors.append(ConditionError(node.pos, max(node.end, node.pos + 1), message, hint))
+
+    # returns (resolved node, type or None when an error was reported)
+    def expr(self, node: Node) -> tuple[Node, Ty | None]:
+        method = getattr(self, "_" + type(node).__name__)
+        return method(node)
+
+    # --- leaves -----------------------------------------------------------------------------------
+    def _Num(self, node: Num):
+        return node, NUM
+
+    def _Str(self, node: Str):
+        return node, STR
+
+    def _Bool(self, node: Bool):
+        return node, BOOL
+
+    def _ListLit(self, node: ListLit):
+        self.error(node, 'a list [...] can only follow "in" or "not in"')
+        return node, None
+
+    def _Name(self, node: Name):
+        name, schema, span = node.name, self.scope.schema, {"pos": node.pos, "end": node.end}
+        if name in schema.numbers:
+            return Field(name, "num", **span), NUM
+        if name in schema.categorical:
+            return Field(name, "str", **span), Ty("cat", name, tuple(schema.categorical[name]))
+        if name in self.scope.situations:
+            return SitRef(name, **span), BOOL
+        if name == "channel":
+            return Field("channel", "str", **span), CHANNEL_TY
+        if name == "touchpoint":
+            return Field("touchpoint", "str", **span), STR
+        if name == "has_consent":
+            return Field("has_consent", "bool", **span), BOOL
+        if name == "context":
+            self.error(node, '"context" needs a key', "write context.KEY, e.g. context.intent")
+            return node, None
+        if name in FUNCTIONS:
+            self.error(node, f'"{name}" is a function', f"write {FUNCTIONS[name].split(':')[0]}")
+            return node, None
+        if name in schema.sets:
+            fn = "holds" if name == "products" else "consent"
+            self.error(node, f'"{name}" is a set', f'use {fn}("...") to test membership')
+            return node, None
+        hint = suggest(name, self.scope.names()) or "see the feature list in rules/README.md"
+        self.error(node, f'unknown feature "{name}"', hint)
+        return node, None
+
+    def _ContextRef(self, node: ContextRef):
+        if not IDENT.match(node.key):
+            self.error(node, f'context key "{node.key}" must be lower case letters, digits and _')
+            return node, None
+        return Field(context_field(node.key), "str", pos=node.pos, end=node.end), STR
+
+    def _Call(self, node: Call):
+        func = node.func
+        if func not in FUNCTIONS:
+            schema = self.scope.schema
+            if func in schema.numbers or func in schema.categorical or func in self.scope.situations:
+                self.error(node, f'"{func}" is not a function', f"write {func} without parentheses")
+            else:
+                hint = suggest(func, FUNCTIONS) or "functions: " + ", ".join(FUNCTIONS)
+                self.error(node, f'unknown function "{func}"', hint)
+            return node, None
+        example = FUNCTIONS[func].split(":")[0]
+        if len(node.args) != 1 or not isinstance(node.args[0], Str):
+            self.error(node, f"{func}() needs one name in quotes", f"e.g. {example}")
+            return node, None
+        arg = node.args[0]
+        value, span = arg.value, {"pos": node.pos, "end": node.end}
+        if func == "holds":
+            products = self.scope.schema.sets["products"]
+            if value not in products:
+                hint = suggest(value, products) or "products: " + ", ".join(products)
+                self.error(arg, f'unknown product "{value}"', hint)
+                return node, None
+            return Field(holds_field(value), "bool", **span), BOOL
+        if func == "consent":
+            if value not in CHANNELS:
+                hint = suggest(value, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+                self.error(arg, f'unknown channel "{value}"', hint)
+                return node, None
+            return Field(consent_field(value), "bool", **span), BOOL
+        # trigger
+        known = self.scope.triggers
+        if not IDENT.match(value):
+            self.error(arg, f'trigger name "{value}" must be lower case letters, digits and _')
+            return node, None
+        if known is not None and value not in known:
+            hint = suggest(value, known) or "declare it under triggers: in policies.yaml"
+            self.error(arg, f'unknown trigger "{value}"', hint)
+            return node, None
+        return Field(trigger_field(value), "bool", **span), BOOL
+
+    # --- arithmetic -------------------------------------------------------------------------------
+    def _Neg(self, node: Neg):
+        operand, ty = self.expr(node.operand)
+        if ty is not None and ty.kind != "num":
+            self.error(node.operand, f"expected a number after '-' but this is {ty.describe()}")
+            ty = None
+        return Neg(operand, pos=node.pos, end=node.end), (NUM if ty else None)
+
+    def _Arith(self, node: Arith):
+        left, lt = self.expr(node.left)
+        right, rt = self.expr(node.right)
+        ok = True
+        for side, ty in ((node.left, lt), (node.right, rt)):
+            if ty is not None and ty.kind != "num":
+                self.error(side, f'"{node.op}" works on numbers but this is {ty.describe()}')
+                ok = False
+        ok = ok and lt is not None and rt is not None
+        if ok and node.op == "/":
+            if not _is_const(right):
+                self.error(node.right, "you can only divide by a fixed number", "use a derived ratio feature instead, e.g. data_usage_ratio")
+                ok = False
+            else:
+                from .evaluate import evaluate
+
+                divisor = evaluate(right, {})
+                if divisor == 0 or not math.isfinite(divisor):
+                    self.error(node.right, "division by zero")
+                    ok = False
+        return Arith(node.op, left, right, pos=node.pos, end=node.end), (NUM if ok else None)
+
+    # --- comparisons ------------------------------------------------------------------------------
+    def _Compare(self, node: Compare):
+        left, lt = self.expr(node.left)
+        right, rt = self.expr(node.right)
+        span = {"pos": node.pos, "end": node.end}
+        if lt is None or rt is None:
+            return Compare(node.op, left, right, **span), None
+        op = node.op
+        if lt.kind == "bool" or rt.kind == "bool":
+            # "x == true" / "has_consent != false" are accepted and simplified.
+            if op in ("==", "!=") and lt.kind == rt.kind == "bool":
+                for cond, lit in ((left, right), (right, left)):
+                    if isinstance(lit, Bool):
+                        positive = lit.value == (op == "==")
+                        return (cond if positive else Not(cond, **span)), BOOL
+            self.error(node, "conditions cannot be compared with " + op, 'combine conditions with "and", "or", "not"')
+            return Compare(op, left, right, **span), None
+        if lt.kind == "num" and rt.kind == "num":
+            return Compare(op, left, right, **span), BOOL
+        if lt.kind == "num" or rt.kind == "num":
+            num_side, oty = (left, rt) if lt.kind == "num" else (right, lt)
+            if oty.kind == "cat":
+                hint = f"{oty.cat} is a category; compare it with one of: " + ", ".join(oty.levels)
+            else:
+                name = num_side.name if isinstance(num_side, Field) else "nps"
+                hint = f"compare numbers with numbers (no quotes), e.g. {name} > 0.5"
+            self.error(node, f"cannot compare a number with {oty.describe()}", hint)
+            return Compare(op, left, right, **span), None
+        # both text-like (str or cat)
+        if op not in ("==", "!="):
+            self.error(node, f'"{op}" compares numbers; text can only be compared with == or !=')
+            return Compare(op, left, right, **span), None
+        if lt.kind == "cat" and rt.kind == "cat" and lt.cat != rt.cat:
+            self.error(node, f"cannot compare {lt.cat} with {rt.cat}: they have different levels")
+            return Compare(op, left, right, **span), None
+        ok = True
+        for cat_ty, lit in ((lt, right), (rt, left)):
+            if cat_ty.kind == "cat" and isinstance(lit, Str):
+                ok = self._check_level(lit, cat_ty) and ok
+        return Compare(op, left, right, **span), (BOOL if ok else None)
+
+    def _In(self, node: In):
+        left, lt = self.expr(node.left)
+        span = {"pos": node.pos, "end": node.end}
+        if lt is None:
+            return In(left, node.items, node.negated, **span), None
+        if lt.kind == "bool":
+            self.error(node.left, '"in" needs a value on its left, not a condition')
+            return In(left, node.items, node.negated, **span), None
+        ok = True
+        for item in node.items:
+            if lt.kind == "num":
+                if not isinstance(item, Num):
+                    self.error(item, "expected a number in the list (the left side is a number)")
+                    ok = False
+            elif not isinstance(item, Str):
+                self.error(item, f"expected text in quotes in the list (the left side is {lt.describe()})")
+                ok = False
+            elif lt.kind == "cat":
+                ok = self._check_level(item, lt) and ok
+        return In(left, node.items, node.negated, **span), (BOOL if ok else None)
+
+    def _check_level(self, lit: Str, ty: Ty) -> bool:
+        if lit.value in ty.levels:
+            return True
+        levels = ", ".join(ty.levels)
+        self.error(lit, f'"{lit.value}" is not a level of {ty.cat} (levels: {levels})', suggest(lit.value, ty.levels))
+        return False
+
+    # --- logic ------------------------------------------------------------------------------------
+    def _bool_operand(self, node: Node, word: str) -> tuple[Node, bool]:
+        resolved, ty = self.expr(node)
+        if ty is None:
+            return resolved, False
+        if ty.kind != "bool":
+            where = 'after "not"' if word == "not" else f'on each side of "{word}"'
+            self.error(node, f"expected a condition {where} but this is {ty.describe()}", _compare_hint(ty))
+            return resolved, False
+        return resolved, True
+
+    def _Not(self, node: Not):
+        operand, ok = self._bool_operand(node.operand, "not")
+        return Not(operand, pos=node.pos, end=node.end), (BOOL if ok else None)
+
+    def _And(self, node: And):
+        return self._logic(node, And, "and")
+
+    def _Or(self, node: Or):
+        return self._logic(node, Or, "or")
+
+    def _logic(self, node, cls, word):
+        items, ok = [], True
+        for item in node.items:
+            resolved, good = self._bool_operand(item, word)
+            items.append(resolved)
+            ok = ok and good
+        return cls(tuple(items), pos=node.pos, end=node.end), (BOOL if ok else None)

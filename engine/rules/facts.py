@@ -1,0 +1,227 @@
+"""The fact: one flat JSON object per decision that every compiled rule is matched against.
+
+Field naming (only fields some rule references are put in the fact; durable-rules holds at most
+about 253 properties per fact):
+
+=====================  ==========================================  =======
+field                  meaning                                     type
+=====================  ==========================================  =======
+``<numeric feature>``  stored or derived numeric feature            number
+``<categorical>``      categorical feature level ("" when missing)  text
+``channel``            channel of the request                       text
+``touchpoint``         touchpoint of the request                    text
+``has_consent``        consent for the request's channel            bool
+``holds__<product>``   customer holds the product                   bool
+``consent__<channel>`` consent for that channel                     bool
+``ctx__<key>``         request context value ("" when absent)       text
+``trg__<trigger>``     the trigger is active for the customer       bool
+``z__``                constant 0 (used to compare two formulas)    number
+``g__``                constant 0 (guard tests grouping rules)      number
+=====================  ==========================================  =======
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from engine.features import SCHEMA, FeatureSchema
+
+ZERO_FIELD = "z__"
+GUARD_FIELD = "g__"  # constant 0, read by the guard tests that group rules (see network.py)
+MAX_TEXT = 1000  # context and touchpoint text is cut to this many characters
+
+
+def holds_field(product: str) -> str:
+    return f"holds__{product}"
+
+
+def consent_field(channel: str) -> str:
+    return f"consent__{channel}"
+
+
+def context_field(key: str) -> str:
+    return f"ctx__{key}"
+
+
+def trigger_field(name: str) -> str:
+    return f"trg__{name}"
+
+
+@dataclass(frozen=True)
+class FactInputs:
+    """What a decision knows, as plain data (the caller adapts its profile to this).
+
+    numbers:    numeric features by name (stored and derived), or a sequence / numpy vector aligned
+                with ``SCHEMA.numbers`` (NUMERIC then DERIVED; values from a vector are rounded to 7
+                significant digits, the precision of the float32 store); missing or non-finite
+                values count as 0.
+    categories: categorical features by name; missing means "" (matches no level).
+    products:   products the customer holds.
+    consents:   channels the customer consented to.
+    channel, touchpoint, context: the request.
+    triggers:   names of the customer's active triggers.
+    """
+
+    numbers: Mapping[str, float] | Sequence[float] = field(default_factory=dict)  # or a numpy vector
+    categories: Mapping[str, str] = field(default_factory=dict)
+    products: Iterable[str] = ()
+    consents: Iterable[str] = ()
+    channel: str = ""
+    touchpoint: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    triggers: Iterable[str] = ()
+
+
+def inputs_from_profile(profile, derived=None, channel: str = "", touchpoint: str = "",
+                        context: Mapping[str, str] | None = None) -> FactInputs:
+    """``FactInputs`` from a store profile (duck-typed: ``numeric`` vector in NUMERIC order,
+    ``categorical`` dict, ``sets`` dict with "products" and "consent", ``triggers``) and the derived
+    vector (DERIVED order)."""
+    numeric = profile.numeric.tolist() if hasattr(profile.numeric, "tolist") else list(profile.numeric)
+    if derived is not None:
+        numeric += derived.tolist() if hasattr(derived, "tolist") else list(derived)
+    sets = getattr(profile, "sets", None) or {}
+    return FactInputs(
+        numbers=numeric,
+        categories=getattr(profile, "categorical", None) or {},
+        products=sets.get("products", ()),
+        consents=sets.get("consent", ()),
+        channel=channel or "",
+        touchpoint=touchpoint or "",
+        context=context or {},
+        triggers=getattr(profile, "triggers", None) or (),
+    )
+
+
+class FactLayout:
+    """The fields a compiled rule set references, and how to fill them from ``FactInputs``."""
+
+    def __init__(self, fields: Mapping[str, str], schema: FeatureSchema = SCHEMA):
+        # fields: fact field name -> kind ("num", "str", "bool")
+        self.fields = dict(sorted(fields.items()))
+        nums = set(schema.numbers)
+        self._numbers = [f for f in self.fields if f in nums]
+        index = {n: i for i, n in enumerate(schema.numbers)}
+        self._number_index = [index[f] for f in self._numbers]
+        self._categories = [f for f in self.fields if f in schema.categorical]
+        self._products = [(f, f[len("holds__") :]) for f in self.fields if f.startswith("holds__")]
+        self._consents = [(f, f[len("consent__") :]) for f in self.fields if f.startswith("consent__")]
+        self._contexts = [(f, f[len("ctx__") :]) for f in self.fields if f.startswith("ctx__")]
+        self._triggers = [(f, f[len("trg__") :]) for f in self.fields if f.startswith("trg__")]
+
+    def build(self, inputs: FactInputs) -> dict:
+        fact: dict = {}
+        fields = self.fields
+        numbers = inputs.numbers
+        if isinstance(numbers, Mapping):
+            for name in self._numbers:
+                fact[name] = _finite(numbers.get(name, 0.0))
+        else:
+            # A packed vector (float32 in Redis): compare at float32 precision, so a stored 0.7
+            # (0.699999988...) is 0.7 to the rules.
+            values = numbers.tolist() if hasattr(numbers, "tolist") else list(numbers)
+            size = len(values)
+            for name, i in zip(self._numbers, self._number_index):
+                fact[name] = _seven_digits(values[i]) if i < size else 0.0
+        for name in self._categories:
+            value = inputs.categories.get(name, "")
+            fact[name] = "" if value is None else str(value)
+        if self._products:
+            held = set(inputs.products)
+            for f, product in self._products:
+                fact[f] = product in held
+        consents = set(inputs.consents)
+        for f, channel in self._consents:
+            fact[f] = channel in consents
+        if "has_consent" in fields:
+            fact["has_consent"] = inputs.channel in consents
+        if "channel" in fields:
+            fact["channel"] = inputs.channel or ""
+        if "touchpoint" in fields:
+            fact["touchpoint"] = _text(inputs.touchpoint)
+        for f, key in self._contexts:
+            fact[f] = _text(inputs.context.get(key, ""))
+        if self._triggers:
+            active = set(inputs.triggers)
+            for f, name in self._triggers:
+                fact[f] = name in active
+        if ZERO_FIELD in fields:
+            fact[ZERO_FIELD] = 0.0
+        if GUARD_FIELD in fields:
+            fact[GUARD_FIELD] = 0.0
+        return fact
+
+
+def json_number(value: float) -> str:
+    """A JSON number durable-rules parses as a double: always with a "." (it rejects "1e-05")."""
+    text = repr(float(value))
+    if not math.isfinite(value):
+        raise ValueError(f"cannot send {text} to the rule engine")
+    if "." not in text:
+        if "e" in text:
+            mantissa, exponent = text.split("e")
+            return f"{mantissa}.0e{exponent}"
+        return text + ".0"
+    return text
+
+
+def to_json(value) -> str:
+    """Compact JSON with durable-safe numbers (used for rule definitions and facts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json_number(float(value))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{to_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(to_json(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode_fact(fact: dict, sid: str) -> str:
+    """The JSON text of a fact for ``assert_fact`` (``sid`` and ``id`` added)."""
+    parts = ['{"sid":"', sid, '","id":"f"']
+    append = parts.append
+    for key, value in fact.items():
+        t = type(value)
+        if t is bool:
+            text = "true" if value else "false"
+        elif t is str:
+            text = f'"{value}"' if _plain_text(value) else json.dumps(value, ensure_ascii=False)
+        elif t is float:
+            text = repr(value)
+            if "." not in text or "e" in text:
+                text = json_number(value)
+        else:
+            text = json_number(value)
+        append(f',"{key}":{text}')
+    append("}")
+    return "".join(parts)
+
+
+_plain_text = re.compile(r'[^"\\\x00-\x1f]*\Z').match
+
+
+def _finite(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) else 0.0
+
+
+def _seven_digits(value) -> float:
+    v = _finite(value)
+    return float(f"{v:.7g}")
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    return str(value)[:MAX_TEXT]

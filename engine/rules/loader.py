@@ -1,0 +1,443 @@
+"""Load ``rules/catalog.yaml`` and ``rules/policies.yaml`` into a ``RuleSet``, collecting every error.
+
+Nothing here evaluates text as code: conditions go through our own parser and type checker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+from engine.features import CHANNELS, SCHEMA, FeatureSchema
+
+from .checker import IDENT, Scope, situation_refs
+from .errors import RuleError, suggest
+from .lang import compile_condition
+from .model import ACTION_TYPES, Action, Lever, Policy, RuleSet, Situation, Targets
+from .nodes import Bool, Node
+from .yamlsrc import Loc, load_yaml
+
+CATALOG_FILE = "catalog.yaml"
+POLICIES_FILE = "policies.yaml"
+RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
+
+CATALOG_KEYS = {"fallback": True, "actions": True, "description": False}
+POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
+                 "context_weights": False, "description": False}
+ACTION_KEYS = {"id": True, "name": True, "type": True, "group": True, "value": True, "channels": True,
+               "eligible": False, "valid_from": False, "valid_to": False, "daily_budget": False,
+               "description": False}
+SITUATION_KEYS = {"when": True, "description": False}
+POLICY_KEYS = {"name": True, "when": True, "blocks": True, "reason": False, "description": False}
+LEVER_KEYS = {"name": True, "when": True, "targets": True, "weight": True, "description": False}
+TARGET_KEYS = {"types": False, "groups": False, "actions": False}
+
+
+def rules_version(rules_dir: Path) -> str:
+    """``rules-`` + 12 hex of sha256 over the rule files' names and bytes (missing files count as empty)."""
+    digest = hashlib.sha256()
+    for name in RULE_FILES:
+        path = Path(rules_dir) / name
+        data = path.read_bytes() if path.is_file() else b""
+        digest.update(name.encode() + b"\0" + data + b"\0")
+    return "rules-" + digest.hexdigest()[:12]
+
+
+def load_rules(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[RuleSet | None, list[RuleError]]:
+    """The rule set in ``rules_dir`` and every error found (the rule set is None when there are errors)."""
+    loader = _Loader(Path(rules_dir), schema)
+    ruleset = loader.load()
+    return (None if loader.errors else ruleset), loader.errors
+
+
+class _Loader:
+    def __init__(self, rules_dir: Path, schema: FeatureSchema):
+        self.dir = rules_dir
+        self.schema = schema
+        self.errors: list[RuleError] = []
+
+    # --- small validators -------------------------------------------------------------------------
+    def err(self, error: RuleError) -> None:
+        self.errors.append(error)
+
+    def mapping(self, loc: Loc | None, what: str) -> dict[str, Loc] | None:
+        if loc is None:
+            return None
+        if not loc.is_map:
+            self.err(loc.error(f"expected {what} (a mapping of key: value)"))
+            return None
+        return loc.value
+
+    def sequence(self, loc: Loc, what: str) -> list[Loc]:
+        if not loc.is_seq:
+            self.err(loc.error(f"expected {what} (a list of '- ...' items)"))
+            return []
+        return loc.value
+
+    def keys(self, loc: Loc, allowed: dict[str, bool], what: str) -> dict[str, Loc] | None:
+        items = self.mapping(loc, what)
+        if items is None:
+            return None
+        for key, value in items.items():
+            if key not in allowed:
+                hint = suggest(key, allowed) or "allowed: " + ", ".join(allowed)
+                self.err(value.key_error(f'unknown key "{key}" in {what}', hint))
+        for key, required in allowed.items():
+            if required and key not in items:
+                self.err(loc.error(f'{what} is missing "{key}"'))
+        return items
+
+    def text(self, loc: Loc | None, what: str, default: str = "") -> str:
+        if loc is None:
+            return default
+        if not isinstance(loc.value, str) or not loc.is_scalar:
+            self.err(loc.error(f"expected text for {what}", "put it in quotes"))
+            return default
+        return loc.value
+
+    def ident(self, loc: Loc | None, what: str) -> str:
+        value = self.text(loc, what)
+        if loc is not None and value and not IDENT.match(value):
+            self.err(loc.error(f'{what} "{value}" must be lower case letters, digits and _, starting with a letter'))
+        return value
+
+    def number(self, loc: Loc | None, what: str, *, minimum: float | None = None, positive: bool = False):
+        if loc is None:
+            return None
+        value = loc.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.err(loc.error(f"expected a number for {what}"))
+            return None
+        if positive and value <= 0:
+            self.err(loc.error(f"{what} must be greater than 0"))
+            return None
+        if minimum is not None and value < minimum:
+            self.err(loc.error(f"{what} must not be negative" if minimum == 0 else f"{what} must be at least {minimum}"))
+            return None
+        return value
+
+    def day(self, loc: Loc | None, what: str) -> date | None:
+        if loc is None:
+            return None
+        value = loc.value
+        if isinstance(value, datetime):
+            return value.date()
+        if isinstance(value, date):
+            return value
+        if isinstance(value, str):
+            try:
+                return date.fromisoformat(value)
+            except ValueError:
+                pass
+        self.err(loc.error(f"expected a date for {what}", "write it as YYYY-MM-DD, e.g. 2026-01-31"))
+        return None
+
+    def names(self, loc: Loc | None, what: str) -> list[tuple[str, Loc]]:
+        if loc is None:
+            return []
+        items = [loc] if loc.is_scalar else self.sequence(loc, what)
+        out = []
+        for item in items:
+            value = self.text(item, what)
+            if value:
+                out.append((value, item))
+        return out
+
+    def condition(self, loc: Loc | None, scope: Scope, what: str) -> Node | None:
+        if loc is None:
+            return None
+        if isinstance(loc.value, bool):
+            return Bool(loc.value)
+        if not isinstance(loc.value, str) or not loc.is_scalar:
+            self.err(loc.error(f"expected a condition (text) for {what}", "e.g. 'tenure_months >= 12'"))
+            return None
+        tree, errors = compile_condition(loc.value, scope)
+        for e in errors:
+            self.err(loc.error_at(e.pos, e.message, e.hint))
+        return tree
+
+    # --- files ------------------------------------------------------------------------------------
+    def load(self) -> RuleSet | None:
+        trees = {}
+        for name in RULE_FILES:
+            tree, _source, errors = load_yaml(self.dir / name, str(self.dir / name))
+            self.errors.extend(errors)
+            trees[name] = tree
+        policies_top = self.keys(trees[POLICIES_FILE], POLICIES_KEYS, POLICIES_FILE) if trees[POLICIES_FILE] else {}
+        catalog_top = self.keys(trees[CATALOG_FILE], CATALOG_KEYS, CATALOG_FILE) if trees[CATALOG_FILE] else {}
+        policies_top = policies_top or {}
+        catalog_top = catalog_top or {}
+
+        triggers = self.load_triggers(policies_top.get("triggers"))
+        situation_locs = self.mapping(policies_top.get("situations"), "situations") or {}
+        scope = Scope(self.schema, situations=set(situation_locs), triggers=triggers)
+        situations = self.load_situations(situation_locs, scope)
+        actions = self.load_actions(catalog_top.get("actions"), scope)
+        fallback = self.load_fallback(catalog_top.get("fallback"), actions)
+        policies = self.load_policies(policies_top.get("policies"), scope, actions)
+        levers = self.load_levers(policies_top.get("levers"), scope, actions)
+        weights = self.load_context_weights(policies_top.get("context_weights"))
+        return RuleSet(
+            version=rules_version(self.dir),
+            loaded_at=datetime.now(timezone.utc),
+            actions=tuple(actions),
+            fallback=fallback,
+            situations=situations,
+            policies=tuple(policies),
+            levers=tuple(levers),
+            context_weights=weights,
+            triggers=tuple(sorted(triggers)) if triggers is not None else None,
+            files=tuple(str(self.dir / n) for n in RULE_FILES),
+        )
+
+    def load_triggers(self, loc: Loc | None) -> set[str] | None:
+        if loc is None:
+            return None
+        found: set[str] = set()
+        for name, item in self.names(loc, "triggers"):
+            if not IDENT.match(name):
+                self.err(item.error(f'trigger name "{name}" must be lower case letters, digits and _'))
+            elif name in found:
+                self.err(item.error(f'trigger "{name}" is declared twice'))
+            found.add(name)
+        return found
+
+    # --- situations -------------------------------------------------------------------------------
+    def load_situations(self, locs: dict[str, Loc], scope: Scope) -> dict[str, Situation]:
+        reserved = scope.reserved()
+        situations: dict[str, Situation] = {}
+        when_locs: dict[str, Loc] = {}
+        for name, loc in locs.items():
+            if not IDENT.match(name):
+                self.err(loc.key_error(f'situation name "{name}" must be lower case letters, digits and _'))
+            if name in reserved:
+                self.err(loc.key_error(f'situation name "{name}" is already a feature or built-in name', "choose another name"))
+            if loc.is_scalar and isinstance(loc.value, str):
+                when_loc, description = loc, ""  # shorthand: name: 'condition'
+            else:
+                items = self.keys(loc, SITUATION_KEYS, f'situation "{name}"')
+                if items is None or "when" not in items:
+                    continue
+                when_loc, description = items["when"], self.text(items.get("description"), "description")
+            tree = self.condition(when_loc, scope, f'situation "{name}"')
+            if tree is not None:
+                situations[name] = Situation(name, tree, str(when_loc.value), description, loc.where())
+                when_locs[name] = when_loc
+        self.check_cycles(situations, when_locs)
+        return situations
+
+    def check_cycles(self, situations: dict[str, Situation], when_locs: dict[str, Loc]) -> None:
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+        reported: set[frozenset[str]] = set()
+
+        def visit(name: str, path: list[str]) -> None:
+            state[name] = 1
+            for ref in situation_refs(situations[name].when):
+                if ref.name not in situations:
+                    continue
+                if state.get(ref.name) == 1:
+                    cycle = path[path.index(ref.name):] + [ref.name] if ref.name in path else [name, ref.name]
+                    key = frozenset(cycle)
+                    if key not in reported:
+                        reported.add(key)
+                        self.err(when_locs[name].error_at(
+                            ref.pos, f'situation "{ref.name}" depends on itself: ' + " -> ".join(cycle),
+                            "situations may use other situations, but not in a circle"))
+                elif ref.name not in state:
+                    visit(ref.name, path + [ref.name])
+            state[name] = 2
+
+        for name in situations:
+            if name not in state:
+                visit(name, [name])
+
+    # --- catalog ----------------------------------------------------------------------------------
+    def load_actions(self, loc: Loc | None, scope: Scope) -> list[Action]:
+        if loc is None:
+            return []
+        actions: list[Action] = []
+        seen: dict[str, Loc] = {}
+        for item in self.sequence(loc, "actions"):
+            fields = self.keys(item, ACTION_KEYS, "action")
+            if fields is None:
+                continue
+            action_id = self.ident(fields.get("id"), "action id")
+            if action_id in seen:
+                prev = seen[action_id]
+                self.err(fields["id"].error(f'duplicate action id "{action_id}"',
+                                            f"first defined at line {prev.node.start_mark.line + 1}"))
+            elif action_id:
+                seen[action_id] = fields["id"]
+            what = f'action "{action_id or "?"}"'
+            name = self.text(fields.get("name"), f"{what} name")
+            kind = self.text(fields.get("type"), f"{what} type")
+            if kind and kind not in ACTION_TYPES:
+                hint = suggest(kind, ACTION_TYPES) or "types: " + ", ".join(ACTION_TYPES)
+                self.err(fields["type"].error(f'unknown action type "{kind}"', hint))
+            group = self.ident(fields.get("group"), f"{what} group")
+            value = self.number(fields.get("value"), f"{what} value", minimum=0)
+            channels = self.load_channels(fields.get("channels"), what)
+            eligible_loc = fields.get("eligible")
+            eligible = self.condition(eligible_loc, scope, f"{what} eligible")
+            valid_from = self.day(fields.get("valid_from"), "valid_from")
+            valid_to = self.day(fields.get("valid_to"), "valid_to")
+            if valid_from and valid_to and valid_to < valid_from:
+                self.err(fields["valid_to"].error("valid_to is before valid_from"))
+            budget = self.number(fields.get("daily_budget"), f"{what} daily_budget", minimum=0)
+            if budget is not None and not float(budget).is_integer():
+                self.err(fields["daily_budget"].error("daily_budget must be a whole number"))
+            if isinstance(eligible, Bool) and eligible.value:
+                eligible = None  # "eligible: true" is the same as no condition
+            actions.append(Action(
+                id=action_id, name=name, type=kind, group=group, value=float(value or 0.0),
+                channels=channels, eligible=eligible,
+                eligible_text=str(eligible_loc.value) if eligible_loc is not None else "",
+                valid_from=valid_from, valid_to=valid_to,
+                daily_budget=int(budget) if budget is not None else None,
+                description=self.text(fields.get("description"), "description"),
+                source=item.where(),
+            ))
+        return actions
+
+    def load_channels(self, loc: Loc | None, what: str) -> dict[str, dict[str, str]]:
+        items = self.mapping(loc, f"channels of {what}")
+        if items is None:
+            return {}
+        if not items:
+            self.err(loc.error(f"{what} has no channels", "list at least one channel with its treatment"))
+        out: dict[str, dict[str, str]] = {}
+        for channel, treatment_loc in items.items():
+            if channel not in CHANNELS:
+                hint = suggest(channel, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+                self.err(treatment_loc.key_error(f'unknown channel "{channel}"', hint))
+                continue
+            treatment = self.mapping(treatment_loc, f"the {channel} treatment of {what}")
+            if treatment is None:
+                continue
+            fields: dict[str, str] = {}
+            for key, text_loc in treatment.items():
+                if not isinstance(text_loc.value, str) or not text_loc.is_scalar:
+                    self.err(text_loc.error(f'treatment field "{key}" must be text', "put it in quotes"))
+                    continue
+                fields[key] = text_loc.value
+            out[channel] = fields
+        return out
+
+    def load_fallback(self, loc: Loc | None, actions: list[Action]) -> dict[str, str]:
+        items = self.mapping(loc, "fallback")
+        if items is None:
+            return {}
+        by_id = {a.id: a for a in actions}
+        fallback: dict[str, str] = {}
+        for channel, id_loc in items.items():
+            if channel != "default" and channel not in CHANNELS:
+                hint = suggest(channel, [*CHANNELS, "default"]) or "use a channel name or default"
+                self.err(id_loc.key_error(f'unknown channel "{channel}" in fallback', hint))
+                continue
+            action_id = self.text(id_loc, "fallback action")
+            if action_id not in by_id:
+                hint = suggest(action_id, by_id) if action_id else ""
+                self.err(id_loc.error(f'fallback names an unknown action "{action_id}"', hint))
+                continue
+            if channel != "default" and not by_id[action_id].offered_on(channel):
+                self.err(id_loc.error(f'fallback action "{action_id}" has no {channel} treatment',
+                                      f"add a {channel} treatment to it or pick another action"))
+            fallback[channel] = action_id
+        default = fallback.get("default")
+        uncovered = [c for c in CHANNELS if c not in items]
+        if uncovered and "default" not in items:
+            self.err(loc.error("no fallback for " + ", ".join(uncovered), 'add "default: <action id>"'))
+        elif uncovered and default is not None:
+            missing = [c for c in uncovered if not by_id[default].offered_on(c)]
+            if missing:
+                self.err(items["default"].error(
+                    f'default fallback "{default}" has no treatment for ' + ", ".join(missing),
+                    "add a fallback per channel (channel: <action id>) or those treatments to the action"))
+        return fallback
+
+    # --- policies and levers ----------------------------------------------------------------------
+    def load_targets(self, loc: Loc | None, what: str, actions: list[Action]) -> Targets:
+        items = self.keys(loc, TARGET_KEYS, what) if loc is not None else None
+        if items is None:
+            return Targets()
+        groups = {a.group for a in actions}
+        ids = {a.id for a in actions}
+        found: dict[str, set[str]] = {"types": set(), "groups": set(), "actions": set()}
+        known = {"types": set(ACTION_TYPES), "groups": groups, "actions": ids}
+        singular = {"types": "action type", "groups": "group", "actions": "action"}
+        for key in TARGET_KEYS:
+            for value, item in self.names(items.get(key), f"{what} {key}"):
+                if value not in known[key]:
+                    hint = suggest(value, known[key]) or ""
+                    self.err(item.error(f'unknown {singular[key]} "{value}" in {what}', hint))
+                found[key].add(value)
+        if not any(found.values()) and not any(items.get(k) is not None for k in TARGET_KEYS):
+            self.err(loc.error(f"{what} names no types, groups or actions"))
+        return Targets(frozenset(found["types"]), frozenset(found["groups"]), frozenset(found["actions"]))
+
+    def load_named_list(self, loc: Loc | None, what: str) -> list[tuple[str, dict[str, Loc], Loc]]:
+        """Items of a list of mappings that each have a unique ``name``."""
+        if loc is None:
+            return []
+        out, seen = [], set()
+        keys = POLICY_KEYS if what == "policy" else LEVER_KEYS
+        for item in self.sequence(loc, f"{what} list"):
+            fields = self.keys(item, keys, what)
+            if fields is None:
+                continue
+            name = self.ident(fields.get("name"), f"{what} name")
+            if name in seen:
+                self.err(fields["name"].error(f'duplicate {what} name "{name}"'))
+            seen.add(name)
+            out.append((name, fields, item))
+        return out
+
+    def load_policies(self, loc: Loc | None, scope: Scope, actions: list[Action]) -> list[Policy]:
+        policies = []
+        for name, fields, item in self.load_named_list(loc, "policy"):
+            what = f'policy "{name}"'
+            when = self.condition(fields.get("when"), scope, what)
+            blocks = self.load_targets(fields.get("blocks"), f"{what} blocks", actions)
+            reason = self.text(fields.get("reason"), f"{what} reason") or f"blocked by policy {name}"
+            if when is not None:
+                policies.append(Policy(name, when, str(fields["when"].value), blocks, reason,
+                                       self.text(fields.get("description"), "description"), item.where()))
+        return policies
+
+    def load_levers(self, loc: Loc | None, scope: Scope, actions: list[Action]) -> list[Lever]:
+        levers = []
+        for name, fields, item in self.load_named_list(loc, "lever"):
+            what = f'lever "{name}"'
+            when = self.condition(fields.get("when"), scope, what)
+            targets = self.load_targets(fields.get("targets"), f"{what} targets", actions)
+            weight = self.number(fields.get("weight"), f"{what} weight", positive=True)
+            if when is not None and weight is not None:
+                levers.append(Lever(name, when, str(fields["when"].value), targets, float(weight),
+                                    self.text(fields.get("description"), "description"), item.where()))
+        return levers
+
+    def load_context_weights(self, loc: Loc | None) -> dict[str, dict[str, float]]:
+        items = self.mapping(loc, "context_weights")
+        if items is None:
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for channel, per_type in items.items():
+            if channel not in CHANNELS:
+                hint = suggest(channel, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+                self.err(per_type.key_error(f'unknown channel "{channel}" in context_weights', hint))
+                continue
+            weights = self.mapping(per_type, f"context weights for {channel}") or {}
+            out[channel] = {}
+            for kind, weight_loc in weights.items():
+                if kind not in ACTION_TYPES:
+                    hint = suggest(kind, ACTION_TYPES) or "types: " + ", ".join(ACTION_TYPES)
+                    self.err(weight_loc.key_error(f'unknown action type "{kind}" in context_weights', hint))
+                    continue
+                weight = self.number(weight_loc, f"context weight {channel}.{kind}", positive=True)
+                if weight is not None:
+                    out[channel][kind] = float(weight)
+        return out
+
+

@@ -1,0 +1,109 @@
+"""The loaded rule set: action catalog, situations, engagement policies, levers, context weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from .nodes import Node
+
+ACTION_TYPES = ("upsell", "cross_sell", "bundle", "retention", "acquisition", "service")
+
+
+@dataclass(frozen=True, eq=False)
+class Action:
+    id: str
+    name: str
+    type: str
+    group: str
+    value: float
+    channels: dict[str, dict[str, str]]  # channel -> treatment (field -> text)
+    eligible: Node | None = None  # resolved condition; None means always eligible
+    eligible_text: str = ""
+    valid_from: date | None = None
+    valid_to: date | None = None
+    daily_budget: int | None = None
+    description: str = ""
+    source: str = ""  # "file:line:col" of the action, for explanations
+
+    def offered_on(self, channel: str) -> bool:
+        return channel in self.channels
+
+    def valid_on(self, day: date) -> bool:
+        if self.valid_from is not None and day < self.valid_from:
+            return False
+        return self.valid_to is None or day <= self.valid_to
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which actions a policy blocks or a lever boosts: any of these types, groups or action ids."""
+
+    types: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    actions: frozenset[str] = frozenset()
+
+    def matches(self, action: Action) -> bool:
+        return action.type in self.types or action.group in self.groups or action.id in self.actions
+
+
+@dataclass(frozen=True, eq=False)
+class Situation:
+    name: str
+    when: Node
+    when_text: str
+    description: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    name: str
+    when: Node
+    when_text: str
+    blocks: Targets
+    reason: str
+    description: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Lever:
+    name: str
+    when: Node
+    when_text: str
+    targets: Targets
+    weight: float
+    description: str = ""
+    source: str = ""
+
+
+@dataclass(eq=False)
+class RuleSet:
+    version: str  # "rules-" + first 12 hex of sha256 over the files' names and bytes
+    loaded_at: datetime
+    actions: tuple[Action, ...]
+    fallback: dict[str, str]  # channel or "default" -> action id
+    situations: dict[str, Situation]
+    policies: tuple[Policy, ...]
+    levers: tuple[Lever, ...]
+    context_weights: dict[str, dict[str, float]]  # channel -> action type -> multiplier
+    triggers: tuple[str, ...] | None = None  # declared trigger names (None: not declared)
+    files: tuple[str, ...] = ()
+    by_id: dict[str, Action] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_id = {a.id: a for a in self.actions}
+
+    def action(self, action_id: str) -> Action:
+        return self.by_id[action_id]
+
+    def fallback_for(self, channel: str) -> Action | None:
+        action_id = self.fallback.get(channel) or self.fallback.get("default")
+        return self.by_id.get(action_id) if action_id else None
+
+    def context_weight(self, channel: str, action_type: str) -> float:
+        return self.context_weights.get(channel, {}).get(action_type, 1.0)
+
+    def situation_conditions(self) -> dict[str, Node]:
+        return {name: s.when for name, s in self.situations.items()}

@@ -1,0 +1,266 @@
+"""Recursive-descent parser of the condition language (no eval, no Python grammar).
+
+Grammar, loosest binding first::
+
+    condition  := or
+    or         := and ("or" and)*
+    and        := not ("and" not)*
+    not        := "not" not | comparison
+    comparison := sum [ ("=="|"!="|"<"|"<="|">"|">=") sum | ["not"] "in" list ]
+    sum        := product (("+"|"-") product)*
+    product    := unary (("*"|"/") unary)*
+    unary      := "-" unary | primary
+    primary    := number | "text" | true | false | "(" or ")"
+                | name | name "(" [arg ("," arg)*] ")" | "context" "." name
+    list       := "[" [value ("," value)*] "]"
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .errors import ConditionError
+from .lexer import Token, tokenize
+from .nodes import (
+    COMPARE_OPS,
+    And,
+    Arith,
+    Bool,
+    Call,
+    Compare,
+    ContextRef,
+    In,
+    ListLit,
+    Name,
+    Neg,
+    Node,
+    Not,
+    Num,
+    Or,
+    Str,
+)
+
+
+def parse(text: str) -> Node:
+    """Parse one condition; raises ``ConditionError`` with offsets into ``text``."""
+    return _Parser(text).parse()
+
+
+def _describe(tok: Token) -> str:
+    if tok.kind == "eof":
+        return "the end of the condition"
+    if tok.kind == "str":
+        return "text"
+    return f'"{tok.text}"'
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = tokenize(text)
+        self.i = 0
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def tok(self) -> Token:
+        return self.tokens[self.i]
+
+    def _next(self) -> Token:
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def _is(self, kind: str, text: str | None = None) -> bool:
+        tok = self.tok
+        return tok.kind == kind and (text is None or tok.text == text)
+
+    def _fail(self, expected: str, hint: str = "") -> ConditionError:
+        tok = self.tok
+        end = max(tok.end, tok.pos + 1) if tok.kind != "eof" else tok.pos
+        return ConditionError(tok.pos, end, f"expected {expected} but found {_describe(tok)}", hint)
+
+    def _expect_op(self, op: str, what: str, hint: str = "") -> Token:
+        if not self._is("op", op):
+            raise self._fail(what, hint)
+        return self._next()
+
+    # --- grammar ----------------------------------------------------------------------------------
+    def parse(self) -> Node:
+        if self._is("eof"):
+            raise ConditionError(0, 0, "the condition is empty", 'write for example: tenure_months >= 12')
+        node = self._or()
+        if not self._is("eof"):
+            tok = self.tok
+            hint = ""
+            if tok.kind in ("name", "num", "str") or self._is("op", "("):
+                hint = 'combine conditions with "and" / "or"'
+            elif self._is("op", ")"):
+                hint = 'this ")" has no matching "("'
+            raise self._fail('"and", "or" or the end of the condition', hint)
+        return node
+
+    def _or(self) -> Node:
+        first = self._and()
+        items = [first]
+        while self._is("kw", "or"):
+            self._next()
+            items.append(self._and())
+        if len(items) == 1:
+            return first
+        return Or(tuple(items), pos=first.pos, end=items[-1].end)
+
+    def _and(self) -> Node:
+        first = self._not()
+        items = [first]
+        while self._is("kw", "and"):
+            self._next()
+            items.append(self._not())
+        if len(items) == 1:
+            return first
+        return And(tuple(items), pos=first.pos, end=items[-1].end)
+
+    def _not(self) -> Node:
+        if self._is("kw", "not"):
+            tok = self._next()
+            if self._is("kw", "in"):
+                raise ConditionError(tok.pos, self.tok.end, '"not in" needs a value on its left', 'e.g. segment not in ["student"]')
+            operand = self._not()
+            return Not(operand, pos=tok.pos, end=operand.end)
+        return self._comparison()
+
+    def _comparison(self) -> Node:
+        left = self._sum()
+        tok = self.tok
+        if tok.kind == "op" and tok.text in COMPARE_OPS:
+            self._next()
+            right = self._sum()
+            nxt = self.tok
+            if nxt.kind == "op" and nxt.text in COMPARE_OPS:
+                raise ConditionError(
+                    nxt.pos, nxt.end, "comparisons cannot be chained",
+                    f"write two comparisons joined by and, e.g. a {tok.text} b and b {nxt.text} c",
+                )
+            return Compare(tok.text, left, right, pos=left.pos, end=right.end)
+        negated = False
+        if self._is("kw", "not") and self.tokens[self.i + 1].kind == "kw" and self.tokens[self.i + 1].text == "in":
+            self._next()
+            negated = True
+        if self._is("kw", "in"):
+            self._next()
+            lst = self._list()
+            return In(left, lst.items, negated, pos=left.pos, end=lst.end)
+        return left
+
+    def _list(self) -> ListLit:
+        if not self._is("op", "["):
+            raise self._fail('a list such as ["a", "b"] after "in"')
+        start = self._next()
+        items: list[Node] = []
+        if not self._is("op", "]"):
+            while True:
+                items.append(self._list_item())
+                if self._is("op", ","):
+                    self._next()
+                    continue
+                break
+        end = self._expect_op("]", '"," or "]" in the list')
+        if not items:
+            raise ConditionError(start.pos, end.end, "the list is empty", "put at least one value between [ and ]")
+        return ListLit(tuple(items), pos=start.pos, end=end.end)
+
+    def _list_item(self) -> Node:
+        tok = self.tok
+        if tok.kind == "str":
+            self._next()
+            return Str(tok.text, pos=tok.pos, end=tok.end)
+        if tok.kind == "num":
+            self._next()
+            return Num(tok.value, pos=tok.pos, end=tok.end)
+        if self._is("op", "-") and self.tokens[self.i + 1].kind == "num":
+            self._next()
+            num = self._next()
+            return Num(-num.value, pos=tok.pos, end=num.end)
+        if tok.kind == "name":
+            raise ConditionError(tok.pos, tok.end, "a list holds fixed values only", f'put text in quotes: "{tok.text}"')
+        raise self._fail('a value ("text" or a number) in the list')
+
+    def _sum(self) -> Node:
+        left = self._product()
+        while self.tok.kind == "op" and self.tok.text in ("+", "-"):
+            op = self._next().text
+            right = self._product()
+            left = Arith(op, left, right, pos=left.pos, end=right.end)
+        return left
+
+    def _product(self) -> Node:
+        left = self._unary()
+        while self.tok.kind == "op" and self.tok.text in ("*", "/"):
+            op = self._next().text
+            right = self._unary()
+            left = Arith(op, left, right, pos=left.pos, end=right.end)
+        return left
+
+    def _unary(self) -> Node:
+        if self._is("op", "-"):
+            tok = self._next()
+            operand = self._unary()
+            if isinstance(operand, Num):
+                return Num(-operand.value, pos=tok.pos, end=operand.end)
+            return Neg(operand, pos=tok.pos, end=operand.end)
+        return self._primary()
+
+    def _primary(self) -> Node:
+        tok = self.tok
+        if tok.kind == "num":
+            self._next()
+            return Num(tok.value, pos=tok.pos, end=tok.end)
+        if tok.kind == "str":
+            self._next()
+            return Str(tok.text, pos=tok.pos, end=tok.end)
+        if tok.kind == "kw" and tok.text in ("true", "false"):
+            self._next()
+            return Bool(tok.text == "true", pos=tok.pos, end=tok.end)
+        if self._is("op", "("):
+            self._next()
+            inner = self._or()
+            if not self._is("op", ")"):
+                raise self._fail('")"', f'to close the "(" at position {tok.pos + 1} of the condition')
+            close = self._next()
+            # Keep the parenthesised span so errors point at the whole group.
+            return _with_span(inner, tok.pos, close.end)
+        if self._is("op", "["):
+            raise ConditionError(tok.pos, tok.end + 1, 'a list [...] can only follow "in" or "not in"', "")
+        if tok.kind == "name":
+            self._next()
+            if tok.text == "context" and self._is("op", "."):
+                self._next()
+                key = self.tok
+                if key.kind not in ("name", "kw"):
+                    raise self._fail("a context key after \"context.\"", "e.g. context.intent")
+                self._next()
+                return ContextRef(key.text, pos=tok.pos, end=key.end)
+            if self._is("op", "("):
+                return self._call(tok)
+            if self._is("op", "."):
+                raise ConditionError(self.tok.pos, self.tok.end, 'unexpected "."', 'only context.KEY uses a dot')
+            return Name(tok.text, pos=tok.pos, end=tok.end)
+        if tok.kind == "kw":
+            raise self._fail("a value (number, \"text\", feature name or function)")
+        raise self._fail("a value (number, \"text\", feature name or function)")
+
+    def _call(self, name: Token) -> Node:
+        self._next()  # "("
+        args: list[Node] = []
+        if not self._is("op", ")"):
+            while True:
+                args.append(self._or())
+                if self._is("op", ","):
+                    self._next()
+                    continue
+                break
+        close = self._expect_op(")", '"," or ")" after the function argument')
+        return Call(name.text, tuple(args), pos=name.pos, end=close.end)
+
+
+def _with_span(node: Node, pos: int, end: int) -> Node:
+    return replace(node, pos=pos, end=end)
