@@ -24,7 +24,7 @@ from engine.live import Live
 from engine.model_input import ActionTable, assemble, customer_block
 from engine.registry import LoadedModel
 from engine.rules.facts import FactInputs
-from engine.rules.runtime import ActionVerdict, CompiledRules
+from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store import Profile, ProfileStore, SchemaMismatch
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ class DecisionEngine:
                 triggers=profile.triggers,
             )))
             verdicts = rules.verdicts(outcome, req.channel)
+            if outcome.degraded:
+                degraded_by = degraded_by or "rule_engine"
             stages.done("rules")
             admitted = [i for i, v in enumerate(verdicts) if v.admitted]
             propensity = self._score(rules, model, profile, derived, admitted, req.channel)
@@ -190,7 +192,7 @@ class DecisionEngine:
                       for v in verdicts if not v.admitted] if req.explain else None
             ranked = _arbitrate([verdicts[i] for i in admitted], propensity, req.channel, max_actions, funnel)
             if not ranked:
-                ranked = self._fallback(rules, req.channel)
+                ranked = self._fallback(rules, outcome, req.channel, funnel)
             stages.done("arbitration")
             ruleset_version = rules.version
         if observe:
@@ -221,9 +223,17 @@ class DecisionEngine:
         x = assemble(customer_block(profile, derived), table, np.asarray(admitted), channel)
         return model.scorer.predict(x)
 
-    def _fallback(self, rules: CompiledRules, channel: str) -> list[RankedAction]:
+    def _fallback(self, rules: CompiledRules, outcome: RuleOutcome, channel: str,
+                  funnel: list[FunnelEntry] | None) -> list[RankedAction]:
+        """The channel's fallback when nothing survived: it skips eligibility, never a policy block
+        (consent, fraud hold), so an empty answer is a deliberate one."""
         action = rules.ruleset.fallback_for(channel)
-        if action is None:
+        if action is None or channel not in action.channels:
+            return []
+        policy = rules.blocked_actions(outcome).get(action.id)
+        if policy is not None:
+            if funnel is not None:
+                funnel.append(FunnelEntry(action.id, "blocked", f"fallback blocked by policy {policy.name}: {policy.reason}"))
             return []
         metrics.FALLBACKS.labels(channel).inc()
         return [RankedAction(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 1
 
 CHANNELS: tuple[str, ...] = ("call_center", "web", "mobile_app", "email", "sms", "branch", "pos")
+# Channels where the customer comes to us; email and SMS are outbound and need explicit consent.
+INBOUND_CHANNELS: tuple[str, ...] = ("call_center", "web", "mobile_app", "branch", "pos")
 
 # Stored numeric features, in packed-vector order.
 NUMERIC: tuple[str, ...] = (

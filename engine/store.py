@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from engine.features import CATEGORICAL, NUMERIC, SCHEMA_VERSION, SETS
+from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
 
 META_KEY = "nba:meta"
 DECISIONS_STREAM = "nba:stream:decisions"
@@ -66,11 +66,15 @@ class Profile:
 
     @classmethod
     def cold(cls, customer_id: str) -> "Profile":
+        """An unknown customer: a prospect who may be shown offers on the inbound channel they are
+        using (web, app, call center, branch, point of sale) but is never contacted by email or SMS."""
+        categorical = {name: "" for name in CATEGORICAL}
+        categorical.update(plan="none", lifecycle_stage="prospect", value_tier="C", device_os="none")
         return cls(
             customer_id=customer_id,
             numeric=np.zeros(len(NUMERIC), dtype=np.float32),
-            categorical={name: "" for name in CATEGORICAL},
-            sets={name: frozenset() for name in SETS},
+            categorical=categorical,
+            sets={"products": frozenset(), "consent": frozenset(INBOUND_CHANNELS)},
             found=False,
         )
 

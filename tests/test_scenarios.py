@@ -141,9 +141,11 @@ def test_9_lifecycle_stages_get_their_strategy(engine: DecisionEngine, stage, al
         assert decide(engine, "S9", "call_center").actions[0].type == "service"
 
 
-def test_unknown_customer_is_a_cold_start_with_real_actions(engine: DecisionEngine) -> None:
+def test_unknown_customer_is_a_cold_start_treated_as_a_prospect(engine: DecisionEngine) -> None:
     d = decide(engine, "nobody-yet", "web")
-    assert d.cold_start and not d.degraded and d.actions
+    assert d.cold_start and not d.degraded
+    assert "acquisition" in {a.type for a in d.actions} and "prospect" in d.situations
+    assert not {a.type for a in decide(engine, "nobody-yet", "email").actions} & MARKETING
 
 
 def test_redis_down_gives_a_degraded_answer_not_an_error(engine: DecisionEngine) -> None:
@@ -152,23 +154,31 @@ def test_redis_down_gives_a_degraded_answer_not_an_error(engine: DecisionEngine)
     assert d.degraded and d.actions
 
 
-def test_fallback_when_nothing_survives(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, models_dir: Path,
+                                                                tmp_path: Path) -> None:
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    policies = rules_dir / "policies.yaml"
-    policies.write_text(policies.read_text().replace("policies:\n", """policies:
-  - name: block_everything_on_request
-    when: 'context.test == "block_all"'
-    blocks: {types: [upsell, cross_sell, bundle, retention, acquisition, service]}
-    reason: "test switch"
-""", 1))
+    catalog = rules_dir / "catalog.yaml"
+    # A switch that makes the web fallback ineligible too, so that nothing survives for a cold customer.
+    catalog.write_text(catalog.read_text().replace(
+        "  - id: brand_newsletter_signup\n",
+        "  - id: brand_newsletter_signup\n    eligible: 'context.test != \"nothing\"'\n", 1))
     rules = load_and_compile(rules_dir)
     try:
         engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir).load()))
-        for channel, fallback in (("web", "brand_newsletter_signup"), ("call_center", "account_health_check")):
-            d = decide(engine, "C0000001", channel, context={"test": "block_all"})
-            assert [a.action_id for a in d.actions] == [fallback]
-            assert "fallback" in d.actions[0].reasons[0]
-            assert decide(engine, "C0000001", channel).actions[0].action_id  # without the switch: normal
+        engine.store.save([customer("S0", products=set(), tv_hours_week=0, roaming_days_90d=0,
+                                    categorical={"device_os": "none"})])
+        assert [a.action_id for a in decide(engine, "S0", "web").actions] == ["brand_newsletter_signup"]
+        d = decide(engine, "S0", "web", context={"test": "nothing"}, explain=True)
+        assert [a.action_id for a in d.actions] == ["brand_newsletter_signup"]
+        assert "fallback" in d.actions[0].reasons[0]
+        assert not [f for f in d.funnel if f.stage == "ranked"]
+        # Without e-mail consent even the fallback newsletter is not sent: the answer is empty on purpose.
+        engine.store.save([customer("S0", consent={"web"}, products=set(), tv_hours_week=0, roaming_days_90d=0,
+                                    categorical={"device_os": "none"})])
+        d = decide(engine, "S0", "email", context={"test": "nothing"}, explain=True)
+        assert d.actions == []
+        assert any(f.action_id == "brand_newsletter_signup" and "marketing_needs_consent" in f.detail
+                   for f in d.funnel)
     finally:
         rules.close()
