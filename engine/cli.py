@@ -25,15 +25,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 @contextmanager
 def _store(cfg: Config) -> Iterator:
-    """A ProfileStore on REDIS_URL, or on the embedded server's data directory for this command."""
-    from engine.redis_embedded import EmbeddedRedis
+    """A ProfileStore on REDIS_URL, else on the Redis of a running ``nba serve`` with the same data
+    directory, else on an embedded server started for this command."""
+    from engine.redis_embedded import DataDirInUse, EmbeddedRedis
     from engine.store import ProfileStore
 
     embedded = None
     url = cfg.redis_url
     if url is None:
-        embedded = EmbeddedRedis(cfg.data_dir / "redis").start()
-        url = embedded.url
+        try:
+            embedded = EmbeddedRedis(cfg.data_dir / "redis").start()
+            url = embedded.url
+        except DataDirInUse as busy:
+            url = busy.url
     store = ProfileStore.from_url(url)
     try:
         yield store
@@ -135,7 +139,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     rules_dir = Path(args.dir) if args.dir else Config().rules_dir
     errors = check(rules_dir)
     for e in errors:
-        print(e)
+        print(e.render())
     if errors:
         print(f"{len(errors)} error(s) in {rules_dir}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -45,14 +46,43 @@ def _die_with_parent() -> None:
         pass
 
 
+class DataDirInUse(RuntimeError):
+    """Another process runs an embedded Redis on this data directory; ``url`` reaches it."""
+
+    def __init__(self, data_dir: Path, url: str) -> None:
+        super().__init__(f"{data_dir} is in use by a running embedded redis-server at {url}")
+        self.url = url
+
+
 class EmbeddedRedis:
-    """Starts redis-server on a free loopback port with append-only persistence in ``data_dir``."""
+    """Starts redis-server on a free loopback port with append-only persistence in ``data_dir``.
+
+    The data directory is locked while the server runs, so two processes never write one
+    append-only file; the running server's URL is left in ``redis.url`` for other commands.
+    """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            url_file = self.data_dir / "redis.url"
+            raise DataDirInUse(self.data_dir, url_file.read_text().strip() if url_file.is_file() else "?")
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            (self.data_dir / "redis.url").unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
 
     @property
     def url(self) -> str:
@@ -64,6 +94,16 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._start(timeout)
+        except BaseException:
+            self._release_lock()
+            raise
+        (self.data_dir / "redis.url").write_text(self.url + "\n")
+        return self
+
+    def _start(self, timeout: float) -> None:
         args = [
             find_redis_server(),
             "--bind", "127.0.0.1",
@@ -96,19 +136,18 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
             time.sleep(0.02)
         client.close()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (redis flushes its append-only file), then SIGKILL if it lingers."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._release_lock()
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()

@@ -93,3 +93,17 @@ def test_embedded_redis_dies_with_a_killed_server(tmp_path: Path, models_dir: Pa
     proc.kill()
     proc.wait()
     assert _wait_gone(redis_pid), "embedded redis-server orphaned after kill -9 of the server"
+
+
+def test_a_data_directory_serves_one_embedded_redis_at_a_time(tmp_path: Path) -> None:
+    from engine.redis_embedded import DataDirInUse, EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path) as first:
+        try:
+            EmbeddedRedis(tmp_path).start()
+        except DataDirInUse as busy:
+            assert busy.url == first.url
+        else:
+            raise AssertionError("a second redis-server was started on the same data directory")
+    with EmbeddedRedis(tmp_path):  # free again once the first has stopped
+        pass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
-from .nodes import Node
+from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
 
-ACTION_TYPES = ("upsell", "cross_sell", "bundle", "retention", "acquisition", "service")
+from .nodes import Node
 
 
 @dataclass(frozen=True, eq=False)
