@@ -69,7 +69,7 @@ class RankedAction:
 @dataclass
 class FunnelEntry:
     action_id: str
-    stage: str  # ranked | not_eligible | blocked | channel | expired | group | cutoff
+    stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | group | cutoff
     detail: str
     propensity: float = 0.0
     priority: float = 0.0
@@ -131,7 +131,7 @@ class DecisionEngine:
         self._tables: dict[tuple[int, str], ActionTable] = {}
 
     def _action_table(self, rules: CompiledRules, model: LoadedModel) -> ActionTable:
-        key = (id(rules), model.version)
+        key = (rules.version, model.version)  # the version is a content hash: same catalog
         table = self._tables.get(key)
         if table is None:
             if len(self._tables) > 8:
@@ -181,16 +181,15 @@ class DecisionEngine:
                 channel=req.channel, touchpoint=req.touchpoint, context=req.context,
                 triggers=profile.triggers,
             )))
-            verdicts = rules.verdicts(outcome, req.channel)
+            admitted, verdicts = rules.admitted(outcome, req.channel)
             if outcome.degraded:
                 degraded_by = degraded_by or "rule_engine"
             stages.done("rules")
-            admitted = [i for i, v in enumerate(verdicts) if v.admitted]
             propensity = self._score(rules, model, profile, derived, admitted, req.channel)
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
-                      for v in verdicts if not v.admitted] if req.explain else None
-            ranked = _arbitrate([verdicts[i] for i in admitted], propensity, req.channel, max_actions, funnel)
+                      for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
+            ranked = _arbitrate(verdicts, propensity, req.channel, max_actions, funnel)
             if not ranked:
                 ranked = self._fallback(rules, outcome, req.channel, funnel)
             stages.done("arbitration")
@@ -266,7 +265,8 @@ class DecisionEngine:
             })
 
 
-_STAGE_NAMES = {"channel": "channel", "dates": "expired", "eligibility": "not_eligible", "policy": "blocked"}
+_STAGE_NAMES = {"channel": "channel", "dates": "expired", "eligibility": "not_eligible",
+                "applicability": "not_applicable", "suitability": "not_suitable", "policy": "blocked"}
 
 
 def _dropped_detail(v: ActionVerdict) -> str:
@@ -275,8 +275,9 @@ def _dropped_detail(v: ActionVerdict) -> str:
         return "no treatment for this channel"
     if v.stage == "dates":
         return f"valid {a.valid_from or '...'} to {a.valid_to or '...'}"
-    if v.stage == "eligibility":
-        return f"eligible is false: {a.eligible_text}"
+    if v.stage in ("eligibility", "applicability", "suitability"):
+        word = {"eligibility": "eligible", "applicability": "applicable", "suitability": "suitable"}[v.stage]
+        return f"{word} is false: {v.reasons[0] if v.reasons else ''}"
     return "; ".join(f"policy {name}: {reason}" for name, reason in zip(v.blocked_by, v.reasons))
 
 

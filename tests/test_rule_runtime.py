@@ -132,8 +132,9 @@ def ruleset_of_situations(conditions: dict[str, str]) -> RuleSet:
 def fired_through_durable(rules, outcome) -> int:
     """How many logical rules held without being constant (each must fire exactly once)."""
     always = rules.plan.always
+    eligible = len(outcome.eligible - always["action"]) if rules.plan.eligibility is None else 0
     return (len(outcome.situations - always["situation"]) + len(outcome.policies - always["policy"])
-            + len(outcome.levers - always["lever"]) + len(outcome.eligible - always["action"]))
+            + len(outcome.levers - always["lever"]) + eligible)
 
 
 # --- durable agrees with the Python evaluator -------------------------------------------------------
@@ -548,3 +549,123 @@ def test_demo_catalog_covers_types_and_channels(demo):
     assert {a.type for a in actions} == {"upsell", "cross_sell", "bundle", "retention", "acquisition", "service"}
     assert set(CHANNELS) == {c for a in actions for c in a.channels}
     assert sum(len(a.channels) >= 3 for a in actions) >= 25
+
+
+# --- the vectorised part decides what durable-rules decides -------------------------------------------
+# Per-action engagement conditions run in a numba program (vector.py); compiled with
+# eligibility="durable" the same rule set has one durable rule per action instead. Both must give the
+# same outcome and the same admitted actions and weights for every profile.
+def world_inputs(n: int, seed: int) -> list[FactInputs]:
+    """Profiles of the synthetic customer base, on random channels with random context and triggers."""
+    import numpy as np
+
+    from engine.derived import derive
+    from engine.world import generate
+
+    world, rng = generate(n, seed), random.Random(seed)
+    out = []
+    for i in range(n):
+        p = world.profile(i)
+        out.append(FactInputs(
+            numbers=np.concatenate((p.numeric, derive(p.numeric))), categories=p.categorical,
+            products=p.sets["products"], consents=p.sets["consent"], channel=rng.choice(CHANNELS),
+            touchpoint=rng.choice(TEXT_POOL), context={"intent": rng.choice(("upgrade", "cancel", "billing", ""))},
+            triggers=[t for t in TRIGGERS if rng.random() < 0.1]))
+    return out
+
+
+def plain(verdicts) -> list[tuple]:
+    return [(v.action.id, *v[1:]) for v in verdicts]
+
+
+def assert_same_decisions(vector, durable, inputs, today=TODAY) -> int:
+    """Every input decided alike by both compilations; returns how many actions were admitted."""
+    assert vector.plan.eligibility is not None and durable.plan.eligibility is None
+    admitted_total = 0
+    for k, inp in enumerate(inputs):
+        fact = vector.build_fact(inp)
+        assert fact == durable.build_fact(inp)
+        got, want = vector.evaluate(fact), durable.evaluate(fact)
+        assert not got.degraded and not want.degraded
+        assert (got.situations, got.policies, got.levers, got.eligible) == (
+            want.situations, want.policies, want.levers, want.eligible), inp
+        index, verdicts = vector.admitted(got, inp.channel, today)
+        naive_index, naive_verdicts = durable.admitted(want, inp.channel, today)
+        assert index == naive_index and plain(verdicts) == plain(naive_verdicts)
+        if k % 10 == 0:  # explanations and the Python evaluator are slower: a sample
+            python = vector.evaluate_python(fact)
+            assert (got.situations, got.policies, got.levers, got.eligible) == (
+                python.situations, python.policies, python.levers, python.eligible)
+            full = plain(vector.verdicts(got, inp.channel, today))
+            assert full == plain(durable.verdicts(want, inp.channel, today))
+            assert [v for v in full if v[1]] == plain(verdicts)
+        admitted_total += len(index)
+    return admitted_total
+
+
+def test_vectorised_engagement_equals_durable_on_the_demo_rules(demo):
+    ruleset, _ = load_rules(REPO / "rules")
+    with compile_rules(ruleset, eligibility="durable") as naive:
+        rng = random.Random(23)
+        inputs = [random_inputs(rng) for _ in range(2000)] + world_inputs(2000, 4)
+        assert assert_same_decisions(demo, naive, inputs) > 2000
+
+
+def test_vectorised_engagement_equals_durable_on_a_large_synthetic_catalog(tmp_path):
+    from engine.rules import synthetic
+
+    ruleset, errors = load_rules(synthetic.write_rules(tmp_path, actions=100, rules=300, customer_rules=60))
+    assert not errors, errors[:3]
+    counts = synthetic.count_rules(ruleset)
+    assert counts["actions"] == 100 and sum(counts.values()) - 100 == 300
+    with compile_rules(ruleset) as vector, compile_rules(ruleset, eligibility="durable") as naive:
+        rng = random.Random(29)
+        inputs = world_inputs(2500, 6) + [random_inputs(rng) for _ in range(500)]
+        assert assert_same_decisions(vector, naive, inputs) > 3000
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_vectorised_engagement_equals_durable_on_random_conditions(seed):
+    """Random conditions (arithmetic, text, sets, situations) as actions' and groups' conditions."""
+    from engine.rules.model import Action, GroupRules
+
+    rng = random.Random(seed)
+    gen = ConditionGenerator(rng)
+    scope = Scope(situations={f"s{i}" for i in range(12)}, triggers=None)
+
+    def resolved(text):
+        tree, errors = compile_condition(text, scope)
+        assert not errors, (text, errors)
+        return tree
+
+    base = ruleset_of_situations({f"s{i}": gen.condition([f"s{j}" for j in range(i)], depth=2) for i in range(12)})
+    situations = list(base.situations)
+    actions = []
+    for i in range(60):
+        stages = {stage: resolved(gen.condition(situations, depth=2)) if rng.random() < p else None
+                  for stage, p in (("eligible", 0.9), ("applicable", 0.4), ("suitable", 0.4))}
+        actions.append(Action(id=f"a{i}", name="a", type="service", group=f"g{i % 7}", value=1.0,
+                              channels={c: {"text": "x"} for c in CHANNELS}, **stages))
+    groups = {f"g{k}": GroupRules(f"g{k}", suitable=resolved(gen.condition(situations, depth=1)))
+              for k in range(0, 7, 2)}
+    ruleset = RuleSet(version="rules-random", loaded_at=base.loaded_at, actions=tuple(actions), fallback={},
+                      situations=base.situations, policies=(), levers=(), context_weights={}, groups=groups)
+    with compile_rules(ruleset) as vector, compile_rules(ruleset, eligibility="durable") as naive:
+        inputs = [random_inputs(rng) for _ in range(1000)]
+        assert assert_same_decisions(vector, naive, inputs) > 500
+
+
+def test_seven_digit_rounding_matches_formatting():
+    import numpy as np
+
+    from engine.rules.facts import round7
+
+    rng = np.random.default_rng(3)
+    stored = (rng.choice([-1.0, 1.0], 200_000) * rng.random(200_000) * 10.0 ** rng.integers(-6, 10, 200_000))
+    values = np.concatenate([stored.astype(np.float32).astype(np.float64),  # as profiles hold them
+                             rng.random(50_000) * 10.0 ** rng.integers(-3, 5, 50_000),  # derived features
+                             np.arange(12_345_600, 12_345_700, dtype=np.float64), [0.0, -0.0, 5e20]])
+    expected = np.array([float(f"{v:.7g}") for v in values.tolist()])
+    assert np.array_equal(round7(values), expected)
+    assert round7(np.array([np.nan, np.inf, -np.inf])).tolist() == [0.0, 0.0, 0.0]
+    assert round7(np.array([1.23456789e-30]))[0] == pytest.approx(1.234568e-30, rel=1e-15)

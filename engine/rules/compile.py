@@ -1,11 +1,17 @@
 """Compile a ``RuleSet`` into one durable-rules ruleset (JSON condition language, no Python DSL).
 
-One durable rule per situation (``sit$<name>``), policy (``pol$<name>``), lever (``lev$<name>``) and
-action eligibility (``act$<id>``); a condition that needed splitting gets ``#1``, ``#2``... suffixes
-(its pieces exclude each other, so at most one fires; see ``Plan.may_repeat`` for the exception).
-Situations are inlined everywhere, so one
-``assert_fact`` of one fact decides everything. Constant conditions get no durable rule. One extra
-rule, ``nba$all``, matches every fact (durable must run an action in every session it deletes).
+One durable rule per situation (``sit$<name>``), policy (``pol$<name>``) and lever (``lev$<name>``);
+a condition that needed splitting gets ``#1``, ``#2``... suffixes (its pieces exclude each other, so
+at most one fires; see ``Plan.may_repeat`` for the exception). Situations are inlined everywhere, so
+one ``assert_fact`` of one fact decides every customer-level rule. Constant conditions get no durable
+rule. One extra rule, ``nba$all``, matches every fact (durable must run an action in every session it
+deletes).
+
+The per-action engagement conditions (each action's and its group's ``eligible``, ``applicable`` and
+``suitable``) are compiled to an ``EligibilityProgram`` (vector.py) run after durable, reading the
+situations durable decided. ``plan(ruleset, eligibility="durable")`` compiles them into durable rules
+instead (``act$<id>``, one firing per eligible action): the naive design, kept as the oracle the
+program is tested against and as the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from .model import RuleSet
 from .nodes import FLIPPED, And, Arith, Bool, Compare, Field, Neg, Node, Num, Or, Str, walk
 from .network import GUARD_FIELD, RULE_LIMIT, TooManyRules, arrange, rule_stack
 from .normalize import MAX_MARKERS, TooComplex, markers, prepare
+from .vector import EligibilityProgram
 
 PREFIX = {"situation": "sit", "policy": "pol", "lever": "lev", "action": "act"}
 MAX_FACT_FIELDS = 250  # durable: 255 properties per fact, including sid and id
@@ -36,6 +43,8 @@ class Plan:
     rule_names: dict[str, tuple[str, str]] = field(default_factory=dict)  # durable name -> (kind, name)
     always: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in PREFIX})
     fields: dict[str, str] = field(default_factory=dict)  # fact field -> "num" | "str" | "bool"
+    durable_fields: tuple[str, ...] = ()  # the fields durable's rules read (the fact sent to durable)
+    eligibility: EligibilityProgram | None = None  # None: eligibility is compiled into durable rules
     sources: dict[str, str] = field(default_factory=dict)  # durable name -> "file:line:col"
     may_repeat: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) that may fire twice
 
@@ -56,25 +65,32 @@ def conditions(ruleset: RuleSet):
     for lv in ruleset.levers:
         yield "lever", lv.name, lv.when, lv.source
     for a in ruleset.actions:
-        if a.eligible is not None:
-            yield "action", a.id, a.eligible, a.source
-        else:
-            yield "action", a.id, Bool(True), a.source
+        engagement = ruleset.engagement(a)
+        yield "action", a.id, Bool(True) if engagement is None else engagement, a.source
 
 
 def _fits(piece: Node) -> bool:
     return markers(piece) <= MAX_MARKERS and rule_stack(condition_json(piece, {})) <= RULE_LIMIT
 
 
-def plan(ruleset: RuleSet) -> tuple[Plan, list[RuleError]]:
-    """The durable definition for ``ruleset`` and any condition too complex to compile."""
+def plan(ruleset: RuleSet, eligibility: str = "vector") -> tuple[Plan, list[RuleError]]:
+    """The durable definition for ``ruleset`` and any condition too complex to compile.
+
+    ``eligibility``: "vector" (an ``EligibilityProgram``) or "durable" (one durable rule per action).
+    """
+    if eligibility not in ("vector", "durable"):
+        raise ValueError(f"eligibility must be vector or durable, not {eligibility!r}")
     out, errors = Plan(), []
     situations = ruleset.situation_conditions()
     conds: list[dict] = []
+    durable_fields: dict[str, str] = {}  # what durable's rules read: the fact sent to durable
+    in_durable = eligibility == "durable"
     for kind, name, condition, source in conditions(ruleset):
         for node in walk(condition):  # the Python evaluator reads every field, even simplified ones
             if isinstance(node, Field):
                 out.fields[node.name] = node.kind
+        if kind == "action" and not in_durable:
+            continue
         try:
             pieces, exclusive = prepare(condition, situations, _fits)
         except TooComplex as err:
@@ -91,7 +107,7 @@ def plan(ruleset: RuleSet) -> tuple[Plan, list[RuleError]]:
         base = f"{PREFIX[kind]}${name}"
         for k, piece in enumerate(pieces):
             rule = base if len(pieces) == 1 else f"{base}#{k + 1}"
-            conds.append(condition_json(piece, out.fields))
+            conds.append(condition_json(piece, durable_fields))
             out.rule_names[rule] = (kind, name)
             out.sources[rule] = source
     # Every session must run at least one action before durable may delete it: durable leaves a
@@ -99,7 +115,7 @@ def plan(ruleset: RuleSet) -> tuple[Plan, list[RuleError]]:
     out.rule_names[CATCH_ALL] = ("engine", "all")
     out.sources[CATCH_ALL] = ""
     conds.append({"$eq": {GUARD_FIELD: 0.0}})
-    out.fields[GUARD_FIELD] = "num"
+    durable_fields[GUARD_FIELD] = "num"
     first = ruleset.files[0] if ruleset.files else "rules"
     try:
         arranged, _guarded = arrange(conds)
@@ -108,8 +124,12 @@ def plan(ruleset: RuleSet) -> tuple[Plan, list[RuleError]]:
         arranged = conds
     for rule, cond in zip(out.rule_names, arranged):
         out.definition[rule] = {"all": [{"m": cond}]}
-    if len(out.fields) > MAX_FACT_FIELDS:
-        errors.append(RuleError(first, 1, 1, f"the rules use {len(out.fields)} different fields; the engine holds at most {MAX_FACT_FIELDS}",
+    out.fields.update(durable_fields)
+    out.durable_fields = tuple(sorted(durable_fields))
+    if not in_durable:
+        out.eligibility = EligibilityProgram([ruleset.engagement(a) for a in ruleset.actions])
+    if len(durable_fields) > MAX_FACT_FIELDS:
+        errors.append(RuleError(first, 1, 1, f"the rules use {len(durable_fields)} different fields; the engine holds at most {MAX_FACT_FIELDS}",
                                 "use fewer distinct products, context keys or triggers"))
     return out, errors
 
@@ -120,12 +140,60 @@ def condition_json(node: Node, fields: dict[str, str]) -> dict:
         if isinstance(n, Field):
             fields[n.name] = n.kind
     if isinstance(node, And):
-        return {"$and": [condition_json(i, fields) for i in node.items]}
+        items = sorted(node.items, key=likelihood)  # the least likely test first: see likelihood()
+        return {"$and": [condition_json(i, fields) for i in items]}
     if isinstance(node, Or):
         return {"$or": [condition_json(i, fields) for i in node.items]}
     if isinstance(node, Compare):
         return _compare_json(node, fields)
     raise TypeError(f"not a normalised condition: {type(node).__name__}")
+
+
+def likelihood(node: Node) -> float:
+    """A rough prior that ``node`` holds for a customer, to order the tests of a conjunction.
+
+    durable walks a rule's tests in order and, for every test that holds, scans all the fact's
+    fields for the next ones: a conjunction that starts with its least likely test stops early for
+    most customers (measured: about 1.4 us per field per 100 rules whose first test holds).
+    """
+    if isinstance(node, And):
+        p = 1.0
+        for item in node.items:
+            p *= likelihood(item)
+        return p
+    if isinstance(node, Or):
+        q = 1.0
+        for item in node.items:
+            q *= 1.0 - likelihood(item)
+        return 1.0 - q
+    if not isinstance(node, Compare):
+        return 0.5
+    field = node.left if isinstance(node.left, Field) else node.right if isinstance(node.right, Field) else None
+    right = node.right if field is node.left else node.left
+    if field is None:
+        return 0.5  # two formulas
+    if isinstance(right, Bool):
+        p = _BOOL_PRIOR.get(field.name.split("__")[0] + "__" if "__" in field.name else field.name, 0.5)
+        return p if right.value else 1.0 - p
+    if field.kind == "str":
+        p = 1.0 / _levels(field.name)
+    else:
+        p = {"==": 0.1, "!=": 0.9}.get(node.op, 0.5)
+        return p
+    return p if node.op == "==" else 1.0 - p
+
+
+_BOOL_PRIOR = {"trg__": 0.05, "holds__": 0.3, "consent__": 0.8, "has_consent": 0.8}
+
+
+def _levels(name: str) -> int:
+    from engine.features import CATEGORICAL, CHANNELS
+
+    if name == "channel":
+        return len(CHANNELS)
+    if name in CATEGORICAL:
+        return len(CATEGORICAL[name])
+    return 10  # free text (touchpoint, context): most comparisons are with one specific value
 
 
 def _compare_json(node: Compare, fields: dict[str, str]) -> dict:

@@ -15,7 +15,7 @@ from engine.features import CHANNELS, SCHEMA, FeatureSchema
 from .checker import IDENT, Scope, situation_refs
 from .errors import RuleError, suggest
 from .lang import compile_condition
-from .model import ACTION_TYPES, Action, Lever, Policy, RuleSet, Situation, Targets
+from .model import ACTION_TYPES, STAGES, Action, GroupRules, Lever, Policy, RuleSet, Situation, Targets
 from .nodes import Bool, Node
 from .yamlsrc import Loc, load_yaml
 
@@ -23,12 +23,13 @@ CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
 RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
 
-CATALOG_KEYS = {"fallback": True, "actions": True, "description": False}
+CATALOG_KEYS = {"fallback": True, "actions": True, "groups": False, "description": False}
 POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
                  "context_weights": False, "description": False}
 ACTION_KEYS = {"id": True, "name": True, "type": True, "group": True, "value": True, "channels": True,
-               "eligible": False, "valid_from": False, "valid_to": False, "daily_budget": False,
-               "description": False}
+               "eligible": False, "applicable": False, "suitable": False, "valid_from": False, "valid_to": False,
+               "daily_budget": False, "description": False}
+GROUP_KEYS = {"eligible": False, "applicable": False, "suitable": False, "description": False}
 SITUATION_KEYS = {"when": True, "description": False}
 POLICY_KEYS = {"name": True, "when": True, "blocks": True, "reason": False, "description": False}
 LEVER_KEYS = {"name": True, "when": True, "targets": True, "weight": True, "description": False}
@@ -175,6 +176,7 @@ class _Loader:
         scope = Scope(self.schema, situations=set(situation_locs), triggers=triggers)
         situations = self.load_situations(situation_locs, scope)
         actions = self.load_actions(catalog_top.get("actions"), scope)
+        groups = self.load_groups(catalog_top.get("groups"), scope, actions)
         fallback = self.load_fallback(catalog_top.get("fallback"), actions)
         policies = self.load_policies(policies_top.get("policies"), scope, actions)
         levers = self.load_levers(policies_top.get("levers"), scope, actions)
@@ -190,6 +192,7 @@ class _Loader:
             context_weights=weights,
             triggers=tuple(sorted(triggers)) if triggers is not None else None,
             files=tuple(str(self.dir / n) for n in RULE_FILES),
+            groups=groups,
         )
 
     def load_triggers(self, loc: Loc | None) -> set[str] | None:
@@ -279,8 +282,7 @@ class _Loader:
             group = self.ident(fields.get("group"), f"{what} group")
             value = self.number(fields.get("value"), f"{what} value", minimum=0)
             channels = self.load_channels(fields.get("channels"), what)
-            eligible_loc = fields.get("eligible")
-            eligible = self.condition(eligible_loc, scope, f"{what} eligible")
+            stages = self.stages(fields, scope, what)
             valid_from = self.day(fields.get("valid_from"), "valid_from")
             valid_to = self.day(fields.get("valid_to"), "valid_to")
             if valid_from and valid_to and valid_to < valid_from:
@@ -288,18 +290,43 @@ class _Loader:
             budget = self.number(fields.get("daily_budget"), f"{what} daily_budget", minimum=0)
             if budget is not None and not float(budget).is_integer():
                 self.err(fields["daily_budget"].error("daily_budget must be a whole number"))
-            if isinstance(eligible, Bool) and eligible.value:
-                eligible = None  # "eligible: true" is the same as no condition
             actions.append(Action(
                 id=action_id, name=name, type=kind, group=group, value=float(value or 0.0),
-                channels=channels, eligible=eligible,
-                eligible_text=str(eligible_loc.value) if eligible_loc is not None else "",
+                channels=channels, **stages,
                 valid_from=valid_from, valid_to=valid_to,
                 daily_budget=int(budget) if budget is not None else None,
                 description=self.text(fields.get("description"), "description"),
                 source=item.where(),
             ))
         return actions
+
+    def stages(self, fields: dict[str, Loc], scope: Scope, what: str) -> dict:
+        """The eligible / applicable / suitable conditions (and texts) of an action or group."""
+        out: dict = {}
+        for stage in STAGES:
+            loc = fields.get(stage)
+            condition = self.condition(loc, scope, f"{what} {stage}")
+            if isinstance(condition, Bool) and condition.value:
+                condition = None  # "eligible: true" is the same as no condition
+            out[stage] = condition
+            out[f"{stage}_text"] = str(loc.value) if loc is not None else ""
+        return out
+
+    def load_groups(self, loc: Loc | None, scope: Scope, actions: list[Action]) -> dict[str, GroupRules]:
+        known = {a.group for a in actions}
+        groups: dict[str, GroupRules] = {}
+        for name, item in (self.mapping(loc, "groups") or {}).items():
+            if name not in known:
+                hint = suggest(name, known) or "a group gets conditions only when some action uses it"
+                self.err(item.key_error(f'no action is in group "{name}"', hint))
+                continue
+            fields = self.keys(item, GROUP_KEYS, f'group "{name}"')
+            if fields is None:
+                continue
+            groups[name] = GroupRules(name, **self.stages(fields, scope, f'group "{name}"'),
+                                      description=self.text(fields.get("description"), "description"),
+                                      source=item.where())
+        return groups
 
     def load_channels(self, loc: Loc | None, what: str) -> dict[str, dict[str, str]]:
         items = self.mapping(loc, f"channels of {what}")

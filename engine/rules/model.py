@@ -1,4 +1,11 @@
-"""The loaded rule set: action catalog, situations, engagement policies, levers, context weights."""
+"""The loaded rule set: action catalog, situations, engagement policies, levers, context weights.
+
+Engagement policies per action and per group come in three stages, each an optional condition on
+the action (``eligible``, ``applicable``, ``suitable``) and on its group (``RuleSet.groups``):
+eligibility (may we offer it to this customer), applicability (in this context: channel,
+touchpoint, call intent) and suitability (is it right for them: affordability, risk). An action
+goes on only when every one of them holds.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ from datetime import date, datetime
 
 from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
 
-from .nodes import Node
+from .nodes import And, Node
+
+STAGES = ("eligible", "applicable", "suitable")  # per-action engagement conditions, in funnel order
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,6 +29,10 @@ class Action:
     channels: dict[str, dict[str, str]]  # channel -> treatment (field -> text)
     eligible: Node | None = None  # resolved condition; None means always eligible
     eligible_text: str = ""
+    applicable: Node | None = None
+    applicable_text: str = ""
+    suitable: Node | None = None
+    suitable_text: str = ""
     valid_from: date | None = None
     valid_to: date | None = None
     daily_budget: int | None = None
@@ -33,6 +46,21 @@ class Action:
         if self.valid_from is not None and day < self.valid_from:
             return False
         return self.valid_to is None or day <= self.valid_to
+
+
+@dataclass(frozen=True, eq=False)
+class GroupRules:
+    """Engagement conditions shared by every action of a group (catalog.yaml ``groups:``)."""
+
+    name: str
+    eligible: Node | None = None
+    eligible_text: str = ""
+    applicable: Node | None = None
+    applicable_text: str = ""
+    suitable: Node | None = None
+    suitable_text: str = ""
+    description: str = ""
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,7 @@ class RuleSet:
     context_weights: dict[str, dict[str, float]]  # channel -> action type -> multiplier
     triggers: tuple[str, ...] | None = None  # declared trigger names (None: not declared)
     files: tuple[str, ...] = ()
+    groups: dict[str, GroupRules] = field(default_factory=dict)  # group -> its engagement conditions
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,3 +136,22 @@ class RuleSet:
 
     def situation_conditions(self) -> dict[str, Node]:
         return {name: s.when for name, s in self.situations.items()}
+
+    def stage_conditions(self, action: Action) -> list[tuple[str, str, Node]]:
+        """(stage, text, condition) for every engagement condition of ``action``, group's first,
+        in funnel order: eligible, applicable, suitable."""
+        group = self.groups.get(action.group)
+        out = []
+        for stage in STAGES:
+            for owner, prefix in ((group, f"group {action.group}: "), (action, "")):
+                condition = getattr(owner, stage) if owner is not None else None
+                if condition is not None:
+                    out.append((stage, prefix + getattr(owner, f"{stage}_text"), condition))
+        return out
+
+    def engagement(self, action: Action) -> Node | None:
+        """All of ``action``'s engagement conditions in one (None: always engaged)."""
+        conditions = tuple(c for _, _, c in self.stage_conditions(action))
+        if not conditions:
+            return None
+        return conditions[0] if len(conditions) == 1 else And(conditions)

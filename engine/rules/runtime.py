@@ -1,4 +1,5 @@
-"""Run a compiled rule set: one ``assert_fact`` per decision through durable's C engine.
+"""Run a compiled rule set: one ``assert_fact`` per decision through durable's C engine, then the
+eligibility of every action in one numba call (vector.py), then per-action verdicts with numpy.
 
 The raw C API is used directly (not ``durable.lang.Host``, which starts polling threads and never
 frees rulesets). Each ``evaluate`` uses a fresh session id and always deletes its state, so at most
@@ -9,19 +10,21 @@ compiled ruleset serialises the engine calls.
 from __future__ import annotations
 
 import itertools
+from itertools import compress
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import NamedTuple
 
 import durable_rules_engine
+import numpy as np
 
 from .compile import Plan, create_ruleset, plan
 from .errors import RuleErrors
 from .evaluate import evaluate as evaluate_tree
-from .facts import FactInputs, FactLayout, encode_fact, inputs_from_profile
+from .facts import FactEncoder, FactInputs, FactLayout, inputs_from_profile
 from .model import Action, Policy, RuleSet
 
 log = logging.getLogger(__name__)
@@ -34,21 +37,27 @@ class RuleOutcome:
 
     ``fired`` counts durable firings (for metrics): one per rule that held, except rules listed in
     ``CompiledRules.plan.may_repeat`` (conditions too large to make exclusive), which may fire more.
+    ``mask`` is ``eligible`` as one bool per catalog action, in catalog order; ``fact`` the fact
+    evaluated (for explanations).
     """
 
     situations: frozenset[str]
     policies: frozenset[str]
     levers: frozenset[str]
-    eligible: frozenset[str]  # action ids whose eligibility holds (actions without one included)
+    eligible: frozenset[str]  # action ids whose engagement conditions (eligible, applicable, suitable,
+    #                           the action's and its group's) all hold; actions without any included
     fired: int = 0
     degraded: bool = False  # durable failed; computed by the Python evaluator instead
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    fact: dict | None = field(default=None, compare=False, repr=False)
 
 
 class ActionVerdict(NamedTuple):
     """One action for one decision, after the rule stage.
 
     stage: "admitted", or where it dropped out: "channel" (no treatment for the channel),
-    "dates" (outside valid_from..valid_to), "eligibility" (its condition is false),
+    "dates" (outside valid_from..valid_to), "eligibility", "applicability" or "suitability" (that
+    engagement condition of the action or its group is false; ``reasons`` holds its text),
     "policy" (blocked by the policies in ``blocked_by``; ``reasons`` holds their reasons).
     weight: context weight for the channel x product of the weights of ``levers``.
     """
@@ -86,7 +95,18 @@ class CompiledRules:
         }
         self._policies = {p.name: p for p in ruleset.policies}
         self._levers = {lv.name: lv for lv in ruleset.levers}
-        self._static_cache: dict[tuple[str, date], list] = {}
+        self._program = the_plan.eligibility
+        self._encoder = FactEncoder({f: self.layout.fields[f] for f in the_plan.durable_fields})
+        self._ids = tuple(a.id for a in ruleset.actions)
+        # One row per policy / lever over the catalog: which actions it blocks, what it multiplies by.
+        actions = ruleset.actions
+        self._policy_row = {p.name: i for i, p in enumerate(ruleset.policies)}
+        self._lever_row = {lv.name: i for i, lv in enumerate(ruleset.levers)}
+        self._blocks = np.array([[p.blocks.matches(a) for a in actions] for p in ruleset.policies],
+                                dtype=np.bool_).reshape(len(ruleset.policies), len(actions))
+        self._lever_weights = np.array([[lv.weight if lv.targets.matches(a) else 1.0 for a in actions]
+                                        for lv in ruleset.levers]).reshape(len(ruleset.levers), len(actions))
+        self._static_cache: dict[tuple[str, date], tuple] = {}
 
     # --- facts --------------------------------------------------------------------------------------
     @property
@@ -127,7 +147,7 @@ class CompiledRules:
                 raise RuntimeError(f"rule set {self.name} is closed")
             handle = self._holder[0]
             sid = str(next(self._sids))
-            payload = encode_fact(fact, sid)  # may raise ValueError before touching the engine
+            payload = self._encoder.encode(fact, sid)  # may raise ValueError before touching the engine
             try:
                 state = durable_rules_engine.assert_fact(handle, payload)[1]
                 result = durable_rules_engine.start_action_for_state(handle, state)
@@ -147,8 +167,10 @@ class CompiledRules:
                 self._rebuild()
                 self.engine_errors += 1
         if failed:
-            return replace(self.evaluate_python(fact), degraded=True)
-        return self._outcome(fired)
+            outcome = self.evaluate_python(fact)
+            mask = np.array([aid in outcome.eligible for aid in self._ids], dtype=np.bool_)
+            return replace(outcome, degraded=True, mask=mask)
+        return self._outcome(fired, fact)
 
     def _rebuild(self) -> None:
         """Swap in a fresh durable ruleset (dropping every session of the old one); lock held."""
@@ -156,7 +178,7 @@ class CompiledRules:
         self._holder[0] = create_ruleset(f"{self.name}-r{next(self._sids)}", self.plan)
         _delete_handle(old)
 
-    def _outcome(self, fired: list[str]) -> RuleOutcome:
+    def _outcome(self, fired: list[str], fact: dict) -> RuleOutcome:
         always = self.plan.always
         found = {kind: set(names) for kind, names in always.items()}
         names = self.plan.rule_names
@@ -166,12 +188,21 @@ class CompiledRules:
             if kind in found:
                 found[kind].add(name)
                 count += 1
+        situations = frozenset(found["situation"])
+        if self._program is not None:
+            mask = self._program.run(fact, situations)
+            eligible = frozenset(compress(self._ids, mask.tolist()))
+        else:
+            eligible = frozenset(found["action"])
+            mask = np.array([aid in eligible for aid in self._ids], dtype=np.bool_)
         return RuleOutcome(
-            situations=frozenset(found["situation"]),
+            situations=situations,
             policies=frozenset(found["policy"]),
             levers=frozenset(found["lever"]),
-            eligible=frozenset(found["action"]),
+            eligible=eligible,
             fired=count,
+            mask=mask,
+            fact=fact,
         )
 
     def evaluate_python(self, fact: dict) -> RuleOutcome:
@@ -186,56 +217,96 @@ class CompiledRules:
             situations=frozenset(n for n, s in rs.situations.items() if holds(s.when)),
             policies=frozenset(p.name for p in rs.policies if holds(p.when)),
             levers=frozenset(lv.name for lv in rs.levers if holds(lv.when)),
-            eligible=frozenset(a.id for a in rs.actions if a.eligible is None or holds(a.eligible)),
+            eligible=frozenset(a.id for a in rs.actions if all(holds(c) for _, _, c in rs.stage_conditions(a))),
+            fact=fact,
         )
 
     # --- per-action verdicts ------------------------------------------------------------------------
     def verdicts(self, outcome: RuleOutcome, channel: str, today: date | None = None) -> list[ActionVerdict]:
         """A verdict for every action of the catalog, in catalog order."""
-        static = self._static_verdicts(channel, today or date.today())
-        fired_policies = [p for p in self._policies if p in outcome.policies]
-        fired_levers = [lv for lv in self._levers if lv in outcome.levers]
-        eligible = outcome.eligible
+        static, _, _ = self._static(channel, today or date.today())
+        admitted, weight = self._decide(outcome, channel, today)
+        eligible = self._mask(outcome)
         out = []
-        for action, dropped, base_weight in static:
-            if dropped is not None:
-                out.append(dropped)
-                continue
-            aid = action.id
-            if aid not in eligible:
-                out.append(ActionVerdict(action, False, "eligibility"))
-                continue
-            if fired_policies:
-                blocked = tuple(p for p in fired_policies if aid in self._policy_blocks[p])
-                if blocked:
-                    reasons = tuple(self._policies[p].reason for p in blocked)
-                    out.append(ActionVerdict(action, False, "policy", blocked, reasons))
-                    continue
-            weight, levers = base_weight, ()
-            if fired_levers:
-                levers = tuple(lv for lv in fired_levers if aid in self._lever_targets[lv])
-                for lv in levers:
-                    weight *= self._levers[lv].weight
-            out.append(ActionVerdict(action, True, "admitted", (), (), levers, weight))
+        for i, action in enumerate(self.ruleset.actions):
+            if static[i] is not None:
+                out.append(static[i])
+            elif not eligible[i]:
+                stage, text = self._failed_stage(action, outcome)
+                out.append(ActionVerdict(action, False, stage, (), (text,)))
+            elif not admitted[i]:
+                names = tuple(p for p in self._in_order(outcome.policies, self._policy_row)
+                              if self._blocks[self._policy_row[p], i])
+                out.append(ActionVerdict(action, False, "policy", names,
+                                         tuple(self._policies[p].reason for p in names)))
+            else:
+                out.append(self._admitted_verdict(action, i, outcome, weight[i]))
         return out
 
-    def _static_verdicts(self, channel: str, today: date):
-        """Per action: (action, verdict when dropped for channel/dates else None, context weight)."""
+    def _failed_stage(self, action: Action, outcome: RuleOutcome) -> tuple[str, str]:
+        """The first engagement condition of ``action`` that is false: (verdict stage, its text)."""
+        if outcome.fact is not None:
+            sits = self.ruleset.situation_conditions()
+            for stage, text, condition in self.ruleset.stage_conditions(action):
+                if not evaluate_tree(condition, outcome.fact, sits):
+                    return _STAGE_OF[stage], text
+        return "eligibility", action.eligible_text
+
+    def admitted(self, outcome: RuleOutcome, channel: str,
+                 today: date | None = None) -> tuple[list[int], list[ActionVerdict]]:
+        """The catalog indices and verdicts of the admitted actions only (the decision's hot path)."""
+        admitted, weight = self._decide(outcome, channel, today)
+        index = np.flatnonzero(admitted).tolist()
+        actions = self.ruleset.actions
+        return index, [self._admitted_verdict(actions[i], i, outcome, weight[i]) for i in index]
+
+    def _admitted_verdict(self, action: Action, i: int, outcome: RuleOutcome, weight: float) -> ActionVerdict:
+        aid = action.id
+        levers = tuple(lv for lv in self._in_order(outcome.levers, self._lever_row) if aid in self._lever_targets[lv])
+        return ActionVerdict(action, True, "admitted", (), (), levers, float(weight))
+
+    def _mask(self, outcome: RuleOutcome) -> np.ndarray:
+        if outcome.mask is not None:
+            return outcome.mask
+        return np.array([aid in outcome.eligible for aid in self._ids], dtype=np.bool_)
+
+    @staticmethod
+    def _in_order(names: frozenset[str], rows: dict[str, int]) -> list[str]:
+        """``names`` (fired policies / levers) in file order."""
+        return sorted(names, key=rows.__getitem__) if len(names) > 1 else list(names)
+
+    def _decide(self, outcome: RuleOutcome, channel: str, today: date | None):
+        """Per catalog action (numpy arrays): admitted, and its weight (context x fired levers)."""
+        _, offered, weight = self._static(channel, today or date.today())
+        admitted = offered & self._mask(outcome)
+        if outcome.policies:
+            admitted &= ~self._blocks[[self._policy_row[p] for p in outcome.policies]].any(axis=0)
+        if outcome.levers:
+            rows = sorted(self._lever_row[lv] for lv in outcome.levers)  # file order: same rounding always
+            weight = weight * self._lever_weights[rows].prod(axis=0)
+        return admitted, weight
+
+    def _static(self, channel: str, today: date):
+        """Per action for this channel and day: the verdict when dropped for channel/dates (else None),
+        whether it may be offered (bool array) and its context weight (float array)."""
         key = (channel, today)
         cached = self._static_cache.get(key)
         if cached is None:
             weights = self.ruleset.context_weights.get(channel, {})
-            cached = []
+            static = []
             for action in self.ruleset.actions:
                 if channel not in action.channels:
-                    cached.append((action, ActionVerdict(action, False, "channel"), 0.0))
+                    static.append(ActionVerdict(action, False, "channel"))
                 elif not action.valid_on(today):
-                    cached.append((action, ActionVerdict(action, False, "dates"), 0.0))
+                    static.append(ActionVerdict(action, False, "dates"))
                 else:
-                    cached.append((action, None, weights.get(action.type, 1.0)))
+                    static.append(None)
+            offered = np.array([v is None for v in static], dtype=np.bool_)
+            base = np.array([weights.get(a.type, 1.0) if ok else 0.0
+                             for a, ok in zip(self.ruleset.actions, offered.tolist())])
             if len(self._static_cache) > 256:
                 self._static_cache.clear()
-            self._static_cache[key] = cached
+            cached = self._static_cache[key] = (static, offered, base)
         return cached
 
     # --- conveniences for the decision funnel ---------------------------------------------------------
@@ -291,6 +362,9 @@ class CompiledRules:
         self.close()
 
 
+_STAGE_OF = {"eligible": "eligibility", "applicable": "applicability", "suitable": "suitability"}
+
+
 def _delete_handle(handle: int) -> None:
     try:
         durable_rules_engine.delete_ruleset(handle)
@@ -302,9 +376,13 @@ def _delete_ruleset(holder: list[int]) -> None:
     _delete_handle(holder[0])
 
 
-def compile_rules(ruleset: RuleSet) -> CompiledRules:
-    """Compile ``ruleset``; raises ``RuleErrors`` for conditions the engine cannot take."""
-    the_plan, errors = plan(ruleset)
+def compile_rules(ruleset: RuleSet, eligibility: str = "vector") -> CompiledRules:
+    """Compile ``ruleset``; raises ``RuleErrors`` for conditions the engine cannot take.
+
+    ``eligibility="durable"`` compiles every action's eligibility into a durable rule (the naive
+    design: the test oracle and benchmark baseline) instead of the numba program.
+    """
+    the_plan, errors = plan(ruleset, eligibility)
     if errors:
         raise RuleErrors(errors)
     return CompiledRules(ruleset, the_plan)
