@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.metrics_host, cfg.metrics_port = args.metrics_host, args.metrics_port
     cfg.demo_customers = args.customers
     cfg.demo = not args.no_demo
+    cfg.workers = args.workers
     return serve(cfg)
 
 
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: off)")
     p.add_argument("--customers", type=int, default=20_000, help="demo customers to seed when none exist")
     p.add_argument("--no-demo", action="store_true", help="do not seed demo data or train a demo model")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="serving processes on the one port (default: number of cores)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("seed", help="write the synthetic demo customer base to Redis")
