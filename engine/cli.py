@@ -60,6 +60,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+def cmd_loadtest(argv: list[str]) -> int:
+    """Runs loadtest/loadgen.py with the rest of the command line (its own --help)."""
+    import runpy
+
+    from engine.config import REPO
+
+    script = REPO / "loadtest" / "loadgen.py"
+    sys.argv = ["nba loadtest", *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     from engine import demo
 
@@ -192,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="serving processes on the one port (default: number of cores)")
     p.set_defaults(fn=cmd_serve)
 
+    sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)
+
     p = sub.add_parser("seed", help="write the synthetic demo customer base to Redis")
     paths(p)
     p.add_argument("--customers", type=int, default=20_000)
@@ -231,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.set_defaults(fn=cmd_models)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        return cmd_loadtest(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
