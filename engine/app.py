@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Sequence
 
 from engine import demo, metrics
 from engine.config import Config
@@ -18,6 +19,27 @@ from engine.store import ProfileStore
 log = logging.getLogger(__name__)
 
 
+def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
+    """REDIS_URL when configured, else an embedded redis-server in the data directory."""
+    if cfg.redis_url is not None:
+        return None, cfg.redis_url
+    server = EmbeddedRedis(cfg.data_dir / "redis").start()
+    log.info("embedded redis-server pid %s on %s (data in %s)", server.pid, server.url, server.data_dir)
+    return server, server.url
+
+
+def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence, customers: int) -> None:
+    """Seed demo customers and train the demo model when they are missing."""
+    if demo.seeded_customers(store) == 0:
+        log.info("no demo customers: seeding %d", customers)
+        seconds = demo.seed(store, customers)
+        log.info("seeded %d customers in %.1fs", customers, seconds)
+    if registry.champion() is None:
+        log.info("no champion model in %s: training the demo model", registry.dir)
+        version, scores = demo.train_demo(registry, catalog)
+        log.info("trained %s: %s", version, scores)
+
+
 class App:
     """Owns the long-lived parts; ``start`` brings them up, ``close`` tears them down."""
 
@@ -30,15 +52,11 @@ class App:
 
     def start(self) -> "App":
         cfg = self.config
-        url = cfg.redis_url
-        if url is None:
-            self.redis = EmbeddedRedis(cfg.data_dir / "redis").start()
-            url = self.redis.url
-            log.info("embedded redis-server pid %s on %s (data in %s)", self.redis.pid, url, cfg.data_dir / "redis")
+        self.redis, url = open_redis(cfg)
         self.store = ProfileStore.from_url(url)
         rules = load_and_compile(cfg.rules_dir)
         if cfg.demo:
-            self._ensure_demo(rules.ruleset.actions)
+            ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
         self.model = Live(self.registry.load())
         self.decision_log = DecisionLog(self.store.client)
@@ -47,20 +65,10 @@ class App:
         self._publish_versions()
         return self
 
-    def _ensure_demo(self, catalog: list) -> None:
-        if demo.seeded_customers(self.store) == 0:
-            log.info("no demo customers: seeding %d", self.config.demo_customers)
-            seconds = demo.seed(self.store, self.config.demo_customers)
-            log.info("seeded %d customers in %.1fs", self.config.demo_customers, seconds)
-        if self.registry.champion() is None:
-            log.info("no champion model in %s: training the demo model", self.registry.dir)
-            version, scores = demo.train_demo(self.registry, catalog)
-            log.info("trained %s: %s", version, scores)
-
     def _publish_versions(self) -> None:
         rules, model = self.rules.current, self.model.current
-        metrics.RULESET_INFO.info({"version": rules.version})
-        metrics.MODEL_INFO.info({"version": model.version})
+        metrics.set_version(metrics.RULESET_VERSION, rules.version)
+        metrics.set_version(metrics.MODEL_VERSION, model.version)
         metrics.CATALOG_SIZE.set(len(rules.ruleset.actions))
 
     def reload_rules(self) -> tuple[bool, str, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,7 +56,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.metrics_host, cfg.metrics_port = args.metrics_host, args.metrics_port
     cfg.demo_customers = args.customers
     cfg.demo = not args.no_demo
+    cfg.workers = args.workers
     return serve(cfg)
+
+
+def cmd_loadtest(argv: list[str]) -> int:
+    """Runs loadtest/loadgen.py with the rest of the command line (its own --help)."""
+    import runpy
+
+    from engine.config import REPO
+
+    script = REPO / "loadtest" / "loadgen.py"
+    sys.argv = ["nba loadtest", *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
@@ -186,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: off)")
     p.add_argument("--customers", type=int, default=20_000, help="demo customers to seed when none exist")
     p.add_argument("--no-demo", action="store_true", help="do not seed demo data or train a demo model")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="serving processes on the one port (default: number of cores)")
     p.set_defaults(fn=cmd_serve)
+
+    sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)
 
     p = sub.add_parser("seed", help="write the synthetic demo customer base to Redis")
     paths(p)
@@ -227,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.set_defaults(fn=cmd_models)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        return cmd_loadtest(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -26,5 +26,6 @@ class Config:
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))
     demo_customers: int = DEMO_CUSTOMERS
     demo: bool = True  # seed demo customers and train a demo model when missing
+    workers: int = 1  # serving processes sharing the gRPC port
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -34,9 +34,20 @@ RPCS = Counter("nba_grpc_requests_total", "gRPC calls handled, by method and sta
 RESPONSES = Counter("nba_responses_total", "Responses recorded, by outcome.", ["outcome"])
 EVENTS = Counter("nba_events_total", "Events published, by type.", ["type"])
 RULE_RELOADS = Counter("nba_rule_reloads_total", "Rule reload attempts, by result.", ["result"])
-RULESET_INFO = Info("nba_ruleset", "The live ruleset.")
-MODEL_INFO = Info("nba_model", "The live propensity model.")
-CATALOG_SIZE = Gauge("nba_catalog_actions", "Actions in the live catalog.")
+# Info metrics don't aggregate across worker processes; a 0/1 gauge per version does ("livemax": a
+# version is 1 while any live worker serves it).
+RULESET_VERSION = Gauge("nba_ruleset_info", "The live ruleset version (1 while served).", ["version"],
+                        multiprocess_mode="livemax")
+MODEL_VERSION = Gauge("nba_model_info", "The live propensity model version (1 while served).", ["version"],
+                      multiprocess_mode="livemax")
+CATALOG_SIZE = Gauge("nba_catalog_actions", "Actions in the live catalog.", multiprocess_mode="livemax")
+
+
+def set_version(gauge: Gauge, version: str) -> None:
+    """Mark ``version`` as the one served, and every other version this process served as not."""
+    for labels in list(gauge._metrics):  # the label values seen so far in this process
+        gauge.labels(*labels).set(0)
+    gauge.labels(version).set(1)
 
 
 class Children:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from concurrent import futures
 from typing import TYPE_CHECKING, Callable
@@ -185,14 +186,18 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             ruleset_version=rules.version, ruleset_loaded_at=_timestamp(rules.ruleset.loaded_at.timestamp()),
             model_version=model.version, model_loaded_at=_timestamp(model.loaded_at),
             redis_ok=ok, redis_detail=detail, catalog_size=len(rules.ruleset.actions),
-            service_version=__version__,
+            service_version=__version__, worker_pid=os.getpid(),
         )
 
 
-def build_server(app: "App", address: str, max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port."""
+def build_server(app: "App", address: str, max_workers: int = 16,
+                 reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port.
+
+    ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     health_servicer = health.HealthServicer()

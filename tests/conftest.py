@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 
@@ -43,3 +45,26 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         rules.close()
     return root
+
+
+@pytest.fixture()
+def service(redis_url: str, models_dir: Path, tmp_path: Path):
+    """A real gRPC server (one process, in this one) on an ephemeral port: yields (app, channel)."""
+    from grpc_health.v1 import health_pb2
+
+    from engine.app import App
+    from engine.config import Config
+    from engine.server import build_server
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir,
+                     demo_customers=1_000, metrics_port=0)).start()
+    server, port, health = build_server(app, "127.0.0.1:0")
+    server.start()
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield app, channel
+    channel.close()
+    server.stop(0).wait()
+    app.close()

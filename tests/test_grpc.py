@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,28 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.app import App
-from engine.config import Config
-from engine.server import build_server
 from engine.store import EVENTS_STREAM, RESPONSES_STREAM
-
-from .conftest import RULES_DIR
-
-
-@pytest.fixture()
-def service(redis_url: str, models_dir: Path, tmp_path: Path):
-    rules_dir = tmp_path / "rules"
-    shutil.copytree(RULES_DIR, rules_dir)
-    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir,
-                     demo_customers=1_000, metrics_port=0)).start()
-    server, port, health = build_server(app, "127.0.0.1:0")
-    server.start()
-    health.set("", health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield app, channel
-    channel.close()
-    server.stop(0).wait()
-    app.close()
 
 
 def decide(grpc_channel: grpc.Channel, **kw) -> pb.DecideResponse:

@@ -223,7 +223,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version")
+    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid")
     RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULESET_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class GetStatusResponse(_message.Message):
     REDIS_DETAIL_FIELD_NUMBER: _ClassVar[int]
     CATALOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     ruleset_version: str
     ruleset_loaded_at: _timestamp_pb2.Timestamp
     model_version: str
@@ -240,4 +241,5 @@ class GetStatusResponse(_message.Message):
     redis_detail: str
     catalog_size: int
     service_version: str
-    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ...) -> None: ...
+    worker_pid: int
+    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ...) -> None: ...

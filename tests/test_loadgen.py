@@ -1,0 +1,38 @@
+"""The open-loop load generator against a real server: bounded, counted, SLO-checked, plotted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "loadtest"))
+import loadgen  # noqa: E402
+
+
+def test_parse_slo_units() -> None:
+    assert loadgen.parse_slo(["p99=5ms", "p50=800us", "max=0.1s", "p99.9=7"]) == {
+        "p99_ms": 5.0, "p50_ms": 0.8, "max_ms": 100.0, "p999_ms": 7.0}
+    with pytest.raises(SystemExit):
+        loadgen.parse_slo(["p42=1ms"])
+
+
+def test_a_short_run_reports_percentiles_json_and_png_and_checks_the_slo(service, tmp_path: Path) -> None:
+    app, channel = service
+    address = channel._channel.target().decode()  # the fixture's ephemeral 127.0.0.1 port
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = ["--address", address, "--rate", "60", "--duration", "2", "--warmup", "0.5", "--processes", "2",
+            "--customers", "1000", "--json", str(out), "--png", str(png)]
+    assert loadgen.main(args + ["--slo", "p99=2s"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("offered_rps", "achieved_rps", "errors", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"):
+        assert key in result
+    assert result["errors"] == 0
+    assert result["requests"] == pytest.approx(120, abs=2)  # 60/s for the 2 measured seconds
+    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["p999_ms"] <= result["max_ms"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert loadgen.main(args + ["--slo", "p50=1us"]) == 1  # an SLO nobody meets fails the run

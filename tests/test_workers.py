@@ -1,0 +1,100 @@
+"""`nba serve --workers 2`: two processes on one port, one /metrics scrape that sums them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.redis_embedded import free_port
+
+from .conftest import REPO
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def _lint(port: int) -> None:
+    """Prometheus naming conventions, and ``promtool check metrics`` when it is installed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("nba_") or family.name.startswith(("process_", "python_")), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check
+
+
+def test_two_workers_share_the_port_and_metrics_sum_across_them(tmp_path: Path, models_dir: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
+         "--metrics-port", str(metrics_port), "--data-dir", str(tmp_path), "--models-dir", str(models_dir),
+         "--customers", "500"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+                break  # the supervisor serves /metrics once every worker is SERVING
+            except OSError:
+                assert time.monotonic() < deadline, "not serving within 120s"
+                time.sleep(0.2)
+
+        pids: dict[int, int] = {}
+        calls = 0
+        for attempt in range(60):  # fresh connections until both workers have answered several calls
+            with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                pid = pb_grpc.AdminServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5).worker_pid
+                stub = pb_grpc.DecisionServiceStub(channel)
+                for k in range(3):
+                    reply = stub.Decide(pb.DecideRequest(customer_id=f"C{(attempt * 3 + k) % 500:07d}",
+                                                         channel=pb.CHANNEL_CALL_CENTER), timeout=10)
+                    assert reply.actions
+                pids[pid] = pids.get(pid, 0) + 3
+                calls += 3
+            if len(pids) == 2 and attempt >= 10:
+                break
+        assert len(pids) == 2, f"all calls reached one worker: {pids}"
+
+        samples = _scrape(metrics_port)
+        assert samples['nba_decisions_total{channel="call_center"}'] == calls
+        assert samples['nba_decide_duration_seconds_count{channel="call_center"}'] == calls
+        assert samples['nba_grpc_requests_total{code="OK",method="Decide"}'] == calls
+        assert samples['nba_grpc_requests_total{code="OK",method="GetStatus"}'] == attempt + 1
+        presented = sum(v for k, v in samples.items() if k.startswith("nba_actions_presented_total{"))
+        assert presented >= calls
+        assert any(k.startswith("nba_ruleset_info{") and v == 1 for k, v in samples.items())
+        _lint(metrics_port)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
