@@ -13,7 +13,8 @@ from engine.decision_log import DecisionLog
 from engine.live import Live
 from engine.redis_embedded import EmbeddedRedis
 from engine.registry import ModelRegistry
-from engine.rules.check import RuleErrors, load_and_compile
+from engine.rules.check import RuleErrors, prepare
+from engine.rules.watch import RuleWatcher, files_digest
 from engine.store import ProfileStore
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,14 @@ class App:
         self.store: ProfileStore
         self.registry = ModelRegistry(config.models_dir)
         self._reload_lock = threading.Lock()
+        self.watcher: RuleWatcher | None = None
 
     def start(self) -> "App":
         cfg = self.config
         self.redis, url = open_redis(cfg)
         self.store = ProfileStore.from_url(url)
-        rules = load_and_compile(cfg.rules_dir)
+        files = files_digest(cfg.rules_dir)
+        rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
         if cfg.demo:
             ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
@@ -63,6 +66,8 @@ class App:
         self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log)
         self.engine.warmup()
         self._publish_versions()
+        if cfg.rules_watch_seconds > 0:
+            self.watcher = RuleWatcher(cfg.rules_dir, cfg.rules_watch_seconds, self.reload_rules, files).start()
         return self
 
     def _publish_versions(self) -> None:
@@ -72,22 +77,35 @@ class App:
         metrics.CATALOG_SIZE.set(len(rules.ruleset.actions))
 
     def reload_rules(self) -> tuple[bool, str, list[str]]:
-        """Compile the rule files aside and swap them in; on errors the live set stays."""
+        """Compile the rule files aside, run their rule tests, and swap them in; on errors or failed
+        tests the live set stays. Returns (live now, live version, errors). Decisions in flight
+        finish on the set they started with; the old set's durable rulesets are freed after them."""
         with self._reload_lock:
+            live = self.rules.current.version
             try:
-                new = load_and_compile(self.config.rules_dir)
+                new = prepare(self.config.rules_dir)
             except RuleErrors as exc:
                 metrics.RULE_RELOADS.labels("refused").inc()
+                metrics.RULE_RELOAD_ERRORS.set(len(exc.errors))
                 errors = [str(e) for e in exc.errors]
-                log.warning("rules refused, %s stays live:\n%s", self.rules.current.version, "\n".join(errors))
-                return False, self.rules.current.version, errors
+                log.warning("rules refused, %s stays live:\n%s", live, "\n".join(errors))
+                return False, live, errors
+            metrics.RULE_RELOAD_ERRORS.set(0)
+            if new.version == live:
+                new.close()
+                metrics.RULE_RELOADS.labels("unchanged").inc()
+                log.info("rules %s unchanged", live)
+                return True, live, []
             self.rules.swap(new)
             metrics.RULE_RELOADS.labels("applied").inc()
             self._publish_versions()
-            log.info("rules %s live", new.version)
+            log.info("rules %s live (was %s)", new.version, live)
             return True, new.version, []
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
         if getattr(self, "decision_log", None):
             self.decision_log.close()
         if getattr(self, "store", None):

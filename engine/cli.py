@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.demo_customers = args.customers
     cfg.demo = not args.no_demo
     cfg.workers = args.workers
+    cfg.rules_watch_seconds = args.watch_rules
     return serve(cfg)
 
 
@@ -164,6 +165,27 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from engine.rules.check import test
+
+    rules_dir = Path(args.dir) if args.dir else Config().rules_dir
+    rules, errors, results = test(rules_dir)
+    if rules is not None:
+        rules.close()
+    for e in errors:
+        print(e.render())
+    if errors:
+        print(f"{len(errors)} error(s) in {rules_dir}; no test ran", file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.passed]
+    for r in results:
+        if args.verbose_tests or not r.passed:
+            print(r.render())
+    summary = f"{len(results)} rule tests: {len(results) - len(failed)} passed, {len(failed)} failed"
+    print(summary, file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.registry import ModelRefused, ModelRegistry
 
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: off)")
     p.add_argument("--customers", type=int, default=20_000, help="demo customers to seed when none exist")
     p.add_argument("--no-demo", action="store_true", help="do not seed demo data or train a demo model")
+    p.add_argument("--watch-rules", type=float, default=1.0, metavar="SECONDS",
+                   help="check the rule files for changes this often and reload them (0: only on ReloadRules)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="serving processes on the one port (default: number of cores)")
     p.set_defaults(fn=cmd_serve)
@@ -239,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p = rules.add_parser("check", help="parse and type-check the rule files; lists every error")
     p.add_argument("dir", nargs="?")
     p.set_defaults(fn=cmd_rules_check)
+    p = rules.add_parser("test", help="run the rule tests in DIR/tests/*.yaml; lists every failure")
+    p.add_argument("dir", nargs="?")
+    p.add_argument("-v", dest="verbose_tests", action="store_true", help="list the tests that pass too")
+    p.set_defaults(fn=cmd_rules_test)
 
     p = sub.add_parser("models", help="model registry")
     p.add_argument("--models-dir")

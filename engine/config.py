@@ -27,5 +27,6 @@ class Config:
     demo_customers: int = DEMO_CUSTOMERS
     demo: bool = True  # seed demo customers and train a demo model when missing
     workers: int = 1  # serving processes sharing the gRPC port
+    rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
 
 

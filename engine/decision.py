@@ -189,9 +189,11 @@ class DecisionEngine:
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
                       for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
-            ranked = _arbitrate(verdicts, propensity, req.channel, max_actions, funnel)
+            ranked = arbitrate(verdicts, propensity, req.channel, max_actions, funnel)
             if not ranked:
-                ranked = self._fallback(rules, outcome, req.channel, funnel)
+                ranked = fallback(rules, outcome, req.channel, funnel)
+                if ranked:
+                    metrics.FALLBACKS.labels(req.channel).inc()
             stages.done("arbitration")
             ruleset_version = rules.version
         if observe:
@@ -221,26 +223,6 @@ class DecisionEngine:
         table = self._action_table(rules, model)
         x = assemble(customer_block(profile, derived), table, np.asarray(admitted), channel)
         return model.scorer.predict(x)
-
-    def _fallback(self, rules: CompiledRules, outcome: RuleOutcome, channel: str,
-                  funnel: list[FunnelEntry] | None) -> list[RankedAction]:
-        """The channel's fallback when nothing survived: it skips eligibility, never a policy block
-        (consent, fraud hold), so an empty answer is a deliberate one."""
-        action = rules.ruleset.fallback_for(channel)
-        if action is None or channel not in action.channels:
-            return []
-        policy = rules.blocked_actions(outcome).get(action.id)
-        if policy is not None:
-            if funnel is not None:
-                funnel.append(FunnelEntry(action.id, "blocked", f"fallback blocked by policy {policy.name}: {policy.reason}"))
-            return []
-        metrics.FALLBACKS.labels(channel).inc()
-        return [RankedAction(
-            action_id=action.id, name=action.name, type=action.type, group=action.group,
-            propensity=0.0, value=action.value, priority=0.0,
-            treatment=dict(action.channels.get(channel, {})),
-            reasons=["fallback: no action survived the rules for this channel"], rank=1,
-        )]
 
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
         metrics.decisions(decision.channel).inc()
@@ -281,7 +263,27 @@ def _dropped_detail(v: ActionVerdict) -> str:
     return "; ".join(f"policy {name}: {reason}" for name, reason in zip(v.blocked_by, v.reasons))
 
 
-def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
+def fallback(rules: CompiledRules, outcome: RuleOutcome, channel: str,
+             funnel: list[FunnelEntry] | None) -> list[RankedAction]:
+    """The channel's fallback when nothing survived: it skips eligibility, never a policy block
+    (consent, fraud hold), so an empty answer is a deliberate one."""
+    action = rules.ruleset.fallback_for(channel)
+    if action is None or channel not in action.channels:
+        return []
+    policy = rules.blocked_actions(outcome).get(action.id)
+    if policy is not None:
+        if funnel is not None:
+            funnel.append(FunnelEntry(action.id, "blocked", f"fallback blocked by policy {policy.name}: {policy.reason}"))
+        return []
+    return [RankedAction(
+        action_id=action.id, name=action.name, type=action.type, group=action.group,
+        propensity=0.0, value=action.value, priority=0.0,
+        treatment=dict(action.channels.get(channel, {})),
+        reasons=["fallback: no action survived the rules for this channel"], rank=1,
+    )]
+
+
+def arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
                funnel: list[FunnelEntry] | None) -> list[RankedAction]:
     """priority = propensity x value x weight (context weight x levers); top N, one per group.
 

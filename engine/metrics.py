@@ -33,7 +33,10 @@ RULE_FIRINGS = Counter("nba_rule_firings_total", "Rules that fired, by kind (sit
 RPCS = Counter("nba_grpc_requests_total", "gRPC calls handled, by method and status code.", ["method", "code"])
 RESPONSES = Counter("nba_responses_total", "Responses recorded, by outcome.", ["outcome"])
 EVENTS = Counter("nba_events_total", "Events published, by type.", ["type"])
-RULE_RELOADS = Counter("nba_rule_reloads_total", "Rule reload attempts, by result.", ["result"])
+RULE_RELOADS = Counter("nba_rule_reloads_total", "Rule reload attempts, by result (applied, unchanged, refused).",
+                       ["result"])
+RULE_RELOAD_ERRORS = Gauge("nba_rule_reload_errors", "Errors and failed rule tests of the last reload attempt "
+                           "(0 when it went live or changed nothing).", multiprocess_mode="livemax")
 # Info metrics don't aggregate across worker processes; a 0/1 gauge per version does ("livemax": a
 # version is 1 while any live worker serves it).
 RULESET_VERSION = Gauge("nba_ruleset_info", "The live ruleset version (1 while served).", ["version"],

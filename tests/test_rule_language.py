@@ -398,18 +398,20 @@ def test_demo_rules_load_cleanly():
 
 # --- no eval ----------------------------------------------------------------------------------------
 def test_rules_never_evaluate_text_as_python(monkeypatch):
-    """Loading, compiling and evaluating works with eval/exec/compile disabled."""
-    from engine.rules.check import load_and_compile
+    """Loading, compiling, evaluating and testing rules works with eval/exec/compile disabled."""
+    from engine.rules.check import load_and_compile, prepare
 
     def forbidden(*args, **kwargs):
         raise AssertionError("rule text must never be evaluated as Python")
 
+    prepare(REPO / "rules").close()  # numba compiles its kernels (its own code, with exec) once first
     for name in ("eval", "exec", "compile"):
         monkeypatch.setattr(builtins, name, forbidden)
     rules = load_and_compile(REPO / "rules")
     try:
         fact = rules.build_fact(channel="web", consents=["web"], products=["mobile"])
         assert rules.evaluate(fact) == rules.evaluate(fact)
+        prepare(REPO / "rules").close()  # the rule tests too
     finally:
         rules.close()
 

@@ -9,21 +9,23 @@ from engine.features import SCHEMA, FeatureSchema
 
 from .errors import RuleError, RuleErrors
 from .loader import load_rules
+from .ruletests import TestResult, load_tests, run_tests
 from .runtime import CompiledRules, compile_rules
 
-__all__ = ["RuleError", "RuleErrors", "check", "load_and_compile"]
+__all__ = ["RuleError", "RuleErrors", "check", "load_and_compile", "prepare", "test"]
 
 
 def check(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> list[RuleError]:
-    """Every error in the rule files (empty when they load and compile)."""
+    """Every error in the rule files and rule test files (empty when they load and compile)."""
     ruleset, errors = load_rules(Path(rules_dir), schema)
     if errors:
         return errors
+    _, test_errors = load_tests(Path(rules_dir), ruleset, schema)
     try:
         compile_rules(ruleset).close()  # also builds the durable ruleset once, as a reload would
     except RuleErrors as err:
-        return err.errors
-    return []
+        return err.errors + test_errors
+    return test_errors
 
 
 def load_and_compile(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
@@ -32,6 +34,35 @@ def load_and_compile(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> Compile
     if errors:
         raise RuleErrors(errors)
     return compile_rules(ruleset)
+
+
+def test(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[CompiledRules | None, list[RuleError], list[TestResult]]:
+    """Load and compile the rules and run their tests: (the compiled rules, or None when there are
+    errors; every error in the rule and test files; the test results)."""
+    ruleset, errors = load_rules(Path(rules_dir), schema)
+    if errors:
+        return None, errors, []
+    tests, errors = load_tests(Path(rules_dir), ruleset, schema)
+    try:
+        rules = compile_rules(ruleset)
+    except RuleErrors as err:
+        return None, err.errors + errors, []
+    if errors:
+        rules.close()
+        return None, errors, []
+    return rules, [], run_tests(rules, tests)
+
+
+def prepare(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
+    """A rule set fit to go live: it loads, compiles and passes its rule tests. Raises ``RuleErrors``
+    otherwise (a failed test is an error at the test's file:line:col)."""
+    rules, errors, results = test(rules_dir, schema)
+    failed = [r.as_error() for r in results if not r.passed]
+    if errors or failed:
+        if rules is not None:
+            rules.close()
+        raise RuleErrors(errors + failed)
+    return rules
 
 
 def main(argv: list[str] | None = None) -> int:

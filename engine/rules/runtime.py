@@ -82,7 +82,7 @@ class CompiledRules:
         self.name = f"nba-{ruleset.version}-{next(_names)}"
         self._lock = threading.Lock()
         self._sids = itertools.count(1)
-        self._holder = [create_ruleset(self.name, the_plan)]  # the durable handle (swapped by _rebuild)
+        self._holder = [_create(self.name, the_plan)]  # the durable handle (swapped by _rebuild)
         self.engine_errors = 0  # durable failures answered by the Python evaluator
         # Frees the durable ruleset when this object is collected, or at close() (once).
         # (weakref.finalize holds the holder list, not self, so collection is not prevented.)
@@ -175,7 +175,7 @@ class CompiledRules:
     def _rebuild(self) -> None:
         """Swap in a fresh durable ruleset (dropping every session of the old one); lock held."""
         old = self._holder[0]
-        self._holder[0] = create_ruleset(f"{self.name}-r{next(self._sids)}", self.plan)
+        self._holder[0] = _create(f"{self.name}-r{next(self._sids)}", self.plan)
         _delete_handle(old)
 
     def _outcome(self, fired: list[str], fact: dict) -> RuleOutcome:
@@ -365,7 +365,27 @@ class CompiledRules:
 _STAGE_OF = {"eligible": "eligibility", "applicable": "applicability", "suitable": "suitability"}
 
 
+_live_handles: set[int] = set()  # durable rulesets created here and not deleted yet
+_handles_lock = threading.Lock()
+
+
+def open_rulesets() -> int:
+    """How many durable rulesets this process holds (one per live CompiledRules: a reload that
+    leaked would make this grow)."""
+    with _handles_lock:
+        return len(_live_handles)
+
+
+def _create(name: str, the_plan: Plan) -> int:
+    handle = create_ruleset(name, the_plan)
+    with _handles_lock:
+        _live_handles.add(handle)
+    return handle
+
+
 def _delete_handle(handle: int) -> None:
+    with _handles_lock:
+        _live_handles.discard(handle)
     try:
         durable_rules_engine.delete_ruleset(handle)
     except Exception:
