@@ -186,6 +186,48 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_rules_diff(args: argparse.Namespace) -> int:
+    from engine.registry import ModelRefused, ModelRegistry
+    from engine.rules.check import RuleErrors, test
+    from engine.whatif import load_pair, sample_customers, what_if
+
+    cfg = _config(args)
+    try:
+        model = ModelRegistry(cfg.models_dir).load()
+    except ModelRefused as exc:
+        print(f"error: {exc} (nba train makes one)", file=sys.stderr)
+        return 1
+    try:
+        old, new = load_pair(Path(args.old_dir), Path(args.new_dir))
+    except RuleErrors as exc:
+        for e in exc.errors:
+            print(e.render())
+        print(f"{len(exc.errors)} error(s): nothing compared", file=sys.stderr)
+        return 1
+    try:
+        with _store(cfg) as store:
+            customers = sample_customers(store, args.customers)
+            if not customers:
+                print("error: no stored customers (nba seed writes the demo ones)", file=sys.stderr)
+                return 1
+            report = what_if(store, model, old, new, customers, args.channel or ["web"], args.examples)
+    finally:
+        old.close()
+        new.close()
+    if args.json:
+        print(json.dumps(report.as_dict(args.examples), indent=2))
+    else:
+        print(report.render(args.examples))
+    rules, _, results = test(Path(args.new_dir))
+    if rules is not None:
+        rules.close()
+    failed = [r for r in results if not r.passed]
+    if failed:
+        print(f"note: {len(failed)} of {len(results)} rule tests fail under {args.new_dir} "
+              "(nba rules test shows them); it would be refused live", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.registry import ModelRefused, ModelRegistry
 
@@ -267,6 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", nargs="?")
     p.add_argument("-v", dest="verbose_tests", action="store_true", help="list the tests that pass too")
     p.set_defaults(fn=cmd_rules_test)
+    p = rules.add_parser("diff", help="what-if: decide for stored customers under two rule sets and compare")
+    p.add_argument("old_dir", help="the rules in use, e.g. rules")
+    p.add_argument("new_dir", help="the changed rules, e.g. a copy you edited")
+    p.add_argument("--customers", type=int, default=2000, help="how many stored customers to decide for")
+    p.add_argument("--channel", action="append", choices=CHANNELS, help="channel(s) to decide on (default web)")
+    p.add_argument("--examples", type=int, default=10, help="customers to show whose top action changed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--redis-url", help="use this Redis instead of the embedded one (env REDIS_URL)")
+    p.add_argument("--data-dir", help="embedded Redis data directory (default .nba-data)")
+    p.add_argument("--models-dir", help="model registry (default ./models)")
+    p.set_defaults(fn=cmd_rules_diff)
 
     p = sub.add_parser("models", help="model registry")
     p.add_argument("--models-dir")

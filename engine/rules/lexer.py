@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from .errors import ConditionError
 
 KEYWORDS = {"and", "or", "not", "in", "true", "false"}
+# Python that a condition may look like it could reach: refused as syntax errors, never looked up.
+PYTHON_WORDS = {"lambda", "import", "def", "class", "exec", "eval"}
 # Longest first, so "<=" wins over "<".
 OPERATORS = ("==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "(", ")", "[", "]", ",", ".")
 # Things people type from other languages, with what to write instead.
@@ -61,6 +63,12 @@ def tokenize(text: str) -> list[Token]:
                 i += 1
             word = text[start:i]
             low = word.lower()
+            if word.startswith("_"):
+                raise ConditionError(start, i, f'syntax error: "{word}": names start with a letter',
+                                     "conditions use feature names, situations and holds/consent/trigger, nothing else")
+            if word in PYTHON_WORDS:
+                raise ConditionError(start, i, f'syntax error: "{word}" is not part of the condition language',
+                                     "conditions are not Python: compare features, e.g. tenure_months >= 12")
             if low in KEYWORDS and word != low:
                 raise ConditionError(start, i, f'"{word}" must be written in lower case', f'write "{low}"')
             tokens.append(Token("kw" if word in KEYWORDS else "name", word, start, i))

@@ -242,7 +242,8 @@ class _Parser:
             if self._is("op", "("):
                 return self._call(tok)
             if self._is("op", "."):
-                raise ConditionError(self.tok.pos, self.tok.end, 'unexpected "."', 'only context.KEY uses a dot')
+                raise ConditionError(self.tok.pos, self.tok.end, 'syntax error: unexpected "."',
+                                     "only context.KEY uses a dot: conditions have no attributes or methods")
             return Name(tok.text, pos=tok.pos, end=tok.end)
         if tok.kind == "kw":
             raise self._fail("a value (number, \"text\", feature name or function)")

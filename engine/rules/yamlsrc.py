@@ -135,8 +135,9 @@ def _build(node: yaml.Node, source: Source, errors: list[RuleError], key_node) -
         return Loc([_build(v, source, errors, None) for v in node.value], node, source, key_node)
     try:
         value = _constructor.construct_object(node, deep=True)
-    except yaml.YAMLError as err:
-        errors.append(source.error(node.start_mark.line, node.start_mark.column, f"invalid value: {err}"))
+    except (yaml.YAMLError, ValueError) as err:  # e.g. 2026-13-01 looks like a date but is none
+        if node.tag != "tag:yaml.org,2002:timestamp":  # a bad date is reported where a date is expected
+            errors.append(source.error(node.start_mark.line, node.start_mark.column, f"invalid value: {err}"))
         value = node.value
     return Loc(value, node, source, key_node)
 
