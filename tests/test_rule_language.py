@@ -154,7 +154,7 @@ def test_evaluate(text, expected):
     ("context == 'x'", 0, '"context" needs a key'),
     ("nps > 1e999", 6, 'number "1e999" is too large'),
     ("12abc > 1", 0, '"12abc" is not a number'),
-    ("__import__('os').system('true')", 16, 'expected "and", "or" or the end of the condition but found "."'),
+    ("__import__('os').system('true')", 0, 'syntax error: "__import__": names start with a letter'),
 ])
 def test_condition_errors(text, pos, message):
     first = errors_of(text)[0]
