@@ -315,5 +315,5 @@ def arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: st
             reasons=reasons, rank=len(ranked) + 1,
         ))
         if funnel is not None:
-            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}: {'; '.join(reasons)}", p, priority))
     return ranked

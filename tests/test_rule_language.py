@@ -517,3 +517,4 @@ def test_json_schema_accepts_the_demo_files_and_rejects_mistakes():
     assert set(schema["properties"]) == set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS)
     assert set(schema["properties"]["policies"]["items"]["properties"]) == set(loader.POLICY_KEYS)
     assert set(schema["properties"]["levers"]["items"]["properties"]) == set(loader.LEVER_KEYS)
+    assert set(schema["properties"]["groups"]["additionalProperties"]["properties"]) == set(loader.GROUP_KEYS)

@@ -201,3 +201,26 @@ def test_what_if_refuses_broken_rules(capsys, stored_customers: str, models_dir:
     code, out = run(capsys, "rules", "diff", str(RULES_DIR), str(rules_copy), "--redis-url", stored_customers,
                     "--models-dir", str(models_dir))
     assert code == 1 and f"{catalog}:" in out and "nothing compared" in out
+
+
+def test_json_schema_of_rule_tests_accepts_the_demo_tests_and_agrees_with_the_reader() -> None:
+    from engine.features import SCHEMA
+    from engine.rules import ruletests
+
+    from .test_rule_language import _validate, _yaml_as_json
+
+    schema = json.loads((RULES_DIR / "schema" / "tests.schema.json").read_text())
+    for path in sorted((RULES_DIR / "tests").glob("*.yaml")):
+        assert _validate(_yaml_as_json(path), schema, schema) == [], path
+    defs = schema["definitions"]
+    assert set(schema["properties"]) == set(ruletests.FILE_KEYS)
+    assert set(defs["test"]["properties"]) == set(ruletests.TEST_KEYS)
+    assert set(defs["test"]["properties"]["expect"]["properties"]) == set(ruletests.EXPECT_KEYS)
+    profile = defs["profile"]["properties"]
+    assert set(profile) == {*SCHEMA.numbers, *SCHEMA.categorical, *ruletests.SET_KEYS}
+    assert all(profile[name]["enum"] == list(levels) for name, levels in SCHEMA.categorical.items())
+    broken = _yaml_as_json(RULES_DIR / "tests" / "scenarios.yaml")
+    broken["tests"][0]["channel"] = "fax"
+    broken["tests"][1]["profile"]["value_tier"] = "D"
+    broken["tests"][2]["expect"]["top"] = 3
+    assert len(_validate(broken, schema, schema)) == 3
