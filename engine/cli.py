@@ -335,7 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    from engine.rules.errors import RuleErrors
+
+    try:
+        return args.fn(args)
+    except RuleErrors as exc:  # rules that do not load, compile or pass their tests: say where
+        for e in exc.errors:
+            print(e.render(), file=sys.stderr)
+        print(f"{len(exc.errors)} error(s) in the rules", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

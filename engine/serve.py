@@ -109,7 +109,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
 
     from engine.app import ensure_demo, open_redis
     from engine.registry import ModelRegistry
-    from engine.rules.check import load_and_compile
+    from engine.rules.check import prepare
     from engine.store import ProfileStore
 
     metrics_dir = tempfile.mkdtemp(prefix="nba-metrics-")
@@ -122,7 +122,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     try:
         if config.demo:
             store = ProfileStore.from_url(url)
-            rules = load_and_compile(config.rules_dir)
+            rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
             try:
                 ensure_demo(store, ModelRegistry(config.models_dir), rules.ruleset.actions, config.demo_customers)
             finally:

@@ -181,7 +181,13 @@ class EligibilityProgram:
         self._starts = np.asarray(starts, dtype=np.int32)
         self._depth = depth
         self.size = len(conditions)
-        self._plan = [(name, kind, i) for (name, kind), i in self.slots.items()]
+        by_kind: dict[str, list[tuple[str, int]]] = {"num": [], "bool": [], "str": [], "situation": []}
+        for (name, kind), i in self.slots.items():
+            by_kind[kind].append((name, i))
+        self._numbers = [name for name, _ in by_kind["num"] + by_kind["bool"]]
+        self._number_slots = np.array([i for _, i in by_kind["num"] + by_kind["bool"]], dtype=np.intp)
+        self._situations = by_kind["situation"]
+        self._texts = by_kind["str"]
 
     @property
     def fields(self) -> dict[str, str]:
@@ -189,24 +195,22 @@ class EligibilityProgram:
         return {name: kind for (name, kind) in self.slots if kind != "situation"}
 
     def vector(self, fact: Mapping, situations: frozenset[str]) -> np.ndarray:
-        x = np.empty(len(self.slots) or 1, dtype=np.float64)
+        x = np.zeros(len(self.slots) or 1, dtype=np.float64)
+        if self._numbers:  # numbers and yes/no (True is 1.0)
+            x[self._number_slots] = [fact[name] for name in self._numbers]
+        for name, i in self._situations:
+            if name in situations:
+                x[i] = 1.0
         texts = self.texts
         others: dict[str, float] = {}
-        for name, kind, i in self._plan:
-            if kind == "num":
-                x[i] = fact[name]
-            elif kind == "bool":
-                x[i] = 1.0 if fact[name] else 0.0
-            elif kind == "situation":
-                x[i] = 1.0 if name in situations else 0.0
-            else:
-                value = fact[name]
-                code = texts.get(value)
+        for name, i in self._texts:
+            value = fact[name]
+            code = texts.get(value)
+            if code is None:
+                code = others.get(value)
                 if code is None:
-                    code = others.get(value)
-                    if code is None:
-                        code = others[value] = -1.0 - len(others)
-                x[i] = code
+                    code = others[value] = -1.0 - len(others)
+            x[i] = code
         return x
 
     def run(self, fact: Mapping, situations: frozenset[str]) -> np.ndarray:
