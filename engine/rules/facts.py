@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -215,31 +216,39 @@ _plain_text = re.compile(r'[^"\\\x00-\x1f]*\Z').match
 
 class FactEncoder:
     """``encode_fact`` for a fixed list of fields with known kinds, through one %-format (the fact
-    is encoded on every decision)."""
+    is encoded on every decision): numbers first, then yes/no, then text."""
 
     _odd_number = re.compile(r':-?[0-9.]+e|:-?inf|:nan').search  # repr() that JSON/durable rejects
 
     def __init__(self, fields: Mapping[str, str]):
-        self.keys = tuple(fields)
-        self._kinds = tuple(fields[k] for k in self.keys)
+        by_kind = {kind: [k for k, v in fields.items() if v == kind] for kind in ("num", "bool", "str")}
+        self.keys = tuple(by_kind["num"] + by_kind["bool"] + by_kind["str"])
+        self._numbers = _getter(by_kind["num"])
+        self._bools = _getter(by_kind["bool"])
+        self._texts = _getter(by_kind["str"])
         self._format = '{"sid":"%s","id":"f"' + "".join(
-            f',"{k}":%r' if kind == "num" else f',"{k}":%s' for k, kind in fields.items()) + "}"
+            f',"{k}":%r' if kind == "num" else f',"{k}":%s' for kind in ("num", "bool", "str")
+            for k in by_kind[kind]) + "}"
 
     def encode(self, fact: Mapping, sid: str) -> str:
-        values: list = [sid]
-        append = values.append
-        for key, kind in zip(self.keys, self._kinds):
-            value = fact[key]
-            if kind == "num":
-                append(float(value))
-            elif kind == "bool":
-                append("true" if value else "false")
-            else:
-                append(f'"{value}"' if _plain_text(value) else json.dumps(value, ensure_ascii=False))
-        text = self._format % tuple(values)
+        texts = [f'"{v}"' if _plain_text(v) else json.dumps(v, ensure_ascii=False) for v in self._texts(fact)]
+        text = self._format % (sid, *self._numbers(fact), *map(_JSON_BOOL.__getitem__, self._bools(fact)), *texts)
         if self._odd_number(text):
             return encode_fact(fact, sid, self.keys)
         return text
+
+
+_JSON_BOOL = {True: "true", False: "false"}
+
+
+def _getter(keys: list[str]):
+    """A function returning the values of ``keys`` in a mapping, as a tuple (also for 0 or 1 key)."""
+    if not keys:
+        return lambda fact: ()
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda fact: (fact[key],)
+    return operator.itemgetter(*keys)
 
 
 def _finite(value) -> float:

@@ -19,6 +19,7 @@ from datetime import date
 from typing import NamedTuple
 
 import durable_rules_engine
+import numba
 import numpy as np
 
 from .compile import Plan, create_ruleset, plan
@@ -257,8 +258,16 @@ class CompiledRules:
         """The catalog indices and verdicts of the admitted actions only (the decision's hot path)."""
         admitted, weight = self._decide(outcome, channel, today)
         index = np.flatnonzero(admitted).tolist()
-        actions = self.ruleset.actions
-        return index, [self._admitted_verdict(actions[i], i, outcome, weight[i]) for i in index]
+        if not index:
+            return index, []
+        actions, weights = self.ruleset.actions, weight.tolist()
+        levers = self._in_order(outcome.levers, self._lever_row)
+        if not levers:
+            return index, [ActionVerdict(actions[i], True, "admitted", (), (), (), weights[i]) for i in index]
+        targets = self._lever_targets
+        return index, [ActionVerdict(actions[i], True, "admitted", (), (),
+                                     tuple(lv for lv in levers if actions[i].id in targets[lv]), weights[i])
+                       for i in index]
 
     def _admitted_verdict(self, action: Action, i: int, outcome: RuleOutcome, weight: float) -> ActionVerdict:
         aid = action.id
@@ -276,14 +285,15 @@ class CompiledRules:
         return sorted(names, key=rows.__getitem__) if len(names) > 1 else list(names)
 
     def _decide(self, outcome: RuleOutcome, channel: str, today: date | None):
-        """Per catalog action (numpy arrays): admitted, and its weight (context x fired levers)."""
-        _, offered, weight = self._static(channel, today or date.today())
-        admitted = offered & self._mask(outcome)
-        if outcome.policies:
-            admitted &= ~self._blocks[[self._policy_row[p] for p in outcome.policies]].any(axis=0)
-        if outcome.levers:
-            rows = sorted(self._lever_row[lv] for lv in outcome.levers)  # file order: same rounding always
-            weight = weight * self._lever_weights[rows].prod(axis=0)
+        """Per catalog action (numpy arrays): admitted, and its weight (context x fired levers, in
+        file order so the rounding is always the same)."""
+        _, offered, base = self._static(channel, today or date.today())
+        policies = np.array([self._policy_row[p] for p in outcome.policies], dtype=np.intp)
+        levers = np.array(sorted(self._lever_row[lv] for lv in outcome.levers), dtype=np.intp)
+        admitted = np.empty(len(self._ids), dtype=np.bool_)
+        weight = np.empty(len(self._ids))
+        _admit(offered, self._mask(outcome), self._blocks, policies, self._lever_weights, levers, base,
+               admitted, weight)
         return admitted, weight
 
     def _static(self, channel: str, today: date):
@@ -360,6 +370,24 @@ class CompiledRules:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@numba.njit(cache=True, nogil=True)
+def _admit(offered, eligible, blocks, policies, lever_weights, levers, base, admitted, weight):  # pragma: no cover
+    """admitted = offered and eligible and blocked by none of ``policies`` (rows of ``blocks``);
+    weight = base x the ``levers`` rows of ``lever_weights``, multiplied in that order."""
+    for a in range(offered.shape[0]):
+        ok = offered[a] and eligible[a]
+        if ok:
+            for p in policies:
+                if blocks[p, a]:
+                    ok = False
+                    break
+        admitted[a] = ok
+        w = base[a]
+        for lv in levers:
+            w = w * lever_weights[lv, a]
+        weight[a] = w
 
 
 _STAGE_OF = {"eligible": "eligibility", "applicable": "applicability", "suitable": "suitability"}

@@ -16,6 +16,7 @@ code, the same one for the same text within one fact, so ``context.intent == tou
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -184,7 +185,9 @@ class EligibilityProgram:
         by_kind: dict[str, list[tuple[str, int]]] = {"num": [], "bool": [], "str": [], "situation": []}
         for (name, kind), i in self.slots.items():
             by_kind[kind].append((name, i))
-        self._numbers = [name for name, _ in by_kind["num"] + by_kind["bool"]]
+        numbers = [name for name, _ in by_kind["num"] + by_kind["bool"]]
+        self._numbers = operator.itemgetter(*numbers) if len(numbers) > 1 else (
+            (lambda fact, name=numbers[0]: (fact[name],)) if numbers else None)
         self._number_slots = np.array([i for _, i in by_kind["num"] + by_kind["bool"]], dtype=np.intp)
         self._situations = by_kind["situation"]
         self._texts = by_kind["str"]
@@ -196,8 +199,8 @@ class EligibilityProgram:
 
     def vector(self, fact: Mapping, situations: frozenset[str]) -> np.ndarray:
         x = np.zeros(len(self.slots) or 1, dtype=np.float64)
-        if self._numbers:  # numbers and yes/no (True is 1.0)
-            x[self._number_slots] = [fact[name] for name in self._numbers]
+        if self._numbers is not None:  # numbers and yes/no (True is 1.0)
+            x[self._number_slots] = self._numbers(fact)
         for name, i in self._situations:
             if name in situations:
                 x[i] = 1.0
