@@ -140,60 +140,12 @@ def condition_json(node: Node, fields: dict[str, str]) -> dict:
         if isinstance(n, Field):
             fields[n.name] = n.kind
     if isinstance(node, And):
-        items = sorted(node.items, key=likelihood)  # the least likely test first: see likelihood()
-        return {"$and": [condition_json(i, fields) for i in items]}
+        return {"$and": [condition_json(i, fields) for i in node.items]}
     if isinstance(node, Or):
         return {"$or": [condition_json(i, fields) for i in node.items]}
     if isinstance(node, Compare):
         return _compare_json(node, fields)
     raise TypeError(f"not a normalised condition: {type(node).__name__}")
-
-
-def likelihood(node: Node) -> float:
-    """A rough prior that ``node`` holds for a customer, to order the tests of a conjunction.
-
-    durable walks a rule's tests in order and, for every test that holds, scans all the fact's
-    fields for the next ones: a conjunction that starts with its least likely test stops early for
-    most customers (measured: about 1.4 us per field per 100 rules whose first test holds).
-    """
-    if isinstance(node, And):
-        p = 1.0
-        for item in node.items:
-            p *= likelihood(item)
-        return p
-    if isinstance(node, Or):
-        q = 1.0
-        for item in node.items:
-            q *= 1.0 - likelihood(item)
-        return 1.0 - q
-    if not isinstance(node, Compare):
-        return 0.5
-    field = node.left if isinstance(node.left, Field) else node.right if isinstance(node.right, Field) else None
-    right = node.right if field is node.left else node.left
-    if field is None:
-        return 0.5  # two formulas
-    if isinstance(right, Bool):
-        p = _BOOL_PRIOR.get(field.name.split("__")[0] + "__" if "__" in field.name else field.name, 0.5)
-        return p if right.value else 1.0 - p
-    if field.kind == "str":
-        p = 1.0 / _levels(field.name)
-    else:
-        p = {"==": 0.1, "!=": 0.9}.get(node.op, 0.5)
-        return p
-    return p if node.op == "==" else 1.0 - p
-
-
-_BOOL_PRIOR = {"trg__": 0.05, "holds__": 0.3, "consent__": 0.8, "has_consent": 0.8}
-
-
-def _levels(name: str) -> int:
-    from engine.features import CATEGORICAL, CHANNELS
-
-    if name == "channel":
-        return len(CHANNELS)
-    if name in CATEGORICAL:
-        return len(CATEGORICAL[name])
-    return 10  # free text (touchpoint, context): most comparisons are with one specific value
 
 
 def _compare_json(node: Compare, fields: dict[str, str]) -> dict:

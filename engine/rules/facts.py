@@ -223,9 +223,9 @@ class FactEncoder:
     def __init__(self, fields: Mapping[str, str]):
         by_kind = {kind: [k for k, v in fields.items() if v == kind] for kind in ("num", "bool", "str")}
         self.keys = tuple(by_kind["num"] + by_kind["bool"] + by_kind["str"])
-        self._numbers = _getter(by_kind["num"])
-        self._bools = _getter(by_kind["bool"])
-        self._texts = _getter(by_kind["str"])
+        self._numbers = values_of(by_kind["num"])
+        self._bools = values_of(by_kind["bool"])
+        self._texts = values_of(by_kind["str"])
         self._format = '{"sid":"%s","id":"f"' + "".join(
             f',"{k}":%r' if kind == "num" else f',"{k}":%s' for kind in ("num", "bool", "str")
             for k in by_kind[kind]) + "}"
@@ -241,8 +241,9 @@ class FactEncoder:
 _JSON_BOOL = {True: "true", False: "false"}
 
 
-def _getter(keys: list[str]):
-    """A function returning the values of ``keys`` in a mapping, as a tuple (also for 0 or 1 key)."""
+def values_of(keys: list[str]):
+    """A function returning the values of ``keys`` in a mapping as a tuple (``operator.itemgetter``,
+    which returns a bare value for one key)."""
     if not keys:
         return lambda fact: ()
     if len(keys) == 1:

@@ -10,7 +10,6 @@ compiled ruleset serialises the engine calls.
 from __future__ import annotations
 
 import itertools
-from itertools import compress
 import logging
 import threading
 import weakref
@@ -168,9 +167,7 @@ class CompiledRules:
                 self._rebuild()
                 self.engine_errors += 1
         if failed:
-            outcome = self.evaluate_python(fact)
-            mask = np.array([aid in outcome.eligible for aid in self._ids], dtype=np.bool_)
-            return replace(outcome, degraded=True, mask=mask)
+            return replace(self.evaluate_python(fact), degraded=True)
         return self._outcome(fired, fact)
 
     def _rebuild(self) -> None:
@@ -192,7 +189,7 @@ class CompiledRules:
         situations = frozenset(found["situation"])
         if self._program is not None:
             mask = self._program.run(fact, situations)
-            eligible = frozenset(compress(self._ids, mask.tolist()))
+            eligible = frozenset(itertools.compress(self._ids, mask.tolist()))
         else:
             eligible = frozenset(found["action"])
             mask = np.array([aid in eligible for aid in self._ids], dtype=np.bool_)
@@ -224,10 +221,11 @@ class CompiledRules:
 
     # --- per-action verdicts ------------------------------------------------------------------------
     def verdicts(self, outcome: RuleOutcome, channel: str, today: date | None = None) -> list[ActionVerdict]:
-        """A verdict for every action of the catalog, in catalog order."""
+        """A verdict for every action of the catalog, in catalog order (for explanations)."""
         static, _, _ = self._static(channel, today or date.today())
-        admitted, weight = self._decide(outcome, channel, today)
+        admitted = dict(zip(*self.admitted(outcome, channel, today)))
         eligible = self._mask(outcome)
+        fired = self._in_order(outcome.policies, self._policy_row)
         out = []
         for i, action in enumerate(self.ruleset.actions):
             if static[i] is not None:
@@ -235,13 +233,11 @@ class CompiledRules:
             elif not eligible[i]:
                 stage, text = self._failed_stage(action, outcome)
                 out.append(ActionVerdict(action, False, stage, (), (text,)))
-            elif not admitted[i]:
-                names = tuple(p for p in self._in_order(outcome.policies, self._policy_row)
-                              if self._blocks[self._policy_row[p], i])
-                out.append(ActionVerdict(action, False, "policy", names,
-                                         tuple(self._policies[p].reason for p in names)))
+            elif i in admitted:
+                out.append(admitted[i])
             else:
-                out.append(self._admitted_verdict(action, i, outcome, weight[i]))
+                names = tuple(p for p in fired if self._blocks[self._policy_row[p], i])
+                out.append(ActionVerdict(action, False, "policy", names, tuple(self._policies[p].reason for p in names)))
         return out
 
     def _failed_stage(self, action: Action, outcome: RuleOutcome) -> tuple[str, str]:
@@ -268,11 +264,6 @@ class CompiledRules:
         return index, [ActionVerdict(actions[i], True, "admitted", (), (),
                                      tuple(lv for lv in levers if actions[i].id in targets[lv]), weights[i])
                        for i in index]
-
-    def _admitted_verdict(self, action: Action, i: int, outcome: RuleOutcome, weight: float) -> ActionVerdict:
-        aid = action.id
-        levers = tuple(lv for lv in self._in_order(outcome.levers, self._lever_row) if aid in self._lever_targets[lv])
-        return ActionVerdict(action, True, "admitted", (), (), levers, float(weight))
 
     def _mask(self, outcome: RuleOutcome) -> np.ndarray:
         if outcome.mask is not None:

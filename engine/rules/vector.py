@@ -1,11 +1,12 @@
-"""Per-action eligibility for the whole catalog in one numba call.
+"""Per-action engagement conditions for the whole catalog in one numba call.
 
 durable-rules decides the customer-level rules (situations, policies, levers): a few of them hold per
-decision. Eligibility is one condition per action, and a large share of a catalog is eligible for any
-customer; as durable rules, every eligible action would be one more firing and its conditions one
-more branch of the matching network on every decision (see BENCHMARKS.md for the cost). So the
-eligibility conditions are compiled into one small stack program per action, run for every action by
-one numba kernel over a vector of the fact's fields; situations are read from durable's outcome.
+decision. The engagement conditions (eligible, applicable, suitable; the action's and its group's)
+are per action, and a large share of a catalog passes them for any customer; as durable rules, every
+such action would be one more firing, and every condition more tests in the matching network, on
+every decision (BENCHMARKS.md has the cost). So each action's conditions are compiled into one small
+stack program, and one numba kernel runs all of them over a vector of the fact's fields; situations
+are read from durable's outcome.
 ``tests/test_rule_runtime.py`` proves it decides exactly what durable-rules decides (the same
 conditions compiled as durable rules) on thousands of generated profiles.
 
@@ -16,13 +17,12 @@ code, the same one for the same text within one fact, so ``context.intent == tou
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numba
 import numpy as np
 
+from .facts import values_of
 from .nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or, SitRef, Str
 
 LOAD, CONST, ADD, SUB, MUL, DIV, NEG, EQ, NE, LT, LE, GT, GE, AND, OR, NOT = range(16)
@@ -89,12 +89,6 @@ def _run(ops, args, consts, starts, x, stack, out):  # pragma: no cover - compil
                     v = 1.0 if left >= r else 0.0
                 stack[sp - 1] = v
         out[a] = stack[0] != 0.0
-
-
-@dataclass(frozen=True)
-class _Slot:
-    name: str  # fact field or situation name
-    kind: str  # "num", "bool", "str" or "situation"
 
 
 class EligibilityProgram:
@@ -185,9 +179,7 @@ class EligibilityProgram:
         by_kind: dict[str, list[tuple[str, int]]] = {"num": [], "bool": [], "str": [], "situation": []}
         for (name, kind), i in self.slots.items():
             by_kind[kind].append((name, i))
-        numbers = [name for name, _ in by_kind["num"] + by_kind["bool"]]
-        self._numbers = operator.itemgetter(*numbers) if len(numbers) > 1 else (
-            (lambda fact, name=numbers[0]: (fact[name],)) if numbers else None)
+        self._numbers = values_of([name for name, _ in by_kind["num"] + by_kind["bool"]])
         self._number_slots = np.array([i for _, i in by_kind["num"] + by_kind["bool"]], dtype=np.intp)
         self._situations = by_kind["situation"]
         self._texts = by_kind["str"]
@@ -199,8 +191,7 @@ class EligibilityProgram:
 
     def vector(self, fact: Mapping, situations: frozenset[str]) -> np.ndarray:
         x = np.zeros(len(self.slots) or 1, dtype=np.float64)
-        if self._numbers is not None:  # numbers and yes/no (True is 1.0)
-            x[self._number_slots] = self._numbers(fact)
+        x[self._number_slots] = self._numbers(fact)  # numbers and yes/no (True is 1.0)
         for name, i in self._situations:
             if name in situations:
                 x[i] = 1.0
