@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
 
@@ -90,6 +91,7 @@ class RuleSet:
     context_weights: dict[str, dict[str, float]]  # channel -> action type -> multiplier
     triggers: tuple[str, ...] | None = None  # declared trigger names (None: not declared)
     files: tuple[str, ...] = ()
+    contact: Any = None  # engine.contact.ContactRules from contact.yaml (None: no contact policies)
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
