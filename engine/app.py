@@ -10,8 +10,11 @@ from engine import demo, metrics
 from engine.config import Config
 from engine.decision import DecisionEngine
 from engine.decision_log import DecisionLog
+from engine.experiment import ModelSet, ModelWatcher, load_model_set
+from engine.exploration import ExplorationCounts, Explorer
 from engine.live import Live
 from engine.redis_embedded import EmbeddedRedis
+from engine.responses import ResponseRecorder
 from engine.registry import ModelRegistry
 from engine.rules.check import RuleErrors, prepare
 from engine.rules.watch import RuleWatcher, files_digest
@@ -35,10 +38,11 @@ def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence,
         log.info("no demo customers: seeding %d", customers)
         seconds = demo.seed(store, customers)
         log.info("seeded %d customers in %.1fs", customers, seconds)
-    if registry.champion() is None:
-        log.info("no champion model in %s: training the demo model", registry.dir)
+    problem = registry.champion_problem()
+    if problem is not None:
+        log.info("%s: training the demo model", problem)
         version, scores = demo.train_demo(registry, catalog)
-        log.info("trained %s: %s", version, scores)
+        log.info("trained %s: %s", version, {k: v for k, v in scores.items() if not isinstance(v, dict)})
 
 
 class App:
@@ -61,14 +65,29 @@ class App:
         if cfg.demo:
             ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
-        self.model = Live(self.registry.load())
+        self.model = Live(load_model_set(self.registry))
         self.decision_log = DecisionLog(self.store.client)
-        self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log)
+        self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log,
+                                     contacts=cfg.contact_policies)
+        self.responses = ResponseRecorder(self.store.client)
+        self.exploration = ExplorationCounts(self.store.client, interval=cfg.model_poll_seconds)
+        self.engine.explorer = Explorer(self.exploration)
+        self.engine.explorer.warmup()
+        self.engine.prepare()
         self.engine.warmup()
         self._publish_versions()
+        self.exploration.start()
+        self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
+                                          interval=cfg.model_poll_seconds).start()
         if cfg.rules_watch_seconds > 0:
             self.watcher = RuleWatcher(cfg.rules_dir, cfg.rules_watch_seconds, self.reload_rules, files).start()
         return self
+
+    def _swap_models(self, models: ModelSet) -> None:
+        """A new champion / experiment from the watcher: bind it to the catalog, then swap it in."""
+        self.engine.prepare(models)
+        self.model.swap(models)
+        self._publish_versions()
 
     def _publish_versions(self) -> None:
         rules, model = self.rules.current, self.model.current
@@ -96,6 +115,7 @@ class App:
                 metrics.RULE_RELOADS.labels("unchanged").inc()
                 log.info("rules %s unchanged", live)
                 return True, live, []
+            self.engine.prepare(rules=new)  # bind the models to the new catalog before it goes live
             self.rules.swap(new)
             metrics.RULE_RELOADS.labels("applied").inc()
             self._publish_versions()
@@ -103,9 +123,9 @@ class App:
             return True, new.version, []
 
     def close(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
+        for part in ("watcher", "model_watcher", "exploration"):
+            if getattr(self, part, None):
+                getattr(self, part).stop()
         if getattr(self, "decision_log", None):
             self.decision_log.close()
         if getattr(self, "store", None):

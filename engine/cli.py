@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.demo_customers = args.customers
     cfg.demo = not args.no_demo
     cfg.workers = args.workers
+    cfg.contact_policies = not args.no_contact_policies
     cfg.rules_watch_seconds = args.watch_rules
     return serve(cfg)
 
@@ -87,21 +88,95 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine import demo
+    from engine import training
     from engine.registry import ModelRegistry
     from engine.rules.check import load_and_compile
 
     cfg = _config(args)
     rules = load_and_compile(cfg.rules_dir)
+    catalog = [a.id for a in rules.ruleset.actions]
     try:
-        registry = ModelRegistry(cfg.models_dir)
-        version, metrics = demo.train_demo(registry, rules.ruleset.actions, args.customers, args.world_seed,
-                                           args.rounds, promote=not args.no_promote)
+        if args.from_stream:
+            with _store(cfg) as store:
+                data = training.from_streams(store.client, catalog, args.window_days, args.as_of)
+        elif args.from_file:
+            data = training.read_csv(args.from_file, catalog)
+        else:
+            from engine.world import generate
+
+            data = training.simulate_responses(generate(args.customers, args.world_seed), rules.ruleset.actions)
     finally:
         rules.close()
-    print(f"model {version} in {registry.dir / version}{' (champion)' if not args.no_promote else ''}")
-    for k, v in metrics.items():
-        print(f"  {k:30} {v}")
+    print("training set: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()
+                                       if not isinstance(v, (dict, list))) + f"; {len(data)} labelled rows")
+    if args.export:
+        print(f"exported {training.export_csv(data, args.export)} rows to {args.export}")
+    if args.export_only:
+        return 0
+    registry = ModelRegistry(cfg.models_dir)
+    try:
+        version, metrics, promoted = training.train_and_register(
+            registry, data, args.rounds, promote="never" if args.no_promote else "if-better")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    status = "champion" if promoted else "stored, not promoted" + (
+        "" if args.no_promote else ": the champion did better on the same holdout (nba models promote to override)")
+    print(f"model {version} in {registry.dir / version} ({status})")
+    print(training.format_metrics(metrics))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from engine import demo
+    from engine.live import Live
+    from engine.registry import ModelRegistry
+    from engine.rules.check import load_and_compile
+    from engine.simulate import POLICIES, format_simulation, simulate
+
+    cfg = _config(args)
+    rules = load_and_compile(cfg.rules_dir)
+    registry = ModelRegistry(cfg.models_dir)
+    if registry.champion() is None:
+        print(f"no champion model in {registry.dir}: training the demo model", file=sys.stderr)
+        demo.train_demo(registry, rules.ruleset.actions)
+    from engine.registry import ModelRefused
+
+    try:
+        model = registry.load()
+    except ModelRefused as exc:
+        rules.close()
+        print(f"error: {exc}\n(run `nba train` for a model of the current schema)", file=sys.stderr)
+        return 1
+    live = Live(rules, retire=lambda r: r.close())
+    progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
+    try:
+        with _store(cfg) as store:
+            sim = simulate(store, live, model, customers=args.customers, rounds=args.rounds,
+                           seed=args.seed, retrain=args.retrain, policies=POLICIES, progress=progress)
+    finally:
+        rules.close()
+    if args.json:
+        print(json.dumps({name: r.row() for name, r in sim.results.items()}, indent=2))
+        print(f"generic offer: {sim.generic_action}; {sim.seconds:.1f}s; "
+              f"lift: nba report --since {sim.since}", file=sys.stderr)
+    else:
+        print(format_simulation(sim))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.report import build_report, format_report
+    from engine.rules.loader import load_rules
+
+    cfg = _config(args)
+    ruleset, _errors = load_rules(cfg.rules_dir)
+    values = {a.id: a.value for a in ruleset.actions} if ruleset else {}
+    types = {a.id: a.type for a in ruleset.actions} if ruleset else {}
+    with _store(cfg) as store:
+        report = build_report(store.client, since=args.since, customer_prefix=args.customer_prefix,
+                              values=values, types=types)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -240,12 +315,33 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 1
         print(f"{args.version} is the champion")
         return 0
+    if args.models_cmd == "show":
+        from engine.training import format_metrics
+
+        if args.version not in registry.versions():
+            print(f"no model {args.version} in {registry.dir}", file=sys.stderr)
+            return 1
+        saved = registry.metrics(args.version)
+        print(f"{args.version}: " + ", ".join(f"{k} {v}" for k, v in saved.get("training", {}).items()
+                                              if not isinstance(v, (dict, list))))
+        print(format_metrics(saved.get("metrics", {})))
+        return 0
+    from engine.experiment import ExperimentError, read_experiment
+
     champion = registry.champion()
+    try:
+        challenger = read_experiment(registry).challenger
+    except ExperimentError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        challenger = None
+    print("* champion, c challenger (experiment.yaml)")
     for version in registry.versions():
-        m = registry.metrics(version).get("metrics", {})
-        mark = "*" if version == champion else " "
+        saved = registry.metrics(version)
+        m, t = saved.get("metrics", {}), saved.get("training", {})
+        mark = "*" if version == champion else "c" if challenger and version == challenger.version else " "
         print(f"{mark} {version}  auc {m.get('holdout_auc', '?')}  logloss {m.get('holdout_logloss', '?')}  "
-              f"rank-corr-with-truth {m.get('rank_correlation_with_truth', '?')}")
+              f"rank-corr-with-truth {m.get('rank_correlation_with_truth', '-')}  rows {t.get('rows', '?')}  "
+              f"source {t.get('source', '?')}")
     return 0
 
 
@@ -267,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: off)")
     p.add_argument("--customers", type=int, default=20_000, help="demo customers to seed when none exist")
     p.add_argument("--no-demo", action="store_true", help="do not seed demo data or train a demo model")
+    p.add_argument("--no-contact-policies", action="store_true",
+                   help="do not enforce contact.yaml limits or daily budgets (for comparisons)")
     p.add_argument("--watch-rules", type=float, default=1.0, metavar="SECONDS",
                    help="check the rule files for changes this often and reload them (0: only on ReloadRules)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -281,13 +379,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-seed", type=int, default=7)
     p.set_defaults(fn=cmd_seed)
 
-    p = sub.add_parser("train", help="train a propensity model on simulated responses")
+    p = sub.add_parser("train", help="train a propensity model (synthetic world, recorded streams or a file)")
     paths(p)
-    p.add_argument("--customers", type=int, default=50_000)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--from-stream", action="store_true",
+                        help="recorded decisions joined with their responses (Redis streams)")
+    source.add_argument("--from-file", metavar="FILE", help="a training set written by --export")
+    p.add_argument("--window-days", type=float, default=7.0,
+                   help="label window: an acceptance within it is positive; later, no acceptance is negative")
+    p.add_argument("--as-of", type=float, help="epoch seconds that closes label windows (default: now)")
+    p.add_argument("--export", metavar="FILE", help="also write the training set to FILE (CSV; .gz compresses)")
+    p.add_argument("--export-only", action="store_true", help="write --export and stop")
+    p.add_argument("--customers", type=int, default=50_000, help="synthetic world: customers")
     p.add_argument("--world-seed", type=int, default=7)
     p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--no-promote", action="store_true", help="store the model without making it champion")
+    p.add_argument("--no-promote", action="store_true",
+                   help="store the model only (default: promote it unless the champion does better on the same holdout)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("simulate", help="play the synthetic world: NBA vs rules-only, generic, random and oracle")
+    paths(p)
+    p.add_argument("--customers", type=int, default=1000, help="simulated customers per policy")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (simulated days); one decision per customer each")
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--retrain", action="store_true", help="retrain the model between rounds on recorded responses")
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
+    p.add_argument("--progress", dest="verbose_progress", action="store_true", help="progress on stderr")
+    p.set_defaults(fn=cmd_simulate)
+
+    p = sub.add_parser("report", help="outcomes per action and type, and lift over the control group, from the streams")
+    paths(p)
+    p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
+    p.add_argument("--customer-prefix", default="", help="only customers whose id starts with this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("decide", help="ask a running server for a decision and print it")
     p.add_argument("customer_id")
@@ -324,9 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("models", help="model registry")
     p.add_argument("--models-dir")
     models = p.add_subparsers(dest="models_cmd", required=True)
-    models.add_parser("list", help="versions and holdout metrics; * marks the champion").set_defaults(fn=cmd_models)
-    p = models.add_parser("promote", help="make VERSION the champion")
+    p = models.add_parser("list", help="versions and holdout metrics; * marks the champion")
+    p.set_defaults(fn=cmd_models)
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p = models.add_parser("show", help="a version's metrics: per action type, calibration, training data")
     p.add_argument("version")
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p.set_defaults(fn=cmd_models)
+    p = models.add_parser("promote", help="make VERSION the champion (running servers switch within a second)")
+    p.add_argument("version")
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
     p.set_defaults(fn=cmd_models)
 
     argv = sys.argv[1:] if argv is None else argv

@@ -27,6 +27,8 @@ class Config:
     demo_customers: int = DEMO_CUSTOMERS
     demo: bool = True  # seed demo customers and train a demo model when missing
     workers: int = 1  # serving processes sharing the gRPC port
+    contact_policies: bool = True  # enforce contact.yaml limits and daily budgets (off: for comparisons)
+    model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
 
 

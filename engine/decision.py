@@ -11,17 +11,22 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import redis
 
 from engine import metrics
+from engine.contact import (PRESENT, ContactRules, DECISION_TTL_DAYS, DAY_MS, control_order, decision_key,
+                            limit_reached, present_args)
 from engine.decision_log import DecisionLog
 from engine.derived import derive
 from engine.features import CHANNELS
 from engine.live import Live
-from engine.model_input import ActionTable, assemble, customer_block
+from engine.experiment import exploration_of, resolve
+from engine.exploration import Explorer
+from engine.features import SCHEMA
+from engine.model_input import ROW_FEATURES, ActionTable, customer_block, encode_features, shared_row
 from engine.registry import LoadedModel
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
@@ -50,6 +55,7 @@ class DecideInput:
     context: Mapping[str, str] = field(default_factory=dict)
     max_actions: int = 0  # 0: DEFAULT_MAX_ACTIONS
     explain: bool = False
+    ranking: str = ""  # "": the service's (ranked, or the control policy); else DecisionEngine.rankings[name]
 
 
 @dataclass
@@ -69,7 +75,8 @@ class RankedAction:
 @dataclass
 class FunnelEntry:
     action_id: str
-    stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | group | cutoff
+    stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | contact |
+    #             quiet_hours | budget | group | cutoff
     detail: str
     propensity: float = 0.0
     priority: float = 0.0
@@ -88,6 +95,14 @@ class Decision:
     situations: list[str]
     decided_at: float
     funnel: list[FunnelEntry] = field(default_factory=list)
+    control: bool = False  # the customer is in the control group: the control policy decided
+    model_role: str = "champion"  # which model decided: champion, or a challenger on its traffic share
+    explored: bool = False  # exploration (Thompson sampling) took part in the ranking
+    explored_top: str = ""  # exploring: "changed" if the top candidate differs from pure exploitation, else "same"
+    shadow_version: str = ""  # a shadow challenger also scored this decision (logged, never shown)
+    shadow_propensities: list[float] = field(default_factory=list)  # its scores for ``actions``
+    shadow_top: str = ""  # the action the shadow model would have ranked first
+    features: np.ndarray | None = None  # the shared model input (customer block, channel), for training
 
 
 def validate(req: DecideInput) -> int:
@@ -121,17 +136,32 @@ class _Stages:
         self.last = now
 
 
+# A ranking orders the admitted candidates ``(priority, propensity, verdict)`` in place of the model's
+# priority (the simulation's baselines): (candidates, request, profile, now) -> candidates in order.
+Ranking = Callable[[list, DecideInput, Profile, float], list]
+
+
 class DecisionEngine:
+    """``contacts``: enforce contact policies and budgets (contact.yaml, daily_budget) atomically in
+    Redis when actions are presented; off, arbitration is in-process only (the p99 comparison)."""
+
     def __init__(self, store: ProfileStore, rules: Live[CompiledRules], model: Live[LoadedModel],
-                 decision_log: DecisionLog | None = None) -> None:
+                 decision_log: DecisionLog | None = None, contacts: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.rules = rules
         self.model = model
         self.decision_log = decision_log
+        self.contacts = contacts
+        self.clock = clock
+        self.rankings: dict[str, Ranking] = {}
+        self._present_script = store.client.register_script(PRESENT)
         self._tables: dict[tuple[int, str], ActionTable] = {}
+        self._bound: dict[tuple[int, str], object] = {}  # (rules, model version) -> DecisionScorer
+        self.explorer: Explorer | None = None  # set by App: Thompson sampling counts
 
     def _action_table(self, rules: CompiledRules, model: LoadedModel) -> ActionTable:
-        key = (rules.version, model.version)  # the version is a content hash: same catalog
+        key = (rules.version, model.version)  # a content hash: the same catalog (an id() is reused after a reload)
         table = self._tables.get(key)
         if table is None:
             if len(self._tables) > 8:
@@ -139,9 +169,28 @@ class DecisionEngine:
             table = self._tables[key] = ActionTable.build(rules.ruleset.actions, model.action_levels)
         return table
 
-    def _fetch(self, customer_id: str) -> tuple[Profile, str | None]:
+    def _scorer(self, rules: CompiledRules, model: LoadedModel):
+        """The model bound to this catalog (``engine.bound_scorer``); ``prepare`` builds it off the
+        request path whenever models or rules change."""
+        key = (rules.version, model.version)  # a content hash: the same catalog (an id() is reused after a reload)
+        scorer = self._bound.get(key)
+        if scorer is None:
+            if len(self._bound) > 8:
+                self._bound.clear()
+            scorer = self._bound[key] = model.scorer.bind(ROW_FEATURES, self._action_table(rules, model).rows)
+        return scorer
+
+    def prepare(self, models=None, rules: CompiledRules | None = None) -> None:
+        """Bind every model of ``models`` (default: live) to ``rules``' catalog (default: live) before
+        they go live, so no request pays for it."""
+        models = models if models is not None else self.model.current
+        rules = rules if rules is not None else self.rules.current
+        for model in getattr(models, "models", (models,)):
+            self._scorer(rules, model).warmup()
+
+    def _fetch(self, customer_id: str, contacts_since_ms: int | None = None) -> tuple[Profile, str | None]:
         try:
-            return self.store.fetch(customer_id), None
+            return self.store.fetch(customer_id, contacts_since_ms), None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
             log.warning("profile fetch failed for %s: %s", customer_id, exc)
@@ -163,16 +212,24 @@ class DecisionEngine:
         """Run every stage once per channel (JIT, Redis pool, rule engine) before taking traffic."""
         for channel in CHANNELS:
             self._decide(DecideInput(customer_id="warmup", channel=channel, explain=True), observe=False)
+        try:  # the presenting script, without presenting anything (no budget or history is touched)
+            self.store.client.script_load(PRESENT)
+        except redis.exceptions.RedisError as exc:
+            log.warning("cannot load the presenting script: %s", exc)
 
     def _decide(self, req: DecideInput, observe: bool = True) -> tuple[Decision, str | None]:
         max_actions = validate(req)
         stages = _Stages(observe)
-        profile, degraded_by = self._fetch(req.customer_id)
+        decision_id, now = uuid.uuid4().hex, self.clock()
+        contact = self._contact_rules()
+        since = int(now * 1000 - contact.history_days * DAY_MS) if contact is not None and contact.limits else None
+        profile, degraded_by = self._fetch(req.customer_id, since)
         stages.done("profile")
         derived = derive(profile.numeric)
         stages.done("derive")
         with self.rules.use() as rules:
-            model = self.model.current
+            models = self.model.current
+            model, role, shadow = resolve(models, req.customer_id)
             outcome = rules.evaluate(rules.build_fact(FactInputs(
                 numbers=np.concatenate((profile.numeric, derived)),
                 categories=profile.categorical,
@@ -181,19 +238,28 @@ class DecisionEngine:
                 channel=req.channel, touchpoint=req.touchpoint, context=req.context,
                 triggers=profile.triggers,
             )))
-            admitted, verdicts = rules.admitted(outcome, req.channel)
+            admitted, candidates = rules.admitted(outcome, req.channel)  # catalog indices, verdicts
             if outcome.degraded:
                 degraded_by = degraded_by or "rule_engine"
             stages.done("rules")
-            propensity = self._score(rules, model, profile, derived, admitted, req.channel)
+            x = shared_row(customer_block(profile, derived), req.channel)
+            propensity = self._score(rules, model, x, admitted)
+            shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
+            explore = self._explore(models, rules, req, admitted, propensity, now)
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
                       for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
-            ranked = arbitrate(verdicts, propensity, req.channel, max_actions, funnel)
-            if not ranked:
-                ranked = fallback(rules, outcome, req.channel, funnel)
-                if ranked:
-                    metrics.FALLBACKS.labels(req.channel).inc()
+            ranked, control, presented_by = self._present(
+                rules, model, outcome, profile, candidates, propensity, req, max_actions,
+                funnel, decision_id, now, observe, explore=explore)
+            degraded_by = degraded_by or presented_by
+            explored_top = ""
+            if explore is not None and not control:
+                for a in ranked:
+                    a.reasons.append("exploring: ranked on the model blended with a Thompson sample")
+                explored_top = "same" if (_order(candidates, propensity)[0][2].action.id
+                                          == _order(candidates, propensity, explore)[0][2].action.id) else "changed"
+            shadow_info = _shadow(shadow, shadow_p, candidates, ranked)
             stages.done("arbitration")
             ruleset_version = rules.version
         if observe:
@@ -202,7 +268,7 @@ class DecisionEngine:
                 for name in names:
                     metrics.rule_firings(kind, name).inc()
         return Decision(
-            decision_id=uuid.uuid4().hex,
+            decision_id=decision_id,
             customer_id=req.customer_id,
             channel=req.channel,
             actions=ranked,
@@ -211,21 +277,137 @@ class DecisionEngine:
             degraded=degraded_by is not None,
             cold_start=not profile.found,
             situations=sorted(outcome.situations),
-            decided_at=time.time(),
+            decided_at=now,
             funnel=funnel or [],
+            control=control,
+            model_role=role,
+            explored=bool(explored_top),
+            explored_top=explored_top,
+            **shadow_info,
+            features=x,
         ), degraded_by
 
-    def _score(self, rules: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
-               admitted: list[int], channel: str) -> np.ndarray:
-        """Propensity of every admitted action in one scorer call."""
+    def _explore(self, models, rules: CompiledRules, req: DecideInput, admitted: list[int],
+                 propensity: np.ndarray, now: float) -> np.ndarray | None:
+        """Ranking propensities blended with Thompson samples when this decision explores, else None.
+        Never for the control group (unless configured) nor for a named ranking."""
+        config = exploration_of(models)
+        if self.explorer is None or not config.enabled or req.ranking or not admitted:
+            return None
+        if not Explorer.explores(config, req.customer_id, now):
+            return None
+        contact = getattr(rules.ruleset, "contact", None) if self.contacts else None
+        if not config.control and contact is not None and contact.control.contains(req.customer_id):
+            return None
+        table = self._action_table(rules, resolve(models, req.customer_id)[0])
+        return self.explorer.blend(config, req.customer_id, now, table.action_ids,
+                                   np.asarray(admitted, dtype=np.int64), propensity)
+
+    def _contact_rules(self) -> ContactRules | None:
+        return getattr(self.rules.current.ruleset, "contact", None) if self.contacts else None
+
+    def _present(self, rules: CompiledRules, model: LoadedModel, outcome: RuleOutcome, profile: Profile,
+                 admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
+                 funnel: list[FunnelEntry] | None, decision_id: str, now: float,
+                 present: bool = True, explore: np.ndarray | None = None) -> tuple[list[RankedAction], bool, str | None]:
+        """Order the candidates (model priority, the control policy or a named ranking), drop those a
+        contact policy forbids, then keep the top N, one per group, within budgets: atomically in Redis
+        when contact policies are enforced. Returns (actions, control group, degraded_by).
+        ``present`` False (warm-up) decides without recording anything."""
+        channel = req.channel
+        contact = self._contact_rules() if self.contacts else None
+        contact = contact or (ContactRules() if self.contacts else None)
+        candidates = _order(admitted, propensity, explore)
+        control = False
+        if req.ranking:
+            candidates = self.rankings[req.ranking](candidates, req, profile, now)
+        elif contact is not None and contact.control.contains(req.customer_id):
+            control = True
+            candidates = control_order(contact.control, candidates, req.customer_id, now)
+        if contact is not None and contact.quiet_hours is not None and contact.quiet_hours.quiet(channel, now):
+            if funnel is not None:
+                funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {contact.quiet_hours.describe()} "
+                                          f"on {channel}", p, pr) for pr, p, v in candidates)
+            if present:
+                metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
+            candidates, fallback = [], None
+        else:
+            if contact is not None and contact.limits and profile.contacts:
+                candidates = _within_limits(contact, candidates, profile, channel, now, funnel, present)
+            fallback = self._fallback_action(rules, outcome, channel, funnel)
+        if contact is None or not present:
+            ranked = _select(candidates, channel, max_actions, funnel)
+            if not ranked and fallback is not None:
+                ranked = [_fallback_ranked(fallback, channel)]
+            if present:
+                self._write_decision_record(decision_id, req, ranked, control, now, rules, model)
+            return ranked, control, None
+        record = {"customer": req.customer_id, "channel": channel, "control": "1" if control else "0",
+                  "ts": f"{now:.3f}", "ruleset": rules.version, "model": model.version}
+        keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision_id, now,
+                                          record, req.customer_id)
+        try:
+            verdicts, fb = self._present_script(keys=keys, args=[args])
+        except redis.exceptions.RedisError as exc:
+            metrics.REDIS_ERRORS.labels("present").inc()
+            log.warning("presenting decision %s failed (limits and budgets not applied): %s", decision_id, exc)
+            ranked = _select(candidates, channel, max_actions, funnel)
+            return ranked or ([_fallback_ranked(fallback, channel)] if fallback else []), control, "contact_store"
+        ranked = []
+        for (priority, p, v), verdict in zip(candidates, verdicts):
+            verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+            if verdict == "budget" or verdict.startswith("limit:"):
+                metrics.CONTACT_SUPPRESSED.labels(
+                    "budget" if verdict == "budget" else limits[int(verdict[6:]) - 1].name).inc()
+            if verdict == "ok":
+                ranked.append(_ranked(v, p, priority, channel, len(ranked) + 1))
+                if funnel is not None:
+                    funnel.append(FunnelEntry(v.action.id, "ranked", f"rank {len(ranked)}", p, priority))
+            elif funnel is not None:
+                funnel.append(FunnelEntry(v.action.id, *_present_detail(verdict, v, limits, max_actions), p, priority))
+        if fb and fallback is not None:
+            ranked = [_fallback_ranked(fallback, channel)]
+        return ranked, control, None
+
+    def _write_decision_record(self, decision_id: str, req: DecideInput, ranked: list[RankedAction],
+                               control: bool, now: float, rules: CompiledRules, model: LoadedModel) -> None:
+        """Without contact enforcement the decision record is written off the hot path."""
+        if self.decision_log is None:
+            return
+        self.decision_log.write_record(decision_key(decision_id), {
+            "actions": ",".join(a.action_id for a in ranked), "groups": ",".join(a.group for a in ranked),
+            "types": ",".join(a.type for a in ranked), "values": ",".join(f"{a.value:g}" for a in ranked),
+            "customer": req.customer_id, "channel": req.channel, "control": "1" if control else "0",
+            "ts": f"{now:.3f}", "ruleset": rules.version, "model": model.version,
+        }, DECISION_TTL_DAYS * DAY_MS)
+
+    def _score(self, rules: CompiledRules, model: LoadedModel, x: np.ndarray, admitted: list[int]) -> np.ndarray:
+        """Propensity of every admitted action in one call of the model bound to the catalog: the
+        shared row ``x`` (customer block, channel) against the admitted catalog rows."""
         if not admitted:
             return np.empty(0)
-        table = self._action_table(rules, model)
-        x = assemble(customer_block(profile, derived), table, np.asarray(admitted), channel)
-        return model.scorer.predict(x)
+        return self._scorer(rules, model).predict(x, np.asarray(admitted, dtype=np.int64))
+
+    @staticmethod
+    def _fallback_action(rules: CompiledRules, outcome: RuleOutcome, channel: str,
+                         funnel: list[FunnelEntry] | None):
+        """The channel's fallback for when nothing survives: it skips eligibility (and contact limits),
+        never a policy block (consent, fraud hold), so an empty answer is a deliberate one."""
+        action = rules.ruleset.fallback_for(channel)
+        if action is None or channel not in action.channels:
+            return None
+        policy = rules.blocked_actions(outcome).get(action.id)
+        if policy is not None:
+            if funnel is not None:
+                funnel.append(FunnelEntry(action.id, "blocked", f"fallback blocked by policy {policy.name}: {policy.reason}"))
+            return None
+        return action
 
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
         metrics.decisions(decision.channel).inc()
+        metrics.model_decisions(decision.model_version, decision.model_role).inc()
+        if decision.explored:
+            metrics.EXPLORATION.labels(decision.explored_top).inc()
         for a in decision.actions:
             metrics.actions_presented(a.action_id, a.type, decision.channel).inc()
         if decision.cold_start:
@@ -239,9 +421,19 @@ class DecisionEngine:
                 "channel": decision.channel,
                 "touchpoint": req.touchpoint,
                 "actions": ",".join(a.action_id for a in decision.actions),
+                "types": ",".join(a.type for a in decision.actions),
+                "values": ",".join(f"{a.value:g}" for a in decision.actions),
                 "propensities": ",".join(f"{a.propensity:.5f}" for a in decision.actions),
+                "control": "1" if decision.control else "0",
                 "ruleset_version": decision.ruleset_version,
                 "model_version": decision.model_version,
+                "model_role": decision.model_role,
+                "explored": "1" if decision.explored else "0",
+                **({"shadow_model": decision.shadow_version,
+                    "shadow_propensities": ",".join(f"{p:.5f}" for p in decision.shadow_propensities),
+                    "shadow_top": decision.shadow_top} if decision.shadow_version else {}),
+                **({"features": encode_features(decision.features), "feature_schema": SCHEMA.fingerprint()}
+                   if decision.features is not None and decision.actions else {}),
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
             })
@@ -263,36 +455,96 @@ def _dropped_detail(v: ActionVerdict) -> str:
     return "; ".join(f"policy {name}: {reason}" for name, reason in zip(v.blocked_by, v.reasons))
 
 
-def fallback(rules: CompiledRules, outcome: RuleOutcome, channel: str,
-             funnel: list[FunnelEntry] | None) -> list[RankedAction]:
-    """The channel's fallback when nothing survived: it skips eligibility, never a policy block
-    (consent, fraud hold), so an empty answer is a deliberate one."""
-    action = rules.ruleset.fallback_for(channel)
-    if action is None or channel not in action.channels:
-        return []
-    policy = rules.blocked_actions(outcome).get(action.id)
-    if policy is not None:
-        if funnel is not None:
-            funnel.append(FunnelEntry(action.id, "blocked", f"fallback blocked by policy {policy.name}: {policy.reason}"))
-        return []
-    return [RankedAction(
+def _order(admitted: list[ActionVerdict], propensity: np.ndarray,
+           explore: np.ndarray | None = None) -> list[tuple[float, float, ActionVerdict]]:
+    """priority = propensity x value x weight (context weight x levers), highest first; in an
+    exploring decision the priority uses the blended propensity ``explore`` (reported: the model's).
+
+    Ties break on the action id so that the same state always gives the same answer.
+    """
+    ranking = propensity if explore is None else explore
+    return sorted(
+        ((r * v.action.value * v.weight, p, v) for v, p, r in zip(admitted, propensity.tolist(), ranking.tolist())),
+        key=lambda s: (-s[0], s[2].action.id),
+    )
+
+
+def _shadow(shadow: LoadedModel | None, shadow_p: np.ndarray | None, admitted: list[ActionVerdict],
+            ranked: list[RankedAction]) -> dict:
+    """What a shadow challenger made of this decision: its version, its scores for the presented
+    actions, and the action its own priority would have put first."""
+    if shadow is None or shadow_p is None:
+        return {}
+    by_id = {v.action.id: p for v, p in zip(admitted, shadow_p.tolist())}
+    top = _order(admitted, shadow_p)
+    return {"shadow_version": shadow.version,
+            "shadow_propensities": [by_id.get(a.action_id, float("nan")) for a in ranked],
+            "shadow_top": top[0][2].action.id if top else ""}
+
+
+def _within_limits(contact: ContactRules, candidates: list, profile: Profile, channel: str, now: float,
+                   funnel: list[FunnelEntry] | None, count: bool = True) -> list:
+    """Drop the candidates a contact limit forbids, judged on the history read with the profile."""
+    now_ms = int(now * 1000)
+    kept = []
+    for priority, p, v in candidates:
+        for limit in contact.limits:
+            if limit.applies(v.action, channel):
+                n = limit_reached(limit, v.action, profile.contacts, now_ms)
+                if n is not None:
+                    if count:
+                        metrics.CONTACT_SUPPRESSED.labels(limit.name).inc()
+                    if funnel is not None:
+                        funnel.append(FunnelEntry(v.action.id, "contact",
+                                                  f"contact policy {limit.name}: {limit.reason} ({n} {limit.counts} "
+                                                  f"in {limit.days:g} days)", p, priority))
+                    break
+        else:
+            kept.append((priority, p, v))
+    return kept
+
+
+def _present_detail(verdict: str, v: ActionVerdict, limits: list, max_actions: int) -> tuple[str, str]:
+    if verdict == "group":
+        return "group", f"group {v.action.group} already shown"
+    if verdict == "budget":
+        return "budget", f"daily budget of {v.action.daily_budget} used up"
+    if verdict.startswith("limit:"):
+        limit = limits[int(verdict[6:]) - 1]
+        return "contact", f"contact policy {limit.name}: {limit.reason}"
+    return "cutoff", f"below the top {max_actions}"
+
+
+def _ranked(v: ActionVerdict, p: float, priority: float, channel: str, rank: int) -> RankedAction:
+    action = v.action
+    reasons = [f"propensity {p:.3f} x value {action.value:g}"]
+    if v.weight != 1.0:
+        reasons.append(f"weight x{v.weight:g}" + (f" (levers: {', '.join(v.levers)})" if v.levers else " (channel)"))
+    return RankedAction(
+        action_id=action.id, name=action.name, type=action.type, group=action.group,
+        propensity=p, value=action.value, priority=priority, treatment=dict(action.channels[channel]),
+        reasons=reasons, rank=rank,
+    )
+
+
+def _fallback_ranked(action, channel: str) -> RankedAction:
+    metrics.FALLBACKS.labels(channel).inc()
+    return RankedAction(
         action_id=action.id, name=action.name, type=action.type, group=action.group,
         propensity=0.0, value=action.value, priority=0.0,
         treatment=dict(action.channels.get(channel, {})),
         reasons=["fallback: no action survived the rules for this channel"], rank=1,
-    )]
-
-
-def arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
-               funnel: list[FunnelEntry] | None) -> list[RankedAction]:
-    """priority = propensity x value x weight (context weight x levers); top N, one per group.
-
-    Ties break on the action id so that the same state always gives the same answer.
-    """
-    scored = sorted(
-        ((p * v.action.value * v.weight, p, v) for v, p in zip(admitted, propensity.tolist())),
-        key=lambda s: (-s[0], s[2].action.id),
     )
+
+
+def _arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: str, max_actions: int,
+               funnel: list[FunnelEntry] | None) -> list[RankedAction]:
+    """Top N of the model's order, one per group, in-process (no contact policies or budgets)."""
+    return _select(_order(admitted, propensity), channel, max_actions, funnel)
+
+
+def _select(scored: list, channel: str, max_actions: int, funnel: list[FunnelEntry] | None) -> list[RankedAction]:
+    """The top ``max_actions`` of ordered candidates, at most one per group."""
     ranked: list[RankedAction] = []
     groups: set[str] = set()
     for priority, p, v in scored:
@@ -306,14 +558,7 @@ def arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: st
                               FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
             continue
         groups.add(action.group)
-        reasons = [f"propensity {p:.3f} x value {action.value:g}"]
-        if v.weight != 1.0:
-            reasons.append(f"weight x{v.weight:g}" + (f" (levers: {', '.join(v.levers)})" if v.levers else " (channel)"))
-        ranked.append(RankedAction(
-            action_id=action.id, name=action.name, type=action.type, group=action.group,
-            propensity=p, value=action.value, priority=priority, treatment=dict(action.channels[channel]),
-            reasons=reasons, rank=len(ranked) + 1,
-        ))
+        ranked.append(_ranked(v, p, priority, channel, len(ranked) + 1))
         if funnel is not None:
-            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}: {'; '.join(reasons)}", p, priority))
+            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
     return ranked

@@ -30,6 +30,13 @@ class DecisionLog:
         except queue.Full:
             REDIS_ERRORS.labels("decision_log_full").inc()
 
+    def write_record(self, key: str, fields: dict[str, str], ttl_ms: int) -> None:
+        """A hash written with the next batch (the decision record when contacts are not enforced)."""
+        try:
+            self._queue.put_nowait((key, fields, ttl_ms))
+        except queue.Full:
+            REDIS_ERRORS.labels("decision_log_full").inc()
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -44,7 +51,11 @@ class DecisionLog:
                 try:
                     pipe = self.client.pipeline(transaction=False)
                     for r in records:
-                        pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)
+                        if isinstance(r, tuple):
+                            pipe.hset(r[0], mapping=r[1])
+                            pipe.pexpire(r[0], r[2])
+                        else:
+                            pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)
                     pipe.execute()
                 except redis.exceptions.RedisError as exc:
                     REDIS_ERRORS.labels("decision_log").inc()

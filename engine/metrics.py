@@ -37,6 +37,11 @@ RULE_RELOADS = Counter("nba_rule_reloads_total", "Rule reload attempts, by resul
                        ["result"])
 RULE_RELOAD_ERRORS = Gauge("nba_rule_reload_errors", "Errors and failed rule tests of the last reload attempt "
                            "(0 when it went live or changed nothing).", multiprocess_mode="livemax")
+CONTACT_SUPPRESSED = Counter(
+    "nba_contact_suppressed_total",
+    "Candidate actions not shown: a contact policy (by name), quiet hours, or a used-up daily budget (budget).",
+    ["reason"],
+)
 # Info metrics don't aggregate across worker processes; a 0/1 gauge per version does ("livemax": a
 # version is 1 while any live worker serves it).
 RULESET_VERSION = Gauge("nba_ruleset_info", "The live ruleset version (1 while served).", ["version"],
@@ -44,6 +49,13 @@ RULESET_VERSION = Gauge("nba_ruleset_info", "The live ruleset version (1 while s
 MODEL_VERSION = Gauge("nba_model_info", "The live propensity model version (1 while served).", ["version"],
                       multiprocess_mode="livemax")
 CATALOG_SIZE = Gauge("nba_catalog_actions", "Actions in the live catalog.", multiprocess_mode="livemax")
+MODEL_RELOADS = Counter("nba_model_reloads_total", "Model set changes (CHAMPION, experiment.yaml), by result.", ["result"])
+MODEL_DECISIONS = Counter("nba_model_decisions_total", "Decisions by the model that decided and its role.", ["model", "role"])
+EXPLORATION = Counter(
+    "nba_exploration_decisions_total",
+    "Decisions that explored (Thompson sampling), by whether the top action differs from pure exploitation.",
+    ["top"],
+)
 
 
 def set_version(gauge: Gauge, version: str) -> None:
@@ -72,3 +84,4 @@ decide_seconds = Children(DECIDE_SECONDS)
 decisions = Children(DECISIONS)
 actions_presented = Children(ACTIONS_PRESENTED)
 rule_firings = Children(RULE_FIRINGS)
+model_decisions = Children(MODEL_DECISIONS)

@@ -1,7 +1,15 @@
 """The model registry: ``models/<name>/<version>/`` holds a LightGBM text model, its schema and metrics.
 
-``models/<name>/CHAMPION`` names the version the server uses. A model whose feature schema does not
-match the live one is refused with a message saying what differs; the current model stays.
+- ``model.txt``: the LightGBM text model;
+- ``schema.json``: feature names in column order, their types (numeric / binary / categorical), the
+  levels of every categorical feature (code i is level i; ``actions`` lists the action levels this
+  model was trained with), the feature-schema fingerprint;
+- ``metrics.json``: holdout metrics (AUC, log loss, per action type, calibration table, the champion
+  on the same holdout) and a summary of the training data.
+
+``models/<name>/CHAMPION`` names the version the server uses (a running server picks up a change
+within a second, see ``engine.experiment``). A model whose schema does not match the live one is
+refused with a message saying what differs; the current model stays.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from engine.features import SCHEMA
-from engine.model_input import CATEGORICAL_FEATURES, FEATURES
+from engine.model_input import CATEGORICAL_FEATURES, FEATURES, ROW_FEATURES, feature_levels, feature_types
 from engine.scorer import CompiledModel
 
 DEFAULT_NAME = "propensity"
@@ -34,8 +44,30 @@ class LoadedModel:
 
 
 def live_schema() -> dict:
-    return {"features": list(FEATURES), "categorical": list(CATEGORICAL_FEATURES),
-            "feature_schema": SCHEMA.fingerprint(), "schema_version": SCHEMA.version}
+    return {"features": list(FEATURES), "types": feature_types(), "categorical": list(CATEGORICAL_FEATURES),
+            "levels": feature_levels(), "feature_schema": SCHEMA.fingerprint(), "schema_version": SCHEMA.version}
+
+
+def schema_mismatch(schema: dict) -> str | None:
+    """What differs between a model's schema.json and the live feature schema (None: it matches)."""
+    live = live_schema()
+    for key in ("feature_schema", "features", "types", "categorical", "levels"):
+        if key not in schema:
+            return f"schema.json has no {key!r} (written by an older version); retrain the model"
+        if schema[key] != live[key]:
+            if isinstance(live[key], list) and isinstance(schema[key], list):
+                diffs = [f"#{i}: model {a!r}, live {b!r}" for i, (a, b) in
+                         enumerate(zip(schema[key], live[key])) if a != b]
+                if len(schema[key]) != len(live[key]):
+                    diffs.insert(0, f"model has {len(schema[key])}, live {len(live[key])}")
+                detail = "; ".join(diffs[:3])
+            elif isinstance(live[key], dict) and isinstance(schema[key], dict):
+                names = sorted(k for k in set(live[key]) | set(schema[key]) if live[key].get(k) != schema[key].get(k))
+                detail = "; ".join(f"{k}: model {schema[key].get(k)!r}, live {live[key].get(k)!r}" for k in names[:3])
+            else:
+                detail = f"model {schema[key]!r}, live {live[key]!r}"
+            return f"model {key} does not match the live feature schema ({detail})"
+    return None
 
 
 class ModelRegistry:
@@ -65,6 +97,18 @@ class ModelRegistry:
         version = pointer.read_text().strip()
         return version if (self.dir / version / "model.txt").is_file() else None
 
+    def champion_problem(self) -> str | None:
+        """Why the champion cannot go live (missing, unreadable or mismatched schema), or None."""
+        version = self.champion()
+        if version is None:
+            return f"no champion model in {self.dir}"
+        try:
+            schema = json.loads((self.dir / version / "schema.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"champion {version}: unreadable schema.json: {exc}"
+        mismatch = schema_mismatch(schema)
+        return f"champion {version} refused: {mismatch}" if mismatch else None
+
     def promote(self, version: str) -> None:
         self.load(version)  # refuse before pointing at it
         tmp = self.dir / "CHAMPION.tmp"
@@ -84,13 +128,9 @@ class ModelRegistry:
             schema = json.loads((folder / "schema.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelRefused(f"{folder}: unreadable schema.json: {exc}") from exc
-        live = live_schema()
-        for key in ("feature_schema", "features", "categorical"):
-            if schema.get(key) != live[key]:
-                raise ModelRefused(
-                    f"{folder}: model {key} does not match the live feature schema "
-                    f"(model {str(schema.get(key))[:80]!r}, live {str(live[key])[:80]!r})"
-                )
+        mismatch = schema_mismatch(schema)
+        if mismatch is not None:
+            raise ModelRefused(f"{folder}: {mismatch}")
         try:
             scorer = CompiledModel.from_file(folder / "model.txt")
         except Exception as exc:  # LightGBM raises its own error types for corrupt files
@@ -98,5 +138,7 @@ class ModelRegistry:
         if scorer.num_features != len(FEATURES):
             raise ModelRefused(f"{folder}: model has {scorer.num_features} features, live schema {len(FEATURES)}")
         scorer.warmup()
-        return LoadedModel(version, scorer, tuple(schema.get("actions", ())), time.time(),
-                           self.metrics(version).get("metrics", {}))
+        actions = tuple(schema.get("actions", ()))
+        # Compile the decision kernels and build their layout now, never on a customer's request.
+        scorer.bind(ROW_FEATURES, np.zeros((1, len(ROW_FEATURES)))).warmup()
+        return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}))

@@ -73,6 +73,32 @@ _IDENTITY_OBJECTIVES = {"regression", "regression_l1", "quantile", "mape", "hube
                         "lambdarank", "rank_xendcg", "custom"}
 
 
+@numba.njit(inline="always", nogil=True)
+def _go_left(node: int, fval: float, threshold: np.ndarray, decision_type: np.ndarray,
+             cat_start: np.ndarray, cat_words: np.ndarray, cat_bits: np.ndarray) -> bool:
+    """One node's decision for one value, exactly as ``_score_batch`` walks it (used by the bound
+    decision scorer to resolve catalog actions' own splits once, at bind time)."""
+    isnan = math.isnan(fval)
+    if not isnan and math.fabs(fval) <= _ZERO_THRESHOLD:
+        fval = 0.0
+    dt = decision_type[node]
+    if dt & _CATEGORICAL_MASK:
+        if not isnan and fval > -1.0 and fval < _INT32_LIMIT:
+            cat = np.int64(fval)
+            word = cat >> 5
+            if word < cat_words[node]:
+                return ((cat_bits[cat_start[node] + word] >> (cat & 31)) & 1) == 1
+        return False
+    missing_type = (dt >> 2) & 3
+    if isnan and missing_type != _MISSING_NAN:
+        fval = 0.0
+        isnan = False
+    if (missing_type == _MISSING_ZERO and fval >= -_ZERO_THRESHOLD
+            and fval <= _ZERO_THRESHOLD) or (missing_type == _MISSING_NAN and isnan):
+        return (dt & _DEFAULT_LEFT_MASK) != 0
+    return fval <= threshold[node]
+
+
 @numba.njit(cache=True, nogil=True)
 def _score_batch(
     X: np.ndarray,
@@ -414,6 +440,13 @@ class CompiledModel:
     def predict_raw(self, X: np.ndarray) -> np.ndarray:
         """Raw scores, equal to ``Booster.predict(X, raw_score=True)`` (not averaged for rf)."""
         return self._run(X, raw=True)
+
+    def bind(self, row_features: list[int] | tuple[int, ...] | np.ndarray, catalog: np.ndarray):
+        """A scorer for decision-shaped batches: one shared row (customer, channel) against rows of
+        ``catalog`` whose own values fill the ``row_features`` columns (see ``engine.bound_scorer``)."""
+        from engine.bound_scorer import DecisionScorer
+
+        return DecisionScorer(self, row_features, catalog)
 
     def warmup(self) -> None:
         """Compile (or load from cache) the kernel for float32 and float64 input."""

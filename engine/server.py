@@ -20,7 +20,8 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision import DecideInput, Decision, InvalidRequest
 from engine.features import ACTION_TYPES, CHANNELS
-from engine.store import EVENTS_STREAM, RESPONSES_STREAM
+from engine.responses import NotFound
+from engine.store import EVENTS_STREAM
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -98,6 +99,8 @@ def _counted_as(method: str) -> Callable[[Callable], Callable]:
                 reply = fn(self, request, context)
             except InvalidRequest as exc:
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except NotFound as exc:
+                code, message = grpc.StatusCode.NOT_FOUND, str(exc)
             except redis.exceptions.RedisError as exc:
                 metrics.REDIS_ERRORS.labels(method).inc()
                 code, message = grpc.StatusCode.UNAVAILABLE, f"profile store unavailable: {exc}"
@@ -148,12 +151,11 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         if request.outcome not in OUTCOME_NAMES:
             raise InvalidRequest("outcome", f"must be one of {', '.join(pb.Outcome.keys()[1:])}")
         ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else time.time()
-        entry = self.app.store.append(RESPONSES_STREAM, {
-            "decision_id": request.decision_id, "action_id": request.action_id,
-            "outcome": OUTCOME_NAMES[request.outcome], "ts": f"{ts:.3f}",
-        })
-        metrics.RESPONSES.labels(OUTCOME_NAMES[request.outcome]).inc()
-        return pb.RecordResponseResponse(response_id=entry)
+        recorded = self.app.responses.record(request.decision_id, request.action_id,
+                                             OUTCOME_NAMES[request.outcome], ts)
+        if recorded.first:
+            metrics.RESPONSES.labels(OUTCOME_NAMES[request.outcome]).inc()
+        return pb.RecordResponseResponse(response_id=recorded.response_id)
 
     @_counted_as("PublishEvent")
     def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> pb.PublishEventResponse:

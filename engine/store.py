@@ -10,6 +10,9 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
     - one field per set feature (``products``, ``consent``), members joined by ","
     - ``cases``: open service case ids joined by ","
 - ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
+- ``nba:{c:<id>}:contacts`` sorted set: contact history (score epoch ms), see ``engine/contact.py``
+- ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
+- ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
 - ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
 """
@@ -63,6 +66,7 @@ class Profile:
     open_cases: tuple[str, ...] = ()
     triggers: frozenset[str] = frozenset()
     found: bool = True
+    contacts: list = field(default_factory=list)  # engine.contact.Contact, newest window only
 
     @classmethod
     def cold(cls, customer_id: str) -> "Profile":
@@ -139,13 +143,21 @@ class ProfileStore:
         return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
                                         health_check_interval=30))
 
-    def fetch(self, customer_id: str) -> Profile:
-        """Profile and active triggers in one round trip; a cold profile when the customer is unknown."""
+    def fetch(self, customer_id: str, contacts_since_ms: int | None = None) -> Profile:
+        """Profile, active triggers and (from ``contacts_since_ms``) contact history in one round trip;
+        a cold profile when the customer is unknown."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(profile_key(customer_id))
         pipe.hgetall(triggers_key(customer_id))
-        raw, triggers = pipe.execute()
-        return decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
+        if contacts_since_ms is not None:
+            pipe.zrangebyscore(f"nba:{{c:{customer_id}}}:contacts", contacts_since_ms, "+inf", withscores=True)
+        raw, triggers, *history = pipe.execute()
+        profile = decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
+        if history and history[0]:
+            from engine.contact import parse_history
+
+            profile.contacts = parse_history(history[0])
+        return profile
 
     def save(self, profiles: list[Profile]) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -1,7 +1,7 @@
 """What-if before going live: ``nba rules diff OLD_DIR NEW_DIR --customers N``.
 
-Decides for a sample of stored customers under both rule sets (same profiles, same model, the real
-funnel, nothing written to Redis) and reports how the top actions move: counts per action, the
+Decides for a sample of stored customers under both rule sets (same profiles and contact history,
+same model, the real funnel, nothing written to Redis) and reports how the top actions move: counts per action, the
 customers whose top action changed, the biggest moves, and examples with the reason the old top
 action lost its place under the new rules.
 """
@@ -9,6 +9,7 @@ action lost its place under the new rules.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,8 @@ def _top(decision: Decision) -> str:
 def what_if(store: ProfileStore, model: LoadedModel, old: CompiledRules, new: CompiledRules,
             customers: list[str], channels: list[str], examples: int = 10) -> WhatIf:
     """Decide for every customer on every channel under ``old`` and ``new``; compare the top actions."""
-    engines = [DecisionEngine(store, Live(rules), Live(model)) for rules in (old, new)]
+    now = time.time()  # one clock for both: the control group's daily order is the same
+    engines = [DecisionEngine(store, Live(rules), Live(model), clock=lambda: now) for rules in (old, new)]
     report = WhatIf(old.version, new.version, model.version, list(channels))
     for cid in customers:
         for channel in channels:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import threading
 import time
@@ -152,6 +153,7 @@ def test_rule_edits_go_live_under_load_and_broken_edits_are_refused(watched) -> 
 def test_in_flight_decisions_keep_their_rule_set_and_old_sets_are_freed() -> None:
     base = load_and_compile(RULES_DIR)
     try:
+        gc.collect()
         opened = open_rulesets()
         live = Live(CompiledRules(base.ruleset, base.plan), retire=lambda r: r.close())
         fact = base.build_fact(channel="web", consents=["web"], products=["mobile"])
@@ -176,6 +178,7 @@ def test_reloading_the_real_files_many_times_leaks_no_ruleset(watched) -> None:
     app.watcher.stop()
     policies = app.config.rules_dir / "policies.yaml"
     original = policies.read_text()
+    gc.collect()  # rule sets other tests left unreachable
     opened = open_rulesets()
     versions = set()
     for i in range(60):
@@ -183,4 +186,5 @@ def test_reloading_the_real_files_many_times_leaks_no_ruleset(watched) -> None:
         applied, version, errors = app.reload_rules()
         assert applied and not errors
         versions.add(version)
+    gc.collect()
     assert len(versions) == 2 and open_rulesets() == opened

@@ -514,7 +514,9 @@ def test_json_schema_accepts_the_demo_files_and_rejects_mistakes():
     assert len(_validate(catalog, schema, schema)) == 4
     # the schema and the loader agree on the keys
     assert set(schema["definitions"]["action"]["properties"]) == set(loader.ACTION_KEYS)
-    assert set(schema["properties"]) == set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS)
+    from engine.contact import CONTACT_KEYS
+
+    assert set(schema["properties"]) == set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS) | set(CONTACT_KEYS)
     assert set(schema["properties"]["policies"]["items"]["properties"]) == set(loader.POLICY_KEYS)
     assert set(schema["properties"]["levers"]["items"]["properties"]) == set(loader.LEVER_KEYS)
     assert set(schema["properties"]["groups"]["additionalProperties"]["properties"]) == set(loader.GROUP_KEYS)

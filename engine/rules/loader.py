@@ -22,6 +22,8 @@ from .yamlsrc import Loc, load_yaml
 CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
 RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
+CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/contact.py)
+VERSIONED_FILES = RULE_FILES + (CONTACT_FILE,)
 
 CATALOG_KEYS = {"fallback": True, "actions": True, "groups": False, "description": False}
 POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
@@ -39,7 +41,7 @@ TARGET_KEYS = {"types": False, "groups": False, "actions": False}
 def rules_version(rules_dir: Path) -> str:
     """``rules-`` + 12 hex of sha256 over the rule files' names and bytes (missing files count as empty)."""
     digest = hashlib.sha256()
-    for name in RULE_FILES:
+    for name in VERSIONED_FILES:
         path = Path(rules_dir) / name
         data = path.read_bytes() if path.is_file() else b""
         digest.update(name.encode() + b"\0" + data + b"\0")
@@ -181,6 +183,9 @@ class _Loader:
         policies = self.load_policies(policies_top.get("policies"), scope, actions)
         levers = self.load_levers(policies_top.get("levers"), scope, actions)
         weights = self.load_context_weights(policies_top.get("context_weights"))
+        from engine.contact import load_contact
+
+        contact = load_contact(self, self.dir, actions)
         return RuleSet(
             version=rules_version(self.dir),
             loaded_at=datetime.now(timezone.utc),
@@ -193,6 +198,7 @@ class _Loader:
             triggers=tuple(sorted(triggers)) if triggers is not None else None,
             files=tuple(str(self.dir / n) for n in RULE_FILES),
             groups=groups,
+            contact=contact,
         )
 
     def load_triggers(self, loc: Loc | None) -> set[str] | None:

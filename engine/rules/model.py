@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
 
@@ -119,6 +120,7 @@ class RuleSet:
     triggers: tuple[str, ...] | None = None  # declared trigger names (None: not declared)
     files: tuple[str, ...] = ()
     groups: dict[str, GroupRules] = field(default_factory=dict)  # group -> its engagement conditions
+    contact: Any = None  # engine.contact.ContactRules from contact.yaml (None: no contact policies)
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -3,9 +3,10 @@
 Each test gives a customer (a partial profile: everything not given is 0, empty or absent, after
 the file's ``defaults``) and a moment (channel, touchpoint, context, day), and expects actions to be
 admitted, blocked (optionally by a given rule), on top of the list, and situations to hold or not.
-The decision is the real one (the compiled rule set, then arbitration) with one difference: every
+The decision is the real one (the compiled rule set, then arbitration) with two differences: every
 action gets the same propensity (or the one the test gives), so a test checks the rules, not the
-model. See rules/README.md ("Testing your rules") for the format.
+model; and there is no contact history (contact.yaml limits, budgets and the control group depend
+on what was presented before, not on the rules). See rules/README.md ("Testing your rules") for the format.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def run_tests(rules: CompiledRules, tests: list[RuleTest]) -> list[TestResult]:
 
 
 def run_test(rules: CompiledRules, test: RuleTest) -> TestResult:
-    from engine.decision import arbitrate, fallback
+    from engine.decision import DecisionEngine, _arbitrate
 
     channel = test.inputs.channel
     fact = rules.build_fact(test.inputs)
@@ -102,10 +103,10 @@ def run_test(rules: CompiledRules, test: RuleTest) -> TestResult:
     verdicts = {v.action.id: v for v in rules.verdicts(outcome, channel, test.today)}
     admitted = [v for v in verdicts.values() if v.admitted]
     propensity = np.array([test.propensity.get(v.action.id, 1.0) for v in admitted])
-    ranked = arbitrate(admitted, propensity, channel, max(len(test.expect.top), 3), None)
-    if not ranked:
-        ranked = fallback(rules, outcome, channel, None)
-    ranked_ids = [a.action_id for a in ranked]
+    ranked_ids = [a.action_id for a in _arbitrate(admitted, propensity, channel, max(len(test.expect.top), 3), None)]
+    if not ranked_ids:
+        action = DecisionEngine._fallback_action(rules, outcome, channel, None)
+        ranked_ids = [action.id] if action is not None else []
     expect, failures = test.expect, []
     if expect.top and tuple(ranked_ids[: len(expect.top)]) != expect.top:
         shown = ", ".join(ranked_ids) or "nothing"
