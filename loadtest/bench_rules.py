@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customer-rules", type=int, default=60, help="of --rules, the customer-level ones")
     parser.add_argument("--scaling", default="", help="also time ours with these customer-level counts, e.g. 120,200")
     parser.add_argument("--decisions", type=int, default=20_000, help="per design")
-    parser.add_argument("--block", type=int, default=1_000)
+    parser.add_argument("--block", type=int, default=200)
     parser.add_argument("--customers", type=int, default=5_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--budget-us", type=float, default=300.0)

@@ -178,27 +178,25 @@ class CompiledRules:
 
     def _outcome(self, fired: list[str], fact: dict) -> RuleOutcome:
         always = self.plan.always
-        found = {kind: set(names) for kind, names in always.items()}
+        found: dict[str, list[str]] = {"situation": [], "policy": [], "lever": [], "action": []}
         names = self.plan.rule_names
-        count = 0
         for rule in fired:
             kind, name = names[rule]
             if kind in found:
-                found[kind].add(name)
-                count += 1
-        situations = frozenset(found["situation"])
+                found[kind].append(name)
+        situations = frozenset(found["situation"]).union(always["situation"])
         if self._program is not None:
             mask = self._program.run(fact, situations)
             eligible = frozenset(itertools.compress(self._ids, mask.tolist()))
         else:
-            eligible = frozenset(found["action"])
+            eligible = frozenset(found["action"]).union(always["action"])
             mask = np.array([aid in eligible for aid in self._ids], dtype=np.bool_)
         return RuleOutcome(
             situations=situations,
-            policies=frozenset(found["policy"]),
-            levers=frozenset(found["lever"]),
+            policies=frozenset(found["policy"]).union(always["policy"]),
+            levers=frozenset(found["lever"]).union(always["lever"]),
             eligible=eligible,
-            fired=count,
+            fired=sum(map(len, found.values())),
             mask=mask,
             fact=fact,
         )
@@ -279,8 +277,8 @@ class CompiledRules:
         """Per catalog action (numpy arrays): admitted, and its weight (context x fired levers, in
         file order so the rounding is always the same)."""
         _, offered, base = self._static(channel, today or date.today())
-        policies = np.array([self._policy_row[p] for p in outcome.policies], dtype=np.intp)
-        levers = np.array(sorted(self._lever_row[lv] for lv in outcome.levers), dtype=np.intp)
+        policies = np.array([self._policy_row[p] for p in outcome.policies], dtype=np.intp) if outcome.policies else _NONE
+        levers = np.array(sorted(self._lever_row[lv] for lv in outcome.levers), dtype=np.intp) if outcome.levers else _NONE
         admitted = np.empty(len(self._ids), dtype=np.bool_)
         weight = np.empty(len(self._ids))
         _admit(offered, self._mask(outcome), self._blocks, policies, self._lever_weights, levers, base,
@@ -381,6 +379,7 @@ def _admit(offered, eligible, blocks, policies, lever_weights, levers, base, adm
         weight[a] = w
 
 
+_NONE = np.empty(0, dtype=np.intp)  # no fired policies / levers
 _STAGE_OF = {"eligible": "eligibility", "applicable": "applicability", "suitable": "suitability"}
 
 
