@@ -42,7 +42,6 @@ from engine.scorer import (
     _MISSING_NAN,
     _MISSING_ZERO,
     _T_EXP,
-    _T_IDENTITY,
     _T_LOG1P_EXP,
     _T_SIGMOID,
     _T_SQUARE,

@@ -334,14 +334,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     except ExperimentError as exc:
         print(f"warning: {exc}", file=sys.stderr)
         challenger = None
-    print("* champion, c challenger (experiment.yaml)")
+    print("* champion, c challenger (experiment.yaml), ! cannot go live")
     for version in registry.versions():
         saved = registry.metrics(version)
         m, t = saved.get("metrics", {}), saved.get("training", {})
         mark = "*" if version == champion else "c" if challenger and version == challenger.version else " "
-        print(f"{mark} {version}  auc {m.get('holdout_auc', '?')}  logloss {m.get('holdout_logloss', '?')}  "
-              f"rank-corr-with-truth {m.get('rank_correlation_with_truth', '-')}  rows {t.get('rows', '?')}  "
-              f"source {t.get('source', '?')}")
+        problem = registry.problem(version)
+        print(f"{mark}{'!' if problem else ' '} {version}  auc {m.get('holdout_auc', '?')}  "
+              f"logloss {m.get('holdout_logloss', '?')}  rank-corr-with-truth {m.get('rank_correlation_with_truth', '-')}  "
+              f"rows {t.get('rows', '?')}  source {t.get('source', '?')}" + (f"  ({problem})" if problem else ""))
     return 0
 
 

@@ -156,15 +156,16 @@ class DecisionEngine:
         self.clock = clock
         self.rankings: dict[str, Ranking] = {}
         self._present_script = store.client.register_script(PRESENT)
-        self._tables: dict[tuple[int, str], ActionTable] = {}
-        self._bound: dict[tuple[int, str], object] = {}  # (rules, model version) -> DecisionScorer
+        # keyed by content versions (an id() of a retired rule set can be reused by the next one)
+        self._tables: dict[tuple[str, str], ActionTable] = {}
+        self._bound: dict[tuple[str, str], object] = {}  # (ruleset, model version) -> DecisionScorer
         self.explorer: Explorer | None = None  # set by App: Thompson sampling counts
 
     def _action_table(self, rules: CompiledRules, model: LoadedModel) -> ActionTable:
-        key = (rules.version, model.version)  # a content hash: the same catalog (an id() is reused after a reload)
+        key = (rules.version, model.version)
         table = self._tables.get(key)
         if table is None:
-            if len(self._tables) > 8:
+            if len(self._tables) > 32:
                 self._tables.clear()
             table = self._tables[key] = ActionTable.build(rules.ruleset.actions, model.action_levels)
         return table
@@ -172,10 +173,10 @@ class DecisionEngine:
     def _scorer(self, rules: CompiledRules, model: LoadedModel):
         """The model bound to this catalog (``engine.bound_scorer``); ``prepare`` builds it off the
         request path whenever models or rules change."""
-        key = (rules.version, model.version)  # a content hash: the same catalog (an id() is reused after a reload)
+        key = (rules.version, model.version)
         scorer = self._bound.get(key)
         if scorer is None:
-            if len(self._bound) > 8:
+            if len(self._bound) > 32:
                 self._bound.clear()
             scorer = self._bound[key] = model.scorer.bind(ROW_FEATURES, self._action_table(rules, model).rows)
         return scorer
@@ -245,7 +246,7 @@ class DecisionEngine:
             x = shared_row(customer_block(profile, derived), req.channel)
             propensity = self._score(rules, model, x, admitted)
             shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
-            explore = self._explore(models, rules, req, admitted, propensity, now)
+            explore = self._explore(models, model, rules, req, admitted, propensity, now)
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, _STAGE_NAMES[v.stage], _dropped_detail(v))
                       for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
@@ -256,7 +257,8 @@ class DecisionEngine:
             explored_top = ""
             if explore is not None and not control:
                 for a in ranked:
-                    a.reasons.append("exploring: ranked on the model blended with a Thompson sample")
+                    if a.propensity > 0 or not a.reasons[0].startswith("fallback"):
+                        a.reasons.append("exploring: ranked on the model blended with a Thompson sample")
                 explored_top = "same" if (_order(candidates, propensity)[0][2].action.id
                                           == _order(candidates, propensity, explore)[0][2].action.id) else "changed"
             shadow_info = _shadow(shadow, shadow_p, candidates, ranked)
@@ -287,7 +289,7 @@ class DecisionEngine:
             features=x,
         ), degraded_by
 
-    def _explore(self, models, rules: CompiledRules, req: DecideInput, admitted: list[int],
+    def _explore(self, models, model: LoadedModel, rules: CompiledRules, req: DecideInput, admitted: list[int],
                  propensity: np.ndarray, now: float) -> np.ndarray | None:
         """Ranking propensities blended with Thompson samples when this decision explores, else None.
         Never for the control group (unless configured) nor for a named ranking."""
@@ -299,7 +301,7 @@ class DecisionEngine:
         contact = getattr(rules.ruleset, "contact", None) if self.contacts else None
         if not config.control and contact is not None and contact.control.contains(req.customer_id):
             return None
-        table = self._action_table(rules, resolve(models, req.customer_id)[0])
+        table = self._action_table(rules, model)
         return self.explorer.blend(config, req.customer_id, now, table.action_ids,
                                    np.asarray(admitted, dtype=np.int64), propensity)
 

@@ -97,17 +97,22 @@ class ModelRegistry:
         version = pointer.read_text().strip()
         return version if (self.dir / version / "model.txt").is_file() else None
 
+    def problem(self, version: str) -> str | None:
+        """Why ``version`` cannot go live (unreadable or mismatched schema.json), or None; cheap: the
+        model itself is only compiled by ``load``."""
+        try:
+            schema = json.loads((self.dir / version / "schema.json").read_text())
+        except (OSError, ValueError) as exc:
+            return f"unreadable schema.json: {exc}"
+        return schema_mismatch(schema)
+
     def champion_problem(self) -> str | None:
         """Why the champion cannot go live (missing, unreadable or mismatched schema), or None."""
         version = self.champion()
         if version is None:
             return f"no champion model in {self.dir}"
-        try:
-            schema = json.loads((self.dir / version / "schema.json").read_text())
-        except (OSError, ValueError) as exc:
-            return f"champion {version}: unreadable schema.json: {exc}"
-        mismatch = schema_mismatch(schema)
-        return f"champion {version} refused: {mismatch}" if mismatch else None
+        problem = self.problem(version)
+        return f"champion {version} refused: {problem}" if problem else None
 
     def promote(self, version: str) -> None:
         self.load(version)  # refuse before pointing at it

@@ -7,6 +7,8 @@ LightGBM's ``tree.h`` (``NumericalDecision``, ``CategoricalDecision``) and the C
 transforms follow each objective's ``ConvertOutput``.
 
 LightGBM is needed only to build a model (``from_booster``); ``from_file`` and scoring never call it.
+``CompiledModel.bind`` gives the decision-shaped scorer the service uses (``engine.bound_scorer``): one
+customer against many catalog actions per call, equal to this walker bit for bit, tens of times faster.
 """
 
 from __future__ import annotations
