@@ -132,9 +132,10 @@ def ruleset_of_situations(conditions: dict[str, str]) -> RuleSet:
 def fired_through_durable(rules, outcome) -> int:
     """How many logical rules held without being constant (each must fire exactly once)."""
     always = rules.plan.always
-    eligible = len(outcome.eligible - always["action"]) if rules.plan.eligibility is None else 0
-    return (len(outcome.situations - always["situation"]) + len(outcome.policies - always["policy"])
-            + len(outcome.levers - always["lever"]) + eligible)
+    in_durable = 0
+    if rules.plan.eligibility is None:  # actions and levers too (the naive compilation)
+        in_durable = len(outcome.eligible - always["action"]) + len(outcome.levers - always["lever"])
+    return len(outcome.situations - always["situation"]) + len(outcome.policies - always["policy"]) + in_durable
 
 
 # --- durable agrees with the Python evaluator -------------------------------------------------------

@@ -1,7 +1,9 @@
 """Microbenchmark of the rule stage: ``python -m engine.rules.bench [rules_dir]``.
 
 Prints microseconds per call for a few typical customers: build_fact, evaluate (one durable
-assert_fact + actions + delete_state), verdicts, and the Python evaluator for comparison.
+assert_fact + actions + delete_state, then the numba engagement program), the same rules with every
+action's engagement compiled into durable (the naive design), admitted (the verdicts a decision
+uses), and the Python evaluator for comparison. loadtest/bench_rules.py measures a 100-action catalog.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from .check import load_and_compile
 from .facts import FactInputs
+from .runtime import compile_rules
 
 PROFILES = {
     "loyal family, web": FactInputs(
@@ -44,8 +47,10 @@ def _per_call(fn, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     rules = load_and_compile(Path(args[0]) if args else Path("rules"))
+    naive = compile_rules(rules.ruleset, eligibility="durable")
     try:
-        print(f"{rules.version}: {len(rules.plan.definition)} durable rules, {len(rules.fact_fields)} fact fields")
+        print(f"{rules.version}: {len(rules.plan.definition)} durable rules ({len(naive.plan.definition)} naive), "
+              f"{len(rules.plan.durable_fields)} fields sent to durable")
         for name, inputs in PROFILES.items():
             fact = rules.build_fact(inputs)
             outcome = rules.evaluate(fact)
@@ -53,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                 rules.evaluate(fact)
             build = _per_call(lambda: rules.build_fact(inputs), 3000)
             evaluate = _per_call(lambda: rules.evaluate(fact), 3000)
-            verdicts = _per_call(lambda: rules.verdicts(outcome, inputs.channel), 3000)
+            naive_evaluate = _per_call(lambda: naive.evaluate(fact), 3000)
+            admitted = _per_call(lambda: rules.admitted(outcome, inputs.channel), 3000)
             python = _per_call(lambda: rules.evaluate_python(fact), 500)
-            print(f"{name:32s} fired {outcome.fired:2d}  build_fact {build:5.1f} us  evaluate {evaluate:6.1f} us  "
-                  f"verdicts {verdicts:5.1f} us  (python evaluator {python:6.1f} us)")
+            print(f"{name:32s} fired {outcome.fired:2d} (naive {naive.evaluate(fact).fired:2d})  build_fact {build:5.1f} us  "
+                  f"evaluate {evaluate:6.1f} us  (naive {naive_evaluate:6.1f} us)  admitted {admitted:5.1f} us  "
+                  f"(python evaluator {python:6.1f} us)")
     finally:
         rules.close()
+        naive.close()
     return 0
 
 

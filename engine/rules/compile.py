@@ -1,17 +1,18 @@
 """Compile a ``RuleSet`` into one durable-rules ruleset (JSON condition language, no Python DSL).
 
-One durable rule per situation (``sit$<name>``), policy (``pol$<name>``) and lever (``lev$<name>``);
-a condition that needed splitting gets ``#1``, ``#2``... suffixes (its pieces exclude each other, so
-at most one fires; see ``Plan.may_repeat`` for the exception). Situations are inlined everywhere, so
-one ``assert_fact`` of one fact decides every customer-level rule. Constant conditions get no durable
+One durable rule per situation (``sit$<name>``) and engagement policy (``pol$<name>``): the policy
+outcomes. A condition that needed splitting gets ``#1``, ``#2``... suffixes (its pieces exclude each
+other, so at most one fires; see ``Plan.may_repeat`` for the exception). Situations are inlined
+everywhere, so one ``assert_fact`` of one fact decides them all. Constant conditions get no durable
 rule. One extra rule, ``nba$all``, matches every fact (durable must run an action in every session it
 deletes).
 
 The per-action engagement conditions (each action's and its group's ``eligible``, ``applicable`` and
-``suitable``) are compiled to an ``EligibilityProgram`` (vector.py) run after durable, reading the
-situations durable decided. ``plan(ruleset, eligibility="durable")`` compiles them into durable rules
-instead (``act$<id>``, one firing per eligible action): the naive design, kept as the oracle the
-program is tested against and as the benchmark's baseline.
+``suitable``) and the levers' conditions (priority weights for arbitration) are compiled to an
+``EligibilityProgram`` (vector.py) run after durable, reading the situations durable decided.
+``plan(ruleset, eligibility="durable")`` compiles them into durable rules instead (``act$<id>``, one
+firing per eligible action, and ``lev$<name>``): the naive design, kept as the oracle the program is
+tested against and as the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Plan:
     always: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in PREFIX})
     fields: dict[str, str] = field(default_factory=dict)  # fact field -> "num" | "str" | "bool"
     durable_fields: tuple[str, ...] = ()  # the fields durable's rules read (the fact sent to durable)
-    eligibility: EligibilityProgram | None = None  # None: eligibility is compiled into durable rules
+    eligibility: EligibilityProgram | None = None  # actions' engagement, then levers; None: in durable
     sources: dict[str, str] = field(default_factory=dict)  # durable name -> "file:line:col"
     may_repeat: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) that may fire twice
 
@@ -76,7 +77,8 @@ def _fits(piece: Node) -> bool:
 def plan(ruleset: RuleSet, eligibility: str = "vector") -> tuple[Plan, list[RuleError]]:
     """The durable definition for ``ruleset`` and any condition too complex to compile.
 
-    ``eligibility``: "vector" (an ``EligibilityProgram``) or "durable" (one durable rule per action).
+    ``eligibility``: "vector" (an ``EligibilityProgram`` for actions and levers) or "durable" (one
+    durable rule per action and per lever).
     """
     if eligibility not in ("vector", "durable"):
         raise ValueError(f"eligibility must be vector or durable, not {eligibility!r}")
@@ -89,8 +91,8 @@ def plan(ruleset: RuleSet, eligibility: str = "vector") -> tuple[Plan, list[Rule
         for node in walk(condition):  # the Python evaluator reads every field, even simplified ones
             if isinstance(node, Field):
                 out.fields[node.name] = node.kind
-        if kind == "action" and not in_durable:
-            continue
+        if kind in ("action", "lever") and not in_durable:
+            continue  # in the EligibilityProgram
         try:
             pieces, exclusive = prepare(condition, situations, _fits)
         except TooComplex as err:
@@ -127,7 +129,8 @@ def plan(ruleset: RuleSet, eligibility: str = "vector") -> tuple[Plan, list[Rule
     out.fields.update(durable_fields)
     out.durable_fields = tuple(sorted(durable_fields))
     if not in_durable:
-        out.eligibility = EligibilityProgram([ruleset.engagement(a) for a in ruleset.actions])
+        out.eligibility = EligibilityProgram([ruleset.engagement(a) for a in ruleset.actions]
+                                             + [lv.when for lv in ruleset.levers])
     if len(durable_fields) > MAX_FACT_FIELDS:
         errors.append(RuleError(first, 1, 1, f"the rules use {len(durable_fields)} different fields; the engine holds at most {MAX_FACT_FIELDS}",
                                 "use fewer distinct products, context keys or triggers"))

@@ -1,5 +1,6 @@
-"""Run a compiled rule set: one ``assert_fact`` per decision through durable's C engine, then the
-eligibility of every action in one numba call (vector.py), then per-action verdicts with numpy.
+"""Run a compiled rule set: one ``assert_fact`` per decision through durable's C engine (situations,
+policies), then every action's engagement conditions and the levers in one numba call (vector.py),
+then admission and weights in another.
 
 The raw C API is used directly (not ``durable.lang.Host``, which starts polling threads and never
 frees rulesets). Each ``evaluate`` uses a fresh session id and always deletes its state, so at most
@@ -185,16 +186,20 @@ class CompiledRules:
             if kind in found:
                 found[kind].append(name)
         situations = frozenset(found["situation"]).union(always["situation"])
-        if self._program is not None:
-            mask = self._program.run(fact, situations)
-            eligible = frozenset(itertools.compress(self._ids, mask.tolist()))
+        if self._program is not None:  # actions' engagement, then levers
+            held = self._program.run(fact, situations)
+            mask = held[: len(self._ids)]
+            verdicts = held.tolist()
+            eligible = frozenset(itertools.compress(self._ids, verdicts))
+            levers = frozenset(itertools.compress(self._lever_row, verdicts[len(self._ids):]))
         else:
             eligible = frozenset(found["action"]).union(always["action"])
             mask = np.array([aid in eligible for aid in self._ids], dtype=np.bool_)
+            levers = frozenset(found["lever"]).union(always["lever"])
         return RuleOutcome(
             situations=situations,
             policies=frozenset(found["policy"]).union(always["policy"]),
-            levers=frozenset(found["lever"]).union(always["lever"]),
+            levers=levers,
             eligible=eligible,
             fired=sum(map(len, found.values())),
             mask=mask,

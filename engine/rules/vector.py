@@ -1,12 +1,13 @@
-"""Per-action engagement conditions for the whole catalog in one numba call.
+"""Per-action engagement conditions (and the levers) for the whole catalog in one numba call.
 
-durable-rules decides the customer-level rules (situations, policies, levers): a few of them hold per
+durable-rules decides the policy outcomes (situations, engagement policies): a few of them hold per
 decision. The engagement conditions (eligible, applicable, suitable; the action's and its group's)
 are per action, and a large share of a catalog passes them for any customer; as durable rules, every
 such action would be one more firing, and every condition more tests in the matching network, on
 every decision (BENCHMARKS.md has the cost). So each action's conditions are compiled into one small
 stack program, and one numba kernel runs all of them over a vector of the fact's fields; situations
-are read from durable's outcome.
+are read from durable's outcome. The levers' conditions (priority weights, not policies) ride along
+as extra programs after the actions'.
 ``tests/test_rule_runtime.py`` proves it decides exactly what durable-rules decides (the same
 conditions compiled as durable rules) on thousands of generated profiles.
 
