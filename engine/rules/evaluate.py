@@ -13,7 +13,7 @@ from .nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or
 
 def evaluate(node: Node, env: Mapping, situations: Mapping[str, Node] | None = None):
     """Value of ``node`` in ``env``; ``situations`` maps situation names to their conditions."""
-    return _Evaluator(env, situations or {}).eval(node)
+    return _Evaluator(env, situations or {}).value(node)
 
 
 class _Evaluator:
@@ -22,7 +22,7 @@ class _Evaluator:
         self.situations = situations
         self.memo: dict[str, bool] = {}
 
-    def eval(self, node: Node):
+    def value(self, node: Node):
         t = type(node)
         if t is Field:
             return self.env[node.name]
@@ -31,19 +31,19 @@ class _Evaluator:
         if t is Str or t is Bool:
             return node.value
         if t is And:
-            return all(self.eval(item) for item in node.items)
+            return all(self.value(item) for item in node.items)
         if t is Or:
-            return any(self.eval(item) for item in node.items)
+            return any(self.value(item) for item in node.items)
         if t is Not:
-            return not self.eval(node.operand)
+            return not self.value(node.operand)
         if t is Compare:
-            return _compare(node.op, self.eval(node.left), self.eval(node.right))
+            return _compare(node.op, self.value(node.left), self.value(node.right))
         if t is In:
-            value = self.eval(node.left)
-            found = any(value == self.eval(item) for item in node.items)
+            value = self.value(node.left)
+            found = any(value == self.value(item) for item in node.items)
             return not found if node.negated else found
         if t is Arith:
-            a, b = self.eval(node.left), self.eval(node.right)
+            a, b = self.value(node.left), self.value(node.right)
             op = node.op
             if op == "+":
                 return a + b
@@ -53,11 +53,11 @@ class _Evaluator:
                 return a * b
             return a / b
         if t is Neg:
-            return -self.eval(node.operand)
+            return -self.value(node.operand)
         if t is SitRef:
             name = node.name
             if name not in self.memo:
-                self.memo[name] = bool(self.eval(self.situations[name]))
+                self.memo[name] = bool(self.value(self.situations[name]))
             return self.memo[name]
         raise TypeError(f"cannot evaluate {t.__name__}")
 
