@@ -2,11 +2,11 @@
 
 Contact history is a sorted set per customer, ``nba:{c:<id>}:contacts``, scored by epoch
 milliseconds, one member per contact: ``<kind>|<action>|<group>|<type>|<channel>|<decision id>`` where
-kind is ``i`` (presented), ``r`` (rejected) or ``a`` (accepted). It is read in the profile's round
-trip (``ProfileStore.fetch``) so the funnel can drop actions early and explain why, and it is checked
-again, authoritatively, by one Lua script when a decision presents its actions (``PRESENT``): the
-script walks the ranked candidates, skips any that a contact limit or an exhausted budget forbids
-*now* (whatever other server processes did meanwhile), records the impressions, consumes the budgets
+kind is ``i`` (presented), ``r`` (rejected) or ``a`` (accepted). It is read and judged by one Lua
+script when a decision presents its actions (``PRESENT``), the decision's second and last Redis round
+trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
+contact limit or an exhausted budget forbids *now* (whatever other server processes did meanwhile),
+and says which limit and count stopped each one (for explanations), records the impressions, consumes the budgets
 (``nba:budget:<action>:<yyyymmdd>``) and stores the decision record (``nba:decision:<id>``) that
 ``RecordResponse`` checks. Several processes deciding at once for one customer therefore never exceed
 a limit, and N processes together never exceed a budget.
@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from engine.features import ACTION_TYPES, CHANNELS
 
@@ -133,41 +133,6 @@ class ContactRules:
         return found
 
 
-# --- evaluation in Python (the early, explainable check on the history read with the profile) --------
-
-@dataclass(frozen=True)
-class Contact:
-    kind: str
-    action: str
-    group: str
-    type: str
-    channel: str
-    ts_ms: int
-
-
-def parse_history(raw: Iterable[tuple[bytes, float]]) -> list[Contact]:
-    out = []
-    for member, score in raw:
-        parts = member.decode().split("|")
-        if len(parts) >= 5:
-            out.append(Contact(parts[0], parts[1], parts[2], parts[3], parts[4], int(score)))
-    return out
-
-
-def limit_reached(limit: ContactLimit, action: "Action", history: Sequence[Contact], now_ms: int) -> int | None:
-    """The count that reaches ``limit`` for ``action``, or None when the action may be presented."""
-    kind, since = KINDS[limit.counts], now_ms - int(limit.days * DAY_MS)
-    n = 0
-    for c in history:
-        if (c.kind == kind and c.ts_ms >= since
-                and (limit.per == "customer" or (limit.per == "action" and c.action == action.id)
-                     or (limit.per == "group" and c.group == action.group))
-                and (not limit.channels or c.channel in limit.channels)
-                and (not limit.types or c.type in limit.types)):
-            n += 1
-    return n if n >= limit.max else None
-
-
 def control_order(control: ControlGroup, candidates: list, customer_id: str, now: float) -> list:
     """The control policy's order of the admitted candidates ``(priority, propensity, verdict)``.
 
@@ -198,15 +163,30 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 #   ttl_ms (decision record), bttl (budget ttl, s), lim (limit specs), cand (ranked candidates:
 #   [action, group, type, value, [limit indexes], budget key index or 0, budget]), fb (fallback
 #   candidate or 0), rec (decision record fields).
-# Returns {verdict per candidate ('ok', 'group', 'limit:<i>', 'budget', 'cutoff'), 'fb' or ''}.
+# Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''}.
 PRESENT = r"""
 local a = cjson.decode(ARGV[1])
-local ents = {}
+-- per limit: how many counted contacts in its window, in all and per action and per group
+local cnt = {}
+for li, L in ipairs(a.lim) do cnt[li] = {c = 0, a = {}, g = {}} end
+local function count(li, act, grp)
+  local t = cnt[li]
+  t.c = t.c + 1
+  t.a[act] = (t.a[act] or 0) + 1
+  t.g[grp] = (t.g[grp] or 0) + 1
+end
 if #a.lim > 0 then
   local hist = redis.call('ZRANGEBYSCORE', KEYS[1], a.since, '+inf', 'WITHSCORES')
   for i = 1, #hist, 2 do
     local k, act, grp, typ, ch = string.match(hist[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)')
-    if k then ents[#ents + 1] = {k, act, grp, typ, ch, tonumber(hist[i + 1])} end
+    if k then
+      local ts = tonumber(hist[i + 1])
+      for li, L in ipairs(a.lim) do
+        if k == L[1] and ts >= L[4] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then
+          count(li, act, grp)
+        end
+      end
+    end
   end
 end
 local groups, verdicts, shown = {}, {}, {}
@@ -216,7 +196,9 @@ local function present(c, tag)
     redis.call('EXPIRE', KEYS[c[6]], a.bttl)
   end
   redis.call('ZADD', KEYS[1], a.now, 'i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch .. '|' .. a.id .. '|' .. tag)
-  ents[#ents + 1] = {'i', c[1], c[2], c[3], a.ch, a.now}
+  for li, L in ipairs(a.lim) do
+    if L[1] == 'i' and (L[5] == 0 or L[5][a.ch]) and (L[6] == 0 or L[6][c[3]]) then count(li, c[1], c[2]) end
+  end
   groups[c[2]] = true
   shown[#shown + 1] = c
 end
@@ -225,16 +207,10 @@ for ci, c in ipairs(a.cand) do
   if #shown >= a.n then v = 'cutoff' elseif groups[c[2]] then v = 'group' end
   if not v then
     for _, li in ipairs(c[5]) do
-      local L = a.lim[li]
-      local n = 0
-      for _, e in ipairs(ents) do
-        if e[1] == L[1] and e[6] >= L[4]
-           and (L[2] == 'c' or (L[2] == 'a' and e[2] == c[1]) or (L[2] == 'g' and e[3] == c[2]))
-           and (L[5] == 0 or L[5][e[5]]) and (L[6] == 0 or L[6][e[4]]) then
-          n = n + 1
-        end
-      end
-      if n >= L[3] then v = 'limit:' .. li; break end
+      local L, t = a.lim[li], cnt[li]
+      local n = t.c
+      if L[2] == 'a' then n = t.a[c[1]] or 0 elseif L[2] == 'g' then n = t.g[c[2]] or 0 end
+      if n >= L[3] then v = 'limit:' .. li .. ':' .. n; break end
     end
   end
   if not v and c[6] > 0 then

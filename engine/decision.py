@@ -18,14 +18,13 @@ import redis
 
 from engine import metrics
 from engine.contact import (PRESENT, ContactRules, DECISION_TTL_DAYS, DAY_MS, control_order, decision_key,
-                            limit_reached, present_args)
+                            present_args)
 from engine.decision_log import DecisionLog
 from engine.derived import derive
-from engine.features import CHANNELS
+from engine.features import CHANNELS, SCHEMA
 from engine.live import Live
 from engine.experiment import exploration_of, resolve
 from engine.exploration import Explorer
-from engine.features import SCHEMA
 from engine.model_input import ROW_FEATURES, ActionTable, customer_block, encode_features, shared_row
 from engine.registry import LoadedModel
 from engine.rules.facts import FactInputs
@@ -37,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_ACTIONS_LIMIT = 20
 DEFAULT_MAX_ACTIONS = 3
 MAX_ID_LENGTH = 128
+
+FEATURE_SCHEMA = SCHEMA.fingerprint()  # hashed once: every logged decision carries it
 
 
 class InvalidRequest(ValueError):
@@ -189,9 +190,9 @@ class DecisionEngine:
         for model in getattr(models, "models", (models,)):
             self._scorer(rules, model).warmup()
 
-    def _fetch(self, customer_id: str, contacts_since_ms: int | None = None) -> tuple[Profile, str | None]:
+    def _fetch(self, customer_id: str) -> tuple[Profile, str | None]:
         try:
-            return self.store.fetch(customer_id, contacts_since_ms), None
+            return self.store.fetch(customer_id), None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
             log.warning("profile fetch failed for %s: %s", customer_id, exc)
@@ -222,9 +223,7 @@ class DecisionEngine:
         max_actions = validate(req)
         stages = _Stages(observe)
         decision_id, now = uuid.uuid4().hex, self.clock()
-        contact = self._contact_rules()
-        since = int(now * 1000 - contact.history_days * DAY_MS) if contact is not None and contact.limits else None
-        profile, degraded_by = self._fetch(req.customer_id, since)
+        profile, degraded_by = self._fetch(req.customer_id)
         stages.done("profile")
         derived = derive(profile.numeric)
         stages.done("derive")
@@ -334,8 +333,6 @@ class DecisionEngine:
                 metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
             candidates, fallback = [], None
         else:
-            if contact is not None and contact.limits and profile.contacts:
-                candidates = _within_limits(contact, candidates, profile, channel, now, funnel, present)
             fallback = self._fallback_action(rules, outcome, channel, funnel)
         if contact is None or not present:
             ranked = _select(candidates, channel, max_actions, funnel)
@@ -360,7 +357,7 @@ class DecisionEngine:
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
             if verdict == "budget" or verdict.startswith("limit:"):
                 metrics.CONTACT_SUPPRESSED.labels(
-                    "budget" if verdict == "budget" else limits[int(verdict[6:]) - 1].name).inc()
+                    "budget" if verdict == "budget" else limits[int(verdict.split(":")[1]) - 1].name).inc()
             if verdict == "ok":
                 ranked.append(_ranked(v, p, priority, channel, len(ranked) + 1))
                 if funnel is not None:
@@ -434,7 +431,7 @@ class DecisionEngine:
                 **({"shadow_model": decision.shadow_version,
                     "shadow_propensities": ",".join(f"{p:.5f}" for p in decision.shadow_propensities),
                     "shadow_top": decision.shadow_top} if decision.shadow_version else {}),
-                **({"features": encode_features(decision.features), "feature_schema": SCHEMA.fingerprint()}
+                **({"features": encode_features(decision.features), "feature_schema": FEATURE_SCHEMA}
                    if decision.features is not None and decision.actions else {}),
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
@@ -484,36 +481,15 @@ def _shadow(shadow: LoadedModel | None, shadow_p: np.ndarray | None, admitted: l
             "shadow_top": top[0][2].action.id if top else ""}
 
 
-def _within_limits(contact: ContactRules, candidates: list, profile: Profile, channel: str, now: float,
-                   funnel: list[FunnelEntry] | None, count: bool = True) -> list:
-    """Drop the candidates a contact limit forbids, judged on the history read with the profile."""
-    now_ms = int(now * 1000)
-    kept = []
-    for priority, p, v in candidates:
-        for limit in contact.limits:
-            if limit.applies(v.action, channel):
-                n = limit_reached(limit, v.action, profile.contacts, now_ms)
-                if n is not None:
-                    if count:
-                        metrics.CONTACT_SUPPRESSED.labels(limit.name).inc()
-                    if funnel is not None:
-                        funnel.append(FunnelEntry(v.action.id, "contact",
-                                                  f"contact policy {limit.name}: {limit.reason} ({n} {limit.counts} "
-                                                  f"in {limit.days:g} days)", p, priority))
-                    break
-        else:
-            kept.append((priority, p, v))
-    return kept
-
-
 def _present_detail(verdict: str, v: ActionVerdict, limits: list, max_actions: int) -> tuple[str, str]:
     if verdict == "group":
         return "group", f"group {v.action.group} already shown"
     if verdict == "budget":
         return "budget", f"daily budget of {v.action.daily_budget} used up"
     if verdict.startswith("limit:"):
-        limit = limits[int(verdict[6:]) - 1]
-        return "contact", f"contact policy {limit.name}: {limit.reason}"
+        _, index, n = verdict.split(":")
+        limit = limits[int(index) - 1]
+        return "contact", f"contact policy {limit.name}: {limit.reason} ({n} {limit.counts} in {limit.days:g} days)"
     return "cutoff", f"below the top {max_actions}"
 
 

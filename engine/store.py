@@ -66,7 +66,6 @@ class Profile:
     open_cases: tuple[str, ...] = ()
     triggers: frozenset[str] = frozenset()
     found: bool = True
-    contacts: list = field(default_factory=list)  # engine.contact.Contact, newest window only
 
     @classmethod
     def cold(cls, customer_id: str) -> "Profile":
@@ -143,21 +142,14 @@ class ProfileStore:
         return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
                                         health_check_interval=30))
 
-    def fetch(self, customer_id: str, contacts_since_ms: int | None = None) -> Profile:
-        """Profile, active triggers and (from ``contacts_since_ms``) contact history in one round trip;
-        a cold profile when the customer is unknown."""
+    def fetch(self, customer_id: str) -> Profile:
+        """Profile and active triggers in one round trip; a cold profile when the customer is unknown.
+        Contact history is read by the presenting script, which alone judges contact limits."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(profile_key(customer_id))
         pipe.hgetall(triggers_key(customer_id))
-        if contacts_since_ms is not None:
-            pipe.zrangebyscore(f"nba:{{c:{customer_id}}}:contacts", contacts_since_ms, "+inf", withscores=True)
-        raw, triggers, *history = pipe.execute()
-        profile = decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
-        if history and history[0]:
-            from engine.contact import parse_history
-
-            profile.contacts = parse_history(history[0])
-        return profile
+        raw, triggers = pipe.execute()
+        return decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
 
     def save(self, profiles: list[Profile]) -> None:
         pipe = self.client.pipeline(transaction=False)
