@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--step", type=float, default=1.25)
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--processes", type=int, default=2, help="load generator processes")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per rate, judged on the median p99")
     ap.add_argument("--customers", type=int, default=20_000)
     ap.add_argument("--json")
     ap.add_argument("--png", help="latency vs offered load for the largest worker count")
@@ -61,7 +62,7 @@ def main() -> int:
                 work = loadgen.Workload(f"127.0.0.1:{port}", customers=args.customers)
                 print(f"--- {workers} worker(s)", flush=True)
                 found = loadgen.find_max(work, slo, args.start_rate, 100_000, args.step, args.duration, 2,
-                                         args.processes)
+                                         args.processes, args.repeats)
                 half = None
                 if found["best"]:
                     half = loadgen.run(work, found["max_rps_meeting_slo"] / 2, args.duration, 2, args.processes)

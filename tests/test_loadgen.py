@@ -36,3 +36,18 @@ def test_a_short_run_reports_percentiles_json_and_png_and_checks_the_slo(service
     assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["p999_ms"] <= result["max_ms"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loadgen.main(args + ["--slo", "p50=1us"]) == 1  # an SLO nobody meets fails the run
+
+
+def test_find_max_steps_up_until_the_slo_breaks_judging_each_rate_on_its_median_run(service) -> None:
+    app, channel = service
+    work = loadgen.Workload(channel._channel.target().decode(), customers=1000)
+    held = loadgen.find_max(work, {"p99_ms": 2000.0}, start_rate=20, max_rate=40, step=1.5, duration=1,
+                            warmup=0.3, processes=1, repeats=2)
+    assert [s["offered_rps"] for s in held["steps"]] == [20, 30]  # 45/s is past --max-rate
+    assert held["max_rps_meeting_slo"] == 30 and all(s["held"] for s in held["steps"])
+    assert all(len(s["p99_ms_of_runs"]) == 2 and s["p99_ms"] in s["p99_ms_of_runs"] for s in held["steps"])
+
+    broken = loadgen.find_max(work, {"p99_ms": 0.001}, start_rate=20, max_rate=40, step=1.5, duration=1,
+                              warmup=0.3, processes=1, repeats=1)
+    assert broken["best"] is None and broken["max_rps_meeting_slo"] == 0.0
+    assert len(broken["steps"]) == 1 and not broken["steps"][0]["held"]
