@@ -87,6 +87,7 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
     """The report over decisions logged from stream id ``since`` (and responses to them)."""
     values, types = values or {}, types or {}
     decisions: dict[str, tuple[list[str], list[str], list[float], bool]] = {}
+    models: dict[str, dict[str, int]] = {}  # model version (role) -> decisions, of which explored
     for _, d in _read(client, DECISIONS_STREAM, since):
         if customer_prefix and not d.get("customer_id", "").startswith(customer_prefix):
             continue
@@ -95,6 +96,10 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         vals = ([float(x) for x in d["values"].split(",")] if d.get("values")
                 else [values.get(a, 0.0) for a in actions])
         decisions[d["decision_id"]] = (actions, kinds, vals, d.get("control") == "1")
+        model = models.setdefault(f"{d.get('model_version', '?')} ({d.get('model_role') or 'champion'})",
+                                  {"decisions": 0, "explored": 0})
+        model["decisions"] += 1
+        model["explored"] += d.get("explored") == "1"
     accepted: set[tuple[str, str]] = set()
     for _, r in _read(client, RESPONSES_STREAM, since):
         if r.get("outcome") == "accepted" and r.get("decision_id") in decisions:
@@ -123,6 +128,9 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         "by_type": {k: t.row() for k, t in sorted(by_type.items(), key=lambda kv: -kv[1].value)},
         "policy": {name: arm.summary() for name, arm in arms.items()},
         "lift": lift_interval(treated, control),
+        "models": models,
+        "exploration": {"decisions": (explored := sum(m["explored"] for m in models.values())),
+                        "share": explored / len(decisions) if decisions else 0.0},
     }
 
 
@@ -138,6 +146,10 @@ def format_report(report: dict) -> str:
     for name, r in report["policy"].items():
         lines.append(f"{name:32} {r['decisions']:>10} {r['accepted']:>9} {r['acceptance_rate']:>7.2%} "
                      f"{r['value_per_1000_decisions']:>15,.1f}")
+    lines += ["", f"{'model (role)':32} {'decisions':>10} {'explored':>9}"]
+    for name, m in report["models"].items():
+        lines.append(f"{name:32} {m['decisions']:>10} {m['explored']:>9}")
+    lines.append(f"exploration: {report['exploration']['share']:.1%} of decisions ranked with a Thompson sample")
     lift = report["lift"]
     if lift.get("lift") is None:
         lines.append(f"lift over control: n/a ({lift.get('note')})")

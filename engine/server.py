@@ -189,6 +189,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             model_version=model.version, model_loaded_at=_timestamp(model.loaded_at),
             redis_ok=ok, redis_detail=detail, catalog_size=len(rules.ruleset.actions),
             service_version=__version__, worker_pid=os.getpid(),
+            experiment_mode=model.mode, challenger_version=model.challenger.version if model.challenger else "",
+            challenger_share=model.share if model.mode == "split" else 0.0,
+            exploration_strategy=model.exploration.strategy if model.exploration.enabled else "none",
+            exploration_share=model.exploration.share if model.exploration.enabled else 0.0,
         )
 
 

@@ -25,6 +25,7 @@ from engine.cli import main as nba
 from engine.config import Config
 from engine.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet, parse_experiment
 from engine.exploration import COUNTS_KEY
+from engine.report import build_report
 from engine.model_input import CHANNEL_INDEX, FEATURES, customer_block
 from engine.registry import ModelRefused, ModelRegistry
 from engine.server import build_server
@@ -205,6 +206,9 @@ def test_challenger_split_is_stable_by_customer_and_recorded(live, second_model:
     (registry.dir / EXPERIMENT_FILE).write_text(
         f"challenger:\n  version: {challenger}\n  mode: split\n  share: 0.5\n")
     wait_for(lambda: app.model.current.challenger is not None, what="the challenger to go live")
+    status = pb_grpc.AdminServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert (status.model_version, status.experiment_mode, status.challenger_version, status.challenger_share) == (
+        champion, "split", challenger, 0.5)
     customers = [f"C{i:07d}" for i in range(0, 1000, 5)]
     first = {c: decide(channel, c).model_version for c in customers}
     again = {c: decide(channel, c, pb.CHANNEL_MOBILE_APP).model_version for c in customers}
@@ -265,6 +269,8 @@ def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_
     (registry.dir / EXPERIMENT_FILE).write_text(
         "exploration:\n  strategy: thompson\n  share: 1.0\n  weight: 0.9\n  prior_strength: 2\n")
     wait_for(lambda: app.model.current.exploration.enabled, what="exploration to go live")
+    status = pb_grpc.AdminServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert (status.exploration_strategy, status.exploration_share, status.experiment_mode) == ("thompson", 1.0, "none")
     control = app.rules.current.ruleset.contact.control
     customers = [f"C{i:07d}" for i in range(120)]
     replies = {c: decide(channel, c) for c in customers}
@@ -277,6 +283,10 @@ def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_
         assert explored == (c not in in_control and scored), c
         assert all(("exploring" in " ".join(a.reasons)) == explored for a in reply.actions)
     assert sum(r["explored"] == "1" for r in records.values()) > len(customers) / 2
+    report = build_report(redis.Redis.from_url(redis_url))  # nba report states the share
+    assert report["exploration"]["decisions"] == sum(r["explored"] == "1" for r in records.values())
+    assert report["exploration"]["share"] == pytest.approx(report["exploration"]["decisions"] / report["decisions"])
+    assert sum(m["decisions"] for m in report["models"].values()) == report["decisions"]
     # same customer, same period, same state: the same answer (one voice)
     explorer = next(c for c in customers if records[c]["explored"] == "1")
     assert [a.action_id for a in decide(channel, explorer).actions] == [a.action_id for a in replies[explorer].actions]

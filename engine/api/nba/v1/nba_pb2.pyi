@@ -223,7 +223,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid")
+    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid", "experiment_mode", "challenger_version", "challenger_share", "exploration_strategy", "exploration_share")
     RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULESET_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,11 @@ class GetStatusResponse(_message.Message):
     CATALOG_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_SHARE_FIELD_NUMBER: _ClassVar[int]
     ruleset_version: str
     ruleset_loaded_at: _timestamp_pb2.Timestamp
     model_version: str
@@ -242,4 +247,9 @@ class GetStatusResponse(_message.Message):
     catalog_size: int
     service_version: str
     worker_pid: int
-    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ...) -> None: ...
+    experiment_mode: str
+    challenger_version: str
+    challenger_share: float
+    exploration_strategy: str
+    exploration_share: float
+    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ..., experiment_mode: _Optional[str] = ..., challenger_version: _Optional[str] = ..., challenger_share: _Optional[float] = ..., exploration_strategy: _Optional[str] = ..., exploration_share: _Optional[float] = ...) -> None: ...
