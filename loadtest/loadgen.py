@@ -48,6 +48,9 @@ class Workload:
     cold_share: float = 0.05  # unknown customers: cold starts
     max_actions: int = 3
     timeout: float = 2.0
+    # TCP connections per client process, used in turn: many desktops and app servers, not one pipe, so
+    # that the kernel spreads them over workers sharing a port (it balances connections, not calls).
+    connections: int = 4
 
 
 def _client(work: Workload, rate: float, start: float, warmup: float, duration: float, drain: float,
@@ -89,8 +92,11 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
             pending.release()
         return callback
 
-    with grpc.insecure_channel(work.address) as channel:
-        decide = pb_grpc.DecisionServiceStub(channel).Decide.future
+    # a local subchannel pool per channel: otherwise channels to one address share one connection
+    conns = [grpc.insecure_channel(work.address, options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(work.connections)]
+    try:
+        stubs = [pb_grpc.DecisionServiceStub(c).Decide.future for c in conns]
         requests = [request(i) for i in range(n)]  # built ahead so the send loop only sends
         while time.time() < start:
             time.sleep(min(0.01, max(0.0, start - time.time())))
@@ -99,11 +105,14 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
             delay = intended[i] - time.time()
             if delay > 0:
                 time.sleep(delay)
-            decide(requests[i], timeout=work.timeout).add_done_callback(done(i))
+            stubs[i % len(stubs)](requests[i], timeout=work.timeout).add_done_callback(done(i))
         deadline = time.time() + drain
         for _ in range(n):
             if not pending.acquire(timeout=max(0.0, deadline - time.time())):
                 break
+    finally:
+        for c in conns:
+            c.close()
     measured = intended >= start + warmup
     out.put({"intended": intended[measured], "latency": latency[measured], "ok": ok[measured]})
 
@@ -268,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds sent but not measured")
     ap.add_argument("--processes", type=int, default=2, help="client processes sharing the rate")
+    ap.add_argument("--connections", type=int, default=4, help="connections per client process, used in turn")
     ap.add_argument("--customers", type=int, default=20_000, help="ids C0000000.. that exist")
     ap.add_argument("--cold-share", type=float, default=0.05, help="share of unknown customers")
     ap.add_argument("--hot-share", type=float, default=0.3, help="share of requests for 500 hot customers")
@@ -282,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     slo = parse_slo(args.slo)
-    work = Workload(args.address, customers=args.customers, cold_share=args.cold_share, hot_share=args.hot_share)
+    work = Workload(args.address, customers=args.customers, cold_share=args.cold_share, hot_share=args.hot_share,
+                    connections=args.connections)
     if args.find_max:
         if not slo:
             raise SystemExit("--find-max needs an --slo")
