@@ -79,6 +79,16 @@ redis.call('PEXPIREAT', KEYS[1], latest)
 """
 
 
+# Clears triggers; returns the names that were set.
+_CLEAR_TRIGGERS = """
+local cleared = {}
+for _, name in ipairs(ARGV) do
+  if redis.call('HDEL', KEYS[1], name) == 1 then table.insert(cleared, name) end
+end
+return cleared
+"""
+
+
 def events_key(customer_id: str) -> str:
     return f"nba:{{c:{customer_id}}}:events"
 
@@ -130,6 +140,7 @@ class EventProcessor:
         self.clock = clock
         self._ingest = self.client.register_script(_INGEST)
         self._set_triggers = self.client.register_script(_SET_TRIGGERS)
+        self._clear_triggers = self.client.register_script(_CLEAR_TRIGGERS)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
 
     # --- ingestion --------------------------------------------------------------------------------
@@ -199,13 +210,15 @@ class EventProcessor:
         if raised or cleared or timers:
             pipe = self.client.pipeline(transaction=False)
             if cleared:
-                pipe.hdel(triggers_key(customer_id), *cleared)
+                self._clear_triggers(keys=[triggers_key(customer_id)], args=cleared, client=pipe)
             if raised:
                 self._set_triggers(keys=[triggers_key(customer_id)],
                                    args=[x for kv in raised.items() for x in kv], client=pipe)
             for timer in timers:
                 pipe.zadd(TIMERS_KEY, {timer_member(customer_id, timer): timer.due_ms})
-            pipe.execute()
+            replies = pipe.execute()
+            if cleared:
+                cleared = [n.decode() if isinstance(n, bytes) else n for n in replies[0]]
         out.patterns += [f.pattern.name for f in firings]
         out.raised += sorted(raised)
         out.cleared += cleared
@@ -226,7 +239,7 @@ class EventProcessor:
         events = self.rules.current.ruleset.events
         names = sorted(events.clears_by_response.get((action_id, outcome), ())) if events is not None else []
         if names and customer_id:
-            self.client.hdel(triggers_key(customer_id), *names)
+            names = [n.decode() for n in self._clear_triggers(keys=[triggers_key(customer_id)], args=names)]
             for name in names:
                 metrics.TRIGGER_CHANGES.labels(name, "cleared").inc()
         return names

@@ -28,8 +28,8 @@ BATCH = 100
 # KEYS[1] timers; ARGV: now ms, batch, lease ms. Returns the claimed members.
 _CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local until = tonumber(ARGV[1]) + tonumber(ARGV[3])
-for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], until, m) end
+local leased = tonumber(ARGV[1]) + tonumber(ARGV[3])
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], leased, m) end
 return due
 """
 
