@@ -5,7 +5,7 @@
    ``nba:stream:events`` log, and read back the history the patterns need: one round trip.
 2. The patterns (``CompiledPatterns``, part of the live rule set) evaluate that history in a
    short-lived durable session.
-3. One pipeline: triggers the event resolves are cleared, triggers of matched patterns are raised
+3. One more script: triggers the event resolves are cleared, triggers of matched patterns are raised
    (with their time to live), absence timers are scheduled in ``nba:timers``. When ``publish``
    returns, the next Decide on any channel sees the triggers.
 4. A matched pattern with ``outbound`` runs a real decision for that customer on the outbound channel,
@@ -68,22 +68,33 @@ local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', unpack(AR
 return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
 """
 
-# Same as store._SET_TRIGGER, for several triggers of one customer at once.
-_SET_TRIGGERS = """
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local latest = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  if tonumber(v) > latest then latest = tonumber(v) end
+# The effects of one event in one call. KEYS: triggers hash, timers. ARGV: number of triggers to
+# clear, their names, number of triggers to raise, (name, expiry ms) pairs, then (timer member, due
+# ms) pairs. Keeps the hash alive until its latest trigger expires (as store._SET_TRIGGER). Returns
+# the names it cleared that were set. Like contact.py, this assumes one Redis node (the timers key
+# is not the customer's).
+_APPLY = """
+local cleared, i = {}, 2
+for _ = 1, tonumber(ARGV[1]) do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then table.insert(cleared, ARGV[i]) end
+  i = i + 1
 end
-redis.call('PEXPIREAT', KEYS[1], latest)
-"""
-
-
-# Clears triggers; returns the names that were set.
-_CLEAR_TRIGGERS = """
-local cleared = {}
-for _, name in ipairs(ARGV) do
-  if redis.call('HDEL', KEYS[1], name) == 1 then table.insert(cleared, name) end
+local raise = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, raise do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if raise > 0 then
+  local latest = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+    if tonumber(v) > latest then latest = tonumber(v) end
+  end
+  redis.call('PEXPIREAT', KEYS[1], latest)
+end
+while i <= #ARGV do
+  redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+  i = i + 2
 end
 return cleared
 """
@@ -139,8 +150,7 @@ class EventProcessor:
         self.engine = engine
         self.clock = clock
         self._ingest = self.client.register_script(_INGEST)
-        self._set_triggers = self.client.register_script(_SET_TRIGGERS)
-        self._clear_triggers = self.client.register_script(_CLEAR_TRIGGERS)
+        self._apply_script = self.client.register_script(_APPLY)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
 
     # --- ingestion --------------------------------------------------------------------------------
@@ -204,21 +214,15 @@ class EventProcessor:
 
     def _apply(self, customer_id: str, firings: list[Firing], cleared: list[str], timers: list[Timer],
                out: Processed, now_ms: int) -> None:
-        """Clear, raise, schedule (one pipeline), then the outbound decisions."""
+        """Clear, raise, schedule (one script), then the outbound decisions."""
         raised = {f.pattern.trigger: now_ms + f.pattern.ttl_ms for f in firings if f.pattern.trigger}
         cleared = [t for t in cleared if t not in raised]
         if raised or cleared or timers:
-            pipe = self.client.pipeline(transaction=False)
-            if cleared:
-                self._clear_triggers(keys=[triggers_key(customer_id)], args=cleared, client=pipe)
-            if raised:
-                self._set_triggers(keys=[triggers_key(customer_id)],
-                                   args=[x for kv in raised.items() for x in kv], client=pipe)
+            args: list = [len(cleared), *cleared, len(raised), *[x for kv in raised.items() for x in kv]]
             for timer in timers:
-                pipe.zadd(TIMERS_KEY, {timer_member(customer_id, timer): timer.due_ms})
-            replies = pipe.execute()
-            if cleared:
-                cleared = [n.decode() if isinstance(n, bytes) else n for n in replies[0]]
+                args += [timer_member(customer_id, timer), timer.due_ms]
+            reply = self._apply_script(keys=[triggers_key(customer_id), TIMERS_KEY], args=args)
+            cleared = [n.decode() if isinstance(n, bytes) else n for n in reply]
         out.patterns += [f.pattern.name for f in firings]
         out.raised += sorted(raised)
         out.cleared += cleared
@@ -239,7 +243,8 @@ class EventProcessor:
         events = self.rules.current.ruleset.events
         names = sorted(events.clears_by_response.get((action_id, outcome), ())) if events is not None else []
         if names and customer_id:
-            names = [n.decode() for n in self._clear_triggers(keys=[triggers_key(customer_id)], args=names)]
+            reply = self._apply_script(keys=[triggers_key(customer_id), TIMERS_KEY], args=[len(names), *names, 0])
+            names = [n.decode() for n in reply]
             for name in names:
                 metrics.TRIGGER_CHANGES.labels(name, "cleared").inc()
         return names

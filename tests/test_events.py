@@ -344,10 +344,14 @@ def test_events_for_5000_customers_leave_no_durable_state(svc: Service) -> None:
 def test_a_reload_swaps_the_patterns_and_frees_the_old_ones(svc: Service) -> None:
     old = svc.app.rules.current.patterns
     events = svc.rules_dir / "events.yaml"
-    events.write_text(events.read_text().replace("at_least: 2, within: 7d", "at_least: 3, within: 7d"))
+    events.write_text(events.read_text().replace("at_least: 2, within: 7d", "at_least: 2, within: 10d"))
+    applied, _, errors = svc.app.reload_rules()  # the pattern's own rule test (8 days apart) now fails
+    assert not applied and any("eight days apart" in e for e in errors)
+    assert svc.app.rules.current.patterns is old and not old.closed
+    tests = svc.rules_dir / "tests" / "events.yaml"
+    tests.write_text(tests.read_text().replace("- {at: 8d, event: payment_failed", "- {at: 11d, event: payment_failed"))
     applied, _, errors = svc.app.reload_rules()
     assert applied and not errors
     assert old.closed and svc.app.rules.current.patterns is not old
-    svc.publish("E18", "payment_failed", amount=1)
-    assert not svc.publish("E18", "payment_failed", amount=1).patterns
+    svc.publish("E18", "payment_failed", at=time.time() - 9 * 24 * HOUR, amount=1)
     assert svc.publish("E18", "payment_failed", amount=1).patterns
