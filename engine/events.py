@@ -161,10 +161,10 @@ class EventProcessor:
         try:
             result = self._publish(event_id, customer_id, event_type, attributes, ts, source)
         except InvalidRequest:
-            metrics.EVENTS_PROCESSED.labels(self._type_label(event_type), "invalid", source).inc()
+            metrics.events_processed(self._type_label(event_type), "invalid", source).inc()
             raise
-        metrics.EVENTS_PROCESSED.labels(event_type, "duplicate" if result.duplicate else "accepted", source).inc()
-        metrics.EVENT_SECONDS.labels(source).observe(time.perf_counter() - started)
+        metrics.events_processed(event_type, "duplicate" if result.duplicate else "accepted", source).inc()
+        metrics.event_seconds(source).observe(time.perf_counter() - started)
         return result
 
     def _type_label(self, event_type: str) -> str:
@@ -202,7 +202,7 @@ class EventProcessor:
                       STREAM_MAXLEN, *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
                 return Processed(duplicate=True)
-            metrics.EVENTS.labels(event_type).inc()
+            metrics.events(event_type).inc()
             out = Processed(stream_id=reply[1].decode())
             if events is None or patterns is None:
                 return out
@@ -228,11 +228,11 @@ class EventProcessor:
         out.cleared += cleared
         out.timers += len(timers)
         for f in firings:
-            metrics.PATTERN_FIRINGS.labels(f.pattern.name).inc()
+            metrics.pattern_firings(f.pattern.name).inc()
         for name in raised:
-            metrics.TRIGGER_CHANGES.labels(name, "raised").inc()
+            metrics.trigger_changes(name, "raised").inc()
         for name in cleared:
-            metrics.TRIGGER_CHANGES.labels(name, "cleared").inc()
+            metrics.trigger_changes(name, "cleared").inc()
         for f in firings:
             if f.pattern.outbound is not None:
                 out.outbound.append(self.outbound(customer_id, f.pattern, f.event_id))
