@@ -275,10 +275,14 @@ class EventProcessor:
         if not self.client.set(outbound_key(customer_id, pattern.name, event_id), "1", nx=True, px=30 * 86_400_000):
             result.reason = "already sent for this event"
             return result
-        decision = self.engine.decide(DecideInput(
-            customer_id=customer_id, channel=spec.channel, touchpoint=f"outbound:{pattern.name}",
-            context={OUTBOUND_CONTEXT: spec.action}, max_actions=1, explain=True,
-            ranking=OUTBOUND_RANKING, fallback=False))
+        try:
+            decision = self.engine.decide(DecideInput(
+                customer_id=customer_id, channel=spec.channel, touchpoint=f"outbound:{pattern.name}",
+                context={OUTBOUND_CONTEXT: spec.action}, max_actions=1, explain=True,
+                ranking=OUTBOUND_RANKING, fallback=False))
+        except Exception:  # not decided: a later run of the same timer may try again
+            self.client.delete(outbound_key(customer_id, pattern.name, event_id))
+            raise
         if decision.actions and decision.actions[0].action_id == spec.action:
             action = decision.actions[0]
             self.store.append(OUTBOUND_STREAM, {

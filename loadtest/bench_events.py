@@ -12,8 +12,10 @@ the champion model in ./models, trained first if missing). One client on loopbac
    from the reply, *end to end* from the event's intended send time. Every ``--decide-every``-th
    event is checked instead by a real ``Decide`` on call_center sent right after the reply, which
    must put ``callback_customer`` on top (*Decide after return*: reply to Decide reply);
-3. throughput: ``PublishEvent`` closed loop with ``--inflight`` calls outstanding for ``--max-seconds``
-   (``--workers 1``, the default: one server process).
+3. throughput: ``PublishEvent`` closed loop with ``--inflight`` calls outstanding for ``--max-seconds``.
+
+One client channel is one connection, which the kernel gives to one worker of several sharing the
+port, so the server runs one worker process.
 
 Latency counts from each request's intended send time (open loop), so queueing shows. Bounded.
 
@@ -48,14 +50,14 @@ from engine.store import ProfileStore  # noqa: E402
 from bench_decide import open_loop, summary  # noqa: E402
 
 
-def start_server(customers: int, workers: int = 1) -> tuple[subprocess.Popen, str, str, tempfile.TemporaryDirectory]:
-    """``nba serve --workers N``; returns the process, gRPC address, Redis URL and the data directory."""
+def start_server(customers: int) -> tuple[subprocess.Popen, str, str, tempfile.TemporaryDirectory]:
+    """``nba serve --workers 1``; returns the process, gRPC address, Redis URL and the data directory."""
     tmp = tempfile.TemporaryDirectory(prefix="nba-bench-events-")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--data-dir", tmp.name, "--customers", str(customers), "--workers", str(workers)],
+         "--data-dir", tmp.name, "--customers", str(customers), "--workers", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     address = f"127.0.0.1:{port}"
@@ -199,12 +201,11 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=10.0, help="length of the throughput run")
     ap.add_argument("--inflight", type=int, default=64)
     ap.add_argument("--customers", type=int, default=2_000, help="demo customers to seed")
-    ap.add_argument("--workers", type=int, default=1, help="server processes (the throughput figure is per run)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
     calls = int(args.rate * args.seconds)
-    proc, address, url, tmp = start_server(args.customers, args.workers)
+    proc, address, url, tmp = start_server(args.customers)
     try:
         if not url:
             raise SystemExit("cannot find the embedded Redis URL")
@@ -238,14 +239,14 @@ def main() -> int:
         proc.wait(30)
         tmp.cleanup()
 
-    result.update(offered_eps=args.rate, calls=calls, workers=args.workers, check_every=args.check_every, decide_every=args.decide_every)
+    result.update(offered_eps=args.rate, calls=calls, check_every=args.check_every, decide_every=args.decide_every)
     base = result["health_baseline"]
     result["ratio_p50_publish_over_health"] = result["publish"]["p50_ms"] / base["p50_ms"]
     result["ratio_p99_publish_over_health"] = result["publish"]["p99_ms"] / base["p99_ms"]
     result["ratio_p99_end_to_end_over_no_pattern_publish"] = (
         result["end_to_end_send_to_visible"]["p99_ms"] / result["publish_no_pattern_baseline"]["p99_ms"])
-    print(f"open loop, {args.rate:g} events/s, {calls} calls each, one client on loopback, {args.workers} server "
-          f"process(es); triggers read after every {args.check_every}th reply, Decide after every "
+    print(f"open loop, {args.rate:g} events/s, {calls} calls each, one client on loopback, one server "
+          f"process; triggers read after every {args.check_every}th reply, Decide after every "
           f"{args.decide_every}th")
     print(f"{'measure':40} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'n':>6}")
     for name, key in (("PublishEvent contact_request", "publish"),
