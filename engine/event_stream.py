@@ -46,13 +46,15 @@ def parse_entry(fields: dict[bytes, bytes]) -> tuple[str, str, str, dict[str, st
 
 class EventStreamConsumer:
     def __init__(self, client: redis.Redis, processor: EventProcessor, stream: str = INGEST_STREAM,
-                 group: str = GROUP, block_ms: int = 500) -> None:
+                 group: str = GROUP, block_ms: int = 500, claim_idle_ms: int = CLAIM_IDLE_MS,
+                 consumer: str = "") -> None:
         self.client = client
         self.processor = processor
         self.stream = stream
         self.group = group
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_claim = 0.0
@@ -85,9 +87,10 @@ class EventStreamConsumer:
         """Take over stuck entries (now and then), then read and process one batch; returns entries done."""
         done = 0
         now = time.monotonic()
-        if now - self._last_claim > CLAIM_IDLE_MS / 1000 / 2:
+        if now - self._last_claim > self.claim_idle_ms / 1000 / 2:
             self._last_claim = now
-            reply = self.client.xautoclaim(self.stream, self.group, self.consumer, CLAIM_IDLE_MS, "0-0", count=BATCH)
+            reply = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0",
+                                           count=BATCH)
             done += self._handle(reply[1])
         reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=self.block_ms)
         for _stream, entries in reply or ():
