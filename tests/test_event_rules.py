@@ -92,3 +92,23 @@ def test_pattern_kinds_on_the_compiled_ruleset() -> None:
     finally:
         rules.close()
     assert rules.patterns.closed
+
+
+def test_sessions_that_were_not_deleted_would_fail_at_1025() -> None:
+    """Why every evaluation deletes its session: the 1,025th live session of a ruleset fails. After
+    3,000 evaluations through ``match`` the same ruleset still takes 1,024 new sessions."""
+    import durable_rules_engine
+
+    rules = load_and_compile(RULES_DIR)
+    try:
+        p = rules.patterns
+        for i in range(3_000):
+            event = Event(f"e{i}", "payment_failed", i, {"amount": 1.0})
+            assert p.match([event]) == {("repeated_payment_failure", "on"): {0}, ("complaint_then_payment_failure", "then"): {0}}
+        handle = p._holder[0]
+        for sid in range(1_024):
+            durable_rules_engine.assert_fact(handle, f'{{"sid":"leak{sid}","id":"f","e":"call_completed"}}')
+        with pytest.raises(MemoryError):
+            durable_rules_engine.assert_fact(handle, '{"sid":"leak1024","id":"f","e":"call_completed"}')
+    finally:
+        rules.close()  # deleting the ruleset frees its sessions

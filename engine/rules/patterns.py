@@ -279,6 +279,7 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
     top = loader.keys(tree, FILE_KEYS, EVENTS_FILE) if tree is not None else None
     if not top:
         return EventRules({}, ())
+    errors_before = len(loader.errors)
     types = _load_types(loader, top.get("event_types"))
     declared = set(triggers) if triggers is not None else None
     by_id = {a.id: a for a in actions}
@@ -358,7 +359,7 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
                 continue
             patterns.append(Pattern(name, kind, parts, within, int(at_least), trigger, ttl, outbound,
                                     loader.text(fields.get("description"), "description"), item.where()))
-    if declared is not None:
+    if declared is not None and len(loader.errors) == errors_before:  # else a broken pattern would count
         raised = {p.trigger for p in patterns if p.trigger}
         for name in sorted(declared - raised) if patterns else ():
             loader.err(RuleError(str(path), 1, 1, f'trigger "{name}" is declared in policies.yaml but no pattern raises it',
@@ -494,9 +495,11 @@ class CompiledPatterns:
         # Every session must run an action before it is deleted (see compile.py): a sentinel fact.
         definition[CATCH_ALL] = {"all": [{"m": {"$eq": {GUARD_FIELD: 0.0}}}]}
         self.types = frozenset(part.event for p in events.patterns for part in p.parts.values())
+        self._definition = to_json(definition)
         self._lock = threading.Lock()
         self._sids = itertools.count(1)
-        self._holder = [durable_rules_engine.create_ruleset(self.name, to_json(definition))]
+        self._holder = [durable_rules_engine.create_ruleset(self.name, self._definition)]
+        self.engine_errors = 0  # durable failures (the ruleset was replaced, the evaluation raised)
         self._finalizer = weakref.finalize(self, _delete, self._holder)
         self.sessions_open = 0  # live durable sessions (0 between evaluations)
 
@@ -540,12 +543,18 @@ class CompiledPatterns:
                                 if isinstance(match, dict) and INDEX_FIELD in match:
                                     found.setdefault(where, set()).add(int(match[INDEX_FIELD]))
                     result = durable_rules_engine.complete_and_start_action(handle, state)
+                # Deleted only now, every action completed (see runtime.py): an undeleted session
+                # would count against durable's 1024.
+                durable_rules_engine.delete_state(handle, sid)
+            except Exception:
+                # A session whose actions did not all run must not be deleted (durable would free
+                # uninitialised memory): drop the whole ruleset instead, with every session in it.
+                self.engine_errors += 1
+                self._holder[0] = durable_rules_engine.create_ruleset(f"{self.name}-r{sid}", self._definition)
+                _delete([handle])
+                raise
             finally:
-                # Always deleted: an abandoned session would count against durable's 1024.
-                try:
-                    durable_rules_engine.delete_state(handle, sid)
-                finally:
-                    self.sessions_open -= 1
+                self.sessions_open -= 1
         return found
 
     def on_event(self, history: Sequence[Event], current: Event) -> tuple[list[Firing], list[Timer]]:
