@@ -112,3 +112,25 @@ def test_sessions_that_were_not_deleted_would_fail_at_1025() -> None:
             durable_rules_engine.assert_fact(handle, '{"sid":"leak1024","id":"f","e":"call_completed"}')
     finally:
         rules.close()  # deleting the ruleset frees its sessions
+
+
+def test_event_rule_tests_fail_and_err_with_file_line_and_column(rules_copy: Path) -> None:
+    from engine.rules.check import test
+
+    tests = rules_copy / "tests" / "events.yaml"
+    text = tests.read_text()
+    tests.write_text(text.replace("      - {at: 3d, event: payment_failed, amount: 35}",
+                                  "      - {at: 9d, event: payment_failed, amount: 35}", 1))
+    rules, errors, results = test(rules_copy)
+    rules.close()
+    assert not errors
+    (failed,) = [r for r in results if not r.passed]
+    line = next(i for i, l in enumerate(tests.read_text().splitlines(), 1) if "two failed payments within a week" in l)
+    assert failed.render().startswith(f"{tests}:{line}:5: FAIL two failed payments within a week")
+    assert "expected pattern repeated_payment_failure to match, but it did not" in failed.render()
+    assert "expected outbound payment_help_plan, got nothing" in failed.render()
+
+    tests.write_text(text.replace("{at: 0s, event: data_usage, used_ratio: 0.93}", "{at: 0s, event: data_usage, used_ratoi: 0.93}", 1))
+    errors = [str(e) for e in check(rules_copy)]
+    line = next(i for i, l in enumerate(tests.read_text().splitlines(), 1) if "used_ratoi" in l)
+    assert any(e.startswith(f"{tests}:{line}:") and 'did you mean "used_ratio"' in e for e in errors), errors
