@@ -190,6 +190,38 @@ def throughput(publish, seconds: float, inflight: int, prefix: str) -> dict:
             "inflight": inflight}
 
 
+def in_process(calls: int) -> dict:
+    """``EventProcessor.publish`` in a loop, no gRPC: an App on its own embedded Redis (demo rules)."""
+    import uuid
+
+    from engine.app import App
+    from engine.config import Config
+    from engine.redis_embedded import EmbeddedRedis
+
+    tmp = tempfile.TemporaryDirectory(prefix="nba-bench-events-")
+    server = EmbeddedRedis(Path(tmp.name) / "redis", persist=False).start()
+    app = App(Config(redis_url=server.url, demo_customers=500, metrics_port=0, rules_watch_seconds=0,
+                     events_poll_seconds=0)).start()
+    out = {}
+    try:
+        for kind, attrs, n in (("complaint_resolved", {}, calls), ("contact_request", {"topic": "billing"}, calls),
+                               ("payment_failed", {"amount": "3"}, calls), ("data_usage", {"used_ratio": "0.95"}, calls // 4)):
+            took = []
+            for i in range(n):
+                started = time.perf_counter()
+                app.events.publish(uuid.uuid4().hex, f"{kind[:2].upper()}{i}", kind, attrs)
+                took.append(time.perf_counter() - started)
+            out[kind] = summary(np.array(took)) | {"what": {"complaint_resolved": "no pattern part",
+                                                            "contact_request": "raises a trigger, opens a timer",
+                                                            "payment_failed": "first of two: no match",
+                                                            "data_usage": "raises a trigger + outbound Decide"}[kind]}
+    finally:
+        app.close()
+        server.stop()
+        tmp.cleanup()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=500.0, help="events per second (open loop)")
@@ -202,7 +234,18 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=64)
     ap.add_argument("--customers", type=int, default=2_000, help="demo customers to seed")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--in-process", type=int, metavar="N",
+                    help="instead: time EventProcessor.publish N times per event type, no gRPC, and exit")
     args = ap.parse_args()
+
+    if args.in_process:
+        result = in_process(args.in_process)
+        print(f"in process, no gRPC, {args.in_process} events per type (data_usage: a quarter)")
+        for kind, s in result.items():
+            print(f"{kind:20} p50 {s['p50_ms'] * 1000:6.0f} us  p99 {s['p99_ms'] * 1000:6.0f} us  ({s['what']})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
 
     calls = int(args.rate * args.seconds)
     proc, address, url, tmp = start_server(args.customers)
