@@ -20,7 +20,7 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.event_stream import INGEST_STREAM, INVALID_STREAM
 from engine.events import OUTBOUND_STREAM, TIMERS_KEY, events_key
 from engine.features import NUMERIC
-from engine.store import Profile, triggers_key
+from engine.store import Profile
 
 from .conftest import RULES_DIR
 
