@@ -79,6 +79,8 @@ class EventStreamConsumer:
             try:
                 self.read_once()
             except redis.exceptions.RedisError as exc:
+                if self._stop.is_set():  # shutting down: Redis may already be gone
+                    return
                 metrics.REDIS_ERRORS.labels("event_stream").inc()
                 log.warning("ingest stream: %s", exc)
                 self._stop.wait(1.0)

@@ -78,5 +78,7 @@ class TimerPoller:
             try:
                 self.poll_once()
             except redis.exceptions.RedisError as exc:
+                if self._stop.is_set():
+                    return
                 metrics.REDIS_ERRORS.labels("event_timers").inc()
                 log.warning("absence timers: %s", exc)
