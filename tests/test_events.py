@@ -56,7 +56,8 @@ class Service:
                               events_poll_seconds=self.poll)).start()
         self.server, port, _ = build_server(self.app, "127.0.0.1:0")
         self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.DecisionServiceStub(self.channel)
         return self
 
@@ -406,3 +407,16 @@ def test_entries_a_dead_consumer_left_pending_are_taken_over(svc: Service, redis
     assert alive.read_once() == 1
     assert client.xpending(INGEST_STREAM, GROUP)["pending"] == 0
     assert "callback_requested" in svc.triggers("E19")
+
+
+def test_nba_event_command(svc: Service, capsys) -> None:
+    from engine.cli import main
+
+    address = svc.address
+    assert main(["event", "E20", "contact_request", "topic=billing", "--event-id", "cli-1", "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "patterns callback_request; raised callback_requested" in out
+    assert main(["event", "E20", "contact_request", "topic=billing", "--event-id", "cli-1", "--address", address]) == 0
+    assert "duplicate" in capsys.readouterr().out
+    assert main(["event", "E20", "contact_requst", "--address", address]) == 1
+    assert 'type: unknown event type "contact_requst"; did you mean "contact_request"?' in capsys.readouterr().err
