@@ -10,6 +10,8 @@ from engine import demo, metrics
 from engine.config import Config
 from engine.decision import DecisionEngine
 from engine.decision_log import DecisionLog
+from engine.event_stream import EventStreamConsumer
+from engine.events import EventProcessor
 from engine.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.exploration import ExplorationCounts, Explorer
 from engine.live import Live
@@ -19,6 +21,7 @@ from engine.registry import ModelRegistry
 from engine.rules.check import RuleErrors, prepare
 from engine.rules.watch import RuleWatcher, files_digest
 from engine.store import ProfileStore
+from engine.timers import TimerPoller
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,10 @@ class App:
         self.engine.explorer.warmup()
         self.engine.prepare()
         self.engine.warmup()
+        self.events = EventProcessor(self.store, self.rules, self.engine)
+        if cfg.events_poll_seconds > 0:
+            self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds).start()
+            self.event_stream = EventStreamConsumer(self.store.client, self.events).start()
         self._publish_versions()
         self.exploration.start()
         self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
@@ -123,7 +130,7 @@ class App:
             return True, new.version, []
 
     def close(self) -> None:
-        for part in ("watcher", "model_watcher", "exploration"):
+        for part in ("event_stream", "timers", "watcher", "model_watcher", "exploration"):
             if getattr(self, part, None):
                 getattr(self, part).stop()
         if getattr(self, "decision_log", None):

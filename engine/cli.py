@@ -206,6 +206,33 @@ def cmd_decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_event(args: argparse.Namespace) -> int:
+    import uuid
+
+    import grpc
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+
+    request = pb.PublishEventRequest(event_id=args.event_id or uuid.uuid4().hex, customer_id=args.customer_id,
+                                     type=args.type, attributes=dict(kv.split("=", 1) for kv in args.attributes))
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = pb_grpc.DecisionServiceStub(channel).PublishEvent(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    from google.protobuf.json_format import MessageToDict
+
+    print(json.dumps(MessageToDict(reply), indent=2) if args.json else (
+        "duplicate: already processed" if reply.duplicate else
+        f"event {request.event_id}: patterns {', '.join(reply.patterns) or '-'}; raised "
+        f"{', '.join(reply.triggers_raised) or '-'}; cleared {', '.join(reply.triggers_cleared) or '-'}"
+        + "".join(f"\noutbound {o.action_id} ({o.pattern}): {o.status}" + (f", {o.reason}" if o.reason else "")
+                  for o in reply.outbound)))
+    return 0
+
+
 def format_decision(reply) -> str:
     from engine.api.nba.v1 import nba_pb2 as pb
 
@@ -426,6 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_decide)
+
+    p = sub.add_parser("event", help="publish an event to a running server (rules/events.yaml)")
+    p.add_argument("customer_id")
+    p.add_argument("type", help="an event type of rules/events.yaml, e.g. contact_request")
+    p.add_argument("attributes", nargs="*", metavar="NAME=VALUE", help="e.g. topic=billing")
+    p.add_argument("--event-id", default="", help="default: a new random id (send one twice to see a replay)")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_event)
 
     rules = sub.add_parser("rules", help="rule file tools").add_subparsers(dest="rules_cmd", required=True)
     p = rules.add_parser("check", help="parse and type-check the rule files; lists every error")

@@ -30,5 +30,7 @@ class Config:
     contact_policies: bool = True  # enforce contact.yaml limits and daily budgets (off: for comparisons)
     model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
+    events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no
+    #                                   ingest-stream consumer run in this process (PublishEvent still works)
 
 

@@ -57,6 +57,7 @@ class DecideInput:
     max_actions: int = 0  # 0: DEFAULT_MAX_ACTIONS
     explain: bool = False
     ranking: str = ""  # "": the service's (ranked, or the control policy); else DecisionEngine.rankings[name]
+    fallback: bool = True  # False: an empty answer rather than the fallback action (outbound from events)
 
 
 @dataclass
@@ -333,7 +334,7 @@ class DecisionEngine:
                 metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
             candidates, fallback = [], None
         else:
-            fallback = self._fallback_action(rules, outcome, channel, funnel)
+            fallback = self._fallback_action(rules, outcome, channel, funnel) if req.fallback else None
         if contact is None or not present:
             ranked = _select(candidates, channel, max_actions, funnel)
             if not ranked and fallback is not None:

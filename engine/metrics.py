@@ -33,6 +33,26 @@ RULE_FIRINGS = Counter("nba_rule_firings_total", "Rules that fired, by kind (sit
 RPCS = Counter("nba_grpc_requests_total", "gRPC calls handled, by method and status code.", ["method", "code"])
 RESPONSES = Counter("nba_responses_total", "Responses recorded, by outcome.", ["outcome"])
 EVENTS = Counter("nba_events_total", "Events published, by type.", ["type"])
+EVENTS_PROCESSED = Counter(
+    "nba_events_processed_total",
+    "Events ingested by PublishEvent or the ingest stream, by type and result (accepted, duplicate, invalid).",
+    ["type", "result", "source"],
+)
+EVENT_SECONDS = Histogram(
+    "nba_event_processing_duration_seconds",
+    "Time to process one event: dedupe and history, patterns, triggers, outbound; by source (grpc, stream, timer).",
+    ["source"], buckets=LATENCY_BUCKETS,
+)
+PATTERN_FIRINGS = Counter("nba_event_pattern_firings_total", "Event patterns that matched, by pattern.", ["pattern"])
+TRIGGER_CHANGES = Counter("nba_triggers_total", "Triggers raised or cleared by events and responses, by trigger.",
+                          ["trigger", "change"])
+OUTBOUND = Counter(
+    "nba_outbound_actions_total",
+    "Outbound actions started by event patterns: sent, or suppressed with the funnel stage that stopped them.",
+    ["pattern", "result", "reason"],
+)
+EVENT_TIMERS = Counter("nba_event_timers_total", "Absence timers handled at their due time, by result (fired, "
+                       "resolved).", ["result"])
 RULE_RELOADS = Counter("nba_rule_reloads_total", "Rule reload attempts, by result (applied, unchanged, refused).",
                        ["result"])
 RULE_RELOAD_ERRORS = Gauge("nba_rule_reload_errors", "Errors and failed rule tests of the last reload attempt "
@@ -85,3 +105,8 @@ decisions = Children(DECISIONS)
 actions_presented = Children(ACTIONS_PRESENTED)
 rule_firings = Children(RULE_FIRINGS)
 model_decisions = Children(MODEL_DECISIONS)
+events = Children(EVENTS)
+events_processed = Children(EVENTS_PROCESSED)
+event_seconds = Children(EVENT_SECONDS)
+pattern_firings = Children(PATTERN_FIRINGS)
+trigger_changes = Children(TRIGGER_CHANGES)

@@ -35,6 +35,7 @@ class NotFound(LookupError):
 class Recorded:
     response_id: str
     first: bool  # False when the same response had been recorded before
+    customer_id: str = ""
 
 
 class ResponseRecorder:
@@ -76,4 +77,4 @@ class ResponseRecorder:
             keys=[key, contacts_key(customer), self.stream],
             args=[f"r:{action_id}:{outcome}", member, int(ts * 1000), HISTORY_KEEP_MS, STREAM_MAXLEN, *flat],
         )
-        return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first))
+        return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first), customer)

@@ -21,7 +21,6 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision import DecideInput, Decision, InvalidRequest
 from engine.features import ACTION_TYPES, CHANNELS
 from engine.responses import NotFound
-from engine.store import EVENTS_STREAM
 
 if TYPE_CHECKING:
     from engine.app import App
@@ -155,20 +154,21 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                                              OUTCOME_NAMES[request.outcome], ts)
         if recorded.first:
             metrics.RESPONSES.labels(OUTCOME_NAMES[request.outcome]).inc()
+            self.app.events.on_response(recorded.customer_id, request.action_id, OUTCOME_NAMES[request.outcome])
         return pb.RecordResponseResponse(response_id=recorded.response_id)
 
     @_counted_as("PublishEvent")
     def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> pb.PublishEventResponse:
-        _require(request.event_id, "event_id")
-        _require(request.customer_id, "customer_id")
-        _require(request.type, "type")
-        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else time.time()
-        fields = {"event_id": request.event_id, "customer_id": request.customer_id,
-                  "type": request.type, "ts": f"{ts:.3f}"}
-        fields.update({f"attr.{k}": v for k, v in request.attributes.items()})
-        entry = self.app.store.append(EVENTS_STREAM, fields)
-        metrics.EVENTS.labels(request.type).inc()
-        return pb.PublishEventResponse(stream_id=entry)
+        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else None
+        done = self.app.events.publish(request.event_id, request.customer_id, request.type,
+                                       dict(request.attributes), ts)
+        return pb.PublishEventResponse(
+            stream_id=done.stream_id, duplicate=done.duplicate, patterns=done.patterns,
+            triggers_raised=done.raised, triggers_cleared=done.cleared,
+            outbound=[pb.OutboundAction(action_id=o.action_id, channel=CHANNEL_TO_PB[o.channel], pattern=o.pattern,
+                                        status=o.status, decision_id=o.decision_id, reason=o.reason)
+                      for o in done.outbound],
+        )
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):

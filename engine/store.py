@@ -14,6 +14,7 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 - ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
 - ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
+- event history, dedupe, absence timers and the outbound stream: see ``engine/events.py``
 - ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
 """
 

@@ -516,7 +516,14 @@ def test_json_schema_accepts_the_demo_files_and_rejects_mistakes():
     assert set(schema["definitions"]["action"]["properties"]) == set(loader.ACTION_KEYS)
     from engine.contact import CONTACT_KEYS
 
-    assert set(schema["properties"]) == set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS) | set(CONTACT_KEYS)
+    from engine.rules import patterns
+
+    assert set(schema["properties"]) == (set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS) | set(CONTACT_KEYS)
+                                         | set(patterns.FILE_KEYS))
+    assert _validate(_yaml_as_json(REPO / "rules" / "events.yaml"), schema, schema) == []
+    pattern_schema = schema["properties"]["patterns"]["items"]["properties"]
+    assert set(pattern_schema) == set(patterns.PATTERN_KEYS)
+    assert all(set(pattern_schema[k]["properties"]) == set(patterns.SPEC_KEYS[k]) for k in patterns.KINDS)
     assert set(schema["properties"]["policies"]["items"]["properties"]) == set(loader.POLICY_KEYS)
     assert set(schema["properties"]["levers"]["items"]["properties"]) == set(loader.LEVER_KEYS)
     assert set(schema["properties"]["groups"]["additionalProperties"]["properties"]) == set(loader.GROUP_KEYS)

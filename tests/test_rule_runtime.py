@@ -20,7 +20,8 @@ from engine.rules.model import RuleSet, Situation
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCTS = SCHEMA.sets["products"]
-TRIGGERS = ("callback_requested", "retention_save", "payment_failed", "data_cap_near", "complaint_opened")
+TRIGGERS = ("callback_requested", "retention_save", "payment_failed", "data_cap_near", "complaint_opened",
+            "callback_overdue")  # the triggers declared in rules/policies.yaml
 
 
 @pytest.fixture(scope="module")

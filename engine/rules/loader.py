@@ -23,7 +23,8 @@ CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
 RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
 CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/contact.py)
-VERSIONED_FILES = RULE_FILES + (CONTACT_FILE,)
+EVENTS_FILE = "events.yaml"  # optional: event types and event patterns (rules/patterns.py)
+VERSIONED_FILES = RULE_FILES + (CONTACT_FILE, EVENTS_FILE)
 
 CATALOG_KEYS = {"fallback": True, "actions": True, "groups": False, "description": False}
 POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
@@ -186,6 +187,9 @@ class _Loader:
         from engine.contact import load_contact
 
         contact = load_contact(self, self.dir, actions)
+        from .patterns import load_events
+
+        events = load_events(self, self.dir, actions, triggers)
         return RuleSet(
             version=rules_version(self.dir),
             loaded_at=datetime.now(timezone.utc),
@@ -199,6 +203,7 @@ class _Loader:
             files=tuple(str(self.dir / n) for n in RULE_FILES),
             groups=groups,
             contact=contact,
+            events=events,
         )
 
     def load_triggers(self, loc: Loc | None) -> set[str] | None:

@@ -121,6 +121,7 @@ class RuleSet:
     files: tuple[str, ...] = ()
     groups: dict[str, GroupRules] = field(default_factory=dict)  # group -> its engagement conditions
     contact: Any = None  # engine.contact.ContactRules from contact.yaml (None: no contact policies)
+    events: Any = None  # rules.patterns.EventRules from events.yaml (None: no event patterns)
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

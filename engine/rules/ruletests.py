@@ -28,7 +28,7 @@ from .runtime import ActionVerdict, CompiledRules
 from .yamlsrc import Loc, load_yaml
 
 TESTS_DIR = "tests"
-FILE_KEYS = {"description": False, "defaults": False, "tests": True}
+FILE_KEYS = {"description": False, "defaults": False, "tests": False, "event_tests": False}  # event_tests: eventtests.py
 TEST_KEYS = {"name": True, "channel": True, "touchpoint": False, "context": False, "today": False,
              "profile": False, "propensity": False, "expect": True, "description": False}
 EXPECT_KEYS = {"top": False, "admitted": False, "blocked": False, "situations": False, "not_situations": False}
@@ -91,7 +91,7 @@ def load_tests(rules_dir: Path, ruleset: RuleSet, schema: FeatureSchema = SCHEMA
 
 
 def run_tests(rules: CompiledRules, tests: list[RuleTest]) -> list[TestResult]:
-    return [run_test(rules, t) for t in tests]
+    return [t.run(rules) if hasattr(t, "run") else run_test(rules, t) for t in tests]
 
 
 def run_test(rules: CompiledRules, test: RuleTest) -> TestResult:
@@ -187,6 +187,11 @@ class _TestReader:
                 self.err(item.error(f'duplicate test name "{test.name}" in {path.name}'))
             names.add(test.name)
             tests.append(test)
+        if "tests" not in top and "event_tests" not in top:
+            self.err(tree.error(f"{path.name} has no tests", "add tests: or event_tests:"))
+        from .eventtests import load_event_tests
+
+        tests += load_event_tests(self, top.get("event_tests"), defaults, path.name)
         return tests
 
     def load_test(self, item: Loc, defaults: dict) -> RuleTest | None:

@@ -27,6 +27,7 @@ from .errors import RuleErrors
 from .evaluate import evaluate as evaluate_tree
 from .facts import FactEncoder, FactInputs, FactLayout, inputs_from_profile
 from .model import Action, Policy, RuleSet
+from .patterns import compile_patterns
 
 log = logging.getLogger(__name__)
 _names = itertools.count(1)
@@ -108,6 +109,8 @@ class CompiledRules:
         self._lever_weights = np.array([[lv.weight if lv.targets.matches(a) else 1.0 for a in actions]
                                         for lv in ruleset.levers]).reshape(len(ruleset.levers), len(actions))
         self._static_cache: dict[tuple[str, date], tuple] = {}
+        # The event patterns' own durable ruleset, built and freed with this one (hot reload swaps both).
+        self.patterns = compile_patterns(ruleset.events, ruleset.version)
 
     # --- facts --------------------------------------------------------------------------------------
     @property
@@ -354,6 +357,8 @@ class CompiledRules:
         """Free the durable ruleset now (waits for an evaluation in progress). Idempotent."""
         with self._lock:
             self._finalizer()
+        if self.patterns is not None:
+            self.patterns.close()
 
     @property
     def closed(self) -> bool:

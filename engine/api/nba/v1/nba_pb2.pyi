@@ -199,10 +199,36 @@ class PublishEventRequest(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., type: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PublishEventResponse(_message.Message):
-    __slots__ = ("stream_id",)
+    __slots__ = ("stream_id", "duplicate", "patterns", "triggers_raised", "triggers_cleared", "outbound")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERS_RAISED_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERS_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    OUTBOUND_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
-    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+    duplicate: bool
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    triggers_raised: _containers.RepeatedScalarFieldContainer[str]
+    triggers_cleared: _containers.RepeatedScalarFieldContainer[str]
+    outbound: _containers.RepeatedCompositeFieldContainer[OutboundAction]
+    def __init__(self, stream_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., patterns: _Optional[_Iterable[str]] = ..., triggers_raised: _Optional[_Iterable[str]] = ..., triggers_cleared: _Optional[_Iterable[str]] = ..., outbound: _Optional[_Iterable[_Union[OutboundAction, _Mapping]]] = ...) -> None: ...
+
+class OutboundAction(_message.Message):
+    __slots__ = ("action_id", "channel", "pattern", "status", "decision_id", "reason")
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    action_id: str
+    channel: Channel
+    pattern: str
+    status: str
+    decision_id: str
+    reason: str
+    def __init__(self, action_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., pattern: _Optional[str] = ..., status: _Optional[str] = ..., decision_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReloadRulesRequest(_message.Message):
     __slots__ = ()
