@@ -35,13 +35,14 @@ from engine.redis_embedded import free_port  # noqa: E402
 CHANNELS = [pb.CHANNEL_WEB, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_EMAIL]
 
 
-def start_server(customers: int) -> tuple[subprocess.Popen, str, tempfile.TemporaryDirectory]:
+def start_server(customers: int, *extra: str) -> tuple[subprocess.Popen, str, tempfile.TemporaryDirectory]:
+    """``nba serve`` on the embedded default (``extra``: more serve options) once it reports SERVING."""
     tmp = tempfile.TemporaryDirectory(prefix="nba-bench-")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--data-dir", tmp.name, "--customers", str(customers)],
+         "--data-dir", tmp.name, "--customers", str(customers), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     address = f"127.0.0.1:{port}"

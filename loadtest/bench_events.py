@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -44,51 +43,18 @@ sys.path.insert(0, str(ROOT))
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
-from engine.redis_embedded import free_port  # noqa: E402
 from engine.store import ProfileStore  # noqa: E402
 
+import bench_decide  # noqa: E402
 from bench_decide import open_loop, summary  # noqa: E402
 
 
 def start_server(customers: int) -> tuple[subprocess.Popen, str, str, tempfile.TemporaryDirectory]:
     """``nba serve --workers 1``; returns the process, gRPC address, Redis URL and the data directory."""
-    tmp = tempfile.TemporaryDirectory(prefix="nba-bench-events-")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--data-dir", tmp.name, "--customers", str(customers), "--workers", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited:\n{proc.stdout.read()}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    break
-            except grpc.RpcError:
-                time.sleep(0.2)
-        else:
-            proc.kill()
-            raise SystemExit("server did not become SERVING in 300s")
-    redis_dir = Path(tmp.name) / "redis"
-    url = ""
-    for _ in range(50):  # the embedded redis-server writes its port into its data directory's config
-        url = _redis_url(redis_dir)
-        if url:
-            break
-        time.sleep(0.1)
+    proc, address, tmp = bench_decide.start_server(customers, "--workers", "1")
+    # the embedded redis-server, started before SERVING, leaves its URL in its data directory
+    url = (Path(tmp.name) / "redis" / "redis.url").read_text().strip()
     return proc, address, url, tmp
-
-
-def _redis_url(redis_dir: Path) -> str:
-    """The running embedded server leaves its URL in ``redis.url`` (engine/redis_embedded.py)."""
-    path = redis_dir / "redis.url"
-    return path.read_text().strip() if path.is_file() else ""
 
 
 def visibility(publish, decide, store: ProfileStore, calls: int, rate: float, decide_every: int, prefix: str,
