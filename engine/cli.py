@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from engine.config import Config
 from engine.features import CHANNELS
@@ -28,8 +28,8 @@ def _config(args: argparse.Namespace) -> Config:
 def _store(cfg: Config) -> Iterator:
     """A ProfileStore on REDIS_URL, else on the Redis of a running ``nba serve`` with the same data
     directory, else on an embedded server started for this command."""
-    from engine.redis_embedded import DataDirInUse, EmbeddedRedis
-    from engine.store import ProfileStore
+    from engine.store.profiles import ProfileStore
+    from engine.store.redis_embedded import DataDirInUse, EmbeddedRedis
 
     embedded = None
     url = cfg.redis_url
@@ -49,7 +49,7 @@ def _store(cfg: Config) -> Iterator:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.serve import serve
+    from engine.serving.serve import serve
 
     cfg = _config(args)
     cfg.grpc_address = args.address
@@ -78,7 +78,7 @@ def cmd_loadtest(argv: list[str]) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from engine import demo
+    from engine.sim import demo
 
     cfg = _config(args)
     with _store(cfg) as store:
@@ -88,9 +88,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine import training
-    from engine.registry import ModelRegistry
-    from engine.rules.check import load_and_compile
+    from engine.models import training
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
 
     cfg = _config(args)
     rules = load_and_compile(cfg.rules_dir)
@@ -102,9 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.from_file:
             data = training.read_csv(args.from_file, catalog)
         else:
-            from engine.world import generate
+            from engine.sim.training_data import simulate_responses
+            from engine.sim.world import generate
 
-            data = training.simulate_responses(generate(args.customers, args.world_seed), rules.ruleset.actions)
+            data = simulate_responses(generate(args.customers, args.world_seed), rules.ruleset.actions)
     finally:
         rules.close()
     print("training set: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()
@@ -128,11 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from engine import demo
     from engine.live import Live
-    from engine.registry import ModelRegistry
-    from engine.rules.check import load_and_compile
-    from engine.simulate import POLICIES, format_simulation, simulate
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
+    from engine.sim import demo
+    from engine.sim.simulate import POLICIES, format_simulation, simulate
 
     cfg = _config(args)
     rules = load_and_compile(cfg.rules_dir)
@@ -140,7 +141,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if registry.champion() is None:
         print(f"no champion model in {registry.dir}: training the demo model", file=sys.stderr)
         demo.train_demo(registry, rules.ruleset.actions)
-    from engine.registry import ModelRefused
+    from engine.models.registry import ModelRefused
 
     try:
         model = registry.load()
@@ -166,7 +167,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from engine.report import build_report, format_report
+    from engine.decision.report import build_report, format_report
     from engine.rules.loader import load_rules
 
     cfg = _config(args)
@@ -185,7 +186,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-    from engine.server import CHANNEL_TO_PB
+    from engine.serving.server import CHANNEL_TO_PB
 
     context = dict(kv.split("=", 1) for kv in args.context)
     request = pb.DecideRequest(customer_id=args.customer_id, channel=CHANNEL_TO_PB[args.channel],
@@ -254,7 +255,7 @@ def format_decision(reply) -> str:
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
-    from engine.rules.check import check
+    from engine.authoring.check import check
 
     rules_dir = Path(args.dir) if args.dir else Config().rules_dir
     errors = check(rules_dir)
@@ -268,7 +269,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from engine.rules.check import test
+    from engine.authoring.check import test
 
     rules_dir = Path(args.dir) if args.dir else Config().rules_dir
     rules, errors, results = test(rules_dir)
@@ -289,9 +290,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_diff(args: argparse.Namespace) -> int:
-    from engine.registry import ModelRefused, ModelRegistry
-    from engine.rules.check import RuleErrors, test
-    from engine.whatif import load_pair, sample_customers, what_if
+    from engine.authoring.check import RuleErrors, test
+    from engine.authoring.whatif import load_pair, sample_customers, what_if
+    from engine.models.registry import ModelRefused, ModelRegistry
 
     cfg = _config(args)
     try:
@@ -331,7 +332,7 @@ def cmd_rules_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engine.registry import ModelRefused, ModelRegistry
+    from engine.models.registry import ModelRefused, ModelRegistry
 
     registry = ModelRegistry(_config(args).models_dir)
     if args.models_cmd == "promote":
@@ -343,7 +344,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{args.version} is the champion")
         return 0
     if args.models_cmd == "show":
-        from engine.training import format_metrics
+        from engine.models.training import format_metrics
 
         if args.version not in registry.versions():
             print(f"no model {args.version} in {registry.dir}", file=sys.stderr)
@@ -353,7 +354,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                                               if not isinstance(v, (dict, list))))
         print(format_metrics(saved.get("metrics", {})))
         return 0
-    from engine.experiment import ExperimentError, read_experiment
+    from engine.models.experiment import ExperimentError, read_experiment
 
     champion = registry.champion()
     try:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
-from engine.redis_embedded import free_port  # noqa: E402
+from engine.store.redis_embedded import free_port  # noqa: E402
 
 CHANNELS = [pb.CHANNEL_WEB, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_EMAIL]
 

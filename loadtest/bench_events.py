@@ -41,12 +41,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
-from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
-from engine.store import ProfileStore  # noqa: E402
-
 import bench_decide  # noqa: E402
 from bench_decide import open_loop, summary  # noqa: E402
+
+from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
+from engine.store.profiles import ProfileStore  # noqa: E402
 
 
 def start_server(customers: int) -> tuple[subprocess.Popen, str, str, tempfile.TemporaryDirectory]:
@@ -160,9 +160,9 @@ def in_process(calls: int) -> dict:
     """``EventProcessor.publish`` in a loop, no gRPC: an App on its own embedded Redis (demo rules)."""
     import uuid
 
-    from engine.app import App
     from engine.config import Config
-    from engine.redis_embedded import EmbeddedRedis
+    from engine.serving.app import App
+    from engine.store.redis_embedded import EmbeddedRedis
 
     tmp = tempfile.TemporaryDirectory(prefix="nba-bench-events-")
     server = EmbeddedRedis(Path(tmp.name) / "redis", persist=False).start()

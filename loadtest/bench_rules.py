@@ -2,7 +2,7 @@
 
     python loadtest/bench_rules.py --json /tmp/bench_rules.json
 
-Writes a synthetic rule set (``engine.rules.synthetic``: 100 actions, 300 rules, of which 60 are
+Writes a synthetic rule set (``engine.sim.synthetic_rules``: 100 actions, 300 rules, of which 60 are
 customer-level situations / policies / levers and 240 per-action engagement conditions), compiles it
 twice and times the rule stage of a decision for profiles of the synthetic customer base on random
 channels, contexts and triggers:
@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.derived import derive  # noqa: E402
 from engine.features import CHANNELS  # noqa: E402
-from engine.rules import synthetic  # noqa: E402
+from engine.models.derived import derive  # noqa: E402
 from engine.rules.facts import FactInputs  # noqa: E402
 from engine.rules.loader import load_rules  # noqa: E402
 from engine.rules.runtime import compile_rules  # noqa: E402
-from engine.world import generate  # noqa: E402
+from engine.sim import synthetic_rules as synthetic  # noqa: E402
+from engine.sim.world import generate  # noqa: E402
 
 PERCENTILES = (50, 90, 99, 99.9)
 

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     import numba
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from engine.scorer import CompiledModel
+    from engine.models.scorer import CompiledModel
 
     rng = np.random.default_rng(42)
     cust, catalog, p_true = make_world(rng)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 import loadgen  # noqa: E402
 from grpc_modes import wait_serving  # noqa: E402
 
-from engine.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
 def main() -> int:
@@ -45,8 +45,8 @@ def main() -> int:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
-        from engine import demo
-        from engine.store import ProfileStore
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
 
         demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
         env = dict(os.environ, REDIS_URL=redis_server.url)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 import loadgen  # noqa: E402
 from grpc_modes import wait_serving  # noqa: E402
 
-from engine.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
 def alternate(addresses: dict[str, str], rate: float, duration: float, customers: int, seed: int,
@@ -95,13 +95,14 @@ def in_process(calls: int, customers: int, models_dir: str) -> dict:
     import random
     import time
 
-    from engine import demo
-    from engine.decision import DecideInput, DecisionEngine
+    from engine.decision.funnel import DecisionEngine
+    from engine.decision.request import DecideInput
     from engine.features import CHANNELS
     from engine.live import Live
-    from engine.registry import ModelRegistry
-    from engine.rules.check import load_and_compile
-    from engine.store import ProfileStore
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
+    from engine.sim import demo
+    from engine.store.profiles import ProfileStore
 
     mix = dict(zip(CHANNELS, (0.25, 0.35, 0.25, 0.07, 0.03, 0.03, 0.02)))
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
@@ -157,8 +158,8 @@ def main() -> int:
 
     rounds: dict[str, list[np.ndarray]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
-        from engine import demo
-        from engine.store import ProfileStore
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
 
         demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
         env = dict(os.environ, REDIS_URL=redis_server.url)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
 
-from engine.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
 def serve_aio(port: int, redis_url: str) -> None:
@@ -34,10 +34,10 @@ def serve_aio(port: int, redis_url: str) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-    from engine.app import App
     from engine.config import Config
-    from engine.decision import DecideInput
-    from engine.server import CHANNEL_FROM_PB, decision_to_pb
+    from engine.decision.request import DecideInput
+    from engine.serving.app import App
+    from engine.serving.server import CHANNEL_FROM_PB, decision_to_pb
 
     app = App(Config(redis_url=redis_url, demo=False, metrics_port=0)).start()
 
@@ -91,8 +91,8 @@ def main() -> int:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
-        from engine import demo
-        from engine.store import ProfileStore
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
 
         store = ProfileStore.from_url(redis_server.url)
         demo.seed(store, args.customers)

@@ -54,7 +54,7 @@ class Workload:
 
 
 def _client(work: Workload, rate: float, start: float, warmup: float, duration: float, drain: float,
-            seed: int, out: "mp.Queue") -> None:
+            seed: int, out: mp.Queue) -> None:
     """One client process: open loop at ``rate`` from wall-clock ``start``; returns arrays via ``out``."""
     import grpc
 
@@ -71,7 +71,7 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
     ok = np.zeros(n, dtype=bool)
     pending = threading.Semaphore(0)
 
-    def request(i: int) -> "pb.DecideRequest":
+    def request(i: int) -> pb.DecideRequest:
         r = rng.random()
         if r < work.cold_share:
             cid = f"LOAD-NEW-{seed}-{i}"
@@ -86,7 +86,7 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
                                 context={"intent": intent} if intent else {}, max_actions=work.max_actions)
 
     def done(i: int):
-        def callback(fut: "grpc.Future") -> None:
+        def callback(fut: grpc.Future) -> None:
             latency[i] = time.time() - intended[i]
             ok[i] = fut.exception() is None
             pending.release()

@@ -22,10 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.features import ACTION_TYPES  # noqa: E402
-from engine.model_input import CATEGORICAL_FEATURES, FEATURES  # noqa: E402
-from engine.rules.check import load_and_compile  # noqa: E402
-from engine.training import PARAMS, TYPE_COL, auc, calibration, logloss, simulate_responses, spearman  # noqa: E402
-from engine.world import generate  # noqa: E402
+from engine.models.model_input import CATEGORICAL_FEATURES, FEATURES  # noqa: E402
+from engine.models.training import PARAMS, TYPE_COL, auc, calibration, logloss, spearman  # noqa: E402
+from engine.rules.runtime import load_and_compile  # noqa: E402
+from engine.sim.training_data import simulate_responses  # noqa: E402
+from engine.sim.world import generate  # noqa: E402
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 ACTION_COL = FEATURES.index("action")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['calibration_error']:>9.4f}"
               f"{r['rank_correlation_with_truth']:>10.4f}{r['unseen_actions_rank_correlation']:>10.4f}"
               f"{r['unseen_actions_logloss']:>10.4f}{r['train_seconds']:>9.1f}")
-    print(f"\nper action type: AUC / calibration error (one model | per type)")
+    print("\nper action type: AUC / calibration error (one model | per type)")
     for t in ACTION_TYPES:
         a, b = report["one model across actions"]["by_type"][t], report["one model per action type"]["by_type"][t]
         print(f"  {t:12} rows {a['rows']:>6}  auc {a['auc']:.4f} | {b['auc']:.4f}   "

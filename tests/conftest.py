@@ -9,7 +9,7 @@ import grpc
 import pytest
 import redis
 
-from engine.redis_embedded import EmbeddedRedis
+from engine.store.redis_embedded import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_DIR = REPO / "rules"
@@ -34,9 +34,9 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry holding a small demo model trained on the demo catalog (a few seconds)."""
-    from engine import demo
-    from engine.registry import ModelRegistry
-    from engine.rules.check import load_and_compile
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
+    from engine.sim import demo
 
     root = tmp_path_factory.mktemp("models")
     rules = load_and_compile(RULES_DIR)
@@ -52,9 +52,9 @@ def service(redis_url: str, models_dir: Path, tmp_path: Path):
     """A real gRPC server (one process, in this one) on an ephemeral port: yields (app, channel)."""
     from grpc_health.v1 import health_pb2
 
-    from engine.app import App
     from engine.config import Config
-    from engine.server import build_server
+    from engine.serving.app import App
+    from engine.serving.server import build_server
 
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)

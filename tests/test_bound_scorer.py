@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.bound_scorer import MAX_LEAVES, DecisionScorer, _score_decision, _score_pairs
-from engine.scorer import CompiledModel
+from engine.models.bound_scorer import MAX_LEAVES, DecisionScorer, _score_decision, _score_pairs
+from engine.models.scorer import CompiledModel
 
 from .test_scorer import ATOL, HYPOTHESIS, _handmade_model_text, _lgb, _prediction_input, _train, model_specs
 

@@ -11,13 +11,16 @@ import redis
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.contact import ControlGroup, budget_key, contacts_key
-from engine.decision import DecideInput, DecisionEngine
+from engine.authoring.check import RuleErrors
+from engine.decision.contact import budget_key, contacts_key
+from engine.decision.funnel import DecisionEngine
+from engine.decision.request import DecideInput
+from engine.decision.responses import NotFound, ResponseRecorder
 from engine.live import Live
-from engine.registry import ModelRegistry
-from engine.responses import NotFound, ResponseRecorder
-from engine.rules.check import RuleErrors, load_and_compile
-from engine.store import RESPONSES_STREAM, ProfileStore
+from engine.models.registry import ModelRegistry
+from engine.rules.contact import ControlGroup
+from engine.rules.runtime import load_and_compile
+from engine.store.profiles import RESPONSES_STREAM, ProfileStore
 
 from .conftest import RULES_DIR
 from .test_scenarios import MARKETING, NOON, customer
@@ -258,7 +261,7 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
     import time
     import urllib.request
 
-    from engine.redis_embedded import free_port
+    from engine.store.redis_embedded import free_port
 
     from .conftest import REPO
 
@@ -352,7 +355,7 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
 def test_the_schema_describes_contact_yaml_as_the_loader_reads_it() -> None:
     import json
 
-    from engine.contact import CONTACT_KEYS, CONTROL_KEYS, LIMIT_KEYS, QUIET_KEYS
+    from engine.rules.contact import CONTACT_KEYS, CONTROL_KEYS, LIMIT_KEYS, QUIET_KEYS
 
     from .conftest import REPO
     from .test_rule_language import _validate, _yaml_as_json

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.rules.check import check, load_and_compile
+from engine.authoring.check import check
 from engine.rules.patterns import Event, parse_duration
+from engine.rules.runtime import load_and_compile
 
 from .conftest import RULES_DIR
 
@@ -115,7 +116,7 @@ def test_sessions_that_were_not_deleted_would_fail_at_1025() -> None:
 
 
 def test_event_rule_tests_fail_and_err_with_file_line_and_column(rules_copy: Path) -> None:
-    from engine.rules.check import test
+    from engine.authoring.check import test
 
     tests = rules_copy / "tests" / "events.yaml"
     text = tests.read_text()

@@ -6,7 +6,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -17,10 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.event_stream import INGEST_STREAM, INVALID_STREAM
-from engine.events import OUTBOUND_STREAM, TIMERS_KEY, events_key
+from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, events_key
+from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import NUMERIC
-from engine.store import Profile
+from engine.store.profiles import Profile
 
 from .conftest import RULES_DIR
 
@@ -29,7 +29,7 @@ HOUR = 3600.0
 
 def _quiet_hours(rules_dir: Path, quiet_now: bool) -> None:
     """Quiet hours on email and sms that include now (quiet_now) or are two hours away."""
-    minute = datetime.now(timezone.utc).hour * 60 + datetime.now(timezone.utc).minute
+    minute = datetime.now(UTC).hour * 60 + datetime.now(UTC).minute
     start = (minute - 60) % 1440 if quiet_now else (minute + 120) % 1440
     end = (start + 120) % 1440
     path = rules_dir / "contact.yaml"
@@ -46,10 +46,10 @@ class Service:
         self.redis_url, self.models_dir, self.rules_dir, self.poll = redis_url, models_dir, rules_dir, poll
         self.app = self.server = self.channel = None
 
-    def start(self) -> "Service":
-        from engine.app import App
+    def start(self) -> Service:
         from engine.config import Config
-        from engine.server import build_server
+        from engine.serving.app import App
+        from engine.serving.server import build_server
 
         self.app = App(Config(redis_url=self.redis_url, rules_dir=self.rules_dir, models_dir=self.models_dir,
                               demo_customers=200, metrics_port=0, rules_watch_seconds=0,
@@ -362,7 +362,7 @@ def test_a_reload_swaps_the_patterns_and_frees_the_old_ones(svc: Service) -> Non
 
 def test_two_pollers_claim_each_due_timer_once(redis_url: str) -> None:
     """Two pollers (as in two worker processes) on one Redis: every due timer is handled exactly once."""
-    from engine.timers import TimerPoller
+    from engine.events.timers import TimerPoller
 
     client = redis.Redis.from_url(redis_url)
     now_ms = int(time.time() * 1000)
@@ -377,7 +377,7 @@ def test_two_pollers_claim_each_due_timer_once(redis_url: str) -> None:
 
 
 def test_a_failed_timer_is_claimed_again_after_its_lease(redis_url: str) -> None:
-    from engine import timers
+    from engine.events import timers
 
     client = redis.Redis.from_url(redis_url)
     client.zadd(TIMERS_KEY, {"x": int(time.time() * 1000) - 1})
@@ -394,7 +394,7 @@ def test_a_failed_timer_is_claimed_again_after_its_lease(redis_url: str) -> None
 
 
 def test_entries_a_dead_consumer_left_pending_are_taken_over(svc: Service, redis_url: str) -> None:
-    from engine.event_stream import GROUP, EventStreamConsumer
+    from engine.events.stream import GROUP, EventStreamConsumer
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     svc.app.event_stream.stop()  # only the consumers below read from here on

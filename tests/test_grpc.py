@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
 import redis
@@ -11,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.store import EVENTS_STREAM, RESPONSES_STREAM
+from engine.store.profiles import EVENTS_STREAM, RESPONSES_STREAM
 
 
 def decide(grpc_channel: grpc.Channel, **kw) -> pb.DecideResponse:

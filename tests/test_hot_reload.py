@@ -14,12 +14,11 @@ import pytest
 from engine import metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.app import App
 from engine.config import Config
 from engine.live import Live
-from engine.rules.check import load_and_compile
-from engine.rules.runtime import CompiledRules, open_rulesets
-from engine.server import build_server
+from engine.rules.runtime import CompiledRules, load_and_compile, open_rulesets
+from engine.serving.app import App
+from engine.serving.server import build_server
 
 from .conftest import RULES_DIR
 from .test_scenarios import customer
@@ -60,7 +59,7 @@ class Clients:
             except Exception as exc:  # every failure is a test failure
                 self.errors.append(repr(exc))
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         for t in self.threads:
             t.start()
         return self

@@ -20,18 +20,18 @@ from grpc_health.v1 import health_pb2
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.app import App
 from engine.cli import main as nba
 from engine.config import Config
-from engine.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet, parse_experiment
-from engine.exploration import COUNTS_KEY
-from engine.report import build_report
-from engine.model_input import CHANNEL_INDEX, FEATURES, customer_block
-from engine.registry import ModelRefused, ModelRegistry
-from engine.server import build_server
-from engine.store import DECISIONS_STREAM, ProfileStore
-from engine.training import from_streams, read_csv
-from engine.world import generate
+from engine.decision.report import build_report
+from engine.models.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet, parse_experiment
+from engine.models.exploration import COUNTS_KEY
+from engine.models.model_input import CHANNEL_INDEX, FEATURES, customer_block
+from engine.models.registry import ModelRefused, ModelRegistry
+from engine.models.training import from_streams, read_csv
+from engine.serving.app import App
+from engine.serving.server import build_server
+from engine.sim.world import generate
+from engine.store.profiles import DECISIONS_STREAM, ProfileStore
 
 from .conftest import RULES_DIR
 
@@ -47,8 +47,8 @@ class Trained:
 @pytest.fixture(scope="session")
 def second_model() -> Trained:
     """Another small model on the demo catalog, to promote or run as a challenger."""
-    from engine.rules.check import load_and_compile
-    from engine.training import train
+    from engine.rules.runtime import load_and_compile
+    from engine.sim.training_data import train
 
     rules = load_and_compile(RULES_DIR)
     try:
@@ -403,7 +403,7 @@ def test_service_propensities_equal_booster_predict(live) -> None:
     """The decision-shaped scorer the service uses agrees with LightGBM on the assembled rows."""
     import lightgbm as lgb
 
-    from engine.model_input import ActionTable, assemble, shared_row
+    from engine.models.model_input import ActionTable, assemble, shared_row
 
     app, channel, registry = live
     models: ModelSet = app.model.current

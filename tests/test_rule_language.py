@@ -399,7 +399,8 @@ def test_demo_rules_load_cleanly():
 # --- no eval ----------------------------------------------------------------------------------------
 def test_rules_never_evaluate_text_as_python(monkeypatch):
     """Loading, compiling, evaluating and testing rules works with eval/exec/compile disabled."""
-    from engine.rules.check import load_and_compile, prepare
+    from engine.authoring.check import prepare
+    from engine.rules.runtime import load_and_compile
 
     def forbidden(*args, **kwargs):
         raise AssertionError("rule text must never be evaluated as Python")
@@ -514,9 +515,8 @@ def test_json_schema_accepts_the_demo_files_and_rejects_mistakes():
     assert len(_validate(catalog, schema, schema)) == 4
     # the schema and the loader agree on the keys
     assert set(schema["definitions"]["action"]["properties"]) == set(loader.ACTION_KEYS)
-    from engine.contact import CONTACT_KEYS
-
     from engine.rules import patterns
+    from engine.rules.contact import CONTACT_KEYS
 
     assert set(schema["properties"]) == (set(loader.CATALOG_KEYS) | set(loader.POLICIES_KEYS) | set(CONTACT_KEYS)
                                          | set(patterns.FILE_KEYS))

@@ -5,18 +5,20 @@ from __future__ import annotations
 import gc
 import random
 import threading
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
 from engine.features import CATEGORICAL, CHANNELS, SCHEMA
-from engine.rules import FactInputs, RuleErrors, compile_rules, load_and_compile
 from engine.rules import runtime as runtime_module
 from engine.rules.checker import Scope
+from engine.rules.errors import RuleErrors
+from engine.rules.facts import FactInputs
 from engine.rules.lang import compile_condition
 from engine.rules.loader import load_rules
 from engine.rules.model import RuleSet, Situation
+from engine.rules.runtime import compile_rules, load_and_compile
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCTS = SCHEMA.sets["products"]
@@ -126,7 +128,7 @@ def ruleset_of_situations(conditions: dict[str, str]) -> RuleSet:
         tree, errors = compile_condition(text, scope)
         assert not errors, (text, [str(e) for e in errors])
         situations[name] = Situation(name, tree, text, source="test:1:1")
-    return RuleSet(version="rules-test", loaded_at=datetime.now(timezone.utc), actions=(), fallback={},
+    return RuleSet(version="rules-test", loaded_at=datetime.now(UTC), actions=(), fallback={},
                    situations=situations, policies=(), levers=(), context_weights={})
 
 
@@ -378,7 +380,7 @@ def test_profile_adapter_rounds_float32_values(demo):
 
     from engine.features import DERIVED, NUMERIC
 
-    class Profile:  # the shape of engine.store.Profile
+    class Profile:  # the shape of engine.store.profiles.Profile
         numeric = np.zeros(len(NUMERIC), dtype=np.float32)
         categorical = {"value_tier": "A", "lifecycle_stage": "loyal"}
         sets = {"products": frozenset({"mobile"}), "consent": frozenset({"call_center"})}
@@ -561,8 +563,8 @@ def world_inputs(n: int, seed: int) -> list[FactInputs]:
     """Profiles of the synthetic customer base, on random channels with random context and triggers."""
     import numpy as np
 
-    from engine.derived import derive
-    from engine.world import generate
+    from engine.models.derived import derive
+    from engine.sim.world import generate
 
     world, rng = generate(n, seed), random.Random(seed)
     out = []
@@ -614,7 +616,7 @@ def test_vectorised_engagement_equals_durable_on_the_demo_rules(demo):
 
 
 def test_vectorised_engagement_equals_durable_on_a_large_synthetic_catalog(tmp_path):
-    from engine.rules import synthetic
+    from engine.sim import synthetic_rules as synthetic
 
     ruleset, errors = load_rules(synthetic.write_rules(tmp_path, actions=100, rules=300, customer_rules=60))
     assert not errors, errors[:3]

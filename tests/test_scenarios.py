@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.decision import DecideInput, DecisionEngine
+from engine.decision.funnel import DecisionEngine
+from engine.decision.request import DecideInput
 from engine.features import NUMERIC
 from engine.live import Live
-from engine.registry import ModelRegistry
-from engine.rules.check import load_and_compile
-from engine.store import Profile, ProfileStore
-from engine.world import generate
+from engine.models.registry import ModelRegistry
+from engine.rules.runtime import load_and_compile
+from engine.sim.world import generate
+from engine.store.profiles import Profile, ProfileStore
 
 from .conftest import RULES_DIR
 
@@ -106,7 +107,7 @@ def test_5_requested_call_back_tops_the_call_center_list_until_it_expires(engine
     engine.store.save([customer("S5", open_cases=1)])
     engine.store.set_trigger("S5", "callback_requested", 3600)
     assert decide(engine, "S5", "call_center").actions[0].action_id == "callback_customer"
-    engine.store.client.delete(f"nba:{{c:S5}}:triggers")
+    engine.store.client.delete("nba:{c:S5}:triggers")
     assert "callback_customer" not in {a.action_id for a in decide(engine, "S5", "call_center").actions}
 
 

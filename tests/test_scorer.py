@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.scorer import CompiledModel, _score_batch
+from engine.models.scorer import CompiledModel, _score_batch
 
 ATOL = 1e-6
 HYPOTHESIS = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

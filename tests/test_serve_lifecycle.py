@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.redis_embedded import free_port
+from engine.store.redis_embedded import free_port
 
 from .conftest import REPO
 
@@ -96,7 +96,7 @@ def test_embedded_redis_dies_with_a_killed_server(tmp_path: Path, models_dir: Pa
 
 
 def test_a_data_directory_serves_one_embedded_redis_at_a_time(tmp_path: Path) -> None:
-    from engine.redis_embedded import DataDirInUse, EmbeddedRedis
+    from engine.store.redis_embedded import DataDirInUse, EmbeddedRedis
 
     with EmbeddedRedis(tmp_path) as first:
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.report import build_report, lift_interval
+from engine.decision.report import build_report, lift_interval
 
 from .conftest import RULES_DIR
 

@@ -4,8 +4,8 @@ import numpy as np
 import redis
 
 from engine.features import NUMERIC
-from engine.store import ProfileStore, SchemaMismatch, profile_key, triggers_key
-from engine.world import generate
+from engine.sim.world import generate
+from engine.store.profiles import ProfileStore, SchemaMismatch, profile_key, triggers_key
 
 
 def test_profile_round_trip_in_one_pipeline(redis_url: str) -> None:

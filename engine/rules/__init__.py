@@ -1,41 +1,19 @@
-"""Rules owned by marketers: the condition language, the YAML loader, durable-rules at run time,
-rule tests, and hot reload.
+"""Rules owned by marketers, as data: the condition language, loading the rule files, and running
+them on durable-rules.
 
-Typical use::
+- language: ``lexer`` -> ``parser`` (``nodes``) -> ``checker`` (names and types against the feature
+  schema) -> ``normalize`` (durable-rules' limits) and ``evaluate`` (the reference interpreter);
+  ``lang`` is the one-call facade, ``errors`` the file:line:col reports, ``reference`` the name list.
+- loading: ``yamlsrc`` (YAML with positions) -> ``loader`` (catalog, policies, levers; ``contact``
+  for contact.yaml, ``patterns`` for events.yaml) -> ``model`` (the loaded ``RuleSet``).
+- running: ``compile`` (one durable ruleset, ``network`` keeps facts inside its limits) ->
+  ``runtime`` (``CompiledRules``: ``facts`` encoding, durable evaluation, ``vector`` per-action
+  numba program); ``bench`` times it.
 
-    rules = prepare(Path("rules"))                   # load, compile, pass the rule tests; or RuleErrors
-    fact = rules.build_fact(FactInputs(numbers=..., categories=..., products=..., consents=...,
-                                       channel="web", touchpoint="home", context={}, triggers=[]))
-    outcome = rules.evaluate(fact)                   # RuleOutcome: durable-rules, then the numba program
-    index, admitted = rules.admitted(outcome, "web") # the admitted actions (the decision's hot path)
-    verdicts = rules.verdicts(outcome, "web")        # one ActionVerdict per catalog action (explanations)
+Loading and running are one package, not two: the loader compiles event patterns (``patterns`` uses
+``compile``), so the seams would import each other.
+
+May import: the ground modules (``engine.features``, ``engine.errors``, ``engine.metrics``). Nothing
+here knows about Redis, models or the decision funnel; rule tests run through the funnel and so live
+above it, in ``engine.authoring``.
 """
-
-from .check import check, load_and_compile, prepare
-from .errors import ConditionError, RuleError, RuleErrors
-from .facts import FactInputs
-from .loader import load_rules
-from .model import ACTION_TYPES, Action, Lever, Policy, RuleSet, Situation, Targets
-from .runtime import ActionVerdict, CompiledRules, RuleOutcome, compile_rules
-
-__all__ = [
-    "ACTION_TYPES",
-    "Action",
-    "ActionVerdict",
-    "CompiledRules",
-    "ConditionError",
-    "FactInputs",
-    "Lever",
-    "Policy",
-    "RuleError",
-    "RuleErrors",
-    "RuleOutcome",
-    "RuleSet",
-    "Situation",
-    "Targets",
-    "check",
-    "compile_rules",
-    "load_and_compile",
-    "load_rules",
-    "prepare",
-]

@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .check import load_and_compile
-from .facts import FactInputs
-from .runtime import compile_rules
+from engine.rules.facts import FactInputs
+from engine.rules.runtime import compile_rules, load_and_compile
 
 PROFILES = {
     "loyal family, web": FactInputs(

@@ -12,10 +12,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine.features import CHANNELS, SCHEMA, FeatureSchema
-
-from .errors import ConditionError, suggest
-from .facts import consent_field, context_field, holds_field, trigger_field
-from .nodes import (
+from engine.rules.errors import ConditionError, suggest
+from engine.rules.facts import consent_field, context_field, holds_field, trigger_field
+from engine.rules.nodes import (
     And,
     Arith,
     Bool,
@@ -229,7 +228,7 @@ class _Checker:
                 self.error(node.right, "you can only divide by a fixed number", "use a derived ratio feature instead, e.g. data_usage_ratio")
                 ok = False
             else:
-                from .evaluate import evaluate
+                from engine.rules.evaluate import evaluate
 
                 divisor = evaluate(right, {})
                 if divisor == 0 or not math.isfinite(divisor):

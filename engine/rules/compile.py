@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import durable_rules_engine
 
-from .errors import RuleError, RuleErrors
-from .facts import ZERO_FIELD, to_json
-from .model import RuleSet
-from .nodes import FLIPPED, And, Arith, Bool, Compare, Field, Neg, Node, Num, Or, Str, walk
-from .network import GUARD_FIELD, RULE_LIMIT, TooManyRules, arrange, rule_stack
-from .normalize import MAX_MARKERS, TooComplex, markers, prepare
-from .vector import EligibilityProgram
+from engine.rules.errors import RuleError, RuleErrors
+from engine.rules.facts import ZERO_FIELD, to_json
+from engine.rules.model import RuleSet
+from engine.rules.network import GUARD_FIELD, RULE_LIMIT, TooManyRules, arrange, rule_stack
+from engine.rules.nodes import FLIPPED, And, Arith, Bool, Compare, Field, Neg, Node, Num, Or, Str, walk
+from engine.rules.normalize import MAX_MARKERS, TooComplex, markers, prepare
+from engine.rules.vector import EligibilityProgram
 
 PREFIX = {"situation": "sit", "policy": "pol", "lever": "lev", "action": "act"}
 MAX_FACT_FIELDS = 250  # durable: 255 properties per fact, including sid and id

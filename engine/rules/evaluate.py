@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or, SitRef, Str
+from engine.rules.nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or, SitRef, Str
 
 
 def evaluate(node: Node, env: Mapping, situations: Mapping[str, Node] | None = None):

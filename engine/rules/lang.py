@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .checker import Scope, check
-from .errors import ConditionError
-from .evaluate import evaluate
-from .nodes import Node
-from .parser import parse
+from engine.rules.checker import Scope, check
+from engine.rules.errors import ConditionError
+from engine.rules.evaluate import evaluate
+from engine.rules.nodes import Node
+from engine.rules.parser import parse
 
 __all__ = ["ConditionError", "Scope", "compile_condition", "evaluate", "parse"]
 

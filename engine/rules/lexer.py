@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConditionError
+from engine.rules.errors import ConditionError
 
 KEYWORDS = {"and", "or", "not", "in", "true", "false"}
 # Python that a condition may look like it could reach: refused as syntax errors, never looked up.

@@ -6,18 +6,16 @@ Nothing here evaluates text as code: conditions go through our own parser and ty
 from __future__ import annotations
 
 import hashlib
-
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from engine.features import CHANNELS, SCHEMA, FeatureSchema
-
-from .checker import IDENT, Scope, situation_refs
-from .errors import RuleError, suggest
-from .lang import compile_condition
-from .model import ACTION_TYPES, STAGES, Action, GroupRules, Lever, Policy, RuleSet, Situation, Targets
-from .nodes import Bool, Node
-from .yamlsrc import Loc, load_yaml
+from engine.rules.checker import IDENT, Scope, situation_refs
+from engine.rules.errors import RuleError, suggest
+from engine.rules.lang import compile_condition
+from engine.rules.model import ACTION_TYPES, STAGES, Action, GroupRules, Lever, Policy, RuleSet, Situation, Targets
+from engine.rules.nodes import Bool, Node
+from engine.rules.yamlsrc import Loc, load_yaml
 
 CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
@@ -184,15 +182,15 @@ class _Loader:
         policies = self.load_policies(policies_top.get("policies"), scope, actions)
         levers = self.load_levers(policies_top.get("levers"), scope, actions)
         weights = self.load_context_weights(policies_top.get("context_weights"))
-        from engine.contact import load_contact
+        from engine.rules.contact import load_contact
 
         contact = load_contact(self, self.dir, actions)
-        from .patterns import load_events
+        from engine.rules.patterns import load_events
 
         events = load_events(self, self.dir, actions, triggers)
         return RuleSet(
             version=rules_version(self.dir),
-            loaded_at=datetime.now(timezone.utc),
+            loaded_at=datetime.now(UTC),
             actions=tuple(actions),
             fallback=fallback,
             situations=situations,

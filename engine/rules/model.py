@@ -14,8 +14,7 @@ from datetime import date, datetime
 from typing import Any
 
 from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
-
-from .nodes import And, Node
+from engine.rules.nodes import And, Node
 
 STAGES = ("eligible", "applicable", "suitable")  # per-action engagement conditions, in funnel order
 
@@ -120,7 +119,7 @@ class RuleSet:
     triggers: tuple[str, ...] | None = None  # declared trigger names (None: not declared)
     files: tuple[str, ...] = ()
     groups: dict[str, GroupRules] = field(default_factory=dict)  # group -> its engagement conditions
-    contact: Any = None  # engine.contact.ContactRules from contact.yaml (None: no contact policies)
+    contact: Any = None  # engine.decision.contact.ContactRules from contact.yaml (None: no contact policies)
     events: Any = None  # rules.patterns.EventRules from events.yaml (None: no event patterns)
     by_id: dict[str, Action] = field(init=False, repr=False)
 

@@ -16,7 +16,7 @@ two levels deep, so each node has few children.
 
 from __future__ import annotations
 
-from .facts import GUARD_FIELD  # always 0 in the fact
+from engine.rules.facts import GUARD_FIELD  # always 0 in the fact
 
 STACK_LIMIT = 60  # durable fails at 64 pending nodes; keep a margin
 RULE_LIMIT = 24  # one rule's own worst case; larger rules are split

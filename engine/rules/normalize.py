@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
-from .evaluate import evaluate
-from .nodes import (
+from engine.rules.evaluate import evaluate
+from engine.rules.nodes import (
     FALSE,
     NEGATED,
     TRUE,

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .errors import ConditionError
-from .lexer import Token, tokenize
-from .nodes import (
+from engine.rules.errors import ConditionError
+from engine.rules.lexer import Token, tokenize
+from engine.rules.nodes import (
     COMPARE_OPS,
     And,
     Arith,

@@ -25,19 +25,19 @@ import logging
 import re
 import threading
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import durable_rules_engine
 
-from .checker import NUM, STR, IDENT, Scope, Ty, _Checker, _compare_hint
-from .compile import condition_json
-from .errors import ConditionError, RuleError, suggest
-from .facts import GUARD_FIELD, to_json
-from .nodes import And, Compare, Field, Node, Str
-from .normalize import MAX_MARKERS, TooComplex, markers, prepare
-from .parser import parse
+from engine.rules.checker import IDENT, NUM, STR, Scope, Ty, _Checker, _compare_hint
+from engine.rules.compile import condition_json
+from engine.rules.errors import ConditionError, RuleError, suggest
+from engine.rules.facts import GUARD_FIELD, to_json
+from engine.rules.nodes import And, Compare, Field, Node, Str
+from engine.rules.normalize import MAX_MARKERS, TooComplex, markers, prepare
+from engine.rules.parser import parse
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Event:
         return json.dumps({"id": self.id, "t": self.type, "ts": self.ts_ms, "a": self.attrs}, separators=(",", ":"))
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "Event":
+    def decode(cls, raw: bytes | str) -> Event:
         d = json.loads(raw)
         return cls(d["id"], d["t"], int(d["ts"]), d.get("a") or {})
 
@@ -269,7 +269,7 @@ def check_event_condition(text: str, event: EventType) -> tuple[Node | None, lis
 
 def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[str] | None) -> EventRules | None:
     """``events.yaml`` (optional) through the rule loader's validators; errors go to ``loader``."""
-    from .yamlsrc import load_yaml
+    from engine.rules.yamlsrc import load_yaml
 
     path = Path(rules_dir) / EVENTS_FILE
     if not path.is_file():
@@ -615,7 +615,7 @@ def _delete(holder: list[int]) -> None:
 
 def compile_patterns(events: EventRules | None, name: str = "") -> CompiledPatterns | None:
     """The compiled patterns (None when there is no ``events.yaml``); raises ``RuleErrors``."""
-    from .errors import RuleErrors
+    from engine.rules.errors import RuleErrors
 
     if events is None:
         return None

@@ -16,18 +16,21 @@ import threading
 import weakref
 from dataclasses import dataclass, field, replace
 from datetime import date
+from pathlib import Path
 from typing import NamedTuple
 
 import durable_rules_engine
 import numba
 import numpy as np
 
-from .compile import Plan, create_ruleset, plan
-from .errors import RuleErrors
-from .evaluate import evaluate as evaluate_tree
-from .facts import FactEncoder, FactInputs, FactLayout, inputs_from_profile
-from .model import Action, Policy, RuleSet
-from .patterns import compile_patterns
+from engine.features import SCHEMA, FeatureSchema
+from engine.rules.compile import Plan, create_ruleset, plan
+from engine.rules.errors import RuleErrors
+from engine.rules.evaluate import evaluate as evaluate_tree
+from engine.rules.facts import FactEncoder, FactInputs, FactLayout, inputs_from_profile
+from engine.rules.loader import load_rules
+from engine.rules.model import Action, Policy, RuleSet
+from engine.rules.patterns import compile_patterns
 
 log = logging.getLogger(__name__)
 _names = itertools.count(1)
@@ -434,3 +437,11 @@ def compile_rules(ruleset: RuleSet, eligibility: str = "vector") -> CompiledRule
     if errors:
         raise RuleErrors(errors)
     return CompiledRules(ruleset, the_plan)
+
+
+def load_and_compile(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
+    """Load, check and compile the rules in ``rules_dir``; raises ``RuleErrors`` listing every problem."""
+    ruleset, errors = load_rules(Path(rules_dir), schema)
+    if errors:
+        raise RuleErrors(errors)
+    return compile_rules(ruleset)

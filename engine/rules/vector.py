@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 import numba
 import numpy as np
 
-from .facts import values_of
-from .nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or, SitRef, Str
+from engine.rules.facts import values_of
+from engine.rules.nodes import And, Arith, Bool, Compare, Field, In, Neg, Node, Not, Num, Or, SitRef, Str
 
 LOAD, CONST, ADD, SUB, MUL, DIV, NEG, EQ, NE, LT, LE, GT, GE, AND, OR, NOT = range(16)
 _ARITH = {"+": ADD, "-": SUB, "*": MUL, "/": DIV}

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from yaml.constructor import SafeConstructor
 
-from .errors import RuleError
+from engine.rules.errors import RuleError
 
 
 @dataclass

@@ -1,0 +1,11 @@
+"""The decision funnel: one ``Decide`` as plain Python, and what happens to a decision afterwards.
+
+- ``request``: the request and its validation (errors name the field);
+- ``funnel``: ``DecisionEngine``, the stages in order (profile, derive, rules, scoring,
+  arbitration, presenting, logging), each timed;
+- ``arbitration``: priority order, one action per group, the top N, the fallback, explanations;
+- ``contact``: contact limits and budgets applied atomically in Redis when actions are presented;
+- ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group.
+
+May import: models, rules, store and the ground modules; not events, sim, authoring or serving.
+"""

@@ -1,0 +1,50 @@
+"""A Decide request as the decision core takes it, and its validation (errors name the field)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from engine.errors import NbaError
+from engine.features import CHANNELS
+
+MAX_ACTIONS_LIMIT = 20
+DEFAULT_MAX_ACTIONS = 3
+MAX_ID_LENGTH = 128
+
+
+class InvalidRequest(NbaError, ValueError):
+    """A request the caller must fix; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DecideInput:
+    customer_id: str
+    channel: str
+    touchpoint: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    max_actions: int = 0  # 0: DEFAULT_MAX_ACTIONS
+    explain: bool = False
+    ranking: str = ""  # "": the service's (ranked, or the control policy); else DecisionEngine.rankings[name]
+    fallback: bool = True  # False: an empty answer rather than the fallback action (outbound from events)
+
+
+def validate(req: DecideInput) -> int:
+    """Raise InvalidRequest naming the field; return the effective max_actions."""
+    if not req.customer_id or not req.customer_id.strip():
+        raise InvalidRequest("customer_id", "must not be empty")
+    if len(req.customer_id) > MAX_ID_LENGTH or any(c in req.customer_id for c in "{}\n\r\t "):
+        raise InvalidRequest("customer_id", f"at most {MAX_ID_LENGTH} characters, no spaces or braces")
+    if req.channel not in CHANNELS:
+        raise InvalidRequest("channel", f"must be one of {', '.join(CHANNELS)}")
+    if not 0 <= req.max_actions <= MAX_ACTIONS_LIMIT:
+        raise InvalidRequest("max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})")
+    if len(req.touchpoint) > 256:
+        raise InvalidRequest("touchpoint", "at most 256 characters")
+    if len(req.context) > 64:
+        raise InvalidRequest("context", "at most 64 entries")
+    return req.max_actions or DEFAULT_MAX_ACTIONS

@@ -1,0 +1,84 @@
+"""The absence-timer poller: one thread per server process fires absence patterns at their due time.
+
+Timers live in Redis (``nba:timers``, a sorted set of timer members by due time in epoch ms), written
+when the opening event arrives, so a restart between an event and its due time loses nothing. A Lua
+claim hands each due timer to one poller and pushes its due time ``LEASE_MS`` ahead; the poller removes
+it once handled. A poller that dies mid-way leaves the timer to be claimed again after the lease
+(at least once; the effects are idempotent: a trigger set twice is one trigger, an outbound action
+is sent at most once per (pattern, event)).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from engine import metrics
+from engine.events.processor import TIMERS_KEY
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 60_000
+BATCH = 100
+
+# KEYS[1] timers; ARGV: now ms, batch, lease ms. Returns the claimed members.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local leased = tonumber(ARGV[1]) + tonumber(ARGV[3])
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], leased, m) end
+return due
+"""
+
+
+class TimerPoller:
+    def __init__(self, client: redis.Redis, handle: Callable[[str], object], interval: float = 0.5,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.handle = handle
+        self.interval = interval
+        self.clock = clock
+        self._claim = client.register_script(_CLAIM)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TimerPoller:
+        self._thread = threading.Thread(target=self._run, name="event-timers", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def poll_once(self) -> int:
+        """Handle every timer due now; returns how many were handled."""
+        handled = 0
+        while not self._stop.is_set():
+            members = self._claim(keys=[TIMERS_KEY], args=[int(self.clock() * 1000), BATCH, LEASE_MS])
+            for member in members:
+                member = member.decode() if isinstance(member, bytes) else member
+                try:
+                    self.handle(member)
+                except Exception:  # left claimed: retried after the lease
+                    log.exception("absence timer %s failed; retried in %ds", member, LEASE_MS // 1000)
+                    continue
+                self.client.zrem(TIMERS_KEY, member)
+                handled += 1
+            if len(members) < BATCH:
+                return handled
+        return handled
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll_once()
+            except redis.exceptions.RedisError as exc:
+                if self._stop.is_set():
+                    return
+                metrics.REDIS_ERRORS.labels("event_timers").inc()
+                log.warning("absence timers: %s", exc)

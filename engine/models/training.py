@@ -1,0 +1,418 @@
+"""Training LightGBM propensity models: from the synthetic world or from recorded decisions and responses.
+
+**Sources.**
+- The synthetic world (``engine.sim.training_data.simulate_responses``): random actions shown to world customers on
+  random channels, responses drawn from the hidden ground truth, which is kept for evaluation only.
+- Recorded traffic (``from_streams``): every decision logged to ``nba:stream:decisions`` carries the
+  model input it was decided on (``features``: the customer block as base64 float32, in
+  ``CUSTOMER_FEATURES`` order, with the feature-schema fingerprint, the channel, and each presented
+  action's id, type and value), so a training row is the customer *as they were at decision time*:
+  nothing recorded later (profile updates, later responses) leaks into it. Rows are the presented
+  actions joined with ``nba:stream:responses`` on (decision id, action id). Labels:
+    * positive: an ``accepted`` response within the label window (default 7 days) of the decision;
+    * negative: a ``rejected`` or ``ignored`` response, or no acceptance once the window has closed
+      (``impression`` and ``clicked`` alone are not an acceptance);
+    * pending, left out: no acceptance and no rejection yet while the window is still open.
+  Control-group and exploring decisions are included (they are the least biased rows there are);
+  records written under another feature schema are skipped and counted.
+- A file written by ``export_csv`` (``--export``), read back by ``read_csv`` (``--from-file``).
+
+**One model across actions**, with the action id, its type, value and the channel as features,
+rather than one model per action type. Measured on the synthetic world (``loadtest/model_shapes.py``,
+figures in ``models/README.md``): higher holdout AUC (0.884 vs 0.869), lower log loss and a much
+better rank correlation with the hidden truth (0.937 vs 0.872), which is what arbitration across
+action types needs; per-type AUC is higher for every type too, since customer traits shared by all
+actions are learned from all the data. Serving stays one scorer call per decision instead of up to
+six. Per-type models are better calibrated and rank never-seen actions better; exploration is what
+brings a new action the traffic to learn it from.
+
+**Evaluation** is on a time-based holdout: the latest 20% of decisions by decision time. Metrics:
+AUC, log loss, per action type (rows, acceptance, mean prediction, AUC, log loss) with a calibration
+table (predicted vs observed per probability bin), the current champion scored on the same holdout,
+and, for the synthetic world, the rank correlation between predicted and true acceptance probability.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+
+from engine.features import ACTION_TYPES, CHANNELS, SCHEMA
+from engine.models.model_input import (
+    CATEGORICAL_FEATURES,
+    CHANNEL_INDEX,
+    CUSTOMER_FEATURES,
+    FEATURES,
+    decode_features,
+)
+
+PARAMS = {
+    "objective": "binary",
+    "learning_rate": 0.1,
+    "num_leaves": 31,
+    "min_data_in_leaf": 50,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "cat_smooth": 10,
+    "verbose": -1,
+    "num_threads": 2,
+    "seed": 11,
+}
+HOLDOUT_SHARE = 0.2
+POSITIVE = ("accepted",)
+FINAL_NEGATIVE = ("rejected", "ignored")
+CALIBRATION_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+ACTION_COL = FEATURES.index("action")
+TYPE_COL = FEATURES.index("action_type")
+VALUE_COL = FEATURES.index("action_value")
+N_CUSTOMER = len(CUSTOMER_FEATURES)
+
+
+@dataclass
+class TrainingSet:
+    """Rows in the model's layout; the ``action`` column holds codes into ``actions``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    t: np.ndarray  # decision time, seconds
+    actions: list[str]
+    p_true: np.ndarray | None = None  # hidden ground truth (synthetic world only, never a feature)
+    decision_ids: list[str] | None = None
+    summary: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def action_ids(self) -> np.ndarray:
+        codes = self.x[:, ACTION_COL]
+        ids = np.array(self.actions + [""], dtype=object)
+        return ids[np.where(np.isnan(codes), len(self.actions), codes).astype(int)]
+
+    def recoded(self, levels: Sequence[str]) -> np.ndarray:
+        """Rows with the action column re-coded for a model trained with other action ``levels``."""
+        index = {a: i for i, a in enumerate(levels)}
+        x = self.x.copy()
+        x[:, ACTION_COL] = [index.get(a, np.nan) for a in self.action_ids()]
+        return x
+
+    def split(self, holdout_share: float = HOLDOUT_SHARE) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks (train, holdout): the holdout is the latest ``holdout_share`` by time."""
+        cut = np.quantile(self.t, 1.0 - holdout_share)
+        hold = self.t >= cut
+        if hold.all() or not hold.any():  # all at one instant: fall back to the last rows
+            hold = np.zeros(len(self.t), dtype=bool)
+            hold[np.argsort(self.t, kind="stable")[int(len(self.t) * (1 - holdout_share)):]] = True
+        return ~hold, hold
+
+
+# --- recorded decisions and responses ---------------------------------------------------------------
+
+def _xrange_all(client, stream: str, page: int = 5_000):
+    start = "-"
+    while True:
+        entries = client.xrange(stream, min=start, max="+", count=page)
+        if not entries:
+            return
+        yield from entries
+        if len(entries) < page:
+            return
+        last = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+        ms, seq = last.split("-")
+        start = f"{ms}-{int(seq) + 1}"
+
+
+def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
+                 positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
+                 responses_stream: str | None = None) -> TrainingSet:
+    """Training rows from the decision and response streams (labels: see the module docstring)."""
+    from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+
+    as_of = time.time() if as_of is None else as_of
+    window = window_days * 86400.0
+    fingerprint = SCHEMA.fingerprint()
+    outcomes: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    n_responses = 0
+    for _, f in _xrange_all(client, responses_stream or RESPONSES_STREAM):
+        n_responses += 1
+        key = ((f.get(b"decision_id") or b"").decode(), (f.get(b"action_id") or b"").decode())
+        outcomes.setdefault(key, []).append(((f.get(b"outcome") or b"").decode(), float(f.get(b"ts") or 0)))
+
+    levels = list(dict.fromkeys(catalog))
+    index = {a: i for i, a in enumerate(levels)}
+    blocks: list[np.ndarray] = []
+    rows: list[tuple[int, int, float, float, float, float]] = []  # block, action, type, value, channel, ts
+    labels: list[float] = []
+    decision_ids: list[str] = []
+    counts = {"decisions": 0, "without_features": 0, "other_schema": 0, "pending": 0, "responses": n_responses}
+    for _, f in _xrange_all(client, decisions_stream or DECISIONS_STREAM):
+        counts["decisions"] += 1
+        features = f.get(b"features")
+        actions = (f.get(b"actions") or b"").decode()
+        if not actions:
+            continue
+        if not features:
+            counts["without_features"] += 1
+            continue
+        if (f.get(b"feature_schema") or b"").decode() != fingerprint:
+            counts["other_schema"] += 1
+            continue
+        decision_id = (f.get(b"decision_id") or b"").decode()
+        ts = float(f.get(b"ts") or 0)
+        channel = (f.get(b"channel") or b"").decode()
+        channel_code = float(CHANNELS.index(channel)) if channel in CHANNELS else math.nan
+        types = (f.get(b"types") or b"").decode().split(",")
+        values = (f.get(b"values") or b"").decode().split(",")
+        block = len(blocks)
+        blocks.append(decode_features(features.decode()))
+        for i, action in enumerate(actions.split(",")):
+            seen = outcomes.get((decision_id, action), [])
+            if any(o in positive and r_ts - ts <= window for o, r_ts in seen):
+                label = 1.0
+            elif any(o in FINAL_NEGATIVE for o, _ in seen) or ts + window <= as_of:
+                label = 0.0
+            else:
+                counts["pending"] += 1
+                continue
+            if action not in index:
+                index[action] = len(levels)
+                levels.append(action)
+            kind = types[i] if i < len(types) else ""
+            value = float(values[i]) if i < len(values) and values[i] else math.nan
+            rows.append((block, index[action], float(ACTION_TYPES.index(kind)) if kind in ACTION_TYPES else math.nan,
+                         value, channel_code, ts))
+            labels.append(label)
+            decision_ids.append(decision_id)
+    x = np.empty((len(rows), len(FEATURES)), dtype=np.float64)
+    if rows:
+        r = np.array(rows, dtype=np.float64)
+        x[:, :N_CUSTOMER] = np.stack(blocks)[r[:, 0].astype(int)]
+        x[:, ACTION_COL], x[:, TYPE_COL], x[:, VALUE_COL], x[:, CHANNEL_INDEX] = r[:, 1], r[:, 2], r[:, 3], r[:, 4]
+        t = r[:, 5]
+    else:
+        t = np.empty(0)
+    y = np.array(labels, dtype=np.float64)
+    counts.update(rows=len(y), positives=int(y.sum()))
+    return TrainingSet(x, y, t, levels, None, decision_ids,
+                       summary={"source": "recorded decisions and responses", "label_window_days": window_days,
+                                "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts})
+
+
+def export_csv(data: TrainingSet, path: str | Path) -> int:
+    """One row per (decision, presented action): ids, time, label, then every model feature by name
+    (the action column holds the action id; categorical features hold integer codes). ``.gz`` compresses."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    ids = data.action_ids()
+    header = ["decision_id", "action_id", "ts", "label"] + (["p_true"] if data.p_true is not None else []) + list(FEATURES)
+    with opener(path, "wt", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        for i in range(len(data.y)):
+            row = data.x[i].tolist()
+            row[ACTION_COL] = ids[i]
+            lead = [data.decision_ids[i] if data.decision_ids else "", ids[i], repr(float(data.t[i])),
+                    int(data.y[i])] + ([repr(float(data.p_true[i]))] if data.p_true is not None else [])
+            out.writerow(lead + [v if isinstance(v, str) else repr(v) for v in row])
+    return len(data.y)
+
+
+def read_csv(path: str | Path, catalog: Sequence[str] = ()) -> TrainingSet:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        lead = ["decision_id", "action_id", "ts", "label"]
+        has_truth = header[4:5] == ["p_true"]
+        features = header[len(lead) + has_truth:]
+        if header[:4] != lead or features != list(FEATURES):
+            missing = [f for f in FEATURES if f not in features]
+            raise ValueError(f"{path}: columns do not match the live feature schema"
+                             + (f" (missing {', '.join(missing[:5])})" if missing else " (order differs)"))
+        body = list(reader)
+    levels = list(dict.fromkeys(catalog))
+    index = {a: i for i, a in enumerate(levels)}
+    for row in body:
+        if row[1] not in index:
+            index[row[1]] = len(levels)
+            levels.append(row[1])
+    start = len(lead) + has_truth
+    x = np.empty((len(body), len(FEATURES)), dtype=np.float64)
+    for i, row in enumerate(body):
+        values = row[start:]
+        values[ACTION_COL] = index[row[1]]
+        x[i] = [float(v) for v in values]
+    return TrainingSet(
+        x, np.array([float(r[3]) for r in body]), np.array([float(r[2]) for r in body]), levels,
+        np.array([float(r[4]) for r in body]) if has_truth else None, [r[0] for r in body],
+        summary={"source": f"file {path.name}"},
+    )
+
+
+# --- fitting and evaluation -------------------------------------------------------------------------
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (ties get the average rank); NaN when only one class is present."""
+    n_pos = int((y == 1).sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p))
+    ranks[order] = np.arange(1, len(p) + 1)
+    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def logloss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
+
+
+def _r(v: float, digits: int = 4) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), digits)
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: Sequence[float] = CALIBRATION_BINS) -> list[dict]:
+    """Predicted vs observed acceptance per probability bin (only bins with rows)."""
+    edges = np.asarray(bins)
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+    table = []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if sel.any():
+            table.append({"bin": f"{edges[b]:.2f}-{edges[b + 1]:.2f}", "rows": int(sel.sum()),
+                          "predicted": _r(p[sel].mean()), "observed": _r(y[sel].mean())})
+    return table
+
+
+def evaluate(p: np.ndarray, data: TrainingSet, hold: np.ndarray) -> dict:
+    """Holdout metrics of predictions ``p`` (for the holdout rows), overall and per action type."""
+    y = data.y[hold]
+    metrics = {
+        "holdout_auc": _r(auc(y, p)),
+        "holdout_logloss": _r(logloss(y, p)),
+        "holdout_rows": int(hold.sum()),
+        "holdout_acceptance_rate": _r(y.mean()) if len(y) else None,
+        "holdout_mean_prediction": _r(p.mean()) if len(p) else None,
+    }
+    if data.p_true is not None:
+        truth = data.p_true[hold]
+        metrics["oracle_auc"] = _r(auc(y, truth))
+        metrics["rank_correlation_with_truth"] = _r(spearman(p, truth))
+    types = data.x[hold, TYPE_COL]
+    by_type, tables = {}, {}
+    for code, name in enumerate(ACTION_TYPES):
+        sel = types == code
+        if not sel.any():
+            continue
+        by_type[name] = {"rows": int(sel.sum()), "acceptance_rate": _r(y[sel].mean()),
+                         "mean_prediction": _r(p[sel].mean()), "auc": _r(auc(y[sel], p[sel])),
+                         "logloss": _r(logloss(y[sel], p[sel]))}
+        if data.p_true is not None:
+            by_type[name]["rank_correlation_with_truth"] = _r(spearman(p[sel], data.p_true[hold][sel]))
+        tables[name] = calibration(y[sel], p[sel])
+    metrics["by_action_type"] = by_type
+    metrics["calibration"] = {"all": calibration(y, p), **tables}
+    return metrics
+
+
+def fit(data: TrainingSet, rounds: int = 200, params: dict | None = None) -> tuple[lgb.Booster, dict, dict]:
+    """Train on the earliest 80% of the rows by time; metrics on the latest 20%."""
+    if len(data) < 50 or data.y.min() == data.y.max():
+        raise ValueError(f"not enough to train on: {len(data)} labelled rows, {int(data.y.sum())} positive")
+    started = time.perf_counter()
+    train_mask, hold = data.split()
+    cat_idx = [FEATURES.index(c) for c in CATEGORICAL_FEATURES]
+    params = {**PARAMS, **(params or {})}
+    dtrain = lgb.Dataset(data.x[train_mask], data.y[train_mask], feature_name=list(FEATURES),
+                         categorical_feature=cat_idx, free_raw_data=True)
+    booster = lgb.train(params, dtrain, num_boost_round=rounds)
+    metrics = evaluate(booster.predict(data.x[hold]), data, hold)
+    summary = {
+        **data.summary, "rows": int(len(data.y)), "train_rows": int(train_mask.sum()),
+        "positive_rate": _r(data.y.mean()), "actions": len(data.actions),
+        "holdout": f"latest {HOLDOUT_SHARE:.0%} by decision time (from t={float(data.t[hold].min()):.0f})",
+        "rounds": rounds, "params": params, "seconds": round(time.perf_counter() - started, 1),
+    }
+    return booster, metrics, summary
+
+
+def champion_on_holdout(registry, data: TrainingSet) -> dict | None:
+    """The current champion scored on the same holdout (None without a usable champion)."""
+    from engine.models.registry import ModelRefused
+
+    if registry.champion() is None:
+        return None
+    try:
+        champion = registry.load()
+    except ModelRefused as exc:
+        return {"version": registry.champion(), "refused": str(exc)}
+    _, hold = data.split()
+    p = champion.scorer.predict(data.recoded(champion.action_levels)[hold])
+    m = evaluate(p, data, hold)
+    out = {"version": champion.version, "holdout_auc": m["holdout_auc"], "holdout_logloss": m["holdout_logloss"]}
+    if "rank_correlation_with_truth" in m:
+        out["rank_correlation_with_truth"] = m["rank_correlation_with_truth"]
+    return out
+
+
+def train_and_register(registry, data: TrainingSet, rounds: int = 200, promote: str = "if-better"
+                       ) -> tuple[str, dict, bool]:
+    """Fit, compare with the champion on the same holdout, store; promote "always", "never" or
+    "if-better" (no champion, or holdout AUC at least the champion's). Returns (version, metrics, promoted)."""
+    booster, metrics, summary = fit(data, rounds)
+    champion = champion_on_holdout(registry, data)
+    if champion is not None:
+        metrics["champion"] = champion
+    version = registry.save(booster.model_to_string(), list(data.actions), metrics, summary)
+    better = (champion is None or "holdout_auc" not in champion or champion["holdout_auc"] is None
+              or (metrics["holdout_auc"] or 0) >= champion["holdout_auc"])
+    promoted = promote == "always" or (promote == "if-better" and better)
+    if promoted:
+        registry.promote(version)
+    return version, metrics, promoted
+
+
+def format_metrics(metrics: dict) -> str:
+    """A readable summary: headline metrics, per action type, the calibration table."""
+    lines = []
+    for key in ("holdout_auc", "holdout_logloss", "oracle_auc", "rank_correlation_with_truth", "holdout_rows",
+                "holdout_acceptance_rate", "holdout_mean_prediction"):
+        if key in metrics:
+            lines.append(f"  {key:30} {metrics[key]}")
+    if "champion" in metrics:
+        c = metrics["champion"]
+        lines.append(f"  {'champion on same holdout':30} {c.get('version')}: auc {c.get('holdout_auc')} "
+                     f"logloss {c.get('holdout_logloss')}" + (f" REFUSED {c['refused']}" if "refused" in c else ""))
+    if metrics.get("by_action_type"):
+        lines.append(f"  {'action type':12} {'rows':>7} {'accept':>7} {'mean p':>7} {'auc':>7} {'logloss':>8}")
+        for name, m in metrics["by_action_type"].items():
+            lines.append(f"  {name:12} {m['rows']:>7} {m['acceptance_rate']!s:>7} {m['mean_prediction']!s:>7} "
+                         f"{m['auc']!s:>7} {m['logloss']!s:>8}")
+    cal = metrics.get("calibration", {})
+    if cal:
+        bins = list(dict.fromkeys(b["bin"] for table in cal.values() for b in table))
+        lines.append("  calibration, observed (predicted) acceptance per bin of predicted probability:")
+        lines.append(f"  {'':12}" + "".join(f"{b:>16}" for b in bins))
+        for name, table in cal.items():
+            cells = {b["bin"]: f"{b['observed']:.3f} ({b['predicted']:.3f})" for b in table}
+            lines.append(f"  {name:12}" + "".join(f"{cells.get(b, '-'):>16}" for b in bins))
+    return "\n".join(lines)
+

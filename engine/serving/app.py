@@ -1,0 +1,143 @@
+"""Composition of the service: Redis (embedded or REDIS_URL), demo data, rules, model, engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from engine import metrics
+from engine.authoring.check import RuleErrors, prepare
+from engine.authoring.watch import RuleWatcher, files_digest
+from engine.config import Config
+from engine.decision.funnel import DecisionEngine
+from engine.decision.responses import ResponseRecorder
+from engine.events.processor import EventProcessor
+from engine.events.stream import EventStreamConsumer
+from engine.events.timers import TimerPoller
+from engine.live import Live
+from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
+from engine.models.exploration import ExplorationCounts, Explorer
+from engine.models.registry import ModelRegistry
+from engine.sim import demo
+from engine.store.decision_log import DecisionLog
+from engine.store.profiles import ProfileStore
+from engine.store.redis_embedded import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+
+def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
+    """REDIS_URL when configured, else an embedded redis-server in the data directory."""
+    if cfg.redis_url is not None:
+        return None, cfg.redis_url
+    server = EmbeddedRedis(cfg.data_dir / "redis").start()
+    log.info("embedded redis-server pid %s on %s (data in %s)", server.pid, server.url, server.data_dir)
+    return server, server.url
+
+
+def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence, customers: int) -> None:
+    """Seed demo customers and train the demo model when they are missing."""
+    if demo.seeded_customers(store) == 0:
+        log.info("no demo customers: seeding %d", customers)
+        seconds = demo.seed(store, customers)
+        log.info("seeded %d customers in %.1fs", customers, seconds)
+    problem = registry.champion_problem()
+    if problem is not None:
+        log.info("%s: training the demo model", problem)
+        version, scores = demo.train_demo(registry, catalog)
+        log.info("trained %s: %s", version, {k: v for k, v in scores.items() if not isinstance(v, dict)})
+
+
+class App:
+    """Owns the long-lived parts; ``start`` brings them up, ``close`` tears them down."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.redis: EmbeddedRedis | None = None
+        self.store: ProfileStore
+        self.registry = ModelRegistry(config.models_dir)
+        self._reload_lock = threading.Lock()
+        self.watcher: RuleWatcher | None = None
+
+    def start(self) -> App:
+        cfg = self.config
+        self.redis, url = open_redis(cfg)
+        self.store = ProfileStore.from_url(url)
+        files = files_digest(cfg.rules_dir)
+        rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
+        if cfg.demo:
+            ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
+        self.rules = Live(rules, retire=lambda r: r.close())
+        self.model = Live(load_model_set(self.registry))
+        self.decision_log = DecisionLog(self.store.client)
+        self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log,
+                                     contacts=cfg.contact_policies)
+        self.responses = ResponseRecorder(self.store.client)
+        self.exploration = ExplorationCounts(self.store.client, interval=cfg.model_poll_seconds)
+        self.engine.explorer = Explorer(self.exploration)
+        self.engine.explorer.warmup()
+        self.engine.prepare()
+        self.engine.warmup()
+        self.events = EventProcessor(self.store, self.rules, self.engine)
+        if cfg.events_poll_seconds > 0:
+            self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds).start()
+            self.event_stream = EventStreamConsumer(self.store.client, self.events).start()
+        self._publish_versions()
+        self.exploration.start()
+        self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
+                                          interval=cfg.model_poll_seconds).start()
+        if cfg.rules_watch_seconds > 0:
+            self.watcher = RuleWatcher(cfg.rules_dir, cfg.rules_watch_seconds, self.reload_rules, files).start()
+        return self
+
+    def _swap_models(self, models: ModelSet) -> None:
+        """A new champion / experiment from the watcher: bind it to the catalog, then swap it in."""
+        self.engine.prepare(models)
+        self.model.swap(models)
+        self._publish_versions()
+
+    def _publish_versions(self) -> None:
+        rules, model = self.rules.current, self.model.current
+        metrics.set_version(metrics.RULESET_VERSION, rules.version)
+        metrics.set_version(metrics.MODEL_VERSION, model.version)
+        metrics.CATALOG_SIZE.set(len(rules.ruleset.actions))
+
+    def reload_rules(self) -> tuple[bool, str, list[str]]:
+        """Compile the rule files aside, run their rule tests, and swap them in; on errors or failed
+        tests the live set stays. Returns (live now, live version, errors). Decisions in flight
+        finish on the set they started with; the old set's durable rulesets are freed after them."""
+        with self._reload_lock:
+            live = self.rules.current.version
+            try:
+                new = prepare(self.config.rules_dir)
+            except RuleErrors as exc:
+                metrics.RULE_RELOADS.labels("refused").inc()
+                metrics.RULE_RELOAD_ERRORS.set(len(exc.errors))
+                errors = [str(e) for e in exc.errors]
+                log.warning("rules refused, %s stays live:\n%s", live, "\n".join(errors))
+                return False, live, errors
+            metrics.RULE_RELOAD_ERRORS.set(0)
+            if new.version == live:
+                new.close()
+                metrics.RULE_RELOADS.labels("unchanged").inc()
+                log.info("rules %s unchanged", live)
+                return True, live, []
+            self.engine.prepare(rules=new)  # bind the models to the new catalog before it goes live
+            self.rules.swap(new)
+            metrics.RULE_RELOADS.labels("applied").inc()
+            self._publish_versions()
+            log.info("rules %s live (was %s)", new.version, live)
+            return True, new.version, []
+
+    def close(self) -> None:
+        for part in ("event_stream", "timers", "watcher", "model_watcher", "exploration"):
+            if getattr(self, part, None):
+                getattr(self, part).stop()
+        if getattr(self, "decision_log", None):
+            self.decision_log.close()
+        if getattr(self, "store", None):
+            self.store.client.close()
+        if self.redis:
+            self.redis.stop()
+            self.redis = None

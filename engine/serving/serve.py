@@ -1,0 +1,188 @@
+"""``nba serve``: the gRPC service on every core, plus the Prometheus endpoint.
+
+With one worker everything runs in this process. With N workers this process is a supervisor: it
+opens Redis (embedded or REDIS_URL), makes sure the demo data and model exist, then starts N worker
+processes that each load the rules and model, warm every stage up and only then bind the shared port
+(SO_REUSEPORT: the kernel spreads connections over them) and report SERVING. Metrics are collected
+across workers through prometheus_client's multiprocess mode and served by this process. SIGINT or
+SIGTERM drains in-flight calls in every worker, then stops Redis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+from engine.config import Config
+from engine.store.redis_embedded import die_with_parent, free_port
+
+log = logging.getLogger(__name__)
+HEALTH_NAMES = ("", "nba.v1.DecisionService", "nba.v1.AdminService")
+
+
+def serve(config: Config, stop: threading.Event | None = None, grace: float = 5.0) -> int:
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if config.workers <= 1:
+        return _serve_here(config, stop, grace)
+    return _supervise(config, stop, grace)
+
+
+def _announce(config: Config, port: int, detail: str) -> None:
+    host = config.grpc_address.rsplit(":", 1)[0]
+    metrics_at = f"http://{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off"
+    log.info("serving nba.v1 on %s:%d, metrics %s, %s", host, port, metrics_at, detail)
+    print(f"nba serving on {host}:{port} (metrics {metrics_at}); Ctrl-C stops", flush=True)
+
+
+def _settle() -> None:
+    """After warm-up: move everything loaded so far (modules, rules, models, JIT code) out of the
+    garbage collector's reach, so collections during requests only walk what requests allocate."""
+    gc.collect()
+    gc.freeze()
+
+
+def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
+    from grpc_health.v1 import health_pb2
+    from prometheus_client import start_http_server
+
+    from engine.serving.app import App
+    from engine.serving.server import build_server
+
+    app = App(config)
+    http = None
+    try:
+        app.start()
+        _settle()
+        server, port, health = build_server(app, config.grpc_address)
+        server.start()
+        if config.metrics_port:
+            http, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
+        for name in HEALTH_NAMES:
+            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _announce(config, port, f"ruleset {app.rules.current.version}, model {app.model.current.version}")
+        stop.wait()
+        log.info("stopping: draining in-flight calls (up to %.0fs)", grace)
+        health.enter_graceful_shutdown()
+        server.stop(grace).wait()
+        return 0
+    finally:
+        if http is not None:
+            http.shutdown()
+        app.close()
+        log.info("stopped")
+
+
+def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
+    """One serving process; SIGTERM (from the supervisor or the service manager) makes it drain."""
+    die_with_parent()
+    stop = threading.Event()  # a multiprocessing.Event must not be set from a signal handler: deadlock
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    from grpc_health.v1 import health_pb2
+
+    from engine.serving.app import App
+    from engine.serving.server import build_server
+
+    app = App(config)
+    try:
+        app.start()  # rules compiled, JIT compiled or loaded from cache, Redis pool open, stages warmed
+        _settle()
+        server, port, health = build_server(app, config.grpc_address, reuse_port=True)
+        server.start()
+        for name in HEALTH_NAMES:
+            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        ready.put((index, os.getpid(), app.rules.current.version, app.model.current.version))
+        stop.wait()
+        health.enter_graceful_shutdown()
+        server.stop(grace).wait()
+    except Exception as exc:
+        log.exception("worker %d failed", index)
+        ready.put((index, os.getpid(), None, f"{type(exc).__name__}: {exc}"))
+    finally:
+        app.close()
+
+
+def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    from engine.authoring.check import prepare
+    from engine.models.registry import ModelRegistry
+    from engine.serving.app import ensure_demo, open_redis
+    from engine.store.profiles import ProfileStore
+
+    metrics_dir = tempfile.mkdtemp(prefix="nba-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    redis_server, url = open_redis(config)
+    ctx = mp.get_context("spawn")
+    ready: mp.Queue = ctx.Queue()
+    workers: dict[int, mp.Process] = {}
+    http = None
+    try:
+        if config.demo:
+            store = ProfileStore.from_url(url)
+            rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
+            try:
+                ensure_demo(store, ModelRegistry(config.models_dir), rules.ruleset.actions, config.demo_customers)
+            finally:
+                rules.close()
+                store.client.close()
+        host, _, port = config.grpc_address.rpartition(":")
+        port = int(port) or free_port(host)
+        worker_config = dataclasses.replace(config, redis_url=url, demo=False, grpc_address=f"{host}:{port}")
+
+        def spawn(index: int) -> None:
+            proc = ctx.Process(target=_worker, args=(worker_config, index, ready, grace),
+                               name=f"nba-worker-{index}")
+            proc.start()
+            workers[index] = proc
+
+        for index in range(config.workers):
+            spawn(index)
+        versions = set()
+        for _ in range(config.workers):
+            index, pid, ruleset, model = ready.get(timeout=600)
+            if ruleset is None:
+                raise RuntimeError(f"worker {index} failed to start: {model}")
+            versions.add((ruleset, model))
+        if config.metrics_port:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            http, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
+        detail = ", ".join(f"ruleset {r}, model {m}" for r, m in sorted(versions))
+        _announce(config, port, f"{config.workers} workers, {detail}")
+        while not stop.wait(0.5):
+            for index, proc in list(workers.items()):
+                if not proc.is_alive():
+                    log.error("worker %d (pid %s) exited with %s: restarting it", index, proc.pid, proc.exitcode)
+                    multiprocess.mark_process_dead(proc.pid)
+                    spawn(index)
+        log.info("stopping: draining in-flight calls in %d workers (up to %.0fs)", len(workers), grace)
+        return 0
+    finally:
+        for proc in workers.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + grace + 10
+        for proc in workers.values():
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if http is not None:
+            http.shutdown()
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        log.info("stopped")

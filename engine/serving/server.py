@@ -1,0 +1,223 @@
+"""The thin gRPC layer: maps messages to the decision core and errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import TYPE_CHECKING
+
+import grpc
+import redis
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import __version__, metrics
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.decision.funnel import Decision
+from engine.decision.request import DecideInput, InvalidRequest
+from engine.decision.responses import NotFound
+from engine.features import ACTION_TYPES, CHANNELS
+
+if TYPE_CHECKING:
+    from engine.serving.app import App
+
+log = logging.getLogger(__name__)
+
+CHANNEL_FROM_PB = {
+    pb.CHANNEL_CALL_CENTER: "call_center",
+    pb.CHANNEL_WEB: "web",
+    pb.CHANNEL_MOBILE_APP: "mobile_app",
+    pb.CHANNEL_EMAIL: "email",
+    pb.CHANNEL_SMS: "sms",
+    pb.CHANNEL_BRANCH: "branch",
+    pb.CHANNEL_POINT_OF_SALE: "pos",
+}
+CHANNEL_TO_PB = {v: k for k, v in CHANNEL_FROM_PB.items()}
+TYPE_TO_PB = {
+    "upsell": pb.ACTION_TYPE_UP_SELL,
+    "cross_sell": pb.ACTION_TYPE_CROSS_SELL,
+    "bundle": pb.ACTION_TYPE_BUNDLE,
+    "retention": pb.ACTION_TYPE_RETENTION,
+    "acquisition": pb.ACTION_TYPE_ACQUISITION,
+    "service": pb.ACTION_TYPE_SERVICE,
+}
+OUTCOME_NAMES = {
+    pb.OUTCOME_IMPRESSION: "impression",
+    pb.OUTCOME_CLICKED: "clicked",
+    pb.OUTCOME_ACCEPTED: "accepted",
+    pb.OUTCOME_REJECTED: "rejected",
+    pb.OUTCOME_IGNORED: "ignored",
+}
+assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYPES)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def decision_to_pb(d: Decision) -> pb.DecideResponse:
+    channel = CHANNEL_TO_PB[d.channel]
+    return pb.DecideResponse(
+        decision_id=d.decision_id,
+        actions=[
+            pb.RankedAction(
+                action_id=a.action_id, name=a.name, type=TYPE_TO_PB[a.type], group=a.group,
+                propensity=a.propensity, value=a.value, priority=a.priority,
+                treatment=pb.Treatment(channel=channel, content=a.treatment),
+                reasons=a.reasons, rank=a.rank,
+            )
+            for a in d.actions
+        ],
+        ruleset_version=d.ruleset_version,
+        model_version=d.model_version,
+        degraded=d.degraded,
+        cold_start=d.cold_start,
+        situations=d.situations,
+        funnel=[
+            pb.FunnelEntry(action_id=f.action_id, stage=f.stage, detail=f.detail,
+                           propensity=f.propensity, priority=f.priority)
+            for f in d.funnel
+        ],
+        decided_at=_timestamp(d.decided_at),
+    )
+
+
+def _counted_as(method: str) -> Callable[[Callable], Callable]:
+    """Counts calls by status code; InvalidRequest becomes INVALID_ARGUMENT, Redis down UNAVAILABLE."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self, request, context: grpc.ServicerContext):
+            try:
+                reply = fn(self, request, context)
+            except InvalidRequest as exc:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except NotFound as exc:
+                code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+            except redis.exceptions.RedisError as exc:
+                metrics.REDIS_ERRORS.labels(method).inc()
+                code, message = grpc.StatusCode.UNAVAILABLE, f"profile store unavailable: {exc}"
+            except Exception:
+                log.exception("%s failed", method)
+                code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log"
+            else:
+                metrics.RPCS.labels(method, "OK").inc()
+                return reply
+            metrics.RPCS.labels(method, code.name).inc()
+            context.abort(code, message)
+
+        return wrapper
+
+    return decorate
+
+
+def _require(value: str, name: str) -> str:
+    if not value or not value.strip():
+        raise InvalidRequest(name, "must not be empty")
+    if len(value) > 256:
+        raise InvalidRequest(name, "at most 256 characters")
+    return value
+
+
+class DecisionServicer(pb_grpc.DecisionServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @_counted_as("Decide")
+    def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
+        if request.channel not in CHANNEL_FROM_PB:
+            raise InvalidRequest("channel", f"must be one of {', '.join(pb.Channel.keys()[1:])}")
+        decision = self.app.engine.decide(DecideInput(
+            customer_id=request.customer_id,
+            channel=CHANNEL_FROM_PB[request.channel],
+            touchpoint=request.touchpoint,
+            context=dict(request.context),
+            max_actions=request.max_actions,
+            explain=request.explain,
+        ))
+        return decision_to_pb(decision)
+
+    @_counted_as("RecordResponse")
+    def RecordResponse(self, request: pb.RecordResponseRequest, context: grpc.ServicerContext) -> pb.RecordResponseResponse:
+        _require(request.decision_id, "decision_id")
+        _require(request.action_id, "action_id")
+        if request.outcome not in OUTCOME_NAMES:
+            raise InvalidRequest("outcome", f"must be one of {', '.join(pb.Outcome.keys()[1:])}")
+        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else time.time()
+        recorded = self.app.responses.record(request.decision_id, request.action_id,
+                                             OUTCOME_NAMES[request.outcome], ts)
+        if recorded.first:
+            metrics.RESPONSES.labels(OUTCOME_NAMES[request.outcome]).inc()
+            self.app.events.on_response(recorded.customer_id, request.action_id, OUTCOME_NAMES[request.outcome])
+        return pb.RecordResponseResponse(response_id=recorded.response_id)
+
+    @_counted_as("PublishEvent")
+    def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> pb.PublishEventResponse:
+        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else None
+        done = self.app.events.publish(request.event_id, request.customer_id, request.type,
+                                       dict(request.attributes), ts)
+        return pb.PublishEventResponse(
+            stream_id=done.stream_id, duplicate=done.duplicate, patterns=done.patterns,
+            triggers_raised=done.raised, triggers_cleared=done.cleared,
+            outbound=[pb.OutboundAction(action_id=o.action_id, channel=CHANNEL_TO_PB[o.channel], pattern=o.pattern,
+                                        status=o.status, decision_id=o.decision_id, reason=o.reason)
+                      for o in done.outbound],
+        )
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @_counted_as("ReloadRules")
+    def ReloadRules(self, request: pb.ReloadRulesRequest, context: grpc.ServicerContext) -> pb.ReloadRulesResponse:
+        applied, version, errors = self.app.reload_rules()
+        return pb.ReloadRulesResponse(applied=applied, ruleset_version=version, errors=errors)
+
+    @_counted_as("GetStatus")
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        rules, model = self.app.rules.current, self.app.model.current
+        ok, detail = self.app.store.ping()
+        return pb.GetStatusResponse(
+            ruleset_version=rules.version, ruleset_loaded_at=_timestamp(rules.ruleset.loaded_at.timestamp()),
+            model_version=model.version, model_loaded_at=_timestamp(model.loaded_at),
+            redis_ok=ok, redis_detail=detail, catalog_size=len(rules.ruleset.actions),
+            service_version=__version__, worker_pid=os.getpid(),
+            experiment_mode=model.mode, challenger_version=model.challenger.version if model.challenger else "",
+            challenger_share=model.share if model.mode == "split" else 0.0,
+            exploration_strategy=model.exploration.strategy if model.exploration.enabled else "none",
+            exploration_share=model.exploration.share if model.exploration.enabled else 0.0,
+        )
+
+
+def build_server(app: App, address: str, max_workers: int = 16,
+                 reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port.
+
+    ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+        pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    return server, port, health_servicer

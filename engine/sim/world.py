@@ -1,0 +1,211 @@
+"""The synthetic telecom world: customers plus a hidden ground-truth response model.
+
+Everything is generated vectorised from one seed, so the same ``(customers, seed)`` always gives the
+same customers; seeding Redis and training a model from simulated responses see the same world.
+The ground truth (who would accept which action) is hidden from the engine: only simulated responses
+drawn from it reach training, which lets later work measure lift against an oracle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
+from engine.models.derived import derive
+from engine.store.profiles import Profile
+
+PRODUCTS = SETS["products"]
+_N = {name: i for i, name in enumerate(NUMERIC)}
+_STAGES = CATEGORICAL["lifecycle_stage"]
+
+
+class ActionLike(Protocol):
+    id: str
+    type: str
+    value: float
+
+
+def customer_id(i: int) -> str:
+    return f"C{i:07d}"
+
+
+@dataclass
+class World:
+    """Column arrays for ``n`` customers (row i is customer ``customer_id(i)``)."""
+
+    numeric: np.ndarray  # (n, len(NUMERIC)) float32
+    categorical: dict[str, np.ndarray]  # name -> (n,) int codes into CATEGORICAL[name]
+    products: np.ndarray  # (n, len(PRODUCTS)) bool
+    consent: np.ndarray  # (n, len(CHANNELS)) bool
+    seed: int
+
+    @property
+    def size(self) -> int:
+        return self.numeric.shape[0]
+
+    def profile(self, i: int) -> Profile:
+        open_cases = int(self.numeric[i, _N["open_cases"]])
+        return Profile(
+            customer_id=customer_id(i),
+            numeric=self.numeric[i].copy(),
+            categorical={k: CATEGORICAL[k][v[i]] for k, v in self.categorical.items()},
+            sets={
+                "products": frozenset(p for p, h in zip(PRODUCTS, self.products[i]) if h),
+                "consent": frozenset(c for c, h in zip(CHANNELS, self.consent[i]) if h),
+            },
+            open_cases=tuple(f"CASE-{i}-{k}" for k in range(open_cases)),
+        )
+
+    def profiles(self) -> Iterator[Profile]:
+        for i in range(self.size):
+            yield self.profile(i)
+
+    def true_propensity(self, rows: np.ndarray, actions: Sequence[ActionLike],
+                        action_idx: np.ndarray, channel_idx: np.ndarray) -> np.ndarray:
+        """Hidden acceptance probability of ``actions[action_idx[k]]`` for customer ``rows[k]``."""
+        return _truth(self, rows, actions, action_idx, channel_idx)
+
+
+def generate(n: int, seed: int = 7) -> World:
+    rng = np.random.default_rng(seed)
+    num = np.zeros((n, len(NUMERIC)), dtype=np.float64)
+
+    def col(name: str) -> np.ndarray:
+        return num[:, _N[name]]
+
+    stage = rng.choice(len(_STAGES), size=n, p=[0.08, 0.12, 0.30, 0.15, 0.25, 0.10])
+    prospect = stage == _STAGES.index("prospect")
+    declining = stage == _STAGES.index("declining")
+    new = stage == _STAGES.index("new")
+
+    age = np.clip(rng.normal(44, 15, n), 18, 88).round()
+    segment = np.where(age < 25, 1, np.where(age > 67, 2, rng.choice([0, 3, 4], size=n, p=[0.55, 0.3, 0.15])))
+    plan = np.where(prospect, 0, rng.choice([1, 2, 3, 4], size=n, p=[0.15, 0.25, 0.4, 0.2]))
+    tenure = np.where(prospect, 0, np.where(new, rng.integers(0, 7, n), rng.integers(6, 150, n)))
+    allowance = np.array([0, 5, 20, 40, 1000], dtype=float)[plan]
+    usage = np.where(plan == 4, rng.gamma(4, 8, n), allowance * rng.beta(4, 3, n) * 1.15)
+
+    products = np.zeros((n, len(PRODUCTS)), dtype=bool)
+    p = {name: i for i, name in enumerate(PRODUCTS)}
+    products[:, p["mobile"]] = ~prospect
+    products[:, p["broadband"]] = ~prospect & (rng.random(n) < 0.45)
+    products[:, p["fiber"]] = products[:, p["broadband"]] & (rng.random(n) < 0.4)
+    products[:, p["tv"]] = ~prospect & (rng.random(n) < 0.3)
+    products[:, p["fixed_voice"]] = products[:, p["broadband"]] & (rng.random(n) < 0.35)
+    for name, share in (("device_insurance", 0.2), ("streaming", 0.25), ("cloud_storage", 0.15),
+                        ("roaming_pack", 0.1), ("security_suite", 0.12), ("smart_home", 0.05)):
+        products[:, p[name]] = ~prospect & (rng.random(n) < share)
+    products[:, p["family_plan"]] = ~prospect & (segment == 3) & (rng.random(n) < 0.5)
+
+    extras = products.sum(axis=1) * 9.0
+    spend = np.where(prospect, 0, np.array([0, 15, 25, 45, 70])[plan] + extras + rng.normal(0, 6, n)).clip(0)
+    lines = np.where(prospect, 0, 1 + rng.poisson(np.where(segment == 3, 1.5, 0.3)))
+    fraud = ~prospect & (rng.random(n) < 0.005)
+    new_lines = np.where(fraud, rng.integers(5, 49, n), (rng.random(n) < 0.04).astype(int))
+    complaints = rng.poisson(np.where(declining, 1.2, 0.25))
+    failed = rng.poisson(np.where(declining, 0.6, 0.12))
+    cases = (~prospect & (rng.random(n) < np.where(complaints > 0, 0.3, 0.04))).astype(int)
+    days = np.where(prospect, 999, rng.exponential(140, n)).round()
+    purchases = np.where(prospect, 0, rng.poisson(2.5, n))
+    revenue = spend * 12 * rng.lognormal(-0.8, 1.3, n) + purchases * rng.lognormal(4.0, 2.1, n)
+    contract_left = np.where(prospect | (plan == 1), 0, rng.integers(0, 25, n))
+    trend = rng.normal(np.where(declining, -0.15, 0.02), 0.08, n)
+    churn = 1 / (1 + np.exp(-(-2.2 + 0.6 * complaints + 0.5 * failed + 1.6 * declining
+                              - tenure / 80 - 3 * trend + 0.8 * (contract_left < 3))))
+    churn = np.where(prospect, 0, churn)
+
+    col("tenure_months")[:] = tenure
+    col("age")[:] = age
+    col("monthly_spend")[:] = spend.round(2)
+    col("spend_trend")[:] = trend.round(3)
+    col("data_usage_gb")[:] = usage.round(2)
+    col("data_allowance_gb")[:] = allowance
+    col("voice_minutes")[:] = np.where(prospect, 0, rng.gamma(2, 150, n)).round()
+    col("device_age_months")[:] = np.where(prospect, 0, rng.integers(0, 60, n))
+    col("contract_months_left")[:] = contract_left
+    col("num_lines")[:] = lines
+    col("new_lines_30d")[:] = new_lines
+    col("complaints_90d")[:] = complaints
+    col("failed_payments_90d")[:] = failed
+    col("support_calls_90d")[:] = rng.poisson(0.8 + complaints)
+    col("open_cases")[:] = cases
+    col("days_since_last_purchase")[:] = days
+    col("purchases_12m")[:] = purchases
+    col("revenue_12m")[:] = revenue.round(2)
+    col("margin_12m")[:] = (revenue * rng.uniform(0.2, 0.45, n)).round(2)
+    col("churn_risk")[:] = churn.round(3)
+    col("credit_score")[:] = np.clip(rng.normal(680, 70, n), 300, 850).round()
+    col("tv_hours_week")[:] = rng.gamma(2, 5, n).round(1)
+    col("roaming_days_90d")[:] = rng.poisson(np.where(products[:, p["roaming_pack"]], 9, 1.5))
+    col("nps")[:] = rng.integers(0, 11, n)
+
+    # Value tiers: the top 20% by 12-month margin are A, the next 30% B.
+    margin = col("margin_12m")
+    order = np.argsort(-margin, kind="stable")
+    tier = np.full(n, 2)
+    tier[order[: n // 5]] = 0
+    tier[order[n // 5: n // 2]] = 1
+
+    consent = rng.random((n, len(CHANNELS))) < np.array([0.92, 0.97, 0.8, 0.6, 0.5, 0.95, 0.95])
+    device_os = np.where(prospect, 0, rng.choice([1, 2, 3], size=n, p=[0.45, 0.5, 0.05]))
+    categorical = {
+        "plan": plan, "segment": segment, "lifecycle_stage": stage, "value_tier": tier,
+        "region": rng.integers(0, len(CATEGORICAL["region"]), n), "device_os": device_os,
+    }
+    return World(numeric=num.astype(np.float32), categorical={k: v.astype(np.int16) for k, v in categorical.items()},
+                 products=products, consent=consent, seed=seed)
+
+
+_TYPE_BASE = {"upsell": -2.4, "cross_sell": -2.7, "bundle": -2.9, "retention": -2.2,
+              "acquisition": -2.6, "service": -1.2}
+# Standardised customer traits each action responds to with its own hidden weights.
+_TRAITS = ("tenure_months", "age", "monthly_spend", "data_usage_gb", "device_age_months",
+           "tv_hours_week", "roaming_days_90d", "num_lines", "credit_score", "nps")
+
+
+def _action_weights(action_id: str, seed: int) -> np.ndarray:
+    digest = hashlib.sha256(f"{seed}:{action_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.normal(0, 0.55, len(_TRAITS))
+
+
+def _truth(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
+           channel_idx: np.ndarray) -> np.ndarray:
+    num = world.numeric[rows].astype(np.float64)
+    derived = derive(num)
+    traits = np.stack([num[:, _N[t]] for t in _TRAITS], axis=1)
+    mean, std = world.numeric[:, [_N[t] for t in _TRAITS]].mean(0), world.numeric[:, [_N[t] for t in _TRAITS]].std(0) + 1e-9
+    z = (traits - mean) / std
+    stage = world.categorical["lifecycle_stage"][rows]
+    prospect = stage == _STAGES.index("prospect")
+    declining = stage == _STAGES.index("declining")
+    usage_ratio = np.clip(derived[:, 0], 0, 2)
+    rfm = derived[:, 4] / 15.0
+    churn = num[:, _N["churn_risk"]]
+    cases = num[:, _N["open_cases"]] > 0
+    held = world.products[rows].sum(axis=1)
+    call_center = channel_idx == CHANNELS.index("call_center")
+    email_sms = (channel_idx == CHANNELS.index("email")) | (channel_idx == CHANNELS.index("sms"))
+
+    weights = np.stack([_action_weights(a.id, world.seed) for a in actions])
+    types = np.array([ACTION_TYPES.index(a.type) for a in actions])[action_idx]
+    values = np.array([a.value for a in actions], dtype=float)[action_idx]
+    logit = np.array([_TYPE_BASE[t] for t in ACTION_TYPES])[types] + (z * weights[action_idx]).sum(axis=1)
+    by_type = {
+        "upsell": 2.6 * (usage_ratio - 0.7) + 0.8 * (rfm - 0.5) - 1.5 * declining,
+        "cross_sell": 1.2 * (rfm - 0.5) + 0.25 * (held - 3) - 1.0 * declining,
+        "bundle": 0.45 * (held - 2) - 0.8 * declining,
+        "retention": 4.0 * churn - 0.8 + 0.6 * call_center,
+        "acquisition": np.where(prospect, 1.6, -2.5),
+        "service": np.where(cases, 3.2, -1.0) + 0.5 * call_center,
+    }
+    for t, term in by_type.items():
+        mask = types == ACTION_TYPES.index(t)
+        logit[mask] += np.broadcast_to(term, logit.shape)[mask]
+    logit += -0.35 * np.log1p(values / 40.0) - 0.4 * email_sms
+    return 1.0 / (1.0 + np.exp(-logit))

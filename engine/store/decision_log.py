@@ -1,0 +1,77 @@
+"""Writes decisions to a Redis Stream from a background thread, off the hot path."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import redis
+
+from engine.metrics import REDIS_ERRORS
+from engine.store.profiles import DECISIONS_STREAM, STREAM_MAXLEN
+
+log = logging.getLogger(__name__)
+
+
+class DecisionLog:
+    """Batches decision records into pipelined XADDs; drops (and counts) when Redis can't keep up."""
+
+    def __init__(self, client: redis.Redis, stream: str = DECISIONS_STREAM, capacity: int = 100_000,
+                 linger: float = 0.02) -> None:
+        self.client = client
+        self.stream = stream
+        self.linger = linger
+        self._queue: queue.Queue[dict[str, str] | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+
+    def write(self, record: dict[str, str]) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            REDIS_ERRORS.labels("decision_log_full").inc()
+
+    def write_record(self, key: str, fields: dict[str, str], ttl_ms: int) -> None:
+        """A hash written with the next batch (the decision record when contacts are not enforced)."""
+        try:
+            self._queue.put_nowait((key, fields, ttl_ms))
+        except queue.Full:
+            REDIS_ERRORS.labels("decision_log_full").inc()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, dict):
+                # Waking for every decision costs the serving threads the GIL and a Redis round trip
+                # each; stream records can wait a few ms to share one. Decision records can't:
+                # RecordResponse may come right after the decision.
+                time.sleep(self.linger)
+            batch = [item]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [r for r in batch if r is not None]
+            if records:
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    for r in records:
+                        if isinstance(r, tuple):
+                            pipe.hset(r[0], mapping=r[1])
+                            pipe.pexpire(r[0], r[2])
+                        else:
+                            pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)
+                    pipe.execute()
+                except redis.exceptions.RedisError as exc:
+                    REDIS_ERRORS.labels("decision_log").inc()
+                    log.warning("decision log: %d records lost: %s", len(records), exc)
+            if None in batch:
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what is queued, then stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout)

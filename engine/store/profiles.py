@@ -1,0 +1,177 @@
+"""Customer profiles, triggers and streams in Redis.
+
+Key layout (schema version 1). Every key of one customer carries the hash tag ``{c:<id>}`` so that a
+Redis Cluster keeps a customer on one node and one pipeline serves a decision:
+
+- ``nba:{c:<id>}:profile``  hash
+    - ``schema``: feature schema version the vector was written with
+    - ``num``: the numeric features (``features.NUMERIC`` order) packed as little-endian float32
+    - one field per categorical feature (``plan``, ``segment``, ``lifecycle_stage``, ``value_tier``...)
+    - one field per set feature (``products``, ``consent``), members joined by ","
+    - ``cases``: open service case ids joined by ","
+- ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
+- ``nba:{c:<id>}:contacts`` sorted set: contact history (score epoch ms), see ``engine/contact.py``
+- ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
+- ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
+- ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
+- event history, dedupe, absence timers and the outbound stream: see ``engine/events.py``
+- ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
+
+META_KEY = "nba:meta"
+DECISIONS_STREAM = "nba:stream:decisions"
+RESPONSES_STREAM = "nba:stream:responses"
+EVENTS_STREAM = "nba:stream:events"
+STREAM_MAXLEN = 1_000_000
+
+_VECTOR = np.dtype("<f4")
+
+# Sets one trigger and keeps the hash alive until its latest trigger expires (Redis 6.2 has no
+# PEXPIRE GT, hence the script).
+_SET_TRIGGER = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local latest = tonumber(ARGV[2])
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  if tonumber(v) > latest then latest = tonumber(v) end
+end
+redis.call('PEXPIREAT', KEYS[1], latest)
+"""
+
+
+def profile_key(customer_id: str) -> str:
+    return f"nba:{{c:{customer_id}}}:profile"
+
+
+def triggers_key(customer_id: str) -> str:
+    return f"nba:{{c:{customer_id}}}:triggers"
+
+
+@dataclass
+class Profile:
+    """What a decision knows about a customer. ``found`` is False for a cold start."""
+
+    customer_id: str
+    numeric: np.ndarray  # float32, NUMERIC order
+    categorical: dict[str, str] = field(default_factory=dict)
+    sets: dict[str, frozenset[str]] = field(default_factory=dict)
+    open_cases: tuple[str, ...] = ()
+    triggers: frozenset[str] = frozenset()
+    found: bool = True
+
+    @classmethod
+    def cold(cls, customer_id: str) -> Profile:
+        """An unknown customer: a prospect who may be shown offers on the inbound channel they are
+        using (web, app, call center, branch, point of sale) but is never contacted by email or SMS."""
+        categorical = {name: "" for name in CATEGORICAL}
+        categorical.update(plan="none", lifecycle_stage="prospect", value_tier="C", device_os="none")
+        return cls(
+            customer_id=customer_id,
+            numeric=np.zeros(len(NUMERIC), dtype=np.float32),
+            categorical=categorical,
+            sets={"products": frozenset(), "consent": frozenset(INBOUND_CHANNELS)},
+            found=False,
+        )
+
+    def value(self, name: str) -> float:
+        return float(self.numeric[NUMERIC.index(name)])
+
+
+def encode_profile(profile: Profile) -> dict[str, bytes | str | int]:
+    """The hash fields stored for a profile."""
+    if profile.numeric.shape != (len(NUMERIC),):
+        raise ValueError(f"numeric vector has shape {profile.numeric.shape}, want ({len(NUMERIC)},)")
+    fields: dict[str, bytes | str | int] = {
+        "schema": SCHEMA_VERSION,
+        "num": np.asarray(profile.numeric, dtype=_VECTOR).tobytes(),
+        "cases": ",".join(profile.open_cases),
+    }
+    for name in CATEGORICAL:
+        fields[name] = profile.categorical.get(name, "")
+    for name in SETS:
+        fields[name] = ",".join(sorted(profile.sets.get(name, ())))
+    return fields
+
+
+class SchemaMismatch(Exception):
+    """A stored profile was written under another feature schema version."""
+
+
+def decode_profile(customer_id: str, raw: dict[bytes, bytes], triggers: dict[bytes, bytes],
+                   now_ms: int) -> Profile:
+    if not raw:
+        profile = Profile.cold(customer_id)
+    else:
+        version = int(raw.get(b"schema", b"0"))
+        num = raw.get(b"num", b"")
+        if version != SCHEMA_VERSION or len(num) != 4 * len(NUMERIC):
+            raise SchemaMismatch(f"profile {customer_id} has schema {version}, want {SCHEMA_VERSION}")
+        cases = raw.get(b"cases", b"").decode()
+        profile = Profile(
+            customer_id=customer_id,
+            numeric=np.frombuffer(num, dtype=_VECTOR).copy(),
+            categorical={name: raw.get(name.encode(), b"").decode() for name in CATEGORICAL},
+            sets={
+                name: frozenset(m for m in raw.get(name.encode(), b"").decode().split(",") if m)
+                for name in SETS
+            },
+            open_cases=tuple(c for c in cases.split(",") if c),
+        )
+    profile.triggers = frozenset(
+        name.decode() for name, expiry in triggers.items() if int(expiry) > now_ms
+    )
+    return profile
+
+
+class ProfileStore:
+    """Reads and writes profiles; one pipelined round trip per decision."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str) -> ProfileStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                        health_check_interval=30))
+
+    def fetch(self, customer_id: str) -> Profile:
+        """Profile and active triggers in one round trip; a cold profile when the customer is unknown.
+        Contact history is read by the presenting script, which alone judges contact limits."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(profile_key(customer_id))
+        pipe.hgetall(triggers_key(customer_id))
+        raw, triggers = pipe.execute()
+        return decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
+
+    def save(self, profiles: list[Profile]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for p in profiles:
+            key = profile_key(p.customer_id)
+            pipe.delete(key)
+            pipe.hset(key, mapping=encode_profile(p))
+        pipe.execute()
+
+    def set_trigger(self, customer_id: str, name: str, ttl_seconds: float) -> None:
+        expiry = int((time.time() + ttl_seconds) * 1000)
+        self.client.eval(_SET_TRIGGER, 1, triggers_key(customer_id), name, expiry)
+
+    def append(self, stream: str, fields: dict[str, str]) -> str:
+        entry = self.client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    def ping(self) -> tuple[bool, str]:
+        try:
+            self.client.ping()
+            info = self.client.info("server")
+            return True, f"redis {info.get('redis_version', '?')} on port {info.get('tcp_port', '?')}"
+        except redis.exceptions.RedisError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
