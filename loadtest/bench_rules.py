@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in block.items():
             if name == "rules":
                 continue
-            title = name if label == "main" else f"{name}, {block['rules']['situations'] + block['rules']['policies'] + block['rules']['levers']} customer-level"
+            customer_level = block["rules"]["situations"] + block["rules"]["policies"] + block["rules"]["levers"]
+            title = name if label == "main" else f"{name}, {customer_level} customer-level"
             print(f"{title:32} {r['durable_rules']:>13} {r['firings_mean']:>8} {r['admitted_mean']:>8} "
                   + " ".join(f"{r['p' + format(p, 'g')]:>8}" for p in PERCENTILES) + f" {r['max']:>8}")
             print(f"{'  (CPU time of the thread)':32} {'':>13} {'':>8} {'':>8} "

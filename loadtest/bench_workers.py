@@ -73,7 +73,8 @@ def main() -> int:
                 proc.wait(60)
 
     print(f"\nSLO {', '.join(f'{k[:-3]} <= {v:g} ms' for k, v in slo.items())}")
-    print(f"{'workers':>7} {'max rate/s':>11} {'p50 ms':>8} {'p99 ms':>8} | {'at 50%/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}")
+    print(f"{'workers':>7} {'max rate/s':>11} {'p50 ms':>8} {'p99 ms':>8} | "
+          f"{'at 50%/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}")
     for w, r in results.items():
         best, half = r["find_max"]["best"], r["at_half"]
         if best is None:

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"synthetic world: {args.customers:,} customers, {len(y):,} simulated responses, {len(actions)} actions, "
           f"{args.rounds} rounds per model; holdout = latest 20% ({hold.sum():,} rows); "
-          f"learning rate {args.learning_rate}; {len(unseen)} actions dropped from training ({new.sum():,} holdout rows, scored apart)")
+          f"learning rate {args.learning_rate}; {len(unseen)} actions dropped from training "
+          f"({new.sum():,} holdout rows, scored apart)")
     print(f"\n{'':28}{'AUC':>8}{'logloss':>9}{'cal.err':>9}{'rank-corr':>10}{'unseen rc':>10}{'unseen ll':>10}{'train s':>9}")
     for name, r in report.items():
         print(f"{name:28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['calibration_error']:>9.4f}"

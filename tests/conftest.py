@@ -13,6 +13,16 @@ from engine.store.redis_embedded import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_DIR = REPO / "rules"
+# A test that uses one of these talks to a real redis-server, gRPC server or trained model.
+SERVICE_FIXTURES = {"redis_server", "redis_url", "models_dir", "service"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need real services ``service``: ``pytest -m "not service"`` runs the rest
+    (rule language, scorers, checker, layout) in seconds."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
 
 
 @pytest.fixture(scope="session")

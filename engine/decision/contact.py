@@ -184,7 +184,7 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
             bkey = len(keys)
         cand.append([action.id, action.group, action.type, action.value, rules.applicable(action, channel), bkey,
                      action.daily_budget or 0])
-    fb = 0
+    fb: list[object] | int = 0
     if fallback is not None:
         fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0]
     keep_ms = int(max(rules.history_days, DECISION_TTL_DAYS) * DAY_MS)  # history kept (and its key's TTL)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import redis
 
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, StreamEntries
 
 Z95 = 1.959964
 
@@ -49,7 +50,7 @@ class Arm:
 def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000):
     start = since
     while True:
-        batch = client.xrange(stream, min=start, max="+", count=chunk)
+        batch = cast(StreamEntries, client.xrange(stream, min=start, max="+", count=chunk))
         if not batch:
             return
         for entry_id, fields in batch:
@@ -107,8 +108,8 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
     by_action: dict[str, Tally] = {}
     by_type: dict[str, Tally] = {}
     arms = {"decision_policy": Arm(), "control": Arm()}
-    for decision_id, (actions, kinds, vals, control) in decisions.items():
-        arm = arms["control" if control else "decision_policy"]
+    for decision_id, (actions, kinds, vals, is_control) in decisions.items():
+        arm = arms["control" if is_control else "decision_policy"]
         total = 0.0
         for action_id, kind, value in zip(actions, kinds, vals):
             hit = (decision_id, action_id) in accepted

@@ -42,7 +42,9 @@ def validate(req: DecideInput) -> int:
     if req.channel not in CHANNELS:
         raise InvalidRequest("channel", f"must be one of {', '.join(CHANNELS)}")
     if not 0 <= req.max_actions <= MAX_ACTIONS_LIMIT:
-        raise InvalidRequest("max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})")
+        raise InvalidRequest(
+            "max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})"
+        )
     if len(req.touchpoint) > 256:
         raise InvalidRequest("touchpoint", "at most 256 characters")
     if len(req.context) > 64:

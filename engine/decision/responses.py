@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
 from engine.decision.contact import RESPOND, contacts_key, decision_key
+from engine.errors import NbaError
 from engine.rules.contact import DAY_MS
 from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN
 
@@ -24,7 +26,7 @@ _CONTACT_KIND = {"rejected": "r", "accepted": "a"}
 HISTORY_KEEP_MS = 90 * DAY_MS
 
 
-class NotFound(LookupError):
+class NotFound(NbaError, LookupError):
     """The decision or the action is unknown; ``field`` names the request field."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -50,7 +52,7 @@ class ResponseRecorder:
             raise ValueError(f"outcome must be one of {OUTCOMES}")
         ts = time.time() if ts is None else ts
         key = decision_key(decision_id)
-        raw = {k.decode(): v.decode() for k, v in self.client.hgetall(key).items()}
+        raw = {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
         if not raw or "customer" not in raw:
             raise NotFound("decision_id", f"no decision {decision_id} (unknown or older than its retention)")
         actions = raw.get("actions", "").split(",") if raw.get("actions") else []

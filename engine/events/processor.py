@@ -29,11 +29,11 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from engine import metrics
 from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
-from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Pattern, Timer
+from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, triggers_key
 
 if TYPE_CHECKING:
@@ -259,7 +259,7 @@ class EventProcessor:
             patterns = rules.patterns
             if patterns is None:
                 return out
-            raw = self.client.zrangebyscore(events_key(customer_id), timer.opened_ms, timer.due_ms)
+            raw = cast("list[bytes]", self.client.zrangebyscore(events_key(customer_id), timer.opened_ms, timer.due_ms))
             firing = patterns.on_timer([Event.decode(m) for m in raw], timer)
             metrics.EVENT_TIMERS.labels("fired" if firing else "resolved").inc()
             if firing is not None:
@@ -270,8 +270,8 @@ class EventProcessor:
     # --- outbound -----------------------------------------------------------------------------------
     def outbound(self, customer_id: str, pattern: Pattern, event_id: str) -> OutboundResult:
         """Decide for ``customer_id`` on the pattern's outbound channel, aimed at its action; write what
-        was presented to the outbound stream. At most once per (pattern, event)."""
-        spec = pattern.outbound
+        was presented to the outbound stream. At most once per (pattern, event); ``pattern.outbound`` is set."""
+        spec = cast(Outbound, pattern.outbound)
         result = OutboundResult(spec.action, spec.channel, pattern.name, "suppressed")
         if not self.client.set(outbound_key(customer_id, pattern.name, event_id), "1", nx=True, px=30 * 86_400_000):
             result.reason = "already sent for this event"

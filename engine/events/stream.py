@@ -16,13 +16,14 @@ import os
 import socket
 import threading
 import time
+from typing import cast
 
 import redis
 
 from engine import metrics
 from engine.decision.request import InvalidRequest
 from engine.events.processor import EventProcessor
-from engine.store.profiles import STREAM_MAXLEN
+from engine.store.profiles import STREAM_MAXLEN, StreamReadReply
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,11 @@ class EventStreamConsumer:
         now = time.monotonic()
         if now - self._last_claim > self.claim_idle_ms / 1000 / 2:
             self._last_claim = now
-            reply = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0",
-                                           count=BATCH)
-            done += self._handle(reply[1])
-        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=self.block_ms)
+            claimed = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0",
+                                             count=BATCH)
+            done += self._handle(claimed[1])
+        reply = cast(StreamReadReply,
+                     self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=BATCH, block=self.block_ms))
         for _stream, entries in reply or ():
             done += self._handle(entries)
         return done

@@ -27,6 +27,7 @@ tree walker (same answers, no speed-up).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import numba
@@ -71,7 +72,7 @@ _U = np.uint64
 @intrinsic
 def _cttz(typingctx, x):
     """Count trailing zeros (tzcnt) of a 64-bit integer, as uint64; 64 for 0."""
-    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:  # type: ignore[attr-defined]  # numba's stubs omit it
         return None
 
     def codegen(context, builder, signature, args):
@@ -94,7 +95,7 @@ def _shared_masks(x, blob, feats, shared) -> None:
                                                ub[_H_CAT_WORDS], ub[_H_BITS])
     for fi in range(feats.shape[0]):
         f = _U(feats[fi])
-        v = np.float64(x[f])
+        v: float = np.float64(x[f])
         isnan = math.isnan(v)
         if not isnan and math.fabs(v) <= ZERO_THRESHOLD:
             v = 0.0  # the C API drops |v| <= kZeroThreshold from a row: the tree sees 0
@@ -163,7 +164,7 @@ def _row_sums(shared, act, lo, hi, out, blob, action_bits) -> int:
         base = leaf0
         while t < n_trees:
             m = shared[t]
-            s0 += fb[base + _cttz(m & action_bits[a0, t])]
+            s0 += fb[base + _cttz(m & action_bits[a0, t])]  # type: ignore[call-arg]  # numba's stubs: the typer's (typingctx, x)
             s1 += fb[base + _cttz(m & action_bits[a1, t])]
             s2 += fb[base + _cttz(m & action_bits[a2, t])]
             s3 += fb[base + _cttz(m & action_bits[a3, t])]
@@ -358,10 +359,13 @@ class _Layout:
                 stack.append((int(right[node]), 0))
 
 
+_LAYOUTS: weakref.WeakKeyDictionary[FlatForest, _Layout] = weakref.WeakKeyDictionary()
+
+
 def _layout(model: FlatForest) -> _Layout:
-    layout = getattr(model, "_decision_layout", None)
+    layout = _LAYOUTS.get(model)
     if layout is None:
-        layout = model._decision_layout = _Layout(model)
+        layout = _LAYOUTS[model] = _Layout(model)
     return layout
 
 
@@ -420,9 +424,8 @@ class DecisionScorer:
 
     def predict(self, x: np.ndarray, actions: np.ndarray | Sequence[int], raw: bool = False) -> np.ndarray:
         """Scores of catalog rows ``actions`` (int indices) for one shared row ``x`` (1-D)."""
-        flags = getattr(x, "flags", None)
         if (type(x) is not np.ndarray or x.dtype is not _F8 or x.shape != self._row_shape
-                or not flags.c_contiguous or not flags.writeable):  # the service's rows skip all this
+                or not (flags := x.flags).c_contiguous or not flags.writeable):  # the service's rows skip all this
             x = self._shared(x, 1)
         act = actions
         if type(act) is not np.ndarray or act.dtype is not _I8 or not act.flags.c_contiguous:

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from engine import metrics
+from engine.errors import NbaError
 from engine.models.registry import LoadedModel, ModelRefused, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def bucket(customer_id: str, salt: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-class ExperimentError(ValueError):
+class ExperimentError(NbaError, ValueError):
     """experiment.yaml is malformed; the message names the key."""
 
 

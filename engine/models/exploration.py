@@ -34,13 +34,14 @@ import logging
 import os
 import socket
 import threading
+from typing import cast
 
 import numba
 import numpy as np
 import redis
 
 from engine.models.experiment import ExplorationConfig, bucket
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, StreamReadReply
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,12 @@ class ExplorationCounts:
         self._ensure_groups()
         consumed = 0
         while True:
-            reply = self.client.xreadgroup(GROUP, self.consumer, {DECISIONS_STREAM: ">", RESPONSES_STREAM: ">"},
-                                           count=self.batch, noack=True)
+            reply = cast(StreamReadReply, self.client.xreadgroup(
+                GROUP, self.consumer, {DECISIONS_STREAM: ">", RESPONSES_STREAM: ">"}, count=self.batch, noack=True))
             increments: dict[str, int] = {}
             n = 0
-            for stream, entries in reply or []:
-                stream = stream.decode() if isinstance(stream, bytes) else stream
+            for name, entries in reply or []:
+                stream = name.decode() if isinstance(name, bytes) else name
                 for _, fields in entries:
                     n += 1
                     if stream == DECISIONS_STREAM:

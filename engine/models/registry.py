@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import NbaError
 from engine.features import SCHEMA
 from engine.models.model_input import CATEGORICAL_FEATURES, FEATURES, ROW_FEATURES, feature_levels, feature_types
 from engine.models.scorer import CompiledModel
@@ -30,7 +31,7 @@ from engine.models.scorer import CompiledModel
 DEFAULT_NAME = "propensity"
 
 
-class ModelRefused(Exception):
+class ModelRefused(NbaError):
     """A model file or schema that must not go live."""
 
 

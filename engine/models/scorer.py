@@ -102,7 +102,7 @@ def _score_batch(
         for t in range(n_trees):
             node = roots[t]
             while node >= 0:
-                fval = np.float64(X[i, split_feature[node]])
+                fval: float = np.float64(X[i, split_feature[node]])
                 isnan = math.isnan(fval)
                 # The C API drops |v| <= kZeroThreshold from a dense row, so the tree sees exactly 0.0.
                 if not isnan and math.fabs(fval) <= ZERO_THRESHOLD:

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import lightgbm as lgb
 import numpy as np
@@ -248,7 +249,7 @@ def read_csv(path: str | Path, catalog: Sequence[str] = ()) -> TrainingSet:
     start = len(lead) + has_truth
     x = np.empty((len(body), len(FEATURES)), dtype=np.float64)
     for i, row in enumerate(body):
-        values = row[start:]
+        values: list[str | int] = list(row[start:])
         values[ACTION_COL] = index[row[1]]
         x[i] = [float(v) for v in values]
     return TrainingSet(
@@ -305,7 +306,7 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: Sequence[float] = CALIBRATIO
 def evaluate(p: np.ndarray, data: TrainingSet, hold: np.ndarray) -> dict:
     """Holdout metrics of predictions ``p`` (for the holdout rows), overall and per action type."""
     y = data.y[hold]
-    metrics = {
+    metrics: dict[str, object] = {
         "holdout_auc": _r(auc(y, p)),
         "holdout_logloss": _r(logloss(y, p)),
         "holdout_rows": int(hold.sum()),
@@ -344,7 +345,7 @@ def fit(data: TrainingSet, rounds: int = 200, params: dict | None = None) -> tup
     dtrain = lgb.Dataset(data.x[train_mask], data.y[train_mask], feature_name=list(FEATURES),
                          categorical_feature=cat_idx, free_raw_data=True)
     booster = lgb.train(params, dtrain, num_boost_round=rounds)
-    metrics = evaluate(booster.predict(data.x[hold]), data, hold)
+    metrics = evaluate(cast(np.ndarray, booster.predict(data.x[hold])), data, hold)
     summary = {
         **data.summary, "rows": int(len(data.y)), "train_rows": int(train_mask.sum()),
         "positive_rate": _r(data.y.mean()), "actions": len(data.actions),

@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from engine.errors import NbaError
+
 
 @dataclass(frozen=True)
 class RuleError:
@@ -30,7 +32,7 @@ class RuleError:
         return f"{self}\n    {self.snippet}\n    {caret}"
 
 
-class RuleErrors(Exception):
+class RuleErrors(NbaError):
     """Raised when rule files do not load or compile; ``errors`` holds every problem found."""
 
     def __init__(self, errors: Iterable[RuleError]):
@@ -39,7 +41,7 @@ class RuleErrors(Exception):
 
 
 @dataclass(frozen=True)
-class ConditionError(Exception):
+class ConditionError(NbaError):
     """A problem inside one condition text; ``pos``/``end`` are offsets into that text."""
 
     pos: int

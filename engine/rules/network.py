@@ -16,6 +16,7 @@ two levels deep, so each node has few children.
 
 from __future__ import annotations
 
+from engine.errors import NbaError
 from engine.rules.facts import GUARD_FIELD  # always 0 in the fact
 
 STACK_LIMIT = 60  # durable fails at 64 pending nodes; keep a margin
@@ -24,7 +25,7 @@ GROUP_LIMIT = 30  # worst case below a level-0 guard
 SUPER_LIMIT = 45  # worst case below a level-1 guard
 
 
-class TooManyRules(Exception):
+class TooManyRules(NbaError):
     pass
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from engine.errors import NbaError
 from engine.rules.evaluate import evaluate
 from engine.rules.nodes import (
     FALSE,
@@ -49,7 +50,7 @@ MAX_EXCLUSIVE_INPUT = 400  # nodes; beyond this keep the plain form (may fire mo
 MAX_EXCLUSIVE_SIZE = 1500
 
 
-class TooComplex(Exception):
+class TooComplex(NbaError):
     pass
 
 

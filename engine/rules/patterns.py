@@ -31,6 +31,7 @@ from pathlib import Path
 
 import durable_rules_engine
 
+from engine.errors import NbaError
 from engine.rules.checker import IDENT, NUM, STR, Scope, Ty, _Checker, _compare_hint
 from engine.rules.compile import condition_json
 from engine.rules.errors import ConditionError, RuleError, suggest
@@ -195,7 +196,7 @@ class EventRules:
         return out
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(NbaError, ValueError):
     """An event that does not match its declaration; ``field`` names the request field."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -600,7 +601,7 @@ class CompiledPatterns:
         return Firing(p, timer.opened_by)
 
 
-class RuleErrorsFor(Exception):
+class RuleErrorsFor(NbaError):
     def __init__(self, pattern: Pattern, message: str) -> None:
         super().__init__(message)
         self.pattern = pattern

@@ -23,7 +23,7 @@ class DecisionLog:
         self.client = client
         self.stream = stream
         self.linger = linger
-        self._queue: queue.Queue[dict[str, str] | None] = queue.Queue(capacity)
+        self._queue: queue.Queue[dict[str, str] | tuple[str, dict[str, str], int] | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
         self._thread.start()
 
@@ -59,11 +59,12 @@ class DecisionLog:
                 try:
                     pipe = self.client.pipeline(transaction=False)
                     for r in records:
+                        # redis-py types fields as a dict / Mapping of every encodable key: invariant, so no dict[str, str]
                         if isinstance(r, tuple):
-                            pipe.hset(r[0], mapping=r[1])
+                            pipe.hset(r[0], mapping=r[1])  # type: ignore[arg-type]
                             pipe.pexpire(r[0], r[2])
                         else:
-                            pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)
+                            pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
                     pipe.execute()
                 except redis.exceptions.RedisError as exc:
                     REDIS_ERRORS.labels("decision_log").inc()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from engine.errors import NbaError
 from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
 
 META_KEY = "nba:meta"
@@ -33,6 +34,11 @@ DECISIONS_STREAM = "nba:stream:decisions"
 RESPONSES_STREAM = "nba:stream:responses"
 EVENTS_STREAM = "nba:stream:events"
 STREAM_MAXLEN = 1_000_000
+
+# XRANGE / XREADGROUP replies as the service's clients get them (RESP2, responses not decoded); redis-py
+# types them for every protocol and decoding.
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]  # (entry id, fields)
+StreamReadReply = list[tuple[bytes, StreamEntries]]  # (stream name, its entries)
 
 _VECTOR = np.dtype("<f4")
 
@@ -102,7 +108,7 @@ def encode_profile(profile: Profile) -> dict[str, bytes | str | int]:
     return fields
 
 
-class SchemaMismatch(Exception):
+class SchemaMismatch(NbaError):
     """A stored profile was written under another feature schema version."""
 
 
@@ -157,7 +163,7 @@ class ProfileStore:
         for p in profiles:
             key = profile_key(p.customer_id)
             pipe.delete(key)
-            pipe.hset(key, mapping=encode_profile(p))
+            pipe.hset(key, mapping=encode_profile(p))  # type: ignore[arg-type]  # redis-py: key type is invariant
         pipe.execute()
 
     def set_trigger(self, customer_id: str, name: str, ttl_seconds: float) -> None:
@@ -165,7 +171,8 @@ class ProfileStore:
         self.client.eval(_SET_TRIGGER, 1, triggers_key(customer_id), name, expiry)
 
     def append(self, stream: str, fields: dict[str, str]) -> str:
-        entry = self.client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
+        # redis-py types fields as a dict of every encodable key: invariant, so no dict[str, str]
+        entry = self.client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     def ping(self) -> tuple[bool, str]:

