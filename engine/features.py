@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
 
@@ -94,14 +94,8 @@ class FeatureSchema:
     version: int = SCHEMA_VERSION
     numeric: tuple[str, ...] = NUMERIC
     derived: tuple[str, ...] = DERIVED
-    categorical: dict[str, tuple[str, ...]] | None = None
-    sets: dict[str, tuple[str, ...]] | None = None
-
-    def __post_init__(self) -> None:
-        if self.categorical is None:
-            object.__setattr__(self, "categorical", dict(CATEGORICAL))
-        if self.sets is None:
-            object.__setattr__(self, "sets", dict(SETS))
+    categorical: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(CATEGORICAL))
+    sets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SETS))
 
     @property
     def numbers(self) -> tuple[str, ...]:

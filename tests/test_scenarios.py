@@ -173,7 +173,8 @@ def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, 
         "  - id: brand_newsletter_signup\n    eligible: 'context.test != \"nothing\"'\n", 1))
     rules = load_and_compile(rules_dir)
     try:
-        engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir).load()))
+        engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir).load()),
+                                clock=lambda: NOON)  # outside the e-mail quiet hours, whenever the test runs
         engine.store.save([customer("S0", products=set(), tv_hours_week=0, roaming_days_90d=0,
                                     categorical={"device_os": "none"})])
         assert [a.action_id for a in decide(engine, "S0", "web").actions] == ["brand_newsletter_signup"]

@@ -17,7 +17,7 @@ __all__ = ["RuleError", "RuleErrors", "check", "prepare", "test"]
 def check(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> list[RuleError]:
     """Every error in the rule files and rule test files (empty when they load and compile)."""
     ruleset, errors = load_rules(Path(rules_dir), schema)
-    if errors:
+    if errors or ruleset is None:
         return errors
     _, test_errors = load_tests(Path(rules_dir), ruleset, schema)
     try:
@@ -31,7 +31,7 @@ def test(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[CompiledRules
     """Load and compile the rules and run their tests: (the compiled rules, or None when there are
     errors; every error in the rule and test files; the test results)."""
     ruleset, errors = load_rules(Path(rules_dir), schema)
-    if errors:
+    if errors or ruleset is None:
         return None, errors, []
     tests, errors = load_tests(Path(rules_dir), ruleset, schema)
     try:
@@ -49,7 +49,7 @@ def prepare(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
     otherwise (a failed test is an error at the test's file:line:col)."""
     rules, errors, results = test(rules_dir, schema)
     failed = [r.as_error() for r in results if not r.passed]
-    if errors or failed:
+    if errors or failed or rules is None:
         if rules is not None:
             rules.close()
         raise RuleErrors(errors + failed)

@@ -80,7 +80,7 @@ class EventTest:
 
 
 class _Simulation:
-    """The event processor's semantics (engine/events.py) on in-memory state and a simulated clock."""
+    """The event processor's semantics (engine/events/processor.py) on in-memory state and a simulated clock."""
 
     def __init__(self, rules, inputs: FactInputs) -> None:
         self.rules = rules
@@ -162,7 +162,8 @@ def load_event_tests(reader, loc: Loc | None, defaults: dict, file_name: str) ->
     patterns = {p.name for p in events.patterns}
     triggers = set(reader.ruleset.triggers or ())
     actions = reader.actions
-    out, names = [], set()
+    out: list[EventTest] = []
+    names = set()
     for item in check.sequence(loc, "event_tests"):
         fields = check.keys(item, TEST_KEYS, "event test")
         if fields is None:
@@ -176,7 +177,7 @@ def load_event_tests(reader, loc: Loc | None, defaults: dict, file_name: str) ->
         profile = dict(defaults)
         profile.update(reader.profile(fields.get("profile"), what) if fields.get("profile") else {})
         timed = _load_events(reader, fields.get("events"), events, what, len(out))
-        until = 0
+        until: int | None = 0
         if "until" in fields:
             until = parse_duration(fields["until"].value) if isinstance(fields["until"].value, str) else None
             if until is None:
@@ -198,7 +199,8 @@ def _load_events(reader, loc: Loc | None, events, what: str, test_no: int) -> li
             continue
         at_loc, type_loc = fields.get("at"), fields.get("event")
         if at_loc is None or type_loc is None:
-            reader.err(item.error(f"each event of {what} needs at: and event:", "e.g. {at: 3d, event: payment_failed, amount: 20}"))
+            reader.err(item.error(f"each event of {what} needs at: and event:",
+                                  "e.g. {at: 3d, event: payment_failed, amount: 20}"))
             continue
         at = parse_duration(at_loc.value) if isinstance(at_loc.value, str) else (0 if at_loc.value == 0 else None)
         if at is None:

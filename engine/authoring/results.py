@@ -10,8 +10,10 @@ from engine.rules.runtime import ActionVerdict
 
 
 class NamedTest(Protocol):
-    name: str
-    where: str  # file:line:col of the test
+    @property
+    def name(self) -> str: ...
+    @property
+    def where(self) -> str: ...  # file:line:col of the test
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.authoring.eventtests import load_event_tests
+from engine.authoring.eventtests import EventTest, load_event_tests
 from engine.authoring.results import TestResult, why
 from engine.decision.arbitration import arbitrate, fallback_action
 from engine.features import CHANNELS, DERIVED, NUMERIC, SCHEMA, FeatureSchema
@@ -64,16 +64,17 @@ def test_files(rules_dir: Path) -> list[Path]:
     return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def load_tests(rules_dir: Path, ruleset: RuleSet, schema: FeatureSchema = SCHEMA) -> tuple[list[RuleTest], list[RuleError]]:
+def load_tests(rules_dir: Path, ruleset: RuleSet,
+               schema: FeatureSchema = SCHEMA) -> tuple[list[RuleTest | EventTest], list[RuleError]]:
     """Every test in ``rules_dir/tests/*.yaml`` and every error in those files."""
     reader = _TestReader(Path(rules_dir), ruleset, schema)
-    tests = []
+    tests: list[RuleTest | EventTest] = []
     for path in test_files(rules_dir):
         tests += reader.load_file(path)
     return tests, reader.errors
 
 
-def run_tests(rules: CompiledRules, tests: list[RuleTest]) -> list[TestResult]:
+def run_tests(rules: CompiledRules, tests: list[RuleTest | EventTest]) -> list[TestResult]:
     return [t.run(rules) if hasattr(t, "run") else run_test(rules, t) for t in tests]
 
 
@@ -135,7 +136,7 @@ class _TestReader:
     def err(self, error: RuleError) -> None:
         self.check.err(error)
 
-    def load_file(self, path: Path) -> list[RuleTest]:
+    def load_file(self, path: Path) -> list[RuleTest | EventTest]:
         tree, _source, errors = load_yaml(path, str(path))
         self.errors.extend(errors)
         if tree is None:
@@ -144,7 +145,8 @@ class _TestReader:
         if top is None:
             return []
         defaults = self.profile(top.get("defaults"), "defaults") if "defaults" in top else {}
-        tests, names = [], set()
+        tests: list[RuleTest | EventTest] = []
+        names = set()
         for item in self.check.sequence(top["tests"], "tests") if "tests" in top else []:
             test = self.load_test(item, defaults)
             if test is None:
@@ -194,7 +196,8 @@ class _TestReader:
         items = self.check.mapping(loc, f"the profile of {what}")
         if not items:
             return {}
-        schema, out = self.schema, {}
+        schema = self.schema
+        out: dict[str, float | str | set[str]] = {}
         known = [*schema.numbers, *schema.categorical, *SET_KEYS]
         for key, value in items.items():
             if key in schema.numbers:
@@ -252,7 +255,7 @@ class _TestReader:
     # --- expectations -----------------------------------------------------------------------------
     def expect(self, loc: Loc | None, what: str) -> Expect | None:
         fields = self.check.keys(loc, EXPECT_KEYS, f"expect of {what}") if loc is not None else None
-        if fields is None:
+        if loc is None or fields is None:
             return None
         if not fields:
             self.err(loc.error(f"{what} expects nothing", "give top, admitted, blocked or situations"))
@@ -264,7 +267,8 @@ class _TestReader:
                 self.known_action(aid, rule_loc, what, key=True)
                 rule = None if rule_loc.value in (None, "any") else self.check.text(rule_loc, f"rule blocking {aid}")
                 if rule and rule not in self.policies and rule not in STAGE_WORDS:
-                    hint = suggest(rule, [*self.policies, *STAGE_WORDS]) or "name a policy, or eligible / applicable / suitable / channel / dates"
+                    hint = (suggest(rule, [*self.policies, *STAGE_WORDS])
+                            or "name a policy, or eligible / applicable / suitable / channel / dates")
                     self.err(rule_loc.error(f'unknown rule "{rule}"', hint))
                 blocked[aid] = rule
         else:

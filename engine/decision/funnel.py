@@ -34,7 +34,7 @@ from engine.decision.request import DecideInput, validate
 from engine.features import CHANNELS, SCHEMA
 from engine.live import Live
 from engine.models.derived import derive
-from engine.models.experiment import exploration_of, resolve
+from engine.models.experiment import ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
 from engine.models.model_input import ROW_FEATURES, ActionTable, customer_block, encode_features, shared_row
 from engine.models.registry import LoadedModel
@@ -95,7 +95,7 @@ class DecisionEngine:
     """``contacts``: enforce contact policies and budgets (contact.yaml, daily_budget) atomically in
     Redis when actions are presented; off, arbitration is in-process only (the p99 comparison)."""
 
-    def __init__(self, store: ProfileStore, rules: Live[CompiledRules], model: Live[LoadedModel],
+    def __init__(self, store: ProfileStore, rules: Live[CompiledRules], model: Live[ModelSet] | Live[LoadedModel],
                  decision_log: DecisionLog | None = None, contacts: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store

@@ -18,7 +18,7 @@ Key layout added here (all customer keys carry the customer's hash tag):
                              within the longest pattern window (at least a day)
 - ``nba:{c:<id>}:event_ids`` sorted set: event ids seen, by arrival time (dedupe window)
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound already started (timers may re-run)
-- ``nba:timers``             sorted set: absence timers by due time (see ``engine/timers.py``)
+- ``nba:timers``             sorted set: absence timers by due time (see ``engine/events/timers.py``)
 - ``nba:stream:outbound``    outbound actions for sending systems
 """
 
@@ -72,7 +72,7 @@ return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
 # The effects of one event in one call. KEYS: triggers hash, timers. ARGV: number of triggers to
 # clear, their names, number of triggers to raise, (name, expiry ms) pairs, then (timer member, due
 # ms) pairs. Keeps the hash alive until its latest trigger expires (as store._SET_TRIGGER). Returns
-# the names it cleared that were set. Like contact.py, this assumes one Redis node (the timers key
+# the names it cleared that were set. Like decision/contact.py, this assumes one Redis node (the timers key
 # is not the customer's).
 _APPLY = """
 local cleared, i = {}, 2

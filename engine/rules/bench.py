@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             outcome = rules.evaluate(fact)
             for _ in range(200):  # warm up
                 rules.evaluate(fact)
-            build = _per_call(lambda: rules.build_fact(inputs), 3000)
-            evaluate = _per_call(lambda: rules.evaluate(fact), 3000)
-            naive_evaluate = _per_call(lambda: naive.evaluate(fact), 3000)
-            admitted = _per_call(lambda: rules.admitted(outcome, inputs.channel), 3000)
-            python = _per_call(lambda: rules.evaluate_python(fact), 500)
+            build = _per_call(lambda inputs=inputs: rules.build_fact(inputs), 3000)
+            evaluate = _per_call(lambda fact=fact: rules.evaluate(fact), 3000)
+            naive_evaluate = _per_call(lambda fact=fact: naive.evaluate(fact), 3000)
+            admitted = _per_call(lambda outcome=outcome, inputs=inputs: rules.admitted(outcome, inputs.channel), 3000)
+            python = _per_call(lambda fact=fact: rules.evaluate_python(fact), 500)
             print(f"{name:32s} fired {outcome.fired:2d} (naive {naive.evaluate(fact).fired:2d})  build_fact {build:5.1f} us  "
                   f"evaluate {evaluate:6.1f} us  (naive {naive_evaluate:6.1f} us)  admitted {admitted:5.1f} us  "
                   f"(python evaluator {python:6.1f} us)")

@@ -225,7 +225,8 @@ class _Checker:
         ok = ok and lt is not None and rt is not None
         if ok and node.op == "/":
             if not _is_const(right):
-                self.error(node.right, "you can only divide by a fixed number", "use a derived ratio feature instead, e.g. data_usage_ratio")
+                self.error(node.right, "you can only divide by a fixed number",
+                           "use a derived ratio feature instead, e.g. data_usage_ratio")
                 ok = False
             else:
                 from engine.rules.evaluate import evaluate

@@ -132,7 +132,8 @@ def plan(ruleset: RuleSet, eligibility: str = "vector") -> tuple[Plan, list[Rule
         out.eligibility = EligibilityProgram([ruleset.engagement(a) for a in ruleset.actions]
                                              + [lv.when for lv in ruleset.levers])
     if len(durable_fields) > MAX_FACT_FIELDS:
-        errors.append(RuleError(first, 1, 1, f"the rules use {len(durable_fields)} different fields; the engine holds at most {MAX_FACT_FIELDS}",
+        errors.append(RuleError(first, 1, 1, f"the rules use {len(durable_fields)} different fields; "
+                                f"the engine holds at most {MAX_FACT_FIELDS}",
                                 "use fewer distinct products, context keys or triggers"))
     return out, errors
 

@@ -23,26 +23,25 @@ class _Evaluator:
         self.memo: dict[str, bool] = {}
 
     def value(self, node: Node):
-        t = type(node)
-        if t is Field:
+        if type(node) is Field:
             return self.env[node.name]
-        if t is Num:
+        if type(node) is Num:
             return float(node.value)
-        if t is Str or t is Bool:
+        if type(node) is Str or type(node) is Bool:
             return node.value
-        if t is And:
+        if type(node) is And:
             return all(self.value(item) for item in node.items)
-        if t is Or:
+        if type(node) is Or:
             return any(self.value(item) for item in node.items)
-        if t is Not:
+        if type(node) is Not:
             return not self.value(node.operand)
-        if t is Compare:
+        if type(node) is Compare:
             return _compare(node.op, self.value(node.left), self.value(node.right))
-        if t is In:
+        if type(node) is In:
             value = self.value(node.left)
             found = any(value == self.value(item) for item in node.items)
             return not found if node.negated else found
-        if t is Arith:
+        if type(node) is Arith:
             a, b = self.value(node.left), self.value(node.right)
             op = node.op
             if op == "+":
@@ -52,14 +51,14 @@ class _Evaluator:
             if op == "*":
                 return a * b
             return a / b
-        if t is Neg:
+        if type(node) is Neg:
             return -self.value(node.operand)
-        if t is SitRef:
+        if type(node) is SitRef:
             name = node.name
             if name not in self.memo:
                 self.memo[name] = bool(self.value(self.situations[name]))
             return self.memo[name]
-        raise TypeError(f"cannot evaluate {t.__name__}")
+        raise TypeError(f"cannot evaluate {type(node).__name__}")
 
 
 def _compare(op: str, a, b) -> bool:

@@ -70,7 +70,7 @@ class FactInputs:
     triggers:   names of the customer's active triggers.
     """
 
-    numbers: Mapping[str, float] | Sequence[float] = field(default_factory=dict)  # or a numpy vector
+    numbers: Mapping[str, float] | Sequence[float] | np.ndarray = field(default_factory=dict)
     categories: Mapping[str, str] = field(default_factory=dict)
     products: Iterable[str] = ()
     consents: Iterable[str] = ()
@@ -189,7 +189,7 @@ def to_json(value) -> str:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def encode_fact(fact: dict, sid: str, keys: Iterable[str] | None = None) -> str:
+def encode_fact(fact: Mapping, sid: str, keys: Iterable[str] | None = None) -> str:
     """The JSON text of a fact for ``assert_fact`` (``sid`` and ``id`` added); only ``keys`` when given."""
     parts = ['{"sid":"', sid, '","id":"f"']
     append = parts.append

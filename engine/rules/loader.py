@@ -20,7 +20,7 @@ from engine.rules.yamlsrc import Loc, load_yaml
 CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
 RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
-CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/contact.py)
+CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/rules/contact.py)
 EVENTS_FILE = "events.yaml"  # optional: event types and event patterns (rules/patterns.py)
 VERSIONED_FILES = RULE_FILES + (CONTACT_FILE, EVENTS_FILE)
 
@@ -161,14 +161,15 @@ class _Loader:
         return tree
 
     # --- files ------------------------------------------------------------------------------------
-    def load(self) -> RuleSet | None:
+    def load(self) -> RuleSet:
         trees = {}
         for name in RULE_FILES:
             tree, _source, errors = load_yaml(self.dir / name, str(self.dir / name))
             self.errors.extend(errors)
             trees[name] = tree
-        policies_top = self.keys(trees[POLICIES_FILE], POLICIES_KEYS, POLICIES_FILE) if trees[POLICIES_FILE] else {}
-        catalog_top = self.keys(trees[CATALOG_FILE], CATALOG_KEYS, CATALOG_FILE) if trees[CATALOG_FILE] else {}
+        policies_tree, catalog_tree = trees[POLICIES_FILE], trees[CATALOG_FILE]
+        policies_top = self.keys(policies_tree, POLICIES_KEYS, POLICIES_FILE) if policies_tree else {}
+        catalog_top = self.keys(catalog_tree, CATALOG_KEYS, CATALOG_FILE) if catalog_tree else {}
         policies_top = policies_top or {}
         catalog_top = catalog_top or {}
 
@@ -341,6 +342,7 @@ class _Loader:
         items = self.mapping(loc, f"channels of {what}")
         if items is None:
             return {}
+        assert loc is not None
         if not items:
             self.err(loc.error(f"{what} has no channels", "list at least one channel with its treatment"))
         out: dict[str, dict[str, str]] = {}
@@ -365,6 +367,7 @@ class _Loader:
         items = self.mapping(loc, "fallback")
         if items is None:
             return {}
+        assert loc is not None
         by_id = {a.id: a for a in actions}
         fallback: dict[str, str] = {}
         for channel, id_loc in items.items():
@@ -398,6 +401,7 @@ class _Loader:
         items = self.keys(loc, TARGET_KEYS, what) if loc is not None else None
         if items is None:
             return Targets()
+        assert loc is not None
         groups = {a.group for a in actions}
         ids = {a.id for a in actions}
         found: dict[str, set[str]] = {"types": set(), "groups": set(), "actions": set()}

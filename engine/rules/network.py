@@ -61,11 +61,11 @@ def _add(cond: dict, parent: _Node) -> _Node:
     field, oper, right = _leaf(cond)
     if isinstance(right, (str, float, bool)):
         key = (field, oper, type(right).__name__, right)
-        node = parent.shared.get(key)
-        if node is None:
-            node = parent.shared[key] = _Node()
-            parent.children.append(node)
-        return node
+        found = parent.shared.get(key)
+        if found is None:
+            found = parent.shared[key] = _Node()
+            parent.children.append(found)
+        return found
     node = _Node()  # $m / arithmetic operands: never shared
     parent.children.append(node)
     return node

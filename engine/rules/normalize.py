@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from engine.errors import NbaError
 from engine.rules.evaluate import evaluate
@@ -136,8 +137,8 @@ def simplify(node: Node) -> Node:
                 if contradicts(leaves[a], leaves[b]):
                     return FALSE
     else:
-        leaves = set(i for i in items if isinstance(i, Compare))
-        if any(nnf(leaf, True) in leaves for leaf in leaves):
+        leaf_set = set(i for i in items if isinstance(i, Compare))
+        if any(nnf(leaf, True) in leaf_set for leaf in leaf_set):
             return TRUE  # x or not x
     if not items:
         return unit
@@ -248,7 +249,7 @@ def split(node: Node, fits: Callable[[Node], bool], max_pieces: int = 64) -> lis
         elif isinstance(piece, And) and any(isinstance(item, Or) for item in piece.items):
             items = list(piece.items)
             k = max((i for i, item in enumerate(items) if isinstance(item, Or)), key=lambda i: size(items[i]))
-            pending[0:0] = [simplify(And((*items[:k], alt, *items[k + 1 :]))) for alt in items[k].items]
+            pending[0:0] = [simplify(And((*items[:k], alt, *items[k + 1 :]))) for alt in cast(Or, items[k]).items]
         else:
             out.append(piece)  # a plain conjunction: nothing left to split
         if len(out) + len(pending) > max_pieces:

@@ -18,6 +18,7 @@ Grammar, loosest binding first::
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 from engine.rules.errors import ConditionError
 from engine.rules.lexer import Token, tokenize
@@ -123,7 +124,8 @@ class _Parser:
         if self._is("kw", "not"):
             tok = self._next()
             if self._is("kw", "in"):
-                raise ConditionError(tok.pos, self.tok.end, '"not in" needs a value on its left', 'e.g. segment not in ["student"]')
+                raise ConditionError(tok.pos, self.tok.end, '"not in" needs a value on its left',
+                                     'e.g. segment not in ["student"]')
             operand = self._not()
             return Not(operand, pos=tok.pos, end=operand.end)
         return self._comparison()
@@ -175,11 +177,11 @@ class _Parser:
             return Str(tok.text, pos=tok.pos, end=tok.end)
         if tok.kind == "num":
             self._next()
-            return Num(tok.value, pos=tok.pos, end=tok.end)
+            return Num(cast(float, tok.value), pos=tok.pos, end=tok.end)
         if self._is("op", "-") and self.tokens[self.i + 1].kind == "num":
             self._next()
             num = self._next()
-            return Num(-num.value, pos=tok.pos, end=num.end)
+            return Num(-cast(float, num.value), pos=tok.pos, end=num.end)
         if tok.kind == "name":
             raise ConditionError(tok.pos, tok.end, "a list holds fixed values only", f'put text in quotes: "{tok.text}"')
         raise self._fail('a value ("text" or a number) in the list')
@@ -213,7 +215,7 @@ class _Parser:
         tok = self.tok
         if tok.kind == "num":
             self._next()
-            return Num(tok.value, pos=tok.pos, end=tok.end)
+            return Num(cast(float, tok.value), pos=tok.pos, end=tok.end)
         if tok.kind == "str":
             self._next()
             return Str(tok.text, pos=tok.pos, end=tok.end)

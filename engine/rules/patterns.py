@@ -7,7 +7,7 @@ that event's attributes, written in the condition language):
 - ``threshold`` one event whose attributes satisfy a condition (a count of 1 with no window);
 - ``sequence``  an event of ``then`` arriving at most ``within`` after an event of ``first``;
 - ``absence``   an event of ``after``, then *no* event of ``missing`` within ``within``: decided by a
-                timer at the due time (kept in Redis, see ``engine/timers.py``).
+                timer at the due time (kept in Redis, see ``engine/events/timers.py``).
 
 Evaluation: the customer's recent history (kept in Redis, not in durable-rules) is asserted as one
 fact per event into a fresh durable session (one per evaluation, deleted afterwards: durable holds at
@@ -323,6 +323,7 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
         if at_least is not None and int(at_least) != at_least:
             loader.err(spec["at_least"].error(f"{what} at_least must be a whole number"))
             at_least = None
+        ttl: int | None
         trigger, ttl = None, 0
         if "raise" in fields:
             raised = loader.keys(fields["raise"], RAISE_KEYS, f"{what} raise") or {}
@@ -489,6 +490,7 @@ class CompiledPatterns:
                     raise RuleErrorsFor(p, f"the condition of pattern {p.name} is too complex ({err})") from err
                 if pieces is False:
                     continue
+                assert isinstance(pieces, list)
                 for k, piece in enumerate(pieces):
                     rule = f"ev${p.name}${key}" + (f"#{k + 1}" if len(pieces) > 1 else "")
                     definition[rule] = {"all": [{"m": condition_json(piece, fields)}]}

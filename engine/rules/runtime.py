@@ -303,7 +303,7 @@ class CompiledRules:
         cached = self._static_cache.get(key)
         if cached is None:
             weights = self.ruleset.context_weights.get(channel, {})
-            static = []
+            static: list[ActionVerdict | None] = []
             for action in self.ruleset.actions:
                 if channel not in action.channels:
                     static.append(ActionVerdict(action, False, "channel"))
@@ -444,4 +444,5 @@ def load_and_compile(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> Compile
     ruleset, errors = load_rules(Path(rules_dir), schema)
     if errors:
         raise RuleErrors(errors)
+    assert ruleset is not None
     return compile_rules(ruleset)

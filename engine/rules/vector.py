@@ -128,45 +128,44 @@ class EligibilityProgram:
 
         def gen(node: Node) -> int:
             """Emit ``node``; returns the stack depth it needs."""
-            t = type(node)
-            if t is Field:
+            if type(node) is Field:
                 emit(LOAD, slot(node.name, node.kind))
                 return 1
-            if t is SitRef:
+            if type(node) is SitRef:
                 emit(LOAD, slot(node.name, "situation"))
                 return 1
-            if t is Num:
+            if type(node) is Num:
                 const(float(node.value))
                 return 1
-            if t is Bool:
+            if type(node) is Bool:
                 const(1.0 if node.value else 0.0)
                 return 1
-            if t is Str:
+            if type(node) is Str:
                 const(text(node.value))
                 return 1
-            if t is Neg:
+            if type(node) is Neg:
                 need = gen(node.operand)
                 emit(NEG)
                 return need
-            if t is Not:
+            if type(node) is Not:
                 need = gen(node.operand)
                 emit(NOT)
                 return need
-            if t is Arith or t is Compare:
+            if type(node) is Arith or type(node) is Compare:
                 left = gen(node.left)
                 right = gen(node.right)
-                emit(_ARITH[node.op] if t is Arith else _COMPARE[node.op])
+                emit(_ARITH[node.op] if type(node) is Arith else _COMPARE[node.op])
                 return max(left, 1 + right)
-            if t is In:
+            if type(node) is In:
                 alternatives = tuple(Compare("!=" if node.negated else "==", node.left, item) for item in node.items)
                 return gen((And if node.negated else Or)(alternatives))
-            if t is And or t is Or:
+            if type(node) is And or type(node) is Or:
                 need = 0
                 for k, item in enumerate(node.items):
                     need = max(need, k + gen(item))
-                emit(AND if t is And else OR, len(node.items))
+                emit(AND if type(node) is And else OR, len(node.items))
                 return need
-            raise TypeError(f"cannot compile {t.__name__}")
+            raise TypeError(f"cannot compile {type(node).__name__}")
 
         for condition in conditions:
             depth = max(depth, gen(Bool(True) if condition is None else condition))
@@ -200,7 +199,7 @@ class EligibilityProgram:
         others: dict[str, float] = {}
         for name, i in self._texts:
             value = fact[name]
-            code = texts.get(value)
+            code: float | None = texts.get(value)
             if code is None:
                 code = others.get(value)
                 if code is None:

@@ -77,6 +77,7 @@ class Loc:
     def error_at(self, offset: int, message: str, hint: str = "") -> RuleError:
         """A RuleError at character ``offset`` of this scalar's string value."""
         if self._positions is None:
+            assert isinstance(self.node, yaml.ScalarNode)
             self._positions = _char_positions(self.source.text, self.node, str(self.value))
         offset = max(0, min(offset, len(self._positions) - 1))
         line0, col0 = self._positions[offset]
@@ -143,7 +144,7 @@ def _build(node: yaml.Node, source: Source, errors: list[RuleError], key_node) -
 
 
 # --- mapping characters of a scalar's value back to the file ----------------------------------------
-def _char_positions(text: str, node: yaml.Node, value: str) -> list[tuple[int, int]]:
+def _char_positions(text: str, node: yaml.ScalarNode, value: str) -> list[tuple[int, int]]:
     """(line0, col0) in the file for each character of ``value`` (plus one for its end)."""
     start, end = node.start_mark, node.end_mark
     raw = text[start.index : end.index]

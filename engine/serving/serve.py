@@ -20,6 +20,7 @@ import signal
 import tempfile
 import threading
 import time
+from multiprocessing.context import SpawnProcess
 
 from engine.config import Config
 from engine.store.redis_embedded import die_with_parent, free_port
@@ -127,7 +128,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     redis_server, url = open_redis(config)
     ctx = mp.get_context("spawn")
     ready: mp.Queue = ctx.Queue()
-    workers: dict[int, mp.Process] = {}
+    workers: dict[int, SpawnProcess] = {}
     http = None
     try:
         if config.demo:
@@ -138,8 +139,8 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             finally:
                 rules.close()
                 store.client.close()
-        host, _, port = config.grpc_address.rpartition(":")
-        port = int(port) or free_port(host)
+        host, _, port_text = config.grpc_address.rpartition(":")
+        port = int(port_text) or free_port(host)
         worker_config = dataclasses.replace(config, redis_url=url, demo=False, grpc_address=f"{host}:{port}")
 
         def spawn(index: int) -> None:

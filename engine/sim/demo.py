@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import cast
 
 from engine.config import DEMO_CUSTOMERS
 from engine.features import SCHEMA
@@ -35,7 +36,7 @@ def seed(store: ProfileStore, customers: int = DEMO_CUSTOMERS, world_seed: int =
 
 
 def seeded_customers(store: ProfileStore) -> int:
-    meta = store.client.hgetall(META_KEY)
+    meta = cast("dict[bytes, bytes]", store.client.hgetall(META_KEY))
     if meta.get(b"schema_fingerprint", b"").decode() != SCHEMA.fingerprint():
         return 0
     return int(meta.get(b"seeded_customers", 0))

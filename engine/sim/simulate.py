@@ -244,9 +244,10 @@ def simulate(store: ProfileStore, rules_live, model: LoadedModel, customers: int
                 result.by_round.append(round_value)
                 progress(f"round {r + 1}/{rounds} {name:16} value/1000 so far "
                          f"{1000 * result.value / max(result.decisions, 1):,.1f}")
-            if retrain and r < rounds - 1 and "nba" in policies:
+            if registry_dir is not None and r < rounds - 1 and "nba" in policies:
                 registry = ModelRegistry(registry_dir.name)
-                new = _retrain(world, actions, *[np.asarray(x) for x in learned], registry,
+                rows, action_idx, channel_idx, y = (np.asarray(x) for x in learned)
+                new = _retrain(world, actions, rows, action_idx, channel_idx, y, registry,
                                base_customers=max(10_000, customers))
                 model_live.swap(new)
                 models.append(new.version)
@@ -273,7 +274,8 @@ def format_simulation(sim: Simulation) -> str:
     for name, r in rows.items():
         v = r["value_per_1000_decisions"]
         lines.append(f"{name:16} {r['decisions']:>9} {r['accepted']:>8} {r['acceptance_rate']:>11.2%} {v:>15,.1f} "
-                     f"{(v / generic if generic else float('nan')):>9.2f} {(100 * v / oracle if oracle else float('nan')):>7.1f}%")
+                     f"{(v / generic if generic else float('nan')):>9.2f} "
+                     f"{(100 * v / oracle if oracle else float('nan')):>7.1f}%")
     lines.append(f"nba excludes its {sim.control_decisions} control-group decisions; "
                  f"lift from the recorded streams: nba report --since {sim.since}")
     return "\n".join(lines)

@@ -25,9 +25,12 @@ _STAGES = CATEGORICAL["lifecycle_stage"]
 
 
 class ActionLike(Protocol):
-    id: str
-    type: str
-    value: float
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def value(self) -> float: ...
 
 
 def customer_id(i: int) -> str:

@@ -10,11 +10,11 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
     - one field per set feature (``products``, ``consent``), members joined by ","
     - ``cases``: open service case ids joined by ","
 - ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
-- ``nba:{c:<id>}:contacts`` sorted set: contact history (score epoch ms), see ``engine/contact.py``
+- ``nba:{c:<id>}:contacts`` sorted set: contact history (score epoch ms), see ``engine/decision/contact.py``
 - ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
 - ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
-- event history, dedupe, absence timers and the outbound stream: see ``engine/events.py``
+- event history, dedupe, absence timers and the outbound stream: see ``engine/events/processor.py``
 - ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
 """
 
