@@ -17,7 +17,7 @@ QuickScorer (Lucchese et al., SIGIR 2015):
 
 Nothing walks a tree on the request path: no data-dependent branch per node, no chain of dependent
 loads, and the work per extra row is one table lookup per tree. Missing values follow LightGBM
-exactly (``scorer.go_left``): NaN and zero handling by each node's missing type and default
+exactly (``trees.go_left``): NaN and zero handling by each node's missing type and default
 direction, values within kZeroThreshold read as 0, negative / NaN / beyond-int32 categories go
 right. Trees are summed in model order, so scores equal ``CompiledModel.predict`` on the assembled
 rows bit for bit. Models with a tree of more than 64 leaves fall back to assembling rows for the
@@ -42,12 +42,9 @@ from engine.models.trees import (
     INT32_LIMIT,
     MISSING_NAN,
     MISSING_ZERO,
-    T_EXP,
-    T_LOG1P_EXP,
-    T_SIGMOID,
-    T_SQUARE,
     ZERO_THRESHOLD,
     FlatForest,
+    convert_output,
     go_left,
 )
 
@@ -188,19 +185,7 @@ def _finish(out, lo, hi, blob, raw) -> None:
     fb = blob.view(np.float64)
     param, divisor = fb[_H_PARAM], fb[_H_DIVISOR]
     for r in range(lo, hi):
-        total = out[r]
-        if divisor != 1.0:
-            total /= divisor
-        if transform == T_SIGMOID:
-            total = 1.0 / (1.0 + math.exp(-param * total))
-        elif transform == T_EXP:
-            total = math.exp(total)
-        elif transform == T_LOG1P_EXP:
-            total = math.log1p(math.exp(total))
-        elif transform == T_SQUARE:
-            sign = 1.0 if total > 0.0 else (-1.0 if total < 0.0 else 0.0)
-            total = sign * total * total
-        out[r] = total
+        out[r] = convert_output(out[r], divisor, transform, param)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -34,6 +34,7 @@ from engine.models.trees import (
     T_SIGMOID,
     T_SQUARE,
     ZERO_THRESHOLD,
+    convert_output,
 )
 
 if TYPE_CHECKING:
@@ -132,18 +133,7 @@ def _score_batch(
                     else:
                         node = right_child[node]
             total += leaf_value[~node]
-        if divisor != 1.0:
-            total /= divisor
-        if transform == T_SIGMOID:
-            total = 1.0 / (1.0 + math.exp(-param * total))
-        elif transform == T_EXP:
-            total = math.exp(total)
-        elif transform == T_LOG1P_EXP:
-            total = math.log1p(math.exp(total))
-        elif transform == T_SQUARE:
-            sign = 1.0 if total > 0.0 else (-1.0 if total < 0.0 else 0.0)
-            total = sign * total * total
-        out[i] = total
+        out[i] = convert_output(total, divisor, transform, param)
 
 
 @dataclass
