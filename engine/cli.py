@@ -176,7 +176,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     types = {a.id: a.type for a in ruleset.actions} if ruleset else {}
     with _store(cfg) as store:
         report = build_report(store.client, since=args.since, customer_prefix=args.customer_prefix,
-                              values=values, types=types)
+                              values=values, types=types, bootstrap=args.bootstrap, seed=args.seed)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -186,13 +186,14 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-    from engine.serving.server import CHANNEL_TO_PB
+    from engine.serving.server import CHANNEL_TO_PB, CLIENT_OPTIONS
 
     context = dict(kv.split("=", 1) for kv in args.context)
     request = pb.DecideRequest(customer_id=args.customer_id, channel=CHANNEL_TO_PB[args.channel],
                                touchpoint=args.touchpoint, context=context,
-                               max_actions=args.max_actions, explain=args.explain)
-    with grpc.insecure_channel(args.address) as channel:
+                               max_actions=args.max_actions, explain=args.explain,
+                               interaction_id=args.interaction, preview=args.preview)
+    with grpc.insecure_channel(args.address, options=CLIENT_OPTIONS) as channel:
         try:
             reply = pb_grpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -234,12 +235,33 @@ def cmd_event(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_respond(args: argparse.Namespace) -> int:
+    import grpc
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+    from engine.serving.server import CLIENT_OPTIONS
+
+    request = pb.RecordResponseRequest(decision_id=args.decision_id, action_id=args.action_id,
+                                       outcome=f"OUTCOME_{args.outcome.upper()}")
+    with grpc.insecure_channel(args.address, options=CLIENT_OPTIONS) as channel:
+        try:
+            reply = pb_grpc.DecisionServiceStub(channel).RecordResponse(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"recorded {args.outcome} of {args.action_id} in {args.decision_id}: {reply.response_id}")
+    return 0
+
+
 def format_decision(reply) -> str:
     from engine.api.nba.v1 import nba_pb2 as pb
 
     lines = [
         f"decision {reply.decision_id}  ruleset {reply.ruleset_version}  model {reply.model_version}"
-        + ("  DEGRADED" if reply.degraded else "") + ("  cold start" if reply.cold_start else ""),
+        + ("  DEGRADED" if reply.degraded else "") + ("  cold start" if reply.cold_start else "")
+        + ("  control group" if reply.control_group else "") + ("  repeat" if reply.repeat else "")
+        + ("  preview" if reply.preview else ""),
     ]
     if reply.situations:
         lines.append("situations: " + ", ".join(reply.situations))
@@ -440,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     paths(p)
     p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
     p.add_argument("--customer-prefix", default="", help="only customers whose id starts with this")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also a customer-bootstrap 95%% CI of the lift from N resamples (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_report)
 
@@ -450,10 +475,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-actions", type=int, default=0)
     p.add_argument("--explain", action="store_true", help="show where every catalog action dropped out")
+    p.add_argument("--interaction", default="", metavar="ID",
+                   help="interaction id: asking again with it returns the same decision (no second impression)")
+    p.add_argument("--preview", action="store_true", help="decide without side effects (nothing counted or recorded)")
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_decide)
+
+    p = sub.add_parser("respond", help="record a customer's response to an action of a decision")
+    p.add_argument("decision_id")
+    p.add_argument("action_id")
+    p.add_argument("outcome", choices=["impression", "clicked", "accepted", "rejected", "ignored"])
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(fn=cmd_respond)
 
     p = sub.add_parser("event", help="publish an event to a running server (rules/events.yaml)")
     p.add_argument("customer_id")

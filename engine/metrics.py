@@ -71,6 +71,18 @@ MODEL_VERSION = Gauge("nba_model_info", "The live propensity model version (1 wh
 CATALOG_SIZE = Gauge("nba_catalog_actions", "Actions in the live catalog.", multiprocess_mode="livemax")
 MODEL_RELOADS = Counter("nba_model_reloads_total", "Model set changes (CHAMPION, experiment.yaml), by result.", ["result"])
 MODEL_DECISIONS = Counter("nba_model_decisions_total", "Decisions by the model that decided and its role.", ["model", "role"])
+INTERACTION_DECISIONS = Counter(
+    "nba_interaction_decisions_total",
+    "Decide calls by how they were answered: new (a decision), repeat (the interaction's decision for this "
+    "placement, returned again) or preview (decided without side effects).",
+    ["kind"],
+)
+RESERVATIONS = Counter(
+    "nba_budget_reservations_total",
+    "Budget units reserved for on_impression channels that ended without an impression in time: released "
+    "(given back), late (the impression came after the release; counted in the contact history, not the budget).",
+    ["result"],
+)
 EXPLORATION = Counter(
     "nba_exploration_decisions_total",
     "Decisions that explored (Thompson sampling), by whether the top action differs from pure exploitation.",
@@ -105,6 +117,7 @@ decisions = Children(DECISIONS)
 actions_presented = Children(ACTIONS_PRESENTED)
 rule_firings = Children(RULE_FIRINGS)
 model_decisions = Children(MODEL_DECISIONS)
+interaction_decisions = Children(INTERACTION_DECISIONS)
 events = Children(EVENTS)
 events_processed = Children(EVENTS_PROCESSED)
 event_seconds = Children(EVENT_SECONDS)

@@ -58,6 +58,14 @@ def decide(engine: DecisionEngine, cid: str, channel: str, **kw):
     return engine.decide(DecideInput(customer_id=cid, channel=channel, max_actions=kw.pop("max_actions", 3), **kw))
 
 
+def seen(engine: DecisionEngine, d):
+    """What a web page or an app reports once shown: the customer saw every action (on_impression channels)."""
+    if d.channel in engine.rules.current.ruleset.contact.interactions.on_impression:
+        for a in d.actions:
+            engine.responses.record(d.decision_id, a.action_id, "impression")
+    return d
+
+
 def not_control(prefix: str) -> str:
     """A customer id outside the demo rules' control group (10%)."""
     control = ControlGroup(0.1)
@@ -74,7 +82,7 @@ def test_an_action_is_shown_at_most_3_times_in_30_days_on_any_channel(engine: De
     shown: dict[str, int] = {}
     for k, channel in enumerate(["web", "call_center", "mobile_app", "web", "branch", "web", "call_center", "web"]):
         clock.now = NOON + k * 3600
-        for action_id in marketing_ids(decide(engine, cid, channel)):
+        for action_id in marketing_ids(seen(engine, decide(engine, cid, channel))):
             shown[action_id] = shown.get(action_id, 0) + 1
     assert shown and max(shown.values()) == 3, shown
     top = next(a for a, n in shown.items() if n == 3)
@@ -147,8 +155,9 @@ def test_consent_withdrawal_applies_to_the_next_outbound_decision_of_any_engine(
         other.rules.current.close()
 
 
-def budget_rules(tmp_path: Path, budget: int, quiet_hours: bool = True) -> Path:
-    """The demo rules with a daily budget of ``budget`` on every offer."""
+def budget_rules(tmp_path: Path, budget: int, quiet_hours: bool = True, on_impression: bool = True) -> Path:
+    """The demo rules with a daily budget of ``budget`` on every offer; ``on_impression`` False: deciding
+    counts the impression on every channel."""
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
     catalog = rules_dir / "catalog.yaml"
@@ -164,6 +173,11 @@ def budget_rules(tmp_path: Path, budget: int, quiet_hours: bool = True) -> Path:
         contact = rules_dir / "contact.yaml"
         text = contact.read_text()
         start, end = text.index("quiet_hours:"), text.index("control_group:")
+        contact.write_text(text[:start] + text[end:])
+    if not on_impression:
+        contact = rules_dir / "contact.yaml"
+        text = contact.read_text()
+        start, end = text.index("impressions:"), text.index("interactions:")
         contact.write_text(text[:start] + text[end:])
     return rules_dir
 
@@ -266,7 +280,7 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
     from .conftest import REPO
 
     budget = 4
-    rules_dir = budget_rules(tmp_path, budget, quiet_hours=False)
+    rules_dir = budget_rules(tmp_path, budget, quiet_hours=False, on_impression=False)
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
     proc = subprocess.Popen(

@@ -30,7 +30,7 @@ class RankedAction:
 class FunnelEntry:
     action_id: str
     stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | contact |
-    #             quiet_hours | budget | group | cutoff
+    #             quiet_hours | control_group | one_voice | budget | group | cutoff
     detail: str
     propensity: float = 0.0
     priority: float = 0.0
@@ -105,8 +105,9 @@ def ranked_action(v: ActionVerdict, p: float, priority: float, channel: str, ran
     )
 
 
-def fallback_ranked(action, channel: str) -> RankedAction:
-    metrics.FALLBACKS.labels(channel).inc()
+def fallback_ranked(action, channel: str, count: bool = True) -> RankedAction:
+    if count:
+        metrics.FALLBACKS.labels(channel).inc()
     return RankedAction(
         action_id=action.id, name=action.name, type=action.type, group=action.group,
         propensity=0.0, value=action.value, priority=0.0,

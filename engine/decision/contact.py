@@ -1,24 +1,35 @@
-"""Contact policies, volume budgets and the control group: ``rules/contact.yaml``.
+"""Contact policies, volume budgets, interactions and the control group, applied atomically in Redis.
 
 Contact history is a sorted set per customer, ``nba:{c:<id>}:contacts``, scored by epoch
 milliseconds, one member per contact: ``<kind>|<action>|<group>|<type>|<channel>|<decision id>`` where
-kind is ``i`` (presented), ``r`` (rejected) or ``a`` (accepted). It is read and judged by one Lua
+kind is ``i`` (an impression), ``r`` (rejected) or ``a`` (accepted). It is read and judged by one Lua
 script when a decision presents its actions (``PRESENT``), the decision's second and last Redis round
 trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
 contact limit or an exhausted budget forbids *now* (whatever other server processes did meanwhile),
-and says which limit and count stopped each one (for explanations), records the impressions, consumes the budgets
-(``nba:budget:<action>:<yyyymmdd>``) and stores the decision record (``nba:decision:<id>``) that
-``RecordResponse`` checks. Several processes deciding at once for one customer therefore never exceed
-a limit, and N processes together never exceed a budget.
+and says which limit and count stopped each one (for explanations). Then, by the channel's mode:
 
-On a Redis Cluster the budget and decision keys would live on other nodes than the customer's keys;
-this script assumes one Redis node (what the service runs on today).
+- ``decide`` (call center, branch, outbound): deciding is presenting; the impressions are recorded and
+  the budgets (``nba:budget:<action>:<yyyymmdd>``) consumed.
+- ``reserve`` (web, app: ``impressions: counted: on_impression``): a budget unit is reserved (consumed,
+  and listed in ``nba:reservations`` by expiry); the impression is recorded when the channel reports it,
+  and ``RELEASE`` gives unreported units back after the reservation time.
+- ``dry`` (preview): nothing is written.
+
+It stores the decision record (``nba:decision:<id>``) that ``RecordResponse`` checks and, for a request
+with an interaction id, the decision itself in ``nba:{c:<id>}:ix:<interaction>`` (one field per
+placement); if another call of the same interaction and placement got there first, the script
+returns that one instead of presenting. Several processes deciding at once for one customer therefore
+never exceed a limit, and N processes together never exceed a budget.
+
+On a Redis Cluster the budget, reservation and decision keys would live on other nodes than the
+customer's keys; this script assumes one Redis node (what the service runs on today).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -27,8 +38,9 @@ from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGrou
 if TYPE_CHECKING:
     from engine.rules.model import Action
 
-DECISION_TTL_DAYS = 30
 BUDGET_TTL_SECONDS = 2 * 86_400
+RESERVATIONS_KEY = "nba:reservations"
+DECIDE, RESERVE, DRY = "decide", "reserve", "dry"
 
 
 def contacts_key(customer_id: str) -> str:
@@ -39,8 +51,28 @@ def decision_key(decision_id: str) -> str:
     return f"nba:decision:{decision_id}"
 
 
+def interaction_key(customer_id: str, interaction_id: str) -> str:
+    return f"nba:{{c:{customer_id}}}:ix:{interaction_id}"
+
+
 def budget_key(action_id: str, now: float) -> str:
     return f"nba:budget:{action_id}:{datetime.fromtimestamp(now, UTC):%Y%m%d}"
+
+
+def new_decision_id(now: float) -> str:
+    """32 hex digits: the decision time in ms, then 80 random bits (so a response can tell an expired
+    decision from an unknown one)."""
+    return f"{int(now * 1000):012x}{secrets.randbits(80):020x}"
+
+
+def decided_at(decision_id: str) -> float | None:
+    """When a decision with this id was made (epoch seconds), if the id says."""
+    if len(decision_id) != 32:
+        return None
+    try:
+        return int(decision_id[:12], 16) / 1000
+    except ValueError:
+        return None
 
 
 def control_order(control: ControlGroup, candidates: list, customer_id: str, now: float) -> list:
@@ -68,14 +100,22 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 
 # --- the authoritative check, atomic in Redis ---------------------------------------------------------
 
-# KEYS[1] contacts zset, KEYS[2] decision record, KEYS[3..] budget counters.
-# ARGV[1] JSON: now, n (max actions), ch, id, since (oldest window start), keep_ms (history kept),
-#   ttl_ms (decision record), bttl (budget ttl, s), lim (limit specs), cand (ranked candidates:
-#   [action, group, type, value, [limit indexes], budget key index or 0, budget]), fb (fallback
-#   candidate or 0), rec (decision record fields).
-# Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''}.
+# KEYS[1] contacts zset, KEYS[2] decision record, KEYS[3] interaction hash, KEYS[4] reservations zset,
+# KEYS[5..] budget counters.
+# ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), since (oldest window start),
+#   keep_ms (history kept), ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms),
+#   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
+#   index or 0, budget, body]), fb (fallback candidate or 0), rec (decision record fields),
+#   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header).
+# Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''},
+# or {'replay', stored decision} when the interaction's placement was decided already.
 PRESENT = r"""
 local a = cjson.decode(ARGV[1])
+if a.ix ~= '' then
+  local prev = redis.call('HGET', KEYS[3], a.ix)
+  if prev then return {'replay', prev} end
+end
+local write = a.mode ~= 'dry'
 -- per limit: how many counted contacts in its window, in all and per action and per group
 local cnt = {}
 for li, L in ipairs(a.lim) do cnt[li] = {c = 0, a = {}, g = {}} end
@@ -99,18 +139,25 @@ if #a.lim > 0 then
     end
   end
 end
-local groups, verdicts, shown = {}, {}, {}
+local groups, verdicts, shown, budgets = {}, {}, {}, {}
 local function present(c, tag)
-  if c[6] > 0 then
-    redis.call('INCR', KEYS[c[6]])
-    redis.call('EXPIRE', KEYS[c[6]], a.bttl)
+  local bkey = ''
+  if c[6] > 0 and write then
+    bkey = KEYS[c[6]]
+    redis.call('INCR', bkey)
+    redis.call('EXPIRE', bkey, a.bttl)
+    if a.mode == 'reserve' then redis.call('ZADD', KEYS[4], a.rsv, a.id .. '|' .. c[1] .. '|' .. bkey) end
   end
-  redis.call('ZADD', KEYS[1], a.now, 'i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch .. '|' .. a.id .. '|' .. tag)
+  if a.mode == 'decide' then
+    redis.call('ZADD', KEYS[1], a.now, 'i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch .. '|' .. a.id .. '|' .. tag)
+  end
+  -- this decision's own actions count against its limits whether they count now or when seen
   for li, L in ipairs(a.lim) do
     if L[1] == 'i' and (L[5] == 0 or L[5][a.ch]) and (L[6] == 0 or L[6][c[3]]) then count(li, c[1], c[2]) end
   end
   groups[c[2]] = true
   shown[#shown + 1] = c
+  budgets[#budgets + 1] = bkey
 end
 for ci, c in ipairs(a.cand) do
   local v = nil
@@ -131,28 +178,40 @@ for ci, c in ipairs(a.cand) do
 end
 local fb = ''
 if #shown == 0 and a.fb ~= 0 then present(a.fb, 'fb'); fb = 'fb' end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now - a.keep_ms)
-redis.call('PEXPIRE', KEYS[1], a.keep_ms)
-local acts, grps, typs, vals = {}, {}, {}, {}
-for _, c in ipairs(shown) do
-  acts[#acts + 1] = c[1]; grps[#grps + 1] = c[2]; typs[#typs + 1] = c[3]; vals[#vals + 1] = tostring(c[4])
+if not write then return {verdicts, fb} end
+if a.mode == 'decide' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now - a.keep_ms)
+  redis.call('PEXPIRE', KEYS[1], a.keep_ms)
+end
+local acts, grps, typs, vals, bodies = {}, {}, {}, {}, {}
+for i, c in ipairs(shown) do
+  acts[i] = c[1]; grps[i] = c[2]; typs[i] = c[3]; vals[i] = tostring(c[4]); bodies[i] = c[8]
 end
 local rec = {'actions', table.concat(acts, ','), 'groups', table.concat(grps, ','), 'types', table.concat(typs, ','),
-             'values', table.concat(vals, ',')}
+             'values', table.concat(vals, ','), 'budgets', table.concat(budgets, ',')}
 for k, v in pairs(a.rec) do rec[#rec + 1] = k; rec[#rec + 1] = v end
 redis.call('HSET', KEYS[2], unpack(rec))
 redis.call('PEXPIRE', KEYS[2], a.ttl_ms)
+if a.ix ~= '' then
+  redis.call('HSET', KEYS[3], a.ix, '{"h":' .. a.head .. ',"fb":' .. (fb == 'fb' and 'true' or 'false') ..
+             ',"a":[' .. table.concat(bodies, ',') .. ']}')
+  if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], a.ixttl) end
+end
 return {verdicts, fb}
 """
 
-# KEYS[1] decision record, KEYS[2] contacts zset, KEYS[3] responses stream.
-# ARGV: field (response key), contact member ('' for none), now ms, keep ms, maxlen, then stream fields.
-# The same response twice is stored once: the second returns the first one's stream id.
+# KEYS[1] decision record, KEYS[2] contacts zset, KEYS[3] responses stream, KEYS[4] reservations zset.
+# ARGV: field (response key), contact member ('' for none), now ms, keep ms, maxlen, reservation member
+# ('' for none), then stream fields. The same response twice is stored once: the second returns the
+# first one's stream id. Returns {first, stream id, late} where late is 1 when the impression came after
+# its reserved budget unit had been released.
 RESPOND = r"""
 local seen = redis.call('HGET', KEYS[1], ARGV[1])
-if seen then return {0, seen} end
+if seen then return {0, seen, 0} end
+local late = 0
+if ARGV[6] ~= '' and redis.call('ZREM', KEYS[4], ARGV[6]) == 0 then late = 1 end
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 redis.call('HSET', KEYS[1], ARGV[1], id)
 if ARGV[2] ~= '' then
@@ -162,20 +221,40 @@ if ARGV[2] ~= '' then
     if ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
   end
 end
-return {1, id}
+return {1, id, late}
+"""
+
+# KEYS[1] reservations zset; ARGV: now ms, batch. Gives back the budget unit of every reservation
+# whose impression did not come in time. Returns how many were released.
+RELEASE = r"""
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  local bkey = string.match(m, '^[^|]*|[^|]*|(.+)$')
+  if bkey and redis.call('EXISTS', bkey) == 1 then redis.call('DECR', bkey) end
+end
+return #due
 """
 
 
+def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
+    return f"{decision_id}|{action_id}|{budget}"
+
+
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
-                 channel: str, decision_id: str, now: float, record: dict[str, str],
-                 customer_id: str) -> tuple[list[str], str, list[ContactLimit]]:
-    """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``)."""
+                 channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
+                 mode: str, interaction: str = "", placement: str = "",
+                 bodies: list[str] | None = None, head: str = "") -> tuple[list[str], str, list[ContactLimit]]:
+    """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
+    ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's)."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
-    keys = [contacts_key(customer_id), decision_key(decision_id)]
+    ix = rules.interactions
+    keys = [contacts_key(customer_id), decision_key(decision_id),
+            interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id), RESERVATIONS_KEY]
     cand = []
     day = ""
-    for _priority, _p, verdict in candidates:
+    for i, (_priority, _p, verdict) in enumerate(candidates):
         action = verdict.action
         bkey = 0
         if action.daily_budget is not None:
@@ -183,15 +262,16 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
             keys.append(f"nba:budget:{action.id}:{day}")
             bkey = len(keys)
         cand.append([action.id, action.group, action.type, action.value, rules.applicable(action, channel), bkey,
-                     action.daily_budget or 0])
+                     action.daily_budget or 0, bodies[i] if bodies else ""])
     fb: list[object] | int = 0
     if fallback is not None:
-        fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0]
-    keep_ms = int(max(rules.history_days, DECISION_TTL_DAYS) * DAY_MS)  # history kept (and its key's TTL)
+        fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0, bodies[-1] if bodies else ""]
+    keep_ms = max(int(rules.history_days * DAY_MS), DAY_MS)  # history kept (and its key's TTL)
     args = {
-        "now": now_ms, "n": max_actions, "ch": channel, "id": decision_id,
-        "since": now_ms - int(rules.history_days * DAY_MS), "keep_ms": keep_ms, "ttl_ms": DECISION_TTL_DAYS * DAY_MS,
-        "bttl": BUDGET_TTL_SECONDS, "lim": [l.spec(now_ms) for l in limits], "cand": cand, "fb": fb,
-        "rec": record,
+        "now": now_ms, "n": max_actions, "ch": channel, "id": decision_id, "mode": mode,
+        "since": now_ms - int(rules.history_days * DAY_MS), "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
+        "bttl": BUDGET_TTL_SECONDS, "rsv": now_ms + ix.reservation_ms, "lim": [l.spec(now_ms) for l in limits],
+        "cand": cand, "fb": fb, "rec": record, "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
+        "head": head or "{}",
     }
     return keys, json.dumps(args, separators=(",", ":")), limits

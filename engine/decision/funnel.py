@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import redis
 
 from engine import metrics
+from engine.decision import interactions
 from engine.decision.arbitration import (
     STAGE_NAMES,
     FunnelEntry,
@@ -29,8 +30,19 @@ from engine.decision.arbitration import (
     ranked_action,
     select,
 )
-from engine.decision.contact import DECISION_TTL_DAYS, PRESENT, control_order, decision_key, present_args
+from engine.decision.contact import (
+    DECIDE,
+    DRY,
+    PRESENT,
+    RESERVE,
+    control_order,
+    decision_key,
+    interaction_key,
+    new_decision_id,
+    present_args,
+)
 from engine.decision.request import DecideInput, validate
+from engine.decision.responses import ResponseRecorder
 from engine.features import CHANNELS, SCHEMA
 from engine.live import Live
 from engine.models.derived import derive
@@ -38,7 +50,7 @@ from engine.models.experiment import ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
 from engine.models.model_input import ROW_FEATURES, ActionTable, customer_block, encode_features, shared_row
 from engine.models.registry import LoadedModel
-from engine.rules.contact import DAY_MS, ContactRules
+from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
@@ -70,6 +82,9 @@ class Decision:
     shadow_propensities: list[float] = field(default_factory=list)  # its scores for ``actions``
     shadow_top: str = ""  # the action the shadow model would have ranked first
     features: np.ndarray | None = None  # the shared model input (customer block, channel), for training
+    interaction_id: str = ""
+    repeat: bool = False  # the interaction's stored decision for this placement, returned again
+    preview: bool = False  # decided without side effects (nothing recorded, counted or reserved)
 
 
 class _Stages:
@@ -93,7 +108,10 @@ Ranking = Callable[[list, DecideInput, Profile, float], list]
 
 class DecisionEngine:
     """``contacts``: enforce contact policies and budgets (contact.yaml, daily_budget) atomically in
-    Redis when actions are presented; off, arbitration is in-process only (the p99 comparison)."""
+    Redis when actions are presented; off, arbitration is in-process only (the p99 comparison).
+
+    A decision pins one snapshot when it starts, the rule set (with its contact configuration) and the
+    model set, and reads nothing else that a reload can change."""
 
     def __init__(self, store: ProfileStore, rules: Live[CompiledRules], model: Live[ModelSet] | Live[LoadedModel],
                  decision_log: DecisionLog | None = None, contacts: bool = True,
@@ -105,6 +123,8 @@ class DecisionEngine:
         self.contacts = contacts
         self.clock = clock
         self.rankings: dict[str, Ranking] = {}
+        self.controlled_rankings: set[str] = set()  # named rankings that serve customers (the control group applies)
+        self.responses = ResponseRecorder(store.client, rules, clock=clock)
         self._present_script = store.client.register_script(PRESENT)
         # keyed by content versions (an id() of a retired rule set can be reused by the next one)
         self._tables: dict[tuple[str, str], ActionTable] = {}
@@ -139,16 +159,21 @@ class DecisionEngine:
         for model in getattr(models, "models", (models,)):
             self._scorer(rules, model).warmup()
 
-    def _fetch(self, customer_id: str) -> tuple[Profile, str | None]:
+    def _fetch(self, req: DecideInput) -> tuple[Profile, dict[str, str], str | None]:
+        """The profile and, for a request with an interaction id, what the interaction stored."""
         try:
-            return self.store.fetch(customer_id), None
+            if req.interaction_id:
+                profile, stored = self.store.fetch_with(req.customer_id,
+                                                        interaction_key(req.customer_id, req.interaction_id))
+                return profile, stored, None
+            return self.store.fetch(req.customer_id), {}, None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
-            log.warning("profile fetch failed for %s: %s", customer_id, exc)
-            return Profile.cold(customer_id), "profile_store"
+            log.warning("profile fetch failed for %s: %s", req.customer_id, exc)
+            return Profile.cold(req.customer_id), {}, "profile_store"
         except SchemaMismatch as exc:
             log.warning("%s", exc)
-            return Profile.cold(customer_id), "profile_schema"
+            return Profile.cold(req.customer_id), {}, "profile_schema"
 
     def decide(self, req: DecideInput) -> Decision:
         started = time.perf_counter()
@@ -162,8 +187,8 @@ class DecisionEngine:
     def warmup(self) -> None:
         """Run every stage once per channel (JIT, Redis pool, rule engine) before taking traffic."""
         for channel in CHANNELS:
-            self._decide(DecideInput(customer_id="warmup", channel=channel, explain=True), observe=False)
-        try:  # the presenting script, without presenting anything (no budget or history is touched)
+            self._decide(DecideInput(customer_id="warmup", channel=channel, explain=True, preview=True), observe=False)
+        try:
             self.store.client.script_load(PRESENT)
         except redis.exceptions.RedisError as exc:
             log.warning("cannot load the presenting script: %s", exc)
@@ -171,13 +196,17 @@ class DecisionEngine:
     def _decide(self, req: DecideInput, observe: bool = True) -> tuple[Decision, str | None]:
         max_actions = validate(req)
         stages = _Stages(observe)
-        decision_id, now = uuid.uuid4().hex, self.clock()
-        profile, degraded_by = self._fetch(req.customer_id)
-        stages.done("profile")
-        derived = derive(profile.numeric)
-        stages.done("derive")
-        with self.rules.use() as rules:
+        now = self.clock()
+        with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
             models = self.model.current
+            profile, stored, degraded_by = self._fetch(req)
+            place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
+            if place in stored:
+                stages.done("profile")
+                return self._repeat(rules, req, stored[place], now), None
+            stages.done("profile")
+            derived = derive(profile.numeric)
+            stages.done("derive")
             model, role, shadow = resolve(models, req.customer_id)
             outcome = rules.evaluate(rules.build_fact(FactInputs(
                 numbers=np.concatenate((profile.numeric, derived)),
@@ -198,44 +227,56 @@ class DecisionEngine:
             stages.done("scoring")
             funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                       for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
-            ranked, control, presented_by = self._present(
-                rules, model, outcome, profile, candidates, propensity, req, max_actions,
-                funnel, decision_id, now, observe, explore=explore)
-            degraded_by = degraded_by or presented_by
-            explored_top = ""
-            if explore is not None and not control:
-                for a in ranked:
-                    if a.propensity > 0 or not a.reasons[0].startswith("fallback"):
-                        a.reasons.append("exploring: ranked on the model blended with a Thompson sample")
-                explored_top = "same" if (order(candidates, propensity)[0][2].action.id
-                                          == order(candidates, propensity, explore)[0][2].action.id) else "changed"
-            shadow_info = _shadow(shadow, shadow_p, candidates, ranked)
+            decision = Decision(
+                decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel, actions=[],
+                ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
+                cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
+                funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
+                preview=req.preview)
+            repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
+                                   funnel, stored, place, observe, explore)
+            if repeat is not None:  # a concurrent call of this interaction and placement decided first
+                return self._repeat(rules, req, repeat, now), None
+            if decision.degraded and degraded_by is None:
+                degraded_by = "contact_store"
+            if explore is not None and not decision.control:
+                decision.explored = True
+                decision.explored_top = "same" if (order(candidates, propensity)[0][2].action.id
+                                                   == order(candidates, propensity, explore)[0][2].action.id) else "changed"
+            for key, value in _shadow(shadow, shadow_p, candidates, decision.actions).items():
+                setattr(decision, key, value)
             stages.done("arbitration")
-            ruleset_version = rules.version
         if observe:
             for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
                                 ("lever", outcome.levers)):
                 for name in names:
                     metrics.rule_firings(kind, name).inc()
+        return decision, degraded_by
+
+    def _repeat(self, rules: CompiledRules, req: DecideInput, body: str, now: float) -> Decision:
+        """The interaction's stored decision for this placement, again: same id, actions and versions,
+        with the asking channel's treatment where the catalog has one. If it was decided on an
+        on_impression channel and is now asked on a channel that shows it (on_decide), its actions are
+        counted as seen (once: an impression per decision and action)."""
+        head, actions = interactions.read(body)
+        for a in actions:
+            action = rules.ruleset.by_id.get(a.action_id)
+            if action is not None and req.channel in action.channels:
+                a.treatment = dict(action.channels[req.channel])
+        contact = rules.ruleset.contact if self.contacts else None
+        if (not req.preview and contact is not None and head["mode"] == RESERVE
+                and contact.interactions.counts_on_decide(req.channel)):
+            for a in actions:
+                self.responses.record(head["id"], a.action_id, "impression", now)
+        funnel = [FunnelEntry(a.action_id, "ranked", f"rank {a.rank}: decided for interaction {req.interaction_id} "
+                              f"at {head['ts']:.3f} on {head['ch']}", a.propensity, a.priority)
+                  for a in actions] if req.explain else []
         return Decision(
-            decision_id=decision_id,
-            customer_id=req.customer_id,
-            channel=req.channel,
-            actions=ranked,
-            ruleset_version=ruleset_version,
-            model_version=model.version,
-            degraded=degraded_by is not None,
-            cold_start=not profile.found,
-            situations=sorted(outcome.situations),
-            decided_at=now,
-            funnel=funnel or [],
-            control=control,
-            model_role=role,
-            explored=bool(explored_top),
-            explored_top=explored_top,
-            **shadow_info,
-            features=x,
-        ), degraded_by
+            decision_id=head["id"], customer_id=req.customer_id, channel=req.channel, actions=actions,
+            ruleset_version=head["rules"], model_version=head["model"], degraded=head["degraded"],
+            cold_start=head["cold"], situations=head["situations"], decided_at=head["ts"], funnel=funnel,
+            control=head["control"], model_role=head["role"], explored=head["explored"],
+            interaction_id=req.interaction_id, repeat=True, preview=req.preview)
 
     def _explore(self, models, model: LoadedModel, rules: CompiledRules, req: DecideInput, admitted: list[int],
                  propensity: np.ndarray, now: float) -> np.ndarray | None:
@@ -246,65 +287,95 @@ class DecisionEngine:
             return None
         if not Explorer.explores(config, req.customer_id, now):
             return None
-        contact = getattr(rules.ruleset, "contact", None) if self.contacts else None
+        contact = rules.ruleset.contact if self.contacts else None
         if not config.control and contact is not None and contact.control.contains(req.customer_id):
             return None
         table = self._action_table(rules, model)
         return self.explorer.blend(config, req.customer_id, now, table.action_ids,
                                    np.asarray(admitted, dtype=np.int64), propensity)
 
-    def _contact_rules(self) -> ContactRules | None:
-        return getattr(self.rules.current.ruleset, "contact", None) if self.contacts else None
-
-    def _present(self, rules: CompiledRules, model: LoadedModel, outcome: RuleOutcome, profile: Profile,
-                 admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
-                 funnel: list[FunnelEntry] | None, decision_id: str, now: float,
-                 present: bool = True, explore: np.ndarray | None = None) -> tuple[list[RankedAction], bool, str | None]:
-        """Order the candidates (model priority, the control policy or a named ranking), drop those a
-        contact policy forbids, then keep the top N, one per group, within budgets: atomically in Redis
-        when contact policies are enforced. Returns (actions, control group, degraded_by).
-        ``present`` False (warm-up) decides without recording anything."""
-        channel = req.channel
-        contact = self._contact_rules() if self.contacts else None
-        contact = contact or (ContactRules() if self.contacts else None)
-        candidates = order(admitted, propensity, explore)
-        control = False
+    def _order(self, contact: ContactRules | None, candidates: list, req: DecideInput, profile: Profile, now: float,
+               funnel: list[FunnelEntry] | None) -> tuple[list, bool]:
+        """The candidates in the order of the service's ranking, a named ranking or the control policy.
+        The control group applies to every decision that serves a customer (inbound, and outbound started by
+        events), not to the simulation's baseline rankings."""
+        control = (contact is not None and contact.control.contains(req.customer_id)
+                   and (not req.ranking or req.ranking in self.controlled_rankings))
         if req.ranking:
             candidates = self.rankings[req.ranking](candidates, req, profile, now)
-        elif contact is not None and contact.control.contains(req.customer_id):
-            control = True
-            candidates = control_order(contact.control, candidates, req.customer_id, now)
+            if control:  # targeting (an event-triggered offer) is the policy under test: control customers don't get it
+                withheld = [c for c in candidates if c[2].action.type != "service"]
+                if funnel is not None:
+                    funnel.extend(FunnelEntry(v.action.id, "control_group", "control group: targeted offers are "
+                                              "withheld (lift measurement)", p, pr) for pr, p, v in withheld)
+                candidates = [c for c in candidates if c[2].action.type == "service"]
+        elif control:
+            candidates = control_order(cast(ContactRules, contact).control, candidates, req.customer_id, now)
+        return candidates, control
+
+    def _present(self, rules: CompiledRules, decision: Decision, outcome: RuleOutcome, profile: Profile,
+                 admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
+                 funnel: list[FunnelEntry] | None, stored: dict[str, str], place: str, observe: bool,
+                 explore: np.ndarray | None) -> str | None:
+        """Order the candidates, drop those a contact policy forbids, then keep the top N, one per group,
+        within budgets: atomically in Redis when contact policies are enforced. Fills ``decision`` (actions,
+        control, degraded); returns the stored decision instead when a concurrent call of the same
+        interaction and placement decided first."""
+        channel, now = req.channel, decision.decided_at
+        contact = (rules.ruleset.contact or ContactRules()) if self.contacts else None
+        candidates, decision.control = self._order(contact, order(admitted, propensity, explore), req, profile, now,
+                                                   funnel)
+        if stored:
+            candidates = _one_voice(candidates, interactions.tops(stored, place), req.interaction_id, funnel)
         if contact is not None and contact.quiet_hours is not None and contact.quiet_hours.quiet(channel, now):
             if funnel is not None:
                 funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {contact.quiet_hours.describe()} "
                                           f"on {channel}", p, pr) for pr, p, v in candidates)
-            if present:
+            if observe and not req.preview:
                 metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
             candidates, fallback = [], None
         else:
             fallback = fallback_action(rules, outcome, channel, funnel) if req.fallback else None
-        if contact is None or not present:
+        exploring = explore is not None and not decision.control
+        if contact is None or not observe:
             ranked = select(candidates, channel, max_actions, funnel)
             if not ranked and fallback is not None:
                 ranked = [fallback_ranked(fallback, channel)]
-            if present:
-                self._write_decision_record(decision_id, req, ranked, control, now, rules, model)
-            return ranked, control, None
-        record = {"customer": req.customer_id, "channel": channel, "control": "1" if control else "0",
-                  "ts": f"{now:.3f}", "ruleset": rules.version, "model": model.version}
-        keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision_id, now,
-                                          record, req.customer_id)
+            decision.actions = _exploring(ranked) if exploring else ranked
+            if observe and not req.preview:
+                return self._write_records(decision, req, place, (rules.ruleset.contact or ContactRules()).interactions)
+            return None
+        mode = DRY if req.preview else DECIDE if contact.interactions.counts_on_decide(channel) else RESERVE
+        record = {"customer": req.customer_id, "channel": channel, "control": "1" if decision.control else "0",
+                  "ts": f"{now:.3f}", "ruleset": rules.version, "model": decision.model_version,
+                  "counted": "1" if mode == DECIDE else "0"}
+        bodies: list[str] | None = None
+        head = ""
+        if req.interaction_id:
+            would_show = [ranked_action(v, p, priority, channel, 0) for priority, p, v in candidates]
+            if fallback is not None:
+                would_show.append(fallback_ranked(fallback, channel, count=False))
+            bodies = [interactions.action_body(a) for a in (_exploring(would_show) if exploring else would_show)]
+            head = _header(decision, mode)
+        keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision.decision_id,
+                                          now, record, req.customer_id, mode, req.interaction_id,
+                                          place[len(interactions.FIELD_PREFIX):], bodies, head)
         try:
-            verdicts, fb = self._present_script(keys=keys, args=[args])
+            reply = self._present_script(keys=keys, args=[args])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
-            log.warning("presenting decision %s failed (limits and budgets not applied): %s", decision_id, exc)
+            log.warning("presenting decision %s failed (limits and budgets not applied): %s", decision.decision_id, exc)
             ranked = select(candidates, channel, max_actions, funnel)
-            return ranked or ([fallback_ranked(fallback, channel)] if fallback else []), control, "contact_store"
+            decision.actions = ranked or ([fallback_ranked(fallback, channel)] if fallback else [])
+            decision.degraded = True
+            return None
+        verdicts, fb = reply
+        if verdicts == b"replay":
+            return fb.decode()
         ranked = []
         for (priority, p, v), verdict in zip(candidates, verdicts):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-            if verdict == "budget" or verdict.startswith("limit:"):
+            if observe and not req.preview and (verdict == "budget" or verdict.startswith("limit:")):
                 metrics.CONTACT_SUPPRESSED.labels(
                     "budget" if verdict == "budget" else limits[int(verdict.split(":")[1]) - 1].name).inc()
             if verdict == "ok":
@@ -315,19 +386,32 @@ class DecisionEngine:
                 funnel.append(FunnelEntry(v.action.id, *present_detail(verdict, v, limits, max_actions), p, priority))
         if fb and fallback is not None:
             ranked = [fallback_ranked(fallback, channel)]
-        return ranked, control, None
+        decision.actions = _exploring(ranked) if exploring else ranked
+        return None
 
-    def _write_decision_record(self, decision_id: str, req: DecideInput, ranked: list[RankedAction],
-                               control: bool, now: float, rules: CompiledRules, model: LoadedModel) -> None:
-        """Without contact enforcement the decision record is written off the hot path."""
-        if self.decision_log is None:
-            return
-        self.decision_log.write_record(decision_key(decision_id), {
-            "actions": ",".join(a.action_id for a in ranked), "groups": ",".join(a.group for a in ranked),
-            "types": ",".join(a.type for a in ranked), "values": ",".join(f"{a.value:g}" for a in ranked),
-            "customer": req.customer_id, "channel": req.channel, "control": "1" if control else "0",
-            "ts": f"{now:.3f}", "ruleset": rules.version, "model": model.version,
-        }, DECISION_TTL_DAYS * DAY_MS)
+    def _write_records(self, decision: Decision, req: DecideInput, place: str, ix: Interactions) -> str | None:
+        """Without contact enforcement: the decision record off the hot path, and the interaction's
+        decision for this placement (unless a concurrent call stored one first: then that one)."""
+        if self.decision_log is not None:
+            a = decision.actions
+            self.decision_log.write_record(decision_key(decision.decision_id), {
+                "actions": ",".join(x.action_id for x in a), "groups": ",".join(x.group for x in a),
+                "types": ",".join(x.type for x in a), "values": ",".join(f"{x.value:g}" for x in a),
+                "customer": req.customer_id, "channel": req.channel, "control": "1" if decision.control else "0",
+                "ts": f"{decision.decided_at:.3f}", "ruleset": decision.ruleset_version,
+                "model": decision.model_version, "counted": "1",
+            }, ix.accept_ms)
+        if not req.interaction_id:
+            return None
+        key = interaction_key(req.customer_id, req.interaction_id)
+        body = (f'{{"h":{_header(decision, DECIDE)},"fb":false,'
+                f'"a":[{",".join(interactions.action_body(a) for a in decision.actions)}]}}')
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.hsetnx(key, place, body)
+        pipe.hget(key, place)
+        pipe.pexpire(key, ix.window_ms)  # from the latest decision here (PRESENT: from the first)
+        first, winner, _ = pipe.execute()
+        return None if first else winner.decode()
 
     def _score(self, rules: CompiledRules, model: LoadedModel, x: np.ndarray, admitted: list[int]) -> np.ndarray:
         """Propensity of every admitted action in one call of the model bound to the catalog: the
@@ -337,6 +421,11 @@ class DecisionEngine:
         return self._scorer(rules, model).predict(x, np.asarray(admitted, dtype=np.int64))
 
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
+        """Metrics and the decision log; a repeat or a preview is not a new decision."""
+        if decision.repeat or decision.preview:
+            metrics.interaction_decisions("repeat" if decision.repeat else "preview").inc()
+            return
+        metrics.interaction_decisions("new").inc()
         metrics.decisions(decision.channel).inc()
         metrics.model_decisions(decision.model_version, decision.model_role).inc()
         if decision.explored:
@@ -353,6 +442,7 @@ class DecisionEngine:
                 "customer_id": decision.customer_id,
                 "channel": decision.channel,
                 "touchpoint": req.touchpoint,
+                **({"interaction_id": req.interaction_id} if req.interaction_id else {}),
                 "actions": ",".join(a.action_id for a in decision.actions),
                 "types": ",".join(a.type for a in decision.actions),
                 "values": ",".join(f"{a.value:g}" for a in decision.actions),
@@ -370,6 +460,41 @@ class DecisionEngine:
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
             })
+
+
+EXPLORING = "exploring: ranked on the model blended with a Thompson sample"
+
+
+def _exploring(ranked: list[RankedAction]) -> list[RankedAction]:
+    for a in ranked:
+        if a.propensity > 0 or not a.reasons[0].startswith("fallback"):
+            a.reasons.append(EXPLORING)
+    return ranked
+
+
+def _header(decision: Decision, mode: str) -> str:
+    return interactions.header(
+        id=decision.decision_id, rules=decision.ruleset_version, model=decision.model_version,
+        role=decision.model_role, ch=decision.channel, mode=mode, ts=decision.decided_at, cold=decision.cold_start,
+        degraded=decision.degraded, situations=decision.situations, control=decision.control,
+        explored=decision.explored)
+
+
+def _one_voice(candidates: list, tops: dict[str, str], interaction_id: str, funnel: list[FunnelEntry] | None) -> list:
+    """Drop the rivals of what earlier placements of this interaction put on top: another action of the
+    same group (another price of the same offer family) would contradict what the customer was told."""
+    if not tops:
+        return candidates
+    kept = []
+    for c in candidates:
+        action = c[2].action
+        top = tops.get(action.group)
+        if top is None or top == action.id:
+            kept.append(c)
+        elif funnel is not None:
+            funnel.append(FunnelEntry(action.id, "one_voice", f"interaction {interaction_id} already offers {top} "
+                                      f"of group {action.group}", c[1], c[0]))
+    return kept
 
 
 def _shadow(shadow: LoadedModel | None, shadow_p: np.ndarray | None, admitted: list[ActionVerdict],

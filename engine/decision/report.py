@@ -2,9 +2,25 @@
 control group, from the decision and response streams.
 
 A decision's value is the summed value of its accepted actions (each (decision, action) accepted once,
-however often the acceptance was recorded). Lift compares the mean value per decision of the decision
-policy with the control group's: ratio - 1, with a 95% confidence interval from the delta method on the
-log of the ratio of two independent means (normal approximation; fine for hundreds of decisions).
+however often the acceptance was recorded). Lift compares the accepted value per decision of the decision
+policy with the control group's: ratio - 1.
+
+The unit of assignment to the control group is the customer (a stable hash of the customer id), and one
+customer's decisions are correlated, so the interval treats customers, not decisions, as independent:
+
+- decisions are grouped into clusters by (customer, arm); a customer found in both arms (the control share
+  changed) is two clusters, one per arm;
+- each arm's value per decision is the ratio estimator r = sum(v_i) / sum(n_i) over its K customers
+  (v_i: customer i's accepted value, n_i: its decisions), with the cluster-robust linearised variance
+  var(r) = s^2(v_i - r n_i) / (mean(n)^2 K) (s^2: sample variance over customers, ddof 1);
+- the 95% CI of the lift is the delta method on log(r_policy / r_control), the two arms independent
+  (normal approximation); the difference per 1,000 decisions gets the same clustered variances;
+- optionally (``bootstrap`` > 0, ``nba report --bootstrap N``) a cross-check: customers resampled with
+  replacement within each arm, percentile 95% CI of the lift.
+
+With one decision per customer this is the usual two-sample interval; with m identical decisions per
+customer it is sqrt(m) wider than treating the decisions as independent would give. Decisions logged
+without a customer id count as their own customer.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ class Tally:
 @dataclass
 class Arm:
     values: list[float] = field(default_factory=list)
+    customers: list[str] = field(default_factory=list)  # the customer of each decision (the cluster)
     tally: Tally = field(default_factory=Tally)
 
     def summary(self) -> dict:
@@ -62,32 +79,101 @@ def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000):
             return
 
 
-def lift_interval(treated: np.ndarray, control: np.ndarray) -> dict:
-    """Lift of mean(treated) over mean(control), as ratio - 1 with a 95% CI (delta method on the log)."""
-    nt, nc = len(treated), len(control)
-    if nt < 2 or nc < 2:
-        return {"lift": None, "ci95": None, "note": "needs at least 2 decisions in each group"}
-    mt, mc = float(treated.mean()), float(control.mean())
+def cluster_totals(values: np.ndarray, customers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-customer totals (value, decisions) of per-decision ``values`` grouped by ``customers`` (any codes or
+    ids, one per decision; None: every decision is its own customer). Customers are in the order of np.unique."""
+    values = np.asarray(values, dtype=float)
+    if customers is None:
+        return values, np.ones(len(values))
+    _, codes = np.unique(np.asarray(customers), return_inverse=True)
+    codes = codes.ravel()
+    k = int(codes.max()) + 1 if len(codes) else 0
+    return np.bincount(codes, weights=values, minlength=k), np.bincount(codes, minlength=k).astype(float)
+
+
+def _ratio_and_variance(v: np.ndarray, n: np.ndarray) -> tuple[float, float]:
+    """Ratio estimator sum(v) / sum(n) over customers and its customer-clustered (linearised) variance."""
+    k = len(v)
+    r = float(v.sum() / n.sum())
+    residual = v - r * n
+    return r, float(residual.var(ddof=1) / (n.mean() ** 2 * k))
+
+
+def bootstrap_lifts(treated: tuple[np.ndarray, np.ndarray], control: tuple[np.ndarray, np.ndarray],
+                    resamples: int, seed: int = 0, chunk: int = 1_000_000) -> np.ndarray:
+    """Lifts (ratio - 1) of ``resamples`` bootstrap replicates: the customers of each arm (per-customer totals
+    (value, decisions)) resampled with replacement within the arm. Vectorised over blocks of replicates of about
+    ``chunk`` drawn customers each (memory stays ~ 8 * chunk bytes per array)."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for v, n in (treated, control):
+        k = len(v)
+        per_block = max(1, chunk // max(k, 1))
+        r = np.empty(resamples)
+        for start in range(0, resamples, per_block):
+            stop = min(resamples, start + per_block)
+            idx = rng.integers(0, k, size=(stop - start, k))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r[start:stop] = v[idx].sum(axis=1) / n[idx].sum(axis=1)
+        ratios.append(r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ratios[0] / ratios[1] - 1
+
+
+def lift_from_totals(treated: tuple[np.ndarray, np.ndarray], control: tuple[np.ndarray, np.ndarray],
+                     bootstrap: int = 0, seed: int = 0) -> dict:
+    """Lift of the policy's value per decision over control's, from per-customer totals (value, decisions) of
+    each arm: ratio - 1 with a customer-clustered 95% CI (delta method on the log of the ratio of two ratio
+    estimators), the difference per 1,000 decisions with its CI, and optionally a customer bootstrap CI."""
+    (tv, tn), (cv, cn) = ((np.asarray(a, dtype=float), np.asarray(b, dtype=float)) for a, b in (treated, control))
+    kt, kc = len(tv), len(cv)
+    base: dict = {"customers": {"decision_policy": kt, "control": kc}, "unit": "customer"}
+    if kt < 2 or kc < 2:
+        return {"lift": None, "ci95": None, "note": "needs at least 2 customers in each arm"} | base
+    (mt, var_t), (mc, var_c) = _ratio_and_variance(tv, tn), _ratio_and_variance(cv, cn)
     if mt <= 0 or mc <= 0:
-        return {"lift": None, "ci95": None, "note": "no accepted value in one group"}
-    se = math.sqrt(treated.var(ddof=1) / (nt * mt * mt) + control.var(ddof=1) / (nc * mc * mc))
+        return {"lift": None, "ci95": None, "note": "no accepted value in one arm"} | base
+    se = math.sqrt(var_t / (mt * mt) + var_c / (mc * mc))
     ratio = mt / mc
-    diff_se = math.sqrt(treated.var(ddof=1) / nt + control.var(ddof=1) / nc)
-    return {
+    diff_se = math.sqrt(var_t + var_c)
+    out = {
         "lift": round(ratio - 1, 4),
         "ci95": [round(ratio * math.exp(-Z95 * se) - 1, 4), round(ratio * math.exp(Z95 * se) - 1, 4)],
         "ratio": round(ratio, 3),
         "value_per_1000_difference": round(1000 * (mt - mc), 1),
         "value_per_1000_difference_ci95": [round(1000 * (mt - mc - Z95 * diff_se), 1),
                                            round(1000 * (mt - mc + Z95 * diff_se), 1)],
-    }
+    } | base
+    if bootstrap > 0:
+        lifts = bootstrap_lifts((tv, tn), (cv, cn), bootstrap, seed)
+        # a replicate whose control drew no value has an infinite lift (kept: it is the top of the distribution,
+        # so an infinite upper bound shows as None); one where neither arm drew value has none (dropped)
+        lifts = lifts[~np.isnan(lifts)]
+        if len(lifts):
+            ends = np.quantile(lifts, [0.025, 0.975], method="inverted_cdf")
+            out["bootstrap_ci95"] = [round(float(e), 4) if np.isfinite(e) else None for e in ends]
+        else:
+            out["bootstrap_ci95"] = None
+        out["bootstrap_resamples"] = bootstrap
+    return out
+
+
+def lift_interval(treated: np.ndarray, control: np.ndarray, treated_customers: np.ndarray | None = None,
+                  control_customers: np.ndarray | None = None, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Lift of the policy's value per decision over control's from per-decision values of each arm and the
+    customer (any id or code) of each decision: ratio - 1 with a 95% CI clustered by customer (see the module
+    docstring). Without customers every decision counts as its own customer (the independent-decisions CI)."""
+    return lift_from_totals(cluster_totals(treated, treated_customers), cluster_totals(control, control_customers),
+                            bootstrap=bootstrap, seed=seed)
 
 
 def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "",
-                 values: dict[str, float] | None = None, types: dict[str, str] | None = None) -> dict:
-    """The report over decisions logged from stream id ``since`` (and responses to them)."""
+                 values: dict[str, float] | None = None, types: dict[str, str] | None = None,
+                 bootstrap: int = 0, seed: int = 0) -> dict:
+    """The report over decisions logged from stream id ``since`` (and responses to them); ``bootstrap`` > 0
+    adds a customer-bootstrap CI of the lift from that many resamples (seeded with ``seed``)."""
     values, types = values or {}, types or {}
-    decisions: dict[str, tuple[list[str], list[str], list[float], bool]] = {}
+    decisions: dict[str, tuple[list[str], list[str], list[float], bool, str]] = {}
     models: dict[str, dict[str, int]] = {}  # model version (role) -> decisions, of which explored
     for _, d in _read(client, DECISIONS_STREAM, since):
         if customer_prefix and not d.get("customer_id", "").startswith(customer_prefix):
@@ -96,7 +182,8 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         kinds = d.get("types", "").split(",") if d.get("types") else [types.get(a, "?") for a in actions]
         vals = ([float(x) for x in d["values"].split(",")] if d.get("values")
                 else [values.get(a, 0.0) for a in actions])
-        decisions[d["decision_id"]] = (actions, kinds, vals, d.get("control") == "1")
+        customer = d.get("customer_id") or f"decision:{d['decision_id']}"  # no customer id: its own cluster
+        decisions[d["decision_id"]] = (actions, kinds, vals, d.get("control") == "1", customer)
         model = models.setdefault(f"{d.get('model_version', '?')} ({d.get('model_role') or 'champion'})",
                                   {"decisions": 0, "explored": 0})
         model["decisions"] += 1
@@ -108,7 +195,7 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
     by_action: dict[str, Tally] = {}
     by_type: dict[str, Tally] = {}
     arms = {"decision_policy": Arm(), "control": Arm()}
-    for decision_id, (actions, kinds, vals, is_control) in decisions.items():
+    for decision_id, (actions, kinds, vals, is_control, customer) in decisions.items():
         arm = arms["control" if is_control else "decision_policy"]
         total = 0.0
         for action_id, kind, value in zip(actions, kinds, vals):
@@ -119,8 +206,10 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
                 tally.value += value if hit else 0.0
             total += value if hit else 0.0
         arm.values.append(total)
-    treated = np.asarray(arms["decision_policy"].values)
-    control = np.asarray(arms["control"].values)
+        arm.customers.append(customer)
+    treated, control = arms["decision_policy"], arms["control"]
+    lift = lift_interval(np.asarray(treated.values), np.asarray(control.values), np.asarray(treated.customers),
+                         np.asarray(control.customers), bootstrap=bootstrap, seed=seed)
     return {
         "since": since,
         "decisions": len(decisions),
@@ -128,7 +217,7 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         "by_action": {a: t.row() for a, t in sorted(by_action.items(), key=lambda kv: -kv[1].value)},
         "by_type": {k: t.row() for k, t in sorted(by_type.items(), key=lambda kv: -kv[1].value)},
         "policy": {name: arm.summary() for name, arm in arms.items()},
-        "lift": lift_interval(treated, control),
+        "lift": lift,
         "models": models,
         "exploration": {"decisions": (explored := sum(m["explored"] for m in models.values())),
                         "share": explored / len(decisions) if decisions else 0.0},
@@ -143,10 +232,11 @@ def format_report(report: dict) -> str:
         for name, r in rows.items():
             lines.append(f"{name:32} {r['presented']:>10} {r['accepted']:>9} {r['acceptance_rate']:>7.2%} "
                          f"{r['value']:>12,.0f}")
-    lines += ["", f"{'policy':32} {'decisions':>10} {'accepted':>9} {'rate':>7} {'value/1000 dec':>15}"]
+    customers = report["lift"].get("customers", {})
+    lines += ["", f"{'policy':32} {'customers':>10} {'decisions':>10} {'accepted':>9} {'rate':>7} {'value/1000 dec':>15}"]
     for name, r in report["policy"].items():
-        lines.append(f"{name:32} {r['decisions']:>10} {r['accepted']:>9} {r['acceptance_rate']:>7.2%} "
-                     f"{r['value_per_1000_decisions']:>15,.1f}")
+        lines.append(f"{name:32} {customers.get(name, ''):>10} {r['decisions']:>10} {r['accepted']:>9} "
+                     f"{r['acceptance_rate']:>7.2%} {r['value_per_1000_decisions']:>15,.1f}")
     lines += ["", f"{'model (role)':32} {'decisions':>10} {'explored':>9}"]
     for name, m in report["models"].items():
         lines.append(f"{name:32} {m['decisions']:>10} {m['explored']:>9}")
@@ -159,5 +249,10 @@ def format_report(report: dict) -> str:
         dlo, dhi = lift["value_per_1000_difference_ci95"]
         lines.append(f"lift over control: {lift['lift']:+.1%} accepted value per decision "
                      f"(95% CI {lo:+.1%} .. {hi:+.1%}); x{lift['ratio']:.2f}; "
-                     f"{lift['value_per_1000_difference']:+,.1f} per 1,000 decisions (95% CI {dlo:+,.1f} .. {dhi:+,.1f})")
+                     f"{lift['value_per_1000_difference']:+,.1f} per 1,000 decisions (95% CI {dlo:+,.1f} .. {dhi:+,.1f}); "
+                     f"CIs clustered by customer")
+        if lift.get("bootstrap_resamples"):
+            ci = lift.get("bootstrap_ci95") or [None, None]
+            text = " .. ".join("n/a" if end is None else f"{end:+.1%}" for end in ci)
+            lines.append(f"  customer bootstrap ({lift['bootstrap_resamples']:,} resamples): 95% CI {text}")
     return "\n".join(lines)

@@ -31,6 +31,8 @@ class DecideInput:
     explain: bool = False
     ranking: str = ""  # "": the service's (ranked, or the control policy); else DecisionEngine.rankings[name]
     fallback: bool = True  # False: an empty answer rather than the fallback action (outbound from events)
+    interaction_id: str = ""  # the same customer + interaction id + placement gets the same decision back
+    preview: bool = False  # decide without side effects: no impression, budget, record or log
 
 
 def validate(req: DecideInput) -> int:
@@ -45,6 +47,9 @@ def validate(req: DecideInput) -> int:
         raise InvalidRequest(
             "max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})"
         )
+    if req.interaction_id and (len(req.interaction_id) > MAX_ID_LENGTH
+                               or any(c in req.interaction_id for c in "{}\n\r\t |")):
+        raise InvalidRequest("interaction_id", f"at most {MAX_ID_LENGTH} characters, no spaces, braces or '|'")
     if len(req.touchpoint) > 256:
         raise InvalidRequest("touchpoint", "at most 256 characters")
     if len(req.context) > 64:

@@ -1,29 +1,46 @@
 """Recording a response: checked against the decision that presented the action, stored once.
 
-``record_response`` reads the decision record (``nba:decision:<id>``, written when the decision
-presented its actions), then one Lua script appends the response to ``nba:stream:responses`` (what
-training and ``nba report`` read) and updates the customer's contact history (a rejection starts the
-cool-down), unless the same (decision, action, outcome) was recorded before: then it returns the first
-recording's stream id and changes nothing.
+``record`` reads the decision record (``nba:decision:<id>``, written when the decision presented its
+actions, kept for the contact configuration's ``responses: accept_days``), checks the timestamp (at
+most ``future_skew_seconds`` ahead of the server clock, not before the decision), then one Lua script
+appends the response to ``nba:stream:responses`` (what training and ``nba report`` read) and updates
+the customer's contact history (a rejection starts the cool-down; on an ``on_impression`` channel the
+impression is counted now and its reserved budget unit kept), unless the same (decision, action,
+outcome) was recorded before: then it returns the first recording's stream id and changes nothing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, cast
 
 import redis
 
-from engine.decision.contact import RESPOND, contacts_key, decision_key
+from engine import metrics
+from engine.decision.contact import (
+    RESERVATIONS_KEY,
+    RESPOND,
+    contacts_key,
+    decided_at,
+    decision_key,
+    reservation_member,
+)
+from engine.decision.request import InvalidRequest
 from engine.errors import NbaError
-from engine.rules.contact import DAY_MS
+from engine.rules.contact import DAY_MS, ContactRules
 from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN
 
+if TYPE_CHECKING:
+    from engine.live import Live
+    from engine.rules.runtime import CompiledRules
+
 OUTCOMES = ("impression", "clicked", "accepted", "rejected", "ignored")
-# Outcomes that enter the contact history (impressions are recorded when the decision presents).
-_CONTACT_KIND = {"rejected": "r", "accepted": "a"}
-HISTORY_KEEP_MS = 90 * DAY_MS
+# Outcomes that enter the contact history (impressions: on on_impression channels; elsewhere deciding counted them).
+_CONTACT_KIND = {"rejected": "r", "accepted": "a", "impression": "i"}
+BEFORE_DECISION_TOLERANCE = 1.0  # seconds a response may seem to precede its decision (clocks of two systems)
 
 
 class NotFound(NbaError, LookupError):
@@ -41,20 +58,45 @@ class Recorded:
     customer_id: str = ""
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class ResponseRecorder:
-    def __init__(self, client: redis.Redis, stream: str = RESPONSES_STREAM) -> None:
+    """``rules``: the live rule set, whose contact.yaml says how long responses are accepted and how far
+    ahead they may be dated (defaults without it)."""
+
+    def __init__(self, client: redis.Redis, rules: Live[CompiledRules] | None = None, stream: str = RESPONSES_STREAM,
+                 clock: Callable[[], float] = time.time) -> None:
         self.client = client
+        self.rules = rules
         self.stream = stream
+        self.clock = clock
         self._script = client.register_script(RESPOND)
+
+    def _contact(self) -> ContactRules:
+        contact = self.rules.current.ruleset.contact if self.rules is not None else None
+        return contact or ContactRules()
 
     def record(self, decision_id: str, action_id: str, outcome: str, ts: float | None = None) -> Recorded:
         if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {OUTCOMES}")
-        ts = time.time() if ts is None else ts
+            raise InvalidRequest("outcome", f"must be one of {', '.join(OUTCOMES)}")
+        contact, now = self._contact(), self.clock()
+        ix = contact.interactions
+        ts = now if ts is None else ts
+        if ts > now + ix.future_skew_seconds:
+            raise InvalidRequest("timestamp", f"{_iso(ts)} is {ts - now:,.0f} s ahead of the server clock "
+                                              f"(at most {ix.future_skew_seconds:g} s)")
         key = decision_key(decision_id)
         raw = {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
         if not raw or "customer" not in raw:
-            raise NotFound("decision_id", f"no decision {decision_id} (unknown or older than its retention)")
+            made = decided_at(decision_id)
+            if made is not None and now - made > ix.accept_days * 86_400:
+                raise NotFound("decision_id", f"decision {decision_id} of {_iso(made)} has expired: responses are "
+                                              f"accepted for {ix.accept_days:g} days (contact.yaml responses.accept_days)")
+            raise NotFound("decision_id", f"no decision {decision_id}")
+        if ts < float(raw.get("ts") or 0) - BEFORE_DECISION_TOLERANCE:
+            raise InvalidRequest("timestamp", f"{_iso(ts)} is before the decision ({_iso(float(raw['ts']))})")
         actions = raw.get("actions", "").split(",") if raw.get("actions") else []
         if action_id not in actions:
             raise NotFound("action_id", f"{action_id} was not presented in decision {decision_id}")
@@ -66,9 +108,11 @@ class ResponseRecorder:
 
         group, kind, value = at("groups"), at("types"), at("values")
         customer, channel = raw["customer"], raw.get("channel", "")
-        member = ""
-        if outcome in _CONTACT_KIND:
+        member, reserved = "", ""
+        if outcome in _CONTACT_KIND and not (outcome == "impression" and raw.get("counted", "1") == "1"):
             member = f"{_CONTACT_KIND[outcome]}|{action_id}|{group}|{kind}|{channel}|{decision_id}"
+        if outcome == "impression" and raw.get("counted") == "0" and at("budgets"):
+            reserved = reservation_member(decision_id, action_id, at("budgets"))
         fields = {
             "decision_id": decision_id, "action_id": action_id, "outcome": outcome, "ts": f"{ts:.3f}",
             "customer_id": customer, "channel": channel, "action_type": kind, "group": group, "value": value,
@@ -76,8 +120,11 @@ class ResponseRecorder:
             "ruleset_version": raw.get("ruleset", ""), "model_version": raw.get("model", ""),
         }
         flat = [x for kv in fields.items() for x in kv]
-        first, entry = self._script(
-            keys=[key, contacts_key(customer), self.stream],
-            args=[f"r:{action_id}:{outcome}", member, int(ts * 1000), HISTORY_KEEP_MS, STREAM_MAXLEN, *flat],
+        keep_ms = max(int(contact.history_days * DAY_MS), DAY_MS)
+        first, entry, late = self._script(
+            keys=[key, contacts_key(customer), self.stream, RESERVATIONS_KEY],
+            args=[f"r:{action_id}:{outcome}", member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, *flat],
         )
+        if late:
+            metrics.RESERVATIONS.labels("late").inc()
         return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first), customer)

@@ -11,14 +11,25 @@
 4. A matched pattern with ``outbound`` runs a real decision for that customer on the outbound channel,
    aimed at that action (rules, consent, contact policies, quiet hours, budgets: the decision
    funnel's own), and writes what was presented to ``nba:stream:outbound``, or counts why not.
+   Quiet hours postpone it rather than drop it: a timer in ``nba:timers`` (``"k": "outbound"``)
+   re-runs the decision at the window's end with the rules, consent, policies and budgets of then,
+   unless the pattern's trigger expires first (then it is suppressed and nothing is scheduled).
+
+An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``;
+a postponed run leaves ``postponed`` only in the script that also writes the stream entry or the
+next timer, so it sends at most once however often its timer runs, and a run that dies before that
+script leaves ``postponed`` for the timer's retry. A run claim (``:run``, ``OUTBOUND_RUN_MS``) keeps
+two pollers from deciding it at the same time.
 
 Key layout added here (all customer keys carry the customer's hash tag):
 
 - ``nba:{c:<id>}:events``    sorted set: event JSON by event time (ms); newest ``MAX_HISTORY_EVENTS``
                              within the longest pattern window (at least a day)
 - ``nba:{c:<id>}:event_ids`` sorted set: event ids seen, by arrival time (dedupe window)
-- ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound already started (timers may re-run)
-- ``nba:timers``             sorted set: absence timers by due time (see ``engine/events/timers.py``)
+- ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound's state: 1 | sent | done | postponed
+- ``nba:{c:<id>}:outbound:<pattern>:<event id>:run``  the claim of a postponed run (short-lived)
+- ``nba:timers``             sorted set: absence timers and postponed outbound actions by due time
+                             (see ``engine/events/timers.py``)
 - ``nba:stream:outbound``    outbound actions for sending systems
 """
 
@@ -27,17 +38,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
 from engine import metrics
 from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
+from engine.errors import NbaError
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, triggers_key
 
 if TYPE_CHECKING:
-    from engine.decision.funnel import DecisionEngine
+    from engine.decision.funnel import Decision, DecisionEngine
     from engine.live import Live
     from engine.rules.runtime import CompiledRules
     from engine.store.profiles import ProfileStore
@@ -50,6 +64,10 @@ DEDUPE_MS = 7 * 86_400_000  # a replay within a week of the first arrival counts
 FUTURE_SKEW_MS = 5 * 60_000  # event times may be at most this far ahead of the server clock
 OUTBOUND_CONTEXT = "outbound_action"  # DecideInput.context key: the action an outbound decision aims at
 OUTBOUND_RANKING = "outbound"
+OUTBOUND_TIMER = "outbound"  # the "k" of a postponed outbound's timer member (absence timers have none)
+OUTBOUND_KEEP_MS = 30 * 86_400_000  # an outbound's state key lives this long after its last change
+OUTBOUND_RUN_MS = 30_000  # a postponed run's claim; a run that died is retried after the timer's lease
+STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound's state key
 
 # KEYS: history, ids, log stream. ARGV: event id, event time ms, history member, now ms, keep ms,
 # max events, dedupe ms, read from ms, stream maxlen, then the log entry's fields.
@@ -100,6 +118,29 @@ end
 return cleared
 """
 
+# An outbound's state change, and what goes with it, only from the state the caller saw. KEYS: state,
+# run claim, timers, outbound stream. ARGV: expected state, new state, keep ms, run token ('' none),
+# timer member ('' none), due ms, stream maxlen, then the outbound entry's fields (none: no entry).
+# Returns 1, or 0 (state changed meanwhile: nothing done). The run claim is released if it is ours.
+_SETTLE = """
+if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5]) end
+if #ARGV > 7 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 8)) end
+return 1
+"""
+
+# KEYS[1] a run claim; ARGV[1] its token. Releases the claim if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class OutboundBusy(NbaError):
+    """Another worker is running this postponed outbound right now; the timer is retried after its lease."""
+
 
 def events_key(customer_id: str) -> str:
     return f"nba:{{c:{customer_id}}}:events"
@@ -118,7 +159,7 @@ class OutboundResult:
     action_id: str
     channel: str
     pattern: str
-    status: str  # sent | suppressed
+    status: str  # sent | suppressed | postponed (quiet hours: a timer re-runs it when they end)
     decision_id: str = ""
     reason: str = ""
 
@@ -152,6 +193,8 @@ class EventProcessor:
         self.clock = clock
         self._ingest = self.client.register_script(_INGEST)
         self._apply_script = self.client.register_script(_APPLY)
+        self._settle_script = self.client.register_script(_SETTLE)
+        self._release_script = self.client.register_script(_RELEASE)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
 
     # --- ingestion --------------------------------------------------------------------------------
@@ -236,7 +279,7 @@ class EventProcessor:
             metrics.trigger_changes(name, "cleared").inc()
         for f in firings:
             if f.pattern.outbound is not None:
-                out.outbound.append(self.outbound(customer_id, f.pattern, f.event_id))
+                out.outbound.append(self.outbound(customer_id, f.pattern, f.event_id, now_ms))
 
     # --- responses and timers -----------------------------------------------------------------------
     def on_response(self, customer_id: str, action_id: str, outcome: str) -> list[str]:
@@ -251,8 +294,14 @@ class EventProcessor:
         return names
 
     def on_timer(self, member: str) -> Processed:
-        """An absence timer at its due time: fire its pattern unless the missing event came."""
+        """A timer at its due time: an absence timer fires its pattern unless the missing event came; a
+        postponed outbound is decided again (``OutboundBusy`` when another worker is deciding it)."""
         started = time.perf_counter()
+        fields = json.loads(member)
+        if fields.get("k") == OUTBOUND_TIMER:
+            out = self._postponed(fields)
+            metrics.EVENT_SECONDS.labels("timer").observe(time.perf_counter() - started)
+            return out
         customer_id, timer = parse_timer(member)
         out = Processed()
         with self.rules.use() as rules:
@@ -268,39 +317,143 @@ class EventProcessor:
         return out
 
     # --- outbound -----------------------------------------------------------------------------------
-    def outbound(self, customer_id: str, pattern: Pattern, event_id: str) -> OutboundResult:
+    def outbound(self, customer_id: str, pattern: Pattern, event_id: str, fired_ms: int | None = None) -> OutboundResult:
         """Decide for ``customer_id`` on the pattern's outbound channel, aimed at its action; write what
-        was presented to the outbound stream. At most once per (pattern, event); ``pattern.outbound`` is set."""
+        was presented to the outbound stream, or postpone it to the end of quiet hours. At most once per
+        (pattern, event); ``pattern.outbound`` is set. ``fired_ms``: when the pattern matched (its
+        trigger expires ``pattern.ttl_ms`` later; default now)."""
         spec = cast(Outbound, pattern.outbound)
         result = OutboundResult(spec.action, spec.channel, pattern.name, "suppressed")
-        if not self.client.set(outbound_key(customer_id, pattern.name, event_id), "1", nx=True, px=30 * 86_400_000):
-            result.reason = "already sent for this event"
+        key = outbound_key(customer_id, pattern.name, event_id)
+        if not self.client.set(key, STARTED, nx=True, px=OUTBOUND_KEEP_MS):
+            result.reason = ("already postponed for this event" if self._state(key) == POSTPONED
+                             else "already sent for this event")
             return result
+        fired_ms = int(self.clock() * 1000) if fired_ms is None else fired_ms
+        expires_ms = fired_ms + pattern.ttl_ms if pattern.trigger and pattern.ttl_ms > 0 else 0
         try:
-            decision = self.engine.decide(DecideInput(
-                customer_id=customer_id, channel=spec.channel, touchpoint=f"outbound:{pattern.name}",
-                context={OUTBOUND_CONTEXT: spec.action}, max_actions=1, explain=True,
-                ranking=OUTBOUND_RANKING, fallback=False))
+            decision = self._decide_outbound(customer_id, pattern.name, spec)
         except Exception:  # not decided: a later run of the same timer may try again
-            self.client.delete(outbound_key(customer_id, pattern.name, event_id))
+            self.client.delete(key)
             raise
+        return self._settle(customer_id, pattern.name, event_id, spec, decision, result, STARTED, expires_ms, 1)
+
+    def _state(self, key: str) -> str | None:
+        value = self.client.get(key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def _decide_outbound(self, customer_id: str, pattern: str, spec: Outbound) -> Decision:
+        return self.engine.decide(DecideInput(
+            customer_id=customer_id, channel=spec.channel, touchpoint=f"outbound:{pattern}",
+            context={OUTBOUND_CONTEXT: spec.action}, max_actions=1, explain=True,
+            ranking=OUTBOUND_RANKING, fallback=False))
+
+    def _settle(self, customer_id: str, pattern: str, event_id: str, spec: Outbound, decision: Decision,
+                result: OutboundResult, expected: str, expires_ms: int, attempt: int, token: str = "") -> OutboundResult:
+        """Send, postpone or suppress what ``decision`` says, moving the outbound's state from ``expected``."""
         if decision.actions and decision.actions[0].action_id == spec.action:
             action = decision.actions[0]
-            self.store.append(OUTBOUND_STREAM, {
-                "decision_id": decision.decision_id, "customer_id": customer_id, "action_id": spec.action,
-                "channel": spec.channel, "pattern": pattern.name, "event_id": event_id,
-                "treatment": json.dumps(action.treatment, sort_keys=True), "ts": f"{decision.decided_at:.3f}",
-                "ruleset_version": decision.ruleset_version,
-            })
+            entry = {"decision_id": decision.decision_id, "customer_id": customer_id, "action_id": spec.action,
+                     "channel": spec.channel, "pattern": pattern, "event_id": event_id,
+                     "treatment": json.dumps(action.treatment, sort_keys=True), "ts": f"{decision.decided_at:.3f}",
+                     "ruleset_version": decision.ruleset_version}
+            if not self._change(customer_id, pattern, event_id, expected, SENT, token, entry=entry):
+                result.reason = "already sent for this event"
+                return result
             result.status, result.decision_id = "sent", decision.decision_id
-            metrics.OUTBOUND.labels(pattern.name, "sent", "").inc()
+            metrics.OUTBOUND.labels(pattern, "sent", "").inc()
             return result
-        entry = next((f for f in decision.funnel if f.action_id == spec.action and f.stage != "ranked"), None)
-        stage = entry.stage if entry is not None else "not_ranked"
-        result.reason = f"{stage}: {entry.detail}" if entry is not None else "not ranked"
-        metrics.OUTBOUND.labels(pattern.name, "suppressed", stage).inc()
+        found = next((f for f in decision.funnel if f.action_id == spec.action and f.stage != "ranked"), None)
+        stage = found.stage if found is not None else "not_ranked"
+        result.reason = f"{stage}: {found.detail}" if found is not None else "not ranked"
+        if found is not None and found.stage == "quiet_hours":
+            with self.rules.use() as rules:
+                contact = rules.ruleset.contact
+                quiet = contact.quiet_hours if contact is not None else None
+            window = f"quiet hours {quiet.describe()} on {spec.channel}" if quiet is not None else found.detail
+            # the funnel's clock decided it was quiet: the window it is in ends then (now if another
+            # rule set has no such window: the timer runs at once, on the rules of then)
+            due_ms = round((quiet.ends_after(decision.decided_at) if quiet is not None else decision.decided_at) * 1000)
+            if expires_ms and expires_ms <= due_ms:
+                result.reason = (f"{window} until {_utc(due_ms)}: the trigger's time to live ends first "
+                                 f"({_utc(expires_ms)}), not postponed")
+                stage = "quiet_hours_ttl"
+            else:
+                member = outbound_timer_member(customer_id, pattern, event_id, expires_ms, due_ms, attempt)
+                if not self._change(customer_id, pattern, event_id, expected, POSTPONED, token, member, due_ms):
+                    result.reason = "already sent for this event"
+                    return result
+                result.status, result.reason = "postponed", f"{window}: postponed to {_utc(due_ms)}"
+                metrics.OUTBOUND.labels(pattern, "postponed", "quiet_hours").inc()
+                log.info("outbound %s for %s %s", spec.action, customer_id, result.reason)
+                return result
+        if not self._change(customer_id, pattern, event_id, expected, DONE, token):
+            result.reason = "already sent for this event"
+            return result
+        metrics.OUTBOUND.labels(pattern, "suppressed", stage).inc()
         log.info("outbound %s for %s suppressed (%s)", spec.action, customer_id, result.reason)
         return result
+
+    def _change(self, customer_id: str, pattern: str, event_id: str, expected: str, state: str, token: str,
+                member: str = "", due_ms: int = 0, entry: dict[str, str] | None = None) -> bool:
+        key = outbound_key(customer_id, pattern, event_id)
+        fields = [x for kv in (entry or {}).items() for x in kv]
+        return bool(self._settle_script(keys=[key, f"{key}:run", TIMERS_KEY, OUTBOUND_STREAM],
+                                        args=[expected, state, OUTBOUND_KEEP_MS, token, member, due_ms,
+                                              STREAM_MAXLEN, *fields]))
+
+    def _postponed(self, timer: dict[str, Any]) -> Processed:
+        """A postponed outbound at the end of its quiet hours: decide again, on the rules of now."""
+        customer_id, name, event_id = timer["c"], timer["p"], timer["e"]
+        expires_ms, attempt = int(timer.get("x") or 0), int(timer.get("n") or 1)
+        out = Processed()
+        key = outbound_key(customer_id, name, event_id)
+        if self._state(key) != POSTPONED:
+            return out  # sent, suppressed or expired meanwhile (an earlier run of this timer)
+        token = uuid.uuid4().hex
+        if not self.client.set(f"{key}:run", token, nx=True, px=OUTBOUND_RUN_MS):
+            raise OutboundBusy(f"postponed outbound {name} for {customer_id} ({event_id}) is being decided elsewhere")
+        try:
+            with self.rules.use() as rules:
+                events = rules.ruleset.events
+                pattern = next((p for p in events.patterns if p.name == name), None) if events is not None else None
+            spec = pattern.outbound if pattern is not None else None
+            if spec is None:
+                result = OutboundResult("", "", name, "suppressed", reason=f"pattern {name} has no outbound action any more")
+                stage = "pattern"
+            else:
+                result = OutboundResult(spec.action, spec.channel, name, "suppressed")
+                now_ms = int(self.clock() * 1000)
+                if expires_ms and now_ms >= expires_ms:
+                    result.reason = f"the trigger's time to live ended ({_utc(expires_ms)}) before the postponed send"
+                    stage = "expired"
+                else:
+                    decision = self._decide_outbound(customer_id, name, spec)
+                    out.outbound.append(self._settle(customer_id, name, event_id, spec, decision, result, POSTPONED,
+                                                     expires_ms, attempt + 1, token))
+                    return out
+            if self._change(customer_id, name, event_id, POSTPONED, DONE, token):
+                metrics.OUTBOUND.labels(name, "suppressed", stage).inc()
+                log.info("postponed outbound %s for %s suppressed (%s)", name, customer_id, result.reason)
+                out.outbound.append(result)
+            return out
+        finally:
+            self._release_script(keys=[f"{key}:run"], args=[token])
+
+
+def outbound_timer_member(customer_id: str, pattern: str, event_id: str, expires_ms: int, due_ms: int,
+                          attempt: int) -> str:
+    """A postponed outbound's timer: who, which pattern and event, when its trigger expires (0: never),
+    when it is due and which postponement this is (a member never repeats, so re-postponing while the
+    poller holds the previous one cannot be undone by the poller removing that one)."""
+    return json.dumps({"k": OUTBOUND_TIMER, "c": customer_id, "p": pattern, "e": event_id, "x": expires_ms,
+                       "d": due_ms, "n": attempt}, separators=(",", ":"))
+
+
+def _utc(ms: int) -> str:
+    """``2026-12-01T08:00Z`` (seconds only when there are any)."""
+    at = datetime.fromtimestamp(ms / 1000, UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ" if at.second else "%Y-%m-%dT%H:%MZ")
 
 
 def timer_member(customer_id: str, timer: Timer) -> str:
@@ -320,4 +473,4 @@ def _check_id(value: str, name: str, limit: int) -> None:
         raise InvalidRequest(name, f"at most {limit} characters, no spaces or braces")
 
 
-__all__ = ["EventProcessor", "OUTBOUND_STREAM", "Processed", "TIMERS_KEY", "events_key"]
+__all__ = ["EventProcessor", "OUTBOUND_STREAM", "OutboundBusy", "Processed", "TIMERS_KEY", "events_key"]

@@ -1,11 +1,13 @@
-"""The absence-timer poller: one thread per server process fires absence patterns at their due time.
+"""The timer poller: one thread per server process fires absence patterns at their due time and runs
+outbound actions postponed by quiet hours when the window ends.
 
 Timers live in Redis (``nba:timers``, a sorted set of timer members by due time in epoch ms), written
-when the opening event arrives, so a restart between an event and its due time loses nothing. A Lua
+when the opening event arrives (or when quiet hours postpone an outbound action), so a restart between
+an event and its due time loses nothing. A Lua
 claim hands each due timer to one poller and pushes its due time ``LEASE_MS`` ahead; the poller removes
 it once handled. A poller that dies mid-way leaves the timer to be claimed again after the lease
 (at least once; the effects are idempotent: a trigger set twice is one trigger, an outbound action
-is sent at most once per (pattern, event)).
+is sent at most once per (pattern, event), also when it was postponed).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class TimerPoller:
                 try:
                     self.handle(member)
                 except Exception:  # left claimed: retried after the lease
-                    log.exception("absence timer %s failed; retried in %ds", member, LEASE_MS // 1000)
+                    log.exception("timer %s failed; retried in %ds", member, LEASE_MS // 1000)
                     continue
                 self.client.zrem(TIMERS_KEY, member)
                 handled += 1

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.features import ACTION_TYPES, CHANNELS
 
@@ -66,6 +66,16 @@ class QuietHours:
             return self.start <= minute < self.end
         return minute >= self.start or minute < self.end
 
+    def ends_after(self, now: float) -> float:
+        """When the quiet window that ``now`` falls in ends (epoch seconds); ``now`` if it is not quiet."""
+        minute_of_day = (now / 60 + self.utc_offset_minutes) % 1440
+        if self.start <= self.end:
+            if not self.start <= minute_of_day < self.end:
+                return now
+        elif self.end <= minute_of_day < self.start:
+            return now
+        return now + ((self.end - minute_of_day) % 1440) * 60
+
     def describe(self) -> str:
         return f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
 
@@ -86,11 +96,49 @@ class ControlGroup:
         return int.from_bytes(digest, "little") / 2**64 < self.share
 
 
+ON_DECIDE, ON_IMPRESSION = "on_decide", "on_impression"
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """When an impression counts and how long decisions are remembered.
+
+    ``on_impression``: channels (web, app) whose decisions count an impression only when the channel
+    reports it (``OUTCOME_IMPRESSION``); their budget units are reserved at decision time and released
+    after ``reservation_minutes`` without an impression. Elsewhere deciding is presenting (``on_decide``).
+    ``window_minutes``: how long the same customer + interaction id gets the same decision back.
+    ``accept_days``: how long responses to a decision are accepted (and its record kept);
+    ``future_skew_seconds``: how far a response's timestamp may lie ahead of the server clock.
+    """
+
+    on_impression: frozenset[str] = frozenset()
+    reservation_minutes: float = 15.0
+    window_minutes: float = 30.0
+    accept_days: float = 7.0
+    future_skew_seconds: float = 300.0
+
+    def counts_on_decide(self, channel: str) -> bool:
+        return channel not in self.on_impression
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window_minutes * 60_000)
+
+    @property
+    def reservation_ms(self) -> int:
+        return int(self.reservation_minutes * 60_000)
+
+    @property
+    def accept_ms(self) -> int:
+        return int(self.accept_days * DAY_MS)
+
+
 @dataclass(frozen=True)
 class ContactRules:
     limits: tuple[ContactLimit, ...] = ()
     quiet_hours: QuietHours | None = None
     control: ControlGroup = field(default_factory=ControlGroup)
+    interactions: Interactions = field(default_factory=Interactions)
     _applicable: dict = field(default_factory=dict, compare=False, repr=False)  # (action id, channel) -> [limit #]
 
     @property
@@ -108,7 +156,11 @@ class ContactRules:
 
 # --- rules/contact.yaml ------------------------------------------------------------------------------
 
-CONTACT_KEYS = {"contact_policies": False, "quiet_hours": False, "control_group": False, "description": False}
+CONTACT_KEYS = {"contact_policies": False, "quiet_hours": False, "control_group": False, "impressions": False,
+                "interactions": False, "responses": False, "description": False}
+IMPRESSION_KEYS = {"counted": False, "reservation_minutes": False}
+INTERACTION_KEYS = {"window_minutes": False}
+RESPONSE_KEYS = {"accept_days": False, "future_skew_seconds": False}
 LIMIT_KEYS = {"name": True, "max": False, "days": True, "per": False, "counts": False, "channels": False,
               "types": False, "reason": False, "description": False}
 QUIET_KEYS = {"channels": True, "from": True, "to": True, "utc_offset_minutes": False}
@@ -210,4 +262,32 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
             if policy == "generic" and not generic:
                 loader.err(c["share"].error('control_group policy "generic" needs "generic: <action id>"'))
             control = ControlGroup(float(share or 0), policy, generic)
-    return ContactRules(tuple(limits), quiet, control)
+    return ContactRules(tuple(limits), quiet, control, _interactions(loader, top))
+
+
+def _interactions(loader, top: dict) -> Interactions:
+    """The ``impressions``, ``interactions`` and ``responses`` sections of contact.yaml."""
+    from engine.rules.errors import suggest
+
+    values: dict[str, Any] = {}
+    sections = (("impressions", IMPRESSION_KEYS), ("interactions", INTERACTION_KEYS), ("responses", RESPONSE_KEYS))
+    for section, keys in sections:
+        fields = loader.keys(top[section], keys, section) if section in top else None
+        for key in keys:
+            if fields is None or key not in fields or key == "counted":
+                continue
+            number = loader.number(fields[key], f"{section} {key}", positive=True)
+            if number is not None:
+                values[key] = float(number)
+        if section == "impressions" and fields is not None and "counted" in fields:
+            counted = loader.keys(fields["counted"], {c: False for c in CHANNELS}, "impressions counted")
+            on_impression = set()
+            for channel, node in (counted or {}).items():
+                mode = loader.text(node, f"impressions counted {channel}")
+                if mode not in (ON_DECIDE, ON_IMPRESSION):
+                    loader.err(node.error(f'impressions counted {channel} "{mode}" is not {ON_DECIDE} or {ON_IMPRESSION}',
+                                          suggest(mode, (ON_DECIDE, ON_IMPRESSION))))
+                elif mode == ON_IMPRESSION:
+                    on_impression.add(channel)
+            values["on_impression"] = frozenset(on_impression)
+    return replace(Interactions(), **values)

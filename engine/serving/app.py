@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from engine import metrics
 from engine.authoring.check import RuleErrors, prepare
 from engine.authoring.watch import RuleWatcher, files_digest
 from engine.config import Config
 from engine.decision.funnel import DecisionEngine
-from engine.decision.responses import ResponseRecorder
+from engine.decision.reservations import ReservationReleaser
 from engine.events.processor import EventProcessor
 from engine.events.stream import EventStreamConsumer
 from engine.events.timers import TimerPoller
@@ -50,10 +51,12 @@ def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence,
 
 
 class App:
-    """Owns the long-lived parts; ``start`` brings them up, ``close`` tears them down."""
+    """Owns the long-lived parts; ``start`` brings them up, ``close`` tears them down. ``clock``: the
+    time of decisions, events and timers (tests move it)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.clock = clock
         self.redis: EmbeddedRedis | None = None
         self.store: ProfileStore
         self.registry = ModelRegistry(config.models_dir)
@@ -72,17 +75,19 @@ class App:
         self.model = Live(load_model_set(self.registry))
         self.decision_log = DecisionLog(self.store.client)
         self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log,
-                                     contacts=cfg.contact_policies)
-        self.responses = ResponseRecorder(self.store.client)
+                                     contacts=cfg.contact_policies, clock=self.clock)
+        self.responses = self.engine.responses
         self.exploration = ExplorationCounts(self.store.client, interval=cfg.model_poll_seconds)
         self.engine.explorer = Explorer(self.exploration)
         self.engine.explorer.warmup()
         self.engine.prepare()
         self.engine.warmup()
-        self.events = EventProcessor(self.store, self.rules, self.engine)
+        self.events = EventProcessor(self.store, self.rules, self.engine, clock=self.clock)
         if cfg.events_poll_seconds > 0:
-            self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds).start()
+            self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds,
+                                      clock=self.clock).start()
             self.event_stream = EventStreamConsumer(self.store.client, self.events).start()
+        self.reservations = ReservationReleaser(self.store.client).start()
         self._publish_versions()
         self.exploration.start()
         self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
@@ -131,7 +136,7 @@ class App:
             return True, new.version, []
 
     def close(self) -> None:
-        for part in ("event_stream", "timers", "watcher", "model_watcher", "exploration"):
+        for part in ("event_stream", "timers", "reservations", "watcher", "model_watcher", "exploration"):
             if getattr(self, part, None):
                 getattr(self, part).stop()
         if getattr(self, "decision_log", None):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import TYPE_CHECKING
@@ -57,6 +57,17 @@ OUTCOME_NAMES = {
 assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYPES)
 
 
+# The client retry policy the README documents: a Decide or RecordResponse that fails with UNAVAILABLE
+# (or times out on a server that did decide) is safe to send again with the same interaction id.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "nba.v1.DecisionService", "method": "Decide"},
+             {"service": "nba.v1.DecisionService", "method": "RecordResponse"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+CLIENT_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+
+
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -87,6 +98,9 @@ def decision_to_pb(d: Decision) -> pb.DecideResponse:
             for f in d.funnel
         ],
         decided_at=_timestamp(d.decided_at),
+        control_group=d.control,
+        repeat=d.repeat,
+        preview=d.preview,
     )
 
 
@@ -142,6 +156,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             context=dict(request.context),
             max_actions=request.max_actions,
             explain=request.explain,
+            interaction_id=request.interaction_id,
+            preview=request.preview,
         ))
         return decision_to_pb(decision)
 
@@ -151,7 +167,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         _require(request.action_id, "action_id")
         if request.outcome not in OUTCOME_NAMES:
             raise InvalidRequest("outcome", f"must be one of {', '.join(pb.Outcome.keys()[1:])}")
-        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else time.time()
+        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else None
         recorded = self.app.responses.record(request.decision_id, request.action_id,
                                              OUTCOME_NAMES[request.outcome], ts)
         if recorded.first:

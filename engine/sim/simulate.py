@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("nba", "rules_only", "generic", "random_eligible", "oracle")
 CHANNEL_MIX = {"web": 0.30, "mobile_app": 0.25, "call_center": 0.20, "email": 0.15, "sms": 0.05, "branch": 0.05}
 REJECT_SHARE = 0.3  # of the customers who do not accept, this share rejects (the rest ignore)
+RESPONSE_DELAY = 600.0  # seconds from a decision to the customer's response
 SIM_START = datetime(2030, 1, 7, 12, 0, tzinfo=UTC).timestamp()  # noon: no quiet hours
 DAY = 86_400.0
 
@@ -203,9 +204,12 @@ def simulate(store: ProfileStore, rules_live, model: LoadedModel, customers: int
         for e in engines.values():
             e.rankings[name] = fn
 
+    contact = next(iter(engines.values())).rules.current.ruleset.contact
+    on_impression = contact.interactions.on_impression if contact is not None else frozenset()
     results = {name: PolicyResult() for name in policies}
     recorders = {name: ResponseRecorder(client, stream="nba:stream:responses" if name == "nba"
-                                        else f"nba:sim:responses:{name}") for name in policies}
+                                        else f"nba:sim:responses:{name}", clock=lambda: clock["now"] + RESPONSE_DELAY)
+                 for name in policies}
     learned: tuple[list, list, list, list] = ([], [], [], [])
     control_decisions = 0
     models = [model.version]
@@ -228,11 +232,14 @@ def simulate(store: ProfileStore, rules_live, model: LoadedModel, customers: int
                     counted = not d.control
                     if counted:
                         result.decisions += 1
+                    seen_on_report = channel in on_impression  # the channel reports what the customer saw
                     for a in d.actions:
+                        if seen_on_report:
+                            recorders[name].record(d.decision_id, a.action_id, "impression", ts=clock["now"] + 1)
                         p = truth[i, index[a.action_id], channel_draw[r, i]]
                         accepted = u_accept[r, i] < p
                         outcome = "accepted" if accepted else ("rejected" if u_reject[r, i] < REJECT_SHARE else "ignored")
-                        recorders[name].record(d.decision_id, a.action_id, outcome, ts=clock["now"] + 600)
+                        recorders[name].record(d.decision_id, a.action_id, outcome, ts=clock["now"] + RESPONSE_DELAY)
                         if name == "nba":
                             for lst, v in zip(learned, (i, index[a.action_id], channel_draw[r, i], float(accepted))):
                                 lst.append(v)

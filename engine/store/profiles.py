@@ -158,6 +158,16 @@ class ProfileStore:
         raw, triggers = pipe.execute()
         return decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
 
+    def fetch_with(self, customer_id: str, key: str) -> tuple[Profile, dict[str, str]]:
+        """``fetch`` and the hash ``key`` (e.g. the customer's interaction) in the same round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(profile_key(customer_id))
+        pipe.hgetall(triggers_key(customer_id))
+        pipe.hgetall(key)
+        raw, triggers, extra = pipe.execute()
+        return (decode_profile(customer_id, raw, triggers, int(time.time() * 1000)),
+                {k.decode(): v.decode() for k, v in extra.items()})
+
     def save(self, profiles: list[Profile]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for p in profiles:

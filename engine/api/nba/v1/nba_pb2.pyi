@@ -62,7 +62,7 @@ OUTCOME_REJECTED: Outcome
 OUTCOME_IGNORED: Outcome
 
 class DecideRequest(_message.Message):
-    __slots__ = ("customer_id", "channel", "touchpoint", "context", "max_actions", "explain")
+    __slots__ = ("customer_id", "channel", "touchpoint", "context", "max_actions", "explain", "interaction_id", "preview")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,13 +76,17 @@ class DecideRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    INTERACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     channel: Channel
     touchpoint: str
     context: _containers.ScalarMap[str, str]
     max_actions: int
     explain: bool
-    def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., touchpoint: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., max_actions: _Optional[int] = ..., explain: _Optional[bool] = ...) -> None: ...
+    interaction_id: str
+    preview: bool
+    def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., touchpoint: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., max_actions: _Optional[int] = ..., explain: _Optional[bool] = ..., interaction_id: _Optional[str] = ..., preview: _Optional[bool] = ...) -> None: ...
 
 class Treatment(_message.Message):
     __slots__ = ("channel", "content")
@@ -138,7 +142,7 @@ class FunnelEntry(_message.Message):
     def __init__(self, action_id: _Optional[str] = ..., stage: _Optional[str] = ..., detail: _Optional[str] = ..., propensity: _Optional[float] = ..., priority: _Optional[float] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("decision_id", "actions", "ruleset_version", "model_version", "degraded", "cold_start", "situations", "funnel", "decided_at")
+    __slots__ = ("decision_id", "actions", "ruleset_version", "model_version", "degraded", "cold_start", "situations", "funnel", "decided_at", "control_group", "repeat", "preview")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +152,9 @@ class DecideResponse(_message.Message):
     SITUATIONS_FIELD_NUMBER: _ClassVar[int]
     FUNNEL_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_GROUP_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     actions: _containers.RepeatedCompositeFieldContainer[RankedAction]
     ruleset_version: str
@@ -157,7 +164,10 @@ class DecideResponse(_message.Message):
     situations: _containers.RepeatedScalarFieldContainer[str]
     funnel: _containers.RepeatedCompositeFieldContainer[FunnelEntry]
     decided_at: _timestamp_pb2.Timestamp
-    def __init__(self, decision_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[RankedAction, _Mapping]]] = ..., ruleset_version: _Optional[str] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cold_start: _Optional[bool] = ..., situations: _Optional[_Iterable[str]] = ..., funnel: _Optional[_Iterable[_Union[FunnelEntry, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    control_group: bool
+    repeat: bool
+    preview: bool
+    def __init__(self, decision_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[RankedAction, _Mapping]]] = ..., ruleset_version: _Optional[str] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., cold_start: _Optional[bool] = ..., situations: _Optional[_Iterable[str]] = ..., funnel: _Optional[_Iterable[_Union[FunnelEntry, _Mapping]]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., control_group: _Optional[bool] = ..., repeat: _Optional[bool] = ..., preview: _Optional[bool] = ...) -> None: ...
 
 class RecordResponseRequest(_message.Message):
     __slots__ = ("decision_id", "action_id", "outcome", "timestamp")
