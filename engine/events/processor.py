@@ -196,6 +196,7 @@ class EventProcessor:
         self._settle_script = self.client.register_script(_SETTLE)
         self._release_script = self.client.register_script(_RELEASE)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
+        engine.controlled_rankings.add(OUTBOUND_RANKING)  # outbound serves customers: the control group applies
 
     # --- ingestion --------------------------------------------------------------------------------
     def publish(self, event_id: str, customer_id: str, event_type: str, attributes: Mapping[str, str],

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -214,14 +214,14 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         )
 
 
-def build_server(app: App, address: str, max_workers: int = 16,
-                 reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool = False,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port.
 
     ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+                         options=[("grpc.so_reuseport", 1 if reuse_port else 0)], interceptors=interceptors)
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     health_servicer = health.HealthServicer()
