@@ -196,13 +196,10 @@ def _names(loader, loc, what: str, known: Sequence[str]) -> frozenset[str]:
 def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactRules:
     """``contact.yaml`` (optional) through the rule loader's validators; errors go to ``loader``."""
     from engine.rules.errors import suggest
-    from engine.rules.yamlsrc import load_yaml
 
-    path = Path(rules_dir) / CONTACT_FILE
-    if not path.is_file():
+    if not loader.has(CONTACT_FILE):
         return ContactRules()
-    tree, _source, errors = load_yaml(path, str(path))
-    loader.errors.extend(errors)
+    tree = loader.yaml(CONTACT_FILE)
     top = loader.keys(tree, CONTACT_KEYS, CONTACT_FILE) if tree is not None else None
     if not top:
         return ContactRules()

@@ -37,13 +37,25 @@ LEVER_KEYS = {"name": True, "when": True, "targets": True, "weight": True, "desc
 TARGET_KEYS = {"types": False, "groups": False, "actions": False}
 
 
-def rules_version(rules_dir: Path) -> str:
-    """``rules-`` + 12 hex of sha256 over the rule files' names and bytes (missing files count as empty)."""
-    digest = hashlib.sha256()
+def read_rule_files(rules_dir: Path) -> dict[str, bytes | None]:
+    """The bytes of every versioned rule file (None: missing), read once: a rule set is loaded from
+    these and versioned by them, so a file changing meanwhile cannot give it another file's version."""
+    files: dict[str, bytes | None] = {}
     for name in VERSIONED_FILES:
         path = Path(rules_dir) / name
-        data = path.read_bytes() if path.is_file() else b""
-        digest.update(name.encode() + b"\0" + data + b"\0")
+        try:
+            files[name] = path.read_bytes() if path.is_file() else None
+        except OSError:
+            files[name] = None  # reported by the loader when it reads the file itself
+    return files
+
+
+def rules_version(rules_dir: Path, files: dict[str, bytes | None] | None = None) -> str:
+    """``rules-`` + 12 hex of sha256 over the rule files' names and bytes (missing files count as empty)."""
+    files = files if files is not None else read_rule_files(rules_dir)
+    digest = hashlib.sha256()
+    for name in VERSIONED_FILES:
+        digest.update(name.encode() + b"\0" + (files.get(name) or b"") + b"\0")
     return "rules-" + digest.hexdigest()[:12]
 
 
@@ -59,6 +71,17 @@ class _Loader:
         self.dir = rules_dir
         self.schema = schema
         self.errors: list[RuleError] = []
+        self.files = read_rule_files(rules_dir)
+
+    def yaml(self, name: str) -> Loc | None:
+        """The tree of rule file ``name`` as read when loading started (errors go to ``errors``)."""
+        path = self.dir / name
+        tree, _source, errors = load_yaml(path, str(path), self.files.get(name))
+        self.errors.extend(errors)
+        return tree
+
+    def has(self, name: str) -> bool:
+        return self.files.get(name) is not None
 
     # --- small validators -------------------------------------------------------------------------
     def err(self, error: RuleError) -> None:
@@ -164,9 +187,7 @@ class _Loader:
     def load(self) -> RuleSet:
         trees = {}
         for name in RULE_FILES:
-            tree, _source, errors = load_yaml(self.dir / name, str(self.dir / name))
-            self.errors.extend(errors)
-            trees[name] = tree
+            trees[name] = self.yaml(name)
         policies_tree, catalog_tree = trees[POLICIES_FILE], trees[CATALOG_FILE]
         policies_top = self.keys(policies_tree, POLICIES_KEYS, POLICIES_FILE) if policies_tree else {}
         catalog_top = self.keys(catalog_tree, CATALOG_KEYS, CATALOG_FILE) if catalog_tree else {}
@@ -190,7 +211,7 @@ class _Loader:
 
         events = load_events(self, self.dir, actions, triggers)
         return RuleSet(
-            version=rules_version(self.dir),
+            version=rules_version(self.dir, self.files),
             loaded_at=datetime.now(UTC),
             actions=tuple(actions),
             fallback=fallback,

@@ -270,13 +270,10 @@ def check_event_condition(text: str, event: EventType) -> tuple[Node | None, lis
 
 def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[str] | None) -> EventRules | None:
     """``events.yaml`` (optional) through the rule loader's validators; errors go to ``loader``."""
-    from engine.rules.yamlsrc import load_yaml
-
-    path = Path(rules_dir) / EVENTS_FILE
-    if not path.is_file():
+    if not loader.has(EVENTS_FILE):
         return None
-    tree, _source, errors = load_yaml(path, str(path))
-    loader.errors.extend(errors)
+    path = Path(rules_dir) / EVENTS_FILE
+    tree = loader.yaml(EVENTS_FILE)
     top = loader.keys(tree, FILE_KEYS, EVENTS_FILE) if tree is not None else None
     if not top:
         return EventRules({}, ())

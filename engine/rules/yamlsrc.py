@@ -88,11 +88,13 @@ class Loc:
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_yaml(path: Path, display: str | None = None) -> tuple[Loc | None, Source | None, list[RuleError]]:
-    """Read and compose one YAML file. Returns (tree, source, errors)."""
+def load_yaml(path: Path, display: str | None = None,
+              data: bytes | None = None) -> tuple[Loc | None, Source | None, list[RuleError]]:
+    """Read (or take ``data``, the file's bytes as read before) and compose one YAML file.
+    Returns (tree, source, errors)."""
     shown = display or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if data is None else data.decode("utf-8")
     except FileNotFoundError:
         return None, None, [RuleError(shown, 1, 1, "file not found")]
     except (OSError, UnicodeDecodeError) as err:
