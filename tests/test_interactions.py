@@ -333,3 +333,20 @@ def test_event_triggered_offers_follow_the_control_group(redis_url: str, models_
         assert [f[b"customer_id"] for _, f in app.store.client.xrange(OUTBOUND_STREAM)] == [treated.encode()]
     finally:
         app.close()
+
+
+def test_a_served_web_reservation_is_released_after_its_time(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+    rules_dir = budget_rules(tmp_path, 1, quiet_hours=False)
+    contact = rules_dir / "contact.yaml"
+    contact.write_text(contact.read_text().replace("reservation_minutes: 15", "reservation_minutes: 0.03"))
+    with served(redis_url, models_dir, rules_dir) as (app, channel):
+        holder = with_offer(channel, 400)
+        offers = [a.action_id for a in decide(channel, holder).actions if a.type != pb.ACTION_TYPE_SERVICE]
+        assert budget_used(app.store.client) == len(offers)  # budget 1: each offer's only unit is held
+        blocked = decide(channel, holder, explain=True)
+        assert {f.stage for f in blocked.funnel if f.action_id in offers} == {"budget"}
+        deadline = time.monotonic() + 15  # 1.8 s reservation, released by the server's poller (every second)
+        while budget_used(app.store.client) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert budget_used(app.store.client) == 0 and app.store.client.zcard(RESERVATIONS_KEY) == 0
+        assert set(offers) <= set(ids(decide(channel, holder)))

@@ -182,3 +182,26 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
         assert [o["event_id"] for o in _outbound(client)] == ["use-2"]
     finally:
         app.close()
+
+
+def test_a_postponed_outbound_whose_trigger_was_cleared_overnight_is_not_sent(
+        redis_url: str, models_dir: Path, rules_dir: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    clock = Clock(_at("2026-11-30T21:30:00"))
+    app = _app(redis_url, models_dir, rules_dir, clock)
+    try:
+        _profile(app, "Q9")
+        app.events.publish("pay-1", "Q9", "payment_failed", {"amount": "20"})
+        clock.now = _at("2026-11-30T22:00:00")
+        (out,) = app.events.publish("pay-2", "Q9", "payment_failed", {"amount": "35"}).outbound
+        assert out.status == "postponed"
+        clock.now = _at("2026-11-30T23:00:00")
+        assert app.events.publish("paid", "Q9", "payment_received", {"amount": "55"}).cleared == ["payment_failed"]
+        clock.now = _at("2026-12-01T08:00:01")
+        ((timer, _),) = _timers(client)
+        (result,) = app.events.on_timer(json.dumps(timer, separators=(",", ":"))).outbound
+        assert result.status == "suppressed" and result.reason == "trigger payment_failed was cleared before the postponed send"
+        assert _outbound(client) == []
+        assert client.get(outbound_key("Q9", "repeated_payment_failure", "pay-2")) == b"done"
+    finally:
+        app.close()

@@ -339,6 +339,10 @@ class EventProcessor:
             raise
         return self._settle(customer_id, pattern.name, event_id, spec, decision, result, STARTED, expires_ms, 1)
 
+    def _trigger_live(self, customer_id: str, trigger: str, now_ms: int) -> bool:
+        expiry = self.client.hget(triggers_key(customer_id), trigger)
+        return expiry is not None and int(expiry) > now_ms
+
     def _state(self, key: str) -> str | None:
         value = self.client.get(key)
         return value.decode() if isinstance(value, bytes) else value
@@ -428,6 +432,9 @@ class EventProcessor:
                 if expires_ms and now_ms >= expires_ms:
                     result.reason = f"the trigger's time to live ended ({_utc(expires_ms)}) before the postponed send"
                     stage = "expired"
+                elif pattern is not None and pattern.trigger and not self._trigger_live(customer_id, pattern.trigger, now_ms):
+                    result.reason = f"trigger {pattern.trigger} was cleared before the postponed send"
+                    stage = "cleared"
                 else:
                     decision = self._decide_outbound(customer_id, name, spec)
                     out.outbound.append(self._settle(customer_id, name, event_id, spec, decision, result, POSTPONED,
