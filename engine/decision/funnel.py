@@ -200,11 +200,10 @@ class DecisionEngine:
         with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
             models = self.model.current
             profile, stored, degraded_by = self._fetch(req)
+            stages.done("profile")
             place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
             if place in stored:
-                stages.done("profile")
                 return self._repeat(rules, req, stored[place], now), None
-            stages.done("profile")
             derived = derive(profile.numeric)
             stages.done("derive")
             model, role, shadow = resolve(models, req.customer_id)

@@ -240,6 +240,34 @@ class OutboundAction(_message.Message):
     reason: str
     def __init__(self, action_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., pattern: _Optional[str] = ..., status: _Optional[str] = ..., decision_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ForgetCustomerRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ForgetCustomerResponse(_message.Message):
+    __slots__ = ("keys_deleted", "stream_entries_deleted", "members_removed")
+    KEYS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ENTRIES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    keys_deleted: int
+    stream_entries_deleted: int
+    members_removed: int
+    def __init__(self, keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ...) -> None: ...
+
+class ExportCustomerRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ExportCustomerResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
 class ReloadRulesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -205,6 +205,16 @@ class AdminServiceStub:
                 request_serializer=nba_dot_v1_dot_nba__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=nba_dot_v1_dot_nba__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ForgetCustomer = channel.unary_unary(
+                '/nba.v1.AdminService/ForgetCustomer',
+                request_serializer=nba_dot_v1_dot_nba__pb2.ForgetCustomerRequest.SerializeToString,
+                response_deserializer=nba_dot_v1_dot_nba__pb2.ForgetCustomerResponse.FromString,
+                _registered_method=True)
+        self.ExportCustomer = channel.unary_unary(
+                '/nba.v1.AdminService/ExportCustomer',
+                request_serializer=nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.SerializeToString,
+                response_deserializer=nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -223,6 +233,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetCustomer(self, request, context):
+        """Erase everything stored about one customer (a privacy request): profile, triggers, contact and
+        event history, interactions, timers, decision records and their entries in every stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCustomer(self, request, context):
+        """Everything stored about one customer, as one JSON document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +260,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=nba_dot_v1_dot_nba__pb2.GetStatusRequest.FromString,
                     response_serializer=nba_dot_v1_dot_nba__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ForgetCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetCustomer,
+                    request_deserializer=nba_dot_v1_dot_nba__pb2.ForgetCustomerRequest.FromString,
+                    response_serializer=nba_dot_v1_dot_nba__pb2.ForgetCustomerResponse.SerializeToString,
+            ),
+            'ExportCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportCustomer,
+                    request_deserializer=nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.FromString,
+                    response_serializer=nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -291,6 +326,60 @@ class AdminService:
             '/nba.v1.AdminService/GetStatus',
             nba_dot_v1_dot_nba__pb2.GetStatusRequest.SerializeToString,
             nba_dot_v1_dot_nba__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nba.v1.AdminService/ForgetCustomer',
+            nba_dot_v1_dot_nba__pb2.ForgetCustomerRequest.SerializeToString,
+            nba_dot_v1_dot_nba__pb2.ForgetCustomerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nba.v1.AdminService/ExportCustomer',
+            nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.SerializeToString,
+            nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.FromString,
             options,
             channel_credentials,
             insecure,
