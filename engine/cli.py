@@ -24,6 +24,22 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _channel(args: argparse.Namespace):
+    """A channel to a running server with the command's --address, TLS and token options."""
+    from engine.serving.client import open_channel
+
+    return open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.token)
+
+
+def client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--tls-ca", help="CA bundle to verify the server's certificate (TLS)")
+    p.add_argument("--tls-cert", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", help="client certificate's key (mTLS)")
+    p.add_argument("--token", help="bearer token (default: env NBA_TOKEN)")
+
+
 @contextmanager
 def _store(cfg: Config) -> Iterator:
     """A ProfileStore on REDIS_URL, else on the Redis of a running ``nba serve`` with the same data
@@ -48,6 +64,20 @@ def _store(cfg: Config) -> Iterator:
             embedded.stop()
 
 
+def _audit(cfg: Config, action: str, **detail: object) -> None:
+    """An audit record by the user running this command: in the audit stream of REDIS_URL when set (the
+    serving processes also audit what they pick up), else in the log only."""
+    import getpass
+
+    from engine.store.audit import audit, log_audit
+
+    if cfg.redis_url is None:
+        log_audit(getpass.getuser(), action, **detail)
+        return
+    with _store(cfg) as store:
+        audit(store.client, getpass.getuser(), action, **detail)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.serving.serve import serve
 
@@ -59,7 +89,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.workers = args.workers
     cfg.contact_policies = not args.no_contact_policies
     cfg.rules_watch_seconds = args.watch_rules
+    cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
+    cfg.auth_file, cfg.insecure = args.auth, args.insecure
     return serve(cfg)
+
+
+def cmd_auth_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from engine.serving.security import token_hash
+
+    token = secrets.token_urlsafe(32)
+    print(f"token (give it to the caller, e.g. as NBA_TOKEN; it is not stored anywhere): {token}")
+    print("auth file entry:")
+    print(f"  - name: {args.name}\n    token_sha256: {token_hash(token)}\n    roles: [{', '.join(args.roles)}]")
+    return 0
 
 
 def cmd_loadtest(argv: list[str]) -> int:
@@ -186,14 +230,14 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-    from engine.serving.server import CHANNEL_TO_PB, CLIENT_OPTIONS
+    from engine.serving.server import CHANNEL_TO_PB
 
     context = dict(kv.split("=", 1) for kv in args.context)
     request = pb.DecideRequest(customer_id=args.customer_id, channel=CHANNEL_TO_PB[args.channel],
                                touchpoint=args.touchpoint, context=context,
                                max_actions=args.max_actions, explain=args.explain,
                                interaction_id=args.interaction, preview=args.preview)
-    with grpc.insecure_channel(args.address, options=CLIENT_OPTIONS) as channel:
+    with _channel(args) as channel:
         try:
             reply = pb_grpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -218,7 +262,7 @@ def cmd_event(args: argparse.Namespace) -> int:
 
     request = pb.PublishEventRequest(event_id=args.event_id or uuid.uuid4().hex, customer_id=args.customer_id,
                                      type=args.type, attributes=dict(kv.split("=", 1) for kv in args.attributes))
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         try:
             reply = pb_grpc.DecisionServiceStub(channel).PublishEvent(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -240,11 +284,10 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-    from engine.serving.server import CLIENT_OPTIONS
 
     request = pb.RecordResponseRequest(decision_id=args.decision_id, action_id=args.action_id,
                                        outcome=f"OUTCOME_{args.outcome.upper()}")
-    with grpc.insecure_channel(args.address, options=CLIENT_OPTIONS) as channel:
+    with _channel(args) as channel:
         try:
             reply = pb_grpc.DecisionServiceStub(channel).RecordResponse(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -356,13 +399,16 @@ def cmd_rules_diff(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.models.registry import ModelRefused, ModelRegistry
 
-    registry = ModelRegistry(_config(args).models_dir)
+    cfg = _config(args)
+    registry = ModelRegistry(cfg.models_dir)
     if args.models_cmd == "promote":
         try:
             registry.promote(args.version)
         except ModelRefused as exc:
+            _audit(cfg, "model_promotion_refused", model=args.version, reason=str(exc))
             print(f"refused: {exc}", file=sys.stderr)
             return 1
+        _audit(cfg, "model_promoted", model=args.version)
         print(f"{args.version} is the champion")
         return 0
     if args.models_cmd == "show":
@@ -420,7 +466,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="check the rule files for changes this often and reload them (0: only on ReloadRules)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="serving processes on the one port (default: number of cores)")
+    p.add_argument("--tls-cert", type=Path, help="serve TLS only, with this certificate (PEM; reloaded on change)")
+    p.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see README, 'Running it securely')")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --address without TLS and --auth (logs a warning)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("auth", help="make credentials for the auth file")
+    auth = p.add_subparsers(dest="auth_cmd", required=True)
+    p = auth.add_parser("token", help="a new random bearer token and its auth file entry (only the hash is stored)")
+    p.add_argument("name", help="the caller's name, e.g. web-frontend")
+    p.add_argument("--roles", nargs="+", default=["decide", "respond"], choices=["decide", "respond", "events", "admin"])
+    p.set_defaults(fn=cmd_auth_token)
 
     sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)
 
@@ -478,8 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interaction", default="", metavar="ID",
                    help="interaction id: asking again with it returns the same decision (no second impression)")
     p.add_argument("--preview", action="store_true", help="decide without side effects (nothing counted or recorded)")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=5.0)
+    client_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_decide)
 
@@ -487,8 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("decision_id")
     p.add_argument("action_id")
     p.add_argument("outcome", choices=["impression", "clicked", "accepted", "rejected", "ignored"])
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=5.0)
+    client_options(p)
     p.set_defaults(fn=cmd_respond)
 
     p = sub.add_parser("event", help="publish an event to a running server (rules/events.yaml)")
@@ -496,8 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("type", help="an event type of rules/events.yaml, e.g. contact_request")
     p.add_argument("attributes", nargs="*", metavar="NAME=VALUE", help="e.g. topic=billing")
     p.add_argument("--event-id", default="", help="default: a new random id (send one twice to see a replay)")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=5.0)
+    client_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_event)
 
@@ -542,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.errors import NbaError
     from engine.rules.errors import RuleErrors
 
     try:
@@ -550,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         for e in exc.errors:
             print(e.render(), file=sys.stderr)
         print(f"{len(exc.errors)} error(s) in the rules", file=sys.stderr)
+        return 1
+    except NbaError as exc:  # a setting or input the user must fix: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -28,6 +28,11 @@ class Config:
     demo: bool = True  # seed demo customers and train a demo model when missing
     workers: int = 1  # serving processes sharing the gRPC port
     contact_policies: bool = True  # enforce contact.yaml limits and daily budgets (off: for comparisons)
+    tls_cert: Path | None = None  # serve TLS only, with this certificate and key (reloaded when they change)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates chaining to this CA (mTLS)
+    auth_file: Path | None = None  # callers and their roles (engine/serving/security.py)
+    insecure: bool = False  # allow a non-loopback address without TLS and auth
     model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
     events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no

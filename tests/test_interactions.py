@@ -25,7 +25,8 @@ from engine.decision.reservations import ReservationReleaser
 from engine.events.processor import OUTBOUND_STREAM
 from engine.rules.contact import ControlGroup
 from engine.serving.app import App
-from engine.serving.server import CLIENT_OPTIONS, build_server
+from engine.serving.client import CLIENT_OPTIONS
+from engine.serving.server import build_server
 from engine.store.profiles import DECISIONS_STREAM
 
 from .conftest import RULES_DIR

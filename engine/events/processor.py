@@ -208,13 +208,15 @@ class EventProcessor:
         except InvalidRequest:
             metrics.events_processed(self._type_label(event_type), "invalid", source).inc()
             raise
-        metrics.events_processed(event_type, "duplicate" if result.duplicate else "accepted", source).inc()
+        metrics.events_processed(self._type_label(event_type), "duplicate" if result.duplicate else "accepted",
+                                 source).inc()
         metrics.event_seconds(source).observe(time.perf_counter() - started)
         return result
 
     def _type_label(self, event_type: str) -> str:
+        """A metric label: a type declared in events.yaml, else ``unknown`` (free text never becomes a label)."""
         events = self.rules.current.ruleset.events
-        return event_type if events is None or event_type in events.types else "unknown"
+        return event_type if events is not None and event_type in events.types else "unknown"
 
     def _publish(self, event_id: str, customer_id: str, event_type: str, attributes: Mapping[str, str],
                  ts: float | None, source: str) -> Processed:
@@ -247,7 +249,7 @@ class EventProcessor:
                       STREAM_MAXLEN, *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
                 return Processed(duplicate=True)
-            metrics.events(event_type).inc()
+            metrics.events(self._type_label(event_type)).inc()
             out = Processed(stream_id=reply[1].decode())
             if events is None or patterns is None:
                 return out

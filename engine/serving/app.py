@@ -21,6 +21,7 @@ from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import ModelRegistry
 from engine.sim import demo
+from engine.store.audit import audit
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import ProfileStore
 from engine.store.redis_embedded import EmbeddedRedis
@@ -99,8 +100,10 @@ class App:
     def _swap_models(self, models: ModelSet) -> None:
         """A new champion / experiment from the watcher: bind it to the catalog, then swap it in."""
         self.engine.prepare(models)
-        self.model.swap(models)
+        old = self.model.swap(models)
         self._publish_versions()
+        audit(self.store.client, "model watch", "models_swapped", model=models.version, previous=old.version,
+              mode=models.mode)
 
     def _publish_versions(self) -> None:
         rules, model = self.rules.current, self.model.current
@@ -108,7 +111,7 @@ class App:
         metrics.set_version(metrics.MODEL_VERSION, model.version)
         metrics.CATALOG_SIZE.set(len(rules.ruleset.actions))
 
-    def reload_rules(self) -> tuple[bool, str, list[str]]:
+    def reload_rules(self, who: str = "rule file watch") -> tuple[bool, str, list[str]]:
         """Compile the rule files aside, run their rule tests, and swap them in; on errors or failed
         tests the live set stays. Returns (live now, live version, errors). Decisions in flight
         finish on the set they started with; the old set's durable rulesets are freed after them."""
@@ -121,18 +124,22 @@ class App:
                 metrics.RULE_RELOAD_ERRORS.set(len(exc.errors))
                 errors = [str(e) for e in exc.errors]
                 log.warning("rules refused, %s stays live:\n%s", live, "\n".join(errors))
+                audit(self.store.client, who, "rules_refused", live=live, errors=len(errors),
+                      first_error=errors[0] if errors else "")
                 return False, live, errors
             metrics.RULE_RELOAD_ERRORS.set(0)
             if new.version == live:
                 new.close()
                 metrics.RULE_RELOADS.labels("unchanged").inc()
                 log.info("rules %s unchanged", live)
+                audit(self.store.client, who, "rules_unchanged", ruleset=live)
                 return True, live, []
             self.engine.prepare(rules=new)  # bind the models to the new catalog before it goes live
             self.rules.swap(new)
             metrics.RULE_RELOADS.labels("applied").inc()
             self._publish_versions()
             log.info("rules %s live (was %s)", new.version, live)
+            audit(self.store.client, who, "rules_applied", ruleset=new.version, previous=live)
             return True, new.version, []
 
     def close(self) -> None:

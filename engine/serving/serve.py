@@ -58,14 +58,16 @@ def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
     from prometheus_client import start_http_server
 
     from engine.serving.app import App
+    from engine.serving.security import server_security
     from engine.serving.server import build_server
 
+    tls, auth = server_security(config)
     app = App(config)
     http = None
     try:
         app.start()
         _settle()
-        server, port, health = build_server(app, config.grpc_address)
+        server, port, health = build_server(app, config.grpc_address, tls=tls, auth=auth)
         server.start()
         if config.metrics_port:
             http, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
@@ -94,13 +96,15 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     from grpc_health.v1 import health_pb2
 
     from engine.serving.app import App
+    from engine.serving.security import server_security
     from engine.serving.server import build_server
 
     app = App(config)
     try:
+        tls, auth = server_security(config)
         app.start()  # rules compiled, JIT compiled or loaded from cache, Redis pool open, stages warmed
         _settle()
-        server, port, health = build_server(app, config.grpc_address, reuse_port=True)
+        server, port, health = build_server(app, config.grpc_address, reuse_port=True, tls=tls, auth=auth)
         server.start()
         for name in HEALTH_NAMES:
             health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -121,8 +125,10 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     from engine.authoring.check import prepare
     from engine.models.registry import ModelRegistry
     from engine.serving.app import ensure_demo, open_redis
+    from engine.serving.security import server_security
     from engine.store.profiles import ProfileStore
 
+    server_security(config)  # refuse a bad auth file, missing certificates or an unsafe bind once, here
     metrics_dir = tempfile.mkdtemp(prefix="nba-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
     redis_server, url = open_redis(config)

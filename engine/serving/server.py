@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +22,13 @@ from engine.decision.funnel import Decision
 from engine.decision.request import DecideInput, InvalidRequest
 from engine.decision.responses import NotFound
 from engine.features import ACTION_TYPES, CHANNELS
+from engine.serving.security import (
+    MAX_MESSAGE_BYTES,
+    AuthPolicy,
+    CallerInterceptor,
+    ServerCertificates,
+    current_caller,
+)
 
 if TYPE_CHECKING:
     from engine.serving.app import App
@@ -55,17 +61,6 @@ OUTCOME_NAMES = {
     pb.OUTCOME_IGNORED: "ignored",
 }
 assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYPES)
-
-
-# The client retry policy the README documents: a Decide or RecordResponse that fails with UNAVAILABLE
-# (or times out on a server that did decide) is safe to send again with the same interaction id.
-RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "nba.v1.DecisionService", "method": "Decide"},
-             {"service": "nba.v1.DecisionService", "method": "RecordResponse"}],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
-CLIENT_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -195,7 +190,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @_counted_as("ReloadRules")
     def ReloadRules(self, request: pb.ReloadRulesRequest, context: grpc.ServicerContext) -> pb.ReloadRulesResponse:
-        applied, version, errors = self.app.reload_rules()
+        applied, version, errors = self.app.reload_rules(who=current_caller())
         return pb.ReloadRulesResponse(applied=applied, ruleset_version=version, errors=errors)
 
     @_counted_as("GetStatus")
@@ -215,13 +210,20 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
 
 def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool = False,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int, health.HealthServicer]:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 tls: ServerCertificates | None = None,
+                 auth: AuthPolicy | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port.
 
     ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
+    ``tls``: serve TLS only (mTLS when it has a client CA); ``auth``: callers and their roles.
     """
+    options = [("grpc.so_reuseport", 1 if reuse_port else 0),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
+    chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=[("grpc.so_reuseport", 1 if reuse_port else 0)], interceptors=interceptors)
+                         options=options, interceptors=chain)
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     health_servicer = health.HealthServicer()
@@ -233,7 +235,7 @@ def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls.credentials()) if tls is not None else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     return server, port, health_servicer
