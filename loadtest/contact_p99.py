@@ -38,8 +38,9 @@ from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
 def alternate(addresses: dict[str, str], rate: float, duration: float, customers: int, seed: int,
-              warmup: float = 2.0) -> dict[str, np.ndarray]:
-    """Open loop at ``rate`` requests/s in total, request i to mode i % 2; latencies (ms) per mode."""
+              warmup: float = 2.0, connect=None) -> dict[str, np.ndarray]:
+    """Open loop at ``rate`` requests/s in total, request i to mode i % 2; latencies (ms) per mode.
+    ``connect(mode, address)`` opens a mode's channel (default: plaintext)."""
     import random
     import threading
     import time
@@ -71,7 +72,7 @@ def alternate(addresses: dict[str, str], rate: float, duration: float, customers
             pending.release()
         return callback
 
-    opened = {m: grpc.insecure_channel(a) for m, a in addresses.items()}
+    opened = {m: connect(m, a) if connect else grpc.insecure_channel(a) for m, a in addresses.items()}
     try:
         stubs = {m: pb_grpc.DecisionServiceStub(ch).Decide.future for m, ch in opened.items()}
         start = time.time() + 0.5

@@ -51,6 +51,10 @@ class Workload:
     # TCP connections per client process, used in turn: many desktops and app servers, not one pipe, so
     # that the kernel spreads them over workers sharing a port (it balances connections, not calls).
     connections: int = 4
+    tls_ca: str | None = None  # TLS (and mTLS with tls_cert/tls_key); token: a bearer token (--auth servers)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
 
 
 def _client(work: Workload, rate: float, start: float, warmup: float, duration: float, drain: float,
@@ -60,6 +64,7 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
 
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+    from engine.serving.client import open_channel
 
     rng = random.Random(seed)
     channels = [getattr(pb, name) for name, _ in CHANNEL_MIX]
@@ -93,7 +98,8 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
         return callback
 
     # a local subchannel pool per channel: otherwise channels to one address share one connection
-    conns = [grpc.insecure_channel(work.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    conns = [open_channel(work.address, work.tls_ca, work.tls_cert, work.tls_key, work.token,
+                          options=[("grpc.use_local_subchannel_pool", 1)], retry=False)
              for _ in range(work.connections)]
     try:
         stubs = [pb_grpc.DecisionServiceStub(c).Decide.future for c in conns]
@@ -289,11 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="--find-max: runs per rate, judged on the median p99")
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--png", help="write latency plots here")
+    ap.add_argument("--tls-ca", help="CA bundle to verify the server (TLS)")
+    ap.add_argument("--tls-cert", help="client certificate (mTLS)")
+    ap.add_argument("--tls-key", help="client certificate's key (mTLS)")
+    ap.add_argument("--token", help="bearer token for a server with --auth (default: env NBA_TOKEN)")
     args = ap.parse_args(argv)
 
     slo = parse_slo(args.slo)
     work = Workload(args.address, customers=args.customers, cold_share=args.cold_share, hot_share=args.hot_share,
-                    connections=args.connections)
+                    connections=args.connections, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    token=args.token)
     if args.find_max:
         if not slo:
             raise SystemExit("--find-max needs an --slo")

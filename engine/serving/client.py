@@ -33,10 +33,11 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor):
 
 def open_channel(address: str, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
                  tls_key: str | Path | None = None, token: str | None = None,
-                 options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+                 options: list[tuple[str, object]] | None = None, retry: bool = True) -> grpc.Channel:
     """TLS when ``tls_ca`` is given (with a client certificate when ``tls_cert``/``tls_key`` are);
-    ``token`` (default: env ``NBA_TOKEN``) is sent as a bearer token."""
-    options = CLIENT_OPTIONS + list(options or [])
+    ``token`` (default: env ``NBA_TOKEN``) is sent as a bearer token. ``retry`` False: no retry policy
+    (a load generator counts every failure)."""
+    options = (CLIENT_OPTIONS if retry else []) + list(options or [])
     if tls_ca:
         creds = grpc.ssl_channel_credentials(
             root_certificates=Path(tls_ca).read_bytes(),
