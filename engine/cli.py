@@ -17,7 +17,7 @@ from engine.features import CHANNELS
 
 def _config(args: argparse.Namespace) -> Config:
     cfg = Config()
-    for name in ("redis_url", "data_dir", "rules_dir", "models_dir"):
+    for name in ("redis_url", "redis_ca", "redis_cert", "redis_key", "data_dir", "rules_dir", "models_dir"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, name, Path(value) if name.endswith("_dir") else value)
@@ -43,19 +43,18 @@ def client_options(p: argparse.ArgumentParser) -> None:
 @contextmanager
 def _store(cfg: Config) -> Iterator:
     """A ProfileStore on REDIS_URL, else on the Redis of a running ``nba serve`` with the same data
-    directory, else on an embedded server started for this command."""
+    directory (its URL and password are in the data directory), else on an embedded server started for
+    this command. A refused password or unreachable Redis: ``RedisUnavailable``, printed by ``main``."""
     from engine.store.profiles import ProfileStore
-    from engine.store.redis_embedded import DataDirInUse, EmbeddedRedis
+    from engine.store.redis_embedded import redis_for
 
-    embedded = None
-    url = cfg.redis_url
-    if url is None:
-        try:
-            embedded = EmbeddedRedis(cfg.data_dir / "redis").start()
-            url = embedded.url
-        except DataDirInUse as busy:
-            url = busy.url
-    store = ProfileStore.from_url(url)
+    embedded, url = redis_for(cfg, running_ok=True)
+    try:
+        store = ProfileStore.open(url, cfg, "REDIS_URL" if cfg.redis_url else "embedded redis-server")
+    except BaseException:
+        if embedded:
+            embedded.stop()
+        raise
     try:
         yield store
     finally:
@@ -297,6 +296,41 @@ def cmd_respond(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_customer(args: argparse.Namespace) -> int:
+    """``nba customer forget ID`` / ``export ID``: the privacy RPCs of a running server."""
+    import grpc
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+
+    with _channel(args) as channel:
+        stub = pb_grpc.AdminServiceStub(channel)
+        try:
+            if args.customer_cmd == "forget":
+                erased = stub.ForgetCustomer(pb.ForgetCustomerRequest(customer_id=args.customer_id),
+                                             timeout=args.timeout)
+            else:
+                exported = stub.ExportCustomer(pb.ExportCustomerRequest(customer_id=args.customer_id),
+                                               timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.customer_cmd == "forget":
+        print(f"forgot {args.customer_id}: {erased.keys_deleted} keys, {erased.stream_entries_deleted} stream "
+              f"entries, {erased.members_removed} timers and reservations deleted (audited in nba:stream:audit)")
+        return 0
+    text = json.dumps(json.loads(exported.json), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
+        os.fchmod(fd, 0o600)  # also when the file was there before
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        print(f"exported {args.customer_id} to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def format_decision(reply) -> str:
     from engine.api.nba.v1 import nba_pb2 as pb
 
@@ -447,9 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def paths(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--redis-url", help="use this Redis instead of the embedded one (env REDIS_URL)")
+    def redis_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--redis-url", help="use this Redis instead of the embedded one (env REDIS_URL): "
+                       "redis://[user:password@]host:port/db, rediss://... for TLS")
+        p.add_argument("--redis-ca", metavar="FILE", help="CA bundle for a rediss:// Redis (env REDIS_CA)")
+        p.add_argument("--redis-cert", metavar="FILE", help="client certificate for Redis TLS (env REDIS_CERT)")
+        p.add_argument("--redis-key", metavar="FILE", help="its private key (env REDIS_KEY)")
         p.add_argument("--data-dir", help="embedded Redis data directory (default .nba-data)")
+
+    def paths(p: argparse.ArgumentParser) -> None:
+        redis_options(p)
         p.add_argument("--rules-dir", help="rule files (default ./rules)")
         p.add_argument("--models-dir", help="model registry (default ./models)")
 
@@ -557,6 +598,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_event)
 
+    p = sub.add_parser("customer", help="privacy: erase or export everything stored about a customer")
+    customer = p.add_subparsers(dest="customer_cmd", required=True)
+    p = customer.add_parser("forget", help="erase the customer everywhere (profile, history, records, stream "
+                                           "entries); audited")
+    p.add_argument("customer_id")
+    client_options(p)
+    p.set_defaults(fn=cmd_customer, timeout=300.0)  # reads every stream: longer than a decision
+    p = customer.add_parser("export", help="everything stored about the customer, as JSON; audited")
+    p.add_argument("customer_id")
+    p.add_argument("--out", metavar="FILE", help="write it to FILE (mode 0600) instead of stdout")
+    client_options(p)
+    p.set_defaults(fn=cmd_customer, timeout=300.0)  # reads every stream: longer than a decision
+
     rules = sub.add_parser("rules", help="rule file tools").add_subparsers(dest="rules_cmd", required=True)
     p = rules.add_parser("check", help="parse and type-check the rule files; lists every error")
     p.add_argument("dir", nargs="?")
@@ -572,8 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channel", action="append", choices=CHANNELS, help="channel(s) to decide on (default web)")
     p.add_argument("--examples", type=int, default=10, help="customers to show whose top action changed")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--redis-url", help="use this Redis instead of the embedded one (env REDIS_URL)")
-    p.add_argument("--data-dir", help="embedded Redis data directory (default .nba-data)")
+    redis_options(p)
     p.add_argument("--models-dir", help="model registry (default ./models)")
     p.set_defaults(fn=cmd_rules_diff)
 

@@ -1,4 +1,5 @@
-"""Service configuration: defaults, environment (REDIS_URL, NBA_DATA_DIR) and command-line overrides."""
+"""Service configuration: defaults, environment (REDIS_URL, REDIS_CA, REDIS_CERT, REDIS_KEY, NBA_DATA_DIR) and
+command-line overrides."""
 
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ class Config:
     grpc_address: str = "127.0.0.1:50051"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    # redis://[user:password@]host:port/db (password alone or an ACL user), rediss:// for TLS; None: embedded
     redis_url: str | None = field(default_factory=lambda: os.environ.get("REDIS_URL") or None)
+    # TLS to a rediss:// REDIS_URL: the CA bundle that signed the server's certificate (default: the system's),
+    # and a client certificate and key when Redis requires them (tls-auth-clients)
+    redis_ca: str | None = field(default_factory=lambda: os.environ.get("REDIS_CA") or None)
+    redis_cert: str | None = field(default_factory=lambda: os.environ.get("REDIS_CERT") or None)
+    redis_key: str | None = field(default_factory=lambda: os.environ.get("REDIS_KEY") or None)
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("NBA_DATA_DIR", ".nba-data")))
     rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))

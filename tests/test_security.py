@@ -211,12 +211,12 @@ def test_free_text_never_becomes_a_metric_label(service) -> None:
         for i in range(k, k + 30):
             stub.Decide(pb.DecideRequest(customer_id=f"X{i}", channel=pb.CHANNEL_WEB, touchpoint=f"tp-{i}",
                                          context={"intent": f"free text {i}"}, interaction_id=f"ix-{i}"), timeout=10)
-            for call in (lambda: stub.PublishEvent(pb.PublishEventRequest(
-                             event_id=f"e{i}", customer_id=f"X{i}", type=f"made_up_{i}",
-                             attributes={"note": f"text {i}"}), timeout=10),
-                         lambda: stub.RecordResponse(pb.RecordResponseRequest(
-                             decision_id=f"{i:032x}", action_id=f"act{i}", outcome=pb.OUTCOME_CLICKED), timeout=10)):
-                _code(call)
+            event = pb.PublishEventRequest(event_id=f"e{i}", customer_id=f"X{i}", type=f"made_up_{i}",
+                                           attributes={"note": f"text {i}"})
+            response = pb.RecordResponseRequest(decision_id=f"{i:032x}", action_id=f"act{i}",
+                                                outcome=pb.OUTCOME_CLICKED)
+            _code(lambda: stub.PublishEvent(event, timeout=10))  # noqa: B023 - called at once
+            _code(lambda: stub.RecordResponse(response, timeout=10))  # noqa: B023 - called at once
 
     burst(0)
     time.sleep(0.1)

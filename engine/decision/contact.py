@@ -106,12 +106,13 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 #   keep_ms (history kept), ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms),
 #   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
 #   index or 0, budget, body]), fb (fallback candidate or 0), rec (decision record fields),
-#   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header).
+#   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
+#   overwrite the placement's stored decision rather than return it).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''},
 # or {'replay', stored decision} when the interaction's placement was decided already.
 PRESENT = r"""
 local a = cjson.decode(ARGV[1])
-if a.ix ~= '' then
+if a.ix ~= '' and not a.replace then
   local prev = redis.call('HGET', KEYS[3], a.ix)
   if prev then return {'replay', prev} end
 end
@@ -243,10 +244,11 @@ def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
 
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
                  channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
-                 mode: str, interaction: str = "", placement: str = "",
-                 bodies: list[str] | None = None, head: str = "") -> tuple[list[str], str, list[ContactLimit]]:
+                 mode: str, interaction: str = "", placement: str = "", bodies: list[str] | None = None,
+                 head: str = "", replace: bool = False) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
-    ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's)."""
+    ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
+    this decision replaces the placement's stored one (else a stored one is returned instead)."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
     ix = rules.interactions
@@ -272,6 +274,6 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
         "since": now_ms - int(rules.history_days * DAY_MS), "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
         "bttl": BUDGET_TTL_SECONDS, "rsv": now_ms + ix.reservation_ms, "lim": [l.spec(now_ms) for l in limits],
         "cand": cand, "fb": fb, "rec": record, "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
-        "head": head or "{}",
+        "head": head or "{}", "replace": replace,
     }
     return keys, json.dumps(args, separators=(",", ":")), limits

@@ -202,8 +202,13 @@ class DecisionEngine:
             profile, stored, degraded_by = self._fetch(req)
             stages.done("profile")
             place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
-            if place in stored:
-                return self._repeat(rules, req, stored[place], now), None
+            replace = place in stored
+            if replace:
+                head, actions = interactions.read(stored[place])
+                # an offer decided before the customer withdrew consent on this channel is decided anew
+                if req.channel in profile.sets.get("consent", ()) or all(a.type == "service" for a in actions):
+                    return self._repeat(rules, req, head, actions, now), None
+                del stored[place]
             derived = derive(profile.numeric)
             stages.done("derive")
             model, role, shadow = resolve(models, req.customer_id)
@@ -233,9 +238,9 @@ class DecisionEngine:
                 funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
                 preview=req.preview)
             repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
-                                   funnel, stored, place, observe, explore)
+                                   funnel, stored, place, observe, explore, replace)
             if repeat is not None:  # a concurrent call of this interaction and placement decided first
-                return self._repeat(rules, req, repeat, now), None
+                return self._repeat(rules, req, *interactions.read(repeat), now), None
             if decision.degraded and degraded_by is None:
                 degraded_by = "contact_store"
             if explore is not None and not decision.control:
@@ -252,12 +257,12 @@ class DecisionEngine:
                     metrics.rule_firings(kind, name).inc()
         return decision, degraded_by
 
-    def _repeat(self, rules: CompiledRules, req: DecideInput, body: str, now: float) -> Decision:
+    def _repeat(self, rules: CompiledRules, req: DecideInput, head: dict, actions: list[RankedAction],
+                now: float) -> Decision:
         """The interaction's stored decision for this placement, again: same id, actions and versions,
         with the asking channel's treatment where the catalog has one. If it was decided on an
         on_impression channel and is now asked on a channel that shows it (on_decide), its actions are
         counted as seen (once: an impression per decision and action)."""
-        head, actions = interactions.read(body)
         for a in actions:
             action = rules.ruleset.by_id.get(a.action_id)
             if action is not None and req.channel in action.channels:
@@ -315,11 +320,11 @@ class DecisionEngine:
     def _present(self, rules: CompiledRules, decision: Decision, outcome: RuleOutcome, profile: Profile,
                  admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
                  funnel: list[FunnelEntry] | None, stored: dict[str, str], place: str, observe: bool,
-                 explore: np.ndarray | None) -> str | None:
+                 explore: np.ndarray | None, replace: bool) -> str | None:
         """Order the candidates, drop those a contact policy forbids, then keep the top N, one per group,
         within budgets: atomically in Redis when contact policies are enforced. Fills ``decision`` (actions,
         control, degraded); returns the stored decision instead when a concurrent call of the same
-        interaction and placement decided first."""
+        interaction and placement decided first (``replace``: this decision replaces the stored one)."""
         channel, now = req.channel, decision.decided_at
         contact = (rules.ruleset.contact or ContactRules()) if self.contacts else None
         candidates, decision.control = self._order(contact, order(admitted, propensity, explore), req, profile, now,
@@ -342,7 +347,8 @@ class DecisionEngine:
                 ranked = [fallback_ranked(fallback, channel)]
             decision.actions = _exploring(ranked) if exploring else ranked
             if observe and not req.preview:
-                return self._write_records(decision, req, place, (rules.ruleset.contact or ContactRules()).interactions)
+                return self._write_records(decision, req, place, (rules.ruleset.contact or ContactRules()).interactions,
+                                           replace)
             return None
         mode = DRY if req.preview else DECIDE if contact.interactions.counts_on_decide(channel) else RESERVE
         record = {"customer": req.customer_id, "channel": channel, "control": "1" if decision.control else "0",
@@ -358,7 +364,7 @@ class DecisionEngine:
             head = _header(decision, mode)
         keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision.decision_id,
                                           now, record, req.customer_id, mode, req.interaction_id,
-                                          place[len(interactions.FIELD_PREFIX):], bodies, head)
+                                          place[len(interactions.FIELD_PREFIX):], bodies, head, replace)
         try:
             reply = self._present_script(keys=keys, args=[args])
         except redis.exceptions.RedisError as exc:
@@ -388,7 +394,8 @@ class DecisionEngine:
         decision.actions = _exploring(ranked) if exploring else ranked
         return None
 
-    def _write_records(self, decision: Decision, req: DecideInput, place: str, ix: Interactions) -> str | None:
+    def _write_records(self, decision: Decision, req: DecideInput, place: str, ix: Interactions,
+                       replace: bool) -> str | None:
         """Without contact enforcement: the decision record off the hot path, and the interaction's
         decision for this placement (unless a concurrent call stored one first: then that one)."""
         if self.decision_log is not None:
@@ -406,7 +413,10 @@ class DecisionEngine:
         body = (f'{{"h":{_header(decision, DECIDE)},"fb":false,'
                 f'"a":[{",".join(interactions.action_body(a) for a in decision.actions)}]}}')
         pipe = self.store.client.pipeline(transaction=False)
-        pipe.hsetnx(key, place, body)
+        if replace:
+            pipe.hset(key, place, body)
+        else:
+            pipe.hsetnx(key, place, body)
         pipe.hget(key, place)
         pipe.pexpire(key, ix.window_ms)  # from the latest decision here (PRESENT: from the first)
         first, winner, _ = pipe.execute()

@@ -3,6 +3,12 @@
 1. One Lua script: idempotency by event id (per customer), append to the customer's bounded history
    (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and count), append to the
    ``nba:stream:events`` log, and read back the history the patterns need: one round trip.
+   Before it, a ``consent_withdrawn`` event (declared in events.yaml with a ``channel`` attribute;
+   ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
+   replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
+   later decision on it (inbound, outbound, a postponed outbound at the end of quiet hours) gets no
+   marketing (policies.yaml ``marketing_needs_consent``); a repeat of an interaction's stored decision
+   with offers is not served on a channel without consent (``engine.decision.funnel``).
 2. The patterns (``CompiledPatterns``, part of the live rule set) evaluate that history in a
    short-lived durable session.
 3. One more script: triggers the event resolves are cleared, triggers of matched patterns are raised
@@ -47,8 +53,9 @@ from typing import TYPE_CHECKING, Any, cast
 from engine import metrics
 from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
 from engine.errors import NbaError
+from engine.features import CHANNELS
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
-from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, triggers_key
+from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
 
 if TYPE_CHECKING:
     from engine.decision.funnel import Decision, DecisionEngine
@@ -68,6 +75,8 @@ OUTBOUND_TIMER = "outbound"  # the "k" of a postponed outbound's timer member (a
 OUTBOUND_KEEP_MS = 30 * 86_400_000  # an outbound's state key lives this long after its last change
 OUTBOUND_RUN_MS = 30_000  # a postponed run's claim; a run that died is retried after the timer's lease
 STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound's state key
+CONSENT_WITHDRAWN = "consent_withdrawn"  # event type whose ``channel`` leaves the profile's consent set
+ALL_CHANNELS = "all"  # its ``channel`` for every channel at once
 
 # KEYS: history, ids, log stream. ARGV: event id, event time ms, history member, now ms, keep ms,
 # max events, dedupe ms, read from ms, stream maxlen, then the log entry's fields.
@@ -131,6 +140,21 @@ if #ARGV > 7 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpac
 return 1
 """
 
+# Consent withdrawn, in one step. KEYS[1] the profile; ARGV the channels. Removes them from the
+# profile's ``consent`` (members joined by "," in sorted order, as store/profiles.encode_profile writes
+# them, so the rest stays sorted). Returns the channels removed (none without a stored profile).
+_WITHDRAW = """
+local removed, keep, drop = {}, {}, {}
+local consent = redis.call('HGET', KEYS[1], 'consent')
+if not consent then return removed end
+for _, ch in ipairs(ARGV) do drop[ch] = true end
+for ch in string.gmatch(consent, '[^,]+') do
+  if drop[ch] then removed[#removed + 1] = ch else keep[#keep + 1] = ch end
+end
+if #removed > 0 then redis.call('HSET', KEYS[1], 'consent', table.concat(keep, ',')) end
+return removed
+"""
+
 # KEYS[1] a run claim; ARGV[1] its token. Releases the claim if it is still ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -175,6 +199,7 @@ class Processed:
     cleared: list[str] = field(default_factory=list)
     outbound: list[OutboundResult] = field(default_factory=list)
     timers: int = 0
+    consent_withdrawn: list[str] = field(default_factory=list)  # channels removed from the profile's consent
 
 
 def _outbound_ranking(candidates: list, req: DecideInput, profile, now: float) -> list:
@@ -195,6 +220,7 @@ class EventProcessor:
         self._apply_script = self.client.register_script(_APPLY)
         self._settle_script = self.client.register_script(_SETTLE)
         self._release_script = self.client.register_script(_RELEASE)
+        self._withdraw_script = self.client.register_script(_WITHDRAW)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
         engine.controlled_rankings.add(OUTBOUND_RANKING)  # outbound serves customers: the control group applies
 
@@ -237,6 +263,11 @@ class EventProcessor:
                     attrs = events.validate(event_type, dict(attributes))
                 except InvalidEvent as err:
                     raise InvalidRequest(err.field, str(err).split(": ", 1)[1]) from None
+            withdrawn: list[str] = []
+            if event_type == CONSENT_WITHDRAWN and events is not None:
+                # before the event is recorded, and again for a replay (it is idempotent): a call that
+                # failed half-way and is retried still withdraws; the patterns already see the new consent
+                withdrawn = self.withdraw_consent(customer_id, _withdrawn_channels(attrs))
             event = Event(event_id, event_type, ts_ms, attrs)
             keep_ms = events.history_ms if events is not None else 86_400_000
             since = ts_ms - (events.window_ms if events is not None else 0)
@@ -248,9 +279,9 @@ class EventProcessor:
                 args=[event_id, ts_ms, event.encode(), now_ms, keep_ms, MAX_HISTORY_EVENTS, DEDUPE_MS, since,
                       STREAM_MAXLEN, *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
-                return Processed(duplicate=True)
+                return Processed(duplicate=True, consent_withdrawn=withdrawn)
             metrics.events(self._type_label(event_type)).inc()
-            out = Processed(stream_id=reply[1].decode())
+            out = Processed(stream_id=reply[1].decode(), consent_withdrawn=withdrawn)
             if events is None or patterns is None:
                 return out
             history = [Event.decode(m) for m in reply[2]]
@@ -283,6 +314,21 @@ class EventProcessor:
         for f in firings:
             if f.pattern.outbound is not None:
                 out.outbound.append(self.outbound(customer_id, f.pattern, f.event_id, now_ms))
+
+    def withdraw_consent(self, customer_id: str, channels: list[str]) -> list[str]:
+        """Remove ``channels`` from the customer's consent (one atomic update of the profile, which every
+        following decision reads: inbound, outbound and postponed outbound on those channels then get
+        service actions only, policies.yaml ``marketing_needs_consent``). Returns the channels removed:
+        none when the profile had none of them or there is no stored profile (a cold start never has
+        e-mail or SMS consent)."""
+        reply = self._withdraw_script(keys=[profile_key(customer_id)], args=channels)
+        removed = [c.decode() if isinstance(c, bytes) else c for c in reply]
+        if removed:
+            log.info("consent withdrawn for %s on %s", customer_id, ", ".join(removed))
+        else:
+            log.info("consent withdrawal for %s on %s: no stored profile with that consent", customer_id,
+                     ", ".join(channels))
+        return removed
 
     # --- responses and timers -----------------------------------------------------------------------
     def on_response(self, customer_id: str, action_id: str, outcome: str) -> list[str]:
@@ -474,6 +520,18 @@ def timer_member(customer_id: str, timer: Timer) -> str:
 def parse_timer(member: bytes | str) -> tuple[str, Timer]:
     d = json.loads(member)
     return d["c"], Timer(d["p"], d["e"], int(d["o"]), int(d["d"]))
+
+
+def _withdrawn_channels(attrs: Mapping[str, Any]) -> list[str]:
+    """The channels a ``consent_withdrawn`` event names (its ``channel`` attribute; ``all``: every one)."""
+    channel = attrs.get("channel")
+    if channel == ALL_CHANNELS:
+        return list(CHANNELS)
+    if channel not in CHANNELS:
+        raise InvalidRequest("attributes.channel", f"{CONSENT_WITHDRAWN} needs a channel: one of "
+                                                   f"{', '.join(CHANNELS)} or {ALL_CHANNELS}")
+    return [str(channel)]
+
 
 
 def _check_id(value: str, name: str, limit: int) -> None:

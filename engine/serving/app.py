@@ -24,18 +24,19 @@ from engine.sim import demo
 from engine.store.audit import audit
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import ProfileStore
-from engine.store.redis_embedded import EmbeddedRedis
+from engine.store.redis_embedded import EmbeddedRedis, redis_for
 
 log = logging.getLogger(__name__)
 
 
 def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
-    """REDIS_URL when configured, else an embedded redis-server in the data directory."""
-    if cfg.redis_url is not None:
-        return None, cfg.redis_url
-    server = EmbeddedRedis(cfg.data_dir / "redis").start()
-    log.info("embedded redis-server pid %s on %s (data in %s)", server.pid, server.url, server.data_dir)
-    return server, server.url
+    """REDIS_URL when configured, else an embedded redis-server (password-protected) in the data directory.
+    Clients on the URL: ``ProfileStore.open(url, cfg)``, which checks that Redis accepts us."""
+    server, url = redis_for(cfg)
+    if server is not None:
+        log.info("embedded redis-server pid %s on 127.0.0.1:%s (data in %s, password in %s/redis.password)",
+                 server.pid, server.port, server.data_dir, server.data_dir)
+    return server, url
 
 
 def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence, customers: int) -> None:
@@ -67,7 +68,9 @@ class App:
     def start(self) -> App:
         cfg = self.config
         self.redis, url = open_redis(cfg)
-        self.store = ProfileStore.from_url(url)
+        # the one client of this process (decisions, events, timers, streams): a wrong password, an
+        # unreachable Redis or a failed TLS handshake stops the start here with one RedisUnavailable line
+        self.store = ProfileStore.open(url, cfg, "REDIS_URL" if self.redis is None else "embedded redis-server")
         files = files_digest(cfg.rules_dir)
         rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
         if cfg.demo:

@@ -137,17 +137,24 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     workers: dict[int, SpawnProcess] = {}
     http = None
     try:
-        if config.demo:
-            store = ProfileStore.from_url(url)
-            rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
-            try:
-                ensure_demo(store, ModelRegistry(config.models_dir), rules.ruleset.actions, config.demo_customers)
-            finally:
-                rules.close()
-                store.client.close()
+        # a wrong password or unreachable Redis fails here, once, with one line (not in every worker)
+        store = ProfileStore.open(url, config, "REDIS_URL" if redis_server is None else "embedded redis-server")
+        try:
+            if config.demo:
+                rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
+                try:
+                    ensure_demo(store, ModelRegistry(config.models_dir), rules.ruleset.actions, config.demo_customers)
+                finally:
+                    rules.close()
+        finally:
+            store.client.close()
         host, _, port_text = config.grpc_address.rpartition(":")
         port = int(port_text) or free_port(host)
+        # the workers join the same Redis: REDIS_URL, or the embedded server's URL with its password (the
+        # Config reaches them through the spawn pipe, never argv or the environment); TLS files only for rediss://
         worker_config = dataclasses.replace(config, redis_url=url, demo=False, grpc_address=f"{host}:{port}")
+        if redis_server is not None:
+            worker_config.redis_ca = worker_config.redis_cert = worker_config.redis_key = None
 
         def spawn(index: int) -> None:
             proc = ctx.Process(target=_worker, args=(worker_config, index, ready, grace),

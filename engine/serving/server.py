@@ -208,6 +208,28 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             exploration_share=model.exploration.share if model.exploration.enabled else 0.0,
         )
 
+    @_counted_as("ForgetCustomer")
+    def ForgetCustomer(self, request: pb.ForgetCustomerRequest,
+                       context: grpc.ServicerContext) -> pb.ForgetCustomerResponse:
+        from engine.serving.privacy import forget_customer
+
+        erased = forget_customer(self.app.store.client, request.customer_id,
+                                 who=f"{current_caller()} via {context.peer()}")
+        return pb.ForgetCustomerResponse(keys_deleted=erased.keys_deleted,
+                                         stream_entries_deleted=erased.stream_entries_deleted,
+                                         members_removed=erased.members_removed)
+
+    @_counted_as("ExportCustomer")
+    def ExportCustomer(self, request: pb.ExportCustomerRequest,
+                       context: grpc.ServicerContext) -> pb.ExportCustomerResponse:
+        import json
+
+        from engine.serving.privacy import export_customer
+
+        data = export_customer(self.app.store.client, request.customer_id,
+                               who=f"{current_caller()} via {context.peer()}", now=self.app.clock())
+        return pb.ExportCustomerResponse(json=json.dumps(data, ensure_ascii=False, sort_keys=True))
+
 
 def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool = False,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),

@@ -20,12 +20,16 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
 
+from engine.config import Config
 from engine.errors import NbaError
 from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
 
@@ -138,6 +142,83 @@ def decode_profile(customer_id: str, raw: dict[bytes, bytes], triggers: dict[byt
     return profile
 
 
+class RedisUnavailable(NbaError):
+    """Redis cannot be used as configured: refused credentials, unreachable, TLS mismatch, missing files.
+    The message is one line and names the URL with its password masked."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` query) shown as ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else f"{userinfo}@{hostport}"
+    query = parts.query
+    if query:
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(query, keep_blank_values=True)],
+                          safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _tls_options(url: str, config: Config | None) -> dict[str, Any]:
+    """ssl_* arguments for a rediss:// URL from ``config`` (REDIS_CA, REDIS_CERT, REDIS_KEY); nothing for
+    redis:// (``redis_for`` refuses TLS options with a plaintext REDIS_URL)."""
+    if config is None or urlsplit(url).scheme != "rediss":
+        return {}
+    options: dict[str, Any] = {}
+    for option, env, value in (("ssl_ca_certs", "REDIS_CA", config.redis_ca),
+                               ("ssl_certfile", "REDIS_CERT", config.redis_cert),
+                               ("ssl_keyfile", "REDIS_KEY", config.redis_key)):
+        if value:
+            if not os.path.isfile(value):
+                raise RedisUnavailable(f"{env}={value}: no such file (REDIS_URL={mask_url(url)})")
+            options[option] = value
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise RedisUnavailable(f"REDIS_KEY without REDIS_CERT (REDIS_URL={mask_url(url)})")
+    return options
+
+
+def redis_client(url: str, config: Config | None = None, *, timeout: float = 1.0, **options: Any) -> redis.Redis:
+    """The one place a Redis client is built, for the service, its background threads, the stream
+    consumers and every CLI command: ``url`` carries the credentials (``redis://user:password@host:port/0``
+    for an ACL user, ``redis://:password@...`` for requirepass) and ``rediss://`` means TLS, verified
+    against ``config.redis_ca`` (else the system's CA bundle), with ``config.redis_cert``/``redis_key``
+    as the client certificate. Connects lazily: ``check_redis`` turns a refusal into one clear error."""
+    tls = _tls_options(url, config)
+    try:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **tls, **options)
+    except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
+        raise RedisUnavailable(f"REDIS_URL={mask_url(url)}: {exc}") from None
+
+
+def _reason(exc: redis.exceptions.RedisError, url: str) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    tls = urlsplit(url).scheme == "rediss"
+    if isinstance(exc, redis.exceptions.AuthenticationError) or text.startswith(("NOAUTH", "WRONGPASS")):
+        return f"authentication failed, wrong or missing user/password ({text})"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return f"the user may not run commands the service needs ({text})"
+    if "ssl" in text.lower() or "TLS" in text or "certificate" in text:
+        return (f"TLS failed ({text}): check the rediss:// port (the server's tls-port), REDIS_CA, and "
+                "REDIS_CERT/REDIS_KEY when the server requires client certificates")
+    if isinstance(exc, redis.exceptions.TimeoutError) or "Connection reset" in text or "closed by server" in text:
+        hint = ("TLS failed, no handshake: is that port plaintext (use redis://)?" if tls
+                else "a TLS port reached with redis:// (use rediss://)?")
+        return f"no answer ({text}): {hint}"
+    return text
+
+
+def check_redis(client: redis.Redis, url: str, name: str = "REDIS_URL") -> None:
+    """One PING; raises ``RedisUnavailable`` naming ``name`` and the masked URL when Redis refuses us
+    (wrong password, unknown ACL user), cannot be reached, or the TLS handshake fails."""
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        raise RedisUnavailable(f"cannot use Redis at {name}={mask_url(url)}: {_reason(exc, url)}") from None
+
+
 class ProfileStore:
     """Reads and writes profiles; one pipelined round trip per decision."""
 
@@ -145,9 +226,21 @@ class ProfileStore:
         self.client = client
 
     @classmethod
-    def from_url(cls, url: str) -> ProfileStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
-                                        health_check_interval=30))
+    def from_url(cls, url: str, config: Config | None = None) -> ProfileStore:
+        """A store on ``url`` (TLS files from ``config`` for rediss://); connects on first use."""
+        return cls(redis_client(url, config, health_check_interval=30))
+
+    @classmethod
+    def open(cls, url: str, config: Config | None = None, name: str = "REDIS_URL") -> ProfileStore:
+        """``from_url`` and a PING: a wrong password or an unreachable Redis is a ``RedisUnavailable`` here,
+        at startup, naming ``name`` (REDIS_URL, or the embedded server) with the password masked."""
+        store = cls.from_url(url, config)
+        try:
+            check_redis(store.client, url, name)
+        except RedisUnavailable:
+            store.client.close()
+            raise
+        return store
 
     def fetch(self, customer_id: str) -> Profile:
         """Profile and active triggers in one round trip; a cold profile when the customer is unknown.

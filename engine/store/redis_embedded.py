@@ -1,10 +1,19 @@
-"""A real redis-server run as a child process: the embedded default when no REDIS_URL is given."""
+"""A real redis-server run as a child process: the embedded default when no REDIS_URL is given.
+
+It listens on 127.0.0.1 only (protected mode on) and requires a password: a random one per data
+directory, generated once and kept in ``<data dir>/redis.password`` (mode 0600, the directory 0700), so
+other local users can neither connect nor read the append-only file. The URL the service and the ``nba``
+commands use carries it (``redis://:<password>@127.0.0.1:<port>/0``); a running server leaves that URL in
+``<data dir>/redis.url`` (mode 0600) for the commands that join it.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -14,7 +23,13 @@ from pathlib import Path
 
 import redis
 
+from engine.config import Config
 from engine.errors import NbaError
+from engine.store.profiles import RedisUnavailable, mask_url, redis_client
+
+log = logging.getLogger(__name__)
+PASSWORD_FILE = "redis.password"
+URL_FILE = "redis.url"
 
 
 def find_redis_server() -> str:
@@ -48,11 +63,53 @@ def die_with_parent() -> None:
         pass
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (a stale one is replaced, whatever its mode was)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def embedded_password(data_dir: str | Path) -> str:
+    """The data directory's Redis password: made once (``secrets.token_urlsafe``) and kept in
+    ``redis.password`` with mode 0600. Called under the data directory's lock."""
+    path = Path(data_dir) / PASSWORD_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by other users: now mode 0600", path)
+            path.chmod(0o600)
+        password = path.read_text().strip()
+        if password:
+            return password
+        path.unlink()  # empty: a start killed between creating and writing it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    password = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def _running_url(data_dir: Path) -> str:
+    """The URL (with the password) a running embedded server left in its data directory; "?" if none."""
+    url_file = data_dir / URL_FILE
+    try:
+        return url_file.read_text().strip() or "?"
+    except FileNotFoundError:
+        return "?"
+    except PermissionError:
+        raise RedisUnavailable(f"{data_dir} holds another user's running embedded redis-server "
+                               f"({url_file} is not readable): set REDIS_URL or use another --data-dir") from None
+
+
 class DataDirInUse(NbaError, RuntimeError):
-    """Another process runs an embedded Redis on this data directory; ``url`` reaches it."""
+    """Another process runs an embedded Redis on this data directory; ``url`` reaches it (password
+    included; the message masks it)."""
 
     def __init__(self, data_dir: Path, url: str) -> None:
-        super().__init__(f"{data_dir} is in use by a running embedded redis-server at {url}")
+        super().__init__(f"{data_dir} is in use by a running embedded redis-server at {mask_url(url)}")
         self.url = url
 
 
@@ -60,7 +117,8 @@ class EmbeddedRedis:
     """Starts redis-server on a free loopback port with append-only persistence in ``data_dir``.
 
     The data directory is locked while the server runs, so two processes never write one
-    append-only file; the running server's URL is left in ``redis.url`` for other commands.
+    append-only file; the running server's URL (with its password) is left in ``redis.url`` for other
+    commands. The password (``redis.password``) is made on the first start and kept.
     """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True) -> None:
@@ -69,6 +127,7 @@ class EmbeddedRedis:
         self.persist = persist
         self.process: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
+        self._password: str | None = None
 
     def _take_lock(self) -> None:
         fd = os.open(self.data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,33 +135,39 @@ class EmbeddedRedis:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            url_file = self.data_dir / "redis.url"
-            raise DataDirInUse(self.data_dir, url_file.read_text().strip() if url_file.is_file() else "?") from None
+            raise DataDirInUse(self.data_dir, _running_url(self.data_dir)) from None
         self._lock = fd
 
     def _release_lock(self) -> None:
         if self._lock is not None:
-            (self.data_dir / "redis.url").unlink(missing_ok=True)
+            (self.data_dir / URL_FILE).unlink(missing_ok=True)
             os.close(self._lock)
             self._lock = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients use, password included (known once ``start`` has run)."""
+        auth = f":{self._password}@" if self._password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.data_dir.chmod(0o700)  # the append-only file holds customer data
+        except PermissionError:
+            pass
         self._take_lock()
         try:
+            self._password = embedded_password(self.data_dir)
             self._start(timeout)
         except BaseException:
             self._release_lock()
             raise
-        (self.data_dir / "redis.url").write_text(self.url + "\n")
+        _write_private(self.data_dir / URL_FILE, self.url + "\n")
         return self
 
     def _start(self, timeout: float) -> None:
@@ -117,10 +182,19 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]
+        # "-": the rest of the configuration comes from stdin, so the password is never on the command
+        # line (which every local user can read in /proc/<pid>/cmdline)
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+            [args[0], "-", *args[1:]], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(f'requirepass "{self._password}"\n'.encode())
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited: reported below
+        client = redis_client(self.url, timeout=0.2)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -129,7 +203,7 @@ class EmbeddedRedis:
             try:
                 if client.ping():
                     break
-            except redis.exceptions.ConnectionError:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 pass
             except redis.exceptions.BusyLoadingError:
                 pass
@@ -156,3 +230,33 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def redis_for(cfg: Config, *, running_ok: bool = False) -> tuple[EmbeddedRedis | None, str]:
+    """The Redis ``cfg`` asks for: REDIS_URL when set (TLS options need it to be rediss://), else an
+    embedded redis-server started in ``cfg.data_dir / "redis"``; with ``running_ok`` (the CLI commands)
+    the one a running ``nba serve`` keeps there is used instead of failing with ``DataDirInUse``.
+    Returns the server started here (the caller stops it) and the URL; connect with ``redis_client``."""
+    tls = [env for env, value in (("REDIS_CA", cfg.redis_ca), ("REDIS_CERT", cfg.redis_cert),
+                                  ("REDIS_KEY", cfg.redis_key)) if value]
+    if cfg.redis_url is not None:
+        if tls and not cfg.redis_url.startswith("rediss://"):
+            raise RedisUnavailable(f"{'/'.join(tls)} given but REDIS_URL={mask_url(cfg.redis_url)} is not rediss://")
+        return None, cfg.redis_url
+    if tls:
+        log.warning("%s ignored: they apply to a rediss:// REDIS_URL, the embedded Redis listens on 127.0.0.1",
+                    "/".join(tls))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            server = EmbeddedRedis(cfg.data_dir / "redis").start()
+        except DataDirInUse as busy:
+            if not running_ok:
+                raise
+            if busy.url != "?":
+                return None, busy.url
+            if time.monotonic() > deadline:  # locked, but no URL: a server still starting, or stuck
+                raise
+            time.sleep(0.1)
+            continue
+        return server, server.url
