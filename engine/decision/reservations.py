@@ -9,8 +9,6 @@ unit twice.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -18,22 +16,21 @@ import redis
 
 from engine import metrics
 from engine.decision.contact import RELEASE, RESERVATIONS_KEY
-
-log = logging.getLogger(__name__)
+from engine.store.polling import Poller
 
 BATCH = 500
 
 
-class ReservationReleaser:
+class ReservationReleaser(Poller):
+    label = "reservations"
+
     def __init__(self, client: redis.Redis, interval: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(interval)
         self.client = client
-        self.interval = interval
         self.clock = clock
         self._release = client.register_script(RELEASE)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def release_once(self) -> int:
+    def poll_once(self) -> int:
         """Release every reservation expired by now; returns how many."""
         released = 0
         while not self._stop.is_set():
@@ -44,23 +41,3 @@ class ReservationReleaser:
         if released:
             metrics.RESERVATIONS.labels("released").inc(released)
         return released
-
-    def start(self) -> ReservationReleaser:
-        self._thread = threading.Thread(target=self._run, name="budget-reservations", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.release_once()
-            except redis.exceptions.RedisError as exc:
-                if self._stop.is_set():
-                    return
-                metrics.REDIS_ERRORS.labels("reservations").inc()
-                log.warning("budget reservations: %s", exc)

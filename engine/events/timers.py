@@ -13,14 +13,13 @@ is sent at most once per (pattern, event), also when it was postponed).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import redis
 
-from engine import metrics
 from engine.events.processor import TIMERS_KEY
+from engine.store.polling import Poller
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +35,16 @@ return due
 """
 
 
-class TimerPoller:
+class TimerPoller(Poller):
+    label = "event_timers"
+
     def __init__(self, client: redis.Redis, handle: Callable[[str], object], interval: float = 0.5,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__(interval)
         self.client = client
         self.handle = handle
-        self.interval = interval
         self.clock = clock
         self._claim = client.register_script(_CLAIM)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> TimerPoller:
-        self._thread = threading.Thread(target=self._run, name="event-timers", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def poll_once(self) -> int:
         """Handle every timer due now; returns how many were handled."""
@@ -74,13 +63,3 @@ class TimerPoller:
             if len(members) < BATCH:
                 return handled
         return handled
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.poll_once()
-            except redis.exceptions.RedisError as exc:
-                if self._stop.is_set():
-                    return
-                metrics.REDIS_ERRORS.labels("event_timers").inc()
-                log.warning("absence timers: %s", exc)
