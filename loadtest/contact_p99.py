@@ -92,6 +92,21 @@ def alternate(addresses: dict[str, str], rate: float, duration: float, customers
     return {m: latency[measured & (np.arange(n) % 2 == k)] * 1000 for k, m in enumerate(modes)}
 
 
+def summarize_rounds(rounds: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """Per mode: percentiles over all rounds' latencies (ms; NaN: failed), each round's p50 and p99."""
+    table = {}
+    for mode, parts in rounds.items():
+        ms = np.concatenate(parts)
+        good = ms[~np.isnan(ms)]
+        table[mode] = {"p50_ms": round(float(np.percentile(good, 50)), 3),
+                       "p99_ms": round(float(np.percentile(good, 99)), 3),
+                       "p999_ms": round(float(np.percentile(good, 99.9)), 3),
+                       "rounds_p50_ms": [round(float(np.nanpercentile(p, 50)), 3) for p in parts],
+                       "rounds_p99_ms": [round(float(np.nanpercentile(p, 99)), 3) for p in parts],
+                       "requests": int(len(ms)), "errors": int(np.isnan(ms).sum())}
+    return table
+
+
 def in_process(calls: int, customers: int, models_dir: str) -> dict:
     import random
     import time
@@ -190,15 +205,7 @@ def main() -> int:
                 p.terminate()
                 p.wait(30)
 
-    table = {}
-    for mode, parts in rounds.items():
-        ms = np.concatenate(parts)
-        good = ms[~np.isnan(ms)]
-        table[mode] = {"p50_ms": round(float(np.percentile(good, 50)), 3),
-                       "p99_ms": round(float(np.percentile(good, 99)), 3),
-                       "p999_ms": round(float(np.percentile(good, 99.9)), 3),
-                       "rounds_p99_ms": [round(float(np.nanpercentile(p, 99)), 3) for p in parts],
-                       "requests": int(len(ms)), "errors": int(np.isnan(ms).sum())}
+    table = summarize_rounds(rounds)
     ratio = table["on"]["p99_ms"] / table["off"]["p99_ms"]
     print(f"\n{'contact policies':17} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9}  p99 per round")
     for mode in ("off", "on"):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from contact_p99 import alternate  # noqa: E402
+from contact_p99 import alternate, summarize_rounds  # noqa: E402
 
 from engine.serving.client import open_channel  # noqa: E402
 from engine.serving.security import token_hash  # noqa: E402
@@ -101,16 +101,7 @@ def main() -> int:
                 p.terminate()
                 p.wait(30)
 
-    table = {}
-    for mode, parts in rounds.items():
-        ms = np.concatenate(parts)
-        good = ms[~np.isnan(ms)]
-        table[mode] = {"p50_ms": round(float(np.percentile(good, 50)), 3),
-                       "p99_ms": round(float(np.percentile(good, 99)), 3),
-                       "p999_ms": round(float(np.percentile(good, 99.9)), 3),
-                       "rounds_p50_ms": [round(float(np.nanpercentile(p, 50)), 3) for p in parts],
-                       "rounds_p99_ms": [round(float(np.nanpercentile(p, 99)), 3) for p in parts],
-                       "requests": int(len(ms)), "errors": int(np.isnan(ms).sum())}
+    table = summarize_rounds(rounds)
     ratios = {q: round(table["secure"][f"{q}_ms"] / table["plain"][f"{q}_ms"], 3) for q in ("p50", "p99", "p999")}
     print(f"{'':8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'requests':>9} {'errors':>7}  "
           f"({args.rounds} rounds x {args.duration:g}s at {args.rate:g}/s in total, alternating)")
