@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.rules_watch_seconds = args.watch_rules
     cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
     cfg.auth_file, cfg.insecure = args.auth, args.insecure
+    cfg.max_in_flight = args.max_in_flight
     return serve(cfg)
 
 
@@ -513,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see README, 'Running it securely')")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --address without TLS and --auth (logs a warning)")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("auth", help="make credentials for the auth file")

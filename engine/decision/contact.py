@@ -107,11 +107,16 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 #   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
 #   index or 0, budget, body]), fb (fallback candidate or 0), rec (decision record fields),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
-#   overwrite the placement's stored decision rather than return it).
+#   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
+#   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''},
-# or {'replay', stored decision} when the interaction's placement was decided already.
+# or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''}.
 PRESENT = r"""
 local a = cjson.decode(ARGV[1])
+if a.late_ms > 0 then  -- the caller has had its (degraded) answer by now: present nothing
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > a.late_ms then return {'late', ''} end
+end
 if a.ix ~= '' and not a.replace then
   local prev = redis.call('HGET', KEYS[3], a.ix)
   if prev then return {'replay', prev} end
@@ -245,7 +250,7 @@ def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
                  channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
                  mode: str, interaction: str = "", placement: str = "", bodies: list[str] | None = None,
-                 head: str = "", replace: bool = False) -> tuple[list[str], str, list[ContactLimit]]:
+                 head: str = "", replace: bool = False, late_ms: int = 0) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
     ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
     this decision replaces the placement's stored one (else a stored one is returned instead)."""
@@ -274,6 +279,6 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
         "since": now_ms - int(rules.history_days * DAY_MS), "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
         "bttl": BUDGET_TTL_SECONDS, "rsv": now_ms + ix.reservation_ms, "lim": [l.spec(now_ms) for l in limits],
         "cand": cand, "fb": fb, "rec": record, "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
-        "head": head or "{}", "replace": replace,
+        "head": head or "{}", "replace": replace, "late_ms": late_ms,
     }
     return keys, json.dumps(args, separators=(",", ":")), limits

@@ -54,11 +54,13 @@ from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import Profile, ProfileStore, SchemaMismatch
+from engine.store.profiles import Profile, ProfileStore, SchemaMismatch, redis_deadline
 
 log = logging.getLogger(__name__)
 
 FEATURE_SCHEMA = SCHEMA.fingerprint()  # hashed once: every logged decision carries it
+MIN_DECISION_SECONDS = 0.006  # less time left than this before the caller's deadline: the fallback at once
+ANSWER_SECONDS = 0.005  # kept back from the deadline for what follows the last Redis reply (rules, scoring, reply)
 
 
 @dataclass
@@ -195,61 +197,81 @@ class DecisionEngine:
 
     def _decide(self, req: DecideInput, observe: bool = True) -> tuple[Decision, str | None]:
         max_actions = validate(req)
+        with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
+            if req.deadline and req.deadline - time.monotonic() < MIN_DECISION_SECONDS:
+                return self._out_of_time(rules, req), "deadline"
+            # Redis replies are awaited until the caller's deadline less the time to answer, not longer
+            with redis_deadline(req.deadline - ANSWER_SECONDS if req.deadline else 0.0):
+                return self._decide_in_time(rules, req, max_actions, observe)
+
+    def _out_of_time(self, rules: CompiledRules, req: DecideInput) -> Decision:
+        """Too little time left for a decision: the channel's fallback at once, degraded, nothing read or
+        recorded in Redis (a response to it is not known)."""
+        action = rules.ruleset.fallback_for(req.channel)
+        actions = [fallback_ranked(action, req.channel)] if (
+            req.fallback and action is not None and req.channel in action.channels) else []
+        now = self.clock()
+        models = self.model.current
+        return Decision(decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel,
+                        actions=actions, ruleset_version=rules.version, model_version=models.version,
+                        degraded=True, cold_start=False, situations=[], decided_at=now, preview=req.preview)
+
+    def _decide_in_time(self, rules: CompiledRules, req: DecideInput, max_actions: int,
+                        observe: bool) -> tuple[Decision, str | None]:
         stages = _Stages(observe)
         now = self.clock()
-        with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
-            models = self.model.current
-            profile, stored, degraded_by = self._fetch(req)
-            stages.done("profile")
-            place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
-            replace = place in stored
-            if replace:
-                head, actions = interactions.read(stored[place])
-                # an offer decided before the customer withdrew consent on this channel is decided anew
-                if req.channel in profile.sets.get("consent", ()) or all(a.type == "service" for a in actions):
-                    return self._repeat(rules, req, head, actions, now), None
-                del stored[place]
-            derived = derive(profile.numeric)
-            stages.done("derive")
-            model, role, shadow = resolve(models, req.customer_id)
-            outcome = rules.evaluate(rules.build_fact(FactInputs(
-                numbers=np.concatenate((profile.numeric, derived)),
-                categories=profile.categorical,
-                products=profile.sets.get("products", ()),
-                consents=profile.sets.get("consent", ()),
-                channel=req.channel, touchpoint=req.touchpoint, context=req.context,
-                triggers=profile.triggers,
-            )))
-            admitted, candidates = rules.admitted(outcome, req.channel)  # catalog indices, verdicts
-            if outcome.degraded:
-                degraded_by = degraded_by or "rule_engine"
-            stages.done("rules")
-            x = shared_row(customer_block(profile, derived), req.channel)
-            propensity = self._score(rules, model, x, admitted)
-            shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
-            explore = self._explore(models, model, rules, req, admitted, propensity, now)
-            stages.done("scoring")
-            funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
-                      for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
-            decision = Decision(
-                decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel, actions=[],
-                ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
-                cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
-                funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
-                preview=req.preview)
-            repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
-                                   funnel, stored, place, observe, explore, replace)
-            if repeat is not None:  # a concurrent call of this interaction and placement decided first
-                return self._repeat(rules, req, *interactions.read(repeat), now), None
-            if decision.degraded and degraded_by is None:
-                degraded_by = "contact_store"
-            if explore is not None and not decision.control:
-                decision.explored = True
-                decision.explored_top = "same" if (order(candidates, propensity)[0][2].action.id
-                                                   == order(candidates, propensity, explore)[0][2].action.id) else "changed"
-            for key, value in _shadow(shadow, shadow_p, candidates, decision.actions).items():
-                setattr(decision, key, value)
-            stages.done("arbitration")
+        models = self.model.current
+        profile, stored, degraded_by = self._fetch(req)
+        stages.done("profile")
+        place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
+        replace = place in stored
+        if replace:
+            head, actions = interactions.read(stored[place])
+            # an offer decided before the customer withdrew consent on this channel is decided anew
+            if req.channel in profile.sets.get("consent", ()) or all(a.type == "service" for a in actions):
+                return self._repeat(rules, req, head, actions, now), None
+            del stored[place]
+        derived = derive(profile.numeric)
+        stages.done("derive")
+        model, role, shadow = resolve(models, req.customer_id)
+        outcome = rules.evaluate(rules.build_fact(FactInputs(
+            numbers=np.concatenate((profile.numeric, derived)),
+            categories=profile.categorical,
+            products=profile.sets.get("products", ()),
+            consents=profile.sets.get("consent", ()),
+            channel=req.channel, touchpoint=req.touchpoint, context=req.context,
+            triggers=profile.triggers,
+        )))
+        admitted, candidates = rules.admitted(outcome, req.channel)  # catalog indices, verdicts
+        if outcome.degraded:
+            degraded_by = degraded_by or "rule_engine"
+        stages.done("rules")
+        x = shared_row(customer_block(profile, derived), req.channel)
+        propensity = self._score(rules, model, x, admitted)
+        shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
+        explore = self._explore(models, model, rules, req, admitted, propensity, now)
+        stages.done("scoring")
+        funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
+                  for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
+        decision = Decision(
+            decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel, actions=[],
+            ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
+            cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
+            funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
+            preview=req.preview)
+        repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
+                               funnel, stored, place, observe, explore, replace, degraded_by == "profile_store")
+        if repeat is not None:  # a concurrent call of this interaction and placement decided first
+            return self._repeat(rules, req, *interactions.read(repeat), now), None
+        if decision.degraded and degraded_by is None:
+            degraded_by = "contact_store"
+        if explore is not None and not decision.control:
+            decision.explored = True
+            decision.explored_top = "same" if (order(candidates, propensity)[0][2].action.id
+                                               == order(candidates, propensity, explore)[0][2].action.id) else "changed"
+        for key, value in _shadow(shadow, shadow_p, candidates, decision.actions).items():
+            setattr(decision, key, value)
+        stages.done("arbitration")
         if observe:
             for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
                                 ("lever", outcome.levers)):
@@ -320,7 +342,7 @@ class DecisionEngine:
     def _present(self, rules: CompiledRules, decision: Decision, outcome: RuleOutcome, profile: Profile,
                  admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
                  funnel: list[FunnelEntry] | None, stored: dict[str, str], place: str, observe: bool,
-                 explore: np.ndarray | None, replace: bool) -> str | None:
+                 explore: np.ndarray | None, replace: bool, store_down: bool) -> str | None:
         """Order the candidates, drop those a contact policy forbids, then keep the top N, one per group,
         within budgets: atomically in Redis when contact policies are enforced. Fills ``decision`` (actions,
         control, degraded); returns the stored decision instead when a concurrent call of the same
@@ -341,6 +363,9 @@ class DecisionEngine:
         else:
             fallback = fallback_action(rules, outcome, channel, funnel) if req.fallback else None
         exploring = explore is not None and not decision.control
+        if contact is not None and store_down:  # Redis failed us just now: limits and budgets cannot be judged
+            decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
+            return None
         if contact is None or not observe:
             ranked = select(candidates, channel, max_actions, funnel)
             if not ranked and fallback is not None:
@@ -364,19 +389,24 @@ class DecisionEngine:
             head = _header(decision, mode)
         keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision.decision_id,
                                           now, record, req.customer_id, mode, req.interaction_id,
-                                          place[len(interactions.FIELD_PREFIX):], bodies, head, replace)
+                                          place[len(interactions.FIELD_PREFIX):], bodies, head, replace,
+                                          _late_ms(req.deadline))
         try:
             reply = self._present_script(keys=keys, args=[args])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
-            log.warning("presenting decision %s failed (limits and budgets not applied): %s", decision.decision_id, exc)
-            ranked = select(candidates, channel, max_actions, funnel)
-            decision.actions = ranked or ([fallback_ranked(fallback, channel)] if fallback else [])
+            # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
+            log.warning("presenting decision %s failed (answered with the fallback): %s", decision.decision_id, exc)
+            decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
             decision.degraded = True
             return None
         verdicts, fb = reply
         if verdicts == b"replay":
             return fb.decode()
+        if verdicts == b"late":
+            decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
+            decision.degraded = True
+            return None
         ranked = []
         for (priority, p, v), verdict in zip(candidates, verdicts):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
@@ -469,6 +499,11 @@ class DecisionEngine:
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
             })
+
+
+def _late_ms(deadline: float) -> int:
+    """The caller's deadline (``time.monotonic()``) in epoch ms, as Redis's clock reads it; 0: none."""
+    return int((time.time() + deadline - time.monotonic()) * 1000) if deadline else 0
 
 
 EXPLORING = "exploring: ranked on the model blended with a Thompson sample"

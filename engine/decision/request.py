@@ -33,6 +33,7 @@ class DecideInput:
     fallback: bool = True  # False: an empty answer rather than the fallback action (outbound from events)
     interaction_id: str = ""  # the same customer + interaction id + placement gets the same decision back
     preview: bool = False  # decide without side effects: no impression, budget, record or log
+    deadline: float = 0.0  # time.monotonic() by which the caller needs the answer (0: none)
 
 
 def validate(req: DecideInput) -> int:

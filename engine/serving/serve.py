@@ -26,7 +26,6 @@ from engine.config import Config
 from engine.store.redis_embedded import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
-HEALTH_NAMES = ("", "nba.v1.DecisionService", "nba.v1.AdminService")
 
 
 def serve(config: Config, stop: threading.Event | None = None, grace: float = 5.0) -> int:
@@ -54,10 +53,10 @@ def _settle() -> None:
 
 
 def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
-    from grpc_health.v1 import health_pb2
     from prometheus_client import start_http_server
 
     from engine.serving.app import App
+    from engine.serving.health import RedisHealth
     from engine.serving.security import server_security
     from engine.serving.server import build_server
 
@@ -67,15 +66,18 @@ def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
     try:
         app.start()
         _settle()
-        server, port, health = build_server(app, config.grpc_address, tls=tls, auth=auth)
+        server, port, health = build_server(app, config.grpc_address, tls=tls, auth=auth,
+                                            max_in_flight=config.max_in_flight)
         server.start()
         if config.metrics_port:
             http, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
-        for name in HEALTH_NAMES:
-            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        monitor = RedisHealth(app.store.client, health)
+        monitor.poll_once()
+        monitor.start()
         _announce(config, port, f"ruleset {app.rules.current.version}, model {app.model.current.version}")
         stop.wait()
         log.info("stopping: draining in-flight calls (up to %.0fs)", grace)
+        monitor.stop()
         health.enter_graceful_shutdown()
         server.stop(grace).wait()
         return 0
@@ -93,9 +95,8 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
-    from grpc_health.v1 import health_pb2
-
     from engine.serving.app import App
+    from engine.serving.health import RedisHealth
     from engine.serving.security import server_security
     from engine.serving.server import build_server
 
@@ -104,12 +105,15 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
         tls, auth = server_security(config)
         app.start()  # rules compiled, JIT compiled or loaded from cache, Redis pool open, stages warmed
         _settle()
-        server, port, health = build_server(app, config.grpc_address, reuse_port=True, tls=tls, auth=auth)
+        server, port, health = build_server(app, config.grpc_address, reuse_port=True, tls=tls, auth=auth,
+                                            max_in_flight=config.max_in_flight)
         server.start()
-        for name in HEALTH_NAMES:
-            health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        monitor = RedisHealth(app.store.client, health)
+        monitor.poll_once()
+        monitor.start()
         ready.put((index, os.getpid(), app.rules.current.version, app.model.current.version))
         stop.wait()
+        monitor.stop()
         health.enter_graceful_shutdown()
         server.stop(grace).wait()
     except Exception as exc:

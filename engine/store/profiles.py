@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
+from redis.connection import SENTINEL
 
 from engine.config import Config
 from engine.errors import NbaError
@@ -180,6 +184,42 @@ def _tls_options(url: str, config: Config | None) -> dict[str, Any]:
     return options
 
 
+_deadline: ContextVar[float] = ContextVar("nba_redis_deadline", default=0.0)
+
+
+@contextmanager
+def redis_deadline(at: float) -> Iterator[None]:
+    """Redis replies awaited on this thread until ``at`` (``time.monotonic()``; 0: none) at the latest:
+    a later one is a ``redis.exceptions.TimeoutError`` (the caller's deadline, not the fixed socket timeout)."""
+    token = _deadline.set(at)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+class _DeadlineReads:
+    """A connection whose reads wait at most until the thread's ``redis_deadline``."""
+
+    socket_timeout: float | None
+
+    def read_response(self, *args: Any, timeout: Any = SENTINEL, **kwargs: Any) -> Any:
+        at = _deadline.get()
+        if at and timeout is SENTINEL:
+            left = max(at - time.monotonic(), 0.0001)
+            if self.socket_timeout is None or left < self.socket_timeout:
+                timeout = left
+        return super().read_response(*args, timeout=timeout, **kwargs)  # type: ignore[misc]
+
+
+class DeadlineConnection(_DeadlineReads, redis.Connection):
+    pass
+
+
+class DeadlineSSLConnection(_DeadlineReads, redis.SSLConnection):
+    pass
+
+
 def redis_client(url: str, config: Config | None = None, *, timeout: float = 1.0, **options: Any) -> redis.Redis:
     """The one place a Redis client is built, for the service, its background threads, the stream
     consumers and every CLI command: ``url`` carries the credentials (``redis://user:password@host:port/0``
@@ -187,6 +227,9 @@ def redis_client(url: str, config: Config | None = None, *, timeout: float = 1.0
     against ``config.redis_ca`` (else the system's CA bundle), with ``config.redis_cert``/``redis_key``
     as the client certificate. Connects lazily: ``check_redis`` turns a refusal into one clear error."""
     tls = _tls_options(url, config)
+    scheme = urlsplit(url).scheme
+    if scheme in ("redis", "rediss"):
+        options.setdefault("connection_class", DeadlineSSLConnection if scheme == "rediss" else DeadlineConnection)
     try:
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **tls, **options)
     except ValueError as exc:  # not a redis://, rediss:// or unix:// URL

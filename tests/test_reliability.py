@@ -1,0 +1,238 @@
+"""Short versions of the fault drills (loadtest/faults.py runs the long ones): deadlines honoured while
+Redis is paused or gone, health following Redis, load shedding, a killed worker replaced."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.config import Config
+from engine.decision.contact import contacts_key, decision_key
+from engine.decision.request import DecideInput
+from engine.rules.contact import ControlGroup
+from engine.serving.app import App
+from engine.serving.health import RedisHealth
+from engine.serving.server import build_server
+from engine.store.redis_embedded import EmbeddedRedis, free_port
+
+from .conftest import REPO, RULES_DIR
+
+CONTROL = ControlGroup(0.1)
+
+
+def _customer(start: int) -> str:
+    return next(c for c in (f"C{i:07d}" for i in range(start, 1000)) if not CONTROL.contains(c))
+
+
+@contextlib.contextmanager
+def served(redis_url: str, models_dir: Path, **server: object) -> Iterator[tuple[App, grpc.Channel, RedisHealth]]:
+    app = App(Config(redis_url=redis_url, rules_dir=RULES_DIR, models_dir=models_dir, demo_customers=300,
+                     metrics_port=0, rules_watch_seconds=0, events_poll_seconds=0)).start()
+    grpc_server, port, health = build_server(app, "127.0.0.1:0", **server)  # type: ignore[arg-type]
+    grpc_server.start()
+    monitor = RedisHealth(app.store.client, health, interval=0.2)
+    monitor.poll_once()
+    monitor.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield app, channel, monitor
+    finally:
+        monitor.stop()
+        channel.close()
+        grpc_server.stop(0).wait()
+        app.close()
+
+
+def timed_decide(channel: grpc.Channel, customer: str, deadline: float) -> tuple[pb.DecideResponse, float]:
+    started = time.monotonic()
+    reply = pb_grpc.DecisionServiceStub(channel).Decide(
+        pb.DecideRequest(customer_id=customer, channel=pb.CHANNEL_CALL_CENTER, max_actions=3), timeout=deadline)
+    return reply, time.monotonic() - started
+
+
+def health_status(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+def test_a_paused_redis_gives_degraded_answers_within_the_deadline_and_records_nothing_late(
+        redis_url: str, models_dir: Path) -> None:
+    with served(redis_url, models_dir) as (app, channel, _):
+        admin = redis.Redis.from_url(redis_url)
+        cid = _customer(10)
+        normal, _ = timed_decide(channel, cid, 1.0)
+        assert not normal.degraded and normal.actions
+        for mode, customer in (("ALL", _customer(20)), ("WRITE", _customer(30))):
+            admin.execute_command("CLIENT", "PAUSE", 1500, mode)
+            try:
+                reply, took = timed_decide(channel, customer, 0.1)
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
+            assert reply.degraded and took < 0.1, (mode, took)
+            assert [a.action_id for a in reply.actions] == ["account_health_check"]  # the call center's fallback
+            time.sleep(0.2)  # the presenting script, if it ran after the pause, had to find itself late
+            assert not admin.exists(decision_key(reply.decision_id)), mode
+            assert not [m for m in admin.zrange(contacts_key(customer), 0, -1) if reply.decision_id.encode() in m]
+        again, _ = timed_decide(channel, cid, 1.0)
+        assert not again.degraded
+        # too little time left for a decision at all: the fallback at once, nothing read
+        hurried = app.engine.decide(DecideInput(customer_id=cid, channel="call_center",
+                                                deadline=time.monotonic() + 0.001))
+        assert hurried.degraded and [a.action_id for a in hurried.actions] == ["account_health_check"]
+
+
+def test_redis_gone_answers_degraded_reports_not_serving_and_recovers_without_a_restart(
+        tmp_path: Path, models_dir: Path) -> None:
+    port = free_port()
+    server = EmbeddedRedis(tmp_path / "redis", port=port).start()
+    try:
+        with served(server.url, models_dir) as (_, channel, monitor):
+            cid = _customer(40)
+            assert not timed_decide(channel, cid, 1.0)[0].degraded
+            server.process.kill()  # SIGKILL
+            server.process.wait()
+            reply, took = timed_decide(channel, cid, 0.2)
+            assert reply.degraded and reply.actions and took < 0.2
+            deadline = time.monotonic() + 5
+            while health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "still SERVING without Redis"
+                time.sleep(0.1)
+            server.stop()
+            server = EmbeddedRedis(tmp_path / "redis", port=port).start()  # the same data: AOF replay
+            deadline = time.monotonic() + 10
+            while health_status(channel) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "not SERVING again after Redis came back"
+                time.sleep(0.1)
+            assert monitor.serving
+            while timed_decide(channel, cid, 1.0)[0].degraded:  # the pool reconnects on the next call
+                assert time.monotonic() < deadline, "still degraded after Redis came back"
+            reply, _ = timed_decide(channel, cid, 1.0)
+            assert not reply.degraded and not reply.cold_start
+    finally:
+        server.stop()
+
+
+class Slow(grpc.ServerInterceptor):
+    """Every Decide takes 300 ms (a slow dependency), so calls pile up."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.endswith("/Decide"):
+            return handler
+        inner = handler.unary_unary
+
+        def slow(request, context):
+            time.sleep(0.3)
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(slow, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+def test_overload_is_answered_resource_exhausted_at_once(redis_url: str, models_dir: Path) -> None:
+    with served(redis_url, models_dir, max_in_flight=4, interceptors=(Slow(),)) as (_, channel, _):
+        results: list[tuple[grpc.StatusCode, float]] = []
+        start = threading.Barrier(12)
+
+        def call() -> None:
+            start.wait()
+            began = time.monotonic()
+            try:
+                timed_decide(channel, _customer(50), 5.0)
+                results.append((grpc.StatusCode.OK, time.monotonic() - began))
+            except grpc.RpcError as exc:
+                results.append((exc.code(), time.monotonic() - began))
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        shed = [took for code, took in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(shed) == 8 and max(shed) < 0.1, results
+        assert sum(code == grpc.StatusCode.OK for code, _ in results) == 4
+
+
+def test_a_killed_worker_is_replaced_and_serves_again(tmp_path: Path, models_dir: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
+         "--metrics-port", "0", "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "--customers", "300"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+
+    def pids(wanted: int, timeout: float = 120) -> set[int]:
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < wanted:
+            assert proc.poll() is None and time.monotonic() < deadline, "workers not serving"
+            try:
+                with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                    seen.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=2).worker_pid)
+            except grpc.RpcError:
+                time.sleep(0.2)
+        return seen
+
+    try:
+        first = pids(2)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # the survivor keeps answering while the supervisor starts a replacement
+            now = pids(2, timeout=deadline - time.monotonic())
+            if victim not in now and len(now - first) >= 1:
+                break
+        with grpc.insecure_channel(address) as ch:
+            assert timed_decide(ch, "C0000001", 5.0)[0].actions
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            proc.kill()
+
+
+def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(redis_url: str,
+                                                                                 models_dir: Path) -> None:
+    """A script that Redis runs after the caller's deadline (it sat behind a slow command) changes nothing:
+    the caller was answered with the fallback, so nothing may count as shown."""
+    from engine.decision.contact import PRESENT, present_args
+    from engine.rules.runtime import load_and_compile
+
+    rules = load_and_compile(RULES_DIR)
+    try:
+        client = redis.Redis.from_url(redis_url)
+        script = client.register_script(PRESENT)
+        action = rules.ruleset.actions[0]
+
+        class Verdict:
+            pass
+
+        verdict = Verdict()
+        verdict.action = action  # type: ignore[attr-defined]
+        now = time.time()
+        for late_ms, expect in ((int(now * 1000) - 1, b"late"), (int(now * 1000) + 60_000, None)):
+            keys, args, _ = present_args(rules.ruleset.contact, [(1.0, 0.5, verdict)], None, 3, "call_center",
+                                         f"d{late_ms}", now, {"customer": "LATE-1"}, "LATE-1", "decide",
+                                         late_ms=late_ms)
+            verdicts, _ = script(keys=keys, args=[args])
+            if expect is not None:
+                assert verdicts == expect and not client.exists(decision_key(f"d{late_ms}"))
+                assert client.zcard(contacts_key("LATE-1")) == 0
+            else:
+                assert verdicts == [b"ok"] and client.exists(decision_key(f"d{late_ms}"))
+    finally:
+        rules.close()
