@@ -91,6 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
     cfg.auth_file, cfg.insecure = args.auth, args.insecure
     cfg.max_in_flight = args.max_in_flight
+    if args.fsync is not None and cfg.redis_url is not None:
+        logging.getLogger(__name__).warning("--fsync %s ignored: it sets the embedded Redis; set appendfsync on "
+                                            "the Redis at REDIS_URL (README, 'Durability')", args.fsync)
+    cfg.redis_fsync = args.fsync or "everysec"
     return serve(cfg)
 
 
@@ -173,40 +177,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from engine.live import Live
-    from engine.models.registry import ModelRegistry
-    from engine.rules.runtime import load_and_compile
-    from engine.sim import demo
-    from engine.sim.simulate import POLICIES, format_simulation, simulate
+    """Runs on a redis-server of its own (``engine.sim.simulate.private_store``), never on REDIS_URL's."""
+    from engine.rules.errors import RuleErrors
+    from engine.rules.loader import load_rules
+    from engine.sim.simulate import Settings, format_simulation, plot_curves, simulate, table
 
     cfg = _config(args)
-    rules = load_and_compile(cfg.rules_dir)
-    registry = ModelRegistry(cfg.models_dir)
-    if registry.champion() is None:
-        print(f"no champion model in {registry.dir}: training the demo model", file=sys.stderr)
-        demo.train_demo(registry, rules.ruleset.actions)
-    from engine.models.registry import ModelRefused
-
-    try:
-        model = registry.load()
-    except ModelRefused as exc:
-        rules.close()
-        print(f"error: {exc}\n(run `nba train` for a model of the current schema)", file=sys.stderr)
-        return 1
-    live = Live(rules, retire=lambda r: r.close())
+    ruleset, errors = load_rules(cfg.rules_dir)
+    if ruleset is None:
+        raise RuleErrors(errors)
+    settings = Settings(world=args.world, customers=args.customers, rounds=args.rounds,
+                        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+                        history_customers=args.history_customers, history_days=args.history_days,
+                        retrain=not args.no_retrain, explore=args.explore, trees=args.trees)
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
-    try:
-        with _store(cfg) as store:
-            sim = simulate(store, live, model, customers=args.customers, rounds=args.rounds,
-                           seed=args.seed, retrain=args.retrain, policies=POLICIES, progress=progress)
-    finally:
-        rules.close()
-    if args.json:
-        print(json.dumps({name: r.row() for name, r in sim.results.items()}, indent=2))
-        print(f"generic offer: {sim.generic_action}; {sim.seconds:.1f}s; "
-              f"lift: nba report --since {sim.since}", file=sys.stderr)
-    else:
-        print(format_simulation(sim))
+    sim = simulate(ruleset, settings, progress=progress)
+    if args.png:
+        plot_curves(sim, args.png)
+        print(f"learning curves: {args.png}", file=sys.stderr)
+    print(json.dumps(table(sim), indent=2) if args.json else format_simulation(sim))
     return 0
 
 
@@ -516,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="allow a non-loopback --address without TLS and --auth (logs a warning)")
     p.add_argument("--max-in-flight", type=int, default=64,
                    help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
+    p.add_argument("--fsync", choices=("everysec", "always"),
+                   help="the embedded Redis's appendfsync (default everysec): always fsyncs every write before "
+                        "the OK (survives power loss; costs latency, README 'Durability')")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("auth", help="make credentials for the auth file")
@@ -551,13 +543,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="store the model only (default: promote it unless the champion does better on the same holdout)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("simulate", help="play the synthetic world: NBA vs rules-only, generic, random and oracle")
+    p = sub.add_parser("simulate", help="play the synthetic world on a private Redis: NBA vs rules-only, generic, "
+                       "random, and oracles under the same and under no contact limits")
     paths(p)
-    p.add_argument("--customers", type=int, default=1000, help="simulated customers per policy")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (simulated days); one decision per customer each")
-    p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--retrain", action="store_true", help="retrain the model between rounds on recorded responses")
-    p.add_argument("--json", action="store_true", help="one JSON object keyed by policy")
+    p.add_argument("--world", choices=("realistic", "ideal"), default="realistic",
+                   help="realistic (unobserved traits, fatigue, holdings, late responses, drift, new actions) or ideal")
+    p.add_argument("--customers", type=int, default=1000, help="evaluated customers (the same for every policy)")
+    p.add_argument("--rounds", type=int, default=8, help="rounds (simulated days)")
+    p.add_argument("--seeds", type=int, default=5, help="world seeds (mean and 95%% CI over them)")
+    p.add_argument("--seed", type=int, default=11, help="first world seed")
+    p.add_argument("--history-customers", type=int, default=10_000,
+                   help="customers of the other population whose recorded traffic trains the model")
+    p.add_argument("--history-days", type=int, default=7, help="days of that recorded traffic")
+    p.add_argument("--no-retrain", action="store_true", help="keep the starting model (default: retrain nightly "
+                   "on the history plus the decisions and responses recorded in the run)")
+    p.add_argument("--explore", type=float, default=0.1, help="share of nba decisions that explore (0: off)")
+    p.add_argument("--trees", type=int, default=100, help="boosting rounds per training")
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by policy, plus world, seeds, model")
+    p.add_argument("--png", metavar="FILE", help="learning curves: value per 1,000 decisions per round")
     p.add_argument("--progress", dest="verbose_progress", action="store_true", help="progress on stderr")
     p.set_defaults(fn=cmd_simulate)
 

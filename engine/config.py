@@ -29,6 +29,7 @@ class Config:
     redis_cert: str | None = field(default_factory=lambda: os.environ.get("REDIS_CERT") or None)
     redis_key: str | None = field(default_factory=lambda: os.environ.get("REDIS_KEY") or None)
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("NBA_DATA_DIR", ".nba-data")))
+    redis_fsync: str = "everysec"  # the embedded Redis's appendfsync: everysec or always (README, "Durability")
     rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))
     demo_customers: int = DEMO_CUSTOMERS

@@ -59,7 +59,10 @@ class Recorded:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past year 9999 (a Timestamp's last nanosecond rounds up)
+        return f"{ts:.0f} s after 1970"
 
 
 class ResponseRecorder:

@@ -110,7 +110,7 @@ def parse_experiment(text: str) -> Experiment:
     """Parse experiment.yaml contents; raises ExperimentError naming the offending key."""
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
         raise ExperimentError(f"not valid YAML: {exc}") from exc
     data = _keys("experiment.yaml", data, {"challenger", "exploration"})
     challenger = None

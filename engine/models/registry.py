@@ -49,8 +49,13 @@ def live_schema() -> dict:
             "levels": feature_levels(), "feature_schema": SCHEMA.fingerprint(), "schema_version": SCHEMA.version}
 
 
-def schema_mismatch(schema: dict) -> str | None:
+def schema_mismatch(schema: object) -> str | None:
     """What differs between a model's schema.json and the live feature schema (None: it matches)."""
+    if not isinstance(schema, dict):
+        return f"schema.json holds {type(schema).__name__}, not an object; retrain the model"
+    actions = schema.get("actions", [])
+    if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+        return f"schema.json actions must be a list of action ids, got {actions!r:.80}"
     live = live_schema()
     for key in ("feature_schema", "features", "types", "categorical", "levels"):
         if key not in schema:
@@ -103,7 +108,7 @@ class ModelRegistry:
         model itself is only compiled by ``load``."""
         try:
             schema = json.loads((self.dir / version / "schema.json").read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             return f"unreadable schema.json: {exc}"
         return schema_mismatch(schema)
 
@@ -132,7 +137,7 @@ class ModelRegistry:
         folder = self.dir / version
         try:
             schema = json.loads((folder / "schema.json").read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ModelRefused(f"{folder}: unreadable schema.json: {exc}") from exc
         mismatch = schema_mismatch(schema)
         if mismatch is not None:
@@ -143,6 +148,9 @@ class ModelRegistry:
             raise ModelRefused(f"{folder / 'model.txt'}: not a usable LightGBM model: {exc}") from exc
         if scorer.num_features != len(FEATURES):
             raise ModelRefused(f"{folder}: model has {scorer.num_features} features, live schema {len(FEATURES)}")
+        if not scorer.probabilities:
+            raise ModelRefused(f"{folder}: objective {scorer.objective!r} does not score probabilities; "
+                               "a propensity model is binary")
         scorer.warmup()
         actions = tuple(schema.get("actions", ()))
         # Compile the decision kernels and build their layout now, never on a customer's request.

@@ -205,6 +205,8 @@ def _tree_from_kv(kv: dict[str, str]) -> _Tree:
     if len(leaf_value) != num_leaves:
         raise ValueError("malformed tree: leaf_value length != num_leaves")
     if num_leaves <= 1:
+        if num_leaves < 1 or not math.isfinite(leaf_value[0]):
+            raise ValueError("malformed tree: no leaf, or a leaf_value that is not a finite number")
         return _Tree(1, [], [], [], [], [], leaf_value[:1], [0], [])
     n = num_leaves - 1
     tree = _Tree(
@@ -221,7 +223,42 @@ def _tree_from_kv(kv: dict[str, str]) -> _Tree:
     for name in ("split_feature", "threshold", "decision_type", "left_child", "right_child"):
         if len(getattr(tree, name)) != n:
             raise ValueError(f"malformed tree: {name} length != num_leaves - 1")
+    _check_tree(tree)
     return tree
+
+
+def _check_tree(tree: _Tree) -> None:
+    """Refuse what no LightGBM writes and the kernels cannot walk safely (they do not bound-check):
+    children that do not form one binary tree from node 0 (a cycle would loop forever, an index out of
+    range would read another tree's or no array's memory), decision types outside LightGBM's bits, NaN
+    thresholds (the walker and the decision scorer would send NaN splits different ways) and
+    non-finite leaf values (NaN or certain propensities)."""
+    n = tree.num_leaves - 1
+    if not all(math.isfinite(v) for v in tree.leaf_value):
+        raise ValueError("malformed tree: a leaf_value is not a finite number")
+    for j, (dt, thr) in enumerate(zip(tree.decision_type, tree.threshold)):
+        if not 0 <= dt <= 15 or (dt >> 2) & 3 == 3:
+            raise ValueError(f"malformed tree: node {j} has decision_type {dt}")
+        if math.isnan(thr):
+            raise ValueError(f"malformed tree: node {j} has a NaN threshold")
+    node_seen, leaf_seen = [False] * n, [False] * tree.num_leaves
+    node_seen[0] = True
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        for child in (tree.left_child[node], tree.right_child[node]):
+            if child >= 0:
+                if child >= n or node_seen[child]:
+                    raise ValueError(f"malformed tree: node {node} has child node {child} (nodes 1..{n - 1}, each once)")
+                node_seen[child] = True
+                stack.append(child)
+            else:
+                if ~child >= tree.num_leaves or leaf_seen[~child]:
+                    raise ValueError(f"malformed tree: node {node} has child leaf {~child} "
+                                     f"(leaves 0..{tree.num_leaves - 1}, each once)")
+                leaf_seen[~child] = True
+    if not all(node_seen) or not all(leaf_seen):
+        raise ValueError("malformed tree: some nodes or leaves are not reached from node 0")
 
 
 def _objective_transform(objective: str, sigmoid_override: float | None) -> tuple[int, float]:
@@ -238,7 +275,7 @@ def _objective_transform(objective: str, sigmoid_override: float | None) -> tupl
             key, _, value = tok.partition(":")
             if key == "sigmoid" and value:
                 sigmoid = float(value)
-        if sigmoid is None or sigmoid <= 0.0:
+        if sigmoid is None or not 0.0 < sigmoid < math.inf:
             raise ValueError(f"binary objective without a positive sigmoid: {objective!r}")
         # The model text prints sigmoid with 6 significant digits; an in-memory booster keeps the exact
         # value, so prefer it when it is the same number at that precision.
@@ -346,8 +383,15 @@ class CompiledModel:
                     right_child[g] = global_child(tree.right_child[j], node_off, leaf_off)
                     if dt & CATEGORICAL_MASK:
                         # For categorical nodes the threshold holds the index into cat_boundaries.
-                        cat_idx = int(tree.threshold[j])
+                        thr = tree.threshold[j]
+                        if not (math.isfinite(thr) and thr == int(thr) and 0 <= thr < len(tree.cat_boundaries) - 1):
+                            raise ValueError(f"categorical split {j} names bitset {thr!r}, "
+                                             f"not one of 0..{len(tree.cat_boundaries) - 2}")
+                        cat_idx = int(thr)
                         lo, hi = tree.cat_boundaries[cat_idx], tree.cat_boundaries[cat_idx + 1]
+                        if not 0 <= lo <= hi <= len(tree.cat_threshold):
+                            raise ValueError(f"categorical split {j}: cat_boundaries {lo}..{hi} outside "
+                                             f"cat_threshold (0..{len(tree.cat_threshold)})")
                         cat_start[g] = word_off + lo
                         cat_words[g] = hi - lo
                     else:
@@ -409,6 +453,11 @@ class CompiledModel:
         """A scorer for decision-shaped batches: one shared row (customer, channel) against rows of
         ``catalog`` whose own values fill the ``row_features`` columns (see ``engine.models.bound_scorer``)."""
         return DecisionScorer(self, row_features, catalog)
+
+    @property
+    def probabilities(self) -> bool:
+        """Its scores are probabilities (a binary or cross-entropy objective), as a propensity must be."""
+        return self._transform == T_SIGMOID
 
     def warmup(self) -> None:
         """Compile (or load from cache) the kernel for float32 and float64 input."""

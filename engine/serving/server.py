@@ -113,6 +113,9 @@ def _counted_as(method: str) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def wrapper(self, request, context: grpc.ServicerContext):
             try:
+                if isinstance(request, Undecodable):
+                    raise InvalidRequest("request", f"not a valid {request.method} request (bytes that do not parse, "
+                                                    f"e.g. a string field that is not UTF-8): {request.error}")
                 reply = fn(self, request, context)
             except InvalidRequest as exc:
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -139,6 +142,45 @@ def _deadline(context: grpc.ServicerContext) -> float:
     """The caller's deadline as a ``time.monotonic()`` instant (0: the caller set none)."""
     left = context.time_remaining()
     return time.monotonic() + left if left is not None else 0.0
+
+
+def _seconds(request) -> float | None:
+    """The request's ``timestamp`` in seconds (None without one); INVALID_ARGUMENT when it is no valid
+    Timestamp (seconds outside years 1-9999, nanos outside 0-999,999,999)."""
+    if not request.HasField("timestamp"):
+        return None
+    try:
+        return request.timestamp.ToNanoseconds() / 1e9
+    except ValueError as exc:
+        raise InvalidRequest("timestamp", str(exc)) from None
+
+
+class Undecodable:
+    """A request whose bytes do not parse (a string field that is not UTF-8, a truncated message), as
+    ``DecodeGuard`` hands it to our methods: ``_counted_as`` answers INVALID_ARGUMENT."""
+
+    def __init__(self, method: str, error: Exception) -> None:
+        self.method, self.error = method, error
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Our methods get an ``Undecodable`` for a request that does not parse, where grpc itself would
+    abort the call with INTERNAL ("Exception deserializing request!")."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_deserializer is None or not method.startswith("/nba."):
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError, or whatever else hostile bytes raise
+                return Undecodable(method.rsplit("/", 1)[-1], exc)
+
+        return handler._replace(request_deserializer=lenient)
 
 
 def _require(value: str, name: str) -> str:
@@ -176,7 +218,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         _require(request.action_id, "action_id")
         if request.outcome not in OUTCOME_NAMES:
             raise InvalidRequest("outcome", f"must be one of {', '.join(pb.Outcome.keys()[1:])}")
-        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else None
+        ts = _seconds(request)
         recorded = self.app.responses.record(request.decision_id, request.action_id,
                                              OUTCOME_NAMES[request.outcome], ts)
         if recorded.first:
@@ -186,7 +228,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     @_counted_as("PublishEvent")
     def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> pb.PublishEventResponse:
-        ts = request.timestamp.ToNanoseconds() / 1e9 if request.HasField("timestamp") else None
+        ts = _seconds(request)
         done = self.app.events.publish(request.event_id, request.customer_id, request.type,
                                        dict(request.attributes), ts)
         return pb.PublishEventResponse(
@@ -259,7 +301,7 @@ def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool
     options = [("grpc.so_reuseport", 1 if reuse_port else 0),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
-    chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors)
+    chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors) + [DecodeGuard()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=options, interceptors=chain, maximum_concurrent_rpcs=max_in_flight)
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)

@@ -1,7 +1,9 @@
-"""The synthetic world and what is measured in it: customers with a hidden ground truth
-(``world``), responses drawn from it to train the demo model (``training_data``), demo seeding
-(``demo``), the policy simulation against baselines and an oracle (``simulate``) and large synthetic
-rule sets for benchmarks (``synthetic_rules``).
+"""The synthetic world and what is measured in it: customers with a hidden ground truth and unobserved
+traits (``world``), what happens to them over time: holdings, fatigue, late responses, drift, new
+actions (``dynamics``), responses drawn from it to train the demo model (``training_data``), demo
+seeding (``demo``), the policy simulation against baselines and oracles on a private Redis, with a model
+trained only on recorded traffic of another population (``simulate``), and large synthetic rule sets
+for benchmarks (``synthetic_rules``).
 
 May import: decision, models, rules, store and the ground modules. The service imports it only to
 seed the demo.

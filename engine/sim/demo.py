@@ -11,7 +11,7 @@ from engine.config import DEMO_CUSTOMERS
 from engine.features import SCHEMA
 from engine.models.registry import ModelRegistry
 from engine.sim.training_data import train
-from engine.sim.world import ActionLike, generate
+from engine.sim.world import ActionLike, generate, population_seeds
 from engine.store.profiles import META_KEY, ProfileStore
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,10 @@ def seeded_customers(store: ProfileStore) -> int:
 
 def train_demo(registry: ModelRegistry, actions: Sequence[ActionLike], customers: int = TRAIN_CUSTOMERS,
                world_seed: int = WORLD_SEED, rounds: int = 200, promote: bool = True) -> tuple[str, dict]:
-    """Train on simulated responses from the synthetic world, store the model, make it champion."""
-    world = generate(customers, world_seed)
+    """Train on simulated responses from the synthetic world, store the model, make it champion. The
+    training customers are another population of the same world (same response laws) than the demo
+    customers that ``seed`` writes, so the model is never trained on the customers it decides for."""
+    world = generate(customers, population_seeds(world_seed)[0], laws=world_seed)
     booster, metrics, summary = train(world, actions, rounds=rounds)
     version = registry.save(booster.model_to_string(), [a.id for a in actions], metrics, summary)
     if promote:

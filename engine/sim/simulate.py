@@ -1,288 +1,789 @@
-"""``nba simulate``: the closed loop in the synthetic world, policy against policy.
+"""``nba simulate``: the closed loop in the synthetic world, policy against policy, measured honestly.
 
-Every policy decides for its own copy of the same simulated customers (ids ``sim-<policy>-<n>``) through
-the real funnel on a real Redis: rules, contact policies, budgets, one action per decision. Customers
-respond from the world's hidden ground truth (``World.true_propensity``), with the same random draws for
-every policy, and the responses are recorded as ``RecordResponse`` records them (contact history, a
-rejection's cool-down). Rounds are simulated days; ``--retrain`` retrains the model between rounds on
-the responses recorded so far plus the exploration data the demo model learns from.
+**Where it runs.** On a redis-server of its own (``private_store``: an embedded server in a temporary
+directory, gone when the run ends). It never connects to the service's Redis, so simulated decisions
+and responses can never reach the live streams that feed exploration and ``nba train --from-stream``.
 
-Policies (all see the same admitted actions; they differ only in how they order them):
+**Per world seed** ``s`` (five by default; each seed is one world: its hidden response laws, its drift,
+two populations and every random draw):
 
-- ``nba``: the service as deployed: propensity x value x levers x context weight. Its customers include
-  the configured control group, who get the control policy; the ``nba`` row counts the others, and
-  ``nba report`` measures the lift over the control group from the recorded streams.
+1. *History.* A population of ``history_customers`` (``population_seeds(s)[0]``, disjoint from the
+   evaluated one) lives ``history_days`` days before the evaluated period under an exploratory campaign
+   (a random admitted action per decision) through the real funnel; decisions go to the decision stream
+   and the responses that the world reports (late, or never) to the response stream, as in production.
+2. *Training.* The model the ``nba`` policy starts with is trained by ``engine.models.training`` from
+   those recorded streams only (``from_streams``: labels from recorded responses and closed label
+   windows). The hidden truth never becomes a feature or a label: the true probability of each
+   presented action is kept aside only to report the oracle's AUC next to the model's.
+3. *Evaluation.* The evaluated population (``population_seeds(s)[1]``, customer ids ``C...``) is
+   played once per policy, each time from the same starting state in a flushed database, with the same
+   interactions and random draws (common random numbers). With ``retrain`` the ``nba`` policy is
+   retrained every simulated night on the history plus the decisions and responses recorded during its
+   own run so far (its exploration included), and explores with Thompson sampling (``explore`` share).
+
+**Policies** (all see the same admitted actions; one action per decision):
+
+- ``nba``: the service as deployed: propensity x value x levers x context weight, exploration, the
+  control group (which gets the control policy).
 - ``rules_only``: value x levers x context weight, no model.
-- ``generic``: one offer for everybody (the offer with the best population-wide expected value, chosen
-  with hindsight from the ground truth: the strongest single generic message), the channel's fallback
-  where it is not allowed.
+- ``generic``: one offer for everybody (the offer with the most expected accepted value over the
+  population, chosen with hindsight from the truth: the strongest single generic message), the
+  channel's fallback where the rules do not allow it.
 - ``random_eligible``: a random admitted action.
-- ``oracle``: knows the truth: the admitted action with the highest true propensity x value.
+- ``constrained_oracle``: knows the truth (unobserved traits, fatigue, drift, what each customer has
+  taken) and ranks by true probability x value, but goes through the same rules, contact limits,
+  cool-downs and budgets: a greedy per-decision upper bound.
+- ``oracle``: the same ranking with contact policies and budgets off (rules still decide eligibility):
+  a reference, not a bound any policy can reach.
+
+**Counting.** Every row counts the same customers: those outside the control group (the control
+group's customers are simulated in every run, and excluded from every row). Value is the value of
+accepted actions when the customer accepts, whether or not the acceptance is ever reported.
+Daily budgets are the catalog's per 20,000 customers (the demo base), scaled to each population.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
-from engine.decision.contact import budget_key, contacts_key
+from engine.config import DEMO_CUSTOMERS
 from engine.decision.funnel import DecisionEngine
+from engine.decision.report import build_report
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
+from engine.errors import NbaError
 from engine.features import CHANNELS
 from engine.live import Live
+from engine.models.experiment import ExplorationConfig, ModelSet
+from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import LoadedModel, ModelRegistry
-from engine.sim.world import World, generate
+from engine.models.training import TrainingSet, auc, fit, from_streams
+from engine.rules.model import RuleSet
+from engine.rules.runtime import CompiledRules, compile_rules
+from engine.sim.dynamics import DAY, REALISM, Draws, Drift, Population, Realism, drift_of, event_round, response
+from engine.sim.world import World, customer_id, generate, population_seeds
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import ProfileStore
+from engine.store.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("nba", "rules_only", "generic", "random_eligible", "oracle")
-CHANNEL_MIX = {"web": 0.30, "mobile_app": 0.25, "call_center": 0.20, "email": 0.15, "sms": 0.05, "branch": 0.05}
-REJECT_SHARE = 0.3  # of the customers who do not accept, this share rejects (the rest ignore)
-RESPONSE_DELAY = 600.0  # seconds from a decision to the customer's response
-SIM_START = datetime(2030, 1, 7, 12, 0, tzinfo=UTC).timestamp()  # noon: no quiet hours
-DAY = 86_400.0
+POLICIES = ("nba", "rules_only", "generic", "random_eligible", "constrained_oracle", "oracle")
+SIM_START = datetime(2030, 1, 7, tzinfo=UTC).timestamp()  # a Monday, midnight UTC
+DAY_OPENS, DAY_HOURS = 9 * 3600.0, 10.0 * 3600.0  # decisions from 09:00 to 19:00 (no quiet hours)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+class SimulationError(NbaError, ValueError):
+    """Settings a simulation cannot run with (too small a history to train on, no seeds...)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    world: str = "realistic"
+    customers: int = 1000
+    rounds: int = 8
+    seeds: tuple[int, ...] = (11, 12, 13, 14, 15)
+    history_customers: int = 10_000
+    history_days: int = 7
+    retrain: bool = True
+    explore: float = 0.1  # share of nba decisions that explore (Thompson sampling); 0: off
+    trees: int = 100  # boosting rounds per training
+    policies: tuple[str, ...] = POLICIES
+
+    @property
+    def realism(self) -> Realism:
+        return REALISM[self.world]
+
+    def check(self) -> None:
+        if self.world not in REALISM:
+            raise SimulationError(f"world must be one of {', '.join(REALISM)}, got {self.world!r}")
+        for name in ("customers", "rounds", "history_customers", "history_days", "trees"):
+            if getattr(self, name) < 1:
+                raise SimulationError(f"{name.replace('_', '-')} must be at least 1")
+        if not self.seeds:
+            raise SimulationError("at least one world seed is needed")
+        if not 0.0 <= self.explore <= 1.0:
+            raise SimulationError(f"explore must be a share from 0 to 1, got {self.explore}")
+        unknown = set(self.policies) - set(POLICIES)
+        if unknown:
+            raise SimulationError(f"unknown policies {', '.join(sorted(unknown))} (known: {', '.join(POLICIES)})")
 
 
 @dataclass
-class PolicyResult:
+class PolicyRun:
+    """One policy on one seed's evaluated population (control-group customers not counted)."""
+
     decisions: int = 0
     presented: int = 0
     accepted: int = 0
     value: float = 0.0
-    by_round: list[float] = field(default_factory=list)
+    round_decisions: list[int] = field(default_factory=list)
+    round_value: list[float] = field(default_factory=list)
+    round_new: list[int] = field(default_factory=list)  # decisions that presented a new action
+    lost_responses: int = 0  # responses the service refused (should stay 0)
+    control_decisions: int = 0  # the control group's (not counted above)
+    control_value: float = 0.0
 
-    def row(self) -> dict:
-        return {
-            "value_per_1000_decisions": round(1000 * self.value / self.decisions, 1) if self.decisions else 0.0,
-            "acceptance_rate": round(self.accepted / self.presented, 4) if self.presented else 0.0,
-            "decisions": self.decisions, "presented": self.presented, "accepted": self.accepted,
-            "accepted_value": round(self.value, 1),
-        }
+    @property
+    def per_1000(self) -> float:
+        return 1000.0 * self.value / self.decisions if self.decisions else 0.0
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    history_seed: int
+    evaluated_seed: int
+    generic_action: str
+    runs: dict[str, PolicyRun]
+    model: dict  # the starting model's metrics (holdout AUC, oracle AUC...) and the retrained ones'
+    drift: str
+    lift: dict | None  # nba report on the nba run's recorded streams: lift over the control group
 
 
 @dataclass
 class Simulation:
-    results: dict[str, PolicyResult]
-    generic_action: str
-    customers: int
-    rounds: int
+    settings: Settings
+    seeds: list[SeedResult]
     seconds: float
-    since: str  # first stream id of this run (for nba report --since)
-    control_decisions: int
-    models: list[str]
+    new_actions: tuple[str, ...]
+    new_round: int | None
+    drift_round: int | None
 
 
-def _truth_table(world: World, actions) -> np.ndarray:
-    """(customers, actions, channels) hidden acceptance probabilities."""
-    n, a, c = world.size, len(actions), len(CHANNELS)
-    rows = np.repeat(np.arange(n), a * c)
-    action_idx = np.tile(np.repeat(np.arange(a), c), n)
-    channel_idx = np.tile(np.arange(c), n * a)
-    return world.true_propensity(rows, actions, action_idx, channel_idx).reshape(n, a, c)
+# --- where it runs ----------------------------------------------------------------------------------
+
+@contextmanager
+def private_store() -> Iterator[ProfileStore]:
+    """A ProfileStore on a redis-server of the simulation's own, deleted afterwards."""
+    with tempfile.TemporaryDirectory(prefix="nba-simulate-") as tmp:
+        server = EmbeddedRedis(Path(tmp) / "redis", persist=False).start()
+        store = ProfileStore.from_url(server.url)
+        try:
+            yield store
+        finally:
+            store.client.close()
+            server.stop()
 
 
-def _admitted(store: ProfileStore, rules, customer_ids: list[str], channels: list[str]) -> list[set[str]]:
-    """The actions the rules admit for each customer on its channel (eligibility and policies)."""
-    from engine.models.derived import derive
-    from engine.rules.facts import FactInputs
+def _catalogs(ruleset: RuleSet, population: int, held_back: Sequence[str]) -> tuple[CompiledRules, CompiledRules]:
+    """(catalog before the new actions, full catalog), daily budgets scaled to ``population``."""
+    scale = population / DEMO_CUSTOMERS
+    actions = tuple(replace(a, daily_budget=max(1, round(a.daily_budget * scale))) if a.daily_budget else a
+                    for a in ruleset.actions)
+    full = replace(ruleset, actions=actions, version=f"{ruleset.version}-sim{population}")
+    early = replace(full, actions=tuple(a for a in actions if a.id not in held_back),
+                    version=f"{full.version}-before-new")
+    return compile_rules(early), compile_rules(full)
 
-    out = []
-    for cid, channel in zip(customer_ids, channels):
-        profile = store.fetch(cid)
-        derived = derive(profile.numeric)
-        outcome = rules.evaluate(rules.build_fact(FactInputs(
-            numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
-            products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
-            channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
-        out.append({v.action.id for v in rules.verdicts(outcome, channel) if v.admitted})
+
+# --- one population under one policy ---------------------------------------------------------------
+
+class _Play:
+    """Plays ``rounds`` days of one population under one engine and ranking."""
+
+    def __init__(self, store: ProfileStore, pop: Population, draws: Draws, clock: dict[str, float],
+                 engine: DecisionEngine, ranking: str, recorder: ResponseRecorder | None, start: float,
+                 counted: Callable[[str], bool], new_actions: Sequence[str] = (), new_round: int | None = None,
+                 full_rules: CompiledRules | None = None, drift_round: int | None = None,
+                 truth: dict[tuple[str, str], tuple[float, float]] | None = None) -> None:
+        self.store, self.pop, self.draws, self.clock = store, pop, draws, clock
+        self.engine, self.ranking, self.recorder, self.start = engine, ranking, recorder, start
+        self.counted, self.new_actions, self.new_round = counted, frozenset(new_actions), new_round
+        self.full_rules, self.drift_round, self.truth = full_rules, drift_round, truth
+        self.pending: list[tuple[float, int, int, str, str, str, bool]] = []
+        self._seq = 0
+        self.run = PolicyRun()
+        self.round = 0
+        contact = engine.rules.current.ruleset.contact
+        self.on_impression = contact.interactions.on_impression if contact is not None else frozenset()
+
+    @property
+    def drifted(self) -> bool:
+        return self.drift_round is not None and self.round >= self.drift_round
+
+    def oracle(self, cands: list, req: DecideInput, profile, now: float) -> list:
+        i, c = self.pop.row(req.customer_id), CHANNELS.index(req.channel)
+        p = self.pop.probability(i, [v.action.id for _, _, v in cands], c, now, self.drifted)
+        return [cand for _, cand in sorted(zip((p[k] * cands[k][2].action.value for k in range(len(cands))), cands),
+                                           key=lambda s: (-s[0], s[1][2].action.id))]
+
+    def _push(self, at: float, i: int, decision_id: str, action_id: str, outcome: str, report: bool) -> None:
+        self._seq += 1
+        heapq.heappush(self.pending, (at, self._seq, i, decision_id, action_id, outcome, report))
+
+    def _due(self, now: float) -> None:
+        """Responses and acceptances that land by ``now``."""
+        while self.pending and self.pending[0][0] <= now:
+            at, _, i, decision_id, action_id, outcome, report = heapq.heappop(self.pending)
+            if report and self.recorder is not None:
+                try:
+                    self.recorder.record(decision_id, action_id, outcome, ts=at)
+                except NbaError as exc:
+                    self.run.lost_responses += 1
+                    log.warning("simulated response refused: %s", exc)
+            if outcome == "accepted":
+                changed = self.pop.apply(i, action_id)
+                if changed is not None:
+                    self.store.save([changed])
+
+    def day(self, r: int) -> None:
+        self.round = r
+        run, pop, draws = self.run, self.pop, self.draws
+        run.round_decisions.append(0)
+        run.round_value.append(0.0)
+        run.round_new.append(0)
+        if r == self.new_round and self.full_rules is not None:
+            self.engine.rules.swap(self.full_rules)
+        day_start = self.start + r * DAY
+        n = pop.world.size
+        realism = pop.realism
+        for i in np.flatnonzero(draws.active[r]).tolist():
+            now = day_start + DAY_OPENS + DAY_HOURS * i / n
+            self.clock["now"] = now
+            self._due(now)
+            cid = customer_id(i, pop.world.prefix)
+            c = int(draws.channel[r, i])
+            channel = CHANNELS[c]
+            d = self.engine.decide(DecideInput(customer_id=cid, channel=channel, max_actions=1, ranking=self.ranking))
+            counted = self.counted(cid)
+            if counted:
+                run.decisions += 1
+                run.round_decisions[r] += 1
+            else:
+                run.control_decisions += 1
+            for a in d.actions:
+                p = float(pop.probability(i, [a.action_id], c, now, self.drifted)[0])
+                pop.presented(i, a.action_id, now)
+                if self.truth is not None:
+                    seen = float(pop.probability(i, [a.action_id], c, now, self.drifted, observed_only=True)[0])
+                    self.truth[(d.decision_id, a.action_id)] = (p, seen)
+                if self.recorder is not None and channel in self.on_impression:
+                    self.recorder.record(d.decision_id, a.action_id, "impression", ts=now + 1.0)
+                accepted = bool(draws.accept[r, i] < p)
+                answer = response(realism, accepted, float(draws.outcome[r, i]), float(draws.delay[r, i]), now)
+                if accepted:
+                    pop.accepted(i, a.action_id)
+                    self._push(answer.lands or now, i, d.decision_id, a.action_id, "accepted", answer.at is not None)
+                elif answer.at is not None:
+                    self._push(answer.at, i, d.decision_id, a.action_id, answer.outcome, True)
+                if counted:
+                    run.presented += 1
+                    run.round_new[r] += a.action_id in self.new_actions
+                    if accepted:
+                        run.accepted += 1
+                        run.value += a.value
+                        run.round_value[r] += a.value
+                elif accepted:
+                    run.control_value += a.value
+        self.finish(day_start + DAY - 1.0)
+
+    def finish(self, until: float) -> None:
+        """Let the responses and acceptances due by ``until`` land."""
+        self.clock["now"] = max(self.clock["now"], until)
+        self._due(until)
+
+
+def _engine(store: ProfileStore, rules: CompiledRules, models: Live[ModelSet], clock: dict[str, float],
+            contacts: bool = True, decision_log: DecisionLog | None = None) -> DecisionEngine:
+    return DecisionEngine(store, Live(rules), models, decision_log, contacts=contacts, clock=lambda: clock["now"])
+
+
+def _seed_profiles(store: ProfileStore, world: World) -> None:
+    store.client.flushdb()
+    profiles = list(world.profiles())
+    for k in range(0, len(profiles), 2000):
+        store.save(profiles[k: k + 2000])
+
+
+# --- training from recorded traffic -----------------------------------------------------------------
+
+def _recorded(store: ProfileStore, levels: Sequence[str], as_of: float,
+              truth: dict[tuple[str, str], tuple[float, float]]) -> TrainingSet:
+    """Training rows from the recorded streams; the true probability of each row is attached for the
+    oracle's AUC only (``TrainingSet.p_true`` is never a feature)."""
+    data = from_streams(store.client, catalog=levels, as_of=as_of)
+    ids = data.decision_ids or []
+    data.p_true = np.array([truth.get((d, a), (np.nan,))[0] for d, a in zip(ids, data.action_ids())], dtype=float)
+    return data
+
+
+def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
+    levels = list(then.actions)
+    p1 = first.p_true if first.p_true is not None else np.full(len(first), np.nan)
+    p2 = then.p_true if then.p_true is not None else np.full(len(then), np.nan)
+    return TrainingSet(np.vstack([first.recoded(levels), then.x]), np.concatenate([first.y, then.y]),
+                       np.concatenate([first.t, then.t]), levels, np.concatenate([p1, p2]),
+                       (first.decision_ids or []) + (then.decision_ids or []),
+                       summary={"source": "recorded decisions and responses", "history_rows": len(first),
+                                "run_rows": len(then)})
+
+
+def _train(registry: ModelRegistry, data: TrainingSet, trees: int) -> tuple[LoadedModel, dict]:
+    try:
+        booster, metrics, summary = fit(data, trees)
+    except ValueError as exc:
+        raise SimulationError(f"{exc} (a larger --history-customers or --history-days records more)") from exc
+    version = registry.save(booster.model_to_string(), list(data.actions), metrics, summary)
+    return registry.load(version), metrics
+
+
+def _placeholder(registry: ModelRegistry, actions: Sequence[str]) -> LoadedModel:
+    """A model for the history's engine, which must score although its random ranking ignores scores."""
+    from engine.models.model_input import FEATURES
+
+    rng = np.random.default_rng(0)
+    x = rng.random((200, len(FEATURES)))
+    x[:, FEATURES.index("action")] = rng.integers(0, len(actions), 200)
+    data = TrainingSet(x, (rng.random(200) < 0.3).astype(float), np.arange(200.0), list(actions))
+    return _train(registry, data, 1)[0]
+
+
+def _auc_summary(metrics: dict, data: TrainingSet, *truths: dict[tuple[str, str], tuple[float, float]]) -> dict:
+    """The model's holdout AUC, the oracle's on the same rows, and the AUC of the truth without the
+    unobserved traits (the best a model of the observed features could do)."""
+    _, hold = data.split()
+    ids, actions = np.asarray(data.decision_ids or [], dtype=object)[hold], data.action_ids()[hold]
+    seen = np.array([next((t[(d, a)][1] for t in truths if (d, a) in t), np.nan) for d, a in zip(ids, actions)])
+    out = {k: metrics.get(k) for k in ("holdout_auc", "oracle_auc", "rank_correlation_with_truth", "holdout_rows")}
+    out["observed_truth_auc"] = round(auc(data.y[hold], seen), 4) if len(seen) and not np.isnan(seen).any() else None
     return out
 
 
-def _generic_offer(truth: np.ndarray, actions, admitted: list[set[str]], channel_idx: np.ndarray) -> str:
-    """The single offer with the most accepted value if everybody got it where the rules allow it:
-    the best generic message in hindsight (it uses the ground truth, which favours the baseline)."""
+# --- rankings of the baselines ---------------------------------------------------------------------
+
+def _rules_only(cands: list, req: DecideInput, profile, now: float) -> list:
+    return sorted(cands, key=lambda c: (-c[2].action.value * c[2].weight, c[2].action.id))
+
+
+def _random_eligible(seed: int) -> Callable:
+    def rank(cands: list, req: DecideInput, profile, now: float) -> list:
+        out = sorted(cands, key=lambda c: c[2].action.id)  # not the model's order: the same draw for every model
+        np.random.default_rng([seed, int(req.customer_id[1:]), int(now // DAY)]).shuffle(out)
+        return out
+    return rank
+
+
+def _generic(action_id: str) -> Callable:
+    def rank(cands: list, req: DecideInput, profile, now: float) -> list:
+        return [c for c in cands if c[2].action.id == action_id]
+    return rank
+
+
+def _generic_offer(store: ProfileStore, rules: CompiledRules, pop: Population, channels: np.ndarray) -> str:
+    """The single offer with the most expected accepted value if everybody got it where the rules allow,
+    on the first day's channels: the best generic message in hindsight (it uses the truth, which favours
+    the baseline)."""
+    from engine.models.derived import derive
+    from engine.rules.facts import FactInputs
+
     best, best_ev = "", -1.0
-    rows = np.arange(len(admitted))
-    for k, a in enumerate(actions):
-        if a.type == "service":
-            continue
-        allowed = np.array([a.id in s for s in admitted])
-        ev = float((truth[rows, k, channel_idx] * allowed).mean() * a.value)
-        if ev > best_ev:
-            best, best_ev = a.id, ev
+    ev: dict[str, float] = {}
+    for i in range(pop.world.size):
+        profile = store.fetch(customer_id(i, pop.world.prefix))
+        channel = CHANNELS[int(channels[i])]
+        outcome = rules.evaluate(rules.build_fact(FactInputs(
+            numbers=np.concatenate((profile.numeric, derive(profile.numeric))), categories=profile.categorical,
+            products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
+            channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
+        offers = [v.action for v in rules.verdicts(outcome, channel) if v.admitted and v.action.type != "service"]
+        if offers:
+            p = pop.probability(i, [a.id for a in offers], int(channels[i]), SIM_START, False)
+            for a, q in zip(offers, p.tolist()):
+                ev[a.id] = ev.get(a.id, 0.0) + q * a.value
+    for action_id, value in sorted(ev.items()):
+        if value > best_ev:
+            best, best_ev = action_id, value
     return best
 
 
-def _retrain(world: World, actions, rows, action_idx, channel_idx, y, registry: ModelRegistry,
-             base_customers: int, rounds: int = 100) -> LoadedModel:
-    import lightgbm as lgb
+# --- the run ----------------------------------------------------------------------------------------
 
-    from engine.models.model_input import CATEGORICAL_FEATURES, FEATURES, ActionTable, customer_blocks
-    from engine.models.training import PARAMS
-    from engine.sim.training_data import simulate_responses
-
-    base = simulate_responses(generate(base_customers, world.seed), actions)
-    table = ActionTable.build(actions, [a.id for a in actions])
-    blocks = customer_blocks(world.numeric.astype(np.float64), world.categorical, world.products)
-    x = np.empty((len(rows), len(FEATURES)))
-    x[:, : blocks.shape[1]] = blocks[rows]
-    x[:, blocks.shape[1]: -1] = table.rows[action_idx]
-    x[:, -1] = channel_idx
-    data = lgb.Dataset(np.vstack([base.x, x]), np.concatenate([base.y, y]), feature_name=list(FEATURES),
-                       categorical_feature=[FEATURES.index(c) for c in CATEGORICAL_FEATURES])
-    booster = lgb.train(PARAMS, data, num_boost_round=rounds)
-    version = registry.save(booster.model_to_string(), [a.id for a in actions], {},
-                            {"source": "nba simulate", "rows": int(len(y)) + len(base.y)})
-    return registry.load(version)
-
-
-def simulate(store: ProfileStore, rules_live, model: LoadedModel, customers: int = 1000, rounds: int = 3,
-             seed: int = 11, world_seed: int = 7, retrain: bool = False, policies=POLICIES,
-             progress=lambda msg: None) -> Simulation:
+def simulate(ruleset: RuleSet, settings: Settings = Settings(), progress: Callable[[str], None] = lambda m: None,
+             on_training: Callable[[str, TrainingSet, ProfileStore], None] | None = None) -> Simulation:
+    """Play every seed of ``settings`` on a private Redis. ``on_training(stage, data, store)`` sees each
+    training set before it is fitted (stage ``history`` or ``retrain``), with the private store."""
+    settings.check()
     started = time.perf_counter()
-    client = store.client
-    rules = rules_live.current
-    actions = rules.ruleset.actions
-    index = {a.id: k for k, a in enumerate(actions)}
-    world = generate(customers, world_seed)
-    truth = _truth_table(world, actions)
-    profiles = list(world.profiles())
-    for name in policies:
-        store.save([replace(p, customer_id=f"sim-{name}-{p.customer_id}") for p in profiles])
-        pipe = client.pipeline(transaction=False)
-        for p in profiles:
-            pipe.delete(contacts_key(f"sim-{name}-{p.customer_id}"))
-        pipe.execute()
-    rng = np.random.default_rng(seed)
-    mix = np.array([CHANNEL_MIX.get(ch, 0.0) for ch in CHANNELS])
-    channel_draw = rng.choice(len(CHANNELS), size=(rounds, customers), p=mix / mix.sum())
-    u_accept = rng.random((rounds, customers))
-    u_reject = rng.random((rounds, customers))
-    budgeted = [a.id for a in actions if a.daily_budget is not None]
-    generic = _generic_offer(truth, actions, _admitted(
-        store, rules, [f"sim-{policies[0]}-{p.customer_id}" for p in profiles],
-        [CHANNELS[c] for c in channel_draw[0]]), channel_draw[0])
-
-    clock = {"now": SIM_START}
-    model_live = Live(model)
-    log_stream = DecisionLog(client)
-    since = f"{int(time.time() * 1000)}-0"
-    engines: dict[str, DecisionEngine] = {}
-    for name in policies:
-        engines[name] = DecisionEngine(store, rules_live, model_live, log_stream if name == "nba" else None,
-                                       clock=lambda: clock["now"])
-
-    def row_of(customer_id: str) -> int:
-        return int(customer_id.rsplit("-C", 1)[1])
-
-    def oracle(cands, req, profile, now):
-        i, c = row_of(req.customer_id), CHANNELS.index(req.channel)
-        return sorted(((truth[i, index[v.action.id], c] * v.action.value, p, v) for _, p, v in cands),
-                      key=lambda s: (-s[0], s[2].action.id))
-
-    def rules_only(cands, req, profile, now):
-        return sorted(((v.action.value * v.weight, p, v) for _, p, v in cands), key=lambda s: (-s[0], s[2].action.id))
-
-    def random_eligible(cands, req, profile, now):
-        order = list(cands)
-        np.random.default_rng([seed, row_of(req.customer_id), int(now // DAY)]).shuffle(order)
-        return order
-
-    def generic_offer(cands, req, profile, now):
-        return [c for c in cands if c[2].action.id == generic]
-
-    for name, fn in (("oracle", oracle), ("rules_only", rules_only), ("random_eligible", random_eligible),
-                     ("generic", generic_offer)):
-        for e in engines.values():
-            e.rankings[name] = fn
-
-    contact = next(iter(engines.values())).rules.current.ruleset.contact
-    on_impression = contact.interactions.on_impression if contact is not None else frozenset()
-    results = {name: PolicyResult() for name in policies}
-    recorders = {name: ResponseRecorder(client, stream="nba:stream:responses" if name == "nba"
-                                        else f"nba:sim:responses:{name}", clock=lambda: clock["now"] + RESPONSE_DELAY)
-                 for name in policies}
-    learned: tuple[list, list, list, list] = ([], [], [], [])
-    control_decisions = 0
-    models = [model.version]
-    registry_dir = tempfile.TemporaryDirectory(prefix="nba-simulate-") if retrain else None
+    realism = settings.realism
+    catalog_ids = {a.id for a in ruleset.actions}
+    new_actions = tuple(a for a in realism.new_actions if a in catalog_ids)
+    new_round = event_round(settings.rounds, realism.new_actions_at) if new_actions else None
+    drift_round = event_round(settings.rounds, realism.drift_at) if realism.drift_shift else None
+    early_h, full_h = _catalogs(ruleset, settings.history_customers, new_actions)
+    early_e, full_e = _catalogs(ruleset, settings.customers, new_actions)
+    results: list[SeedResult] = []
     try:
-        for r in range(rounds):
-            day_start = SIM_START + r * DAY
-            for name in policies:
-                if budgeted:  # each policy gets the full day's budgets
-                    client.delete(*[budget_key(a, day_start) for a in budgeted])
-                engine, result = engines[name], results[name]
-                round_value = 0.0
-                for i in range(customers):
-                    clock["now"] = day_start + i * (3600.0 / customers)
-                    channel = CHANNELS[channel_draw[r, i]]
-                    d = engine.decide(DecideInput(customer_id=f"sim-{name}-C{i:07d}", channel=channel,
-                                                  max_actions=1, ranking="" if name == "nba" else name))
-                    if d.control:
-                        control_decisions += 1
-                    counted = not d.control
-                    if counted:
-                        result.decisions += 1
-                    seen_on_report = channel in on_impression  # the channel reports what the customer saw
-                    for a in d.actions:
-                        if seen_on_report:
-                            recorders[name].record(d.decision_id, a.action_id, "impression", ts=clock["now"] + 1)
-                        p = truth[i, index[a.action_id], channel_draw[r, i]]
-                        accepted = u_accept[r, i] < p
-                        outcome = "accepted" if accepted else ("rejected" if u_reject[r, i] < REJECT_SHARE else "ignored")
-                        recorders[name].record(d.decision_id, a.action_id, outcome, ts=clock["now"] + RESPONSE_DELAY)
-                        if name == "nba":
-                            for lst, v in zip(learned, (i, index[a.action_id], channel_draw[r, i], float(accepted))):
-                                lst.append(v)
-                        if counted:
-                            result.presented += 1
-                            result.accepted += int(accepted)
-                            result.value += a.value if accepted else 0.0
-                            round_value += a.value if accepted else 0.0
-                result.by_round.append(round_value)
-                progress(f"round {r + 1}/{rounds} {name:16} value/1000 so far "
-                         f"{1000 * result.value / max(result.decisions, 1):,.1f}")
-            if registry_dir is not None and r < rounds - 1 and "nba" in policies:
-                registry = ModelRegistry(registry_dir.name)
-                rows, action_idx, channel_idx, y = (np.asarray(x) for x in learned)
-                new = _retrain(world, actions, rows, action_idx, channel_idx, y, registry,
-                               base_customers=max(10_000, customers))
-                model_live.swap(new)
-                models.append(new.version)
-                progress(f"retrained on {len(learned[0])} recorded responses: {new.version}")
+        with private_store() as store, tempfile.TemporaryDirectory(prefix="nba-simulate-models-") as models:
+            registry = ModelRegistry(models)
+            for seed in settings.seeds:
+                results.append(_one_seed(store, registry, ruleset, settings, seed, (early_h, full_h),
+                                         (early_e, full_e), new_actions, new_round, drift_round, progress,
+                                         on_training))
     finally:
-        log_stream.close()
-        for name in policies:
+        for rules in (early_h, full_h, early_e, full_e):
+            rules.close()
+    return Simulation(settings, results, time.perf_counter() - started, new_actions, new_round, drift_round)
+
+
+def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, settings: Settings, seed: int,
+              history_rules: tuple[CompiledRules, CompiledRules], rules: tuple[CompiledRules, CompiledRules],
+              new_actions: tuple[str, ...], new_round: int | None, drift_round: int | None,
+              progress: Callable[[str], None],
+              on_training: Callable[[str, TrainingSet, ProfileStore], None] | None) -> SeedResult:
+    realism = settings.realism
+    actions = rules[1].ruleset.actions
+    history_seed, evaluated_seed = population_seeds(seed)
+    drift: Drift | None = drift_of(seed, realism)
+    clock = {"now": SIM_START}
+
+    # 1. history: another population, an exploratory campaign, recorded like production traffic
+    hist = generate(settings.history_customers, history_seed, settings.world, laws=seed, prefix="H")
+    _seed_profiles(store, hist)
+    hist_start = SIM_START - (settings.history_days + 7) * DAY  # a week between history and evaluation
+    truth: dict[tuple[str, str], tuple[float, float]] = {}
+    decision_log = DecisionLog(store.client)
+    engine = _engine(store, history_rules[0], Live(ModelSet(_placeholder(registry, [a.id for a in ruleset.actions]))),
+                     clock, decision_log=decision_log)
+    engine.rankings["random_eligible"] = _random_eligible(seed)
+    play = _Play(store, Population(hist, actions, realism, drift), Draws.draw(hist.size, settings.history_days,
+                 history_seed, realism), clock, engine, "random_eligible",
+                 ResponseRecorder(store.client, engine.rules, clock=lambda: clock["now"]), hist_start,
+                 counted=lambda cid: True, truth=truth)
+    for r in range(settings.history_days):
+        play.day(r)
+    play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
+    decision_log.close()
+    history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
+    if on_training is not None:
+        on_training("history", history, store)
+    model, metrics = _train(registry, history, settings.trees)
+    model_info: dict = {"trained_on": {"customers": hist.size, "population_seed": history_seed,
+                                       "days": settings.history_days, "rows": len(history),
+                                       "positives": int(history.y.sum())},
+                        "start": _auc_summary(metrics, history, truth), "retrained": []}
+    progress(f"seed {seed}: model from {len(history):,} recorded rows of {hist.size:,} other customers: holdout AUC "
+             f"{metrics.get('holdout_auc')}, oracle AUC {metrics.get('oracle_auc')}")
+
+    # 2. the evaluated population, once per policy, from the same start with the same draws
+    world = generate(settings.customers, evaluated_seed, settings.world, laws=seed, prefix="C")
+    draws = Draws.draw(world.size, settings.rounds, evaluated_seed, realism)
+    contact = rules[0].ruleset.contact
+    control = contact.control if contact is not None else None
+
+    def counted(cid: str) -> bool:
+        return control is None or not control.contains(cid)
+
+    _seed_profiles(store, world)
+    generic = _generic_offer(store, rules[0], Population(world, actions, realism, drift), draws.channel[0])
+    runs: dict[str, PolicyRun] = {}
+    lift = None
+    for name in settings.policies:
+        _seed_profiles(store, world)
+        pop = Population(world, actions, realism, drift)
+        clock["now"] = SIM_START
+        run_truth: dict[tuple[str, str], tuple[float, float]] = {}
+        run_log = DecisionLog(store.client) if name == "nba" else None
+        exploration = ExplorationConfig(strategy="thompson", share=settings.explore if name == "nba" else 0.0)
+        models = Live(ModelSet(champion=model, exploration=exploration))
+        engine = _engine(store, rules[0], models, clock, contacts=name != "oracle", decision_log=run_log)
+        recorder = None if name == "oracle" else ResponseRecorder(store.client, engine.rules,
+                                                                   clock=lambda: clock["now"])
+        ranking = "" if name == "nba" else name
+        play = _Play(store, pop, draws, clock, engine, ranking, recorder, SIM_START, counted, new_actions, new_round,
+                     rules[1], drift_round, run_truth)
+        counts = None
+        if exploration.enabled:
+            counts = ExplorationCounts(store.client)
+            engine.explorer = Explorer(counts)
+        engine.rankings.update({"rules_only": _rules_only, "random_eligible": _random_eligible(seed),
+                                "generic": _generic(generic), "constrained_oracle": play.oracle,
+                                "oracle": play.oracle})
+        for r in range(settings.rounds):
+            if counts is not None:
+                counts.step()
+            play.day(r)
             if name != "nba":
-                client.delete(f"nba:sim:responses:{name}")
-        if registry_dir is not None:
-            registry_dir.cleanup()
-    return Simulation(results, generic, customers, rounds, time.perf_counter() - started, since,
-                      control_decisions, models)
+                continue
+            assert run_log is not None
+            run_log.close()  # flushed: the night's training and tomorrow's exploration counts see today
+            run_log = DecisionLog(store.client)
+            engine.decision_log = run_log
+            if settings.retrain and r < settings.rounds - 1:
+                recorded = _recorded(store, [a.id for a in actions], SIM_START + (r + 1) * DAY, run_truth)
+                data = _concat(history, recorded)
+                if on_training is not None:
+                    on_training("retrain", data, store)
+                new, m = _train(registry, data, settings.trees)
+                models.swap(ModelSet(champion=new, exploration=exploration))
+                model_info["retrained"].append({"round": r + 1, "rows": len(data), **_auc_summary(m, data, truth, run_truth)})
+        if run_log is not None:
+            run_log.close()
+        if name == "nba":
+            report = build_report(store.client)
+            run = play.run
+            lift = {k: report["lift"].get(k) for k in ("lift", "ci95")}
+            lift["control_decisions"] = report["policy"]["control"]["decisions"]
+            lift["true_lift"] = (round((run.value / run.decisions) / (run.control_value / run.control_decisions) - 1, 4)
+                                 if run.decisions and run.control_decisions and run.control_value else None)
+        runs[name] = play.run
+        progress(f"seed {seed}: {name:18} {play.run.per_1000:>10,.1f} per 1,000 decisions "
+                 f"({play.run.decisions:,} decisions)")
+    return SeedResult(seed, history_seed, evaluated_seed, generic, runs, model_info,
+                      drift.describe() if drift is not None else "", lift)
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+def mean_ci(values: Sequence[float]) -> tuple[float, list[float]]:
+    """Mean and 95% confidence interval (Student t over the seeds)."""
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean()) if len(v) else float("nan")
+    if len(v) < 2:
+        return m, [m, m]
+    df = len(v) - 1
+    t = _T975.get(df) or next((q for d, q in sorted(_T975.items(), reverse=True) if d <= df), 1.96)
+    half = t * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return m, [m - half, m + half]
+
+
+def _rounded(x: float | None, digits: int = 1) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, digits)
+
+
+def new_action_learning(sim: Simulation) -> dict | None:
+    """How soon nba presents the new actions half as often as the constrained oracle does: nba decisions
+    (per seed) from their launch until the end of the first round in which its share of decisions showing
+    a new action reaches half of the constrained oracle's share (seeds pooled)."""
+    if sim.new_round is None or not sim.seeds or not {"nba", "constrained_oracle"} <= set(sim.seeds[0].runs):
+        return None
+    rounds = sim.settings.rounds
+    share = {}
+    for name in ("nba", "constrained_oracle"):
+        new = np.array([[s.runs[name].round_new[r] for r in range(rounds)] for s in sim.seeds], dtype=float)
+        dec = np.array([[s.runs[name].round_decisions[r] for r in range(rounds)] for s in sim.seeds], dtype=float)
+        share[name] = new.sum(0) / np.maximum(dec.sum(0), 1)
+    nba_dec = np.array([[s.runs["nba"].round_decisions[r] for r in range(rounds)] for s in sim.seeds], dtype=float)
+    reached = None
+    for r in range(sim.new_round, rounds):
+        if share["constrained_oracle"][r] > 0 and share["nba"][r] >= 0.5 * share["constrained_oracle"][r]:
+            reached = r
+            break
+    after = slice(sim.new_round, rounds)
+    return {
+        "actions": list(sim.new_actions), "from_round": sim.new_round + 1,
+        "nba_share_by_round": [round(float(x), 4) for x in share["nba"]],
+        "constrained_oracle_share_by_round": [round(float(x), 4) for x in share["constrained_oracle"]],
+        "nba_share_after_launch": round(float(share["nba"][after].mean()), 4),
+        "constrained_oracle_share_after_launch": round(float(share["constrained_oracle"][after].mean()), 4),
+        "half_of_oracle_share_in_round": None if reached is None else reached + 1,
+        "decisions_to_half_of_oracle_share": None if reached is None
+        else int(round(nba_dec[:, sim.new_round: reached + 1].sum(1).mean())),
+    }
+
+
+def curves(sim: Simulation) -> dict[str, list[float]]:
+    """Accepted value per 1,000 decisions per round, per policy, seeds pooled."""
+    out = {}
+    for name in sim.settings.policies:
+        value = np.array([s.runs[name].round_value for s in sim.seeds], dtype=float).sum(0)
+        dec = np.array([s.runs[name].round_decisions for s in sim.seeds], dtype=float).sum(0)
+        out[name] = [round(float(v), 1) for v in 1000 * value / np.maximum(dec, 1)]
+    return out
+
+
+def table(sim: Simulation) -> dict:
+    """The JSON of ``nba simulate --json``: a key per policy, then the world, seeds and the model."""
+    names = sim.settings.policies
+    per_seed = {name: [s.runs[name].per_1000 for s in sim.seeds] for name in names}
+    out: dict = {}
+    for name in names:
+        mean, ci = mean_ci(per_seed[name])
+        row: dict = {"value_per_1000": _rounded(mean), "ci95": [_rounded(ci[0]), _rounded(ci[1])]}
+        for key, base in (("x_generic", "generic"), ("pct_of_constrained_oracle", "constrained_oracle")):
+            if base not in per_seed:
+                row[key], row[f"{key}_ci95"] = None, None
+                continue
+            scale = 100.0 if key.startswith("pct") else 1.0
+            ratios = [scale * v / b if b else float("nan") for v, b in zip(per_seed[name], per_seed[base])]
+            m, c = mean_ci(ratios)
+            digits = 1 if scale == 100.0 else 2
+            row[key], row[f"{key}_ci95"] = _rounded(m, digits), [_rounded(c[0], digits), _rounded(c[1], digits)]
+        runs = [s.runs[name] for s in sim.seeds]
+        decisions, presented = sum(r.decisions for r in runs), sum(r.presented for r in runs)
+        row.update({"acceptance_rate": round(sum(r.accepted for r in runs) / presented, 4) if presented else 0.0,
+                    "decisions": decisions, "per_seed": [_rounded(v) for v in per_seed[name]]})
+        out[name] = row
+    if {"nba", "rules_only"} <= set(per_seed):
+        diff, diff_ci = mean_ci([a - b for a, b in zip(per_seed["nba"], per_seed["rules_only"])])
+        out["nba_vs_rules_only"] = {
+            "difference_per_1000": _rounded(diff), "ci95": [_rounded(diff_ci[0]), _rounded(diff_ci[1])],
+            "row_cis_overlap": bool(out["nba"]["ci95"][0] <= out["rules_only"]["ci95"][1]),
+            "seeds_nba_ahead": sum(a > b for a, b in zip(per_seed["nba"], per_seed["rules_only"]))}
+    start = [s.model["start"] for s in sim.seeds]
+    last = [s.model["retrained"][-1] for s in sim.seeds if s.model["retrained"]]
+
+    def aucs(rows: list[dict]) -> dict:
+        return {key: _rounded(mean_ci([m[key] if m.get(key) is not None else float("nan") for m in rows])[0], 4)
+                for key in ("holdout_auc", "oracle_auc", "observed_truth_auc")}
+
+    model: dict = {
+        "trained_on": "recorded decisions and responses of a disjoint population (per seed: "
+                      f"{sim.settings.history_customers} customers, {sim.settings.history_days} days, random "
+                      "admitted actions)",
+        **aucs(start),
+        "per_seed": start,
+    }
+    if last:
+        model["retrained"] = {**aucs(last), "retrainings_per_seed": len(sim.seeds[0].model["retrained"])}
+    lifts = [s.lift["lift"] for s in sim.seeds if s.lift and s.lift.get("lift") is not None]
+    true_lifts = [s.lift["true_lift"] for s in sim.seeds if s.lift and s.lift.get("true_lift") is not None]
+    out.update({
+        "world": sim.settings.world,
+        "seeds": list(sim.settings.seeds),
+        "customers": sim.settings.customers,
+        "rounds": sim.settings.rounds,
+        "generic_action": [s.generic_action for s in sim.seeds],
+        "model": model,
+        "events": {"new_actions": list(sim.new_actions),
+                   "new_actions_round": None if sim.new_round is None else sim.new_round + 1,
+                   "drift_round": None if sim.drift_round is None else sim.drift_round + 1,
+                   "drift": [s.drift for s in sim.seeds]},
+        "new_action_learning": new_action_learning(sim),
+        "nba_report_lift": {"mean": _rounded(float(np.mean(lifts)), 4) if lifts else None,
+                            "true_mean": _rounded(float(np.mean(true_lifts)), 4) if true_lifts else None,
+                            "per_seed": [s.lift for s in sim.seeds]},
+        "targets": targets(per_seed),
+        "curves": curves(sim),
+        "seconds": round(sim.seconds, 1),
+    })
+    return out
+
+
+def targets(per_seed: dict[str, list[float]]) -> dict | None:
+    """Issue 16's targets on the realistic world, judged on the lower 95% bounds (unrounded): nba >= 2.7x
+    generic, >= 80% of the constrained oracle, and above rules_only with non-overlapping CIs."""
+    if not {"nba", "rules_only", "generic", "constrained_oracle"} <= set(per_seed):
+        return None
+    nba = per_seed["nba"]
+    _, (lo_x, _) = mean_ci([v / b if b else float("nan") for v, b in zip(nba, per_seed["generic"])])
+    _, (lo_pct, _) = mean_ci([100 * v / b if b else float("nan") for v, b in zip(nba, per_seed["constrained_oracle"])])
+    _, nba_ci = mean_ci(nba)
+    _, rules_ci = mean_ci(per_seed["rules_only"])
+    return {
+        "x_generic_at_least_2.7": {"lower_ci95": _rounded(lo_x, 3), "met": lo_x >= 2.7},
+        "pct_of_constrained_oracle_at_least_80": {"lower_ci95": _rounded(lo_pct, 2), "met": lo_pct >= 80.0},
+        "beats_rules_only_cis_apart": {"nba_ci95": [_rounded(x) for x in nba_ci],
+                                       "rules_only_ci95": [_rounded(x) for x in rules_ci],
+                                       "met": nba_ci[0] > rules_ci[1]},
+    }
 
 
 def format_simulation(sim: Simulation) -> str:
-    rows = {name: r.row() for name, r in sim.results.items()}
-    generic = rows.get("generic", {}).get("value_per_1000_decisions") or None
-    oracle = rows.get("oracle", {}).get("value_per_1000_decisions") or None
-    lines = [f"{sim.customers} customers x {sim.rounds} rounds, one action per decision, "
-             f"{sim.seconds:.1f}s; generic offer: {sim.generic_action}",
-             f"{'policy':16} {'decisions':>9} {'accepted':>8} {'accept rate':>11} {'value/1000 dec':>15} "
-             f"{'x generic':>9} {'% oracle':>8}"]
-    for name, r in rows.items():
-        v = r["value_per_1000_decisions"]
-        lines.append(f"{name:16} {r['decisions']:>9} {r['accepted']:>8} {r['acceptance_rate']:>11.2%} {v:>15,.1f} "
-                     f"{(v / generic if generic else float('nan')):>9.2f} "
-                     f"{(100 * v / oracle if oracle else float('nan')):>7.1f}%")
-    lines.append(f"nba excludes its {sim.control_decisions} control-group decisions; "
-                 f"lift from the recorded streams: nba report --since {sim.since}")
+    t = table(sim)
+    s = sim.settings
+    lines = [f"world {s.world}: {s.customers} customers x {s.rounds} rounds (days), seeds "
+             f"{', '.join(map(str, s.seeds))}; one action per decision; {sim.seconds:.1f}s",
+             f"{'policy':20} {'value/1000 dec':>14} {'95% CI':>18} {'x generic (95% CI)':>22} "
+             f"{'% constr. oracle (95% CI)':>27} {'accept':>7} {'decisions':>9}"]
+    for name in s.policies:
+        r = t[name]
+        ci = f"{r['ci95'][0]:,.0f} .. {r['ci95'][1]:,.0f}"
+        xg = (f"{r['x_generic']:.2f} ({r['x_generic_ci95'][0]:.2f}..{r['x_generic_ci95'][1]:.2f})"
+              if r["x_generic"] is not None else "-")
+        pct = (f"{r['pct_of_constrained_oracle']:.1f}% ({r['pct_of_constrained_oracle_ci95'][0]:.1f}.."
+               f"{r['pct_of_constrained_oracle_ci95'][1]:.1f})" if r["pct_of_constrained_oracle"] is not None else "-")
+        lines.append(f"{name:20} {r['value_per_1000']:>14,.1f} {ci:>18} {xg:>22} {pct:>27} "
+                     f"{r['acceptance_rate']:>7.2%} {r['decisions']:>9,}")
+    m = t["model"]
+    lines.append(f"model: {m['trained_on']}")
+    lines.append(f"  holdout AUC {m['holdout_auc']}; on the same rows the oracle's {m['oracle_auc']}, the truth "
+                 f"without the unobserved traits {m['observed_truth_auc']}"
+                 + (f"; last nightly retraining: {m['retrained']['holdout_auc']} (oracle "
+                    f"{m['retrained']['oracle_auc']}, without unobserved traits {m['retrained']['observed_truth_auc']})"
+                    if "retrained" in m else ""))
+    ev = t["events"]
+    if ev["new_actions_round"] or ev["drift_round"]:
+        lines.append(f"new actions ({', '.join(ev['new_actions'])}) from round {ev['new_actions_round']}; "
+                     f"drift from round {ev['drift_round']}")
+    learning = t["new_action_learning"]
+    if learning:
+        reached = learning["decisions_to_half_of_oracle_share"]
+        lines.append("new actions: nba share of decisions after launch "
+                     f"{learning['nba_share_after_launch']:.1%} vs constrained oracle "
+                     f"{learning['constrained_oracle_share_after_launch']:.1%}; half of the oracle's share "
+                     + (f"after {reached:,} nba decisions (round {learning['half_of_oracle_share_in_round']})"
+                        if reached is not None else "not reached"))
+    vs = t.get("nba_vs_rules_only")
+    if vs:
+        lines.append(f"nba - rules_only (paired by seed): {vs['difference_per_1000']:+,.1f} per 1,000 decisions "
+                     f"(95% CI {vs['ci95'][0]:+,.1f} .. {vs['ci95'][1]:+,.1f}); nba ahead on {vs['seeds_nba_ahead']} "
+                     f"of {len(s.seeds)} seeds; the rows' CIs {'overlap' if vs['row_cis_overlap'] else 'do not overlap'}")
+    lift = t["nba_report_lift"]
+    if lift["mean"] is not None:
+        lines.append(f"nba report on the nba run's recorded streams: lift over the control group {lift['mean']:+.1%} "
+                     f"(mean over seeds; the true lift, unreported acceptances included: "
+                     + (f"{lift['true_mean']:+.1%})" if lift["true_mean"] is not None else "-)"))
+    goals = t.get("targets")
+    if goals:
+        lines.append("targets (lower 95% bounds): " + "; ".join(
+            f"{name} {'met' if g['met'] else 'NOT met'}" for name, g in goals.items()))
+    lines.append("every row counts the same customers (the control group excluded); x generic and % are means "
+                 "of per-seed ratios")
     return "\n".join(lines)
+
+
+def plot_curves(sim: Simulation, path: str | Path) -> None:
+    """Learning curves: accepted value per 1,000 decisions per round, and the new actions' share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = curves(sim)
+    rounds = np.arange(1, sim.settings.rounds + 1)
+    learning = new_action_learning(sim)
+    fig, axes = plt.subplots(2 if learning else 1, 1, figsize=(9, 7.5 if learning else 4.5), squeeze=False,
+                             sharex=True)
+    ax = axes[0][0]
+    styles = {"nba": ("C0", "-", "nba (retrained nightly, exploring)" if sim.settings.retrain else "nba"),
+              "rules_only": ("C1", "-", "rules_only"), "generic": ("C2", "-", "generic"),
+              "constrained_oracle": ("0.4", "--", "constrained oracle")}
+    for name, (color, style, label) in styles.items():
+        if name in c:
+            ax.plot(rounds, c[name], style, color=color, label=label, marker="o", markersize=3)
+    for r, what in ((sim.new_round, "new actions"), (sim.drift_round, "drift")):
+        if r is not None:
+            for a in axes[:, 0]:
+                a.axvline(r + 1, color="0.6", linestyle=":")
+            ax.annotate(what, (r + 1, ax.get_ylim()[1]), textcoords="offset points", xytext=(3, -12), fontsize=8)
+    ax.set_ylabel("accepted value / 1,000 decisions")
+    ax.set_title(f"{sim.settings.world} world: {sim.settings.customers} customers, seeds "
+                 f"{', '.join(map(str, sim.settings.seeds))} pooled")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if learning:
+        ax2 = axes[1][0]
+        ax2.plot(rounds, learning["nba_share_by_round"], "-o", color="C0", markersize=3, label="nba")
+        ax2.plot(rounds, learning["constrained_oracle_share_by_round"], "--o", color="0.4", markersize=3,
+                 label="constrained oracle")
+        ax2.set_ylabel("share of decisions showing a new action")
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("round (simulated day)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -2,6 +2,12 @@
 
 Each customer is shown random actions on random channels and answers with the probability the world
 (never the model) knows; ``engine.models.training.fit`` then trains on these rows as on recorded ones.
+In the realistic world (``generate``'s default) that probability includes the customers' unobserved
+traits, so the model's holdout AUC stays below the oracle's (``oracle_auc``, from ``p_true``).
+
+This is the demo model's bootstrap (fully observed, uniformly random, no fatigue or late responses).
+``nba simulate`` does not use it: its model learns only from traffic recorded through the funnel by
+another population (``engine.sim.simulate``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,30 @@
 """The synthetic telecom world: customers plus a hidden ground-truth response model.
 
-Everything is generated vectorised from one seed, so the same ``(customers, seed)`` always gives the
-same customers; seeding Redis and training a model from simulated responses see the same world.
-The ground truth (who would accept which action) is hidden from the engine: only simulated responses
-drawn from it reach training, which lets later work measure lift against an oracle.
+Everything is generated vectorised from seeds, so the same ``(customers, seed)`` always gives the same
+customers. Two seeds matter: ``seed`` draws the *population* (who the customers are) and ``laws`` the
+hidden *response laws* (how every action's acceptance depends on a customer), which two populations of
+one market share. A model trained on one population is evaluated on another population under the same
+laws (``engine.sim.simulate``). The ground truth is hidden from the engine: only responses drawn from
+it (and recorded) reach training.
+
+Two kinds of world:
+
+- ``realistic`` (the default): every customer also has unobserved traits (a general responsiveness and
+  three latent tastes, drawn from their own random stream, never a feature nor in Redis) that move
+  acceptance with per-action loadings: about a third of the variance of the acceptance logit comes from
+  them, so no model of the observed features can reach the oracle's AUC. The dynamic parts (acceptance
+  changes holdings, contact fatigue, delayed and missing responses, drift, new actions) are in
+  ``engine.sim.dynamics``.
+- ``ideal``: acceptance is a fixed function of the observed features (no unobserved traits); the world
+  before issue 16, kept for comparison.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +36,10 @@ from engine.store.profiles import Profile
 PRODUCTS = SETS["products"]
 _N = {name: i for i, name in enumerate(NUMERIC)}
 _STAGES = CATEGORICAL["lifecycle_stage"]
+WORLDS = ("realistic", "ideal")
+LATENT_TRAITS = 4  # responsiveness, then three latent tastes
+RESPONSIVENESS_SD = 0.8  # logit sd of the general responsiveness
+LATENT_LOADING_SD = 0.6  # sd of each action's loading on each latent taste
 
 
 class ActionLike(Protocol):
@@ -33,8 +51,8 @@ class ActionLike(Protocol):
     def value(self) -> float: ...
 
 
-def customer_id(i: int) -> str:
-    return f"C{i:07d}"
+def customer_id(i: int, prefix: str = "C") -> str:
+    return f"{prefix}{i:07d}"
 
 
 @dataclass
@@ -45,7 +63,15 @@ class World:
     categorical: dict[str, np.ndarray]  # name -> (n,) int codes into CATEGORICAL[name]
     products: np.ndarray  # (n, len(PRODUCTS)) bool
     consent: np.ndarray  # (n, len(CHANNELS)) bool
-    seed: int
+    seed: int  # the population's seed
+    laws: int = -1  # seed of the hidden response laws (-1: the population's seed)
+    kind: str = "realistic"
+    latent: np.ndarray = field(default_factory=lambda: np.zeros((0, LATENT_TRAITS)))  # (n, 4): never observed
+    prefix: str = "C"  # customer ids are prefix + 7 digits
+
+    def __post_init__(self) -> None:
+        if self.laws < 0:
+            self.laws = self.seed
 
     @property
     def size(self) -> int:
@@ -54,7 +80,7 @@ class World:
     def profile(self, i: int) -> Profile:
         open_cases = int(self.numeric[i, _N["open_cases"]])
         return Profile(
-            customer_id=customer_id(i),
+            customer_id=customer_id(i, self.prefix),
             numeric=self.numeric[i].copy(),
             categorical={k: CATEGORICAL[k][v[i]] for k, v in self.categorical.items()},
             sets={
@@ -74,7 +100,30 @@ class World:
         return _truth(self, rows, actions, action_idx, channel_idx)
 
 
-def generate(n: int, seed: int = 7) -> World:
+def population_seeds(world_seed: int) -> tuple[int, int]:
+    """(training population seed, evaluated population seed) of a world seed: both under the laws
+    ``world_seed``. They are ``1_000_003 * s + 1`` and ``+ 2``: different residues modulo a prime larger
+    than the offsets, so no world seed's training population is any world seed's evaluated one."""
+    base = 1_000_003 * world_seed
+    return base + 1, base + 2
+
+
+def generate(n: int, seed: int = 7, kind: str = "realistic", laws: int | None = None, prefix: str = "C") -> World:
+    """``n`` customers of population ``seed`` under the response laws ``laws`` (default: ``seed``).
+    The observed columns depend on ``seed`` and ``n`` only; the unobserved traits come from their own
+    random stream, so the ideal and the realistic world of one seed have the same observed customers."""
+    if kind not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {kind!r}")
+    world = _observed(n, seed)
+    world.laws = seed if laws is None else laws
+    world.kind = kind
+    world.prefix = prefix
+    latent = np.random.default_rng([seed, 0x1A7E]).normal(0.0, 1.0, (n, LATENT_TRAITS))
+    world.latent = latent if kind == "realistic" else np.zeros((n, LATENT_TRAITS))
+    return world
+
+
+def _observed(n: int, seed: int) -> World:
     rng = np.random.default_rng(seed)
     num = np.zeros((n, len(NUMERIC)), dtype=np.float64)
 
@@ -171,18 +220,65 @@ _TRAITS = ("tenure_months", "age", "monthly_spend", "data_usage_gb", "device_age
            "tv_hours_week", "roaming_days_90d", "num_lines", "credit_score", "nps")
 
 
+@cache
 def _action_weights(action_id: str, seed: int) -> np.ndarray:
     digest = hashlib.sha256(f"{seed}:{action_id}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return rng.normal(0, 0.55, len(_TRAITS))
 
 
+@cache
+def _latent_loadings(action_id: str, seed: int) -> np.ndarray:
+    """An action's loadings on the unobserved traits: 1 on responsiveness (scaled), then three tastes."""
+    digest = hashlib.sha256(f"{seed}:latent:{action_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.concatenate(([RESPONSIVENESS_SD], rng.normal(0, LATENT_LOADING_SD, LATENT_TRAITS - 1)))
+
+
+@cache
+def _stacked(of, action_ids: tuple[str, ...], laws: int) -> np.ndarray:
+    """Per-action hidden weights (``_action_weights`` or ``_latent_loadings``) as one matrix."""
+    return np.stack([of(a, laws) for a in action_ids])
+
+
+@cache
+def _trait_scale() -> tuple[np.ndarray, np.ndarray]:
+    """Location and scale of the traits, from a fixed reference population: the laws must not depend
+    on which (or how many) customers they are applied to."""
+    ref = _observed(20_000, 0).numeric[:, [_N[t] for t in _TRAITS]].astype(np.float64)
+    return ref.mean(0), ref.std(0) + 1e-9
+
+
+def true_logit(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
+               channel_idx: np.ndarray) -> np.ndarray:
+    """The hidden acceptance logit of ``actions[action_idx[k]]`` for customer ``rows[k]`` on channel
+    ``channel_idx[k]`` in the customer's current state (holdings, plan...): observed traits and, in the
+    realistic world, the unobserved ones. Dynamic terms (fatigue, drift) are ``engine.sim.dynamics``'."""
+    return true_logits(world, rows, actions, action_idx, channel_idx)[0]
+
+
+def true_logits(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
+                channel_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``true_logit``, the same without the unobserved traits): the second is the best any model of the
+    observed features could learn."""
+    observed = _observed_logit(world, rows, actions, action_idx, channel_idx)
+    if world.kind != "realistic" or not len(world.latent):
+        return observed, observed
+    loadings = _stacked(_latent_loadings, tuple(a.id for a in actions), world.laws)
+    return observed + (world.latent[rows] * loadings[action_idx]).sum(axis=1), observed
+
+
 def _truth(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
            channel_idx: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-true_logit(world, rows, actions, action_idx, channel_idx)))
+
+
+def _observed_logit(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
+                    channel_idx: np.ndarray) -> np.ndarray:
     num = world.numeric[rows].astype(np.float64)
     derived = derive(num)
     traits = np.stack([num[:, _N[t]] for t in _TRAITS], axis=1)
-    mean, std = world.numeric[:, [_N[t] for t in _TRAITS]].mean(0), world.numeric[:, [_N[t] for t in _TRAITS]].std(0) + 1e-9
+    mean, std = _trait_scale()
     z = (traits - mean) / std
     stage = world.categorical["lifecycle_stage"][rows]
     prospect = stage == _STAGES.index("prospect")
@@ -195,7 +291,7 @@ def _truth(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action
     call_center = channel_idx == CHANNELS.index("call_center")
     email_sms = (channel_idx == CHANNELS.index("email")) | (channel_idx == CHANNELS.index("sms"))
 
-    weights = np.stack([_action_weights(a.id, world.seed) for a in actions])
+    weights = _stacked(_action_weights, tuple(a.id for a in actions), world.laws)
     types = np.array([ACTION_TYPES.index(a.type) for a in actions])[action_idx]
     values = np.array([a.value for a in actions], dtype=float)[action_idx]
     logit = np.array([_TYPE_BASE[t] for t in ACTION_TYPES])[types] + (z * weights[action_idx]).sum(axis=1)
@@ -211,4 +307,4 @@ def _truth(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action
         mask = types == ACTION_TYPES.index(t)
         logit[mask] += np.broadcast_to(term, logit.shape)[mask]
     logit += -0.35 * np.log1p(values / 40.0) - 0.4 * email_sms
-    return 1.0 / (1.0 + np.exp(-logit))
+    return logit

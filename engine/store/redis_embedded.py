@@ -30,6 +30,12 @@ from engine.store.profiles import RedisUnavailable, mask_url, redis_client
 log = logging.getLogger(__name__)
 PASSWORD_FILE = "redis.password"
 URL_FILE = "redis.url"
+# appendfsync of the embedded server (README, "Durability"): "everysec" writes every command to the file
+# before its reply and fsyncs once a second, so a crash of redis-server or of the service loses nothing
+# acknowledged and an OS crash or power loss up to a second (up to 2 s when a slow fsync makes Redis hold
+# writes back, which it does while still replying); "always" fsyncs before replying (nothing acknowledged
+# is lost on power loss either, at a measured cost per write).
+FSYNC_POLICIES = ("everysec", "always")
 
 
 def find_redis_server() -> str:
@@ -118,13 +124,18 @@ class EmbeddedRedis:
 
     The data directory is locked while the server runs, so two processes never write one
     append-only file; the running server's URL (with its password) is left in ``redis.url`` for other
-    commands. The password (``redis.password``) is made on the first start and kept.
+    commands. The password (``redis.password``) is made on the first start and kept. ``fsync``: the
+    append-only file's ``appendfsync`` (``FSYNC_POLICIES``).
     """
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True) -> None:
+    def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True,
+                 fsync: str = "everysec") -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.fsync = fsync
         self.process: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
         self._password: str | None = None
@@ -177,6 +188,7 @@ class EmbeddedRedis:
             "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", self.fsync,
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "yes",
@@ -249,7 +261,7 @@ def redis_for(cfg: Config, *, running_ok: bool = False) -> tuple[EmbeddedRedis |
     deadline = time.monotonic() + 10
     while True:
         try:
-            server = EmbeddedRedis(cfg.data_dir / "redis").start()
+            server = EmbeddedRedis(cfg.data_dir / "redis", fsync=cfg.redis_fsync).start()
         except DataDirInUse as busy:
             if not running_ok:
                 raise
