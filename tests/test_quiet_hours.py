@@ -162,21 +162,21 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
     text = events.read_text()
     assert "raise: {trigger: data_cap_near, ttl: 3d}" in text
     events.write_text(text.replace("raise: {trigger: data_cap_near, ttl: 3d}", "raise: {trigger: data_cap_near, ttl: 2h}"))
-    client = redis.Redis.from_url(redis_url)
-    clock = Clock(_at("2026-11-30T22:00:00"))
+    client = redis.Redis.from_url(redis_url)  # (a clock in the future: Redis expires keys on its own clock)
+    clock = Clock(_at("2030-06-03T22:00:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         _profile(app, "Q3")
         reply = app.events.publish("use-1", "Q3", "data_usage", {"used_ratio": "0.93"})
         (out,) = reply.outbound
         assert (out.status, out.action_id, out.channel) == ("suppressed", "upsell_extra_data", "sms")
-        assert out.reason == ("quiet hours 21:00-08:00 on sms until 2026-12-01T08:00Z: the trigger's time to live "
-                              "ends first (2026-12-01T00:00Z), not postponed")
+        assert out.reason == ("quiet hours 21:00-08:00 on sms until 2030-06-04T08:00Z: the trigger's time to live "
+                              "ends first (2030-06-04T00:00Z), not postponed")
         assert reply.raised == ["data_cap_near"]
         assert _timers(client) == [] and _outbound(client) == []
         assert client.get(outbound_key("Q3", "data_cap_near", "use-1")) == b"done"
         # outside quiet hours the same pattern sends at once
-        clock.now = _at("2026-12-01T12:00:00")
+        clock.now = _at("2030-06-04T12:00:00")
         (out,) = app.events.publish("use-2", "Q3", "data_usage", {"used_ratio": "0.95"}).outbound
         assert out.status == "sent" and out.decision_id
         assert [o["event_id"] for o in _outbound(client)] == ["use-2"]

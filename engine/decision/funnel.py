@@ -161,14 +161,14 @@ class DecisionEngine:
         for model in getattr(models, "models", (models,)):
             self._scorer(rules, model).warmup()
 
-    def _fetch(self, req: DecideInput) -> tuple[Profile, dict[str, str], str | None]:
-        """The profile and, for a request with an interaction id, what the interaction stored."""
+    def _fetch(self, req: DecideInput, now: float) -> tuple[Profile, dict[str, str], str | None]:
+        """The profile (triggers active at ``now``) and, with an interaction id, what the interaction stored."""
         try:
             if req.interaction_id:
                 profile, stored = self.store.fetch_with(req.customer_id,
-                                                        interaction_key(req.customer_id, req.interaction_id))
+                                                        interaction_key(req.customer_id, req.interaction_id), now)
                 return profile, stored, None
-            return self.store.fetch(req.customer_id), {}, None
+            return self.store.fetch(req.customer_id, now), {}, None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
             log.warning("profile fetch failed for %s: %s", req.customer_id, exc)
@@ -221,7 +221,7 @@ class DecisionEngine:
         stages = _Stages(observe)
         now = self.clock()
         models = self.model.current
-        profile, stored, degraded_by = self._fetch(req)
+        profile, stored, degraded_by = self._fetch(req, now)
         stages.done("profile")
         place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
         replace = place in stored

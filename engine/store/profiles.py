@@ -285,23 +285,23 @@ class ProfileStore:
             raise
         return store
 
-    def fetch(self, customer_id: str) -> Profile:
+    def fetch(self, customer_id: str, now: float | None = None) -> Profile:
         """Profile and active triggers in one round trip; a cold profile when the customer is unknown.
         Contact history is read by the presenting script, which alone judges contact limits."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(profile_key(customer_id))
         pipe.hgetall(triggers_key(customer_id))
         raw, triggers = pipe.execute()
-        return decode_profile(customer_id, raw, triggers, int(time.time() * 1000))
+        return decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000))
 
-    def fetch_with(self, customer_id: str, key: str) -> tuple[Profile, dict[str, str]]:
+    def fetch_with(self, customer_id: str, key: str, now: float | None = None) -> tuple[Profile, dict[str, str]]:
         """``fetch`` and the hash ``key`` (e.g. the customer's interaction) in the same round trip."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(profile_key(customer_id))
         pipe.hgetall(triggers_key(customer_id))
         pipe.hgetall(key)
         raw, triggers, extra = pipe.execute()
-        return (decode_profile(customer_id, raw, triggers, int(time.time() * 1000)),
+        return (decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000)),
                 {k.decode(): v.decode() for k, v in extra.items()})
 
     def save(self, profiles: list[Profile]) -> None:
