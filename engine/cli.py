@@ -31,6 +31,21 @@ def _channel(args: argparse.Namespace):
     return open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.token)
 
 
+def _rpc(args: argparse.Namespace, service: str, method: str, request):
+    """One call to a running server with the command's connection options; a failed call is an
+    ``NbaError`` that ``main`` prints as ``error: CODE: details``."""
+    import grpc
+
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+    from engine.errors import NbaError
+
+    with _channel(args) as channel:
+        try:
+            return getattr(getattr(pb_grpc, f"{service}Stub")(channel), method)(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise NbaError(f"{exc.code().name}: {exc.details()}") from None
+
+
 def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -215,10 +230,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    import grpc
 
     from engine.api.nba.v1 import nba_pb2 as pb
-    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
     from engine.serving.server import CHANNEL_TO_PB
 
     context = dict(kv.split("=", 1) for kv in args.context)
@@ -226,12 +239,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
                                touchpoint=args.touchpoint, context=context,
                                max_actions=args.max_actions, explain=args.explain,
                                interaction_id=args.interaction, preview=args.preview)
-    with _channel(args) as channel:
-        try:
-            reply = pb_grpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = _rpc(args, "DecisionService", "Decide", request)
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
@@ -244,19 +252,11 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_event(args: argparse.Namespace) -> int:
     import uuid
 
-    import grpc
-
     from engine.api.nba.v1 import nba_pb2 as pb
-    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 
     request = pb.PublishEventRequest(event_id=args.event_id or uuid.uuid4().hex, customer_id=args.customer_id,
                                      type=args.type, attributes=dict(kv.split("=", 1) for kv in args.attributes))
-    with _channel(args) as channel:
-        try:
-            reply = pb_grpc.DecisionServiceStub(channel).PublishEvent(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = _rpc(args, "DecisionService", "PublishEvent", request)
     from google.protobuf.json_format import MessageToDict
 
     print(json.dumps(MessageToDict(reply), indent=2) if args.json else (
@@ -269,46 +269,27 @@ def cmd_event(args: argparse.Namespace) -> int:
 
 
 def cmd_respond(args: argparse.Namespace) -> int:
-    import grpc
 
     from engine.api.nba.v1 import nba_pb2 as pb
-    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 
     request = pb.RecordResponseRequest(decision_id=args.decision_id, action_id=args.action_id,
                                        outcome=f"OUTCOME_{args.outcome.upper()}")
-    with _channel(args) as channel:
-        try:
-            reply = pb_grpc.DecisionServiceStub(channel).RecordResponse(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = _rpc(args, "DecisionService", "RecordResponse", request)
     print(f"recorded {args.outcome} of {args.action_id} in {args.decision_id}: {reply.response_id}")
     return 0
 
 
 def cmd_customer(args: argparse.Namespace) -> int:
     """``nba customer forget ID`` / ``export ID``: the privacy RPCs of a running server."""
-    import grpc
 
     from engine.api.nba.v1 import nba_pb2 as pb
-    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 
-    with _channel(args) as channel:
-        stub = pb_grpc.AdminServiceStub(channel)
-        try:
-            if args.customer_cmd == "forget":
-                erased = stub.ForgetCustomer(pb.ForgetCustomerRequest(customer_id=args.customer_id),
-                                             timeout=args.timeout)
-            else:
-                exported = stub.ExportCustomer(pb.ExportCustomerRequest(customer_id=args.customer_id),
-                                               timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
     if args.customer_cmd == "forget":
+        erased = _rpc(args, "AdminService", "ForgetCustomer", pb.ForgetCustomerRequest(customer_id=args.customer_id))
         print(f"forgot {args.customer_id}: {erased.keys_deleted} keys, {erased.stream_entries_deleted} stream "
               f"entries, {erased.members_removed} timers and reservations deleted (audited in nba:stream:audit)")
         return 0
+    exported = _rpc(args, "AdminService", "ExportCustomer", pb.ExportCustomerRequest(customer_id=args.customer_id))
     text = json.dumps(json.loads(exported.json), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
     if args.out:
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only

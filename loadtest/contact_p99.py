@@ -92,6 +92,21 @@ def alternate(addresses: dict[str, str], rate: float, duration: float, customers
     return {m: latency[measured & (np.arange(n) % 2 == k)] * 1000 for k, m in enumerate(modes)}
 
 
+def alternate_rounds(addresses: dict[str, str], rounds: int, rate: float, duration: float, customers: int,
+                     connect=None) -> dict[str, list[np.ndarray]]:
+    """``rounds`` of ``alternate``, who goes first alternating by round; prints each round's figures."""
+    out: dict[str, list[np.ndarray]] = {m: [] for m in addresses}
+    for r in range(rounds):
+        order = dict(list(addresses.items())[::-1] if r % 2 else addresses.items())
+        lat = alternate(order, rate, duration, customers, seed=r, connect=connect)
+        for mode, ms in lat.items():
+            out[mode].append(ms)
+        print(f"round {r + 1}: " + "  ".join(
+            f"{mode} p50 {np.nanpercentile(ms, 50):.3f} p99 {np.nanpercentile(ms, 99):.3f} ms "
+            f"errors {int(np.isnan(ms).sum())}" for mode, ms in sorted(lat.items())), flush=True)
+    return out
+
+
 def summarize_rounds(rounds: dict[str, list[np.ndarray]]) -> dict[str, dict]:
     """Per mode: percentiles over all rounds' latencies (ms; NaN: failed), each round's p50 and p99."""
     table = {}
@@ -172,7 +187,6 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(table | {"p99_ratio": round(ratio, 3)}, indent=2))
         return 0 if ratio <= 1.5 else 1
 
-    rounds: dict[str, list[np.ndarray]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
         from engine.sim import demo
         from engine.store.profiles import ProfileStore
@@ -190,16 +204,8 @@ def main() -> int:
                                                stderr=subprocess.DEVNULL)
             for mode in procs:
                 wait_serving(f"127.0.0.1:{ports[mode]}", procs[mode])
-            for r in range(args.rounds):
-                order = {"off": f"127.0.0.1:{ports['off']}", "on": f"127.0.0.1:{ports['on']}"}
-                if r % 2:  # who goes first alternates too
-                    order = dict(reversed(list(order.items())))
-                lat = alternate(order, args.rate, args.duration, args.customers, seed=r)
-                for mode, ms in lat.items():
-                    rounds[mode].append(ms)
-                print(f"round {r + 1}: " + "  ".join(
-                    f"{mode} p50 {np.nanpercentile(ms, 50):.3f} p99 {np.nanpercentile(ms, 99):.3f} ms "
-                    f"errors {int(np.isnan(ms).sum())}" for mode, ms in sorted(lat.items())), flush=True)
+            rounds = alternate_rounds({m: f"127.0.0.1:{ports[m]}" for m in ("off", "on")}, args.rounds, args.rate,
+                                      args.duration, args.customers)
         finally:
             for p in procs.values():
                 p.terminate()

@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from contact_p99 import alternate, summarize_rounds  # noqa: E402
+from contact_p99 import alternate_rounds, summarize_rounds  # noqa: E402
 
 from engine.serving.client import open_channel  # noqa: E402
 from engine.serving.security import token_hash  # noqa: E402
@@ -63,7 +61,6 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    rounds: dict[str, list[np.ndarray]] = {"plain": [], "secure": []}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persist=False) as redis_server:
         from engine.sim import demo
         from engine.store.profiles import ProfileStore
@@ -87,15 +84,9 @@ def main() -> int:
                                                stderr=subprocess.DEVNULL)
             for mode in procs:
                 wait_serving(f"127.0.0.1:{ports[mode]}", procs[mode], **tls[mode])
-            for r in range(args.rounds):
-                order = {m: f"127.0.0.1:{ports[m]}" for m in (("plain", "secure") if r % 2 == 0 else ("secure", "plain"))}
-                lat = alternate(order, args.rate, args.duration, args.customers, seed=r,
-                                connect=lambda m, a: open_channel(a, **tls[m]))
-                for mode, ms in lat.items():
-                    rounds[mode].append(ms)
-                print(f"round {r + 1}: " + "  ".join(
-                    f"{mode} p50 {np.nanpercentile(ms, 50):.3f} p99 {np.nanpercentile(ms, 99):.3f} ms "
-                    f"errors {int(np.isnan(ms).sum())}" for mode, ms in sorted(lat.items())), flush=True)
+            rounds = alternate_rounds({m: f"127.0.0.1:{ports[m]}" for m in ("plain", "secure")}, args.rounds,
+                                      args.rate, args.duration, args.customers,
+                                      connect=lambda m, a: open_channel(a, **tls[m]))
         finally:
             for p in procs.values():
                 p.terminate()
