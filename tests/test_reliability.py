@@ -236,3 +236,101 @@ def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(
                 assert verdicts == [b"ok"] and client.exists(decision_key(f"d{late_ms}"))
     finally:
         rules.close()
+
+
+def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_once(redis_url: str,
+                                                                                   models_dir: Path) -> None:
+    """During a stall, the calls already waiting answer degraded at their deadline; once one of them has
+    timed out, new calls do not wait at all. 30 at once all have a thread (no queueing behind the stall)."""
+    from engine.store.breaker import breaker_for
+
+    with served(redis_url, models_dir, max_in_flight=32) as (app, channel, _):
+        admin = redis.Redis.from_url(redis_url)
+        host = app.store.client.connection_pool.connection_kwargs
+        breaker = breaker_for(f"{host['host']}:{host['port']}")
+        assert not timed_decide(channel, _customer(70), 1.0)[0].degraded
+        results: list[tuple[str, float]] = []
+
+        def call(customer: str) -> None:
+            try:
+                reply, took = timed_decide(channel, customer, 0.2)
+                results.append(("degraded" if reply.degraded else "ok", took))
+            except grpc.RpcError as exc:
+                results.append((exc.code().name, 0.0))
+
+        admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        try:
+            first = [threading.Thread(target=call, args=(_customer(100 + i),)) for i in range(30)]
+            for t in first:
+                t.start()
+            for t in first:
+                t.join()
+            assert breaker.is_open
+            later = []
+            for i in range(10):  # within the pause (about 0.3 s of its 1.5 s have passed)
+                reply, took = timed_decide(channel, _customer(200 + i), 0.1)
+                later.append(took)
+                assert reply.degraded and [a.action_id for a in reply.actions] == ["account_health_check"]
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+        assert [r for r, _ in results] == ["degraded"] * 30, results
+        assert max(took for _, took in results) < 0.2
+        assert sorted(later)[5] < 0.05, later  # no waiting on the stalled Redis
+        deadline = time.monotonic() + 2
+        while timed_decide(channel, _customer(70), 1.0)[0].degraded:  # the next probe closes it
+            assert time.monotonic() < deadline, "still degraded after the stall"
+        assert not breaker.is_open
+
+
+def test_a_retried_event_applies_the_effects_its_first_call_lost(redis_url: str, models_dir: Path) -> None:
+    """The first call recorded the event, then failed before raising its trigger; the retry (a duplicate
+    by event id) applies what was lost, and a third call changes nothing."""
+    from engine.store.profiles import triggers_key
+
+    with served(redis_url, models_dir) as (_, channel, _):
+        admin = redis.Redis.from_url(redis_url)
+        stub = pb_grpc.DecisionServiceStub(channel)
+        cid = _customer(300)
+        event = pb.PublishEventRequest(event_id="retry-1", customer_id=cid, type="contact_request",
+                                       attributes={"topic": "billing"})
+        admin.set(triggers_key(cid), "not a hash")  # the trigger update fails: WRONGTYPE
+        try:
+            stub.PublishEvent(event, timeout=5)
+            raise AssertionError("the first call should have failed")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        admin.delete(triggers_key(cid))
+        again = stub.PublishEvent(event, timeout=5)
+        assert again.duplicate and again.triggers_raised == ["callback_requested"]
+        assert admin.hexists(triggers_key(cid), "callback_requested")
+        third = stub.PublishEvent(event, timeout=5)
+        assert third.duplicate and not third.triggers_raised and not third.patterns
+
+
+def test_a_retried_response_clears_the_trigger_its_first_call_did_not(redis_url: str, models_dir: Path) -> None:
+    from engine.store.profiles import triggers_key
+
+    with served(redis_url, models_dir) as (_, channel, _):
+        admin = redis.Redis.from_url(redis_url)
+        stub = pb_grpc.DecisionServiceStub(channel)
+        cid = _customer(320)
+        stub.PublishEvent(pb.PublishEventRequest(event_id="retry-2", customer_id=cid, type="contact_request",
+                                                 attributes={"topic": "billing"}), timeout=5)
+        decision, _ = timed_decide(channel, cid, 5.0)
+        assert decision.actions[0].action_id == "callback_customer"
+        response = pb.RecordResponseRequest(decision_id=decision.decision_id, action_id="callback_customer",
+                                            outcome=pb.OUTCOME_ACCEPTED)
+        admin.rename(triggers_key(cid), "parked")
+        admin.set(triggers_key(cid), "not a hash")  # recording works, clearing the trigger fails
+        try:
+            stub.RecordResponse(response, timeout=5)
+            raise AssertionError("the first call should have failed")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        admin.delete(triggers_key(cid))
+        admin.rename("parked", triggers_key(cid))
+        first_id = admin.hget(decision_key(decision.decision_id), "r:callback_customer:accepted")
+        assert first_id  # the first call did record the response
+        again = stub.RecordResponse(response, timeout=5)
+        assert again.response_id == first_id.decode()
+        assert not admin.hexists(triggers_key(cid), "callback_requested")

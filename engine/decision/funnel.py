@@ -61,6 +61,14 @@ log = logging.getLogger(__name__)
 FEATURE_SCHEMA = SCHEMA.fingerprint()  # hashed once: every logged decision carries it
 MIN_DECISION_SECONDS = 0.006  # less time left than this before the caller's deadline: the fallback at once
 ANSWER_SECONDS = 0.005  # kept back from the deadline for what follows the last Redis reply (rules, scoring, reply)
+ANSWER_SHARE = 0.2  # and at least this share of the time left: when a stall ends many calls at once, they queue
+
+
+def redis_until(deadline: float) -> float:
+    """Until when (``time.monotonic()``) a call with this deadline waits for Redis replies (0: no deadline)."""
+    if not deadline:
+        return 0.0
+    return deadline - max(ANSWER_SECONDS, ANSWER_SHARE * (deadline - time.monotonic()))
 
 
 @dataclass
@@ -201,7 +209,7 @@ class DecisionEngine:
             if req.deadline and req.deadline - time.monotonic() < MIN_DECISION_SECONDS:
                 return self._out_of_time(rules, req), "deadline"
             # Redis replies are awaited until the caller's deadline less the time to answer, not longer
-            with redis_deadline(req.deadline - ANSWER_SECONDS if req.deadline else 0.0):
+            with redis_deadline(redis_until(req.deadline)):
                 return self._decide_in_time(rules, req, max_actions, observe)
 
     def _out_of_time(self, rules: CompiledRules, req: DecideInput) -> Decision:

@@ -78,11 +78,21 @@ STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound
 CONSENT_WITHDRAWN = "consent_withdrawn"  # event type whose ``channel`` leaves the profile's consent set
 ALL_CHANNELS = "all"  # its ``channel`` for every channel at once
 
-# KEYS: history, ids, log stream. ARGV: event id, event time ms, history member, now ms, keep ms,
-# max events, dedupe ms, read from ms, stream maxlen, then the log entry's fields.
-# Returns {0} for a duplicate, else {1, log entry id, history since ARGV[8]}.
+# KEYS: history, ids, log stream, effects pending. ARGV: event id, event time ms, history member, now ms,
+# keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when a pattern reacts to the event's
+# type, then the log entry's fields. Such an event's effects are pending until ``_effects_done``: a call
+# that failed in between and is retried applies them again (each effect is idempotent).
+# Returns {0} for a duplicate, {2, '', history} for a duplicate whose effects are pending, else
+# {1, log entry id, history since ARGV[8]}.
 _INGEST = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return {0} end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return {0} end
+  return {2, '', redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
+end
+if ARGV[10] == '1' then
+  redis.call('HSET', KEYS[4], ARGV[1], '1')
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
 local now = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[7]))
@@ -92,7 +102,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[5]))
 local n = redis.call('ZCARD', KEYS[1])
 if n > tonumber(ARGV[6]) then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - tonumber(ARGV[6]) - 1) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', unpack(ARGV, 10))
+local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', unpack(ARGV, 11))
 return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
 """
 
@@ -168,6 +178,10 @@ class OutboundBusy(NbaError):
 
 def events_key(customer_id: str) -> str:
     return f"nba:{{c:{customer_id}}}:events"
+
+
+def effects_key(customer_id: str) -> str:
+    return f"nba:{{c:{customer_id}}}:events:pending"
 
 
 def event_ids_key(customer_id: str) -> str:
@@ -274,20 +288,25 @@ class EventProcessor:
             log_fields = {"event_id": event_id, "customer_id": customer_id, "type": event_type,
                           "ts": f"{ts_ms / 1000:.3f}", "source": source,
                           **{f"attr.{k}": str(v) for k, v in attributes.items()}}
+            reactive = events is not None and patterns is not None and (
+                event_type in patterns.types or event_type in events.clears_by_event)
             reply = self._ingest(
-                keys=[events_key(customer_id), event_ids_key(customer_id), EVENTS_STREAM],
+                keys=[events_key(customer_id), event_ids_key(customer_id), EVENTS_STREAM, effects_key(customer_id)],
                 args=[event_id, ts_ms, event.encode(), now_ms, keep_ms, MAX_HISTORY_EVENTS, DEDUPE_MS, since,
-                      STREAM_MAXLEN, *[x for kv in log_fields.items() for x in kv]])
+                      STREAM_MAXLEN, "1" if reactive else "0", *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
                 return Processed(duplicate=True, consent_withdrawn=withdrawn)
-            metrics.events(self._type_label(event_type)).inc()
-            out = Processed(stream_id=reply[1].decode(), consent_withdrawn=withdrawn)
-            if events is None or patterns is None:
+            if reply[0] == 1:
+                metrics.events(self._type_label(event_type)).inc()
+            out = Processed(stream_id=reply[1].decode(), duplicate=reply[0] == 2, consent_withdrawn=withdrawn)
+            if not reactive:
                 return out
+            assert events is not None and patterns is not None
             history = [Event.decode(m) for m in reply[2]]
             firings, timers = patterns.on_event(history, event)
             cleared = sorted(events.clears_by_event.get(event_type, ()))
             self._apply(customer_id, firings, cleared, timers, out, now_ms)
+            self.client.hdel(effects_key(customer_id), event_id)
         return out
 
     def _apply(self, customer_id: str, firings: list[Firing], cleared: list[str], timers: list[Timer],

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from engine import __version__, metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.decision.funnel import Decision
+from engine.decision.funnel import Decision, redis_until
 from engine.decision.request import DecideInput, InvalidRequest
 from engine.decision.responses import NotFound
 from engine.features import ACTION_TYPES, CHANNELS
@@ -30,6 +31,7 @@ from engine.serving.security import (
     ServerCertificates,
     current_caller,
 )
+from engine.store.profiles import redis_deadline
 
 if TYPE_CHECKING:
     from engine.serving.app import App
@@ -144,6 +146,11 @@ def _deadline(context: grpc.ServicerContext) -> float:
     return time.monotonic() + left if left is not None else 0.0
 
 
+def _redis_until(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+    """Redis replies awaited until the caller's deadline less the time to answer (as Decide does)."""
+    return redis_deadline(redis_until(_deadline(context)))
+
+
 def _seconds(request) -> float | None:
     """The request's ``timestamp`` in seconds (None without one); INVALID_ARGUMENT when it is no valid
     Timestamp (seconds outside years 1-9999, nanos outside 0-999,999,999)."""
@@ -219,18 +226,21 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         if request.outcome not in OUTCOME_NAMES:
             raise InvalidRequest("outcome", f"must be one of {', '.join(pb.Outcome.keys()[1:])}")
         ts = _seconds(request)
-        recorded = self.app.responses.record(request.decision_id, request.action_id,
-                                             OUTCOME_NAMES[request.outcome], ts)
-        if recorded.first:
-            metrics.RESPONSES.labels(OUTCOME_NAMES[request.outcome]).inc()
-            self.app.events.on_response(recorded.customer_id, request.action_id, OUTCOME_NAMES[request.outcome])
+        outcome = OUTCOME_NAMES[request.outcome]
+        with _redis_until(context):
+            recorded = self.app.responses.record(request.decision_id, request.action_id, outcome, ts)
+            if recorded.first:
+                metrics.RESPONSES.labels(outcome).inc()
+            # for a retry too: the first call may have failed after recording, before clearing (idempotent)
+            self.app.events.on_response(recorded.customer_id, request.action_id, outcome)
         return pb.RecordResponseResponse(response_id=recorded.response_id)
 
     @_counted_as("PublishEvent")
     def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> pb.PublishEventResponse:
         ts = _seconds(request)
-        done = self.app.events.publish(request.event_id, request.customer_id, request.type,
-                                       dict(request.attributes), ts)
+        with _redis_until(context):
+            done = self.app.events.publish(request.event_id, request.customer_id, request.type,
+                                           dict(request.attributes), ts)
         return pb.PublishEventResponse(
             stream_id=done.stream_id, duplicate=done.duplicate, patterns=done.patterns,
             triggers_raised=done.raised, triggers_cleared=done.cleared,
@@ -287,7 +297,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         return pb.ExportCustomerResponse(json=json.dumps(data, ensure_ascii=False, sort_keys=True))
 
 
-def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool = False,
+def build_server(app: App, address: str, reuse_port: bool = False,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: ServerCertificates | None = None, auth: AuthPolicy | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -296,13 +306,14 @@ def build_server(app: App, address: str, max_workers: int = 16, reuse_port: bool
     ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
     ``tls``: serve TLS only (mTLS when it has a client CA); ``auth``: callers and their roles.
     ``max_in_flight``: calls beyond this many at once get RESOURCE_EXHAUSTED at once (load shedding)
-    instead of queueing until every call is late.
+    instead of queueing until every call is late. Each admitted call has its own thread: a call waiting
+    on a stalled Redis must not keep an admitted one from starting before its deadline.
     """
     options = [("grpc.so_reuseport", 1 if reuse_port else 0),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
     chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors) + [DecodeGuard()]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="grpc"),
                          options=options, interceptors=chain, maximum_concurrent_rpcs=max_in_flight)
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)

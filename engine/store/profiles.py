@@ -36,6 +36,7 @@ from redis.connection import SENTINEL
 from engine.config import Config
 from engine.errors import NbaError
 from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
+from engine.store.breaker import PROBE_WAIT_SECONDS, Breaker, BreakerOpen, breaker_for
 
 META_KEY = "nba:meta"
 DECISIONS_STREAM = "nba:stream:decisions"
@@ -199,17 +200,83 @@ def redis_deadline(at: float) -> Iterator[None]:
 
 
 class _DeadlineReads:
-    """A connection whose reads wait at most until the thread's ``redis_deadline``."""
+    """A connection whose reads wait at most until the thread's ``redis_deadline``, behind its server's
+    circuit breaker (``engine.store.breaker``): a command, or the connection it needs first, is admitted
+    once, at whichever comes first."""
 
     socket_timeout: float | None
+    host: str
+    port: int
+    _breaker: Breaker | None = None
+    _admitted = False
+    _probing = False
+    _handshake = False  # a paused Redis may still answer a new connection's HELLO: no sign of recovery
+
+    @property
+    def breaker(self) -> Breaker:
+        if self._breaker is None:
+            self._breaker = breaker_for(f"{self.host}:{self.port}")
+        return self._breaker
+
+    def _admit(self) -> None:
+        if not self._admitted:
+            self._probing = self.breaker.before_send()
+            self._admitted = True
+
+    def on_connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        self._admit()
+        self._handshake = True
+        try:
+            super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._admitted = False
+            raise
+        finally:
+            self._handshake = False
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if check_health and not self._handshake:  # not for a command's health-check PING or HELLO
+            self._admit()
+        try:
+            super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except BreakerOpen:
+            raise
+        except redis.exceptions.ConnectionError:
+            self._admitted = False
+            self.breaker.failed(None)
+            raise
 
     def read_response(self, *args: Any, timeout: Any = SENTINEL, **kwargs: Any) -> Any:
         at = _deadline.get()
-        if at and timeout is SENTINEL:
-            left = max(at - time.monotonic(), 0.0001)
-            if self.socket_timeout is None or left < self.socket_timeout:
-                timeout = left
-        return super().read_response(*args, timeout=timeout, **kwargs)  # type: ignore[misc]
+        started = time.monotonic()
+        if timeout is SENTINEL:
+            wait = self.socket_timeout
+            if at:
+                wait = max(at - started, 0.0001) if wait is None else min(wait, max(at - started, 0.0001))
+            if self._probing:
+                wait = PROBE_WAIT_SECONDS if wait is None else min(wait, PROBE_WAIT_SECONDS)
+            if wait != self.socket_timeout:
+                timeout = wait
+        if not self._handshake:
+            self._admitted = False
+        try:
+            reply = super().read_response(*args, timeout=timeout, **kwargs)  # type: ignore[misc]
+        except redis.exceptions.TimeoutError:
+            self.breaker.failed(time.monotonic() - started)
+            raise
+        except redis.exceptions.ConnectionError:
+            self.breaker.failed(None)
+            raise
+        except redis.exceptions.ResponseError:  # an error reply is a reply
+            self._replied()
+            raise
+        self._replied()
+        return reply
+
+    def _replied(self) -> None:
+        if not self._handshake:
+            self._probing = False
+            self.breaker.replied()
 
 
 class DeadlineConnection(_DeadlineReads, redis.Connection):
