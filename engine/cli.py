@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see README, 'Running it securely')")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --address without TLS and --auth (logs a warning)")
-    p.add_argument("--max-in-flight", type=int, default=64,
+    p.add_argument("--max-in-flight", type=int, default=Config.max_in_flight,
                    help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
     p.add_argument("--fsync", choices=("everysec", "always"),
                    help="the embedded Redis's appendfsync (default everysec): always fsyncs every write before "

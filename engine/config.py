@@ -41,7 +41,7 @@ class Config:
     tls_client_ca: Path | None = None  # require client certificates chaining to this CA (mTLS)
     auth_file: Path | None = None  # callers and their roles (engine/serving/security.py)
     insecure: bool = False  # allow a non-loopback address without TLS and auth
-    max_in_flight: int = 64  # calls at once per worker before RESOURCE_EXHAUSTED (load shedding)
+    max_in_flight: int = 16  # calls at once per worker before RESOURCE_EXHAUSTED (load shedding)
     model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
     events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no

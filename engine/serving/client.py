@@ -8,11 +8,13 @@ from pathlib import Path
 
 import grpc
 
-# The client retry policy the README documents: a Decide or RecordResponse that fails with UNAVAILABLE
-# (or times out on a server that did decide) is safe to send again with the same interaction id.
+# The client retry policy the README documents: a Decide, RecordResponse or PublishEvent that fails with
+# UNAVAILABLE (or times out on a server that did the work) is safe to send again with the same
+# interaction, decision or event id.
 RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "nba.v1.DecisionService", "method": "Decide"},
-             {"service": "nba.v1.DecisionService", "method": "RecordResponse"}],
+             {"service": "nba.v1.DecisionService", "method": "RecordResponse"},
+             {"service": "nba.v1.DecisionService", "method": "PublishEvent"}],
     "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})

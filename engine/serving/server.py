@@ -66,10 +66,12 @@ OUTCOME_NAMES = {
 assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYPES)
 
 
-# In flight on one worker before load shedding (Config.max_in_flight): a decision costs about 1-2 ms of
-# one core, so 64 queued calls are answered within about 100 ms, a typical caller deadline; more would
-# only answer late.
-MAX_IN_FLIGHT = 64
+# In flight on one worker before load shedding (Config.max_in_flight). A decision costs 1-2 ms of one core
+# and the calls of a worker share one GIL, so each admitted call makes every other one later, and
+# gRPC's own polling thread, which admits and sheds, waits for the GIL too; with Redis stalled, the
+# circuit breaker (engine/store/breaker.py) frees the threads within about 50 ms. Measured in
+# BENCHMARKS.md ("Issue 14: fault drills"): 16 sheds a 3x burst with fewer missed deadlines than 32 or 64.
+MAX_IN_FLIGHT = 16
 
 
 def _timestamp(seconds: float) -> Timestamp:
