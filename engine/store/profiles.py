@@ -26,12 +26,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SENTINEL
+from redis.exceptions import RedisClusterException
 
 from engine.config import Config
 from engine.errors import NbaError
@@ -295,12 +297,47 @@ def redis_client(url: str, config: Config | None = None, *, timeout: float = 1.0
     as the client certificate. Connects lazily: ``check_redis`` turns a refusal into one clear error."""
     tls = _tls_options(url, config)
     scheme = urlsplit(url).scheme
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_client(url, tls, timeout, options)
     if scheme in ("redis", "rediss"):
         options.setdefault("connection_class", DeadlineSSLConnection if scheme == "rediss" else DeadlineConnection)
     try:
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **tls, **options)
     except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
         raise RedisUnavailable(f"REDIS_URL={mask_url(url)}: {exc}") from None
+
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def _cluster_client(url: str, tls: dict[str, Any], timeout: float, options: dict[str, Any]) -> redis.Redis:
+    """``redis+cluster://[user:password@]host:port[,host:port...]``: a Redis Cluster client that finds every
+    node from these; ``rediss+cluster://`` for TLS."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for hostport in filter(None, hosts.split(",")):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise RedisUnavailable(f"REDIS_URL={mask_url(url)}: {hostport!r} is not host:port")
+        nodes.append(ClusterNode(host, int(port)))
+    if not nodes:
+        raise RedisUnavailable(f"REDIS_URL={mask_url(url)}: no host:port")
+    ssl = parts.scheme == "rediss+cluster"
+    options.setdefault("connection_class", DeadlineSSLConnection if ssl else DeadlineConnection)
+    first = f"{'rediss' if ssl else 'redis'}://{userinfo + '@' if userinfo else ''}{nodes[0].host}:{nodes[0].port}"
+    try:  # unlike a single node's client, this one asks a node for the slot map at once; built from a URL,
+        # it hands connection_class to its node pools
+        client = RedisCluster(url=first, startup_nodes=nodes, socket_timeout=timeout, socket_connect_timeout=timeout,
+                              **tls, **options)
+    except (redis.exceptions.RedisError, RedisClusterException) as exc:
+        raise RedisUnavailable(f"cannot use the Redis Cluster at REDIS_URL={mask_url(url)}: "
+                               f"{' '.join(str(exc).split())}") from None
+    return cast(redis.Redis, client)  # the same command API; callers that need more check ``is_cluster``
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 def _reason(exc: redis.exceptions.RedisError, url: str) -> str:
