@@ -18,17 +18,23 @@ campaign: ``campaign_eligible``, or ``campaign_control`` for a held-out customer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis
 
+from engine import metrics
 from engine.rules.campaigns import Campaign
+from engine.store.polling import Poller
 
 if TYPE_CHECKING:
     from engine.decision.arbitration import FunnelEntry
     from engine.rules.model import RuleSet
+
+log = logging.getLogger(__name__)
 
 DAILY_TTL_SECONDS = 3 * 86_400
 KEEP_AFTER_END_SECONDS = 90 * 86_400  # the total counter outlives the campaign (reports, a late reload)
@@ -137,3 +143,28 @@ def campaign_status(client: redis.Redis, campaigns: Sequence[Campaign], now: flo
         out.append(CampaignStatus(c.name, c.objective, c.owner, c.live(now), c.start, c.end, c.total_budget,
                                   c.daily_budget, spent, today, c.even_spend(now)))
     return out
+
+
+class CampaignGauges(Poller):
+    """Keeps the campaign gauges (live, spent, budget left, pacing) of the live rule set's campaigns
+    current: one MGET every ``interval`` seconds."""
+
+    label = "campaigns"
+
+    def __init__(self, client: redis.Redis, campaigns: Callable[[], Sequence[Campaign]], interval: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(interval)
+        self.client = client
+        self.campaigns = campaigns
+        self.clock = clock
+
+    def poll_once(self) -> int:
+        statuses = campaign_status(self.client, self.campaigns(), self.clock())
+        for s in statuses:
+            metrics.CAMPAIGN_LIVE.labels(s.name).set(1 if s.live else 0)
+            metrics.CAMPAIGN_SPENT.labels(s.name).set(s.spent)
+            if s.budget_left is not None:
+                metrics.CAMPAIGN_BUDGET_LEFT.labels(s.name).set(s.budget_left)
+            if s.pacing is not None:
+                metrics.CAMPAIGN_PACING.labels(s.name).set(s.pacing)
+        return len(statuses)

@@ -106,7 +106,8 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 # ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), since (oldest window start),
 #   keep_ms (history kept), ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms),
 #   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
-#   index or 0, budget, body, campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback candidate or 0), rec (decision record fields),
+#   index or 0, budget, body, campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback
+#   candidate or 0), rec (decision record fields),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
 #   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).

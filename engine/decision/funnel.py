@@ -18,7 +18,6 @@ import redis
 
 from engine import metrics
 from engine.decision import interactions
-from engine.decision.campaigns import campaign_stage
 from engine.decision.arbitration import (
     STAGE_NAMES,
     FunnelEntry,
@@ -31,6 +30,7 @@ from engine.decision.arbitration import (
     ranked_action,
     select,
 )
+from engine.decision.campaigns import campaign_stage
 from engine.decision.contact import (
     DECIDE,
     DRY,

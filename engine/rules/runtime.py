@@ -111,7 +111,7 @@ class CompiledRules:
                                 dtype=np.bool_).reshape(len(ruleset.policies), len(actions))
         self._lever_weights = np.array([[lv.weight if lv.targets.matches(a) else 1.0 for a in actions]
                                         for lv in ruleset.levers]).reshape(len(ruleset.levers), len(actions))
-        self._static_cache: dict[tuple[str, date], tuple] = {}
+        self._static_cache: dict[tuple[str, date, frozenset[str]], tuple] = {}
         # The event patterns' own durable ruleset, built and freed with this one (hot reload swaps both).
         self.patterns = compile_patterns(ruleset.events, ruleset.version)
 

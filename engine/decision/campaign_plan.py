@@ -1,0 +1,362 @@
+"""``nba campaign plan FILE``: a forecast of a campaign before it goes live, on the stored customers.
+
+For every customer of the sample and every channel of the campaign, the live rules with the campaign
+added (a what-if: the rule files as they are, the campaign file put among them) decide, at a moment
+inside the campaign, whether one of its actions is admitted (eligible and targeted: *eligible*) and
+whether it would be shown: ranked in the top ``max_actions`` (one per group) by the current model's
+priority, as the funnel ranks (the service's control group gets a random order of offers; the
+campaign's own control group never sees it). Where it is shown, the action it pushes out of the top
+under the live rules is *displaced* (what ``nba rules diff`` would show, per campaign).
+
+How often it is shown depends on traffic, which the plan does not invent: decisions per customer and
+day on each channel, measured on the recorded decision stream (or given). A customer shown the action
+on a day's decisions keeps being shown it until they accept it (the model's propensity, per decision),
+or until the live contact policies' impression limit for one action is reached (``no_repeats``: at most
+``max`` per ``days``). With decisions per customer as a Poisson count with the measured rate ``mu`` over
+``t`` days, the expected presentations are sum_k<=cap (1-p)^(k-1) P(N(mu t) >= k), and the expected
+acceptances sum_k<=cap p (1-p)^(k-1) P(N >= k). Day by day, the daily budget caps each day and the total
+budget the sum: the day the total runs out is the run-out day.
+
+What it leaves out (so a check against ``nba simulate`` can fail): responses other than acceptances
+(cool-downs after rejections), other actions accepted meanwhile, exploration, and fatigue.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import redis
+
+from engine.decision.arbitration import order
+from engine.decision.contact import control_order
+from engine.decision.funnel import DecisionEngine
+from engine.errors import NbaError
+from engine.features import CHANNELS
+from engine.live import Live
+from engine.models.derived import derive
+from engine.models.model_input import customer_block, shared_row
+from engine.models.registry import LoadedModel
+from engine.rules.campaigns import CAMPAIGNS_DIR, Campaign, campaign_files
+from engine.rules.facts import FactInputs
+from engine.rules.loader import load_rules
+from engine.rules.runtime import CompiledRules, load_and_compile
+from engine.store.profiles import DECISIONS_STREAM, Profile, ProfileStore, decode_profile, profile_key, triggers_key
+
+DAY = 86_400.0
+NO_CAMPAIGN = "(no campaign)"
+
+
+class PlanError(NbaError, ValueError):
+    """A plan that cannot be made: no traffic to forecast with, no customers, a campaign that does not load."""
+
+
+@dataclass
+class Plan:
+    campaign: str
+    ruleset_version: str
+    model_version: str
+    customers: int
+    days: int  # the forecast's days (from the campaign's start)
+    traffic: dict[str, float]  # decisions per customer per day, by channel
+    max_actions: int
+    eligible: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers
+    shown: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers shown
+    presentations: float = 0.0  # expected, before budgets
+    presentations_in_budget: float = 0.0  # expected, within the daily and total budgets
+    acceptances: float = 0.0
+    accepted_value: float = 0.0
+    by_segment: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_day: list[float] = field(default_factory=list)  # expected presentations per day, within budgets
+    run_out_day: str | None = None  # the day the total budget is expected to run out (None: it lasts)
+    displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> decisions
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+def what_if_rules(rules_dir: Path, campaign_file: Path) -> tuple[CompiledRules, CompiledRules, Campaign]:
+    """(live rules, live rules with ``campaign_file`` among its campaigns, that campaign): the file
+    replaces a live campaign of the same name. Raises ``RuleErrors`` naming the file's lines."""
+    from engine.rules.yamlsrc import load_yaml
+
+    tree, _, _ = load_yaml(Path(campaign_file))
+    name = tree.value.get("name").value if tree is not None and tree.is_map and "name" in tree.value else None
+    with tempfile.TemporaryDirectory(prefix="nba-plan-") as tmp:
+        base, plus = Path(tmp) / "live", Path(tmp) / "with"
+        shutil.copytree(rules_dir, base)
+        for path in campaign_files(base):  # the campaign itself as live now (if it is) is not "live" here
+            other, _, _ = load_yaml(path)
+            if other is not None and other.is_map and "name" in other.value and other.value["name"].value == name:
+                path.unlink()
+        shutil.copytree(base, plus)
+        (plus / CAMPAIGNS_DIR).mkdir(exist_ok=True)
+        shutil.copy(campaign_file, plus / CAMPAIGNS_DIR / Path(campaign_file).name)
+        ruleset, errors = load_rules(plus)
+        if ruleset is None:
+            from engine.rules.errors import RuleErrors
+
+            shown = str(campaign_file)  # errors name the file the marketer gave, not the copy
+            raise RuleErrors([e.__class__(shown if e.file.endswith(Path(campaign_file).name) else e.file, e.line,
+                                          e.column, e.message, e.hint, e.snippet) for e in errors])
+        live = load_and_compile(base)
+        try:
+            with_campaign = load_and_compile(plus)
+        except Exception:
+            live.close()
+            raise
+    assert name is not None
+    return live, with_campaign, with_campaign.ruleset.campaigns[name]
+
+
+def stored_customers(client: redis.Redis, limit: int | None = None) -> list[str]:
+    ids = []
+    for key in client.scan_iter(match="nba:{c:*}:profile", count=2000):
+        key = key.decode() if isinstance(key, bytes) else key
+        ids.append(key[len("nba:{c:"): -len("}:profile")])
+        if limit is not None and len(ids) >= limit:
+            break
+    return sorted(ids)
+
+
+def fetch_profiles(client: redis.Redis, customers: Sequence[str], now: float, batch: int = 1000) -> list[Profile]:
+    """Profiles with their triggers active at ``now``, a pipelined round trip per ``batch`` customers."""
+    out = []
+    now_ms = int(now * 1000)
+    for k in range(0, len(customers), batch):
+        chunk = customers[k: k + batch]
+        pipe = client.pipeline(transaction=False)
+        for cid in chunk:
+            pipe.hgetall(profile_key(cid))
+            pipe.hgetall(triggers_key(cid))
+        replies = pipe.execute()
+        out += [decode_profile(cid, replies[2 * i], replies[2 * i + 1], now_ms) for i, cid in enumerate(chunk)]
+    return out
+
+
+def traffic_from_stream(client: redis.Redis, population: int, days: float, until: float | None = None) -> dict[str, float]:
+    """Decisions per customer per day on each channel over the ``days`` before ``until`` (default: the
+    last recorded decision), from the decision stream; ``population``: the customers that traffic came from."""
+    from engine.decision.report import _read
+
+    last = client.xrevrange(DECISIONS_STREAM, count=1)
+    if not last:
+        return {}
+    end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
+    since_ms = int((end - days * DAY) * 1000)
+    counts: Counter[str] = Counter()
+    for _, d in _read(client, DECISIONS_STREAM, f"{max(since_ms, 0)}-0"):
+        if end - days * DAY <= float(d.get("ts") or 0) <= end and d.get("preview") != "1":
+            counts[d.get("channel", "")] += 1
+    return {ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}
+
+
+# --- the forecast ------------------------------------------------------------------------------------
+
+def _shown_top(candidates: list, max_actions: int) -> list:
+    """The top ``max_actions`` of ordered candidates, one per group (contact limits aside)."""
+    out: list = []
+    groups: set[str] = set()
+    for c in candidates:
+        if len(out) >= max_actions:
+            break
+        if c[2].action.group not in groups:
+            groups.add(c[2].action.group)
+            out.append(c)
+    return out
+
+
+def _impression_cap(rules: CompiledRules, campaign: Campaign, days: int) -> int | None:
+    """At most this many presentations of one of the campaign's actions to one customer in ``days``
+    (the tightest per-action impression limit of contact.yaml that applies to them)."""
+    contact = rules.ruleset.contact
+    if contact is None:
+        return None
+    caps = []
+    for limit in contact.limits:
+        if limit.counts != "impressions" or limit.per != "action" or limit.channels:
+            continue
+        if all(not limit.types or rules.ruleset.by_id[a].type in limit.types for a in campaign.actions):
+            caps.append(limit.max * math.ceil(days / limit.days))
+    return min(caps) if caps else None
+
+
+def _poisson_tail(mu: np.ndarray, k: int) -> np.ndarray:
+    """P(N >= k) for N ~ Poisson(mu), element-wise."""
+    term = np.exp(-mu)
+    below = np.zeros_like(mu)
+    for j in range(k):
+        below += term
+        term = term * mu / (j + 1)
+    return np.clip(1.0 - below, 0.0, 1.0)
+
+
+def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules, planned: CompiledRules,
+                  campaign: Campaign, customers: Sequence[str], traffic: dict[str, float], max_actions: int = 1,
+                  days: int | None = None, at: float | None = None) -> Plan:
+    """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``."""
+    started = time.perf_counter()
+    if not customers:
+        raise PlanError("no stored customers to plan on (nba seed writes the demo ones)")
+    if not any(traffic.get(ch, 0) > 0 for ch in _channels(planned, campaign)):
+        raise PlanError("no traffic on the campaign's channels: no decisions recorded in the stream; give "
+                        "--decisions-per-day CHANNEL=N")
+    span = max(1, math.ceil((campaign.end - campaign.start) / DAY))
+    days = min(days or span, span)
+    at = at if at is not None else campaign.start + 3600.0
+    engine = DecisionEngine(store, Live(planned), Live(model), contacts=False, clock=lambda: at)
+    live_engine = DecisionEngine(store, Live(live), Live(model), contacts=False, clock=lambda: at)
+    control = planned.ruleset.contact.control if planned.ruleset.contact is not None else None
+    mine = set(campaign.actions)
+    plan = Plan(campaign.name, planned.version, model.version, len(customers), days,
+                {ch: traffic.get(ch, 0.0) for ch in _channels(planned, campaign)}, max_actions)
+    eligible: dict[str, Counter[str]] = defaultdict(Counter)
+    shown_n: dict[str, Counter[str]] = defaultdict(Counter)
+    displaced: dict[str, Counter[str]] = defaultdict(Counter)
+    mu: list[float] = []  # per customer shown anywhere: decisions per day showing it
+    p_accept: list[float] = []
+    value: list[float] = []
+    segment_of: list[str] = []
+    for profile in fetch_profiles(store.client, list(customers), at):
+        derived = derive(profile.numeric)
+        block = customer_block(profile, derived)
+        seg = profile.categorical.get("segment") or "unknown"
+        rate, p_sum, v_sum = 0.0, 0.0, 0.0
+        for channel in plan.traffic:
+            outcome = planned.evaluate(planned.build_fact(FactInputs(
+                numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
+                products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
+                channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
+            admitted, verdicts = planned.admitted(outcome, channel, now=at)
+            if not any(v.action.id in mine for v in verdicts):
+                continue
+            eligible[channel][seg] += 1
+            if campaign.holds_out(profile.customer_id):
+                continue
+            x = shared_row(block, channel)
+            propensity = engine._score(planned, model, x, admitted)
+            ranked = order(verdicts, propensity)
+            if control is not None and control.contains(profile.customer_id):
+                ranked = control_order(control, ranked, profile.customer_id, at)
+            top = [c for c in _shown_top(ranked, max_actions) if c[2].action.id in mine]
+            if not top:
+                continue
+            shown_n[channel][seg] += 1
+            rate += plan.traffic[channel]
+            p_sum += plan.traffic[channel] * top[0][1]
+            v_sum += plan.traffic[channel] * top[0][1] * top[0][2].action.value
+            for c in _displaced(live_engine, live, model, profile, derived, block, channel, max_actions, at, ranked, mine):
+                displaced[c.campaign or NO_CAMPAIGN][c.id] += 1
+        if rate > 0:
+            mu.append(rate)
+            p_accept.append(p_sum / rate)
+            value.append(v_sum / p_sum if p_sum > 0 else 0.0)
+            segment_of.append(seg)
+    plan.eligible = {ch: dict(sorted(c.items())) for ch, c in sorted(eligible.items())}
+    plan.shown = {ch: dict(sorted(c.items())) for ch, c in sorted(shown_n.items())}
+    plan.displaced = {k: dict(v.most_common()) for k, v in sorted(displaced.items())}
+    _expected(plan, campaign, np.array(mu), np.array(p_accept), np.array(value), segment_of,
+              _impression_cap(planned, campaign, days))
+    plan.seconds = round(time.perf_counter() - started, 2)
+    return plan
+
+
+def _channels(rules: CompiledRules, campaign: Campaign) -> list[str]:
+    channels = set()
+    for action_id in campaign.actions:
+        channels |= set(rules.ruleset.by_id[action_id].channels)
+    return [ch for ch in CHANNELS if ch in channels]
+
+
+def _displaced(engine: DecisionEngine, live: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
+               block: np.ndarray, channel: str, max_actions: int, at: float, ranked: list, mine: set[str]) -> list:
+    """Actions in the live rules' top ``max_actions`` that the campaign's top pushes out."""
+    outcome = live.evaluate(live.build_fact(FactInputs(
+        numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
+        products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
+        channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
+    admitted, verdicts = live.admitted(outcome, channel, now=at)
+    before = {c[2].action.id for c in _shown_top(order(verdicts, engine._score(live, model, shared_row(block, channel),
+                                                                                 admitted)), max_actions)}
+    after = {c[2].action.id for c in _shown_top(ranked, max_actions)}
+    return [live.ruleset.by_id[a] for a in sorted(before - after) if a not in mine]
+
+
+def _expected(plan: Plan, campaign: Campaign, mu: np.ndarray, p: np.ndarray, value: np.ndarray,
+              segment_of: list[str], cap: int | None) -> None:
+    """Expected presentations, acceptances and value per day (budgets applied) and per segment."""
+    days = plan.days
+    if not len(mu):
+        plan.per_day = [0.0] * days
+        plan.by_segment = {}
+        return
+    cap = cap or 1000
+    t = np.arange(1, days + 1, dtype=float)
+    shows = np.zeros((len(mu), days))
+    accepts = np.zeros((len(mu), days))
+    survive = np.ones(len(mu))
+    for k in range(1, cap + 1):
+        tail = _poisson_tail(mu[:, None] * t[None, :], k)
+        if tail.max() < 1e-9:
+            break
+        shows += survive[:, None] * tail
+        accepts += (survive * p)[:, None] * tail
+        survive = survive * (1 - p)
+    daily = np.diff(np.concatenate([np.zeros((len(mu), 1)), shows], axis=1), axis=1).sum(axis=0)
+    plan.presentations = float(shows[:, -1].sum())
+    in_budget, total, run_out = [], 0.0, None
+    for d in range(days):
+        today = min(daily[d], campaign.daily_budget) if campaign.daily_budget is not None else daily[d]
+        if campaign.total_budget is not None and total + today >= campaign.total_budget:
+            today = campaign.total_budget - total
+            run_out = run_out if run_out is not None else d
+        total += today
+        in_budget.append(today)
+    plan.per_day = [round(x, 2) for x in in_budget]
+    plan.presentations_in_budget = total
+    scale = total / plan.presentations if plan.presentations > 0 else 0.0  # budgets cut every customer alike
+    plan.acceptances = float(accepts[:, -1].sum()) * scale
+    plan.accepted_value = float((accepts[:, -1] * value).sum()) * scale
+    if run_out is not None:
+        plan.run_out_day = time.strftime("%Y-%m-%d", time.gmtime(campaign.start + run_out * DAY))
+    by_segment: dict[str, dict[str, float]] = {}
+    for seg in sorted(set(segment_of)):
+        rows = np.array([s == seg for s in segment_of])
+        shown, accepted = float(shows[rows, -1].sum()), float(accepts[rows, -1].sum())
+        by_segment[seg] = {"presentations": round(shown * scale, 2), "acceptances": round(accepted * scale, 2),
+                           "acceptance_rate": round(accepted / shown, 4) if shown else 0.0}
+    plan.by_segment = by_segment
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"plan for campaign {plan.campaign}: {plan.customers} customers, {plan.days} days, top {plan.max_actions} "
+             f"per decision; rules {plan.ruleset_version}, model {plan.model_version} ({plan.seconds:.1f}s)",
+             "traffic (decisions per customer per day): " + ", ".join(f"{k} {v:.3f}" for k, v in plan.traffic.items()),
+             "", f"{'channel':14} {'segment':16} {'eligible':>9} {'shown':>7}"]
+    for ch, segs in plan.eligible.items():
+        for seg, n in segs.items():
+            lines.append(f"{ch:14} {seg:16} {n:>9} {plan.shown.get(ch, {}).get(seg, 0):>7}")
+    lines += ["", f"expected presentations: {plan.presentations_in_budget:,.0f} within budgets "
+              f"({plan.presentations:,.0f} without them)",
+              f"expected acceptances: {plan.acceptances:,.1f}, accepted value {plan.accepted_value:,.0f}",
+              "total budget: " + (f"runs out on {plan.run_out_day}" if plan.run_out_day else "lasts the forecast")]
+    if plan.by_segment:
+        lines += ["", f"{'segment':16} {'presentations':>13} {'acceptances':>11} {'rate':>7}"]
+        for seg, r in plan.by_segment.items():
+            lines.append(f"{seg:16} {r['presentations']:>13,.1f} {r['acceptances']:>11,.1f} {r['acceptance_rate']:>7.2%}")
+    if plan.displaced:
+        lines += ["", "displaced from the top (decisions where the campaign takes their place):"]
+        for owner, actions in plan.displaced.items():
+            lines.append(f"  {owner}: " + ", ".join(f"{a} {n}" for a, n in actions.items()))
+    return "\n".join(lines)
