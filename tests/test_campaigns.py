@@ -1,0 +1,425 @@
+"""Campaigns (rules/campaigns/*.yaml) on a real Redis and real gRPC servers: dates on a controlled clock,
+the total budget across two server processes, hot reload keeping the spend, the campaign's control
+group, and the report against the streams."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.decision.campaign_report import build_campaign_report
+from engine.decision.campaigns import day_key, spent_key
+from engine.decision.funnel import DecisionEngine
+from engine.decision.request import DecideInput
+from engine.live import Live
+from engine.models.registry import ModelRegistry
+from engine.rules.contact import ControlGroup
+from engine.rules.loader import load_rules
+from engine.rules.runtime import load_and_compile
+from engine.store.decision_log import DecisionLog
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileStore
+
+from .conftest import REPO, RULES_DIR
+from .test_scenarios import customer
+
+START = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
+INSIDE = START + 4 * 86_400 + 12 * 3600  # 2030-03-05 12:00 UTC: outside quiet hours
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def blitz(total: int = 5, daily: int = 100, share: float = 0.0, start: str = "2030-03-01", end: str = "2030-03-10",
+          priority: float = 1.0, description: str = "A test campaign") -> str:
+    return textwrap.dedent(f"""\
+        name: test_blitz
+        objective: value
+        owner: tests@example.com
+        description: {description}
+        start: {start}
+        end: {end}
+        time_zone: UTC
+        target: 'holds("mobile")'
+        channels: [call_center]
+        budget:
+          total: {total}
+          daily: {daily}
+        control_share: {share}
+        priority: {priority}
+        actions:
+          - id: blitz_offer
+            name: Blitz offer
+            type: upsell
+            group: blitz
+            value: 5000
+            channels:
+              call_center: {{script: "A campaign offer."}}
+        """)
+
+
+def rules_with(tmp_path: Path, campaign: str) -> Path:
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    (rules_dir / "campaigns" / "test_blitz.yaml").write_text(campaign)
+    return rules_dir
+
+
+def engine_for(redis_url: str, models_dir: Path, rules_dir: Path, clock: Clock) -> DecisionEngine:
+    store = ProfileStore.from_url(redis_url)
+    return DecisionEngine(store, Live(load_and_compile(rules_dir), retire=lambda r: r.close()),
+                          Live(ModelRegistry(models_dir).load()), DecisionLog(store.client), clock=clock)
+
+
+def decide(engine: DecisionEngine, cid: str, **kw):
+    return engine.decide(DecideInput(customer_id=cid, channel="call_center", max_actions=kw.pop("max_actions", 3), **kw))
+
+
+def shown(decision, action: str = "blitz_offer") -> bool:
+    return any(a.action_id == action for a in decision.actions)
+
+
+def outside_control(prefix: str, n: int) -> list[str]:
+    """Customer ids outside the demo rules' control group (10%), whose order of offers is random."""
+    control = ControlGroup(0.1)
+    return [cid for cid in (f"{prefix}{i}" for i in range(10 * n)) if not control.contains(cid)][:n]
+
+
+def flushed(engine: DecisionEngine) -> None:
+    assert engine.decision_log is not None
+    engine.decision_log.close()  # writes what is queued
+
+
+def stream(client: redis.Redis, name: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(name)]
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+def test_the_demo_campaigns_load_with_their_own_actions() -> None:
+    ruleset, errors = load_rules(RULES_DIR)
+    assert not errors and ruleset is not None
+    assert set(ruleset.campaigns) == {"fibre_migration", "winter_retention_save"}
+    fibre = ruleset.campaigns["fibre_migration"]
+    assert fibre.total_budget == 6000 and fibre.daily_budget == 150 and fibre.control_share == 0.1
+    assert ruleset.by_id["fibre_switch_free_install"].campaign == "fibre_migration"
+    # the target is an eligibility condition of the campaign's action, named as the campaign's
+    assert ruleset.stage_conditions(ruleset.by_id["fibre_switch_free_install"])[0][1].startswith(
+        "campaign fibre_migration target:")
+    # Amsterdam: the campaign starts at local midnight, 23:00 UTC the day before
+    assert datetime.fromtimestamp(fibre.start, UTC) == datetime(2027, 8, 31, 22, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("edit, where, message", [
+    (("target: 'holds(\"mobile\")'", "target: 'holds(\"mobile\") and tenure_monts > 3'"), (8, 30), 'unknown feature "tenure_monts"'),
+    (("time_zone: UTC", "time_zone: Mars/Olympus"), (7, 12), 'unknown time zone "Mars/Olympus"'),
+    (("end: 2030-03-10", "end: 2030-02-10"), (6, 6), "ends before it starts"),
+    (("objective: value", "objective: valeu"), (2, 12), 'unknown objective "valeu"; did you mean "value"?'),
+    (("budget:\n  total: 5", "budget:\n  total: 2.5"), (11, 10), "whole number"),
+    (("  - id: blitz_offer", "  - upsell_fiber_speed\n  - id: upsell_fiber_speed"), (17, 9),
+     'duplicate action id "upsell_fiber_speed"'),
+])
+def test_a_bad_campaign_file_is_refused_at_file_line_col(tmp_path: Path, edit, where, message) -> None:
+    text = blitz().replace(*edit)
+    rules_dir = rules_with(tmp_path, text)
+    ruleset, errors = load_rules(rules_dir)
+    assert ruleset is None
+    hits = [e for e in errors if message in str(e)]
+    assert hits, [str(e) for e in errors]
+    assert hits[0].file.endswith("campaigns/test_blitz.yaml") and (hits[0].line, hits[0].column) == where, str(hits[0])
+
+
+def test_an_action_belongs_to_one_campaign(tmp_path: Path) -> None:
+    rules_dir = rules_with(tmp_path, blitz().replace("  - id: blitz_offer", "  - upsell_fiber_speed\n  - id: blitz_offer"))
+    (rules_dir / "campaigns" / "other.yaml").write_text(
+        blitz().replace("test_blitz", "other").replace("  - id: blitz_offer", "  - upsell_fiber_speed\n  - id: other_offer"))
+    _, errors = load_rules(rules_dir)
+    hits = [e for e in errors if 'action "upsell_fiber_speed" already belongs to campaign "other"' in str(e)]
+    assert hits and hits[0].file.endswith("test_blitz.yaml") and hits[0].line == 16, errors  # files load in name order
+
+
+# --- dates, reload, status: through the gRPC server ----------------------------------------------------
+
+@pytest.fixture()
+def served(redis_url: str, models_dir: Path, tmp_path: Path):
+    """A real gRPC server whose App runs on a clock the test moves."""
+    from grpc_health.v1 import health_pb2
+
+    from engine.config import Config
+    from engine.serving.app import App
+    from engine.serving.server import build_server
+
+    clock = Clock(START - 3600)
+    rules_dir = rules_with(tmp_path, blitz(total=4, share=0.0))
+    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir, demo_customers=200,
+                     metrics_port=0, rules_watch_seconds=0), clock=clock).start()
+    server, port, health = build_server(app, "127.0.0.1:0")
+    server.start()
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield app, channel, clock, rules_dir
+    channel.close()
+    server.stop(0).wait()
+    app.close()
+
+
+def _decide(channel: grpc.Channel, cid: str, explain: bool = False) -> pb.DecideResponse:
+    return pb_grpc.DecisionServiceStub(channel).Decide(pb.DecideRequest(
+        customer_id=cid, channel=pb.CHANNEL_CALL_CENTER, max_actions=3, explain=explain), timeout=10)
+
+
+def _status(channel: grpc.Channel) -> pb.CampaignStatus:
+    reply = pb_grpc.AdminServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+    return next(c for c in reply.campaigns if c.name == "test_blitz")
+
+
+def test_a_campaign_starts_and_stops_by_its_dates_without_a_reload(served) -> None:
+    app, channel, clock, _ = served
+    d0, d1, d2 = outside_control("D", 3)
+    app.store.save([customer(cid) for cid in (d0, d1, d2)])
+    version = app.rules.current.version
+    before = _decide(channel, d0, explain=True)
+    assert "blitz_offer" not in [a.action_id for a in before.actions]
+    entry = next(e for e in before.funnel if e.action_id == "blitz_offer")
+    assert entry.stage == "expired" and "campaign test_blitz runs 2030-03-01 00:00" in entry.detail
+    assert not _status(channel).live
+
+    clock.now = START + 1  # one second after its start (nothing reloaded)
+    during = _decide(channel, d1)
+    assert [a.campaign for a in during.actions if a.action_id == "blitz_offer"] == ["test_blitz"]
+    status = _status(channel)
+    assert status.live and status.spent == 1 and status.budget_left == 3 and status.total_budget == 4
+
+    clock.now = datetime(2030, 3, 11, tzinfo=UTC).timestamp()  # "end: 2030-03-10" runs to the end of that day
+    after = _decide(channel, d2, explain=True)
+    assert "blitz_offer" not in [a.action_id for a in after.actions]
+    assert next(e for e in after.funnel if e.action_id == "blitz_offer").stage == "expired"
+    assert not _status(channel).live
+    assert app.rules.current.version == version
+
+
+def test_a_hot_reload_keeps_the_spent_budget_and_a_bad_file_changes_nothing(served) -> None:
+    app, channel, clock, rules_dir = served
+    clock.now = INSIDE
+    ids = outside_control("H", 8)
+    app.store.save([customer(cid) for cid in ids])
+    got = [shown(_decide(channel, cid)) for cid in ids[:3]]
+    assert got == [True, True, True]
+    first = app.rules.current.version
+    client = app.store.client
+    assert int(client.get(spent_key("test_blitz"))) == 3
+
+    path = rules_dir / "campaigns" / "test_blitz.yaml"
+    path.write_text(blitz(total=4, priority=2.0, description="Edited by marketing"))
+    live, version, errors = app.reload_rules()
+    assert live and not errors and version != first
+    status = _status(channel)
+    assert status.spent == 3 and status.budget_left == 1  # the counters are the campaign's, not the file version's
+    shown_after = [shown(_decide(channel, cid)) for cid in ids[3:]]
+    assert shown_after == [True, False, False, False, False]  # one unit was left
+    assert int(client.get(spent_key("test_blitz"))) == 4
+
+    path.write_text(blitz(total=4).replace("target: 'holds(\"mobile\")'", "target: 'holds(\"mobil\")'"))
+    live, version2, errors = app.reload_rules()
+    assert not live and version2 == version
+    assert any("campaigns/test_blitz.yaml:8:" in e and '"mobil"' in e for e in errors), errors
+    assert app.rules.current.version == version
+    reply = _decide(channel, ids[3], explain=True)
+    assert next(e for e in reply.funnel if e.action_id == "blitz_offer").stage == "campaign_budget"
+
+
+# --- budgets across two server processes ------------------------------------------------------------------
+
+def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+    """``nba serve --workers 2`` (two processes on one port) and 8 client threads; the campaign runs
+    now on the real clock; its total budget is 30 presentations."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+
+    from engine.store.redis_embedded import free_port
+
+    budget = 30
+    rules_dir = rules_with(tmp_path, blitz(total=budget, daily=1000, start="2026-01-01", end="2035-12-31"))
+    shutil.rmtree(rules_dir / "tests")  # the demo's rule tests expect other tops than a campaign running today
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
+         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
+         "--customers", "200"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    channels: list[grpc.Channel] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "not serving within 120s"
+                time.sleep(0.2)
+        pids = set()
+        for _ in range(40):  # fresh connections until both workers hold some
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            pids.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).worker_pid)
+            channels.append(ch)
+            if len(channels) >= 8 and len(pids) == 2:
+                break
+        assert len(pids) == 2
+        customers = [f"C{i:07d}" for i in range(200)]
+        replies: list[pb.DecideResponse] = []
+        errors: list[Exception] = []
+        start = threading.Barrier(len(channels))
+
+        def client(ch: grpc.Channel, k: int) -> None:
+            stub = pb_grpc.DecisionServiceStub(ch)
+            start.wait()
+            try:
+                for cid in customers[k * 25:] + customers[: k * 25]:
+                    replies.append(stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER,
+                                                                max_actions=2), timeout=10))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(ch, k)) for k, ch in enumerate(channels)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert len(replies) == len(channels) * len(customers)
+        presented = sum(a.campaign == "test_blitz" for r in replies for a in r.actions)
+        client_ = redis.Redis.from_url(redis_url, decode_responses=True)
+        assert presented == budget
+        assert int(client_.get(spent_key("test_blitz"))) == budget
+        assert len(set(r.decision_id for r in replies if any(a.campaign for a in r.actions))) == budget
+        status = pb_grpc.AdminServiceStub(channels[0]).GetStatus(pb.GetStatusRequest(), timeout=10)
+        blitz_status = next(c for c in status.campaigns if c.name == "test_blitz")
+        assert blitz_status.spent == budget and blitz_status.budget_left == 0 and blitz_status.live
+        # every presentation is in the decision stream with its campaign (written after the reply: wait for it)
+        deadline = time.monotonic() + 10
+        while client_.xlen(DECISIONS_STREAM) < len(replies) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        entries = [f for _, f in client_.xrange(DECISIONS_STREAM)]
+        tagged = sum(f.get("campaigns", "").split(",").count("test_blitz") for f in entries)
+        assert tagged == budget
+        deadline = time.monotonic() + 15  # the campaign gauges are refreshed every 5 s
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            if 'nba_campaign_budget_left{campaign="test_blitz"} 0.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert f'nba_campaign_spent{{campaign="test_blitz"}} {budget}.0' in text
+        assert 'nba_campaign_budget_left{campaign="test_blitz"} 0.0' in text and 'nba_campaign_live{campaign="test_blitz"} 1.0' in text
+    finally:
+        for ch in channels:
+            ch.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()
+
+
+# --- control group, daily budget and the report, in-process on a controlled clock ---------------------
+
+@pytest.fixture()
+def campaign_engine(redis_url: str, models_dir: Path, tmp_path: Path):
+    clock = Clock(INSIDE)
+    engine = engine_for(redis_url, models_dir, rules_with(tmp_path, blitz(total=1000, daily=40, share=0.3)), clock)
+    yield engine, clock
+    flushed(engine)  # nothing of this test reaches the next one's database
+    engine.rules.current.close()
+
+
+def test_the_campaign_control_group_is_held_out_and_recorded(campaign_engine) -> None:
+    engine, _ = campaign_engine
+    campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
+    ids = [f"K{i:03d}" for i in range(120)]
+    engine.store.save([customer(cid) for cid in ids])
+    decisions = {cid: decide(engine, cid, explain=True) for cid in ids}
+    held = {cid for cid in ids if campaign.holds_out(cid)}
+    assert 0.15 < len(held) / len(ids) < 0.45  # about control_share (0.3) of the customers
+    for cid, d in decisions.items():
+        if cid in held:
+            assert not shown(d) and d.campaign_control == ["test_blitz"] and d.campaign_eligible == []
+            assert next(e for e in d.funnel if e.action_id == "blitz_offer").stage == "campaign_control"
+        else:
+            assert d.campaign_eligible == ["test_blitz"] and d.campaign_control == []
+    flushed(engine)
+    entries = stream(engine.store.client, DECISIONS_STREAM)
+    assert {e["customer_id"] for e in entries if e.get("campaign_control") == "test_blitz"} == held
+    assert {e["customer_id"] for e in entries if e.get("campaign_eligible") == "test_blitz"} == set(ids) - held
+
+
+def test_the_daily_budget_resets_on_the_campaigns_next_day(campaign_engine) -> None:
+    engine, clock = campaign_engine
+    campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
+    ids = [f"Y{i:03d}" for i in range(150) if not campaign.holds_out(f"Y{i:03d}")][:60]
+    engine.store.save([customer(cid) for cid in ids])
+    day1 = sum(shown(decide(engine, cid)) for cid in ids)
+    assert day1 == 40 and int(engine.store.client.get(day_key("test_blitz", "20300305"))) == 40
+    clock.now += 86_400
+    day2 = sum(shown(decide(engine, cid)) for cid in ids[:50])
+    assert day2 == 40 and int(engine.store.client.get(spent_key("test_blitz"))) == 80
+
+
+def test_the_campaign_report_matches_the_streams(campaign_engine, tmp_path: Path) -> None:
+    engine, clock = campaign_engine
+    client = engine.store.client
+    campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
+    ids = [f"R{i:03d}" for i in range(90)]
+    engine.store.save([customer(cid, categorical={"segment": ("consumer", "family", "student")[i % 3]})
+                       for i, cid in enumerate(ids)])
+    for day in range(2):
+        for i, cid in enumerate(ids):
+            d = decide(engine, cid)
+            for a in d.actions:
+                # some customers accept the campaign's offer; some accept something else (control ones too)
+                if (a.action_id == "blitz_offer" and i % 3 == 0) or (a.action_id != "blitz_offer" and i % 4 == day):
+                    engine.responses.record(d.decision_id, a.action_id, "accepted", clock.now + 60)
+        clock.now += 86_400
+    flushed(engine)
+    report = build_campaign_report(client, campaign)
+
+    decisions = stream(client, DECISIONS_STREAM)
+    responses = stream(client, RESPONSES_STREAM)
+    accepted = {(r["decision_id"], r["action_id"]): float(r["value"]) for r in responses if r["outcome"] == "accepted"}
+    rows = [(e["decision_id"], e["customer_id"], a) for e in decisions
+            for a, c in zip(e["actions"].split(","), e.get("campaigns", "").split(",")) if c == "test_blitz"]
+    assert rows and report["totals"]["presented"] == len(rows) == report["by_channel"]["call_center"]["presented"]
+    hits = [(d, a) for d, _, a in rows if (d, a) in accepted]
+    assert report["totals"]["accepted"] == len(hits) > 0
+    assert report["totals"]["value"] == pytest.approx(sum(accepted[h] for h in hits))
+    for seg in ("consumer", "family", "student"):
+        members = {cid for i, cid in enumerate(ids) if ("consumer", "family", "student")[i % 3] == seg}
+        assert report["by_segment"][seg]["presented"] == sum(c in members for _, c, _ in rows)
+    held = {cid for cid in ids if campaign.holds_out(cid)}
+    eligible = {e["customer_id"] for e in decisions if e.get("campaign_eligible")}
+    assert eligible - set(ids) == set(), eligible - set(ids)
+    assert report["lift"]["customers"] == {"treated": len(ids) - len(held), "control": len(held)}
+    # the outcome per customer: accepted value over all of the customer's decisions while in play
+    by_customer = {e["decision_id"]: e["customer_id"] for e in decisions}
+    control_value = sum(v for (d, _), v in accepted.items() if by_customer[d] in held) / len(held)
+    assert report["lift"]["outcome_per_customer"]["control"] == pytest.approx(control_value, abs=1e-4)
+    assert report["lift"]["lift"] is not None and report["lift"]["ci95"][0] < report["lift"]["lift"] < report["lift"]["ci95"][1]
+    assert [s["cumulative"] for s in report["spend"]][-1] == len(rows)
+    assert len(report["spend"]) == 2  # two days of the campaign
