@@ -204,16 +204,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs on a redis-server of its own (``engine.sim.simulate.private_store``), never on REDIS_URL's."""
     from engine.rules.errors import RuleErrors
     from engine.rules.loader import load_rules
-    from engine.sim.simulate import Settings, format_simulation, plot_curves, simulate, table
+    from engine.sim.simulate import POLICIES, Settings, format_simulation, plot_curves, simulate, table
 
     cfg = _config(args)
-    ruleset, errors = load_rules(cfg.rules_dir)
-    if ruleset is None:
-        raise RuleErrors(errors)
+    campaign = ""
+    if args.campaign:
+        from engine.decision.campaign_plan import what_if_rules
+
+        live, planned, found = what_if_rules(cfg.rules_dir, Path(args.campaign))
+        ruleset, campaign = planned.ruleset, found.name
+        live.close()
+        planned.close()
+        print(f"campaign {campaign} runs over the {args.rounds} simulated days (its own dates are "
+              f"{found.describe_dates()}); plan first, then play", file=sys.stderr)
+    else:
+        loaded, errors = load_rules(cfg.rules_dir)
+        if loaded is None:
+            raise RuleErrors(errors)
+        ruleset = loaded
     settings = Settings(world=args.world, customers=args.customers, rounds=args.rounds,
                         seeds=tuple(range(args.seed, args.seed + args.seeds)),
                         history_customers=args.history_customers, history_days=args.history_days,
-                        retrain=not args.no_retrain, explore=args.explore, trees=args.trees)
+                        retrain=not args.no_retrain, explore=args.explore, trees=args.trees,
+                        policies=tuple(args.policies) if args.policies else POLICIES, campaign=campaign)
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
     sim = simulate(ruleset, settings, progress=progress)
     if args.png:
@@ -632,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
                    "on the history plus the decisions and responses recorded in the run)")
     p.add_argument("--explore", type=float, default=0.1, help="share of nba decisions that explore (0: off)")
     p.add_argument("--trees", type=int, default=100, help="boosting rounds per training")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help="only these policies (nba rules_only generic random_eligible constrained_oracle oracle)")
+    p.add_argument("--campaign", metavar="FILE", help="a campaign file: plan it on the evaluated customers (traffic "
+                   "and model from the history), then play it over the simulated days; reports plan vs presented")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by policy, plus world, seeds, model")
     p.add_argument("--png", metavar="FILE", help="learning curves: value per 1,000 decisions per round")
     p.add_argument("--progress", dest="verbose_progress", action="store_true", help="progress on stderr")

@@ -154,10 +154,10 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
     if not last:
         return {}
     end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
-    since_ms = int((end - days * DAY) * 1000)
     counts: Counter[str] = Counter()
-    for _, d in _read(client, DECISIONS_STREAM, f"{max(since_ms, 0)}-0"):
-        if end - days * DAY <= float(d.get("ts") or 0) <= end and d.get("preview") != "1":
+    # by the decisions' own times: entry ids are Redis's clock, which a simulation's decisions do not keep
+    for _, d in _read(client, DECISIONS_STREAM, "-"):
+        if end - days * DAY <= float(d.get("ts") or 0) <= end:
             counts[d.get("channel", "")] += 1
     return {ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}
 
@@ -202,10 +202,11 @@ def _poisson_tail(mu: np.ndarray, k: int) -> np.ndarray:
     return np.clip(1.0 - below, 0.0, 1.0)
 
 
-def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules, planned: CompiledRules,
+def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules | None, planned: CompiledRules,
                   campaign: Campaign, customers: Sequence[str], traffic: dict[str, float], max_actions: int = 1,
                   days: int | None = None, at: float | None = None) -> Plan:
-    """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``."""
+    """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``; the actions
+    it displaces are those of ``live``'s top it takes the place of (``live`` None: not looked for)."""
     started = time.perf_counter()
     if not customers:
         raise PlanError("no stored customers to plan on (nba seed writes the demo ones)")
@@ -216,7 +217,6 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules, 
     days = min(days or span, span)
     at = at if at is not None else campaign.start + 3600.0
     engine = DecisionEngine(store, Live(planned), Live(model), contacts=False, clock=lambda: at)
-    live_engine = DecisionEngine(store, Live(live), Live(model), contacts=False, clock=lambda: at)
     control = planned.ruleset.contact.control if planned.ruleset.contact is not None else None
     mine = set(campaign.actions)
     plan = Plan(campaign.name, planned.version, model.version, len(customers), days,
@@ -256,8 +256,9 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules, 
             rate += plan.traffic[channel]
             p_sum += plan.traffic[channel] * top[0][1]
             v_sum += plan.traffic[channel] * top[0][1] * top[0][2].action.value
-            for c in _displaced(live_engine, live, model, profile, derived, block, channel, max_actions, at, ranked, mine):
-                displaced[c.campaign or NO_CAMPAIGN][c.id] += 1
+            if live is not None:
+                for c in _displaced(engine, live, model, profile, derived, block, channel, max_actions, at, ranked, mine):
+                    displaced[c.campaign or NO_CAMPAIGN][c.id] += 1
         if rate > 0:
             mu.append(rate)
             p_accept.append(p_sum / rate)
