@@ -9,16 +9,16 @@ campaign's own control group never sees it). Where it is shown, the action it pu
 under the live rules is *displaced* (what ``nba rules diff`` would show, per campaign).
 
 How often it is shown depends on traffic, which the plan does not invent: decisions per customer and
-day on each channel, measured on the recorded decision stream (or given). A customer shown the action
-on a day's decisions keeps being shown it until they accept it (the model's propensity, per decision),
-or until the live contact policies' impression limit for one action is reached (``no_repeats``: at most
-``max`` per ``days``). With decisions per customer as a Poisson count with the measured rate ``mu`` over
-``t`` days, the expected presentations are sum_k<=cap (1-p)^(k-1) P(N(mu t) >= k), and the expected
-acceptances sum_k<=cap p (1-p)^(k-1) P(N >= k). Day by day, the daily budget caps each day and the total
-budget the sum: the day the total runs out is the run-out day.
+day on each channel, measured on the recorded decision stream (or given), and on what the contact
+policies hold back as the customer is contacted: ``plan_replay`` replays each targeted customer's
+coming decisions (on every channel: other offers' impressions count too) with the contact limits, the
+model's propensity as the chance of acceptance and the recorded share of rejections. Day by day, the
+daily budget caps each day and the total budget the sum: the day the total runs out is the run-out day
+(budgets cut every customer's presentations alike).
 
-What it leaves out (so a check against ``nba simulate`` can fail): responses other than acceptances
-(cool-downs after rejections), other actions accepted meanwhile, exploration, and fatigue.
+What it leaves out (so a check against ``nba simulate`` can fail): how customers really respond (it has
+only the model), other changes to customers meanwhile, exploration and retraining, fatigue, and other
+actions' budgets running out.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import redis
 from engine.decision.arbitration import order
 from engine.decision.contact import control_order
 from engine.decision.funnel import DecisionEngine
+from engine.decision.plan_replay import replay
 from engine.errors import NbaError
 from engine.features import CHANNELS
 from engine.live import Live
@@ -49,7 +50,15 @@ from engine.rules.campaigns import CAMPAIGNS_DIR, Campaign, campaign_files
 from engine.rules.facts import FactInputs
 from engine.rules.loader import load_rules
 from engine.rules.runtime import CompiledRules, load_and_compile
-from engine.store.profiles import DECISIONS_STREAM, Profile, ProfileStore, decode_profile, profile_key, triggers_key
+from engine.store.profiles import (
+    DECISIONS_STREAM,
+    RESPONSES_STREAM,
+    Profile,
+    ProfileStore,
+    decode_profile,
+    profile_key,
+    triggers_key,
+)
 
 DAY = 86_400.0
 NO_CAMPAIGN = "(no campaign)"
@@ -78,6 +87,7 @@ class Plan:
     per_day: list[float] = field(default_factory=list)  # expected presentations per day, within budgets
     run_out_day: str | None = None  # the day the total budget is expected to run out (None: it lasts)
     displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> decisions
+    replays: int = 0  # replays of each eligible customer's coming decisions
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -162,6 +172,29 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
     return {ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}
 
 
+def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
+    """Of the actions presented in the ``days`` before ``until`` (default: the last recorded decision) and
+    not accepted, the share with a recorded rejection (0 without recorded decisions)."""
+    from engine.decision.report import _read
+
+    last = client.xrevrange(DECISIONS_STREAM, count=1)
+    if not last:
+        return 0.0
+    end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
+    presented: set[tuple[str, str]] = set()
+    for _, d in _read(client, DECISIONS_STREAM, "-"):
+        if end - days * DAY <= float(d.get("ts") or 0) <= end and d.get("actions"):
+            presented.update((d["decision_id"], a) for a in d["actions"].split(","))
+    outcome: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for _, r in _read(client, RESPONSES_STREAM, "-"):
+        key = (r.get("decision_id", ""), r.get("action_id", ""))
+        if key in presented:
+            outcome[key].add(r.get("outcome", ""))
+    accepted = sum("accepted" in outcome[k] for k in presented)
+    rejected = sum("rejected" in outcome[k] and "accepted" not in outcome[k] for k in presented)
+    return rejected / (len(presented) - accepted) if len(presented) > accepted else 0.0
+
+
 # --- the forecast ------------------------------------------------------------------------------------
 
 def _shown_top(candidates: list, max_actions: int) -> list:
@@ -177,100 +210,101 @@ def _shown_top(candidates: list, max_actions: int) -> list:
     return out
 
 
-def _impression_cap(rules: CompiledRules, campaign: Campaign, days: int) -> int | None:
-    """At most this many presentations of one of the campaign's actions to one customer in ``days``
-    (the tightest per-action impression limit of contact.yaml that applies to them)."""
-    contact = rules.ruleset.contact
-    if contact is None:
-        return None
-    caps = []
-    for limit in contact.limits:
-        if limit.counts != "impressions" or limit.per != "action" or limit.channels:
-            continue
-        if all(not limit.types or rules.ruleset.by_id[a].type in limit.types for a in campaign.actions):
-            caps.append(limit.max * math.ceil(days / limit.days))
-    return min(caps) if caps else None
-
-
-def _poisson_tail(mu: np.ndarray, k: int) -> np.ndarray:
-    """P(N >= k) for N ~ Poisson(mu), element-wise."""
-    term = np.exp(-mu)
-    below = np.zeros_like(mu)
-    for j in range(k):
-        below += term
-        term = term * mu / (j + 1)
-    return np.clip(1.0 - below, 0.0, 1.0)
-
-
 def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules | None, planned: CompiledRules,
                   campaign: Campaign, customers: Sequence[str], traffic: dict[str, float], max_actions: int = 1,
-                  days: int | None = None, at: float | None = None) -> Plan:
+                  days: int | None = None, at: float | None = None, reject_share: float = 0.0,
+                  replays: int = 0, seed: int = 0) -> Plan:
     """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``; the actions
-    it displaces are those of ``live``'s top it takes the place of (``live`` None: not looked for)."""
+    it displaces are those of ``live``'s top it takes the place of (``live`` None: not looked for).
+    ``traffic``: decisions per customer per day by channel; ``reject_share``: the share of presentations
+    not accepted that get rejected; ``replays`` per customer (0: as many as fit about 200,000 decisions)."""
     started = time.perf_counter()
     if not customers:
         raise PlanError("no stored customers to plan on (nba seed writes the demo ones)")
-    if not any(traffic.get(ch, 0) > 0 for ch in _channels(planned, campaign)):
+    own = _channels(planned, campaign)
+    if not any(traffic.get(ch, 0) > 0 for ch in own):
         raise PlanError("no traffic on the campaign's channels: no decisions recorded in the stream; give "
                         "--decisions-per-day CHANNEL=N")
     span = max(1, math.ceil((campaign.end - campaign.start) / DAY))
     days = min(days or span, span)
     at = at if at is not None else campaign.start + 3600.0
     engine = DecisionEngine(store, Live(planned), Live(model), contacts=False, clock=lambda: at)
-    control = planned.ruleset.contact.control if planned.ruleset.contact is not None else None
+    contact = planned.ruleset.contact
+    control = contact.control if contact is not None else None
+    limits = contact.limits if contact is not None else ()
     mine = set(campaign.actions)
     plan = Plan(campaign.name, planned.version, model.version, len(customers), days,
-                {ch: traffic.get(ch, 0.0) for ch in _channels(planned, campaign)}, max_actions)
+                {ch: traffic.get(ch, 0.0) for ch in own}, max_actions)
     eligible: dict[str, Counter[str]] = defaultdict(Counter)
     shown_n: dict[str, Counter[str]] = defaultdict(Counter)
     displaced: dict[str, Counter[str]] = defaultdict(Counter)
-    mu: list[float] = []  # per customer shown anywhere: decisions per day showing it
-    p_accept: list[float] = []
-    value: list[float] = []
-    segment_of: list[str] = []
-    for profile in fetch_profiles(store.client, list(customers), at):
+    everywhere = {ch: r for ch, r in traffic.items() if r > 0}  # competitors' contacts on every channel count
+    if replays <= 0:
+        replays = max(1, min(8, int(200_000 / max(sum(everywhere.values()) * days * len(customers) * 0.2, 1))))
+    per_day = np.zeros(days)
+    accepted_n = np.zeros(days)
+    accepted_value = 0.0
+    segment_shown: dict[str, float] = defaultdict(float)
+    segment_accepted: dict[str, float] = defaultdict(float)
+    for index, profile in enumerate(fetch_profiles(store.client, list(customers), at)):
         derived = derive(profile.numeric)
         block = customer_block(profile, derived)
         seg = profile.categorical.get("segment") or "unknown"
-        rate, p_sum, v_sum = 0.0, 0.0, 0.0
-        for channel in plan.traffic:
-            outcome = planned.evaluate(planned.build_fact(FactInputs(
-                numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
-                products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
-                channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
-            admitted, verdicts = planned.admitted(outcome, channel, now=at)
-            if not any(v.action.id in mine for v in verdicts):
-                continue
-            eligible[channel][seg] += 1
-            if campaign.holds_out(profile.customer_id):
-                continue
-            x = shared_row(block, channel)
-            propensity = engine._score(planned, model, x, admitted)
-            ranked = order(verdicts, propensity)
-            if control is not None and control.contains(profile.customer_id):
-                ranked = control_order(control, ranked, profile.customer_id, at)
-            top = [c for c in _shown_top(ranked, max_actions) if c[2].action.id in mine]
-            if not top:
-                continue
-            shown_n[channel][seg] += 1
-            rate += plan.traffic[channel]
-            p_sum += plan.traffic[channel] * top[0][1]
-            v_sum += plan.traffic[channel] * top[0][1] * top[0][2].action.value
-            if live is not None:
-                for c in _displaced(engine, live, model, profile, derived, block, channel, max_actions, at, ranked, mine):
-                    displaced[c.campaign or NO_CAMPAIGN][c.id] += 1
-        if rate > 0:
-            mu.append(rate)
-            p_accept.append(p_sum / rate)
-            value.append(v_sum / p_sum if p_sum > 0 else 0.0)
-            segment_of.append(seg)
+        ranked: dict[str, list] = {}
+        for channel in own:
+            candidates = _ranked(engine, planned, model, profile, derived, block, channel, at)
+            if any(c[2].action.id in mine for c in candidates):
+                eligible[channel][seg] += 1
+            ranked[channel] = candidates
+        targeted = [ch for ch in own if any(c[2].action.id in mine for c in ranked[ch])]
+        if not targeted or campaign.holds_out(profile.customer_id):
+            continue
+        for channel in everywhere:
+            if channel not in ranked:
+                ranked[channel] = _ranked(engine, planned, model, profile, derived, block, channel, at)
+        in_control = control is not None and control.contains(profile.customer_id)
+        for channel in targeted:
+            first = control_order(control, ranked[channel], profile.customer_id, at) if control and in_control \
+                else ranked[channel]
+            top = _shown_top(first, max_actions)
+            if any(c[2].action.id in mine for c in top):
+                shown_n[channel][seg] += 1
+                if live is not None:
+                    for a in _displaced(engine, live, model, profile, derived, block, channel, max_actions, at, top, mine):
+                        displaced[a.campaign or NO_CAMPAIGN][a.id] += 1
+        rng = np.random.default_rng([seed, index])
+        for _ in range(replays):
+            for s in replay(ranked, everywhere, days, campaign.start, mine, limits, max_actions, reject_share, rng,
+                            profile.customer_id, control):
+                per_day[s.day] += 1.0 / replays
+                segment_shown[seg] += 1.0 / replays
+                if s.accepted:
+                    accepted_n[s.day] += 1.0 / replays
+                    accepted_value += s.value / replays
+                    segment_accepted[seg] += 1.0 / replays
     plan.eligible = {ch: dict(sorted(c.items())) for ch, c in sorted(eligible.items())}
     plan.shown = {ch: dict(sorted(c.items())) for ch, c in sorted(shown_n.items())}
     plan.displaced = {k: dict(v.most_common()) for k, v in sorted(displaced.items())}
-    _expected(plan, campaign, np.array(mu), np.array(p_accept), np.array(value), segment_of,
-              _impression_cap(planned, campaign, days))
+    _budgets(plan, campaign, per_day, float(accepted_n.sum()), accepted_value)
+    scale = plan.presentations_in_budget / plan.presentations if plan.presentations > 0 else 0.0
+    plan.by_segment = {seg: {"presentations": round(segment_shown[seg] * scale, 2),
+                             "acceptances": round(segment_accepted[seg] * scale, 2),
+                             "acceptance_rate": round(segment_accepted[seg] / segment_shown[seg], 4)}
+                       for seg in sorted(segment_shown) if segment_shown[seg] > 0}
+    plan.replays = replays
     plan.seconds = round(time.perf_counter() - started, 2)
     return plan
+
+
+def _ranked(engine: DecisionEngine, rules: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
+            block: np.ndarray, channel: str, at: float) -> list:
+    """The admitted candidates ``(priority, propensity, verdict)`` on ``channel`` in the model's order."""
+    outcome = rules.evaluate(rules.build_fact(FactInputs(
+        numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
+        products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
+        channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
+    admitted, verdicts = rules.admitted(outcome, channel, now=at)
+    return order(verdicts, engine._score(rules, model, shared_row(block, channel), admitted))
 
 
 def _channels(rules: CompiledRules, campaign: Campaign) -> list[str]:
@@ -281,63 +315,32 @@ def _channels(rules: CompiledRules, campaign: Campaign) -> list[str]:
 
 
 def _displaced(engine: DecisionEngine, live: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,
-               block: np.ndarray, channel: str, max_actions: int, at: float, ranked: list, mine: set[str]) -> list:
+               block: np.ndarray, channel: str, max_actions: int, at: float, top: list, mine: set[str]) -> list:
     """Actions in the live rules' top ``max_actions`` that the campaign's top pushes out."""
-    outcome = live.evaluate(live.build_fact(FactInputs(
-        numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
-        products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
-        channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
-    admitted, verdicts = live.admitted(outcome, channel, now=at)
-    before = {c[2].action.id for c in _shown_top(order(verdicts, engine._score(live, model, shared_row(block, channel),
-                                                                                 admitted)), max_actions)}
-    after = {c[2].action.id for c in _shown_top(ranked, max_actions)}
+    before = {c[2].action.id for c in _shown_top(_ranked(engine, live, model, profile, derived, block, channel, at),
+                                                   max_actions)}
+    after = {c[2].action.id for c in top}
     return [live.ruleset.by_id[a] for a in sorted(before - after) if a not in mine]
 
 
-def _expected(plan: Plan, campaign: Campaign, mu: np.ndarray, p: np.ndarray, value: np.ndarray,
-              segment_of: list[str], cap: int | None) -> None:
-    """Expected presentations, acceptances and value per day (budgets applied) and per segment."""
-    days = plan.days
-    if not len(mu):
-        plan.per_day = [0.0] * days
-        plan.by_segment = {}
-        return
-    cap = cap or 1000
-    t = np.arange(1, days + 1, dtype=float)
-    shows = np.zeros((len(mu), days))
-    accepts = np.zeros((len(mu), days))
-    survive = np.ones(len(mu))
-    for k in range(1, cap + 1):
-        tail = _poisson_tail(mu[:, None] * t[None, :], k)
-        if tail.max() < 1e-9:
-            break
-        shows += survive[:, None] * tail
-        accepts += (survive * p)[:, None] * tail
-        survive = survive * (1 - p)
-    daily = np.diff(np.concatenate([np.zeros((len(mu), 1)), shows], axis=1), axis=1).sum(axis=0)
-    plan.presentations = float(shows[:, -1].sum())
+def _budgets(plan: Plan, campaign: Campaign, per_day: np.ndarray, acceptances: float, value: float) -> None:
+    """Expected presentations per day within the daily and total budgets, and the total's run-out day."""
+    plan.presentations = float(per_day.sum())
     in_budget, total, run_out = [], 0.0, None
-    for d in range(days):
-        today = min(daily[d], campaign.daily_budget) if campaign.daily_budget is not None else daily[d]
+    for d in range(plan.days):
+        today = min(per_day[d], campaign.daily_budget) if campaign.daily_budget is not None else per_day[d]
         if campaign.total_budget is not None and total + today >= campaign.total_budget:
             today = campaign.total_budget - total
             run_out = run_out if run_out is not None else d
         total += today
-        in_budget.append(today)
+        in_budget.append(float(today))
     plan.per_day = [round(x, 2) for x in in_budget]
     plan.presentations_in_budget = total
     scale = total / plan.presentations if plan.presentations > 0 else 0.0  # budgets cut every customer alike
-    plan.acceptances = float(accepts[:, -1].sum()) * scale
-    plan.accepted_value = float((accepts[:, -1] * value).sum()) * scale
+    plan.acceptances = acceptances * scale
+    plan.accepted_value = value * scale
     if run_out is not None:
         plan.run_out_day = time.strftime("%Y-%m-%d", time.gmtime(campaign.start + run_out * DAY))
-    by_segment: dict[str, dict[str, float]] = {}
-    for seg in sorted(set(segment_of)):
-        rows = np.array([s == seg for s in segment_of])
-        shown, accepted = float(shows[rows, -1].sum()), float(accepts[rows, -1].sum())
-        by_segment[seg] = {"presentations": round(shown * scale, 2), "acceptances": round(accepted * scale, 2),
-                           "acceptance_rate": round(accepted / shown, 4) if shown else 0.0}
-    plan.by_segment = by_segment
 
 
 def format_plan(plan: Plan) -> str:

@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import DEMO_CUSTOMERS
-from engine.decision.campaign_plan import plan_campaign, traffic_from_stream
+from engine.decision.campaign_plan import plan_campaign, rejection_share, traffic_from_stream
 from engine.decision.funnel import DecisionEngine
 from engine.decision.report import build_report
 from engine.decision.request import DecideInput
@@ -478,7 +478,9 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         play.day(r)
     play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
     decision_log.close()
-    traffic = traffic_from_stream(store.client, hist.size, settings.history_days, until=SIM_START - 7 * DAY)
+    traffic, rejections = ({}, 0.0) if not settings.campaign else (
+        traffic_from_stream(store.client, hist.size, settings.history_days, until=SIM_START - 7 * DAY),
+        rejection_share(store.client, settings.history_days, until=SIM_START - 7 * DAY))
     history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
     if on_training is not None:
         on_training("history", history, store)
@@ -500,7 +502,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         return control is None or not control.contains(cid)
 
     _seed_profiles(store, world)
-    planned = _plan(store, model, rules[0], settings, world, traffic) if settings.campaign else None
+    planned = _plan(store, model, rules[0], settings, world, traffic, rejections) if settings.campaign else None
     generic = _generic_offer(store, rules[0], Population(world, actions, realism, drift), draws.channel[0])
     runs: dict[str, PolicyRun] = {}
     lift = None
@@ -562,6 +564,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
                  "nba_presented": presented,
                  "plan_error": round(planned.presentations_in_budget / presented - 1, 4) if presented else None,
                  "planned_acceptances": round(planned.acceptances, 1), "plan_seconds": planned.seconds,
+                 "rejection_share": round(rejections, 4),
                  "traffic": {k: round(v, 4) for k, v in planned.traffic.items()}}
         progress(f"seed {seed}: campaign {settings.campaign}: planned {planned.presentations_in_budget:,.0f} "
                  f"presentations, nba presented {presented:,}")
@@ -583,12 +586,13 @@ def on_simulated_days(ruleset: RuleSet, name: str, rounds: int) -> RuleSet:
 
 
 def _plan(store: ProfileStore, model: LoadedModel, rules: CompiledRules, settings: Settings, world: World,
-          traffic: dict[str, float]):
+          traffic: dict[str, float], rejections: float):
     """``nba campaign plan`` on the evaluated population before it plays: the model trained on the history,
-    the traffic measured on the history's recorded decision stream (never the draws of this population)."""
+    the traffic and the share of rejections measured on the history's recorded streams (never the draws or
+    the truth of this population)."""
     customers = [customer_id(i, world.prefix) for i in range(world.size)]
     return plan_campaign(store, model, None, rules, rules.ruleset.campaigns[settings.campaign], customers, traffic,
-                         max_actions=1, days=settings.rounds, at=SIM_START + DAY_OPENS)
+                         max_actions=1, days=settings.rounds, at=SIM_START + DAY_OPENS, reject_share=rejections)
 
 
 # --- results ----------------------------------------------------------------------------------------
