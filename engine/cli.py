@@ -254,8 +254,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_campaign_plan(args: argparse.Namespace) -> int:
     from engine.decision.campaign_plan import (
         PlanError,
+        Traffic,
         format_plan,
         plan_campaign,
+        rejection_share,
         stored_customers,
         traffic_from_stream,
         what_if_rules,
@@ -282,15 +284,18 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
             everyone = stored_customers(store.client)
             customers = everyone[: args.customers] if args.customers else everyone
             if args.decisions_per_day:
-                traffic = {}
+                given = {}
                 for item in args.decisions_per_day:
                     channel, _, n = item.partition("=")
                     if channel not in CHANNELS or not n:
                         raise PlanError(f"--decisions-per-day {item}: expected CHANNEL=N with a channel of {', '.join(CHANNELS)}")
-                    traffic[channel] = float(n) / max(len(everyone), 1)
+                    given[channel] = float(n) / max(len(everyone), 1)
+                traffic = Traffic.given(given)
             else:
                 traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days)
-            plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days)
+            reject = rejection_share(store.client, args.traffic_days)
+            plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days,
+                                 reject_share=reject)
             if args.save:
                 store.client.set(plan_key(campaign.name), json.dumps(plan.as_dict()))
     except PlanError as exc:

@@ -423,3 +423,137 @@ def test_the_campaign_report_matches_the_streams(campaign_engine, tmp_path: Path
     assert report["lift"]["lift"] is not None and report["lift"]["ci95"][0] < report["lift"]["lift"] < report["lift"]["ci95"][1]
     assert [s["cumulative"] for s in report["spend"]][-1] == len(rows)
     assert len(report["spend"]) == 2  # two days of the campaign
+
+
+# --- the HTML report ----------------------------------------------------------------------------------
+
+def test_the_html_report_is_self_contained_and_its_charts_render_in_chromium(campaign_engine, tmp_path: Path) -> None:
+    import base64
+    import re
+    import subprocess
+
+    from engine.decision.campaign_html import CHARTS, render_html
+
+    engine, clock = campaign_engine
+    campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
+    ids = [f"W{i:03d}" for i in range(40)]
+    engine.store.save([customer(cid) for cid in ids])
+    for day in range(3):
+        for i, cid in enumerate(ids):
+            d = decide(engine, cid)
+            if shown(d) and i % 2 == 0:
+                engine.responses.record(d.decision_id, "blitz_offer", "accepted", clock.now + 60)
+        clock.now += 86_400
+    flushed(engine)
+    page = render_html(build_campaign_report(engine.store.client, campaign))
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # nothing fetched from elsewhere
+    images = re.findall(r'<img id="chart-(\w+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert [name for name, _ in images] == list(CHARTS)
+    for _, data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium (Debian: apt-get install chromium); the page was checked without a browser")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert f'data-charts-rendered="{len(CHARTS)}"' in dom.stdout  # every chart decoded and drawn
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, "--window-size=1000,1600", f"--screenshot={shot}", path.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05  # not a blank page
+
+
+# --- the plan -----------------------------------------------------------------------------------------
+
+def test_the_plan_forecasts_what_the_funnel_decides(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+    """The plan's eligible and shown customers are what the real funnel decides for them (previews, at
+    the same moment); its budgets cap the days and give the run-out day."""
+    from engine.decision.campaign_plan import Traffic, format_plan, plan_campaign, what_if_rules
+    from engine.sim import demo
+
+    store = ProfileStore.from_url(redis_url)
+    demo.seed(store, 400)
+    rules_dir = tmp_path / "live"
+    shutil.copytree(RULES_DIR, rules_dir)
+    campaign_file = tmp_path / "blitz.yaml"
+    campaign_file.write_text(blitz(total=50, daily=20, share=0.2).replace("value: 5000", "value: 150"))
+    live, planned, campaign = what_if_rules(rules_dir, campaign_file)
+    try:
+        model = ModelRegistry(models_dir).load()
+        customers = [f"C{i:07d}" for i in range(400)]
+        at = START + 10 * 3600
+        plan = plan_campaign(store, model, live, planned, campaign, customers,
+                             Traffic.given({"call_center": 0.5, "web": 0.5}), max_actions=1, days=5, at=at)
+        engine = DecisionEngine(store, Live(planned), Live(model), clock=lambda: at)
+        eligible = shown_ = 0
+        for cid in customers:
+            d = engine.decide(DecideInput(customer_id=cid, channel="call_center", max_actions=1, explain=True, preview=True))
+            stage = next(e.stage for e in d.funnel if e.action_id == "blitz_offer")
+            eligible += stage not in ("channel", "expired", "not_eligible", "not_applicable", "not_suitable", "blocked")
+            shown_ += shown(d)
+        assert sum(plan.eligible["call_center"].values()) == eligible > 0
+        assert sum(plan.shown["call_center"].values()) == shown_ > 0
+        assert plan.traffic == {"call_center": 0.5}  # the campaign's channels only
+        assert all(day <= 20 for day in plan.per_day) and plan.presentations_in_budget == pytest.approx(50)
+        assert plan.presentations > 50 and plan.run_out_day is not None  # demand beyond the total: it runs out
+        assert plan.displaced.get("(no campaign)")  # the actions it takes the place of, under the live rules
+        text = format_plan(plan)
+        assert "expected presentations: 50 within budgets" in text and f"runs out on {plan.run_out_day}" in text
+    finally:
+        live.close()
+        planned.close()
+
+
+def test_the_campaign_commands(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+    """``nba campaign plan --save`` on the stored customers and recorded traffic, then ``nba campaign
+    report --json --html`` with the segments against that plan."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from engine.sim import demo
+
+    store = ProfileStore.from_url(redis_url)
+    demo.seed(store, 300)
+    rules_dir = rules_with(tmp_path, blitz(total=100, daily=100, share=0.2))
+    engine = engine_for(redis_url, models_dir, rules_dir, Clock(INSIDE))
+    try:
+        for cid in [f"C{i:07d}" for i in range(300)]:
+            d = decide(engine, cid, max_actions=1)
+            for a in d.actions:
+                if int(cid[1:]) % 5 == 0:
+                    engine.responses.record(d.decision_id, a.action_id, "accepted", INSIDE + 60)
+        flushed(engine)
+    finally:
+        engine.rules.current.close()
+    env = {k: v for k, v in os.environ.items()} | {"REDIS_URL": redis_url}
+    base = [sys.executable, "-m", "engine.cli", "campaign"]
+    paths = ["--rules-dir", str(rules_dir), "--models-dir", str(models_dir)]
+    started = time.perf_counter()
+    planned = subprocess.run([*base, "plan", str(rules_dir / "campaigns" / "test_blitz.yaml"), *paths, "--days", "3",
+                              "--traffic-days", "2", "--save", "--json"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["campaign"] == "test_blitz" and plan["customers"] == 300 and plan["traffic"]["call_center"] > 0
+    assert time.perf_counter() - started < 120
+    html = tmp_path / "report.html"
+    reported = subprocess.run([*base, "report", "test_blitz", *paths, "--json", "--html", str(html)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    report = json.loads(reported.stdout)
+    assert report["totals"]["presented"] > 0 and html.stat().st_size > 10_000
+    assert {r["segment"] for r in report["versus_plan"]} >= set(report["by_segment"])
+    assert all(r["verdict"] in ("as planned", "under", "over", "not reached") for r in report["versus_plan"])
+    bad = subprocess.run([*base, "report", "no_such_campaign", *paths], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "no campaign 'no_such_campaign'" in bad.stderr

@@ -111,5 +111,10 @@ control customers).</p>
 {imgs}
 {_table('channel', report['by_channel'])}{_table('segment', report['by_segment'])}{_table('action', report['by_action'])}
 {plan}
+<script>/* marks how many charts the browser decoded and drew (checked by tests with headless Chromium) */
+window.addEventListener("load", () => {{
+  const drawn = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-charts-rendered", String(drawn));
+}});</script>
 </body></html>
 """

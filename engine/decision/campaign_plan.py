@@ -75,7 +75,7 @@ class Plan:
     model_version: str
     customers: int
     days: int  # the forecast's days (from the campaign's start)
-    traffic: dict[str, float]  # decisions per customer per day, by channel
+    traffic: dict[str, float]  # decisions per customer per day (on average), by channel
     max_actions: int
     eligible: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers
     shown: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers shown
@@ -155,21 +155,45 @@ def fetch_profiles(client: redis.Redis, customers: Sequence[str], now: float, ba
     return out
 
 
-def traffic_from_stream(client: redis.Redis, population: int, days: float, until: float | None = None) -> dict[str, float]:
-    """Decisions per customer per day on each channel over the ``days`` before ``until`` (default: the
-    last recorded decision), from the decision stream; ``population``: the customers that traffic came from."""
+@dataclass
+class Traffic:
+    """Decisions per customer and day: ``channels`` the average by channel; ``customers`` each recorded
+    customer's own rate (zeros for the customers without a decision), which the plan draws from because
+    customers differ (a daily caller meets the contact limits, a yearly one never); ``per_day``: the most
+    decisions one customer had in one day (0: unknown, then a day's decisions are Poisson)."""
+
+    channels: dict[str, float]
+    customers: np.ndarray | None = None
+    per_day: int = 0
+
+    @classmethod
+    def given(cls, channels: dict[str, float]) -> Traffic:
+        return cls(channels)
+
+
+def traffic_from_stream(client: redis.Redis, population: int, days: float, until: float | None = None) -> Traffic:
+    """The traffic of the ``days`` before ``until`` (default: the last recorded decision) in the decision
+    stream; ``population``: the customers that traffic came from (those without a decision count as 0)."""
     from engine.decision.report import _read
 
     last = client.xrevrange(DECISIONS_STREAM, count=1)
     if not last:
-        return {}
+        return Traffic({})
     end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
     counts: Counter[str] = Counter()
+    per_customer: Counter[str] = Counter()
+    per_customer_day: Counter[tuple[str, int]] = Counter()
     # by the decisions' own times: entry ids are Redis's clock, which a simulation's decisions do not keep
     for _, d in _read(client, DECISIONS_STREAM, "-"):
-        if end - days * DAY <= float(d.get("ts") or 0) <= end:
+        ts = float(d.get("ts") or 0)
+        if end - days * DAY <= ts <= end:
             counts[d.get("channel", "")] += 1
-    return {ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}
+            per_customer[d.get("customer_id", "")] += 1
+            per_customer_day[(d.get("customer_id", ""), int(ts // DAY))] += 1
+    rates = np.zeros(max(population, len(per_customer)))
+    rates[: len(per_customer)] = np.array(list(per_customer.values()), dtype=float) / days
+    return Traffic({ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}, rates,
+                   max(per_customer_day.values(), default=0))
 
 
 def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
@@ -211,18 +235,18 @@ def _shown_top(candidates: list, max_actions: int) -> list:
 
 
 def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules | None, planned: CompiledRules,
-                  campaign: Campaign, customers: Sequence[str], traffic: dict[str, float], max_actions: int = 1,
+                  campaign: Campaign, customers: Sequence[str], traffic: Traffic, max_actions: int = 1,
                   days: int | None = None, at: float | None = None, reject_share: float = 0.0,
                   replays: int = 0, seed: int = 0) -> Plan:
     """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``; the actions
     it displaces are those of ``live``'s top it takes the place of (``live`` None: not looked for).
-    ``traffic``: decisions per customer per day by channel; ``reject_share``: the share of presentations
+    ``traffic``: decisions per customer and day (see ``Traffic``); ``reject_share``: the share of presentations
     not accepted that get rejected; ``replays`` per customer (0: as many as fit about 200,000 decisions)."""
     started = time.perf_counter()
     if not customers:
         raise PlanError("no stored customers to plan on (nba seed writes the demo ones)")
     own = _channels(planned, campaign)
-    if not any(traffic.get(ch, 0) > 0 for ch in own):
+    if not any(traffic.channels.get(ch, 0) > 0 for ch in own):
         raise PlanError("no traffic on the campaign's channels: no decisions recorded in the stream; give "
                         "--decisions-per-day CHANNEL=N")
     span = max(1, math.ceil((campaign.end - campaign.start) / DAY))
@@ -234,11 +258,12 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     limits = contact.limits if contact is not None else ()
     mine = set(campaign.actions)
     plan = Plan(campaign.name, planned.version, model.version, len(customers), days,
-                {ch: traffic.get(ch, 0.0) for ch in own}, max_actions)
+                {ch: traffic.channels.get(ch, 0.0) for ch in own}, max_actions)
     eligible: dict[str, Counter[str]] = defaultdict(Counter)
     shown_n: dict[str, Counter[str]] = defaultdict(Counter)
     displaced: dict[str, Counter[str]] = defaultdict(Counter)
-    everywhere = {ch: r for ch, r in traffic.items() if r > 0}  # competitors' contacts on every channel count
+    everywhere = {ch: r for ch, r in traffic.channels.items() if r > 0}  # other offers' contacts on every channel count
+    mean_rate = sum(everywhere.values())
     if replays <= 0:
         replays = max(1, min(8, int(200_000 / max(sum(everywhere.values()) * days * len(customers) * 0.2, 1))))
     per_day = np.zeros(days)
@@ -274,8 +299,10 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
                         displaced[a.campaign or NO_CAMPAIGN][a.id] += 1
         rng = np.random.default_rng([seed, index])
         for _ in range(replays):
+            rate = float(rng.choice(traffic.customers)) if traffic.customers is not None and len(traffic.customers) \
+                else mean_rate
             for s in replay(ranked, everywhere, days, campaign.start, mine, limits, max_actions, reject_share, rng,
-                            profile.customer_id, control):
+                            profile.customer_id, control, rate=rate, per_day=traffic.per_day):
                 per_day[s.day] += 1.0 / replays
                 segment_shown[seg] += 1.0 / replays
                 if s.accepted:

@@ -70,21 +70,24 @@ class Shown:
 
 def replay(ranked: dict[str, list], traffic: dict[str, float], days: int, start: float, mine: set[str],
            limits: tuple[ContactLimit, ...], max_actions: int, reject_share: float, rng: np.random.Generator,
-           customer_id: str, control: ControlGroup | None = None) -> list[Shown]:
+           customer_id: str, control: ControlGroup | None = None, rate: float | None = None,
+           per_day: int = 0) -> list[Shown]:
     """The campaign's presentations to one customer in one replay of ``days`` days from ``start``.
-    ``ranked``: per channel, the candidates ``(priority, propensity, verdict)`` in the funnel's order."""
+    ``ranked``: per channel, the candidates ``(priority, propensity, verdict)`` in the funnel's order;
+    ``traffic``: the channels' shares of decisions; ``rate``: this customer's decisions per day (default:
+    the sum of ``traffic``); ``per_day``: at most that many decisions a day (binomial; 0: Poisson)."""
     channels = [ch for ch in traffic if ch in ranked and traffic[ch] > 0]
     if not channels:
         return []
     rates = np.array([traffic[ch] for ch in channels])
-    total = float(rates.sum())
-    share = rates / total
+    share = rates / rates.sum()
+    total = float(rates.sum()) if rate is None else rate
     in_control = control is not None and control.contains(customer_id)
     book = ContactBook(limits)
     taken: set[str] = set()
     out: list[Shown] = []
     for day in range(days):
-        n = int(rng.poisson(total))
+        n = int(rng.binomial(per_day, min(total / per_day, 1.0))) if per_day else int(rng.poisson(total))
         for t in np.sort(start + day * DAY + rng.random(n) * DAY).tolist():
             channel = channels[int(rng.choice(len(channels), p=share))]
             candidates = ranked[channel]

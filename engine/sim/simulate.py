@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import DEMO_CUSTOMERS
-from engine.decision.campaign_plan import plan_campaign, rejection_share, traffic_from_stream
+from engine.decision.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.decision.funnel import DecisionEngine
 from engine.decision.report import build_report
 from engine.decision.request import DecideInput
@@ -478,7 +478,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         play.day(r)
     play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
     decision_log.close()
-    traffic, rejections = ({}, 0.0) if not settings.campaign else (
+    traffic, rejections = (Traffic({}), 0.0) if not settings.campaign else (
         traffic_from_stream(store.client, hist.size, settings.history_days, until=SIM_START - 7 * DAY),
         rejection_share(store.client, settings.history_days, until=SIM_START - 7 * DAY))
     history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
@@ -586,7 +586,7 @@ def on_simulated_days(ruleset: RuleSet, name: str, rounds: int) -> RuleSet:
 
 
 def _plan(store: ProfileStore, model: LoadedModel, rules: CompiledRules, settings: Settings, world: World,
-          traffic: dict[str, float], rejections: float):
+          traffic: Traffic, rejections: float):
     """``nba campaign plan`` on the evaluated population before it plays: the model trained on the history,
     the traffic and the share of rejections measured on the history's recorded streams (never the draws or
     the truth of this population)."""
