@@ -438,7 +438,7 @@ def test_the_html_report_is_self_contained_and_its_charts_render_in_chromium(cam
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
     ids = [f"W{i:03d}" for i in range(40)]
     engine.store.save([customer(cid) for cid in ids])
-    for day in range(3):
+    for _day in range(3):
         for i, cid in enumerate(ids):
             d = decide(engine, cid)
             if shown(d) and i % 2 == 0:
