@@ -557,3 +557,26 @@ def test_the_campaign_commands(redis_url: str, models_dir: Path, tmp_path: Path)
     bad = subprocess.run([*base, "report", "no_such_campaign", *paths], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "no campaign 'no_such_campaign'" in bad.stderr
+
+
+def test_the_campaign_schema_describes_the_files_as_the_loader_reads_them() -> None:
+    import json
+
+    from engine.rules.campaigns import BUDGET_KEYS, CAMPAIGN_KEYS
+
+    from .test_rule_language import _validate, _yaml_as_json
+
+    schema = json.loads((REPO / "rules" / "schema" / "campaign.schema.json").read_text())
+    rules_schema = json.loads((REPO / "rules" / "schema" / "rules.schema.json").read_text())
+    for name, definition in schema["definitions"].items():  # copied, so they must not drift apart
+        if name in rules_schema["definitions"]:
+            assert definition == rules_schema["definitions"][name], name
+    assert set(schema["properties"]) == set(CAMPAIGN_KEYS)
+    assert set(schema["required"]) == {k for k, required in CAMPAIGN_KEYS.items() if required}
+    assert set(schema["properties"]["budget"]["properties"]) == set(BUDGET_KEYS)
+    for path in sorted((REPO / "rules" / "campaigns").glob("*.yaml")):
+        campaign = _yaml_as_json(path)
+        assert _validate(campaign, schema, schema) == [], path
+        campaign["objective"] = "revenue"
+        campaign["channels"] = ["fax"]
+        assert len(_validate(campaign, schema, schema)) == 2

@@ -13,7 +13,7 @@ here knows how customers really respond: only what the service itself knows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,17 +33,21 @@ class _Contact:
     t: float
 
 
-@dataclass
 class ContactBook:
     """One customer's replayed contact history, judged like ``decision/contact.PRESENT``."""
 
-    limits: tuple[ContactLimit, ...]
-    history: list[_Contact] = field(default_factory=list)
+    def __init__(self, limits: tuple[ContactLimit, ...]) -> None:
+        self.limits = limits
+        self.history: list[_Contact] = []
+        self._applicable: dict[tuple[str, str], list[ContactLimit]] = {}
+        self._keep = max((limit.days for limit in limits), default=0.0) * DAY
 
     def allows(self, action, channel: str, t: float) -> bool:
-        for limit in self.limits:
-            if not limit.applies(action, channel):
-                continue
+        key = (action.id, channel)
+        limits = self._applicable.get(key)
+        if limits is None:
+            limits = self._applicable[key] = [limit for limit in self.limits if limit.applies(action, channel)]
+        for limit in limits:
             kind, since = KINDS[limit.counts], t - limit.days * DAY
             n = 0
             for c in self.history:
@@ -57,6 +61,8 @@ class ContactBook:
         return True
 
     def add(self, kind: str, action, channel: str, t: float) -> None:
+        if self.history and self.history[0].t < t - self._keep:  # older than every limit's window
+            self.history = [c for c in self.history if c.t >= t - self._keep]
         self.history.append(_Contact(kind, action.id, action.group, action.type, channel, t))
 
 
@@ -86,32 +92,40 @@ def replay(ranked: dict[str, list], traffic: dict[str, float], days: int, start:
     book = ContactBook(limits)
     taken: set[str] = set()
     out: list[Shown] = []
-    for day in range(days):
-        n = int(rng.binomial(per_day, min(total / per_day, 1.0))) if per_day else int(rng.poisson(total))
-        for t in np.sort(start + day * DAY + rng.random(n) * DAY).tolist():
-            channel = channels[int(rng.choice(len(channels), p=share))]
-            candidates = ranked[channel]
-            if control is not None and in_control:
-                candidates = control_order(control, candidates, customer_id, t)
-            groups: set[str] = set()
-            shown: list = []
-            for c in candidates:
-                action = c[2].action
-                if len(shown) >= max_actions:
-                    break
-                if action.group in groups or action.id in taken or not book.allows(action, channel, t):
-                    continue
-                groups.add(action.group)
-                shown.append(c)
-            for _, p, v in shown:
-                action = v.action
-                book.add("i", action, channel, t)
-                accepted = bool(rng.random() < p)
-                if accepted:
-                    book.add("a", action, channel, t)
-                    taken.add(action.id)  # held now: the rules would not offer it again
-                elif rng.random() < reject_share:
-                    book.add("r", action, channel, t)
-                if action.id in mine:
-                    out.append(Shown(day, action.id, accepted, action.value))
+    # every draw at once: decisions per day, their times, channels and the customer's answers
+    counts = rng.binomial(per_day, min(total / per_day, 1.0), size=days) if per_day else rng.poisson(total, size=days)
+    n = int(counts.sum())
+    if n == 0:
+        return out
+    days_of = np.repeat(np.arange(days), counts)
+    times = start + days_of * DAY + rng.random(n) * DAY
+    order_ = np.argsort(times, kind="stable")
+    picks = rng.choice(len(channels), size=n, p=share)
+    answers = rng.random((n, max_actions, 2))
+    for k, j in enumerate(order_.tolist()):
+        t, day, channel = float(times[j]), int(days_of[j]), channels[int(picks[k])]
+        candidates = ranked[channel]
+        if control is not None and in_control:
+            candidates = control_order(control, candidates, customer_id, t)
+        groups: set[str] = set()
+        shown: list = []
+        for c in candidates:
+            action = c[2].action
+            if len(shown) >= max_actions:
+                break
+            if action.group in groups or action.id in taken or not book.allows(action, channel, t):
+                continue
+            groups.add(action.group)
+            shown.append(c)
+        for m, (_, p, v) in enumerate(shown):
+            action = v.action
+            book.add("i", action, channel, t)
+            accepted = bool(answers[k, m, 0] < p)
+            if accepted:
+                book.add("a", action, channel, t)
+                taken.add(action.id)  # held now: the rules would not offer it again
+            elif answers[k, m, 1] < reject_share:
+                book.add("r", action, channel, t)
+            if action.id in mine:
+                out.append(Shown(day, action.id, accepted, action.value))
     return out
