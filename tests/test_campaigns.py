@@ -580,3 +580,55 @@ def test_the_campaign_schema_describes_the_files_as_the_loader_reads_them() -> N
         campaign["objective"] = "revenue"
         campaign["channels"] = ["fax"]
         assert len(_validate(campaign, schema, schema)) == 2
+
+
+def test_simulate_plans_a_campaign_then_plays_it() -> None:
+    """``nba simulate --campaign``: the plan is made on the evaluated customers from the history's recorded
+    traffic, then the campaign runs over the simulated days only, within its (scaled) budgets. Whether the
+    plan lands within 15% is measured at 20,000 customers (BENCHMARKS.md): small runs are too noisy."""
+    from engine.config import DEMO_CUSTOMERS
+    from engine.sim.simulate import SIM_START, Settings, on_simulated_days, simulate, table
+
+    ruleset, errors = load_rules(RULES_DIR)
+    assert ruleset is not None, errors
+    moved = on_simulated_days(ruleset, "fibre_migration", 3)
+    fibre, winter = moved.campaigns["fibre_migration"], moved.campaigns["winter_retention_save"]
+    assert (fibre.start, fibre.end) == (SIM_START, SIM_START + 3 * 86_400) and winter.start >= fibre.end
+    settings = Settings(customers=400, rounds=3, seeds=(4,), history_customers=800, history_days=3, trees=10,
+                        policies=("nba",), campaign="fibre_migration")
+    check = table(simulate(moved, settings))["campaign_check"]
+    seed = check["per_seed"][0]
+    assert seed["planned_presentations"] > 0 and check["nba_presented"] > 0
+    assert set(seed["traffic"]) == {"call_center", "web", "email"} and 0 < sum(seed["traffic"].values()) < 1
+    daily = max(1, round(fibre.daily_budget * settings.customers / DEMO_CUSTOMERS))
+    assert check["nba_presented"] <= daily * settings.rounds  # the campaign's daily budget, scaled, held
+    assert seed["planned_presentations"] <= daily * settings.rounds + 1e-6
+
+
+def test_training_from_the_streams_filters_or_weighs_a_campaign(campaign_engine) -> None:
+    import numpy as np
+
+    from engine.models.training import from_streams
+
+    engine, clock = campaign_engine
+    ids = [f"T{i:03d}" for i in range(60)]
+    engine.store.save([customer(cid) for cid in ids])
+    for i, cid in enumerate(ids):
+        d = decide(engine, cid)
+        for a in d.actions:
+            engine.responses.record(d.decision_id, a.action_id, "accepted" if i % 3 == 0 else "rejected", clock.now + 60)
+    flushed(engine)
+    client, catalog = engine.store.client, [a.id for a in engine.rules.current.ruleset.actions]
+    everything = from_streams(client, catalog, as_of=clock.now + 30 * 86_400)
+    only = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaigns=["test_blitz"])
+    others = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaigns=["-"])
+    assert set(only.action_ids()) == {"blitz_offer"} and "blitz_offer" not in set(others.action_ids())
+    assert len(only) + len(others) == len(everything) and len(only) > 0 and only.w is None
+    weighted = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaign_weights={"test_blitz": 3.0})
+    assert weighted.w is not None
+    assert np.array_equal(weighted.w == 3.0, weighted.action_ids() == "blitz_offer")
+    assert weighted.summary["campaign_weights"] == {"test_blitz": 3.0}
+    from engine.models.training import fit
+
+    booster, metrics, summary = fit(weighted, rounds=5)  # the weights reach LightGBM's training set
+    assert summary["campaign_weights"] == {"test_blitz": 3.0} and metrics["holdout_rows"] > 0
