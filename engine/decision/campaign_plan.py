@@ -88,6 +88,7 @@ class Plan:
     run_out_day: str | None = None  # the day the total budget is expected to run out (None: it lasts)
     displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> decisions
     replays: int = 0  # replays of each eligible customer's coming decisions
+    new_to_model: list[str] = field(default_factory=list)  # its actions the model has no training rows of
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -319,6 +320,7 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
                              "acceptance_rate": round(segment_accepted[seg] / segment_shown[seg], 4)}
                        for seg in sorted(segment_shown) if segment_shown[seg] > 0}
     plan.replays = replays
+    plan.new_to_model = sorted(mine - set(model.action_levels))
     plan.seconds = round(time.perf_counter() - started, 2)
     return plan
 
@@ -386,6 +388,10 @@ def format_plan(plan: Plan) -> str:
         lines += ["", f"{'segment':16} {'presentations':>13} {'acceptances':>11} {'rate':>7}"]
         for seg, r in plan.by_segment.items():
             lines.append(f"{seg:16} {r['presentations']:>13,.1f} {r['acceptances']:>11,.1f} {r['acceptance_rate']:>7.2%}")
+    if plan.new_to_model:
+        lines += ["", f"note: the model has never seen {', '.join(plan.new_to_model)}: its propensity is the model's "
+                  "guess for an unknown action. Exploration and retraining will move it as responses come in, and "
+                  "the presentations with it (nba simulate --campaign measures how far)."]
     if plan.displaced:
         lines += ["", "displaced from the top (decisions where the campaign takes their place):"]
         for owner, actions in plan.displaced.items():
