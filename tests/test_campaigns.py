@@ -228,6 +228,8 @@ def test_a_hot_reload_keeps_the_spent_budget_and_a_bad_file_changes_nothing(serv
     assert live and not errors and version != first
     status = _status(channel)
     assert status.spent == 3 and status.budget_left == 1  # the counters are the campaign's, not the file version's
+    # 4.5 of its 10 days gone: an even spend of 4 would be at 1.8, it spent 3
+    assert status.even_spend == pytest.approx(1.8) and status.pacing == pytest.approx(3 / 1.8)
     shown_after = [shown(_decide(channel, cid)) for cid in ids[3:]]
     assert shown_after == [True, False, False, False, False]  # one unit was left
     assert int(client.get(spent_key("test_blitz"))) == 4
@@ -632,3 +634,19 @@ def test_training_from_the_streams_filters_or_weighs_a_campaign(campaign_engine)
 
     booster, metrics, summary = fit(weighted, rounds=5)  # the weights reach LightGBM's training set
     assert summary["campaign_weights"] == {"test_blitz": 3.0} and metrics["holdout_rows"] > 0
+
+
+def test_segments_are_under_or_over_their_plan_beyond_the_binomial_error() -> None:
+    from engine.decision.campaign_report import versus_plan
+    from engine.decision.report import Tally
+
+    plan = {"days": 10, "by_segment": {"family": {"presentations": 100, "acceptance_rate": 0.3},
+                                       "student": {"presentations": 100, "acceptance_rate": 0.3},
+                                       "senior": {"presentations": 100, "acceptance_rate": 0.3},
+                                       "consumer": {"presentations": 50, "acceptance_rate": 0.3}}}
+    actual = {"family": Tally(100, 10, 0.0), "student": Tally(100, 50, 0.0), "senior": Tally(100, 33, 0.0)}
+    rows = {r["segment"]: r for r in versus_plan(actual, plan, ["2030-03-01", "2030-03-02"])}
+    assert rows["family"]["verdict"] == "under" and rows["student"]["verdict"] == "over"
+    assert rows["senior"]["verdict"] == "as planned"  # 33% against 30% on 100: within 1.96 standard errors
+    assert rows["consumer"]["verdict"] == "not reached"
+    assert rows["family"]["presented_per_day"] == 50 and rows["family"]["planned_per_day"] == 10
