@@ -602,6 +602,7 @@ def test_simulate_plans_a_campaign_then_plays_it() -> None:
     seed = check["per_seed"][0]
     assert seed["planned_presentations"] > 0 and check["nba_presented"] > 0
     assert set(seed["traffic"]) == {"call_center", "web", "email"} and 0 < sum(seed["traffic"].values()) < 1
+    assert seed["never_presented"] == ["fibre_switch_free_install"]  # the history ran before the campaign
     daily = max(1, round(fibre.daily_budget * settings.customers / DEMO_CUSTOMERS))
     assert check["nba_presented"] <= daily * settings.rounds  # the campaign's daily budget, scaled, held
     assert seed["planned_presentations"] <= daily * settings.rounds + 1e-6

@@ -88,7 +88,7 @@ class Plan:
     run_out_day: str | None = None  # the day the total budget is expected to run out (None: it lasts)
     displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> decisions
     replays: int = 0  # replays of each eligible customer's coming decisions
-    new_to_model: list[str] = field(default_factory=list)  # its actions the model has no training rows of
+    never_presented: list[str] = field(default_factory=list)  # its actions no recorded decision presented
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -102,6 +102,8 @@ def what_if_rules(rules_dir: Path, campaign_file: Path) -> tuple[CompiledRules, 
     replaces a live campaign of the same name. Raises ``RuleErrors`` naming the file's lines."""
     from engine.rules.yamlsrc import load_yaml
 
+    if not Path(campaign_file).is_file():
+        raise PlanError(f"{campaign_file}: no such campaign file")
     tree, _, _ = load_yaml(Path(campaign_file))
     name = tree.value.get("name").value if tree is not None and tree.is_map and "name" in tree.value else None
     with tempfile.TemporaryDirectory(prefix="nba-plan-") as tmp:
@@ -161,11 +163,13 @@ class Traffic:
     """Decisions per customer and day: ``channels`` the average by channel; ``customers`` each recorded
     customer's own rate (zeros for the customers without a decision), which the plan draws from because
     customers differ (a daily caller meets the contact limits, a yearly one never); ``per_day``: the most
-    decisions one customer had in one day (0: unknown, then a day's decisions are Poisson)."""
+    decisions one customer had in one day (0: unknown, then a day's decisions are Poisson); ``presented``:
+    the actions presented in those decisions (what a model trained on them can have learned about)."""
 
     channels: dict[str, float]
     customers: np.ndarray | None = None
     per_day: int = 0
+    presented: frozenset[str] | None = None  # the actions those decisions presented (None: not known)
 
     @classmethod
     def given(cls, channels: dict[str, float]) -> Traffic:
@@ -184,6 +188,7 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
     counts: Counter[str] = Counter()
     per_customer: Counter[str] = Counter()
     per_customer_day: Counter[tuple[str, int]] = Counter()
+    presented: set[str] = set()
     # by the decisions' own times: entry ids are Redis's clock, which a simulation's decisions do not keep
     for _, d in _read(client, DECISIONS_STREAM, "-"):
         ts = float(d.get("ts") or 0)
@@ -191,10 +196,11 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
             counts[d.get("channel", "")] += 1
             per_customer[d.get("customer_id", "")] += 1
             per_customer_day[(d.get("customer_id", ""), int(ts // DAY))] += 1
+            presented.update(a for a in d.get("actions", "").split(",") if a)
     rates = np.zeros(max(population, len(per_customer)))
     rates[: len(per_customer)] = np.array(list(per_customer.values()), dtype=float) / days
     return Traffic({ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}, rates,
-                   max(per_customer_day.values(), default=0))
+                   max(per_customer_day.values(), default=0), frozenset(presented))
 
 
 def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
@@ -265,7 +271,8 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     displaced: dict[str, Counter[str]] = defaultdict(Counter)
     everywhere = {ch: r for ch, r in traffic.channels.items() if r > 0}  # other offers' contacts on every channel count
     mean_rate = sum(everywhere.values())
-    if replays <= 0:
+    if replays <= 0:  # replays enough to average out the draws, within about 200,000 replayed decisions
+        # (guessing that a fifth of the customers are targeted: the rest are never replayed)
         replays = max(1, min(8, int(200_000 / max(sum(everywhere.values()) * days * len(customers) * 0.2, 1))))
     per_day = np.zeros(days)
     accepted_n = np.zeros(days)
@@ -320,7 +327,7 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
                              "acceptance_rate": round(segment_accepted[seg] / segment_shown[seg], 4)}
                        for seg in sorted(segment_shown) if segment_shown[seg] > 0}
     plan.replays = replays
-    plan.new_to_model = sorted(mine - set(model.action_levels))
+    plan.never_presented = sorted(mine - traffic.presented) if traffic.presented is not None else []
     plan.seconds = round(time.perf_counter() - started, 2)
     return plan
 
@@ -388,10 +395,11 @@ def format_plan(plan: Plan) -> str:
         lines += ["", f"{'segment':16} {'presentations':>13} {'acceptances':>11} {'rate':>7}"]
         for seg, r in plan.by_segment.items():
             lines.append(f"{seg:16} {r['presentations']:>13,.1f} {r['acceptances']:>11,.1f} {r['acceptance_rate']:>7.2%}")
-    if plan.new_to_model:
-        lines += ["", f"note: the model has never seen {', '.join(plan.new_to_model)}: its propensity is the model's "
-                  "guess for an unknown action. Exploration and retraining will move it as responses come in, and "
-                  "the presentations with it (nba simulate --campaign measures how far)."]
+    if plan.never_presented:
+        lines += ["", f"note: no recorded decision presented {', '.join(plan.never_presented)}, so a model trained on "
+                  "them has no responses to it: its propensity is the model's guess. Exploration and retraining will "
+                  "move it as responses come in, and the presentations with it (nba simulate --campaign measures how "
+                  "far)."]
     if plan.displaced:
         lines += ["", "displaced from the top (decisions where the campaign takes their place):"]
         for owner, actions in plan.displaced.items():

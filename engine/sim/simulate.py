@@ -564,7 +564,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
                  "nba_presented": presented,
                  "plan_error": round(planned.presentations_in_budget / presented - 1, 4) if presented else None,
                  "planned_acceptances": round(planned.acceptances, 1), "plan_seconds": planned.seconds,
-                 "rejection_share": round(rejections, 4), "new_to_model": planned.new_to_model,
+                 "rejection_share": round(rejections, 4), "never_presented": planned.never_presented,
                  "traffic": {k: round(v, 4) for k, v in planned.traffic.items()}}
         progress(f"seed {seed}: campaign {settings.campaign}: planned {planned.presentations_in_budget:,.0f} "
                  f"presentations, nba presented {presented:,}")
