@@ -328,7 +328,12 @@ def cmd_campaign_report(args: argparse.Namespace) -> int:
     if args.html:
         from engine.decision.campaign_html import render_html
 
-        Path(args.html).write_text(render_html(report), encoding="utf-8")
+        try:
+            page = render_html(report)
+        except ImportError:
+            print("error: --html draws its charts with matplotlib: pip install 'nba-engine[report]'", file=sys.stderr)
+            return 1
+        Path(args.html).write_text(page, encoding="utf-8")
         print(f"report: {args.html}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else format_campaign_report(report))
     return 0
