@@ -3,7 +3,9 @@
 - **Presented, accepted, value, acceptance rate** of the campaign's actions, in all and per channel,
   segment and action: a presentation is an action of the campaign in a recorded decision (the stream's
   ``campaigns`` field names each action's campaign); it is accepted when an ``accepted`` response to that
-  decision and action was recorded (once, however often it was sent).
+  decision and action was recorded (once, however often it was sent). On ``on_impression`` channels
+  (web, app) that is the action returned: the budget counters count the reported impressions, so there
+  the spend can be lower than the presentations here.
 - **Lift against the campaign's control group**, customers as the unit, intent to treat: a customer is
   in the campaign's treated arm when some decision found an action of the running campaign admitted for
   them (``campaign_eligible``), in its control arm when it held them out (``campaign_control``), whether
