@@ -33,12 +33,20 @@ def charts(report: dict) -> dict[str, str]:
     x = range(len(days))
     ax.bar(x, [s["presented"] for s in spend], color="C0", alpha=0.35, label="presented per day")
     ax.plot(x, [s["cumulative"] for s in spend], "-o", color="C0", markersize=3, label="spent (cumulative)")
+    top = max([s["cumulative"] for s in spend], default=0)
+    title = f"{report['campaign']}: spend and pacing"
     if report["total_budget"] is not None:
         ax.plot(x, [s["even_spend"] for s in spend], "--", color="0.4", label="even-spend line")
-        ax.axhline(report["total_budget"], color="C3", linewidth=0.8, label="total budget")
+        top = max([top] + [s["even_spend"] for s in spend])
+        if report["total_budget"] <= 1.5 * top:  # drawn when in reach, else named in the title
+            ax.axhline(report["total_budget"], color="C3", linewidth=0.8, label="total budget")
+            top = max(top, report["total_budget"])
+        else:
+            title += f" (total budget {report['total_budget']:,})"
+    ax.set_ylim(0, max(top, 1) * 1.1)
     ax.set_xticks(list(x), days, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("presentations")
-    ax.set_title(f"{report['campaign']}: spend and pacing")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out["spend"] = _png(fig)
