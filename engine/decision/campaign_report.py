@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -124,13 +124,13 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
     lift["customers"] = {"treated": len(arms["treated"]), "control": len(arms["control"])}
     lift["outcome_per_customer"] = {side: round(float(v.mean()), 4) if len(v) else None for side, (v, _) in totals.items()}
     lift["objective"] = campaign.objective
-    days = sorted(per_day)
+    days = _every_day(sorted(per_day))  # days without a presentation too: the chart's axis is the calendar
     spend, running = [], 0
     for day in days:
-        running += per_day[day]
+        running += per_day.get(day, 0)
         end_of_day = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=tz).timestamp() + 86_400
         even = campaign.even_spend(end_of_day)
-        spend.append({"day": day, "presented": per_day[day], "cumulative": running,
+        spend.append({"day": day, "presented": per_day.get(day, 0), "cumulative": running,
                       "even_spend": round(even, 1) if even is not None else None})
     now = now if now is not None else max((s.ts for s in shown), default=campaign.start)
     even_now = campaign.even_spend(now)
@@ -149,6 +149,14 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
         "versus_plan": versus_plan(by_segment, plan, days) if plan else None,
     }
     return report
+
+
+def _every_day(days: list[str]) -> list[str]:
+    """Every calendar day from the first of ``days`` to the last (YYYY-MM-DD)."""
+    if not days:
+        return []
+    first, last = (date.fromisoformat(d) for d in (days[0], days[-1]))
+    return [(first + timedelta(days=k)).isoformat() for k in range((last - first).days + 1)]
 
 
 def versus_plan(by_segment: dict[str, Tally], plan: dict, days: list[str]) -> list[dict]:
