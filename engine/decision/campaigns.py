@@ -18,7 +18,6 @@ campaign: ``campaign_eligible``, or ``campaign_control`` for a held-out customer
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ from engine.store.polling import Poller
 if TYPE_CHECKING:
     from engine.decision.arbitration import FunnelEntry
     from engine.rules.model import RuleSet
-
-log = logging.getLogger(__name__)
 
 DAILY_TTL_SECONDS = 3 * 86_400
 KEEP_AFTER_END_SECONDS = 90 * 86_400  # the total counter outlives the campaign (reports, a late reload)
