@@ -161,7 +161,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.from_stream:
             with _store(cfg) as store:
-                data = training.from_streams(store.client, catalog, args.window_days, args.as_of)
+                weights = {}
+                for item in args.campaign_weight or []:
+                    name, _, w = item.partition("=")
+                    try:
+                        weights[name] = float(w)
+                    except ValueError:
+                        print(f"error: --campaign-weight {item}: expected NAME=WEIGHT", file=sys.stderr)
+                        return 1
+                data = training.from_streams(store.client, catalog, args.window_days, args.as_of,
+                                             campaigns=args.campaign or (), campaign_weights=weights)
         elif args.from_file:
             data = training.read_csv(args.from_file, catalog)
         else:
@@ -195,16 +204,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs on a redis-server of its own (``engine.sim.simulate.private_store``), never on REDIS_URL's."""
     from engine.rules.errors import RuleErrors
     from engine.rules.loader import load_rules
-    from engine.sim.simulate import Settings, format_simulation, plot_curves, simulate, table
+    from engine.sim.simulate import POLICIES, Settings, format_simulation, plot_curves, simulate, table
 
     cfg = _config(args)
-    ruleset, errors = load_rules(cfg.rules_dir)
-    if ruleset is None:
-        raise RuleErrors(errors)
+    campaign = ""
+    if args.campaign:
+        from engine.decision.campaign_plan import what_if_rules
+
+        live, planned, found = what_if_rules(cfg.rules_dir, Path(args.campaign))
+        ruleset, campaign = planned.ruleset, found.name
+        live.close()
+        planned.close()
+        print(f"campaign {campaign} runs over the {args.rounds} simulated days (its own dates are "
+              f"{found.describe_dates()}); plan first, then play", file=sys.stderr)
+    else:
+        loaded, errors = load_rules(cfg.rules_dir)
+        if loaded is None:
+            raise RuleErrors(errors)
+        ruleset = loaded
     settings = Settings(world=args.world, customers=args.customers, rounds=args.rounds,
                         seeds=tuple(range(args.seed, args.seed + args.seeds)),
                         history_customers=args.history_customers, history_days=args.history_days,
-                        retrain=not args.no_retrain, explore=args.explore, trees=args.trees)
+                        retrain=not args.no_retrain, explore=args.explore, trees=args.trees,
+                        policies=tuple(args.policies) if args.policies else POLICIES, campaign=campaign)
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
     sim = simulate(ruleset, settings, progress=progress)
     if args.png:
@@ -226,6 +248,94 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = build_report(store.client, since=args.since, customer_prefix=args.customer_prefix,
                               values=values, types=types, bootstrap=args.bootstrap, seed=args.seed)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_campaign_plan(args: argparse.Namespace) -> int:
+    from engine.decision.campaign_plan import (
+        PlanError,
+        Traffic,
+        format_plan,
+        plan_campaign,
+        rejection_share,
+        stored_customers,
+        traffic_from_stream,
+        what_if_rules,
+    )
+    from engine.decision.campaign_report import plan_key
+    from engine.models.registry import ModelRefused, ModelRegistry
+    from engine.rules.errors import RuleErrors
+
+    cfg = _config(args)
+    try:
+        model = ModelRegistry(cfg.models_dir).load()
+    except ModelRefused as exc:
+        print(f"error: {exc} (nba train makes one)", file=sys.stderr)
+        return 1
+    try:
+        live, planned, campaign = what_if_rules(cfg.rules_dir, Path(args.file))
+    except RuleErrors as exc:
+        for e in exc.errors:
+            print(e.render())
+        print(f"{len(exc.errors)} error(s): no plan", file=sys.stderr)
+        return 1
+    try:
+        with _store(cfg) as store:
+            everyone = stored_customers(store.client)
+            customers = everyone[: args.customers] if args.customers else everyone
+            if args.decisions_per_day:
+                given = {}
+                for item in args.decisions_per_day:
+                    channel, _, n = item.partition("=")
+                    if channel not in CHANNELS or not n:
+                        raise PlanError(f"--decisions-per-day {item}: expected CHANNEL=N with a channel of {', '.join(CHANNELS)}")
+                    given[channel] = float(n) / max(len(everyone), 1)
+                traffic = Traffic.given(given)
+            else:
+                traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days)
+            reject = rejection_share(store.client, args.traffic_days)
+            plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days,
+                                 reject_share=reject)
+            if args.save:
+                store.client.set(plan_key(campaign.name), json.dumps(plan.as_dict()))
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        live.close()
+        planned.close()
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_campaign_report(args: argparse.Namespace) -> int:
+    from engine.decision.campaign_report import build_campaign_report, format_campaign_report, plan_key
+    from engine.rules.errors import RuleErrors
+    from engine.rules.loader import load_rules
+
+    cfg = _config(args)
+    ruleset, errors = load_rules(cfg.rules_dir)
+    if ruleset is None:
+        raise RuleErrors(errors)
+    campaign = ruleset.campaigns.get(args.name)
+    if campaign is None:
+        print(f"error: no campaign {args.name!r} in {cfg.rules_dir}/campaigns (campaigns: "
+              f"{', '.join(ruleset.campaigns) or 'none'})", file=sys.stderr)
+        return 1
+    with _store(cfg) as store:
+        saved = store.client.get(plan_key(campaign.name))
+        report = build_campaign_report(store.client, campaign, json.loads(saved) if saved else None, since=args.since)
+    if args.html:
+        from engine.decision.campaign_html import render_html
+
+        try:
+            page = render_html(report)
+        except ImportError:
+            print("error: --html draws its charts with matplotlib: pip install 'nba-engine[report]'", file=sys.stderr)
+            return 1
+        Path(args.html).write_text(page, encoding="utf-8")
+        print(f"report: {args.html}", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else format_campaign_report(report))
     return 0
 
 
@@ -517,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--as-of", type=float, help="epoch seconds that closes label windows (default: now)")
     p.add_argument("--export", metavar="FILE", help="also write the training set to FILE (CSV; .gz compresses)")
     p.add_argument("--export-only", action="store_true", help="write --export and stop")
+    p.add_argument("--campaign", action="append", metavar="NAME",
+                   help="--from-stream: only rows of actions presented for this campaign (repeat for several; "
+                   "'-' for actions of no campaign)")
+    p.add_argument("--campaign-weight", action="append", metavar="NAME=WEIGHT",
+                   help="--from-stream: weigh the rows of a campaign's actions (e.g. fibre_migration=3; '-' for none)")
     p.add_argument("--customers", type=int, default=50_000, help="synthetic world: customers")
     p.add_argument("--world-seed", type=int, default=7)
     p.add_argument("--rounds", type=int, default=200)
@@ -540,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
                    "on the history plus the decisions and responses recorded in the run)")
     p.add_argument("--explore", type=float, default=0.1, help="share of nba decisions that explore (0: off)")
     p.add_argument("--trees", type=int, default=100, help="boosting rounds per training")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help="only these policies (nba rules_only generic random_eligible constrained_oracle oracle)")
+    p.add_argument("--campaign", metavar="FILE", help="a campaign file: plan it on the evaluated customers (traffic "
+                   "and model from the history), then play it over the simulated days; reports plan vs presented")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by policy, plus world, seeds, model")
     p.add_argument("--png", metavar="FILE", help="learning curves: value per 1,000 decisions per round")
     p.add_argument("--progress", dest="verbose_progress", action="store_true", help="progress on stderr")
@@ -554,6 +673,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_report)
+
+    campaign = sub.add_parser("campaign", help="campaigns (rules/campaigns/*.yaml): plan before launch, report after"
+                              ).add_subparsers(dest="campaign_cmd", required=True)
+    p = campaign.add_parser("plan", help="forecast a campaign file on the stored customers: eligible, shown, expected "
+                            "presentations and value, budget run-out day, displaced actions")
+    paths(p)
+    p.add_argument("file", help="the campaign file (it need not be in the rules folder yet)")
+    p.add_argument("--customers", type=int, default=0, help="plan on the first N stored customers (0: all)")
+    p.add_argument("--days", type=int, default=0, help="forecast the first N days of the campaign (0: all of it)")
+    p.add_argument("--max-actions", type=int, default=1, help="actions shown per decision")
+    p.add_argument("--traffic-days", type=float, default=7.0,
+                   help="traffic: decisions per customer and day measured over the last N recorded days")
+    p.add_argument("--decisions-per-day", nargs="+", metavar="CHANNEL=N",
+                   help="traffic given instead: decisions per day on a channel (all customers)")
+    p.add_argument("--save", action="store_true", help="keep the plan for nba campaign report (under/over plan)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_campaign_plan)
+    p = campaign.add_parser("report", help="a campaign's results from the streams: per channel and segment, lift "
+                            "over its control group, spend and pacing, segments against the plan")
+    paths(p)
+    p.add_argument("name")
+    p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
+    p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (tables, PNG charts)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_campaign_report)
 
     p = sub.add_parser("decide", help="ask a running server for a decision and print it")
     p.add_argument("customer_id")

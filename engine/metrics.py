@@ -91,6 +91,17 @@ EXPLORATION = Counter(
     ["top"],
 )
 
+# Campaigns (rules/campaigns/*.yaml), refreshed from Redis every few seconds by every worker (the same
+# counters for all: "livemax").
+CAMPAIGN_LIVE = Gauge("nba_campaign_live", "1 while the campaign runs (between its start and end), else 0.",
+                      ["campaign"], multiprocess_mode="livemax")
+CAMPAIGN_SPENT = Gauge("nba_campaign_spent", "Presentations of the campaign's actions so far, all server processes.",
+                       ["campaign"], multiprocess_mode="livemax")
+CAMPAIGN_BUDGET_LEFT = Gauge("nba_campaign_budget_left", "Presentations left in the campaign's total budget.",
+                             ["campaign"], multiprocess_mode="livemax")
+CAMPAIGN_PACING = Gauge("nba_campaign_pacing_ratio", "Spend against the even-spend line of the total budget (1: on "
+                        "it, above 1: ahead of it).", ["campaign"], multiprocess_mode="livemax")
+
 
 def set_version(gauge: Gauge, version: str) -> None:
     """Mark ``version`` as the one served, and every other version this process served as not."""

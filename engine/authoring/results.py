@@ -42,6 +42,8 @@ def why(v: ActionVerdict, channel: str) -> str:
         return "it was admitted"
     if v.stage == "channel":
         return f"it has no treatment for {channel}"
+    if v.stage == "dates" and v.reasons:
+        return f"it is outside its dates ({v.reasons[0]})"
     if v.stage == "dates":
         return f"it is outside its dates ({a.valid_from or '...'} to {a.valid_to or '...'})"
     if v.stage == "policy":

@@ -1,6 +1,6 @@
 """Watch the rule files and reload when they change: the file-watch half of hot reload.
 
-Polls a digest of the rule files (``rules/*.yaml`` and ``rules/tests/*.yaml``, names and bytes) and
+Polls a digest of the rule files (``rules/*.yaml``, ``rules/tests/*.yaml`` and ``rules/campaigns/*.yaml``, names and bytes) and
 calls ``on_change`` once the files have settled (two polls agree), so an editor that writes a file in
 several steps triggers one reload. Polling needs no dependency and works on every file system
 (network and container mounts included); the cost is reading a few small files once a second.
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.authoring.ruletests import TESTS_DIR
+from engine.rules.campaigns import CAMPAIGNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ def files_digest(rules_dir: Path) -> str:
     """A digest of every rule and rule-test file's name and bytes."""
     rules_dir = Path(rules_dir)
     digest = hashlib.sha256()
-    for path in sorted([*rules_dir.glob("*.yaml"), *(rules_dir / TESTS_DIR).glob("*.yaml")]):
+    for path in sorted([*rules_dir.glob("*.yaml"), *(rules_dir / TESTS_DIR).glob("*.yaml"),
+                        *(rules_dir / CAMPAIGNS_DIR).glob("*.yaml")]):
         try:
             data = path.read_bytes()
         except OSError as err:  # deleted or replaced between glob and read: a change in progress

@@ -7,7 +7,10 @@
 - ``contact``: contact limits and budgets applied atomically in Redis when actions are presented;
 - ``interactions``: what a decision stores for its interaction id (one voice, safe retries);
 - ``reservations``: gives back the budget units of impressions a channel did not report in time;
-- ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group.
+- ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group;
+- ``campaigns``: a campaign's control group, budgets (counted by ``contact``'s script), status and gauges;
+  ``campaign_plan`` (with ``plan_replay``): ``nba campaign plan``; ``campaign_report`` and
+  ``campaign_html``: ``nba campaign report``.
 
 May import: models, rules, store and the ground modules; not events, sim, authoring or serving.
 """

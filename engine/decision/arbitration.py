@@ -24,13 +24,15 @@ class RankedAction:
     treatment: dict[str, str]
     reasons: list[str]
     rank: int
+    campaign: str = ""  # the campaign the action belongs to, if any
 
 
 @dataclass
 class FunnelEntry:
     action_id: str
     stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | contact |
-    #             quiet_hours | control_group | one_voice | budget | group | cutoff
+    #             quiet_hours | control_group | one_voice | campaign_dates | campaign_control | budget |
+    #             campaign_budget | group | cutoff
     detail: str
     propensity: float = 0.0
     priority: float = 0.0
@@ -59,6 +61,8 @@ def dropped_detail(v: ActionVerdict) -> str:
     a = v.action
     if v.stage == "channel":
         return "no treatment for this channel"
+    if v.stage == "dates" and v.reasons:
+        return v.reasons[0]
     if v.stage == "dates":
         return f"valid {a.valid_from or '...'} to {a.valid_to or '...'}"
     if v.stage in ("eligibility", "applicability", "suitability"):
@@ -86,6 +90,9 @@ def present_detail(verdict: str, v: ActionVerdict, limits: list, max_actions: in
         return "group", f"group {v.action.group} already shown"
     if verdict == "budget":
         return "budget", f"daily budget of {v.action.daily_budget} used up"
+    if verdict.startswith(("campaign_total:", "campaign_daily:")):
+        kind, name = verdict.split(":", 1)
+        return "campaign_budget", f"campaign {name} spent its {'total' if kind == 'campaign_total' else 'daily'} budget"
     if verdict.startswith("limit:"):
         _, index, n = verdict.split(":")
         limit = limits[int(index) - 1]
@@ -101,7 +108,7 @@ def ranked_action(v: ActionVerdict, p: float, priority: float, channel: str, ran
     return RankedAction(
         action_id=action.id, name=action.name, type=action.type, group=action.group,
         propensity=p, value=action.value, priority=priority, treatment=dict(action.channels[channel]),
-        reasons=reasons, rank=rank,
+        reasons=reasons, rank=rank, campaign=action.campaign,
     )
 
 

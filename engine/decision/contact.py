@@ -33,6 +33,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from engine.decision.campaigns import budget_specs
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
 
 if TYPE_CHECKING:
@@ -105,11 +106,13 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 # ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), since (oldest window start),
 #   keep_ms (history kept), ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms),
 #   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
-#   index or 0, budget, body]), fb (fallback candidate or 0), rec (decision record fields),
+#   index or 0, budget, body, campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback
+#   candidate or 0), rec (decision record fields),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
 #   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
-# Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'cutoff'), 'fb' or ''},
+# Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
+# 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
 # or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''}.
 PRESENT = r"""
 local a = cjson.decode(ARGV[1])
@@ -148,11 +151,20 @@ end
 local groups, verdicts, shown, budgets = {}, {}, {}, {}
 local function present(c, tag)
   local bkey = ''
-  if c[6] > 0 and write then
-    bkey = KEYS[c[6]]
-    redis.call('INCR', bkey)
-    redis.call('EXPIRE', bkey, a.bttl)
-    if a.mode == 'reserve' then redis.call('ZADD', KEYS[4], a.rsv, a.id .. '|' .. c[1] .. '|' .. bkey) end
+  if write then
+    local used = {}
+    if c[6] > 0 then
+      used[1] = KEYS[c[6]]
+      redis.call('INCR', KEYS[c[6]])
+      redis.call('EXPIRE', KEYS[c[6]], a.bttl)
+    end
+    for _, b in ipairs(c[9]) do  -- the campaign's budgets: {key index, budget, verdict, ttl}
+      used[#used + 1] = KEYS[b[1]]
+      redis.call('INCR', KEYS[b[1]])
+      redis.call('EXPIRE', KEYS[b[1]], b[4])
+    end
+    bkey = table.concat(used, ' ')
+    if a.mode == 'reserve' and bkey ~= '' then redis.call('ZADD', KEYS[4], a.rsv, a.id .. '|' .. c[1] .. '|' .. bkey) end
   end
   if a.mode == 'decide' then
     redis.call('ZADD', KEYS[1], a.now, 'i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch .. '|' .. a.id .. '|' .. tag)
@@ -178,6 +190,11 @@ for ci, c in ipairs(a.cand) do
   end
   if not v and c[6] > 0 then
     if tonumber(redis.call('GET', KEYS[c[6]]) or '0') >= c[7] then v = 'budget' end
+  end
+  if not v then
+    for _, b in ipairs(c[9]) do
+      if tonumber(redis.call('GET', KEYS[b[1]]) or '0') >= b[2] then v = b[3]; break end
+    end
   end
   if not v then v = 'ok'; present(c, ci) end
   verdicts[ci] = v
@@ -236,8 +253,10 @@ RELEASE = r"""
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(due) do
   redis.call('ZREM', KEYS[1], m)
-  local bkey = string.match(m, '^[^|]*|[^|]*|(.+)$')
-  if bkey and redis.call('EXISTS', bkey) == 1 then redis.call('DECR', bkey) end
+  local bkeys = string.match(m, '^[^|]*|[^|]*|(.+)$') or ''
+  for bkey in string.gmatch(bkeys, '%S+') do
+    if redis.call('EXISTS', bkey) == 1 then redis.call('DECR', bkey) end
+  end
 end
 return #due
 """
@@ -250,10 +269,12 @@ def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
                  channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
                  mode: str, interaction: str = "", placement: str = "", bodies: list[str] | None = None,
-                 head: str = "", replace: bool = False, late_ms: int = 0) -> tuple[list[str], str, list[ContactLimit]]:
+                 head: str = "", replace: bool = False, late_ms: int = 0,
+                 campaigns: dict | None = None) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
     ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
-    this decision replaces the placement's stored one (else a stored one is returned instead)."""
+    this decision replaces the placement's stored one (else a stored one is returned instead);
+    ``campaigns``: the rule set's campaigns by name (their budgets are judged with the actions')."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
     ix = rules.interactions
@@ -268,11 +289,16 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
             day = day or f"{datetime.fromtimestamp(now, UTC):%Y%m%d}"
             keys.append(f"nba:budget:{action.id}:{day}")
             bkey = len(keys)
+        extra = []
+        for key, budget, verdict_, ttl in budget_specs(campaigns.get(action.campaign) if campaigns and action.campaign
+                                                       else None, now):
+            keys.append(key)
+            extra.append([len(keys), budget, verdict_, ttl])
         cand.append([action.id, action.group, action.type, action.value, rules.applicable(action, channel), bkey,
-                     action.daily_budget or 0, bodies[i] if bodies else ""])
+                     action.daily_budget or 0, bodies[i] if bodies else "", extra])
     fb: list[object] | int = 0
     if fallback is not None:
-        fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0, bodies[-1] if bodies else ""]
+        fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0, bodies[-1] if bodies else "", []]
     keep_ms = max(int(rules.history_days * DAY_MS), DAY_MS)  # history kept (and its key's TTL)
     args = {
         "now": now_ms, "n": max_actions, "ch": channel, "id": decision_id, "mode": mode,

@@ -30,6 +30,7 @@ from engine.decision.arbitration import (
     ranked_action,
     select,
 )
+from engine.decision.campaigns import campaign_stage
 from engine.decision.contact import (
     DECIDE,
     DRY,
@@ -95,6 +96,8 @@ class Decision:
     interaction_id: str = ""
     repeat: bool = False  # the interaction's stored decision for this placement, returned again
     preview: bool = False  # decided without side effects (nothing recorded, counted or reserved)
+    campaign_eligible: list[str] = field(default_factory=list)  # running campaigns with an admitted action
+    campaign_control: list[str] = field(default_factory=list)  # campaigns holding this customer out
 
 
 class _Stages:
@@ -250,7 +253,7 @@ class DecisionEngine:
             channel=req.channel, touchpoint=req.touchpoint, context=req.context,
             triggers=profile.triggers,
         )))
-        admitted, candidates = rules.admitted(outcome, req.channel)  # catalog indices, verdicts
+        admitted, candidates = rules.admitted(outcome, req.channel, now=now)  # catalog indices, verdicts
         if outcome.degraded:
             degraded_by = degraded_by or "rule_engine"
         stages.done("rules")
@@ -260,7 +263,7 @@ class DecisionEngine:
         explore = self._explore(models, model, rules, req, admitted, propensity, now)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
-                  for v in rules.verdicts(outcome, req.channel) if not v.admitted] if req.explain else None
+                  for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
         decision = Decision(
             decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel, actions=[],
             ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
@@ -361,6 +364,8 @@ class DecisionEngine:
                                                    funnel)
         if stored:
             candidates = _one_voice(candidates, interactions.tops(stored, place), req.interaction_id, funnel)
+        candidates, played = campaign_stage(rules.ruleset, candidates, req.customer_id, funnel)
+        decision.campaign_eligible, decision.campaign_control = sorted(played.eligible), sorted(played.held_out)
         if contact is not None and contact.quiet_hours is not None and contact.quiet_hours.quiet(channel, now):
             if funnel is not None:
                 funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {contact.quiet_hours.describe()} "
@@ -398,7 +403,7 @@ class DecisionEngine:
         keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision.decision_id,
                                           now, record, req.customer_id, mode, req.interaction_id,
                                           place[len(interactions.FIELD_PREFIX):], bodies, head, replace,
-                                          _late_ms(req.deadline))
+                                          _late_ms(req.deadline), rules.ruleset.campaigns)
         try:
             reply = self._present_script(keys=keys, args=[args])
         except redis.exceptions.RedisError as exc:
@@ -418,9 +423,10 @@ class DecisionEngine:
         ranked = []
         for (priority, p, v), verdict in zip(candidates, verdicts):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-            if observe and not req.preview and (verdict == "budget" or verdict.startswith("limit:")):
+            if observe and not req.preview and (verdict == "budget" or verdict.startswith(("limit:", "campaign_"))):
                 metrics.CONTACT_SUPPRESSED.labels(
-                    "budget" if verdict == "budget" else limits[int(verdict.split(":")[1]) - 1].name).inc()
+                    "budget" if verdict == "budget" else "campaign_budget" if verdict.startswith("campaign_")
+                    else limits[int(verdict.split(":")[1]) - 1].name).inc()
             if verdict == "ok":
                 ranked.append(ranked_action(v, p, priority, channel, len(ranked) + 1))
                 if funnel is not None:
@@ -506,7 +512,21 @@ class DecisionEngine:
                    if decision.features is not None and decision.actions else {}),
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
+                **_campaign_fields(decision),
             })
+
+
+def _campaign_fields(decision: Decision) -> dict[str, str]:
+    """The decision stream's campaign fields: each action's campaign (aligned with ``actions``), and the
+    campaigns in play for the customer (``nba campaign report``); none without campaigns."""
+    out = {}
+    if any(a.campaign for a in decision.actions):
+        out["campaigns"] = ",".join(a.campaign for a in decision.actions)
+    if decision.campaign_eligible:
+        out["campaign_eligible"] = ",".join(decision.campaign_eligible)
+    if decision.campaign_control:
+        out["campaign_control"] = ",".join(decision.campaign_control)
+    return out
 
 
 def _late_ms(deadline: float) -> int:

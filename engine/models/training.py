@@ -89,6 +89,7 @@ class TrainingSet:
     p_true: np.ndarray | None = None  # hidden ground truth (synthetic world only, never a feature)
     decision_ids: list[str] | None = None
     summary: dict = field(default_factory=dict)
+    w: np.ndarray | None = None  # row weights (e.g. per campaign); None: every row weighs 1
 
     def __len__(self) -> int:
         return len(self.y)
@@ -133,8 +134,12 @@ def _xrange_all(client, stream: str, page: int = 5_000):
 
 def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
                  positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
-                 responses_stream: str | None = None) -> TrainingSet:
-    """Training rows from the decision and response streams (labels: see the module docstring)."""
+                 responses_stream: str | None = None, campaigns: Sequence[str] = (),
+                 campaign_weights: dict[str, float] | None = None) -> TrainingSet:
+    """Training rows from the decision and response streams (labels: see the module docstring).
+    ``campaigns``: only the rows of actions presented for these campaigns (the decision stream's
+    ``campaigns`` field; "-" stands for actions of no campaign); ``campaign_weights``: campaign -> row
+    weight in training ("-" for no campaign; others weigh 1)."""
     from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
 
     as_of = time.time() if as_of is None else as_of
@@ -153,7 +158,10 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
     rows: list[tuple[int, int, float, float, float, float]] = []  # block, action, type, value, channel, ts
     labels: list[float] = []
     decision_ids: list[str] = []
-    counts = {"decisions": 0, "without_features": 0, "other_schema": 0, "pending": 0, "responses": n_responses}
+    weights: list[float] = []
+    only = set(campaigns)
+    counts = {"decisions": 0, "other_campaigns": 0, "without_features": 0, "other_schema": 0, "pending": 0,
+              "responses": n_responses}
     for _, f in _xrange_all(client, decisions_stream or DECISIONS_STREAM):
         counts["decisions"] += 1
         features = f.get(b"features")
@@ -172,9 +180,14 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
         channel_code = float(CHANNELS.index(channel)) if channel in CHANNELS else math.nan
         types = (f.get(b"types") or b"").decode().split(",")
         values = (f.get(b"values") or b"").decode().split(",")
+        tags = (f.get(b"campaigns") or b"").decode().split(",")
         block = len(blocks)
         blocks.append(decode_features(features.decode()))
         for i, action in enumerate(actions.split(",")):
+            campaign = (tags[i] if i < len(tags) else "") or "-"
+            if only and campaign not in only:
+                counts["other_campaigns"] += 1
+                continue
             seen = outcomes.get((decision_id, action), [])
             if any(o in positive and r_ts - ts <= window for o, r_ts in seen):
                 label = 1.0
@@ -192,6 +205,7 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
                          value, channel_code, ts))
             labels.append(label)
             decision_ids.append(decision_id)
+            weights.append((campaign_weights or {}).get(campaign, 1.0))
     x = np.empty((len(rows), len(FEATURES)), dtype=np.float64)
     if rows:
         r = np.array(rows, dtype=np.float64)
@@ -202,9 +216,13 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
         t = np.empty(0)
     y = np.array(labels, dtype=np.float64)
     counts.update(rows=len(y), positives=int(y.sum()))
+    weighted = bool(campaign_weights) and any(w != 1.0 for w in weights)
     return TrainingSet(x, y, t, levels, None, decision_ids,
                        summary={"source": "recorded decisions and responses", "label_window_days": window_days,
-                                "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts})
+                                "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts,
+                                **({"campaigns": sorted(only)} if only else {}),
+                                **({"campaign_weights": dict(campaign_weights or {})} if weighted else {})},
+                       w=np.array(weights, dtype=np.float64) if weighted else None)
 
 
 def export_csv(data: TrainingSet, path: str | Path) -> int:
@@ -343,6 +361,7 @@ def fit(data: TrainingSet, rounds: int = 200, params: dict | None = None) -> tup
     cat_idx = [FEATURES.index(c) for c in CATEGORICAL_FEATURES]
     params = {**PARAMS, **(params or {})}
     dtrain = lgb.Dataset(data.x[train_mask], data.y[train_mask], feature_name=list(FEATURES),
+                         weight=data.w[train_mask] if data.w is not None else None,
                          categorical_feature=cat_idx, free_raw_data=True)
     booster = lgb.train(params, dtrain, num_boost_round=rounds)
     metrics = evaluate(cast(np.ndarray, booster.predict(data.x[hold])), data, hold)

@@ -40,8 +40,11 @@ TARGET_KEYS = {"types": False, "groups": False, "actions": False}
 def read_rule_files(rules_dir: Path) -> dict[str, bytes | None]:
     """The bytes of every versioned rule file (None: missing), read once: a rule set is loaded from
     these and versioned by them, so a file changing meanwhile cannot give it another file's version."""
+    from engine.rules.campaigns import CAMPAIGNS_DIR, campaign_files
+
     files: dict[str, bytes | None] = {}
-    for name in VERSIONED_FILES:
+    names = [*VERSIONED_FILES, *(f"{CAMPAIGNS_DIR}/{p.name}" for p in campaign_files(rules_dir))]
+    for name in names:
         path = Path(rules_dir) / name
         try:
             files[name] = path.read_bytes() if path.is_file() else None
@@ -54,7 +57,8 @@ def rules_version(rules_dir: Path, files: dict[str, bytes | None] | None = None)
     """``rules-`` + 12 hex of sha256 over the rule files' names and bytes (missing files count as empty)."""
     files = files if files is not None else read_rule_files(rules_dir)
     digest = hashlib.sha256()
-    for name in VERSIONED_FILES:
+    campaigns = sorted(n for n in files if n not in VERSIONED_FILES)  # rules/campaigns/*.yaml
+    for name in (*VERSIONED_FILES, *campaigns):
         digest.update(name.encode() + b"\0" + (files.get(name) or b"") + b"\0")
     return "rules-" + digest.hexdigest()[:12]
 
@@ -72,6 +76,7 @@ class _Loader:
         self.schema = schema
         self.errors: list[RuleError] = []
         self.files = read_rule_files(rules_dir)
+        self.action_ids: dict[str, Loc] = {}  # action id -> where it was first defined
 
     def yaml(self, name: str) -> Loc | None:
         """The tree of rule file ``name`` as read when loading started (errors go to ``errors``)."""
@@ -199,6 +204,9 @@ class _Loader:
         scope = Scope(self.schema, situations=set(situation_locs), triggers=triggers)
         situations = self.load_situations(situation_locs, scope)
         actions = self.load_actions(catalog_top.get("actions"), scope)
+        from engine.rules.campaigns import load_campaigns
+
+        campaigns, actions = load_campaigns(self, scope, actions)
         groups = self.load_groups(catalog_top.get("groups"), scope, actions)
         fallback = self.load_fallback(catalog_top.get("fallback"), actions)
         policies = self.load_policies(policies_top.get("policies"), scope, actions)
@@ -224,6 +232,7 @@ class _Loader:
             groups=groups,
             contact=contact,
             events=events,
+            campaigns=campaigns,
         )
 
     def load_triggers(self, loc: Loc | None) -> set[str] | None:
@@ -291,9 +300,13 @@ class _Loader:
     def load_actions(self, loc: Loc | None, scope: Scope) -> list[Action]:
         if loc is None:
             return []
+        return self.action_items(self.sequence(loc, "actions"), scope)
+
+    def action_items(self, items: list[Loc], scope: Scope) -> list[Action]:
+        """Actions from their YAML items (the catalog's, or a campaign's own); ids are unique across both."""
         actions: list[Action] = []
-        seen: dict[str, Loc] = {}
-        for item in self.sequence(loc, "actions"):
+        seen = self.action_ids
+        for item in items:
             fields = self.keys(item, ACTION_KEYS, "action")
             if fields is None:
                 continue
@@ -301,7 +314,8 @@ class _Loader:
             if action_id in seen:
                 prev = seen[action_id]
                 self.err(fields["id"].error(f'duplicate action id "{action_id}"',
-                                            f"first defined at line {prev.node.start_mark.line + 1}"))
+                                            f"first defined at line {prev.node.start_mark.line + 1}"
+                                            if prev.source is item.source else f"first defined at {prev.where()}"))
             elif action_id:
                 seen[action_id] = fields["id"]
             what = f'action "{action_id or "?"}"'

@@ -38,6 +38,7 @@ class Action:
     daily_budget: int | None = None
     description: str = ""
     source: str = ""  # "file:line:col" of the action, for explanations
+    campaign: str = ""  # the campaign this action belongs to (rules/campaigns/*.yaml), if any
 
     def offered_on(self, channel: str) -> bool:
         return channel in self.channels
@@ -121,6 +122,7 @@ class RuleSet:
     groups: dict[str, GroupRules] = field(default_factory=dict)  # group -> its engagement conditions
     contact: Any = None  # engine.decision.contact.ContactRules from contact.yaml (None: no contact policies)
     events: Any = None  # rules.patterns.EventRules from events.yaml (None: no event patterns)
+    campaigns: dict[str, Any] = field(default_factory=dict)  # name -> rules.campaigns.Campaign
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,10 @@ class RuleSet:
         action_id = self.fallback.get(channel) or self.fallback.get("default")
         return self.by_id.get(action_id) if action_id else None
 
+    def campaign_of(self, action: Action) -> Any:
+        """The ``rules.campaigns.Campaign`` ``action`` belongs to (None: none)."""
+        return self.campaigns.get(action.campaign) if action.campaign else None
+
     def context_weight(self, channel: str, action_type: str) -> float:
         return self.context_weights.get(channel, {}).get(action_type, 1.0)
 
@@ -144,6 +150,9 @@ class RuleSet:
         in funnel order: eligible, applicable, suitable."""
         group = self.groups.get(action.group)
         out = []
+        campaign = self.campaigns.get(action.campaign) if action.campaign else None
+        if campaign is not None and campaign.target is not None:  # who the campaign targets, before all else
+            out.append(("eligible", f"campaign {campaign.name} target: {campaign.target_text}", campaign.target))
         for stage in STAGES:
             for owner, prefix in ((group, f"group {action.group}: "), (action, "")):
                 condition = getattr(owner, stage) if owner is not None else None

@@ -111,7 +111,7 @@ class CompiledRules:
                                 dtype=np.bool_).reshape(len(ruleset.policies), len(actions))
         self._lever_weights = np.array([[lv.weight if lv.targets.matches(a) else 1.0 for a in actions]
                                         for lv in ruleset.levers]).reshape(len(ruleset.levers), len(actions))
-        self._static_cache: dict[tuple[str, date], tuple] = {}
+        self._static_cache: dict[tuple[str, date, frozenset[str]], tuple] = {}
         # The event patterns' own durable ruleset, built and freed with this one (hot reload swaps both).
         self.patterns = compile_patterns(ruleset.events, ruleset.version)
 
@@ -229,10 +229,11 @@ class CompiledRules:
         )
 
     # --- per-action verdicts ------------------------------------------------------------------------
-    def verdicts(self, outcome: RuleOutcome, channel: str, today: date | None = None) -> list[ActionVerdict]:
+    def verdicts(self, outcome: RuleOutcome, channel: str, today: date | None = None,
+                 now: float | None = None) -> list[ActionVerdict]:
         """A verdict for every action of the catalog, in catalog order (for explanations)."""
-        static, _, _ = self._static(channel, today or date.today())
-        admitted = dict(zip(*self.admitted(outcome, channel, today)))
+        static, _, _ = self._static(channel, today or date.today(), now)
+        admitted = dict(zip(*self.admitted(outcome, channel, today, now)))
         eligible = self._mask(outcome)
         fired = self._in_order(outcome.policies, self._policy_row)
         out = []
@@ -258,10 +259,11 @@ class CompiledRules:
                     return _STAGE_OF[stage], text
         return "eligibility", action.eligible_text
 
-    def admitted(self, outcome: RuleOutcome, channel: str,
-                 today: date | None = None) -> tuple[list[int], list[ActionVerdict]]:
-        """The catalog indices and verdicts of the admitted actions only (the decision's hot path)."""
-        admitted, weight = self._decide(outcome, channel, today)
+    def admitted(self, outcome: RuleOutcome, channel: str, today: date | None = None,
+                 now: float | None = None) -> tuple[list[int], list[ActionVerdict]]:
+        """The catalog indices and verdicts of the admitted actions only (the decision's hot path).
+        ``now`` (epoch seconds): the campaigns running at that moment; else those running on ``today``."""
+        admitted, weight = self._decide(outcome, channel, today, now)
         index = np.flatnonzero(admitted).tolist()
         if not index:
             return index, []
@@ -284,10 +286,10 @@ class CompiledRules:
         """``names`` (fired policies / levers) in file order."""
         return sorted(names, key=rows.__getitem__) if len(names) > 1 else list(names)
 
-    def _decide(self, outcome: RuleOutcome, channel: str, today: date | None):
+    def _decide(self, outcome: RuleOutcome, channel: str, today: date | None, now: float | None = None):
         """Per catalog action (numpy arrays): admitted, and its weight (context x fired levers, in
         file order so the rounding is always the same)."""
-        _, offered, base = self._static(channel, today or date.today())
+        _, offered, base = self._static(channel, today or date.today(), now)
         policies = np.array([self._policy_row[p] for p in outcome.policies], dtype=np.intp) if outcome.policies else _NONE
         levers = np.array(sorted(self._lever_row[lv] for lv in outcome.levers), dtype=np.intp) if outcome.levers else _NONE
         admitted = np.empty(len(self._ids), dtype=np.bool_)
@@ -296,10 +298,14 @@ class CompiledRules:
                admitted, weight)
         return admitted, weight
 
-    def _static(self, channel: str, today: date):
-        """Per action for this channel and day: the verdict when dropped for channel/dates (else None),
-        whether it may be offered (bool array) and its context weight (float array)."""
-        key = (channel, today)
+    def _static(self, channel: str, today: date, now: float | None = None):
+        """Per action for this channel and day (and, for campaigns, the moment ``now`` or else the day):
+        the verdict when dropped for channel/dates (else None), whether it may be offered (bool array)
+        and its context weight (float array)."""
+        campaigns = self.ruleset.campaigns
+        running = frozenset(c.name for c in campaigns.values()
+                            if (c.live(now) if now is not None else c.live_on(today))) if campaigns else frozenset()
+        key = (channel, today, running)
         cached = self._static_cache.get(key)
         if cached is None:
             weights = self.ruleset.context_weights.get(channel, {})
@@ -309,11 +315,16 @@ class CompiledRules:
                     static.append(ActionVerdict(action, False, "channel"))
                 elif not action.valid_on(today):
                     static.append(ActionVerdict(action, False, "dates"))
+                elif action.campaign and action.campaign not in running:
+                    campaign = campaigns[action.campaign]
+                    static.append(ActionVerdict(action, False, "dates", (),
+                                                (f"campaign {campaign.name} runs {campaign.describe_dates()}",)))
                 else:
                     static.append(None)
             offered = np.array([v is None for v in static], dtype=np.bool_)
-            base = np.array([weights.get(a.type, 1.0) if ok else 0.0
-                             for a, ok in zip(self.ruleset.actions, offered.tolist())])
+            campaigns = self.ruleset.campaigns
+            base = np.array([weights.get(a.type, 1.0) * (campaigns[a.campaign].priority if a.campaign else 1.0)
+                             if ok else 0.0 for a, ok in zip(self.ruleset.actions, offered.tolist())])
             if len(self._static_cache) > 256:
                 self._static_cache.clear()
             cached = self._static_cache[key] = (static, offered, base)
@@ -345,6 +356,10 @@ class CompiledRules:
         if context is not None and context != 1.0:
             weight *= context
             reasons.append(f"context {channel}/{action.type} x{context:g}")
+        campaign = self.ruleset.campaign_of(action)
+        if campaign is not None and campaign.priority != 1.0:
+            weight *= campaign.priority
+            reasons.append(f"campaign {campaign.name} priority x{campaign.priority:g}")
         for name, lever in self._levers.items():
             if name in outcome.levers and action.id in self._lever_targets[name]:
                 weight *= lever.weight

@@ -11,6 +11,7 @@ from engine import metrics
 from engine.authoring.check import RuleErrors, prepare
 from engine.authoring.watch import RuleWatcher, files_digest
 from engine.config import Config
+from engine.decision.campaigns import CampaignGauges
 from engine.decision.funnel import DecisionEngine
 from engine.decision.reservations import ReservationReleaser
 from engine.events.processor import EventProcessor
@@ -92,6 +93,8 @@ class App:
                                       clock=self.clock).start()
             self.event_stream = EventStreamConsumer(self.store.client, self.events).start()
         self.reservations = ReservationReleaser(self.store.client).start()
+        self.campaign_gauges = CampaignGauges(self.store.client, lambda: list(self.rules.current.ruleset.campaigns.values()),
+                                              clock=self.clock).start()
         self._publish_versions()
         self.exploration.start()
         self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
@@ -146,7 +149,8 @@ class App:
             return True, new.version, []
 
     def close(self) -> None:
-        for part in ("event_stream", "timers", "reservations", "watcher", "model_watcher", "exploration"):
+        for part in ("event_stream", "timers", "reservations", "campaign_gauges", "watcher", "model_watcher",
+                     "exploration"):
             if getattr(self, part, None):
                 getattr(self, part).stop()
         if getattr(self, "decision_log", None):

@@ -72,11 +72,14 @@ local removed, returned = 0, 0
 for _, m in ipairs(ARGV) do
   if redis.call('ZREM', KEYS[1], m) == 1 then
     removed = removed + 1
-    local bkey = string.match(m, '^[^|]*|[^|]*|(.+)$')
-    if bkey and redis.call('EXISTS', bkey) == 1 then
-      redis.call('DECR', bkey)
-      returned = returned + 1
+    local counted = false  -- one member may hold several counters (an action's and its campaign's)
+    for bkey in string.gmatch(string.match(m, '^[^|]*|[^|]*|(.+)$') or '', '%S+') do
+      if redis.call('EXISTS', bkey) == 1 then
+        redis.call('DECR', bkey)
+        counted = true
+      end
     end
+    if counted then returned = returned + 1 end
   end
 end
 return {removed, returned}

@@ -89,7 +89,7 @@ def decision_to_pb(d: Decision) -> pb.DecideResponse:
                 action_id=a.action_id, name=a.name, type=TYPE_TO_PB[a.type], group=a.group,
                 propensity=a.propensity, value=a.value, priority=a.priority,
                 treatment=pb.Treatment(channel=channel, content=a.treatment),
-                reasons=a.reasons, rank=a.rank,
+                reasons=a.reasons, rank=a.rank, campaign=a.campaign,
             )
             for a in d.actions
         ],
@@ -274,6 +274,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             challenger_share=model.share if model.mode == "split" else 0.0,
             exploration_strategy=model.exploration.strategy if model.exploration.enabled else "none",
             exploration_share=model.exploration.share if model.exploration.enabled else 0.0,
+            campaigns=_campaigns(self.app, rules.ruleset),
         )
 
     @_counted_as("ForgetCustomer")
@@ -297,6 +298,22 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         data = export_customer(self.app.store.client, request.customer_id,
                                who=f"{current_caller()} via {context.peer()}", now=self.app.clock())
         return pb.ExportCustomerResponse(json=json.dumps(data, ensure_ascii=False, sort_keys=True))
+
+
+def _campaigns(app: App, ruleset) -> list[pb.CampaignStatus]:
+    """The live rule set's campaigns with their spend (none listed while Redis cannot be read)."""
+    from engine.decision.campaigns import campaign_status
+
+    try:
+        statuses = campaign_status(app.store.client, list(ruleset.campaigns.values()), app.clock())
+    except redis.exceptions.RedisError:
+        return []
+    return [pb.CampaignStatus(
+        name=s.name, objective=s.objective, owner=s.owner, live=s.live, start=_timestamp(s.start), end=_timestamp(s.end),
+        total_budget=-1 if s.total_budget is None else s.total_budget,
+        daily_budget=-1 if s.daily_budget is None else s.daily_budget, spent=s.spent, spent_today=s.spent_today,
+        budget_left=-1 if s.budget_left is None else s.budget_left, even_spend=s.even_spend or 0.0,
+        pacing=s.pacing or 0.0) for s in statuses]
 
 
 def build_server(app: App, address: str, reuse_port: bool = False,

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import DEMO_CUSTOMERS
+from engine.decision.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.decision.funnel import DecisionEngine
 from engine.decision.report import build_report
 from engine.decision.request import DecideInput
@@ -102,6 +103,7 @@ class Settings:
     explore: float = 0.1  # share of nba decisions that explore (Thompson sampling); 0: off
     trees: int = 100  # boosting rounds per training
     policies: tuple[str, ...] = POLICIES
+    campaign: str = ""  # a campaign of the rule set to plan and then play (moved onto the simulated days)
 
     @property
     def realism(self) -> Realism:
@@ -136,6 +138,7 @@ class PolicyRun:
     lost_responses: int = 0  # responses the service refused (should stay 0)
     control_decisions: int = 0  # the control group's (not counted above)
     control_value: float = 0.0
+    campaign_presented: dict[str, int] = field(default_factory=dict)  # campaign -> presentations (every customer)
 
     @property
     def per_1000(self) -> float:
@@ -152,6 +155,7 @@ class SeedResult:
     model: dict  # the starting model's metrics (holdout AUC, oracle AUC...) and the retrained ones'
     drift: str
     lift: dict | None  # nba report on the nba run's recorded streams: lift over the control group
+    campaign: dict | None = None  # the campaign's plan against what the nba run presented
 
 
 @dataclass
@@ -184,7 +188,10 @@ def _catalogs(ruleset: RuleSet, population: int, held_back: Sequence[str]) -> tu
     scale = population / DEMO_CUSTOMERS
     actions = tuple(replace(a, daily_budget=max(1, round(a.daily_budget * scale))) if a.daily_budget else a
                     for a in ruleset.actions)
-    full = replace(ruleset, actions=actions, version=f"{ruleset.version}-sim{population}")
+    campaigns = {name: replace(c, total_budget=None if c.total_budget is None else max(1, round(c.total_budget * scale)),
+                               daily_budget=None if c.daily_budget is None else max(1, round(c.daily_budget * scale)))
+                 for name, c in ruleset.campaigns.items()}
+    full = replace(ruleset, actions=actions, campaigns=campaigns, version=f"{ruleset.version}-sim{population}")
     early = replace(full, actions=tuple(a for a in actions if a.id not in held_back),
                     version=f"{full.version}-before-new")
     return compile_rules(early), compile_rules(full)
@@ -266,6 +273,8 @@ class _Play:
             else:
                 run.control_decisions += 1
             for a in d.actions:
+                if a.campaign:
+                    run.campaign_presented[a.campaign] = run.campaign_presented.get(a.campaign, 0) + 1
                 p = float(pop.probability(i, [a.action_id], c, now, self.drifted)[0])
                 pop.presented(i, a.action_id, now)
                 if self.truth is not None:
@@ -419,6 +428,8 @@ def simulate(ruleset: RuleSet, settings: Settings = Settings(), progress: Callab
     settings.check()
     started = time.perf_counter()
     realism = settings.realism
+    if settings.campaign:
+        ruleset = on_simulated_days(ruleset, settings.campaign, settings.rounds)
     catalog_ids = {a.id for a in ruleset.actions}
     new_actions = tuple(a for a in realism.new_actions if a in catalog_ids)
     new_round = event_round(settings.rounds, realism.new_actions_at) if new_actions else None
@@ -467,6 +478,9 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         play.day(r)
     play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
     decision_log.close()
+    traffic, rejections = (Traffic({}), 0.0) if not settings.campaign else (
+        traffic_from_stream(store.client, hist.size, settings.history_days, until=SIM_START - 7 * DAY),
+        rejection_share(store.client, settings.history_days, until=SIM_START - 7 * DAY))
     history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
     if on_training is not None:
         on_training("history", history, store)
@@ -488,6 +502,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         return control is None or not control.contains(cid)
 
     _seed_profiles(store, world)
+    planned = _plan(store, model, rules[0], settings, world, traffic, rejections) if settings.campaign else None
     generic = _generic_offer(store, rules[0], Population(world, actions, realism, drift), draws.channel[0])
     runs: dict[str, PolicyRun] = {}
     lift = None
@@ -542,8 +557,42 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         runs[name] = play.run
         progress(f"seed {seed}: {name:18} {play.run.per_1000:>10,.1f} per 1,000 decisions "
                  f"({play.run.decisions:,} decisions)")
+    check = None
+    if planned is not None and "nba" in runs:
+        presented = runs["nba"].campaign_presented.get(settings.campaign, 0)
+        check = {"campaign": settings.campaign, "planned_presentations": round(planned.presentations_in_budget, 1),
+                 "nba_presented": presented,
+                 "plan_error": round(planned.presentations_in_budget / presented - 1, 4) if presented else None,
+                 "planned_acceptances": round(planned.acceptances, 1), "plan_seconds": planned.seconds,
+                 "rejection_share": round(rejections, 4), "never_presented": planned.never_presented,
+                 "traffic": {k: round(v, 4) for k, v in planned.traffic.items()}}
+        progress(f"seed {seed}: campaign {settings.campaign}: planned {planned.presentations_in_budget:,.0f} "
+                 f"presentations, nba presented {presented:,}")
     return SeedResult(seed, history_seed, evaluated_seed, generic, runs, model_info,
-                      drift.describe() if drift is not None else "", lift)
+                      drift.describe() if drift is not None else "", lift, check)
+
+
+# --- a campaign: planned, then played ------------------------------------------------------------------
+
+def on_simulated_days(ruleset: RuleSet, name: str, rounds: int) -> RuleSet:
+    """``ruleset`` with campaign ``name`` running exactly over the simulated days (and no other campaign
+    running then: they are moved after them), budgets as written (scaled to the population later)."""
+    if name not in ruleset.campaigns:
+        raise SimulationError(f"no campaign {name!r} in the rules (campaigns: {', '.join(ruleset.campaigns) or 'none'})")
+    end = SIM_START + rounds * DAY
+    campaigns = {n: replace(c, start=SIM_START, end=end) if n == name else replace(c, start=end + DAY, end=end + 2 * DAY)
+                 for n, c in ruleset.campaigns.items()}
+    return replace(ruleset, campaigns=campaigns, version=f"{ruleset.version}-{name}")
+
+
+def _plan(store: ProfileStore, model: LoadedModel, rules: CompiledRules, settings: Settings, world: World,
+          traffic: Traffic, rejections: float):
+    """``nba campaign plan`` on the evaluated population before it plays: the model trained on the history,
+    the traffic and the share of rejections measured on the history's recorded streams (never the draws or
+    the truth of this population)."""
+    customers = [customer_id(i, world.prefix) for i in range(world.size)]
+    return plan_campaign(store, model, None, rules, rules.ruleset.campaigns[settings.campaign], customers, traffic,
+                         max_actions=1, days=settings.rounds, at=SIM_START + DAY_OPENS, reject_share=rejections)
 
 
 # --- results ----------------------------------------------------------------------------------------
@@ -649,6 +698,14 @@ def table(sim: Simulation) -> dict:
     }
     if last:
         model["retrained"] = {**aucs(last), "retrainings_per_seed": len(sim.seeds[0].model["retrained"])}
+    checks = [s.campaign for s in sim.seeds if s.campaign]
+    if checks:
+        planned, presented = sum(c["planned_presentations"] for c in checks), sum(c["nba_presented"] for c in checks)
+        out["campaign_check"] = {"campaign": checks[0]["campaign"], "planned_presentations": round(planned, 1),
+                                 "nba_presented": presented,
+                                 "plan_error": round(planned / presented - 1, 4) if presented else None,
+                                 "within_15_percent": bool(presented and abs(planned / presented - 1) <= 0.15),
+                                 "per_seed": checks}
     lifts = [s.lift["lift"] for s in sim.seeds if s.lift and s.lift.get("lift") is not None]
     true_lifts = [s.lift["true_lift"] for s in sim.seeds if s.lift and s.lift.get("true_lift") is not None]
     out.update({
@@ -737,6 +794,12 @@ def format_simulation(sim: Simulation) -> str:
         lines.append(f"nba report on the nba run's recorded streams: lift over the control group {lift['mean']:+.1%} "
                      f"(mean over seeds; the true lift, unreported acceptances included: "
                      + (f"{lift['true_mean']:+.1%})" if lift["true_mean"] is not None else "-)"))
+    check = t.get("campaign_check")
+    if check:
+        error = f"{check['plan_error']:+.1%}" if check["plan_error"] is not None else "-"
+        lines.append(f"campaign {check['campaign']}: planned {check['planned_presentations']:,.0f} presentations, "
+                     f"nba presented {check['nba_presented']:,} (plan error {error}; "
+                     f"{'within' if check['within_15_percent'] else 'NOT within'} 15%)")
     goals = t.get("targets")
     if goals:
         lines.append("targets (lower 95% bounds): " + "; ".join(

@@ -104,7 +104,7 @@ class Treatment(_message.Message):
     def __init__(self, channel: _Optional[_Union[Channel, str]] = ..., content: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RankedAction(_message.Message):
-    __slots__ = ("action_id", "name", "type", "group", "propensity", "value", "priority", "treatment", "reasons", "rank")
+    __slots__ = ("action_id", "name", "type", "group", "propensity", "value", "priority", "treatment", "reasons", "rank", "campaign")
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class RankedAction(_message.Message):
     TREATMENT_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     name: str
     type: ActionType
@@ -125,7 +126,8 @@ class RankedAction(_message.Message):
     treatment: Treatment
     reasons: _containers.RepeatedScalarFieldContainer[str]
     rank: int
-    def __init__(self, action_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ActionType, str]] = ..., group: _Optional[str] = ..., propensity: _Optional[float] = ..., value: _Optional[float] = ..., priority: _Optional[float] = ..., treatment: _Optional[_Union[Treatment, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ...) -> None: ...
+    campaign: str
+    def __init__(self, action_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ActionType, str]] = ..., group: _Optional[str] = ..., propensity: _Optional[float] = ..., value: _Optional[float] = ..., priority: _Optional[float] = ..., treatment: _Optional[_Union[Treatment, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., campaign: _Optional[str] = ...) -> None: ...
 
 class FunnelEntry(_message.Message):
     __slots__ = ("action_id", "stage", "detail", "propensity", "priority")
@@ -287,7 +289,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid", "experiment_mode", "challenger_version", "challenger_share", "exploration_strategy", "exploration_share")
+    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid", "experiment_mode", "challenger_version", "challenger_share", "exploration_strategy", "exploration_share", "campaigns")
     RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULESET_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +304,7 @@ class GetStatusResponse(_message.Message):
     CHALLENGER_SHARE_FIELD_NUMBER: _ClassVar[int]
     EXPLORATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     EXPLORATION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CAMPAIGNS_FIELD_NUMBER: _ClassVar[int]
     ruleset_version: str
     ruleset_loaded_at: _timestamp_pb2.Timestamp
     model_version: str
@@ -316,4 +319,35 @@ class GetStatusResponse(_message.Message):
     challenger_share: float
     exploration_strategy: str
     exploration_share: float
-    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ..., experiment_mode: _Optional[str] = ..., challenger_version: _Optional[str] = ..., challenger_share: _Optional[float] = ..., exploration_strategy: _Optional[str] = ..., exploration_share: _Optional[float] = ...) -> None: ...
+    campaigns: _containers.RepeatedCompositeFieldContainer[CampaignStatus]
+    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ..., experiment_mode: _Optional[str] = ..., challenger_version: _Optional[str] = ..., challenger_share: _Optional[float] = ..., exploration_strategy: _Optional[str] = ..., exploration_share: _Optional[float] = ..., campaigns: _Optional[_Iterable[_Union[CampaignStatus, _Mapping]]] = ...) -> None: ...
+
+class CampaignStatus(_message.Message):
+    __slots__ = ("name", "objective", "owner", "live", "start", "end", "total_budget", "daily_budget", "spent", "spent_today", "budget_left", "even_spend", "pacing")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DAILY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    SPENT_TODAY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_LEFT_FIELD_NUMBER: _ClassVar[int]
+    EVEN_SPEND_FIELD_NUMBER: _ClassVar[int]
+    PACING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    objective: str
+    owner: str
+    live: bool
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    total_budget: int
+    daily_budget: int
+    spent: int
+    spent_today: int
+    budget_left: int
+    even_spend: float
+    pacing: float
+    def __init__(self, name: _Optional[str] = ..., objective: _Optional[str] = ..., owner: _Optional[str] = ..., live: _Optional[bool] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total_budget: _Optional[int] = ..., daily_budget: _Optional[int] = ..., spent: _Optional[int] = ..., spent_today: _Optional[int] = ..., budget_left: _Optional[int] = ..., even_spend: _Optional[float] = ..., pacing: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,224 @@
+"""``nba campaign report NAME``: what a campaign did, from the decision and response streams.
+
+- **Presented, accepted, value, acceptance rate** of the campaign's actions, in all and per channel,
+  segment and action: a presentation is an action of the campaign in a recorded decision (the stream's
+  ``campaigns`` field names each action's campaign); it is accepted when an ``accepted`` response to that
+  decision and action was recorded (once, however often it was sent). On ``on_impression`` channels
+  (web, app) that is the action returned: the budget counters count the reported impressions, so there
+  the spend can be lower than the presentations here.
+- **Lift against the campaign's control group**, customers as the unit, intent to treat: a customer is
+  in the campaign's treated arm when some decision found an action of the running campaign admitted for
+  them (``campaign_eligible``), in its control arm when it held them out (``campaign_control``), whether
+  or not anything was shown. The outcome per customer is the campaign's objective over all that
+  customer's decisions from the first one in play until the campaign's end: accepted value
+  (``value``), accepted actions (``acceptances``) or accepted retention actions (``retention_saves``).
+  Lift = mean outcome per treated customer / mean per control customer - 1, with the customer-clustered
+  95% CI of ``decision/report.py`` (one unit per customer).
+- **Spend and pacing**: presentations per day (in the campaign's time zone) and the cumulative spend
+  against the even-spend line of the total budget.
+- **Against the plan** (``nba campaign plan --save`` stores it): per segment, the acceptance rate and
+  the presentations per day against the plan's; a segment is under or over its plan when the acceptance
+  rate differs by more than 1.96 binomial standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import redis
+
+from engine.decision.report import Tally, _read, lift_from_totals
+from engine.rules.campaigns import Campaign
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, profile_key
+
+Z95 = 1.959964
+
+
+def plan_key(name: str) -> str:
+    """Where ``nba campaign plan --save`` keeps the campaign's latest plan (JSON)."""
+    return f"nba:campaign:{name}:plan"
+
+
+@dataclass
+class _Shown:
+    decision_id: str
+    customer: str
+    channel: str
+    action: str
+    value: float
+    ts: float
+
+
+def _objective(objective: str, value: float, kind: str) -> float:
+    if objective == "value":
+        return value
+    if objective == "retention_saves":
+        return 1.0 if kind == "retention" else 0.0
+    return 1.0
+
+
+def _segments(client: redis.Redis, customers: list[str]) -> dict[str, str]:
+    pipe = client.pipeline(transaction=False)
+    for cid in customers:
+        pipe.hget(profile_key(cid), "segment")
+    return {cid: (s.decode() if isinstance(s, bytes) else s) or "unknown" for cid, s in zip(customers, pipe.execute())}
+
+
+def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | None = None, since: str = "-",
+                          now: float | None = None) -> dict:
+    """The report of ``campaign`` from the streams (entries from ``since``); ``plan``: its saved plan."""
+    name = campaign.name
+    shown: list[_Shown] = []
+    first_in_play: dict[str, float] = {}
+    arm: dict[str, str] = {}  # customer -> "treated" | "control"
+    customer_of: dict[str, str] = {}  # decision id -> customer (every decision: outcomes count all of them)
+    decided_at: dict[str, float] = {}
+    for _, d in _read(client, DECISIONS_STREAM, since):
+        did, cid, ts = d.get("decision_id", ""), d.get("customer_id", ""), float(d.get("ts") or 0)
+        customer_of[did], decided_at[did] = cid, ts
+        for field_, side in (("campaign_eligible", "treated"), ("campaign_control", "control")):
+            if name in (d.get(field_) or "").split(","):
+                arm.setdefault(cid, side)
+                first_in_play[cid] = min(first_in_play.get(cid, ts), ts)
+        tags = (d.get("campaigns") or "").split(",")
+        if name not in tags:
+            continue
+        actions, values = d.get("actions", "").split(","), d.get("values", "").split(",")
+        for i, tag in enumerate(tags):
+            if tag == name and i < len(actions):
+                shown.append(_Shown(did, cid, d.get("channel", ""), actions[i],
+                                    float(values[i]) if i < len(values) and values[i] else 0.0, ts))
+    accepted: dict[tuple[str, str], tuple[float, str]] = {}  # (decision, action) -> (value, action type)
+    for _, r in _read(client, RESPONSES_STREAM, since):
+        if r.get("outcome") == "accepted":
+            accepted.setdefault((r.get("decision_id", ""), r.get("action_id", "")),
+                                (float(r.get("value") or 0), r.get("action_type", "")))
+    customers = sorted({s.customer for s in shown} | set(arm))
+    segment = _segments(client, customers)
+    total = Tally()
+    by_channel: dict[str, Tally] = defaultdict(Tally)
+    by_segment: dict[str, Tally] = defaultdict(Tally)
+    by_action: dict[str, Tally] = defaultdict(Tally)
+    tz = ZoneInfo(campaign.time_zone)
+    per_day: dict[str, int] = defaultdict(int)
+    for s in shown:
+        hit = (s.decision_id, s.action) in accepted
+        for tally in (total, by_channel[s.channel], by_segment[segment.get(s.customer, "unknown")], by_action[s.action]):
+            tally.presented += 1
+            tally.accepted += hit
+            tally.value += s.value if hit else 0.0
+        per_day[datetime.fromtimestamp(s.ts, tz).strftime("%Y-%m-%d")] += 1
+    outcome: dict[str, float] = defaultdict(float)
+    for (did, _action), (value, kind) in accepted.items():
+        cid = customer_of.get(did)
+        if cid in arm and first_in_play[cid] <= decided_at[did] < campaign.end:
+            outcome[cid] += _objective(campaign.objective, value, kind)
+    arms = {side: sorted(c for c, a in arm.items() if a == side) for side in ("treated", "control")}
+    totals = {side: (np.array([outcome[c] for c in ids], dtype=float), np.ones(len(ids))) for side, ids in arms.items()}
+    lift = lift_from_totals(totals["treated"], totals["control"])
+    lift["customers"] = {"treated": len(arms["treated"]), "control": len(arms["control"])}
+    lift["outcome_per_customer"] = {side: round(float(v.mean()), 4) if len(v) else None for side, (v, _) in totals.items()}
+    lift["objective"] = campaign.objective
+    days = _every_day(sorted(per_day))  # days without a presentation too: the chart's axis is the calendar
+    spend, running = [], 0
+    for day in days:
+        running += per_day.get(day, 0)
+        end_of_day = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=tz).timestamp() + 86_400
+        even = campaign.even_spend(end_of_day)
+        spend.append({"day": day, "presented": per_day.get(day, 0), "cumulative": running,
+                      "even_spend": round(even, 1) if even is not None else None})
+    now = now if now is not None else max((s.ts for s in shown), default=campaign.start)
+    even_now = campaign.even_spend(now)
+    report = {
+        "campaign": name, "objective": campaign.objective, "owner": campaign.owner, "dates": campaign.describe_dates(),
+        "total_budget": campaign.total_budget, "daily_budget": campaign.daily_budget,
+        "control_share": campaign.control_share,
+        "totals": total.row() | {"customers": len({s.customer for s in shown})},
+        "by_channel": {k: v.row() for k, v in sorted(by_channel.items())},
+        "by_segment": {k: v.row() for k, v in sorted(by_segment.items())},
+        "by_action": {k: v.row() for k, v in sorted(by_action.items())},
+        "lift": lift,
+        "spend": spend,
+        "pacing": {"as_of": now, "spent": total.presented, "even_spend": round(even_now, 1) if even_now is not None else None,
+                   "ratio": round(total.presented / even_now, 3) if even_now else None},
+        "versus_plan": versus_plan(by_segment, plan, days) if plan else None,
+    }
+    return report
+
+
+def _every_day(days: list[str]) -> list[str]:
+    """Every calendar day from the first of ``days`` to the last (YYYY-MM-DD)."""
+    if not days:
+        return []
+    first, last = (date.fromisoformat(d) for d in (days[0], days[-1]))
+    return [(first + timedelta(days=k)).isoformat() for k in range((last - first).days + 1)]
+
+
+def versus_plan(by_segment: dict[str, Tally], plan: dict, days: list[str]) -> list[dict]:
+    """Per segment of the plan: actual against planned acceptance rate and presentations per day, and
+    whether the segment is under or over its plan (acceptance rate outside 1.96 binomial SEs)."""
+    out = []
+    planned = plan.get("by_segment", {})
+    plan_days = max(float(plan.get("days") or 1), 1.0)
+    live_days = max(len(days), 1)
+    for seg in sorted(set(planned) | set(by_segment)):
+        p = planned.get(seg, {})
+        t = by_segment.get(seg, Tally())
+        rate_plan = p.get("acceptance_rate")
+        rate = t.accepted / t.presented if t.presented else None
+        verdict = "as planned"
+        if rate is not None and rate_plan is not None and t.presented:
+            se = math.sqrt(max(rate_plan * (1 - rate_plan), 1e-9) / t.presented)
+            if rate < rate_plan - Z95 * se:
+                verdict = "under"
+            elif rate > rate_plan + Z95 * se:
+                verdict = "over"
+        elif t.presented == 0 and p.get("presentations", 0) > 0:
+            verdict = "not reached"
+        out.append({"segment": seg, "presented": t.presented,
+                    "presented_per_day": round(t.presented / live_days, 2),
+                    "planned_per_day": round(p.get("presentations", 0.0) / plan_days, 2),
+                    "acceptance_rate": round(rate, 4) if rate is not None else None,
+                    "planned_acceptance_rate": round(rate_plan, 4) if rate_plan is not None else None,
+                    "verdict": verdict})
+    return out
+
+
+def format_campaign_report(report: dict) -> str:
+    t = report["totals"]
+    lines = [f"campaign {report['campaign']} ({report['objective']}, owner {report['owner']}): {report['dates']}",
+             f"{t['presented']} presented to {t['customers']} customers, {t['accepted']} accepted "
+             f"({t['acceptance_rate']:.1%}), value {t['value']:,.2f}"]
+    header = f"{'':28} {'presented':>10} {'accepted':>9} {'rate':>7} {'value':>12}"
+    for title, key in (("channel", "by_channel"), ("segment", "by_segment"), ("action", "by_action")):
+        lines += ["", f"{'by ' + title:28} {header[29:]}"]
+        for name, r in report[key].items():
+            lines.append(f"{name:28} {r['presented']:>10} {r['accepted']:>9} {r['acceptance_rate']:>7.2%} {r['value']:>12,.2f}")
+    lift = report["lift"]
+    c = lift["customers"]
+    lines.append("")
+    if lift.get("lift") is None:
+        lines.append(f"lift: {lift.get('note', 'n/a')} ({c['treated']} treated, {c['control']} control customers)")
+    else:
+        lo, hi = lift["ci95"]
+        per = lift["outcome_per_customer"]
+        lines.append(f"lift on {lift['objective']} per customer: {lift['lift']:+.1%} (95% CI {lo:+.1%} .. {hi:+.1%}); "
+                     f"treated {per['treated']} ({c['treated']} customers) vs control {per['control']} "
+                     f"({c['control']} customers)")
+    p = report["pacing"]
+    if report["total_budget"] is not None:
+        ratio = f", pacing x{p['ratio']:.2f} of the even-spend line" if p["ratio"] is not None else ""
+        lines.append(f"budget: {p['spent']} of {report['total_budget']} spent{ratio}")
+    if report["versus_plan"]:
+        lines += ["", f"{'segment vs plan':20} {'presented/day':>13} {'planned/day':>11} {'rate':>7} {'planned':>8}  verdict"]
+        for r in report["versus_plan"]:
+            rate = f"{r['acceptance_rate']:.1%}" if r["acceptance_rate"] is not None else "-"
+            planned = f"{r['planned_acceptance_rate']:.1%}" if r["planned_acceptance_rate"] is not None else "-"
+            lines.append(f"{r['segment']:20} {r['presented_per_day']:>13} {r['planned_per_day']:>11} {rate:>7} "
+                         f"{planned:>8}  {r['verdict']}")
+    return "\n".join(lines)
