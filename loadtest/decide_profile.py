@@ -110,6 +110,9 @@ def install(buckets: Buckets, engine: Any) -> None:
     w(redis.client.Pipeline, "execute", "redis-py client")
     w(redis.client.Pipeline, "pipeline_execute_command", "redis-py client")
     w(redis.commands.core.Script, "__call__", "redis-py client")
+    if hasattr(profiles, "HotPath"):  # the decision path's own connections (issue 18)
+        w(profiles.HotPath, "execute", "redis-py client")
+        w(profiles, "pack", "redis-py client")
     w(profiles, "decode_profile", "profile decoding")
     for name in ("assert_fact", "start_action_for_state", "complete_and_start_action", "delete_state"):
         w(durable_rules_engine, name, "durable-rules (C engine)")

@@ -392,7 +392,7 @@ class DecisionEngine:
                                           place[len(interactions.FIELD_PREFIX):], bodies, head, replace,
                                           _late_ms(req.deadline))
         try:
-            reply = self._present_script(keys=keys, args=[args])
+            reply = self.store.hot.script(self._present_script, keys, [args])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
             # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
