@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +134,10 @@ def install(buckets: Buckets, engine: Any) -> None:
     for cls in (prom.Histogram, prom.Counter):
         w(cls, "observe" if cls is prom.Histogram else "inc", "prometheus_client")
     w(prom.MetricWrapperBase, "labels", "prometheus_client")
+    from engine import metrics
+    if hasattr(metrics, "observe_decision"):  # issue 18: one call per decision, value objects directly
+        w(metrics, "observe_decision", "prometheus_client")
+        w(metrics.Children, "inc", "prometheus_client")
     w(type(engine), "_record", "decision-log record")
     w(DecisionLog, "write", "decision-log record")
 

@@ -128,7 +128,7 @@ def _counted_as(method: str) -> Callable[[Callable], Callable]:
                 log.exception("%s failed", method)
                 code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log"
             else:
-                metrics.RPCS.labels(method, "OK").inc()
+                metrics.rpcs.inc(method, "OK")
                 return reply
             metrics.RPCS.labels(method, code.name).inc()
             context.abort(code, message)
