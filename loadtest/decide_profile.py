@@ -165,6 +165,8 @@ def main() -> int:
     ap.add_argument("--models-dir", default="/tmp/nba-models" if Path("/tmp/nba-models").is_dir()
                     else str(ROOT / "models"))
     ap.add_argument("--json")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="instead: cProfile of N calls, the top functions by own time (relative figures only)")
     args = ap.parse_args()
 
     import gc
@@ -218,13 +220,30 @@ def main() -> int:
         gc.collect()
         gc.freeze()  # as nba serve does after warm-up
         measured = requests[args.warmup:]
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [call(data) for data in measured[: args.cprofile]])
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+            decision_log.close()
+            rules.current.close()
+            return 0
 
         stage_ns: dict[str, list[int]] = defaultdict(list)
         original_stages = funnel._Stages
 
         class CpuStages(original_stages):  # type: ignore[misc, valid-type]
-            def __init__(self, observe: bool = True) -> None:
-                super().__init__(observe)
+            """The engine's stage boundaries, read on the thread's CPU clock as well."""
+
+            @property
+            def last(self) -> float:
+                return self._last
+
+            @last.setter
+            def last(self, value: float) -> None:  # a stage (re)starts: the CPU clock too
+                self._last = value
                 self.cpu = clock()
 
             def done(self, stage: str) -> None:
