@@ -130,6 +130,9 @@ def main() -> int:
                     at.pop("series", None)
                     result[name] = {"max_rps": found["max_rps_meeting_slo"], "find_max": found, "at_rate": at}
                 rounds.append(result)
+                if args.json:  # after every round: a long run stopped early keeps what it measured
+                    Path(args.json).write_text(json.dumps({"summary": summarize(rounds), "rounds": rounds,
+                                                           "args": vars(args)}, indent=2, default=str))
         finally:
             stop_servers(servers)
 
