@@ -6,8 +6,9 @@ service's own gRPC server answering a fixed ``DecideResponse`` with no work) and
 budgets, decision log), all at once, then runs round after round; in each round every server in turn
 (the order rotating by round) gets ``loadgen.find_max`` (open loop, ``--processes`` client processes x
 4 connections, ``--repeats`` runs per rate judged on the median p99) and one run at ``--p50-rate``.
-The summary gives each server's highest rate holding the SLO and its p50 at ``--p50-rate``, medians
-over the rounds, and their ratios to the bare server of the same round (the figure issue 18 tracks).
+The summary gives each server's highest rate holding the SLO, its latency at ``--p50-rate`` and the
+CPU its processes (workers included) used per request in that run, medians over the rounds, and their
+ratios to the bare server of the same round (the figure issue 18 tracks).
 ``--compare-tree DIR`` adds ``nba serve`` from another source tree (a worktree of an earlier commit)
 with the same worker counts: before and after in one run. Servers not under load sit idle meanwhile
 (their health and file-watch pollers wake a few times a second).
@@ -74,6 +75,24 @@ def start_servers(redis_url: str, workers: list[int], models_dir: str, compare_t
     return servers
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` and all its descendants (workers), from /proc."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, total = {pid}, 0.0
+    for _ in range(4):  # supervisor -> workers -> (none deeper today)
+        tree |= {p for p, (parent, _) in stats.items() if parent in tree}
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
 def stop_servers(servers: dict[str, tuple[subprocess.Popen, str]]) -> None:
     for proc, _ in servers.values():
         proc.terminate()
@@ -123,8 +142,13 @@ def main() -> int:
                     start = args.bare_start_rate if name == BARE else args.start_rate
                     found = loadgen.find_max(work, slo, start, 100_000, args.step, args.duration, args.warmup,
                                              args.processes, args.repeats)
+                    cpu = tree_cpu_seconds(servers[name][0].pid)
                     at = loadgen.run(work, args.p50_rate, args.duration, args.warmup, args.processes)
-                    print(f"at {args.p50_rate:g}/s: {loadgen._line(at)}", flush=True)
+                    # every request sent (warm-up too); the server's idle time meanwhile is counted as well
+                    at["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                                                       / (args.p50_rate * (args.warmup + args.duration)))
+                    print(f"at {args.p50_rate:g}/s: {loadgen._line(at)}  server CPU "
+                          f"{at['server_cpu_ms_per_request']:.3f} ms/request", flush=True)
                     for step in found["steps"]:
                         step.pop("series", None)
                     at.pop("series", None)
@@ -140,10 +164,12 @@ def main() -> int:
     print(f"\nSLO {', '.join(f'{k[:-3]} <= {v:g} ms' for k, v in slo.items())}; {args.rounds} round(s), "
           f"--repeats {args.repeats}, {args.duration:g} s per run; medians over rounds, ratios within each round")
     print(f"{'server':>18} {'max rate/s':>11} {'/ bare':>7} {'per round':>20} | {f'p50 at {args.p50_rate:g}/s':>14} "
-          f"{'/ bare':>7} {'p99 ms':>8} {'p99.9 ms':>9}")
+          f"{'/ bare':>7} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU ms/req':>10} {'/ bare':>7}")
     for name, t in table.items():
-        print(f"{name:>18} {t['max_rps']:11.0f} {t['max_ratio']:7.3f} {', '.join(f'{x:.0f}' for x in t['max_rps_rounds']):>20} | "
-              f"{t['p50_ms']:14.3f} {t['p50_ratio']:7.2f} {t['p99_ms']:8.3f} {t['p999_ms']:9.3f}")
+        ratio = f"{t['max_ratio']:7.3f}" if t["max_ratio"] is not None else f"{'-':>7}"
+        print(f"{name:>18} {t['max_rps']:11.0f} {ratio} {', '.join(f'{x:.0f}' for x in t['max_rps_rounds']):>20} | "
+              f"{t['p50_ms']:14.3f} {t['p50_ratio']:7.2f} {t['p99_ms']:8.3f} {t['p999_ms']:9.3f} "
+              f"{t['cpu_ms']:10.3f} {t['cpu_ratio']:7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": table, "rounds": rounds, "args": vars(args)},
                                               indent=2, default=str))
@@ -156,10 +182,13 @@ def summarize(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     for name in rounds[0]:
         maxes = [r[name]["max_rps"] for r in rounds]
         p50s = [r[name]["at_rate"]["p50_ms"] for r in rounds]
+        ratios = [r[name]["max_rps"] / r[BARE]["max_rps"] for r in rounds if r[BARE]["max_rps"]]  # bare held a rate
         out[name] = {
             "max_rps": float(np.median(maxes)), "max_rps_rounds": maxes,
-            "max_ratio": float(np.median([r[name]["max_rps"] / r[BARE]["max_rps"] if r[BARE]["max_rps"] else 0.0
-                                          for r in rounds])),
+            "max_ratio": float(np.median(ratios)) if ratios else None,
+            "cpu_ms": float(np.median([r[name]["at_rate"]["server_cpu_ms_per_request"] for r in rounds])),
+            "cpu_ratio": float(np.median([r[name]["at_rate"]["server_cpu_ms_per_request"]
+                                          / r[BARE]["at_rate"]["server_cpu_ms_per_request"] for r in rounds])),
             "p50_ms": float(np.median(p50s)),
             "p50_ratio": float(np.median([r[name]["at_rate"]["p50_ms"] / r[BARE]["at_rate"]["p50_ms"] for r in rounds])),
             "p99_ms": float(np.median([r[name]["at_rate"]["p99_ms"] for r in rounds])),
