@@ -14,6 +14,13 @@ with the same worker counts: before and after in one run. Servers not under load
 (their health and file-watch pollers wake a few times a second).
 
     python loadtest/bench_ceiling.py --rounds 1 --repeats 3 --duration 10 --slo p99=5ms --json /tmp/ceiling.json
+    python loadtest/bench_ceiling.py --alternate 200 --alternate-rounds 3 --compare-tree /tmp/before
+
+``--alternate RATE`` replaces the find-max rounds by pairs of servers sharing one open-loop client that
+alternates request by request between them (``contact_p99.alternate``): each ``nba serve`` against
+the bare server, and each against the same worker count from ``--compare-tree``; per pair the
+percentiles, the CPU per request and the ratios. On a machine shared with other work this is the fair
+comparison: a burst of someone else's load hits both sides of a pair alike.
 """
 
 from __future__ import annotations
@@ -119,9 +126,15 @@ def main() -> int:
     ap.add_argument("--customers", type=int, default=20_000)
     ap.add_argument("--models-dir", default=_default_models())
     ap.add_argument("--compare-tree", type=Path, help="also nba serve from this source tree (before/after)")
+    ap.add_argument("--alternate", type=float, metavar="RATE",
+                    help="instead of find-max: pairs of servers alternating request by request at RATE in total "
+                         "(each nba serve against the bare server, and against --compare-tree's)")
+    ap.add_argument("--alternate-rounds", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
     slo = loadgen.parse_slo(args.slo or ["p99=5ms"])
+    if args.alternate:
+        return alternate_pairs(args)
 
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
@@ -173,6 +186,48 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": table, "rounds": rounds, "args": vars(args)},
                                               indent=2, default=str))
+    return 0
+
+
+def alternate_pairs(args: argparse.Namespace) -> int:
+    """Request-by-request alternation (``contact_p99.alternate_rounds``) of server pairs sharing one load
+    generator: a machine shared with other work slows both sides of a pair alike."""
+    import contact_p99
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
+
+        demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        try:
+            pairs = [(BARE, n) for n in servers if n != BARE and not n.startswith("before ")]
+            pairs += [(n, n.removeprefix("before ")) for n in servers if n.startswith("before ")]
+            for pair in pairs:
+                print(f"--- {pair[0]} vs {pair[1]} ({time.strftime('%H:%M:%S')}, load average "
+                      f"{os.getloadavg()[0]:.2f})", flush=True)
+                cpu = {n: tree_cpu_seconds(servers[n][0].pid) for n in pair}
+                rounds = contact_p99.alternate_rounds({n: servers[n][1] for n in pair}, args.alternate_rounds,
+                                                      args.alternate, args.duration, args.customers)
+                table = contact_p99.summarize_rounds(rounds)
+                for n in pair:
+                    table[n]["server_cpu_ms_per_request"] = (tree_cpu_seconds(servers[n][0].pid) - cpu[n]) * 1000 / \
+                        table[n]["requests"]
+                results.append({"pair": pair, "table": table})
+        finally:
+            stop_servers(servers)
+    print(f"\nalternating request by request, {args.alternate:g}/s in total, {args.alternate_rounds} x "
+          f"{args.duration:g} s; ratios second / first")
+    print(f"{'pair':>34} {'p50 ms':>15} {'p99 ms':>17} {'p99.9 ms':>17} {'CPU ms/req':>13} | {'p50':>5} {'p99':>5} {'CPU':>5}")
+    for r in results:
+        a, b = (r["table"][n] for n in r["pair"])
+        print(f"{' vs '.join(r['pair']):>34} {a['p50_ms']:7.3f} {b['p50_ms']:7.3f} {a['p99_ms']:8.3f} {b['p99_ms']:8.3f} "
+              f"{a['p999_ms']:8.3f} {b['p999_ms']:8.3f} {a['server_cpu_ms_per_request']:6.3f} "
+              f"{b['server_cpu_ms_per_request']:6.3f} | {b['p50_ms'] / a['p50_ms']:5.2f} {b['p99_ms'] / a['p99_ms']:5.2f} "
+              f"{b['server_cpu_ms_per_request'] / a['server_cpu_ms_per_request']:5.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alternate": results, "args": vars(args)}, indent=2, default=str))
     return 0
 
 
