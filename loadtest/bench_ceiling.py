@@ -130,11 +130,16 @@ def main() -> int:
                     help="instead of find-max: pairs of servers alternating request by request at RATE in total "
                          "(each nba serve against the bare server, and against --compare-tree's)")
     ap.add_argument("--alternate-rounds", type=int, default=3)
+    ap.add_argument("--sweep", type=float, nargs="+", metavar="RATE",
+                    help="instead of find-max: every server at these fixed rates (loadgen.run), --rounds times, "
+                         "the servers' order rotating by round; median p50/p99 per server and rate")
     ap.add_argument("--json")
     args = ap.parse_args()
     slo = loadgen.parse_slo(args.slo or ["p99=5ms"])
     if args.alternate:
         return alternate_pairs(args)
+    if args.sweep:
+        return sweep(args)
 
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
@@ -228,6 +233,47 @@ def alternate_pairs(args: argparse.Namespace) -> int:
               f"{b['server_cpu_ms_per_request'] / a['server_cpu_ms_per_request']:5.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"alternate": results, "args": vars(args)}, indent=2, default=str))
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Every server at fixed open-loop rates, round after round (the order rotating): on a shared machine
+    a latency at a given rate, median over rounds, says more than one find-max that a burst can break."""
+    runs: dict[str, dict[float, list[dict]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
+
+        demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        try:
+            names = [n for n in servers if n != BARE]
+            for r in range(args.rounds):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    work = loadgen.Workload(servers[name][1], customers=args.customers)
+                    for rate in args.sweep:
+                        cpu = tree_cpu_seconds(servers[name][0].pid)
+                        result = loadgen.run(work, rate, args.duration, args.warmup, args.processes)
+                        result.pop("series", None)
+                        result["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                                                               / (rate * (args.warmup + args.duration)))
+                        runs.setdefault(name, {}).setdefault(rate, []).append(result)
+                        print(f"round {r + 1} {name:>16} {loadgen._line(result)}  CPU "
+                              f"{result['server_cpu_ms_per_request']:.3f} ms/req (load average "
+                              f"{os.getloadavg()[0]:.2f})", flush=True)
+        finally:
+            stop_servers(servers)
+    print(f"\nmedians over {args.rounds} round(s) of {args.duration:g} s per server and rate")
+    print(f"{'server':>16} {'rate/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU ms/req':>10}  p99 per round")
+    for name, by_rate in runs.items():
+        for rate, rs in by_rate.items():
+            print(f"{name:>16} {rate:7.0f} {np.median([x['p50_ms'] for x in rs]):8.3f} "
+                  f"{np.median([x['p99_ms'] for x in rs]):8.3f} {np.median([x['p999_ms'] for x in rs]):9.3f} "
+                  f"{np.median([x['server_cpu_ms_per_request'] for x in rs]):10.3f}  "
+                  + ", ".join(f"{x['p99_ms']:.1f}" for x in rs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sweep": runs, "args": vars(args)}, indent=2, default=str))
     return 0
 
 
