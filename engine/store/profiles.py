@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -286,7 +287,7 @@ class HotPath:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._local = threading.local()
-        self._all: list[Any] = []  # every thread's connection, to close them
+        self._all: weakref.WeakSet[Any] = weakref.WeakSet()  # live threads' connections, to close them
 
     def _connection(self) -> Any:
         local = self._local
@@ -295,7 +296,7 @@ class HotPath:
             pool = self.client.connection_pool
             conn = local.conn = pool.connection_class(**pool.connection_kwargs)
             local.pid = os.getpid()
-            self._all.append(conn)
+            self._all.add(conn)
         return conn
 
     def execute(self, packed: bytes, replies: int) -> list[Any]:
@@ -328,7 +329,7 @@ class HotPath:
             return self.execute(pack("EVALSHA", script.sha, len(keys), *keys, *args), 1)[0]
 
     def close(self) -> None:
-        for conn in self._all:
+        for conn in list(self._all):
             conn.disconnect()
 
 
