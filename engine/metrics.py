@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -111,11 +115,14 @@ def set_version(gauge: Gauge, version: str) -> None:
 
 
 class Children:
-    """Cached ``metric.labels(...)`` children: resolving labels on every decision costs microseconds."""
+    """Cached ``metric.labels(...)`` children: resolving labels on every decision costs microseconds.
+    ``inc`` / ``observe`` go to the child's value objects (the ones prometheus_client itself updates,
+    in-process or multiprocess) without its per-call checks: a decision makes about 20 of these calls."""
 
     def __init__(self, metric) -> None:
         self.metric = metric
         self._children: dict = {}
+        self._values: dict = {}
 
     def __call__(self, *labels: str):
         child = self._children.get(labels)
@@ -123,9 +130,47 @@ class Children:
             child = self._children[labels] = self.metric.labels(*labels)
         return child
 
+    def inc(self, *labels: str) -> None:
+        value = self._values.get(labels)
+        if value is None:
+            value = self._values[labels] = _fast(self(*labels))
+        value.inc(1)
+
+    def observe(self, amount: float, *labels: str) -> None:
+        value = self._values.get(labels)
+        if value is None:
+            value = self._values[labels] = _fast(self(*labels))
+        value.observe(amount)
+
+
+class _FastHistogram:
+    """``Histogram.observe`` on one child: the sum and the one bucket (prometheus_client keeps bucket
+    counts non-cumulative, the first bound >= the amount)."""
+
+    __slots__ = ("sum", "buckets", "bounds")
+
+    def __init__(self, child: Any) -> None:
+        self.sum, self.buckets, self.bounds = child._sum, child._buckets, list(child._upper_bounds)
+
+    def observe(self, amount: float) -> None:
+        self.sum.inc(amount)
+        self.buckets[bisect_left(self.bounds, amount)].inc(1)
+
+
+def _fast(child: Any) -> Any:
+    """The object to ``inc`` / ``observe`` for ``child``: its value objects when this prometheus_client
+    has the ones we know (else the child itself, with its checks)."""
+    if isinstance(child, Histogram) and all(hasattr(child, a) for a in ("_sum", "_buckets", "_upper_bounds")):
+        return _FastHistogram(child)
+    if isinstance(child, Counter) and hasattr(getattr(child, "_value", None), "inc"):
+        return child._value
+    return child
+
 
 stage_seconds = Children(STAGE_SECONDS)
 decide_seconds = Children(DECIDE_SECONDS)
+rpcs = Children(RPCS)
+contact_suppressed = Children(CONTACT_SUPPRESSED)
 decisions = Children(DECISIONS)
 actions_presented = Children(ACTIONS_PRESENTED)
 rule_firings = Children(RULE_FIRINGS)
@@ -136,3 +181,11 @@ events_processed = Children(EVENTS_PROCESSED)
 event_seconds = Children(EVENT_SECONDS)
 pattern_firings = Children(PATTERN_FIRINGS)
 trigger_changes = Children(TRIGGER_CHANGES)
+
+
+def observe_decision(channel: str, seconds: float | None, stages: Sequence[tuple[str, float]]) -> None:
+    """One decision's stage timings and its total (``seconds``; None: it failed, stages only), in one call."""
+    for stage, amount in stages:
+        stage_seconds.observe(amount, stage)
+    if seconds is not None:
+        decide_seconds.observe(seconds, channel)

@@ -101,16 +101,17 @@ class Decision:
 
 
 class _Stages:
-    """Times consecutive stages with one clock read per boundary."""
+    """Times consecutive stages with one clock read per boundary; ``decide`` observes them all at once."""
 
     def __init__(self, observe: bool = True) -> None:
         self.observe = observe
         self.last = time.perf_counter()
+        self.timings: list[tuple[str, float]] = []
 
     def done(self, stage: str) -> None:
         now = time.perf_counter()
         if self.observe:
-            metrics.stage_seconds(stage).observe(now - self.last)
+            self.timings.append((stage, now - self.last))
         self.last = now
 
 
@@ -190,11 +191,16 @@ class DecisionEngine:
 
     def decide(self, req: DecideInput) -> Decision:
         started = time.perf_counter()
-        decision, degraded_by = self._decide(req)
         stages = _Stages()
-        self._record(decision, req, degraded_by)
-        stages.done("logging")
-        metrics.decide_seconds(req.channel).observe(time.perf_counter() - started)
+        seconds = None
+        try:
+            decision, degraded_by = self._decide(req, stages=stages)
+            stages.last = time.perf_counter()
+            self._record(decision, req, degraded_by)
+            stages.done("logging")
+            seconds = stages.last - started
+        finally:
+            metrics.observe_decision(req.channel, seconds, stages.timings)
         return decision
 
     def warmup(self) -> None:
@@ -206,14 +212,15 @@ class DecisionEngine:
         except redis.exceptions.RedisError as exc:
             log.warning("cannot load the presenting script: %s", exc)
 
-    def _decide(self, req: DecideInput, observe: bool = True) -> tuple[Decision, str | None]:
+    def _decide(self, req: DecideInput, observe: bool = True,
+                stages: _Stages | None = None) -> tuple[Decision, str | None]:
         max_actions = validate(req)
         with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
             if req.deadline and req.deadline - time.monotonic() < MIN_DECISION_SECONDS:
                 return self._out_of_time(rules, req), "deadline"
             # Redis replies are awaited until the caller's deadline less the time to answer, not longer
             with redis_deadline(redis_until(req.deadline)):
-                return self._decide_in_time(rules, req, max_actions, observe)
+                return self._decide_in_time(rules, req, max_actions, observe, stages or _Stages(observe))
 
     def _out_of_time(self, rules: CompiledRules, req: DecideInput) -> Decision:
         """Too little time left for a decision: the channel's fallback at once, degraded, nothing read or
@@ -228,8 +235,8 @@ class DecisionEngine:
                         degraded=True, cold_start=False, situations=[], decided_at=now, preview=req.preview)
 
     def _decide_in_time(self, rules: CompiledRules, req: DecideInput, max_actions: int,
-                        observe: bool) -> tuple[Decision, str | None]:
-        stages = _Stages(observe)
+                        observe: bool, stages: _Stages) -> tuple[Decision, str | None]:
+        stages.last = time.perf_counter()
         now = self.clock()
         models = self.model.current
         profile, stored, degraded_by = self._fetch(req, now)
@@ -287,7 +294,7 @@ class DecisionEngine:
             for kind, names in (("situation", outcome.situations), ("policy", outcome.policies),
                                 ("lever", outcome.levers)):
                 for name in names:
-                    metrics.rule_firings(kind, name).inc()
+                    metrics.rule_firings.inc(kind, name)
         return decision, degraded_by
 
     def _repeat(self, rules: CompiledRules, req: DecideInput, head: dict, actions: list[RankedAction],
@@ -405,7 +412,7 @@ class DecisionEngine:
                                           place[len(interactions.FIELD_PREFIX):], bodies, head, replace,
                                           _late_ms(req.deadline), rules.ruleset.campaigns)
         try:
-            reply = self._present_script(keys=keys, args=[args])
+            reply = self.store.hot.script(self._present_script, keys, [args])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
             # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
@@ -424,9 +431,9 @@ class DecisionEngine:
         for (priority, p, v), verdict in zip(candidates, verdicts):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
             if observe and not req.preview and (verdict == "budget" or verdict.startswith(("limit:", "campaign_"))):
-                metrics.CONTACT_SUPPRESSED.labels(
+                metrics.contact_suppressed.inc(
                     "budget" if verdict == "budget" else "campaign_budget" if verdict.startswith("campaign_")
-                    else limits[int(verdict.split(":")[1]) - 1].name).inc()
+                    else limits[int(verdict.split(":")[1]) - 1].name)
             if verdict == "ok":
                 ranked.append(ranked_action(v, p, priority, channel, len(ranked) + 1))
                 if funnel is not None:
@@ -476,15 +483,15 @@ class DecisionEngine:
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
         """Metrics and the decision log; a repeat or a preview is not a new decision."""
         if decision.repeat or decision.preview:
-            metrics.interaction_decisions("repeat" if decision.repeat else "preview").inc()
+            metrics.interaction_decisions.inc("repeat" if decision.repeat else "preview")
             return
-        metrics.interaction_decisions("new").inc()
-        metrics.decisions(decision.channel).inc()
-        metrics.model_decisions(decision.model_version, decision.model_role).inc()
+        metrics.interaction_decisions.inc("new")
+        metrics.decisions.inc(decision.channel)
+        metrics.model_decisions.inc(decision.model_version, decision.model_role)
         if decision.explored:
             metrics.EXPLORATION.labels(decision.explored_top).inc()
         for a in decision.actions:
-            metrics.actions_presented(a.action_id, a.type, decision.channel).inc()
+            metrics.actions_presented.inc(a.action_id, a.type, decision.channel)
         if decision.cold_start:
             metrics.COLD_STARTS.inc()
         if degraded_by:

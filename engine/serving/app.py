@@ -156,6 +156,7 @@ class App:
         if getattr(self, "decision_log", None):
             self.decision_log.close()
         if getattr(self, "store", None):
+            self.store.hot.close()
             self.store.client.close()
         if self.redis:
             self.redis.stop()

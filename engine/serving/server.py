@@ -81,33 +81,24 @@ def _timestamp(seconds: float) -> Timestamp:
 
 
 def decision_to_pb(d: Decision) -> pb.DecideResponse:
+    # filled in place: a RankedAction built apart and then passed in is built twice (copied into the list)
     channel = CHANNEL_TO_PB[d.channel]
-    return pb.DecideResponse(
-        decision_id=d.decision_id,
-        actions=[
-            pb.RankedAction(
-                action_id=a.action_id, name=a.name, type=TYPE_TO_PB[a.type], group=a.group,
-                propensity=a.propensity, value=a.value, priority=a.priority,
-                treatment=pb.Treatment(channel=channel, content=a.treatment),
-                reasons=a.reasons, rank=a.rank, campaign=a.campaign,
-            )
-            for a in d.actions
-        ],
-        ruleset_version=d.ruleset_version,
-        model_version=d.model_version,
-        degraded=d.degraded,
-        cold_start=d.cold_start,
-        situations=d.situations,
-        funnel=[
-            pb.FunnelEntry(action_id=f.action_id, stage=f.stage, detail=f.detail,
-                           propensity=f.propensity, priority=f.priority)
-            for f in d.funnel
-        ],
-        decided_at=_timestamp(d.decided_at),
-        control_group=d.control,
-        repeat=d.repeat,
-        preview=d.preview,
-    )
+    reply = pb.DecideResponse(decision_id=d.decision_id, ruleset_version=d.ruleset_version,
+                              model_version=d.model_version, degraded=d.degraded, cold_start=d.cold_start,
+                              situations=d.situations, control_group=d.control, repeat=d.repeat, preview=d.preview)
+    add = reply.actions.add
+    for a in d.actions:
+        treatment = add(action_id=a.action_id, name=a.name, type=TYPE_TO_PB[a.type], group=a.group,
+                        propensity=a.propensity, value=a.value, priority=a.priority, reasons=a.reasons,
+                        rank=a.rank, campaign=a.campaign).treatment
+        treatment.channel = channel
+        treatment.content.update(a.treatment)
+    if d.funnel:
+        entry = reply.funnel.add
+        for f in d.funnel:
+            entry(action_id=f.action_id, stage=f.stage, detail=f.detail, propensity=f.propensity, priority=f.priority)
+    reply.decided_at.FromNanoseconds(int(d.decided_at * 1e9))
+    return reply
 
 
 def _counted_as(method: str) -> Callable[[Callable], Callable]:
@@ -132,7 +123,7 @@ def _counted_as(method: str) -> Callable[[Callable], Callable]:
                 log.exception("%s failed", method)
                 code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log"
             else:
-                metrics.RPCS.labels(method, "OK").inc()
+                metrics.rpcs.inc(method, "OK")
                 return reply
             metrics.RPCS.labels(method, code.name).inc()
             context.abort(code, message)

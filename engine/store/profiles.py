@@ -21,8 +21,10 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.connection import SENTINEL
 from redis.exceptions import RedisClusterException
 
@@ -366,11 +369,90 @@ def check_redis(client: redis.Redis, url: str, name: str = "REDIS_URL") -> None:
         raise RedisUnavailable(f"cannot use Redis at {name}={mask_url(url)}: {_reason(exc, url)}") from None
 
 
+def pack(*args: str | bytes | int) -> bytes:
+    """One command in RESP (what redis-py sends), for commands packed once and sent as they are."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class HotPath:
+    """The decision path's commands on a connection of the calling thread's own, sent pre-packed.
+
+    Through the client, every command pays for the pool (lock, fork check, health check), argument
+    checks and packing, and response callbacks: about 15-20 us of CPU per round trip, a tenth of a
+    decision. Here a thread keeps one connection of the client's class and settings (credentials,
+    TLS, the caller's deadline on reads) and retries as the client does (``conn.retry``, dropping the
+    connection on a connection error or timeout). Replies come as the parser gives them (RESP2: a hash
+    is a flat list)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.cluster = is_cluster(client)  # then commands go through the client, which routes them by slot
+        self._local = threading.local()
+        self._all: weakref.WeakSet[Any] = weakref.WeakSet()  # live threads' connections, to close them
+
+    def _connection(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            pool = self.client.connection_pool
+            conn = local.conn = pool.connection_class(**pool.connection_kwargs)
+            local.pid = os.getpid()
+            self._all.add(conn)
+        return conn
+
+    def execute(self, packed: bytes, replies: int) -> list[Any]:
+        """Send ``packed`` (``replies`` commands) in one write and read their replies; the first error
+        reply is raised after all replies are read (the connection stays in step)."""
+        conn = self._connection()
+
+        def attempt() -> list[Any]:
+            conn.send_packed_command([packed])
+            out: list[Any] = []
+            error = None
+            for _ in range(replies):
+                try:
+                    out.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    error = error or exc
+                    out.append(exc)
+            if error is not None:
+                raise error
+            return out
+
+        return conn.retry.call_with_retry(attempt, lambda _error: conn.disconnect())
+
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """``script(keys=keys, args=args)``: EVALSHA, loading the script when Redis does not know it."""
+        if self.cluster:
+            return script(keys=list(keys), args=list(args))
+        try:
+            return self.execute(pack("EVALSHA", script.sha, len(keys), *keys, *args), 1)[0]
+        except redis.exceptions.NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return self.execute(pack("EVALSHA", script.sha, len(keys), *keys, *args), 1)[0]
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.disconnect()
+
+
+def _pairs(flat: list[bytes] | dict[bytes, bytes]) -> dict[bytes, bytes]:
+    if isinstance(flat, dict):  # RESP3
+        return flat
+    it = iter(flat)
+    return dict(zip(it, it))
+
+
 class ProfileStore:
     """Reads and writes profiles; one pipelined round trip per decision."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self.hot = HotPath(client)
 
     @classmethod
     def from_url(cls, url: str, config: Config | None = None) -> ProfileStore:
@@ -389,22 +471,24 @@ class ProfileStore:
             raise
         return store
 
+    def _hashes(self, keys: list[str]) -> list[dict[bytes, bytes]]:
+        """HGETALL of ``keys`` (one customer's, so one slot) in one round trip."""
+        if self.hot.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return pipe.execute()
+        return [_pairs(r) for r in self.hot.execute(b"".join(pack("HGETALL", k) for k in keys), len(keys))]
+
     def fetch(self, customer_id: str, now: float | None = None) -> Profile:
         """Profile and active triggers in one round trip; a cold profile when the customer is unknown.
         Contact history is read by the presenting script, which alone judges contact limits."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(profile_key(customer_id))
-        pipe.hgetall(triggers_key(customer_id))
-        raw, triggers = pipe.execute()
+        raw, triggers = self._hashes([profile_key(customer_id), triggers_key(customer_id)])
         return decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000))
 
     def fetch_with(self, customer_id: str, key: str, now: float | None = None) -> tuple[Profile, dict[str, str]]:
         """``fetch`` and the hash ``key`` (e.g. the customer's interaction) in the same round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(profile_key(customer_id))
-        pipe.hgetall(triggers_key(customer_id))
-        pipe.hgetall(key)
-        raw, triggers, extra = pipe.execute()
+        raw, triggers, extra = self._hashes([profile_key(customer_id), triggers_key(customer_id), key])
         return (decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000)),
                 {k.decode(): v.decode() for k, v in extra.items()})
 

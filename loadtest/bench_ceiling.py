@@ -1,0 +1,302 @@
+"""The service against the transport's ceiling: highest rate meeting the SLO, bare server vs ``nba serve``.
+
+Seeds one embedded Redis with the demo customers, starts the bare server (``bare_server.py``: the
+service's own gRPC server answering a fixed ``DecideResponse`` with no work) and ``nba serve
+--workers W`` for each ``--workers`` (full funnel: demo catalog, champion model, contact policies and
+budgets, decision log), all at once, then runs round after round; in each round every server in turn
+(the order rotating by round) gets ``loadgen.find_max`` (open loop, ``--processes`` client processes x
+4 connections, ``--repeats`` runs per rate judged on the median p99) and one run at ``--p50-rate``.
+The summary gives each server's highest rate holding the SLO, its latency at ``--p50-rate`` and the
+CPU its processes (workers included) used per request in that run, medians over the rounds, and their
+ratios to the bare server of the same round (the figure issue 18 tracks).
+``--compare-tree DIR`` adds ``nba serve`` from another source tree (a worktree of an earlier commit)
+with the same worker counts: before and after in one run. Servers not under load sit idle meanwhile
+(their health and file-watch pollers wake a few times a second).
+
+    python loadtest/bench_ceiling.py --rounds 1 --repeats 3 --duration 10 --slo p99=5ms --json /tmp/ceiling.json
+    python loadtest/bench_ceiling.py --alternate 200 --alternate-rounds 3 --compare-tree /tmp/before
+
+``--alternate RATE`` replaces the find-max rounds by pairs of servers sharing one open-loop client that
+alternates request by request between them (``contact_p99.alternate``): each ``nba serve`` against
+the bare server, and each against the same worker count from ``--compare-tree``; per pair the
+percentiles, the CPU per request and the ratios. On a machine shared with other work this is the fair
+comparison: a burst of someone else's load hits both sides of a pair alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+import loadgen  # noqa: E402
+from grpc_modes import wait_serving  # noqa: E402
+
+from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+
+BARE = "bare"
+
+
+def _default_models() -> str:
+    return "/tmp/nba-models" if Path("/tmp/nba-models/propensity/CHAMPION").is_file() else str(ROOT / "models")
+
+
+def start_servers(redis_url: str, workers: list[int], models_dir: str, compare_tree: Path | None,
+                  ) -> dict[str, tuple[subprocess.Popen, str]]:
+    """name -> (process, address) for the bare server and every ``nba serve`` variant, once SERVING."""
+    env = dict(os.environ, REDIS_URL=redis_url)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    trees = [("", ROOT)] + ([("before ", compare_tree)] if compare_tree else [])
+    commands: dict[str, tuple[list[str], Path]] = {}
+    port = free_port()
+    commands[BARE] = ([sys.executable, str(ROOT / "loadtest" / "bare_server.py"), "--address", f"127.0.0.1:{port}"],
+                      ROOT)
+    for label, tree in trees:
+        for w in workers:
+            commands[f"{label}{w} worker{'s' if w > 1 else ''}"] = (
+                [sys.executable, "-m", "engine.cli", "serve", "--workers", str(w), "--no-demo", "--metrics-port", "0",
+                 "--models-dir", models_dir, "--address", f"127.0.0.1:{free_port()}"], tree)
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for name, (cmd, tree) in commands.items():
+            address = cmd[cmd.index("--address") + 1]
+            proc = subprocess.Popen(cmd, cwd=tree, env=dict(env, PYTHONPATH=str(tree)),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers[name] = (proc, address)
+        for proc, address in servers.values():
+            wait_serving(address, proc)
+    except BaseException:
+        stop_servers(servers)
+        raise
+    return servers
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` and all its descendants (workers), from /proc."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, total = {pid}, 0.0
+    for _ in range(4):  # supervisor -> workers -> (none deeper today)
+        tree |= {p for p, (parent, _) in stats.items() if parent in tree}
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
+def stop_servers(servers: dict[str, tuple[subprocess.Popen, str]]) -> None:
+    for proc, _ in servers.values():
+        proc.terminate()
+    for proc, _ in servers.values():
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=1, help="find-max of every server per round, order rotating")
+    ap.add_argument("--slo", action="append", default=[], help="default p99=5ms")
+    ap.add_argument("--start-rate", type=float, default=100, help="nba serve's first rate")
+    ap.add_argument("--bare-start-rate", type=float, default=500, help="the bare server's first rate")
+    ap.add_argument("--step", type=float, default=1.25)
+    ap.add_argument("--duration", type=float, default=10, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=2)
+    ap.add_argument("--processes", type=int, default=2, help="load generator processes")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per rate, judged on the median p99")
+    ap.add_argument("--p50-rate", type=float, default=100, help="rate of the latency comparison run")
+    ap.add_argument("--customers", type=int, default=20_000)
+    ap.add_argument("--models-dir", default=_default_models())
+    ap.add_argument("--compare-tree", type=Path, help="also nba serve from this source tree (before/after)")
+    ap.add_argument("--alternate", type=float, metavar="RATE",
+                    help="instead of find-max: pairs of servers alternating request by request at RATE in total "
+                         "(each nba serve against the bare server, and against --compare-tree's)")
+    ap.add_argument("--alternate-rounds", type=int, default=3)
+    ap.add_argument("--sweep", type=float, nargs="+", metavar="RATE",
+                    help="instead of find-max: every server at these fixed rates (loadgen.run), --rounds times, "
+                         "the servers' order rotating by round; median p50/p99 per server and rate")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    slo = loadgen.parse_slo(args.slo or ["p99=5ms"])
+    if args.alternate:
+        return alternate_pairs(args)
+    if args.sweep:
+        return sweep(args)
+
+    rounds: list[dict[str, dict]] = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
+
+        demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        try:
+            names = list(servers)
+            for r in range(args.rounds):
+                shift = r % len(names)
+                result: dict[str, dict] = {}
+                for name in names[shift:] + names[:shift]:
+                    work = loadgen.Workload(servers[name][1], customers=args.customers)
+                    print(f"--- round {r + 1}: {name} ({time.strftime('%H:%M:%S')}, load average "
+                          f"{os.getloadavg()[0]:.2f})", flush=True)
+                    start = args.bare_start_rate if name == BARE else args.start_rate
+                    found = loadgen.find_max(work, slo, start, 100_000, args.step, args.duration, args.warmup,
+                                             args.processes, args.repeats)
+                    cpu = tree_cpu_seconds(servers[name][0].pid)
+                    at = loadgen.run(work, args.p50_rate, args.duration, args.warmup, args.processes)
+                    # every request sent (warm-up too); the server's idle time meanwhile is counted as well
+                    at["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                                                       / (args.p50_rate * (args.warmup + args.duration)))
+                    print(f"at {args.p50_rate:g}/s: {loadgen._line(at)}  server CPU "
+                          f"{at['server_cpu_ms_per_request']:.3f} ms/request", flush=True)
+                    for step in found["steps"]:
+                        step.pop("series", None)
+                    at.pop("series", None)
+                    result[name] = {"max_rps": found["max_rps_meeting_slo"], "find_max": found, "at_rate": at}
+                rounds.append(result)
+                if args.json:  # after every round: a long run stopped early keeps what it measured
+                    Path(args.json).write_text(json.dumps({"summary": summarize(rounds), "rounds": rounds,
+                                                           "args": vars(args)}, indent=2, default=str))
+        finally:
+            stop_servers(servers)
+
+    table = summarize(rounds)
+    print(f"\nSLO {', '.join(f'{k[:-3]} <= {v:g} ms' for k, v in slo.items())}; {args.rounds} round(s), "
+          f"--repeats {args.repeats}, {args.duration:g} s per run; medians over rounds, ratios within each round")
+    print(f"{'server':>18} {'max rate/s':>11} {'/ bare':>7} {'per round':>20} | {f'p50 at {args.p50_rate:g}/s':>14} "
+          f"{'/ bare':>7} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU ms/req':>10} {'/ bare':>7}")
+    for name, t in table.items():
+        ratio = f"{t['max_ratio']:7.3f}" if t["max_ratio"] is not None else f"{'-':>7}"
+        print(f"{name:>18} {t['max_rps']:11.0f} {ratio} {', '.join(f'{x:.0f}' for x in t['max_rps_rounds']):>20} | "
+              f"{t['p50_ms']:14.3f} {t['p50_ratio']:7.2f} {t['p99_ms']:8.3f} {t['p999_ms']:9.3f} "
+              f"{t['cpu_ms']:10.3f} {t['cpu_ratio']:7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": table, "rounds": rounds, "args": vars(args)},
+                                              indent=2, default=str))
+    return 0
+
+
+def alternate_pairs(args: argparse.Namespace) -> int:
+    """Request-by-request alternation (``contact_p99.alternate_rounds``) of server pairs sharing one load
+    generator: a machine shared with other work slows both sides of a pair alike."""
+    import contact_p99
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
+
+        demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        try:
+            pairs = [(BARE, n) for n in servers if n != BARE and not n.startswith("before ")]
+            pairs += [(n, n.removeprefix("before ")) for n in servers if n.startswith("before ")]
+            for pair in pairs:
+                print(f"--- {pair[0]} vs {pair[1]} ({time.strftime('%H:%M:%S')}, load average "
+                      f"{os.getloadavg()[0]:.2f})", flush=True)
+                cpu = {n: tree_cpu_seconds(servers[n][0].pid) for n in pair}
+                rounds = contact_p99.alternate_rounds({n: servers[n][1] for n in pair}, args.alternate_rounds,
+                                                      args.alternate, args.duration, args.customers)
+                table = contact_p99.summarize_rounds(rounds)
+                for n in pair:
+                    table[n]["server_cpu_ms_per_request"] = (tree_cpu_seconds(servers[n][0].pid) - cpu[n]) * 1000 / \
+                        table[n]["requests"]
+                results.append({"pair": pair, "table": table})
+        finally:
+            stop_servers(servers)
+    print(f"\nalternating request by request, {args.alternate:g}/s in total, {args.alternate_rounds} x "
+          f"{args.duration:g} s; ratios second / first")
+    print(f"{'pair':>34} {'p50 ms':>15} {'p99 ms':>17} {'p99.9 ms':>17} {'CPU ms/req':>13} | {'p50':>5} {'p99':>5} {'CPU':>5}")
+    for r in results:
+        a, b = (r["table"][n] for n in r["pair"])
+        print(f"{' vs '.join(r['pair']):>34} {a['p50_ms']:7.3f} {b['p50_ms']:7.3f} {a['p99_ms']:8.3f} {b['p99_ms']:8.3f} "
+              f"{a['p999_ms']:8.3f} {b['p999_ms']:8.3f} {a['server_cpu_ms_per_request']:6.3f} "
+              f"{b['server_cpu_ms_per_request']:6.3f} | {b['p50_ms'] / a['p50_ms']:5.2f} {b['p99_ms'] / a['p99_ms']:5.2f} "
+              f"{b['server_cpu_ms_per_request'] / a['server_cpu_ms_per_request']:5.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alternate": results, "args": vars(args)}, indent=2, default=str))
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Every server at fixed open-loop rates, round after round (the order rotating): on a shared machine
+    a latency at a given rate, median over rounds, says more than one find-max that a burst can break."""
+    runs: dict[str, dict[float, list[dict]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        from engine.sim import demo
+        from engine.store.profiles import ProfileStore
+
+        demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        try:
+            names = [n for n in servers if n != BARE]
+            for r in range(args.rounds):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    work = loadgen.Workload(servers[name][1], customers=args.customers)
+                    for rate in args.sweep:
+                        cpu = tree_cpu_seconds(servers[name][0].pid)
+                        result = loadgen.run(work, rate, args.duration, args.warmup, args.processes)
+                        result.pop("series", None)
+                        result["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                                                               / (rate * (args.warmup + args.duration)))
+                        runs.setdefault(name, {}).setdefault(rate, []).append(result)
+                        print(f"round {r + 1} {name:>16} {loadgen._line(result)}  CPU "
+                              f"{result['server_cpu_ms_per_request']:.3f} ms/req (load average "
+                              f"{os.getloadavg()[0]:.2f})", flush=True)
+        finally:
+            stop_servers(servers)
+    print(f"\nmedians over {args.rounds} round(s) of {args.duration:g} s per server and rate")
+    print(f"{'server':>16} {'rate/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'CPU ms/req':>10}  p99 per round")
+    for name, by_rate in runs.items():
+        for rate, rs in by_rate.items():
+            print(f"{name:>16} {rate:7.0f} {np.median([x['p50_ms'] for x in rs]):8.3f} "
+                  f"{np.median([x['p99_ms'] for x in rs]):8.3f} {np.median([x['p999_ms'] for x in rs]):9.3f} "
+                  f"{np.median([x['server_cpu_ms_per_request'] for x in rs]):10.3f}  "
+                  + ", ".join(f"{x['p99_ms']:.1f}" for x in rs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sweep": runs, "args": vars(args)}, indent=2, default=str))
+    return 0
+
+
+def summarize(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per server: median highest rate and p50 over rounds; ratios to the bare server of the same round."""
+    out = {}
+    for name in rounds[0]:
+        maxes = [r[name]["max_rps"] for r in rounds]
+        p50s = [r[name]["at_rate"]["p50_ms"] for r in rounds]
+        ratios = [r[name]["max_rps"] / r[BARE]["max_rps"] for r in rounds if r[BARE]["max_rps"]]  # bare held a rate
+        out[name] = {
+            "max_rps": float(np.median(maxes)), "max_rps_rounds": maxes,
+            "max_ratio": float(np.median(ratios)) if ratios else None,
+            "cpu_ms": float(np.median([r[name]["at_rate"]["server_cpu_ms_per_request"] for r in rounds])),
+            "cpu_ratio": float(np.median([r[name]["at_rate"]["server_cpu_ms_per_request"]
+                                          / r[BARE]["at_rate"]["server_cpu_ms_per_request"] for r in rounds])),
+            "p50_ms": float(np.median(p50s)),
+            "p50_ratio": float(np.median([r[name]["at_rate"]["p50_ms"] / r[BARE]["at_rate"]["p50_ms"] for r in rounds])),
+            "p99_ms": float(np.median([r[name]["at_rate"]["p99_ms"] for r in rounds])),
+            "p999_ms": float(np.median([r[name]["at_rate"]["p999_ms"] for r in rounds])),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
