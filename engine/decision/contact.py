@@ -135,19 +135,31 @@ if #a.lim > 0 then
   hist = {}
   local flat = hist_call('HGETALL', KEYS[1])
   local gone = a.now - a.keep_ms
+  local which = {}  -- kind|type|channel -> the limits that count such contacts (most fields: none)
   for i = 1, #flat, 2 do
     local k, act, grp, typ, ch, day = string.match(flat[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
-    local n, lo, hi = string.match(flat[i + 1], '^(%d+):(%d+):(%d+)$')
-    if k and n then
+    if k then
       local base = tonumber(day) * DAY_MS
-      local first, last = base + tonumber(lo), base + tonumber(hi)
-      if last < gone then stale[#stale + 1] = flat[i] else
+      if base + DAY_MS <= gone then stale[#stale + 1] = flat[i] else
         hist[flat[i]] = flat[i + 1]
-        n = tonumber(n)
-        for li, L in ipairs(a.lim) do
-          if k == L[1] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then
-            local w = hist_weight(n, first, last, L[4])
-            if w > 0 then count(li, act, grp, w) end
+        local wk = k .. '|' .. typ .. '|' .. ch
+        local ls = which[wk]
+        if not ls then
+          ls = {}
+          for li, L in ipairs(a.lim) do
+            if k == L[1] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then ls[#ls + 1] = li end
+          end
+          which[wk] = ls
+        end
+        if #ls > 0 then
+          local n, lo, hi = string.match(flat[i + 1], '^(%d+):(%d+):(%d+)$')
+          if n then
+            n = tonumber(n)
+            local first, last = base + tonumber(lo), base + tonumber(hi)
+            for _, li in ipairs(ls) do
+              local w = hist_weight(n, first, last, a.lim[li][4])
+              if w > 0 then count(li, act, grp, w) end
+            end
           end
         end
       end
