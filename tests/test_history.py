@@ -233,6 +233,14 @@ def test_fields_older_than_every_window_are_dropped_when_deciding(redis_url: str
     assert sorted(c.action for c in read_history(client, "OLD")) == ["ret", "up_b"]
 
 
+def test_thousands_of_old_fields_are_dropped_in_one_decision(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    old_day = int(NOW * 1000) // DAY_MS - 40
+    client.hset(contacts_key("MANY"), mapping={f"i|a{i}|g|upsell|web|{old_day}": "1:0:0" for i in range(9_000)})
+    Presenter(client).present(ContactRules(LIMITS), "MANY", ACTS[0], "web", NOW, "decide")
+    assert [c.action for c in read_history(client, "MANY")] == ["up_a"]
+
+
 def test_a_history_in_the_earlier_layout_is_folded_into_counters(redis_url: str) -> None:
     """Before issue 18 a history was a sorted set, one member per contact: the first script to touch it
     (a decision, a preview or a response) turns it into counters, keeping its expiry, and it is judged as

@@ -212,7 +212,7 @@ end
 local fb = ''
 if #shown == 0 and a.fb ~= 0 then present(a.fb); fb = 'fb' end
 if not write then return {verdicts, fb} end
-if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[1], unpack(stale, i, math.min(i + 999, #stale))) end
 if #marks > 0 then
   redis.call('HSET', KEYS[1], unpack(marks))
   redis.call('PEXPIRE', KEYS[1], a.keep_ms)
