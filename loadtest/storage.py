@@ -55,7 +55,7 @@ ACCEPTED_SHARE = 0.30
 # key family -> (pattern, how its entries are counted)
 FAMILIES = {
     "decision records": (re.compile(r"^nba:decision:"), "HLEN"),
-    "contact histories": (re.compile(r"^nba:\{c:[^}]*\}:contacts$"), "ZCARD"),
+    "contact histories": (re.compile(r"^nba:\{c:[^}]*\}:contacts$"), "HLEN"),
     "interaction hashes": (re.compile(r"^nba:\{c:[^}]*\}:ix:"), "HLEN"),
     "budgets": (re.compile(r"^nba:budget:"), None),
     "reservations": (re.compile(r"^nba:reservations$"), "ZCARD"),
@@ -263,7 +263,8 @@ def extrapolate(run: dict, per: dict, target: int, rate: float, stream_maxlen: i
     row("decision records", "decisions", f"accept_days = {run['accept_days']:g} d (TTL)", target * rec,
         rate * day * run["accept_days"] * rec, f"rate x 86,400 x {run['accept_days']:g} d x {rec:,.0f} B")
     per_entry, epd = fit_["bytes_per_entry"], contacts["entries_per_decision"]
-    row("contact histories", "impressions and responses (+ one key per contacted customer)",
+    row("contact histories", "new (kind, action, channel, day) counters (+ one key per contacted customer); "
+        "an upper bound: a counter's later contacts add no bytes",
         f"{run['history_days']:g} d (trimmed, TTL)",
         target * epd * per_entry + min(customers, contacts["keys"] * scale) * fit_["fixed_bytes"],
         rate * day * run["history_days"] * epd * per_entry,

@@ -14,6 +14,7 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.authoring.check import RuleErrors
 from engine.decision.contact import budget_key, contacts_key
 from engine.decision.funnel import DecisionEngine
+from engine.decision.history import counted, read_history
 from engine.decision.request import DecideInput
 from engine.decision.responses import NotFound, ResponseRecorder
 from engine.live import Live
@@ -107,8 +108,8 @@ def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Cl
         assert any(f.action_id == rejected and "cool_down_after_rejection" in f.detail for f in d.funnel)
     clock.now = NOON + 15 * DAY
     client = engine.store.client
-    impressions = [m for m in client.zrange(contacts_key(cid), 0, -1) if m.startswith(b"i|")]
-    client.zrem(contacts_key(cid), *impressions)  # keep the rejection, forget impressions (no_repeats)
+    impressions = [f for f in client.hkeys(contacts_key(cid)) if f.startswith(b"i|")]
+    client.hdel(contacts_key(cid), *impressions)  # keep the rejection, forget impressions (no_repeats)
     assert rejected in marketing_ids(decide(engine, cid, "web", max_actions=10))
 
 
@@ -223,8 +224,7 @@ def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine) -
     entries = engine.store.client.xrange(RESPONSES_STREAM)
     assert [e[b"outcome"] for _, e in entries] == [b"accepted", b"clicked"]
     assert entries[0][1][b"customer_id"] == cid.encode() and entries[0][1][b"value"]
-    history = engine.store.client.zrange(contacts_key(cid), 0, -1)
-    assert sum(m.startswith(b"a|") for m in history) == 1  # the acceptance counted once
+    assert counted(read_history(engine.store.client, cid), "a") == 1  # the acceptance counted once
 
 
 def test_record_response_over_grpc_not_found_and_idempotent(service) -> None:
@@ -340,14 +340,13 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
             catalog.close()
         per_action: dict[str, int] = {}
         for cid in customers:
-            history = [m.split("|") for m in client_.zrange(contacts_key(cid), 0, -1)]
-            shown = [h for h in history if h[0] == "i"]
-            for action_id in {h[1] for h in shown}:
-                n = sum(h[1] == action_id for h in shown)
+            shown = [h for h in read_history(client_, cid) if h.kind == "i"]
+            for action_id in {h.action for h in shown}:
+                n = counted(shown, "i", action=action_id)
                 per_action[action_id] = per_action.get(action_id, 0) + n
                 if actions[action_id].type in MARKETING:
                     assert n <= 3, (cid, action_id, n)  # no_repeats, across both processes
-            assert sum(h[4] == "email" and h[3] in MARKETING for h in shown) <= 2, cid  # e-mails per week
+            assert sum(h.count for h in shown if h.channel == "email" and h.type in MARKETING) <= 2, cid  # e-mails per week
         budgeted = {a for a, x in actions.items() if x.daily_budget}
         days = {started, time.time()}  # both days' counters should the run cross midnight UTC
         used = {a: sum(int(client_.get(k) or 0) for k in {budget_key(a, t) for t in days}) for a in budgeted}

@@ -19,7 +19,8 @@ from engine import metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.config import Config
-from engine.decision.contact import RESERVATIONS_KEY, contacts_key, new_decision_id
+from engine.decision.contact import RESERVATIONS_KEY, new_decision_id
+from engine.decision.history import counted, read_history
 from engine.decision.request import DecideInput
 from engine.decision.reservations import ReservationReleaser
 from engine.events.processor import OUTBOUND_STREAM
@@ -106,7 +107,9 @@ def respond(channel: grpc.Channel, decision_id: str, action_id: str, outcome: in
 
 
 def impressions(client: redis.Redis, customer: str) -> list[list[str]]:
-    return [m.decode().split("|") for m in client.zrange(contacts_key(customer), 0, -1) if m.startswith(b"i|")]
+    """One [kind, action, group, type, channel] per impression counted in the customer's history."""
+    return [[c.kind, c.action, c.group, c.type, c.channel] for c in read_history(client, customer) if c.kind == "i"
+            for _ in range(c.count)]
 
 
 def with_offer(channel: grpc.Channel, start: int, ch: int = pb.CHANNEL_WEB) -> str:
@@ -244,8 +247,7 @@ def test_record_response_checks_the_timestamp_and_the_response_window(service) -
             respond(channel, reply.decision_id, action, pb.OUTCOME_REJECTED, at=at)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("timestamp:") and words in err.value.details()
-    assert impressions(app.store.client, cid) and not [
-        m for m in app.store.client.zrange(contacts_key(cid), 0, -1) if m.startswith(b"r|")]  # nothing recorded
+    assert impressions(app.store.client, cid) and not counted(read_history(app.store.client, cid), "r")  # nothing recorded
     respond(channel, reply.decision_id, action, pb.OUTCOME_REJECTED, at=time.time() + 10)  # within the skew
     with pytest.raises(grpc.RpcError) as err:
         respond(channel, new_decision_id(time.time() - 8 * 86_400), action)

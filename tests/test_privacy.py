@@ -213,7 +213,7 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         assert "sms" in profile["sets"]["consent"]
         assert set(keys[f"{tag}:triggers"]) == {"complaint_opened", "payment_failed", "data_cap_near", "retention_save"}
         assert {m["member"]["t"] for m in keys[f"{tag}:events"]} >= {"contact_request", "data_usage", "call_completed"}
-        kinds = {m["member"].split("|")[0] for m in keys[f"{tag}:contacts"]}
+        kinds = {field.split("|")[0] for field in keys[f"{tag}:contacts"]}
         assert kinds == {"i", "a", "r"}  # impressions, an acceptance, a rejection
         records = exported["decision_records"]
         mine = {d for d in decided if records.get(d, {}).get("customer") == anna}

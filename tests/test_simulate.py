@@ -38,7 +38,7 @@ def test_simulate_json_and_png_and_the_live_redis_is_untouched(redis_url: str, t
     live.xadd("nba:stream:responses", {"decision_id": "d1", "action_id": "x", "outcome": "accepted"})
     live.hset("nba:{c:C0000001}:profile", mapping={"v": b"\x00\x01"})
     live.set("nba:budget:retention_discount_20:20300107", 3)
-    live.zadd("nba:{c:C0000001}:contacts", {"i|x|g|upsell|web|d1": 1.0})
+    live.hset("nba:{c:C0000001}:contacts", "i|x|g|upsell|web|23741", "1:0:0")
     before = _snapshot(live)
     png = tmp_path / "curve.png"
     assert main(["simulate", "--redis-url", redis_url, "--rules-dir", str(RULES_DIR), *SMALL, "--json",

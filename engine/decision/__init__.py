@@ -5,6 +5,7 @@
   arbitration, presenting, logging), each timed;
 - ``arbitration``: priority order, one action per group, the top N, the fallback, explanations;
 - ``contact``: contact limits and budgets applied atomically in Redis when actions are presented;
+- ``history``: the contact history those limits count, as bounded counters per action, channel and day;
 - ``interactions``: what a decision stores for its interaction id (one voice, safe retries);
 - ``reservations``: gives back the budget units of impressions a channel did not report in time;
 - ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group;

@@ -1,10 +1,10 @@
 """Contact policies, volume budgets, interactions and the control group, applied atomically in Redis.
 
-Contact history is a sorted set per customer, ``nba:{c:<id>}:contacts``, scored by epoch
-milliseconds, one member per contact: ``<kind>|<action>|<group>|<type>|<channel>|<decision id>`` where
-kind is ``i`` (an impression), ``r`` (rejected) or ``a`` (accepted). It is read and judged by one Lua
-script when a decision presents its actions (``PRESENT``), the decision's second and last Redis round
-trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
+Contact history is a hash of counters per customer, ``nba:{c:<id>}:contacts``: how many impressions,
+rejections and acceptances of each action on each channel per UTC day (``engine.decision.history``:
+its size and a decision's cost do not grow with how often the customer was seen). It is read and
+judged by one Lua script when a decision presents its actions (``PRESENT``), the decision's second and
+last Redis round trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
 contact limit or an exhausted budget forbids *now* (whatever other server processes did meanwhile),
 and says which limit and count stopped each one (for explanations). Then, by the channel's mode:
 
@@ -33,7 +33,9 @@ import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from engine.decision import history
 from engine.decision.campaigns import budget_specs
+from engine.decision.history import contacts_key
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
 
 if TYPE_CHECKING:
@@ -42,10 +44,6 @@ if TYPE_CHECKING:
 BUDGET_TTL_SECONDS = 2 * 86_400
 RESERVATIONS_KEY = "nba:reservations"
 DECIDE, RESERVE, DRY = "decide", "reserve", "dry"
-
-
-def contacts_key(customer_id: str) -> str:
-    return f"nba:{{c:{customer_id}}}:contacts"
 
 
 def decision_key(decision_id: str) -> str:
@@ -101,20 +99,20 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 
 # --- the authoritative check, atomic in Redis ---------------------------------------------------------
 
-# KEYS[1] contacts zset, KEYS[2] decision record, KEYS[3] interaction hash, KEYS[4] reservations zset,
+# KEYS[1] contact history hash, KEYS[2] decision record, KEYS[3] interaction hash, KEYS[4] reservations zset,
 # KEYS[5..] budget counters.
-# ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), since (oldest window start),
-#   keep_ms (history kept), ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms),
-#   lim (limit specs), cand (ranked candidates: [action, group, type, value, [limit indexes], budget key
-#   index or 0, budget, body, campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback
-#   candidate or 0), rec (decision record fields),
+# ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), keep_ms (history kept),
+#   ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms), lim (limit specs),
+#   cand (ranked candidates: [action, group, type, value, [limit indexes], budget key index or 0, budget, body,
+#   campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback candidate or 0), rec (decision
+#   record fields),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
 #   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
 # 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
 # or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''}.
-PRESENT = r"""
+PRESENT = history.LUA + r"""
 local a = cjson.decode(ARGV[1])
 if a.late_ms > 0 then  -- the caller has had its (degraded) answer by now: present nothing
   local t = redis.call('TIME')
@@ -128,28 +126,59 @@ local write = a.mode ~= 'dry'
 -- per limit: how many counted contacts in its window, in all and per action and per group
 local cnt = {}
 for li, L in ipairs(a.lim) do cnt[li] = {c = 0, a = {}, g = {}} end
-local function count(li, act, grp)
+local function count(li, act, grp, n)
   local t = cnt[li]
-  t.c = t.c + 1
-  t.a[act] = (t.a[act] or 0) + 1
-  t.g[grp] = (t.g[grp] or 0) + 1
+  t.c = t.c + n
+  t.a[act] = (t.a[act] or 0) + n
+  t.g[grp] = (t.g[grp] or 0) + n
 end
+-- the history's counters (engine/decision/history.py): read whole when a limit needs them
+local hist, stale, marks = nil, {}, {}
 if #a.lim > 0 then
-  local hist = redis.call('ZRANGEBYSCORE', KEYS[1], a.since, '+inf', 'WITHSCORES')
-  for i = 1, #hist, 2 do
-    local k, act, grp, typ, ch = string.match(hist[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)')
+  hist = {}
+  local flat = hist_call('HGETALL', KEYS[1])
+  local gone = a.now - a.keep_ms
+  local which = {}  -- kind|type|channel -> the limits that count such contacts (most fields: none)
+  for i = 1, #flat, 2 do
+    local k, act, grp, typ, ch, day = string.match(flat[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
     if k then
-      local ts = tonumber(hist[i + 1])
-      for li, L in ipairs(a.lim) do
-        if k == L[1] and ts >= L[4] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then
-          count(li, act, grp)
+      local base = tonumber(day) * DAY_MS
+      if base + DAY_MS <= gone then stale[#stale + 1] = flat[i] else
+        hist[flat[i]] = flat[i + 1]
+        local wk = k .. '|' .. typ .. '|' .. ch
+        local ls = which[wk]
+        if not ls then
+          ls = {}
+          for li, L in ipairs(a.lim) do
+            if k == L[1] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then ls[#ls + 1] = li end
+          end
+          which[wk] = ls
+        end
+        if #ls > 0 then
+          local n, lo, hi = string.match(flat[i + 1], '^(%d+):(%d+):(%d+)$')
+          if n then
+            n = tonumber(n)
+            local first, last = base + tonumber(lo), base + tonumber(hi)
+            for _, li in ipairs(ls) do
+              local w = hist_weight(n, first, last, a.lim[li][4])
+              if w > 0 then count(li, act, grp, w) end
+            end
+          end
         end
       end
     end
   end
 end
+local function mark(head)  -- one more impression now, written with the decision
+  local f, off = hist_field(head, a.now)
+  local v
+  if hist then v = hist[f] else v = hist_call('HGET', KEYS[1], f) end
+  v = hist_merge(v, off)
+  if hist then hist[f] = v end
+  marks[#marks + 1] = f; marks[#marks + 1] = v
+end
 local groups, verdicts, shown, budgets = {}, {}, {}, {}
-local function present(c, tag)
+local function present(c)
   local bkey = ''
   if write then
     local used = {}
@@ -166,12 +195,10 @@ local function present(c, tag)
     bkey = table.concat(used, ' ')
     if a.mode == 'reserve' and bkey ~= '' then redis.call('ZADD', KEYS[4], a.rsv, a.id .. '|' .. c[1] .. '|' .. bkey) end
   end
-  if a.mode == 'decide' then
-    redis.call('ZADD', KEYS[1], a.now, 'i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch .. '|' .. a.id .. '|' .. tag)
-  end
+  if a.mode == 'decide' then mark('i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch) end
   -- this decision's own actions count against its limits whether they count now or when seen
   for li, L in ipairs(a.lim) do
-    if L[1] == 'i' and (L[5] == 0 or L[5][a.ch]) and (L[6] == 0 or L[6][c[3]]) then count(li, c[1], c[2]) end
+    if L[1] == 'i' and (L[5] == 0 or L[5][a.ch]) and (L[6] == 0 or L[6][c[3]]) then count(li, c[1], c[2], 1) end
   end
   groups[c[2]] = true
   shown[#shown + 1] = c
@@ -196,14 +223,15 @@ for ci, c in ipairs(a.cand) do
       if tonumber(redis.call('GET', KEYS[b[1]]) or '0') >= b[2] then v = b[3]; break end
     end
   end
-  if not v then v = 'ok'; present(c, ci) end
+  if not v then v = 'ok'; present(c) end
   verdicts[ci] = v
 end
 local fb = ''
-if #shown == 0 and a.fb ~= 0 then present(a.fb, 'fb'); fb = 'fb' end
+if #shown == 0 and a.fb ~= 0 then present(a.fb); fb = 'fb' end
 if not write then return {verdicts, fb} end
-if a.mode == 'decide' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', a.now - a.keep_ms)
+for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[1], unpack(stale, i, math.min(i + 999, #stale))) end
+if #marks > 0 then
+  redis.call('HSET', KEYS[1], unpack(marks))
   redis.call('PEXPIRE', KEYS[1], a.keep_ms)
 end
 local acts, grps, typs, vals, bodies = {}, {}, {}, {}, {}
@@ -223,12 +251,12 @@ end
 return {verdicts, fb}
 """
 
-# KEYS[1] decision record, KEYS[2] contacts zset, KEYS[3] responses stream, KEYS[4] reservations zset.
-# ARGV: field (response key), contact member ('' for none), now ms, keep ms, maxlen, reservation member
-# ('' for none), then stream fields. The same response twice is stored once: the second returns the
+# KEYS[1] decision record, KEYS[2] contact history hash, KEYS[3] responses stream, KEYS[4] reservations zset.
+# ARGV: field (response key), contact (``history.contact_head``, '' for none), its time (epoch ms), keep ms,
+# maxlen, reservation member ('' for none), then stream fields. The same response twice is stored once: the second returns the
 # first one's stream id. Returns {first, stream id, late} where late is 1 when the impression came after
 # its reserved budget unit had been released.
-RESPOND = r"""
+RESPOND = history.LUA + r"""
 local seen = redis.call('HGET', KEYS[1], ARGV[1])
 if seen then return {0, seen, 0} end
 local late = 0
@@ -238,7 +266,8 @@ for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 redis.call('HSET', KEYS[1], ARGV[1], id)
 if ARGV[2] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  local f, off = hist_field(ARGV[2], tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[2], f, hist_merge(hist_call('HGET', KEYS[2], f), off))
   if tonumber(ARGV[4]) > 0 then
     local ttl = redis.call('PTTL', KEYS[2])
     if ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
@@ -302,7 +331,7 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
     keep_ms = max(int(rules.history_days * DAY_MS), DAY_MS)  # history kept (and its key's TTL)
     args = {
         "now": now_ms, "n": max_actions, "ch": channel, "id": decision_id, "mode": mode,
-        "since": now_ms - int(rules.history_days * DAY_MS), "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
+        "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
         "bttl": BUDGET_TTL_SECONDS, "rsv": now_ms + ix.reservation_ms, "lim": [l.spec(now_ms) for l in limits],
         "cand": cand, "fb": fb, "rec": record, "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
         "head": head or "{}", "replace": replace, "late_ms": late_ms,

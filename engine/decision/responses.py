@@ -23,11 +23,11 @@ from engine import metrics
 from engine.decision.contact import (
     RESERVATIONS_KEY,
     RESPOND,
-    contacts_key,
     decided_at,
     decision_key,
     reservation_member,
 )
+from engine.decision.history import contact_head, contacts_key
 from engine.decision.request import InvalidRequest
 from engine.errors import NbaError
 from engine.rules.contact import DAY_MS, ContactRules
@@ -113,7 +113,7 @@ class ResponseRecorder:
         customer, channel = raw["customer"], raw.get("channel", "")
         member, reserved = "", ""
         if outcome in _CONTACT_KIND and not (outcome == "impression" and raw.get("counted", "1") == "1"):
-            member = f"{_CONTACT_KIND[outcome]}|{action_id}|{group}|{kind}|{channel}|{decision_id}"
+            member = contact_head(_CONTACT_KIND[outcome], action_id, group, kind, channel)
         if outcome == "impression" and raw.get("counted") == "0" and at("budgets"):
             reserved = reservation_member(decision_id, action_id, at("budgets"))
         fields = {

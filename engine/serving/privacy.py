@@ -6,12 +6,13 @@ stream writers of the wings below):
 
 - the customer's own keys, all under the hash tag ``nba:{c:<id>}:*`` (found with ``SCAN MATCH``):
   ``profile`` (``store/profiles.py``: features, consent, open cases), ``triggers``, ``contacts`` (the
-  contact history, ``decision/contact.py``), ``ix:<interaction>`` (decisions stored per interaction),
-  ``events`` and ``event_ids`` (event history and dedupe, ``events/processor.py``),
+  contact history: counters per action, channel and day, ``decision/history.py``), ``ix:<interaction>``
+  (decisions stored per interaction), ``events`` and ``event_ids`` (event history and dedupe, ``events/processor.py``),
   ``outbound:<pattern>:<event>`` and its ``:run`` claim (an outbound's state);
 - decision records ``nba:decision:<decision id>`` (hash with ``customer``; kept for the responses'
   ``accept_days``): the customer's decision ids come from the decision, response and outbound stream
-  entries, the contact history members, the interaction hashes, and a ``SCAN`` of every decision
+  entries, the interaction hashes, a contact history still in its earlier layout (one sorted-set member
+  per contact, with the decision id), and a ``SCAN`` of every decision
   record whose ``customer`` is the customer (the streams may have been trimmed);
 - shared keys holding members of the customer: ``nba:timers`` (absence timers and postponed outbound
   actions, a JSON member whose ``"c"`` is the customer) and ``nba:reservations`` (budget units reserved
@@ -165,7 +166,7 @@ def _locate(client: redis.Redis, customer_id: str, skip_streams: frozenset[str] 
             candidates.update(f["decision_id"] for _, f in entries if f.get("decision_id"))
     for key in found.keys:
         kind = _s(cast(bytes, client.type(key)))
-        if key.endswith("}:contacts") and kind == "zset":
+        if key.endswith("}:contacts") and kind == "zset":  # not yet folded into counters
             for member in cast("list[bytes]", client.zrange(key, 0, -1)):
                 parts = _s(member).split("|")
                 if len(parts) > 5 and parts[5]:

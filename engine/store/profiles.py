@@ -10,7 +10,8 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
     - one field per set feature (``products``, ``consent``), members joined by ","
     - ``cases``: open service case ids joined by ","
 - ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
-- ``nba:{c:<id>}:contacts`` sorted set: contact history (score epoch ms), see ``engine/decision/contact.py``
+- ``nba:{c:<id>}:contacts`` hash: contact history, counters per kind, action, channel and UTC day, see
+  ``engine/decision/history.py``
 - ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
 - ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams

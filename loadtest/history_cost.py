@@ -1,0 +1,175 @@
+"""Does a decision cost more as customers are seen more often? Decide latency and the presenting
+script's Redis time, first decisions against last, in one run.
+
+In-process (no gRPC: what grows is the engine's and Redis's work, not the transport), on an embedded
+Redis with ``--customers`` demo customers, contact policies, budgets and the decision log on, the real
+clock. ``--decisions`` Decides are sent open loop at ``--rate`` per second from one thread, with the load
+generator's mix (``loadtest/loadgen.py``): 5% unknown customers, 30% on 500 hot customers, the rest
+uniform over all; its channel mix, touchpoints and intents; 3 actions. Latency counts from each
+request's intended send time (a late decision delays the next ones, as a queue would); the service time
+of ``decide`` itself is reported too.
+
+The run is cut into windows of ``--window`` decisions. Per window: Decide p50 / p99 / p99.9 and the
+Redis time per ``EVALSHA`` call from ``INFO commandstats`` deltas (only the presenting script is called
+by EVALSHA on this path; no ``SLOWLOG``). The done-when compares the last window with the first: p99 and
+script time within 10%.
+
+    python loadtest/history_cost.py --models-dir /tmp/nba-models --json /tmp/history_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+import loadgen  # noqa: E402
+
+from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
+
+HOT = 500
+
+
+def requests(n: int, customers: int, seed: int) -> list:
+    """The load generator's customer, channel, touchpoint and intent mix as ``DecideInput``s."""
+    from engine.decision.request import DecideInput
+
+    rng = random.Random(seed)
+    names = [name for name, _ in loadgen.CHANNEL_MIX]
+    weights = [share for _, share in loadgen.CHANNEL_MIX]
+    out = []
+    for i in range(n):
+        r = rng.random()
+        cid = (f"LOAD-NEW-{seed}-{i}" if r < 0.05 else
+               f"C{rng.randrange(HOT if r < 0.35 else customers):07d}")
+        name = rng.choices(names, weights)[0]
+        intent = rng.choice(loadgen.INTENTS)
+        channel = "pos" if name == "CHANNEL_POINT_OF_SALE" else name.removeprefix("CHANNEL_").lower()
+        out.append(DecideInput(cid, channel, touchpoint=loadgen.TOUCHPOINTS[name],
+                               context={"intent": intent} if intent else {}, max_actions=3))
+    return out
+
+
+def evalsha(client) -> tuple[int, int, float]:
+    """(calls, usec) of EVALSHA so far, and Redis's CPU seconds (all commands; unlike ``usec``, not
+    inflated when other processes take the CPU from Redis)."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    cpu = client.info("cpu")
+    return (int(stats.get("calls", 0)), int(stats.get("usec", 0)),
+            float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+
+
+def pct(ms: np.ndarray) -> dict:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "p999_ms": round(float(np.percentile(ms, 99.9)), 3)}
+
+
+def run(decisions: int, rate: float, window: int, customers: int, models_dir: str, seed: int) -> dict:
+    from engine.decision.funnel import DecisionEngine
+    from engine.decision.request import DecideInput
+    from engine.live import Live
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
+    from engine.sim import demo
+    from engine.store.decision_log import DecisionLog
+    from engine.store.profiles import ProfileStore
+
+    reqs = requests(decisions, customers, seed)
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
+        store = ProfileStore.from_url(server.url)
+        demo.seed(store, customers)
+        rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
+        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), DecisionLog(store.client))
+        engine.warmup()
+        for i in range(2000):  # JIT, pools, allocator: on customers of their own
+            engine.decide(DecideInput(f"WARM-{i}", reqs[i].channel, touchpoint=reqs[i].touchpoint, max_actions=3))
+        admin = store.client
+        latency = np.empty(decisions)
+        service = np.empty(decisions)
+        marks = [evalsha(admin)]
+        start = time.perf_counter() + 0.2
+        for i, req in enumerate(reqs):
+            intended = start + i / rate
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t = time.perf_counter()
+            engine.decide(req)
+            done = time.perf_counter()
+            latency[i], service[i] = done - intended, done - t
+            if (i + 1) % window == 0:
+                marks.append(evalsha(admin))
+                w = len(marks) - 2
+                calls, usec = marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1]
+                lat = latency[i + 1 - window: i + 1] * 1000
+                cpu = (marks[-1][2] - marks[-2][2]) / window * 1e6
+                print(f"window {w + 1:2d} (decisions {i + 2 - window:>7,}-{i + 1:>7,}): Decide p50 "
+                      f"{np.percentile(lat, 50):.3f} p99 {np.percentile(lat, 99):.3f} ms (service p99 "
+                      f"{np.percentile(service[i + 1 - window: i + 1] * 1000, 99):.3f}), script "
+                      f"{usec / max(calls, 1):.1f} us/call ({calls} calls), Redis CPU {cpu:.1f} us/decision",
+                      flush=True)
+        elapsed = time.perf_counter() - start
+        hot = [f"C{i:07d}" for i in range(HOT)]
+        sizes = [int(admin.memory_usage(f"nba:{{c:{c}}}:contacts", samples=0) or 0) for c in hot]
+        rules.current.close()
+    windows = []
+    for w in range(len(marks) - 1):
+        sl = slice(w * window, (w + 1) * window)
+        calls, usec = marks[w + 1][0] - marks[w][0], marks[w + 1][1] - marks[w][1]
+        windows.append({"decisions": [w * window + 1, (w + 1) * window],
+                        "latency": pct(latency[sl] * 1000), "service": pct(service[sl] * 1000),
+                        "script_us_per_call": round(usec / max(calls, 1), 1), "script_calls": calls,
+                        "redis_cpu_us_per_decision": round((marks[w + 1][2] - marks[w][2]) / window * 1e6, 1)})
+    first, last = windows[0], windows[-1]
+    return {
+        "decisions": decisions, "rate": rate, "achieved_rate": round(decisions / elapsed, 1), "window": window,
+        "customers": customers, "hot_customers": HOT, "hot_share": 0.3, "windows": windows,
+        "last_over_first": {
+            "latency_p99": round(last["latency"]["p99_ms"] / first["latency"]["p99_ms"], 3),
+            "service_p99": round(last["service"]["p99_ms"] / first["service"]["p99_ms"], 3),
+            "script_us_per_call": round(last["script_us_per_call"] / first["script_us_per_call"], 3),
+            "redis_cpu": round(last["redis_cpu_us_per_decision"] / first["redis_cpu_us_per_decision"], 3)},
+        "hot_contact_key_bytes": {"mean": round(float(np.mean(sizes)), 1), "max": int(max(sizes))},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--decisions", type=int, default=200_000)
+    ap.add_argument("--rate", type=float, default=300.0, help="Decides per second, open loop")
+    ap.add_argument("--window", type=int, default=20_000)
+    ap.add_argument("--customers", type=int, default=20_000)
+    ap.add_argument("--models-dir", default=str(ROOT / "models"))
+    ap.add_argument("--seed", type=int, default=18)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    out = run(args.decisions, args.rate, args.window, args.customers, args.models_dir, args.seed)
+    first, last = out["windows"][0], out["windows"][-1]
+    print(f"\n{'window':>16} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'service p99':>12} {'script us':>10} "
+          f"{'Redis CPU us':>13}")
+    for name, w in (("first", first), ("last", last)):
+        print(f"{name} {w['decisions'][0]:>7,}-{w['decisions'][1]:<7,} {w['latency']['p50_ms']:8.3f} "
+              f"{w['latency']['p99_ms']:8.3f} {w['latency']['p999_ms']:9.3f} {w['service']['p99_ms']:12.3f} "
+              f"{w['script_us_per_call']:10.1f} {w['redis_cpu_us_per_decision']:13.1f}")
+    r = out["last_over_first"]
+    print(f"last / first: Decide p99 {r['latency_p99']:.3f} (service {r['service_p99']:.3f}), script time per call "
+          f"{r['script_us_per_call']:.3f} (target: both within 10%), Redis CPU per decision {r['redis_cpu']:.3f}; "
+          f"achieved {out['achieved_rate']}/s; hot customers' contact key {out['hot_contact_key_bytes']['mean']:.0f} B mean, "
+          f"{out['hot_contact_key_bytes']['max']} B max")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0 if abs(r["latency_p99"] - 1) <= 0.1 and abs(r["script_us_per_call"] - 1) <= 0.1 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
