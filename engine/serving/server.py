@@ -72,6 +72,7 @@ assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYP
 # circuit breaker (engine/store/breaker.py) frees the threads within about 50 ms. Measured in
 # BENCHMARKS.md ("Issue 14: fault drills"): 16 sheds a 3x burst with fewer missed deadlines than 32 or 64.
 MAX_IN_FLIGHT = 16
+MAX_CONNECTION_AGE_MS = 30_000
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -320,6 +321,10 @@ def build_server(app: App, address: str, reuse_port: bool = False,
     on a stalled Redis must not keep an admitted one from starting before its deadline.
     """
     options = [("grpc.so_reuseport", 1 if reuse_port else 0),
+               # clients reconnect now and then, so connections spread over the workers again after one
+               # was replaced (the kernel balances connections, not calls); calls in flight finish first
+               ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+               ("grpc.max_connection_age_grace_ms", 5_000),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
     chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors) + [DecodeGuard()]
