@@ -732,6 +732,11 @@ NOTES = {
     "worker_sigkill": "the fault lasts from the kill until GetStatus answers from a new worker pid "
                       "(worker_replaced_s); meanwhile the other worker serves",
     "service_sigterm": "the fault ends when every worker of the restarted service answers",
+    "burst_3x": "runs 10 s after worker_sigkill: the client's connections went to the surviving worker while "
+                "its replacement started, and come back only as the server makes clients reconnect (about "
+                "every 30 s), so the burst lands mostly on one worker; past what that worker's gRPC polling "
+                "thread can turn away, calls wait in gRPC's C core and miss their deadline "
+                "(deadline_exceeded). --only burst_3x measures a burst on balanced workers",
 }
 
 
