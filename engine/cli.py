@@ -10,9 +10,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import Config
 from engine.features import CHANNELS
+
+if TYPE_CHECKING:
+    from engine.models.registry import LoadedModel
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -263,14 +267,11 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
         what_if_rules,
     )
     from engine.decision.campaign_report import plan_key
-    from engine.models.registry import ModelRefused, ModelRegistry
     from engine.rules.errors import RuleErrors
 
     cfg = _config(args)
-    try:
-        model = ModelRegistry(cfg.models_dir).load()
-    except ModelRefused as exc:
-        print(f"error: {exc} (nba train makes one)", file=sys.stderr)
+    model = _live_model(cfg)
+    if model is None:
         return 1
     try:
         live, planned, campaign = what_if_rules(cfg.rules_dir, Path(args.file))
@@ -469,16 +470,24 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _live_model(cfg: Config) -> LoadedModel | None:
+    """The models directory's live model set, or None after saying why there is none."""
+    from engine.models.registry import ModelRefused, ModelRegistry
+
+    try:
+        return ModelRegistry(cfg.models_dir).load()
+    except ModelRefused as exc:
+        print(f"error: {exc} (nba train makes one)", file=sys.stderr)
+        return None
+
+
 def cmd_rules_diff(args: argparse.Namespace) -> int:
     from engine.authoring.check import RuleErrors, test
     from engine.authoring.whatif import load_pair, sample_customers, what_if
-    from engine.models.registry import ModelRefused, ModelRegistry
 
     cfg = _config(args)
-    try:
-        model = ModelRegistry(cfg.models_dir).load()
-    except ModelRefused as exc:
-        print(f"error: {exc} (nba train makes one)", file=sys.stderr)
+    model = _live_model(cfg)
+    if model is None:
         return 1
     try:
         old, new = load_pair(Path(args.old_dir), Path(args.new_dir))
