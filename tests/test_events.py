@@ -54,7 +54,9 @@ class Service:
         self.app = App(Config(redis_url=self.redis_url, rules_dir=self.rules_dir, models_dir=self.models_dir,
                               demo_customers=200, metrics_port=0, rules_watch_seconds=0,
                               events_poll_seconds=self.poll)).start()
-        self.server, port, _ = build_server(self.app, "127.0.0.1:0")
+        # 16 concurrent callers below: gRPC frees a call's admission slot only after its caller has the
+        # answer, so a client with as many callers as the limit is shed now and then
+        self.server, port, _ = build_server(self.app, "127.0.0.1:0", max_in_flight=32)
         self.server.start()
         self.address = f"127.0.0.1:{port}"
         self.channel = grpc.insecure_channel(self.address)
