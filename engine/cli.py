@@ -16,7 +16,10 @@ from engine.config import Config
 from engine.features import CHANNELS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from engine.models.registry import LoadedModel
+    from engine.rules.errors import RuleError
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -276,10 +279,7 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
     try:
         live, planned, campaign = what_if_rules(cfg.rules_dir, Path(args.file))
     except RuleErrors as exc:
-        for e in exc.errors:
-            print(e.render())
-        print(f"{len(exc.errors)} error(s): no plan", file=sys.stderr)
-        return 1
+        return _rule_errors(exc.errors, ": no plan")
     try:
         with _store(cfg) as store:
             everyone = stored_customers(store.client)
@@ -440,11 +440,8 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
     rules_dir = Path(args.dir) if args.dir else Config().rules_dir
     errors = check(rules_dir)
-    for e in errors:
-        print(e.render())
     if errors:
-        print(f"{len(errors)} error(s) in {rules_dir}", file=sys.stderr)
-        return 1
+        return _rule_errors(errors, f" in {rules_dir}")
     print(f"{rules_dir}: ok")
     return 0
 
@@ -456,11 +453,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     rules, errors, results = test(rules_dir)
     if rules is not None:
         rules.close()
-    for e in errors:
-        print(e.render())
     if errors:
-        print(f"{len(errors)} error(s) in {rules_dir}; no test ran", file=sys.stderr)
-        return 1
+        return _rule_errors(errors, f" in {rules_dir}; no test ran")
     failed = [r for r in results if not r.passed]
     for r in results:
         if args.verbose_tests or not r.passed:
@@ -468,6 +462,14 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     summary = f"{len(results)} rule tests: {len(results) - len(failed)} passed, {len(failed)} failed"
     print(summary, file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _rule_errors(errors: Sequence[RuleError], outcome: str) -> int:
+    """Print each error as file:line:col, then how many and ``outcome``; the command's exit status (1)."""
+    for e in errors:
+        print(e.render())
+    print(f"{len(errors)} error(s){outcome}", file=sys.stderr)
+    return 1
 
 
 def _live_model(cfg: Config) -> LoadedModel | None:
@@ -492,10 +494,7 @@ def cmd_rules_diff(args: argparse.Namespace) -> int:
     try:
         old, new = load_pair(Path(args.old_dir), Path(args.new_dir))
     except RuleErrors as exc:
-        for e in exc.errors:
-            print(e.render())
-        print(f"{len(exc.errors)} error(s): nothing compared", file=sys.stderr)
-        return 1
+        return _rule_errors(exc.errors, ": nothing compared")
     try:
         with _store(cfg) as store:
             customers = sample_customers(store, args.customers)

@@ -419,13 +419,7 @@ class Drills:
         steps: list[dict] = []
         passed = 0.0
         for rate in self.args.rate_steps:
-            self.load.phase = f"rate {rate:g}"
-            self.load.rate = rate
-            t0 = time.monotonic()
-            time.sleep(4.6)
-            w = self.load.table(t0 + 1.0, t0 + 4.0)
-            ok = good(w, self.args.slo_ms)
-            s = summary(w)
+            ok, s = self._hold(rate, f"rate {rate:g}", 3.0)
             steps.append({"rate": rate, "p99_ms": s["p99_ms"], "errors_by_code": s["errors_by_code"],
                           "degraded": s["degraded"], "met_slo": ok})
             log(f"rate {rate:g}/s: p99 {s['p99_ms']} ms, errors {s['errors_by_code']}, degraded {s['degraded']}"
@@ -437,13 +431,7 @@ class Drills:
         # next lower step is tried (at most three)
         lower = [r for r in self.args.rate_steps if r <= passed][::-1][:3]
         for rate in lower:
-            self.load.phase = f"confirm {rate:g}"
-            self.load.rate = rate
-            t0 = time.monotonic()
-            time.sleep(6.6)
-            w = self.load.table(t0 + 1.0, t0 + 6.0)
-            ok = good(w, self.args.slo_ms)
-            s = summary(w)
+            ok, s = self._hold(rate, f"confirm {rate:g}", 5.0)
             steps.append({"rate": rate, "confirm": True, "p99_ms": s["p99_ms"], "errors_by_code": s["errors_by_code"],
                           "degraded": s["degraded"], "met_slo": ok})
             log(f"confirm {rate:g}/s for 5 s: p99 {s['p99_ms']} ms, errors {s['errors_by_code']} -> "
@@ -451,6 +439,17 @@ class Drills:
             if ok:
                 return rate, steps
         return (lower[-1] if lower else self.args.rate_steps[0]), steps
+
+    def _hold(self, rate: float, phase: str, seconds: float) -> tuple[bool, dict]:
+        """Load at ``rate`` for a second of settling and ``seconds`` measured: whether it met the SLO, and
+        the measured window's summary."""
+        assert self.load is not None
+        self.load.phase = phase
+        self.load.rate = rate
+        t0 = time.monotonic()
+        time.sleep(seconds + 1.6)
+        w = self.load.table(t0 + 1.0, t0 + 1.0 + seconds)
+        return good(w, self.args.slo_ms), summary(w)
 
     # -- one scenario --
 

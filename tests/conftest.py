@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -78,3 +85,48 @@ def service(redis_url: str, models_dir: Path, tmp_path: Path):
     channel.close()
     server.stop(0).wait()
     app.close()
+
+
+@contextlib.contextmanager
+def two_workers(redis_url: str, rules_dir: Path, models_dir: Path) -> Iterator[tuple[list[grpc.Channel], int]]:
+    """``nba serve --workers 2`` on ``redis_url``, and 8 or more channels with both workers among them
+    (the kernel balances connections, not calls); yields the channels and the metrics port."""
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+    from engine.store.redis_embedded import free_port
+
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
+         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
+         "--customers", "200"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    channels: list[grpc.Channel] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "not serving within 120s"
+                time.sleep(0.2)
+        pids = set()
+        for _ in range(40):  # fresh connections until both workers hold some
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            pids.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).worker_pid)
+            channels.append(ch)
+            if len(channels) >= 8 and len(pids) == 2:
+                break
+        assert len(pids) == 2
+        yield channels, metrics_port
+    finally:
+        for ch in channels:
+            ch.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()

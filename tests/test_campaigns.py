@@ -248,43 +248,15 @@ def test_a_hot_reload_keeps_the_spent_budget_and_a_bad_file_changes_nothing(serv
 def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
     """``nba serve --workers 2`` (two processes on one port) and 8 client threads; the campaign runs
     now on the real clock; its total budget is 30 presentations."""
-    import os
-    import subprocess
-    import sys
     import threading
     import urllib.request
 
-    from engine.store.redis_embedded import free_port
+    from .conftest import two_workers
 
     budget = 30
     rules_dir = rules_with(tmp_path, blitz(total=budget, daily=1000, start="2026-01-01", end="2035-12-31"))
     shutil.rmtree(rules_dir / "tests")  # the demo's rule tests expect other tops than a campaign running today
-    port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "200"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    channels: list[grpc.Channel] = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "not serving within 120s"
-                time.sleep(0.2)
-        pids = set()
-        for _ in range(40):  # fresh connections until both workers hold some
-            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-            pids.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).worker_pid)
-            channels.append(ch)
-            if len(channels) >= 8 and len(pids) == 2:
-                break
-        assert len(pids) == 2
+    with two_workers(redis_url, rules_dir, models_dir) as (channels, metrics_port):
         customers = [f"C{i:07d}" for i in range(200)]
         replies: list[pb.DecideResponse] = []
         errors: list[Exception] = []
@@ -331,14 +303,6 @@ def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: s
             time.sleep(0.5)
         assert f'nba_campaign_spent{{campaign="test_blitz"}} {budget}.0' in text
         assert 'nba_campaign_budget_left{campaign="test_blitz"} 0.0' in text and 'nba_campaign_live{campaign="test_blitz"} 1.0' in text
-    finally:
-        for ch in channels:
-            ch.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        finally:
-            proc.kill()
 
 
 # --- control group, daily budget and the report, in-process on a controlled clock ---------------------

@@ -268,44 +268,14 @@ def test_contact_file_errors_name_file_line_and_column(tmp_path: Path) -> None:
 def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_url: str, models_dir: Path,
                                                                           tmp_path: Path) -> None:
     """``nba serve --workers 2`` and 8 client threads deciding for the same 8 customers at once."""
-    import os
-    import subprocess
-    import sys
     import threading
     import time
-    import urllib.request
 
-    from engine.store.redis_embedded import free_port
-
-    from .conftest import REPO
+    from .conftest import two_workers
 
     budget = 4
     rules_dir = budget_rules(tmp_path, budget, quiet_hours=False, on_impression=False)
-    port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "200"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "not serving within 120s"
-                time.sleep(0.2)
-        channels, pids = [], set()
-        for _ in range(40):  # fresh connections until both workers hold some
-            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-            pids.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).worker_pid)
-            channels.append(ch)
-            if len(channels) >= 8 and len(pids) == 2:
-                break
-        assert len(pids) == 2
+    with two_workers(redis_url, rules_dir, models_dir) as (channels, _):
         customers = [f"C{i:07d}" for i in range(8)]
         kinds = [pb.CHANNEL_WEB, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_EMAIL]
         replies, errors = [], []
@@ -355,14 +325,6 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
             assert used[a] <= budget and per_action.get(a, 0) == used[a], (a, used[a], per_action.get(a))
         presented = sum(len(r.actions) for r in replies)
         assert presented > sum(used.values())  # the next-best actions took the exhausted ones' places
-    finally:
-        for ch in channels if "channels" in locals() else []:
-            ch.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        finally:
-            proc.kill()
 
 
 def test_the_schema_describes_contact_yaml_as_the_loader_reads_it() -> None:
