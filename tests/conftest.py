@@ -16,12 +16,13 @@ import grpc
 import pytest
 import redis
 
+from engine.store.redis_cluster import LocalCluster
 from engine.store.redis_embedded import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_DIR = REPO / "rules"
 # A test that uses one of these talks to a real redis-server, gRPC server or trained model.
-SERVICE_FIXTURES = {"redis_server", "redis_url", "models_dir", "service"}
+SERVICE_FIXTURES = {"redis_server", "redis_url", "redis_cluster", "models_dir", "service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,13 +40,39 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:
     server.stop()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_redis`` runs on one Redis node and again on a Redis Cluster."""
+    if "redis_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_redis"):
+        metafunc.parametrize("redis_mode", ["node", "cluster"], indirect=True)
+
+
 @pytest.fixture()
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    """A clean database for each test."""
-    client = redis.Redis.from_url(redis_server.url)
+def redis_mode(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "node")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 masters and 3 replicas on loopback, shared by the tests that run on a cluster (not killed by them)."""
+    with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def redis_url(request: pytest.FixtureRequest, redis_mode: str) -> str:
+    """A clean database for each test: on one node, or on the cluster for ``redis_mode`` "cluster"."""
+    if redis_mode == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        for port in cluster.master_ports():
+            node = cluster.node(port)
+            node.flushall()
+            node.close()
+        return cluster.url
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url)
     client.flushdb()
     client.close()
-    return redis_server.url
+    return server.url
 
 
 @pytest.fixture(scope="session")
