@@ -29,7 +29,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.certs import CA
+from .certs import CA
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "engine" / "deploy"
