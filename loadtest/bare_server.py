@@ -58,7 +58,7 @@ def fixed_response(rules_dir: Path = ROOT / "rules", channel: str = "call_center
                             rank=i + 1)
                for i, a in enumerate(picked)]
     return decision_to_pb(Decision(
-        decision_id=new_decision_id(now), customer_id="C0000042", channel=channel, actions=actions,
+        decision_id=new_decision_id(now, "C0000042"), customer_id="C0000042", channel=channel, actions=actions,
         ruleset_version=ruleset.version, model_version="v20261130-202424-907899", degraded=False, cold_start=False,
         situations=["high_value"], decided_at=now))
 

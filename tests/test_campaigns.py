@@ -26,10 +26,13 @@ from engine.rules.contact import ControlGroup
 from engine.rules.loader import load_rules
 from engine.rules.runtime import load_and_compile
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileStore
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileStore, redis_client
+from engine.store.streams import length, xrange_all
 
 from .conftest import REPO, RULES_DIR
 from .test_scenarios import customer
+
+pytestmark = pytest.mark.both_redis
 
 START = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
 INSIDE = START + 4 * 86_400 + 12 * 3600  # 2030-03-05 12:00 UTC: outside quiet hours
@@ -104,7 +107,7 @@ def flushed(engine: DecisionEngine) -> None:
 
 
 def stream(client: redis.Redis, name: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(name)]
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in xrange_all(client, name)]
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: s
         assert not errors, errors[:3]
         assert len(replies) == len(channels) * len(customers)
         presented = sum(a.campaign == "test_blitz" for r in replies for a in r.actions)
-        client_ = redis.Redis.from_url(redis_url, decode_responses=True)
+        client_ = redis_client(redis_url, decode_responses=True)
         assert presented == budget
         assert int(client_.get(spent_key("test_blitz"))) == budget
         assert len(set(r.decision_id for r in replies if any(a.campaign for a in r.actions))) == budget
@@ -289,9 +292,9 @@ def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: s
         assert blitz_status.spent == budget and blitz_status.budget_left == 0 and blitz_status.live
         # every presentation is in the decision stream with its campaign (written after the reply: wait for it)
         deadline = time.monotonic() + 10
-        while client_.xlen(DECISIONS_STREAM) < len(replies) and time.monotonic() < deadline:
+        while length(client_, DECISIONS_STREAM) < len(replies) and time.monotonic() < deadline:
             time.sleep(0.1)
-        entries = [f for _, f in client_.xrange(DECISIONS_STREAM)]
+        entries = [f for _, f in xrange_all(client_, DECISIONS_STREAM)]
         tagged = sum(f.get("campaigns", "").split(",").count("test_blitz") for f in entries)
         assert tagged == budget
         deadline = time.monotonic() + 15  # the campaign gauges are refreshed every 5 s

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
@@ -21,10 +20,13 @@ from engine.live import Live
 from engine.models.registry import ModelRegistry
 from engine.rules.contact import ControlGroup
 from engine.rules.runtime import load_and_compile
-from engine.store.profiles import RESPONSES_STREAM, ProfileStore
+from engine.store.profiles import RESPONSES_STREAM, ProfileStore, redis_client
+from engine.store.streams import xrange_all
 
 from .conftest import RULES_DIR
 from .test_scenarios import MARKETING, NOON, customer
+
+pytestmark = pytest.mark.both_redis
 
 DAY = 86_400.0
 
@@ -221,7 +223,7 @@ def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine) -
     b = recorder.record(d.decision_id, d.actions[0].action_id, "accepted")
     assert a.first and not b.first and a.response_id == b.response_id
     recorder.record(d.decision_id, d.actions[0].action_id, "clicked")
-    entries = engine.store.client.xrange(RESPONSES_STREAM)
+    entries = list(xrange_all(engine.store.client, RESPONSES_STREAM))
     assert [e[b"outcome"] for _, e in entries] == [b"accepted", b"clicked"]
     assert entries[0][1][b"customer_id"] == cid.encode() and entries[0][1][b"value"]
     assert counted(read_history(engine.store.client, cid), "a") == 1  # the acceptance counted once
@@ -302,7 +304,7 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
         assert len(replies) == len(channels) * 6 * len(customers)
         assert all(r.actions or r.situations for r in replies)
 
-        client_ = redis.Redis.from_url(redis_url, decode_responses=True)
+        client_ = redis_client(redis_url, decode_responses=True)
         catalog = load_and_compile(rules_dir)
         try:
             actions = catalog.ruleset.by_id

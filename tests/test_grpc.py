@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.store.profiles import EVENTS_STREAM, RESPONSES_STREAM
+from engine.store.profiles import EVENTS_STREAM, RESPONSES_STREAM, redis_client
+from engine.store.streams import xrange_all
+
+pytestmark = pytest.mark.both_redis
 
 
 def decide(grpc_channel: grpc.Channel, **kw) -> pb.DecideResponse:
@@ -85,11 +87,11 @@ def test_responses_and_events_are_stored_in_streams(service, redis_url: str) -> 
                                                      outcome=pb.OUTCOME_ACCEPTED), timeout=5)
     e = stub.PublishEvent(pb.PublishEventRequest(event_id="ev-1", customer_id="C0000003", type="payment_failed",
                                                  attributes={"amount": "42.50"}), timeout=5)
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    (rid, response), = client.xrange(RESPONSES_STREAM)
+    client = redis_client(redis_url, decode_responses=True)
+    (rid, response), = xrange_all(client, RESPONSES_STREAM)
     assert rid == r.response_id and response["outcome"] == "accepted"
     assert response["decision_id"] == reply.decision_id
-    (eid, event), = client.xrange(EVENTS_STREAM)
+    (eid, event), = xrange_all(client, EVENTS_STREAM)
     assert eid == e.stream_id and event["attr.amount"] == "42.50"
     with pytest.raises(grpc.RpcError) as err:
         stub.RecordResponse(pb.RecordResponseRequest(decision_id="d", action_id="a"), timeout=5)

@@ -28,6 +28,7 @@ import redis
 from engine import metrics
 from engine.rules.campaigns import Campaign
 from engine.store.polling import Poller
+from engine.store.profiles import is_cluster
 
 if TYPE_CHECKING:
     from engine.decision.arbitration import FunnelEntry
@@ -129,11 +130,11 @@ class CampaignStatus:
 
 
 def campaign_status(client: redis.Redis, campaigns: Sequence[Campaign], now: float) -> list[CampaignStatus]:
-    """Budget spent, left and pacing of every campaign, read in one round trip."""
+    """Budget spent, left and pacing of every campaign, read in one round trip (one per node on a cluster)."""
     if not campaigns:
         return []
     keys = [k for c in campaigns for k in (spent_key(c.name), day_key(c.name, c.day(now)))]
-    values = client.mget(keys)
+    values = client.mget_nonatomic(keys) if is_cluster(client) else client.mget(keys)  # type: ignore[attr-defined]
     out = []
     for i, c in enumerate(campaigns):
         spent, today = (int(v or 0) for v in values[2 * i: 2 * i + 2])

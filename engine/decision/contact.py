@@ -21,8 +21,13 @@ placement); if another call of the same interaction and placement got there firs
 returns that one instead of presenting. Several processes deciding at once for one customer therefore
 never exceed a limit, and N processes together never exceed a budget.
 
-On a Redis Cluster the budget, reservation and decision keys would live on other nodes than the
-customer's keys; this script assumes one Redis node (what the service runs on today).
+On a Redis Cluster every script touches one slot. The decision record's key carries the customer's
+slot (the decision id names it), so the script touches only the customer's keys; budget counters are
+shared by all customers and live on other slots, so there ``PRESENT`` judges them from states the
+caller passes (``engine.decision.budget_claims``): a candidate it would show whose budget was not
+claimed yet makes it return ``need`` without writing anything; the caller claims a unit of each such
+budget (one single-slot script per counter, never above the budget), then calls again, and gives back
+the units of claimed candidates that were not shown in the end.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from engine.decision import history
 from engine.decision.campaigns import budget_specs
 from engine.decision.history import contacts_key
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
+from engine.store.slots import SLOTS, customer_slot, slot_tag
 
 if TYPE_CHECKING:
     from engine.rules.model import Action
@@ -47,7 +53,25 @@ DECIDE, RESERVE, DRY = "decide", "reserve", "dry"
 
 
 def decision_key(decision_id: str) -> str:
+    """The decision record, on the hash slot its id names (its customer's); an id without one (made
+    before ids carried the slot) keeps the plain key, ``legacy_decision_key``."""
+    slot = _id_slot(decision_id)
+    return legacy_decision_key(decision_id) if slot is None else f"nba:decision:{{{slot_tag(slot)}}}:{decision_id}"
+
+
+def legacy_decision_key(decision_id: str) -> str:
     return f"nba:decision:{decision_id}"
+
+
+def _id_slot(decision_id: str) -> int | None:
+    if len(decision_id) != 32:
+        return None
+    try:
+        slot = int(decision_id[12:16], 16)
+        int(decision_id, 16)
+    except ValueError:
+        return None
+    return slot if slot < SLOTS else None
 
 
 def interaction_key(customer_id: str, interaction_id: str) -> str:
@@ -58,10 +82,10 @@ def budget_key(action_id: str, now: float) -> str:
     return f"nba:budget:{action_id}:{datetime.fromtimestamp(now, UTC):%Y%m%d}"
 
 
-def new_decision_id(now: float) -> str:
-    """32 hex digits: the decision time in ms, then 80 random bits (so a response can tell an expired
-    decision from an unknown one)."""
-    return f"{int(now * 1000):012x}{secrets.randbits(80):020x}"
+def new_decision_id(now: float, customer_id: str) -> str:
+    """32 hex digits: the decision time in ms (so a response can tell an expired decision from an unknown
+    one), the customer's hash slot (where the decision record lives on a cluster), then 64 random bits."""
+    return f"{int(now * 1000):012x}{customer_slot(customer_id):04x}{secrets.randbits(64):016x}"
 
 
 def decided_at(decision_id: str) -> float | None:
@@ -104,14 +128,16 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 # ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), keep_ms (history kept),
 #   ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms), lim (limit specs),
 #   cand (ranked candidates: [action, group, type, value, [limit indexes], budget key index or 0, budget, body,
-#   campaign budgets [[key index, budget, verdict, ttl s]...]]), fb (fallback candidate or 0), rec (decision
-#   record fields),
+#   campaign budgets [[key index, budget, verdict, ttl s]...], and on a cluster two more: the budgets' state
+#   (0 none, 1 claimed, 2 not claimed yet, or the verdict that stopped the claim) and their keys]),
+#   fb (fallback candidate or 0), rec (decision record fields),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
 #   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
 # 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
-# or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''}.
+# or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''},
+# or {'need', [candidate indexes]}: these would be shown but their budgets are not claimed yet (nothing written).
 PRESENT = history.LUA + r"""
 local a = cjson.decode(ARGV[1])
 if a.late_ms > 0 then  -- the caller has had its (degraded) answer by now: present nothing
@@ -177,10 +203,10 @@ local function mark(head)  -- one more impression now, written with the decision
   if hist then hist[f] = v end
   marks[#marks + 1] = f; marks[#marks + 1] = v
 end
-local groups, verdicts, shown, budgets = {}, {}, {}, {}
+local groups, verdicts, shown, budgets, need = {}, {}, {}, {}, {}
 local function present(c)
-  local bkey = ''
-  if write then
+  local bkey = c[11] or ''
+  if write and not c[11] then
     local used = {}
     if c[6] > 0 then
       used[1] = KEYS[c[6]]
@@ -223,9 +249,13 @@ for ci, c in ipairs(a.cand) do
       if tonumber(redis.call('GET', KEYS[b[1]]) or '0') >= b[2] then v = b[3]; break end
     end
   end
+  if not v and c[10] and c[10] ~= 0 and c[10] ~= 1 then
+    if c[10] == 2 then need[#need + 1] = ci else v = c[10] end
+  end
   if not v then v = 'ok'; present(c) end
   verdicts[ci] = v
 end
+if #need > 0 then return {'need', need} end
 local fb = ''
 if #shown == 0 and a.fb ~= 0 then present(a.fb); fb = 'fb' end
 if not write then return {verdicts, fb} end
@@ -265,15 +295,23 @@ local fields = {}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 redis.call('HSET', KEYS[1], ARGV[1], id)
-if ARGV[2] ~= '' then
-  local f, off = hist_field(ARGV[2], tonumber(ARGV[3]))
-  redis.call('HSET', KEYS[2], f, hist_merge(hist_call('HGET', KEYS[2], f), off))
-  if tonumber(ARGV[4]) > 0 then
-    local ttl = redis.call('PTTL', KEYS[2])
-    if ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
-  end
-end
+hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
 return {1, id, late}
+"""
+
+# On a cluster, the customer's part of ``RESPOND`` (the stream and the reservations are on other slots):
+# KEYS[1] decision record, KEYS[2] contact history hash; ARGV: field, contact, its time, keep ms. Returns
+# {0, stream id} for a response recorded before; else marks the response ``pending`` (the caller appends
+# it to the stream, then stores the stream id in its place), counts the contact once, and returns {1, ''}.
+# A retry of a call that died after this (the mark still ``pending``) appends it again and counts nothing.
+RESPOND_CUSTOMER = history.LUA + r"""
+local seen = redis.call('HGET', KEYS[1], ARGV[1])
+if seen and seen ~= 'pending' then return {0, seen} end
+if not seen then
+  redis.call('HSET', KEYS[1], ARGV[1], 'pending')
+  hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+end
+return {1, ''}
 """
 
 # KEYS[1] reservations zset; ARGV: now ms, batch. Gives back the budget unit of every reservation
@@ -295,36 +333,48 @@ def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
     return f"{decision_id}|{action_id}|{budget}"
 
 
+def candidate_budgets(action: Action, campaigns: dict | None, now: float) -> list[tuple[str, int, str, int]]:
+    """(counter key, budget, verdict when used up, counter TTL s) of each budget a presentation of
+    ``action`` consumes: its own daily budget, then its campaign's."""
+    own = [] if action.daily_budget is None else [(budget_key(action.id, now), action.daily_budget, "budget",
+                                                   BUDGET_TTL_SECONDS)]
+    return own + budget_specs(campaigns.get(action.campaign) if campaigns and action.campaign else None, now)
+
+
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
                  channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
                  mode: str, interaction: str = "", placement: str = "", bodies: list[str] | None = None,
                  head: str = "", replace: bool = False, late_ms: int = 0,
-                 campaigns: dict | None = None) -> tuple[list[str], str, list[ContactLimit]]:
+                 campaigns: dict | None = None,
+                 claims: list[int | str] | None = None) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
     ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
     this decision replaces the placement's stored one (else a stored one is returned instead);
-    ``campaigns``: the rule set's campaigns by name (their budgets are judged with the actions')."""
+    ``campaigns``: the rule set's campaigns by name (their budgets are judged with the actions');
+    ``claims``: on a cluster, each candidate's budget state (see ``PRESENT``): then the script touches no
+    budget key."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
     ix = rules.interactions
     keys = [contacts_key(customer_id), decision_key(decision_id),
-            interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id), RESERVATIONS_KEY]
+            interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id),
+            contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY]
     cand = []
-    day = ""
     for i, (_priority, _p, verdict) in enumerate(candidates):
         action = verdict.action
-        bkey = 0
-        if action.daily_budget is not None:
-            day = day or f"{datetime.fromtimestamp(now, UTC):%Y%m%d}"
-            keys.append(f"nba:budget:{action.id}:{day}")
-            bkey = len(keys)
-        extra = []
-        for key, budget, verdict_, ttl in budget_specs(campaigns.get(action.campaign) if campaigns and action.campaign
-                                                       else None, now):
-            keys.append(key)
-            extra.append([len(keys), budget, verdict_, ttl])
-        cand.append([action.id, action.group, action.type, action.value, rules.applicable(action, channel), bkey,
-                     action.daily_budget or 0, bodies[i] if bodies else "", extra])
+        specs = candidate_budgets(action, campaigns, now)
+        entry = [action.id, action.group, action.type, action.value, rules.applicable(action, channel), 0,
+                 action.daily_budget or 0, bodies[i] if bodies else "", []]
+        if claims is not None:
+            entry[8:] = [[], claims[i], " ".join(spec[0] for spec in specs)]
+        else:
+            for key, budget, verdict_, ttl in specs:
+                keys.append(key)
+                if verdict_ == "budget":
+                    entry[5] = len(keys)
+                else:
+                    entry[8].append([len(keys), budget, verdict_, ttl])
+        cand.append(entry)
     fb: list[object] | int = 0
     if fallback is not None:
         fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0, bodies[-1] if bodies else "", []]

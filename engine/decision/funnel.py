@@ -30,12 +30,14 @@ from engine.decision.arbitration import (
     ranked_action,
     select,
 )
+from engine.decision.budget_claims import NOT_CLAIMED, BudgetClaims
 from engine.decision.campaigns import campaign_stage
 from engine.decision.contact import (
     DECIDE,
     DRY,
     PRESENT,
     RESERVE,
+    candidate_budgets,
     control_order,
     decision_key,
     interaction_key,
@@ -55,7 +57,7 @@ from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import Profile, ProfileStore, SchemaMismatch, redis_deadline
+from engine.store.profiles import Profile, ProfileStore, SchemaMismatch, is_cluster, redis_deadline
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ class DecisionEngine:
         self.controlled_rankings: set[str] = set()  # named rankings that serve customers (the control group applies)
         self.responses = ResponseRecorder(store.client, rules, clock=clock)
         self._present_script = store.client.register_script(PRESENT)
+        self.budgets = BudgetClaims(store.client) if is_cluster(store.client) else None
         # keyed by content versions (an id() of a retired rule set can be reused by the next one)
         self._tables: dict[tuple[str, str], ActionTable] = {}
         self._bound: dict[tuple[str, str], object] = {}  # (ruleset, model version) -> DecisionScorer
@@ -230,7 +233,7 @@ class DecisionEngine:
             req.fallback and action is not None and req.channel in action.channels) else []
         now = self.clock()
         models = self.model.current
-        return Decision(decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel,
+        return Decision(decision_id=new_decision_id(now, req.customer_id), customer_id=req.customer_id, channel=req.channel,
                         actions=actions, ruleset_version=rules.version, model_version=models.version,
                         degraded=True, cold_start=False, situations=[], decided_at=now, preview=req.preview)
 
@@ -272,7 +275,7 @@ class DecisionEngine:
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                   for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
         decision = Decision(
-            decision_id=new_decision_id(now), customer_id=req.customer_id, channel=req.channel, actions=[],
+            decision_id=new_decision_id(now, req.customer_id), customer_id=req.customer_id, channel=req.channel, actions=[],
             ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
             cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
             funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
@@ -407,12 +410,24 @@ class DecisionEngine:
                 would_show.append(fallback_ranked(fallback, channel, count=False))
             bodies = [interactions.action_body(a) for a in (_exploring(would_show) if exploring else would_show)]
             head = _header(decision, mode)
-        keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel, decision.decision_id,
-                                          now, record, req.customer_id, mode, req.interaction_id,
-                                          place[len(interactions.FIELD_PREFIX):], bodies, head, replace,
-                                          _late_ms(req.deadline), rules.ruleset.campaigns)
+        # on a cluster, budgets are claimed outside the script (engine.decision.budget_claims)
+        specs = [candidate_budgets(v.action, rules.ruleset.campaigns, now) for _, _, v in candidates] \
+            if self.budgets is not None else []
+        claims: list[int | str] | None = None
+        if self.budgets is not None:
+            claims = [0 if not b else self.budgets.peek(b) if mode == DRY else NOT_CLAIMED for b in specs]
         try:
-            reply = self.store.hot.script(self._present_script, keys, [args])
+            for _ in range(len(candidates) + 1):  # each round settles a claim at least
+                keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel,
+                                                  decision.decision_id, now, record, req.customer_id, mode,
+                                                  req.interaction_id, place[len(interactions.FIELD_PREFIX):], bodies,
+                                                  head, replace, _late_ms(req.deadline), rules.ruleset.campaigns,
+                                                  claims)
+                verdicts, fb = self.store.hot.script(self._present_script, keys, [args])
+                if verdicts != b"need" or self.budgets is None or claims is None:
+                    break
+                for i in fb:
+                    claims[i - 1] = self.budgets.claim(specs[i - 1])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
             # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
@@ -420,7 +435,10 @@ class DecisionEngine:
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
             decision.degraded = True
             return None
-        verdicts, fb = reply
+        if self.budgets is not None and claims is not None and mode != DRY:
+            self.budgets.settle(claims, specs, verdicts if isinstance(verdicts, list) else [], mode == RESERVE,
+                                decision.decision_id, [v.action.id for _, _, v in candidates], req.customer_id,
+                                int(now * 1000) + contact.interactions.reservation_ms)
         if verdicts == b"replay":
             return fb.decode()
         if verdicts == b"late":

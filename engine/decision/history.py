@@ -88,7 +88,8 @@ def counted(history: list[Contacts], kind: str, **match: str) -> int:
 # hist_merge(value or false, off): the field's value with one more contact at ``off``;
 # hist_weight(count, first, last, since): how many of the field's contacts a window from ``since`` counts (see above);
 # hist_fold(key): a sorted-set history (one member per contact, before issue 18) into counters, in place;
-# hist_call(cmd, key, ...): a command on the history key, folding it first if it is a sorted set.
+# hist_call(cmd, key, ...): a command on the history key, folding it first if it is a sorted set;
+# hist_contact(key, head, ts, keep): one more contact in the history (what a response adds).
 LUA = r"""
 local DAY_MS = 86400000
 local function hist_field(head, ts)
@@ -127,6 +128,13 @@ local function hist_call(cmd, key, ...)
     r = redis.call(cmd, key, ...)
   end
   return r
+end
+-- one more contact ``head`` at epoch ms ``ts`` in history ``key``, kept at least ``keep`` ms ('' head: none)
+local function hist_contact(key, head, ts, keep)
+  if head == '' then return end
+  local f, off = hist_field(head, ts)
+  redis.call('HSET', key, f, hist_merge(hist_call('HGET', key, f), off))
+  if keep > 0 and redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 local function hist_weight(n, first, last, since)
   if last < since then return 0 end

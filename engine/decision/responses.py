@@ -23,15 +23,18 @@ from engine import metrics
 from engine.decision.contact import (
     RESERVATIONS_KEY,
     RESPOND,
+    RESPOND_CUSTOMER,
     decided_at,
     decision_key,
+    legacy_decision_key,
     reservation_member,
 )
 from engine.decision.history import contact_head, contacts_key
 from engine.decision.request import InvalidRequest
 from engine.errors import NbaError
 from engine.rules.contact import DAY_MS, ContactRules
-from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN
+from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN, is_cluster
+from engine.store.slots import customer_shard_key
 
 if TYPE_CHECKING:
     from engine.live import Live
@@ -76,6 +79,8 @@ class ResponseRecorder:
         self.stream = stream
         self.clock = clock
         self._script = client.register_script(RESPOND)
+        self.cluster = is_cluster(client)
+        self._customer_script = client.register_script(RESPOND_CUSTOMER)
 
     def _contact(self) -> ContactRules:
         contact = self.rules.current.ruleset.contact if self.rules is not None else None
@@ -91,7 +96,10 @@ class ResponseRecorder:
             raise InvalidRequest("timestamp", f"{_iso(ts)} is {ts - now:,.0f} s ahead of the server clock "
                                               f"(at most {ix.future_skew_seconds:g} s)")
         key = decision_key(decision_id)
-        raw = {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
+        raw = self._record_of(key)
+        if not raw and not self.cluster and key != legacy_decision_key(decision_id):  # decided before ids had slots
+            key = legacy_decision_key(decision_id)
+            raw = self._record_of(key)
         if not raw or "customer" not in raw:
             made = decided_at(decision_id)
             if made is not None and now - made > ix.accept_days * 86_400:
@@ -124,10 +132,32 @@ class ResponseRecorder:
         }
         flat = [x for kv in fields.items() for x in kv]
         keep_ms = max(int(contact.history_days * DAY_MS), DAY_MS)
-        first, entry, late = self._script(
-            keys=[key, contacts_key(customer), self.stream, RESERVATIONS_KEY],
-            args=[f"r:{action_id}:{outcome}", member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, *flat],
-        )
+        field = f"r:{action_id}:{outcome}"
+        stream = customer_shard_key(self.stream, customer, self.client)
+        if self.cluster:
+            first, entry, late = self._record_on_cluster(key, customer, field, member, int(ts * 1000), keep_ms,
+                                                         stream, reserved, fields)
+        else:
+            first, entry, late = self._script(
+                keys=[key, contacts_key(customer), stream, RESERVATIONS_KEY],
+                args=[field, member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, *flat],
+            )
         if late:
             metrics.RESERVATIONS.labels("late").inc()
         return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first), customer)
+
+    def _record_of(self, key: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
+
+    def _record_on_cluster(self, key: str, customer: str, field: str, member: str, ts_ms: int, keep_ms: int,
+                           stream: str, reserved: str, fields: dict[str, str]) -> tuple[int, bytes | str, int]:
+        """``RESPOND`` in steps that each touch one slot (``RESPOND_CUSTOMER``): a call that dies half-way
+        is completed by its retry; an entry may then be in the stream twice (at least once)."""
+        first, entry = self._customer_script(keys=[key, contacts_key(customer)], args=[field, member, ts_ms, keep_ms])
+        if not first:
+            return 0, entry, 0
+        late = 1 if reserved and not self.client.zrem(customer_shard_key(RESERVATIONS_KEY, customer, self.client),
+                                                      reserved) else 0
+        entry = self.client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        self.client.hset(key, field, entry)
+        return 1, entry, late

@@ -174,9 +174,9 @@ def mask_url(url: str) -> str:
 
 
 def _tls_options(url: str, config: Config | None) -> dict[str, Any]:
-    """ssl_* arguments for a rediss:// URL from ``config`` (REDIS_CA, REDIS_CERT, REDIS_KEY); nothing for
-    redis:// (``redis_for`` refuses TLS options with a plaintext REDIS_URL)."""
-    if config is None or urlsplit(url).scheme != "rediss":
+    """ssl_* arguments for a rediss:// or rediss+cluster:// URL from ``config`` (REDIS_CA, REDIS_CERT,
+    REDIS_KEY); nothing for plaintext (``redis_for`` refuses TLS options with a plaintext REDIS_URL)."""
+    if config is None or urlsplit(url).scheme not in TLS_SCHEMES:
         return {}
     options: dict[str, Any] = {}
     for option, env, value in (("ssl_ca_certs", "REDIS_CA", config.redis_ca),
@@ -312,6 +312,7 @@ def redis_client(url: str, config: Config | None = None, *, timeout: float = 1.0
 
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+TLS_SCHEMES = ("rediss", "rediss+cluster")
 
 
 def _cluster_client(url: str, tls: dict[str, Any], timeout: float, options: dict[str, Any]) -> redis.Redis:

@@ -252,8 +252,9 @@ def redis_for(cfg: Config, *, running_ok: bool = False) -> tuple[EmbeddedRedis |
     tls = [env for env, value in (("REDIS_CA", cfg.redis_ca), ("REDIS_CERT", cfg.redis_cert),
                                   ("REDIS_KEY", cfg.redis_key)) if value]
     if cfg.redis_url is not None:
-        if tls and not cfg.redis_url.startswith("rediss://"):
-            raise RedisUnavailable(f"{'/'.join(tls)} given but REDIS_URL={mask_url(cfg.redis_url)} is not rediss://")
+        if tls and not cfg.redis_url.startswith(("rediss://", "rediss+cluster://")):
+            raise RedisUnavailable(f"{'/'.join(tls)} given but REDIS_URL={mask_url(cfg.redis_url)} is not rediss:// "
+                                   "or rediss+cluster://")
         return None, cfg.redis_url
     if tls:
         log.warning("%s ignored: they apply to a rediss:// REDIS_URL, the embedded Redis listens on 127.0.0.1",
