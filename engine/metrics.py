@@ -33,6 +33,8 @@ FALLBACKS = Counter("nba_fallback_decisions_total", "Decisions answered with the
 COLD_STARTS = Counter("nba_cold_start_decisions_total", "Decisions for customers with no stored profile.")
 DEGRADED = Counter("nba_degraded_decisions_total", "Decisions made without part of their normal input.", ["cause"])
 REDIS_ERRORS = Counter("nba_redis_errors_total", "Redis commands that failed.", ["operation"])
+UNREPLICATED = Counter("nba_redis_unreplicated_total", "Writes on a Redis Cluster acknowledged although no replica "
+                       "confirmed them in time (a failover of that master now may lose them).", ["operation"])
 REDIS_BREAKER = Counter("nba_redis_breaker_total", "Redis circuit breaker: opened (a stall or a refused connection), "
                         "closed (a reply), refused (a command not sent while open).", ["event"])
 RULE_FIRINGS = Counter("nba_rule_firings_total", "Rules that fired, by kind (situation, policy, lever).", ["kind", "rule"])

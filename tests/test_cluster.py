@@ -76,3 +76,93 @@ def test_a_cluster_url_without_nodes_is_a_clear_error(tmp_path: Path) -> None:
         ProfileStore.open("redis+cluster://:secret@")
     with pytest.raises(RedisUnavailable, match=r"\*\*\*"):
         ProfileStore.open("redis+cluster://:secret@127.0.0.1:1")
+
+
+def test_a_master_killed_under_load_the_service_recovers_and_keeps_every_acknowledged_response(
+        tmp_path: Path, models_dir: Path) -> None:
+    """Decide + RecordResponse calls go on while a master is SIGKILLed: calls fail or degrade (within their
+    deadline) until its replica is promoted, then the same server answers normally again; every response
+    it acknowledged is in its decision record and in the responses stream."""
+    import random
+    import shutil
+
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+    from engine.config import Config
+    from engine.decision.contact import decision_key
+    from engine.serving.app import App
+    from engine.serving.server import build_server
+    from engine.store.profiles import RESPONSES_STREAM
+    from engine.store.streams import xrange_all
+
+    from .conftest import RULES_DIR
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    with LocalCluster(tmp_path / "cluster") as cluster:
+        app = App(Config(redis_url=cluster.url, rules_dir=rules_dir, models_dir=models_dir, demo_customers=300,
+                         metrics_port=0)).start()
+        server, port, health = build_server(app, "127.0.0.1:0")
+        server.start()
+        health.set("", health_pb2.HealthCheckResponse.SERVING)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.DecisionServiceStub(channel)
+        victim = cluster.master_ports()[0]
+        victim_slots = _slots(cluster.node(victim))
+        customers = [f"C{i:07d}" for i in range(300)]
+        on_victim = [c for c in customers if cluster.node(victim).cluster("keyslot", f"{{c:{c}}}") in victim_slots]
+        acked: list[tuple[str, str, str, str]] = []
+        rng = random.Random(7)
+
+        def one_call(cid: str) -> pb.DecideResponse | None:
+            """A decision and a response to its first action (retried like a client would, within 2 s)."""
+            try:
+                reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER), timeout=0.5)
+            except grpc.RpcError as exc:
+                assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+                return None
+            if not reply.actions or reply.degraded:
+                return reply
+            action, outcome = reply.actions[0].action_id, rng.choice([pb.OUTCOME_ACCEPTED, pb.OUTCOME_REJECTED])
+            give_up = time.monotonic() + 2
+            while time.monotonic() < give_up:
+                try:
+                    r = stub.RecordResponse(pb.RecordResponseRequest(decision_id=reply.decision_id, action_id=action,
+                                                                     outcome=outcome), timeout=0.5)
+                    acked.append((reply.decision_id, action, pb.Outcome.Name(outcome), r.response_id))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+                    time.sleep(0.05)
+            return reply
+
+        try:
+            for cid in customers[:40]:  # before
+                one_call(cid)
+            before = len(acked)
+            assert before > 20
+            cluster.kill(victim)
+            killed = time.monotonic()
+            recovered = None
+            while time.monotonic() - killed < 40:
+                reply = one_call(rng.choice(on_victim))
+                if reply is not None and reply.actions and not reply.degraded and len(acked) > before:
+                    recovered = time.monotonic() - killed
+                    break
+            assert recovered is not None, "the service did not recover within 40 s of the kill"
+            for cid in customers[40:120]:  # after: everything normal again, on every master
+                reply = one_call(cid)
+                assert reply is not None and not reply.degraded, cid
+            client = app.store.client
+            streamed = {e[0].decode() for e in xrange_all(client, RESPONSES_STREAM)}
+            for decision_id, action, outcome, response_id in acked:
+                field = f"r:{action}:{outcome.removeprefix('OUTCOME_').lower()}"
+                assert client.hget(decision_key(decision_id), field) == response_id.encode(), (decision_id, field)
+                assert response_id in streamed, response_id
+        finally:
+            channel.close()
+            server.stop(0).wait()
+            app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -327,6 +328,53 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
             assert used[a] <= budget and per_action.get(a, 0) == used[a], (a, used[a], per_action.get(a))
         presented = sum(len(r.actions) for r in replies)
         assert presented > sum(used.values())  # the next-best actions took the exhausted ones' places
+
+
+def test_2_processes_x_8_threads_present_an_action_exactly_its_budget_of_100(redis_url: str, models_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """2,000 decisions (10 for each of the 200 demo customers) at once, against a budget of 100 on every
+    offer: each offer is presented as often as its counter says, never more than 100 times, and the most
+    wanted exactly 100."""
+    import threading
+    from collections import Counter
+
+    from .conftest import two_workers
+
+    budget, customers = 100, [f"C{i % 200:07d}" for i in range(2_000)]
+    rules_dir = budget_rules(tmp_path, budget, quiet_hours=False, on_impression=False)
+    with two_workers(redis_url, rules_dir, models_dir) as (channels, _):
+        shown: Counter[str] = Counter()
+        errors: list[Exception] = []
+        start = threading.Barrier(16)
+
+        def client(k: int) -> None:
+            stub = pb_grpc.DecisionServiceStub(channels[k % len(channels)])
+            start.wait()
+            try:
+                for cid in customers[k::16]:
+                    reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER,
+                                                         max_actions=3), timeout=10)
+                    shown.update(a.action_id for a in reply.actions)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+        started = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        client_ = redis_client(redis_url, decode_responses=True)
+        days = {started, time.time()}
+        catalog = load_and_compile(rules_dir)
+        try:
+            budgeted = {a for a, x in catalog.ruleset.by_id.items() if x.daily_budget}
+        finally:
+            catalog.close()
+        used = {a: sum(int(client_.get(k) or 0) for k in {budget_key(a, t) for t in days}) for a in budgeted}
+        assert {a: shown[a] for a in budgeted} == used
+        assert max(used.values()) == budget and all(n <= budget for n in used.values())
 
 
 def test_the_schema_describes_contact_yaml_as_the_loader_reads_it() -> None:

@@ -33,7 +33,7 @@ from engine.decision.history import contact_head, contacts_key
 from engine.decision.request import InvalidRequest
 from engine.errors import NbaError
 from engine.rules.contact import DAY_MS, ContactRules
-from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN, is_cluster
+from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN, is_cluster, replicated
 from engine.store.slots import customer_shard_key
 
 if TYPE_CHECKING:
@@ -152,12 +152,15 @@ class ResponseRecorder:
     def _record_on_cluster(self, key: str, customer: str, field: str, member: str, ts_ms: int, keep_ms: int,
                            stream: str, reserved: str, fields: dict[str, str]) -> tuple[int, bytes | str, int]:
         """``RESPOND`` in steps that each touch one slot (``RESPOND_CUSTOMER``): a call that dies half-way
-        is completed by its retry; an entry may then be in the stream twice (at least once)."""
+        is completed by its retry; an entry may then be in the stream twice (at least once). The answer
+        waits until a replica has the stream entry and the record (``replicated``)."""
         first, entry = self._customer_script(keys=[key, contacts_key(customer)], args=[field, member, ts_ms, keep_ms])
         if not first:
             return 0, entry, 0
         late = 1 if reserved and not self.client.zrem(customer_shard_key(RESERVATIONS_KEY, customer, self.client),
                                                       reserved) else 0
-        entry = self.client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        self.client.hset(key, field, entry)
+        flat = [x for kv in fields.items() for x in kv]
+        entry = replicated(self.client, stream, "XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", *flat,
+                           operation="response")
+        replicated(self.client, key, "HSET", key, field, entry, operation="response")
         return 1, entry, late

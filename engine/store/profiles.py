@@ -39,6 +39,7 @@ from redis.commands.core import Script
 from redis.connection import SENTINEL
 from redis.exceptions import RedisClusterException
 
+from engine import metrics
 from engine.config import Config
 from engine.errors import NbaError
 from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
@@ -343,6 +344,25 @@ def _cluster_client(url: str, tls: dict[str, Any], timeout: float, options: dict
 
 def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
+
+
+REPLICA_WAIT_MS = 50
+
+
+def replicated(client: redis.Redis, key: str, *command: Any, operation: str) -> Any:
+    """``command`` on a cluster's master of ``key``, then ``WAIT 1`` on the same connection: the reply once
+    a replica has the write too (or after ``REPLICA_WAIT_MS``, counted in ``nba_redis_unreplicated_total``),
+    so a failover right after does not lose it. On one node, just the command."""
+    if not is_cluster(client):
+        return client.execute_command(*command)
+    node = cast(RedisCluster, client).get_node_from_key(key)
+    with node.redis_connection.pipeline(transaction=False) as pipe:
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+        reply, acked = pipe.execute()
+    if not acked:
+        metrics.UNREPLICATED.labels(operation).inc()
+    return reply
 
 
 def _reason(exc: redis.exceptions.RedisError, url: str) -> str:
