@@ -1,8 +1,10 @@
 """Processing one event: the same path for ``PublishEvent``, the ingest stream and absence timers.
 
-1. One Lua script: idempotency by event id (per customer), append to the customer's bounded history
-   (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and count), append to the
-   ``nba:stream:events`` log, and read back the history the patterns need: one round trip.
+1. One Lua script on the customer's keys: idempotency by event id (per customer), append to the
+   customer's bounded history (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and
+   count), and read back the history the patterns need: one round trip. On one Redis node the same
+   script appends the event to the ``nba:stream:events`` log; on a Redis Cluster the log is sharded
+   (``engine.store.slots``: another slot than the customer's) and the entry is written just after.
    Before it, a ``consent_withdrawn`` event (declared in events.yaml with a ``channel`` attribute;
    ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
    replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
@@ -12,8 +14,8 @@
 2. The patterns (``CompiledPatterns``, part of the live rule set) evaluate that history in a
    short-lived durable session.
 3. One more script: triggers the event resolves are cleared, triggers of matched patterns are raised
-   (with their time to live), absence timers are scheduled in ``nba:timers``. When ``publish``
-   returns, the next Decide on any channel sees the triggers.
+   (with their time to live); then absence timers are added to ``nba:timers`` (the customer's shard).
+   When ``publish`` returns, the next Decide on any channel sees the triggers.
 4. A matched pattern with ``outbound`` runs a real decision for that customer on the outbound channel,
    aimed at that action (rules, consent, contact policies, quiet hours, budgets: the decision
    funnel's own), and writes what was presented to ``nba:stream:outbound``, or counts why not.
@@ -21,11 +23,27 @@
    re-runs the decision at the window's end with the rules, consent, policies and budgets of then,
    unless the pattern's trigger expires first (then it is suppressed and nothing is scheduled).
 
-An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``;
-a postponed run leaves ``postponed`` only in the script that also writes the stream entry or the
-next timer, so it sends at most once however often its timer runs, and a run that dies before that
-script leaves ``postponed`` for the timer's retry. A run claim (``:run``, ``OUTBOUND_RUN_MS``) keeps
-two pollers from deciding it at the same time.
+Every script touches one hash slot (the customer's), so all of this runs on a Redis Cluster.
+
+Applied once, effects at least once. The ingest script records the event id (a replay is a
+duplicate) and, when the event has effects after it (patterns react to its type; on a cluster also
+the log entry), marks them pending in ``nba:{c:<id>}:events:pending``; the mark is cleared after the
+last effect. A call that dies in between and is retried finds the mark and does the effects again:
+clearing and raising triggers and adding a timer are idempotent; the log entry may be written twice
+(its ``event_id`` field tells the copies apart: consumers of ``nba:stream:events`` deduplicate by
+it); an outbound is guarded by its state key, below. On one node, without patterns for the type, the
+log entry is written by the ingest script itself: one round trip, no mark.
+
+An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``,
+each change a compare-and-set in a script on the customer's slot. At most once per (pattern, event):
+the stream entry is written after the change to ``sent`` succeeded and only by the caller whose change
+it was, so a process dying between the two loses that outbound rather than sending it twice (a message
+to a customer is worse sent twice than not at all). A postponement adds its timer *before* the change
+to ``postponed``: a timer whose change then failed finds the state moved on and does nothing, and a
+process dying between the two leaves a state that is not ``postponed`` (lost, not doubled). A postponed
+run leaves ``postponed`` only by such a change, so it sends at most once however often its timer runs,
+and a run that dies before it leaves ``postponed`` for the timer's retry. A run claim (``:run``,
+``OUTBOUND_RUN_MS``) keeps two pollers from deciding it at the same time.
 
 Key layout added here (all customer keys carry the customer's hash tag):
 
@@ -34,9 +52,10 @@ Key layout added here (all customer keys carry the customer's hash tag):
 - ``nba:{c:<id>}:event_ids`` sorted set: event ids seen, by arrival time (dedupe window)
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound's state: 1 | sent | done | postponed
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>:run``  the claim of a postponed run (short-lived)
+- ``nba:{c:<id>}:events:pending``  hash: event id -> 1 while the event's effects are being applied
 - ``nba:timers``             sorted set: absence timers and postponed outbound actions by due time
-                             (see ``engine/events/timers.py``)
-- ``nba:stream:outbound``    outbound actions for sending systems
+                             (see ``engine/events/timers.py``); on a cluster ``nba:timers:{shard:<k>}``
+- ``nba:stream:outbound``    outbound actions for sending systems; on a cluster sharded as the timers
 """
 
 from __future__ import annotations
