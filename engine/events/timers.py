@@ -6,8 +6,9 @@ Cluster split into shards, a customer's timers on the customer's shard, ``engine
 when the opening event arrives (or when quiet hours postpone an outbound action), so a restart between
 an event and its due time loses nothing. A Lua claim (per shard) hands each due timer to one poller
 and pushes its due time ``LEASE_MS`` ahead; the poller removes it once handled. A poller that dies
-mid-way leaves the timer to be claimed again after the lease (at least once; the effects are idempotent: a trigger set twice is one trigger, an outbound action
-is sent at most once per (pattern, event), also when it was postponed).
+mid-way leaves the timer to be claimed again after the lease (at least once; the effects are
+idempotent: a trigger set twice is one trigger, an outbound action is sent at most once per
+(pattern, event), also when it was postponed).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ stream writers of the wings below):
   decision record whose ``customer`` is the customer (the streams may have been trimmed);
 - shared keys holding members of the customer: ``nba:timers`` (every shard of it on a Redis Cluster;
   absence timers and postponed outbound actions, a JSON member whose ``"c"`` is the customer) and
-  ``nba:reservations`` (budget units reserved for unreported impressions, ``<decision id>|<action>|<budget key>``: removed, and the unit given back
-  as the releaser would at the reservation's expiry: the impression was never reported);
+  ``nba:reservations`` (budget units reserved for unreported impressions,
+  ``<decision id>|<action>|<budget key>``: removed, and the unit given back as the releaser would at
+  the reservation's expiry: the impression was never reported);
 - every Redis Stream (found with ``SCAN TYPE stream``: ``nba:stream:decisions``, ``responses``,
   ``events``, ``events:in``, ``events:invalid``, ``outbound``, the simulator's streams and any other),
   read in chunks with ``XRANGE``: an entry is the customer's when its ``customer_id`` (or ``customer``)
