@@ -4,7 +4,8 @@
    customer's bounded history (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and
    count), and read back the history the patterns need: one round trip. On one Redis node the same
    script appends the event to the ``nba:stream:events`` log; on a Redis Cluster the log is sharded
-   (``engine.store.slots``: another slot than the customer's) and the entry is written just after.
+   (``engine.store.slots``: another slot than the customer's) and the entry is written after the
+   event's other effects (steps 3 and 4).
    Before it, a ``consent_withdrawn`` event (declared in events.yaml with a ``channel`` attribute;
    ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
    replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
@@ -23,16 +24,18 @@
    re-runs the decision at the window's end with the rules, consent, policies and budgets of then,
    unless the pattern's trigger expires first (then it is suppressed and nothing is scheduled).
 
-Every script touches one hash slot (the customer's), so all of this runs on a Redis Cluster.
+Every script here touches one hash slot (the customer's), so all of this runs on a Redis Cluster.
 
 Applied once, effects at least once. The ingest script records the event id (a replay is a
 duplicate) and, when the event has effects after it (patterns react to its type; on a cluster also
 the log entry), marks them pending in ``nba:{c:<id>}:events:pending``; the mark is cleared after the
 last effect. A call that dies in between and is retried finds the mark and does the effects again:
-clearing and raising triggers and adding a timer are idempotent; the log entry may be written twice
-(its ``event_id`` field tells the copies apart: consumers of ``nba:stream:events`` deduplicate by
-it); an outbound is guarded by its state key, below. On one node, without patterns for the type, the
-log entry is written by the ingest script itself: one round trip, no mark.
+clearing and raising triggers and adding a timer are idempotent; the log entry, written last, is
+written twice only when the call died between writing it and clearing the mark (at least once: its
+``event_id`` field tells the copies apart, consumers of ``nba:stream:events`` deduplicate by it); an
+outbound is guarded by its state key, below. On one node, without patterns for the type, the log entry
+is written by the ingest script itself: one round trip, no mark; on a cluster such an event costs three
+(ingest script, XADD, HDEL of the mark), as the writes to two slots cannot share a script.
 
 An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``,
 each change a compare-and-set in a script on the customer's slot. At most once per (pattern, event):
@@ -319,10 +322,6 @@ class EventProcessor:
             if reply[0] == 1:
                 metrics.events(self._type_label(event_type)).inc()
             stream_id = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-            if not inline:  # again for a retried event whose effects are pending: at least once
-                stream_id = cast(bytes, self.client.xadd(
-                    customer_shard_key(EVENTS_STREAM, customer_id, self.client), log_fields,  # type: ignore[arg-type]
-                    maxlen=STREAM_MAXLEN, approximate=True)).decode()
             out = Processed(stream_id=stream_id, duplicate=reply[0] == 2, consent_withdrawn=withdrawn)
             if reactive:
                 assert events is not None and patterns is not None
@@ -330,6 +329,10 @@ class EventProcessor:
                 firings, timers = patterns.on_event(history, event)
                 cleared = sorted(events.clears_by_event.get(event_type, ()))
                 self._apply(customer_id, firings, cleared, timers, out, now_ms)
+            if not inline:  # the last effect, so only a death between it and the mark's removal writes it twice
+                out.stream_id = cast(bytes, self.client.xadd(
+                    customer_shard_key(EVENTS_STREAM, customer_id, self.client), log_fields,  # type: ignore[arg-type]
+                    maxlen=STREAM_MAXLEN, approximate=True)).decode()
             if reactive or not inline:
                 self.client.hdel(effects_key(customer_id), event_id)
         return out
