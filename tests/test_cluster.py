@@ -115,6 +115,7 @@ def test_a_master_killed_under_load_the_service_recovers_and_keeps_every_acknowl
         customers = [f"C{i:07d}" for i in range(300)]
         on_victim = [c for c in customers if cluster.node(victim).cluster("keyslot", f"{{c:{c}}}") in victim_slots]
         acked: list[tuple[str, str, str, str]] = []
+        outcomes: dict[str, int] = {}
         rng = random.Random(7)
 
         def one_call(cid: str) -> pb.DecideResponse | None:
@@ -123,7 +124,9 @@ def test_a_master_killed_under_load_the_service_recovers_and_keeps_every_acknowl
                 reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER), timeout=0.5)
             except grpc.RpcError as exc:
                 assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+                outcomes[exc.code().name] = outcomes.get(exc.code().name, 0) + 1
                 return None
+            outcomes["degraded" if reply.degraded else "ok"] = outcomes.get("degraded" if reply.degraded else "ok", 0) + 1
             if not reply.actions or reply.degraded:
                 return reply
             action, outcome = reply.actions[0].action_id, rng.choice([pb.OUTCOME_ACCEPTED, pb.OUTCOME_REJECTED])
@@ -146,13 +149,17 @@ def test_a_master_killed_under_load_the_service_recovers_and_keeps_every_acknowl
             assert before > 20
             cluster.kill(victim)
             killed = time.monotonic()
-            recovered = None
+            recovered, troubled = None, 0
             while time.monotonic() - killed < 40:
                 reply = one_call(rng.choice(on_victim))
                 if reply is not None and reply.actions and not reply.degraded and len(acked) > before:
                     recovered = time.monotonic() - killed
                     break
+                troubled += 1
             assert recovered is not None, "the service did not recover within 40 s of the kill"
+            assert troubled > 0  # the kill was felt: calls failed or degraded until the promotion
+            print(f"recovered {recovered:.2f} s after the kill; {troubled} calls failed or degraded meanwhile; "
+                  f"Decide outcomes {outcomes}")
             for cid in customers[40:120]:  # after: everything normal again, on every master
                 reply = one_call(cid)
                 assert reply is not None and not reply.degraded, cid

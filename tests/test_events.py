@@ -25,9 +25,7 @@ from engine.store.slots import shard_keys
 from . import shards
 from .conftest import RULES_DIR
 
-# both_redis: on one node and on a Redis Cluster. The tests left unmarked decide (Decide, or an outbound
-# decision) with contact policies on, whose presenting script is not single-slot yet (decision/contact.py);
-# mark the module when it is.
+pytestmark = pytest.mark.both_redis
 
 HOUR = 3600.0
 
@@ -184,7 +182,6 @@ def test_count_pattern_needs_two_distinct_failures_and_a_replay_counts_once(svc:
     assert len(_outbound(redis_url)) == 1
 
 
-@pytest.mark.both_redis
 def test_failures_further_apart_than_the_window_do_not_count(svc: Service) -> None:
     now = time.time()
     svc.publish("E4", "payment_failed", at=now - 8 * 24 * HOUR, amount=10)
@@ -243,7 +240,6 @@ def test_quiet_hours_postpone_an_outbound_email(redis_url: str, models_dir: Path
 
 # --- sequence -------------------------------------------------------------------------------------
 
-@pytest.mark.both_redis
 def test_sequence_pattern_complaint_then_payment_failure(svc: Service) -> None:
     now = time.time()
     svc.publish("E8", "complaint_opened", at=now - 10 * 24 * HOUR, severity="high")
@@ -286,7 +282,6 @@ def test_absence_with_outbound_renewal_email(svc: Service, redis_url: str) -> No
     assert "retention_save" not in svc.triggers("E14")
 
 
-@pytest.mark.both_redis
 def test_a_restart_between_the_event_and_its_due_time(redis_url: str, models_dir: Path, rules_dir: Path) -> None:
     svc = Service(redis_url, models_dir, rules_dir).start()
     try:
@@ -310,7 +305,6 @@ def test_a_restart_between_the_event_and_its_due_time(redis_url: str, models_dir
     ("payment_failed", {}, "attributes.amount", ["needs attribute amount"]),
     ("contact_request", {"topic": "biling"}, "attributes.topic", ['did you mean "billing"']),
 ])
-@pytest.mark.both_redis
 def test_invalid_events_name_the_field(svc: Service, kind: str, attributes: dict, field: str, words: list[str]) -> None:
     with pytest.raises(grpc.RpcError) as err:
         svc.publish("E16", kind, **attributes)
@@ -320,7 +314,6 @@ def test_invalid_events_name_the_field(svc: Service, kind: str, attributes: dict
         assert word in err.value.details()
 
 
-@pytest.mark.both_redis
 def test_the_ingest_stream_feeds_the_same_path(svc: Service, redis_url: str) -> None:
     client = redis_client(redis_url, decode_responses=True)
     client.xadd(INGEST_STREAM, {"event_id": "s-1", "customer_id": "E17", "type": "contact_request", "attr.topic": "billing"})
@@ -335,7 +328,6 @@ def test_the_ingest_stream_feeds_the_same_path(svc: Service, redis_url: str) -> 
 
 # --- many customers -----------------------------------------------------------------------------------
 
-@pytest.mark.both_redis
 def test_events_for_5000_customers_leave_no_durable_state(svc: Service) -> None:
     """Each evaluation's durable session is deleted: 5,000 distinct customers (durable holds 1,024
     live sessions per ruleset), 16 concurrent callers, no error."""
@@ -373,7 +365,6 @@ def test_a_reload_swaps_the_patterns_and_frees_the_old_ones(svc: Service) -> Non
 
 # --- timers and the stream under several processes ----------------------------------------------------
 
-@pytest.mark.both_redis
 def test_two_pollers_claim_each_due_timer_once(redis_url: str) -> None:
     """Two pollers (as in two worker processes) on one Redis: every due timer is handled exactly once."""
     from engine.events.timers import TimerPoller
@@ -392,7 +383,6 @@ def test_two_pollers_claim_each_due_timer_once(redis_url: str) -> None:
     assert [m.decode() for m, _ in shards.zrange(client, TIMERS_KEY)] == ["later"]
 
 
-@pytest.mark.both_redis
 def test_a_failed_timer_is_claimed_again_after_its_lease(redis_url: str) -> None:
     from engine.events import timers
 
@@ -411,7 +401,6 @@ def test_a_failed_timer_is_claimed_again_after_its_lease(redis_url: str) -> None
     assert later.poll_once() == 1 and seen == ["x"] and client.zcard(key) == 0
 
 
-@pytest.mark.both_redis
 def test_entries_a_dead_consumer_left_pending_are_taken_over(svc: Service, redis_url: str) -> None:
     from engine.events.stream import GROUP, EventStreamConsumer
 
@@ -428,7 +417,6 @@ def test_entries_a_dead_consumer_left_pending_are_taken_over(svc: Service, redis
     assert "callback_requested" in svc.triggers("E19")
 
 
-@pytest.mark.both_redis
 def test_nba_event_command(svc: Service, capsys) -> None:
     from engine.cli import main
 

@@ -24,8 +24,7 @@ from engine.store.slots import customer_shard_key
 from . import shards
 from .conftest import RULES_DIR
 
-# Not yet both_redis: every test here makes an outbound decision with contact policies on, whose presenting
-# script is not single-slot yet (decision/contact.py); the reads below already cover a cluster's shards.
+pytestmark = pytest.mark.both_redis
 
 
 def _at(text: str) -> float:

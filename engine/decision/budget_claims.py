@@ -39,10 +39,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS[1] a budget counter: one unit back (unless the counter expired meanwhile).
+# KEYS[1] a budget counter: one unit back (unless the counter expired meanwhile): 1, else 0.
 UNCLAIM = r"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end
-return 0
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DECR', KEYS[1])
+return 1
 """
 
 # KEYS[1] one shard of the reservations; ARGV: now ms, batch. Takes the due reservations off the set and
@@ -96,6 +97,6 @@ class BudgetClaims:
                 member = reservation_member(decision_id, action_ids[i], " ".join(keys))
                 self.client.zadd(customer_shard_key(RESERVATIONS_KEY, customer_id, self.client), {member: expires_ms})
 
-    def give_back(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self._unclaim(keys=[key])
+    def give_back(self, keys: Sequence[str]) -> int:
+        """One unit back to each counter of ``keys``; how many still existed."""
+        return sum(int(self._unclaim(keys=[key])) for key in keys)

@@ -42,13 +42,14 @@ import redis
 
 from engine.models.experiment import ExplorationConfig, bucket
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
-from engine.store.slots import shard_keys
+from engine.store.slots import key_slot, shard_keys, slot_tag
 from engine.store.streams import base_of, read_group
 
 log = logging.getLogger(__name__)
 
 COUNTS_KEY = "nba:explore:counts"
-POSTERIOR_KEY = "nba:explore:posterior:{period}"
+# on the counts' slot (tag), so the pinning script touches one slot on a cluster too
+POSTERIOR_KEY = "nba:explore:posterior:{{" + slot_tag(key_slot(COUNTS_KEY)) + "}}:{period}"
 GROUP = "nba-exploration"
 
 # The counts as of the period's first use, shared by all processes for the whole period.

@@ -55,12 +55,13 @@ from typing import Any, cast
 
 import redis
 
+from engine.decision.budget_claims import BudgetClaims
 from engine.decision.contact import RESERVATIONS_KEY, decision_key
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
 from engine.events.processor import TIMERS_KEY
 from engine.features import CATEGORICAL, NUMERIC
 from engine.store.audit import AUDIT_STREAM, audit
-from engine.store.profiles import SchemaMismatch, decode_profile, profile_key, triggers_key
+from engine.store.profiles import SchemaMismatch, decode_profile, is_cluster, profile_key, triggers_key
 from engine.store.slots import shard_keys
 from engine.store.streams import id_order
 
@@ -93,6 +94,24 @@ return {removed, returned}
 """
 
 
+def _drop_reservations(client: redis.Redis, reservations: list[tuple[str, str, float]]) -> tuple[int, int]:
+    """Removes the reservations and gives their budget units back: (removed, given back). On a cluster
+    the counters are on other slots than the reservations, so a unit goes back after its ZREM won."""
+    gone = returned = 0
+    if is_cluster(client):
+        budgets = BudgetClaims(client)
+        for key, member, _ in reservations:
+            if client.zrem(key, member):
+                gone += 1
+                returned += 1 if budgets.give_back(member.split("|", 2)[2].split()) else 0
+        return gone, returned
+    members = [m for _, m, _ in reservations]
+    for i in range(0, len(members), CHUNK):
+        r = cast("list[int]", client.eval(_DROP_RESERVATIONS, 1, RESERVATIONS_KEY, *members[i:i + CHUNK]))
+        gone, returned = gone + int(r[0]), returned + int(r[1])
+    return gone, returned
+
+
 @dataclass
 class Erased:
     """What ``forget_customer`` removed. ``places``: counts by kind of place (for the log and tests)."""
@@ -113,7 +132,7 @@ class _Found:
     keys: list[str] = field(default_factory=list)  # the customer's own keys (hash tag)
     decisions: list[str] = field(default_factory=list)  # decision record keys whose customer is this one
     timers: list[tuple[str, str]] = field(default_factory=list)  # (timers shard key, member)
-    reservations: list[tuple[str, float]] = field(default_factory=list)
+    reservations: list[tuple[str, str, float]] = field(default_factory=list)  # (shard key, member, expiry ms)
     entries: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # stream -> entries
 
 
@@ -207,9 +226,10 @@ def _locate(client: redis.Redis, customer_id: str, skip_streams: frozenset[str] 
             if owner == customer_id:
                 found.timers.append((timers, _s(member)))
     ids = {_decision_id(key) for key in found.decisions} | candidates
-    for member, expiry in client.zscan_iter(RESERVATIONS_KEY, count=CHUNK):
-        if _s(member).split("|", 1)[0] in ids:
-            found.reservations.append((_s(member), expiry))
+    for reservations in shard_keys(RESERVATIONS_KEY, client):
+        for member, expiry in client.zscan_iter(reservations, count=CHUNK):
+            if _s(member).split("|", 1)[0] in ids:
+                found.reservations.append((reservations, _s(member), expiry))
     return found
 
 
@@ -287,7 +307,7 @@ def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cl
         "key_ttl_ms": {k: ttls[k] for k in keys if keys[k] is not None},
         "decision_records": {d: fields for d, fields in decisions.items() if fields},
         "timers": [{"member": json.loads(m), "key": k} for k, m in found.timers],
-        "budget_reservations": [{"member": m, "expires_ms": e, "key": RESERVATIONS_KEY} for m, e in found.reservations],
+        "budget_reservations": [{"member": m, "expires_ms": e, "key": k} for k, m, e in found.reservations],
         "streams": _by_base(found.entries),
     }
     if who is not None:
@@ -322,11 +342,7 @@ def forget_customer(client: redis.Redis, customer_id: str, who: str = "cli", rew
     for key, member in found.timers:
         removed += int(client.zrem(key, member))
     out.places["timers"] = removed
-    members = [m for m, _ in found.reservations]
-    gone = returned = 0
-    for i in range(0, len(members), CHUNK):
-        r = cast("list[int]", client.eval(_DROP_RESERVATIONS, 1, RESERVATIONS_KEY, *members[i:i + CHUNK]))
-        gone, returned = gone + int(r[0]), returned + int(r[1])
+    gone, returned = _drop_reservations(client, found.reservations)
     out.places["reservations"] = gone
     out.members_removed = removed + gone
     out.budget_units_returned = returned
@@ -355,7 +371,15 @@ def forget_customer(client: redis.Redis, customer_id: str, who: str = "cli", rew
 
 
 def _rewrite_aof(client: redis.Redis) -> str:
-    """Start rewriting the append-only file (which still holds the erased data) when it is on."""
+    """Start rewriting the append-only file (which still holds the erased data) when it is on: on every
+    node of a cluster, replicas included (they hold the data too)."""
+    if is_cluster(client):
+        results = {_rewrite_node(node.redis_connection) for node in cast(Any, client).get_nodes()}
+        return results.pop() if len(results) == 1 else ", ".join(sorted(results))
+    return _rewrite_node(client)
+
+
+def _rewrite_node(client: redis.Redis) -> str:
     try:
         config = cast("dict[str, str]", client.config_get("appendonly"))
         if config.get("appendonly") != "yes":

@@ -7,6 +7,7 @@ import threading
 from typing import Self
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from engine.metrics import REDIS_ERRORS
 
@@ -41,7 +42,7 @@ class Poller:
         while not self._stop.wait(self.interval):
             try:
                 self.poll_once()
-            except redis.exceptions.RedisError as exc:
+            except (redis.exceptions.RedisError, RedisClusterException) as exc:
                 if self._stop.is_set():  # shutting down: Redis may already be gone
                     return
                 REDIS_ERRORS.labels(self.label).inc()
