@@ -92,6 +92,7 @@ def refused_reloads() -> float:
     return metrics.RULE_RELOADS.labels("refused")._value.get()
 
 
+@pytest.mark.both_redis
 def test_rule_edits_go_live_under_load_and_broken_edits_are_refused(watched) -> None:
     app, channel = watched
     admin = pb_grpc.AdminServiceStub(channel)

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import redis
 from grpc_health.v1 import health_pb2
 
 from engine.api.nba.v1 import nba_pb2 as pb
@@ -31,7 +30,8 @@ from engine.models.training import from_streams, read_csv
 from engine.serving.app import App
 from engine.serving.server import build_server
 from engine.sim.world import generate
-from engine.store.profiles import DECISIONS_STREAM, ProfileStore
+from engine.store.profiles import DECISIONS_STREAM, ProfileStore, redis_client
+from engine.store.streams import length, xrange_all
 
 from .conftest import RULES_DIR
 
@@ -92,10 +92,10 @@ def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
 
 
 def decision_records(url: str, n: int) -> list[dict]:
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis_client(url, decode_responses=True)
     try:
-        wait_for(lambda: client.xlen(DECISIONS_STREAM) >= n, what=f"{n} decision records")
-        return [fields for _, fields in client.xrange(DECISIONS_STREAM)]
+        wait_for(lambda: length(client, DECISIONS_STREAM) >= n, what=f"{n} decision records")
+        return [fields for _, fields in xrange_all(client, DECISIONS_STREAM)]
     finally:
         client.close()
 
@@ -199,6 +199,7 @@ def test_promote_while_decide_calls_run(live, second_model: Trained) -> None:
     assert app.model.current.version == new and app.model_watcher.last_error is None
 
 
+@pytest.mark.both_redis
 def test_challenger_split_is_stable_by_customer_and_recorded(live, second_model: Trained, redis_url: str) -> None:
     app, channel, registry = live
     champion = app.model.current.version
@@ -220,6 +221,7 @@ def test_challenger_split_is_stable_by_customer_and_recorded(live, second_model:
     assert roles == {(champion, "champion"), (challenger, "challenger")}
 
 
+@pytest.mark.both_redis
 def test_shadow_challenger_is_scored_and_logged_but_never_decides(live, second_model: Trained, redis_url: str) -> None:
     app, channel, registry = live
     champion = app.model.current.version
@@ -264,6 +266,7 @@ def test_experiment_errors_name_the_key(text: str, key: str) -> None:
 
 # --- exploration ------------------------------------------------------------------------------------
 
+@pytest.mark.both_redis
 def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_responses(live, redis_url: str) -> None:
     app, channel, registry = live
     (registry.dir / EXPERIMENT_FILE).write_text(
@@ -283,7 +286,7 @@ def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_
         assert explored == (c not in in_control and scored), c
         assert all(("exploring" in " ".join(a.reasons)) == explored for a in reply.actions)
     assert sum(r["explored"] == "1" for r in records.values()) > len(customers) / 2
-    report = build_report(redis.Redis.from_url(redis_url))  # nba report states the share
+    report = build_report(redis_client(redis_url))  # nba report states the share
     assert report["exploration"]["decisions"] == sum(r["explored"] == "1" for r in records.values())
     assert report["exploration"]["share"] == pytest.approx(report["exploration"]["decisions"] / report["decisions"])
     assert sum(m["decisions"] for m in report["models"].values()) == report["decisions"]
@@ -301,7 +304,7 @@ def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_
                                                          outcome=pb.OUTCOME_ACCEPTED), timeout=5)
             accepted += 1
     presented = sum(len(r.actions) for r in replies.values())
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(redis_url, decode_responses=True)
     try:
         def totals() -> tuple[int, int]:
             counts = client.hgetall(COUNTS_KEY)
@@ -330,6 +333,7 @@ def test_thompson_exploration_is_stable_skips_the_control_group_and_learns_from_
 
 # --- training from recorded decisions and responses -------------------------------------------------
 
+@pytest.mark.both_redis
 def test_training_rows_are_the_model_input_at_decision_time(live, redis_url: str, tmp_path: Path) -> None:
     app, channel, registry = live
     world = generate(1_000, 7)  # what the service seeded
@@ -361,7 +365,7 @@ def test_training_rows_are_the_model_input_at_decision_time(live, redis_url: str
     store.client.close()
 
     catalog = [a.id for a in app.rules.current.ruleset.actions]
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         open_window = from_streams(client, catalog, window_days=7, as_of=time.time())
         closed = from_streams(client, catalog, window_days=7, as_of=time.time() + 8 * DAY)

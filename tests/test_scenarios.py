@@ -19,6 +19,8 @@ from engine.store.profiles import Profile, ProfileStore
 
 from .conftest import RULES_DIR
 
+pytestmark = pytest.mark.both_redis
+
 SALES = {"upsell", "cross_sell", "bundle", "acquisition"}
 NOON = 1_781_524_800.0  # 2026-06-15 12:00 UTC: outside the demo rules' quiet hours for e-mail and SMS
 MARKETING = SALES | {"retention"}

@@ -43,6 +43,7 @@ from engine.decision.contact import (
     interaction_key,
     new_decision_id,
     present_args,
+    utc_day,
 )
 from engine.decision.request import DecideInput, validate
 from engine.decision.responses import ResponseRecorder
@@ -411,10 +412,11 @@ class DecisionEngine:
             bodies = [interactions.action_body(a) for a in (_exploring(would_show) if exploring else would_show)]
             head = _header(decision, mode)
         # on a cluster, budgets are claimed outside the script (engine.decision.budget_claims)
-        specs = [candidate_budgets(v.action, rules.ruleset.campaigns, now) for _, _, v in candidates] \
-            if self.budgets is not None else []
+        specs: list[list[tuple[str, int, str, int]]] = []
         claims: list[int | str] | None = None
         if self.budgets is not None:
+            day = utc_day(now)
+            specs = [candidate_budgets(v.action, rules.ruleset.campaigns, now, day) for _, _, v in candidates]
             claims = [0 if not b else self.budgets.peek(b) if mode == DRY else NOT_CLAIMED for b in specs]
         try:
             for _ in range(len(candidates) + 1):  # each round settles a claim at least
