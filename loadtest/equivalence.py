@@ -17,6 +17,7 @@ says how many decisions differ and shows the first ones.
     PYTHONPATH=<old checkout> python <old checkout>/loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-old.jsonl
     python loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-new.jsonl
     python loadtest/equivalence.py compare /tmp/eq-old.jsonl /tmp/eq-new.jsonl
+    python loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-cluster.jsonl --cluster  # the same on a cluster?
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def record(path: str, steps: int, days: float, hot: int, seed: int) -> None:
     print(f"{decides} decides, {len(lines) - decides} responses over {days:g} days -> {path}")
 
 
-def replay(requests: str, out: str, models_dir: str) -> None:
+def replay(requests: str, out: str, models_dir: str, cluster: bool = False) -> None:
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
     from engine.live import Live
@@ -78,12 +79,13 @@ def replay(requests: str, out: str, models_dir: str) -> None:
     from engine.rules.runtime import load_and_compile
     from engine.sim import demo
     from engine.store.profiles import ProfileStore
+    from engine.store.redis_cluster import LocalCluster
     from engine.store.redis_embedded import EmbeddedRedis
 
     clock = {"now": START}
     steps = [json.loads(line) for line in Path(requests).read_text().splitlines()]
     rows, decided = [], {}
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
+    with tempfile.TemporaryDirectory() as tmp, (LocalCluster(tmp) if cluster else EmbeddedRedis(tmp, persist=False)) as server:
         store = ProfileStore.from_url(server.url)
         demo.seed(store, CUSTOMERS)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
@@ -137,6 +139,7 @@ def main() -> int:
     p.add_argument("requests")
     p.add_argument("out")
     p.add_argument("--models-dir", default=str(ROOT / "models"))
+    p.add_argument("--cluster", action="store_true", help="on a local Redis Cluster (3 masters, 3 replicas)")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
@@ -144,7 +147,7 @@ def main() -> int:
     if args.command == "record":
         record(args.requests, args.steps, args.days, args.hot, args.seed)
     elif args.command == "replay":
-        replay(args.requests, args.out, args.models_dir)
+        replay(args.requests, args.out, args.models_dir, args.cluster)
     else:
         return compare(args.a, args.b)
     return 0
