@@ -18,6 +18,7 @@ says how many decisions differ and shows the first ones.
     python loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-new.jsonl
     python loadtest/equivalence.py compare /tmp/eq-old.jsonl /tmp/eq-new.jsonl
     python loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-cluster.jsonl --cluster  # the same on a cluster?
+    python loadtest/equivalence.py replay ... --budget 20  # every offer with a daily budget, which runs out
 """
 
 from __future__ import annotations
@@ -71,7 +72,23 @@ def record(path: str, steps: int, days: float, hot: int, seed: int) -> None:
     print(f"{decides} decides, {len(lines) - decides} responses over {days:g} days -> {path}")
 
 
-def replay(requests: str, out: str, models_dir: str, cluster: bool = False) -> None:
+def budgeted_rules(tmp: str, budget: int) -> Path:
+    """The demo rules with a daily budget of ``budget`` on every offer (as tests/test_contact.py's)."""
+    import shutil
+
+    rules = Path(tmp) / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    lines = []
+    for line in (rules / "catalog.yaml").read_text().splitlines():
+        if not line.strip().startswith("daily_budget:"):
+            lines.append(line)
+            if line.startswith("    type: ") and line.split()[-1] != "service":
+                lines.append(f"    daily_budget: {budget}")
+    (rules / "catalog.yaml").write_text("\n".join(lines) + "\n")
+    return rules
+
+
+def replay(requests: str, out: str, models_dir: str, cluster: bool = False, budget: int = 0) -> None:
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
     from engine.live import Live
@@ -88,7 +105,8 @@ def replay(requests: str, out: str, models_dir: str, cluster: bool = False) -> N
     with tempfile.TemporaryDirectory() as tmp, (LocalCluster(tmp) if cluster else EmbeddedRedis(tmp, persist=False)) as server:
         store = ProfileStore.from_url(server.url)
         demo.seed(store, CUSTOMERS)
-        rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
+        rules = Live(load_and_compile(budgeted_rules(tmp, budget) if budget else ROOT / "rules"),
+                     retire=lambda r: r.close())
         engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), clock=lambda: clock["now"])
         errors = 0
         for s in steps:
@@ -140,6 +158,7 @@ def main() -> int:
     p.add_argument("out")
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--cluster", action="store_true", help="on a local Redis Cluster (3 masters, 3 replicas)")
+    p.add_argument("--budget", type=int, default=0, help="a daily budget of this many on every offer")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
@@ -147,7 +166,7 @@ def main() -> int:
     if args.command == "record":
         record(args.requests, args.steps, args.days, args.hot, args.seed)
     elif args.command == "replay":
-        replay(args.requests, args.out, args.models_dir, args.cluster)
+        replay(args.requests, args.out, args.models_dir, args.cluster, args.budget)
     else:
         return compare(args.a, args.b)
     return 0
