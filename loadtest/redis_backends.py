@@ -121,10 +121,11 @@ def per_op(b: Backend, d: dict[int, dict], ops: int, idle: dict[int, float] | No
     for port, v in d.items():
         cpu = max(0.0, v["cpu_us"] - idle.get(port, 0.0) * v["seconds"])
         node = {"role": v["role"], "cpu_us": cpu / ops, "net_in_B": v["net_in"] / ops, "aof_B": v["aof"] / ops,
-                "repl_B": v["repl"] / ops, "commands": sum(c for c, _ in v["commands"].values()) / ops}
+                "repl_B": v["repl"] / ops, "commands": sum(c for c, _ in v["commands"].values()) / ops,
+                "cmd_usec": sum(u for _, u in v["commands"].values()) / ops}
         out["nodes"][port] = node
         t = totals[v["role"]]
-        for k in ("cpu_us", "net_in_B", "aof_B", "repl_B", "commands"):
+        for k in ("cpu_us", "net_in_B", "aof_B", "repl_B", "commands", "cmd_usec"):
             t[k] = t.get(k, 0.0) + node[k]
         if v["role"] == "master":
             for name, (calls, usec) in v["commands"].items():
