@@ -71,6 +71,7 @@ from engine.decision.contact import decision_key  # noqa: E402
 from engine.events.processor import event_ids_key  # noqa: E402
 from engine.store.profiles import EVENTS_STREAM, RESPONSES_STREAM  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+from engine.store.slots import customer_shard_key  # noqa: E402
 
 SCENARIOS = ("redis_sigkill", "client_pause", "worker_sigkill", "burst_3x", "maxmemory", "service_sigterm")
 DECIDE, RESPOND, EVENT = 0, 1, 2
@@ -599,7 +600,8 @@ class Drills:
                                  pipe.xrange(RESPONSES_STREAM, r[4], r[4])),
                 ("responses", lambda rep, i, r: rep[2 * i] is None or rep[2 * i].decode() != r[4] or not rep[2 * i + 1]))
         batched(self.load.acked_events,
-                lambda pipe, e: (pipe.xrange(EVENTS_STREAM, e[3], e[3]), pipe.zscore(event_ids_key(e[2]), e[1])),
+                lambda pipe, e: (pipe.xrange(customer_shard_key(EVENTS_STREAM, e[2], client), e[3], e[3]),
+                                 pipe.zscore(event_ids_key(e[2]), e[1])),
                 ("events", lambda rep, i, e: not rep[2 * i] or rep[2 * i + 1] is None))
         batched(self.load.acked_decisions, lambda pipe, d: pipe.exists(decision_key(d[1])),
                 ("decisions", lambda rep, i, d: not rep[i]))

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.api.nba.v1 import nba_pb2 as pb
@@ -20,9 +19,15 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, events_key
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import NUMERIC
-from engine.store.profiles import Profile
+from engine.store.profiles import Profile, redis_client
+from engine.store.slots import shard_keys
 
+from . import shards
 from .conftest import RULES_DIR
+
+# both_redis: on one node and on a Redis Cluster. The tests left unmarked decide (Decide, or an outbound
+# decision) with contact policies on, whose presenting script is not single-slot yet (decision/contact.py);
+# mark the module when it is.
 
 HOUR = 3600.0
 
@@ -113,8 +118,8 @@ def _profile(svc: Service, customer: str, consent=("web", "call_center", "email"
 
 
 def _outbound(redis_url: str) -> list[dict]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    return [fields for _, fields in client.xrange(OUTBOUND_STREAM)]
+    client = redis_client(redis_url, decode_responses=True)
+    return shards.entries(client, OUTBOUND_STREAM)
 
 
 def _wait(predicate, seconds: float = 10.0):
@@ -162,7 +167,7 @@ def test_count_pattern_needs_two_distinct_failures_and_a_replay_counts_once(svc:
     replay = svc.publish("E3", "payment_failed", event_id="pay-1", amount=20)
     assert replay.duplicate and not replay.patterns and not replay.stream_id
     assert "payment_failed" not in svc.triggers("E3")
-    assert redis.Redis.from_url(redis_url).zcard(events_key("E3")) == 1
+    assert redis_client(redis_url).zcard(events_key("E3")) == 1
     second = svc.publish("E3", "payment_failed", event_id="pay-2", amount=35)
     assert list(second.patterns) == ["repeated_payment_failure"]
     assert "payment_failed" in svc.triggers("E3")
@@ -179,6 +184,7 @@ def test_count_pattern_needs_two_distinct_failures_and_a_replay_counts_once(svc:
     assert len(_outbound(redis_url)) == 1
 
 
+@pytest.mark.both_redis
 def test_failures_further_apart_than_the_window_do_not_count(svc: Service) -> None:
     now = time.time()
     svc.publish("E4", "payment_failed", at=now - 8 * 24 * HOUR, amount=10)
@@ -237,6 +243,7 @@ def test_quiet_hours_postpone_an_outbound_email(redis_url: str, models_dir: Path
 
 # --- sequence -------------------------------------------------------------------------------------
 
+@pytest.mark.both_redis
 def test_sequence_pattern_complaint_then_payment_failure(svc: Service) -> None:
     now = time.time()
     svc.publish("E8", "complaint_opened", at=now - 10 * 24 * HOUR, severity="high")
@@ -259,7 +266,7 @@ def test_absence_fires_at_the_due_time_unless_the_call_came(svc: Service) -> Non
     svc.publish("E12", "call_completed", at=now - 12 * HOUR)
     assert "callback_overdue" not in svc.triggers("E11")
     assert _wait(lambda: "callback_overdue" in svc.triggers("E11"), 10)
-    assert _wait(lambda: svc.app.store.client.zcard(TIMERS_KEY) == 0, 5)
+    assert _wait(lambda: shards.zcard(svc.app.store.client, TIMERS_KEY) == 0, 5)
     assert "callback_overdue" not in svc.triggers("E12")
     top = svc.decide("E11").actions[0]
     assert top.action_id == "callback_customer"
@@ -275,17 +282,18 @@ def test_absence_with_outbound_renewal_email(svc: Service, redis_url: str) -> No
     sent = _wait(lambda: _outbound(redis_url), 5)
     assert [(o["customer_id"], o["action_id"], o["channel"]) for o in sent] == [
         ("E13", "retention_contract_renewal", "email")]
-    assert _wait(lambda: svc.app.store.client.zcard(TIMERS_KEY) == 0, 5)
+    assert _wait(lambda: shards.zcard(svc.app.store.client, TIMERS_KEY) == 0, 5)
     assert "retention_save" not in svc.triggers("E14")
 
 
+@pytest.mark.both_redis
 def test_a_restart_between_the_event_and_its_due_time(redis_url: str, models_dir: Path, rules_dir: Path) -> None:
     svc = Service(redis_url, models_dir, rules_dir).start()
     try:
         svc.publish("E15", "contact_request", at=time.time() - 24 * HOUR + 2.0, topic="other")
     finally:
         svc.stop()
-    assert redis.Redis.from_url(redis_url).zcard(TIMERS_KEY) == 1  # the timer is in Redis, not the server
+    assert shards.zcard(redis_client(redis_url), TIMERS_KEY) == 1  # the timer is in Redis, not the server
     svc = Service(redis_url, models_dir, rules_dir).start()
     try:
         assert _wait(lambda: "callback_overdue" in svc.triggers("E15"), 10)
@@ -302,6 +310,7 @@ def test_a_restart_between_the_event_and_its_due_time(redis_url: str, models_dir
     ("payment_failed", {}, "attributes.amount", ["needs attribute amount"]),
     ("contact_request", {"topic": "biling"}, "attributes.topic", ['did you mean "billing"']),
 ])
+@pytest.mark.both_redis
 def test_invalid_events_name_the_field(svc: Service, kind: str, attributes: dict, field: str, words: list[str]) -> None:
     with pytest.raises(grpc.RpcError) as err:
         svc.publish("E16", kind, **attributes)
@@ -311,8 +320,9 @@ def test_invalid_events_name_the_field(svc: Service, kind: str, attributes: dict
         assert word in err.value.details()
 
 
+@pytest.mark.both_redis
 def test_the_ingest_stream_feeds_the_same_path(svc: Service, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(redis_url, decode_responses=True)
     client.xadd(INGEST_STREAM, {"event_id": "s-1", "customer_id": "E17", "type": "contact_request", "attr.topic": "billing"})
     client.xadd(INGEST_STREAM, {"event_id": "s-1", "customer_id": "E17", "type": "contact_request", "attr.topic": "billing"})
     client.xadd(INGEST_STREAM, {"event_id": "s-2", "customer_id": "E17", "type": "nonsense"})
@@ -325,6 +335,7 @@ def test_the_ingest_stream_feeds_the_same_path(svc: Service, redis_url: str) -> 
 
 # --- many customers -----------------------------------------------------------------------------------
 
+@pytest.mark.both_redis
 def test_events_for_5000_customers_leave_no_durable_state(svc: Service) -> None:
     """Each evaluation's durable session is deleted: 5,000 distinct customers (durable holds 1,024
     live sessions per ruleset), 16 concurrent callers, no error."""
@@ -362,55 +373,62 @@ def test_a_reload_swaps_the_patterns_and_frees_the_old_ones(svc: Service) -> Non
 
 # --- timers and the stream under several processes ----------------------------------------------------
 
+@pytest.mark.both_redis
 def test_two_pollers_claim_each_due_timer_once(redis_url: str) -> None:
     """Two pollers (as in two worker processes) on one Redis: every due timer is handled exactly once."""
     from engine.events.timers import TimerPoller
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     now_ms = int(time.time() * 1000)
-    client.zadd(TIMERS_KEY, {f"t{i}": now_ms - i for i in range(500)})
-    client.zadd(TIMERS_KEY, {"later": now_ms + 3_600_000})
+    keys = shard_keys(TIMERS_KEY, client)  # spread over every shard on a cluster
+    for i in range(500):
+        client.zadd(keys[i % len(keys)], {f"t{i}": now_ms - i})
+    client.zadd(keys[-1], {"later": now_ms + 3_600_000})
     handled: list[str] = []
-    pollers = [TimerPoller(redis.Redis.from_url(redis_url), handled.append) for _ in range(2)]
+    pollers = [TimerPoller(redis_client(redis_url), handled.append) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:
         counts = list(pool.map(lambda p: p.poll_once(), pollers))
     assert sorted(handled) == sorted(f"t{i}" for i in range(500)) and sum(counts) == 500
-    assert [m.decode() for m in client.zrange(TIMERS_KEY, 0, -1)] == ["later"]
+    assert [m.decode() for m, _ in shards.zrange(client, TIMERS_KEY)] == ["later"]
 
 
+@pytest.mark.both_redis
 def test_a_failed_timer_is_claimed_again_after_its_lease(redis_url: str) -> None:
     from engine.events import timers
 
-    client = redis.Redis.from_url(redis_url)
-    client.zadd(TIMERS_KEY, {"x": int(time.time() * 1000) - 1})
+    client = redis_client(redis_url)
+    key = shard_keys(TIMERS_KEY, client)[-1]
+    client.zadd(key, {"x": int(time.time() * 1000) - 1})
 
     def fail(member: str) -> None:
         raise RuntimeError("worker died")
 
     assert timers.TimerPoller(client, fail).poll_once() == 0
-    (member, due), = client.zrange(TIMERS_KEY, 0, -1, withscores=True)
+    (member, due), = client.zrange(key, 0, -1, withscores=True)
     assert member == b"x" and due > time.time() * 1000 + timers.LEASE_MS - 5_000  # leased, not lost
     seen: list[str] = []
     later = timers.TimerPoller(client, seen.append, clock=lambda: time.time() + timers.LEASE_MS / 1000 + 1)
-    assert later.poll_once() == 1 and seen == ["x"] and client.zcard(TIMERS_KEY) == 0
+    assert later.poll_once() == 1 and seen == ["x"] and client.zcard(key) == 0
 
 
+@pytest.mark.both_redis
 def test_entries_a_dead_consumer_left_pending_are_taken_over(svc: Service, redis_url: str) -> None:
     from engine.events.stream import GROUP, EventStreamConsumer
 
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(redis_url, decode_responses=True)
     svc.app.event_stream.stop()  # only the consumers below read from here on
     client.xadd(INGEST_STREAM, {"event_id": "d-1", "customer_id": "E19", "type": "contact_request", "attr.topic": "other"})
     client.xreadgroup(GROUP, "dead-worker", {INGEST_STREAM: ">"}, count=10)  # read, never acknowledged
     assert client.xpending(INGEST_STREAM, GROUP)["pending"] == 1
     time.sleep(0.2)
-    alive = EventStreamConsumer(redis.Redis.from_url(redis_url), svc.app.events, claim_idle_ms=100,
+    alive = EventStreamConsumer(redis_client(redis_url), svc.app.events, claim_idle_ms=100,
                                 block_ms=10, consumer="alive")
     assert alive.read_once() == 1
     assert client.xpending(INGEST_STREAM, GROUP)["pending"] == 0
     assert "callback_requested" in svc.triggers("E19")
 
 
+@pytest.mark.both_redis
 def test_nba_event_command(svc: Service, capsys) -> None:
     from engine.cli import main
 

@@ -18,9 +18,14 @@ from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, OutboundBusy, o
 from engine.events.timers import TimerPoller
 from engine.features import NUMERIC
 from engine.serving.app import App
-from engine.store.profiles import Profile
+from engine.store.profiles import Profile, redis_client
+from engine.store.slots import customer_shard_key
 
+from . import shards
 from .conftest import RULES_DIR
+
+# Not yet both_redis: every test here makes an outbound decision with contact policies on, whose presenting
+# script is not single-slot yet (decision/contact.py); the reads below already cover a cluster's shards.
 
 
 def _at(text: str) -> float:
@@ -60,16 +65,16 @@ def _profile(app: App, customer: str) -> None:
 
 
 def _outbound(client: redis.Redis) -> list[dict]:
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(OUTBOUND_STREAM)]
+    return [{k.decode(): v.decode() for k, v in fields.items()} for fields in shards.entries(client, OUTBOUND_STREAM)]
 
 
 def _timers(client: redis.Redis) -> list[tuple[dict, float]]:
-    return [(json.loads(m), score) for m, score in client.zrange(TIMERS_KEY, 0, -1, withscores=True)]
+    return [(json.loads(m), score) for m, score in shards.zrange(client, TIMERS_KEY)]
 
 
 def test_quiet_hours_postpone_an_outbound_email_and_a_restart_sends_it_once(
         redis_url: str, models_dir: Path, rules_dir: Path) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     clock = Clock(_at("2030-11-30T21:30:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
@@ -102,7 +107,7 @@ def test_quiet_hours_postpone_an_outbound_email_and_a_restart_sends_it_once(
     try:
         ((timer, _),) = _timers(client)
         member = json.dumps(timer, separators=(",", ":"))
-        assert client.zscore(TIMERS_KEY, member) is not None
+        assert client.zscore(customer_shard_key(TIMERS_KEY, "Q1", client), member) is not None
 
         # two workers run the same timer at once (a lease ran out): one sends, the other sends nothing
         def run(_: int) -> list:
@@ -134,7 +139,7 @@ def test_a_postponed_run_that_lands_in_quiet_hours_again_is_postponed_again(
         redis_url: str, models_dir: Path, rules_dir: Path) -> None:
     """The poller's clock says 08:00:01, the deciding worker's clock is behind (still quiet): postponed
     again to the same window end, under a new timer member the poller does not remove."""
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     clock = Clock(_at("2030-11-30T22:00:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
@@ -162,7 +167,7 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
     text = events.read_text()
     assert "raise: {trigger: data_cap_near, ttl: 3d}" in text
     events.write_text(text.replace("raise: {trigger: data_cap_near, ttl: 3d}", "raise: {trigger: data_cap_near, ttl: 2h}"))
-    client = redis.Redis.from_url(redis_url)  # (a clock in the future: Redis expires keys on its own clock)
+    client = redis_client(redis_url)  # (a clock in the future: Redis expires keys on its own clock)
     clock = Clock(_at("2030-06-03T22:00:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
@@ -186,7 +191,7 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
 
 def test_a_postponed_outbound_whose_trigger_was_cleared_overnight_is_not_sent(
         redis_url: str, models_dir: Path, rules_dir: Path) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     clock = Clock(_at("2030-11-30T21:30:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:

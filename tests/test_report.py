@@ -19,6 +19,9 @@ from engine.decision.report import (
 )
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
 
+# (its tests use in-memory streams; reading every shard on a cluster: tests/test_stream_shards.py)
+pytestmark = pytest.mark.both_redis
+
 
 def log_width(lift: dict) -> float:
     """Width of the CI on the log-ratio scale: 2 * 1.96 * se (the CI is symmetric there)."""

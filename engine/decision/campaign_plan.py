@@ -31,7 +31,6 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import redis
@@ -59,6 +58,7 @@ from engine.store.profiles import (
     profile_key,
     triggers_key,
 )
+from engine.store.streams import last_entry
 
 DAY = 86_400.0
 NO_CAMPAIGN = "(no campaign)"
@@ -181,10 +181,10 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
     stream; ``population``: the customers that traffic came from (those without a decision count as 0)."""
     from engine.decision.report import _read
 
-    last = client.xrevrange(DECISIONS_STREAM, count=1)
-    if not last:
+    last = last_entry(client, DECISIONS_STREAM)
+    if last is None:
         return Traffic({})
-    end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
+    end = until if until is not None else float(last[1].get(b"ts", b"0"))
     counts: Counter[str] = Counter()
     per_customer: Counter[str] = Counter()
     per_customer_day: Counter[tuple[str, int]] = Counter()
@@ -208,10 +208,10 @@ def rejection_share(client: redis.Redis, days: float, until: float | None = None
     not accepted, the share with a recorded rejection (0 without recorded decisions)."""
     from engine.decision.report import _read
 
-    last = client.xrevrange(DECISIONS_STREAM, count=1)
-    if not last:
+    last = last_entry(client, DECISIONS_STREAM)
+    if last is None:
         return 0.0
-    end = until if until is not None else float(cast("dict[bytes, bytes]", last[0][1]).get(b"ts", b"0"))
+    end = until if until is not None else float(last[1].get(b"ts", b"0"))
     presented: set[tuple[str, str]] = set()
     for _, d in _read(client, DECISIONS_STREAM, "-"):
         if end - days * DAY <= float(d.get("ts") or 0) <= end and d.get("actions"):

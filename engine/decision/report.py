@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 import redis
 
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, StreamEntries
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+from engine.store.streams import xrange_all
 
 Z95 = 1.959964
 
@@ -65,18 +65,9 @@ class Arm:
 
 
 def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000):
-    start = since
-    while True:
-        batch = cast(StreamEntries, client.xrange(stream, min=start, max="+", count=chunk))
-        if not batch:
-            return
-        for entry_id, fields in batch:
-            yield entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}
-        last = batch[-1][0].decode()
-        ms, seq = last.split("-")
-        start = f"{ms}-{int(seq) + 1}"
-        if len(batch) < chunk:
-            return
+    """Every entry of ``stream`` (all its shards on a cluster, in entry id order) from ``since``, decoded."""
+    for entry_id, fields in xrange_all(client, stream, since, chunk):
+        yield entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}
 
 
 def cluster_totals(values: np.ndarray, customers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,11 @@
 """Processing one event: the same path for ``PublishEvent``, the ingest stream and absence timers.
 
-1. One Lua script: idempotency by event id (per customer), append to the customer's bounded history
-   (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and count), append to the
-   ``nba:stream:events`` log, and read back the history the patterns need: one round trip.
+1. One Lua script on the customer's keys: idempotency by event id (per customer), append to the
+   customer's bounded history (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and
+   count), and read back the history the patterns need: one round trip. On one Redis node the same
+   script appends the event to the ``nba:stream:events`` log; on a Redis Cluster the log is sharded
+   (``engine.store.slots``: another slot than the customer's) and the entry is written after the
+   event's other effects (steps 3 and 4).
    Before it, a ``consent_withdrawn`` event (declared in events.yaml with a ``channel`` attribute;
    ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
    replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
@@ -12,8 +15,8 @@
 2. The patterns (``CompiledPatterns``, part of the live rule set) evaluate that history in a
    short-lived durable session.
 3. One more script: triggers the event resolves are cleared, triggers of matched patterns are raised
-   (with their time to live), absence timers are scheduled in ``nba:timers``. When ``publish``
-   returns, the next Decide on any channel sees the triggers.
+   (with their time to live); then absence timers are added to ``nba:timers`` (the customer's shard).
+   When ``publish`` returns, the next Decide on any channel sees the triggers.
 4. A matched pattern with ``outbound`` runs a real decision for that customer on the outbound channel,
    aimed at that action (rules, consent, contact policies, quiet hours, budgets: the decision
    funnel's own), and writes what was presented to ``nba:stream:outbound``, or counts why not.
@@ -21,11 +24,29 @@
    re-runs the decision at the window's end with the rules, consent, policies and budgets of then,
    unless the pattern's trigger expires first (then it is suppressed and nothing is scheduled).
 
-An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``;
-a postponed run leaves ``postponed`` only in the script that also writes the stream entry or the
-next timer, so it sends at most once however often its timer runs, and a run that dies before that
-script leaves ``postponed`` for the timer's retry. A run claim (``:run``, ``OUTBOUND_RUN_MS``) keeps
-two pollers from deciding it at the same time.
+Every script here touches one hash slot (the customer's), so all of this runs on a Redis Cluster.
+
+Applied once, effects at least once. The ingest script records the event id (a replay is a
+duplicate) and, when the event has effects after it (patterns react to its type; on a cluster also
+the log entry), marks them pending in ``nba:{c:<id>}:events:pending``; the mark is cleared after the
+last effect. A call that dies in between and is retried finds the mark and does the effects again:
+clearing and raising triggers and adding a timer are idempotent; the log entry, written last, is
+written twice only when the call died between writing it and clearing the mark (at least once: its
+``event_id`` field tells the copies apart, consumers of ``nba:stream:events`` deduplicate by it); an
+outbound is guarded by its state key, below. On one node, without patterns for the type, the log entry
+is written by the ingest script itself: one round trip, no mark; on a cluster such an event costs three
+(ingest script, XADD, HDEL of the mark), as the writes to two slots cannot share a script.
+
+An outbound's state key goes ``1`` (first run) to ``sent``, ``done`` (suppressed) or ``postponed``,
+each change a compare-and-set in a script on the customer's slot. At most once per (pattern, event):
+the stream entry is written after the change to ``sent`` succeeded and only by the caller whose change
+it was, so a process dying between the two loses that outbound rather than sending it twice (a message
+to a customer is worse sent twice than not at all). A postponement adds its timer *before* the change
+to ``postponed``: a timer whose change then failed finds the state moved on and does nothing, and a
+process dying between the two leaves a state that is not ``postponed`` (lost, not doubled). A postponed
+run leaves ``postponed`` only by such a change, so it sends at most once however often its timer runs,
+and a run that dies before it leaves ``postponed`` for the timer's retry. A run claim (``:run``,
+``OUTBOUND_RUN_MS``) keeps two pollers from deciding it at the same time.
 
 Key layout added here (all customer keys carry the customer's hash tag):
 
@@ -34,9 +55,10 @@ Key layout added here (all customer keys carry the customer's hash tag):
 - ``nba:{c:<id>}:event_ids`` sorted set: event ids seen, by arrival time (dedupe window)
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound's state: 1 | sent | done | postponed
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>:run``  the claim of a postponed run (short-lived)
+- ``nba:{c:<id>}:events:pending``  hash: event id -> 1 while the event's effects are being applied
 - ``nba:timers``             sorted set: absence timers and postponed outbound actions by due time
-                             (see ``engine/events/timers.py``)
-- ``nba:stream:outbound``    outbound actions for sending systems
+                             (see ``engine/events/timers.py``); on a cluster ``nba:timers:{shard:<k>}``
+- ``nba:stream:outbound``    outbound actions for sending systems; on a cluster sharded as the timers
 """
 
 from __future__ import annotations
@@ -56,6 +78,7 @@ from engine.errors import NbaError
 from engine.features import CHANNELS
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
+from engine.store.slots import customer_shard_key, shard_count
 
 if TYPE_CHECKING:
     from engine.decision.funnel import Decision, DecisionEngine
@@ -78,20 +101,21 @@ STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound
 CONSENT_WITHDRAWN = "consent_withdrawn"  # event type whose ``channel`` leaves the profile's consent set
 ALL_CHANNELS = "all"  # its ``channel`` for every channel at once
 
-# KEYS: history, ids, log stream, effects pending. ARGV: event id, event time ms, history member, now ms,
-# keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when a pattern reacts to the event's
-# type, then the log entry's fields. Such an event's effects are pending until ``_effects_done``: a call
-# that failed in between and is retried applies them again (each effect is idempotent).
-# Returns {0} for a duplicate, {2, '', history} for a duplicate whose effects are pending, else
-# {1, log entry id, history since ARGV[8]}.
+# KEYS: history, ids, effects pending, and (one node only) the log stream. ARGV: event id, event time
+# ms, history member, now ms, keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when the
+# event's effects are pending until ``publish`` clears the mark (a pattern reacts to its type, or the log
+# entry is written after this script: on a cluster), then the log entry's fields. A call that failed in
+# between and is retried applies the pending effects again. Returns {0} for a duplicate, {2, '', history}
+# for a duplicate whose effects are pending, else {1, log entry id ('' without KEYS[4]), history since
+# ARGV[8]}.
 _INGEST = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then return {0} end
+  if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return {0} end
   return {2, '', redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
 end
 if ARGV[10] == '1' then
-  redis.call('HSET', KEYS[4], ARGV[1], '1')
-  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+  redis.call('HSET', KEYS[3], ARGV[1], '1')
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
 end
 local now = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
@@ -102,15 +126,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[5]))
 local n = redis.call('ZCARD', KEYS[1])
 if n > tonumber(ARGV[6]) then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - tonumber(ARGV[6]) - 1) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', unpack(ARGV, 11))
+local entry = ''
+if #KEYS > 3 then entry = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', unpack(ARGV, 11)) end
 return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
 """
 
-# The effects of one event in one call. KEYS: triggers hash, timers. ARGV: number of triggers to
-# clear, their names, number of triggers to raise, (name, expiry ms) pairs, then (timer member, due
-# ms) pairs. Keeps the hash alive until its latest trigger expires (as store._SET_TRIGGER). Returns
-# the names it cleared that were set. Like decision/contact.py, this assumes one Redis node (the timers key
-# is not the customer's).
+# The trigger changes of one event. KEYS[1] triggers hash. ARGV: number of triggers to clear, their
+# names, number of triggers to raise, (name, expiry ms) pairs. Keeps the hash alive until its latest
+# trigger expires (as store._SET_TRIGGER). Returns the names it cleared that were set. (The timers are
+# another slot: ``_apply`` adds them in their own command.)
 _APPLY = """
 local cleared, i = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -130,23 +154,17 @@ if raise > 0 then
   end
   redis.call('PEXPIREAT', KEYS[1], latest)
 end
-while i <= #ARGV do
-  redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
-  i = i + 2
-end
 return cleared
 """
 
-# An outbound's state change, and what goes with it, only from the state the caller saw. KEYS: state,
-# run claim, timers, outbound stream. ARGV: expected state, new state, keep ms, run token ('' none),
-# timer member ('' none), due ms, stream maxlen, then the outbound entry's fields (none: no entry).
-# Returns 1, or 0 (state changed meanwhile: nothing done). The run claim is released if it is ours.
+# An outbound's state change, only from the state the caller saw. KEYS: state, run claim. ARGV:
+# expected state, new state, keep ms, run token ('' none). Returns 1, or 0 (state changed meanwhile:
+# nothing done). The run claim is released if it is ours. The stream entry or timer that goes with the
+# change is another slot: see ``EventProcessor._change`` for the order.
 _SETTLE = """
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5]) end
-if #ARGV > 7 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 8)) end
 return 1
 """
 
@@ -290,36 +308,47 @@ class EventProcessor:
                           **{f"attr.{k}": str(v) for k, v in attributes.items()}}
             reactive = events is not None and patterns is not None and (
                 event_type in patterns.types or event_type in events.clears_by_event)
+            # one node: the log entry is written in the ingest script; a cluster: after it (another slot),
+            # as a pending effect
+            inline = shard_count(self.client) == 1
+            keys = [events_key(customer_id), event_ids_key(customer_id), effects_key(customer_id)]
             reply = self._ingest(
-                keys=[events_key(customer_id), event_ids_key(customer_id), EVENTS_STREAM, effects_key(customer_id)],
+                keys=keys + [EVENTS_STREAM] if inline else keys,
                 args=[event_id, ts_ms, event.encode(), now_ms, keep_ms, MAX_HISTORY_EVENTS, DEDUPE_MS, since,
-                      STREAM_MAXLEN, "1" if reactive else "0", *[x for kv in log_fields.items() for x in kv]])
+                      STREAM_MAXLEN, "1" if reactive or not inline else "0",
+                      *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
                 return Processed(duplicate=True, consent_withdrawn=withdrawn)
             if reply[0] == 1:
                 metrics.events(self._type_label(event_type)).inc()
-            out = Processed(stream_id=reply[1].decode(), duplicate=reply[0] == 2, consent_withdrawn=withdrawn)
-            if not reactive:
-                return out
-            assert events is not None and patterns is not None
-            history = [Event.decode(m) for m in reply[2]]
-            firings, timers = patterns.on_event(history, event)
-            cleared = sorted(events.clears_by_event.get(event_type, ()))
-            self._apply(customer_id, firings, cleared, timers, out, now_ms)
-            self.client.hdel(effects_key(customer_id), event_id)
+            stream_id = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+            out = Processed(stream_id=stream_id, duplicate=reply[0] == 2, consent_withdrawn=withdrawn)
+            if reactive:
+                assert events is not None and patterns is not None
+                history = [Event.decode(m) for m in reply[2]]
+                firings, timers = patterns.on_event(history, event)
+                cleared = sorted(events.clears_by_event.get(event_type, ()))
+                self._apply(customer_id, firings, cleared, timers, out, now_ms)
+            if not inline:  # the last effect, so only a death between it and the mark's removal writes it twice
+                out.stream_id = cast(bytes, self.client.xadd(
+                    customer_shard_key(EVENTS_STREAM, customer_id, self.client), log_fields,  # type: ignore[arg-type]
+                    maxlen=STREAM_MAXLEN, approximate=True)).decode()
+            if reactive or not inline:
+                self.client.hdel(effects_key(customer_id), event_id)
         return out
 
     def _apply(self, customer_id: str, firings: list[Firing], cleared: list[str], timers: list[Timer],
                out: Processed, now_ms: int) -> None:
-        """Clear, raise, schedule (one script), then the outbound decisions."""
+        """Clear and raise (one script), schedule, then the outbound decisions."""
         raised = {f.pattern.trigger: now_ms + f.pattern.ttl_ms for f in firings if f.pattern.trigger}
         cleared = [t for t in cleared if t not in raised]
-        if raised or cleared or timers:
+        if raised or cleared:
             args: list = [len(cleared), *cleared, len(raised), *[x for kv in raised.items() for x in kv]]
-            for timer in timers:
-                args += [timer_member(customer_id, timer), timer.due_ms]
-            reply = self._apply_script(keys=[triggers_key(customer_id), TIMERS_KEY], args=args)
+            reply = self._apply_script(keys=[triggers_key(customer_id)], args=args)
             cleared = [n.decode() if isinstance(n, bytes) else n for n in reply]
+        if timers:
+            self.client.zadd(customer_shard_key(TIMERS_KEY, customer_id, self.client),
+                             {timer_member(customer_id, t): t.due_ms for t in timers})
         out.patterns += [f.pattern.name for f in firings]
         out.raised += sorted(raised)
         out.cleared += cleared
@@ -355,7 +384,7 @@ class EventProcessor:
         events = self.rules.current.ruleset.events
         names = sorted(events.clears_by_response.get((action_id, outcome), ())) if events is not None else []
         if names and customer_id:
-            reply = self._apply_script(keys=[triggers_key(customer_id), TIMERS_KEY], args=[len(names), *names, 0])
+            reply = self._apply_script(keys=[triggers_key(customer_id)], args=[len(names), *names, 0])
             names = [n.decode() for n in reply]
             for name in names:
                 metrics.TRIGGER_CHANGES.labels(name, "cleared").inc()
@@ -468,11 +497,18 @@ class EventProcessor:
 
     def _change(self, customer_id: str, pattern: str, event_id: str, expected: str, state: str, token: str,
                 member: str = "", due_ms: int = 0, entry: dict[str, str] | None = None) -> bool:
+        """Move the outbound's state from ``expected`` to ``state``; a postponement's timer is added before
+        (a timer whose change then fails finds the state moved on and does nothing), a sent outbound's
+        stream entry after, and only by the caller whose change succeeded (at most once)."""
         key = outbound_key(customer_id, pattern, event_id)
-        fields = [x for kv in (entry or {}).items() for x in kv]
-        return bool(self._settle_script(keys=[key, f"{key}:run", TIMERS_KEY, OUTBOUND_STREAM],
-                                        args=[expected, state, OUTBOUND_KEEP_MS, token, member, due_ms,
-                                              STREAM_MAXLEN, *fields]))
+        if member:
+            self.client.zadd(customer_shard_key(TIMERS_KEY, customer_id, self.client), {member: due_ms})
+        if not self._settle_script(keys=[key, f"{key}:run"], args=[expected, state, OUTBOUND_KEEP_MS, token]):
+            return False
+        if entry is not None:
+            self.client.xadd(customer_shard_key(OUTBOUND_STREAM, customer_id, self.client),
+                             entry, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        return True
 
     def _postponed(self, timer: dict[str, Any]) -> Processed:
         """A postponed outbound at the end of its quiet hours: decide again, on the rules of now."""

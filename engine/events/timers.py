@@ -1,13 +1,14 @@
 """The timer poller: one thread per server process fires absence patterns at their due time and runs
 outbound actions postponed by quiet hours when the window ends.
 
-Timers live in Redis (``nba:timers``, a sorted set of timer members by due time in epoch ms), written
+Timers live in Redis (``nba:timers``, a sorted set of timer members by due time in epoch ms; on a Redis
+Cluster split into shards, a customer's timers on the customer's shard, ``engine.store.slots``), written
 when the opening event arrives (or when quiet hours postpone an outbound action), so a restart between
-an event and its due time loses nothing. A Lua
-claim hands each due timer to one poller and pushes its due time ``LEASE_MS`` ahead; the poller removes
-it once handled. A poller that dies mid-way leaves the timer to be claimed again after the lease
-(at least once; the effects are idempotent: a trigger set twice is one trigger, an outbound action
-is sent at most once per (pattern, event), also when it was postponed).
+an event and its due time loses nothing. A Lua claim (per shard) hands each due timer to one poller
+and pushes its due time ``LEASE_MS`` ahead; the poller removes it once handled. A poller that dies
+mid-way leaves the timer to be claimed again after the lease (at least once; the effects are
+idempotent: a trigger set twice is one trigger, an outbound action is sent at most once per
+(pattern, event), also when it was postponed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import redis
 
 from engine.events.processor import TIMERS_KEY
 from engine.store.polling import Poller
+from engine.store.slots import shard_keys
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,13 @@ class TimerPoller(Poller):
         self._claim = client.register_script(_CLAIM)
 
     def poll_once(self) -> int:
-        """Handle every timer due now; returns how many were handled."""
+        """Handle every timer due now, from every shard of the timers; returns how many were handled."""
+        return sum(self._poll_shard(key) for key in shard_keys(TIMERS_KEY, self.client))
+
+    def _poll_shard(self, key: str) -> int:
         handled = 0
         while not self._stop.is_set():
-            members = self._claim(keys=[TIMERS_KEY], args=[int(self.clock() * 1000), BATCH, LEASE_MS])
+            members = self._claim(keys=[key], args=[int(self.clock() * 1000), BATCH, LEASE_MS])
             for member in members:
                 member = member.decode() if isinstance(member, bytes) else member
                 try:
@@ -58,7 +63,7 @@ class TimerPoller(Poller):
                 except Exception:  # left claimed: retried after the lease
                     log.exception("timer %s failed; retried in %ds", member, LEASE_MS // 1000)
                     continue
-                self.client.zrem(TIMERS_KEY, member)
+                self.client.zrem(key, member)
                 handled += 1
             if len(members) < BATCH:
                 return handled

@@ -21,7 +21,8 @@ Configuration: ``models/<name>/experiment.yaml`` (see ``engine.models.experiment
 
 Counts come from the streams the service already writes: a Redis consumer group reads
 ``nba:stream:decisions`` (each presented action: shown) and ``nba:stream:responses`` (outcome
-``accepted``) so that every entry is counted once whatever the number of server processes, into one
+``accepted``) (every shard of each on a Redis Cluster: ``engine.store.streams.read_group``) so that
+every entry is counted once whatever the number of server processes, into one
 hash ``nba:explore:counts`` (fields ``<action>|shown`` and ``<action>|accepted``); every process
 re-reads the hash each second. Counting is at-most-once (NOACK): a process dying mid-batch loses a
 few counts, which a posterior can afford.
@@ -34,14 +35,15 @@ import logging
 import os
 import socket
 import threading
-from typing import cast
 
 import numba
 import numpy as np
 import redis
 
 from engine.models.experiment import ExplorationConfig, bucket
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, StreamReadReply
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+from engine.store.slots import shard_keys
+from engine.store.streams import base_of, read_group
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class ExplorationCounts:
     def _ensure_groups(self) -> None:
         if self._groups_ready:
             return
-        for stream in (DECISIONS_STREAM, RESPONSES_STREAM):
+        for stream in (*shard_keys(DECISIONS_STREAM, self.client), *shard_keys(RESPONSES_STREAM, self.client)):
             try:  # from the start of the stream: history counts once, by whoever creates the group
                 self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except redis.exceptions.ResponseError as exc:
@@ -101,12 +103,12 @@ class ExplorationCounts:
         self._ensure_groups()
         consumed = 0
         while True:
-            reply = cast(StreamReadReply, self.client.xreadgroup(
-                GROUP, self.consumer, {DECISIONS_STREAM: ">", RESPONSES_STREAM: ">"}, count=self.batch, noack=True))
+            reply = read_group(self.client, GROUP, self.consumer, (DECISIONS_STREAM, RESPONSES_STREAM), self.batch,
+                               noack=True)
             increments: dict[str, int] = {}
             n = 0
             for name, entries in reply or []:
-                stream = name.decode() if isinstance(name, bytes) else name
+                stream = base_of(name, (DECISIONS_STREAM, RESPONSES_STREAM))
                 for _, fields in entries:
                     n += 1
                     if stream == DECISIONS_STREAM:
@@ -123,7 +125,7 @@ class ExplorationCounts:
                     pipe.hincrby(COUNTS_KEY, key, value)
                 pipe.execute()
             consumed += n
-            if n < self.batch:
+            if all(len(entries) < self.batch for _, entries in reply or []):  # no stream (shard) had more
                 break
         self.refresh()
         return consumed

@@ -118,20 +118,6 @@ class TrainingSet:
 
 # --- recorded decisions and responses ---------------------------------------------------------------
 
-def _xrange_all(client, stream: str, page: int = 5_000):
-    start = "-"
-    while True:
-        entries = client.xrange(stream, min=start, max="+", count=page)
-        if not entries:
-            return
-        yield from entries
-        if len(entries) < page:
-            return
-        last = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
-        ms, seq = last.split("-")
-        start = f"{ms}-{int(seq) + 1}"
-
-
 def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
                  positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
                  responses_stream: str | None = None, campaigns: Sequence[str] = (),
@@ -141,13 +127,14 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
     ``campaigns`` field; "-" stands for actions of no campaign); ``campaign_weights``: campaign -> row
     weight in training ("-" for no campaign; others weigh 1)."""
     from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+    from engine.store.streams import xrange_all
 
     as_of = time.time() if as_of is None else as_of
     window = window_days * 86400.0
     fingerprint = SCHEMA.fingerprint()
     outcomes: dict[tuple[str, str], list[tuple[str, float]]] = {}
     n_responses = 0
-    for _, f in _xrange_all(client, responses_stream or RESPONSES_STREAM):
+    for _, f in xrange_all(client, responses_stream or RESPONSES_STREAM):
         n_responses += 1
         key = ((f.get(b"decision_id") or b"").decode(), (f.get(b"action_id") or b"").decode())
         outcomes.setdefault(key, []).append(((f.get(b"outcome") or b"").decode(), float(f.get(b"ts") or 0)))
@@ -162,7 +149,7 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
     only = set(campaigns)
     counts = {"decisions": 0, "other_campaigns": 0, "without_features": 0, "other_schema": 0, "pending": 0,
               "responses": n_responses}
-    for _, f in _xrange_all(client, decisions_stream or DECISIONS_STREAM):
+    for _, f in xrange_all(client, decisions_stream or DECISIONS_STREAM):
         counts["decisions"] += 1
         features = f.get(b"features")
         actions = (f.get(b"actions") or b"").decode()

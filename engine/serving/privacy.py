@@ -9,19 +9,22 @@ stream writers of the wings below):
   contact history: counters per action, channel and day, ``decision/history.py``), ``ix:<interaction>``
   (decisions stored per interaction), ``events`` and ``event_ids`` (event history and dedupe, ``events/processor.py``),
   ``outbound:<pattern>:<event>`` and its ``:run`` claim (an outbound's state);
-- decision records ``nba:decision:<decision id>`` (hash with ``customer``; kept for the responses'
-  ``accept_days``): the customer's decision ids come from the decision, response and outbound stream
-  entries, the interaction hashes, a contact history still in its earlier layout (one sorted-set member
-  per contact, with the decision id), and a ``SCAN`` of every decision
-  record whose ``customer`` is the customer (the streams may have been trimmed);
-- shared keys holding members of the customer: ``nba:timers`` (absence timers and postponed outbound
-  actions, a JSON member whose ``"c"`` is the customer) and ``nba:reservations`` (budget units reserved
-  for unreported impressions, ``<decision id>|<action>|<budget key>``: removed, and the unit given back
-  as the releaser would at the reservation's expiry: the impression was never reported);
+- decision records ``nba:decision:<decision id>`` or ``nba:decision:{<slot tag>}:<decision id>`` (hash
+  with ``customer``; kept for the responses' ``accept_days``): the customer's decision ids come from the
+  decision, response and outbound stream entries, the interaction hashes, a contact history still in
+  its earlier layout (one sorted-set member per contact, with the decision id), and a ``SCAN`` of every
+  decision record whose ``customer`` is the customer (the streams may have been trimmed);
+- shared keys holding members of the customer: ``nba:timers`` (every shard of it on a Redis Cluster;
+  absence timers and postponed outbound actions, a JSON member whose ``"c"`` is the customer) and
+  ``nba:reservations`` (budget units reserved for unreported impressions,
+  ``<decision id>|<action>|<budget key>``: removed, and the unit given back as the releaser would at
+  the reservation's expiry: the impression was never reported);
 - every Redis Stream (found with ``SCAN TYPE stream``: ``nba:stream:decisions``, ``responses``,
   ``events``, ``events:in``, ``events:invalid``, ``outbound``, the simulator's streams and any other),
   read in chunks with ``XRANGE``: an entry is the customer's when its ``customer_id`` (or ``customer``)
-  field is the customer id; those entries are deleted with ``XDEL``.
+  field is the customer id; those entries are deleted with ``XDEL``. On a Redis Cluster the shards of a
+  stream (``<stream>:{shard:<k>}``, ``store/slots.py``) are streams of their own, found the same way
+  (SCAN runs on every primary); the export lists them under the stream's name.
 
 Not erased, on purpose: aggregates without a customer id (``nba:budget:<action>:<day>`` counters,
 ``nba:explore:counts`` / ``nba:explore:posterior:<period>`` per-action counts, ``nba:meta``), and the
@@ -58,10 +61,13 @@ from engine.events.processor import TIMERS_KEY
 from engine.features import CATEGORICAL, NUMERIC
 from engine.store.audit import AUDIT_STREAM, audit
 from engine.store.profiles import SchemaMismatch, decode_profile, profile_key, triggers_key
+from engine.store.slots import shard_keys
+from engine.store.streams import id_order
 
 log = logging.getLogger(__name__)
 
-DECISION_PREFIX = "nba:decision:"
+DECISION_PREFIX = "nba:decision:"  # also ``nba:decision:{<slot tag>}:<id>``: the prefix matches both
+SHARD_SUFFIX = re.compile(r":\{shard:\d+\}$")  # a stream shard's key on a Redis Cluster (store/slots.py)
 CUSTOMER_FIELDS = (b"customer_id", b"customer")  # the field naming an entry's customer, by stream
 CHUNK = 1000  # keys per SCAN step, entries per XRANGE / XDEL, members per ZSCAN step
 
@@ -106,7 +112,7 @@ class _Found:
 
     keys: list[str] = field(default_factory=list)  # the customer's own keys (hash tag)
     decisions: list[str] = field(default_factory=list)  # decision record keys whose customer is this one
-    timers: list[str] = field(default_factory=list)
+    timers: list[tuple[str, str]] = field(default_factory=list)  # (timers shard key, member)
     reservations: list[tuple[str, float]] = field(default_factory=list)
     entries: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # stream -> entries
 
@@ -130,6 +136,7 @@ def _s(value: bytes | str) -> str:
 
 
 def _scan(client: redis.Redis, **kw: Any) -> Iterator[str]:
+    # on a Redis Cluster redis-py 8 sends SCAN to every primary and follows each one's cursor
     for key in client.scan_iter(count=CHUNK, **kw):
         yield _s(key)
 
@@ -137,6 +144,12 @@ def _scan(client: redis.Redis, **kw: Any) -> Iterator[str]:
 def streams(client: redis.Redis) -> list[str]:
     """Every stream in the database."""
     return sorted(set(_scan(client, _type="stream")))
+
+
+def _decision_id(key: str) -> str:
+    """The decision id of a decision record's key (either form, see ``DECISION_PREFIX``)."""
+    rest = key[len(DECISION_PREFIX):]
+    return rest.split("}:", 1)[1] if rest.startswith("{") and "}:" in rest else rest
 
 
 def _entries_of(client: redis.Redis, stream: str, customer: bytes) -> Iterator[tuple[str, dict[str, str]]]:
@@ -185,14 +198,15 @@ def _locate(client: redis.Redis, customer_id: str, skip_streams: frozenset[str] 
         for key in batch:
             pipe.hget(key, "customer")
         found.decisions += [key for key, owner in zip(batch, pipe.execute()) if owner == customer]
-    for member, _due in client.zscan_iter(TIMERS_KEY, count=CHUNK):
-        try:
-            owner = json.loads(member).get("c")
-        except (ValueError, AttributeError):
-            continue
-        if owner == customer_id:
-            found.timers.append(_s(member))
-    ids = {key[len(DECISION_PREFIX):] for key in found.decisions} | candidates
+    for timers in shard_keys(TIMERS_KEY, client):  # the customer's shard, and any other to be sure
+        for member, _due in client.zscan_iter(timers, count=CHUNK):
+            try:
+                owner = json.loads(member).get("c")
+            except (ValueError, AttributeError):
+                continue
+            if owner == customer_id:
+                found.timers.append((timers, _s(member)))
+    ids = {_decision_id(key) for key in found.decisions} | candidates
     for member, expiry in client.zscan_iter(RESERVATIONS_KEY, count=CHUNK):
         if _s(member).split("|", 1)[0] in ids:
             found.reservations.append((_s(member), expiry))
@@ -263,7 +277,7 @@ def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cl
     found = _locate(client, customer_id)
     keys = {key: _value(client, key, customer_id, now_ms) for key in found.keys}
     ttls = {key: (ttl if (ttl := int(client.pttl(key))) >= 0 else None) for key in found.keys}
-    decisions = {key[len(DECISION_PREFIX):]: {_text(k): _text(v) for k, v in
+    decisions = {_decision_id(key): {_text(k): _text(v) for k, v in
                                               cast("dict[bytes, bytes]", client.hgetall(key)).items()}
                  for key in found.decisions}
     out: dict[str, Any] = {
@@ -272,14 +286,27 @@ def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cl
         "keys": {k: v for k, v in keys.items() if v is not None},
         "key_ttl_ms": {k: ttls[k] for k in keys if keys[k] is not None},
         "decision_records": {d: fields for d, fields in decisions.items() if fields},
-        "timers": [{"member": json.loads(m), "key": TIMERS_KEY} for m in found.timers],
+        "timers": [{"member": json.loads(m), "key": k} for k, m in found.timers],
         "budget_reservations": [{"member": m, "expires_ms": e, "key": RESERVATIONS_KEY} for m, e in found.reservations],
-        "streams": {s: [{"id": i, "fields": f} for i, f in entries] for s, entries in found.entries.items()},
+        "streams": _by_base(found.entries),
     }
     if who is not None:
         audit(client, who, "export_customer", customer_id=customer_id, keys=len(out["keys"]),
               stream_entries=sum(len(e) for e in found.entries.values()))
     return out
+
+
+def _by_base(entries: dict[str, list[tuple[str, dict[str, str]]]]) -> dict[str, list[dict[str, Any]]]:
+    """Stream entries by stream name: the shards of a stream on a Redis Cluster under their base name, in
+    entry id order, each entry with its ``shard`` key."""
+    out: dict[str, list[tuple[tuple[int, int], dict[str, Any]]]] = {}
+    for key, found in entries.items():
+        shard = SHARD_SUFFIX.search(key)
+        base = key[:shard.start()] if shard else key
+        for entry_id, fields in found:
+            out.setdefault(base, []).append((id_order(entry_id), {"id": entry_id, "fields": fields,
+                                                                  **({"shard": key} if shard else {})}))
+    return {base: [e for _, e in sorted(items, key=lambda x: x[0])] for base, items in sorted(out.items())}
 
 
 # --- erasure ------------------------------------------------------------------------------------
@@ -292,8 +319,8 @@ def forget_customer(client: redis.Redis, customer_id: str, who: str = "cli", rew
     out = Erased(customer_id)
     # shared members first (a timer would write the customer's keys again), then keys, then streams
     removed = 0
-    for i in range(0, len(found.timers), CHUNK):
-        removed += int(client.zrem(TIMERS_KEY, *found.timers[i:i + CHUNK]))
+    for key, member in found.timers:
+        removed += int(client.zrem(key, member))
     out.places["timers"] = removed
     members = [m for m, _ in found.reservations]
     gone = returned = 0

@@ -1,4 +1,5 @@
-"""Writes decisions to a Redis Stream from a background thread, off the hot path."""
+"""Writes decisions to a Redis Stream from a background thread, off the hot path (on a Redis Cluster to
+the customer's shard of it, ``engine.store.slots.customer_shard_key``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import redis
 
 from engine.metrics import REDIS_ERRORS
 from engine.store.profiles import DECISIONS_STREAM, STREAM_MAXLEN
+from engine.store.slots import customer_shard_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class DecisionLog:
                             pipe.hset(r[0], mapping=r[1])  # type: ignore[arg-type]
                             pipe.pexpire(r[0], r[2])
                         else:
-                            pipe.xadd(self.stream, r, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                            stream = customer_shard_key(self.stream, r.get("customer_id", ""), self.client)
+                            pipe.xadd(stream, r, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
                     pipe.execute()
                 except redis.exceptions.RedisError as exc:
                     REDIS_ERRORS.labels("decision_log").inc()
