@@ -11,6 +11,8 @@ Phases, ``--ops`` operations each, customers uniform over the seeded ones:
   ``decide web`` (presented when the impression is reported), 3 actions, no interaction id;
 - ``respond impression``: RecordResponse ``impression`` for the top action of each web decision;
 - ``respond accepted/rejected``: 30% accepted, 70% rejected, top action of a call-center decision;
+- ``budget claim (one counter)``: the cluster's ``CLAIM`` script on one budget counter key, the
+  cost that bounds how often one budgeted action can be presented (its counter is one slot);
 - ``publish event``: PublishEvent, a mix of the demo's event types (some raise triggers).
 
 Per phase and operation: Redis commands (by name, with Redis's own usec per call), Redis CPU
@@ -132,7 +134,8 @@ def phases(app, b: rb.Backend, customers: int, ops: int, max_seconds: float, see
         print(f"  {name:<26} {done:6d} ops  Redis CPU {r['masters']['cpu_us']:6.1f} us (masters) "
               f"+ {r['replicas'].get('cpu_us', 0.0):5.1f} (replicas)  commands {r['masters']['commands']:5.2f}  "
               f"in {r['masters']['net_in_B']:6.0f} B  AOF {r['masters']['aof_B']:6.0f} B  "
-              f"service CPU {r['service_cpu_us']:6.0f} us", flush=True)
+              f"service CPU {r['service_cpu_us']:6.0f} us; busiest master {r['busiest_master_cpu_us']:6.1f} us",
+              flush=True)
 
     def decide(channel: str, keep: list):
         def one(i: int) -> int:
@@ -166,6 +169,15 @@ def phases(app, b: rb.Backend, customers: int, ops: int, max_seconds: float, see
         app.events.publish(f"op-costs-{seed}-{i}", f"C{rng.randrange(customers):07d}", kind, attrs(rng))
         return 1
 
+    from engine.decision.budget_claims import CLAIM
+
+    claim = app.store.client.register_script(CLAIM)
+
+    def claim_one(i: int) -> int:  # one action's daily budget counter: one key, so one slot and one shard
+        claim(keys=["nba:budget:capacity-probe:20260101"], args=[10**9, 172_800])
+        return 1
+
+    timed("budget claim (one counter)", claim_one)
     try:
         timed("publish event", publish)
     except Exception as exc:  # the events path on a cluster lands separately: say so, keep the rest
