@@ -34,7 +34,7 @@ from engine.decision.request import InvalidRequest
 from engine.errors import NbaError
 from engine.rules.contact import DAY_MS, ContactRules
 from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN, is_cluster, replicated
-from engine.store.slots import customer_shard_key
+from engine.store.slots import customer_shard_key, shard_maxlen
 
 if TYPE_CHECKING:
     from engine.live import Live
@@ -160,7 +160,7 @@ class ResponseRecorder:
         late = 1 if reserved and not self.client.zrem(customer_shard_key(RESERVATIONS_KEY, customer, self.client),
                                                       reserved) else 0
         flat = [x for kv in fields.items() for x in kv]
-        entry = replicated(self.client, stream, "XADD", stream, "MAXLEN", "~", STREAM_MAXLEN, "*", *flat,
-                           operation="response")
+        maxlen = shard_maxlen(STREAM_MAXLEN, self.client)
+        entry = replicated(self.client, stream, "XADD", stream, "MAXLEN", "~", maxlen, "*", *flat, operation="response")
         replicated(self.client, key, "HSET", key, field, entry, operation="response")
         return 1, entry, late

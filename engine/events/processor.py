@@ -78,7 +78,7 @@ from engine.errors import NbaError
 from engine.features import CHANNELS
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
-from engine.store.slots import customer_shard_key, shard_count
+from engine.store.slots import customer_shard_key, shard_count, shard_maxlen
 
 if TYPE_CHECKING:
     from engine.decision.funnel import Decision, DecisionEngine
@@ -332,7 +332,7 @@ class EventProcessor:
             if not inline:  # the last effect, so only a death between it and the mark's removal writes it twice
                 out.stream_id = cast(bytes, self.client.xadd(
                     customer_shard_key(EVENTS_STREAM, customer_id, self.client), log_fields,  # type: ignore[arg-type]
-                    maxlen=STREAM_MAXLEN, approximate=True)).decode()
+                    maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)).decode()
             if reactive or not inline:
                 self.client.hdel(effects_key(customer_id), event_id)
         return out
@@ -507,7 +507,7 @@ class EventProcessor:
             return False
         if entry is not None:
             self.client.xadd(customer_shard_key(OUTBOUND_STREAM, customer_id, self.client),
-                             entry, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                             entry, maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)  # type: ignore[arg-type]
         return True
 
     def _postponed(self, timer: dict[str, Any]) -> Processed:

@@ -12,7 +12,7 @@ import redis
 
 from engine.metrics import REDIS_ERRORS
 from engine.store.profiles import DECISIONS_STREAM, STREAM_MAXLEN
-from engine.store.slots import customer_shard_key
+from engine.store.slots import customer_shard_key, shard_maxlen
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DecisionLog:
                             pipe.pexpire(r[0], r[2])
                         else:
                             stream = customer_shard_key(self.stream, r.get("customer_id", ""), self.client)
-                            pipe.xadd(stream, r, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+                            pipe.xadd(stream, r, maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)  # type: ignore[arg-type]
                     pipe.execute()
                 except redis.exceptions.RedisError as exc:
                     REDIS_ERRORS.labels("decision_log").inc()

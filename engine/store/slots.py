@@ -67,6 +67,11 @@ def shard_count(client: object) -> int:
     return CLUSTER_SHARDS if isinstance(client, RedisCluster) else 1
 
 
+def shard_maxlen(total: int, client: object) -> int:
+    """A shard's share of a stream's length cap, so the shards together keep about ``total`` entries."""
+    return max(1_000, total // shard_count(client))
+
+
 def shard_of(customer_id: str, shards: int) -> int:
     return customer_slot(customer_id) % shards if shards > 1 else 0
 
