@@ -101,7 +101,7 @@ def calibrate(engine, admin, req, n: int) -> dict:
 
 
 def run(decisions: int, rate: float, window: int, customers: int, models_dir: str, seed: int, fill: int = 0,
-        calibration: int = 300) -> dict:
+        calibration: int = 300, ballast: int = 0) -> dict:
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
     from engine.live import Live
@@ -123,6 +123,13 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
             engine.decide(DecideInput(f"WARM-{i}", reqs[i].channel, touchpoint=reqs[i].touchpoint, max_actions=3))
         for req in filling:
             engine.decide(req)
+        if ballast:  # keys like decision records, to tell the dataset's size from the customers' histories
+            pipe = store.client.pipeline(transaction=False)
+            for k in range(ballast):
+                pipe.hset(f"nba:ballast:{k}", mapping={"actions": "a,b,c", "customer": f"C{k:07d}", "pad": "x" * 400})
+                if k % 1000 == 999:
+                    pipe.execute()
+            pipe.execute()
         reference = DecideInput(REFERENCE, "call_center", max_actions=3)
         for _ in range(30):  # its history: filled once, then only previewed
             engine.decide(reference)
@@ -187,7 +194,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                                  / (cn["service_p99_ms"] / c0["service_p99_ms"]), 3),
             "script_us_per_call": round(last["script_us_per_call"] / first["script_us_per_call"]
                                         / (cn["script_us_per_call"] / c0["script_us_per_call"]), 3)},
-        "fill": fill, "calibration_calls": calibration,
+        "fill": fill, "calibration_calls": calibration, "ballast": ballast,
         "hot_contact_key_bytes": {"mean": round(float(np.mean(sizes)), 1), "max": int(max(sizes))},
     }
 
@@ -202,10 +209,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=18)
     ap.add_argument("--fill", type=int, default=0, help="decisions of the same mix before the first window")
     ap.add_argument("--calibration", type=int, default=300, help="reference previews before every window")
+    ap.add_argument("--ballast", type=int, default=0, help="hashes of ~500 B written before the first window")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = run(args.decisions, args.rate, args.window, args.customers, args.models_dir, args.seed, args.fill,
-              args.calibration)
+              args.calibration, args.ballast)
     first, last = out["windows"][0], out["windows"][-1]
     print(f"\n{'window':>16} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'service p99':>12} {'script us':>10} "
           f"{'Redis CPU us':>13}")
