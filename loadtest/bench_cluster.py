@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
 import redis_backends as rb  # noqa: E402
-from bench_ceiling import tree_cpu_seconds  # noqa: E402
+from bench_ceiling import stop_servers, tree_cpu_seconds  # noqa: E402
 from grpc_modes import wait_serving  # noqa: E402
 
 from engine.store.redis_embedded import free_port  # noqa: E402
@@ -164,13 +164,7 @@ def main() -> int:
                     Path(args.json).write_text(json.dumps({"summary": summarize(rounds), "rounds": rounds,
                                                            "args": vars(args)}, indent=2, default=str))
         finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-            for proc, _ in servers.values():
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_servers(servers)
 
     table = summarize(rounds)
     report(table, args, slo)

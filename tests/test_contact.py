@@ -268,12 +268,44 @@ def test_contact_file_errors_name_file_line_and_column(tmp_path: Path) -> None:
     assert any("contact.yaml:" in m and "9pm" in m for m in messages), messages
 
 
+def _all_at_once(target, args: list[tuple]) -> tuple[float, list[Exception]]:
+    """``target(*a)`` for every ``a`` on threads of their own, started together; when they started (epoch
+    s) and what they raised."""
+    import threading
+
+    errors: list[Exception] = []
+    start = threading.Barrier(len(args))
+
+    def run(*a) -> None:
+        start.wait()
+        try:
+            target(*a)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in args]
+    started = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return started, errors
+
+
+def _budgets_used(redis_url: str, rules_dir: Path, days: set[float]) -> dict[str, int]:
+    """Units used of each budgeted action's daily budget on ``days`` (epoch s within them)."""
+    client = redis_client(redis_url, decode_responses=True)
+    catalog = load_and_compile(rules_dir)
+    try:
+        budgeted = {a for a, x in catalog.ruleset.by_id.items() if x.daily_budget}
+    finally:
+        catalog.close()
+    return {a: sum(int(client.get(k) or 0) for k in {budget_key(a, t) for t in days}) for a in budgeted}
+
+
 def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_url: str, models_dir: Path,
                                                                           tmp_path: Path) -> None:
     """``nba serve --workers 2`` and 8 client threads deciding for the same 8 customers at once."""
-    import threading
-    import time
-
     from .conftest import two_workers
 
     budget = 4
@@ -281,26 +313,16 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
     with two_workers(redis_url, rules_dir, models_dir) as (channels, _):
         customers = [f"C{i:07d}" for i in range(8)]
         kinds = [pb.CHANNEL_WEB, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_EMAIL]
-        replies, errors = [], []
-        start = threading.Barrier(len(channels))
+        replies: list[pb.DecideResponse] = []
 
         def client(ch: grpc.Channel, k: int) -> None:
             stub = pb_grpc.DecisionServiceStub(ch)
-            start.wait()
-            try:
-                for r in range(6):
-                    for i, cid in enumerate(customers):
-                        replies.append(stub.Decide(pb.DecideRequest(
-                            customer_id=cid, channel=kinds[(i + r + k) % len(kinds)], max_actions=3), timeout=10))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for r in range(6):
+                for i, cid in enumerate(customers):
+                    replies.append(stub.Decide(pb.DecideRequest(
+                        customer_id=cid, channel=kinds[(i + r + k) % len(kinds)], max_actions=3), timeout=10))
 
-        threads = [threading.Thread(target=client, args=(ch, k)) for k, ch in enumerate(channels)]
-        started = time.time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        started, errors = _all_at_once(client, [(ch, k) for k, ch in enumerate(channels)])
         assert not errors, errors[:3]
         assert len(replies) == len(channels) * 6 * len(customers)
         assert all(r.actions or r.situations for r in replies)
@@ -320,12 +342,10 @@ def test_limits_and_budgets_hold_across_server_processes_deciding_at_once(redis_
                 if actions[action_id].type in MARKETING:
                     assert n <= 3, (cid, action_id, n)  # no_repeats, across both processes
             assert sum(h.count for h in shown if h.channel == "email" and h.type in MARKETING) <= 2, cid  # e-mails per week
-        budgeted = {a for a, x in actions.items() if x.daily_budget}
-        days = {started, time.time()}  # both days' counters should the run cross midnight UTC
-        used = {a: sum(int(client_.get(k) or 0) for k in {budget_key(a, t) for t in days}) for a in budgeted}
+        used = _budgets_used(redis_url, rules_dir, {started, time.time()})  # both days should the run cross midnight
         assert max(used.values()) == budget  # budgets ran out ...
-        for a in budgeted:  # ... and were never exceeded, by the two processes together
-            assert used[a] <= budget and per_action.get(a, 0) == used[a], (a, used[a], per_action.get(a))
+        for a, n in used.items():  # ... and were never exceeded, by the two processes together
+            assert n <= budget and per_action.get(a, 0) == n, (a, n, per_action.get(a))
         presented = sum(len(r.actions) for r in replies)
         assert presented > sum(used.values())  # the next-best actions took the exhausted ones' places
 
@@ -335,7 +355,6 @@ def test_2_processes_x_8_threads_present_an_action_exactly_its_budget_of_100(red
     """2,000 decisions (10 for each of the 200 demo customers) at once, against a budget of 100 on every
     offer: each offer is presented as often as its counter says, never more than 100 times, and the most
     wanted exactly 100."""
-    import threading
     from collections import Counter
 
     from .conftest import two_workers
@@ -344,36 +363,18 @@ def test_2_processes_x_8_threads_present_an_action_exactly_its_budget_of_100(red
     rules_dir = budget_rules(tmp_path, budget, quiet_hours=False, on_impression=False)
     with two_workers(redis_url, rules_dir, models_dir) as (channels, _):
         shown: Counter[str] = Counter()
-        errors: list[Exception] = []
-        start = threading.Barrier(16)
 
         def client(k: int) -> None:
             stub = pb_grpc.DecisionServiceStub(channels[k % len(channels)])
-            start.wait()
-            try:
-                for cid in customers[k::16]:
-                    reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER,
-                                                         max_actions=3), timeout=10)
-                    shown.update(a.action_id for a in reply.actions)
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+            for cid in customers[k::16]:
+                reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER, max_actions=3),
+                                    timeout=10)
+                shown.update(a.action_id for a in reply.actions)
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
-        started = time.time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        started, errors = _all_at_once(client, [(k,) for k in range(16)])
         assert not errors, errors[:3]
-        client_ = redis_client(redis_url, decode_responses=True)
-        days = {started, time.time()}
-        catalog = load_and_compile(rules_dir)
-        try:
-            budgeted = {a for a, x in catalog.ruleset.by_id.items() if x.daily_budget}
-        finally:
-            catalog.close()
-        used = {a: sum(int(client_.get(k) or 0) for k in {budget_key(a, t) for t in days}) for a in budgeted}
-        assert {a: shown[a] for a in budgeted} == used
+        used = _budgets_used(redis_url, rules_dir, {started, time.time()})
+        assert {a: shown[a] for a in used} == used
         assert max(used.values()) == budget and all(n <= budget for n in used.values())
 
 
