@@ -37,6 +37,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -192,12 +193,7 @@ def main() -> int:
         engine = DecisionEngine(store, rules, model, decision_log, contacts=True, clock=lambda: 1_781_524_800.0)
         engine.warmup()
 
-        class _App:
-            pass
-
-        app = _App()
-        app.engine = engine  # type: ignore[attr-defined]
-        servicer = DecisionServicer(app)  # type: ignore[arg-type]
+        servicer = DecisionServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]  # all it uses of an App
         context = _Context()
         rng = random.Random(5)
         channels = [getattr(pb, n) for n, _ in MIX]

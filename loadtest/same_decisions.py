@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import tempfile
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -51,12 +52,7 @@ def main() -> int:
         engine = DecisionEngine(store, rules, model, DecisionLog(store.client), contacts=True, clock=lambda: now[0])
         engine.warmup()
 
-        class App:
-            pass
-
-        app = App()
-        app.engine = engine  # type: ignore[attr-defined]
-        servicer = DecisionServicer(app)  # type: ignore[arg-type]
+        servicer = DecisionServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]  # all it uses of an App
         rng = random.Random(7)
         channels = [pb.CHANNEL_WEB, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_EMAIL, pb.CHANNEL_SMS,
                     pb.CHANNEL_BRANCH]

@@ -115,9 +115,12 @@ def service(redis_url: str, models_dir: Path, tmp_path: Path):
 
 
 @contextlib.contextmanager
-def two_workers(redis_url: str, rules_dir: Path, models_dir: Path) -> Iterator[tuple[list[grpc.Channel], int]]:
+def two_workers(redis_url: str, rules_dir: Path, models_dir: Path,
+                max_in_flight: int = 16) -> Iterator[tuple[list[grpc.Channel], int]]:
     """``nba serve --workers 2`` on ``redis_url``, and 8 or more channels with both workers among them
-    (the kernel balances connections, not calls); yields the channels and the metrics port."""
+    (the kernel balances connections, not calls); yields the channels and the metrics port. A worker
+    frees a call's slot only after its caller has the answer, so ``max_in_flight`` must exceed the
+    callers one worker may get at once."""
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
     from engine.store.redis_embedded import free_port
@@ -127,7 +130,7 @@ def two_workers(redis_url: str, rules_dir: Path, models_dir: Path) -> Iterator[t
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
          "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "200"],
+         "--customers", "200", "--max-in-flight", str(max_in_flight)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channels: list[grpc.Channel] = []
     try:

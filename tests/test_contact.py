@@ -361,7 +361,7 @@ def test_2_processes_x_8_threads_present_an_action_exactly_its_budget_of_100(red
 
     budget, customers = 100, [f"C{i % 200:07d}" for i in range(2_000)]
     rules_dir = budget_rules(tmp_path, budget, quiet_hours=False, on_impression=False)
-    with two_workers(redis_url, rules_dir, models_dir) as (channels, _):
+    with two_workers(redis_url, rules_dir, models_dir, max_in_flight=32) as (channels, _):  # 16 callers
         shown: Counter[str] = Counter()
 
         def client(k: int) -> None:

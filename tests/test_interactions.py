@@ -29,9 +29,8 @@ from engine.serving.app import App
 from engine.serving.client import CLIENT_OPTIONS
 from engine.serving.server import build_server
 from engine.store.profiles import DECISIONS_STREAM
-from engine.store.slots import shard_keys
-from engine.store.streams import xrange_all
 
+from . import shards
 from .conftest import RULES_DIR
 from .test_contact import Clock, budget_rules, make_engine
 from .test_quiet_hours import _app, _at, _profile
@@ -124,10 +123,6 @@ def with_offer(channel: grpc.Channel, start: int, ch: int = pb.CHANNEL_WEB) -> s
 
 def budget_used(client: redis.Redis) -> int:
     return sum(int(client.get(k) or 0) for k in client.scan_iter("nba:budget:*"))
-
-
-def reserved(client: redis.Redis) -> int:
-    return sum(int(client.zcard(k)) for k in shard_keys(RESERVATIONS_KEY, client))
 
 
 def ids(reply: pb.DecideResponse) -> list[str]:
@@ -311,7 +306,7 @@ def test_an_unreported_web_impression_gives_its_budget_unit_back(redis_url: str,
         engine.responses.record(first.decision_id, offers[0], "impression")  # one was seen: its unit is spent
         clock.now += 15 * 60 + 1
         assert releaser.poll_once() == len(offers) - 1 + released
-        assert budget_used(client) == 1 and reserved(client) == 0
+        assert budget_used(client) == 1 and shards.zcard(client, RESERVATIONS_KEY) == 0
         late = metrics.RESERVATIONS.labels("late")._value.get()
         if len(offers) > 1:  # seen after its unit went back: counted as an impression, not charged again
             engine.responses.record(first.decision_id, offers[1], "impression")
@@ -338,10 +333,10 @@ def test_event_triggered_offers_follow_the_control_group(redis_url: str, models_
         assert results[treated].status == "sent"
         assert results[control].status == "suppressed" and results[control].reason.startswith("control_group")
         app.decision_log.close()
-        logged = {f[b"customer_id"].decode(): f for _, f in xrange_all(app.store.client, DECISIONS_STREAM)}
+        logged = {f[b"customer_id"].decode(): f for f in shards.entries(app.store.client, DECISIONS_STREAM)}
         assert logged[control][b"control"] == b"1" and logged[control][b"actions"] == b""
         assert logged[treated][b"control"] == b"0"
-        assert [f[b"customer_id"] for _, f in xrange_all(app.store.client, OUTBOUND_STREAM)] == [treated.encode()]
+        assert [f[b"customer_id"] for f in shards.entries(app.store.client, OUTBOUND_STREAM)] == [treated.encode()]
     finally:
         app.close()
 
@@ -359,5 +354,5 @@ def test_a_served_web_reservation_is_released_after_its_time(redis_url: str, mod
         deadline = time.monotonic() + 15  # 1.8 s reservation, released by the server's poller (every second)
         while budget_used(app.store.client) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert budget_used(app.store.client) == 0 and reserved(app.store.client) == 0
+        assert budget_used(app.store.client) == 0 and shards.zcard(app.store.client, RESERVATIONS_KEY) == 0
         assert set(offers) <= set(ids(decide(channel, holder)))

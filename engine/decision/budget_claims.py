@@ -97,6 +97,11 @@ class BudgetClaims:
                 member = reservation_member(decision_id, action_ids[i], " ".join(keys))
                 self.client.zadd(customer_shard_key(RESERVATIONS_KEY, customer_id, self.client), {member: expires_ms})
 
+    def give_back_reserved(self, member: str | bytes) -> int:
+        """The units of a reservation (``contact.reservation_member``) back to its counters."""
+        text = member.decode() if isinstance(member, bytes) else member
+        return self.give_back(text.split("|", 2)[2].split())
+
     def give_back(self, keys: Sequence[str]) -> int:
         """One unit back to each counter of ``keys``; how many still existed."""
         return sum(int(self._unclaim(keys=[key])) for key in keys)

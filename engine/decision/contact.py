@@ -32,6 +32,7 @@ the units of claimed candidates that were not shown in the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import secrets
@@ -333,21 +334,22 @@ def reservation_member(decision_id: str, action_id: str, budget: str) -> str:
     return f"{decision_id}|{action_id}|{budget}"
 
 
-def candidate_budgets(action: Action, campaigns: dict | None, now: float,
-                      day: str = "") -> list[tuple[str, int, str, int]]:
+def candidate_budgets(action: Action, campaigns: dict | None, now: float) -> list[tuple[str, int, str, int]]:
     """(counter key, budget, verdict when used up, counter TTL s) of each budget a presentation of
-    ``action`` consumes: its own daily budget (``day``: ``now``'s UTC day as yyyymmdd, if known), then its
-    campaign's."""
-    if action.daily_budget is None and not (campaigns and action.campaign):
-        return []
-    own = [] if action.daily_budget is None else [
-        (f"nba:budget:{action.id}:{day}" if day else budget_key(action.id, now), action.daily_budget, "budget",
-         BUDGET_TTL_SECONDS)]
+    ``action`` consumes: its own daily budget, then its campaign's."""
+    own = [] if action.daily_budget is None else [(budget_key(action.id, now), action.daily_budget, "budget",
+                                                   BUDGET_TTL_SECONDS)]
     return own + budget_specs(campaigns.get(action.campaign) if campaigns and action.campaign else None, now)
 
 
 def utc_day(now: float) -> str:
-    return f"{datetime.fromtimestamp(now, UTC):%Y%m%d}"
+    """``now``'s UTC day as yyyymmdd (formatted once per day: it is asked on every decision)."""
+    return _day(int(now // 86_400))
+
+
+@functools.lru_cache(maxsize=8)
+def _day(days: int) -> str:
+    return f"{datetime.fromtimestamp(days * 86_400, UTC):%Y%m%d}"
 
 
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
@@ -369,10 +371,9 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
             interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id),
             contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY]
     cand = []
-    day = utc_day(now)
     for i, (_priority, _p, verdict) in enumerate(candidates):
         action = verdict.action
-        specs = candidate_budgets(action, campaigns, now, day)
+        specs = candidate_budgets(action, campaigns, now)
         entry = [action.id, action.group, action.type, action.value, rules.applicable(action, channel), 0,
                  action.daily_budget or 0, bodies[i] if bodies else "", []]
         if claims is not None:

@@ -43,7 +43,6 @@ from engine.decision.contact import (
     interaction_key,
     new_decision_id,
     present_args,
-    utc_day,
 )
 from engine.decision.request import DecideInput, validate
 from engine.decision.responses import ResponseRecorder
@@ -411,25 +410,23 @@ class DecisionEngine:
                 would_show.append(fallback_ranked(fallback, channel, count=False))
             bodies = [interactions.action_body(a) for a in (_exploring(would_show) if exploring else would_show)]
             head = _header(decision, mode)
-        # on a cluster, budgets are claimed outside the script (engine.decision.budget_claims)
-        specs: list[list[tuple[str, int, str, int]]] = []
-        claims: list[int | str] | None = None
-        if self.budgets is not None:
-            day = utc_day(now)
-            specs = [candidate_budgets(v.action, rules.ruleset.campaigns, now, day) for _, _, v in candidates]
-            claims = [0 if not b else self.budgets.peek(b) if mode == DRY else NOT_CLAIMED for b in specs]
+        budgets, specs, claims = self.budgets, [], None
+        if budgets is not None:  # a cluster: budgets are claimed outside the script (engine.decision.budget_claims)
+            specs = [candidate_budgets(v.action, rules.ruleset.campaigns, now) for _, _, v in candidates]
+            claims = [0 if not b else budgets.peek(b) if mode == DRY else NOT_CLAIMED for b in specs]
         try:
-            for _ in range(len(candidates) + 1):  # each round settles a claim at least
+            for _ in range(len(candidates) + 1):  # each "need" round settles a claim at least
                 keys, args, limits = present_args(contact, candidates, fallback, max_actions, channel,
                                                   decision.decision_id, now, record, req.customer_id, mode,
                                                   req.interaction_id, place[len(interactions.FIELD_PREFIX):], bodies,
                                                   head, replace, _late_ms(req.deadline), rules.ruleset.campaigns,
                                                   claims)
                 verdicts, fb = self.store.hot.script(self._present_script, keys, [args])
-                if verdicts != b"need" or self.budgets is None or claims is None:
+                if verdicts != b"need":
                     break
+                assert budgets is not None and claims is not None  # "need" comes only with claims
                 for i in fb:
-                    claims[i - 1] = self.budgets.claim(specs[i - 1])
+                    claims[i - 1] = budgets.claim(specs[i - 1])
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("present").inc()
             # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
@@ -437,10 +434,10 @@ class DecisionEngine:
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
             decision.degraded = True
             return None
-        if self.budgets is not None and claims is not None and mode != DRY:
-            self.budgets.settle(claims, specs, verdicts if isinstance(verdicts, list) else [], mode == RESERVE,
-                                decision.decision_id, [v.action.id for _, _, v in candidates], req.customer_id,
-                                int(now * 1000) + contact.interactions.reservation_ms)
+        if budgets is not None and claims is not None and mode != DRY:
+            budgets.settle(claims, specs, verdicts if isinstance(verdicts, list) else [], mode == RESERVE,
+                           decision.decision_id, [v.action.id for _, _, v in candidates], req.customer_id,
+                           int(now * 1000) + contact.interactions.reservation_ms)
         if verdicts == b"replay":
             return fb.decode()
         if verdicts == b"late":

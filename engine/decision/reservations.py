@@ -56,5 +56,5 @@ class ReservationReleaser(Poller):
             return int(self._release(keys=[key], args=[now_ms, BATCH]))
         due = self._take_due(keys=[key], args=[now_ms, BATCH])
         for member in due:
-            self._budgets.give_back((member.decode() if isinstance(member, bytes) else member).split("|", 2)[2].split())
+            self._budgets.give_back_reserved(member)
         return len(due)

@@ -77,8 +77,9 @@ from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
 from engine.errors import NbaError
 from engine.features import CHANNELS
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
+from engine.store import streams
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
-from engine.store.slots import customer_shard_key, shard_count, shard_maxlen
+from engine.store.slots import customer_shard_key, shard_count
 
 if TYPE_CHECKING:
     from engine.decision.funnel import Decision, DecisionEngine
@@ -330,9 +331,7 @@ class EventProcessor:
                 cleared = sorted(events.clears_by_event.get(event_type, ()))
                 self._apply(customer_id, firings, cleared, timers, out, now_ms)
             if not inline:  # the last effect, so only a death between it and the mark's removal writes it twice
-                out.stream_id = cast(bytes, self.client.xadd(
-                    customer_shard_key(EVENTS_STREAM, customer_id, self.client), log_fields,  # type: ignore[arg-type]
-                    maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)).decode()
+                out.stream_id = streams.append(self.client, EVENTS_STREAM, customer_id, log_fields)
             if reactive or not inline:
                 self.client.hdel(effects_key(customer_id), event_id)
         return out
@@ -506,8 +505,7 @@ class EventProcessor:
         if not self._settle_script(keys=[key, f"{key}:run"], args=[expected, state, OUTBOUND_KEEP_MS, token]):
             return False
         if entry is not None:
-            self.client.xadd(customer_shard_key(OUTBOUND_STREAM, customer_id, self.client),
-                             entry, maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)  # type: ignore[arg-type]
+            streams.append(self.client, OUTBOUND_STREAM, customer_id, entry)
         return True
 
     def _postponed(self, timer: dict[str, Any]) -> Processed:

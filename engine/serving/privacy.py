@@ -103,7 +103,7 @@ def _drop_reservations(client: redis.Redis, reservations: list[tuple[str, str, f
         for key, member, _ in reservations:
             if client.zrem(key, member):
                 gone += 1
-                returned += 1 if budgets.give_back(member.split("|", 2)[2].split()) else 0
+                returned += 1 if budgets.give_back_reserved(member) else 0
         return gone, returned
     members = [m for _, m, _ in reservations]
     for i in range(0, len(members), CHUNK):

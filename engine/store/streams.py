@@ -12,8 +12,8 @@ import heapq
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
-from engine.store.profiles import StreamEntries, StreamReadReply
-from engine.store.slots import shard_count, shard_keys
+from engine.store.profiles import STREAM_MAXLEN, StreamEntries, StreamReadReply
+from engine.store.slots import customer_shard_key, shard_count, shard_keys, shard_maxlen
 
 Entry = tuple[bytes, dict[bytes, bytes]]  # (entry id, fields) as the service's clients return them
 
@@ -34,6 +34,14 @@ def _one_shard(client: Any, key: str, since: str, chunk: int) -> Iterator[Entry]
             return
         last = batch[-1][0]
         start = "(" + (last.decode() if isinstance(last, bytes) else last)
+
+
+def append(client: Any, base: str, customer_id: str, fields: dict[str, str]) -> str:
+    """``XADD`` to the customer's shard of ``base``, trimmed to the shard's share of ``STREAM_MAXLEN``;
+    the entry id."""
+    entry = client.xadd(customer_shard_key(base, customer_id, client), fields,
+                        maxlen=shard_maxlen(STREAM_MAXLEN, client), approximate=True)
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
 
 
 def xrange_all(client: Any, base: str, since: str = "-", chunk: int = 5_000) -> Iterator[Entry]:
