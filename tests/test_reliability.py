@@ -276,8 +276,10 @@ def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_onc
                 assert reply.degraded and [a.action_id for a in reply.actions] == ["account_health_check"]
         finally:
             admin.execute_command("CLIENT", "UNPAUSE")
+        # all answered within their 0.2 s deadline (else DEADLINE_EXCEEDED); "took" is the client's own clock,
+        # which also counts its thread waking up after the answer came, so it gets a margin
         assert [r for r, _ in results] == ["degraded"] * 30, results
-        assert max(took for _, took in results) < 0.2
+        assert max(took for _, took in results) < 0.25
         assert sorted(later)[5] < 0.05, later  # no waiting on the stalled Redis
         deadline = time.monotonic() + 2
         while timed_decide(channel, _customer(70), 1.0)[0].degraded:  # the next probe closes it
