@@ -1,23 +1,34 @@
 """The transport's ceiling: the service's gRPC server answering Decide with a fixed response, no work.
 
-The server is ``engine.serving.server.build_server`` itself (same options, thread pool, load shedding,
-interceptors, health and reflection), started after the same ``gc.collect(); gc.freeze()`` as
-``nba serve``; one extra interceptor answers ``Decide`` with a prebuilt ``DecideResponse`` (three
-ranked actions of the demo catalog, with treatments, reasons and versions, as a call-center decision
-carries them), parsing the request and serialising the response as the real server does. Other
-methods (health, admin) are the real ones.
+Two modes, doing the same work per ``Decide`` call: the request parsed by ``DecideRequest.FromString``,
+a handler returning one prebuilt ``DecideResponse`` (three ranked actions of the demo catalog, with
+treatments, reasons and versions, as a call-center decision carries them), serialised by
+``SerializeToString`` as the real server does (``decide_handler``: one handler for both modes).
+
+* default (sync): ``engine.serving.server.build_server`` itself (same options, thread pool of
+  ``MAX_IN_FLIGHT``, load shedding, interceptors, health and reflection); one extra interceptor, first in
+  the chain, hands ``Decide`` to ``decide_handler``, whose plain function runs on the thread pool.
+  Other methods (health, admin) are the real ones.
+* ``--aio``: a ``grpc.aio.server`` with the same channel options as ``build_server`` (``SERVER_OPTIONS``),
+  ``maximum_concurrent_rpcs`` = ``MAX_IN_FLIGHT`` and no thread pool: ``Decide`` comes from a generic
+  handler (the first one registered) whose coroutine returns the response on the event loop; health
+  (``grpc_health`` aio servicer) and reflection are registered, the admin service is not.
+
+Both modes run ``gc.collect(); gc.freeze()`` once the response is built, before the server is built and
+started, as ``nba serve`` does after its warm-up.
 
     python loadtest/bare_server.py --address 127.0.0.1:50061
+    python loadtest/bare_server.py --aio --address 127.0.0.1:50062
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +41,13 @@ if str(ROOT) not in sys.path:
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 
 DECIDE = "/nba.v1.DecisionService/Decide"
+DECISION_SERVICE, DECIDE_METHOD = DECIDE[1:].rsplit("/", 1)
+DECIDED_AT = 1_764_547_200.123456  # a fixed instant and decision id: both modes send the very same bytes
 
 
 def fixed_response(rules_dir: Path = ROOT / "rules", channel: str = "call_center") -> pb.DecideResponse:
     """A realistic answer: the first three offers of distinct groups that ``channel`` can show, with the
-    fields, treatments and reasons a real decision fills."""
+    fields, treatments and reasons a real decision fills; the same bytes every time (fixed time and id)."""
     from engine.decision.arbitration import RankedAction
     from engine.decision.contact import new_decision_id
     from engine.decision.funnel import Decision
@@ -50,28 +63,54 @@ def fixed_response(rules_dir: Path = ROOT / "rules", channel: str = "call_center
             picked.append(action)
         if len(picked) == 3:
             break
-    now = time.time()
+    now = DECIDED_AT
     actions = [RankedAction(action_id=a.id, name=a.name, type=a.type, group=a.group, propensity=0.1234 / (i + 1),
                             value=a.value, priority=0.1234 / (i + 1) * a.value,
                             treatment=dict(a.channels[channel]),
                             reasons=[f"propensity {0.1234 / (i + 1):.3f} x value {a.value:g}", "weight x1.2 (levers: loyal)"],
                             rank=i + 1)
                for i, a in enumerate(picked)]
+    decision_id = new_decision_id(now, "C0000042")[:-16] + "5eed5eed5eed5eed"  # its random part fixed
     return decision_to_pb(Decision(
-        decision_id=new_decision_id(now, "C0000042"), customer_id="C0000042", channel=channel, actions=actions,
+        decision_id=decision_id, customer_id="C0000042", channel=channel, actions=actions,
         ruleset_version=ruleset.version, model_version="v20261130-202424-907899", degraded=False, cold_start=False,
         situations=["high_value"], decided_at=now))
 
 
-class FixedDecide(grpc.ServerInterceptor):
-    """Answers ``Decide`` with ``response``; every other method goes on to the real handlers."""
+def server_options() -> list[tuple[str, int]]:
+    """``build_server``'s channel options (``reuse_port`` False, as the sync mode builds it): copied, since
+    ``build_server`` does not export them; keep the two alike."""
+    from engine.serving.security import MAX_MESSAGE_BYTES
+    from engine.serving.server import MAX_CONNECTION_AGE_MS
 
-    def __init__(self, response: pb.DecideResponse) -> None:
-        self.response = response
-        self.handler = grpc.unary_unary_rpc_method_handler(
-            lambda request, context: self.response,
-            request_deserializer=pb.DecideRequest.FromString,
-            response_serializer=pb.DecideResponse.SerializeToString)
+    return [("grpc.so_reuseport", 0),
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", 5_000),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
+
+
+def decide_handler(response: pb.DecideResponse, asynchronous: bool) -> grpc.RpcMethodHandler:
+    """``Decide`` for both modes: the request parsed and ``response`` serialised on every call; the behaviour
+    is a plain function (the sync server runs it on its thread pool) or a coroutine (the aio server awaits
+    it on its event loop; a plain function there would go to a default executor)."""
+
+    def answer(request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
+        return response
+
+    async def answer_async(request: pb.DecideRequest, context: Any) -> pb.DecideResponse:
+        return response
+
+    return grpc.unary_unary_rpc_method_handler(answer_async if asynchronous else answer,
+                                               request_deserializer=pb.DecideRequest.FromString,
+                                               response_serializer=pb.DecideResponse.SerializeToString)
+
+
+class FixedDecide(grpc.ServerInterceptor):
+    """Hands ``Decide`` to ``handler``; every other method goes on to the real handlers."""
+
+    def __init__(self, handler: grpc.RpcMethodHandler) -> None:
+        self.handler = handler
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         if handler_call_details.method == DECIDE:
@@ -89,17 +128,55 @@ def serve_bare(address: str, stop: threading.Event) -> None:
     response = fixed_response()
     gc.collect()
     gc.freeze()
-    server, port, _health = build_server(_NoApp(), address, interceptors=[FixedDecide(response)])  # type: ignore[arg-type]
+    server, port, _health = build_server(_NoApp(), address,  # type: ignore[arg-type]
+                                         interceptors=[FixedDecide(decide_handler(response, asynchronous=False))])
     server.start()
     print(f"bare server on port {port}: Decide answers {response.ByteSize()} bytes", flush=True)
     stop.wait()
     server.stop(1).wait()
 
 
+def serve_bare_aio(address: str) -> None:
+    """The asyncio twin of ``serve_bare``, until SIGINT or SIGTERM."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from engine.serving.server import MAX_IN_FLIGHT
+
+    response = fixed_response()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        gc.collect()
+        gc.freeze()
+        server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=MAX_IN_FLIGHT)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            DECISION_SERVICE, {DECIDE_METHOD: decide_handler(response, asynchronous=True)}),))
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        reflection.enable_server_reflection((DECISION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        await server.start()
+        print(f"bare aio server on port {port}: Decide answers {response.ByteSize()} bytes", flush=True)
+        await stop.wait()
+        await server.stop(1)
+
+    asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", default="127.0.0.1:50061")
+    ap.add_argument("--aio", action="store_true",
+                    help="a grpc.aio server with the same options and per-call work (see the module docstring)")
     args = ap.parse_args()
+    if args.aio:
+        serve_bare_aio(args.address)
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

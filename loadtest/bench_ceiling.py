@@ -21,6 +21,15 @@ alternates request by request between them (``contact_p99.alternate``): each ``n
 the bare server, and each against the same worker count from ``--compare-tree``; per pair the
 percentiles, the CPU per request and the ratios. On a machine shared with other work this is the fair
 comparison: a burst of someone else's load hits both sides of a pair alike.
+
+``--bare-aio`` adds the bare server's asyncio twin ("bare aio": ``bare_server.py --aio``, same options,
+``maximum_concurrent_rpcs`` and per-call work, on an event loop instead of a thread pool; issue 18), started
+at ``--bare-start-rate`` too; ratios stay against the sync bare server. ``--workers`` with no count
+measures only the two bare servers; ``--sweep`` then includes both bare servers (without ``--bare-aio`` it
+leaves the bare server out), ``--alternate`` pairs bare with bare aio:
+
+    python loadtest/bench_ceiling.py --workers --bare-aio --rounds 2 --repeats 3 --duration 5 --warmup 2 \
+        --bare-start-rate 600 --step 1.25
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from grpc_modes import wait_serving  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 BARE = "bare"
+BARE_AIO = "bare aio"
 
 
 def _default_models() -> str:
@@ -53,8 +63,9 @@ def _default_models() -> str:
 
 
 def start_servers(redis_url: str, workers: list[int], models_dir: str, compare_tree: Path | None,
-                  ) -> dict[str, tuple[subprocess.Popen, str]]:
-    """name -> (process, address) for the bare server and every ``nba serve`` variant, once SERVING."""
+                  bare_aio: bool = False) -> dict[str, tuple[subprocess.Popen, str]]:
+    """name -> (process, address) for the bare server (and its asyncio twin with ``bare_aio``) and every
+    ``nba serve`` variant, once SERVING."""
     env = dict(os.environ, REDIS_URL=redis_url)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     trees = [("", ROOT)] + ([("before ", compare_tree)] if compare_tree else [])
@@ -62,6 +73,9 @@ def start_servers(redis_url: str, workers: list[int], models_dir: str, compare_t
     port = free_port()
     commands[BARE] = ([sys.executable, str(ROOT / "loadtest" / "bare_server.py"), "--address", f"127.0.0.1:{port}"],
                       ROOT)
+    if bare_aio:
+        commands[BARE_AIO] = ([sys.executable, str(ROOT / "loadtest" / "bare_server.py"), "--aio",
+                               "--address", f"127.0.0.1:{free_port()}"], ROOT)
     for label, tree in trees:
         for w in workers:
             commands[f"{label}{w} worker{'s' if w > 1 else ''}"] = (
@@ -112,11 +126,14 @@ def stop_servers(servers: dict[str, tuple[subprocess.Popen, str]]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, nargs="*", default=[1, 2],
+                    help="nba serve worker counts (default 1 2); none: only the bare server(s)")
+    ap.add_argument("--bare-aio", action="store_true",
+                    help='also "bare aio": bare_server.py --aio, the asyncio twin of the bare server')
     ap.add_argument("--rounds", type=int, default=1, help="find-max of every server per round, order rotating")
     ap.add_argument("--slo", action="append", default=[], help="default p99=5ms")
     ap.add_argument("--start-rate", type=float, default=100, help="nba serve's first rate")
-    ap.add_argument("--bare-start-rate", type=float, default=500, help="the bare server's first rate")
+    ap.add_argument("--bare-start-rate", type=float, default=500, help="the bare servers' first rate")
     ap.add_argument("--step", type=float, default=1.25)
     ap.add_argument("--duration", type=float, default=10, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=2)
@@ -135,6 +152,8 @@ def main() -> int:
                          "the servers' order rotating by round; median p50/p99 per server and rate")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.sweep and not args.workers and not args.bare_aio:
+        ap.error("--sweep leaves the bare server out: give --workers counts or --bare-aio")
     slo = loadgen.parse_slo(args.slo or ["p99=5ms"])
     if args.alternate:
         return alternate_pairs(args)
@@ -147,7 +166,7 @@ def main() -> int:
         from engine.store.profiles import ProfileStore
 
         demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
-        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree, args.bare_aio)
         try:
             names = list(servers)
             for r in range(args.rounds):
@@ -157,7 +176,7 @@ def main() -> int:
                     work = loadgen.Workload(servers[name][1], customers=args.customers)
                     print(f"--- round {r + 1}: {name} ({time.strftime('%H:%M:%S')}, load average "
                           f"{os.getloadavg()[0]:.2f})", flush=True)
-                    start = args.bare_start_rate if name == BARE else args.start_rate
+                    start = args.bare_start_rate if name in (BARE, BARE_AIO) else args.start_rate
                     found = loadgen.find_max(work, slo, start, 100_000, args.step, args.duration, args.warmup,
                                              args.processes, args.repeats)
                     cpu = tree_cpu_seconds(servers[name][0].pid)
@@ -205,7 +224,7 @@ def alternate_pairs(args: argparse.Namespace) -> int:
         from engine.store.profiles import ProfileStore
 
         demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
-        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree, args.bare_aio)
         try:
             pairs = [(BARE, n) for n in servers if n != BARE and not n.startswith("before ")]
             pairs += [(n, n.removeprefix("before ")) for n in servers if n.startswith("before ")]
@@ -245,9 +264,9 @@ def sweep(args: argparse.Namespace) -> int:
         from engine.store.profiles import ProfileStore
 
         demo.seed(ProfileStore.from_url(redis_server.url), args.customers)
-        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree)
+        servers = start_servers(redis_server.url, args.workers, args.models_dir, args.compare_tree, args.bare_aio)
         try:
-            names = [n for n in servers if n != BARE]
+            names = list(servers) if args.bare_aio else [n for n in servers if n != BARE]
             for r in range(args.rounds):
                 shift = r % len(names)
                 for name in names[shift:] + names[:shift]:
