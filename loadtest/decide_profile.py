@@ -22,6 +22,7 @@ Besides: the decision-log writer thread's CPU per decision (from /proc/self/task
 time per command (INFO commandstats).
 
     python loadtest/decide_profile.py --calls 3000 --json /tmp/decide_profile.json
+    python loadtest/decide_profile.py --calls 1000 --pace 100 1000 --rounds 3   # per-call CPU, warm vs paced
 """
 
 from __future__ import annotations
@@ -158,6 +159,32 @@ def thread_cpu_ns(native_id: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+def paced(call: Any, requests: list[bytes], rates: list[float], rounds: int, out: str | None) -> None:
+    """Per-call thread CPU at each rate (0: back to back), the rates alternating within every round: how
+    much a call costs when the core has idled since the last one (caches and predictors gone cold, as
+    between a service's calls at a low rate) against one right after another."""
+    cpu: dict[float, list[float]] = defaultdict(list)
+    for r in range(rounds):
+        for rate in rates if r % 2 == 0 else rates[::-1]:
+            took = []
+            for data in requests:
+                t = clock()
+                call(data)
+                took.append(clock() - t)
+                if rate:
+                    time.sleep(1 / rate)
+            cpu[rate].append(float(np.percentile(took, 50)) / 1000)
+            print(f"round {r + 1}: {'back to back' if not rate else f'{rate:g}/s':>13}  CPU p50 "
+                  f"{cpu[rate][-1]:7.1f} us per call", flush=True)
+    base = float(np.median(cpu[0.0]))
+    print(f"\n{'calls':>13} {'CPU p50 us (median of rounds)':>30} {'/ back to back':>15}")
+    for rate, values in cpu.items():
+        med = float(np.median(values))
+        print(f"{'back to back' if not rate else f'{rate:g}/s':>13} {med:30.1f} {med / base:15.2f}")
+    if out:
+        Path(out).write_text(json.dumps({"cpu_us_p50": {str(k): v for k, v in cpu.items()}}, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=3000, help="decisions per pass")
@@ -166,6 +193,10 @@ def main() -> int:
     ap.add_argument("--models-dir", default="/tmp/nba-models" if Path("/tmp/nba-models").is_dir()
                     else str(ROOT / "models"))
     ap.add_argument("--json")
+    ap.add_argument("--pace", type=float, nargs="+", default=[], metavar="RATE",
+                    help="instead: per-call CPU when the calls come back to back and when they come RATE per second "
+                         "(the thread sleeps between them), alternating, --rounds times")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --pace")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="instead: cProfile of N calls, the top functions by own time (relative figures only)")
     args = ap.parse_args()
@@ -227,6 +258,11 @@ def main() -> int:
             rules.current.close()
             return 0
 
+        if args.pace:
+            paced(call, measured, [0.0, *args.pace], args.rounds, args.json)
+            decision_log.close()
+            rules.current.close()
+            return 0
         stage_ns: dict[str, list[int]] = defaultdict(list)
         original_stages = funnel._Stages
 

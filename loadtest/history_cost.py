@@ -21,9 +21,17 @@ history was filled once and then stays as it is. Its script time per call and it
 say how fast Redis and Python were around that window; the "calibrated" ratios divide each window's
 figures by its calibration's, relative to the first window's. ``--fill`` decisions of the same mix run
 before the first window and are not counted: without them the first window also measures histories
-filling from empty (a one-off step, not growth with use).
+filling from empty (a one-off step, not growth with use). Per window it also prints the history fields
+of a sample of the customers it decided for, Redis's Lua heap and its number of keys.
+
+With the real clock a run's contacts all fall on one day, so the histories fill for the whole run and
+never reach the steady state of a service that has run for longer than its longest window. ``--days D``
+moves the decision clock evenly over D simulated days (from 2030-01-02) through the fill and the
+measured decisions: with a fill spanning more than the longest window (30 days in the demo rules), every
+measured window sees histories in their steady state (old days dropped as new ones are counted).
 
     python loadtest/history_cost.py --models-dir /tmp/nba-models --json /tmp/history_cost.json
+    python loadtest/history_cost.py --models-dir /tmp/nba-models --fill 200000 --days 60 --json /tmp/hc-days.json
 """
 
 from __future__ import annotations
@@ -75,7 +83,8 @@ def evalsha(client) -> tuple[int, int, float]:
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
     cpu = client.info("cpu")
     return (int(stats.get("calls", 0)), int(stats.get("usec", 0)),
-            float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+            float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(client.info("memory")["used_memory_lua"]),
+            int(client.dbsize()))
 
 
 def pct(ms: np.ndarray) -> dict:
@@ -100,9 +109,13 @@ def calibrate(engine, admin, req, n: int) -> dict:
             "service_p99_ms": round(float(np.percentile(took, 99)) * 1000, 3)}
 
 
+START_2030 = 1_893_499_200.0  # 2030-01-02 12:00 UTC
+
+
 def run(decisions: int, rate: float, window: int, customers: int, models_dir: str, seed: int, fill: int = 0,
-        calibration: int = 300, ballast: int = 0) -> dict:
+        calibration: int = 300, ballast: int = 0, days: float = 0.0) -> dict:
     from engine.decision.funnel import DecisionEngine
+    from engine.decision.history import contacts_key
     from engine.decision.request import DecideInput
     from engine.live import Live
     from engine.models.registry import ModelRegistry
@@ -117,12 +130,20 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         store = ProfileStore.from_url(server.url)
         demo.seed(store, customers)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
-        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), DecisionLog(store.client))
+        step = days * 86_400 / (fill + decisions) if days else 0.0
+        now = [START_2030 if days else 0.0]
+
+        def clock() -> float:
+            return now[0] if days else time.time()
+
+        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), DecisionLog(store.client),
+                                clock=clock)
         engine.warmup()
         for i in range(2000):  # JIT, pools, allocator: on customers of their own
             engine.decide(DecideInput(f"WARM-{i}", reqs[i].channel, touchpoint=reqs[i].touchpoint, max_actions=3))
         for req in filling:
             engine.decide(req)
+            now[0] += step
         if ballast:  # keys like decision records, to tell the dataset's size from the customers' histories
             pipe = store.client.pipeline(transaction=False)
             for k in range(ballast):
@@ -139,6 +160,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         service = np.empty(decisions)
         calibrations = [calibrate(engine, admin, reference, calibration)]
         marks = [evalsha(admin)]
+        fields: list[float] = []  # per window: history fields of (a sample of) the customers it decided for
         elapsed = 0.0
         start = time.perf_counter() + 0.2
         for i, req in enumerate(reqs):
@@ -149,17 +171,22 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
             t = time.perf_counter()
             engine.decide(req)
             done = time.perf_counter()
+            now[0] += step
             latency[i], service[i] = done - intended, done - t
             if (i + 1) % window == 0:
                 marks.append(evalsha(admin))
                 w = len(marks) - 2
+                sample = [r.customer_id for r in reqs[i + 1 - window: i + 1: 50]]
+                fields.append(float(np.mean([admin.hlen(contacts_key(c)) for c in sample])))
                 calls, usec = marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1]
                 lat = latency[i + 1 - window: i + 1] * 1000
                 cpu = (marks[-1][2] - marks[-2][2]) / window * 1e6
                 print(f"window {w + 1:2d} (decisions {i + 2 - window:>7,}-{i + 1:>7,}): Decide p50 "
                       f"{np.percentile(lat, 50):.3f} p99 {np.percentile(lat, 99):.3f} ms (service p99 "
                       f"{np.percentile(service[i + 1 - window: i + 1] * 1000, 99):.3f}), script "
-                      f"{usec / max(calls, 1):.1f} us/call ({calls} calls), Redis CPU {cpu:.1f} us/decision; "
+                      f"{usec / max(calls, 1):.1f} us/call ({calls} calls), Redis CPU {cpu:.1f} us/decision, Lua heap "
+                      f"{marks[-1][3] / 1e6:.1f} MB, {marks[-1][4]:,} keys, history fields of its customers "
+                      f"{fields[-1]:.1f}; "
                       f"calibration before it: {calibrations[-1]}", flush=True)
                 if i + 1 < decisions:  # the clock stops for the next window's calibration
                     elapsed += time.perf_counter() - start
@@ -178,7 +205,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                         "latency": pct(latency[sl] * 1000), "service": pct(service[sl] * 1000),
                         "script_us_per_call": round(usec / max(calls, 1), 1), "script_calls": calls,
                         "redis_cpu_us_per_decision": round((marks[w + 1][2] - marks[w][2]) / window * 1e6, 1),
-                        "calibration": calibrations[w]})
+                        "calibration": calibrations[w], "lua_heap_bytes": marks[w + 1][3], "keys": marks[w + 1][4],
+                        "history_fields_of_its_customers": round(fields[w], 2)})
     first, last = windows[0], windows[-1]
     c0, cn = first["calibration"], last["calibration"]
     return {
@@ -194,7 +222,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                                  / (cn["service_p99_ms"] / c0["service_p99_ms"]), 3),
             "script_us_per_call": round(last["script_us_per_call"] / first["script_us_per_call"]
                                         / (cn["script_us_per_call"] / c0["script_us_per_call"]), 3)},
-        "fill": fill, "calibration_calls": calibration, "ballast": ballast,
+        "fill": fill, "calibration_calls": calibration, "ballast": ballast, "days": days,
         "hot_contact_key_bytes": {"mean": round(float(np.mean(sizes)), 1), "max": int(max(sizes))},
     }
 
@@ -210,10 +238,13 @@ def main() -> int:
     ap.add_argument("--fill", type=int, default=0, help="decisions of the same mix before the first window")
     ap.add_argument("--calibration", type=int, default=300, help="reference previews before every window")
     ap.add_argument("--ballast", type=int, default=0, help="hashes of ~500 B written before the first window")
+    ap.add_argument("--days", type=float, default=0.0,
+                    help="a decision clock from 2030-01-02 12:00 UTC moving evenly over this many days through "
+                         "--fill and --decisions (default: the real clock, every contact on today)")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = run(args.decisions, args.rate, args.window, args.customers, args.models_dir, args.seed, args.fill,
-              args.calibration, args.ballast)
+              args.calibration, args.ballast, args.days)
     first, last = out["windows"][0], out["windows"][-1]
     print(f"\n{'window':>16} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'service p99':>12} {'script us':>10} "
           f"{'Redis CPU us':>13}")
