@@ -29,6 +29,7 @@ never reach the steady state of a service that has run for longer than its longe
 moves the decision clock evenly over D simulated days (from 2030-01-02) through the fill and the
 measured decisions: with a fill spanning more than the longest window (30 days in the demo rules), every
 measured window sees histories in their steady state (old days dropped as new ones are counted).
+``--sections`` times the presenting script's sections inside Redis (``TIME`` marks in a copy of it).
 
     python loadtest/history_cost.py --models-dir /tmp/nba-models --json /tmp/history_cost.json
     python loadtest/history_cost.py --models-dir /tmp/nba-models --fill 200000 --days 60 --json /tmp/hc-days.json
@@ -110,10 +111,45 @@ def calibrate(engine, admin, req, n: int) -> dict:
 
 
 START_2030 = 1_893_499_200.0  # 2030-01-02 12:00 UTC
+PROFILE_KEY = "nba:bench:present-sections"
+
+
+def timed_sections(script: str) -> str:
+    """``PRESENT`` with ``TIME`` marks at its section boundaries, each section's microseconds added to
+    ``PROFILE_KEY`` (the marks' own commands are left out of the sections; ``TIME`` reads the real clock
+    inside a script)."""
+    marks = [("local a = cjson.decode(ARGV[1])\n", "decode arguments"),
+             ("local function mark(head)", "read and count the history"),
+             ("if #need > 0 then return {'need', need} end", "judge and present candidates"),
+             ("local acts, grps, typs, vals, bodies = {}, {}, {}, {}, {}", "write the history"),
+             ("return {verdicts, fb}\n", "write the decision record")]
+    head = ("local function bench_now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end\n"
+            "local bench_last = bench_now()\n"
+            "local function bench_mark(name)\n"
+            f"  redis.call('HINCRBY', '{PROFILE_KEY}', name, bench_now() - bench_last); bench_last = bench_now()\n"
+            "end\n")
+    at = script.index(marks[0][0])
+    out = script[:at] + head + script[at:]
+    for i, (marker, name) in enumerate(marks):
+        assert out.count(marker) == 1, marker
+        call = f"bench_mark('{i + 1} {name}')\n"
+        if marker.startswith("return"):
+            call += f"redis.call('HINCRBY', '{PROFILE_KEY}', 'calls', 1)\n"
+        out = out.replace(marker, marker + call if i == 0 else call + marker)
+    return out
+
+
+def sections(client) -> dict[str, float]:
+    """Microseconds per presenting call in each section since the last read (``--sections``)."""
+    raw = {k.decode(): int(v) for k, v in client.hgetall(PROFILE_KEY).items()}
+    client.delete(PROFILE_KEY)
+    calls = raw.pop("calls", 0)
+    return {k: round(v / calls, 1) for k, v in sorted(raw.items())} if calls else {}
 
 
 def run(decisions: int, rate: float, window: int, customers: int, models_dir: str, seed: int, fill: int = 0,
-        calibration: int = 300, ballast: int = 0, days: float = 0.0) -> dict:
+        calibration: int = 300, ballast: int = 0, days: float = 0.0, profile: bool = False) -> dict:
+    from engine.decision import funnel
     from engine.decision.funnel import DecisionEngine
     from engine.decision.history import contacts_key
     from engine.decision.request import DecideInput
@@ -124,6 +160,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
     from engine.store.decision_log import DecisionLog
     from engine.store.profiles import ProfileStore
 
+    if profile:
+        funnel.PRESENT = timed_sections(funnel.PRESENT)
     reqs = requests(fill + decisions, customers, seed)
     filling, reqs = reqs[:fill], reqs[fill:]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
@@ -161,6 +199,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         calibrations = [calibrate(engine, admin, reference, calibration)]
         marks = [evalsha(admin)]
         fields: list[float] = []  # per window: history fields of (a sample of) the customers it decided for
+        script_sections: list[dict[str, float]] = []  # per window, with --sections
+        sections(admin)
         elapsed = 0.0
         start = time.perf_counter() + 0.2
         for i, req in enumerate(reqs):
@@ -178,6 +218,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                 w = len(marks) - 2
                 sample = [r.customer_id for r in reqs[i + 1 - window: i + 1: 50]]
                 fields.append(float(np.mean([admin.hlen(contacts_key(c)) for c in sample])))
+                script_sections.append(sections(admin))
                 calls, usec = marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1]
                 lat = latency[i + 1 - window: i + 1] * 1000
                 cpu = (marks[-1][2] - marks[-2][2]) / window * 1e6
@@ -187,11 +228,13 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                       f"{usec / max(calls, 1):.1f} us/call ({calls} calls), Redis CPU {cpu:.1f} us/decision, Lua heap "
                       f"{marks[-1][3] / 1e6:.1f} MB, {marks[-1][4]:,} keys, history fields of its customers "
                       f"{fields[-1]:.1f}; "
-                      f"calibration before it: {calibrations[-1]}", flush=True)
+                      f"calibration before it: {calibrations[-1]}"
+                      + (f"; script sections, us per call: {script_sections[-1]}" if profile else ""), flush=True)
                 if i + 1 < decisions:  # the clock stops for the next window's calibration
                     elapsed += time.perf_counter() - start
                     calibrations.append(calibrate(engine, admin, reference, calibration))
                     marks[-1] = evalsha(admin)
+                    sections(admin)
                     start = time.perf_counter() + 0.05
         elapsed += time.perf_counter() - start
         hot = [f"C{i:07d}" for i in range(HOT)]
@@ -206,7 +249,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                         "script_us_per_call": round(usec / max(calls, 1), 1), "script_calls": calls,
                         "redis_cpu_us_per_decision": round((marks[w + 1][2] - marks[w][2]) / window * 1e6, 1),
                         "calibration": calibrations[w], "lua_heap_bytes": marks[w + 1][3], "keys": marks[w + 1][4],
-                        "history_fields_of_its_customers": round(fields[w], 2)})
+                        "history_fields_of_its_customers": round(fields[w], 2),
+                        **({"script_sections_us": script_sections[w]} if profile else {})})
     first, last = windows[0], windows[-1]
     c0, cn = first["calibration"], last["calibration"]
     return {
@@ -241,10 +285,12 @@ def main() -> int:
     ap.add_argument("--days", type=float, default=0.0,
                     help="a decision clock from 2030-01-02 12:00 UTC moving evenly over this many days through "
                          "--fill and --decisions (default: the real clock, every contact on today)")
+    ap.add_argument("--sections", action="store_true",
+                    help="time the presenting script's sections inside Redis (TIME marks; they add their own cost)")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = run(args.decisions, args.rate, args.window, args.customers, args.models_dir, args.seed, args.fill,
-              args.calibration, args.ballast, args.days)
+              args.calibration, args.ballast, args.days, args.sections)
     first, last = out["windows"][0], out["windows"][-1]
     print(f"\n{'window':>16} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'service p99':>12} {'script us':>10} "
           f"{'Redis CPU us':>13}")
