@@ -51,3 +51,29 @@ def test_find_max_steps_up_until_the_slo_breaks_judging_each_rate_on_its_median_
                               warmup=0.3, processes=1, repeats=1)
     assert broken["best"] is None and broken["max_rps_meeting_slo"] == 0.0
     assert len(broken["steps"]) == 1 and not broken["steps"][0]["held"]
+
+
+def test_the_sections_probe_times_the_real_presenting_script(redis_url: str, models_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``history_cost.py --sections`` edits a copy of ``PRESENT`` at fixed markers: they must still be there,
+    the copy must run, and it must decide as the script does."""
+    import history_cost
+
+    from engine.decision import funnel
+
+    from .test_contact import decide, make_engine
+    from .test_scenarios import customer
+
+    plain = make_engine(redis_url, models_dir)
+    monkeypatch.setattr(funnel, "PRESENT", history_cost.timed_sections(funnel.PRESENT))
+    timed = make_engine(redis_url, models_dir)
+    for e, cid in ((plain, "SECT-1"), (timed, "SECT-2")):
+        e.store.save([customer(cid)])
+    history_cost.sections(timed.store.client)
+    shown = [[a.action_id for a in decide(e, cid, "call_center").actions] for e, cid in
+             ((plain, "SECT-1"), (timed, "SECT-2"))]
+    took = history_cost.sections(timed.store.client)
+    assert shown[0] and shown[0] == shown[1]
+    assert len(took) == 5 and all(us >= 0 for us in took.values())
+    for e in (plain, timed):
+        e.rules.current.close()
