@@ -9,7 +9,7 @@ treatments, reasons and versions, as a call-center decision carries them), seria
   ``MAX_IN_FLIGHT``, load shedding, interceptors, health and reflection); one extra interceptor, first in
   the chain, hands ``Decide`` to ``decide_handler``, whose plain function runs on the thread pool.
   Other methods (health, admin) are the real ones.
-* ``--aio``: a ``grpc.aio.server`` with the same channel options as ``build_server`` (``SERVER_OPTIONS``),
+* ``--aio``: a ``grpc.aio.server`` with ``build_server``'s channel options (``channel_options``),
   ``maximum_concurrent_rpcs`` = ``MAX_IN_FLIGHT`` and no thread pool: ``Decide`` comes from a generic
   handler (the first one registered) whose coroutine returns the response on the event loop; health
   (``grpc_health`` aio servicer) and reflection are registered, the admin service is not.
@@ -77,19 +77,6 @@ def fixed_response(rules_dir: Path = ROOT / "rules", channel: str = "call_center
         situations=["high_value"], decided_at=now))
 
 
-def server_options() -> list[tuple[str, int]]:
-    """``build_server``'s channel options (``reuse_port`` False, as the sync mode builds it): copied, since
-    ``build_server`` does not export them; keep the two alike."""
-    from engine.serving.security import MAX_MESSAGE_BYTES
-    from engine.serving.server import MAX_CONNECTION_AGE_MS
-
-    return [("grpc.so_reuseport", 0),
-            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
-            ("grpc.max_connection_age_grace_ms", 5_000),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
-
-
 def decide_handler(response: pb.DecideResponse, asynchronous: bool) -> grpc.RpcMethodHandler:
     """``Decide`` for both modes: the request parsed and ``response`` serialised on every call; the behaviour
     is a plain function (the sync server runs it on its thread pool) or a coroutine (the aio server awaits
@@ -141,7 +128,7 @@ def serve_bare_aio(address: str) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from engine.serving.server import MAX_IN_FLIGHT
+    from engine.serving.server import MAX_IN_FLIGHT, channel_options
 
     response = fixed_response()
 
@@ -151,7 +138,7 @@ def serve_bare_aio(address: str) -> None:
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         gc.collect()
         gc.freeze()
-        server = grpc.aio.server(options=server_options(), maximum_concurrent_rpcs=MAX_IN_FLIGHT)
+        server = grpc.aio.server(options=channel_options(reuse_port=False), maximum_concurrent_rpcs=MAX_IN_FLIGHT)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             DECISION_SERVICE, {DECIDE_METHOD: decide_handler(response, asynchronous=True)}),))
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)

@@ -308,6 +308,17 @@ def _campaigns(app: App, ruleset) -> list[pb.CampaignStatus]:
         pacing=s.pacing or 0.0) for s in statuses]
 
 
+def channel_options(reuse_port: bool) -> list[tuple[str, int]]:
+    """The gRPC server's channel options (``build_server``; the load tests' bare servers use them too)."""
+    return [("grpc.so_reuseport", 1 if reuse_port else 0),
+            # clients reconnect now and then, so connections spread over the workers again after one
+            # was replaced (the kernel balances connections, not calls); calls in flight finish first
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", 5_000),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
+
+
 def build_server(app: App, address: str, reuse_port: bool = False,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: ServerCertificates | None = None, auth: AuthPolicy | None = None,
@@ -320,13 +331,7 @@ def build_server(app: App, address: str, reuse_port: bool = False,
     instead of queueing until every call is late. Each admitted call has its own thread: a call waiting
     on a stalled Redis must not keep an admitted one from starting before its deadline.
     """
-    options = [("grpc.so_reuseport", 1 if reuse_port else 0),
-               # clients reconnect now and then, so connections spread over the workers again after one
-               # was replaced (the kernel balances connections, not calls); calls in flight finish first
-               ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
-               ("grpc.max_connection_age_grace_ms", 5_000),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
+    options = channel_options(reuse_port)
     chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors) + [DecodeGuard()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="grpc"),
                          options=options, interceptors=chain, maximum_concurrent_rpcs=max_in_flight)
