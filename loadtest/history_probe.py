@@ -8,7 +8,13 @@ blocks of ``--calls`` calls, the order of the customers reversed every round so 
 hits all alike; the time per call is the ``INFO commandstats`` EVALSHA delta of the block. Runs on
 whatever code is on ``PYTHONPATH`` (before and after a change of the history layout).
 
+``--against FILE`` also times another version of the presenting script (the Lua text in FILE, e.g. an
+earlier commit's ``PRESENT``) on the same histories in the same process: every block runs once with
+each script, their order alternating, and the table gets its time and the ratio.
+
     python loadtest/history_probe.py --json /tmp/history_probe.json
+    PYTHONPATH=<old checkout> python -c "from engine.decision.contact import PRESENT; print(PRESENT)" > /tmp/present-old.lua
+    python loadtest/history_probe.py --against /tmp/present-old.lua
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def usec(client) -> tuple[int, int]:
     return int(s.get("calls", 0)), int(s.get("usec", 0))
 
 
-def run(rounds: int, calls: int) -> dict:
+def run(rounds: int, calls: int, against: str | None = None) -> dict:
     import redis
 
     from engine.decision.contact import PRESENT, present_args
@@ -59,6 +65,7 @@ def run(rounds: int, calls: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
         client = redis.Redis.from_url(server.url)
         script = client.register_script(PRESENT)
+        scripts = {"this": script, **({"against": client.register_script(against)} if against else {})}
         k = 0
         for cid, (spread, n) in customers.items():
             for i in range(n):
@@ -68,34 +75,45 @@ def run(rounds: int, calls: int) -> dict:
                 keys, args, _ = present_args(keep, [(1.0, 0.5, Verdict(a))], None, 1, CHANNELS[i % 3],
                                              f"{k:032x}", at, {"customer": cid}, cid, "decide")
                 script(keys=keys, args=[args])
-        times: dict[str, list[float]] = {cid: [] for cid in customers}
+        times: dict[str, dict[str, list[float]]] = {cid: {name: [] for name in scripts} for cid in customers}
         order = list(customers)
         for r in range(rounds):
             for cid in (order if r % 2 == 0 else order[::-1]):
-                before = usec(client)
-                for j in range(calls):
-                    keys, args, _ = present_args(contact, candidates, None, 3, CHANNELS[j % 3], f"p{r}{j}", NOW,
-                                                 {"customer": cid}, cid, "dry")
-                    script(keys=keys, args=[args])
-                after = usec(client)
-                times[cid].append((after[1] - before[1]) / (after[0] - before[0]))
+                for name in (list(scripts) if r % 2 == 0 else list(scripts)[::-1]):
+                    before = usec(client)
+                    for j in range(calls):
+                        keys, args, _ = present_args(contact, candidates, None, 3, CHANNELS[j % 3], f"p{r}{j}", NOW,
+                                                     {"customer": cid}, cid, "dry")
+                        scripts[name](keys=keys, args=[args])
+                    after = usec(client)
+                    times[cid][name].append((after[1] - before[1]) / (after[0] - before[0]))
         sizes = {cid: int(client.memory_usage(f"nba:{{c:{cid}}}:contacts", samples=0) or 0) for cid in customers}
     rules.close()
-    return {cid: {"spread": customers[cid][0], "impressions": customers[cid][1],
-                  "us_per_call": round(float(np.median(t)), 1), "us_per_call_rounds": [round(x, 1) for x in t],
-                  "key_bytes": sizes[cid]} for cid, t in times.items()}
+    out = {}
+    for cid, t in times.items():
+        row = out[cid] = {"spread": customers[cid][0], "impressions": customers[cid][1],
+                          "us_per_call": round(float(np.median(t["this"])), 1),
+                          "us_per_call_rounds": [round(x, 1) for x in t["this"]], "key_bytes": sizes[cid]}
+        if against:
+            row["against_us_per_call"] = round(float(np.median(t["against"])), 1)
+            row["against_us_per_call_rounds"] = [round(x, 1) for x in t["against"]]
+            row["this_over_against"] = round(float(np.median(np.divide(t["this"], t["against"]))), 3)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--calls", type=int, default=300, help="script calls per customer and round")
+    ap.add_argument("--against", metavar="FILE", help="another presenting script (Lua) to time alongside")
     ap.add_argument("--json")
     args = ap.parse_args()
-    table = run(args.rounds, args.calls)
-    print(f"{'history':>8} {'impressions':>12} {'us/call (median of rounds)':>27} {'key bytes':>10}")
+    table = run(args.rounds, args.calls, Path(args.against).read_text() if args.against else None)
+    print(f"{'history':>8} {'impressions':>12} {'us/call (median of rounds)':>27} {'key bytes':>10}"
+          + (f" {'--against us/call':>18} {'ratio (median of rounds)':>25}" if args.against else ""))
     for row in table.values():
-        print(f"{row['spread']:>8} {row['impressions']:>12,} {row['us_per_call']:>27.1f} {row['key_bytes']:>10,}")
+        print(f"{row['spread']:>8} {row['impressions']:>12,} {row['us_per_call']:>27.1f} {row['key_bytes']:>10,}"
+              + (f" {row['against_us_per_call']:>18.1f} {row['this_over_against']:>25.3f}" if args.against else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
     return 0
