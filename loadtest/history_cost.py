@@ -78,9 +78,9 @@ def requests(n: int, customers: int, seed: int) -> list:
     return out
 
 
-def evalsha(client) -> tuple[int, int, float]:
-    """(calls, usec) of EVALSHA so far, and Redis's CPU seconds (all commands; unlike ``usec``, not
-    inflated when other processes take the CPU from Redis)."""
+def evalsha(client) -> tuple[int, int, float, int, int]:
+    """(calls, usec) of EVALSHA so far, Redis's CPU seconds (all commands; unlike ``usec``, not
+    inflated when other processes take the CPU from Redis), its Lua heap bytes and its number of keys."""
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
     cpu = client.info("cpu")
     return (int(stats.get("calls", 0)), int(stats.get("usec", 0)),
