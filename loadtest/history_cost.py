@@ -168,12 +168,9 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         store = ProfileStore.from_url(server.url)
         demo.seed(store, customers)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
-        step = days * 86_400 / (fill + decisions) if days else 0.0
-        now = [START_2030 if days else 0.0]
-
-        def clock() -> float:
-            return now[0] if days else time.time()
-
+        step = days * 86_400 / (fill + decisions)  # 0 without --days: ``now`` is then not the clock
+        now = [START_2030]
+        clock = (lambda: now[0]) if days else time.time
         engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), DecisionLog(store.client),
                                 clock=clock)
         engine.warmup()
@@ -200,7 +197,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         marks = [evalsha(admin)]
         fields: list[float] = []  # per window: history fields of (a sample of) the customers it decided for
         script_sections: list[dict[str, float]] = []  # per window, with --sections
-        sections(admin)
+        if profile:
+            sections(admin)
         elapsed = 0.0
         start = time.perf_counter() + 0.2
         for i, req in enumerate(reqs):
@@ -218,7 +216,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                 w = len(marks) - 2
                 sample = [r.customer_id for r in reqs[i + 1 - window: i + 1: 50]]
                 fields.append(float(np.mean([admin.hlen(contacts_key(c)) for c in sample])))
-                script_sections.append(sections(admin))
+                script_sections.append(sections(admin) if profile else {})
                 calls, usec = marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1]
                 lat = latency[i + 1 - window: i + 1] * 1000
                 cpu = (marks[-1][2] - marks[-2][2]) / window * 1e6
@@ -234,7 +232,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                     elapsed += time.perf_counter() - start
                     calibrations.append(calibrate(engine, admin, reference, calibration))
                     marks[-1] = evalsha(admin)
-                    sections(admin)
+                    if profile:
+                        sections(admin)  # the calibration's previews are not the window's
                     start = time.perf_counter() + 0.05
         elapsed += time.perf_counter() - start
         hot = [f"C{i:07d}" for i in range(HOT)]

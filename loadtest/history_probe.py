@@ -64,8 +64,9 @@ def run(rounds: int, calls: int, against: str | None = None) -> dict:
     customers = {f"{spread}-{n}": (spread, n) for spread in ("1 day", "29 days") for n in SIZES}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
         client = redis.Redis.from_url(server.url)
-        script = client.register_script(PRESENT)
-        scripts = {"this": script, **({"against": client.register_script(against)} if against else {})}
+        scripts = {"this": client.register_script(PRESENT)}
+        if against:
+            scripts["against"] = client.register_script(against)
         k = 0
         for cid, (spread, n) in customers.items():
             for i in range(n):
@@ -74,7 +75,7 @@ def run(rounds: int, calls: int, against: str | None = None) -> dict:
                 a = actions[i % len(actions)]
                 keys, args, _ = present_args(keep, [(1.0, 0.5, Verdict(a))], None, 1, CHANNELS[i % 3],
                                              f"{k:032x}", at, {"customer": cid}, cid, "decide")
-                script(keys=keys, args=[args])
+                scripts["this"](keys=keys, args=[args])
         times: dict[str, dict[str, list[float]]] = {cid: {name: [] for name in scripts} for cid in customers}
         order = list(customers)
         for r in range(rounds):
@@ -91,12 +92,12 @@ def run(rounds: int, calls: int, against: str | None = None) -> dict:
     rules.close()
     out = {}
     for cid, t in times.items():
-        row = out[cid] = {"spread": customers[cid][0], "impressions": customers[cid][1],
-                          "us_per_call": round(float(np.median(t["this"])), 1),
-                          "us_per_call_rounds": [round(x, 1) for x in t["this"]], "key_bytes": sizes[cid]}
+        row = out[cid] = {"spread": customers[cid][0], "impressions": customers[cid][1], "key_bytes": sizes[cid]}
+        for name, prefix in (("this", ""), ("against", "against_")):
+            if name in t:
+                row[f"{prefix}us_per_call"] = round(float(np.median(t[name])), 1)
+                row[f"{prefix}us_per_call_rounds"] = [round(x, 1) for x in t[name]]
         if against:
-            row["against_us_per_call"] = round(float(np.median(t["against"])), 1)
-            row["against_us_per_call_rounds"] = [round(x, 1) for x in t["against"]]
             row["this_over_against"] = round(float(np.median(np.divide(t["this"], t["against"]))), 3)
     return out
 
