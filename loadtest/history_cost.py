@@ -175,7 +175,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                                 clock=clock)
         engine.warmup()
         for i in range(2000):  # JIT, pools, allocator: on customers of their own
-            engine.decide(DecideInput(f"WARM-{i}", reqs[i].channel, touchpoint=reqs[i].touchpoint, max_actions=3))
+            engine.decide(DecideInput(f"WARM-{i}", reqs[i % len(reqs)].channel, touchpoint=reqs[i % len(reqs)].touchpoint,
+                                       max_actions=3))
         for req in filling:
             engine.decide(req)
             now[0] += step
