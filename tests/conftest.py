@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,8 +21,14 @@ import redis
 from engine.store.redis_cluster import LocalCluster
 from engine.store.redis_embedded import EmbeddedRedis
 
+from .clock import on_test_calendar
+
 REPO = Path(__file__).resolve().parent.parent
-RULES_DIR = REPO / "rules"
+# The demo rules on the test calendar (tests/clock.py): what the tests decide with. A test about the
+# files as written reads REPO / "rules".
+_CALENDAR = Path(tempfile.mkdtemp(prefix="nba-test-rules-"))
+atexit.register(shutil.rmtree, _CALENDAR, ignore_errors=True)
+RULES_DIR = on_test_calendar(REPO / "rules", _CALENDAR / "rules")
 # A test that uses one of these talks to a real redis-server, gRPC server or trained model.
 SERVICE_FIXTURES = {"redis_server", "redis_url", "redis_cluster", "models_dir", "service"}
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from engine.models.bound_scorer import MAX_LEAVES, DecisionScorer, _score_decision, _score_pairs
 from engine.models.scorer import CompiledModel
 
+from .properties import examples
 from .test_scorer import ATOL, HYPOTHESIS, _handmade_model_text, _lgb, _prediction_input, _train, model_specs
 
 
@@ -55,7 +56,7 @@ def _check(model: CompiledModel, booster: lgb.Booster, row_features: np.ndarray,
     np.testing.assert_allclose(scorer.predict_pairs(shared, cust, act), _lgb(booster, rows), rtol=0, atol=ATOL)
 
 
-@settings(HYPOTHESIS, max_examples=120)
+@settings(HYPOTHESIS, max_examples=examples(120))
 @given(model_specs(), st.data())
 def test_matches_booster_on_random_models_and_catalogs(spec: dict, data: st.DataObject) -> None:
     booster, rng = _train(spec)

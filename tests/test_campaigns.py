@@ -29,24 +29,18 @@ from engine.store.decision_log import DecisionLog
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileStore, redis_client
 from engine.store.streams import length, xrange_all
 
+from .clock import DAY, Clock, at, ymd
 from .conftest import REPO, RULES_DIR
 from .test_scenarios import customer
 
 pytestmark = pytest.mark.both_redis
 
-START = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
-INSIDE = START + 4 * 86_400 + 12 * 3600  # 2030-03-05 12:00 UTC: outside quiet hours
+START = at(0)  # the test campaign's first day, ten days to END
+END = ymd(at(9))
+INSIDE = at(4, "12:00")  # outside quiet hours
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def blitz(total: int = 5, daily: int = 100, share: float = 0.0, start: str = "2030-03-01", end: str = "2030-03-10",
+def blitz(total: int = 5, daily: int = 100, share: float = 0.0, start: str = ymd(START), end: str = END,
           priority: float = 1.0, description: str = "A test campaign") -> str:
     return textwrap.dedent(f"""\
         name: test_blitz
@@ -113,7 +107,7 @@ def stream(client: redis.Redis, name: str) -> list[dict[str, str]]:
 # --- files --------------------------------------------------------------------------------------------
 
 def test_the_demo_campaigns_load_with_their_own_actions() -> None:
-    ruleset, errors = load_rules(RULES_DIR)
+    ruleset, errors = load_rules(REPO / "rules")  # the files as written, not on the test calendar
     assert not errors and ruleset is not None
     assert set(ruleset.campaigns) == {"fibre_migration", "winter_retention_save"}
     fibre = ruleset.campaigns["fibre_migration"]
@@ -122,14 +116,14 @@ def test_the_demo_campaigns_load_with_their_own_actions() -> None:
     # the target is an eligibility condition of the campaign's action, named as the campaign's
     assert ruleset.stage_conditions(ruleset.by_id["fibre_switch_free_install"])[0][1].startswith(
         "campaign fibre_migration target:")
-    # Amsterdam: the campaign starts at local midnight, 23:00 UTC the day before
+    # Amsterdam: the campaign starts at local midnight, 22:00 UTC the day before (summer time)
     assert datetime.fromtimestamp(fibre.start, UTC) == datetime(2027, 8, 31, 22, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("edit, where, message", [
     (("target: 'holds(\"mobile\")'", "target: 'holds(\"mobile\") and tenure_monts > 3'"), (8, 30), 'unknown feature "tenure_monts"'),
     (("time_zone: UTC", "time_zone: Mars/Olympus"), (7, 12), 'unknown time zone "Mars/Olympus"'),
-    (("end: 2030-03-10", "end: 2030-02-10"), (6, 6), "ends before it starts"),
+    ((f"end: {END}", f"end: {ymd(at(-20))}"), (6, 6), "ends before it starts"),
     (("objective: value", "objective: valeu"), (2, 12), 'unknown objective "valeu"; did you mean "value"?'),
     (("budget:\n  total: 5", "budget:\n  total: 2.5"), (11, 10), "whole number"),
     (("  - id: blitz_offer", "  - upsell_fiber_speed\n  - id: upsell_fiber_speed"), (17, 9),
@@ -197,7 +191,7 @@ def test_a_campaign_starts_and_stops_by_its_dates_without_a_reload(served) -> No
     before = _decide(channel, d0, explain=True)
     assert "blitz_offer" not in [a.action_id for a in before.actions]
     entry = next(e for e in before.funnel if e.action_id == "blitz_offer")
-    assert entry.stage == "expired" and "campaign test_blitz runs 2030-03-01 00:00" in entry.detail
+    assert entry.stage == "expired" and f"campaign test_blitz runs {ymd(START)} 00:00" in entry.detail
     assert not _status(channel).live
 
     clock.now = START + 1  # one second after its start (nothing reloaded)
@@ -206,7 +200,7 @@ def test_a_campaign_starts_and_stops_by_its_dates_without_a_reload(served) -> No
     status = _status(channel)
     assert status.live and status.spent == 1 and status.budget_left == 3 and status.total_budget == 4
 
-    clock.now = datetime(2030, 3, 11, tzinfo=UTC).timestamp()  # "end: 2030-03-10" runs to the end of that day
+    clock.now = at(10)  # the end date runs to the end of that day
     after = _decide(channel, d2, explain=True)
     assert "blitz_offer" not in [a.action_id for a in after.actions]
     assert next(e for e in after.funnel if e.action_id == "blitz_offer").stage == "expired"
@@ -257,7 +251,7 @@ def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: s
     from .conftest import two_workers
 
     budget = 30
-    rules_dir = rules_with(tmp_path, blitz(total=budget, daily=1000, start="2026-01-01", end="2035-12-31"))
+    rules_dir = rules_with(tmp_path, blitz(total=budget, daily=1000, start=ymd(time.time() - DAY), end=ymd(time.time() + 30 * DAY)))
     shutil.rmtree(rules_dir / "tests")  # the demo's rule tests expect other tops than a campaign running today
     with two_workers(redis_url, rules_dir, models_dir) as (channels, metrics_port):
         customers = [f"C{i:07d}" for i in range(200)]
@@ -286,7 +280,7 @@ def test_the_total_budget_holds_exactly_across_two_server_processes(redis_url: s
         client_ = redis_client(redis_url, decode_responses=True)
         assert presented == budget
         assert int(client_.get(spent_key("test_blitz"))) == budget
-        assert len(set(r.decision_id for r in replies if any(a.campaign for a in r.actions))) == budget
+        assert len(set(r.decision_id for r in replies if any(a.campaign == "test_blitz" for a in r.actions))) == budget
         status = pb_grpc.AdminServiceStub(channels[0]).GetStatus(pb.GetStatusRequest(), timeout=10)
         blitz_status = next(c for c in status.campaigns if c.name == "test_blitz")
         assert blitz_status.spent == budget and blitz_status.budget_left == 0 and blitz_status.live
@@ -345,7 +339,7 @@ def test_the_daily_budget_resets_on_the_campaigns_next_day(campaign_engine) -> N
     ids = [f"Y{i:03d}" for i in range(150) if not campaign.holds_out(f"Y{i:03d}")][:60]
     engine.store.save([customer(cid) for cid in ids])
     day1 = sum(shown(decide(engine, cid)) for cid in ids)
-    assert day1 == 40 and int(engine.store.client.get(day_key("test_blitz", "20300305"))) == 40
+    assert day1 == 40 and int(engine.store.client.get(day_key("test_blitz", ymd(INSIDE, "")))) == 40
     clock.now += 86_400
     day2 = sum(shown(decide(engine, cid)) for cid in ids[:50])
     assert day2 == 40 and int(engine.store.client.get(spent_key("test_blitz"))) == 80
@@ -458,10 +452,10 @@ def test_the_plan_forecasts_what_the_funnel_decides(redis_url: str, models_dir: 
     try:
         model = ModelRegistry(models_dir).load()
         customers = [f"C{i:07d}" for i in range(400)]
-        at = START + 10 * 3600
+        moment = at(0, "10:00")
         plan = plan_campaign(store, model, live, planned, campaign, customers,
-                             Traffic.given({"call_center": 0.5, "web": 0.5}), max_actions=1, days=5, at=at)
-        engine = DecisionEngine(store, Live(planned), Live(model), clock=lambda: at)
+                             Traffic.given({"call_center": 0.5, "web": 0.5}), max_actions=1, days=5, at=moment)
+        engine = DecisionEngine(store, Live(planned), Live(model), clock=lambda: moment)
         eligible = shown_ = 0
         for cid in customers:
             d = engine.decide(DecideInput(customer_id=cid, channel="call_center", max_actions=1, explain=True, preview=True))

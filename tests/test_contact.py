@@ -24,6 +24,7 @@ from engine.rules.runtime import load_and_compile
 from engine.store.profiles import RESPONSES_STREAM, ProfileStore, redis_client
 from engine.store.streams import xrange_all
 
+from .clock import Clock
 from .conftest import RULES_DIR
 from .test_scenarios import MARKETING, NOON, customer
 
@@ -32,23 +33,15 @@ pytestmark = pytest.mark.both_redis
 DAY = 86_400.0
 
 
-class Clock:
-    def __init__(self, now: float = NOON) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_engine(redis_url: str, models_dir: Path, rules_dir: Path = RULES_DIR, clock=None) -> DecisionEngine:
     rules = load_and_compile(rules_dir)
     return DecisionEngine(ProfileStore.from_url(redis_url), Live(rules, retire=lambda r: r.close()),
-                          Live(ModelRegistry(models_dir).load()), clock=clock or Clock())
+                          Live(ModelRegistry(models_dir).load()), clock=clock or Clock(NOON))
 
 
 @pytest.fixture()
 def clock() -> Clock:
-    return Clock()
+    return Clock(NOON)
 
 
 @pytest.fixture()
@@ -100,7 +93,7 @@ def test_an_action_is_shown_at_most_3_times_in_30_days_on_any_channel(engine: De
 def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("J")
     engine.store.save([customer(cid)])
-    recorder = ResponseRecorder(engine.store.client)
+    recorder = ResponseRecorder(engine.store.client, clock=clock)
     d = decide(engine, cid, "web")
     rejected = marketing_ids(d)[0]
     recorder.record(d.decision_id, rejected, "rejected", ts=clock.now)
@@ -209,11 +202,11 @@ def test_when_a_budget_runs_out_the_next_best_action_takes_its_place(redis_url: 
         engine.rules.current.close()
 
 
-def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine) -> None:
+def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("P")
     engine.store.save([customer(cid)])
     d = decide(engine, cid, "web")
-    recorder = ResponseRecorder(engine.store.client)
+    recorder = ResponseRecorder(engine.store.client, clock=clock)
     with pytest.raises(NotFound) as err:
         recorder.record("no-such-decision", d.actions[0].action_id, "accepted")
     assert err.value.field == "decision_id"

@@ -16,15 +16,16 @@
    a ``ModelRefused`` with a message, or a model whose scores are probabilities and whose decision
    scorer equals its tree walker; the live model keeps serving.
 
-The suite runs a bounded number of examples (profile ``fuzz``: 30 to 80 per test, about 30 s for the
-file on 2 busy cores). The long run, ``LONG_FACTOR`` (50) times as many (1,500 to 4,000 per test, about
-20 minutes on 2 cores), before a release or after a change to parsing, validation or model loading::
+The suite runs a bounded number of examples (30 to 80 per test, about 30 s for the file on 2 busy
+cores), the same ones on every run (tests/properties.py's ``repeatable`` profile), so a failure in CI is a failure
+anyone reproduces. The exploring run draws new random examples, ``properties.EXPLORE_FACTOR`` (50) times
+as many (1,500 to 4,000 per test, about 20 minutes on 2 cores), before a release or after a change to
+parsing, validation or model loading::
 
-    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+    HYPOTHESIS_PROFILE=explore .venv/bin/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
-Every run draws new examples (no example database); a failure prints the falsifying example and a
-``@reproduce_failure`` blob. A bug found is fixed and its example kept as an ``@example`` (or a plain
-test) here, with a comment saying what it broke.
+A failure prints the falsifying example and a ``@reproduce_failure`` blob. A bug found is fixed and its
+example kept as an ``@example`` (or a plain test) here, with a comment saying what it broke.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -58,21 +58,17 @@ from engine.serving.app import App
 from engine.serving.server import build_server
 
 from .conftest import RULES_DIR
+from .properties import examples
 
 # The servers and registries are built once per test function and reused by its examples (hence
-# function_scoped_fixture); examples are independent of earlier runs (no example database).
-LONG_FACTOR = 50
-settings.register_profile("fuzz", deadline=None, database=None, print_blob=True, max_examples=60,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                 HealthCheck.function_scoped_fixture])
-settings.register_profile("long", settings.get_profile("fuzz"), max_examples=60 * LONG_FACTOR)
-LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+# function_scoped_fixture).
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                     HealthCheck.function_scoped_fixture])
 
 
-def fuzz(examples: int) -> settings:
-    """The ``fuzz`` profile with ``examples`` examples; ``LONG_FACTOR`` times as many in the ``long`` one."""
-    return settings(settings.get_profile("long" if LONG else "fuzz"),
-                    max_examples=examples * (LONG_FACTOR if LONG else 1))
+def fuzz(n: int) -> settings:
+    """``n`` examples (properties.examples: more in the exploring run), without deadlines or size checks."""
+    return settings(FUZZ, max_examples=examples(n))
 
 
 BAD = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -417,6 +413,7 @@ def test_mutated_rule_files_get_located_errors_from_rules_check(tmp_path: Path) 
     @example({**ORIGINALS, "catalog.yaml": ORIGINALS["catalog.yaml"][:1000]})
     @example({**ORIGINALS, "policies.yaml": "\ufeff" + ORIGINALS["policies.yaml"]})
     @example({**ORIGINALS, "contact.yaml": "[" * 5_000})
+    @example({**ORIGINALS, "events.yaml": ORIGINALS["events.yaml"].replace(", within: 1d", "", 1)})  # KeyError: 'within'
     def run(files: dict[str, str]) -> None:
         write_rules(rules_dir, files)
         errors = check(rules_dir)

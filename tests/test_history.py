@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -17,9 +16,10 @@ from engine.decision.responses import ResponseRecorder
 from engine.rules.contact import DAY_MS, KINDS, PERS, ContactLimit, ContactRules
 from engine.rules.runtime import load_and_compile
 
+from .clock import DAY, at
+
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-NOW = datetime(2030, 6, 15, 12, tzinfo=UTC).timestamp()
-DAY = 86_400.0
+NOW = at(0, "12:00")
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ from engine.serving.server import build_server
 from engine.store.profiles import DECISIONS_STREAM
 
 from . import shards
+from .clock import Clock, at
 from .conftest import RULES_DIR
-from .test_contact import Clock, budget_rules, make_engine
-from .test_quiet_hours import _app, _at, _profile
+from .test_contact import budget_rules, make_engine
+from .test_quiet_hours import _app, _profile
 from .test_scenarios import NOON
 
 pytestmark = pytest.mark.both_redis
@@ -245,9 +246,9 @@ def test_record_response_checks_the_timestamp_and_the_response_window(service) -
     (cid,) = customers(control=False, start=240)
     reply = decide(channel, cid, pb.CHANNEL_CALL_CENTER)
     action = reply.actions[0].action_id
-    for at, words in ((time.time() + 3600, "ahead of the server clock"), (time.time() - 3600, "before the decision")):
+    for when, words in ((time.time() + 3600, "ahead of the server clock"), (time.time() - 3600, "before the decision")):
         with pytest.raises(grpc.RpcError) as err:
-            respond(channel, reply.decision_id, action, pb.OUTCOME_REJECTED, at=at)
+            respond(channel, reply.decision_id, action, pb.OUTCOME_REJECTED, at=when)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("timestamp:") and words in err.value.details()
     assert impressions(app.store.client, cid) and not counted(read_history(app.store.client, cid), "r")  # nothing recorded
@@ -321,7 +322,7 @@ def test_an_unreported_web_impression_gives_its_budget_unit_back(redis_url: str,
 def test_event_triggered_offers_follow_the_control_group(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    app = _app(redis_url, models_dir, rules_dir, Clock(_at("2026-11-30T12:00:00")))
+    app = _app(redis_url, models_dir, rules_dir, Clock(at(0, "12:00")))
     try:
         control = next(c for c in (f"OB{i}" for i in range(200)) if CONTROL.contains(c))
         treated = next(c for c in (f"OB{i}" for i in range(200)) if not CONTROL.contains(c))

@@ -130,7 +130,7 @@ def test_no_decision_mixes_rule_versions_while_rules_reload_every_50ms(redis_url
         contact_checked = 0
         for r in replies:
             catalog_b, contact_b = expected[r.ruleset_version]
-            if any(a.name.endswith(MARK) != catalog_b for a in r.actions):
+            if any(a.name.endswith(MARK) != catalog_b for a in r.actions if not a.campaign):  # a live demo campaign's are not marked
                 mixed.append(("catalog", r.decision_id))
             for f in r.funnel:
                 if f.stage == "contact":

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -34,18 +33,15 @@ from engine.store.slots import shard_keys
 from engine.store.streams import length
 
 from . import shards
+from .clock import Clock, at
 from .conftest import REPO
 from .test_contact import budget_rules
-from .test_quiet_hours import Clock, _app, _profile
+from .test_quiet_hours import _app, _profile
 
 pytestmark = pytest.mark.both_redis
 
 CONTROL = ControlGroup(0.1)  # the demo rules' control group
 SERVICE = pb.ACTION_TYPE_SERVICE
-
-
-def _at(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 def _customers(prefix: str, n: int) -> list[str]:
@@ -145,7 +141,7 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
     """A day of everything the service stores for each customer; returns the decision ids made."""
     client = app.store.client
     decided: set[str] = set()
-    clock.now = _at("2030-06-03T09:00:00")  # a Monday
+    clock.now = at(0, "09:00")  # a Monday
     for c in people:
         web = _decide(channel, c, pb.CHANNEL_WEB, interaction_id=f"web-{c}", touchpoint="web.home.hero")
         assert any(a.type != SERVICE for a in web.actions)
@@ -155,25 +151,25 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
         branch = _decide(channel, c, pb.CHANNEL_BRANCH)
         _decide(channel, c, pb.CHANNEL_WEB, preview=True)
         decided |= {web.decision_id, app_.decision_id, branch.decision_id}
-    clock.now = _at("2030-06-03T09:05:00")
+    clock.now = at(0, "09:05")
     for c in people:
         cc = _decide(channel, c, pb.CHANNEL_CALL_CENTER)  # no interaction id, counted on decide
         assert len(cc.actions) >= 2
         _respond(channel, cc.decision_id, cc.actions[0].action_id, pb.OUTCOME_ACCEPTED)
         _respond(channel, cc.decision_id, cc.actions[-1].action_id, pb.OUTCOME_REJECTED)
         decided.add(cc.decision_id)
-    clock.now = _at("2030-06-03T09:15:00")
+    clock.now = at(0, "09:15")
     for c in people:  # raises callback_requested and opens the callback_overdue absence timer
         assert _event(channel, f"{c}-cr", c, "contact_request", topic="billing").triggers_raised == ["callback_requested"]
-    clock.now = _at("2030-06-03T10:00:00")
+    clock.now = at(0, "10:00")
     for c in people:  # an SMS offer sent at once
         (out,) = _event(channel, f"{c}-du", c, "data_usage", used_ratio="0.95").outbound
         assert out.status == "sent", out.reason
         decided.add(out.decision_id)
-    clock.now = _at("2030-06-03T11:00:00")
+    clock.now = at(0, "11:00")
     for c in people:
         assert _event(channel, f"{c}-co", c, "complaint_opened", severity="high").triggers_raised == ["complaint_opened"]
-    clock.now = _at("2030-06-03T12:00:00")
+    clock.now = at(0, "12:00")
     try:
         client.xgroup_create(INGEST_STREAM, GROUP, id="0", mkstream=True)
     except redis.exceptions.ResponseError:
@@ -184,9 +180,9 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
     assert EventStreamConsumer(client, app.events, block_ms=10).read_once() == 2 * len(people)
     assert client.xlen(INVALID_STREAM) == len(people)
     for c in people:  # two failed payments in quiet hours: the payment plan e-mail is postponed to 08:00
-        clock.now = _at("2030-06-03T21:30:00")
+        clock.now = at(0, "21:30")
         app.events.publish(f"{c}-pf1", c, "payment_failed", {"amount": "20"})
-        clock.now = _at("2030-06-03T22:00:00")
+        clock.now = at(0, "22:00")
         (out,) = app.events.publish(f"{c}-pf2", c, "payment_failed", {"amount": "35"}).outbound
         assert out.status == "postponed", out.reason
     # every decision, the outbound ones decided by the events too (their records exist at once)
@@ -196,14 +192,14 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
 
 def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_others(
         redis_url: str, models_dir: Path, tmp_path: Path) -> None:
-    clock = Clock(_at("2030-06-03T08:00:00"))
+    clock = Clock(at(0, "08:00"))
     anna, bert = _customers("PRIVACY-ANNA", 1) + _customers("PRIVACY-BERT", 1)
     with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock) as (app, channel, port):
         client = app.store.client
         _profile(app, anna)
         _profile(app, bert)
         decided = _full_day(app, channel, clock, [anna, bert])
-        clock.now = _at("2030-06-03T22:30:00")
+        clock.now = at(0, "22:30")
 
         # --- export: everything about anna, nothing about bert
         exported = _export(channel, anna)
@@ -298,7 +294,7 @@ def test_forget_erases_decision_records_the_streams_no_longer_name(redis_url: st
                                                                    tmp_path: Path) -> None:
     """Decision records live up to 7 days; the stream may be trimmed sooner: the records are found by
     their customer field too. And a customer id with glob characters matches only itself."""
-    clock = Clock(_at("2030-06-03T09:00:00"))
+    clock = Clock(at(0, "09:00"))
     with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock) as (app, channel, _):
         client = app.store.client
         odd, other = "PRIVACY*[x]", "PRIVACY-x"
@@ -321,7 +317,7 @@ def test_consent_withdrawn_by_event_stops_offers_on_that_channel_inbound_and_out
 
     rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    clock = Clock(_at("2030-06-03T12:00:00"))
+    clock = Clock(at(0, "12:00"))
     carl, dora = _customers("PRIVACY-CARL", 1) + _customers("PRIVACY-DORA", 1)
     with _served(redis_url, models_dir, rules_dir, clock) as (app, channel, _):
         client = app.store.client
@@ -331,7 +327,7 @@ def test_consent_withdrawn_by_event_stops_offers_on_that_channel_inbound_and_out
         # inbound: offers on the web until the customer withdraws web consent; call center unaffected
         before = _decide(channel, carl, pb.CHANNEL_WEB, interaction_id="w1")
         assert any(a.type != SERVICE for a in before.actions)
-        clock.now = _at("2030-06-03T12:01:00")
+        clock.now = at(0, "12:01")
         _event(channel, "cw-web", carl, "consent_withdrawn", channel="web")
         assert client.hget(profile_key(carl), "consent") == b"call_center,email,mobile_app,sms"
         after = _decide(channel, carl, pb.CHANNEL_WEB, interaction_id="w1", explain=True)
@@ -343,21 +339,21 @@ def test_consent_withdrawn_by_event_stops_offers_on_that_channel_inbound_and_out
         assert any(a.type != SERVICE for a in _decide(channel, carl, pb.CHANNEL_CALL_CENTER).actions)
 
         # outbound postponed by quiet hours, then consent withdrawn: suppressed when the window ends
-        clock.now = _at("2030-06-03T22:00:00")
+        clock.now = at(0, "22:00")
         (out,) = app.events.publish("du-1", carl, "data_usage", {"used_ratio": "0.95"}).outbound
         assert (out.action_id, out.channel, out.status) == ("upsell_extra_data", "sms", "postponed")
-        clock.now = _at("2030-06-03T22:10:00")
+        clock.now = at(0, "22:10")
         done = app.events.publish("cw-sms", carl, "consent_withdrawn", {"channel": "sms"})
         assert done.consent_withdrawn == ["sms"]
         assert app.events.publish("cw-sms", carl, "consent_withdrawn", {"channel": "sms"}).duplicate
-        clock.now = _at("2030-06-04T08:00:01")
+        clock.now = at(1, "08:00:01")
         ((member, _),) = shards.zrange(client, TIMERS_KEY)
         (late,) = app.events.on_timer(member.decode()).outbound
         assert late.status == "suppressed" and "marketing_needs_consent" in late.reason
         assert length(client, OUTBOUND_STREAM) == 0
 
         # "all" withdraws every channel at once: an outbound right after it is suppressed, not sent
-        clock.now = _at("2030-06-04T12:00:00")
+        clock.now = at(1, "12:00")
         gone = app.events.publish("cw-all", dora, "consent_withdrawn", {"channel": "all"}).consent_withdrawn
         assert set(gone) == {"call_center", "email", "mobile_app", "sms", "web"}
         assert client.hget(profile_key(dora), "consent") == b""

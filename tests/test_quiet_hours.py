@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,10 @@ from engine.store.profiles import Profile, redis_client
 from engine.store.slots import customer_shard_key
 
 from . import shards
+from .clock import Clock, at, utc
 from .conftest import RULES_DIR
 
 pytestmark = pytest.mark.both_redis
-
-
-def _at(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture()
@@ -74,34 +62,34 @@ def _timers(client: redis.Redis) -> list[tuple[dict, float]]:
 def test_quiet_hours_postpone_an_outbound_email_and_a_restart_sends_it_once(
         redis_url: str, models_dir: Path, rules_dir: Path) -> None:
     client = redis_client(redis_url)
-    clock = Clock(_at("2030-11-30T21:30:00"))
+    clock = Clock(at(0, "21:30"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         _profile(app, "Q1")
         assert not app.events.publish("pay-1", "Q1", "payment_failed", {"amount": "20"}).patterns
-        clock.now = _at("2030-11-30T22:00:00")
+        clock.now = at(0, "22:00")
         done = app.events.publish("pay-2", "Q1", "payment_failed", {"amount": "35"})
         assert done.patterns == ["repeated_payment_failure"] and done.raised == ["payment_failed"]
         (out,) = done.outbound
         assert (out.status, out.action_id, out.channel, out.decision_id) == ("postponed", "payment_help_plan", "email", "")
-        assert out.reason == "quiet hours 21:00-08:00 on email: postponed to 2030-12-01T08:00Z"
+        assert out.reason == f"quiet hours 21:00-08:00 on email: postponed to {utc(at(1, '08:00'))}"
         assert _outbound(client) == []
         ((timer, due),) = _timers(client)
-        assert due == _at("2030-12-01T08:00:00") * 1000
+        assert due == at(1, "08:00") * 1000
         assert (timer["k"], timer["c"], timer["p"], timer["e"]) == ("outbound", "Q1", "repeated_payment_failure", "pay-2")
-        assert timer["x"] == _at("2030-12-14T22:00:00") * 1000  # the trigger's expiry: 22:00 + 14 days
+        assert timer["x"] == at(14, "22:00") * 1000  # the trigger's expiry: 22:00 + 14 days
         # (4) the same event again is a duplicate: no second outbound, no second timer
         replay = app.events.publish("pay-2", "Q1", "payment_failed", {"amount": "35"})
         assert replay.duplicate and not replay.outbound
         assert len(_timers(client)) == 1
         # nothing is due before the window ends
-        clock.now = _at("2030-12-01T07:59:00")
+        clock.now = at(1, "07:59")
         assert TimerPoller(app.store.client, app.events.on_timer, clock=clock).poll_once() == 0
     finally:
         app.close()
 
     # the postponed outbound is only in Redis: a new App on the same Redis sends it after 08:00
-    clock.now = _at("2030-12-01T08:00:01")
+    clock.now = at(1, "08:00:01")
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         ((timer, _),) = _timers(client)
@@ -123,7 +111,7 @@ def test_quiet_hours_postpone_an_outbound_email_and_a_restart_sends_it_once(
         assert first.decision_id and sent["decision_id"] == first.decision_id
         assert (sent["customer_id"], sent["action_id"], sent["channel"], sent["pattern"], sent["event_id"]) == (
             "Q1", "payment_help_plan", "email", "repeated_payment_failure", "pay-2")
-        assert float(sent["ts"]) == pytest.approx(_at("2030-12-01T08:00:01"))
+        assert float(sent["ts"]) == pytest.approx(at(1, "08:00:01"))
         assert client.get(outbound_key("Q1", "repeated_payment_failure", "pay-2")) == b"sent"
         # the poller still holds the timer: it runs it once more (nothing is sent) and removes it
         poller = TimerPoller(app.store.client, app.events.on_timer, clock=clock)
@@ -139,20 +127,20 @@ def test_a_postponed_run_that_lands_in_quiet_hours_again_is_postponed_again(
     """The poller's clock says 08:00:01, the deciding worker's clock is behind (still quiet): postponed
     again to the same window end, under a new timer member the poller does not remove."""
     client = redis_client(redis_url)
-    clock = Clock(_at("2030-11-30T22:00:00"))
+    clock = Clock(at(0, "22:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         _profile(app, "Q2")
         app.events.publish("pay-1", "Q2", "payment_failed", {"amount": "20"})
         (out,) = app.events.publish("pay-2", "Q2", "payment_failed", {"amount": "20"}).outbound
         assert out.status == "postponed"
-        clock.now = _at("2030-12-01T07:59:30")
-        ahead = TimerPoller(app.store.client, app.events.on_timer, clock=Clock(_at("2030-12-01T08:00:01")))
+        clock.now = at(1, "07:59:30")
+        ahead = TimerPoller(app.store.client, app.events.on_timer, clock=Clock(at(1, "08:00:01")))
         assert ahead.poll_once() == 1
         assert _outbound(client) == []
         ((timer, due),) = _timers(client)
-        assert due == _at("2030-12-01T08:00:00") * 1000 and timer["n"] == 2
-        clock.now = _at("2030-12-01T08:00:02")
+        assert due == at(1, "08:00") * 1000 and timer["n"] == 2
+        clock.now = at(1, "08:00:02")
         assert TimerPoller(app.store.client, app.events.on_timer, clock=clock).poll_once() == 1
         assert [o["action_id"] for o in _outbound(client)] == ["payment_help_plan"]
         assert _timers(client) == []
@@ -166,21 +154,21 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
     text = events.read_text()
     assert "raise: {trigger: data_cap_near, ttl: 3d}" in text
     events.write_text(text.replace("raise: {trigger: data_cap_near, ttl: 3d}", "raise: {trigger: data_cap_near, ttl: 2h}"))
-    client = redis_client(redis_url)  # (a clock in the future: Redis expires keys on its own clock)
-    clock = Clock(_at("2030-06-03T22:00:00"))
+    client = redis_client(redis_url)
+    clock = Clock(at(0, "22:00"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         _profile(app, "Q3")
         reply = app.events.publish("use-1", "Q3", "data_usage", {"used_ratio": "0.93"})
         (out,) = reply.outbound
         assert (out.status, out.action_id, out.channel) == ("suppressed", "upsell_extra_data", "sms")
-        assert out.reason == ("quiet hours 21:00-08:00 on sms until 2030-06-04T08:00Z: the trigger's time to live "
-                              "ends first (2030-06-04T00:00Z), not postponed")
+        assert out.reason == (f"quiet hours 21:00-08:00 on sms until {utc(at(1, '08:00'))}: the trigger's time to live "
+                              f"ends first ({utc(at(1))}), not postponed")
         assert reply.raised == ["data_cap_near"]
         assert _timers(client) == [] and _outbound(client) == []
         assert client.get(outbound_key("Q3", "data_cap_near", "use-1")) == b"done"
         # outside quiet hours the same pattern sends at once
-        clock.now = _at("2030-06-04T12:00:00")
+        clock.now = at(1, "12:00")
         (out,) = app.events.publish("use-2", "Q3", "data_usage", {"used_ratio": "0.95"}).outbound
         assert out.status == "sent" and out.decision_id
         assert [o["event_id"] for o in _outbound(client)] == ["use-2"]
@@ -191,17 +179,17 @@ def test_a_trigger_that_expires_before_the_window_ends_is_suppressed(
 def test_a_postponed_outbound_whose_trigger_was_cleared_overnight_is_not_sent(
         redis_url: str, models_dir: Path, rules_dir: Path) -> None:
     client = redis_client(redis_url)
-    clock = Clock(_at("2030-11-30T21:30:00"))
+    clock = Clock(at(0, "21:30"))
     app = _app(redis_url, models_dir, rules_dir, clock)
     try:
         _profile(app, "Q9")
         app.events.publish("pay-1", "Q9", "payment_failed", {"amount": "20"})
-        clock.now = _at("2030-11-30T22:00:00")
+        clock.now = at(0, "22:00")
         (out,) = app.events.publish("pay-2", "Q9", "payment_failed", {"amount": "35"}).outbound
         assert out.status == "postponed"
-        clock.now = _at("2030-11-30T23:00:00")
+        clock.now = at(0, "23:00")
         assert app.events.publish("paid", "Q9", "payment_received", {"amount": "55"}).cleared == ["payment_failed"]
-        clock.now = _at("2030-12-01T08:00:01")
+        clock.now = at(1, "08:00:01")
         ((timer, _),) = _timers(client)
         (result,) = app.events.on_timer(json.dumps(timer, separators=(",", ":"))).outbound
         assert result.status == "suppressed" and result.reason == "trigger payment_failed was cleared before the postponed send"

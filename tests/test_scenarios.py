@@ -17,12 +17,13 @@ from engine.rules.runtime import load_and_compile
 from engine.sim.world import generate
 from engine.store.profiles import Profile, ProfileStore
 
+from .clock import at
 from .conftest import RULES_DIR
 
 pytestmark = pytest.mark.both_redis
 
 SALES = {"upsell", "cross_sell", "bundle", "acquisition"}
-NOON = 1_781_524_800.0  # 2026-06-15 12:00 UTC: outside the demo rules' quiet hours for e-mail and SMS
+NOON = at(0, "12:00")  # outside the demo rules' quiet hours for e-mail and SMS
 MARKETING = SALES | {"retention"}
 
 
@@ -72,7 +73,7 @@ def test_1_a_retention_save_trigger_allows_retention_during_a_case(engine: Decis
     engine.store.save([customer("S1b", open_cases=1, churn_risk=0.8,
                                 categorical={"value_tier": "A"})])
     assert "retention" not in {a.type for a in decide(engine, "S1b", "call_center").actions}
-    engine.store.set_trigger("S1b", "retention_save", 3600)
+    engine.store.set_trigger("S1b", "retention_save", 3600, now=NOON)
     types = [a.type for a in decide(engine, "S1b", "call_center").actions]
     assert "retention" in types and not set(types) & SALES
 
@@ -107,7 +108,7 @@ def test_3_one_voice_same_state_same_decision_from_any_engine(engine: DecisionEn
 
 def test_5_requested_call_back_tops_the_call_center_list_until_it_expires(engine: DecisionEngine) -> None:
     engine.store.save([customer("S5", open_cases=1)])
-    engine.store.set_trigger("S5", "callback_requested", 3600)
+    engine.store.set_trigger("S5", "callback_requested", 3600, now=NOON)
     assert decide(engine, "S5", "call_center").actions[0].action_id == "callback_customer"
     engine.store.client.delete("nba:{c:S5}:triggers")
     assert "callback_customer" not in {a.action_id for a in decide(engine, "S5", "call_center").actions}

@@ -14,8 +14,10 @@ from hypothesis.extra.numpy import arrays
 
 from engine.models.scorer import CompiledModel, _score_batch
 
+from .properties import examples
+
 ATOL = 1e-6
-HYPOTHESIS = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Values that probe LightGBM's edge handling: tiny values the C API rounds to 0, signed zeros,
 # infinities, int32 overflow of categorical casts, fractions that truncate to category 0.
@@ -135,7 +137,7 @@ def _train(spec: dict) -> tuple[lgb.Booster, np.random.Generator]:
     return booster, rng
 
 
-@settings(HYPOTHESIS, max_examples=150)
+@settings(HYPOTHESIS, max_examples=examples(150))
 @given(model_specs())
 def test_matches_booster_on_random_models(spec: dict) -> None:
     booster, rng = _train(spec)
@@ -155,7 +157,7 @@ def mixed_model() -> tuple[CompiledModel, lgb.Booster]:
     return CompiledModel.from_booster(booster), booster
 
 
-@settings(HYPOTHESIS, max_examples=300)
+@settings(HYPOTHESIS, max_examples=examples(300))
 @given(arrays(np.float64, st.tuples(st.integers(1, 40), st.just(6)),
               elements=st.one_of(st.floats(allow_nan=True, allow_infinity=True),
                                  st.floats(-3, 15), st.integers(-3, 20).map(float),

@@ -21,8 +21,9 @@ from engine.store.slots import customer_shard_key, shard_count, shard_of
 from engine.store.streams import id_order, last_entry, length, xrange_all
 
 from . import shards
+from .clock import Clock, at
 from .conftest import RULES_DIR
-from .test_quiet_hours import Clock, _at, _profile
+from .test_quiet_hours import _profile
 
 pytestmark = pytest.mark.both_redis
 
@@ -75,7 +76,7 @@ def _app(redis_url: str, models_dir: Path, clock: Clock) -> App:
 
 def test_the_events_path_on_shards_and_a_retry_after_a_failure_half_way(
         redis_url: str, redis_mode: str, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock(_at("2030-06-03T10:00:00"))
+    clock = Clock(at(0, "10:00"))
     app = _app(redis_url, models_dir, clock)
     try:
         client = app.store.client
@@ -121,7 +122,7 @@ def test_the_events_path_on_shards_and_a_retry_after_a_failure_half_way(
 
 def test_privacy_finds_and_erases_a_customer_in_every_shard(
         redis_url: str, redis_mode: str, models_dir: Path) -> None:
-    clock = Clock(_at("2030-06-03T10:00:00"))
+    clock = Clock(at(0, "10:00"))
     app: App = _app(redis_url, models_dir, clock)
     try:
         client = app.store.client

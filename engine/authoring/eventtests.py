@@ -23,6 +23,7 @@ from engine.rules.yamlsrc import Loc
 TEST_KEYS = {"name": True, "description": False, "profile": False, "events": True, "until": False, "expect": True}
 EVENT_KEYS = ("at", "event", "id")
 EXPECT_KEYS = {"triggers": False, "not_triggers": False, "patterns": False, "not_patterns": False, "outbound": False}
+EXAMPLES = {"events": "[{at: 0s, event: <event type>}]", "expect": "{triggers: [<trigger name>]}"}  # for a missing key
 START_MS = int(datetime(2026, 6, 1, 12, tzinfo=UTC).timestamp() * 1000)  # "at: 0s"
 
 
@@ -165,13 +166,13 @@ def load_event_tests(reader, loc: Loc | None, defaults: dict, file_name: str) ->
     out: list[EventTest] = []
     names = set()
     for item in check.sequence(loc, "event_tests"):
-        fields = check.keys(item, TEST_KEYS, "event test")
+        fields = check.keys(item, TEST_KEYS, "event test", EXAMPLES)
         if fields is None:
             continue
         before = len(reader.errors)
         name = check.text(fields.get("name"), "test name")
         what = f'event test "{name or "?"}"'
-        if name in names:
+        if name and name in names:  # "": no name, reported by keys()
             reader.err(fields["name"].error(f'duplicate test name "{name}" in {file_name}'))
         names.add(name)
         profile = dict(defaults)

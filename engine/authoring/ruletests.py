@@ -151,7 +151,7 @@ class _TestReader:
             test = self.load_test(item, defaults)
             if test is None:
                 continue
-            if test.name in names:
+            if test.name and test.name in names:  # "": no name, reported by keys()
                 self.err(item.error(f'duplicate test name "{test.name}" in {path.name}'))
             names.add(test.name)
             tests.append(test)
@@ -162,7 +162,7 @@ class _TestReader:
         return tests
 
     def load_test(self, item: Loc, defaults: dict) -> RuleTest | None:
-        fields = self.check.keys(item, TEST_KEYS, "test")
+        fields = self.check.keys(item, TEST_KEYS, "test", {"expect": "{admitted: [<action id>]}"})
         if fields is None:
             return None
         errors_before = len(self.errors)

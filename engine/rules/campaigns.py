@@ -124,7 +124,7 @@ def load_campaigns(loader: Any, scope: Scope, actions: list[Action]) -> tuple[di
     owner_of: dict[str, str] = {}
     for path in campaign_files(loader.dir):
         tree = loader.yaml(f"{CAMPAIGNS_DIR}/{path.name}")
-        fields = loader.keys(tree, CAMPAIGN_KEYS, "campaign") if tree is not None else None
+        fields = loader.keys(tree, CAMPAIGN_KEYS, "campaign", {"actions": "[<action id>]"}) if tree is not None else None
         if fields is None:
             continue
         assert tree is not None
@@ -141,7 +141,7 @@ def load_campaigns(loader: Any, scope: Scope, actions: list[Action]) -> tuple[di
         tz_name = loader.text(fields.get("time_zone"), f"{what} time_zone", "UTC")
         try:
             tz = ZoneInfo(tz_name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "America" is a folder of zones
             loader.err(fields["time_zone"].error(f'unknown time zone "{tz_name}"', "e.g. Europe/Amsterdam or UTC"))
             tz, tz_name = ZoneInfo("UTC"), "UTC"
         start = _moment(loader, fields.get("start"), "start", tz, end=False)

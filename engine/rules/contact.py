@@ -209,7 +209,7 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
         if fields is None:
             continue
         name = loader.ident(fields.get("name"), "contact policy name")
-        if name in seen:
+        if name and name in seen:  # "": no name, reported by keys()
             loader.err(fields["name"].error(f'duplicate contact policy name "{name}"'))
         seen.add(name)
         what = f'contact policy "{name}"'
@@ -234,7 +234,7 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
                                        item.where()))
     quiet = None
     if "quiet_hours" in top:
-        q = loader.keys(top["quiet_hours"], QUIET_KEYS, "quiet_hours")
+        q = loader.keys(top["quiet_hours"], QUIET_KEYS, "quiet_hours", {"channels": "[email, sms]"})
         if q is not None:
             channels = _names(loader, q.get("channels"), "channels", CHANNELS)
             start, end = _clock(loader, q.get("from"), "quiet_hours from"), _clock(loader, q.get("to"), "quiet_hours to")
@@ -257,7 +257,8 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
                 loader.err(c["generic"].error(f'unknown action "{generic}" in control_group generic',
                                               suggest(generic, ids)))
             if policy == "generic" and not generic:
-                loader.err(c["share"].error('control_group policy "generic" needs "generic: <action id>"'))
+                at = c["share"] if "share" in c else c["policy"]  # share may be missing too (reported by keys())
+                loader.err(at.error('control_group policy "generic" needs "generic: <action id>"'))
             control = ControlGroup(float(share or 0), policy, generic)
     return ContactRules(tuple(limits), quiet, control, _interactions(loader, top))
 

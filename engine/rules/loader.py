@@ -6,6 +6,7 @@ Nothing here evaluates text as code: conditions go through our own parser and ty
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -35,6 +36,17 @@ SITUATION_KEYS = {"when": True, "description": False}
 POLICY_KEYS = {"name": True, "when": True, "blocks": True, "reason": False, "description": False}
 LEVER_KEYS = {"name": True, "when": True, "targets": True, "weight": True, "description": False}
 TARGET_KEYS = {"types": False, "groups": False, "actions": False}
+# The hint for a missing required key: an example of its value. Keys that are plain names (id, name,
+# group, owner) have none; a caller passes ``examples`` where a key means something else in its file.
+MISSING_EXAMPLES = {
+    "fallback": "{default: <action id>}", "type": "upsell", "value": "10", "channels": "{email: {subject: \"...\"}}",
+    "when": "'tenure_months >= 12'", "blocks": "{types: [upsell]}", "targets": "{groups: [<group>]}", "weight": "1.5",
+    "event_types": "{payment_failed: {attributes: {amount: number}}}", "event": "<event type>",
+    "first": "{event: <event type>}", "then": "{event: <event type>}", "after": "{event: <event type>}",
+    "missing": "{event: <event type>}", "within": "7d", "ttl": "7d", "trigger": "<trigger name>",
+    "action": "<action id>", "channel": "email", "days": "30", "from": '"21:00"', "to": '"08:00"', "share": "0.05",
+    "objective": "value", "start": "2030-01-15", "end": "2030-01-31",
+}
 
 
 def read_rule_files(rules_dir: Path) -> dict[str, bytes | None]:
@@ -106,17 +118,22 @@ class _Loader:
             return []
         return loc.value
 
-    def keys(self, loc: Loc, allowed: dict[str, bool], what: str) -> dict[str, Loc] | None:
+    def keys(self, loc: Loc | None, allowed: dict[str, bool], what: str,
+             examples: dict[str, str] | None = None) -> dict[str, Loc] | None:
+        """The mapping at ``loc`` with unknown and missing required keys reported (None: not a mapping).
+        A missing required key is only reported: callers check ``key in items`` before using it."""
         items = self.mapping(loc, what)
         if items is None:
             return None
+        assert loc is not None
         for key, value in items.items():
             if key not in allowed:
                 hint = suggest(key, allowed) or "allowed: " + ", ".join(allowed)
                 self.err(value.key_error(f'unknown key "{key}" in {what}', hint))
         for key, required in allowed.items():
             if required and key not in items:
-                self.err(loc.error(f'{what} is missing "{key}"'))
+                example = (examples or {}).get(key) or MISSING_EXAMPLES.get(key)
+                self.err(loc.error(f'{what} is missing "{key}"', f"add it, e.g. {key}: {example}" if example else ""))
         return items
 
     def text(self, loc: Loc | None, what: str, default: str = "") -> str:
@@ -139,6 +156,9 @@ class _Loader:
         value = loc.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.err(loc.error(f"expected a number for {what}"))
+            return None
+        if not math.isfinite(value):  # .inf / .nan: int() of it raises, and no limit or weight means it
+            self.err(loc.error(f"expected a number for {what}", "a finite number, not .inf or .nan"))
             return None
         if positive and value <= 0:
             self.err(loc.error(f"{what} must be greater than 0"))
@@ -463,7 +483,7 @@ class _Loader:
             if fields is None:
                 continue
             name = self.ident(fields.get("name"), f"{what} name")
-            if name in seen:
+            if name and name in seen:  # "": no name, reported by keys()
                 self.err(fields["name"].error(f'duplicate {what} name "{name}"'))
             seen.add(name)
             out.append((name, fields, item))

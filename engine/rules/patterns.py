@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import re
 import threading
 import weakref
@@ -77,7 +78,8 @@ def parse_duration(text: str) -> int | None:
     match = _DURATION.match(str(text))
     if not match:
         return None
-    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    ms = float(match.group(1)) * _UNIT_MS[match.group(2)]
+    return int(ms) if math.isfinite(ms) else None  # 400 digits make inf
 
 
 def attribute_field(name: str) -> str:
@@ -289,7 +291,7 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
         if fields is None:
             continue
         name = loader.ident(fields.get("name"), "pattern name")
-        if name in seen:
+        if name and name in seen:  # "": no name, reported by keys()
             loader.err(fields["name"].error(f'duplicate pattern name "{name}"'))
         seen.add(name)
         what = f'pattern "{name or "?"}"'
@@ -299,7 +301,8 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
                                   + (f" (it has {', '.join(kinds)})" if kinds else "")))
             continue
         kind = kinds[0]
-        spec = loader.keys(fields[kind], SPEC_KEYS[kind], f"{what} {kind}")
+        spec = loader.keys(fields[kind], SPEC_KEYS[kind], f"{what} {kind}",
+                           {"when": "'amount > 0'"} if kind == "threshold" else None)
         if spec is None:
             continue
         parts: dict[str, Part] = {}
@@ -315,7 +318,12 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
                     part = _load_part(loader, sub.get("event"), sub.get("where"), types, f"{what} {key}")
                     if part is not None:
                         parts[key] = part
-        within = _duration(loader, spec.get("within"), f"{what} within") if "within" in spec else 0
+        # None leaves the pattern out: a missing required key is reported by keys(), a bad value by _duration()
+        within: int | None = 0
+        if "within" in spec:
+            within = _duration(loader, spec["within"], f"{what} within")
+        elif SPEC_KEYS[kind].get("within"):
+            within = None
         at_least = loader.number(spec.get("at_least"), f"{what} at_least", positive=True) if "at_least" in spec else 1
         if at_least is not None and int(at_least) != at_least:
             loader.err(spec["at_least"].error(f"{what} at_least must be a whole number"))
@@ -324,11 +332,11 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
         trigger, ttl = None, 0
         if "raise" in fields:
             raised = loader.keys(fields["raise"], RAISE_KEYS, f"{what} raise") or {}
-            trigger = loader.ident(raised.get("trigger"), "trigger") if "trigger" in raised else None
+            trigger = loader.ident(raised["trigger"], "trigger") if "trigger" in raised else None
             if trigger and declared is not None and trigger not in declared:
                 hint = suggest(trigger, declared) or "declare it under triggers: in policies.yaml"
                 loader.err(raised["trigger"].error(f'unknown trigger "{trigger}"', hint))
-            ttl = _duration(loader, raised.get("ttl"), f"{what} ttl") if "ttl" in raised else 0
+            ttl = _duration(loader, raised["ttl"], f"{what} ttl") if "ttl" in raised else None
         outbound = _load_outbound(loader, fields.get("outbound"), by_id, what) if "outbound" in fields else None
         if "raise" not in fields and "outbound" not in fields:
             loader.err(item.error(f"{what} neither raises a trigger nor sends anything",
@@ -391,11 +399,12 @@ def _load_types(loader, loc) -> dict[str, EventType]:
             elif spec.is_seq:
                 levels = tuple(v for v, _ in loader.names(spec, f"levels of {name}.{attr}"))
                 attrs[attr] = AttributeType(attr, "cat", levels)
-            elif spec.value in ATTRIBUTE_TYPES:
+            elif spec.is_scalar and spec.value in ATTRIBUTE_TYPES:
                 attrs[attr] = AttributeType(attr, "num" if spec.value == "number" else "str")
             else:
-                hint = suggest(str(spec.value), ATTRIBUTE_TYPES) or "number, text, or a list of levels [a, b]"
-                loader.err(spec.error(f'unknown attribute type "{spec.value}" for {name}.{attr}', hint))
+                shown = spec.plain()  # a mapping's value holds Locs, whose repr is the whole file
+                hint = suggest(str(shown), ATTRIBUTE_TYPES) or "number, text, or a list of levels [a, b]"
+                loader.err(spec.error(f'unknown attribute type "{shown}" for {name}.{attr}', hint))
         types[name] = EventType(name, attrs, loader.text(fields.get("description"), "description"))
     return types
 
@@ -403,6 +412,9 @@ def _load_types(loader, loc) -> dict[str, EventType]:
 def _load_part(loader, event_loc, cond_loc, types: dict[str, EventType], what: str) -> Part | None:
     event = loader.text(event_loc, f"{what} event")
     if not event:
+        if event_loc is not None and event_loc.value == "":  # missing or not text: reported already
+            hint = "one of: " + ", ".join(types) if types else "declare it under event_types:"
+            loader.err(event_loc.error(f"{what} names no event type", hint))
         return None
     if event not in types:
         hint = suggest(event, types) or "declare it under event_types:"

@@ -119,7 +119,32 @@ def load_yaml(path: Path, display: str | None = None,
     return tree, source, errors
 
 
-def _build(node: yaml.Node, source: Source, errors: list[RuleError], key_node, constructor: SafeConstructor) -> Loc:
+def _build(node: yaml.Node, source: Source, errors: list[RuleError], key_node, constructor: SafeConstructor,
+           inside: set[int] | None = None) -> Loc:
+    """``inside``: ids of the collections being built around ``node`` (an alias can make a cycle)."""
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        inside = set() if inside is None else inside
+        if id(node) in inside:  # e.g. "a: &x [1, *x]"
+            mark = node.start_mark
+            errors.append(source.error(mark.line, mark.column, "this value contains an alias of itself",
+                                       "an alias (*name) may only repeat a value that ends before it"))
+            return Loc(None, yaml.ScalarNode("tag:yaml.org,2002:null", "", node.start_mark, node.end_mark), source, key_node)
+        inside.add(id(node))
+        try:
+            return _build_collection(node, source, errors, key_node, constructor, inside)
+        finally:
+            inside.discard(id(node))
+    try:
+        value = constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as err:  # e.g. 2026-13-01 looks like a date but is none
+        if node.tag != "tag:yaml.org,2002:timestamp":  # a bad date is reported where a date is expected
+            errors.append(source.error(node.start_mark.line, node.start_mark.column, f"invalid value: {err}"))
+        value = node.value
+    return Loc(value, node, source, key_node)
+
+
+def _build_collection(node: yaml.Node, source: Source, errors: list[RuleError], key_node, constructor: SafeConstructor,
+                      inside: set[int]) -> Loc:
     if isinstance(node, yaml.MappingNode):
         items: dict[str, Loc] = {}
         for k, v in node.value:
@@ -131,17 +156,9 @@ def _build(node: yaml.Node, source: Source, errors: list[RuleError], key_node, c
                 errors.append(source.error(k.start_mark.line, k.start_mark.column, f'duplicate key "{key}"',
                                            "each key may appear once here; the later one would win silently"))
                 continue
-            items[key] = _build(v, source, errors, k, constructor)
+            items[key] = _build(v, source, errors, k, constructor, inside)
         return Loc(items, node, source, key_node)
-    if isinstance(node, yaml.SequenceNode):
-        return Loc([_build(v, source, errors, None, constructor) for v in node.value], node, source, key_node)
-    try:
-        value = constructor.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError) as err:  # e.g. 2026-13-01 looks like a date but is none
-        if node.tag != "tag:yaml.org,2002:timestamp":  # a bad date is reported where a date is expected
-            errors.append(source.error(node.start_mark.line, node.start_mark.column, f"invalid value: {err}"))
-        value = node.value
-    return Loc(value, node, source, key_node)
+    return Loc([_build(v, source, errors, None, constructor, inside) for v in node.value], node, source, key_node)
 
 
 # --- mapping characters of a scalar's value back to the file ----------------------------------------

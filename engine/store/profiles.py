@@ -522,8 +522,9 @@ class ProfileStore:
             pipe.hset(key, mapping=encode_profile(p))  # type: ignore[arg-type]  # redis-py: key type is invariant
         pipe.execute()
 
-    def set_trigger(self, customer_id: str, name: str, ttl_seconds: float) -> None:
-        expiry = int((time.time() + ttl_seconds) * 1000)
+    def set_trigger(self, customer_id: str, name: str, ttl_seconds: float, now: float | None = None) -> None:
+        """Raise trigger ``name`` for ``ttl_seconds`` from ``now`` (default: the real clock)."""
+        expiry = int(((time.time() if now is None else now) + ttl_seconds) * 1000)
         self.client.eval(_SET_TRIGGER, 1, triggers_key(customer_id), name, expiry)
 
     def append(self, stream: str, fields: dict[str, str]) -> str:
