@@ -3,7 +3,7 @@
 Redis expires keys by its own clock, the real one: a test clock fixed at a calendar date drifts away from
 it as the calendar moves on, and what the engine writes with an absolute expiry (a trigger, a timer)
 expires in Redis before the test reads it. So every fixed moment in a test is an offset from ``DAY0``,
-the Monday 00:00 UTC that starts next week by the real clock (1 to 7 days ahead when the suite starts):
+the first Monday 00:00 UTC more than a day ahead of the real clock when the suite starts (at most 8):
 weekdays and UTC times are what the test says, and the moments lie ahead of Redis's clock, never behind.
 
 The demo rule files carry calendar dates of their own (an offer's validity, campaign dates, the ``today``
@@ -27,8 +27,8 @@ HOUR = 3_600
 
 
 def next_monday(now: float) -> float:
-    """00:00 UTC of the first Monday after ``now``'s day (1970-01-01 was a Thursday)."""
-    days = int(now // DAY)
+    """00:00 UTC of the first Monday more than a day after ``now`` (1970-01-01 was a Thursday)."""
+    days = int(now // DAY) + 1
     return float((days + 7 - (days + 3) % 7) * DAY)
 
 

@@ -765,6 +765,7 @@ def test_corrupted_models_never_replace_the_live_one(watched_models, caplog) -> 
     @example((with_field(text, 0, "right_child", 0, "0"), None), "champion")
     @example((None, "[]"), "shadow")
     @example((None, None), "challenger: " + "[" * 5_000 + "]" * 5_000)  # RecursionError escaped the watcher
+    @example((None, None), "challenger:\n  version: 2026-13-01\n")  # ValueError escaped (the exploring run)
     def run(files: tuple[str | None, str | None], how: str) -> None:
         version = new_version(registry, live, *files)
         try:

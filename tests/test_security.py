@@ -188,6 +188,8 @@ def test_the_auth_file_is_checked_and_never_holds_a_token(tmp_path: Path) -> Non
         ("callers:\n  - name: web\n    certificate: {cn: x}\n    roles: [decide]\n", "certificate takes"),
         ("callers: []\nopen: [metrics]\n", "open must be"),
         ("callers: [\n", "cannot read"),
+        ("callers: []\nexpires: 2026-13-01\n", "cannot read.*month must be in 1..12"),  # ValueError escaped
+        ("callers: " + "[" * 5_000 + "]" * 5_000 + "\n", "cannot read"),  # RecursionError escaped
     ):
         path.write_text(text)
         with pytest.raises(SecurityError, match=words) as err:

@@ -110,7 +110,8 @@ def parse_experiment(text: str) -> Experiment:
     """Parse experiment.yaml contents; raises ExperimentError naming the offending key."""
     try:
         data = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
+    # RecursionError: nested too deeply for the parser; ValueError: a date that is none (2026-13-01)
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise ExperimentError(f"not valid YAML: {exc}") from exc
     data = _keys("experiment.yaml", data, {"challenger", "exploration"})
     challenger = None

@@ -200,7 +200,8 @@ def load_auth(path: Path) -> AuthPolicy:
     where = str(path)
     try:
         doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    # RecursionError: nested too deeply for the parser; ValueError: a date that is none (2026-13-01)
+    except (OSError, yaml.YAMLError, RecursionError, ValueError) as exc:
         raise SecurityError(f"{where}: cannot read the auth file: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("callers"), list):
         raise SecurityError(f"{where}: expected a mapping with a 'callers' list")
