@@ -24,13 +24,12 @@ from engine.rules.runtime import load_and_compile
 from engine.store.profiles import RESPONSES_STREAM, ProfileStore, redis_client
 from engine.store.streams import xrange_all
 
-from .clock import Clock
+from .clock import DAY, Clock
 from .conftest import RULES_DIR
 from .test_scenarios import MARKETING, NOON, customer
 
 pytestmark = pytest.mark.both_redis
 
-DAY = 86_400.0
 
 
 def make_engine(redis_url: str, models_dir: Path, rules_dir: Path = RULES_DIR, clock=None) -> DecisionEngine:
