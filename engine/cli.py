@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.config import Config
-from engine.features import CHANNELS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from engine.features import FeatureSchema
     from engine.models.registry import LoadedModel
     from engine.rules.errors import RuleError
 
@@ -176,10 +176,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                     except ValueError:
                         print(f"error: --campaign-weight {item}: expected NAME=WEIGHT", file=sys.stderr)
                         return 1
-                data = training.from_streams(store.client, catalog, args.window_days, args.as_of,
+                data = training.from_streams(store.client, rules.schema, catalog, args.window_days, args.as_of,
                                              campaigns=args.campaign or (), campaign_weights=weights)
         elif args.from_file:
-            data = training.read_csv(args.from_file, catalog)
+            data = training.read_csv(args.from_file, rules.schema, catalog)
         else:
             from engine.sim.training_data import simulate_responses
             from engine.sim.world import generate
@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"exported {training.export_csv(data, args.export)} rows to {args.export}")
     if args.export_only:
         return 0
-    registry = ModelRegistry(cfg.models_dir)
+    registry = ModelRegistry(cfg.models_dir, rules.schema)
     try:
         version, metrics, promoted = training.train_and_register(
             registry, data, args.rounds, promote="never" if args.no_promote else "if-better")
@@ -288,12 +288,14 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
                 given = {}
                 for item in args.decisions_per_day:
                     channel, _, n = item.partition("=")
-                    if channel not in CHANNELS or not n:
-                        raise PlanError(f"--decisions-per-day {item}: expected CHANNEL=N with a channel of {', '.join(CHANNELS)}")
+                    if channel not in planned.schema.channel_names or not n:
+                        raise PlanError(f"--decisions-per-day {item}: expected CHANNEL=N with a channel of "
+                                        + ", ".join(planned.schema.channel_names))
                     given[channel] = float(n) / max(len(everyone), 1)
                 traffic = Traffic.given(given)
             else:
-                traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days)
+                traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days,
+                                              planned.schema.channel_names)
             reject = rejection_share(store.client, args.traffic_days)
             plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days,
                                  reject_share=reject)
@@ -472,13 +474,21 @@ def _rule_errors(errors: Sequence[RuleError], outcome: str) -> int:
     return 1
 
 
+def _schema(cfg: Config) -> FeatureSchema:
+    """The feature schema of the configured rule directory's domain.yaml (raises ``RuleErrors``)."""
+    from engine.rules.loader import load_domain_file
+
+    return load_domain_file(cfg.rules_dir)
+
+
 def _live_model(cfg: Config) -> LoadedModel | None:
     """The models directory's live model set, or None after saying why there is none."""
     from engine.models.registry import ModelRefused, ModelRegistry
+    from engine.rules.errors import RuleErrors
 
     try:
-        return ModelRegistry(cfg.models_dir).load()
-    except ModelRefused as exc:
+        return ModelRegistry(cfg.models_dir, _schema(cfg)).load()
+    except (ModelRefused, RuleErrors) as exc:
         print(f"error: {exc} (nba train makes one)", file=sys.stderr)
         return None
 
@@ -523,7 +533,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from engine.models.registry import ModelRefused, ModelRegistry
 
     cfg = _config(args)
-    registry = ModelRegistry(cfg.models_dir)
+    registry = ModelRegistry(cfg.models_dir, _schema(cfg))
     if args.models_cmd == "promote":
         try:
             registry.promote(args.version)
@@ -709,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("decide", help="ask a running server for a decision and print it")
     p.add_argument("customer_id")
-    p.add_argument("--channel", default="web", choices=CHANNELS)
+    p.add_argument("--channel", default="web", help="a channel domain.yaml declares (default web)")
     p.add_argument("--touchpoint", default="")
     p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-actions", type=int, default=0)
@@ -762,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("old_dir", help="the rules in use, e.g. rules")
     p.add_argument("new_dir", help="the changed rules, e.g. a copy you edited")
     p.add_argument("--customers", type=int, default=2000, help="how many stored customers to decide for")
-    p.add_argument("--channel", action="append", choices=CHANNELS, help="channel(s) to decide on (default web)")
+    p.add_argument("--channel", action="append", help="channel(s) to decide on (default web)")
     p.add_argument("--examples", type=int, default=10, help="customers to show whose top action changed")
     p.add_argument("--json", action="store_true")
     redis_options(p)

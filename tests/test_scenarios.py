@@ -190,7 +190,7 @@ def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, 
                                     categorical={"device_os": "none"})])
         d = decide(engine, "S0", "email", context={"test": "nothing"}, explain=True)
         assert d.actions == []
-        assert any(f.action_id == "brand_newsletter_signup" and "marketing_needs_consent" in f.detail
+        assert any(f.action_id == "brand_newsletter_signup" and "newsletter_needs_consent" in f.detail
                    for f in d.funnel)
     finally:
         rules.close()

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from engine.authoring.ruletests import TestResult, load_tests, run_tests
-from engine.features import SCHEMA, FeatureSchema
 from engine.rules.errors import RuleError, RuleErrors
 from engine.rules.loader import load_rules
 from engine.rules.runtime import CompiledRules, compile_rules
@@ -14,12 +13,12 @@ from engine.rules.runtime import CompiledRules, compile_rules
 __all__ = ["RuleError", "RuleErrors", "check", "prepare", "test"]
 
 
-def check(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> list[RuleError]:
+def check(rules_dir: Path) -> list[RuleError]:
     """Every error in the rule files and rule test files (empty when they load and compile)."""
-    ruleset, errors = load_rules(Path(rules_dir), schema)
+    ruleset, errors = load_rules(Path(rules_dir))
     if errors or ruleset is None:
         return errors
-    _, test_errors = load_tests(Path(rules_dir), ruleset, schema)
+    _, test_errors = load_tests(Path(rules_dir), ruleset)
     try:
         compile_rules(ruleset).close()  # also builds the durable ruleset once, as a reload would
     except RuleErrors as err:
@@ -27,13 +26,13 @@ def check(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> list[RuleError]:
     return test_errors
 
 
-def test(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[CompiledRules | None, list[RuleError], list[TestResult]]:
+def test(rules_dir: Path) -> tuple[CompiledRules | None, list[RuleError], list[TestResult]]:
     """Load and compile the rules and run their tests: (the compiled rules, or None when there are
     errors; every error in the rule and test files; the test results)."""
-    ruleset, errors = load_rules(Path(rules_dir), schema)
+    ruleset, errors = load_rules(Path(rules_dir))
     if errors or ruleset is None:
         return None, errors, []
-    tests, errors = load_tests(Path(rules_dir), ruleset, schema)
+    tests, errors = load_tests(Path(rules_dir), ruleset)
     try:
         rules = compile_rules(ruleset)
     except RuleErrors as err:
@@ -44,10 +43,10 @@ def test(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[CompiledRules
     return rules, [], run_tests(rules, tests)
 
 
-def prepare(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
+def prepare(rules_dir: Path) -> CompiledRules:
     """A rule set fit to go live: it loads, compiles and passes its rule tests. Raises ``RuleErrors``
     otherwise (a failed test is an error at the test's file:line:col)."""
-    rules, errors, results = test(rules_dir, schema)
+    rules, errors, results = test(rules_dir)
     failed = [r.as_error() for r in results if not r.passed]
     if errors or failed or rules is None:
         if rules is not None:

@@ -12,7 +12,7 @@ on what was presented before, not on the rules). See rules/README.md ("Testing y
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ import numpy as np
 from engine.authoring.eventtests import EventTest, load_event_tests
 from engine.authoring.results import TestResult, why
 from engine.decision.arbitration import arbitrate, fallback_action
-from engine.features import CHANNELS, DERIVED, NUMERIC, SCHEMA, FeatureSchema
 from engine.models.derived import derive
 from engine.rules.errors import RuleError, suggest
 from engine.rules.facts import FactInputs
@@ -64,10 +63,9 @@ def test_files(rules_dir: Path) -> list[Path]:
     return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def load_tests(rules_dir: Path, ruleset: RuleSet,
-               schema: FeatureSchema = SCHEMA) -> tuple[list[RuleTest | EventTest], list[RuleError]]:
+def load_tests(rules_dir: Path, ruleset: RuleSet) -> tuple[list[RuleTest | EventTest], list[RuleError]]:
     """Every test in ``rules_dir/tests/*.yaml`` and every error in those files."""
-    reader = _TestReader(Path(rules_dir), ruleset, schema)
+    reader = _TestReader(Path(rules_dir), ruleset)
     tests: list[RuleTest | EventTest] = []
     for path in test_files(rules_dir):
         tests += reader.load_file(path)
@@ -122,10 +120,10 @@ def _blocked_by(v: ActionVerdict, rule: str) -> bool:
 class _TestReader:
     """Reads test files with the rule loader's validators (same messages, same file:line:col)."""
 
-    def __init__(self, rules_dir: Path, ruleset: RuleSet, schema: FeatureSchema):
-        self.check = _Loader(rules_dir, schema)
+    def __init__(self, rules_dir: Path, ruleset: RuleSet):
+        self.check = _Loader(rules_dir)
+        self.check.schema = self.schema = ruleset.schema
         self.ruleset = ruleset
-        self.schema = schema
         self.actions = {a.id for a in ruleset.actions}
         self.policies = {p.name for p in ruleset.policies}
 
@@ -169,8 +167,9 @@ class _TestReader:
         name = self.check.text(fields.get("name"), "test name")
         what = f'test "{name or "?"}"'
         channel = self.check.text(fields.get("channel"), f"{what} channel")
-        if channel and channel not in CHANNELS:
-            hint = suggest(channel, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+        channels = self.schema.channel_names
+        if channel and channel not in channels:
+            hint = suggest(channel, channels) or "channels: " + ", ".join(channels)
             self.err(fields["channel"].error(f'unknown channel "{channel}"', hint))
         touchpoint = self.check.text(fields.get("touchpoint"), f"{what} touchpoint")
         context = {}
@@ -188,7 +187,9 @@ class _TestReader:
         expect = self.expect(fields.get("expect"), what)
         if len(self.errors) > errors_before or expect is None:
             return None
-        return RuleTest(name, item.where(), self.inputs(profile, channel, touchpoint, context), expect, today, propensity)
+        at = datetime.combine(today, time(12), UTC).timestamp() if today else None
+        return RuleTest(name, item.where(), self.inputs(profile, channel, touchpoint, context, at), expect, today,
+                        propensity)
 
     # --- profile --------------------------------------------------------------------------------
     def profile(self, loc: Loc | None, what: str) -> dict:
@@ -213,12 +214,12 @@ class _TestReader:
                 else:
                     out[key] = level
             elif key == "products":
-                out[key] = self.members(value, key, schema.sets["products"], "product")
+                out[key] = self.members(value, key, schema.products, "product")
             elif key == "consents":
                 if value.is_scalar and value.value in ("all", "none"):
-                    out[key] = set(CHANNELS) if value.value == "all" else set()
+                    out[key] = set(schema.channel_names) if value.value == "all" else set()
                 else:
-                    out[key] = self.members(value, key, CHANNELS, "channel")
+                    out[key] = self.members(value, key, schema.channel_names, "channel")
             elif key == "triggers":
                 declared = self.ruleset.triggers
                 out[key] = self.members(value, key, declared, "trigger") if declared is not None else {
@@ -237,16 +238,17 @@ class _TestReader:
             found.add(name)
         return found
 
-    @staticmethod
-    def inputs(profile: dict, channel: str, touchpoint: str, context: dict) -> FactInputs:
-        """The decision's input as in production: stored numbers as float32, derived ones computed
-        from them (unless the test gives them)."""
-        stored = np.array([profile.get(n, 0.0) for n in NUMERIC], dtype=np.float32)
-        derived = derive(stored)
-        for i, name in enumerate(DERIVED):
+    def inputs(self, profile: dict, channel: str, touchpoint: str, context: dict, now: float | None = None) -> FactInputs:
+        """The decision's input as in production: stored numbers as float32 (declared defaults for those
+        the test leaves out), derived ones computed from them at ``now`` (unless the test gives them);
+        categories the test leaves out are "" (no level)."""
+        schema = self.schema
+        stored = np.array([profile.get(n, schema.defaults.get(n, 0.0)) for n in schema.numeric], dtype=np.float32)
+        derived = derive(stored, schema, now)
+        for i, name in enumerate(schema.derived):
             if name in profile:
                 derived[i] = profile[name]
-        categories = {k: v for k, v in profile.items() if k in SCHEMA.categorical}
+        categories = {k: v for k, v in profile.items() if k in schema.categorical}
         return FactInputs(numbers=np.concatenate((stored, derived)), categories=categories,
                           products=frozenset(profile.get("products", ())),
                           consents=frozenset(profile.get("consents", ())), channel=channel,

@@ -40,10 +40,10 @@ from engine.decision.contact import control_order
 from engine.decision.funnel import DecisionEngine
 from engine.decision.plan_replay import replay
 from engine.errors import NbaError
-from engine.features import CHANNELS
+from engine.features import FeatureSchema
 from engine.live import Live
 from engine.models.derived import derive
-from engine.models.model_input import customer_block, shared_row
+from engine.models.model_input import model_input
 from engine.models.registry import LoadedModel
 from engine.rules.campaigns import CAMPAIGNS_DIR, Campaign, campaign_files
 from engine.rules.facts import FactInputs
@@ -54,7 +54,6 @@ from engine.store.profiles import (
     RESPONSES_STREAM,
     Profile,
     ProfileStore,
-    decode_profile,
     profile_key,
     triggers_key,
 )
@@ -143,18 +142,19 @@ def stored_customers(client: redis.Redis, limit: int | None = None) -> list[str]
     return sorted(ids)
 
 
-def fetch_profiles(client: redis.Redis, customers: Sequence[str], now: float, batch: int = 1000) -> list[Profile]:
+def fetch_profiles(store: ProfileStore, customers: Sequence[str], now: float, schema: FeatureSchema,
+                   batch: int = 1000) -> list[Profile]:
     """Profiles with their triggers active at ``now``, a pipelined round trip per ``batch`` customers."""
     out = []
     now_ms = int(now * 1000)
     for k in range(0, len(customers), batch):
         chunk = customers[k: k + batch]
-        pipe = client.pipeline(transaction=False)
+        pipe = store.client.pipeline(transaction=False)
         for cid in chunk:
             pipe.hgetall(profile_key(cid))
             pipe.hgetall(triggers_key(cid))
         replies = pipe.execute()
-        out += [decode_profile(cid, replies[2 * i], replies[2 * i + 1], now_ms) for i, cid in enumerate(chunk)]
+        out += [store.decode(cid, replies[2 * i], replies[2 * i + 1], now_ms, schema) for i, cid in enumerate(chunk)]
     return out
 
 
@@ -176,7 +176,8 @@ class Traffic:
         return cls(channels)
 
 
-def traffic_from_stream(client: redis.Redis, population: int, days: float, until: float | None = None) -> Traffic:
+def traffic_from_stream(client: redis.Redis, population: int, days: float, channels: Sequence[str],
+                        until: float | None = None) -> Traffic:
     """The traffic of the ``days`` before ``until`` (default: the last recorded decision) in the decision
     stream; ``population``: the customers that traffic came from (those without a decision count as 0)."""
     from engine.decision.report import _read
@@ -199,7 +200,7 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, until
             presented.update(a for a in d.get("actions", "").split(",") if a)
     rates = np.zeros(max(population, len(per_customer)))
     rates[: len(per_customer)] = np.array(list(per_customer.values()), dtype=float) / days
-    return Traffic({ch: counts[ch] / (population * days) for ch in CHANNELS if counts[ch]}, rates,
+    return Traffic({ch: counts[ch] / (population * days) for ch in channels if counts[ch]}, rates,
                    max(per_customer_day.values(), default=0), frozenset(presented))
 
 
@@ -279,9 +280,11 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     accepted_value = 0.0
     segment_shown: dict[str, float] = defaultdict(float)
     segment_accepted: dict[str, float] = defaultdict(float)
-    for index, profile in enumerate(fetch_profiles(store.client, list(customers), at)):
-        derived = derive(profile.numeric)
-        block = customer_block(profile, derived)
+    schema = planned.schema
+    rows = model_input(schema)
+    for index, profile in enumerate(fetch_profiles(store, list(customers), at, schema)):
+        derived = derive(profile.numeric, schema, at)
+        block = rows.customer_block(profile, derived)
         seg = profile.categorical.get("segment") or "unknown"
         ranked: dict[str, list] = {}
         for channel in own:
@@ -340,14 +343,14 @@ def _ranked(engine: DecisionEngine, rules: CompiledRules, model: LoadedModel, pr
         products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
         channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
     admitted, verdicts = rules.admitted(outcome, channel, now=at)
-    return order(verdicts, engine._score(rules, model, shared_row(block, channel), admitted))
+    return order(verdicts, engine._score(rules, model, model_input(rules.schema).shared_row(block, channel), admitted))
 
 
 def _channels(rules: CompiledRules, campaign: Campaign) -> list[str]:
     channels = set()
     for action_id in campaign.actions:
         channels |= set(rules.ruleset.by_id[action_id].channels)
-    return [ch for ch in CHANNELS if ch in channels]
+    return [ch for ch in rules.schema.channel_names if ch in channels]
 
 
 def _displaced(engine: DecisionEngine, live: CompiledRules, model: LoadedModel, profile: Profile, derived: np.ndarray,

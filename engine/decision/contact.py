@@ -105,7 +105,7 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
     Only offers change: service actions keep their ranked places (customer care is never the
     experiment); the offers' places are taken by the generic offer alone, or by the eligible offers
     in a random order that is stable for one customer within one day."""
-    offers = [c for c in candidates if c[2].action.type != "service"]
+    offers = [c for c in candidates if not c[2].action.service]
     if control.policy == "generic":
         offers = [c for c in offers if c[2].action.id == control.generic_action]
     else:
@@ -113,7 +113,7 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
         rng.shuffle(offers)
     out, pending = [], iter(offers)
     for c in candidates:
-        if c[2].action.type == "service":
+        if c[2].action.service:
             out.append(c)
         else:
             nxt = next(pending, None)

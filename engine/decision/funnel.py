@@ -46,12 +46,12 @@ from engine.decision.contact import (
 )
 from engine.decision.request import DecideInput, validate
 from engine.decision.responses import ResponseRecorder
-from engine.features import CHANNELS, SCHEMA
+from engine.features import FeatureSchema
 from engine.live import Live
 from engine.models.derived import derive
 from engine.models.experiment import ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
-from engine.models.model_input import ROW_FEATURES, ActionTable, customer_block, encode_features, shared_row
+from engine.models.model_input import ActionTable, model_input
 from engine.models.registry import LoadedModel
 from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
@@ -61,7 +61,6 @@ from engine.store.profiles import Profile, ProfileStore, SchemaMismatch, is_clus
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCHEMA = SCHEMA.fingerprint()  # hashed once: every logged decision carries it
 MIN_DECISION_SECONDS = 0.006  # less time left than this before the caller's deadline: the fallback at once
 ANSWER_SECONDS = 0.005  # kept back from the deadline for what follows the last Redis reply (rules, scoring, reply)
 ANSWER_SHARE = 0.2  # and at least this share of the time left: when a stall ends many calls at once, they queue
@@ -95,6 +94,7 @@ class Decision:
     shadow_propensities: list[float] = field(default_factory=list)  # its scores for ``actions``
     shadow_top: str = ""  # the action the shadow model would have ranked first
     features: np.ndarray | None = None  # the shared model input (customer block, channel), for training
+    schema: FeatureSchema | None = None  # the feature schema ``features`` follow
     interaction_id: str = ""
     repeat: bool = False  # the interaction's stored decision for this placement, returned again
     preview: bool = False  # decided without side effects (nothing recorded, counted or reserved)
@@ -154,7 +154,7 @@ class DecisionEngine:
         if table is None:
             if len(self._tables) > 32:
                 self._tables.clear()
-            table = self._tables[key] = ActionTable.build(rules.ruleset.actions, model.action_levels)
+            table = self._tables[key] = model_input(rules.schema).action_table(rules.ruleset.actions, model.action_levels)
         return table
 
     def _scorer(self, rules: CompiledRules, model: LoadedModel):
@@ -165,7 +165,8 @@ class DecisionEngine:
         if scorer is None:
             if len(self._bound) > 32:
                 self._bound.clear()
-            scorer = self._bound[key] = model.scorer.bind(ROW_FEATURES, self._action_table(rules, model).rows)
+            scorer = self._bound[key] = model.scorer.bind(model_input(rules.schema).row_features,
+                                                          self._action_table(rules, model).rows)
         return scorer
 
     def prepare(self, models=None, rules: CompiledRules | None = None) -> None:
@@ -176,21 +177,21 @@ class DecisionEngine:
         for model in getattr(models, "models", (models,)):
             self._scorer(rules, model).warmup()
 
-    def _fetch(self, req: DecideInput, now: float) -> tuple[Profile, dict[str, str], str | None]:
+    def _fetch(self, req: DecideInput, now: float, schema: FeatureSchema) -> tuple[Profile, dict[str, str], str | None]:
         """The profile (triggers active at ``now``) and, with an interaction id, what the interaction stored."""
         try:
             if req.interaction_id:
                 profile, stored = self.store.fetch_with(req.customer_id,
-                                                        interaction_key(req.customer_id, req.interaction_id), now)
+                                                        interaction_key(req.customer_id, req.interaction_id), schema, now)
                 return profile, stored, None
-            return self.store.fetch(req.customer_id, now), {}, None
+            return self.store.fetch(req.customer_id, schema, now), {}, None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
             log.warning("profile fetch failed for %s: %s", req.customer_id, exc)
-            return Profile.cold(req.customer_id), {}, "profile_store"
+            return Profile.cold(req.customer_id, schema), {}, "profile_store"
         except SchemaMismatch as exc:
             log.warning("%s", exc)
-            return Profile.cold(req.customer_id), {}, "profile_schema"
+            return Profile.cold(req.customer_id, schema), {}, "profile_schema"
 
     def decide(self, req: DecideInput) -> Decision:
         started = time.perf_counter()
@@ -208,7 +209,7 @@ class DecisionEngine:
 
     def warmup(self) -> None:
         """Run every stage once per channel (JIT, Redis pool, rule engine) before taking traffic."""
-        for channel in CHANNELS:
+        for channel in self.rules.current.schema.channel_names:
             self._decide(DecideInput(customer_id="warmup", channel=channel, explain=True, preview=True), observe=False)
         try:
             self.store.client.script_load(PRESENT)
@@ -217,8 +218,8 @@ class DecisionEngine:
 
     def _decide(self, req: DecideInput, observe: bool = True,
                 stages: _Stages | None = None) -> tuple[Decision, str | None]:
-        max_actions = validate(req)
         with self.rules.use() as rules:  # the snapshot: this rule set (and its contact.yaml) and this model set
+            max_actions = validate(req, rules.schema)
             if req.deadline and req.deadline - time.monotonic() < MIN_DECISION_SECONDS:
                 return self._out_of_time(rules, req), "deadline"
             # Redis replies are awaited until the caller's deadline less the time to answer, not longer
@@ -242,17 +243,18 @@ class DecisionEngine:
         stages.last = time.perf_counter()
         now = self.clock()
         models = self.model.current
-        profile, stored, degraded_by = self._fetch(req, now)
+        schema = rules.schema
+        profile, stored, degraded_by = self._fetch(req, now, schema)
         stages.done("profile")
         place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
         replace = place in stored
         if replace:
             head, actions = interactions.read(stored[place])
             # an offer decided before the customer withdrew consent on this channel is decided anew
-            if req.channel in profile.sets.get("consent", ()) or all(a.type == "service" for a in actions):
+            if req.channel in profile.sets.get("consent", ()) or all(a.type in schema.service_types for a in actions):
                 return self._repeat(rules, req, head, actions, now), None
             del stored[place]
-        derived = derive(profile.numeric)
+        derived = derive(profile.numeric, schema, now)
         stages.done("derive")
         model, role, shadow = resolve(models, req.customer_id)
         outcome = rules.evaluate(rules.build_fact(FactInputs(
@@ -267,7 +269,8 @@ class DecisionEngine:
         if outcome.degraded:
             degraded_by = degraded_by or "rule_engine"
         stages.done("rules")
-        x = shared_row(customer_block(profile, derived), req.channel)
+        rows = model_input(schema)
+        x = rows.shared_row(rows.customer_block(profile, derived), req.channel)
         propensity = self._score(rules, model, x, admitted)
         shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
         explore = self._explore(models, model, rules, req, admitted, propensity, now)
@@ -278,7 +281,7 @@ class DecisionEngine:
             decision_id=new_decision_id(now, req.customer_id), customer_id=req.customer_id, channel=req.channel, actions=[],
             ruleset_version=rules.version, model_version=model.version, degraded=degraded_by is not None,
             cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
-            funnel=funnel or [], model_role=role, features=x, interaction_id=req.interaction_id,
+            funnel=funnel or [], model_role=role, features=x, schema=schema, interaction_id=req.interaction_id,
             preview=req.preview)
         repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
                                funnel, stored, place, observe, explore, replace, degraded_by == "profile_store")
@@ -351,11 +354,11 @@ class DecisionEngine:
         if req.ranking:
             candidates = self.rankings[req.ranking](candidates, req, profile, now)
             if control:  # targeting (an event-triggered offer) is the policy under test: control customers don't get it
-                withheld = [c for c in candidates if c[2].action.type != "service"]
+                withheld = [c for c in candidates if not c[2].action.service]
                 if funnel is not None:
                     funnel.extend(FunnelEntry(v.action.id, "control_group", "control group: targeted offers are "
                                               "withheld (lift measurement)", p, pr) for pr, p, v in withheld)
-                candidates = [c for c in candidates if c[2].action.type == "service"]
+                candidates = [c for c in candidates if c[2].action.service]
         elif control:
             candidates = control_order(cast(ContactRules, contact).control, candidates, req.customer_id, now)
         return candidates, control
@@ -532,8 +535,9 @@ class DecisionEngine:
                 **({"shadow_model": decision.shadow_version,
                     "shadow_propensities": ",".join(f"{p:.5f}" for p in decision.shadow_propensities),
                     "shadow_top": decision.shadow_top} if decision.shadow_version else {}),
-                **({"features": encode_features(decision.features), "feature_schema": FEATURE_SCHEMA}
-                   if decision.features is not None and decision.actions else {}),
+                **({"features": model_input(decision.schema).encode_features(decision.features),
+                    "feature_schema": decision.schema.fingerprint()}
+                   if decision.features is not None and decision.schema is not None and decision.actions else {}),
                 "degraded": "1" if decision.degraded else "0",
                 "ts": f"{decision.decided_at:.3f}",
                 **_campaign_fields(decision),

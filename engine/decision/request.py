@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.errors import NbaError
-from engine.features import CHANNELS
+from engine.features import FeatureSchema
 
 MAX_ACTIONS_LIMIT = 20
 DEFAULT_MAX_ACTIONS = 3
@@ -36,14 +36,16 @@ class DecideInput:
     deadline: float = 0.0  # time.monotonic() by which the caller needs the answer (0: none)
 
 
-def validate(req: DecideInput) -> int:
-    """Raise InvalidRequest naming the field; return the effective max_actions."""
+def validate(req: DecideInput, schema: FeatureSchema) -> int:
+    """Raise InvalidRequest naming the field; return the effective max_actions. Channels are those
+    ``schema`` (the rule snapshot's domain.yaml) declares."""
     if not req.customer_id or not req.customer_id.strip():
         raise InvalidRequest("customer_id", "must not be empty")
     if len(req.customer_id) > MAX_ID_LENGTH or any(c in req.customer_id for c in "{}\n\r\t "):
         raise InvalidRequest("customer_id", f"at most {MAX_ID_LENGTH} characters, no spaces or braces")
-    if req.channel not in CHANNELS:
-        raise InvalidRequest("channel", f"must be one of {', '.join(CHANNELS)}")
+    if req.channel not in schema.channel_names:
+        raise InvalidRequest("channel", f"unknown channel {req.channel[:64]!r}; declared channels: "
+                             + ", ".join(schema.channel_names))
     if not 0 <= req.max_actions <= MAX_ACTIONS_LIMIT:
         raise InvalidRequest(
             "max_actions", f"must be between 1 and {MAX_ACTIONS_LIMIT} (0 for the default {DEFAULT_MAX_ACTIONS})"

@@ -10,7 +10,7 @@
    ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
    replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
    later decision on it (inbound, outbound, a postponed outbound at the end of quiet hours) gets no
-   marketing (policies.yaml ``marketing_needs_consent``); a repeat of an interaction's stored decision
+   marketing (the built-in policy ``marketing_needs_consent``); a repeat of an interaction's stored decision
    with offers is not served on a channel without consent (``engine.decision.funnel``).
 2. The patterns (``CompiledPatterns``, part of the live rule set) evaluate that history in a
    short-lived durable session.
@@ -67,7 +67,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -75,7 +75,6 @@ from typing import TYPE_CHECKING, Any, cast
 from engine import metrics
 from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
 from engine.errors import NbaError
-from engine.features import CHANNELS
 from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
 from engine.store import streams
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
@@ -300,7 +299,7 @@ class EventProcessor:
             if event_type == CONSENT_WITHDRAWN and events is not None:
                 # before the event is recorded, and again for a replay (it is idempotent): a call that
                 # failed half-way and is retried still withdraws; the patterns already see the new consent
-                withdrawn = self.withdraw_consent(customer_id, _withdrawn_channels(attrs))
+                withdrawn = self.withdraw_consent(customer_id, _withdrawn_channels(attrs, rules.schema.channel_names))
             event = Event(event_id, event_type, ts_ms, attrs)
             keep_ms = events.history_ms if events is not None else 86_400_000
             since = ts_ms - (events.window_ms if events is not None else 0)
@@ -365,7 +364,7 @@ class EventProcessor:
     def withdraw_consent(self, customer_id: str, channels: list[str]) -> list[str]:
         """Remove ``channels`` from the customer's consent (one atomic update of the profile, which every
         following decision reads: inbound, outbound and postponed outbound on those channels then get
-        service actions only, policies.yaml ``marketing_needs_consent``). Returns the channels removed:
+        service actions only, the built-in ``marketing_needs_consent``). Returns the channels removed:
         none when the profile had none of them or there is no stored profile (a cold start never has
         e-mail or SMS consent)."""
         reply = self._withdraw_script(keys=[profile_key(customer_id)], args=channels)
@@ -575,14 +574,14 @@ def parse_timer(member: bytes | str) -> tuple[str, Timer]:
     return d["c"], Timer(d["p"], d["e"], int(d["o"]), int(d["d"]))
 
 
-def _withdrawn_channels(attrs: Mapping[str, Any]) -> list[str]:
+def _withdrawn_channels(attrs: Mapping[str, Any], channels: Sequence[str]) -> list[str]:
     """The channels a ``consent_withdrawn`` event names (its ``channel`` attribute; ``all``: every one)."""
     channel = attrs.get("channel")
     if channel == ALL_CHANNELS:
-        return list(CHANNELS)
-    if channel not in CHANNELS:
+        return list(channels)
+    if channel not in channels:
         raise InvalidRequest("attributes.channel", f"{CONSENT_WITHDRAWN} needs a channel: one of "
-                                                   f"{', '.join(CHANNELS)} or {ALL_CHANNELS}")
+                                                   f"{', '.join(channels)} or {ALL_CHANNELS}")
     return [str(channel)]
 
 

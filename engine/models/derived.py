@@ -1,66 +1,135 @@
-"""Derived features computed by numba from the packed numeric vector (never row-by-row Python)."""
+"""Derived features: one numba kernel runs the program that ``domain.yaml``'s formulas compiled to,
+over the packed numeric vectors of one or many customers (never row-by-row Python)."""
 
 from __future__ import annotations
+
+import time
 
 import numba
 import numpy as np
 
-from engine.features import DERIVED, NUMERIC
-
-_I = {name: i for i, name in enumerate(NUMERIC)}
-_USAGE, _ALLOWANCE = _I["data_usage_gb"], _I["data_allowance_gb"]
-_DAYS, _PURCHASES, _REVENUE, _MARGIN = (
-    _I["days_since_last_purchase"], _I["purchases_12m"], _I["revenue_12m"], _I["margin_12m"],
+from engine.features import (
+    OP_ABS,
+    OP_ADD,
+    OP_BUCKET,
+    OP_BUCKET_DOWN,
+    OP_CLAMP,
+    OP_CONST,
+    OP_DERIVED,
+    OP_DIV,
+    OP_EXP,
+    OP_LOG,
+    OP_MAX,
+    OP_MIN,
+    OP_MUL,
+    OP_NEG,
+    OP_SAVE,
+    OP_STORED,
+    OP_SUB,
+    FeatureSchema,
 )
-assert DERIVED == (
-    "data_usage_ratio", "recency_score", "frequency_score", "monetary_score", "rfm_score",
-    "recency_decay", "value_score",
-), "derive_rows writes DERIVED in this order"
 
-# Quintile-style cut points for RFM scores 1..5 (telecom demo scale).
-_RECENCY_DAYS = np.array([365.0, 180.0, 90.0, 30.0])  # fewer days -> higher score
-_FREQUENCY = np.array([1.0, 3.0, 5.0, 8.0])
-_MONETARY = np.array([200.0, 500.0, 900.0, 1500.0])
+DAY_SECONDS = 86_400.0
 
 
 @numba.njit(cache=True, nogil=True)
-def _score_up(x: float, cuts: np.ndarray) -> float:
-    s = 1.0
-    for c in cuts:
-        if x >= c:
-            s += 1.0
-    return s
-
-
-@numba.njit(cache=True, nogil=True)
-def _score_down(x: float, cuts: np.ndarray) -> float:
-    s = 1.0
-    for c in cuts:
-        if x <= c:
-            s += 1.0
-    return s
-
-
-@numba.njit(cache=True, nogil=True)
-def derive_rows(num: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out[i, :]`` with DERIVED features of the stored vector ``num[i, :]``."""
+def run_program(ops: np.ndarray, args: np.ndarray, cuts: np.ndarray, depth: int, num: np.ndarray,
+                today: float, out: np.ndarray) -> None:  # pragma: no cover  (compiled)
+    """Fill ``out[i, :]`` with the derived features of ``num[i, :]``; ``today`` in days since 1970-01-01.
+    ``cuts`` rows are cut-point lists padded with NaN (no comparison with NaN holds)."""
+    stack = np.empty(depth + 1)
     for i in range(num.shape[0]):
-        allowance = num[i, _ALLOWANCE]
-        out[i, 0] = num[i, _USAGE] / allowance if allowance > 0 else 0.0
-        r = _score_down(num[i, _DAYS], _RECENCY_DAYS)
-        f = _score_up(num[i, _PURCHASES], _FREQUENCY)
-        m = _score_up(num[i, _REVENUE], _MONETARY)
-        out[i, 1] = r
-        out[i, 2] = f
-        out[i, 3] = m
-        out[i, 4] = r + f + m
-        out[i, 5] = np.exp(-max(num[i, _DAYS], 0.0) / 90.0)
-        out[i, 6] = (r + f + m) / 15.0 * 0.5 + min(max(num[i, _MARGIN], 0.0) / 1000.0, 1.0) * 0.5
+        sp = 0
+        for k in range(ops.shape[0]):
+            op = ops[k]
+            if op == OP_CONST:
+                stack[sp] = args[k]
+                sp += 1
+            elif op == OP_STORED:
+                stack[sp] = num[i, int(args[k])]
+                sp += 1
+            elif op == OP_DERIVED:
+                stack[sp] = out[i, int(args[k])]
+                sp += 1
+            elif op == OP_SAVE:
+                sp -= 1
+                out[i, int(args[k])] = stack[sp]
+            elif op == OP_NEG:
+                stack[sp - 1] = -stack[sp - 1]
+            elif op == OP_EXP:
+                stack[sp - 1] = np.exp(stack[sp - 1])
+            elif op == OP_LOG:
+                x = stack[sp - 1]
+                stack[sp - 1] = np.log(x) if x > 0.0 else 0.0
+            elif op == OP_ABS:
+                stack[sp - 1] = abs(stack[sp - 1])
+            elif op == OP_BUCKET or op == OP_BUCKET_DOWN:
+                x = stack[sp - 1]
+                row = int(args[k])
+                s = 1.0
+                for c in cuts[row]:
+                    if (op == OP_BUCKET and x >= c) or (op == OP_BUCKET_DOWN and x <= c):
+                        s += 1.0
+                stack[sp - 1] = s
+            elif op == OP_CLAMP:
+                sp -= 2
+                stack[sp - 1] = min(max(stack[sp - 1], stack[sp]), stack[sp + 1])
+            else:
+                sp -= 1
+                a, b = stack[sp - 1], stack[sp]
+                if op == OP_ADD:
+                    stack[sp - 1] = a + b
+                elif op == OP_SUB:
+                    stack[sp - 1] = a - b
+                elif op == OP_MUL:
+                    stack[sp - 1] = a * b
+                elif op == OP_DIV:
+                    stack[sp - 1] = a / b if b != 0.0 else 0.0
+                elif op == OP_MIN:
+                    stack[sp - 1] = min(a, b)
+                elif op == OP_MAX:
+                    stack[sp - 1] = max(a, b)
+                else:  # OP_DAYS_SINCE: a is the date, b the fallback
+                    stack[sp - 1] = b if np.isnan(a) else today - a
 
 
-def derive(num: np.ndarray) -> np.ndarray:
-    """Derived features for one stored vector (1-D) or many (2-D); float64."""
-    rows = np.atleast_2d(np.asarray(num, dtype=np.float64))
-    out = np.empty((rows.shape[0], len(DERIVED)), dtype=np.float64)
-    derive_rows(rows, out)
-    return out[0] if np.ndim(num) == 1 else out
+class Kernel:
+    """A schema's program as arrays, ready for ``run_program``."""
+
+    def __init__(self, schema: FeatureSchema) -> None:
+        program = schema.program
+        self.width = len(schema.derived)
+        self.ops = np.array([op for op, _ in program.code], dtype=np.int64)
+        self.args = np.array([arg for _, arg in program.code], dtype=np.float64)
+        longest = max((len(c) for c in program.cuts), default=1)
+        self.cuts = np.full((max(len(program.cuts), 1), longest), np.nan)
+        for row, points in enumerate(program.cuts):
+            self.cuts[row, : len(points)] = points
+        self.depth = program.depth
+
+    def __call__(self, num: np.ndarray, now: float | None = None) -> np.ndarray:
+        """Derived features for one stored vector (1-D) or many (2-D), float64; ``now`` (epoch seconds,
+        default the real clock) is the moment ``days_since`` counts to."""
+        rows = np.atleast_2d(np.asarray(num, dtype=np.float64))
+        out = np.zeros((rows.shape[0], self.width), dtype=np.float64)
+        today = (time.time() if now is None else now) / DAY_SECONDS
+        run_program(self.ops, self.args, self.cuts, self.depth, rows, today, out)
+        return out[0] if np.ndim(num) == 1 else out
+
+
+_kernels: dict[int, tuple[FeatureSchema, Kernel]] = {}
+
+
+def kernel(schema: FeatureSchema) -> Kernel:
+    """The kernel of ``schema`` (built once per schema object)."""
+    found = _kernels.get(id(schema))
+    if found is None or found[0] is not schema:
+        if len(_kernels) > 16:
+            _kernels.clear()
+        found = _kernels[id(schema)] = (schema, Kernel(schema))
+    return found[1]
+
+
+def derive(num: np.ndarray, schema: FeatureSchema, now: float | None = None) -> np.ndarray:
+    """Derived features of ``schema`` for one stored vector (1-D) or many (2-D); float64."""
+    return kernel(schema)(num, now)

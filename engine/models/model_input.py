@@ -12,60 +12,107 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, DERIVED, NUMERIC, SETS
+from engine.features import FeatureSchema
 from engine.models.derived import derive
 from engine.store.profiles import Profile
 
-PRODUCTS = SETS["products"]
-CUSTOMER_FEATURES: tuple[str, ...] = (
-    NUMERIC + DERIVED + tuple(CATEGORICAL) + tuple(f"holds_{p}" for p in PRODUCTS)
-)
 ACTION_FEATURES: tuple[str, ...] = ("action", "action_type", "action_value", "channel")
-FEATURES: tuple[str, ...] = CUSTOMER_FEATURES + ACTION_FEATURES
-CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORICAL) + ("action", "action_type", "channel")
-# Columns a catalog action fills (``ActionTable.rows`` order); all others are shared by the rows of a
-# decision: the customer block and the channel.
-ROW_FEATURES: tuple[int, ...] = tuple(FEATURES.index(f) for f in ACTION_FEATURES[:3])
-CHANNEL_INDEX = FEATURES.index("channel")
-
-_CAT_OFFSET = len(NUMERIC) + len(DERIVED)
-_PROD_OFFSET = _CAT_OFFSET + len(CATEGORICAL)
+_NAN = float("nan")
 
 
 def _code(levels: Sequence[str], value: str) -> float:
     try:
         return float(levels.index(value))
     except ValueError:
-        return float("nan")
+        return _NAN
 
 
-_LEVEL_CODES = {name: {level: float(i) for i, level in enumerate(levels)} for name, levels in CATEGORICAL.items()}
-_NAN = float("nan")
+class ModelInput:
+    """The row layout for one feature schema: the customer block (stored numbers, derived numbers,
+    category codes, one 0/1 per product) then the action block (action, type, value) and the channel."""
 
+    def __init__(self, schema: FeatureSchema) -> None:
+        self.schema = schema
+        self.customer_features: tuple[str, ...] = (
+            schema.numeric + schema.derived + tuple(schema.categorical) + tuple(f"holds_{p}" for p in schema.products))
+        self.features: tuple[str, ...] = self.customer_features + ACTION_FEATURES
+        self.categorical_features: tuple[str, ...] = tuple(schema.categorical) + ("action", "action_type", "channel")
+        # Columns a catalog action fills (``ActionTable.rows`` order); the others are shared by a decision's rows.
+        self.row_features: tuple[int, ...] = tuple(self.features.index(f) for f in ACTION_FEATURES[:3])
+        self.channel_index = self.features.index("channel")
+        self._cat = len(schema.numeric) + len(schema.derived)
+        self._prod = self._cat + len(schema.categorical)
+        self._level_codes = {name: {level: float(i) for i, level in enumerate(levels)}
+                             for name, levels in schema.categorical.items()}
 
-def customer_block(profile: Profile, derived: np.ndarray | None = None) -> np.ndarray:
-    """The customer part of a row (float64, CUSTOMER_FEATURES order)."""
-    out = np.empty(len(CUSTOMER_FEATURES), dtype=np.float64)
-    out[: len(NUMERIC)] = profile.numeric
-    out[len(NUMERIC): _CAT_OFFSET] = derive(profile.numeric) if derived is None else derived
-    categories = profile.categorical
-    out[_CAT_OFFSET: _PROD_OFFSET] = [codes.get(categories.get(name, ""), _NAN) for name, codes in _LEVEL_CODES.items()]
-    held = profile.sets.get("products", frozenset())
-    out[_PROD_OFFSET:] = [p in held for p in PRODUCTS]
-    return out
+    def customer_block(self, profile: Profile, derived: np.ndarray | None = None) -> np.ndarray:
+        """The customer part of a row (float64, ``customer_features`` order)."""
+        n = len(self.schema.numeric)
+        out = np.empty(len(self.customer_features), dtype=np.float64)
+        out[:n] = profile.numeric
+        out[n: self._cat] = derive(profile.numeric, self.schema) if derived is None else derived
+        categories = profile.categorical
+        out[self._cat: self._prod] = [codes.get(categories.get(name, ""), _NAN) for name, codes in self._level_codes.items()]
+        held = profile.sets.get("products", frozenset())
+        out[self._prod:] = [p in held for p in self.schema.products]
+        return out
 
+    def customer_blocks(self, numeric: np.ndarray, categorical: dict[str, np.ndarray], products: np.ndarray,
+                        now: float | None = None) -> np.ndarray:
+        """Vectorised ``customer_block`` for many customers given as column arrays (training)."""
+        n = len(self.schema.numeric)
+        out = np.empty((numeric.shape[0], len(self.customer_features)), dtype=np.float64)
+        out[:, :n] = numeric
+        out[:, n: self._cat] = derive(numeric, self.schema, now)
+        for i, name in enumerate(self.schema.categorical):
+            out[:, self._cat + i] = categorical[name]
+        out[:, self._prod:] = products
+        return out
 
-def customer_blocks(numeric: np.ndarray, categorical: dict[str, np.ndarray],
-                    products: np.ndarray) -> np.ndarray:
-    """Vectorised ``customer_block`` for many customers given as column arrays (training)."""
-    n = numeric.shape[0]
-    out = np.empty((n, len(CUSTOMER_FEATURES)), dtype=np.float64)
-    out[:, : len(NUMERIC)] = numeric
-    out[:, len(NUMERIC): _CAT_OFFSET] = derive(numeric)
-    for i, name in enumerate(CATEGORICAL):
-        out[:, _CAT_OFFSET + i] = categorical[name]
-    out[:, _PROD_OFFSET:] = products
-    return out
+    def action_table(self, actions: Sequence, model_actions: Sequence[str]) -> ActionTable:
+        rows = np.empty((len(actions), 3), dtype=np.float64)
+        for i, a in enumerate(actions):
+            rows[i] = (_code(model_actions, a.id), _code(self.schema.type_names, a.type), float(a.value))
+        return ActionTable(tuple(a.id for a in actions), rows)
+
+    def assemble(self, customer: np.ndarray, actions: ActionTable, idx: np.ndarray, channel: str) -> np.ndarray:
+        """Rows for customer x actions[idx] on ``channel``: C-contiguous float64 for the scorer."""
+        x = np.empty((len(idx), len(self.features)), dtype=np.float64)
+        x[:, : len(self.customer_features)] = customer
+        x[:, len(self.customer_features): -1] = actions.rows[idx]
+        x[:, -1] = _code(self.schema.channel_names, channel)
+        return x
+
+    def shared_row(self, customer: np.ndarray, channel: str) -> np.ndarray:
+        """The row a decision's actions share: customer block and channel (action columns NaN, unused)."""
+        x = np.empty(len(self.features), dtype=np.float64)
+        x[: len(self.customer_features)] = customer
+        x[len(self.customer_features): self.channel_index] = np.nan
+        x[self.channel_index] = _code(self.schema.channel_names, channel)
+        return x
+
+    def feature_types(self) -> list[str]:
+        """Per feature: "categorical" (integer codes), "binary" (0/1) or "numeric"."""
+        return ["categorical" if f in self.categorical_features else "binary" if f.startswith("holds_") else "numeric"
+                for f in self.features]
+
+    def feature_levels(self) -> dict[str, list[str]]:
+        """Levels of each categorical feature, code i = levels[i] ("action" levels are per model)."""
+        levels = {name: list(values) for name, values in self.schema.categorical.items()}
+        levels["action_type"] = list(self.schema.type_names)
+        levels["channel"] = list(self.schema.channel_names)
+        return levels
+
+    def encode_features(self, x: np.ndarray) -> str:
+        """The customer block of a row as logged with a decision: base64 of little-endian float32."""
+        return base64.b64encode(np.asarray(x[: len(self.customer_features)], dtype="<f4").tobytes()).decode()
+
+    def decode_features(self, text: str) -> np.ndarray:
+        """Inverse of ``encode_features`` (float64, ``customer_features`` order)."""
+        block = np.frombuffer(base64.b64decode(text), dtype="<f4")
+        if block.shape != (len(self.customer_features),):
+            raise ValueError(f"features hold {block.size} values, want {len(self.customer_features)}")
+        return block.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -75,54 +122,15 @@ class ActionTable:
     action_ids: tuple[str, ...]
     rows: np.ndarray  # (len(action_ids), 3): action code, type code, value
 
-    @classmethod
-    def build(cls, actions: Sequence, model_actions: Sequence[str]) -> ActionTable:
-        rows = np.empty((len(actions), 3), dtype=np.float64)
-        for i, a in enumerate(actions):
-            rows[i] = (_code(model_actions, a.id), _code(ACTION_TYPES, a.type), float(a.value))
-        return cls(tuple(a.id for a in actions), rows)
+
+_inputs: dict[int, ModelInput] = {}
 
 
-def assemble(customer: np.ndarray, actions: ActionTable, idx: np.ndarray, channel: str) -> np.ndarray:
-    """Rows for customer x actions[idx] on ``channel``: C-contiguous float64 for the scorer."""
-    x = np.empty((len(idx), len(FEATURES)), dtype=np.float64)
-    x[:, : len(CUSTOMER_FEATURES)] = customer
-    x[:, len(CUSTOMER_FEATURES): -1] = actions.rows[idx]
-    x[:, -1] = _code(CHANNELS, channel)
-    return x
-
-
-def shared_row(customer: np.ndarray, channel: str) -> np.ndarray:
-    """The row a decision's actions share: customer block and channel (action columns NaN, unused)."""
-    x = np.empty(len(FEATURES), dtype=np.float64)
-    x[: len(CUSTOMER_FEATURES)] = customer
-    x[len(CUSTOMER_FEATURES): CHANNEL_INDEX] = np.nan
-    x[CHANNEL_INDEX] = _code(CHANNELS, channel)
-    return x
-
-
-def feature_types() -> list[str]:
-    """Per FEATURES entry: "categorical" (integer codes), "binary" (0/1) or "numeric"."""
-    return ["categorical" if f in CATEGORICAL_FEATURES else "binary" if f.startswith("holds_") else "numeric"
-            for f in FEATURES]
-
-
-def feature_levels() -> dict[str, list[str]]:
-    """Levels of each categorical feature, code i = levels[i] ("action" levels are per model)."""
-    levels = {name: list(values) for name, values in CATEGORICAL.items()}
-    levels["action_type"] = list(ACTION_TYPES)
-    levels["channel"] = list(CHANNELS)
-    return levels
-
-
-def encode_features(x: np.ndarray) -> str:
-    """The customer block of a row as logged with a decision: base64 of little-endian float32."""
-    return base64.b64encode(np.asarray(x[: len(CUSTOMER_FEATURES)], dtype="<f4").tobytes()).decode()
-
-
-def decode_features(text: str) -> np.ndarray:
-    """Inverse of ``encode_features`` (float64, CUSTOMER_FEATURES order)."""
-    block = np.frombuffer(base64.b64decode(text), dtype="<f4")
-    if block.shape != (len(CUSTOMER_FEATURES),):
-        raise ValueError(f"features hold {block.size} values, want {len(CUSTOMER_FEATURES)}")
-    return block.astype(np.float64)
+def model_input(schema: FeatureSchema) -> ModelInput:
+    """The ``ModelInput`` of ``schema`` (built once per schema object)."""
+    found = _inputs.get(id(schema))
+    if found is None or found.schema is not schema:
+        if len(_inputs) > 16:
+            _inputs.clear()
+        found = _inputs[id(schema)] = ModelInput(schema)
+    return found

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import NbaError
-from engine.features import SCHEMA
-from engine.models.model_input import CATEGORICAL_FEATURES, FEATURES, ROW_FEATURES, feature_levels, feature_types
+from engine.features import FeatureSchema
+from engine.models.model_input import model_input
 from engine.models.scorer import CompiledModel
 
 DEFAULT_NAME = "propensity"
@@ -42,21 +42,24 @@ class LoadedModel:
     action_levels: tuple[str, ...]
     loaded_at: float
     metrics: dict
+    feature_schema: str = ""  # the fingerprint of the feature schema it was trained on
 
 
-def live_schema() -> dict:
-    return {"features": list(FEATURES), "types": feature_types(), "categorical": list(CATEGORICAL_FEATURES),
-            "levels": feature_levels(), "feature_schema": SCHEMA.fingerprint(), "schema_version": SCHEMA.version}
+def live_schema(features: FeatureSchema) -> dict:
+    """What a model's schema.json records of the feature schema it was trained on."""
+    rows = model_input(features)
+    return {"features": list(rows.features), "types": rows.feature_types(), "categorical": list(rows.categorical_features),
+            "levels": rows.feature_levels(), "feature_schema": features.fingerprint(), "schema_version": features.version}
 
 
-def schema_mismatch(schema: object) -> str | None:
+def schema_mismatch(schema: object, features: FeatureSchema) -> str | None:
     """What differs between a model's schema.json and the live feature schema (None: it matches)."""
     if not isinstance(schema, dict):
         return f"schema.json holds {type(schema).__name__}, not an object; retrain the model"
     actions = schema.get("actions", [])
     if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
         return f"schema.json actions must be a list of action ids, got {actions!r:.80}"
-    live = live_schema()
+    live = live_schema(features)
     for key in ("feature_schema", "features", "types", "categorical", "levels"):
         if key not in schema:
             return f"schema.json has no {key!r} (written by an older version); retrain the model"
@@ -77,8 +80,11 @@ def schema_mismatch(schema: object) -> str | None:
 
 
 class ModelRegistry:
-    def __init__(self, root: str | Path, name: str = DEFAULT_NAME) -> None:
+    """Model versions under ``root``/``name``; ``schema`` is the live feature schema models must match."""
+
+    def __init__(self, root: str | Path, schema: FeatureSchema, name: str = DEFAULT_NAME) -> None:
         self.dir = Path(root) / name
+        self.schema = schema
 
     def save(self, model_text: str, actions: list[str], metrics: dict, summary: dict) -> str:
         """Store a trained model as a new version (not yet champion); returns the version."""
@@ -86,7 +92,7 @@ class ModelRegistry:
         target = self.dir / version
         target.mkdir(parents=True)
         (target / "model.txt").write_text(model_text)
-        schema = live_schema() | {"actions": actions}
+        schema = live_schema(self.schema) | {"actions": actions}
         (target / "schema.json").write_text(json.dumps(schema, indent=2))
         (target / "metrics.json").write_text(json.dumps({"metrics": metrics, "training": summary}, indent=2))
         return version
@@ -110,7 +116,7 @@ class ModelRegistry:
             schema = json.loads((self.dir / version / "schema.json").read_text())
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             return f"unreadable schema.json: {exc}"
-        return schema_mismatch(schema)
+        return schema_mismatch(schema, self.schema)
 
     def champion_problem(self) -> str | None:
         """Why the champion cannot go live (missing, unreadable or mismatched schema), or None."""
@@ -139,20 +145,22 @@ class ModelRegistry:
             schema = json.loads((folder / "schema.json").read_text())
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ModelRefused(f"{folder}: unreadable schema.json: {exc}") from exc
-        mismatch = schema_mismatch(schema)
+        mismatch = schema_mismatch(schema, self.schema)
         if mismatch is not None:
             raise ModelRefused(f"{folder}: {mismatch}")
         try:
             scorer = CompiledModel.from_file(folder / "model.txt")
         except Exception as exc:  # LightGBM raises its own error types for corrupt files
             raise ModelRefused(f"{folder / 'model.txt'}: not a usable LightGBM model: {exc}") from exc
-        if scorer.num_features != len(FEATURES):
-            raise ModelRefused(f"{folder}: model has {scorer.num_features} features, live schema {len(FEATURES)}")
+        rows = model_input(self.schema)
+        if scorer.num_features != len(rows.features):
+            raise ModelRefused(f"{folder}: model has {scorer.num_features} features, live schema {len(rows.features)}")
         if not scorer.probabilities:
             raise ModelRefused(f"{folder}: objective {scorer.objective!r} does not score probabilities; "
                                "a propensity model is binary")
         scorer.warmup()
         actions = tuple(schema.get("actions", ()))
         # Compile the decision kernels and build their layout now, never on a customer's request.
-        scorer.bind(ROW_FEATURES, np.zeros((1, len(ROW_FEATURES)))).warmup()
-        return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}))
+        scorer.bind(rows.row_features, np.zeros((1, len(rows.row_features)))).warmup()
+        return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}),
+                           str(schema.get("feature_schema", "")))

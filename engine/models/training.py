@@ -5,7 +5,7 @@
   random channels, responses drawn from the hidden ground truth, which is kept for evaluation only.
 - Recorded traffic (``from_streams``): every decision logged to ``nba:stream:decisions`` carries the
   model input it was decided on (``features``: the customer block as base64 float32, in
-  ``CUSTOMER_FEATURES`` order, with the feature-schema fingerprint, the channel, and each presented
+  ``ModelInput.customer_features`` order, with the feature-schema fingerprint, the channel, and each presented
   action's id, type and value), so a training row is the customer *as they were at decision time*:
   nothing recorded later (profile updates, later responses) leaks into it. Rows are the presented
   actions joined with ``nba:stream:responses`` on (decision id, action id). Labels:
@@ -46,14 +46,8 @@ from typing import cast
 import lightgbm as lgb
 import numpy as np
 
-from engine.features import ACTION_TYPES, CHANNELS, SCHEMA
-from engine.models.model_input import (
-    CATEGORICAL_FEATURES,
-    CHANNEL_INDEX,
-    CUSTOMER_FEATURES,
-    FEATURES,
-    decode_features,
-)
+from engine.features import FeatureSchema
+from engine.models.model_input import ModelInput, model_input
 
 PARAMS = {
     "objective": "binary",
@@ -72,10 +66,6 @@ HOLDOUT_SHARE = 0.2
 POSITIVE = ("accepted",)
 FINAL_NEGATIVE = ("rejected", "ignored")
 CALIBRATION_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-ACTION_COL = FEATURES.index("action")
-TYPE_COL = FEATURES.index("action_type")
-VALUE_COL = FEATURES.index("action_value")
-N_CUSTOMER = len(CUSTOMER_FEATURES)
 
 
 @dataclass
@@ -90,12 +80,17 @@ class TrainingSet:
     decision_ids: list[str] | None = None
     summary: dict = field(default_factory=dict)
     w: np.ndarray | None = None  # row weights (e.g. per campaign); None: every row weighs 1
+    schema: FeatureSchema = field(kw_only=True)  # the rows' layout: ``model_input(schema)``
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def rows(self) -> ModelInput:
+        return model_input(self.schema)
+
     def action_ids(self) -> np.ndarray:
-        codes = self.x[:, ACTION_COL]
+        codes = self.x[:, self.rows.row_features[0]]
         ids = np.array(self.actions + [""], dtype=object)
         return ids[np.where(np.isnan(codes), len(self.actions), codes).astype(int)]
 
@@ -103,7 +98,7 @@ class TrainingSet:
         """Rows with the action column re-coded for a model trained with other action ``levels``."""
         index = {a: i for i, a in enumerate(levels)}
         x = self.x.copy()
-        x[:, ACTION_COL] = [index.get(a, np.nan) for a in self.action_ids()]
+        x[:, self.rows.row_features[0]] = [index.get(a, np.nan) for a in self.action_ids()]
         return x
 
     def split(self, holdout_share: float = HOLDOUT_SHARE) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +113,7 @@ class TrainingSet:
 
 # --- recorded decisions and responses ---------------------------------------------------------------
 
-def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
+def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
                  positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
                  responses_stream: str | None = None, campaigns: Sequence[str] = (),
                  campaign_weights: dict[str, float] | None = None) -> TrainingSet:
@@ -131,7 +126,9 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
 
     as_of = time.time() if as_of is None else as_of
     window = window_days * 86400.0
-    fingerprint = SCHEMA.fingerprint()
+    fingerprint = schema.fingerprint()
+    layout = model_input(schema)
+    channels, kinds = schema.channel_names, schema.type_names
     outcomes: dict[tuple[str, str], list[tuple[str, float]]] = {}
     n_responses = 0
     for _, f in xrange_all(client, responses_stream or RESPONSES_STREAM):
@@ -164,12 +161,12 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
         decision_id = (f.get(b"decision_id") or b"").decode()
         ts = float(f.get(b"ts") or 0)
         channel = (f.get(b"channel") or b"").decode()
-        channel_code = float(CHANNELS.index(channel)) if channel in CHANNELS else math.nan
+        channel_code = float(channels.index(channel)) if channel in channels else math.nan
         types = (f.get(b"types") or b"").decode().split(",")
         values = (f.get(b"values") or b"").decode().split(",")
         tags = (f.get(b"campaigns") or b"").decode().split(",")
         block = len(blocks)
-        blocks.append(decode_features(features.decode()))
+        blocks.append(layout.decode_features(features.decode()))
         for i, action in enumerate(actions.split(",")):
             campaign = (tags[i] if i < len(tags) else "") or "-"
             if only and campaign not in only:
@@ -188,16 +185,16 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
                 levels.append(action)
             kind = types[i] if i < len(types) else ""
             value = float(values[i]) if i < len(values) and values[i] else math.nan
-            rows.append((block, index[action], float(ACTION_TYPES.index(kind)) if kind in ACTION_TYPES else math.nan,
+            rows.append((block, index[action], float(kinds.index(kind)) if kind in kinds else math.nan,
                          value, channel_code, ts))
             labels.append(label)
             decision_ids.append(decision_id)
             weights.append((campaign_weights or {}).get(campaign, 1.0))
-    x = np.empty((len(rows), len(FEATURES)), dtype=np.float64)
+    x = np.empty((len(rows), len(layout.features)), dtype=np.float64)
     if rows:
         r = np.array(rows, dtype=np.float64)
-        x[:, :N_CUSTOMER] = np.stack(blocks)[r[:, 0].astype(int)]
-        x[:, ACTION_COL], x[:, TYPE_COL], x[:, VALUE_COL], x[:, CHANNEL_INDEX] = r[:, 1], r[:, 2], r[:, 3], r[:, 4]
+        x[:, :len(layout.customer_features)] = np.stack(blocks)[r[:, 0].astype(int)]
+        x[:, [*layout.row_features, layout.channel_index]] = r[:, 1:5]
         t = r[:, 5]
     else:
         t = np.empty(0)
@@ -209,7 +206,7 @@ def from_streams(client, catalog: Sequence[str] = (), window_days: float = 7.0, 
                                 "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts,
                                 **({"campaigns": sorted(only)} if only else {}),
                                 **({"campaign_weights": dict(campaign_weights or {})} if weighted else {})},
-                       w=np.array(weights, dtype=np.float64) if weighted else None)
+                       w=np.array(weights, dtype=np.float64) if weighted else None, schema=schema)
 
 
 def export_csv(data: TrainingSet, path: str | Path) -> int:
@@ -218,21 +215,23 @@ def export_csv(data: TrainingSet, path: str | Path) -> int:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     ids = data.action_ids()
-    header = ["decision_id", "action_id", "ts", "label"] + (["p_true"] if data.p_true is not None else []) + list(FEATURES)
+    header = (["decision_id", "action_id", "ts", "label"] + (["p_true"] if data.p_true is not None else [])
+              + list(data.rows.features))
     with opener(path, "wt", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(header)
         for i in range(len(data.y)):
             row = data.x[i].tolist()
-            row[ACTION_COL] = ids[i]
+            row[data.rows.row_features[0]] = ids[i]
             lead = [data.decision_ids[i] if data.decision_ids else "", ids[i], repr(float(data.t[i])),
                     int(data.y[i])] + ([repr(float(data.p_true[i]))] if data.p_true is not None else [])
             out.writerow(lead + [v if isinstance(v, str) else repr(v) for v in row])
     return len(data.y)
 
 
-def read_csv(path: str | Path, catalog: Sequence[str] = ()) -> TrainingSet:
+def read_csv(path: str | Path, schema: FeatureSchema, catalog: Sequence[str] = ()) -> TrainingSet:
     path = Path(path)
+    layout = model_input(schema)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="") as fh:
         reader = csv.reader(fh)
@@ -240,8 +239,8 @@ def read_csv(path: str | Path, catalog: Sequence[str] = ()) -> TrainingSet:
         lead = ["decision_id", "action_id", "ts", "label"]
         has_truth = header[4:5] == ["p_true"]
         features = header[len(lead) + has_truth:]
-        if header[:4] != lead or features != list(FEATURES):
-            missing = [f for f in FEATURES if f not in features]
+        if header[:4] != lead or features != list(layout.features):
+            missing = [f for f in layout.features if f not in features]
             raise ValueError(f"{path}: columns do not match the live feature schema"
                              + (f" (missing {', '.join(missing[:5])})" if missing else " (order differs)"))
         body = list(reader)
@@ -252,15 +251,15 @@ def read_csv(path: str | Path, catalog: Sequence[str] = ()) -> TrainingSet:
             index[row[1]] = len(levels)
             levels.append(row[1])
     start = len(lead) + has_truth
-    x = np.empty((len(body), len(FEATURES)), dtype=np.float64)
+    x = np.empty((len(body), len(layout.features)), dtype=np.float64)
     for i, row in enumerate(body):
         values: list[str | int] = list(row[start:])
-        values[ACTION_COL] = index[row[1]]
+        values[layout.row_features[0]] = index[row[1]]
         x[i] = [float(v) for v in values]
     return TrainingSet(
         x, np.array([float(r[3]) for r in body]), np.array([float(r[2]) for r in body]), levels,
         np.array([float(r[4]) for r in body]) if has_truth else None, [r[0] for r in body],
-        summary={"source": f"file {path.name}"},
+        summary={"source": f"file {path.name}"}, schema=schema,
     )
 
 
@@ -322,9 +321,9 @@ def evaluate(p: np.ndarray, data: TrainingSet, hold: np.ndarray) -> dict:
         truth = data.p_true[hold]
         metrics["oracle_auc"] = _r(auc(y, truth))
         metrics["rank_correlation_with_truth"] = _r(spearman(p, truth))
-    types = data.x[hold, TYPE_COL]
+    types = data.x[hold, data.rows.row_features[1]]
     by_type, tables = {}, {}
-    for code, name in enumerate(ACTION_TYPES):
+    for code, name in enumerate(data.schema.type_names):
         sel = types == code
         if not sel.any():
             continue
@@ -345,9 +344,10 @@ def fit(data: TrainingSet, rounds: int = 200, params: dict | None = None) -> tup
         raise ValueError(f"not enough to train on: {len(data)} labelled rows, {int(data.y.sum())} positive")
     started = time.perf_counter()
     train_mask, hold = data.split()
-    cat_idx = [FEATURES.index(c) for c in CATEGORICAL_FEATURES]
+    features = data.rows.features
+    cat_idx = [features.index(c) for c in data.rows.categorical_features]
     params = {**PARAMS, **(params or {})}
-    dtrain = lgb.Dataset(data.x[train_mask], data.y[train_mask], feature_name=list(FEATURES),
+    dtrain = lgb.Dataset(data.x[train_mask], data.y[train_mask], feature_name=list(features),
                          weight=data.w[train_mask] if data.w is not None else None,
                          categorical_feature=cat_idx, free_raw_data=True)
     booster = lgb.train(params, dtrain, num_boost_round=rounds)

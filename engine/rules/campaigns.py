@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from engine.features import CHANNELS
 from engine.rules.nodes import Node
 
 if TYPE_CHECKING:
@@ -216,8 +215,9 @@ def _channels(loader: Any, loc: Loc | None, what: str) -> list[tuple[str, Loc]]:
 
     found = []
     for channel, item in loader.names(loc, f"{what} channels"):
-        if channel not in CHANNELS:
-            loader.err(item.error(f'unknown channel "{channel}"', suggest(channel, CHANNELS) or ", ".join(CHANNELS)))
+        known = loader.schema.channel_names
+        if channel not in known:
+            loader.err(item.error(f'unknown channel "{channel}"', suggest(channel, known) or ", ".join(known)))
         else:
             found.append((channel, item))
     return found

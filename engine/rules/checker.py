@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from engine.features import CHANNELS, SCHEMA, FeatureSchema
+from engine.features import FeatureSchema
 from engine.rules.errors import ConditionError, suggest
 from engine.rules.facts import consent_field, context_field, holds_field, trigger_field
 from engine.rules.nodes import (
@@ -61,14 +61,13 @@ class Ty:
 
 
 NUM, BOOL, STR = Ty("num"), Ty("bool"), Ty("str")
-CHANNEL_TY = Ty("cat", "channel", CHANNELS)
 
 
 @dataclass
 class Scope:
     """What names a condition may use."""
 
-    schema: FeatureSchema = SCHEMA
+    schema: FeatureSchema
     situations: Collection[str] = ()
     triggers: Collection[str] | None = None  # declared trigger names; None accepts any
 
@@ -141,7 +140,7 @@ class _Checker:
         if name in self.scope.situations:
             return SitRef(name, **span), BOOL
         if name == "channel":
-            return Field("channel", "str", **span), CHANNEL_TY
+            return Field("channel", "str", **span), Ty("cat", "channel", schema.channel_names)
         if name == "touchpoint":
             return Field("touchpoint", "str", **span), STR
         if name == "has_consent":
@@ -183,15 +182,16 @@ class _Checker:
         arg = node.args[0]
         value, span = arg.value, {"pos": node.pos, "end": node.end}
         if func == "holds":
-            products = self.scope.schema.sets["products"]
+            products = self.scope.schema.products
             if value not in products:
                 hint = suggest(value, products) or "products: " + ", ".join(products)
                 self.error(arg, f'unknown product "{value}"', hint)
                 return node, None
             return Field(holds_field(value), "bool", **span), BOOL
         if func == "consent":
-            if value not in CHANNELS:
-                hint = suggest(value, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+            channels = self.scope.schema.channel_names
+            if value not in channels:
+                hint = suggest(value, channels) or "channels: " + ", ".join(channels)
                 self.error(arg, f'unknown channel "{value}"', hint)
                 return node, None
             return Field(consent_field(value), "bool", **span), BOOL

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.features import ACTION_TYPES, CHANNELS
-
 if TYPE_CHECKING:
     from engine.rules.model import Action
 
@@ -163,7 +161,7 @@ INTERACTION_KEYS = {"window_minutes": False}
 RESPONSE_KEYS = {"accept_days": False, "future_skew_seconds": False}
 LIMIT_KEYS = {"name": True, "max": False, "days": True, "per": False, "counts": False, "channels": False,
               "types": False, "reason": False, "description": False}
-QUIET_KEYS = {"channels": True, "from": True, "to": True, "utc_offset_minutes": False}
+QUIET_KEYS = {"channels": False, "from": True, "to": True, "utc_offset_minutes": False}
 CONTROL_KEYS = {"share": True, "policy": False, "generic": False}
 
 
@@ -191,6 +189,22 @@ def _names(loader, loc, what: str, known: Sequence[str]) -> frozenset[str]:
                                   suggest(value, known) or "one of: " + ", ".join(known)))
         out.add(value)
     return frozenset(out)
+
+
+def _quiet_channels(loader, fields: dict) -> frozenset[str]:
+    """The channels quiet hours cover: every outbound channel of domain.yaml when none are listed. A list
+    must name every outbound channel that domain.yaml does not exempt (``quiet_hours: false``), so a
+    channel added later is never less protected than the others."""
+    schema = loader.schema
+    if "channels" not in fields:
+        return frozenset(schema.quiet_channels)
+    channels = _names(loader, fields["channels"], "channels", schema.channel_names)
+    missing = [c for c in schema.quiet_channels if c not in channels]
+    if missing:
+        loader.err(fields["channels"].error(
+            "quiet hours must cover every outbound channel; missing: " + ", ".join(missing),
+            "add them, leave channels out (all outbound channels), or exempt one in domain.yaml with quiet_hours: false"))
+    return channels
 
 
 def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactRules:
@@ -225,8 +239,8 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
         if counts not in KINDS:
             loader.err(fields["counts"].error(f'{what} counts "{counts}" is not one of: {", ".join(KINDS)}',
                                               suggest(counts, KINDS)))
-        channels = _names(loader, fields.get("channels"), "channels", CHANNELS)
-        types = _names(loader, fields.get("types"), "types", ACTION_TYPES)
+        channels = _names(loader, fields.get("channels"), "channels", loader.schema.channel_names)
+        types = _names(loader, fields.get("types"), "types", loader.schema.type_names)
         if days is not None and maximum is not None and per in PERS and counts in KINDS:
             reason = loader.text(fields.get("reason"), f"{what} reason") or (
                 f"{int(maximum)} {counts} per {per} in {days:g} days")
@@ -236,7 +250,7 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
     if "quiet_hours" in top:
         q = loader.keys(top["quiet_hours"], QUIET_KEYS, "quiet_hours", {"channels": "[email, sms]"})
         if q is not None:
-            channels = _names(loader, q.get("channels"), "channels", CHANNELS)
+            channels = _quiet_channels(loader, q)
             start, end = _clock(loader, q.get("from"), "quiet_hours from"), _clock(loader, q.get("to"), "quiet_hours to")
             offset = loader.number(q.get("utc_offset_minutes"), "quiet_hours utc_offset_minutes") or 0
             if start is not None and end is not None:
@@ -278,7 +292,7 @@ def _interactions(loader, top: dict) -> Interactions:
             if number is not None:
                 values[key] = float(number)
         if section == "impressions" and fields is not None and "counted" in fields:
-            counted = loader.keys(fields["counted"], {c: False for c in CHANNELS}, "impressions counted")
+            counted = loader.keys(fields["counted"], {c: False for c in loader.schema.channel_names}, "impressions counted")
             on_impression = set()
             for channel, node in (counted or {}).items():
                 mode = loader.text(node, f"impressions counted {channel}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from engine.features import SCHEMA, FeatureSchema
+from engine.features import FeatureSchema
 
 ZERO_FIELD = "z__"
 GUARD_FIELD = "g__"  # constant 0, read by the guard tests that group rules (see network.py)
@@ -60,7 +60,7 @@ class FactInputs:
     """What a decision knows, as plain data (the caller adapts its profile to this).
 
     numbers:    numeric features by name (stored and derived), or a sequence / numpy vector aligned
-                with ``SCHEMA.numbers`` (NUMERIC then DERIVED; values from a vector are rounded to 7
+                with the schema's ``numbers`` (stored then derived; values from a vector are rounded to 7
                 significant digits, the precision of the float32 store); missing or non-finite
                 values count as 0.
     categories: categorical features by name; missing means "" (matches no level).
@@ -82,9 +82,9 @@ class FactInputs:
 
 def inputs_from_profile(profile, derived=None, channel: str = "", touchpoint: str = "",
                         context: Mapping[str, str] | None = None) -> FactInputs:
-    """``FactInputs`` from a store profile (duck-typed: ``numeric`` vector in NUMERIC order,
+    """``FactInputs`` from a store profile (duck-typed: ``numeric`` vector in the schema's order,
     ``categorical`` dict, ``sets`` dict with "products" and "consent", ``triggers``) and the derived
-    vector (DERIVED order)."""
+    vector (the schema's derived order)."""
     numeric = profile.numeric.tolist() if hasattr(profile.numeric, "tolist") else list(profile.numeric)
     if derived is not None:
         numeric += derived.tolist() if hasattr(derived, "tolist") else list(derived)
@@ -104,7 +104,7 @@ def inputs_from_profile(profile, derived=None, channel: str = "", touchpoint: st
 class FactLayout:
     """The fields a compiled rule set references, and how to fill them from ``FactInputs``."""
 
-    def __init__(self, fields: Mapping[str, str], schema: FeatureSchema = SCHEMA):
+    def __init__(self, fields: Mapping[str, str], schema: FeatureSchema):
         # fields: fact field name -> kind ("num", "str", "bool")
         self.fields = dict(sorted(fields.items()))
         nums = set(schema.numbers)

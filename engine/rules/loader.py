@@ -10,20 +10,22 @@ import math
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from engine.features import CHANNELS, SCHEMA, FeatureSchema
+from engine.features import FeatureSchema
 from engine.rules.checker import IDENT, Scope, situation_refs
+from engine.rules.domain import DOMAIN_FILE, load_domain
 from engine.rules.errors import RuleError, suggest
 from engine.rules.lang import compile_condition
-from engine.rules.model import ACTION_TYPES, STAGES, Action, GroupRules, Lever, Policy, RuleSet, Situation, Targets
+from engine.rules.model import STAGES, Action, GroupRules, Lever, Policy, RuleSet, Situation, Targets
 from engine.rules.nodes import Bool, Node
 from engine.rules.yamlsrc import Loc, load_yaml
 
 CATALOG_FILE = "catalog.yaml"
 POLICIES_FILE = "policies.yaml"
 RULE_FILES = (CATALOG_FILE, POLICIES_FILE)
+CONSENT_POLICY = "marketing_needs_consent"
 CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/rules/contact.py)
 EVENTS_FILE = "events.yaml"  # optional: event types and event patterns (rules/patterns.py)
-VERSIONED_FILES = RULE_FILES + (CONTACT_FILE, EVENTS_FILE)
+VERSIONED_FILES = (DOMAIN_FILE, *RULE_FILES, CONTACT_FILE, EVENTS_FILE)
 
 CATALOG_KEYS = {"fallback": True, "actions": True, "groups": False, "description": False}
 POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
@@ -75,17 +77,29 @@ def rules_version(rules_dir: Path, files: dict[str, bytes | None] | None = None)
     return "rules-" + digest.hexdigest()[:12]
 
 
-def load_rules(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> tuple[RuleSet | None, list[RuleError]]:
-    """The rule set in ``rules_dir`` and every error found (the rule set is None when there are errors)."""
-    loader = _Loader(Path(rules_dir), schema)
+def load_rules(rules_dir: Path) -> tuple[RuleSet | None, list[RuleError]]:
+    """The rule set in ``rules_dir`` (its domain.yaml first) and every error found (the rule set is None
+    when there are errors)."""
+    loader = _Loader(Path(rules_dir))
     ruleset = loader.load()
     return (None if loader.errors else ruleset), loader.errors
 
 
+def load_domain_file(rules_dir: Path) -> FeatureSchema:
+    """Only the domain declared in ``rules_dir``'s domain.yaml; raises ``RuleErrors`` listing its problems."""
+    from engine.rules.errors import RuleErrors
+
+    loader = _Loader(Path(rules_dir))
+    schema = load_domain(loader)
+    if schema is None:
+        raise RuleErrors(loader.errors)
+    return schema
+
+
 class _Loader:
-    def __init__(self, rules_dir: Path, schema: FeatureSchema):
+    def __init__(self, rules_dir: Path):
         self.dir = rules_dir
-        self.schema = schema
+        self.schema = FeatureSchema()  # domain.yaml's, once load() has read it
         self.errors: list[RuleError] = []
         self.files = read_rule_files(rules_dir)
         self.action_ids: dict[str, Loc] = {}  # action id -> where it was first defined
@@ -209,7 +223,11 @@ class _Loader:
         return tree
 
     # --- files ------------------------------------------------------------------------------------
-    def load(self) -> RuleSet:
+    def load(self) -> RuleSet | None:
+        schema = load_domain(self)
+        if schema is None:  # nothing else can be checked without the data model
+            return None
+        self.schema = schema
         trees = {}
         for name in RULE_FILES:
             trees[name] = self.yaml(name)
@@ -253,6 +271,7 @@ class _Loader:
             contact=contact,
             events=events,
             campaigns=campaigns,
+            schema=self.schema,
         )
 
     def load_triggers(self, loc: Loc | None) -> set[str] | None:
@@ -341,8 +360,9 @@ class _Loader:
             what = f'action "{action_id or "?"}"'
             name = self.text(fields.get("name"), f"{what} name")
             kind = self.text(fields.get("type"), f"{what} type")
-            if kind and kind not in ACTION_TYPES:
-                hint = suggest(kind, ACTION_TYPES) or "types: " + ", ".join(ACTION_TYPES)
+            types = self.schema.type_names
+            if kind and kind not in types:
+                hint = suggest(kind, types) or "types: " + ", ".join(types)
                 self.err(fields["type"].error(f'unknown action type "{kind}"', hint))
             group = self.ident(fields.get("group"), f"{what} group")
             value = self.number(fields.get("value"), f"{what} value", minimum=0)
@@ -361,7 +381,7 @@ class _Loader:
                 valid_from=valid_from, valid_to=valid_to,
                 daily_budget=int(budget) if budget is not None else None,
                 description=self.text(fields.get("description"), "description"),
-                source=item.where(),
+                source=item.where(), service=kind in self.schema.service_types,
             ))
         return actions
 
@@ -402,8 +422,8 @@ class _Loader:
             self.err(loc.error(f"{what} has no channels", "list at least one channel with its treatment"))
         out: dict[str, dict[str, str]] = {}
         for channel, treatment_loc in items.items():
-            if channel not in CHANNELS:
-                hint = suggest(channel, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+            if channel not in self.schema.channel_names:
+                hint = suggest(channel, self.schema.channel_names) or "channels: " + ", ".join(self.schema.channel_names)
                 self.err(treatment_loc.key_error(f'unknown channel "{channel}"', hint))
                 continue
             treatment = self.mapping(treatment_loc, f"the {channel} treatment of {what}")
@@ -426,8 +446,8 @@ class _Loader:
         by_id = {a.id: a for a in actions}
         fallback: dict[str, str] = {}
         for channel, id_loc in items.items():
-            if channel != "default" and channel not in CHANNELS:
-                hint = suggest(channel, [*CHANNELS, "default"]) or "use a channel name or default"
+            if channel != "default" and channel not in self.schema.channel_names:
+                hint = suggest(channel, [*self.schema.channel_names, "default"]) or "use a channel name or default"
                 self.err(id_loc.key_error(f'unknown channel "{channel}" in fallback', hint))
                 continue
             action_id = self.text(id_loc, "fallback action")
@@ -440,7 +460,7 @@ class _Loader:
                                       f"add a {channel} treatment to it or pick another action"))
             fallback[channel] = action_id
         default = fallback.get("default")
-        uncovered = [c for c in CHANNELS if c not in items]
+        uncovered = [c for c in self.schema.channel_names if c not in items]
         if uncovered and "default" not in items:
             self.err(loc.error("no fallback for " + ", ".join(uncovered), 'add "default: <action id>"'))
         elif uncovered and default is not None:
@@ -460,7 +480,7 @@ class _Loader:
         groups = {a.group for a in actions}
         ids = {a.id for a in actions}
         found: dict[str, set[str]] = {"types": set(), "groups": set(), "actions": set()}
-        known = {"types": set(ACTION_TYPES), "groups": groups, "actions": ids}
+        known = {"types": set(self.schema.type_names), "groups": groups, "actions": ids}
         singular = {"types": "action type", "groups": "group", "actions": "action"}
         for key in TARGET_KEYS:
             for value, item in self.names(items.get(key), f"{what} {key}"):
@@ -490,9 +510,13 @@ class _Loader:
         return out
 
     def load_policies(self, loc: Loc | None, scope: Scope, actions: list[Action]) -> list[Policy]:
-        policies = []
+        policies = [self.consent_policy(scope)]
         for name, fields, item in self.load_named_list(loc, "policy"):
             what = f'policy "{name}"'
+            if name == CONSENT_POLICY:
+                self.err(fields["name"].error(f'policy "{name}" is built in', "domain.yaml's action_types say which "
+                                              "types need consent; choose another name for this policy"))
+                continue
             when = self.condition(fields.get("when"), scope, what)
             blocks = self.load_targets(fields.get("blocks"), f"{what} blocks", actions)
             reason = self.text(fields.get("reason"), f"{what} reason") or f"blocked by policy {name}"
@@ -500,6 +524,17 @@ class _Loader:
                 policies.append(Policy(name, when, str(fields["when"].value), blocks, reason,
                                        self.text(fields.get("description"), "description"), item.where()))
         return policies
+
+    def consent_policy(self, scope: Scope) -> Policy:
+        """The built-in policy: no action of a type that needs consent goes out on a channel the customer
+        has not consented to. Types are held to it unless domain.yaml exempts them (``needs_consent: false``)."""
+        when, errors = compile_condition("not has_consent", scope)
+        assert when is not None and not errors
+        types = frozenset(t.name for t in self.schema.action_types if t.needs_consent)
+        return Policy(CONSENT_POLICY, when, "not has_consent", Targets(types=types),
+                      "No marketing consent for this channel; service messages only",
+                      "built in: every action type needs consent unless domain.yaml says needs_consent: false",
+                      str(self.dir / DOMAIN_FILE) + ":1:1")
 
     def load_levers(self, loc: Loc | None, scope: Scope, actions: list[Action]) -> list[Lever]:
         levers = []
@@ -519,15 +554,15 @@ class _Loader:
             return {}
         out: dict[str, dict[str, float]] = {}
         for channel, per_type in items.items():
-            if channel not in CHANNELS:
-                hint = suggest(channel, CHANNELS) or "channels: " + ", ".join(CHANNELS)
+            if channel not in self.schema.channel_names:
+                hint = suggest(channel, self.schema.channel_names) or "channels: " + ", ".join(self.schema.channel_names)
                 self.err(per_type.key_error(f'unknown channel "{channel}" in context_weights', hint))
                 continue
             weights = self.mapping(per_type, f"context weights for {channel}") or {}
             out[channel] = {}
             for kind, weight_loc in weights.items():
-                if kind not in ACTION_TYPES:
-                    hint = suggest(kind, ACTION_TYPES) or "types: " + ", ".join(ACTION_TYPES)
+                if kind not in self.schema.type_names:
+                    hint = suggest(kind, self.schema.type_names) or "types: " + ", ".join(self.schema.type_names)
                     self.err(weight_loc.key_error(f'unknown action type "{kind}" in context_weights', hint))
                     continue
                 weight = self.number(weight_loc, f"context weight {channel}.{kind}", positive=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from engine.features import ACTION_TYPES  # noqa: F401  (re-exported for the loader)
+from engine.features import FeatureSchema
 from engine.rules.nodes import And, Node
 
 STAGES = ("eligible", "applicable", "suitable")  # per-action engagement conditions, in funnel order
@@ -39,6 +39,7 @@ class Action:
     description: str = ""
     source: str = ""  # "file:line:col" of the action, for explanations
     campaign: str = ""  # the campaign this action belongs to (rules/campaigns/*.yaml), if any
+    service: bool = False  # its type is customer care, not an offer (domain.yaml: needs_consent false)
 
     def offered_on(self, channel: str) -> bool:
         return channel in self.channels
@@ -123,6 +124,7 @@ class RuleSet:
     contact: Any = None  # engine.decision.contact.ContactRules from contact.yaml (None: no contact policies)
     events: Any = None  # rules.patterns.EventRules from events.yaml (None: no event patterns)
     campaigns: dict[str, Any] = field(default_factory=dict)  # name -> rules.campaigns.Campaign
+    schema: FeatureSchema = field(default_factory=FeatureSchema)  # domain.yaml
     by_id: dict[str, Action] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import durable_rules_engine
 
 from engine.errors import NbaError
+from engine.features import FeatureSchema
 from engine.rules.checker import IDENT, NUM, STR, Scope, Ty, _Checker, _compare_hint
 from engine.rules.compile import condition_json
 from engine.rules.errors import ConditionError, RuleError, suggest
@@ -66,7 +67,6 @@ PART_KEYS = {"event": True, "where": False}
 RAISE_KEYS = {"trigger": True, "ttl": True}
 OUTBOUND_KEYS = {"action": True, "channel": True}
 CLEARED_KEYS = {"events": False, "responses": False}
-OUTBOUND_CHANNELS = ("email", "sms", "mobile_app")
 CLEARING_OUTCOMES = ("accepted", "rejected")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -228,7 +228,7 @@ class _EventChecker(_Checker):
     """The condition checker with an event's attributes as the only names."""
 
     def __init__(self, event: EventType):
-        super().__init__(Scope())
+        super().__init__(Scope(FeatureSchema()))
         self.event = event
 
     def _Name(self, node):
@@ -441,9 +441,9 @@ def _load_outbound(loader, loc, by_id: dict, what: str) -> Outbound | None:
     if action not in by_id:
         loader.err(fields["action"].error(f'unknown action "{action}"', suggest(action, by_id) or "see the ids in catalog.yaml"))
         ok = False
-    if channel not in OUTBOUND_CHANNELS:
-        hint = 'push notifications are channel "mobile_app"' if channel == "push" else (
-            suggest(channel, OUTBOUND_CHANNELS) or "outbound channels: " + ", ".join(OUTBOUND_CHANNELS))
+    outbound = loader.schema.outbound_channels
+    if channel not in outbound:
+        hint = suggest(channel, outbound) or "outbound channels (domain.yaml): " + ", ".join(outbound)
         loader.err(fields["channel"].error(f'"{channel}" is not an outbound channel', hint))
         ok = False
     elif ok and channel not in by_id[action].channels:

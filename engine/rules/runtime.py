@@ -23,7 +23,6 @@ import durable_rules_engine
 import numba
 import numpy as np
 
-from engine.features import SCHEMA, FeatureSchema
 from engine.rules.compile import Plan, create_ruleset, plan
 from engine.rules.errors import RuleErrors
 from engine.rules.evaluate import evaluate as evaluate_tree
@@ -82,8 +81,9 @@ class CompiledRules:
     def __init__(self, ruleset: RuleSet, the_plan: Plan):
         self.ruleset = ruleset
         self.version = ruleset.version
+        self.schema = ruleset.schema
         self.plan = the_plan
-        self.layout = FactLayout(the_plan.fields)
+        self.layout = FactLayout(the_plan.fields, ruleset.schema)
         self.name = f"nba-{ruleset.version}-{next(_names)}"
         self._lock = threading.Lock()
         self._sids = itertools.count(1)
@@ -454,9 +454,9 @@ def compile_rules(ruleset: RuleSet, eligibility: str = "vector") -> CompiledRule
     return CompiledRules(ruleset, the_plan)
 
 
-def load_and_compile(rules_dir: Path, schema: FeatureSchema = SCHEMA) -> CompiledRules:
+def load_and_compile(rules_dir: Path) -> CompiledRules:
     """Load, check and compile the rules in ``rules_dir``; raises ``RuleErrors`` listing every problem."""
-    ruleset, errors = load_rules(Path(rules_dir), schema)
+    ruleset, errors = load_rules(Path(rules_dir))
     if errors:
         raise RuleErrors(errors)
     assert ruleset is not None

@@ -20,7 +20,8 @@ from engine.events.timers import TimerPoller
 from engine.live import Live
 from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
-from engine.models.registry import ModelRegistry
+from engine.models.registry import ModelRefused, ModelRegistry
+from engine.rules.runtime import CompiledRules
 from engine.sim import demo
 from engine.store.audit import audit
 from engine.store.decision_log import DecisionLog
@@ -62,7 +63,7 @@ class App:
         self.clock = clock
         self.redis: EmbeddedRedis | None = None
         self.store: ProfileStore
-        self.registry = ModelRegistry(config.models_dir)
+        self.registry: ModelRegistry
         self._reload_lock = threading.Lock()
         self.watcher: RuleWatcher | None = None
 
@@ -74,6 +75,7 @@ class App:
         self.store = ProfileStore.open(url, cfg, "REDIS_URL" if self.redis is None else "embedded redis-server")
         files = files_digest(cfg.rules_dir)
         rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
+        self.registry = ModelRegistry(cfg.models_dir, rules.schema)
         if cfg.demo:
             ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
@@ -133,6 +135,13 @@ class App:
                 audit(self.store.client, who, "rules_refused", live=live, errors=len(errors),
                       first_error=errors[0] if errors else "")
                 return False, live, errors
+            models, stale = self._models_for(new)
+            if stale:
+                new.close()
+                metrics.RULE_RELOADS.labels("refused").inc()
+                log.warning("rules refused, %s stays live: %s", live, stale)
+                audit(self.store.client, who, "rules_refused", live=live, errors=1, first_error=stale)
+                return False, live, [stale]
             metrics.RULE_RELOAD_ERRORS.set(0)
             if new.version == live:
                 new.close()
@@ -140,13 +149,31 @@ class App:
                 log.info("rules %s unchanged", live)
                 audit(self.store.client, who, "rules_unchanged", ruleset=live)
                 return True, live, []
-            self.engine.prepare(rules=new)  # bind the models to the new catalog before it goes live
+            self.engine.prepare(models, rules=new)  # bind the models to the new catalog before it goes live
             self.rules.swap(new)
+            if models is not self.model.current:  # a model trained on the new domain.yaml goes live with it
+                self.registry.schema = new.schema
+                self.model.swap(models)
             metrics.RULE_RELOADS.labels("applied").inc()
             self._publish_versions()
             log.info("rules %s live (was %s)", new.version, live)
             audit(self.store.client, who, "rules_applied", ruleset=new.version, previous=live)
             return True, new.version, []
+
+    def _models_for(self, new: CompiledRules) -> tuple[ModelSet, str]:
+        """The models to decide with under ``new``'s domain.yaml, and why there are none ("": there are).
+        A model reads its input in the feature schema it was trained on: when domain.yaml changes that
+        schema, the live models serve on until a champion trained on the new one is in the registry."""
+        fingerprint = new.schema.fingerprint()
+        models = self.model.current
+        if all(m.feature_schema == fingerprint for m in models.models):
+            return models, ""
+        try:
+            return load_model_set(ModelRegistry(self.config.models_dir, new.schema)), ""
+        except ModelRefused as exc:
+            return models, (f"domain.yaml changes the feature schema (now {fingerprint}) and the live model "
+                            f"{models.version} was trained on another; train and promote a model on the new "
+                            f"domain.yaml first ({exc})")
 
     def close(self) -> None:
         for part in ("event_stream", "timers", "reservations", "campaign_gauges", "watcher", "model_watcher",

@@ -59,9 +59,9 @@ from engine.decision.budget_claims import BudgetClaims
 from engine.decision.contact import RESERVATIONS_KEY, decision_key
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
 from engine.events.processor import TIMERS_KEY
-from engine.features import CATEGORICAL, NUMERIC
+from engine.features import FeatureSchema
 from engine.store.audit import AUDIT_STREAM, audit
-from engine.store.profiles import SchemaMismatch, decode_profile, is_cluster, profile_key, triggers_key
+from engine.store.profiles import ProfileStore, SchemaMismatch, is_cluster, profile_key, triggers_key
 from engine.store.slots import shard_keys
 from engine.store.streams import id_order
 
@@ -251,20 +251,21 @@ def _maybe_json(text: str) -> Any:
     return text
 
 
-def _value(client: redis.Redis, key: str, customer_id: str, now_ms: int) -> Any:
-    """A key's value as JSON-serialisable data (the profile decoded to feature names)."""
+def _value(client: redis.Redis, key: str, customer_id: str, now_ms: int, schema: FeatureSchema | None) -> Any:
+    """A key's value as JSON-serialisable data (the profile decoded to attribute names under ``schema``;
+    as stored without one, or when it cannot be read under it)."""
     kind = _s(cast(bytes, client.type(key)))
     if kind == "hash":
         raw = cast("dict[bytes, bytes]", client.hgetall(key))
-        if key == profile_key(customer_id):
+        if key == profile_key(customer_id) and schema is not None:
             try:
-                p = decode_profile(customer_id, raw, {}, now_ms)
+                p = ProfileStore(client).decode(customer_id, raw, {}, now_ms, schema)
             except SchemaMismatch:
                 pass
             else:
                 return {"schema": _text(raw.get(b"schema", b"")),
-                        "numeric": {name: float(v) for name, v in zip(NUMERIC, p.numeric.tolist())},
-                        "categorical": {name: p.categorical.get(name, "") for name in CATEGORICAL},
+                        "numeric": {name: float(v) for name, v in zip(schema.numeric, p.numeric.tolist())},
+                        "categorical": {name: p.categorical.get(name, "") for name in schema.categorical},
                         "sets": {name: sorted(members) for name, members in p.sets.items()},
                         "open_cases": list(p.open_cases)}
         if key == triggers_key(customer_id):
@@ -286,7 +287,8 @@ def _value(client: redis.Redis, key: str, customer_id: str, now_ms: int) -> Any:
     return None  # deleted meanwhile
 
 
-def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cli", now: float | None = None) -> dict:
+def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cli", now: float | None = None,
+                    schema: FeatureSchema | None = None) -> dict:
     """Everything stored about ``customer_id``, as JSON-serialisable data: the customer's keys (with
     their time to live), decision records, timers, budget reservations and stream entries (the audit
     stream's included: earlier exports and erasures). The export itself is audited (``who``; None:
@@ -295,7 +297,7 @@ def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cl
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
     found = _locate(client, customer_id)
-    keys = {key: _value(client, key, customer_id, now_ms) for key in found.keys}
+    keys = {key: _value(client, key, customer_id, now_ms, schema) for key in found.keys}
     ttls = {key: (ttl if (ttl := int(client.pttl(key))) >= 0 else None) for key in found.keys}
     decisions = {_decision_id(key): {_text(k): _text(v) for k, v in
                                               cast("dict[bytes, bytes]", client.hgetall(key)).items()}

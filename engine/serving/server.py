@@ -23,7 +23,6 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision.funnel import Decision, redis_until
 from engine.decision.request import DecideInput, InvalidRequest
 from engine.decision.responses import NotFound
-from engine.features import ACTION_TYPES, CHANNELS
 from engine.serving.security import (
     MAX_MESSAGE_BYTES,
     AuthPolicy,
@@ -63,7 +62,6 @@ OUTCOME_NAMES = {
     pb.OUTCOME_REJECTED: "rejected",
     pb.OUTCOME_IGNORED: "ignored",
 }
-assert set(CHANNEL_TO_PB) == set(CHANNELS) and set(TYPE_TO_PB) == set(ACTION_TYPES)
 
 
 # In flight on one worker before load shedding (Config.max_in_flight). A decision costs 1-2 ms of one core
@@ -83,13 +81,14 @@ def _timestamp(seconds: float) -> Timestamp:
 
 def decision_to_pb(d: Decision) -> pb.DecideResponse:
     # filled in place: a RankedAction built apart and then passed in is built twice (copied into the list)
-    channel = CHANNEL_TO_PB[d.channel]
+    channel = CHANNEL_TO_PB.get(d.channel, pb.CHANNEL_UNSPECIFIED)
     reply = pb.DecideResponse(decision_id=d.decision_id, ruleset_version=d.ruleset_version,
                               model_version=d.model_version, degraded=d.degraded, cold_start=d.cold_start,
                               situations=d.situations, control_group=d.control, repeat=d.repeat, preview=d.preview)
     add = reply.actions.add
     for a in d.actions:
-        treatment = add(action_id=a.action_id, name=a.name, type=TYPE_TO_PB[a.type], group=a.group,
+        kind = TYPE_TO_PB.get(a.type, pb.ACTION_TYPE_UNSPECIFIED)
+        treatment = add(action_id=a.action_id, name=a.name, type=kind, group=a.group,
                         propensity=a.propensity, value=a.value, priority=a.priority, reasons=a.reasons,
                         rank=a.rank, campaign=a.campaign).treatment
         treatment.channel = channel
@@ -238,7 +237,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         return pb.PublishEventResponse(
             stream_id=done.stream_id, duplicate=done.duplicate, patterns=done.patterns,
             triggers_raised=done.raised, triggers_cleared=done.cleared,
-            outbound=[pb.OutboundAction(action_id=o.action_id, channel=CHANNEL_TO_PB[o.channel], pattern=o.pattern,
+            outbound=[pb.OutboundAction(action_id=o.action_id, pattern=o.pattern,
+                                        channel=CHANNEL_TO_PB.get(o.channel, pb.CHANNEL_UNSPECIFIED),
                                         status=o.status, decision_id=o.decision_id, reason=o.reason)
                       for o in done.outbound],
         )
@@ -288,7 +288,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         from engine.serving.privacy import export_customer
 
         data = export_customer(self.app.store.client, request.customer_id,
-                               who=f"{current_caller()} via {context.peer()}", now=self.app.clock())
+                               who=f"{current_caller()} via {context.peer()}", now=self.app.clock(),
+                               schema=self.app.rules.current.schema)
         return pb.ExportCustomerResponse(json=json.dumps(data, ensure_ascii=False, sort_keys=True))
 
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import cast
 
 from engine.config import DEMO_CUSTOMERS
-from engine.features import SCHEMA
 from engine.models.registry import ModelRegistry
+from engine.sim.telco import SCHEMA
 from engine.sim.training_data import train
 from engine.sim.world import ActionLike, generate, population_seeds
 from engine.store.profiles import META_KEY, ProfileStore
@@ -27,7 +27,7 @@ def seed(store: ProfileStore, customers: int = DEMO_CUSTOMERS, world_seed: int =
     world = generate(customers, world_seed)
     profiles = list(world.profiles())
     for i in range(0, len(profiles), batch):
-        store.save(profiles[i: i + batch])
+        store.save(profiles[i: i + batch], SCHEMA)
     store.client.hset(META_KEY, mapping={
         "schema": SCHEMA.version, "schema_fingerprint": SCHEMA.fingerprint(),
         "seeded_customers": customers, "world_seed": world_seed,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
+from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
 from engine.sim.world import ActionLike, World, true_logits
 from engine.store.profiles import Profile
 

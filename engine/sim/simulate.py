@@ -64,7 +64,6 @@ from engine.decision.report import build_report
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
 from engine.errors import NbaError
-from engine.features import CHANNELS
 from engine.live import Live
 from engine.models.experiment import ExplorationConfig, ModelSet
 from engine.models.exploration import ExplorationCounts, Explorer
@@ -73,6 +72,7 @@ from engine.models.training import TrainingSet, auc, fit, from_streams
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules, compile_rules
 from engine.sim.dynamics import DAY, REALISM, Draws, Drift, Population, Realism, drift_of, event_round, response
+from engine.sim.telco import CHANNELS, SCHEMA
 from engine.sim.world import World, customer_id, generate, population_seeds
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import ProfileStore
@@ -245,7 +245,7 @@ class _Play:
             if outcome == "accepted":
                 changed = self.pop.apply(i, action_id)
                 if changed is not None:
-                    self.store.save([changed])
+                    self.store.save([changed], SCHEMA)
 
     def day(self, r: int) -> None:
         self.round = r
@@ -315,7 +315,7 @@ def _seed_profiles(store: ProfileStore, world: World) -> None:
     store.client.flushdb()
     profiles = list(world.profiles())
     for k in range(0, len(profiles), 2000):
-        store.save(profiles[k: k + 2000])
+        store.save(profiles[k: k + 2000], SCHEMA)
 
 
 # --- training from recorded traffic -----------------------------------------------------------------
@@ -324,7 +324,7 @@ def _recorded(store: ProfileStore, levels: Sequence[str], as_of: float,
               truth: dict[tuple[str, str], tuple[float, float]]) -> TrainingSet:
     """Training rows from the recorded streams; the true probability of each row is attached for the
     oracle's AUC only (``TrainingSet.p_true`` is never a feature)."""
-    data = from_streams(store.client, catalog=levels, as_of=as_of)
+    data = from_streams(store.client, SCHEMA, catalog=levels, as_of=as_of)
     ids = data.decision_ids or []
     data.p_true = np.array([truth.get((d, a), (np.nan,))[0] for d, a in zip(ids, data.action_ids())], dtype=float)
     return data
@@ -338,7 +338,7 @@ def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
                        np.concatenate([first.t, then.t]), levels, np.concatenate([p1, p2]),
                        (first.decision_ids or []) + (then.decision_ids or []),
                        summary={"source": "recorded decisions and responses", "history_rows": len(first),
-                                "run_rows": len(then)})
+                                "run_rows": len(then)}, schema=SCHEMA)
 
 
 def _train(registry: ModelRegistry, data: TrainingSet, trees: int) -> tuple[LoadedModel, dict]:
@@ -352,12 +352,13 @@ def _train(registry: ModelRegistry, data: TrainingSet, trees: int) -> tuple[Load
 
 def _placeholder(registry: ModelRegistry, actions: Sequence[str]) -> LoadedModel:
     """A model for the history's engine, which must score although its random ranking ignores scores."""
-    from engine.models.model_input import FEATURES
+    from engine.models.model_input import model_input
 
+    features = model_input(SCHEMA).features
     rng = np.random.default_rng(0)
-    x = rng.random((200, len(FEATURES)))
-    x[:, FEATURES.index("action")] = rng.integers(0, len(actions), 200)
-    data = TrainingSet(x, (rng.random(200) < 0.3).astype(float), np.arange(200.0), list(actions))
+    x = rng.random((200, len(features)))
+    x[:, features.index("action")] = rng.integers(0, len(actions), 200)
+    data = TrainingSet(x, (rng.random(200) < 0.3).astype(float), np.arange(200.0), list(actions), schema=SCHEMA)
     return _train(registry, data, 1)[0]
 
 
@@ -402,10 +403,10 @@ def _generic_offer(store: ProfileStore, rules: CompiledRules, pop: Population, c
     best, best_ev = "", -1.0
     ev: dict[str, float] = {}
     for i in range(pop.world.size):
-        profile = store.fetch(customer_id(i, pop.world.prefix))
+        profile = store.fetch(customer_id(i, pop.world.prefix), SCHEMA)
         channel = CHANNELS[int(channels[i])]
         outcome = rules.evaluate(rules.build_fact(FactInputs(
-            numbers=np.concatenate((profile.numeric, derive(profile.numeric))), categories=profile.categorical,
+            numbers=np.concatenate((profile.numeric, derive(profile.numeric, SCHEMA))), categories=profile.categorical,
             products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
             channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
         offers = [v.action for v in rules.verdicts(outcome, channel) if v.admitted and v.action.type != "service"]
@@ -439,7 +440,7 @@ def simulate(ruleset: RuleSet, settings: Settings = Settings(), progress: Callab
     results: list[SeedResult] = []
     try:
         with private_store() as store, tempfile.TemporaryDirectory(prefix="nba-simulate-models-") as models:
-            registry = ModelRegistry(models)
+            registry = ModelRegistry(models, SCHEMA)
             for seed in settings.seeds:
                 results.append(_one_seed(store, registry, ruleset, settings, seed, (early_h, full_h),
                                          (early_e, full_e), new_actions, new_round, drift_round, progress,
@@ -479,7 +480,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
     decision_log.close()
     traffic, rejections = (Traffic({}), 0.0) if not settings.campaign else (
-        traffic_from_stream(store.client, hist.size, settings.history_days, until=SIM_START - 7 * DAY),
+        traffic_from_stream(store.client, hist.size, settings.history_days, CHANNELS, until=SIM_START - 7 * DAY),
         rejection_share(store.client, settings.history_days, until=SIM_START - 7 * DAY))
     history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
     if on_training is not None:

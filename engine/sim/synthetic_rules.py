@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
+from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
 
 PRODUCTS = SETS["products"]
 TRIGGERS = ("callback_requested", "retention_save", "payment_failed", "data_cap_near", "complaint_opened")

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import lightgbm as lgb
 import numpy as np
 
-from engine.features import CHANNELS
-from engine.models.model_input import FEATURES, ActionTable, customer_blocks
+from engine.models.model_input import model_input
 from engine.models.training import TrainingSet, fit
+from engine.sim.telco import CHANNELS, SCHEMA
 from engine.sim.world import ActionLike, World
 
 
@@ -33,16 +33,17 @@ def simulate_responses(world: World, actions: Sequence[ActionLike], per_customer
     channel_idx = rng.integers(0, len(CHANNELS), n)
     p_true = world.true_propensity(rows, actions, action_idx, channel_idx)
     y = (rng.random(n) < p_true).astype(np.float64)
-    table = ActionTable.build(actions, [a.id for a in actions])
-    customers = customer_blocks(world.numeric.astype(np.float64), world.categorical, world.products)
-    x = np.empty((n, len(FEATURES)), dtype=np.float64)
+    layout = model_input(SCHEMA)
+    table = layout.action_table(actions, [a.id for a in actions])
+    customers = layout.customer_blocks(world.numeric.astype(np.float64), world.categorical, world.products)
+    x = np.empty((n, len(layout.features)), dtype=np.float64)
     x[:, : customers.shape[1]] = customers[rows]
     x[:, customers.shape[1]: -1] = table.rows[action_idx]
     x[:, -1] = channel_idx
     t = rng.uniform(0, days * 86400, n)
     return TrainingSet(x, y, t, [a.id for a in actions], p_true,
                        summary={"source": "synthetic world", "customers": world.size, "world_seed": world.seed,
-                                "per_customer": per_customer})
+                                "per_customer": per_customer}, schema=SCHEMA)
 
 
 def train(world: World, actions: Sequence[ActionLike], rounds: int = 200,

@@ -29,8 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.features import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
 from engine.models.derived import derive
+from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SCHEMA, SETS
 from engine.store.profiles import Profile
 
 PRODUCTS = SETS["products"]
@@ -276,7 +276,7 @@ def _truth(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action
 def _observed_logit(world: World, rows: np.ndarray, actions: Sequence[ActionLike], action_idx: np.ndarray,
                     channel_idx: np.ndarray) -> np.ndarray:
     num = world.numeric[rows].astype(np.float64)
-    derived = derive(num)
+    derived = derive(num, SCHEMA)
     traits = np.stack([num[:, _N[t]] for t in _TRAITS], axis=1)
     mean, std = _trait_scale()
     z = (traits - mean) / std

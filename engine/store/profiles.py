@@ -1,13 +1,15 @@
 """Customer profiles, triggers and streams in Redis.
 
-Key layout (schema version 1). Every key of one customer carries the hash tag ``{c:<id>}`` so that a
+Key layout (profile packing version 1). Every key of one customer carries the hash tag ``{c:<id>}`` so that a
 Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 
 - ``nba:{c:<id>}:profile``  hash
-    - ``schema``: feature schema version the vector was written with
-    - ``num``: the numeric features (``features.NUMERIC`` order) packed as little-endian float32
-    - one field per categorical feature (``plan``, ``segment``, ``lifecycle_stage``, ``value_tier``...)
-    - one field per set feature (``products``, ``consent``), members joined by ","
+    - ``schema``: the packing version (1)
+    - ``layout``: the hash of the numeric attributes' order the vector was packed in (``nba:layouts``
+      holds the names of every layout written, so a profile is read by name after the domain changed)
+    - ``num``: the number and date attributes of domain.yaml, packed as little-endian float32
+    - one field per categorical attribute, one per set attribute (``products``, ``consent``), members
+      joined by ","
     - ``cases``: open service case ids joined by ","
 - ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
 - ``nba:{c:<id>}:contacts`` hash: contact history, counters per kind, action, channel and UTC day, see
@@ -16,6 +18,7 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 - ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
 - event history, dedupe, absence timers and the outbound stream: see ``engine/events/processor.py``
+- ``nba:layouts``: hash layout -> the numeric attribute names of that layout, joined by ","
 - ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
 """
 
@@ -42,10 +45,11 @@ from redis.exceptions import RedisClusterException
 from engine import metrics
 from engine.config import Config
 from engine.errors import NbaError
-from engine.features import CATEGORICAL, INBOUND_CHANNELS, NUMERIC, SCHEMA_VERSION, SETS
+from engine.features import CONSENT, SCHEMA_VERSION, FeatureSchema
 from engine.store.breaker import PROBE_WAIT_SECONDS, Breaker, BreakerOpen, breaker_for
 
 META_KEY = "nba:meta"
+LAYOUTS_KEY = "nba:layouts"
 DECISIONS_STREAM = "nba:stream:decisions"
 RESPONSES_STREAM = "nba:stream:responses"
 EVENTS_STREAM = "nba:stream:events"
@@ -68,6 +72,11 @@ for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
 end
 redis.call('PEXPIREAT', KEYS[1], latest)
 """
+# Replaces one profile hash at once: a decision or a consent withdrawal never sees it half written.
+_SAVE_PROFILE = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+"""
 
 
 def profile_key(customer_id: str) -> str:
@@ -83,7 +92,7 @@ class Profile:
     """What a decision knows about a customer. ``found`` is False for a cold start."""
 
     customer_id: str
-    numeric: np.ndarray  # float32, NUMERIC order
+    numeric: np.ndarray  # float32, the schema's numeric order
     categorical: dict[str, str] = field(default_factory=dict)
     sets: dict[str, frozenset[str]] = field(default_factory=dict)
     open_cases: tuple[str, ...] = ()
@@ -91,60 +100,87 @@ class Profile:
     found: bool = True
 
     @classmethod
-    def cold(cls, customer_id: str) -> Profile:
-        """An unknown customer: a prospect who may be shown offers on the inbound channel they are
-        using (web, app, call center, branch, point of sale) but is never contacted by email or SMS."""
-        categorical = {name: "" for name in CATEGORICAL}
-        categorical.update(plan="none", lifecycle_stage="prospect", value_tier="C", device_os="none")
+    def cold(cls, customer_id: str, schema: FeatureSchema) -> Profile:
+        """An unknown customer: every attribute at its declared default; offers may be shown on the
+        inbound channel they are using, but nobody contacts them on an outbound one."""
         return cls(
             customer_id=customer_id,
-            numeric=np.zeros(len(NUMERIC), dtype=np.float32),
-            categorical=categorical,
-            sets={"products": frozenset(), "consent": frozenset(INBOUND_CHANNELS)},
+            numeric=np.array(schema.default_vector(), dtype=np.float32),
+            categorical={name: str(schema.defaults.get(name, "")) for name in schema.categorical},
+            sets={**{name: frozenset() for name in schema.sets}, CONSENT: frozenset(schema.inbound_channels)},
             found=False,
         )
 
-    def value(self, name: str) -> float:
-        return float(self.numeric[NUMERIC.index(name)])
+    def value(self, name: str, schema: FeatureSchema) -> float:
+        return float(self.numeric[schema.numeric.index(name)])
 
 
-def encode_profile(profile: Profile) -> dict[str, bytes | str | int]:
+def encode_profile(profile: Profile, schema: FeatureSchema) -> dict[str, bytes | str | int]:
     """The hash fields stored for a profile."""
-    if profile.numeric.shape != (len(NUMERIC),):
-        raise ValueError(f"numeric vector has shape {profile.numeric.shape}, want ({len(NUMERIC)},)")
+    if profile.numeric.shape != (len(schema.numeric),):
+        raise ValueError(f"numeric vector has shape {profile.numeric.shape}, want ({len(schema.numeric)},)")
     fields: dict[str, bytes | str | int] = {
         "schema": SCHEMA_VERSION,
+        "layout": schema.layout(),
         "num": np.asarray(profile.numeric, dtype=_VECTOR).tobytes(),
         "cases": ",".join(profile.open_cases),
     }
-    for name in CATEGORICAL:
+    for name in schema.categorical:
         fields[name] = profile.categorical.get(name, "")
-    for name in SETS:
+    for name in schema.sets:
         fields[name] = ",".join(sorted(profile.sets.get(name, ())))
     return fields
 
 
 class SchemaMismatch(NbaError):
-    """A stored profile was written under another feature schema version."""
+    """A stored profile cannot be read under the current schema (another packing version, or a layout
+    that ``nba:layouts`` does not know)."""
+
+
+def _numbers(customer_id: str, raw: dict[bytes, bytes], schema: FeatureSchema,
+             layouts: dict[str, tuple[str, ...]]) -> np.ndarray:
+    """The stored vector in ``schema``'s order: attributes read by name from the layout the profile was
+    written in; those it lacks are at their defaults."""
+    version = int(raw.get(b"schema", b"0"))
+    num = raw.get(b"num", b"")
+    if version != SCHEMA_VERSION:
+        raise SchemaMismatch(f"profile {customer_id} has packing version {version}, want {SCHEMA_VERSION}")
+    layout = raw.get(b"layout", b"").decode()
+    if layout == schema.layout() or (not layout and len(num) == 4 * len(schema.numeric)):
+        # no layout: written before layouts were recorded, in the order domain.yaml still declares
+        if len(num) != 4 * len(schema.numeric):
+            raise SchemaMismatch(f"profile {customer_id}: {len(num)} bytes of numbers, want {4 * len(schema.numeric)}")
+        return np.frombuffer(num, dtype=_VECTOR).copy()
+    names = layouts.get(layout)
+    if names is None or len(num) != 4 * len(names):
+        raise SchemaMismatch(f"profile {customer_id} has layout {layout or '(none)'}, which nba:layouts does not hold")
+    stored = np.frombuffer(num, dtype=_VECTOR)
+    out = np.array(schema.default_vector(), dtype=np.float32)
+    index = {name: i for i, name in enumerate(schema.numeric)}
+    for i, name in enumerate(names):
+        if name in index:
+            out[index[name]] = stored[i]
+    return out
 
 
 def decode_profile(customer_id: str, raw: dict[bytes, bytes], triggers: dict[bytes, bytes],
-                   now_ms: int) -> Profile:
+                   now_ms: int, schema: FeatureSchema, layouts: dict[str, tuple[str, ...]] | None = None) -> Profile:
+    """A stored profile under ``schema`` (``layouts``: the names of older layouts, ``nba:layouts``)."""
     if not raw:
-        profile = Profile.cold(customer_id)
+        profile = Profile.cold(customer_id, schema)
     else:
-        version = int(raw.get(b"schema", b"0"))
-        num = raw.get(b"num", b"")
-        if version != SCHEMA_VERSION or len(num) != 4 * len(NUMERIC):
-            raise SchemaMismatch(f"profile {customer_id} has schema {version}, want {SCHEMA_VERSION}")
         cases = raw.get(b"cases", b"").decode()
+        categorical = {}
+        for name in schema.categorical:
+            value = raw.get(name.encode())
+            categorical[name] = str(schema.defaults.get(name, "")) if value is None else value.decode()
         profile = Profile(
             customer_id=customer_id,
-            numeric=np.frombuffer(num, dtype=_VECTOR).copy(),
-            categorical={name: raw.get(name.encode(), b"").decode() for name in CATEGORICAL},
+            numeric=_numbers(customer_id, raw, schema, layouts or {}),
+            categorical=categorical,
             sets={
                 name: frozenset(m for m in raw.get(name.encode(), b"").decode().split(",") if m)
-                for name in SETS
+                for name in schema.sets
             },
             open_cases=tuple(c for c in cases.split(",") if c),
         )
@@ -475,6 +511,8 @@ class ProfileStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.hot = HotPath(client)
+        self.layouts: dict[str, tuple[str, ...]] = {}  # nba:layouts as last read (or written) here
+        self._save = client.register_script(_SAVE_PROFILE)
 
     @classmethod
     def from_url(cls, url: str, config: Config | None = None) -> ProfileStore:
@@ -502,24 +540,53 @@ class ProfileStore:
             return pipe.execute()
         return [_pairs(r) for r in self.hot.execute(b"".join(pack("HGETALL", k) for k in keys), len(keys))]
 
-    def fetch(self, customer_id: str, now: float | None = None) -> Profile:
+    def decode(self, customer_id: str, raw: dict[bytes, bytes], triggers: dict[bytes, bytes], now_ms: int,
+               schema: FeatureSchema) -> Profile:
+        """``decode_profile`` with the layouts of ``nba:layouts`` (read again once when a profile's is new here)."""
+        try:
+            return decode_profile(customer_id, raw, triggers, now_ms, schema, self.layouts)
+        except SchemaMismatch:
+            layout = raw.get(b"layout", b"").decode()
+            if not layout or layout in self.layouts:
+                raise
+            self.read_layouts()
+            return decode_profile(customer_id, raw, triggers, now_ms, schema, self.layouts)
+
+    def read_layouts(self) -> dict[str, tuple[str, ...]]:
+        """Every layout profiles were written in (``nba:layouts``), remembered for decoding."""
+        raw = cast("dict[bytes, bytes]", self.client.hgetall(LAYOUTS_KEY))
+        self.layouts.update({k.decode(): tuple(n for n in v.decode().split(",") if n) for k, v in raw.items()})
+        return self.layouts
+
+    def register_layout(self, schema: FeatureSchema) -> None:
+        """Record ``schema``'s numeric order in ``nba:layouts`` before profiles are written in it."""
+        layout = schema.layout()
+        if layout not in self.layouts:
+            self.client.hsetnx(LAYOUTS_KEY, layout, ",".join(schema.numeric))
+            self.layouts[layout] = schema.numeric
+
+    def fetch(self, customer_id: str, schema: FeatureSchema, now: float | None = None) -> Profile:
         """Profile and active triggers in one round trip; a cold profile when the customer is unknown.
         Contact history is read by the presenting script, which alone judges contact limits."""
         raw, triggers = self._hashes([profile_key(customer_id), triggers_key(customer_id)])
-        return decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000))
+        return self.decode(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000), schema)
 
-    def fetch_with(self, customer_id: str, key: str, now: float | None = None) -> tuple[Profile, dict[str, str]]:
+    def fetch_with(self, customer_id: str, key: str, schema: FeatureSchema,
+                   now: float | None = None) -> tuple[Profile, dict[str, str]]:
         """``fetch`` and the hash ``key`` (e.g. the customer's interaction) in the same round trip."""
         raw, triggers, extra = self._hashes([profile_key(customer_id), triggers_key(customer_id), key])
-        return (decode_profile(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000)),
+        return (self.decode(customer_id, raw, triggers, int((time.time() if now is None else now) * 1000), schema),
                 {k.decode(): v.decode() for k, v in extra.items()})
 
-    def save(self, profiles: list[Profile]) -> None:
+    def save(self, profiles: list[Profile], schema: FeatureSchema) -> None:
+        """Write ``profiles`` whole; each replaces its customer's hash in one step."""
+        self.register_layout(schema)
         pipe = self.client.pipeline(transaction=False)
         for p in profiles:
-            key = profile_key(p.customer_id)
-            pipe.delete(key)
-            pipe.hset(key, mapping=encode_profile(p))  # type: ignore[arg-type]  # redis-py: key type is invariant
+            args: list[bytes | str | int] = []
+            for name, value in encode_profile(p, schema).items():
+                args += (name, value)
+            self._save(keys=[profile_key(p.customer_id)], args=args, client=pipe)
         pipe.execute()
 
     def set_trigger(self, customer_id: str, name: str, ttl_seconds: float, now: float | None = None) -> None:
