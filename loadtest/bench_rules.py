@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.features import CHANNELS  # noqa: E402
 from engine.models.derived import derive  # noqa: E402
 from engine.rules.facts import FactInputs  # noqa: E402
 from engine.rules.loader import load_rules  # noqa: E402
 from engine.rules.runtime import compile_rules  # noqa: E402
 from engine.sim import synthetic_rules as synthetic  # noqa: E402
+from engine.sim.telco import CHANNELS  # noqa: E402
 from engine.sim.world import generate  # noqa: E402
 
 PERCENTILES = (50, 90, 99, 99.9)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 import loadgen  # noqa: E402
 from grpc_modes import wait_serving  # noqa: E402
 
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
@@ -128,11 +129,11 @@ def in_process(calls: int, customers: int, models_dir: str) -> dict:
 
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
-    from engine.features import CHANNELS
     from engine.live import Live
     from engine.models.registry import ModelRegistry
     from engine.rules.runtime import load_and_compile
     from engine.sim import demo
+    from engine.sim.telco import CHANNELS
     from engine.store.profiles import ProfileStore
 
     mix = dict(zip(CHANNELS, (0.25, 0.35, 0.25, 0.07, 0.03, 0.03, 0.02)))
@@ -140,7 +141,7 @@ def in_process(calls: int, customers: int, models_dir: str) -> dict:
         store = ProfileStore.from_url(redis_server.url)
         demo.seed(store, customers)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
-        model = Live(ModelRegistry(models_dir).load())
+        model = Live(ModelRegistry(models_dir, SCHEMA).load())
         engines = {"off": DecisionEngine(store, rules, model, contacts=False),
                    "on": DecisionEngine(store, rules, model, contacts=True, clock=lambda: 1_781_524_800.0)}
         for e in engines.values():

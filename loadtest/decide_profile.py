@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
 
 MIX = (("CHANNEL_WEB", 0.35), ("CHANNEL_MOBILE_APP", 0.25), ("CHANNEL_CALL_CENTER", 0.25), ("CHANNEL_EMAIL", 0.07),
@@ -218,7 +219,7 @@ def main() -> int:
         store = ProfileStore.from_url(redis_server.url)
         demo.seed(store, args.customers)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
-        model = Live(ModelRegistry(args.models_dir).load())
+        model = Live(ModelRegistry(args.models_dir, SCHEMA).load())
         decision_log = DecisionLog(store.client)
         # noon UTC: no quiet hours (contact_p99.py --in-process uses the same clock)
         engine = DecisionEngine(store, rules, model, decision_log, contacts=True, clock=lambda: 1_781_524_800.0)

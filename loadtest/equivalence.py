@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
 
+from engine.sim.telco import SCHEMA  # noqa: E402
+
 START = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
 CUSTOMERS = 2_000
 
@@ -107,7 +109,7 @@ def replay(requests: str, out: str, models_dir: str, cluster: bool = False, budg
         demo.seed(store, CUSTOMERS)
         rules = Live(load_and_compile(budgeted_rules(tmp, budget) if budget else ROOT / "rules"),
                      retire=lambda r: r.close())
-        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), clock=lambda: clock["now"])
+        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir, SCHEMA).load()), clock=lambda: clock["now"])
         errors = 0
         for s in steps:
             clock["now"] = s["ts"]

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
 
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
 
 HOT = 500
@@ -171,7 +172,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         step = days * 86_400 / (fill + decisions)  # 0 without --days: ``now`` is then not the clock
         now = [START_2030]
         clock = (lambda: now[0]) if days else time.time
-        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir).load()), DecisionLog(store.client),
+        engine = DecisionEngine(store, rules, Live(ModelRegistry(models_dir, SCHEMA).load()), DecisionLog(store.client),
                                 clock=clock)
         engine.warmup()
         for i in range(2000):  # JIT, pools, allocator: on customers of their own

@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
 
 KINDS = ("new", "new_interaction", "repeat")
@@ -65,7 +66,7 @@ def run(decisions: int, customers: int, models_dir: str, max_seconds: float, see
         store = ProfileStore.from_url(redis_server.url)
         demo.seed(store, customers)
         rules = Live(load_and_compile(ROOT / "rules"), retire=lambda r: r.close())
-        model = Live(ModelRegistry(models_dir).load())
+        model = Live(ModelRegistry(models_dir, SCHEMA).load())
         decision_log = DecisionLog(store.client)
         engine = DecisionEngine(store, rules, model, decision_log=decision_log)
         engine.warmup()

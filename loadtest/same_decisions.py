@@ -19,6 +19,8 @@ import tempfile
 from types import SimpleNamespace
 from typing import Any
 
+from engine.sim.telco import SCHEMA
+
 
 def main() -> int:
     root, calls, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -48,7 +50,7 @@ def main() -> int:
         store = ProfileStore.from_url(redis_server.url)
         demo.seed(store, 3000)
         rules = Live(load_and_compile(f"{root}/rules"), retire=lambda r: r.close())
-        model = Live(ModelRegistry(sys.argv[4] if len(sys.argv) > 4 else "/tmp/nba-models").load())
+        model = Live(ModelRegistry(sys.argv[4] if len(sys.argv) > 4 else "/tmp/nba-models", SCHEMA).load())
         engine = DecisionEngine(store, rules, model, DecisionLog(store.client), contacts=True, clock=lambda: now[0])
         engine.warmup()
 

@@ -41,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
 
 NOON_UTC = 1_781_524_800.0  # 2026-06-15 12:00 UTC
@@ -160,7 +161,7 @@ def run_one(accept_days: float, decisions: int, customers: int, models_dir: str,
             client = store.client
             demo.seed(store, customers)
             rules = Live(compiled, retire=lambda r: r.close())
-            model = Live(ModelRegistry(models_dir).load())
+            model = Live(ModelRegistry(models_dir, SCHEMA).load())
             decision_log = DecisionLog(client)
             engine = DecisionEngine(store, rules, model, decision_log=decision_log, clock=lambda: NOON_UTC)
             engine.warmup()

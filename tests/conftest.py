@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis
 
+from engine.sim.telco import SCHEMA
 from engine.store.redis_cluster import LocalCluster
 from engine.store.redis_embedded import EmbeddedRedis
 
@@ -93,7 +94,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     rules = load_and_compile(RULES_DIR)
     try:
-        demo.train_demo(ModelRegistry(root), rules.ruleset.actions, customers=6_000, rounds=60)
+        demo.train_demo(ModelRegistry(root, SCHEMA), rules.ruleset.actions, customers=6_000, rounds=60)
     finally:
         rules.close()
     return root

@@ -25,6 +25,7 @@ from engine.models.registry import ModelRegistry
 from engine.rules.contact import ControlGroup
 from engine.rules.loader import load_rules
 from engine.rules.runtime import load_and_compile
+from engine.sim.telco import SCHEMA
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileStore, redis_client
 from engine.store.streams import length, xrange_all
@@ -78,7 +79,7 @@ def rules_with(tmp_path: Path, campaign: str) -> Path:
 def engine_for(redis_url: str, models_dir: Path, rules_dir: Path, clock: Clock) -> DecisionEngine:
     store = ProfileStore.from_url(redis_url)
     return DecisionEngine(store, Live(load_and_compile(rules_dir), retire=lambda r: r.close()),
-                          Live(ModelRegistry(models_dir).load()), DecisionLog(store.client), clock=clock)
+                          Live(ModelRegistry(models_dir, SCHEMA).load()), DecisionLog(store.client), clock=clock)
 
 
 def decide(engine: DecisionEngine, cid: str, **kw):
@@ -186,7 +187,7 @@ def _status(channel: grpc.Channel) -> pb.CampaignStatus:
 def test_a_campaign_starts_and_stops_by_its_dates_without_a_reload(served) -> None:
     app, channel, clock, _ = served
     d0, d1, d2 = outside_control("D", 3)
-    app.store.save([customer(cid) for cid in (d0, d1, d2)])
+    app.store.save([customer(cid) for cid in (d0, d1, d2)], SCHEMA)
     version = app.rules.current.version
     before = _decide(channel, d0, explain=True)
     assert "blitz_offer" not in [a.action_id for a in before.actions]
@@ -212,7 +213,7 @@ def test_a_hot_reload_keeps_the_spent_budget_and_a_bad_file_changes_nothing(serv
     app, channel, clock, rules_dir = served
     clock.now = INSIDE
     ids = outside_control("H", 8)
-    app.store.save([customer(cid) for cid in ids])
+    app.store.save([customer(cid) for cid in ids], SCHEMA)
     got = [shown(_decide(channel, cid)) for cid in ids[:3]]
     assert got == [True, True, True]
     first = app.rules.current.version
@@ -317,7 +318,7 @@ def test_the_campaign_control_group_is_held_out_and_recorded(campaign_engine) ->
     engine, _ = campaign_engine
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
     ids = [f"K{i:03d}" for i in range(120)]
-    engine.store.save([customer(cid) for cid in ids])
+    engine.store.save([customer(cid) for cid in ids], SCHEMA)
     decisions = {cid: decide(engine, cid, explain=True) for cid in ids}
     held = {cid for cid in ids if campaign.holds_out(cid)}
     assert 0.15 < len(held) / len(ids) < 0.45  # about control_share (0.3) of the customers
@@ -337,7 +338,7 @@ def test_the_daily_budget_resets_on_the_campaigns_next_day(campaign_engine) -> N
     engine, clock = campaign_engine
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
     ids = [f"Y{i:03d}" for i in range(150) if not campaign.holds_out(f"Y{i:03d}")][:60]
-    engine.store.save([customer(cid) for cid in ids])
+    engine.store.save([customer(cid) for cid in ids], SCHEMA)
     day1 = sum(shown(decide(engine, cid)) for cid in ids)
     assert day1 == 40 and int(engine.store.client.get(day_key("test_blitz", ymd(INSIDE, "")))) == 40
     clock.now += 86_400
@@ -351,7 +352,7 @@ def test_the_campaign_report_matches_the_streams(campaign_engine, tmp_path: Path
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
     ids = [f"R{i:03d}" for i in range(90)]
     engine.store.save([customer(cid, categorical={"segment": ("consumer", "family", "student")[i % 3]})
-                       for i, cid in enumerate(ids)])
+                       for i, cid in enumerate(ids)], SCHEMA)
     for day in range(2):
         for i, cid in enumerate(ids):
             d = decide(engine, cid)
@@ -400,7 +401,7 @@ def test_the_html_report_is_self_contained_and_its_charts_render_in_chromium(cam
     engine, clock = campaign_engine
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
     ids = [f"W{i:03d}" for i in range(40)]
-    engine.store.save([customer(cid) for cid in ids])
+    engine.store.save([customer(cid) for cid in ids], SCHEMA)
     for _day in range(3):
         for i, cid in enumerate(ids):
             d = decide(engine, cid)
@@ -450,7 +451,7 @@ def test_the_plan_forecasts_what_the_funnel_decides(redis_url: str, models_dir: 
     campaign_file.write_text(blitz(total=50, daily=20, share=0.2).replace("value: 5000", "value: 150"))
     live, planned, campaign = what_if_rules(rules_dir, campaign_file)
     try:
-        model = ModelRegistry(models_dir).load()
+        model = ModelRegistry(models_dir, SCHEMA).load()
         customers = [f"C{i:07d}" for i in range(400)]
         moment = at(0, "10:00")
         plan = plan_campaign(store, model, live, planned, campaign, customers,
@@ -576,19 +577,19 @@ def test_training_from_the_streams_filters_or_weighs_a_campaign(campaign_engine)
 
     engine, clock = campaign_engine
     ids = [f"T{i:03d}" for i in range(60)]
-    engine.store.save([customer(cid) for cid in ids])
+    engine.store.save([customer(cid) for cid in ids], SCHEMA)
     for i, cid in enumerate(ids):
         d = decide(engine, cid)
         for a in d.actions:
             engine.responses.record(d.decision_id, a.action_id, "accepted" if i % 3 == 0 else "rejected", clock.now + 60)
     flushed(engine)
     client, catalog = engine.store.client, [a.id for a in engine.rules.current.ruleset.actions]
-    everything = from_streams(client, catalog, as_of=clock.now + 30 * 86_400)
-    only = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaigns=["test_blitz"])
-    others = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaigns=["-"])
+    everything = from_streams(client, SCHEMA, catalog, as_of=clock.now + 30 * 86_400)
+    only = from_streams(client, SCHEMA, catalog, as_of=clock.now + 30 * 86_400, campaigns=["test_blitz"])
+    others = from_streams(client, SCHEMA, catalog, as_of=clock.now + 30 * 86_400, campaigns=["-"])
     assert set(only.action_ids()) == {"blitz_offer"} and "blitz_offer" not in set(others.action_ids())
     assert len(only) + len(others) == len(everything) and len(only) > 0 and only.w is None
-    weighted = from_streams(client, catalog, as_of=clock.now + 30 * 86_400, campaign_weights={"test_blitz": 3.0})
+    weighted = from_streams(client, SCHEMA, catalog, as_of=clock.now + 30 * 86_400, campaign_weights={"test_blitz": 3.0})
     assert weighted.w is not None
     assert np.array_equal(weighted.w == 3.0, weighted.action_ids() == "blitz_offer")
     assert weighted.summary["campaign_weights"] == {"test_blitz": 3.0}

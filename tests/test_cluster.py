@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from engine.features import NUMERIC
+from engine.sim.telco import NUMERIC, SCHEMA
 from engine.store.profiles import Profile, ProfileStore, RedisUnavailable, is_cluster, profile_key, triggers_key
 from engine.store.redis_cluster import LocalCluster
 
@@ -24,7 +24,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def _profile(i: int) -> Profile:
-    p = Profile.cold(f"K{i:05d}")
+    p = Profile.cold(f"K{i:05d}", SCHEMA)
     p.numeric[:] = [float(i % 7)] * len(NUMERIC)
     p.categorical["segment"] = "consumer"
     return p
@@ -33,7 +33,7 @@ def _profile(i: int) -> Profile:
 def test_a_customer_s_keys_share_a_slot_and_the_store_works_on_the_cluster(cluster: LocalCluster) -> None:
     store = ProfileStore.open(cluster.url)
     assert is_cluster(store.client)
-    store.save([_profile(i) for i in range(300)])
+    store.save([_profile(i) for i in range(300)], SCHEMA)
     slots = {store.client.keyslot(profile_key(f"K{i:05d}")) for i in range(300)}
     assert len(slots) > 100  # spread over the nodes
     for i in range(300):
@@ -46,7 +46,7 @@ def test_a_customer_s_keys_share_a_slot_and_the_store_works_on_the_cluster(clust
 
 def test_a_killed_master_s_replica_takes_over_under_the_same_client(cluster: LocalCluster) -> None:
     store = ProfileStore.open(cluster.url)
-    store.save([_profile(i) for i in range(300, 400)])
+    store.save([_profile(i) for i in range(300, 400)], SCHEMA)
     victim = cluster.master_ports()[0]
     node = cluster.node(victim)
     on_victim = [f"K{i:05d}" for i in range(300, 400)

@@ -21,6 +21,7 @@ from engine.live import Live
 from engine.models.registry import ModelRegistry
 from engine.rules.contact import ControlGroup
 from engine.rules.runtime import load_and_compile
+from engine.sim.telco import SCHEMA
 from engine.store.profiles import RESPONSES_STREAM, ProfileStore, redis_client
 from engine.store.streams import xrange_all
 
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.both_redis
 def make_engine(redis_url: str, models_dir: Path, rules_dir: Path = RULES_DIR, clock=None) -> DecisionEngine:
     rules = load_and_compile(rules_dir)
     return DecisionEngine(ProfileStore.from_url(redis_url), Live(rules, retire=lambda r: r.close()),
-                          Live(ModelRegistry(models_dir).load()), clock=clock or Clock(NOON))
+                          Live(ModelRegistry(models_dir, SCHEMA).load()), clock=clock or Clock(NOON))
 
 
 @pytest.fixture()
@@ -74,7 +75,7 @@ def marketing_ids(d) -> list[str]:
 
 def test_an_action_is_shown_at_most_3_times_in_30_days_on_any_channel(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("R")
-    engine.store.save([customer(cid)])
+    engine.store.save([customer(cid)], SCHEMA)
     shown: dict[str, int] = {}
     for k, channel in enumerate(["web", "call_center", "mobile_app", "web", "branch", "web", "call_center", "web"]):
         clock.now = NOON + k * 3600
@@ -91,7 +92,7 @@ def test_an_action_is_shown_at_most_3_times_in_30_days_on_any_channel(engine: De
 
 def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("J")
-    engine.store.save([customer(cid)])
+    engine.store.save([customer(cid)], SCHEMA)
     recorder = ResponseRecorder(engine.store.client, clock=clock)
     d = decide(engine, cid, "web")
     rejected = marketing_ids(d)[0]
@@ -110,7 +111,7 @@ def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Cl
 
 def test_at_most_2_marketing_emails_per_week(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("E")
-    engine.store.save([customer(cid)])
+    engine.store.save([customer(cid)], SCHEMA)
     first = decide(engine, cid, "email", max_actions=5)
     assert len(marketing_ids(first)) == 2, first.actions  # the limit holds within one decision too
     clock.now += 2 * DAY
@@ -124,7 +125,7 @@ def test_at_most_2_marketing_emails_per_week(engine: DecisionEngine, clock: Cloc
 
 def test_quiet_hours_stop_outbound_but_not_inbound(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("Q")
-    engine.store.save([customer(cid, open_cases=1)])
+    engine.store.save([customer(cid, open_cases=1)], SCHEMA)
     clock.now = NOON + 11 * 3600  # 23:00 UTC
     for channel in ("email", "sms"):
         d = decide(engine, cid, channel, explain=True)
@@ -138,9 +139,9 @@ def test_quiet_hours_stop_outbound_but_not_inbound(engine: DecisionEngine, clock
 def test_consent_withdrawal_applies_to_the_next_outbound_decision_of_any_engine(
         engine: DecisionEngine, redis_url: str, models_dir: Path, clock: Clock) -> None:
     cid = not_control("W")
-    engine.store.save([customer(cid)])
+    engine.store.save([customer(cid)], SCHEMA)
     assert marketing_ids(decide(engine, cid, "email", max_actions=5))
-    engine.store.save([customer(cid, consent={"web", "sms", "call_center"})])
+    engine.store.save([customer(cid, consent={"web", "sms", "call_center"})], SCHEMA)
     other = make_engine(redis_url, models_dir, clock=clock)  # another server process, same Redis
     try:
         for e in (other, engine):
@@ -183,7 +184,7 @@ def test_when_a_budget_runs_out_the_next_best_action_takes_its_place(redis_url: 
     engine = make_engine(redis_url, models_dir, budget_rules(tmp_path, 2), clock)
     try:
         ids = [not_control(f"B{k}-") for k in range(6)]
-        engine.store.save([customer(cid) for cid in ids])
+        engine.store.save([customer(cid) for cid in ids], SCHEMA)
         tops = [decide(engine, cid, "web", max_actions=1, explain=True) for cid in ids]
         first = tops[0].actions[0].action_id
         assert [d.actions[0].action_id for d in tops[:2]] == [first, first]  # same state, same top
@@ -195,7 +196,7 @@ def test_when_a_budget_runs_out_the_next_best_action_takes_its_place(redis_url: 
 
         assert REGISTRY.get_sample_value("nba_contact_suppressed_total", {"reason": "budget"}) >= 4
         clock.now += DAY  # a new day, a new budget
-        engine.store.save([customer(not_control("B9-"))])
+        engine.store.save([customer(not_control("B9-"))], SCHEMA)
         assert decide(engine, not_control("B9-"), "web", max_actions=1).actions[0].action_id == first
     finally:
         engine.rules.current.close()
@@ -203,7 +204,7 @@ def test_when_a_budget_runs_out_the_next_best_action_takes_its_place(redis_url: 
 
 def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("P")
-    engine.store.save([customer(cid)])
+    engine.store.save([customer(cid)], SCHEMA)
     d = decide(engine, cid, "web")
     recorder = ResponseRecorder(engine.store.client, clock=clock)
     with pytest.raises(NotFound) as err:
@@ -242,7 +243,7 @@ def test_the_control_group_is_stable_and_gets_the_control_policy(engine: Decisio
     control = engine.rules.current.ruleset.contact.control
     members = [f"K{i}" for i in range(400) if control.contains(f"K{i}")]
     assert 0.05 < len(members) / 400 < 0.15 and members == [f"K{i}" for i in range(400) if control.contains(f"K{i}")]
-    engine.store.save([customer(members[0])])
+    engine.store.save([customer(members[0])], SCHEMA)
     d = decide(engine, members[0], "web")
     assert d.control and marketing_ids(d)
     assert not decide(engine, not_control("K"), "web").control

@@ -42,7 +42,7 @@ def _line_of(rules_dir: Path, needle: str) -> int:
     ("{trigger: data_cap_near, ttl: 3d}", "{trigger: data_cap_nearr, ttl: 3d}", "data_cap_nearr", 'unknown trigger "data_cap_nearr"; did you mean "data_cap_near"?'),
     ("{event: payment_failed, where", "{event: payment_faild, where", "payment_faild", 'unknown event type "payment_faild"; did you mean "payment_failed"?'),
     ("ttl: 14d}\n    outbound", "ttl: 14 days}\n    outbound", "14 days", "expected a duration"),
-    ("channel: sms}", "channel: push}", "channel: push", '"push" is not an outbound channel; push notifications are channel "mobile_app"'),
+    ("channel: sms}", "channel: push}", "channel: push", '"push" is not an outbound channel; outbound channels (domain.yaml): mobile_app, email, sms'),
     ("holds", "holds", "", ""),
 ])
 def test_mistakes_in_events_yaml_name_file_line_and_column(rules_copy: Path, old, new, needle, message) -> None:

@@ -18,7 +18,7 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, events_key
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
-from engine.features import NUMERIC
+from engine.sim.telco import NUMERIC
 from engine.store.profiles import Profile, redis_client
 from engine.store.slots import shard_keys
 

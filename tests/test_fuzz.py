@@ -51,14 +51,17 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.authoring.check import check
 from engine.config import Config
-from engine.models.model_input import FEATURES, ROW_FEATURES
+from engine.models.model_input import model_input
 from engine.models.registry import LoadedModel, ModelRefused, ModelRegistry
 from engine.rules.errors import RuleError
 from engine.serving.app import App
 from engine.serving.server import build_server
+from engine.sim.telco import SCHEMA
 
 from .conftest import RULES_DIR
 from .properties import examples
+
+FEATURES, ROW_FEATURES = model_input(SCHEMA).features, model_input(SCHEMA).row_features
 
 # The servers and registries are built once per test function and reused by its examples (hence
 # function_scoped_fixture).
@@ -668,7 +671,7 @@ def refused_or_sound(registry: ModelRegistry, version: str) -> bool:
 def registry(models_dir: Path, tmp_path: Path) -> ModelRegistry:
     """A copy of the trained registry (the session's stays as it is)."""
     shutil.copytree(models_dir, tmp_path / "models")
-    return ModelRegistry(tmp_path / "models")
+    return ModelRegistry(tmp_path / "models", SCHEMA)
 
 
 def test_corrupted_model_files_are_refused_or_sound(registry: ModelRegistry) -> None:

@@ -19,6 +19,7 @@ from engine.live import Live
 from engine.rules.runtime import CompiledRules, load_and_compile, open_rulesets
 from engine.serving.app import App
 from engine.serving.server import build_server
+from engine.sim.telco import SCHEMA
 
 from .conftest import RULES_DIR
 from .test_scenarios import customer
@@ -96,7 +97,7 @@ def refused_reloads() -> float:
 def test_rule_edits_go_live_under_load_and_broken_edits_are_refused(watched) -> None:
     app, channel = watched
     admin = pb_grpc.AdminServiceStub(channel)
-    app.store.save([customer("HOT1", open_cases=1)])  # resolve_open_case tops the web list
+    app.store.save([customer("HOT1", open_cases=1)], SCHEMA)  # resolve_open_case tops the web list
     policies, catalog = app.config.rules_dir / "policies.yaml", app.config.rules_dir / "catalog.yaml"
     v0 = app.rules.current.version
 

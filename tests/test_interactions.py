@@ -28,6 +28,7 @@ from engine.rules.contact import ControlGroup
 from engine.serving.app import App
 from engine.serving.client import CLIENT_OPTIONS
 from engine.serving.server import build_server
+from engine.sim.telco import SCHEMA
 from engine.store.profiles import DECISIONS_STREAM
 
 from . import shards
@@ -295,7 +296,7 @@ def test_an_unreported_web_impression_gives_its_budget_unit_back(redis_url: str,
         from .test_scenarios import customer
 
         a, b = "RES-A", "RES-B"
-        engine.store.save([customer(a), customer(b)])
+        engine.store.save([customer(a), customer(b)], SCHEMA)
         first = engine.decide(DecideInput(customer_id=a, channel="web"))
         offers = [x.action_id for x in first.actions if x.type != "service"]
         assert offers and budget_used(client) == len(offers)

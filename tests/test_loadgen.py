@@ -13,6 +13,8 @@ from .conftest import REPO
 sys.path.insert(0, str(REPO / "loadtest"))
 import loadgen  # noqa: E402
 
+from engine.sim.telco import SCHEMA
+
 
 def test_parse_slo_units() -> None:
     assert loadgen.parse_slo(["p99=5ms", "p50=800us", "max=0.1s", "p99.9=7"]) == {
@@ -68,7 +70,7 @@ def test_the_sections_probe_times_the_real_presenting_script(redis_url: str, mod
     monkeypatch.setattr(funnel, "PRESENT", history_cost.timed_sections(funnel.PRESENT))
     timed = make_engine(redis_url, models_dir)
     for e, cid in ((plain, "SECT-1"), (timed, "SECT-2")):
-        e.store.save([customer(cid)])
+        e.store.save([customer(cid)], SCHEMA)
     history_cost.sections(timed.store.client)
     shown = [[a.action_id for a in decide(e, cid, "call_center").actions] for e, cid in
              ((plain, "SECT-1"), (timed, "SECT-2"))]

@@ -24,16 +24,20 @@ from engine.config import Config
 from engine.decision.report import build_report
 from engine.models.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet, parse_experiment
 from engine.models.exploration import COUNTS_KEY
-from engine.models.model_input import CHANNEL_INDEX, FEATURES, customer_block
+from engine.models.model_input import model_input
 from engine.models.registry import ModelRefused, ModelRegistry
 from engine.models.training import from_streams, read_csv
 from engine.serving.app import App
 from engine.serving.server import build_server
+from engine.sim.telco import SCHEMA
 from engine.sim.world import generate
 from engine.store.profiles import DECISIONS_STREAM, ProfileStore, redis_client
 from engine.store.streams import length, xrange_all
 
 from .conftest import RULES_DIR
+
+ROWS = model_input(SCHEMA)
+CHANNEL_INDEX, FEATURES, customer_block = ROWS.channel_index, ROWS.features, ROWS.customer_block
 
 DAY = 86_400
 
@@ -110,7 +114,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 # --- registry ---------------------------------------------------------------------------------------
 
 def test_schema_json_describes_every_feature(models_dir: Path) -> None:
-    registry = ModelRegistry(models_dir)
+    registry = ModelRegistry(models_dir, SCHEMA)
     schema = json.loads((registry.dir / registry.champion() / "schema.json").read_text())
     assert schema["features"] == list(FEATURES)
     assert len(schema["types"]) == len(FEATURES) and set(schema["types"]) == {"numeric", "binary", "categorical"}
@@ -128,7 +132,7 @@ def test_schema_json_describes_every_feature(models_dir: Path) -> None:
     (lambda s: s.pop("types"), "older version"),
 ])
 def test_a_model_whose_schema_differs_is_refused(tmp_path: Path, second_model: Trained, change, expected) -> None:
-    registry = ModelRegistry(tmp_path)
+    registry = ModelRegistry(tmp_path, SCHEMA)
     version = registry.save(second_model.text, second_model.actions, {}, {})
     path = registry.dir / version / "schema.json"
     schema = json.loads(path.read_text())
@@ -143,7 +147,7 @@ def test_a_model_whose_schema_differs_is_refused(tmp_path: Path, second_model: T
 
 def test_models_list_show_promote(tmp_path: Path, models_dir: Path, second_model: Trained) -> None:
     shutil.copytree(models_dir, tmp_path / "m")
-    registry = ModelRegistry(tmp_path / "m")
+    registry = ModelRegistry(tmp_path / "m", SCHEMA)
     old = registry.champion()
     new = registry.save(second_model.text, second_model.actions, {"holdout_auc": 0.5}, {"rows": 7, "source": "test"})
     code, out, _ = run_cli("models", "--models-dir", str(tmp_path / "m"), "list")
@@ -361,14 +365,14 @@ def test_training_rows_are_the_model_input_at_decision_time(live, redis_url: str
     changed = world.profile(5)
     changed.numeric = changed.numeric.copy()
     changed.numeric[:] = 123.0
-    store.save([changed])
+    store.save([changed], SCHEMA)
     store.client.close()
 
     catalog = [a.id for a in app.rules.current.ruleset.actions]
     client = redis_client(redis_url)
     try:
-        open_window = from_streams(client, catalog, window_days=7, as_of=time.time())
-        closed = from_streams(client, catalog, window_days=7, as_of=time.time() + 8 * DAY)
+        open_window = from_streams(client, SCHEMA, catalog, window_days=7, as_of=time.time())
+        closed = from_streams(client, SCHEMA, catalog, window_days=7, as_of=time.time() + 8 * DAY)
     finally:
         client.close()
     final = {k: v for k, v in expected.items() if v is not None}
@@ -394,7 +398,7 @@ def test_training_rows_are_the_model_input_at_decision_time(live, redis_url: str
                              "--rounds", "20", "--export", str(export), "--no-promote")
     assert code == 0, err
     assert f"exported {len(closed)} rows" in out and "champion on same holdout" in out and "calibration" in out
-    back = read_csv(export, catalog)
+    back = read_csv(export, SCHEMA, catalog)
     np.testing.assert_array_equal(back.x, closed.x)
     np.testing.assert_array_equal(back.y, closed.y)
     version = out.split("model ", 1)[1].split()[0]
@@ -408,19 +412,18 @@ def test_service_propensities_equal_booster_predict(live) -> None:
     """The decision-shaped scorer the service uses agrees with LightGBM on the assembled rows."""
     import lightgbm as lgb
 
-    from engine.models.model_input import ActionTable, assemble, shared_row
 
     app, channel, registry = live
     models: ModelSet = app.model.current
     booster = lgb.Booster(model_file=str(registry.dir / models.version / "model.txt"))
     rules = app.rules.current
-    table = ActionTable.build(rules.ruleset.actions, models.champion.action_levels)
+    table = ROWS.action_table(rules.ruleset.actions, models.champion.action_levels)
     world = generate(1_000, 7)
     for i in (3, 17, 404):
         profile = world.profile(i)
         for ch in ("web", "call_center", "email"):
-            x = shared_row(customer_block(profile), ch)
+            x = ROWS.shared_row(customer_block(profile), ch)
             idx = np.arange(len(table.action_ids))
             got = app.engine._scorer(rules, models.champion).predict(x, idx)
-            want = booster.predict(assemble(customer_block(profile), table, idx, ch), num_threads=1)
+            want = booster.predict(ROWS.assemble(customer_block(profile), table, idx, ch), num_threads=1)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)

@@ -15,8 +15,8 @@ import redis
 from engine.config import Config
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, OutboundBusy, outbound_key
 from engine.events.timers import TimerPoller
-from engine.features import NUMERIC
 from engine.serving.app import App
+from engine.sim.telco import NUMERIC
 from engine.store.profiles import Profile, redis_client
 from engine.store.slots import customer_shard_key
 

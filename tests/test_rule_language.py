@@ -14,10 +14,11 @@ from engine.rules.errors import ConditionError
 from engine.rules.lang import compile_condition, evaluate, parse
 from engine.rules.loader import load_rules
 from engine.rules.nodes import And, Arith, Compare, Field, In, Name, Neg, Not, Num, Or, Str
+from engine.sim.telco import SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 
-SCOPE = Scope(situations={"service_first", "fraud_hold"}, triggers={"callback_requested", "retention_save"})
+SCOPE = Scope(SCHEMA, situations={"service_first", "fraud_hold"}, triggers={"callback_requested", "retention_save"})
 
 
 def resolved(text: str, scope: Scope = SCOPE):
@@ -168,7 +169,7 @@ def test_every_error_in_one_condition_is_reported():
 
 
 def test_triggers_are_free_when_not_declared():
-    assert resolved('trigger("anything_new")', Scope()) == Field("trg__anything_new", "bool")
+    assert resolved('trigger("anything_new")', Scope(SCHEMA)) == Field("trg__anything_new", "bool")
 
 
 # --- errors in files, with exact positions ----------------------------------------------------------
@@ -218,6 +219,7 @@ levers:
 
 
 def write_rules(tmp_path: Path, catalog: str = CATALOG, policies: str = POLICIES) -> Path:
+    (tmp_path / "domain.yaml").write_bytes((REPO / "rules" / "domain.yaml").read_bytes())
     (tmp_path / "catalog.yaml").write_text(textwrap.dedent(catalog))
     (tmp_path / "policies.yaml").write_text(textwrap.dedent(policies))
     return tmp_path
@@ -367,6 +369,9 @@ def test_duplicate_yaml_keys_and_syntax_errors(tmp_path):
 
 def test_missing_files_are_errors(tmp_path):
     _, errors = load_rules(tmp_path)
+    assert [str(e).replace(str(tmp_path) + "/", "").split(";")[0] for e in errors] == ["domain.yaml:1:1: file not found"]
+    (tmp_path / "domain.yaml").write_bytes((REPO / "rules" / "domain.yaml").read_bytes())
+    _, errors = load_rules(tmp_path)
     assert sorted(str(e).replace(str(tmp_path) + "/", "") for e in errors) == [
         "catalog.yaml:1:1: file not found", "policies.yaml:1:1: file not found"]
 
@@ -437,7 +442,7 @@ def test_readme_feature_list_is_generated_from_the_schema():
     from engine.rules.reference import END, START, feature_reference
 
     text = (REPO / "rules" / "README.md").read_text()
-    assert text[text.index(START): text.index(END) + len(END)] == feature_reference(), \
+    assert text[text.index(START): text.index(END) + len(END)] == feature_reference(SCHEMA), \
         "run: python -m engine.rules.reference --write"
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.features import CATEGORICAL, CHANNELS, SCHEMA
 from engine.rules import runtime as runtime_module
 from engine.rules.checker import Scope
 from engine.rules.errors import RuleErrors
@@ -19,6 +18,7 @@ from engine.rules.lang import compile_condition
 from engine.rules.loader import load_rules
 from engine.rules.model import RuleSet, Situation
 from engine.rules.runtime import compile_rules, load_and_compile
+from engine.sim.telco import CATEGORICAL, CHANNELS, SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCTS = SCHEMA.sets["products"]
@@ -122,14 +122,14 @@ class ConditionGenerator:
 
 
 def ruleset_of_situations(conditions: dict[str, str]) -> RuleSet:
-    scope = Scope(situations=set(conditions))
+    scope = Scope(SCHEMA, situations=set(conditions))
     situations = {}
     for name, text in conditions.items():
         tree, errors = compile_condition(text, scope)
         assert not errors, (text, [str(e) for e in errors])
         situations[name] = Situation(name, tree, text, source="test:1:1")
     return RuleSet(version="rules-test", loaded_at=datetime.now(UTC), actions=(), fallback={},
-                   situations=situations, policies=(), levers=(), context_weights={})
+                   situations=situations, policies=(), levers=(), context_weights={}, schema=SCHEMA)
 
 
 def fired_through_durable(rules, outcome) -> int:
@@ -378,7 +378,7 @@ def test_build_fact_keywords_and_defaults(demo):
 def test_profile_adapter_rounds_float32_values(demo):
     import numpy as np
 
-    from engine.features import DERIVED, NUMERIC
+    from engine.sim.telco import DERIVED, NUMERIC
 
     class Profile:  # the shape of engine.store.profiles.Profile
         numeric = np.zeros(len(NUMERIC), dtype=np.float32)
@@ -571,7 +571,7 @@ def world_inputs(n: int, seed: int) -> list[FactInputs]:
     for i in range(n):
         p = world.profile(i)
         out.append(FactInputs(
-            numbers=np.concatenate((p.numeric, derive(p.numeric))), categories=p.categorical,
+            numbers=np.concatenate((p.numeric, derive(p.numeric, SCHEMA))), categories=p.categorical,
             products=p.sets["products"], consents=p.sets["consent"], channel=rng.choice(CHANNELS),
             touchpoint=rng.choice(TEXT_POOL), context={"intent": rng.choice(("upgrade", "cancel", "billing", ""))},
             triggers=[t for t in TRIGGERS if rng.random() < 0.1]))
@@ -635,7 +635,7 @@ def test_vectorised_engagement_equals_durable_on_random_conditions(seed):
 
     rng = random.Random(seed)
     gen = ConditionGenerator(rng)
-    scope = Scope(situations={f"s{i}" for i in range(12)}, triggers=None)
+    scope = Scope(SCHEMA, situations={f"s{i}" for i in range(12)}, triggers=None)
 
     def resolved(text):
         tree, errors = compile_condition(text, scope)
@@ -653,7 +653,8 @@ def test_vectorised_engagement_equals_durable_on_random_conditions(seed):
     groups = {f"g{k}": GroupRules(f"g{k}", suitable=resolved(gen.condition(situations, depth=1)))
               for k in range(0, 7, 2)}
     ruleset = RuleSet(version="rules-random", loaded_at=base.loaded_at, actions=tuple(actions), fallback={},
-                      situations=base.situations, policies=(), levers=(), context_weights={}, groups=groups)
+                      situations=base.situations, policies=(), levers=(), context_weights={}, groups=groups,
+                      schema=SCHEMA)
     with compile_rules(ruleset) as vector, compile_rules(ruleset, eligibility="durable") as naive:
         inputs = [random_inputs(rng) for _ in range(1000)]
         assert assert_same_decisions(vector, naive, inputs) > 500

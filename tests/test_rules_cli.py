@@ -160,11 +160,12 @@ def test_text_that_reaches_for_python_is_a_syntax_error(text: str) -> None:
 # --- what-if -------------------------------------------------------------------------------------------
 @pytest.fixture()
 def stored_customers(redis_url: str) -> str:
+    from engine.sim.telco import SCHEMA
     from engine.sim.world import generate
     from engine.store.profiles import ProfileStore
 
     store = ProfileStore.from_url(redis_url)
-    store.save(list(generate(400, seed=9).profiles()))
+    store.save(list(generate(400, seed=9).profiles()), SCHEMA)
     store.client.close()
     return redis_url
 
@@ -211,7 +212,7 @@ def test_what_if_refuses_broken_rules(capsys, stored_customers: str, models_dir:
 
 def test_json_schema_of_rule_tests_accepts_the_demo_tests_and_agrees_with_the_reader() -> None:
     from engine.authoring import ruletests
-    from engine.features import SCHEMA
+    from engine.sim.telco import SCHEMA
 
     from .test_rule_language import _validate, _yaml_as_json
 

@@ -10,10 +10,10 @@ import pytest
 
 from engine.decision.funnel import DecisionEngine
 from engine.decision.request import DecideInput
-from engine.features import NUMERIC
 from engine.live import Live
 from engine.models.registry import ModelRegistry
 from engine.rules.runtime import load_and_compile
+from engine.sim.telco import NUMERIC, SCHEMA
 from engine.sim.world import generate
 from engine.store.profiles import Profile, ProfileStore
 
@@ -31,7 +31,7 @@ MARKETING = SALES | {"retention"}
 def engine(redis_url: str, models_dir: Path):
     rules = load_and_compile(RULES_DIR)
     store = ProfileStore.from_url(redis_url)
-    yield DecisionEngine(store, Live(rules, retire=lambda r: r.close()), Live(ModelRegistry(models_dir).load()),
+    yield DecisionEngine(store, Live(rules, retire=lambda r: r.close()), Live(ModelRegistry(models_dir, SCHEMA).load()),
                          clock=lambda: NOON)
     rules.close()
 
@@ -59,13 +59,13 @@ def decide(engine: DecisionEngine, cid: str, channel: str, **kw):
 
 
 def test_1_service_before_sales_on_every_channel(engine: DecisionEngine) -> None:
-    engine.store.save([customer("S1", open_cases=1)])
+    engine.store.save([customer("S1", open_cases=1)], SCHEMA)
     for channel in ("call_center", "web", "mobile_app", "email", "sms", "branch"):
         d = decide(engine, "S1", channel)
         assert d.actions[0].action_id == "resolve_open_case", (channel, d.actions)
         assert not {a.type for a in d.actions} & MARKETING, (channel, d.actions)
         assert "service_first" in d.situations
-    engine.store.save([customer("S1", open_cases=0)])
+    engine.store.save([customer("S1", open_cases=0)], SCHEMA)
     assert {a.type for a in decide(engine, "S1", "web").actions} & SALES
 
 
@@ -79,10 +79,10 @@ def test_1_a_retention_save_trigger_allows_retention_during_a_case(engine: Decis
 
 
 def test_2_consent_withdrawal_applies_to_the_very_next_decision(engine: DecisionEngine) -> None:
-    engine.store.save([customer("S2")])
+    engine.store.save([customer("S2")], SCHEMA)
     assert {a.type for a in decide(engine, "S2", "email").actions} & MARKETING
     everything_but_email = {"call_center", "web", "mobile_app", "sms", "branch", "pos"}
-    engine.store.save([customer("S2", consent=everything_but_email)])
+    engine.store.save([customer("S2", consent=everything_but_email)], SCHEMA)
     d = decide(engine, "S2", "email", explain=True)
     assert not {a.type for a in d.actions} & MARKETING
     assert any(f.stage == "blocked" and "marketing_needs_consent" in f.detail for f in d.funnel)
@@ -90,9 +90,9 @@ def test_2_consent_withdrawal_applies_to_the_very_next_decision(engine: Decision
 
 
 def test_3_one_voice_same_state_same_decision_from_any_engine(engine: DecisionEngine, models_dir: Path) -> None:
-    engine.store.save([customer("S3", churn_risk=0.6, categorical={"value_tier": "A"})])
+    engine.store.save([customer("S3", churn_risk=0.6, categorical={"value_tier": "A"})], SCHEMA)
     other_rules = load_and_compile(RULES_DIR)
-    other = DecisionEngine(ProfileStore(engine.store.client), Live(other_rules), Live(ModelRegistry(models_dir).load()),
+    other = DecisionEngine(ProfileStore(engine.store.client), Live(other_rules), Live(ModelRegistry(models_dir, SCHEMA).load()),
                            clock=lambda: NOON)
 
     def same_state_decision(e: DecisionEngine):
@@ -107,7 +107,7 @@ def test_3_one_voice_same_state_same_decision_from_any_engine(engine: DecisionEn
 
 
 def test_5_requested_call_back_tops_the_call_center_list_until_it_expires(engine: DecisionEngine) -> None:
-    engine.store.save([customer("S5", open_cases=1)])
+    engine.store.save([customer("S5", open_cases=1)], SCHEMA)
     engine.store.set_trigger("S5", "callback_requested", 3600, now=NOON)
     assert decide(engine, "S5", "call_center").actions[0].action_id == "callback_customer"
     engine.store.client.delete("nba:{c:S5}:triggers")
@@ -115,7 +115,7 @@ def test_5_requested_call_back_tops_the_call_center_list_until_it_expires(engine
 
 
 def test_7_many_new_lines_block_sales_and_raise_a_review(engine: DecisionEngine) -> None:
-    engine.store.save([customer("S7", new_lines_30d=48)])
+    engine.store.save([customer("S7", new_lines_30d=48)], SCHEMA)
     d = decide(engine, "S7", "call_center")
     assert d.actions[0].action_id == "review_new_lines"
     assert not {a.type for a in d.actions} & MARKETING
@@ -124,7 +124,7 @@ def test_7_many_new_lines_block_sales_and_raise_a_review(engine: DecisionEngine)
 
 
 def test_8_retention_for_valuable_customers_at_risk_outranks_cross_sell(engine: DecisionEngine) -> None:
-    engine.store.save([customer("S8", churn_risk=0.75, categorical={"value_tier": "A"})])
+    engine.store.save([customer("S8", churn_risk=0.75, categorical={"value_tier": "A"})], SCHEMA)
     d = decide(engine, "S8", "call_center", max_actions=10)
     types = [a.type for a in d.actions]
     assert types[0] == "retention", d.actions
@@ -176,7 +176,7 @@ def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, 
         "  - id: brand_newsletter_signup\n    eligible: 'context.test != \"nothing\"'\n", 1))
     rules = load_and_compile(rules_dir)
     try:
-        engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir).load()),
+        engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir, SCHEMA).load()),
                                 clock=lambda: NOON)  # outside the e-mail quiet hours, whenever the test runs
         engine.store.save([customer("S0", products=set(), tv_hours_week=0, roaming_days_90d=0,
                                     categorical={"device_os": "none"})])

@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.features import CATEGORICAL, CHANNELS, SETS
 from engine.models.training import auc
 from engine.rules.loader import load_rules
 from engine.sim.dynamics import IDEAL, REALISTIC, Draws, Population, drift_of, event_round, response
+from engine.sim.telco import CATEGORICAL, CHANNELS, SETS
 from engine.sim.world import generate, true_logit
 
 from .conftest import RULES_DIR

@@ -11,12 +11,16 @@ import redis
 
 from engine.cli import main
 from engine.decision.report import lift_interval
-from engine.models.model_input import CUSTOMER_FEATURES, FEATURES, customer_blocks
+from engine.models.model_input import model_input
 from engine.rules.loader import load_rules
 from engine.sim.simulate import POLICIES, Settings, mean_ci, simulate
+from engine.sim.telco import SCHEMA
 from engine.sim.world import generate, population_seeds
 
 from .conftest import RULES_DIR
+
+ROWS = model_input(SCHEMA)
+CUSTOMER_FEATURES, FEATURES, customer_blocks = ROWS.customer_features, ROWS.features, ROWS.customer_blocks
 
 SMALL = ["--customers", "60", "--rounds", "3", "--seeds", "2", "--history-customers", "300", "--history-days", "3",
          "--trees", "10"]

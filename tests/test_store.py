@@ -3,7 +3,7 @@ import time
 import numpy as np
 import redis
 
-from engine.features import NUMERIC
+from engine.sim.telco import NUMERIC, SCHEMA
 from engine.sim.world import generate
 from engine.store.profiles import ProfileStore, SchemaMismatch, profile_key, triggers_key
 
@@ -11,7 +11,7 @@ from engine.store.profiles import ProfileStore, SchemaMismatch, profile_key, tri
 def test_profile_round_trip_in_one_pipeline(redis_url: str) -> None:
     store = ProfileStore.from_url(redis_url)
     original = generate(5).profile(3)
-    store.save([original])
+    store.save([original], SCHEMA)
     back = store.fetch(original.customer_id)
     assert back.found
     np.testing.assert_array_equal(back.numeric, original.numeric)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
+from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, DEMO_RULES, NUMERIC, SETS
 
 PRODUCTS = SETS["products"]
 TRIGGERS = ("callback_requested", "retention_save", "payment_failed", "data_cap_near", "complaint_opened")
@@ -98,7 +98,8 @@ def _targets(rng: random.Random, groups: list[str], ids: list[str]) -> str:
 
 def write_rules(target: Path, actions: int = 100, rules: int = 300, customer_rules: int = 60,
                 seed: int = 11) -> Path:
-    """Write a synthetic ``catalog.yaml`` and ``policies.yaml`` into ``target``; returns ``target``."""
+    """Write a synthetic ``catalog.yaml`` and ``policies.yaml`` (and the demo's ``domain.yaml``) into
+    ``target``; returns ``target``."""
     per_action = rules - customer_rules
     if per_action < actions or customer_rules < 3:
         raise ValueError("need at least one eligible condition per action and 3 customer-level rules")
@@ -176,13 +177,17 @@ def write_rules(target: Path, actions: int = 100, rules: int = 300, customer_rul
     target.mkdir(parents=True, exist_ok=True)
     (target / "catalog.yaml").write_text(catalog)
     (target / "policies.yaml").write_text(policies)
+    (target / "domain.yaml").write_bytes((DEMO_RULES / "domain.yaml").read_bytes())
     return target
 
 
 def count_rules(ruleset) -> dict[str, int]:
-    """How many conditions of each kind a loaded rule set has (for reports)."""
+    """How many conditions of each kind a loaded rule set has (for reports; the built-in consent policy
+    not counted)."""
+    from engine.rules.loader import CONSENT_POLICY
+
     stages = ("eligible", "applicable", "suitable")
     owners = [*ruleset.actions, *ruleset.groups.values()]
     per_action = sum(getattr(o, stage) is not None for o in owners for stage in stages)
     return {"actions": len(ruleset.actions), "per_action": per_action, "situations": len(ruleset.situations),
-            "policies": len(ruleset.policies), "levers": len(ruleset.levers)}
+            "policies": sum(p.name != CONSENT_POLICY for p in ruleset.policies), "levers": len(ruleset.levers)}
