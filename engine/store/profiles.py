@@ -24,6 +24,7 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -77,6 +78,7 @@ _SAVE_PROFILE = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV))
 """
+_SAVE_SHA = hashlib.sha1(_SAVE_PROFILE.encode()).hexdigest()
 
 
 def profile_key(customer_id: str) -> str:
@@ -512,7 +514,6 @@ class ProfileStore:
         self.client = client
         self.hot = HotPath(client)
         self.layouts: dict[str, tuple[str, ...]] = {}  # nba:layouts as last read (or written) here
-        self._save = client.register_script(_SAVE_PROFILE)
 
     @classmethod
     def from_url(cls, url: str, config: Config | None = None) -> ProfileStore:
@@ -581,13 +582,20 @@ class ProfileStore:
     def save(self, profiles: list[Profile], schema: FeatureSchema) -> None:
         """Write ``profiles`` whole; each replaces its customer's hash in one step."""
         self.register_layout(schema)
-        pipe = self.client.pipeline(transaction=False)
-        for p in profiles:
-            args: list[bytes | str | int] = []
-            for name, value in encode_profile(p, schema).items():
-                args += (name, value)
-            self._save(keys=[profile_key(p.customer_id)], args=args, client=pipe)
-        pipe.execute()
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for p in profiles:
+                args: list[bytes | str | int] = []
+                for name, value in encode_profile(p, schema).items():
+                    args += (name, value)
+                pipe.evalsha(_SAVE_SHA, 1, profile_key(p.customer_id), *args)
+            try:
+                pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:  # a new or restarted Redis (every node of a cluster)
+                if attempt:
+                    raise
+                self.client.script_load(_SAVE_PROFILE)  # writing a profile twice is writing it once
 
     def set_trigger(self, customer_id: str, name: str, ttl_seconds: float, now: float | None = None) -> None:
         """Raise trigger ``name`` for ``ttl_seconds`` from ``now`` (default: the real clock)."""
