@@ -40,8 +40,8 @@ def test_a_customer_s_keys_share_a_slot_and_the_store_works_on_the_cluster(clust
         cid = f"K{i:05d}"
         assert store.client.keyslot(profile_key(cid)) == store.client.keyslot(triggers_key(cid))
         store.set_trigger(cid, "callback_requested", 60)
-        assert store.fetch(cid).numeric[0] == pytest.approx(i % 7)
-        assert "callback_requested" in store.fetch(cid).triggers
+        assert store.fetch(cid, SCHEMA).numeric[0] == pytest.approx(i % 7)
+        assert "callback_requested" in store.fetch(cid, SCHEMA).triggers
 
 
 def test_a_killed_master_s_replica_takes_over_under_the_same_client(cluster: LocalCluster) -> None:
@@ -57,13 +57,13 @@ def test_a_killed_master_s_replica_takes_over_under_the_same_client(cluster: Loc
     deadline = time.monotonic() + 30
     while True:
         try:
-            assert store.fetch(on_victim[0]).numeric[0] == pytest.approx(int(on_victim[0][1:]) % 7)
+            assert store.fetch(on_victim[0], SCHEMA).numeric[0] == pytest.approx(int(on_victim[0][1:]) % 7)
             break
         except redis.exceptions.RedisError:
             assert time.monotonic() < deadline, "no replica took over"
             time.sleep(0.2)
     for cid in on_victim:
-        assert store.fetch(cid).categorical["segment"] == "consumer"
+        assert store.fetch(cid, SCHEMA).categorical["segment"] == "consumer"
 
 
 def _slots(node: redis.Redis) -> set[int]:

@@ -18,7 +18,7 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, events_key
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
-from engine.sim.telco import NUMERIC
+from engine.sim.telco import NUMERIC, SCHEMA
 from engine.store.profiles import Profile, redis_client
 from engine.store.slots import shard_keys
 
@@ -85,7 +85,7 @@ class Service:
         return self.stub.Decide(pb.DecideRequest(customer_id=customer, channel=channel, explain=True), timeout=10)
 
     def triggers(self, customer: str) -> set[str]:
-        return set(self.app.store.fetch(customer).triggers)
+        return set(self.app.store.fetch(customer, SCHEMA).triggers)
 
 
 @pytest.fixture()
@@ -112,7 +112,7 @@ def _profile(svc: Service, customer: str, consent=("web", "call_center", "email"
         numeric[NUMERIC.index(name)] = value
     svc.app.store.save([Profile(customer, numeric, {"plan": plan, "segment": "consumer", "lifecycle_stage": "satisfied",
                                                     "value_tier": "B", "region": "north", "device_os": "ios"},
-                                {"products": frozenset({"mobile"}), "consent": frozenset(consent)})])
+                                {"products": frozenset({"mobile"}), "consent": frozenset(consent)})], SCHEMA)
 
 
 def _outbound(redis_url: str) -> list[dict]:

@@ -16,7 +16,7 @@ from engine.config import Config
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, OutboundBusy, outbound_key
 from engine.events.timers import TimerPoller
 from engine.serving.app import App
-from engine.sim.telco import NUMERIC
+from engine.sim.telco import NUMERIC, SCHEMA
 from engine.store.profiles import Profile, redis_client
 from engine.store.slots import customer_shard_key
 
@@ -48,7 +48,7 @@ def _profile(app: App, customer: str) -> None:
                                                 "lifecycle_stage": "satisfied", "value_tier": "B",
                                                 "region": "north", "device_os": "ios"},
                             {"products": frozenset({"mobile"}),
-                             "consent": frozenset({"web", "call_center", "email", "sms", "mobile_app"})})])
+                             "consent": frozenset({"web", "call_center", "email", "sms", "mobile_app"})})], SCHEMA)
 
 
 def _outbound(client: redis.Redis) -> list[dict]:

@@ -71,7 +71,7 @@ def test_1_service_before_sales_on_every_channel(engine: DecisionEngine) -> None
 
 def test_1_a_retention_save_trigger_allows_retention_during_a_case(engine: DecisionEngine) -> None:
     engine.store.save([customer("S1b", open_cases=1, churn_risk=0.8,
-                                categorical={"value_tier": "A"})])
+                                categorical={"value_tier": "A"})], SCHEMA)
     assert "retention" not in {a.type for a in decide(engine, "S1b", "call_center").actions}
     engine.store.set_trigger("S1b", "retention_save", 3600, now=NOON)
     types = [a.type for a in decide(engine, "S1b", "call_center").actions]
@@ -142,7 +142,7 @@ def test_9_lifecycle_stages_get_their_strategy(engine: DecisionEngine, stage, al
     products = set() if stage == "prospect" else {"mobile", "broadband", "tv"}
     engine.store.save([customer("S9", categorical={"lifecycle_stage": stage}, products=products,
                                 tenure_months=0 if stage == "prospect" else 30, tv_hours_week=20,
-                                churn_risk=0.35 if stage == "declining" else 0.1)])
+                                churn_risk=0.35 if stage == "declining" else 0.1)], SCHEMA)
     seen = set()
     for channel in ("web", "call_center", "mobile_app", "branch"):
         seen |= {a.type for a in decide(engine, "S9", channel, max_actions=10).actions}
@@ -179,7 +179,7 @@ def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, 
         engine = DecisionEngine(ProfileStore.from_url(redis_url), Live(rules), Live(ModelRegistry(models_dir, SCHEMA).load()),
                                 clock=lambda: NOON)  # outside the e-mail quiet hours, whenever the test runs
         engine.store.save([customer("S0", products=set(), tv_hours_week=0, roaming_days_90d=0,
-                                    categorical={"device_os": "none"})])
+                                    categorical={"device_os": "none"})], SCHEMA)
         assert [a.action_id for a in decide(engine, "S0", "web").actions] == ["brand_newsletter_signup"]
         d = decide(engine, "S0", "web", context={"test": "nothing"}, explain=True)
         assert [a.action_id for a in d.actions] == ["brand_newsletter_signup"]
@@ -187,7 +187,7 @@ def test_fallback_when_nothing_survives_but_never_past_a_policy(redis_url: str, 
         assert not [f for f in d.funnel if f.stage == "ranked"]
         # Without e-mail consent even the fallback newsletter is not sent: the answer is empty on purpose.
         engine.store.save([customer("S0", consent={"web"}, products=set(), tv_hours_week=0, roaming_days_90d=0,
-                                    categorical={"device_os": "none"})])
+                                    categorical={"device_os": "none"})], SCHEMA)
         d = decide(engine, "S0", "email", context={"test": "nothing"}, explain=True)
         assert d.actions == []
         assert any(f.action_id == "brand_newsletter_signup" and "newsletter_needs_consent" in f.detail
