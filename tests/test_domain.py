@@ -190,3 +190,23 @@ def test_profiles_are_read_by_name_after_the_domain_changes(tmp_path: Path, redi
         fresh.client.close()
     finally:
         store.client.close()
+
+
+def test_the_editor_schema_describes_domain_yaml() -> None:
+    import json
+
+    from engine.rules.domain import ATTRIBUTE_KEYS, CHANNEL_KEYS, DERIVED_KEYS, DOMAIN_KEYS, TYPE_KEYS
+
+    from .test_rule_language import _validate, _yaml_as_json
+
+    schema = json.loads((REPO / "rules" / "schema" / "domain.schema.json").read_text())
+    demo = _yaml_as_json(REPO / "rules" / "domain.yaml")
+    assert _validate(demo, schema, schema) == []
+    demo["channels"]["web"]["direction"] = "sideways"
+    assert len(_validate(demo, schema, schema)) == 1
+    props = schema["properties"]
+    assert set(props) == set(DOMAIN_KEYS)
+    assert set(props["attributes"]["additionalProperties"]["properties"]) == set(ATTRIBUTE_KEYS)
+    assert set(props["derived"]["additionalProperties"]["properties"]) == set(DERIVED_KEYS)
+    assert set(props["channels"]["additionalProperties"]["properties"]) == set(CHANNEL_KEYS)
+    assert set(props["action_types"]["additionalProperties"]["properties"]) == set(TYPE_KEYS)

@@ -79,6 +79,7 @@ from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEven
 from engine.store import streams
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
 from engine.store.slots import customer_shard_key, shard_count
+from engine.store.updates import InvalidAttribute, apply_update, check_update
 
 if TYPE_CHECKING:
     from engine.decision.funnel import Decision, DecisionEngine
@@ -300,6 +301,15 @@ class EventProcessor:
                 # before the event is recorded, and again for a replay (it is idempotent): a call that
                 # failed half-way and is retried still withdraws; the patterns already see the new consent
                 withdrawn = self.withdraw_consent(customer_id, _withdrawn_channels(attrs, rules.schema.channel_names))
+            if events is not None and events.types[event_type].sets:
+                # like a withdrawal: before the event is recorded, and again for a replay (idempotent)
+                declared = events.types[event_type].sets
+                try:
+                    change = check_update(rules.schema, {target: attrs[source] for target, source in declared.items()})
+                except InvalidAttribute as exc:
+                    source = declared[exc.field.split(".", 1)[1]]
+                    raise InvalidRequest(f"attributes.{source}", str(exc).split(": ", 1)[1]) from None
+                apply_update(self.store, customer_id, change, rules.schema)
             event = Event(event_id, event_type, ts_ms, attrs)
             keep_ms = events.history_ms if events is not None else 86_400_000
             since = ts_ms - (events.window_ms if events is not None else 0)

@@ -54,7 +54,7 @@ EVENT_FIELD, INDEX_FIELD = "e", "i"
 CATCH_ALL = "nba$all"
 
 FILE_KEYS = {"event_types": True, "patterns": False, "description": False}
-TYPE_KEYS = {"attributes": False, "description": False}
+TYPE_KEYS = {"attributes": False, "sets": False, "description": False}
 PATTERN_KEYS = {"name": True, "description": False, "raise": False, "outbound": False, "cleared_by": False,
                 **{k: False for k in KINDS}}
 SPEC_KEYS = {
@@ -120,6 +120,7 @@ class EventType:
     name: str
     attributes: dict[str, AttributeType]
     description: str = ""
+    sets: dict[str, str] = field(default_factory=dict)  # profile attribute (domain.yaml) -> event attribute
 
 
 @dataclass(frozen=True)
@@ -405,8 +406,40 @@ def _load_types(loader, loc) -> dict[str, EventType]:
                 shown = spec.plain()  # a mapping's value holds Locs, whose repr is the whole file
                 hint = suggest(str(shown), ATTRIBUTE_TYPES) or "number, text, or a list of levels [a, b]"
                 loader.err(spec.error(f'unknown attribute type "{shown}" for {name}.{attr}', hint))
-        types[name] = EventType(name, attrs, loader.text(fields.get("description"), "description"))
+        sets = _load_sets(loader, fields.get("sets"), name, attrs)
+        types[name] = EventType(name, attrs, loader.text(fields.get("description"), "description"), sets)
     return types
+
+
+def _load_sets(loader, loc, event: str, attrs: dict[str, AttributeType]) -> dict[str, str]:
+    """``sets: {profile attribute: event attribute}``: what an event of this type writes to the profile.
+    A number goes to a number attribute; a list of levels to a category that has every one of them."""
+    schema = loader.schema
+    out: dict[str, str] = {}
+    for target, source_loc in (loader.mapping(loc, f"sets of {event}") or {}).items():
+        source = loader.text(source_loc, f"sets of {event}.{target}")
+        attr = attrs.get(source)
+        if attr is None:
+            loader.err(source_loc.error(f'{event} has no attribute "{source}"',
+                                        suggest(source, attrs) or "declare it under attributes:"))
+            continue
+        if target in schema.numeric and target not in schema.dates:
+            ok, want = attr.kind == "num", "a number attribute"
+        elif target in schema.categorical:
+            missing = [v for v in attr.levels if v not in schema.categorical[target]]
+            ok = attr.kind == "cat" and not missing
+            want = f"a list of levels of {target} ({', '.join(schema.categorical[target])})" + (
+                f"; not levels of {target}: {', '.join(missing)}" if missing else "")
+        else:
+            settable = [n for n in (*schema.numeric, *schema.categorical) if n not in schema.dates]
+            loader.err(source_loc.key_error(f'"{target}" is not a number or category attribute of domain.yaml',
+                                            suggest(target, settable) or "attributes: " + ", ".join(settable)))
+            continue
+        if not ok:
+            loader.err(source_loc.error(f"{event}.{source} cannot set {target}: it must be {want}"))
+            continue
+        out[target] = source
+    return out
 
 
 def _load_part(loader, event_loc, cond_loc, types: dict[str, EventType], what: str) -> Part | None:

@@ -48,6 +48,7 @@ ROLES = {
     "decide": ("/nba.v1.DecisionService/Decide",),
     "respond": ("/nba.v1.DecisionService/RecordResponse",),
     "events": ("/nba.v1.DecisionService/PublishEvent",),
+    "profiles": ("/nba.v1.ProfileService/",),
     "admin": ("/nba.v1.AdminService/",),
 }
 OPEN_SERVICES = {

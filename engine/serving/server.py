@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,6 +24,7 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision.funnel import Decision, redis_until
 from engine.decision.request import DecideInput, InvalidRequest
 from engine.decision.responses import NotFound
+from engine.serving.privacy import check_customer_id
 from engine.serving.security import (
     MAX_MESSAGE_BYTES,
     AuthPolicy,
@@ -31,6 +33,7 @@ from engine.serving.security import (
     current_caller,
 )
 from engine.store.profiles import redis_deadline
+from engine.store.updates import InvalidAttribute, ProfileExists, apply_update, check_update
 
 if TYPE_CHECKING:
     from engine.serving.app import App
@@ -88,10 +91,11 @@ def decision_to_pb(d: Decision) -> pb.DecideResponse:
     add = reply.actions.add
     for a in d.actions:
         kind = TYPE_TO_PB.get(a.type, pb.ACTION_TYPE_UNSPECIFIED)
-        treatment = add(action_id=a.action_id, name=a.name, type=kind, group=a.group,
+        treatment = add(action_id=a.action_id, name=a.name, type=kind, type_name=a.type, group=a.group,
                         propensity=a.propensity, value=a.value, priority=a.priority, reasons=a.reasons,
                         rank=a.rank, campaign=a.campaign).treatment
         treatment.channel = channel
+        treatment.channel_name = d.channel
         treatment.content.update(a.treatment)
     if d.funnel:
         entry = reply.funnel.add
@@ -116,6 +120,8 @@ def _counted_as(method: str) -> Callable[[Callable], Callable]:
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
             except NotFound as exc:
                 code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+            except ProfileExists as exc:
+                code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
             except redis.exceptions.RedisError as exc:
                 metrics.REDIS_ERRORS.labels(method).inc()
                 code, message = grpc.StatusCode.UNAVAILABLE, f"profile store unavailable: {exc}"
@@ -195,13 +201,28 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
+    def _channel(self, request: pb.DecideRequest) -> str:
+        """The declared channel a Decide names: ``channel_name``, or the ``channel`` enum's name."""
+        declared = self.app.rules.current.schema.channel_names
+        by_enum = CHANNEL_FROM_PB.get(request.channel)
+        if request.channel_name:
+            if request.channel_name not in declared:
+                raise InvalidRequest("channel_name", f"unknown channel {request.channel_name[:64]!r}; declared "
+                                                     "channels: " + ", ".join(declared))
+            if request.channel and by_enum != request.channel_name:
+                raise InvalidRequest("channel_name", f"{request.channel_name!r} disagrees with channel "
+                                                     f"{pb.Channel.Name(request.channel) if by_enum else request.channel}")
+            return request.channel_name
+        if by_enum is None:
+            raise InvalidRequest("channel", "set channel_name (declared channels: " + ", ".join(declared)
+                                 + ") or channel (" + ", ".join(pb.Channel.keys()[1:]) + ")")
+        return by_enum
+
     @_counted_as("Decide")
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
-        if request.channel not in CHANNEL_FROM_PB:
-            raise InvalidRequest("channel", f"must be one of {', '.join(pb.Channel.keys()[1:])}")
         decision = self.app.engine.decide(DecideInput(
             customer_id=request.customer_id,
-            channel=CHANNEL_FROM_PB[request.channel],
+            channel=self._channel(request),
             touchpoint=request.touchpoint,
             context=dict(request.context),
             max_actions=request.max_actions,
@@ -237,11 +258,36 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         return pb.PublishEventResponse(
             stream_id=done.stream_id, duplicate=done.duplicate, patterns=done.patterns,
             triggers_raised=done.raised, triggers_cleared=done.cleared,
-            outbound=[pb.OutboundAction(action_id=o.action_id, pattern=o.pattern,
+            outbound=[pb.OutboundAction(action_id=o.action_id, pattern=o.pattern, channel_name=o.channel,
                                         channel=CHANNEL_TO_PB.get(o.channel, pb.CHANNEL_UNSPECIFIED),
                                         status=o.status, decision_id=o.decision_id, reason=o.reason)
                       for o in done.outbound],
         )
+
+
+class ProfileServicer(pb_grpc.ProfileServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @_counted_as("UpdateProfile")
+    def UpdateProfile(self, request: pb.UpdateProfileRequest,
+                      context: grpc.ServicerContext) -> pb.UpdateProfileResponse:
+        check_customer_id(request.customer_id)
+        values: dict[str, object] = {}
+        for name, value in request.attributes.items():
+            kind = value.WhichOneof("value")
+            if kind is None:
+                raise InvalidRequest(f"attributes.{name}", "no value set")
+            values[name] = (None if kind == "clear" else value.date.ToDatetime(tzinfo=UTC) if kind == "date"
+                            else list(value.members.members) if kind == "members" else getattr(value, kind))
+        schema = self.app.rules.current.schema
+        try:
+            change = check_update(schema, values)
+        except InvalidAttribute as exc:
+            raise InvalidRequest(exc.field, str(exc).split(": ", 1)[1]) from None
+        with _redis_until(context):
+            created, changed = apply_update(self.app.store, request.customer_id, change, schema, request.create_only)
+        return pb.UpdateProfileResponse(created=created, changed=changed)
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
@@ -338,11 +384,13 @@ def build_server(app: App, address: str, reuse_port: bool = False,
                          options=options, interceptors=chain, maximum_concurrent_rpcs=max_in_flight)
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    pb_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(app), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         pb.DESCRIPTOR.services_by_name["DecisionService"].full_name,
         pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        pb.DESCRIPTOR.services_by_name["ProfileService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

@@ -61,8 +61,53 @@ OUTCOME_ACCEPTED: Outcome
 OUTCOME_REJECTED: Outcome
 OUTCOME_IGNORED: Outcome
 
+class AttributeValue(_message.Message):
+    __slots__ = ("number", "category", "date", "members", "clear")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    category: str
+    date: _timestamp_pb2.Timestamp
+    members: Members
+    clear: bool
+    def __init__(self, number: _Optional[float] = ..., category: _Optional[str] = ..., date: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., members: _Optional[_Union[Members, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class Members(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateProfileRequest(_message.Message):
+    __slots__ = ("customer_id", "attributes", "create_only")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeValue, _Mapping]] = ...) -> None: ...
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    attributes: _containers.MessageMap[str, AttributeValue]
+    create_only: bool
+    def __init__(self, customer_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., create_only: _Optional[bool] = ...) -> None: ...
+
+class UpdateProfileResponse(_message.Message):
+    __slots__ = ("created", "changed")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, created: _Optional[bool] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class DecideRequest(_message.Message):
-    __slots__ = ("customer_id", "channel", "touchpoint", "context", "max_actions", "explain", "interaction_id", "preview")
+    __slots__ = ("customer_id", "channel", "touchpoint", "context", "max_actions", "explain", "interaction_id", "preview", "channel_name")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +123,7 @@ class DecideRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     INTERACTION_ID_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_NAME_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     channel: Channel
     touchpoint: str
@@ -86,10 +132,11 @@ class DecideRequest(_message.Message):
     explain: bool
     interaction_id: str
     preview: bool
-    def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., touchpoint: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., max_actions: _Optional[int] = ..., explain: _Optional[bool] = ..., interaction_id: _Optional[str] = ..., preview: _Optional[bool] = ...) -> None: ...
+    channel_name: str
+    def __init__(self, customer_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., touchpoint: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., max_actions: _Optional[int] = ..., explain: _Optional[bool] = ..., interaction_id: _Optional[str] = ..., preview: _Optional[bool] = ..., channel_name: _Optional[str] = ...) -> None: ...
 
 class Treatment(_message.Message):
-    __slots__ = ("channel", "content")
+    __slots__ = ("channel", "content", "channel_name")
     class ContentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,12 +146,14 @@ class Treatment(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_NAME_FIELD_NUMBER: _ClassVar[int]
     channel: Channel
     content: _containers.ScalarMap[str, str]
-    def __init__(self, channel: _Optional[_Union[Channel, str]] = ..., content: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    channel_name: str
+    def __init__(self, channel: _Optional[_Union[Channel, str]] = ..., content: _Optional[_Mapping[str, str]] = ..., channel_name: _Optional[str] = ...) -> None: ...
 
 class RankedAction(_message.Message):
-    __slots__ = ("action_id", "name", "type", "group", "propensity", "value", "priority", "treatment", "reasons", "rank", "campaign")
+    __slots__ = ("action_id", "name", "type", "group", "propensity", "value", "priority", "treatment", "reasons", "rank", "campaign", "type_name")
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +165,7 @@ class RankedAction(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    TYPE_NAME_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     name: str
     type: ActionType
@@ -127,7 +177,8 @@ class RankedAction(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     campaign: str
-    def __init__(self, action_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ActionType, str]] = ..., group: _Optional[str] = ..., propensity: _Optional[float] = ..., value: _Optional[float] = ..., priority: _Optional[float] = ..., treatment: _Optional[_Union[Treatment, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., campaign: _Optional[str] = ...) -> None: ...
+    type_name: str
+    def __init__(self, action_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ActionType, str]] = ..., group: _Optional[str] = ..., propensity: _Optional[float] = ..., value: _Optional[float] = ..., priority: _Optional[float] = ..., treatment: _Optional[_Union[Treatment, _Mapping]] = ..., reasons: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., campaign: _Optional[str] = ..., type_name: _Optional[str] = ...) -> None: ...
 
 class FunnelEntry(_message.Message):
     __slots__ = ("action_id", "stage", "detail", "propensity", "priority")
@@ -227,20 +278,22 @@ class PublishEventResponse(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., patterns: _Optional[_Iterable[str]] = ..., triggers_raised: _Optional[_Iterable[str]] = ..., triggers_cleared: _Optional[_Iterable[str]] = ..., outbound: _Optional[_Iterable[_Union[OutboundAction, _Mapping]]] = ...) -> None: ...
 
 class OutboundAction(_message.Message):
-    __slots__ = ("action_id", "channel", "pattern", "status", "decision_id", "reason")
+    __slots__ = ("action_id", "channel", "pattern", "status", "decision_id", "reason", "channel_name")
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_NAME_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     channel: Channel
     pattern: str
     status: str
     decision_id: str
     reason: str
-    def __init__(self, action_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., pattern: _Optional[str] = ..., status: _Optional[str] = ..., decision_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    channel_name: str
+    def __init__(self, action_id: _Optional[str] = ..., channel: _Optional[_Union[Channel, str]] = ..., pattern: _Optional[str] = ..., status: _Optional[str] = ..., decision_id: _Optional[str] = ..., reason: _Optional[str] = ..., channel_name: _Optional[str] = ...) -> None: ...
 
 class ForgetCustomerRequest(_message.Message):
     __slots__ = ("customer_id",)

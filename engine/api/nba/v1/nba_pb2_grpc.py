@@ -186,6 +186,84 @@ class DecisionService:
             _registered_method=True)
 
 
+class ProfileServiceStub:
+    """Profiles: create or update a customer's attributes (role "profiles" in the auth file).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UpdateProfile = channel.unary_unary(
+                '/nba.v1.ProfileService/UpdateProfile',
+                request_serializer=nba_dot_v1_dot_nba__pb2.UpdateProfileRequest.SerializeToString,
+                response_deserializer=nba_dot_v1_dot_nba__pb2.UpdateProfileResponse.FromString,
+                _registered_method=True)
+
+
+class ProfileServiceServicer:
+    """Profiles: create or update a customer's attributes (role "profiles" in the auth file).
+    """
+
+    def UpdateProfile(self, request, context):
+        """Sets the given attributes of one customer at once; the others keep their stored values (a new
+        customer: their declared defaults). Every value is checked against domain.yaml first: one bad
+        value is INVALID_ARGUMENT naming it, and nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ProfileServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UpdateProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProfile,
+                    request_deserializer=nba_dot_v1_dot_nba__pb2.UpdateProfileRequest.FromString,
+                    response_serializer=nba_dot_v1_dot_nba__pb2.UpdateProfileResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nba.v1.ProfileService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nba.v1.ProfileService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ProfileService:
+    """Profiles: create or update a customer's attributes (role "profiles" in the auth file).
+    """
+
+    @staticmethod
+    def UpdateProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nba.v1.ProfileService/UpdateProfile',
+            nba_dot_v1_dot_nba__pb2.UpdateProfileRequest.SerializeToString,
+            nba_dot_v1_dot_nba__pb2.UpdateProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
 

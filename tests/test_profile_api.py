@@ -1,0 +1,131 @@
+"""The API speaks the business's names: channels and action types by their declared names, profiles
+created and updated over gRPC (typed, validated, all or nothing), and events that set attributes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.sim.telco import SCHEMA
+
+pytestmark = pytest.mark.service
+
+
+def update(channel: grpc.Channel, customer_id: str, create_only: bool = False, **values) -> pb.UpdateProfileResponse:
+    attributes = {}
+    for name, value in values.items():
+        if value is None:
+            attributes[name] = pb.AttributeValue(clear=True)
+        elif isinstance(value, datetime):
+            attr = pb.AttributeValue()
+            attr.date.FromDatetime(value)
+            attributes[name] = attr
+        elif isinstance(value, (set, list, tuple)):
+            attributes[name] = pb.AttributeValue(members=pb.Members(members=sorted(value)))
+        elif isinstance(value, str):
+            attributes[name] = pb.AttributeValue(category=value)
+        else:
+            attributes[name] = pb.AttributeValue(number=value)
+    return pb_grpc.ProfileServiceStub(channel).UpdateProfile(
+        pb.UpdateProfileRequest(customer_id=customer_id, attributes=attributes, create_only=create_only), timeout=10)
+
+
+def test_decide_by_channel_name_and_answers_carry_the_declared_names(service) -> None:
+    _, channel = service
+    stub = pb_grpc.DecisionServiceStub(channel)
+    by_name = stub.Decide(pb.DecideRequest(customer_id="C0000042", channel_name="call_center"), timeout=10)
+    assert by_name.actions and all(a.treatment.channel_name == "call_center" and a.type_name for a in by_name.actions)
+    assert all(a.treatment.channel == pb.CHANNEL_CALL_CENTER for a in by_name.actions)  # enum callers keep working
+    both = stub.Decide(pb.DecideRequest(customer_id="C0000042", channel=pb.CHANNEL_WEB, channel_name="web"), timeout=10)
+    assert both.actions
+    for request, field in ((pb.DecideRequest(customer_id="C1", channel_name="atm"), "channel_name"),
+                           (pb.DecideRequest(customer_id="C1", channel=pb.CHANNEL_SMS, channel_name="web"), "channel_name"),
+                           (pb.DecideRequest(customer_id="C1"), "channel")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Decide(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
+    assert "declared channels: call_center, web" in err.value.details()
+
+
+def test_a_profile_is_created_updated_in_part_and_decided_on(service) -> None:
+    app, channel = service
+    created = update(channel, "NEW-1", tenure_months=30, churn_risk=0.2, plan="standard", segment="family",
+                     products={"mobile", "fiber"}, consent={"web", "email"})
+    assert created.created and {"tenure_months", "plan", "products", "consent"} <= set(created.changed)
+    profile = app.store.fetch("NEW-1", SCHEMA)
+    assert profile.found and profile.value("tenure_months", SCHEMA) == 30 and profile.categorical["plan"] == "standard"
+    assert profile.categorical["value_tier"] == "C"  # not given: the declared default
+    again = update(channel, "NEW-1", tenure_months=31, plan="standard")
+    assert not again.created and list(again.changed) == ["tenure_months"]  # the same plan changes nothing
+    after = app.store.fetch("NEW-1", SCHEMA)
+    assert after.value("tenure_months", SCHEMA) == 31 and after.value("churn_risk", SCHEMA) == pytest.approx(0.2)
+    assert after.sets["products"] == {"mobile", "fiber"} and after.sets["consent"] == {"web", "email"}
+    cleared = update(channel, "NEW-1", churn_risk=None, products=[])
+    assert set(cleared.changed) == {"churn_risk", "products"}
+    decided = pb_grpc.DecisionServiceStub(channel).Decide(pb.DecideRequest(customer_id="NEW-1", channel=pb.CHANNEL_WEB),
+                                                           timeout=10)
+    assert not decided.cold_start and decided.actions
+
+
+@pytest.mark.parametrize("values, field, words", [
+    ({"tenure_months": "long"}, "attributes.tenure_months", "expected a number"),
+    ({"churn_risk": 1.5}, "attributes.churn_risk", "outside 0..1"),
+    ({"plan": "gold"}, "attributes.plan", "unknown level 'gold'; levels: none, prepaid"),
+    ({"products": {"mobile", "yacht"}}, "attributes.products", "unknown member 'yacht'"),
+    ({"consent": {"fax"}}, "attributes.consent", "unknown member 'fax'"),
+    ({"shoe_size": 42}, "attributes.shoe_size", "unknown attribute"),
+    ({"rfm_score": 3}, "attributes.rfm_score", "derived feature"),
+    ({"age": 40, "plan": 3}, "attributes.plan", "unknown level"),
+])
+def test_a_bad_value_is_invalid_argument_naming_it_and_nothing_changes(service, values, field, words) -> None:
+    app, channel = service
+    update(channel, "BAD-1", age=20, plan="prepaid")
+    before = app.store.client.hgetall("nba:{c:BAD-1}:profile")
+    with pytest.raises(grpc.RpcError) as err:
+        update(channel, "BAD-1", **values)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field) and words in err.value.details()
+    assert app.store.client.hgetall("nba:{c:BAD-1}:profile") == before
+
+
+def test_create_only_refuses_an_existing_customer(service) -> None:
+    _, channel = service
+    assert update(channel, "ONCE-1", create_only=True, age=50).created
+    with pytest.raises(grpc.RpcError) as err:
+        update(channel, "ONCE-1", create_only=True, age=51)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        update(channel, "has space", age=1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("customer_id")
+
+
+def test_an_event_type_may_set_attributes(service) -> None:
+    app, channel = service
+    events = app.config.rules_dir / "events.yaml"
+    events.write_text(events.read_text().replace("event_types:\n", """event_types:
+  plan_changed:
+    attributes: {plan: [none, prepaid, sim_only, standard, unlimited], bill: number}
+    sets: {plan: plan, monthly_spend: bill}
+    description: Billing moved the customer to another plan.
+""", 1))
+    applied, _, errors = app.reload_rules()
+    assert applied, errors
+    update(channel, "EV-1", plan="prepaid", monthly_spend=10)
+    stub = pb_grpc.DecisionServiceStub(channel)
+    when = pb.PublishEventRequest(event_id="e1", customer_id="EV-1", type="plan_changed",
+                                  attributes={"plan": "unlimited", "bill": "45.5"})
+    when.timestamp.FromDatetime(datetime.fromtimestamp(app.clock(), UTC))
+    stub.PublishEvent(when, timeout=10)
+    profile = app.store.fetch("EV-1", SCHEMA)
+    assert profile.categorical["plan"] == "unlimited" and profile.value("monthly_spend", SCHEMA) == 45.5
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PublishEvent(pb.PublishEventRequest(event_id="e2", customer_id="EV-1", type="plan_changed",
+                                                 attributes={"plan": "gold", "bill": "1"}), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("attributes.plan")
+    events.write_text(events.read_text().replace("sets: {plan: plan, monthly_spend: bill}", "sets: {plan: bill}"))
+    applied, _, errors = app.reload_rules()
+    assert not applied and "plan_changed.bill cannot set plan" in errors[0]
