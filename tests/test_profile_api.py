@@ -3,6 +3,7 @@ created and updated over gRPC (typed, validated, all or nothing), and events tha
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import grpc
@@ -129,3 +130,43 @@ def test_an_event_type_may_set_attributes(service) -> None:
     events.write_text(events.read_text().replace("sets: {plan: plan, monthly_spend: bill}", "sets: {plan: bill}"))
     applied, _, errors = app.reload_rules()
     assert not applied and "plan_changed.bill cannot set plan" in errors[0]
+
+
+def test_an_empty_production_start_decides_cold_until_data_and_a_model_arrive(redis_url: str, tmp_path, models_dir) -> None:
+    import shutil
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from engine.config import Config
+    from engine.serving.app import App
+    from engine.serving.server import build_server
+
+    from .conftest import RULES_DIR
+
+    app = App(Config(redis_url=redis_url, rules_dir=RULES_DIR, models_dir=tmp_path / "models", demo=False,
+                     metrics_port=0, model_poll_seconds=0.1, rules_watch_seconds=0)).start()
+    server, port, health = build_server(app, "127.0.0.1:0")
+    server.start()
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        assert not app.store.client.exists("nba:meta")  # no demo customers were seeded
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.DecisionServiceStub(channel)
+        first = stub.Decide(pb.DecideRequest(customer_id="P-1", channel=pb.CHANNEL_WEB), timeout=10)
+        assert first.cold_start and not first.degraded and first.model_version == "none" and first.actions
+        update(channel, "P-1", tenure_months=40, plan="standard", consent={"web"}, products={"mobile"})
+        known = stub.Decide(pb.DecideRequest(customer_id="P-1", channel=pb.CHANNEL_WEB), timeout=10)
+        assert not known.cold_start and known.model_version == "none"
+        shutil.copytree(models_dir, tmp_path / "models", dirs_exist_ok=True)  # a model is promoted
+        deadline = time.monotonic() + 20
+        while app.model.current.version == "none":
+            assert time.monotonic() < deadline, "the promoted model did not go live"
+            time.sleep(0.1)
+        later = stub.Decide(pb.DecideRequest(customer_id="P-1", channel=pb.CHANNEL_WEB), timeout=10)
+        assert later.model_version == app.model.current.version != "none"
+    finally:
+        channel.close()
+        server.stop(0).wait()
+        app.close()

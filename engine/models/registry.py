@@ -29,16 +29,35 @@ from engine.models.model_input import model_input
 from engine.models.scorer import CompiledModel
 
 DEFAULT_NAME = "propensity"
+NO_MODEL = "none"  # the model version of decisions made before any model was promoted
+NO_MODEL_PROPENSITY = 0.05  # what every action scores then: arbitration ranks by value, weights and levers
 
 
 class ModelRefused(NbaError):
     """A model file or schema that must not go live."""
 
 
+class ConstantScorer:
+    """Scores every action alike: what decides while no model has been trained (an empty production
+    start). It binds and predicts like a ``CompiledModel``."""
+
+    def __init__(self, propensity: float) -> None:
+        self.propensity = propensity
+
+    def bind(self, row_features: object, rows: object) -> ConstantScorer:
+        return self
+
+    def predict(self, x: np.ndarray, actions: np.ndarray | None = None) -> np.ndarray:
+        return np.full(len(actions) if actions is not None else len(x), self.propensity)
+
+    def warmup(self) -> None:
+        pass
+
+
 @dataclass
 class LoadedModel:
     version: str
-    scorer: CompiledModel
+    scorer: CompiledModel | ConstantScorer
     action_levels: tuple[str, ...]
     loaded_at: float
     metrics: dict
@@ -77,6 +96,11 @@ def schema_mismatch(schema: object, features: FeatureSchema) -> str | None:
                 detail = f"model {schema[key]!r}, live {live[key]!r}"
             return f"model {key} does not match the live feature schema ({detail})"
     return None
+
+
+def no_model(schema: FeatureSchema) -> LoadedModel:
+    """The stand-in while the registry has no champion: decisions are ranked without propensities."""
+    return LoadedModel(NO_MODEL, ConstantScorer(NO_MODEL_PROPENSITY), (), time.time(), {}, schema.fingerprint())
 
 
 class ModelRegistry:

@@ -20,7 +20,7 @@ from engine.events.timers import TimerPoller
 from engine.live import Live
 from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
-from engine.models.registry import ModelRefused, ModelRegistry
+from engine.models.registry import NO_MODEL, ModelRefused, ModelRegistry, no_model
 from engine.rules.runtime import CompiledRules
 from engine.sim import demo
 from engine.store.audit import audit
@@ -79,7 +79,7 @@ class App:
         if cfg.demo:
             ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
-        self.model = Live(load_model_set(self.registry))
+        self.model = Live(self._first_models(rules))
         self.decision_log = DecisionLog(self.store.client)
         self.engine = DecisionEngine(self.store, self.rules, self.model, self.decision_log,
                                      contacts=cfg.contact_policies, clock=self.clock)
@@ -104,6 +104,15 @@ class App:
         if cfg.rules_watch_seconds > 0:
             self.watcher = RuleWatcher(cfg.rules_dir, cfg.rules_watch_seconds, self.reload_rules, files).start()
         return self
+
+    def _first_models(self, rules: CompiledRules) -> ModelSet:
+        """The registry's models; with none promoted yet (an empty production start), decisions go on
+        without propensities until ``nba train`` promotes one, which the model watcher then picks up."""
+        if self.registry.champion() is None:
+            log.warning("no champion model in %s: deciding without propensities (ranked by value, weights and "
+                        "levers) until one is trained and promoted", self.registry.dir)
+            return ModelSet(no_model(rules.schema))
+        return load_model_set(self.registry)
 
     def _swap_models(self, models: ModelSet) -> None:
         """A new champion / experiment from the watcher: bind it to the catalog, then swap it in."""
@@ -168,6 +177,8 @@ class App:
         models = self.model.current
         if all(m.feature_schema == fingerprint for m in models.models):
             return models, ""
+        if models.version == NO_MODEL and self.registry.champion() is None:
+            return ModelSet(no_model(new.schema)), ""
         try:
             return load_model_set(ModelRegistry(self.config.models_dir, new.schema)), ""
         except ModelRefused as exc:
