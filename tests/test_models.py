@@ -31,7 +31,7 @@ from engine.serving.app import App
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
 from engine.sim.world import generate
-from engine.store.profiles import DECISIONS_STREAM, ProfileStore, redis_client
+from engine.store.profiles import DECISIONS_STREAM, Profile, ProfileStore, redis_client
 from engine.store.streams import length, xrange_all
 
 from .conftest import RULES_DIR
@@ -126,8 +126,8 @@ def test_schema_json_describes_every_feature(models_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("change, expected", [
-    (lambda s: s["levels"].update(channel=list(reversed(s["levels"]["channel"]))), "levels"),
-    (lambda s: s.__setitem__("features", s["features"][:-1] + ["channel_code"]), "channel_code"),
+    (lambda s: s.__setitem__("features", ["tenure_years"] + s["features"][1:]), "tenure_years"),
+    (lambda s: s.__setitem__("features", s["features"][:-1] + ["channel_code"]), "channel"),
     (lambda s: s.__setitem__("types", ["numeric"] * len(s["types"])), "types"),
     (lambda s: s.pop("types"), "older version"),
 ])
@@ -143,6 +143,26 @@ def test_a_model_whose_schema_differs_is_refused(tmp_path: Path, second_model: T
     code, _, err = run_cli("models", "--models-dir", str(tmp_path), "promote", version)
     assert code == 1 and "refused" in err and expected in err
     assert registry.champion() is None
+
+
+def test_a_model_reads_categories_by_level_name(tmp_path: Path, second_model: Trained) -> None:
+    """Levels in another order (a level added or removed in domain.yaml since training) are recoded by name."""
+    registry = ModelRegistry(tmp_path, SCHEMA)
+    version = registry.save(second_model.text, second_model.actions, {}, {})
+    path = registry.dir / version / "schema.json"
+    schema = json.loads(path.read_text())
+    schema["levels"]["channel"] = list(reversed(schema["levels"]["channel"]))
+    schema["levels"]["plan"] = schema["levels"]["plan"][:-1]  # a level the model never saw
+    path.write_text(json.dumps(schema))
+    model = registry.load(version)
+    adapter = ROWS.adapter(model.features, model.levels)
+    assert adapter is not None and ROWS.adapter(ROWS.features, ROWS.feature_levels()) is None
+    x = ROWS.shared_row(ROWS.customer_block(Profile.cold("X", SCHEMA)), "web")
+    plan = ROWS.features.index("plan")
+    x[plan] = len(SCHEMA.categorical["plan"]) - 1  # "unlimited"
+    seen = adapter(x)
+    assert seen[CHANNEL_INDEX] == len(SCHEMA.channel_names) - 1 - SCHEMA.channel_names.index("web")
+    assert np.isnan(seen[plan]) and np.array_equal(seen[:plan], x[:plan], equal_nan=True)
 
 
 def test_models_list_show_promote(tmp_path: Path, models_dir: Path, second_model: Trained) -> None:
@@ -424,6 +444,6 @@ def test_service_propensities_equal_booster_predict(live) -> None:
         for ch in ("web", "call_center", "email"):
             x = ROWS.shared_row(customer_block(profile), ch)
             idx = np.arange(len(table.action_ids))
-            got = app.engine._scorer(rules, models.champion).predict(x, idx)
+            got = app.engine._scorer(rules, models.champion)[0].predict(x, idx)
             want = booster.predict(ROWS.assemble(customer_block(profile), table, idx, ch), num_threads=1)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)

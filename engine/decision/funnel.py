@@ -7,11 +7,12 @@ log (background). Every stage is timed into ``nba_decision_stage_duration_second
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -51,13 +52,20 @@ from engine.live import Live
 from engine.models.derived import derive
 from engine.models.experiment import ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
-from engine.models.model_input import ActionTable, model_input
+from engine.models.model_input import ActionTable, Adapter, model_input
 from engine.models.registry import LoadedModel
 from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import Profile, ProfileStore, SchemaMismatch, is_cluster, redis_deadline
+from engine.store.profiles import (
+    FEATURE_LAYOUTS_KEY,
+    Profile,
+    ProfileStore,
+    SchemaMismatch,
+    is_cluster,
+    redis_deadline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +153,9 @@ class DecisionEngine:
         self.budgets = BudgetClaims(store.client) if is_cluster(store.client) else None
         # keyed by content versions (an id() of a retired rule set can be reused by the next one)
         self._tables: dict[tuple[str, str], ActionTable] = {}
-        self._bound: dict[tuple[str, str], object] = {}  # (ruleset, model version) -> DecisionScorer
+        self._bound: dict[tuple[str, str], tuple[Any, Adapter | None]] = {}  # (ruleset, model version) -> ...
         self.explorer: Explorer | None = None  # set by App: Thompson sampling counts
+        self._feature_layouts: set[str] = set()  # fingerprints recorded in nba:feature_layouts
 
     def _action_table(self, rules: CompiledRules, model: LoadedModel) -> ActionTable:
         key = (rules.version, model.version)
@@ -154,20 +163,24 @@ class DecisionEngine:
         if table is None:
             if len(self._tables) > 32:
                 self._tables.clear()
-            table = self._tables[key] = model_input(rules.schema).action_table(rules.ruleset.actions, model.action_levels)
+            table = self._tables[key] = model_input(rules.schema).action_table(
+                rules.ruleset.actions, model.action_levels, model.levels.get("action_type"))
         return table
 
-    def _scorer(self, rules: CompiledRules, model: LoadedModel):
-        """The model bound to this catalog (``engine.models.bound_scorer``); ``prepare`` builds it off the
-        request path whenever models or rules change."""
+    def _scorer(self, rules: CompiledRules, model: LoadedModel) -> tuple[Any, Adapter | None]:
+        """The model bound to this catalog (``engine.models.bound_scorer``) and the adapter from the live
+        row layout to the model's (None: the same); ``prepare`` builds them off the request path whenever
+        models or rules change."""
         key = (rules.version, model.version)
-        scorer = self._bound.get(key)
-        if scorer is None:
+        found = self._bound.get(key)
+        if found is None:
             if len(self._bound) > 32:
                 self._bound.clear()
-            scorer = self._bound[key] = model.scorer.bind(model_input(rules.schema).row_features,
-                                                          self._action_table(rules, model).rows)
-        return scorer
+            rows = model_input(rules.schema)
+            width = len(model.features) or len(rows.features)
+            scorer = model.scorer.bind(tuple(range(width - 4, width - 1)), self._action_table(rules, model).rows)
+            found = self._bound[key] = (scorer, rows.adapter(model.features, model.levels))
+        return found
 
     def prepare(self, models=None, rules: CompiledRules | None = None) -> None:
         """Bind every model of ``models`` (default: live) to ``rules``' catalog (default: live) before
@@ -175,7 +188,7 @@ class DecisionEngine:
         models = models if models is not None else self.model.current
         rules = rules if rules is not None else self.rules.current
         for model in getattr(models, "models", (models,)):
-            self._scorer(rules, model).warmup()
+            self._scorer(rules, model)[0].warmup()
 
     def _fetch(self, req: DecideInput, now: float, schema: FeatureSchema) -> tuple[Profile, dict[str, str], str | None]:
         """The profile (triggers active at ``now``) and, with an interaction id, what the interaction stored."""
@@ -498,7 +511,24 @@ class DecisionEngine:
         shared row ``x`` (customer block, channel) against the admitted catalog rows."""
         if not admitted:
             return np.empty(0)
-        return self._scorer(rules, model).predict(x, np.asarray(admitted, dtype=np.int64))
+        scorer, adapter = self._scorer(rules, model)
+        return scorer.predict(x if adapter is None else adapter(x), np.asarray(admitted, dtype=np.int64))
+
+    def _register_features(self, schema: FeatureSchema) -> None:
+        """Record once which names and levels the logged model input of ``schema`` has, so that training
+        reads decisions logged under it by name after domain.yaml changed."""
+        fingerprint = schema.fingerprint()
+        if fingerprint in self._feature_layouts:
+            return
+        rows = model_input(schema)
+        levels = {k: v for k, v in rows.feature_levels().items() if k in rows.customer_features}
+        try:
+            self.store.client.hsetnx(FEATURE_LAYOUTS_KEY, fingerprint,
+                                     json.dumps({"features": list(rows.customer_features), "levels": levels}))
+        except redis.exceptions.RedisError as exc:
+            log.warning("cannot record the feature layout %s: %s", fingerprint, exc)
+            return
+        self._feature_layouts.add(fingerprint)
 
     def _record(self, decision: Decision, req: DecideInput, degraded_by: str | None) -> None:
         """Metrics and the decision log; a repeat or a preview is not a new decision."""
@@ -517,6 +547,8 @@ class DecisionEngine:
         if degraded_by:
             metrics.DEGRADED.labels(degraded_by).inc()
         if self.decision_log is not None:
+            if decision.schema is not None and decision.features is not None:
+                self._register_features(decision.schema)
             self.decision_log.write({
                 "decision_id": decision.decision_id,
                 "customer_id": decision.customer_id,

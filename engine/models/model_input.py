@@ -17,6 +17,7 @@ from engine.models.derived import derive
 from engine.store.profiles import Profile
 
 ACTION_FEATURES: tuple[str, ...] = ("action", "action_type", "action_value", "channel")
+FEATURE_TYPES = ("numeric", "binary", "categorical")
 _NAN = float("nan")
 
 
@@ -69,11 +70,22 @@ class ModelInput:
         out[:, self._prod:] = products
         return out
 
-    def action_table(self, actions: Sequence, model_actions: Sequence[str]) -> ActionTable:
+    def action_table(self, actions: Sequence, model_actions: Sequence[str],
+                     model_types: Sequence[str] | None = None) -> ActionTable:
+        """The catalog's action rows coded as a model was trained: its action and action type levels."""
+        types = self.schema.type_names if model_types is None else model_types
         rows = np.empty((len(actions), 3), dtype=np.float64)
         for i, a in enumerate(actions):
-            rows[i] = (_code(model_actions, a.id), _code(self.schema.type_names, a.type), float(a.value))
+            rows[i] = (_code(model_actions, a.id), _code(types, a.type), float(a.value))
         return ActionTable(tuple(a.id for a in actions), rows)
+
+    def adapter(self, features: Sequence[str], levels: dict[str, list[str]]) -> Adapter | None:
+        """How a shared row of this layout becomes the row of a model trained on ``features`` (by name,
+        categories recoded by level name); None when the model was trained on this very layout."""
+        if not features or (tuple(features) == self.features and all(
+                levels.get(name) == values for name, values in self.feature_levels().items())):
+            return None
+        return Adapter(self.features, self.feature_levels(), features, levels)
 
     def assemble(self, customer: np.ndarray, actions: ActionTable, idx: np.ndarray, channel: str) -> np.ndarray:
         """Rows for customer x actions[idx] on ``channel``: C-contiguous float64 for the scorer."""
@@ -113,6 +125,29 @@ class ModelInput:
         if block.shape != (len(self.customer_features),):
             raise ValueError(f"features hold {block.size} values, want {len(self.customer_features)}")
         return block.astype(np.float64)
+
+
+class Adapter:
+    """Maps a row of one layout (the live schema's) to another (a model's, or the live schema's from an
+    older one): each target column takes the source column of its name (NaN, i.e. missing, for a feature
+    the source lacks), category codes translated by level name (NaN for a level the target never saw)."""
+
+    def __init__(self, source: Sequence[str], source_levels: dict[str, list[str]], target: Sequence[str],
+                 target_levels: dict[str, list[str]]) -> None:
+        index = {name: i for i, name in enumerate(source)}
+        self.take = np.array([index.get(f, -1) for f in target], dtype=np.intp)
+        self.recode: list[tuple[int, np.ndarray]] = []  # (target column, source code -> target code)
+        for j, name in enumerate(target):
+            if name in source_levels and name in target_levels and source_levels[name] != target_levels[name]:
+                theirs = {level: float(k) for k, level in enumerate(target_levels[name])}
+                self.recode.append((j, np.array([theirs.get(level, np.nan) for level in source_levels[name]])))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = np.where(self.take >= 0, x[np.maximum(self.take, 0)], np.nan)
+        for j, table in self.recode:
+            code = out[j]
+            out[j] = table[int(code)] if code == code and 0 <= code < len(table) else np.nan
+        return out
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.errors import NbaError
 from engine.features import FeatureSchema
-from engine.models.model_input import model_input
+from engine.models.model_input import ACTION_FEATURES, FEATURE_TYPES, model_input
 from engine.models.scorer import CompiledModel
 
 DEFAULT_NAME = "propensity"
@@ -62,6 +62,8 @@ class LoadedModel:
     loaded_at: float
     metrics: dict
     feature_schema: str = ""  # the fingerprint of the feature schema it was trained on
+    features: tuple[str, ...] = ()  # its input columns by name (schema.json); () for the live schema's own
+    levels: dict[str, list[str]] = field(default_factory=dict)  # categorical feature -> its codes' levels
 
 
 def live_schema(features: FeatureSchema) -> dict:
@@ -71,30 +73,49 @@ def live_schema(features: FeatureSchema) -> dict:
             "levels": rows.feature_levels(), "feature_schema": features.fingerprint(), "schema_version": features.version}
 
 
+def _malformed(schema: dict) -> str | None:
+    """What is wrong with the shape of a schema.json (None: nothing)."""
+    for key in ("feature_schema", "features", "types", "categorical", "levels"):
+        if key not in schema:
+            return f"schema.json has no {key!r} (written by an older version); retrain the model"
+    features, types, categorical, levels = schema["features"], schema["types"], schema["categorical"], schema["levels"]
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features) or len(set(features)) != len(features):
+        return "schema.json features must be a list of distinct names"
+    if features[-len(ACTION_FEATURES):] != list(ACTION_FEATURES):
+        return f"schema.json features must end with {', '.join(ACTION_FEATURES)}"
+    if not isinstance(types, list) or len(types) != len(features) or not set(types) <= set(FEATURE_TYPES):
+        return f"schema.json types must give one of {', '.join(FEATURE_TYPES)} per feature"
+    if not isinstance(categorical, list) or set(categorical) != {f for f, t in zip(features, types) if t == "categorical"}:
+        return "schema.json categorical must list the features whose types are categorical"
+    if not isinstance(levels, dict) or any(
+            not isinstance(levels.get(c), list) or not all(isinstance(v, str) for v in levels[c])
+            for c in categorical if c != "action"):
+        return "schema.json levels must give the levels of every categorical feature"
+    return None
+
+
 def schema_mismatch(schema: object, features: FeatureSchema) -> str | None:
-    """What differs between a model's schema.json and the live feature schema (None: it matches)."""
+    """Why a model (its schema.json) cannot decide under the live feature schema (None: it can).
+
+    A model reads its input by feature name: attributes, levels, channels and action types added since it
+    was trained are unknown to it (missing values), which it takes like the values it never saw; a
+    feature it was trained on must still exist, with the same type."""
     if not isinstance(schema, dict):
         return f"schema.json holds {type(schema).__name__}, not an object; retrain the model"
     actions = schema.get("actions", [])
     if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
         return f"schema.json actions must be a list of action ids, got {actions!r:.80}"
-    live = live_schema(features)
-    for key in ("feature_schema", "features", "types", "categorical", "levels"):
-        if key not in schema:
-            return f"schema.json has no {key!r} (written by an older version); retrain the model"
-        if schema[key] != live[key]:
-            if isinstance(live[key], list) and isinstance(schema[key], list):
-                diffs = [f"#{i}: model {a!r}, live {b!r}" for i, (a, b) in
-                         enumerate(zip(schema[key], live[key])) if a != b]
-                if len(schema[key]) != len(live[key]):
-                    diffs.insert(0, f"model has {len(schema[key])}, live {len(live[key])}")
-                detail = "; ".join(diffs[:3])
-            elif isinstance(live[key], dict) and isinstance(schema[key], dict):
-                names = sorted(k for k in set(live[key]) | set(schema[key]) if live[key].get(k) != schema[key].get(k))
-                detail = "; ".join(f"{k}: model {schema[key].get(k)!r}, live {live[key].get(k)!r}" for k in names[:3])
-            else:
-                detail = f"model {schema[key]!r}, live {live[key]!r}"
-            return f"model {key} does not match the live feature schema ({detail})"
+    malformed = _malformed(schema)
+    if malformed:
+        return malformed
+    live = dict(zip(model_input(features).features, model_input(features).feature_types()))
+    gone = [f for f in schema["features"] if f not in live]
+    if gone:
+        return (f"the model uses features domain.yaml no longer declares: {', '.join(gone[:8])}"
+                + (f" and {len(gone) - 8} more" if len(gone) > 8 else "") + "; retrain it or declare them again")
+    retyped = [f"{f} (model {t}, live {live[f]})" for f, t in zip(schema["features"], schema["types"]) if live[f] != t]
+    if retyped:
+        return "feature types differ from the live schema: " + ", ".join(retyped[:5]) + "; retrain the model"
     return None
 
 
@@ -176,15 +197,16 @@ class ModelRegistry:
             scorer = CompiledModel.from_file(folder / "model.txt")
         except Exception as exc:  # LightGBM raises its own error types for corrupt files
             raise ModelRefused(f"{folder / 'model.txt'}: not a usable LightGBM model: {exc}") from exc
-        rows = model_input(self.schema)
-        if scorer.num_features != len(rows.features):
-            raise ModelRefused(f"{folder}: model has {scorer.num_features} features, live schema {len(rows.features)}")
+        if scorer.num_features != len(schema["features"]):
+            raise ModelRefused(f"{folder}: model.txt has {scorer.num_features} features, schema.json "
+                               f"{len(schema['features'])}")
         if not scorer.probabilities:
             raise ModelRefused(f"{folder}: objective {scorer.objective!r} does not score probabilities; "
                                "a propensity model is binary")
         scorer.warmup()
         actions = tuple(schema.get("actions", ()))
         # Compile the decision kernels and build their layout now, never on a customer's request.
-        scorer.bind(rows.row_features, np.zeros((1, len(rows.row_features)))).warmup()
+        row_features = tuple(range(len(schema["features"]) - len(ACTION_FEATURES), len(schema["features"]) - 1))
+        scorer.bind(row_features, np.zeros((1, len(row_features)))).warmup()
         return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}),
-                           str(schema.get("feature_schema", "")))
+                           str(schema["feature_schema"]), tuple(schema["features"]), dict(schema["levels"]))

@@ -34,8 +34,10 @@ and, for the synthetic world, the rank correlation between predicted and true ac
 
 from __future__ import annotations
 
+import base64
 import csv
 import gzip
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -47,7 +49,7 @@ import lightgbm as lgb
 import numpy as np
 
 from engine.features import FeatureSchema
-from engine.models.model_input import ModelInput, model_input
+from engine.models.model_input import Adapter, ModelInput, model_input
 
 PARAMS = {
     "objective": "binary",
@@ -145,7 +147,9 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
     weights: list[float] = []
     only = set(campaigns)
     counts = {"decisions": 0, "other_campaigns": 0, "without_features": 0, "other_schema": 0, "pending": 0,
-              "responses": n_responses}
+              "responses": n_responses, "older_schema": 0}
+    older = read_feature_layouts(client)
+    adapters: dict[str, Adapter | None] = {}
     for _, f in xrange_all(client, decisions_stream or DECISIONS_STREAM):
         counts["decisions"] += 1
         features = f.get(b"features")
@@ -155,9 +159,18 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
         if not features:
             counts["without_features"] += 1
             continue
-        if (f.get(b"feature_schema") or b"").decode() != fingerprint:
-            counts["other_schema"] += 1
-            continue
+        recorded = (f.get(b"feature_schema") or b"").decode()
+        adapter = None
+        if recorded != fingerprint:
+            if recorded not in adapters:  # read by name: attributes added since are missing, levels recoded
+                known = older.get(recorded)
+                adapters[recorded] = None if known is None else Adapter(
+                    known["features"], known["levels"], layout.customer_features, layout.feature_levels())
+            adapter = adapters[recorded]
+            if adapter is None:
+                counts["other_schema"] += 1
+                continue
+            counts["older_schema"] += 1
         decision_id = (f.get(b"decision_id") or b"").decode()
         ts = float(f.get(b"ts") or 0)
         channel = (f.get(b"channel") or b"").decode()
@@ -166,7 +179,14 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
         values = (f.get(b"values") or b"").decode().split(",")
         tags = (f.get(b"campaigns") or b"").decode().split(",")
         block = len(blocks)
-        blocks.append(layout.decode_features(features.decode()))
+        if adapter is None:
+            blocks.append(layout.decode_features(features.decode()))
+        else:
+            raw = np.frombuffer(base64.b64decode(features), dtype="<f4").astype(np.float64)
+            if len(raw) != len(older[recorded]["features"]):
+                counts["other_schema"] += 1
+                continue
+            blocks.append(adapter(raw))
         for i, action in enumerate(actions.split(",")):
             campaign = (tags[i] if i < len(tags) else "") or "-"
             if only and campaign not in only:
@@ -207,6 +227,22 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
                                 **({"campaigns": sorted(only)} if only else {}),
                                 **({"campaign_weights": dict(campaign_weights or {})} if weighted else {})},
                        w=np.array(weights, dtype=np.float64) if weighted else None, schema=schema)
+
+
+def read_feature_layouts(client) -> dict[str, dict]:
+    """Every feature schema decisions were logged under (``nba:feature_layouts``): fingerprint ->
+    {"features": the customer block's names, "levels": categorical levels}."""
+    out = {}
+    from engine.store.profiles import FEATURE_LAYOUTS_KEY
+
+    for key, value in (client.hgetall(FEATURE_LAYOUTS_KEY) or {}).items():
+        try:
+            layout = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(layout, dict) and isinstance(layout.get("features"), list) and isinstance(layout.get("levels"), dict):
+            out[key.decode() if isinstance(key, bytes) else str(key)] = layout
+    return out
 
 
 def export_csv(data: TrainingSet, path: str | Path) -> int:

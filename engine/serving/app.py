@@ -160,8 +160,8 @@ class App:
                 return True, live, []
             self.engine.prepare(models, rules=new)  # bind the models to the new catalog before it goes live
             self.rules.swap(new)
+            self.registry.schema = new.schema  # the model watcher takes models that fit the live schema
             if models is not self.model.current:  # a model trained on the new domain.yaml goes live with it
-                self.registry.schema = new.schema
                 self.model.swap(models)
             metrics.RULE_RELOADS.labels("applied").inc()
             self._publish_versions()
@@ -173,18 +173,18 @@ class App:
         """The models to decide with under ``new``'s domain.yaml, and why there are none ("": there are).
         A model reads its input in the feature schema it was trained on: when domain.yaml changes that
         schema, the live models serve on until a champion trained on the new one is in the registry."""
-        fingerprint = new.schema.fingerprint()
         models = self.model.current
-        if all(m.feature_schema == fingerprint for m in models.models):
-            return models, ""
-        if models.version == NO_MODEL and self.registry.champion() is None:
+        if models.version == NO_MODEL:
             return ModelSet(no_model(new.schema)), ""
+        registry = ModelRegistry(self.config.models_dir, new.schema)
+        problems = [f"{m.version}: {problem}" for m in models.models if (problem := registry.problem(m.version))]
+        if not problems:
+            return models, ""
         try:
-            return load_model_set(ModelRegistry(self.config.models_dir, new.schema)), ""
-        except ModelRefused as exc:
-            return models, (f"domain.yaml changes the feature schema (now {fingerprint}) and the live model "
-                            f"{models.version} was trained on another; train and promote a model on the new "
-                            f"domain.yaml first ({exc})")
+            return load_model_set(registry), ""  # a champion trained on the new domain.yaml is waiting
+        except ModelRefused:
+            return models, ("domain.yaml: the live model cannot read the new schema (" + "; ".join(problems)
+                            + "); train and promote a model on it first, or keep what the model uses")
 
     def close(self) -> None:
         for part in ("event_stream", "timers", "reservations", "campaign_gauges", "watcher", "model_watcher",

@@ -19,6 +19,8 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
 - event history, dedupe, absence timers and the outbound stream: see ``engine/events/processor.py``
 - ``nba:layouts``: hash layout -> the numeric attribute names of that layout, joined by ","
+- ``nba:feature_layouts``: hash feature-schema fingerprint -> the names and levels of the model input that
+  decisions logged under it carry (training reads older records by name)
 - ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
 """
 
@@ -51,6 +53,7 @@ from engine.store.breaker import PROBE_WAIT_SECONDS, Breaker, BreakerOpen, break
 
 META_KEY = "nba:meta"
 LAYOUTS_KEY = "nba:layouts"
+FEATURE_LAYOUTS_KEY = "nba:feature_layouts"  # fingerprint -> the logged model input's names (JSON)
 DECISIONS_STREAM = "nba:stream:decisions"
 RESPONSES_STREAM = "nba:stream:responses"
 EVENTS_STREAM = "nba:stream:events"
