@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 
 import grpc
+import numpy as np
 import pytest
 
 from engine.api.nba.v1 import nba_pb2 as pb
@@ -170,3 +171,68 @@ def test_an_empty_production_start_decides_cold_until_data_and_a_model_arrive(re
         channel.close()
         server.stop(0).wait()
         app.close()
+
+
+def test_growing_the_domain_on_a_running_service_keeps_profiles_model_and_history(service) -> None:
+    from engine.models.training import fit, from_streams
+
+    app, channel = service
+    stub = pb_grpc.DecisionServiceStub(channel)
+    model = app.model.current.version
+    customers = [f"C{i:07d}" for i in range(40)]
+    before = {cid: app.store.fetch(cid, SCHEMA) for cid in customers[:5]}
+    for cid in customers:
+        reply = stub.Decide(pb.DecideRequest(customer_id=cid, channel=pb.CHANNEL_CALL_CENTER), timeout=10)
+        if cid.endswith(("1", "4", "7")):
+            stub.RecordResponse(pb.RecordResponseRequest(decision_id=reply.decision_id,
+                                                         action_id=reply.actions[0].action_id,
+                                                         outcome=pb.OUTCOME_ACCEPTED), timeout=10)
+    rules_dir = app.config.rules_dir
+    domain = (rules_dir / "domain.yaml").read_text()
+    domain = domain.replace("  nps: {type: number", "  loyalty_points: {type: number, min: 0, default: 100}\n  nps: {type: number")
+    domain = domain.replace("  pos: {direction: inbound", "  push: {direction: outbound}\n  pos: {direction: inbound")
+    domain = domain.replace("action_types:", "action_types:\n  loyalty_reward: {}")
+    (rules_dir / "domain.yaml").write_text(domain)
+    contact = (rules_dir / "contact.yaml").read_text().replace("channels: [email, sms]", "channels: [email, sms, push]")
+    (rules_dir / "contact.yaml").write_text(contact)
+    catalog = (rules_dir / "catalog.yaml").read_text().replace("actions:\n", """actions:
+  - id: loyalty_double_points
+    name: Double points this month
+    type: loyalty_reward
+    group: loyalty
+    value: 8
+    eligible: 'loyalty_points >= 50'
+    channels:
+      push: {title: "Double points", body: "All month long."}
+      web: {headline: "Double points", body: "All month long.", cta: "Collect"}
+""", 1)
+    catalog = catalog.replace('      sms: {text: "Get monthly tips and perks: reply JOIN."}\n',
+                              '      sms: {text: "Get monthly tips and perks: reply JOIN."}\n'
+                              '      push: {title: "Member news", body: "Tips and perks once a month."}\n', 1)
+    (rules_dir / "catalog.yaml").write_text(catalog)
+    applied, version, errors = app.reload_rules()
+    assert applied, errors
+    schema = app.rules.current.schema
+    assert "loyalty_points" in schema.numeric and "push" in schema.channel_names
+    assert app.model.current.version == model  # the model serves on: it reads its features by name
+    for cid, old in before.items():  # every stored profile reads as it was, the new attribute at its default
+        now = app.store.fetch(cid, schema)
+        assert now.found and now.categorical == old.categorical and now.sets == old.sets
+        assert {n: now.value(n, schema) for n in SCHEMA.numeric} == {n: old.value(n, SCHEMA) for n in SCHEMA.numeric}
+        assert now.value("loyalty_points", schema) == 100
+    explained = stub.Decide(pb.DecideRequest(customer_id="C0000003", channel_name="push", explain=True), timeout=10)
+    assert explained.model_version == model and not explained.degraded
+    blocked = {f.action_id: f for f in explained.funnel}
+    assert "marketing_needs_consent" in blocked["loyalty_double_points"].detail  # held to consent on the new channel
+    consents = sorted(app.store.fetch("C0000003", schema).sets["consent"] | {"push"})
+    update(channel, "C0000003", consent=consents)
+    pushed = stub.Decide(pb.DecideRequest(customer_id="C0000003", channel_name="push", explain=True), timeout=10)
+    assert "marketing_needs_consent" not in {f.action_id: f.detail for f in pushed.funnel}.get("loyalty_double_points", "")
+    assert all(a.treatment.channel_name == "push" and a.treatment.channel == pb.CHANNEL_UNSPECIFIED
+               for a in pushed.actions)
+    data = from_streams(app.store.client, schema, as_of=app.clock() + 30 * 86_400)
+    assert data.summary["older_schema"] >= len(customers) and data.summary["other_schema"] == 0
+    column = data.rows.features.index("loyalty_points")
+    assert np.isnan(data.x[:, column]).all()  # logged before the attribute existed: missing, not misread
+    booster, metrics, _ = fit(data, rounds=5)
+    assert booster.num_feature() == len(data.rows.features)
