@@ -210,3 +210,29 @@ def test_the_editor_schema_describes_domain_yaml() -> None:
     assert set(props["derived"]["additionalProperties"]["properties"]) == set(DERIVED_KEYS)
     assert set(props["channels"]["additionalProperties"]["properties"]) == set(CHANNEL_KEYS)
     assert set(props["action_types"]["additionalProperties"]["properties"]) == set(TYPE_KEYS)
+
+
+@pytest.mark.parametrize("tenure, revenue, lines, expected", [
+    (0, 500, 1, False), (10, 500, 2, True), (100, 500, 1, False), (0, 0, 0, False), (10, -500, 1, False),
+    (1, 50, 0, False),  # margin / (num_lines - 1) = 5 / -1: below 0
+])
+def test_rules_may_divide_by_a_feature_and_zero_gives_zero(tmp_path: Path, tenure, revenue, lines, expected) -> None:
+    import shutil
+
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    rules_dir = tmp_path / "rules"
+    condition = "revenue_12m / tenure_months > 10 and margin_12m / (num_lines - 1) >= 0"
+    policies = rules_dir / "policies.yaml"
+    policies.write_text(policies.read_text().replace("situations:\n", f"situations:\n  per_month: '{condition}'\n", 1))
+    catalog = rules_dir / "catalog.yaml"
+    catalog.write_text(catalog.read_text().replace("    group: brand\n", f"    group: brand\n    eligible: '{condition}'\n", 1))
+    ruleset, errors = load_rules(rules_dir)
+    assert not errors, errors
+    with compile_rules(ruleset) as rules:
+        fact = rules.build_fact(numbers={"tenure_months": tenure, "revenue_12m": revenue, "num_lines": lines,
+                                         "margin_12m": 5}, channel="web", consents=["web"])
+        outcome = rules.evaluate(fact)
+        assert ("per_month" in outcome.situations) is expected  # durable-rules
+        assert ("per_month" in rules.evaluate_python(fact).situations) is expected
+        verdicts = {v.action.id: v for v in rules.verdicts(outcome, "web", now=at(3, "12:00"))}
+        assert (verdicts["brand_newsletter_signup"].stage != "eligibility") is expected  # the vector program

@@ -147,7 +147,7 @@ def test_evaluate(text, expected):
     ('plan == segment', 0, "cannot compare plan with segment"),
     ('segment in ["family", 3]', 22, "expected text in quotes in the list"),
     ("nps in [1, 'x']", 11, "expected a number in the list"),
-    ("data_usage_gb / data_allowance_gb > 1", 16, "you can only divide by a fixed number"),
+    ("data_usage_gb / has_consent > 1", 16, '"/" works on numbers but this is a condition'),
     ("nps / (2 - 2) > 1", 6, "division by zero"),
     ("holds('tv') > 1", 0, "conditions cannot be compared with >"),
     ("holds(tv)", 0, "holds() needs one name in quotes"),

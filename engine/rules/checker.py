@@ -84,7 +84,50 @@ def check(node: Node, scope: Scope) -> tuple[Node, list[ConditionError]]:
     resolved, ty = checker.expr(node)
     if ty is not None and ty.kind != "bool":
         checker.error(node, f"expected a condition (true or false) but this is {ty.describe()}", _compare_hint(ty))
-    return resolved, checker.errors
+    return (guard_divisions(resolved) if not checker.errors else resolved), checker.errors
+
+
+def _division(node: Node, guarded: frozenset[int]) -> Arith | None:
+    """The first division by something not fixed in ``node`` that no guard covers yet."""
+    for n in walk(node):
+        if isinstance(n, Arith) and n.op == "/" and not _is_const(n.right) and id(n) not in guarded:
+            return n
+    return None
+
+
+def _replace(node: Node, target: Node, by: Node) -> Node:
+    if node is target:
+        return by
+    if isinstance(node, Arith):
+        return Arith(node.op, _replace(node.left, target, by), _replace(node.right, target, by), pos=node.pos, end=node.end)
+    if isinstance(node, Neg):
+        return Neg(_replace(node.operand, target, by), pos=node.pos, end=node.end)
+    if isinstance(node, Compare):
+        return Compare(node.op, _replace(node.left, target, by), _replace(node.right, target, by), pos=node.pos, end=node.end)
+    if isinstance(node, In):
+        return In(_replace(node.left, target, by), node.items, node.negated, pos=node.pos, end=node.end)
+    return node
+
+
+def guard_divisions(node: Node, guarded: frozenset[int] = frozenset()) -> Node:
+    """``node`` with every comparison that divides by a feature split on that divisor being 0:
+    ``C`` becomes ``(d != 0 and C) or (d == 0 and C with the division as 0)``, so that every engine
+    (durable-rules, the vector program, the Python evaluator) gives x / 0 the value 0."""
+    if isinstance(node, (And, Or)):
+        items = tuple(guard_divisions(i, guarded) for i in node.items)
+        return type(node)(items, pos=node.pos, end=node.end)
+    if isinstance(node, Not):
+        return Not(guard_divisions(node.operand, guarded), pos=node.pos, end=node.end)
+    if not isinstance(node, (Compare, In)):
+        return node
+    division = _division(node, guarded)
+    if division is None:
+        return node
+    zero = Num(0.0, pos=division.right.pos, end=division.right.end)
+    span = {"pos": node.pos, "end": node.end}
+    divides = And((Compare("!=", division.right, zero, **span), guard_divisions(node, guarded | {id(division)})), **span)
+    by_zero = guard_divisions(_replace(node, division, Num(0.0, pos=division.pos, end=division.end)), guarded)
+    return Or((divides, And((Compare("==", division.right, zero, **span), by_zero), **span)), **span)
 
 
 def situation_refs(node: Node) -> list[SitRef]:
@@ -224,11 +267,7 @@ class _Checker:
                 ok = False
         ok = ok and lt is not None and rt is not None
         if ok and node.op == "/":
-            if not _is_const(right):
-                self.error(node.right, "you can only divide by a fixed number",
-                           "use a derived ratio feature instead, e.g. data_usage_ratio")
-                ok = False
-            else:
+            if _is_const(right):  # a feature may be 0: dividing by it gives 0 then (see guard_divisions)
                 from engine.rules.evaluate import evaluate
 
                 divisor = evaluate(right, {})

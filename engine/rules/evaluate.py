@@ -50,7 +50,7 @@ class _Evaluator:
                 return a - b
             if op == "*":
                 return a * b
-            return a / b
+            return a / b if b != 0 else 0.0  # x / 0 is 0, as in every engine (checker.guard_divisions)
         if type(node) is Neg:
             return -self.value(node.operand)
         if type(node) is SitRef:

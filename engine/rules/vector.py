@@ -75,7 +75,7 @@ def _run(ops, args, consts, starts, x, stack, out):  # pragma: no cover - compil
                 elif op == 4:
                     v = left * r
                 elif op == 5:
-                    v = left / r
+                    v = left / r if r != 0.0 else 0.0
                 elif op == 7:
                     v = 1.0 if left == r else 0.0
                 elif op == 8:
