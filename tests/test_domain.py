@@ -236,3 +236,30 @@ def test_rules_may_divide_by_a_feature_and_zero_gives_zero(tmp_path: Path, tenur
         assert ("per_month" in rules.evaluate_python(fact).situations) is expected
         verdicts = {v.action.id: v for v in rules.verdicts(outcome, "web", now=at(3, "12:00"))}
         assert (verdicts["brand_newsletter_signup"].stage != "eligibility") is expected  # the vector program
+
+
+def test_stored_layouts_are_counted_and_migrated_online(tmp_path: Path, redis_url: str) -> None:
+    from engine.store.updates import apply_update, census, check_update, migrate_all
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = load_rules(library(tmp_path / "old"))[0].schema
+    new = load_rules(library(tmp_path / "new", LIBRARY.replace(
+        "  visits_year: {type: number}\n", "  rooms_booked: {type: number, default: 2}\n  visits_year: {type: number}\n")))[0].schema
+    store = ProfileStore.from_url(redis_url)
+    try:
+        profiles = [Profile(f"M{i}", np.array([i, 0.5, 10 + i, 20_000], dtype=np.float32), {"membership": "adult"},
+                            {"products": frozenset({"card"}), "consent": frozenset({"desk"})}) for i in range(30)]
+        store.save(profiles, old)
+        assert census(store, new) == {old.layout(): 30}
+        # an update under the new schema migrates that one profile first, then writes
+        apply_update(store, "M3", check_update(new, {"rooms_booked": 5}), new)
+        assert census(store, new) == {old.layout(): 29, new.layout(): 1}
+        migrated, unreadable = migrate_all(store, new)
+        assert (migrated, unreadable) == (29, []) and census(store, new) == {new.layout(): 30}
+        m3, m4 = store.fetch("M3", new), store.fetch("M4", new)
+        assert m3.value("rooms_booked", new) == 5 and m4.value("rooms_booked", new) == 2
+        assert m4.value("visits_year", new) == 14 and m4.value("loans_open", new) == 4
+        assert migrate_all(store, new) == (0, [])  # nothing left to do
+    finally:
+        store.client.close()

@@ -173,7 +173,7 @@ def _number(name: str, schema: FeatureSchema, traits: np.ndarray, seed: int) -> 
     s = _latent(rng, traits, (0.25, 0.7), _AFFLUENT if shape in ("wide", "signed") else None)
     u = _phi(s)
     if shape == "normal":
-        return np.round(default + s * max(1.0, abs(default)), 2)
+        return np.round(default + s * max(1.0, abs(default)), 2) + 0.0
     if low is not None:
         lo = float(low)
         hi = float(high) if high is not None else lo + 1000.0
@@ -182,7 +182,7 @@ def _number(name: str, schema: FeatureSchema, traits: np.ndarray, seed: int) -> 
         lo = hi - 1000.0
     span = hi - lo
     if shape == "fraction":
-        values = np.round(lo + span * _phi(0.9 * s - 0.7), 3)
+        values = lo + span * _phi(0.9 * s - 0.7)
     elif shape == "score":
         values = lo + span * _phi(0.6 * s - 0.2)
     elif shape == "count":
@@ -199,8 +199,8 @@ def _number(name: str, schema: FeatureSchema, traits: np.ndarray, seed: int) -> 
         below = lo * ((negative - np.minimum(u, negative)) / negative) ** 3
         above = _log_scale(v, 0.0, hi) if hi >= 1000 else hi * v**1.5
         values = np.where(u < negative, below, above)
-    integral = float(lo).is_integer() and float(hi).is_integer() and span <= 1000 and shape != "fraction"
-    values = np.round(values, 0 if integral else 2)
+    integral = lo.is_integer() and hi.is_integer() and span <= 1000 and shape != "fraction"
+    values = np.round(values, 3 if shape == "fraction" else 0 if integral else 2) + 0.0  # + 0.0: no -0
     return np.clip(values, low if low is not None else -np.inf, high if high is not None else np.inf)
 
 

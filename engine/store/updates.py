@@ -10,8 +10,9 @@ compare-and-set on its layout), so an update never misreads or mixes layouts.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import cast
@@ -236,4 +237,44 @@ def apply_update(store: ProfileStore, customer_id: str, change: Change, schema: 
     raise SchemaMismatch(f"profile {customer_id}: packing version {SCHEMA_VERSION} expected")
 
 
-__all__ = ["Change", "InvalidAttribute", "ProfileExists", "apply_update", "check_update", "migrate"]
+def _profile_ids(store: ProfileStore) -> Iterator[str]:
+    for key in store.client.scan_iter(match="nba:{c:*}:profile", count=2000):
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        yield text[len("nba:{c:"): -len("}:profile")]
+
+
+def census(store: ProfileStore, schema: FeatureSchema, batch: int = 1000) -> dict[str, int]:
+    """How many stored profiles are packed in each layout (``""``: none recorded, written before layouts
+    were), scanning every profile key; ``schema.layout()`` is the current one."""
+    counts: dict[str, int] = {}
+    ids = _profile_ids(store)
+    while chunk := list(itertools.islice(ids, batch)):
+        pipe = store.client.pipeline(transaction=False)
+        for cid in chunk:
+            pipe.hget(profile_key(cid), "layout")
+        for layout in pipe.execute():
+            name = layout.decode() if isinstance(layout, bytes) else ""
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def migrate_all(store: ProfileStore, schema: FeatureSchema,
+                progress: Callable[[int, int], None] | None = None) -> tuple[int, list[str]]:
+    """Rewrite every profile packed in another layout in ``schema``'s, online (each one compare-and-set,
+    so a concurrent update or decision is never lost); (profiles migrated, the ids that could not be read:
+    a layout nba:layouts does not hold)."""
+    store.read_layouts()
+    migrated, unreadable, seen = 0, [], 0
+    for cid in _profile_ids(store):
+        seen += 1
+        try:
+            migrated += migrate(store, cid, schema)
+        except SchemaMismatch:
+            unreadable.append(cid)
+        if progress is not None and seen % 1000 == 0:
+            progress(seen, migrated)
+    return migrated, unreadable
+
+
+__all__ = ["Change", "InvalidAttribute", "ProfileExists", "apply_update", "census", "check_update", "migrate",
+           "migrate_all"]
