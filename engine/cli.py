@@ -575,6 +575,57 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_customers(args: argparse.Namespace) -> int:
+    """``nba import customers FILE``: exit 0 when every row loaded, 1 when rows were rejected (the good
+    ones loaded), 2 when the input cannot be used at all (nothing written)."""
+    import getpass
+
+    from engine.rules.errors import RuleErrors
+    from engine.store.audit import audit
+    from engine.store.bulk import ImportRefused, import_customers
+
+    cfg = _config(args)
+    mapping: dict[str, str] = {}
+    for pair in args.map:
+        column, equals, attribute = pair.partition("=")
+        if not equals or not column or not attribute.strip():
+            print(f"error: --map {pair!r}: write COLUMN=ATTRIBUTE", file=sys.stderr)
+            return 2
+        if column in mapping:
+            print(f"error: --map names column {column!r} twice", file=sys.stderr)
+            return 2
+        mapping[column] = attribute.strip()
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: {path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        schema = _schema(cfg)
+    except RuleErrors as exc:
+        for e in exc.errors:
+            print(e.render(), file=sys.stderr)
+        print(f"{len(exc.errors)} error(s) in {cfg.rules_dir}/domain.yaml: nothing imported", file=sys.stderr)
+        return 2
+    progress = sys.stderr if args.progress or sys.stderr.isatty() else None
+    try:
+        with _store(cfg) as store:
+            report = import_customers(store, path, schema, id_column=args.id_column, mapping=mapping,
+                                      batch=args.batch, progress=progress)
+            audit(store.client, getpass.getuser(), "customers_imported", file=str(path.resolve()),
+                  loaded=report.loaded, rejected_rows=report.rejected_rows)
+    except ImportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.report:
+        report.write_rejections(args.report)
+        print(f"wrote {len(report.rejected):,} rejections to {args.report}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(report.render())
+    return 1 if report.rejected else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nba", description="Next-best-action decision service")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -793,6 +844,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
     p.set_defaults(fn=cmd_models)
+
+    imports = sub.add_parser("import", help="bulk-load data into Redis").add_subparsers(dest="import_cmd", required=True)
+    p = imports.add_parser("customers", help="load customers from CSV (.csv, .csv.gz) or Parquet (.parquet, .pq) as "
+                           "domain.yaml declares them; reports every rejected row (exit 1), loads the others")
+    p.add_argument("file", help="columns named like the attributes of domain.yaml, and the id column")
+    redis_options(p)
+    p.add_argument("--rules-dir", help="rule files whose domain.yaml says what a customer is (default ./rules)")
+    p.add_argument("--id-column", default="customer_id", metavar="NAME", help="the customer id column (default customer_id)")
+    p.add_argument("--map", action="append", default=[], metavar="COLUMN=ATTRIBUTE",
+                   help="feed ATTRIBUTE from COLUMN (repeat for several); other columns match attributes by name")
+    p.add_argument("--report", metavar="FILE", help="write every rejection to FILE as CSV (file,row,column,value,reason)")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--progress", action="store_true", help="a progress bar on stderr even when it is not a terminal")
+    p.add_argument("--batch", type=int, default=2_000, help="customers per Redis pipeline (default 2000)")
+    p.set_defaults(fn=cmd_import_customers)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:

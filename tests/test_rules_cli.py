@@ -227,7 +227,7 @@ def test_json_schema_of_rule_tests_accepts_the_demo_tests_and_agrees_with_the_re
     assert set(profile) == {*SCHEMA.numbers, *SCHEMA.categorical, *ruletests.SET_KEYS}
     assert all(profile[name]["enum"] == list(levels) for name, levels in SCHEMA.categorical.items())
     broken = _yaml_as_json(RULES_DIR / "tests" / "scenarios.yaml")
-    broken["tests"][0]["channel"] = "fax"
+    broken["tests"][0]["channel"] = "Fax"  # channel names are domain.yaml's: the schema checks their shape
     broken["tests"][1]["profile"]["value_tier"] = "D"
     broken["tests"][2]["expect"]["top"] = 3
     assert len(_validate(broken, schema, schema)) == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from engine import metrics
 from engine.authoring.check import RuleErrors, prepare
@@ -21,6 +21,7 @@ from engine.live import Live
 from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import NO_MODEL, ModelRefused, ModelRegistry, no_model
+from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules
 from engine.sim import demo
 from engine.store.audit import audit
@@ -41,16 +42,19 @@ def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
     return server, url
 
 
-def ensure_demo(store: ProfileStore, registry: ModelRegistry, catalog: Sequence, customers: int) -> None:
-    """Seed demo customers and train the demo model when they are missing."""
-    if demo.seeded_customers(store) == 0:
+def ensure_demo(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, customers: int) -> None:
+    """Seed demo customers and train the demo model when they are missing: the telco world for the telco
+    demo's domain.yaml, generated customers and history for any other."""
+    telco = ruleset.schema.fingerprint() == demo.SCHEMA.fingerprint()
+    if demo.seeded_customers(store, ruleset.schema) == 0:
         log.info("no demo customers: seeding %d", customers)
-        seconds = demo.seed(store, customers)
+        seconds = demo.seed(store, customers) if telco else demo.seed_generated(store, ruleset, customers)
         log.info("seeded %d customers in %.1fs", customers, seconds)
     problem = registry.champion_problem()
     if problem is not None:
         log.info("%s: training the demo model", problem)
-        version, scores = demo.train_demo(registry, catalog)
+        version, scores = (demo.train_demo(registry, ruleset.actions) if telco
+                           else demo.train_generated(registry, store, ruleset, customers))
         log.info("trained %s: %s", version, {k: v for k, v in scores.items() if not isinstance(v, dict)})
 
 
@@ -77,7 +81,7 @@ class App:
         rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
         self.registry = ModelRegistry(cfg.models_dir, rules.schema)
         if cfg.demo:
-            ensure_demo(self.store, self.registry, rules.ruleset.actions, cfg.demo_customers)
+            ensure_demo(self.store, self.registry, rules.ruleset, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
         self.model = Live(self._first_models(rules))
         self.decision_log = DecisionLog(self.store.client)

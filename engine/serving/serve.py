@@ -147,7 +147,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             if config.demo:
                 rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
                 try:
-                    ensure_demo(store, ModelRegistry(config.models_dir, rules.schema), rules.ruleset.actions,
+                    ensure_demo(store, ModelRegistry(config.models_dir, rules.schema), rules.ruleset,
                                 config.demo_customers)
                 finally:
                     rules.close()

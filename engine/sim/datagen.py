@@ -170,6 +170,7 @@ def _number(name: str, schema: FeatureSchema, traits: np.ndarray, seed: int) -> 
     default = float(schema.defaults.get(name, 0.0))
     shape = _shape(low, high, default)
     rng = _rng(seed, "number", name)
+    shares = _rng(seed, "number", name, "shares")  # apart from the per-customer draws: a prefix of n is stable
     s = _latent(rng, traits, (0.25, 0.7), _AFFLUENT if shape in ("wide", "signed") else None)
     u = _phi(s)
     if shape == "normal":
@@ -186,15 +187,15 @@ def _number(name: str, schema: FeatureSchema, traits: np.ndarray, seed: int) -> 
     elif shape == "score":
         values = lo + span * _phi(0.6 * s - 0.2)
     elif shape == "count":
-        zero = rng.uniform(0.15, 0.6)
+        zero = shares.uniform(0.15, 0.6)
         v = np.clip((u - zero) / (1.0 - zero), 0.0, 1.0)
         values = np.where(u < zero, lo, lo + span * 0.75 * v**3)
     elif shape == "wide":
-        zero = rng.uniform(0.0, 0.3) if default == lo else 0.0
+        zero = shares.uniform(0.0, 0.3) if default == lo else 0.0
         v = np.clip((u - zero) / (1.0 - zero), 0.0, 1.0)
         values = np.where(u < zero, lo, _log_scale(v, max(lo, 0.0), hi))
     else:  # signed: mostly positive on a log scale, a thin tail below zero
-        negative = rng.uniform(0.05, 0.15)
+        negative = shares.uniform(0.05, 0.15)
         v = np.clip((u - negative) / (1.0 - negative), 0.0, 1.0)
         below = lo * ((negative - np.minimum(u, negative)) / negative) ** 3
         above = _log_scale(v, 0.0, hi) if hi >= 1000 else hi * v**1.5
@@ -209,7 +210,8 @@ def _date(name: str, traits: np.ndarray, seed: int, today: int) -> np.ndarray:
     rng = _rng(seed, "date", name)
     u = _phi(_latent(rng, traits, (0.2, 0.5)))
     days = today - np.floor(DATE_YEARS * 365 * u**1.3)
-    return np.where(rng.random(traits.shape[0]) < MISSING_DATE_SHARE, np.nan, days)
+    unknown = _rng(seed, "date", name, "unknown").random(traits.shape[0]) < MISSING_DATE_SHARE
+    return np.where(unknown, np.nan, days)
 
 
 def _category(name: str, levels: tuple[str, ...], default: str, traits: np.ndarray, seed: int) -> np.ndarray:
@@ -432,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rules_dir", type=Path, help="a rule directory (its domain.yaml, and catalog.yaml for --history)")
     p.add_argument("--customers", type=int, default=1000, help="how many customers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="C", help="customer ids are this prefix and 7 digits")
     p.add_argument("--out", type=Path, required=True, help="customers file: .csv, .parquet or .pq")
     p.add_argument("--history", type=Path, help="also write past offers and outcomes to this file")
     p.add_argument("--per-customer", type=int, default=5, help="presentations per customer in --history")
@@ -443,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in err.errors:
             print(e.render(), file=sys.stderr)
         return 1
-    table = customers(schema, args.customers, args.seed, now)
+    table = customers(schema, args.customers, args.seed, now, prefix=args.prefix)
     print(f"{write(table, args.out)}: {table.num_rows} customers")
     if args.history:
         ruleset, errors = load_rules(args.rules_dir)

@@ -1,14 +1,26 @@
-"""Demo data and the demo model: created on first ``nba serve`` when missing."""
+"""Demo data and the demo model: created on first ``nba serve`` when missing.
+
+The telco demo (``rules/``) has its synthetic world (``engine.sim.world``); any other domain.yaml gets
+customers and a history from the domain-agnostic generator (``engine.sim.datagen``), imported and trained
+on the way a business's own files would be (``nba import customers``, ``nba train --from-history``)."""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
+import pyarrow as pa
+
 from engine.config import DEMO_CUSTOMERS
+from engine.errors import NbaError
+from engine.features import FeatureSchema
 from engine.models.registry import ModelRegistry
+from engine.rules.model import RuleSet
+from engine.sim import datagen
 from engine.sim.telco import SCHEMA
 from engine.sim.training_data import train
 from engine.sim.world import ActionLike, generate, population_seeds
@@ -18,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_CUSTOMERS = 50_000
 WORLD_SEED = 7
+GENERATED_AT = 1_780_000_000.0  # 2026-05-28: generated dates and histories lie before it, whatever today is
 
 
 def seed(store: ProfileStore, customers: int = DEMO_CUSTOMERS, world_seed: int = WORLD_SEED,
@@ -35,11 +48,50 @@ def seed(store: ProfileStore, customers: int = DEMO_CUSTOMERS, world_seed: int =
     return time.perf_counter() - started
 
 
-def seeded_customers(store: ProfileStore) -> int:
+def seeded_customers(store: ProfileStore, schema: FeatureSchema = SCHEMA) -> int:
     meta = cast("dict[bytes, bytes]", store.client.hgetall(META_KEY))
-    if meta.get(b"schema_fingerprint", b"").decode() != SCHEMA.fingerprint():
+    if meta.get(b"schema_fingerprint", b"").decode() != schema.fingerprint():
         return 0
     return int(meta.get(b"seeded_customers", 0))
+
+
+def _generated(schema: FeatureSchema, customers: int, world_seed: int) -> pa.Table:
+    return datagen.customers(schema, customers, world_seed, now=GENERATED_AT)
+
+
+def seed_generated(store: ProfileStore, ruleset: RuleSet, customers: int = DEMO_CUSTOMERS,
+                   world_seed: int = WORLD_SEED) -> float:
+    """Generated customers of ``ruleset``'s domain.yaml (C0000000...), imported like a business's file."""
+    from engine.store.bulk import import_customers
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nba-demo-") as tmp:
+        path = datagen.write(_generated(ruleset.schema, customers, world_seed), Path(tmp) / "customers.parquet")
+        report = import_customers(store, path, ruleset.schema)
+    if report.rejected:
+        raise NbaError("generated customers were rejected:\n" + report.render())
+    store.client.hset(META_KEY, mapping={"schema": ruleset.schema.version,
+                                         "schema_fingerprint": ruleset.schema.fingerprint(),
+                                         "seeded_customers": customers, "world_seed": world_seed})
+    return time.perf_counter() - started
+
+
+def train_generated(registry: ModelRegistry, store: ProfileStore, ruleset: RuleSet, customers: int = DEMO_CUSTOMERS,
+                    world_seed: int = WORLD_SEED, rounds: int = 100) -> tuple[str, dict]:
+    """A first model of ``ruleset``'s domain from a generated history of the seeded customers (a demo: it
+    learns on the customers it then decides for, so its metrics are no evaluation), promoted."""
+    from engine.decision.past import read_past, training_set
+    from engine.models.training import fit
+
+    table = _generated(ruleset.schema, customers, world_seed)
+    with tempfile.TemporaryDirectory(prefix="nba-demo-") as tmp:
+        path = datagen.write(datagen.history(ruleset.schema, ruleset.actions, table, 6, world_seed + 1, GENERATED_AT),
+                             Path(tmp) / "history.parquet")
+        past = read_past(path, ruleset, GENERATED_AT)
+    booster, metrics, summary = fit(training_set(store, ruleset, past.offers, GENERATED_AT), rounds)
+    version = registry.save(booster.model_to_string(), [a.id for a in ruleset.actions], metrics, summary)
+    registry.promote(version)
+    return version, metrics
 
 
 def train_demo(registry: ModelRegistry, actions: Sequence[ActionLike], customers: int = TRAIN_CUSTOMERS,

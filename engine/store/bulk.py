@@ -1,7 +1,7 @@
 """Bulk import of customers from CSV or Parquet into profile hashes (``nba import customers FILE``).
 
 The rule directory's domain.yaml (a ``FeatureSchema``) says what a column may hold. The file is read in
-chunks (CSV: 8 MiB blocks, Parquet: 65,536 rows), each chunk is checked column by column with pyarrow
+chunks (CSV: 4 MiB blocks, Parquet: 65,536 rows), each chunk is checked column by column with pyarrow
 and numpy (no Python per cell unless a cell is bad) and its good rows are written at once:
 
 - **Columns.** A column named like an attribute feeds it (exact name first, else the same name up to
@@ -25,22 +25,26 @@ and numpy (no Python per cell unless a cell is bad) and its good rows are writte
   an id is the one that counts, whether or not it loads itself.
 - **Rows** are numbered as data records: the header is row 0, the first customer row 1 (for a CSV
   without quoted line breaks, row N is line N + 1); a Parquet row i (from 0) is row i + 1. A CSV line
-  that is empty is skipped and counted; a CSV row with too many or too few cells is rejected as a
-  whole (column ``*``).
+  that is empty (or whose every cell is) is skipped, and counted in the numbering; a CSV row with too
+  many or too few cells is rejected as a whole (column ``*``).
 
 A row with any bad cell is rejected with every bad cell reported (``Rejected``: file, row, column,
 value, why) and writes nothing; good rows are written whole: each customer's hash is replaced at once
 by the same script as ``ProfileStore.save`` (``_SAVE_PROFILE``: DEL + HSET), so a decision never reads
 a half-written profile and importing a file again writes the same hashes (idempotent). Fields not in
 domain.yaml are not kept: open case ids (``cases``) are written empty, as for any profile saved whole.
-On one Redis node the EVALSHA commands of each batch (2,000 customers) are assembled for all rows at
-once by pyarrow (``binary_join_element_wise``) and sent pre-packed, the next batch sent before the
-replies of the last one are read; on a Redis Cluster they go through the client's cluster pipeline,
-which routes each customer to its node (slower, the same hashes).
+On one Redis node the EVALSHA commands of a chunk's good rows are assembled at once by pyarrow
+(``binary_join_element_wise`` of the packed float32 matrix, the ids and the level and member tables)
+and sent pre-packed in batches of 2,000 customers on a connection of the client's pool; up to 16,000
+customers stay unanswered, so Redis works while the next chunk is checked, and the replies are parsed
+by a hiredis reader of our own (``read_response`` would cost as much Python per customer as Redis
+spends running the script). On a Redis Cluster they go through the client's cluster pipeline, which
+routes each customer to its node (slower, the same hashes).
 
 A file that cannot be used (missing, unknown suffix, no id column, a header naming a column twice, a
 map naming an unknown column or attribute) is an ``ImportRefused`` before anything is written; a file
-that breaks off mid-way (a truncated gzip) stops the import there, with the rows before it written.
+that breaks off mid-way (e.g. a truncated gzip) stops the import there with an ``ImportRefused`` that
+says how many profiles before it were written.
 """
 
 from __future__ import annotations
@@ -52,11 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import hiredis
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.compute as pc  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.csv as pcsv  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 import redis
 
 from engine.errors import NbaError
@@ -73,8 +78,9 @@ JSON_REJECTIONS = 1_000  # rejections as_dict() lists (the count is always there
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
-_CSV_BLOCK = 8 << 20
+_CSV_BLOCK = 4 << 20
 _PARQUET_ROWS = 65_536
+_IN_FLIGHT = 16_000  # customers sent and not answered yet, at most (plus one batch)
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(?i:nan|inf|infinity)$"
 _ISO = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d{1,9})?)?)?([zZ]|[+-]\d{2}(:?\d{2})?)?)?$"
 _ZONED = r"[T ]\d{2}.*([zZ]|[+-]\d{2}(:?\d{2})?)$"
@@ -84,7 +90,8 @@ _US_PER_DAY = 86_400_000_000
 
 
 class ImportRefused(NbaError, ValueError):
-    """The file cannot be imported at all (nothing was written): missing, unreadable, no id column."""
+    """The file cannot be imported: missing, unreadable, no id column (nothing written), or it broke off
+    mid-way (the message says how many profiles before that were written)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +178,10 @@ class _Csv:
 
     def __init__(self, path: Path, label: str) -> None:
         self.path, self.label = path, label
-        self.size = max(path.stat().st_size, 1)
         self.gzip = path.name.lower().endswith(".gz")
+        self.size = max(_gzip_size(path) if self.gzip else path.stat().st_size, 1)
         self.invalid: list[tuple[int, int, int, str]] = []  # (record number, expected, actual, text)
-        self._raw: Any = None
+        self._text_bytes = 0
         raw, stream = self._open()
         try:
             reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
@@ -192,11 +199,9 @@ class _Csv:
         return raw, (pa.CompressedInputStream(raw, "gzip") if self.gzip else raw)
 
     def fraction(self) -> float:
-        """How far through the file the reader is (by bytes read from disk)."""
-        try:
-            return min(self._raw.tell() / self.size, 1.0) if self._raw is not None else 0.0
-        except (OSError, ValueError, pa.ArrowException):
-            return 1.0
+        """About how far through the file the rows handed out are (the reader reads far ahead, so
+        its position says little): their cells' bytes plus a separator each, over the file's size."""
+        return min(self._text_bytes / self.size, 0.99)
 
     def _skip(self, row: Any) -> str:
         self.invalid.append((row.number, row.expected_columns, row.actual_columns, row.text))
@@ -205,7 +210,6 @@ class _Csv:
     def batches(self, columns: list[str]) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
         """(record batch, the data row number of each of its rows); blank lines dropped but counted."""
         raw, stream = self._open()
-        self._raw = raw
         try:
             reader = pcsv.open_csv(
                 stream,
@@ -226,6 +230,7 @@ class _Csv:
                 place = np.arange(kept + 1, kept + n + 1, dtype=np.int64)
                 rows = place + np.searchsorted(before, place - 1, side="right")
                 kept += n
+                self._text_bytes += batch.nbytes - 3 * n * batch.num_columns  # less 4-byte offsets, plus a separator
                 blank = _blank(batch)
                 if blank is not None:
                     keep = ~blank
@@ -235,7 +240,16 @@ class _Csv:
             raise ImportRefused(f"{self.label}: cannot read on: {exc}") from None
         finally:
             raw.close()
-            self._raw = None
+
+
+def _gzip_size(path: Path) -> int:
+    """The uncompressed size a gzip file records (modulo 4 GiB; one member), for the progress bar."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < 4:
+            return 0
+        f.seek(-4, 2)
+        return int.from_bytes(f.read(4), "little")
 
 
 def _blank(batch: pa.RecordBatch) -> np.ndarray | None:
@@ -288,7 +302,9 @@ def _source(path: Path, label: str) -> _Csv | _Parquet:
 # ---- which column feeds which attribute ---------------------------------------------------------------
 
 @dataclass
-class _Plan:
+class ColumnPlan:
+    """Which column of a file feeds which attribute."""
+
     id_column: str
     attributes: dict[str, str]  # column -> attribute
     ignored: tuple[str, ...]
@@ -300,7 +316,7 @@ class _Plan:
 
 
 def plan_columns(columns: list[str], schema: FeatureSchema, id_column: str = ID_COLUMN,
-                 mapping: Mapping[str, str] | None = None, file: str = "") -> _Plan:
+                 mapping: Mapping[str, str] | None = None, file: str = "") -> ColumnPlan:
     """Which column feeds which attribute (see the module's docstring); ``ImportRefused`` when the id
     column is missing or ``mapping`` names a column or attribute that does not exist."""
     attributes = (*schema.numeric, *schema.categorical, *schema.sets)
@@ -332,7 +348,7 @@ def plan_columns(columns: list[str], schema: FeatureSchema, id_column: str = ID_
             continue
         fed[column] = match
         taken.add(match)
-    return _Plan(id_column, fed, tuple(ignored), tuple(a for a in attributes if a not in taken))
+    return ColumnPlan(id_column, fed, tuple(ignored), tuple(a for a in attributes if a not in taken))
 
 
 # ---- cells --------------------------------------------------------------------------------------------
@@ -446,10 +462,11 @@ def _dates(chunk: _Chunk, raw: Any, column: str) -> tuple[np.ndarray, np.ndarray
     present = ~_empty(raw)
     if pa.types.is_date32(kind):
         return np.asarray(pc.fill_null(raw.cast(pa.int32()), 0).to_numpy(zero_copy_only=False), dtype=np.float64), present
-    if pa.types.is_date64(kind) or pa.types.is_timestamp(kind):
-        micros = pc.cast(raw, pa.timestamp("us", tz=getattr(kind, "tz", None))).cast(pa.int64())
-        days = np.asarray(pc.fill_null(micros, 0).to_numpy(zero_copy_only=False), dtype=np.float64) / _US_PER_DAY
-        return days, present
+    if pa.types.is_date64(kind) or pa.types.is_timestamp(kind):  # a timestamp counts from 1970 UTC, zoned or not
+        per_day = 86_400 * {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[
+            "ms" if pa.types.is_date64(kind) else kind.unit]
+        ticks = np.asarray(pc.fill_null(raw.cast(pa.int64()), 0).to_numpy(zero_copy_only=False), dtype=np.float64)
+        return ticks / per_day, present
     if pa.types.is_binary(kind) or pa.types.is_string(kind):
         try:  # the usual case: dates or date-times without an offset, or empty
             filled = pc.if_else(pa.array(~present), pa.scalar(b"1970-01-01", kind), raw) if not present.all() else raw
@@ -492,17 +509,20 @@ def _members(chunk: _Chunk, raw: Any, column: str, members: tuple[str, ...]) -> 
     unknown members are rejected."""
     n = len(raw)
     kind = raw.type
+    undecodable = None
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         lists = raw
         flat, undecodable = _text(pc.list_flatten(lists), column)
-        if undecodable is not None:
-            raise ImportRefused(f"column {column!r}: members that are not UTF-8 text")
     else:
         text, _empty_cells = chunk.text(raw, column)
         pattern = "[" + "".join("\\" + s for s in _separators(members)) + "]"
         lists = pc.split_pattern_regex(text, pattern)
         flat = pc.list_flatten(lists)
     parents = np.asarray(pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if undecodable is not None:  # a list column's member that is not UTF-8: its row is rejected
+        bad_rows = np.zeros(n, dtype=bool)
+        bad_rows[parents[undecodable]] = True
+        chunk.reject(bad_rows, column, raw, "a member that is not UTF-8 text")
     flat = pc.utf8_trim_whitespace(flat)
     named = ~_empty(flat)
     index = np.asarray(pc.fill_null(pc.index_in(flat, value_set=pa.array(members, pa.string())), -1)
@@ -552,7 +572,7 @@ class _Good:
         return len(self.ids)
 
 
-def _check(batch: pa.RecordBatch, rows: np.ndarray, plan: _Plan, schema: FeatureSchema, file: str,
+def _check(batch: pa.RecordBatch, rows: np.ndarray, plan: ColumnPlan, schema: FeatureSchema, file: str,
            seen: dict[str, int], rejected: list[Rejected]) -> _Good:
     """Check every cell of ``batch`` (rejections appended to ``rejected``); its good rows."""
     n = batch.num_rows
@@ -682,6 +702,8 @@ class _Writer:
         store.register_layout(schema)
         self.client.script_load(_SAVE_PROFILE)
         self._conn: Any = None
+        self._reader: Any = None
+        self._buffer = bytearray(1 << 16)
         self._pending: list[tuple[memoryview, int]] = []  # sent, replies not read yet
 
     def write(self, good: _Good) -> None:
@@ -712,48 +734,83 @@ class _Writer:
         self.loaded += stop - start
 
     def _connection(self) -> Any:
+        """A connection of the client's pool, ours until ``close``: its replies are parsed here by a
+        hiredis reader of our own (a few hundred ns a reply; ``read_response`` costs ~8 us, as much as
+        Redis spends running the script), so it goes back to the pool disconnected."""
         if self._conn is None:
             self._conn = self.client.connection_pool.get_connection()
+            self._reader = hiredis.Reader()
         return self._conn
 
     def _send(self, payload: memoryview, count: int) -> None:
-        """Send one batch, then read the replies of the one before (Redis works while we read)."""
-        self._connection().send_packed_command([payload], check_health=False)
+        """Send one batch, then read the replies of the oldest ones until at most ``_IN_FLIGHT`` customers
+        are unanswered: Redis works through them while we read replies and check the next chunk."""
+        self._put(payload)
         self._pending.append((payload, count))
-        while len(self._pending) > 1:
+        while len(self._pending) > 1 and sum(c for _p, c in self._pending) > _IN_FLIGHT:
             self._read(*self._pending.pop(0))
 
-    def _read(self, payload: memoryview, count: int, again: bool = True) -> None:
+    def _put(self, payload: memoryview) -> None:
+        try:
+            self._connection().send_packed_command([payload], check_health=False)
+        except redis.exceptions.RedisError as exc:
+            raise NbaError(f"Redis stopped taking writes after {self.loaded:,} profiles were written ({exc}); "
+                           "importing the file again is safe") from None
+
+    def _replies(self, count: int) -> bool:
+        """Read ``count`` replies: True when all were written, False when Redis did not know the script;
+        any other error reply raises (after every reply is read)."""
         conn = self._connection()
+        reader, buffer = self._reader, self._buffer
         noscript = False
-        error: redis.exceptions.ResponseError | None = None
-        for _ in range(count):
-            try:
-                conn.read_response()
-            except redis.exceptions.NoScriptError:
-                noscript = True
-            except redis.exceptions.ResponseError as exc:
-                error = error or exc
+        error = None
+        got = 0
+        try:
+            while got < count:
+                reply = reader.gets()
+                if reply is False:
+                    size = conn._sock.recv_into(buffer)
+                    if not size:
+                        raise ConnectionError("Redis closed the connection")
+                    reader.feed(buffer, 0, size)
+                    continue
+                got += 1
+                if isinstance(reply, hiredis.ReplyError):
+                    if str(reply).startswith("NOSCRIPT"):
+                        noscript = True
+                    else:
+                        error = error or reply
+        except OSError as exc:
+            raise NbaError(f"Redis stopped answering after {self.loaded:,} profiles were written ({exc}); "
+                           "importing the file again is safe") from None
         if error is not None:
             raise NbaError(f"Redis refused a profile write after {self.loaded:,} profiles: {error}")
-        if noscript:  # scripts flushed or Redis restarted mid-import: load it and send this batch again
-            if not again:
-                raise NbaError("Redis does not keep the profile script (NOSCRIPT after SCRIPT LOAD)")
-            self.client.script_load(_SAVE_PROFILE)
-            conn.send_packed_command([payload], check_health=False)
-            self._read(payload, count, again=False)
+        return not noscript
+
+    def _read(self, payload: memoryview, count: int) -> None:
+        if self._replies(count):
+            self.loaded += count
             return
-        self.loaded += count
+        # scripts flushed or Redis restarted mid-import: the batches sent since are read out, the script
+        # loaded, and all of them sent again, one at a time (writing a profile twice is writing it once)
+        later, self._pending = self._pending, []
+        for _payload, sent in later:
+            self._replies(sent)
+        self.client.script_load(_SAVE_PROFILE)
+        for again, sent in [(payload, count), *later]:
+            self._put(again)
+            if not self._replies(sent):
+                raise NbaError("Redis does not keep the profile script (NOSCRIPT right after SCRIPT LOAD)")
+            self.loaded += sent
 
     def finish(self) -> None:
         while self._pending:
             self._read(*self._pending.pop(0))
         self.close()
 
-    def close(self, broken: bool = False) -> None:
+    def close(self) -> None:
         if self._conn is not None:
-            if broken:
-                self._conn.disconnect()  # replies may be in flight: never hand it back in that state
+            self._conn.disconnect()  # our reader, not the connection's parser, holds what it had read
             self.client.connection_pool.release(self._conn)
             self._conn = None
         self._pending.clear()
@@ -808,8 +865,11 @@ def import_customers(store: ProfileStore, path: str | Path, schema: FeatureSchem
             writer.write(good)
             bar.update(source.fraction(), rows + len(source.invalid), writer.loaded)
         writer.finish()
+    except ImportRefused as exc:  # the file broke off: what was sent before is written
+        writer.finish()
+        raise ImportRefused(f"{exc} (stopped there; {writer.loaded:,} profiles before it were written)") from None
     except BaseException:
-        writer.close(broken=True)
+        writer.close()
         raise
     for number, expected, actual, text in source.invalid:
         report.rejected.append(Rejected(label, number - 1, ROW, text if len(text) <= 200 else text[:199] + "…",
