@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,9 +181,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              campaigns=args.campaign or (), campaign_weights=weights)
         elif args.from_file:
             data = training.read_csv(args.from_file, rules.schema, catalog)
+        elif args.from_history:
+            from engine.decision.past import read_past, training_set
+
+            now = time.time()
+            past = read_past(args.from_history, rules.ruleset, now)
+            if past.rejected:
+                print(past.render(), file=sys.stderr)
+            with _store(cfg) as store:
+                data = training_set(store, rules.ruleset, past.offers, now)
         else:
+            from engine.sim.telco import SCHEMA
             from engine.sim.training_data import simulate_responses
             from engine.sim.world import generate
+
+            if rules.schema.fingerprint() != SCHEMA.fingerprint():
+                print(f"error: the synthetic world is the telco demo's; {cfg.rules_dir}/domain.yaml declares another "
+                      "business: train --from-history FILE or --from-stream", file=sys.stderr)
+                return 1
 
             data = simulate_responses(generate(args.customers, args.world_seed), rules.ruleset.actions)
     finally:
@@ -626,6 +642,60 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     return 1 if report.rejected else 0
 
 
+def cmd_import_history(args: argparse.Namespace) -> int:
+    """``nba import history FILE``: past presentations into the contact histories; exit 1 when rows were
+    rejected (the others imported), 2 when the file cannot be used."""
+    import getpass
+
+    from engine.decision.past import HistoryRefused, fill_contacts, read_past
+    from engine.rules.errors import RuleErrors
+    from engine.rules.loader import load_rules
+    from engine.store.audit import audit
+
+    cfg = _config(args)
+    ruleset, errors = load_rules(cfg.rules_dir)
+    if ruleset is None:
+        raise RuleErrors(errors)
+    now = time.time()
+    try:
+        report = read_past(args.file, ruleset, now)
+    except HistoryRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with _store(cfg) as store:
+        report.contacts = fill_contacts(store.client, ruleset, report.offers, now)
+        audit(store.client, getpass.getuser(), "history_imported", file=str(Path(args.file).resolve()),
+              offers=len(report.offers), contacts=report.contacts)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return 1 if report.rejected else 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """``nba profiles layouts`` / ``migrate``: stored profiles per packing layout; the older ones rewritten."""
+    from engine.store.updates import census, migrate_all
+
+    cfg = _config(args)
+    schema = _schema(cfg)
+    with _store(cfg) as store:
+        if args.profiles_cmd == "layouts":
+            known = store.read_layouts()
+            counts = census(store, schema)
+            print(f"{'layout':14} {'profiles':>10}  state")
+            for layout, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+                state = ("current" if layout == schema.layout() else
+                         "no layout recorded: read as the current one" if not layout else
+                         "older: read by name, `nba profiles migrate` rewrites it" if layout in known else
+                         "unknown: not in nba:layouts, decided as cold starts")
+                print(f"{layout or '-':14} {n:>10,}  {state}")
+            return 0
+        migrated, unreadable = migrate_all(store, schema, progress=lambda seen, done: print(
+            f"  {seen:,} profiles looked at, {done:,} migrated", file=sys.stderr))
+    print(f"{migrated:,} profiles rewritten in layout {schema.layout()}"
+          + (f"; {len(unreadable):,} in a layout nba:layouts does not hold, left as they are (e.g. {unreadable[0]})"
+             if unreadable else ""))
+    return 1 if unreadable else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nba", description="Next-best-action decision service")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -691,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--from-stream", action="store_true",
                         help="recorded decisions joined with their responses (Redis streams)")
     source.add_argument("--from-file", metavar="FILE", help="a training set written by --export")
+    source.add_argument("--from-history", metavar="FILE", help="past offers and outcomes (as nba import history "
+                        "reads them) on the customers' stored profiles")
     p.add_argument("--window-days", type=float, default=7.0,
                    help="label window: an acceptance within it is positive; later, no acceptance is negative")
     p.add_argument("--as-of", type=float, help="epoch seconds that closes label windows (default: now)")
@@ -859,6 +931,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="a progress bar on stderr even when it is not a terminal")
     p.add_argument("--batch", type=int, default=2_000, help="customers per Redis pipeline (default 2000)")
     p.set_defaults(fn=cmd_import_customers)
+    p = imports.add_parser("history", help="past presentations and outcomes (customer_id, action_id, channel, ts, "
+                           "outcome; CSV or Parquet) into the contact histories; nba train --from-history learns from them")
+    p.add_argument("file")
+    redis_options(p)
+    p.add_argument("--rules-dir", help="the rule files the actions and channels belong to (default ./rules)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_import_history)
+
+    p = sub.add_parser("profiles", help="stored profiles: their packing layouts, and migrating the older ones")
+    p.add_argument("profiles_cmd", choices=("layouts", "migrate"))
+    redis_options(p)
+    p.add_argument("--rules-dir", help="the rule files whose domain.yaml is current (default ./rules)")
+    p.set_defaults(fn=cmd_profiles)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:

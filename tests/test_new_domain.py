@@ -183,3 +183,32 @@ def test_a_library_imports_its_customers_trains_on_its_history_and_decides(redis
         channel.close()
         server.stop(0).wait()
         app.close()
+
+
+def test_the_command_line_brings_a_library_in(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from engine.cli import main
+    from engine.rules.loader import load_rules
+    from engine.sim import datagen
+
+    rules_dir = library(tmp_path)
+    ruleset, _ = load_rules(rules_dir)
+    people = datagen.customers(ruleset.schema, 300, seed=8, prefix="L")
+    datagen.write(people, tmp_path / "people.csv")
+    history = datagen.history(ruleset.schema, ruleset.actions, people, 5, seed=9)
+    rows = history.to_pylist()
+    rows[3]["channel"] = "fax"  # a bad row among good ones
+    pacsv.write_csv(history.from_pylist(rows, schema=history.schema), tmp_path / "history.csv")
+    where = ["--redis-url", redis_url, "--rules-dir", str(rules_dir)]
+    assert main(["import", "customers", str(tmp_path / "people.csv"), *where]) == 0
+    assert "300 of 300 rows loaded" in capsys.readouterr().out
+    assert main(["import", "history", str(tmp_path / "history.csv"), *where]) == 1  # one row rejected
+    out = capsys.readouterr().out
+    assert f"{len(rows) - 1:,} of {len(rows):,} rows read; 1 rows rejected" in out and "history.csv:4:channel" in out
+    assert main(["train", "--from-history", str(tmp_path / "history.csv"), "--models-dir", str(tmp_path / "models"),
+                 "--rounds", "20", *where]) == 0
+    assert "imported history" in capsys.readouterr().out
+    assert (tmp_path / "models" / "propensity" / "CHAMPION").is_file()
+    assert main(["profiles", "layouts", *where]) == 0
+    assert f"{ruleset.schema.layout()}          300  current" in capsys.readouterr().out
+    assert main(["train", "--models-dir", str(tmp_path / "models"), *where]) == 1  # no synthetic world for a library
+    assert "the synthetic world is the telco demo's" in capsys.readouterr().err
