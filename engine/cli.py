@@ -364,7 +364,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
     from engine.serving.server import CHANNEL_TO_PB
 
     context = dict(kv.split("=", 1) for kv in args.context)
-    request = pb.DecideRequest(customer_id=args.customer_id, channel=CHANNEL_TO_PB[args.channel],
+    request = pb.DecideRequest(customer_id=args.customer_id, channel_name=args.channel,
+                               channel=CHANNEL_TO_PB.get(args.channel, pb.CHANNEL_UNSPECIFIED),
                                touchpoint=args.touchpoint, context=context,
                                max_actions=args.max_actions, explain=args.explain,
                                interaction_id=args.interaction, preview=args.preview)
@@ -445,7 +446,7 @@ def format_decision(reply) -> str:
     header = f"{'#':>2}  {'action':28} {'type':12} {'propensity':>10} {'value':>8} {'priority':>9}  reasons"
     lines += [header, "-" * len(header)]
     for a in reply.actions:
-        type_name = pb.ActionType.Name(a.type).removeprefix("ACTION_TYPE_").lower()
+        type_name = a.type_name or pb.ActionType.Name(a.type).removeprefix("ACTION_TYPE_").lower()
         lines.append(f"{a.rank:>2}  {a.action_id:28} {type_name:12} {a.propensity:>10.4f} {a.value:>8.2f} "
                      f"{a.priority:>9.3f}  {'; '.join(a.reasons)}")
     for f in reply.funnel:
