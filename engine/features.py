@@ -37,10 +37,12 @@ class Channel:
 
 @dataclass(frozen=True)
 class ActionType:
-    """``needs_consent`` False exempts the type from the built-in consent policy (service messages)."""
+    """``needs_consent`` False exempts the type from the built-in consent policy (service messages);
+    ``quiet_hours`` False lets its actions out during quiet hours (an alert that cannot wait)."""
 
     name: str
     needs_consent: bool = True
+    quiet_hours: bool = True
     description: str = ""
 
 

@@ -263,3 +263,38 @@ def test_stored_layouts_are_counted_and_migrated_online(tmp_path: Path, redis_ur
         assert migrate_all(store, new) == (0, [])  # nothing left to do
     finally:
         store.client.close()
+
+
+def test_rule_tests_take_dates_as_dates(tmp_path: Path) -> None:
+    from engine.authoring.check import test as run_tests
+
+    rules_dir = library(tmp_path)
+    (rules_dir / "catalog.yaml").write_text(CATALOG.replace(
+        "    eligible: 'membership", "    eligible: 'days_away > 30 and membership"))
+    (rules_dir / "tests").mkdir()
+    (rules_dir / "tests" / "dates.yaml").write_text(textwrap.dedent("""\
+        tests:
+          - name: a reader away for a while is invited
+            channel: desk
+            today: 2026-06-15
+            profile: {last_visit: 2026-03-01, loans_open: 1, visits_year: 20, membership: adult, consents: [desk]}
+            expect: {admitted: [reading_club]}
+          - name: one seen last week is not
+            channel: desk
+            today: 2026-06-15
+            profile: {last_visit: 2026-06-08, loans_open: 1, visits_year: 20, membership: adult, consents: [desk]}
+            expect: {blocked: {reading_club: eligible}}
+          - name: a date is a date
+            channel: desk
+            profile: {last_visit: yesterday}
+            expect: {admitted: [renew_reminder]}
+        """))
+    rules, errors, results = run_tests(rules_dir)
+    assert [str(e).split(": ", 1)[1] for e in errors] == [
+        "expected a date for last_visit; write it as YYYY-MM-DD, e.g. 2026-01-31"]
+    (rules_dir / "tests" / "dates.yaml").write_text(
+        (rules_dir / "tests" / "dates.yaml").read_text().split("  - name: a date is a date")[0])
+    rules, errors, results = run_tests(rules_dir)
+    assert not errors and [r.passed for r in results] == [True, True], [r.as_error() for r in results]
+    assert rules is not None
+    rules.close()

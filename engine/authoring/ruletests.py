@@ -201,7 +201,13 @@ class _TestReader:
         out: dict[str, float | str | set[str]] = {}
         known = [*schema.numbers, *schema.categorical, *SET_KEYS]
         for key, value in items.items():
-            if key in schema.numbers:
+            if key in schema.dates:  # a date (or a timestamp), kept as days since 1970-01-01 UTC
+                day = self.check.day(value, key) if not isinstance(value.value, datetime) else value.value
+                if isinstance(day, datetime):
+                    out[key] = (day if day.tzinfo else day.replace(tzinfo=UTC)).timestamp() / 86_400
+                elif day is not None:
+                    out[key] = datetime.combine(day, time(0), UTC).timestamp() / 86_400
+            elif key in schema.numbers:
                 number = self.check.number(value, key)
                 if number is not None:
                     out[key] = float(number)

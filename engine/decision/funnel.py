@@ -393,12 +393,13 @@ class DecisionEngine:
         candidates, played = campaign_stage(rules.ruleset, candidates, req.customer_id, funnel)
         decision.campaign_eligible, decision.campaign_control = sorted(played.eligible), sorted(played.held_out)
         if contact is not None and contact.quiet_hours is not None and contact.quiet_hours.quiet(channel, now):
+            withheld = [c for c in candidates if not c[2].action.quiet_exempt]  # alerts domain.yaml lets through
             if funnel is not None:
                 funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {contact.quiet_hours.describe()} "
-                                          f"on {channel}", p, pr) for pr, p, v in candidates)
-            if observe and not req.preview:
+                                          f"on {channel}", p, pr) for pr, p, v in withheld)
+            if observe and not req.preview and withheld:
                 metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
-            candidates, fallback = [], None
+            candidates, fallback = [c for c in candidates if c[2].action.quiet_exempt], None
         else:
             fallback = fallback_action(rules, outcome, channel, funnel) if req.fallback else None
         exploring = explore is not None and not decision.control

@@ -49,7 +49,7 @@ ATTRIBUTE_KEYS = {"type": True, "default": False, "min": False, "max": False, "l
 ATTRIBUTE_TYPES = ("number", "date", "category", "set")
 DERIVED_KEYS = {"formula": True, "description": False}
 CHANNEL_KEYS = {"direction": True, "quiet_hours": False, "description": False}
-TYPE_KEYS = {"needs_consent": False, "description": False}
+TYPE_KEYS = {"needs_consent": False, "quiet_hours": False, "description": False}
 # Names the rule language gives a meaning of its own: no attribute may take them.
 RESERVED = frozenset({"channel", "touchpoint", "has_consent", "context", "holds", "consent", "trigger", "true",
                       "false", "and", "or", "not", "in", "today", "now"})
@@ -150,6 +150,7 @@ def _types(loader, loc: Loc | None) -> list[ActionType]:
         if fields is None:
             continue
         out.append(ActionType(name, _flag(loader, fields.get("needs_consent"), f'action type "{name}" needs_consent', True),
+                              _flag(loader, fields.get("quiet_hours"), f'action type "{name}" quiet_hours', True),
                               loader.text(fields.get("description"), "description")))
     if loc is not None and not items and loc.is_map:
         loader.err(loc.error("declare at least one action type"))
@@ -212,6 +213,10 @@ def _attributes(loader, loc: Loc | None):
                 bounds[name] = (low, high)
             default = loader.number(fields.get("default"), f"{what} default")
             defaults[name] = float(default or 0.0)
+            if (low is not None and defaults[name] < low) or (high is not None and defaults[name] > high):
+                loader.err((fields.get("default") or item).error(
+                    f"{what} default {defaults[name]:g} is outside its min..max",
+                    "give a default within them (unknown customers and older profiles take it)"))
         elif kind == "category":
             if "levels" not in fields:
                 loader.err(item.error(f'{what} is missing "levels"', "add it, e.g. levels: [basic, premium]"))

@@ -40,6 +40,7 @@ class Action:
     source: str = ""  # "file:line:col" of the action, for explanations
     campaign: str = ""  # the campaign this action belongs to (rules/campaigns/*.yaml), if any
     service: bool = False  # its type is customer care, not an offer (domain.yaml: needs_consent false)
+    quiet_exempt: bool = False  # its type may go out during quiet hours (domain.yaml: quiet_hours false)
 
     def offered_on(self, channel: str) -> bool:
         return channel in self.channels
