@@ -236,3 +236,17 @@ def test_growing_the_domain_on_a_running_service_keeps_profiles_model_and_histor
     assert np.isnan(data.x[:, column]).all()  # logged before the attribute existed: missing, not misread
     booster, metrics, _ = fit(data, rounds=5)
     assert booster.num_feature() == len(data.rows.features)
+
+
+def test_a_broken_domain_yaml_keeps_the_live_schema(service) -> None:
+    app, channel = service
+    live = app.rules.current
+    domain = app.config.rules_dir / "domain.yaml"
+    domain.write_text(domain.read_text().replace("  nps: {type: number", "  nps: {type: numbr"))
+    applied, version, errors = app.reload_rules()
+    assert not applied and version == live.version
+    assert len(errors) == 1 and f"{domain}:" in errors[0] and 'type "numbr" is not one of' in errors[0]
+    assert app.rules.current is live and app.rules.current.schema is live.schema
+    reply = pb_grpc.DecisionServiceStub(channel).Decide(pb.DecideRequest(customer_id="C0000042", channel_name="web"),
+                                                         timeout=10)
+    assert reply.actions and reply.ruleset_version == live.version

@@ -36,6 +36,9 @@ from engine.store.profiles import Profile
 PRODUCTS = SETS["products"]
 _N = {name: i for i, name in enumerate(NUMERIC)}
 _STAGES = CATEGORICAL["lifecycle_stage"]
+# Share of customers consenting per channel; a channel domain.yaml adds later: half of them.
+CONSENT_SHARE = {"call_center": 0.92, "web": 0.97, "mobile_app": 0.8, "email": 0.6, "sms": 0.5, "branch": 0.95,
+                 "pos": 0.95}
 WORLDS = ("realistic", "ideal")
 LATENT_TRAITS = 4  # responsiveness, then three latent tastes
 RESPONSIVENESS_SD = 0.8  # logit sd of the general responsiveness
@@ -203,7 +206,7 @@ def _observed(n: int, seed: int) -> World:
     tier[order[: n // 5]] = 0
     tier[order[n // 5: n // 2]] = 1
 
-    consent = rng.random((n, len(CHANNELS))) < np.array([0.92, 0.97, 0.8, 0.6, 0.5, 0.95, 0.95])
+    consent = rng.random((n, len(CHANNELS))) < np.array([CONSENT_SHARE.get(c, 0.5) for c in CHANNELS])
     device_os = np.where(prospect, 0, rng.choice([1, 2, 3], size=n, p=[0.45, 0.5, 0.05]))
     categorical = {
         "plan": plan, "segment": segment, "lifecycle_stage": stage, "value_tier": tier,
