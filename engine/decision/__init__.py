@@ -9,6 +9,8 @@
 - ``interactions``: what a decision stores for its interaction id (one voice, safe retries);
 - ``reservations``: gives back the budget units of impressions a channel did not report in time;
 - ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group;
+- ``past``: offers and outcomes from before the engine, imported from a file (contact histories, a first
+  training set);
 - ``campaigns``: a campaign's control group, budgets (counted by ``contact``'s script), status and gauges;
   ``campaign_plan`` (with ``plan_replay``): ``nba campaign plan``; ``campaign_report`` and
   ``campaign_html``: ``nba campaign report``.
