@@ -126,8 +126,10 @@ def install(buckets: Buckets, engine: Any) -> None:
     w(runtime, "_admit", "numba: rule conditions")
     w(funnel, "derive", "numba: derive + scoring")
     w(type(engine), "_score", "numba: derive + scoring")
-    w(funnel, "customer_block", "model input row")
-    w(funnel, "shared_row", "model input row")
+    from engine.models.model_input import ModelInput
+
+    w(ModelInput, "customer_block", "model input row")
+    w(ModelInput, "shared_row", "model input row")
     for name in ("order", "present_args"):
         w(funnel, name, "ordering + script arguments")
     w(funnel, "ranked_action", "ranked actions (reasons, treatments)")

@@ -25,7 +25,7 @@ from engine.models.model_input import model_input  # noqa: E402
 from engine.sim.telco import SCHEMA  # noqa: E402
 
 CATEGORICAL_FEATURES, FEATURES = model_input(SCHEMA).categorical_features, model_input(SCHEMA).features
-from engine.models.training import PARAMS, TYPE_COL, auc, calibration, logloss, spearman  # noqa: E402
+from engine.models.training import PARAMS, auc, calibration, logloss, spearman  # noqa: E402
 from engine.rules.runtime import load_and_compile  # noqa: E402
 from engine.sim.telco import ACTION_TYPES  # noqa: E402
 from engine.sim.training_data import simulate_responses  # noqa: E402
@@ -33,6 +33,7 @@ from engine.sim.world import generate  # noqa: E402
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 ACTION_COL = FEATURES.index("action")
+TYPE_COL = FEATURES.index("action_type")
 
 
 def calibration_error(y: np.ndarray, p: np.ndarray) -> float:
