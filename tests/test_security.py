@@ -35,8 +35,9 @@ from engine.store.audit import AUDIT_STREAM
 from .certs import CA
 from .conftest import REPO, RULES_DIR
 
-TOKENS = {"decider": "tok-decide", "responder": "tok-respond", "publisher": "tok-events", "operator": "tok-admin"}
-ROLE_OF = {"decider": "decide", "responder": "respond", "publisher": "events", "operator": "admin"}
+TOKENS = {"decider": "tok-decide", "responder": "tok-respond", "publisher": "tok-events", "operator": "tok-admin",
+          "crm": "tok-profiles"}
+ROLE_OF = {"decider": "decide", "responder": "respond", "publisher": "events", "operator": "admin", "crm": "profiles"}
 
 
 def _auth_file(path: Path, extra: str = "") -> Path:
@@ -81,6 +82,8 @@ def _calls(channel: grpc.Channel) -> dict[str, object]:
         "events": lambda: stub.PublishEvent(pb.PublishEventRequest(event_id="e", customer_id="C1", type="nope"),
                                             timeout=10),  # INVALID_ARGUMENT: it got in
         "admin": lambda: admin.GetStatus(pb.GetStatusRequest(), timeout=10),
+        "profiles": lambda: pb_grpc.ProfileServiceStub(channel).UpdateProfile(pb.UpdateProfileRequest(
+            customer_id="C1", attributes={"shoe_size": pb.AttributeValue(number=1)}), timeout=10),  # INVALID_ARGUMENT
     }
 
 

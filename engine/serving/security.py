@@ -15,8 +15,8 @@ SHA-256 (``nba auth token NAME`` makes one)::
         roles: [decide, respond, events]
         rate_limit: {per_second: 200, burst: 400}
 
-Roles: ``decide`` (Decide), ``respond`` (RecordResponse), ``events`` (PublishEvent), ``admin``
-(AdminService). One interceptor checks every call: no or unknown credentials ``UNAUTHENTICATED``, a role
+Roles: ``decide`` (Decide), ``respond`` (RecordResponse), ``events`` (PublishEvent), ``profiles``
+(ProfileService: creating and updating customer attributes), ``admin`` (AdminService). One interceptor checks every call: no or unknown credentials ``UNAUTHENTICATED``, a role
 missing ``PERMISSION_DENIED``, over the caller's rate ``RESOURCE_EXHAUSTED``; each outcome is counted
 per caller (a name from the auth file: a bounded label) and the check is timed.
 """
