@@ -745,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     auth = p.add_subparsers(dest="auth_cmd", required=True)
     p = auth.add_parser("token", help="a new random bearer token and its auth file entry (only the hash is stored)")
     p.add_argument("name", help="the caller's name, e.g. web-frontend")
-    p.add_argument("--roles", nargs="+", default=["decide", "respond"], choices=["decide", "respond", "events", "profiles", "admin"])
+    p.add_argument("--roles", nargs="+", default=["decide", "respond"],
+                   choices=["decide", "respond", "events", "profiles", "admin"])
     p.set_defaults(fn=cmd_auth_token)
 
     sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)

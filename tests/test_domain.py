@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from engine.models.derived import derive
+from engine.models.model_input import model_input
 from engine.rules.loader import load_rules
 from engine.rules.runtime import compile_rules
 from engine.sim.telco import SCHEMA
@@ -298,3 +299,28 @@ def test_rule_tests_take_dates_as_dates(tmp_path: Path) -> None:
     assert not errors and [r.passed for r in results] == [True, True], [r.as_error() for r in results]
     assert rules is not None
     rules.close()
+
+
+def test_any_set_attribute_can_be_tested_with_has(tmp_path: Path) -> None:
+    domain = LIBRARY.replace("  products: {type: set, members: [card, ebook, study_room]}\n",
+                             "  products: {type: set, members: [card, ebook, study_room]}\n"
+                             "  genres: {type: set, members: [crime, poetry, science]}\n")
+    rules_dir = library(tmp_path, domain)
+    catalog = rules_dir / "catalog.yaml"
+    catalog.write_text(catalog.read_text().replace("eligible: 'membership", "eligible: 'has(genres, \"crime\") and membership"))
+    ruleset, errors = load_rules(rules_dir)
+    assert not errors, errors
+    assert "genres__crime" in model_input(ruleset.schema).customer_features
+    with compile_rules(ruleset) as rules:
+        reader = np.array([4, 2, 20, np.nan], dtype=np.float32)
+        derived = derive(reader, ruleset.schema, at(3, "12:00"))
+        for genres, admitted in (({"crime", "poetry"}, True), ({"poetry"}, False), (set(), False)):
+            fact = rules.build_fact(numbers=np.concatenate((reader, derived)), categories={"membership": "adult"},
+                                    channel="desk", consents=["desk"], sets={"genres": genres})
+            verdict = {v.action.id: v for v in rules.verdicts(rules.evaluate(fact), "desk", now=at(3, "12:00"))}
+            assert verdict["reading_club"].admitted is admitted, genres
+    for wrong, message in (('has(genre, "crime")', '"genre" is not a set attribute; did you mean "genres"?'),
+                           ('has(genres, "krime")', 'unknown member "krime" of genres; did you mean "crime"?'),
+                           ('genres == "crime"', '"genres" is a set; use has(genres, "...") to test membership')):
+        catalog.write_text(CATALOG.replace("eligible: 'membership", f"eligible: '{wrong} and membership"))
+        assert [e.split(": ", 1)[1] for e in errors_of(rules_dir)] == [message]

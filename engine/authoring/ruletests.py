@@ -199,7 +199,7 @@ class _TestReader:
             return {}
         schema = self.schema
         out: dict[str, float | str | set[str]] = {}
-        known = [*schema.numbers, *schema.categorical, *SET_KEYS]
+        known = [*schema.numbers, *schema.categorical, *SET_KEYS, *(s for s in schema.sets if s != "consent")]
         for key, value in items.items():
             if key in schema.dates:  # a date (or a timestamp), kept as days since 1970-01-01 UTC
                 day = self.check.day(value, key) if not isinstance(value.value, datetime) else value.value
@@ -219,8 +219,8 @@ class _TestReader:
                     self.err(value.error(f'"{level}" is not a level of {key}', hint))
                 else:
                     out[key] = level
-            elif key == "products":
-                out[key] = self.members(value, key, schema.products, "product")
+            elif key in schema.sets and key != "consent":  # products and the other set attributes
+                out[key] = self.members(value, key, schema.sets[key], "member")
             elif key == "consents":
                 if value.is_scalar and value.value in ("all", "none"):
                     out[key] = set(schema.channel_names) if value.value == "all" else set()
@@ -258,7 +258,8 @@ class _TestReader:
         return FactInputs(numbers=np.concatenate((stored, derived)), categories=categories,
                           products=frozenset(profile.get("products", ())),
                           consents=frozenset(profile.get("consents", ())), channel=channel,
-                          touchpoint=touchpoint, context=context, triggers=frozenset(profile.get("triggers", ())))
+                          touchpoint=touchpoint, context=context, triggers=frozenset(profile.get("triggers", ())),
+                          sets={name: frozenset(profile.get(name, ())) for name in schema.sets if name != "consent"})
 
     # --- expectations -----------------------------------------------------------------------------
     def expect(self, loc: Loc | None, what: str) -> Expect | None:

@@ -340,7 +340,7 @@ def _ranked(engine: DecisionEngine, rules: CompiledRules, model: LoadedModel, pr
     """The admitted candidates ``(priority, propensity, verdict)`` on ``channel`` in the model's order."""
     outcome = rules.evaluate(rules.build_fact(FactInputs(
         numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
-        products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()),
+        products=profile.sets.get("products", ()), consents=profile.sets.get("consent", ()), sets=profile.sets,
         channel=channel, touchpoint="", context={}, triggers=profile.triggers)))
     admitted, verdicts = rules.admitted(outcome, channel, now=at)
     return order(verdicts, engine._score(rules, model, model_input(rules.schema).shared_row(block, channel), admitted))

@@ -273,7 +273,7 @@ class DecisionEngine:
         outcome = rules.evaluate(rules.build_fact(FactInputs(
             numbers=np.concatenate((profile.numeric, derived)),
             categories=profile.categorical,
-            products=profile.sets.get("products", ()),
+            products=profile.sets.get("products", ()), sets=profile.sets,
             consents=profile.sets.get("consent", ()),
             channel=req.channel, touchpoint=req.touchpoint, context=req.context,
             triggers=profile.triggers,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.features import FeatureSchema
+from engine.features import CONSENT, FeatureSchema
 from engine.models.derived import derive
 from engine.store.profiles import Profile
 
@@ -30,12 +30,16 @@ def _code(levels: Sequence[str], value: str) -> float:
 
 class ModelInput:
     """The row layout for one feature schema: the customer block (stored numbers, derived numbers,
-    category codes, one 0/1 per product) then the action block (action, type, value) and the channel."""
+    category codes, one 0/1 per member of each set attribute but consent: ``holds_<product>``,
+    ``<set>__<member>``) then the action block (action, type, value) and the channel."""
 
     def __init__(self, schema: FeatureSchema) -> None:
         self.schema = schema
+        self._members = [(name, member) for name, members in schema.sets.items() if name != CONSENT
+                         for member in members]
+        self._binary = tuple(f"holds_{m}" if name == "products" else f"{name}__{m}" for name, m in self._members)
         self.customer_features: tuple[str, ...] = (
-            schema.numeric + schema.derived + tuple(schema.categorical) + tuple(f"holds_{p}" for p in schema.products))
+            schema.numeric + schema.derived + tuple(schema.categorical) + self._binary)
         self.features: tuple[str, ...] = self.customer_features + ACTION_FEATURES
         self.categorical_features: tuple[str, ...] = tuple(schema.categorical) + ("action", "action_type", "channel")
         # Columns a catalog action fills (``ActionTable.rows`` order); the others are shared by a decision's rows.
@@ -54,13 +58,14 @@ class ModelInput:
         out[n: self._cat] = derive(profile.numeric, self.schema) if derived is None else derived
         categories = profile.categorical
         out[self._cat: self._prod] = [codes.get(categories.get(name, ""), _NAN) for name, codes in self._level_codes.items()]
-        held = profile.sets.get("products", frozenset())
-        out[self._prod:] = [p in held for p in self.schema.products]
+        sets = profile.sets
+        out[self._prod:] = [member in sets.get(name, ()) for name, member in self._members]
         return out
 
     def customer_blocks(self, numeric: np.ndarray, categorical: dict[str, np.ndarray], products: np.ndarray,
                         now: float | None = None) -> np.ndarray:
-        """Vectorised ``customer_block`` for many customers given as column arrays (training)."""
+        """Vectorised ``customer_block`` for many customers given as column arrays (training); ``products``
+        holds the 0/1 columns of every set attribute's members, in ``customer_features`` order."""
         n = len(self.schema.numeric)
         out = np.empty((numeric.shape[0], len(self.customer_features)), dtype=np.float64)
         out[:, :n] = numeric
@@ -105,7 +110,8 @@ class ModelInput:
 
     def feature_types(self) -> list[str]:
         """Per feature: "categorical" (integer codes), "binary" (0/1) or "numeric"."""
-        return ["categorical" if f in self.categorical_features else "binary" if f.startswith("holds_") else "numeric"
+        binary = set(self._binary)
+        return ["categorical" if f in self.categorical_features else "binary" if f in binary else "numeric"
                 for f in self.features]
 
     def feature_levels(self) -> dict[str, list[str]]:

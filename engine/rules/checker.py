@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from engine.features import FeatureSchema
 from engine.rules.errors import ConditionError, suggest
-from engine.rules.facts import consent_field, context_field, holds_field, trigger_field
+from engine.rules.facts import consent_field, context_field, holds_field, set_field, trigger_field
 from engine.rules.nodes import (
     And,
     Arith,
@@ -39,6 +39,7 @@ FUNCTIONS = {
     "holds": 'holds("broadband"): the customer holds that product',
     "consent": 'consent("email"): the customer consented to that channel',
     "trigger": 'trigger("callback_requested"): that trigger is active for the customer',
+    "has": 'has(interests, "golf"): the customer\'s set attribute (domain.yaml) holds that member',
 }
 BUILTINS = ("channel", "touchpoint", "has_consent", "context")
 IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -195,8 +196,8 @@ class _Checker:
             self.error(node, f'"{name}" is a function', f"write {FUNCTIONS[name].split(':')[0]}")
             return node, None
         if name in schema.sets:
-            fn = "holds" if name == "products" else "consent"
-            self.error(node, f'"{name}" is a set', f'use {fn}("...") to test membership')
+            use = {"products": 'holds("...")', "consent": 'consent("...")'}.get(name, f'has({name}, "...")')
+            self.error(node, f'"{name}" is a set', f"use {use} to test membership")
             return node, None
         hint = suggest(name, self.scope.names()) or "see the feature list in rules/README.md"
         self.error(node, f'unknown feature "{name}"', hint)
@@ -219,6 +220,8 @@ class _Checker:
                 self.error(node, f'unknown function "{func}"', hint)
             return node, None
         example = FUNCTIONS[func].split(":")[0]
+        if func == "has":
+            return self._has(node, example)
         if len(node.args) != 1 or not isinstance(node.args[0], Str):
             self.error(node, f"{func}() needs one name in quotes", f"e.g. {example}")
             return node, None
@@ -248,6 +251,23 @@ class _Checker:
             self.error(arg, f'unknown trigger "{value}"', hint)
             return node, None
         return Field(trigger_field(value), "bool", **span), BOOL
+
+    def _has(self, node: Call, example: str):
+        sets = {n: m for n, m in self.scope.schema.sets.items() if n != "consent"}
+        if len(node.args) != 2 or not isinstance(node.args[0], Name) or not isinstance(node.args[1], Str):
+            self.error(node, "has() needs a set attribute and a member in quotes", f"e.g. {example}")
+            return node, None
+        attribute, member = node.args[0].name, node.args[1].value
+        if attribute not in sets:
+            hint = suggest(attribute, sets) or ("set attributes: " + ", ".join(sets) if sets else
+                                               "domain.yaml declares no set attribute")
+            self.error(node.args[0], f'"{attribute}" is not a set attribute', hint)
+            return node, None
+        if member not in sets[attribute]:
+            hint = suggest(member, sets[attribute]) or "members: " + ", ".join(sets[attribute])
+            self.error(node.args[1], f'unknown member "{member}" of {attribute}', hint)
+            return node, None
+        return Field(set_field(attribute, member), "bool", pos=node.pos, end=node.end), BOOL
 
     # --- arithmetic -------------------------------------------------------------------------------
     def _Neg(self, node: Neg):

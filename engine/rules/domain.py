@@ -233,10 +233,6 @@ def _attributes(loader, loc: Loc | None):
             if name == CONSENT:
                 loader.err(item.key_error(f'"{CONSENT}" is built in: the channels a customer consented to'))
                 continue
-            if name != "products":
-                loader.err(item.key_error(f'set attribute "{name}": the rule language tests one set, "products"',
-                                          'name it products (holds("...") tests it) or use a category'))
-                continue
             if "members" not in fields:
                 loader.err(item.error(f'{what} is missing "members"', "add it, e.g. members: [savings, card]"))
                 continue

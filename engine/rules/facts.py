@@ -13,6 +13,7 @@ field                  meaning                                     type
 ``has_consent``        consent for the request's channel            bool
 ``holds__<product>``   customer holds the product                   bool
 ``consent__<channel>`` consent for that channel                     bool
+``in__<set>__<member>`` the customer's set attribute holds the member  bool
 ``ctx__<key>``         request context value ("" when absent)       text
 ``trg__<trigger>``     the trigger is active for the customer       bool
 ``z__``                constant 0 (used to compare two formulas)    number
@@ -47,6 +48,10 @@ def consent_field(channel: str) -> str:
     return f"consent__{channel}"
 
 
+def set_field(attribute: str, member: str) -> str:
+    return f"in__{attribute}__{member}"
+
+
 def context_field(key: str) -> str:
     return f"ctx__{key}"
 
@@ -68,6 +73,7 @@ class FactInputs:
     consents:   channels the customer consented to.
     channel, touchpoint, context: the request.
     triggers:   names of the customer's active triggers.
+    sets:       the customer's other set attributes (domain.yaml), by name.
     """
 
     numbers: Mapping[str, float] | Sequence[float] | np.ndarray = field(default_factory=dict)
@@ -78,6 +84,7 @@ class FactInputs:
     touchpoint: str = ""
     context: Mapping[str, str] = field(default_factory=dict)
     triggers: Iterable[str] = ()
+    sets: Mapping[str, Iterable[str]] = field(default_factory=dict)
 
 
 def inputs_from_profile(profile, derived=None, channel: str = "", touchpoint: str = "",
@@ -98,6 +105,7 @@ def inputs_from_profile(profile, derived=None, channel: str = "", touchpoint: st
         touchpoint=touchpoint or "",
         context=context or {},
         triggers=getattr(profile, "triggers", None) or (),
+        sets=sets,
     )
 
 
@@ -117,6 +125,7 @@ class FactLayout:
         self._consents = [(f, f[len("consent__") :]) for f in self.fields if f.startswith("consent__")]
         self._contexts = [(f, f[len("ctx__") :]) for f in self.fields if f.startswith("ctx__")]
         self._triggers = [(f, f[len("trg__") :]) for f in self.fields if f.startswith("trg__")]
+        self._in_sets = [(f, *f[len("in__"):].split("__", 1)) for f in self.fields if f.startswith("in__")]
 
     def build(self, inputs: FactInputs) -> dict:
         fact: dict = {}
@@ -154,6 +163,10 @@ class FactLayout:
             active = set(inputs.triggers)
             for f, name in self._triggers:
                 fact[f] = name in active
+        if self._in_sets:
+            held_by = {name: set(members) for name, members in inputs.sets.items()}
+            for f, attribute, member in self._in_sets:
+                fact[f] = member in held_by.get(attribute, ())
         if ZERO_FIELD in fields:
             fact[ZERO_FIELD] = 0.0
         if GUARD_FIELD in fields:

@@ -47,6 +47,9 @@ def feature_reference(schema: FeatureSchema) -> str:
         "- `consent(\"CHANNEL\")`: the customer consented to that channel; channels: "
         + ", ".join(f"`{c}`" for c in schema.channel_names) + ".",
         "- `has_consent`: the customer consented to the channel asking right now.",
+        *(f"- `has({name}, \"MEMBER\")`: the customer's {name} holds the member; members: "
+          + ", ".join(f"`{m}`" for m in members) + "." for name, members in schema.sets.items()
+          if name not in ("products", "consent")),
         "- `trigger(\"NAME\")`: the trigger is active for the customer (declared under `triggers:` in "
         "policies.yaml).",
         "- every situation name defined in policies.yaml.",

@@ -16,9 +16,10 @@ SHA-256 (``nba auth token NAME`` makes one)::
         rate_limit: {per_second: 200, burst: 400}
 
 Roles: ``decide`` (Decide), ``respond`` (RecordResponse), ``events`` (PublishEvent), ``profiles``
-(ProfileService: creating and updating customer attributes), ``admin`` (AdminService). One interceptor checks every call: no or unknown credentials ``UNAUTHENTICATED``, a role
-missing ``PERMISSION_DENIED``, over the caller's rate ``RESOURCE_EXHAUSTED``; each outcome is counted
-per caller (a name from the auth file: a bounded label) and the check is timed.
+(ProfileService: creating and updating customer attributes), ``admin`` (AdminService). One interceptor
+checks every call: no or unknown credentials ``UNAUTHENTICATED``, a role missing ``PERMISSION_DENIED``,
+over the caller's rate ``RESOURCE_EXHAUSTED``; each outcome is counted per caller (a name from the auth
+file: a bounded label) and the check is timed.
 """
 
 from __future__ import annotations
