@@ -250,3 +250,19 @@ def test_a_broken_domain_yaml_keeps_the_live_schema(service) -> None:
     reply = pb_grpc.DecisionServiceStub(channel).Decide(pb.DecideRequest(customer_id="C0000042", channel_name="web"),
                                                          timeout=10)
     assert reply.actions and reply.ruleset_version == live.version
+
+
+def test_consent_can_be_withdrawn_on_a_channel_added_later(service) -> None:
+    app, channel = service
+    domain = app.config.rules_dir / "domain.yaml"
+    domain.write_text(domain.read_text().replace("  pos: {direction: inbound", "  kiosk: {direction: inbound}\n  pos: {direction: inbound"))
+    catalog = app.config.rules_dir / "catalog.yaml"
+    catalog.write_text(catalog.read_text().replace('      pos: {message: "Join our newsletter for tips and member perks."}\n',
+                                                   '      pos: {message: "Join our newsletter for tips and member perks."}\n'
+                                                   '      kiosk: {message: "Join our newsletter."}\n', 1))
+    applied, _, errors = app.reload_rules()  # events.yaml still lists the channels as they were
+    assert applied, errors
+    update(channel, "K-1", consent={"web", "kiosk"})
+    pb_grpc.DecisionServiceStub(channel).PublishEvent(pb.PublishEventRequest(
+        event_id="w1", customer_id="K-1", type="consent_withdrawn", attributes={"channel": "kiosk"}), timeout=10)
+    assert app.store.fetch("K-1", app.rules.current.schema).sets["consent"] == {"web"}

@@ -75,7 +75,17 @@ from typing import TYPE_CHECKING, Any, cast
 from engine import metrics
 from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
 from engine.errors import NbaError
-from engine.rules.patterns import MAX_HISTORY_EVENTS, Event, Firing, InvalidEvent, Outbound, Pattern, Timer
+from engine.rules.patterns import (
+    ALL_CHANNELS,
+    CONSENT_WITHDRAWN,
+    MAX_HISTORY_EVENTS,
+    Event,
+    Firing,
+    InvalidEvent,
+    Outbound,
+    Pattern,
+    Timer,
+)
 from engine.store import streams
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
 from engine.store.slots import customer_shard_key, shard_count
@@ -99,8 +109,6 @@ OUTBOUND_TIMER = "outbound"  # the "k" of a postponed outbound's timer member (a
 OUTBOUND_KEEP_MS = 30 * 86_400_000  # an outbound's state key lives this long after its last change
 OUTBOUND_RUN_MS = 30_000  # a postponed run's claim; a run that died is retried after the timer's lease
 STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound's state key
-CONSENT_WITHDRAWN = "consent_withdrawn"  # event type whose ``channel`` leaves the profile's consent set
-ALL_CHANNELS = "all"  # its ``channel`` for every channel at once
 
 # KEYS: history, ids, effects pending, and (one node only) the log stream. ARGV: event id, event time
 # ms, history member, now ms, keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when the

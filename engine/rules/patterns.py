@@ -68,6 +68,8 @@ RAISE_KEYS = {"trigger": True, "ttl": True}
 OUTBOUND_KEYS = {"action": True, "channel": True}
 CLEARED_KEYS = {"events": False, "responses": False}
 CLEARING_OUTCOMES = ("accepted", "rejected")
+CONSENT_WITHDRAWN = "consent_withdrawn"  # built-in event type whose ``channel`` leaves the profile's consent
+ALL_CHANNELS = "all"  # its ``channel`` for every channel at once
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -406,6 +408,9 @@ def _load_types(loader, loc) -> dict[str, EventType]:
                 shown = spec.plain()  # a mapping's value holds Locs, whose repr is the whole file
                 hint = suggest(str(shown), ATTRIBUTE_TYPES) or "number, text, or a list of levels [a, b]"
                 loader.err(spec.error(f'unknown attribute type "{shown}" for {name}.{attr}', hint))
+        if name == CONSENT_WITHDRAWN and "channel" in attrs:
+            # every channel domain.yaml declares, whatever the file lists: a channel added later can be withdrawn too
+            attrs["channel"] = AttributeType("channel", "cat", (*loader.schema.channel_names, ALL_CHANNELS))
         sets = _load_sets(loader, fields.get("sets"), name, attrs)
         types[name] = EventType(name, attrs, loader.text(fields.get("description"), "description"), sets)
     return types
