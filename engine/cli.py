@@ -149,11 +149,18 @@ def cmd_loadtest(argv: list[str]) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    from engine.rules.errors import RuleErrors
+    from engine.rules.loader import load_rules
     from engine.sim import demo
 
     cfg = _config(args)
-    with _store(cfg) as store:
-        seconds = demo.seed(store, args.customers, args.world_seed)
+    ruleset, errors = load_rules(cfg.rules_dir)
+    if ruleset is None:
+        raise RuleErrors(errors)
+    telco = ruleset.schema.fingerprint() == demo.SCHEMA.fingerprint()
+    with _store(cfg) as store:  # the telco demo's world, or customers generated for the declared domain
+        seconds = (demo.seed(store, args.customers, args.world_seed) if telco
+                   else demo.seed_generated(store, ruleset, args.customers, args.world_seed))
     print(f"seeded {args.customers} customers (C0000000..C{args.customers - 1:07d}) in {seconds:.1f}s")
     return 0
 
@@ -751,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)
 
-    p = sub.add_parser("seed", help="write the synthetic demo customer base to Redis")
+    p = sub.add_parser("seed", help="write synthetic demo customers of the rule directory's domain.yaml to Redis")
     paths(p)
     p.add_argument("--customers", type=int, default=20_000)
     p.add_argument("--world-seed", type=int, default=7)
