@@ -460,6 +460,7 @@ def test_mutated_rule_files_never_break_a_live_reload(reloadable, caplog) -> Non
     @example({**ORIGINALS, "events.yaml": ORIGINALS["events.yaml"].replace("within: 1d", "within: -1d", 1)}, False)
     @example({**ORIGINALS, "catalog.yaml": ORIGINALS["catalog.yaml"].replace("\n", "\r", 3)}, False)  # restored?
     @example({**ORIGINALS, "domain.yaml": ORIGINALS["domain.yaml"].replace("type: number", "type: text", 1)}, True)
+    @example({**ORIGINALS, "domain.yaml": ORIGINALS["domain.yaml"].replace("  nps:", "  #nps:", 1)}, False)  # model needs it
     def run(files: dict[str, str], over_grpc: bool) -> None:
         before = app.rules.current
         write_rules(rules_dir, files)

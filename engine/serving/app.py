@@ -21,6 +21,7 @@ from engine.live import Live
 from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import NO_MODEL, ModelRefused, ModelRegistry, no_model
+from engine.rules.domain import DOMAIN_FILE
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules
 from engine.sim import demo
@@ -187,7 +188,13 @@ class App:
         try:
             return load_model_set(registry), ""  # a champion trained on the new domain.yaml is waiting
         except ModelRefused:
-            return models, ("domain.yaml: the live model cannot read the new schema (" + "; ".join(problems)
+            path = self.config.rules_dir / DOMAIN_FILE
+            try:  # located like every rule error: at the attributes the model needs
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+                line = next((i for i, text in enumerate(lines, 1) if text.startswith("attributes:")), 1)
+            except OSError:
+                line = 1
+            return models, (f"{path}:{line}:1: the live model cannot read the new schema (" + "; ".join(problems)
                             + "); train and promote a model on it first, or keep what the model uses")
 
     def close(self) -> None:
