@@ -157,10 +157,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     ruleset, errors = load_rules(cfg.rules_dir)
     if ruleset is None:
         raise RuleErrors(errors)
-    telco = ruleset.schema.fingerprint() == demo.SCHEMA.fingerprint()
     with _store(cfg) as store:  # the telco demo's world, or customers generated for the declared domain
-        seconds = (demo.seed(store, args.customers, args.world_seed) if telco
-                   else demo.seed_generated(store, ruleset, args.customers, args.world_seed))
+        seconds = demo.seed_for(store, ruleset, args.customers, args.world_seed)
     print(f"seeded {args.customers} customers (C0000000..C{args.customers - 1:07d}) in {seconds:.1f}s")
     return 0
 
@@ -198,11 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             with _store(cfg) as store:
                 data = training_set(store, rules.ruleset, past.offers, now)
         else:
-            from engine.sim.telco import SCHEMA
+            from engine.sim.demo import is_telco
             from engine.sim.training_data import simulate_responses
             from engine.sim.world import generate
 
-            if rules.schema.fingerprint() != SCHEMA.fingerprint():
+            if not is_telco(rules.ruleset):
                 print(f"error: the synthetic world is the telco demo's; {cfg.rules_dir}/domain.yaml declares another "
                       "business: train --from-history FILE or --from-stream", file=sys.stderr)
                 return 1

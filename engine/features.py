@@ -115,6 +115,11 @@ class FeatureSchema:
         return frozenset(t.name for t in self.action_types if not t.needs_consent)
 
     @cached_property
+    def quiet_exempt_types(self) -> frozenset[str]:
+        """Types whose actions may go out during quiet hours (``quiet_hours: false``)."""
+        return frozenset(t.name for t in self.action_types if not t.quiet_hours)
+
+    @cached_property
     def products(self) -> tuple[str, ...]:
         """Members of the ``products`` set (what ``holds("...")`` tests), () when none is declared."""
         return self.sets.get("products", ())

@@ -23,6 +23,7 @@ actions' budgets running out.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import tempfile
@@ -54,6 +55,7 @@ from engine.store.profiles import (
     RESPONSES_STREAM,
     Profile,
     ProfileStore,
+    customer_ids,
     profile_key,
     triggers_key,
 )
@@ -133,13 +135,7 @@ def what_if_rules(rules_dir: Path, campaign_file: Path) -> tuple[CompiledRules, 
 
 
 def stored_customers(client: redis.Redis, limit: int | None = None) -> list[str]:
-    ids = []
-    for key in client.scan_iter(match="nba:{c:*}:profile", count=2000):
-        key = key.decode() if isinstance(key, bytes) else key
-        ids.append(key[len("nba:{c:"): -len("}:profile")])
-        if limit is not None and len(ids) >= limit:
-            break
-    return sorted(ids)
+    return sorted(itertools.islice(customer_ids(client), limit))
 
 
 def fetch_profiles(store: ProfileStore, customers: Sequence[str], now: float, schema: FeatureSchema,

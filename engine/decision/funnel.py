@@ -52,7 +52,7 @@ from engine.live import Live
 from engine.models.derived import derive
 from engine.models.experiment import ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
-from engine.models.model_input import ActionTable, Adapter, model_input
+from engine.models.model_input import ActionTable, Adapter, model_input, row_columns
 from engine.models.registry import LoadedModel
 from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
@@ -177,8 +177,8 @@ class DecisionEngine:
             if len(self._bound) > 32:
                 self._bound.clear()
             rows = model_input(rules.schema)
-            width = len(model.features) or len(rows.features)
-            scorer = model.scorer.bind(tuple(range(width - 4, width - 1)), self._action_table(rules, model).rows)
+            columns = row_columns(len(model.features)) if model.features else rows.row_features
+            scorer = model.scorer.bind(columns, self._action_table(rules, model).rows)
             found = self._bound[key] = (scorer, rows.adapter(model.features, model.levels))
         return found
 

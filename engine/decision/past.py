@@ -213,9 +213,13 @@ def training_set(store: ProfileStore, ruleset: RuleSet, offers: list[PastOffer],
     actions = [a.id for a in ruleset.actions]
     table = layout.action_table(ruleset.actions, actions)
     row_of = {a: i for i, a in enumerate(table.action_ids)}
+    block = np.array([blocks[o.customer_id] for o in offers]).reshape(len(offers), len(layout.customer_features))
+    rows = np.array([row_of[o.action_id] for o in offers], dtype=np.intp)
+    channels = np.array([o.channel for o in offers])
     x = np.empty((len(offers), len(layout.features)), dtype=np.float64)
-    for i, offer in enumerate(offers):
-        x[i] = layout.assemble(blocks[offer.customer_id], table, np.array([row_of[offer.action_id]]), offer.channel)[0]
+    for channel in set(channels.tolist()):  # one assembly per channel: the rows' customers and actions at once
+        on = channels == channel
+        x[on] = layout.assemble(block[on], table, rows[on], channel)
     y = np.array([o.outcome == "accepted" for o in offers], dtype=np.float64)
     t = np.array([o.ts for o in offers], dtype=np.float64)
     stored = sum(p.found for p in profiles.values())

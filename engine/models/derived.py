@@ -3,6 +3,7 @@ over the packed numeric vectors of one or many customers (never row-by-row Pytho
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numba
@@ -117,17 +118,10 @@ class Kernel:
         return out[0] if np.ndim(num) == 1 else out
 
 
-_kernels: dict[int, tuple[FeatureSchema, Kernel]] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def kernel(schema: FeatureSchema) -> Kernel:
-    """The kernel of ``schema`` (built once per schema object)."""
-    found = _kernels.get(id(schema))
-    if found is None or found[0] is not schema:
-        if len(_kernels) > 16:
-            _kernels.clear()
-        found = _kernels[id(schema)] = (schema, Kernel(schema))
-    return found[1]
+    """The kernel of ``schema`` (built once per schema object: a schema hashes by identity)."""
+    return Kernel(schema)
 
 
 def derive(num: np.ndarray, schema: FeatureSchema, now: float | None = None) -> np.ndarray:

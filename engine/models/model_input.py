@@ -7,6 +7,7 @@ values are integer codes (index into their level list); an unknown or empty leve
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class ModelInput:
         self.features: tuple[str, ...] = self.customer_features + ACTION_FEATURES
         self.categorical_features: tuple[str, ...] = tuple(schema.categorical) + ("action", "action_type", "channel")
         # Columns a catalog action fills (``ActionTable.rows`` order); the others are shared by a decision's rows.
-        self.row_features: tuple[int, ...] = tuple(self.features.index(f) for f in ACTION_FEATURES[:3])
+        self.row_features = row_columns(len(self.features))
         self.channel_index = self.features.index("channel")
         self._cat = len(schema.numeric) + len(schema.derived)
         self._prod = self._cat + len(schema.categorical)
@@ -93,7 +94,8 @@ class ModelInput:
         return Adapter(self.features, self.feature_levels(), features, levels)
 
     def assemble(self, customer: np.ndarray, actions: ActionTable, idx: np.ndarray, channel: str) -> np.ndarray:
-        """Rows for customer x actions[idx] on ``channel``: C-contiguous float64 for the scorer."""
+        """Rows for customer x actions[idx] on ``channel`` (``customer``: one block, or one per row):
+        C-contiguous float64 for the scorer."""
         x = np.empty((len(idx), len(self.features)), dtype=np.float64)
         x[:, : len(self.customer_features)] = customer
         x[:, len(self.customer_features): -1] = actions.rows[idx]
@@ -164,14 +166,13 @@ class ActionTable:
     rows: np.ndarray  # (len(action_ids), 3): action code, type code, value
 
 
-_inputs: dict[int, ModelInput] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def model_input(schema: FeatureSchema) -> ModelInput:
-    """The ``ModelInput`` of ``schema`` (built once per schema object)."""
-    found = _inputs.get(id(schema))
-    if found is None or found.schema is not schema:
-        if len(_inputs) > 16:
-            _inputs.clear()
-        found = _inputs[id(schema)] = ModelInput(schema)
-    return found
+    """The ``ModelInput`` of ``schema`` (built once per schema object: a schema hashes by identity)."""
+    return ModelInput(schema)
+
+
+def row_columns(width: int) -> tuple[int, ...]:
+    """The columns a catalog action fills (action, type, value) in a row of ``width`` features: the
+    action block sits just before the channel, the last column."""
+    return tuple(range(width - len(ACTION_FEATURES), width - 1))

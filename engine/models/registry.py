@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.errors import NbaError
 from engine.features import FeatureSchema
-from engine.models.model_input import ACTION_FEATURES, FEATURE_TYPES, model_input
+from engine.models.model_input import ACTION_FEATURES, FEATURE_TYPES, model_input, row_columns
 from engine.models.scorer import CompiledModel
 
 DEFAULT_NAME = "propensity"
@@ -108,7 +108,8 @@ def schema_mismatch(schema: object, features: FeatureSchema) -> str | None:
     malformed = _malformed(schema)
     if malformed:
         return malformed
-    live = dict(zip(model_input(features).features, model_input(features).feature_types()))
+    rows = model_input(features)
+    live = dict(zip(rows.features, rows.feature_types()))
     gone = [f for f in schema["features"] if f not in live]
     if gone:
         return (f"the model uses features domain.yaml no longer declares: {', '.join(gone[:8])}"
@@ -206,7 +207,7 @@ class ModelRegistry:
         scorer.warmup()
         actions = tuple(schema.get("actions", ()))
         # Compile the decision kernels and build their layout now, never on a customer's request.
-        row_features = tuple(range(len(schema["features"]) - len(ACTION_FEATURES), len(schema["features"]) - 1))
-        scorer.bind(row_features, np.zeros((1, len(row_features)))).warmup()
+        columns = row_columns(len(schema["features"]))
+        scorer.bind(columns, np.zeros((1, len(columns)))).warmup()
         return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}),
                            str(schema["feature_schema"]), tuple(schema["features"]), dict(schema["levels"]))

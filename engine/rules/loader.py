@@ -382,7 +382,7 @@ class _Loader:
                 daily_budget=int(budget) if budget is not None else None,
                 description=self.text(fields.get("description"), "description"),
                 source=item.where(), service=kind in self.schema.service_types,
-                quiet_exempt=kind in {t.name for t in self.schema.action_types if not t.quiet_hours},
+                quiet_exempt=kind in self.schema.quiet_exempt_types,
             ))
         return actions
 

@@ -46,16 +46,14 @@ def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
 def ensure_demo(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, customers: int) -> None:
     """Seed demo customers and train the demo model when they are missing: the telco world for the telco
     demo's domain.yaml, generated customers and history for any other."""
-    telco = ruleset.schema.fingerprint() == demo.SCHEMA.fingerprint()
     if demo.seeded_customers(store, ruleset.schema) == 0:
         log.info("no demo customers: seeding %d", customers)
-        seconds = demo.seed(store, customers) if telco else demo.seed_generated(store, ruleset, customers)
+        seconds = demo.seed_for(store, ruleset, customers)
         log.info("seeded %d customers in %.1fs", customers, seconds)
     problem = registry.champion_problem()
     if problem is not None:
         log.info("%s: training the demo model", problem)
-        version, scores = (demo.train_demo(registry, ruleset.actions) if telco
-                           else demo.train_generated(registry, store, ruleset, customers))
+        version, scores = demo.train_for(registry, store, ruleset, customers)
         log.info("trained %s: %s", version, {k: v for k, v in scores.items() if not isinstance(v, dict)})
 
 

@@ -55,6 +55,25 @@ def seeded_customers(store: ProfileStore, schema: FeatureSchema = SCHEMA) -> int
     return int(meta.get(b"seeded_customers", 0))
 
 
+def is_telco(ruleset: RuleSet) -> bool:
+    """Whether ``ruleset`` declares the telco demo's domain (its synthetic world applies)."""
+    return ruleset.schema.fingerprint() == SCHEMA.fingerprint()
+
+
+def seed_for(store: ProfileStore, ruleset: RuleSet, customers: int = DEMO_CUSTOMERS,
+             world_seed: int = WORLD_SEED) -> float:
+    """Demo customers of ``ruleset``'s domain: the telco world's, or generated ones; seconds taken."""
+    return (seed(store, customers, world_seed) if is_telco(ruleset)
+            else seed_generated(store, ruleset, customers, world_seed))
+
+
+def train_for(registry: ModelRegistry, store: ProfileStore, ruleset: RuleSet,
+              customers: int = DEMO_CUSTOMERS) -> tuple[str, dict]:
+    """The demo model of ``ruleset``'s domain, promoted: on the telco world, or on a generated history."""
+    return (train_demo(registry, ruleset.actions) if is_telco(ruleset)
+            else train_generated(registry, store, ruleset, customers))
+
+
 def _generated(schema: FeatureSchema, customers: int, world_seed: int) -> pa.Table:
     return datagen.customers(schema, customers, world_seed, now=GENERATED_AT)
 

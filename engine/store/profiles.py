@@ -137,6 +137,13 @@ def encode_profile(profile: Profile, schema: FeatureSchema) -> dict[str, bytes |
     return fields
 
 
+def customer_ids(client: redis.Redis | RedisCluster) -> Iterator[str]:
+    """The id of every stored profile (a SCAN of their keys; every node of a cluster)."""
+    for key in client.scan_iter(match="nba:{c:*}:profile", count=2000):
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        yield text[len("nba:{c:"): -len("}:profile")]
+
+
 class SchemaMismatch(NbaError):
     """A stored profile cannot be read under the current schema (another packing version, or a layout
     that ``nba:layouts`` does not know)."""

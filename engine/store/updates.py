@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import cast
@@ -26,6 +26,7 @@ from engine.store.profiles import (
     Profile,
     ProfileStore,
     SchemaMismatch,
+    customer_ids,
     encode_profile,
     profile_key,
 )
@@ -237,17 +238,11 @@ def apply_update(store: ProfileStore, customer_id: str, change: Change, schema: 
     raise SchemaMismatch(f"profile {customer_id}: packing version {SCHEMA_VERSION} expected")
 
 
-def _profile_ids(store: ProfileStore) -> Iterator[str]:
-    for key in store.client.scan_iter(match="nba:{c:*}:profile", count=2000):
-        text = key.decode() if isinstance(key, bytes) else str(key)
-        yield text[len("nba:{c:"): -len("}:profile")]
-
-
 def census(store: ProfileStore, schema: FeatureSchema, batch: int = 1000) -> dict[str, int]:
     """How many stored profiles are packed in each layout (``""``: none recorded, written before layouts
     were), scanning every profile key; ``schema.layout()`` is the current one."""
     counts: dict[str, int] = {}
-    ids = _profile_ids(store)
+    ids = customer_ids(store.client)
     while chunk := list(itertools.islice(ids, batch)):
         pipe = store.client.pipeline(transaction=False)
         for cid in chunk:
@@ -265,7 +260,7 @@ def migrate_all(store: ProfileStore, schema: FeatureSchema,
     a layout nba:layouts does not hold)."""
     store.read_layouts()
     migrated, unreadable, seen = 0, [], 0
-    for cid in _profile_ids(store):
+    for cid in customer_ids(store.client):
         seen += 1
         try:
             migrated += migrate(store, cid, schema)
