@@ -8,6 +8,7 @@ Python) that ``engine/models/derived.py`` runs in a numba kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from engine.features import (
@@ -35,7 +36,8 @@ from engine.features import (
     FeatureSchema,
     Program,
 )
-from engine.rules.errors import ConditionError, suggest
+from engine.rules.checker import IDENT
+from engine.rules.errors import ConditionError, RuleError, suggest
 from engine.rules.nodes import Arith, Call, Name, Neg, Node, Num
 from engine.rules.parser import parse
 
@@ -69,8 +71,6 @@ def load_domain(loader) -> FeatureSchema | None:
     """The domain declared in ``domain.yaml`` (None when it has errors; they go to ``loader``)."""
     errors_before = len(loader.errors)
     if not loader.has(DOMAIN_FILE):
-        from engine.rules.errors import RuleError
-
         loader.err(RuleError(str(loader.dir / DOMAIN_FILE), 1, 1, "file not found",
                              "every rule directory declares its customer attributes, channels and action types "
                              "there (see rules/README.md)"))
@@ -93,8 +93,6 @@ def load_domain(loader) -> FeatureSchema | None:
 
 
 def _name(loader, name: str, loc: Loc, what: str, taken: set[str]) -> bool:
-    from engine.rules.checker import IDENT
-
     if not IDENT.match(name):
         loader.err(loc.key_error(f'{what} name "{name}" must be lower case letters, digits and _, starting with a letter'))
         return False
@@ -108,6 +106,22 @@ def _name(loader, name: str, loc: Loc, what: str, taken: set[str]) -> bool:
     return True
 
 
+def _entries(loader, loc: Loc | None, what: str, singular: str, keys: dict[str, bool], taken: set[str],
+             examples: dict[str, str] | None = None, required: bool = True,
+             bare: bool = False) -> Iterator[tuple[str, Loc, dict[str, Loc]]]:
+    """(name, item, fields) of every entry of the mapping ``what`` that is well named and whose keys check
+    out (``bare``: an entry may have no value); ``required``: an empty mapping is an error."""
+    items = loader.mapping(loc, what) or {}
+    if required and loc is not None and loc.is_map and not items:
+        loader.err(loc.error(f"declare at least one {singular}"))
+    for name, item in items.items():
+        if not _name(loader, name, item, singular, taken):
+            continue
+        fields = {} if bare and item.value is None else loader.keys(item, keys, f'{singular} "{name}"', examples)
+        if fields is not None:
+            yield name, item, fields
+
+
 def _flag(loader, loc: Loc | None, what: str, default: bool) -> bool:
     if loc is None:
         return default
@@ -119,12 +133,9 @@ def _flag(loader, loc: Loc | None, what: str, default: bool) -> bool:
 
 def _channels(loader, loc: Loc | None) -> list[Channel]:
     out: list[Channel] = []
-    taken: set[str] = set()
-    for name, item in (loader.mapping(loc, "channels") or {}).items():
-        if not _name(loader, name, item, "channel", taken):
-            continue
-        fields = loader.keys(item, CHANNEL_KEYS, f'channel "{name}"', {"direction": "inbound"})
-        if fields is None or "direction" not in fields:
+    for name, _item, fields in _entries(loader, loc, "channels", "channel", CHANNEL_KEYS, set(),
+                                        {"direction": "inbound"}):
+        if "direction" not in fields:
             continue
         direction = loader.text(fields["direction"], f'channel "{name}" direction')
         if direction not in ("inbound", "outbound", "both"):
@@ -134,26 +145,15 @@ def _channels(loader, loc: Loc | None) -> list[Channel]:
         out.append(Channel(name, direction != "outbound", direction != "inbound",
                            _flag(loader, fields.get("quiet_hours"), f'channel "{name}" quiet_hours', True),
                            loader.text(fields.get("description"), "description")))
-    if loc is not None and not out and loader.mapping(loc, "channels") == {}:
-        loader.err(loc.error("declare at least one channel"))
     return out
 
 
 def _types(loader, loc: Loc | None) -> list[ActionType]:
     out: list[ActionType] = []
-    taken: set[str] = set()
-    items = loader.mapping(loc, "action_types") or {}
-    for name, item in items.items():
-        if not _name(loader, name, item, "action type", taken):
-            continue
-        fields = {} if item.value is None else loader.keys(item, TYPE_KEYS, f'action type "{name}"')
-        if fields is None:
-            continue
+    for name, _item, fields in _entries(loader, loc, "action_types", "action type", TYPE_KEYS, set(), bare=True):
         out.append(ActionType(name, _flag(loader, fields.get("needs_consent"), f'action type "{name}" needs_consent', True),
                               _flag(loader, fields.get("quiet_hours"), f'action type "{name}" quiet_hours', True),
                               loader.text(fields.get("description"), "description")))
-    if loc is not None and not items and loc.is_map:
-        loader.err(loc.error("declare at least one action type"))
     return out
 
 
@@ -179,13 +179,10 @@ def _attributes(loader, loc: Loc | None):
     defaults: dict[str, float | str] = {}
     bounds: dict[str, tuple[float | None, float | None]] = {}
     docs: dict[str, str] = {}
-    taken: set[str] = set()
-    for name, item in (loader.mapping(loc, "attributes") or {}).items():
-        if not _name(loader, name, item, "attribute", taken):
-            continue
+    for name, item, fields in _entries(loader, loc, "attributes", "attribute", ATTRIBUTE_KEYS, set(),
+                                       {"type": "number"}):
         what = f'attribute "{name}"'
-        fields = loader.keys(item, ATTRIBUTE_KEYS, what, {"type": "number"})
-        if fields is None or "type" not in fields:
+        if "type" not in fields:
             continue
         kind = loader.text(fields["type"], f"{what} type")
         if kind not in ATTRIBUTE_TYPES:
@@ -237,8 +234,6 @@ def _attributes(loader, loc: Loc | None):
                 loader.err(item.error(f'{what} is missing "members"', "add it, e.g. members: [savings, card]"))
                 continue
             sets[name] = _members(loader, fields["members"], f"{what} members")
-    if loc is not None and loc.is_map and not taken:
-        loader.err(loc.error("declare at least one attribute"))
     return numeric, categorical, sets, dates, defaults, bounds, docs
 
 
@@ -249,15 +244,11 @@ def _derived(loader, loc: Loc | None, numeric: list[str], dates: list[str], othe
     code: list[tuple[int, float]] = []
     cuts: list[tuple[float, ...]] = []
     depth = 1
-    taken = set(numeric) | others
-    items = loader.mapping(loc, "derived") or {}
-    later = set(items)
-    for name, item in items.items():
-        later.discard(name)
-        if not _name(loader, name, item, "derived feature", taken):
-            continue
-        fields = loader.keys(item, DERIVED_KEYS, f'derived feature "{name}"', {"formula": "'revenue_12m / 12'"})
-        if fields is None or "formula" not in fields:
+    order = list(loc.value) if loc is not None and loc.is_map else []
+    for name, _item, fields in _entries(loader, loc, "derived", "derived feature", DERIVED_KEYS,
+                                        set(numeric) | others, {"formula": "'revenue_12m / 12'"}, required=False):
+        later = set(order[order.index(name) + 1:])  # declared below this one
+        if "formula" not in fields:
             continue
         text = loader.text(fields["formula"], f'derived feature "{name}" formula')
         if not text:
