@@ -27,6 +27,7 @@ from engine.rules.loader import _Loader
 from engine.rules.model import RuleSet
 from engine.rules.runtime import ActionVerdict, CompiledRules
 from engine.rules.yamlsrc import Loc, load_yaml
+from engine.store.updates import epoch_days
 
 TESTS_DIR = "tests"
 FILE_KEYS = {"description": False, "defaults": False, "tests": False, "event_tests": False}  # event_tests: eventtests.py
@@ -203,10 +204,8 @@ class _TestReader:
         for key, value in items.items():
             if key in schema.dates:  # a date (or a timestamp), kept as days since 1970-01-01 UTC
                 day = self.check.day(value, key) if not isinstance(value.value, datetime) else value.value
-                if isinstance(day, datetime):
-                    out[key] = (day if day.tzinfo else day.replace(tzinfo=UTC)).timestamp() / 86_400
-                elif day is not None:
-                    out[key] = datetime.combine(day, time(0), UTC).timestamp() / 86_400
+                if day is not None:
+                    out[key] = epoch_days(day)
             elif key in schema.numbers:
                 number = self.check.number(value, key)
                 if number is not None:

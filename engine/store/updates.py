@@ -116,15 +116,19 @@ class Change:
         return bool(self.numbers or self.fields)
 
 
-def _date_days(name: str, value: object) -> float:
+def epoch_days(value: date | datetime) -> float:
+    """A date attribute's stored value: days since 1970-01-01 UTC (a time without an offset is UTC)."""
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.timestamp() / DAY_SECONDS
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp() / DAY_SECONDS
+    return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp() / DAY_SECONDS
+
+
+def _date_days(name: str, value: object) -> float:
     if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp() / DAY_SECONDS
+        return epoch_days(value)
     if isinstance(value, str):
         try:
-            return _date_days(name, datetime.fromisoformat(value.replace("Z", "+00:00")))
+            return epoch_days(datetime.fromisoformat(value.replace("Z", "+00:00")))
         except ValueError:
             pass
     raise InvalidAttribute(name, f"expected a date (YYYY-MM-DD or an ISO timestamp), got {str(value)[:40]!r}")
@@ -271,5 +275,5 @@ def migrate_all(store: ProfileStore, schema: FeatureSchema,
     return migrated, unreadable
 
 
-__all__ = ["Change", "InvalidAttribute", "ProfileExists", "apply_update", "census", "check_update", "migrate",
-           "migrate_all"]
+__all__ = ["Change", "InvalidAttribute", "ProfileExists", "apply_update", "census", "check_update", "epoch_days",
+           "migrate", "migrate_all"]
