@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from engine import metrics
-from engine.authoring.check import RuleErrors, prepare
+from engine.authoring.check import RuleError, RuleErrors, prepare
 from engine.authoring.watch import RuleWatcher, files_digest
 from engine.config import Config
 from engine.decision.campaigns import CampaignGauges
@@ -139,6 +139,7 @@ class App:
             live = self.rules.current.version
             try:
                 new = prepare(self.config.rules_dir)
+                models = self._models_for(new)
             except RuleErrors as exc:
                 metrics.RULE_RELOADS.labels("refused").inc()
                 metrics.RULE_RELOAD_ERRORS.set(len(exc.errors))
@@ -147,13 +148,6 @@ class App:
                 audit(self.store.client, who, "rules_refused", live=live, errors=len(errors),
                       first_error=errors[0] if errors else "")
                 return False, live, errors
-            models, stale = self._models_for(new)
-            if stale:
-                new.close()
-                metrics.RULE_RELOADS.labels("refused").inc()
-                log.warning("rules refused, %s stays live: %s", live, stale)
-                audit(self.store.client, who, "rules_refused", live=live, errors=1, first_error=stale)
-                return False, live, [stale]
             metrics.RULE_RELOAD_ERRORS.set(0)
             if new.version == live:
                 new.close()
@@ -172,28 +166,30 @@ class App:
             audit(self.store.client, who, "rules_applied", ruleset=new.version, previous=live)
             return True, new.version, []
 
-    def _models_for(self, new: CompiledRules) -> tuple[ModelSet, str]:
-        """The models to decide with under ``new``'s domain.yaml, and why there are none ("": there are).
-        A model reads its input in the feature schema it was trained on: when domain.yaml changes that
-        schema, the live models serve on until a champion trained on the new one is in the registry."""
+    def _models_for(self, new: CompiledRules) -> ModelSet:
+        """The models to decide with under ``new``'s domain.yaml; ``RuleErrors`` (closing ``new``) when
+        there are none. A model reads its input by name: when domain.yaml drops or retypes what the live
+        models use, they serve on until a champion trained on the new schema is in the registry."""
         models = self.model.current
         if models.version == NO_MODEL:
-            return ModelSet(no_model(new.schema)), ""
+            return ModelSet(no_model(new.schema))
         registry = ModelRegistry(self.config.models_dir, new.schema)
         problems = [f"{m.version}: {problem}" for m in models.models if (problem := registry.problem(m.version))]
         if not problems:
-            return models, ""
+            return models
         try:
-            return load_model_set(registry), ""  # a champion trained on the new domain.yaml is waiting
+            return load_model_set(registry)  # a champion trained on the new domain.yaml is waiting
         except ModelRefused:
+            new.close()
             path = self.config.rules_dir / DOMAIN_FILE
             try:  # located like every rule error: at the attributes the model needs
                 lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
                 line = next((i for i, text in enumerate(lines, 1) if text.startswith("attributes:")), 1)
             except OSError:
                 line = 1
-            return models, (f"{path}:{line}:1: the live model cannot read the new schema (" + "; ".join(problems)
-                            + "); train and promote a model on it first, or keep what the model uses")
+            raise RuleErrors([RuleError(str(path), line, 1, "the live model cannot read the new schema ("
+                                        + "; ".join(problems) + "); train and promote a model on it first, or "
+                                        "keep what the model uses")]) from None
 
     def close(self) -> None:
         for part in ("event_stream", "timers", "reservations", "campaign_gauges", "watcher", "model_watcher",
