@@ -129,10 +129,15 @@ class ModelInput:
 
     def decode_features(self, text: str) -> np.ndarray:
         """Inverse of ``encode_features`` (float64, ``customer_features`` order)."""
-        block = np.frombuffer(base64.b64decode(text), dtype="<f4")
+        block = decode_block(text)
         if block.shape != (len(self.customer_features),):
             raise ValueError(f"features hold {block.size} values, want {len(self.customer_features)}")
-        return block.astype(np.float64)
+        return block
+
+
+def decode_block(text: str) -> np.ndarray:
+    """A logged customer block (base64 of little-endian float32) as float64, whatever its layout."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)
 
 
 class Adapter:
@@ -143,6 +148,7 @@ class Adapter:
     def __init__(self, source: Sequence[str], source_levels: dict[str, list[str]], target: Sequence[str],
                  target_levels: dict[str, list[str]]) -> None:
         index = {name: i for i, name in enumerate(source)}
+        self.width = len(source)  # what a source row holds
         self.take = np.array([index.get(f, -1) for f in target], dtype=np.intp)
         self.recode: list[tuple[int, np.ndarray]] = []  # (target column, source code -> target code)
         for j, name in enumerate(target):

@@ -34,7 +34,6 @@ and, for the synthetic world, the rank correlation between predicted and true ac
 
 from __future__ import annotations
 
-import base64
 import csv
 import gzip
 import json
@@ -49,7 +48,7 @@ import lightgbm as lgb
 import numpy as np
 
 from engine.features import FeatureSchema
-from engine.models.model_input import Adapter, ModelInput, model_input
+from engine.models.model_input import Adapter, ModelInput, decode_block, model_input
 
 PARAMS = {
     "objective": "binary",
@@ -160,16 +159,18 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
             counts["without_features"] += 1
             continue
         recorded = (f.get(b"feature_schema") or b"").decode()
-        adapter = None
+        older_block = None  # the customer block of an older layout, read by name
         if recorded != fingerprint:
             if recorded not in adapters:  # read by name: attributes added since are missing, levels recoded
                 known = older.get(recorded)
                 adapters[recorded] = None if known is None else Adapter(
                     known["features"], known["levels"], layout.customer_features, layout.feature_levels())
             adapter = adapters[recorded]
-            if adapter is None:
+            raw = decode_block(features.decode())
+            if adapter is None or len(raw) != adapter.width:
                 counts["other_schema"] += 1
                 continue
+            older_block = adapter(raw)
             counts["older_schema"] += 1
         decision_id = (f.get(b"decision_id") or b"").decode()
         ts = float(f.get(b"ts") or 0)
@@ -179,14 +180,7 @@ def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), win
         values = (f.get(b"values") or b"").decode().split(",")
         tags = (f.get(b"campaigns") or b"").decode().split(",")
         block = len(blocks)
-        if adapter is None:
-            blocks.append(layout.decode_features(features.decode()))
-        else:
-            raw = np.frombuffer(base64.b64decode(features), dtype="<f4").astype(np.float64)
-            if len(raw) != len(older[recorded]["features"]):
-                counts["other_schema"] += 1
-                continue
-            blocks.append(adapter(raw))
+        blocks.append(layout.decode_features(features.decode()) if older_block is None else older_block)
         for i, action in enumerate(actions.split(",")):
             campaign = (tags[i] if i < len(tags) else "") or "-"
             if only and campaign not in only:
