@@ -5,8 +5,8 @@ them on durable-rules.
   schema) -> ``normalize`` (durable-rules' limits) and ``evaluate`` (the reference interpreter);
   ``lang`` is the one-call facade, ``errors`` the file:line:col reports, ``reference`` the name list.
 - loading: ``yamlsrc`` (YAML with positions) -> ``loader`` (catalog, policies, levers; ``contact``
-  for contact.yaml, ``patterns`` for events.yaml, ``campaigns`` for campaigns/*.yaml) -> ``model``
-  (the loaded ``RuleSet``).
+  for contact.yaml, its quiet hours on ``timezones``' wall clocks; ``patterns`` for events.yaml,
+  ``campaigns`` for campaigns/*.yaml) -> ``model`` (the loaded ``RuleSet``).
 - running: ``compile`` (one durable ruleset, ``network`` keeps facts inside its limits) ->
   ``runtime`` (``CompiledRules``: ``facts`` encoding, durable evaluation, ``vector`` per-action
   numba program); ``bench`` times it.

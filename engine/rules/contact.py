@@ -7,10 +7,13 @@ decision presents its actions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from engine.rules.errors import suggest
+from engine.rules.timezones import LocalClock, find_zone, utc_clock, zone_names
 
 if TYPE_CHECKING:
     from engine.rules.model import Action
@@ -49,33 +52,61 @@ class ContactLimit:
 
 @dataclass(frozen=True)
 class QuietHours:
-    """No contact on ``channels`` from ``start`` to ``end`` (minutes after midnight, UTC offset applied)."""
+    """No contact on ``channels`` from ``start`` to ``end`` (minutes after local midnight) on the wall
+    clock of the customer's time zone: the zone the profile's ``customer_zone`` attribute names, else
+    ``clock``'s (contact.yaml ``time_zone``). Daylight saving time moves the window with the clocks."""
 
     channels: frozenset[str]
     start: int
     end: int
-    utc_offset_minutes: int = 0
+    clock: LocalClock = field(default_factory=utc_clock)
+    customer_zone: str = ""  # a category attribute whose levels are IANA zones ("": every customer on ``clock``)
+    # customer_zone's levels (domain.yaml) -> their zones' clocks; follows from customer_zone and domain.yaml
+    clocks: Mapping[str, LocalClock] = field(default_factory=dict, compare=False)
 
-    def quiet(self, channel: str, now: float) -> bool:
+    @property
+    def time_zone(self) -> str:
+        return self.clock.name
+
+    def clock_for(self, categorical: Mapping[str, str]) -> LocalClock:
+        """The clock quiet hours run on for a customer with these category values: the customer's own
+        zone, or the default one when the attribute is empty, unknown or not a zone."""
+        if not self.customer_zone:
+            return self.clock
+        return self.clocks.get(categorical.get(self.customer_zone, ""), self.clock)
+
+    def quiet(self, channel: str, now: float, clock: LocalClock | None = None) -> bool:
         if channel not in self.channels:
             return False
-        minute = int((now // 60 + self.utc_offset_minutes) % 1440)
+        return self._inside(int((clock or self.clock).minute_of_day(now)))
+
+    def _inside(self, minute: int) -> bool:
         if self.start <= self.end:
             return self.start <= minute < self.end
         return minute >= self.start or minute < self.end
 
-    def ends_after(self, now: float) -> float:
-        """When the quiet window that ``now`` falls in ends (epoch seconds); ``now`` if it is not quiet."""
-        minute_of_day = (now / 60 + self.utc_offset_minutes) % 1440
-        if self.start <= self.end:
-            if not self.start <= minute_of_day < self.end:
-                return now
-        elif self.end <= minute_of_day < self.start:
-            return now
-        return now + ((self.end - minute_of_day) % 1440) * 60
+    def ends_after(self, now: float, clock: LocalClock | None = None) -> float:
+        """When the quiet window that ``now`` falls in ends (epoch seconds); ``now`` if it is not quiet.
+        A clock change inside the window (at most one: a window is shorter than a day) is found and the
+        rest of the window is measured on the clock after it, so the answer is the first moment the
+        local time is outside the window: 08:00 on the night clocks go back is an hour later in UTC, and
+        a window ending at 02:30 on the night clocks skip from 02:00 to 03:00 ends at the skip."""
+        clock = clock or self.clock
+        at = now
+        for _ in range(3):
+            minute = clock.minute_of_day(at)
+            if not self._inside(int(minute)):
+                return at
+            end = at + ((self.end - minute) % 1440) * 60
+            change = clock.next_transition(at, end)
+            if change is None:
+                return end
+            at = change
+        return at
 
-    def describe(self) -> str:
-        return f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+    def describe(self, clock: LocalClock | None = None) -> str:
+        return (f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d} "
+                f"{(clock or self.clock).name}")
 
 
 @dataclass(frozen=True)
@@ -161,11 +192,12 @@ INTERACTION_KEYS = {"window_minutes": False}
 RESPONSE_KEYS = {"accept_days": False, "future_skew_seconds": False}
 LIMIT_KEYS = {"name": True, "max": False, "days": True, "per": False, "counts": False, "channels": False,
               "types": False, "reason": False, "description": False}
-QUIET_KEYS = {"channels": False, "from": True, "to": True, "utc_offset_minutes": False}
+QUIET_KEYS = {"channels": False, "from": True, "to": True, "time_zone": False, "customer_time_zone": False,
+              "utc_offset_minutes": False}  # utc_offset_minutes: refused, with a pointer to time_zone
 CONTROL_KEYS = {"share": True, "policy": False, "generic": False}
 
 
-def _clock(loader, loc, what: str) -> int | None:
+def _time_of_day(loader, loc, what: str) -> int | None:
     value = loader.text(loc, what)
     try:
         hours, minutes = value.split(":")
@@ -180,8 +212,6 @@ def _clock(loader, loc, what: str) -> int | None:
 
 
 def _names(loader, loc, what: str, known: Sequence[str]) -> frozenset[str]:
-    from engine.rules.errors import suggest
-
     out = set()
     for value, item in loader.names(loc, what):
         if value not in known:
@@ -207,10 +237,75 @@ def _quiet_channels(loader, fields: dict) -> frozenset[str]:
     return channels
 
 
+def _quiet_clock(loader, fields: dict) -> LocalClock:
+    """The default zone of quiet hours (``time_zone``, UTC when absent). ``utc_offset_minutes`` (before
+    time zones) is refused: a fixed offset is an hour off for half the year wherever clocks change."""
+    if "utc_offset_minutes" in fields:
+        loader.err(fields["utc_offset_minutes"].key_error(
+            "quiet_hours utc_offset_minutes is no longer read: a fixed offset ignores daylight saving time",
+            "name the time zone instead, e.g. time_zone: Europe/Amsterdam (time_zone: UTC for an offset of 0)"))
+    name = loader.text(fields.get("time_zone"), "quiet_hours time_zone", "UTC")
+    tz = find_zone(name)
+    if tz is None:
+        loader.err(fields["time_zone"].error(f'quiet_hours time_zone "{name}" is not an IANA time zone',
+                                             suggest(name, zone_names()) or "e.g. Europe/Amsterdam or UTC"))
+        return utc_clock()
+    return LocalClock(name, tz)
+
+
+def _customer_zones(loader, loc) -> tuple[str, dict[str, LocalClock]]:
+    """``customer_time_zone``: a category attribute of domain.yaml whose levels are IANA zones (its
+    default level may stand for "unknown"), and the clock of each such level."""
+    if loc is None:
+        return "", {}
+    name = loader.ident(loc, "quiet_hours customer_time_zone")
+    schema = loader.schema
+    if not name:
+        return "", {}
+    if name not in schema.categorical:
+        kind = ("a date" if name in schema.dates else "a number" if name in schema.numeric
+                else "a set" if name in schema.sets else "")
+        if kind:
+            loader.err(loc.error(f'quiet_hours customer_time_zone "{name}" is {kind}, not a category attribute',
+                                 "declare it in domain.yaml as type: category with IANA zones as levels"))
+        else:
+            loader.err(loc.error(f'quiet_hours customer_time_zone: unknown attribute "{name}"',
+                                 suggest(name, schema.categorical) or
+                                 "declare it in domain.yaml, e.g. time_zone: {type: category, "
+                                 "levels: [unknown, Europe/Amsterdam, Europe/London], default: unknown}"))
+        return "", {}
+    default = str(schema.defaults.get(name, ""))
+    level_locs = _level_locs(loader, name)
+    clocks = {}
+    for level in schema.categorical[name]:
+        tz = find_zone(level)
+        if tz is not None:
+            clocks[level] = LocalClock(level, tz)
+        elif level != default:
+            at = level_locs.get(level, loc)
+            loader.err(at.error(f'attribute "{name}" level "{level}" is not an IANA time zone '
+                                "(contact.yaml quiet_hours customer_time_zone names the attribute)",
+                                suggest(level, zone_names()) or
+                                "only the attribute's default level may stand for an unknown zone"))
+    return name, clocks
+
+
+def _level_locs(loader, attribute: str) -> dict[str, Any]:
+    """Where each level of ``attribute`` is written in domain.yaml (for errors at file:line:col)."""
+    from engine.rules.domain import DOMAIN_FILE
+
+    out: dict[str, Any] = {}
+    try:
+        levels = loader.yaml(DOMAIN_FILE).value["attributes"].value[attribute].value["levels"]
+    except (AttributeError, KeyError, TypeError):
+        return out
+    for item in [levels] if levels.is_scalar else levels.value if levels.is_seq else []:
+        out.setdefault(str(item.value), item)
+    return out
+
+
 def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactRules:
     """``contact.yaml`` (optional) through the rule loader's validators; errors go to ``loader``."""
-    from engine.rules.errors import suggest
-
     if not loader.has(CONTACT_FILE):
         return ContactRules()
     tree = loader.yaml(CONTACT_FILE)
@@ -251,10 +346,12 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
         q = loader.keys(top["quiet_hours"], QUIET_KEYS, "quiet_hours", {"channels": "[email, sms]"})
         if q is not None:
             channels = _quiet_channels(loader, q)
-            start, end = _clock(loader, q.get("from"), "quiet_hours from"), _clock(loader, q.get("to"), "quiet_hours to")
-            offset = loader.number(q.get("utc_offset_minutes"), "quiet_hours utc_offset_minutes") or 0
+            start = _time_of_day(loader, q.get("from"), "quiet_hours from")
+            end = _time_of_day(loader, q.get("to"), "quiet_hours to")
+            clock = _quiet_clock(loader, q)
+            customer_zone, clocks = _customer_zones(loader, q.get("customer_time_zone"))
             if start is not None and end is not None:
-                quiet = QuietHours(channels, start, end, int(offset))
+                quiet = QuietHours(channels, start, end, clock, customer_zone, clocks)
     control = ControlGroup()
     if "control_group" in top:
         c = loader.keys(top["control_group"], CONTROL_KEYS, "control_group")
@@ -279,8 +376,6 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
 
 def _interactions(loader, top: dict) -> Interactions:
     """The ``impressions``, ``interactions`` and ``responses`` sections of contact.yaml."""
-    from engine.rules.errors import suggest
-
     values: dict[str, Any] = {}
     sections = (("impressions", IMPRESSION_KEYS), ("interactions", INTERACTION_KEYS), ("responses", RESPONSE_KEYS))
     for section, keys in sections:
