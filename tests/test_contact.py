@@ -104,7 +104,7 @@ def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Cl
         assert any(f.action_id == rejected and "cool_down_after_rejection" in f.detail for f in d.funnel)
     clock.now = NOON + 15 * DAY
     client = engine.store.client
-    impressions = [f for f in client.hkeys(contacts_key(cid)) if f.startswith(b"i|")]
+    impressions = [f for f in client.hgetall(contacts_key(cid)) if f.startswith(b"i|")]
     client.hdel(contacts_key(cid), *impressions)  # keep the rejection, forget impressions (no_repeats)
     assert rejected in marketing_ids(decide(engine, cid, "web", max_actions=10))
 

@@ -21,7 +21,7 @@ from engine.sim.telco import SCHEMA
 from engine.sim.world import generate
 from engine.store import bulk
 from engine.store.bulk import ImportRefused, import_customers
-from engine.store.profiles import LAYOUTS_KEY, Profile, ProfileStore, encode_profile, profile_key
+from engine.store.profiles import LAYOUTS_KEY, Profile, ProfileStore, encode_profile, profile_key, redis_client
 
 from .conftest import RULES_DIR
 
@@ -82,17 +82,19 @@ def test_csv_and_parquet_load_and_read_back_equal(tmp_path: Path, redis_url: str
 
 
 @pytest.mark.both_redis
-def test_scripts_flushed_mid_import_are_loaded_again(tmp_path: Path, redis_url: str, monkeypatch) -> None:
+def test_scripts_flushed_mid_import_are_loaded_again(tmp_path: Path, redis_url: str, redis_admin_url: str,
+                                                     monkeypatch) -> None:
     columns, profiles = world_columns(120)
     pq.write_table(pa.table(columns), tmp_path / "c.parquet")
     monkeypatch.setattr(bulk, "_PARQUET_ROWS", 30)
     store = ProfileStore.from_url(redis_url)
+    admin = redis_client(redis_admin_url)  # SCRIPT FLUSH, as a failover or restart would: not the service's
     check, chunks = bulk._check, []
 
     def flushing(*args, **kwargs):
         chunks.append(1)
         if len(chunks) == 3:  # a batch of the last chunk is still unanswered: every later one meets NOSCRIPT
-            store.client.script_flush()
+            admin.script_flush()
         return check(*args, **kwargs)
 
     monkeypatch.setattr(bulk, "_check", flushing)
@@ -234,7 +236,8 @@ def test_dates_bounds_and_separators_of_a_declared_domain(tmp_path: Path, redis_
     assert np.isnan(store.fetch("Q2", schema).value("last_visit", schema))
 
 
-def test_unusable_input_is_refused_before_anything_is_written(tmp_path: Path, redis_url: str) -> None:
+def test_unusable_input_is_refused_before_anything_is_written(tmp_path: Path, redis_url: str,
+                                                              redis_admin_url: str) -> None:
     store = ProfileStore.from_url(redis_url)
     path = tmp_path / "c.csv"
     path.write_text("id,age\nC1,3\n")
@@ -250,7 +253,7 @@ def test_unusable_input_is_refused_before_anything_is_written(tmp_path: Path, re
     (tmp_path / "twice.csv").write_text("customer_id,age,age\nC1,3,4\n")
     with pytest.raises(ImportRefused, match="names column 'age' twice"):
         import_customers(store, tmp_path / "twice.csv", SCHEMA)
-    assert store.client.dbsize() == 0
+    assert redis.Redis.from_url(redis_admin_url).dbsize() == 0
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

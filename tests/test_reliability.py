@@ -30,7 +30,7 @@ from engine.serving.health import RedisHealth
 from engine.serving.server import build_server
 from engine.store.redis_embedded import EmbeddedRedis, free_port
 
-from .conftest import REPO, RULES_DIR
+from .conftest import REPO, RULES_DIR, as_admin, served_admin_token
 
 CONTROL = ControlGroup(0.1)
 
@@ -70,9 +70,9 @@ def health_status(channel: grpc.Channel) -> int:
 
 
 def test_a_paused_redis_gives_degraded_answers_within_the_deadline_and_records_nothing_late(
-        redis_url: str, models_dir: Path) -> None:
+        redis_url: str, redis_admin_url: str, models_dir: Path) -> None:
     with served(redis_url, models_dir) as (app, channel, _):
-        admin = redis.Redis.from_url(redis_url)
+        admin = redis.Redis.from_url(redis_admin_url)  # CLIENT PAUSE
         cid = _customer(10)
         normal, _ = timed_decide(channel, cid, 1.0)
         assert not normal.degraded and normal.actions
@@ -183,7 +183,8 @@ def test_a_killed_worker_is_replaced_and_serves_again(tmp_path: Path, models_dir
         while len(seen) < wanted:
             assert proc.poll() is None and time.monotonic() < deadline, "workers not serving"
             try:
-                with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                with as_admin(grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]),
+                              served_admin_token(tmp_path)) as ch:
                     seen.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=2).worker_pid)
             except grpc.RpcError:
                 time.sleep(0.2)
@@ -241,14 +242,14 @@ def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(
         rules.close()
 
 
-def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_once(redis_url: str,
+def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_once(redis_url: str, redis_admin_url: str,
                                                                                    models_dir: Path) -> None:
     """During a stall, the calls already waiting answer degraded at their deadline; once one of them has
     timed out, new calls do not wait at all. 30 at once all have a thread (no queueing behind the stall)."""
     from engine.store.breaker import breaker_for
 
     with served(redis_url, models_dir, max_in_flight=32) as (app, channel, _):
-        admin = redis.Redis.from_url(redis_url)
+        admin = redis.Redis.from_url(redis_admin_url)  # CLIENT PAUSE
         host = app.store.client.connection_pool.connection_kwargs
         breaker = breaker_for(f"{host['host']}:{host['port']}")
         assert not timed_decide(channel, _customer(70), 1.0)[0].degraded
@@ -310,11 +311,12 @@ def test_a_retried_event_applies_the_effects_its_first_call_lost(redis_url: str,
         assert third.duplicate and not third.triggers_raised and not third.patterns
 
 
-def test_a_retried_response_clears_the_trigger_its_first_call_did_not(redis_url: str, models_dir: Path) -> None:
+def test_a_retried_response_clears_the_trigger_its_first_call_did_not(redis_url: str, redis_admin_url: str,
+                                                                      models_dir: Path) -> None:
     from engine.store.profiles import triggers_key
 
     with served(redis_url, models_dir) as (_, channel, _):
-        admin = redis.Redis.from_url(redis_url)
+        admin = redis.Redis.from_url(redis_admin_url)  # parks a key outside nba:
         stub = pb_grpc.DecisionServiceStub(channel)
         cid = _customer(320)
         stub.PublishEvent(pb.PublishEventRequest(event_id="retry-2", customer_id=cid, type="contact_request",

@@ -35,9 +35,9 @@ def _snapshot(client: redis.Redis) -> dict:
     return out
 
 
-def test_simulate_json_and_png_and_the_live_redis_is_untouched(redis_url: str, tmp_path: Path,
+def test_simulate_json_and_png_and_the_live_redis_is_untouched(redis_url: str, redis_admin_url: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    live = redis.Redis.from_url(redis_url)
+    live = redis.Redis.from_url(redis_admin_url)  # every key, DUMP and DBSIZE: the admin user
     live.xadd("nba:stream:decisions", {"decision_id": "d1", "customer_id": "C0000001", "actions": "x"})
     live.xadd("nba:stream:responses", {"decision_id": "d1", "action_id": "x", "outcome": "accepted"})
     live.hset("nba:{c:C0000001}:profile", mapping={"v": b"\x00\x01"})

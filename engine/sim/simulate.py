@@ -175,7 +175,7 @@ def private_store() -> Iterator[ProfileStore]:
     """A ProfileStore on a redis-server of the simulation's own, deleted afterwards."""
     with tempfile.TemporaryDirectory(prefix="nba-simulate-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", persist=False).start()
-        store = ProfileStore.from_url(server.url)
+        store = ProfileStore.from_url(server.admin_url)  # a private scratch server: each policy's run flushes it
         try:
             yield store
         finally:

@@ -620,7 +620,16 @@ class ProfileStore:
     def ping(self) -> tuple[bool, str]:
         try:
             self.client.ping()
-            info = self.client.info("server")
-            return True, f"redis {info.get('redis_version', '?')} on port {info.get('tcp_port', '?')}"
+            # HELLO without arguments: the server's version, the protocol unchanged (the service user may
+            # not run INFO, engine/store/redis_acl.py)
+            if is_cluster(self.client):
+                hello = self.client.execute_command("HELLO", target_nodes=RedisCluster.DEFAULT_NODE)
+                where = "a cluster"
+            else:
+                hello = self.client.execute_command("HELLO")
+                where = f"port {self.client.connection_pool.connection_kwargs.get('port', '?')}"
+            fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in _pairs(hello).items()}
+            version = fields.get("version", b"?")
+            return True, f"redis {version.decode() if isinstance(version, bytes) else version} on {where}"
         except redis.exceptions.RedisError as exc:
             return False, f"{type(exc).__name__}: {exc}"

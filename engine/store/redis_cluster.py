@@ -1,8 +1,10 @@
 """A local Redis Cluster on loopback ports: masters with a replica each, made by ``redis-cli --cluster create``.
 
 For tests and load tests of cluster mode (``redis+cluster://`` URLs, see ``profiles.redis_client``),
-with the same redis-server binary as ``EmbeddedRedis``. One password for every node (``requirepass``
-and ``masterauth``), given on stdin and in ``REDISCLI_AUTH``, never on a command line.
+with the same redis-server binary and hardening as ``EmbeddedRedis``. Every node has the same ACL users
+(``engine.store.redis_acl``): no ``default`` user, the service user (``url``), the admin user
+(``admin_url``, ``node``; ``redis-cli --cluster create`` runs as it) and the replication user replicas
+authenticate with (``masteruser``). Passwords go on stdin and in ``REDISCLI_AUTH``, never on a command line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import redis
 
+from engine.store.redis_acl import ADMIN_USER, REPLICA_USER, SERVICE_USER, hardening_directives, server_version, user_directives
 from engine.store.redis_embedded import die_with_parent, find_redis_server
 
 
@@ -60,7 +63,9 @@ class LocalCluster:
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
-        self.password = secrets.token_hex(16)
+        self.password = secrets.token_hex(16)  # the admin user's
+        self.service_password = secrets.token_hex(16)
+        self.replica_password = secrets.token_hex(16)
         self.ports: list[int] = []
         while len(self.ports) < masters * (1 + replicas):
             port = cluster_port()
@@ -70,20 +75,31 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
+        """The service user's URL."""
         nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-        return f"redis+cluster://:{self.password}@{nodes}"
+        return f"redis+cluster://{SERVICE_USER}:{self.service_password}@{nodes}"
+
+    @property
+    def admin_url(self) -> str:
+        nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        return f"redis+cluster://{ADMIN_USER}:{self.password}@{nodes}"
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2)
+        """One node, as the admin user."""
+        return redis.Redis(host="127.0.0.1", port=port, username=ADMIN_USER, password=self.password, socket_timeout=2)
 
     def start_node(self, port: int) -> None:
         node_dir = self.data_dir / str(port)
         node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        binary = find_redis_server()
+        version = server_version(binary)
         config = (f"port {port}\nbind 127.0.0.1\ndir {node_dir.resolve()}\ncluster-enabled yes\n"
                   f"cluster-config-file nodes.conf\ncluster-node-timeout {self.node_timeout_ms}\n"
-                  f"appendonly yes\nsave \"\"\nrequirepass \"{self.password}\"\nmasterauth \"{self.password}\"\n"
-                  f"logfile {(node_dir / 'redis.log').resolve()}\n")
-        proc = subprocess.Popen([find_redis_server(), "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                  f"appendonly yes\nsave \"\"\nmasteruser {REPLICA_USER}\nmasterauth \"{self.replica_password}\"\n"
+                  f"logfile {(node_dir / 'redis.log').resolve()}\n"
+                  + user_directives(self.service_password, self.password, version, self.replica_password)
+                  + hardening_directives(version))
+        proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         assert proc.stdin is not None
         proc.stdin.write(config.encode())
@@ -110,7 +126,7 @@ class LocalCluster:
             for port in self.ports:
                 self.start_node(port)
             subprocess.run(
-                [find_redis_cli(), "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                [find_redis_cli(), "--user", ADMIN_USER, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 env={**os.environ, "REDISCLI_AUTH": self.password}, check=True, capture_output=True, timeout=timeout)
             self.wait_ok(timeout)

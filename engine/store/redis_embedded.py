@@ -1,10 +1,17 @@
 """A real redis-server run as a child process: the embedded default when no REDIS_URL is given.
 
-It listens on 127.0.0.1 only (protected mode on) and requires a password: a random one per data
-directory, generated once and kept in ``<data dir>/redis.password`` (mode 0600, the directory 0700), so
-other local users can neither connect nor read the append-only file. The URL the service and the ``nba``
-commands use carries it (``redis://:<password>@127.0.0.1:<port>/0``); a running server leaves that URL in
-``<data dir>/redis.url`` (mode 0600) for the commands that join it.
+It listens on 127.0.0.1 only (protected mode on) and has no anonymous (``default``) user. Two ACL users
+(``engine.store.redis_acl``) have random passwords per data directory, generated once and kept with
+mode 0600 (the directory 0700), so other local users can neither connect nor read the append-only file:
+
+- the service user ``nba`` (``<data dir>/redis.password``, the password earlier versions gave the
+  ``default`` user): least privilege, what ``nba serve`` and the ``nba`` commands use;
+- the admin user ``nba-admin`` (``<data dir>/redis.admin.password``): persistence and configuration
+  (BGREWRITEAOF, BGSAVE, CONFIG), ``Config.redis_admin_url``.
+
+A running server leaves both URLs (``redis://<user>:<password>@127.0.0.1:<port>/0``) in ``redis.url`` and
+``redis.admin.url`` (mode 0600) for the commands that join it. DEBUG and MODULE are disabled for every
+user (``redis_acl.hardening_directives``).
 """
 
 from __future__ import annotations
@@ -26,10 +33,19 @@ import redis
 from engine.config import Config
 from engine.errors import NbaError
 from engine.store.profiles import RedisUnavailable, mask_url, redis_client
+from engine.store.redis_acl import (
+    ADMIN_USER,
+    SERVICE_USER,
+    hardening_directives,
+    server_version,
+    user_directives,
+)
 
 log = logging.getLogger(__name__)
-PASSWORD_FILE = "redis.password"
+PASSWORD_FILE = "redis.password"  # the service user's
+ADMIN_PASSWORD_FILE = "redis.admin.password"
 URL_FILE = "redis.url"
+ADMIN_URL_FILE = "redis.admin.url"
 # appendfsync of the embedded server (README, "Durability"): "everysec" writes every command to the file
 # before its reply and fsyncs once a second, so a crash of redis-server or of the service loses nothing
 # acknowledged and an OS crash or power loss up to a second (up to 2 s when a slow fsync makes Redis hold
@@ -77,10 +93,11 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def embedded_password(data_dir: str | Path) -> str:
-    """The data directory's Redis password: made once (``secrets.token_urlsafe``) and kept in
-    ``redis.password`` with mode 0600. Called under the data directory's lock."""
-    path = Path(data_dir) / PASSWORD_FILE
+def embedded_password(data_dir: str | Path, name: str = PASSWORD_FILE) -> str:
+    """A password of the data directory's Redis: made once (``secrets.token_urlsafe``) and kept in
+    ``name`` (``PASSWORD_FILE``, ``ADMIN_PASSWORD_FILE``) with mode 0600. Called under the data
+    directory's lock."""
+    path = Path(data_dir) / name
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -98,9 +115,9 @@ def embedded_password(data_dir: str | Path) -> str:
     return password
 
 
-def _running_url(data_dir: Path) -> str:
+def _running_url(data_dir: Path, name: str = URL_FILE) -> str:
     """The URL (with the password) a running embedded server left in its data directory; "?" if none."""
-    url_file = data_dir / URL_FILE
+    url_file = data_dir / name
     try:
         return url_file.read_text().strip() or "?"
     except FileNotFoundError:
@@ -117,28 +134,34 @@ class DataDirInUse(NbaError, RuntimeError):
     def __init__(self, data_dir: Path, url: str) -> None:
         super().__init__(f"{data_dir} is in use by a running embedded redis-server at {mask_url(url)}")
         self.url = url
+        # its admin URL; None from a server of an earlier version, which had one user for everything
+        admin = _running_url(data_dir, ADMIN_URL_FILE) if url != "?" else "?"
+        self.admin_url = None if admin == "?" else admin
 
 
 class EmbeddedRedis:
     """Starts redis-server on a free loopback port with append-only persistence in ``data_dir``.
 
     The data directory is locked while the server runs, so two processes never write one
-    append-only file; the running server's URL (with its password) is left in ``redis.url`` for other
-    commands. The password (``redis.password``) is made on the first start and kept. ``fsync``: the
-    append-only file's ``appendfsync`` (``FSYNC_POLICIES``).
+    append-only file; the running server's URLs (with their passwords) are left in ``redis.url`` and
+    ``redis.admin.url`` for other commands. The passwords are made on the first start and kept.
+    ``fsync``: the append-only file's ``appendfsync`` (``FSYNC_POLICIES``); ``binary``: a redis-server
+    other than ``find_redis_server``'s.
     """
 
     def __init__(self, data_dir: str | Path, port: int | None = None, persist: bool = True,
-                 fsync: str = "everysec") -> None:
+                 fsync: str = "everysec", binary: str | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
         self.fsync = fsync
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
         self._password: str | None = None
+        self._admin_password: str | None = None
 
     def _take_lock(self) -> None:
         fd = os.open(self.data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -152,13 +175,20 @@ class EmbeddedRedis:
     def _release_lock(self) -> None:
         if self._lock is not None:
             (self.data_dir / URL_FILE).unlink(missing_ok=True)
+            (self.data_dir / ADMIN_URL_FILE).unlink(missing_ok=True)
             os.close(self._lock)
             self._lock = None
 
     @property
     def url(self) -> str:
-        """The URL clients use, password included (known once ``start`` has run)."""
-        auth = f":{self._password}@" if self._password else ""
+        """The service user's URL, password included (known once ``start`` has run)."""
+        auth = f"{SERVICE_USER}:{self._password}@" if self._password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin user's URL, password included (known once ``start`` has run)."""
+        auth = f"{ADMIN_USER}:{self._admin_password}@" if self._admin_password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -174,16 +204,22 @@ class EmbeddedRedis:
         self._take_lock()
         try:
             self._password = embedded_password(self.data_dir)
+            self._admin_password = embedded_password(self.data_dir, ADMIN_PASSWORD_FILE)
             self._start(timeout)
         except BaseException:
             self._release_lock()
             raise
+        # the admin URL first: a command that finds redis.url finds the admin URL too
+        _write_private(self.data_dir / ADMIN_URL_FILE, self.admin_url + "\n")
         _write_private(self.data_dir / URL_FILE, self.url + "\n")
         return self
 
     def _start(self, timeout: float) -> None:
+        assert self._password is not None and self._admin_password is not None
+        binary = self.binary or find_redis_server()
+        version = server_version(binary)
         args = [
-            find_redis_server(),
+            binary,
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()),
@@ -202,7 +238,8 @@ class EmbeddedRedis:
         )
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(f'requirepass "{self._password}"\n'.encode())
+            self.process.stdin.write((user_directives(self._password, self._admin_password, version)
+                                      + hardening_directives(version)).encode())
             self.process.stdin.close()
         except BrokenPipeError:
             pass  # it exited: reported below
@@ -248,13 +285,16 @@ def redis_for(cfg: Config, *, running_ok: bool = False) -> tuple[EmbeddedRedis |
     """The Redis ``cfg`` asks for: REDIS_URL when set (TLS options need it to be rediss://), else an
     embedded redis-server started in ``cfg.data_dir / "redis"``; with ``running_ok`` (the CLI commands)
     the one a running ``nba serve`` keeps there is used instead of failing with ``DataDirInUse``.
-    Returns the server started here (the caller stops it) and the URL; connect with ``redis_client``."""
+    Returns the server started here (the caller stops it) and the service user's URL; connect with
+    ``redis_client``. For an embedded server ``cfg.redis_admin_url`` becomes its admin URL (None when
+    joining a server of an earlier version; a REDIS_ADMIN_URL without REDIS_URL is not used)."""
     tls = [env for env, value in (("REDIS_CA", cfg.redis_ca), ("REDIS_CERT", cfg.redis_cert),
                                   ("REDIS_KEY", cfg.redis_key)) if value]
     if cfg.redis_url is not None:
-        if tls and not cfg.redis_url.startswith(("rediss://", "rediss+cluster://")):
-            raise RedisUnavailable(f"{'/'.join(tls)} given but REDIS_URL={mask_url(cfg.redis_url)} is not rediss:// "
-                                   "or rediss+cluster://")
+        for env, url in (("REDIS_URL", cfg.redis_url), ("REDIS_ADMIN_URL", cfg.redis_admin_url)):
+            if url is not None and tls and not url.startswith(("rediss://", "rediss+cluster://")):
+                raise RedisUnavailable(f"{'/'.join(tls)} given but {env}={mask_url(url)} is not rediss:// "
+                                       "or rediss+cluster://")
         return None, cfg.redis_url
     if tls:
         log.warning("%s ignored: they apply to a rediss:// REDIS_URL, the embedded Redis listens on 127.0.0.1",
@@ -267,9 +307,11 @@ def redis_for(cfg: Config, *, running_ok: bool = False) -> tuple[EmbeddedRedis |
             if not running_ok:
                 raise
             if busy.url != "?":
+                cfg.redis_admin_url = busy.admin_url
                 return None, busy.url
             if time.monotonic() > deadline:  # locked, but no URL: a server still starting, or stuck
                 raise
             time.sleep(0.1)
             continue
+        cfg.redis_admin_url = server.admin_url
         return server, server.url
