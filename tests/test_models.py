@@ -34,7 +34,7 @@ from engine.sim.world import generate
 from engine.store.profiles import DECISIONS_STREAM, Profile, ProfileStore, redis_client
 from engine.store.streams import length, xrange_all
 
-from .conftest import RULES_DIR
+from .conftest import RULES_DIR, as_admin, local_auth
 
 ROWS = model_input(SCHEMA)
 CHANNEL_INDEX, FEATURES, customer_block = ROWS.channel_index, ROWS.features, ROWS.customer_block
@@ -70,10 +70,10 @@ def live(redis_url: str, models_dir: Path, tmp_path: Path):
     shutil.copytree(RULES_DIR, tmp_path / "rules")
     app = App(Config(redis_url=redis_url, rules_dir=tmp_path / "rules", models_dir=tmp_path / "models",
                      demo_customers=1_000, metrics_port=0, model_poll_seconds=0.05)).start()
-    server, port, health = build_server(app, "127.0.0.1:0")
+    server, port, health = build_server(app, "127.0.0.1:0", auth=local_auth())
     server.start()
     health.set("", health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"))
     yield app, channel, app.registry
     channel.close()
     server.stop(0).wait()
@@ -418,6 +418,7 @@ def test_training_rows_are_the_model_input_at_decision_time(live, redis_url: str
                              "--rounds", "20", "--export", str(export), "--no-promote")
     assert code == 0, err
     assert f"exported {len(closed)} rows" in out and "champion on same holdout" in out and "calibration" in out
+    assert export.stat().st_mode & 0o777 == 0o600  # customers' data: owner only, whatever the umask
     back = read_csv(export, SCHEMA, catalog)
     np.testing.assert_array_equal(back.x, closed.x)
     np.testing.assert_array_equal(back.y, closed.y)

@@ -1,6 +1,8 @@
-"""Privacy: a customer's data exported and erased everywhere after a full day of activity, the audit
-record of each erasure, the ``nba customer`` commands, and consent withdrawn by event across inbound and
-outbound decisions; real gRPC server, real Redis, a clock the test moves."""
+"""Privacy: a customer's data exported (plain fields) and erased everywhere after a full day of activity,
+as jobs the caller polls; nothing left in DUMP of any key or in the AOF and RDB files of any node; other
+customers' entries and consumer groups intact; the audit trail under a pseudonym; the ``nba customer``
+commands; consent withdrawn by event across inbound and outbound decisions. Real gRPC server, real
+Redis (one node and the cluster), a clock the test moves."""
 
 from __future__ import annotations
 
@@ -25,16 +27,17 @@ from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY
 from engine.events.stream import GROUP, INGEST_STREAM, INVALID_STREAM, EventStreamConsumer
 from engine.rules.contact import ControlGroup
 from engine.serving.app import App
-from engine.serving.privacy import forget_customer
+from engine.serving.privacy import forget_customers
 from engine.serving.server import build_server
 from engine.store.audit import AUDIT_STREAM
-from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, RESPONSES_STREAM, is_cluster, profile_key
+from engine.store.profiles import DECISIONS_STREAM, profile_key
+from engine.store.pseudonym import pseudonym
 from engine.store.slots import shard_keys
 from engine.store.streams import length
 
 from . import shards
 from .clock import Clock, at
-from .conftest import REPO
+from .conftest import ADMIN_TOKEN, REPO, as_admin, local_auth
 from .test_contact import budget_rules
 from .test_quiet_hours import _app, _profile
 
@@ -50,11 +53,13 @@ def _customers(prefix: str, n: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _served(redis_url: str, models_dir: Path, rules_dir: Path, clock: Clock) -> Iterator[tuple[App, grpc.Channel, int]]:
+def _served(redis_url: str, models_dir: Path, rules_dir: Path, clock: Clock,
+            admin_url: str | None = None) -> Iterator[tuple[App, grpc.Channel, int]]:
     app = _app(redis_url, models_dir, rules_dir, clock)
-    server, port, _ = build_server(app, "127.0.0.1:0")
+    app.config.redis_admin_url = admin_url  # read by the privacy jobs on the first privacy call
+    server, port, _ = build_server(app, "127.0.0.1:0", auth=local_auth())
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"))
     try:
         yield app, channel, port
     finally:
@@ -82,8 +87,29 @@ def _admin(channel: grpc.Channel) -> pb_grpc.AdminServiceStub:
     return pb_grpc.AdminServiceStub(channel)
 
 
+def _job(channel: grpc.Channel, job_id: str, timeout: float = 120.0) -> pb.CustomerJob:
+    """Poll the job until it ends (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = _admin(channel).GetCustomerJob(pb.GetCustomerJobRequest(job_id=job_id), timeout=10)
+        if job.state in ("succeeded", "failed"):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
+        time.sleep(0.05)
+
+
 def _export(channel: grpc.Channel, customer: str) -> dict:
-    return json.loads(_admin(channel).ExportCustomer(pb.ExportCustomerRequest(customer_id=customer), timeout=30).json)
+    reply = _admin(channel).ExportCustomer(pb.ExportCustomerRequest(customer_id=customer), timeout=10)
+    assert reply.job_id and not reply.json
+    job = _job(channel, reply.job_id)
+    assert (job.kind, job.state, list(job.failures)) == ("export", "succeeded", []), job
+    return json.loads(job.json)
+
+
+def _forget(channel: grpc.Channel, customer: str) -> pb.CustomerJob:
+    reply = _admin(channel).ForgetCustomer(pb.ForgetCustomerRequest(customer_id=customer), timeout=10)
+    assert reply.job_id and reply.keys_deleted == 0  # the counts come with the job
+    return _job(channel, reply.job_id)
 
 
 def _wait_logged(client: redis.Redis, decision_ids: set[str]) -> None:
@@ -131,10 +157,16 @@ def _budget_used(client: redis.Redis) -> int:
 
 
 def _comparable(export: dict) -> dict:
-    """An export without what changes by itself: the time, key TTLs, the audit stream (exports are audited)."""
-    out = {k: v for k, v in export.items() if k not in ("exported_at", "key_ttl_ms")}
-    out["streams"] = {s: e for s, e in export["streams"].items() if s != AUDIT_STREAM}
-    return out
+    """An export without what changes by itself: the time and the privacy requests (exports are audited)."""
+    return {k: v for k, v in export.items() if k not in ("exported_at", "privacy_requests")}
+
+
+def _stream_entries(client: redis.Redis, customer: str) -> int:
+    """The customer's entries in every stream of the keyspace (scanned: the test checks the service's list)."""
+    n = 0
+    for key in client.scan_iter(_type="stream", count=1000):
+        n += sum(1 for _, f in client.xrange(key) if customer.encode() in (f.get(b"customer_id"), f.get(b"customer")))
+    return n
 
 
 def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) -> set[str]:
@@ -191,77 +223,87 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
 
 
 def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_others(
-        redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+        redis_url: str, redis_admin_url: str, models_dir: Path, tmp_path: Path) -> None:
     clock = Clock(at(0, "08:00"))
     anna, bert = _customers("PRIVACY-ANNA", 1) + _customers("PRIVACY-BERT", 1)
-    with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock) as (app, channel, port):
+    with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock, redis_admin_url) as (app, channel, port):
         client = app.store.client
         _profile(app, anna)
         _profile(app, bert)
         decided = _full_day(app, channel, clock, [anna, bert])
         clock.now = at(0, "22:30")
 
-        # --- export: everything about anna, nothing about bert
+        # --- export: everything about anna in plain fields, nothing about bert, no internal names or blobs
         exported = _export(channel, anna)
-        assert bert not in json.dumps(exported)
-        keys = exported["keys"]
-        tag = f"nba:{{c:{anna}}}"
-        assert {f"{tag}:profile", f"{tag}:triggers", f"{tag}:contacts", f"{tag}:events", f"{tag}:event_ids",
-                f"{tag}:ix:web-{anna}", f"{tag}:ix:app-{anna}"} <= set(keys)
-        assert any(k.startswith(f"{tag}:outbound:") for k in keys)
-        profile = keys[f"{tag}:profile"]
-        assert profile["numeric"]["tenure_months"] == 24 and profile["categorical"]["plan"] == "standard"
-        assert "sms" in profile["sets"]["consent"]
-        assert set(keys[f"{tag}:triggers"]) == {"complaint_opened", "payment_failed", "data_cap_near", "retention_save"}
-        assert {m["member"]["t"] for m in keys[f"{tag}:events"]} >= {"contact_request", "data_usage", "call_completed"}
-        kinds = {field.split("|")[0] for field in keys[f"{tag}:contacts"]}
-        assert kinds == {"i", "a", "r"}  # impressions, an acceptance, a rejection
-        records = exported["decision_records"]
-        mine = {d for d in decided if records.get(d, {}).get("customer") == anna}
-        assert len(mine) == 5 and all(r["customer"] == anna for r in records.values())
-        timers = exported["timers"]
-        assert sorted(t["member"].get("k", "absence") for t in timers) == ["absence", "outbound"]
+        text = json.dumps(exported)
+        assert bert not in text and "nba:" not in text and "|" not in text
+        assert exported["customer_id"] == anna and exported["exported_at"].endswith("T22:30:00.000Z")
+        day = exported["exported_at"][:10]
+        assert exported["attributes"]["tenure_months"] == 24 and exported["attributes"]["plan"] == "standard"
+        assert exported["attributes"]["products"] == ["mobile"] and "consent" not in exported["attributes"]
+        assert exported["consents"] == ["call_center", "email", "mobile_app", "sms", "web"]
+        assert {t["name"] for t in exported["triggers"]} == {"complaint_opened", "payment_failed", "data_cap_near",
+                                                             "retention_save"}
+        history = exported["contact_history"]
+        assert {h["kind"] for h in history} == {"shown", "accepted", "rejected"}
+        assert all(h["date"] == day and h["channel"] and h["action"] and h["count"] >= 1 for h in history)
+        decisions = {d["decision_id"]: d for d in exported["decisions"]}
+        mine = decided & set(decisions)
+        assert len(mine) == 5 and all(decisions[d]["channel"] and decisions[d]["decided_at"] for d in mine)
+        assert sum(len(d["responses"]) for d in decisions.values()) == 3
+        assert {r["outcome"] for d in decisions.values() for r in d["responses"]} == {"impression", "accepted",
+                                                                                       "rejected"}
+        events = exported["events"]
+        assert {e["type"] for e in events} >= {"contact_request", "data_usage", "call_completed", "complaint_opened"}
+        assert any(e["attributes"] == {"topic": "billing"} for e in events)
+        assert [e["type"] for e in events if e["refused"]] == ["no_such_event"]
+        assert len(exported["outbound"]) == 1 and exported["outbound"][0]["channel"] == "sms"
+        assert sorted(t["kind"] for t in exported["scheduled"]) == ["absence timer", "postponed message"]
         reservations = exported["budget_reservations"]
-        assert reservations and all(r["member"].split("|")[0] in mine for r in reservations)
-        streams = exported["streams"]
-        for stream in (DECISIONS_STREAM, RESPONSES_STREAM, EVENTS_STREAM, INGEST_STREAM, INVALID_STREAM,
-                       OUTBOUND_STREAM):
-            assert streams.get(stream), stream
-            assert all(e["fields"]["customer_id"] == anna for e in streams[stream])
-        assert len(streams[RESPONSES_STREAM]) == 3 and len(streams[OUTBOUND_STREAM]) == 1
-        # the 5 decisions above, and the outbound decided in quiet hours (postponed, nothing presented)
-        assert {e["fields"]["decision_id"] for e in streams[DECISIONS_STREAM]} == set(records) == mine | {
-            e["fields"]["decision_id"] for e in streams[DECISIONS_STREAM] if e["fields"]["actions"] == ""}
+        assert reservations and all(r["decision_id"] in mine and r["expires_at"] for r in reservations)
+        assert {i["interaction_id"] for i in exported["interactions"]} == {f"web-{anna}", f"app-{anna}"}
         bert_before = _export(channel, bert)
         assert anna not in json.dumps(bert_before)
 
-        # --- forget anna through the admin RPC
-        assert mentions(client, anna)  # everywhere, before
+        # --- forget anna: a job the caller polls, with its counts
+        places = mentions(client, anna)
+        shared = {k for k in places if k.startswith(("nba:timers", "nba:reservations", "nba:{privacy}"))}
+        own = [k for k in places if client.type(k) != b"stream" and k not in shared]
+        entries = _stream_entries(client, anna)
         used = _budget_used(client)
-        reply = _admin(channel).ForgetCustomer(pb.ForgetCustomerRequest(customer_id=anna), timeout=30)
-        assert reply.keys_deleted == len(keys) + len(records)
-        assert reply.stream_entries_deleted == sum(len(e) for s, e in streams.items() if s != AUDIT_STREAM)
-        assert reply.members_removed == len(timers) + len(reservations)
+        job = _forget(channel, anna)
+        assert (job.kind, job.state, list(job.failures)) == ("forget", "succeeded", []), job
+        assert job.customer_pseudonym == pseudonym(anna) and anna not in str(job)
+        assert job.persistence.startswith("aof rewritten (where on) and rdb saved on")
+        assert job.keys_deleted == len(own) and job.stream_entries_deleted == entries
+        assert job.members_removed == len(exported["scheduled"]) + len(reservations)
+        assert job.budget_units_returned == len(reservations)
         assert _budget_used(client) == used - len(reservations)  # the unreported impressions' units given back
-        assert set(mentions(client, anna)) == {AUDIT_STREAM}  # the whole keyspace: only the legal record
+        assert mentions(client, anna) == {}  # the whole keyspace, the audit trail and the jobs included
 
         # bert's data is intact
         assert _comparable(_export(channel, bert)) == _comparable(bert_before)
         assert shards.zcard(client, TIMERS_KEY) == 2 and shards.zcard(client, RESERVATIONS_KEY) > 0
 
-        # twice: nothing left, nothing deleted, audited again
-        again = _admin(channel).ForgetCustomer(pb.ForgetCustomerRequest(customer_id=anna), timeout=30)
-        assert (again.keys_deleted, again.stream_entries_deleted, again.members_removed) == (0, 0, 0)
+        # twice: nothing left, nothing deleted, audited again (under the pseudonym)
+        again = _forget(channel, anna)
+        assert (again.state, again.keys_deleted, again.stream_entries_deleted, again.members_removed) == (
+            "succeeded", 0, 0, 0)
         audit = [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(AUDIT_STREAM)]
-        forgets = [a for a in audit if a["action"] == "forget_customer" and a["customer_id"] == anna]
-        assert [a["keys_deleted"] for a in forgets] == [str(reply.keys_deleted), "0"]
-        assert all(a["who"].startswith("anonymous via ") and float(a["ts"]) > 0 and a["stream_entries_deleted"]
-                   for a in forgets)
-        assert [a["action"] for a in audit if a["customer_id"] == anna] == [
-            "export_customer", "forget_customer", "forget_customer"]
-        assert _export(channel, anna)["keys"] == {}  # an export after the erasure finds nothing but the audit
+        assert not any(anna in v for a in audit for v in a.values())
+        forgets = [a for a in audit if a["action"] == "forget_customer" and a["customer"] == pseudonym(anna)]
+        assert [a["keys_deleted"] for a in forgets] == [str(job.keys_deleted), "0"]
+        assert all(a["who"].startswith("local-admin via ") and float(a["ts"]) > 0 for a in forgets)
+        assert [a["action"] for a in audit if a.get("customer") == pseudonym(anna)] == [
+            "export_customer_requested", "export_customer", "forget_customer_requested", "forget_customer",
+            "forget_customer_done", "forget_customer_requested", "forget_customer", "forget_customer_done"]
+        after = _export(channel, anna)  # an export after the erasure finds nothing but the privacy requests
+        assert not any(after[k] for k in ("attributes", "consents", "triggers", "contact_history", "decisions",
+                                          "events", "outbound", "scheduled", "budget_reservations", "interactions"))
+        assert [r["action"] for r in after["privacy_requests"]][-2:] == ["forget_customer_done",
+                                                                         "export_customer_requested"]
 
-        # bad ids are refused naming the field
+        # bad ids are refused naming the field; an unknown job is NOT_FOUND
         for bad, message in (("", "customer_id: must not be empty"), ("a b", "customer_id: at most")):
             with pytest.raises(grpc.RpcError) as err:
                 _admin(channel).ForgetCustomer(pb.ForgetCustomerRequest(customer_id=bad), timeout=10)
@@ -269,21 +311,27 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         with pytest.raises(grpc.RpcError) as err:
             _admin(channel).ExportCustomer(pb.ExportCustomerRequest(customer_id=""), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            _admin(channel).GetCustomerJob(pb.GetCustomerJobRequest(job_id="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and err.value.details().startswith("job_id")
 
-        # --- the commands, against the served port
+        # --- the commands, against the served port: they wait for the job and print its result
         out = tmp_path / "bert.json"
-        env = {k: v for k, v in os.environ.items() if k != "NBA_TOKEN"}
+        env = {**{k: v for k, v in os.environ.items() if k != "NBA_TOKEN"}, "NBA_TOKEN": ADMIN_TOKEN}
         cli = [sys.executable, "-m", "engine.cli", "customer"]
         done = subprocess.run([*cli, "export", bert, "--address", f"127.0.0.1:{port}", "--out", str(out)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         assert _comparable(json.loads(out.read_text())) == _comparable(bert_before)
+        bert_keys = [k for k in mentions(client, bert) if client.type(k) != b"stream" and not k.startswith(
+            ("nba:timers", "nba:reservations", "nba:{privacy}"))]
         done = subprocess.run([*cli, "forget", bert, "--address", f"127.0.0.1:{port}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(f"forgot {bert}: {len(bert_before['keys']) + len(bert_before['decision_records'])} keys")
-        assert set(mentions(client, bert)) == {AUDIT_STREAM}
+        assert done.stdout.startswith(f"forgot {bert}: {len(bert_keys)} keys"), done.stdout
+        assert pseudonym(bert) in done.stdout and "rdb saved" in done.stdout
+        assert mentions(client, bert) == {}
         assert shards.zcard(client, TIMERS_KEY) == 0 and shards.zcard(client, RESERVATIONS_KEY) == 0
         done = subprocess.run([*cli, "forget", "", "--address", f"127.0.0.1:{port}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -292,8 +340,9 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
 
 def test_forget_erases_decision_records_the_streams_no_longer_name(redis_url: str, models_dir: Path,
                                                                    tmp_path: Path) -> None:
-    """Decision records live up to 7 days; the stream may be trimmed sooner: the records are found by
-    their customer field too. And a customer id with glob characters matches only itself."""
+    """Decision records live up to 7 days; the stream may be trimmed sooner: the records are found by the
+    customer's index. A customer id with glob characters matches only itself. Without an admin user the
+    job says the persistence step is the operator's, and fails."""
     clock = Clock(at(0, "09:00"))
     with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock) as (app, channel, _):
         client = app.store.client
@@ -302,11 +351,165 @@ def test_forget_erases_decision_records_the_streams_no_longer_name(redis_url: st
             _profile(app, c)
             _wait_logged(client, {_decide(channel, c, pb.CHANNEL_CALL_CENTER).decision_id})
         client.delete(*shard_keys(DECISIONS_STREAM, client), f"nba:{{c:{odd}}}:contacts")  # trimmed stream, expired history
-        erased = forget_customer(client, odd, who="test", rewrite_aof=True)
-        # the test's single node keeps no append-only file; the cluster's nodes do
-        assert erased.places["decision_records"] == 1 and erased.aof_rewrite == ("started" if is_cluster(client) else "off")
-        assert not mentions(client, odd).keys() - {AUDIT_STREAM}
+        erased = forget_customers(client, [odd], who="test")[odd]
+        assert erased.places["decision_records"] == 1 and erased.failures == []
+        assert mentions(client, odd) == {}
         assert client.exists(profile_key(other)) and client.exists(f"nba:{{c:{other}}}:contacts")
+        job = _forget(channel, other)
+        assert job.state == "failed" and job.keys_deleted > 0
+        assert [f for f in job.failures if f.startswith("persistence rewrite pending: operator step")]
+        assert job.persistence == "persistence rewrite pending: operator step"
+
+
+def _stream_state(client: redis.Redis, customer: str) -> dict[str, object]:
+    """Every stream's consumer groups (last-delivered id, consumers, the customer's pending entries) and the
+    customer's entries: what erasing someone else must leave as it was."""
+    out: dict[str, object] = {}
+    for key in sorted(k.decode() for k in client.scan_iter(_type="stream", count=1000)):
+        if key == AUDIT_STREAM:  # appended to by the erasure
+            continue
+        entries = [(i, f) for i, f in client.xrange(key) if f.get(b"customer_id", f.get(b"customer")) == customer.encode()]
+        mine = {i for i, _ in entries}
+        groups = {}
+        for g in client.xinfo_groups(key):
+            pending = client.xpending_range(key, g["name"], "-", "+", 10_000)
+            groups[g["name"]] = (g["last-delivered-id"], sorted(c["name"] for c in client.xinfo_consumers(key, g["name"])),
+                                 [(p["message_id"], p["consumer"], p["times_delivered"]) for p in pending
+                                  if p["message_id"] in mine])
+        out[key] = (entries, groups, client.xinfo_stream(key)["last-generated-id"])
+    return out
+
+
+def test_forget_leaves_no_trace_in_dump_or_the_files_of_any_node_and_keeps_the_others_groups(
+        redis_mode: str, redis_url: str, request: pytest.FixtureRequest, models_dir: Path, tmp_path: Path) -> None:
+    """After forget: DUMP of every key on every node (replicas included) and a byte scan of every AOF and
+    RDB file find neither the customer's id nor a value only the customer had; the other customer's
+    entries, the consumer groups (last-delivered ids, consumers, pending entries with their delivery
+    counts) and the streams' top ids are as they were."""
+    from engine.store.redis_embedded import EmbeddedRedis
+
+    marker = "MARKER-7f3a9c"  # in an event id and an event attribute only anna has
+    server: EmbeddedRedis | None = None
+    if redis_mode == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url, admin_url = cluster.url, cluster.admin_url
+        dirs = [cluster.data_dir / str(port) for port in cluster.ports]
+        nodes = [cluster.node(port) for port in cluster.ports]
+        for node in nodes:
+            node.execute_command("READONLY")  # DUMP on a replica
+    else:  # the suite's node keeps no files: one that does
+        server = EmbeddedRedis(tmp_path / "redis", persist=True).start()
+        url, admin_url, dirs = server.url, server.admin_url, [tmp_path / "redis"]
+        nodes = [redis.Redis.from_url(server.admin_url)]
+    try:
+        clock = Clock(at(0, "09:00"))
+        anna, bert = "DISK-ANNA-01", "DISK-BERT-01"
+        with _served(url, models_dir, budget_rules(tmp_path, 50), clock, admin_url) as (app, channel, _):
+            client = app.store.client
+            decided = set()
+            for c in (anna, bert):
+                _profile(app, c)
+                cc = _decide(channel, c, pb.CHANNEL_CALL_CENTER)
+                _respond(channel, cc.decision_id, cc.actions[0].action_id, pb.OUTCOME_ACCEPTED)
+                web = _decide(channel, c, pb.CHANNEL_WEB, interaction_id=f"web-{c}", touchpoint="web.home.hero")
+                decided |= {cc.decision_id, web.decision_id}
+                _event(channel, f"{marker if c == anna else c}-cr", c, "contact_request", topic="billing")
+            try:
+                client.xgroup_create(INGEST_STREAM, GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError:
+                pass
+            for c in (anna, bert):  # read by a consumer that then dies: pending, delivered once
+                client.xadd(INGEST_STREAM, {"event_id": f"{c}-in", "customer_id": c, "type": "call_completed",
+                                            "attr.note": marker if c == anna else "plain"})
+            assert len(client.xreadgroup(GROUP, "dead-reader", {INGEST_STREAM: ">"}, count=10)[0][1]) == 2
+            _wait_logged(client, decided)
+            app.exploration.stop()  # its group reads on by itself: the groups are compared before and after
+            app.exploration.step()
+            assert any(anna.encode() in (node.dump(k) or b"") for node in nodes for k in node.scan_iter(count=1000))
+            bert_before = _stream_state(client, bert)
+            assert any(groups for _, groups, _ in bert_before.values())  # the exploration and ingest groups
+
+            job = _forget(channel, anna)
+            assert (job.state, list(job.failures)) == ("succeeded", []), job
+            assert job.stream_entries_deleted >= 5 and job.keys_deleted >= 5
+
+            for node in nodes:
+                for key in node.scan_iter(count=1000):
+                    dumped = node.dump(key) or b""
+                    assert anna.encode() not in dumped and marker.encode() not in dumped, key
+            files = [f for d in dirs for f in d.rglob("*") if f.is_file() and f.suffix != ".log"]
+            assert {f.name for f in files} >= {"appendonly.aof", "dump.rdb"}
+            for f in files:
+                data = f.read_bytes()
+                assert anna.encode() not in data and marker.encode() not in data, f
+            assert _stream_state(client, bert) == bert_before
+            assert app.events.publish("after", bert, "call_completed", {}).stream_id  # the streams take writes
+    finally:
+        for node in nodes:
+            node.close()
+        if server is not None:
+            server.stop()
+
+
+def test_a_job_outlives_the_worker_that_took_it_and_reports_every_failure(redis_url: str, models_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """A worker takes a forget job and dies (its lease runs out): another worker's runner takes it over and
+    says so. A persistence step the Redis user may not run (here: the service user as "admin") is a
+    failure the caller sees, not a log line."""
+    from engine.serving.privacy_jobs import PrivacyJobs, job_key
+
+    clock = Clock(at(0, "09:00"))
+    with _served(redis_url, models_dir, budget_rules(tmp_path, 50), clock) as (app, channel, _):
+        client = app.store.client
+        _profile(app, "JOB-ANNA")
+        _wait_logged(client, {_decide(channel, "JOB-ANNA", pb.CHANNEL_CALL_CENTER).decision_id})
+        dead = PrivacyJobs(client, None, lambda: None)  # never started: it takes a job by hand, then "dies"
+        job_id = dead.submit("forget", "JOB-ANNA", who="test")
+        assert dead._claim() == [(job_id, "queued")]
+        assert client.hget(job_key(job_id), "state") == b"running"
+        other = PrivacyJobs(client, client, lambda: None, persistence_timeout=5)  # never started: run by hand
+        other._stop.set()
+        assert other.run_once() == 0  # the lease still holds
+        client.hset(job_key(job_id), "lease", 0)  # ... and runs out
+        assert other.run_once() == 1
+        job = _job(channel, job_id)
+        assert job.state == "failed" and job.keys_deleted > 0 and not client.exists(profile_key("JOB-ANNA"))
+        failures = list(job.failures)
+        assert any("taken over from a worker that stopped" in f for f in failures)
+        assert any(f.startswith("persistence on ") and "no permissions" in f for f in failures), failures
+        assert mentions(client, "JOB-ANNA") == {}
+
+
+def test_one_pass_per_stream_erases_a_batch_and_keeps_writes_made_during_it(redis_url: str) -> None:
+    """One rewrite drops the entries of every customer of a batch; entries written between its chunks
+    (the stream keeps taking writes) are kept, or dropped when they are the batch's; the top id stays."""
+    from engine.store import erasure
+    from engine.store.profiles import redis_client
+
+    client = redis_client(redis_url)
+    key = "nba:stream:test:{shard:1}"
+    people = ["B-1", "B-2", "B-3", "KEEP"]
+    for i in range(2 * erasure.CHUNK + 10):
+        client.xadd(key, {"customer_id": people[i % 4], "n": str(i)})
+    client.xgroup_create(key, "g", id="0")
+    client.xreadgroup("g", "c1", {key: ">"}, count=8)  # 2 pending of each
+    written: list[str] = []
+
+    def meanwhile() -> None:  # between chunks: another writer
+        written.append(client.xadd(key, {"customer_id": "KEEP" if len(written) % 2 else "B-2", "late": "1"}).decode())
+
+    top_before = client.xinfo_stream(key)["last-generated-id"]
+    done = erasure.rewrite_stream(client, key, ["B-1", "B-2", "B-3"], on_chunk=meanwhile)
+    assert len(written) == 2
+    assert done.by_customer == {"B-1": 503, "B-2": 503 + 1, "B-3": 502}
+    assert done.kept == 502 + 1 and done.groups == 1 and (done.pending_restored, done.pending_dropped) == (2, 6)
+    fields = [f for _, f in client.xrange(key)]
+    assert {f[b"customer_id"] for f in fields} == {b"KEEP"} and len(fields) == 503
+    assert client.xinfo_stream(key)["last-generated-id"] == written[-1].encode() > top_before
+    assert [p["consumer"] for p in client.xpending_range(key, "g", "-", "+", 10)] == [b"c1", b"c1"]
+    assert not client.exists(erasure.copy_key(key))
+    client.delete(key)
+    client.close()
 
 
 def test_consent_withdrawn_by_event_stops_offers_on_that_channel_inbound_and_outbound(

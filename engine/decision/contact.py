@@ -43,6 +43,7 @@ from engine.decision import history
 from engine.decision.campaigns import budget_specs
 from engine.decision.history import contacts_key
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
+from engine.store.erasure import customer_index_key
 from engine.store.slots import SLOTS, customer_slot, slot_tag
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 # --- the authoritative check, atomic in Redis ---------------------------------------------------------
 
 # KEYS[1] contact history hash, KEYS[2] decision record, KEYS[3] interaction hash, KEYS[4] reservations zset,
-# KEYS[5..] budget counters.
+# KEYS[5] the customer's index of records (``store.erasure.customer_index_key``), KEYS[6..] budget counters.
 # ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), keep_ms (history kept),
 #   ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms), lim (limit specs),
 #   cand (ranked candidates: [action, group, type, value, [limit indexes], budget key index or 0, budget, body,
@@ -274,11 +275,18 @@ local rec = {'actions', table.concat(acts, ','), 'groups', table.concat(grps, ',
 for k, v in pairs(a.rec) do rec[#rec + 1] = k; rec[#rec + 1] = v end
 redis.call('HSET', KEYS[2], unpack(rec))
 redis.call('PEXPIRE', KEYS[2], a.ttl_ms)
+-- the index erasure and export read instead of scanning the keyspace: member -> expiry (server ms, as PEXPIRE)
+local st = redis.call('TIME')
+local snow = tonumber(st[1]) * 1000 + math.floor(tonumber(st[2]) / 1000)
+redis.call('ZADD', KEYS[5], snow + a.ttl_ms, 'd:' .. a.id)
 if a.ix ~= '' then
   redis.call('HSET', KEYS[3], a.ix, '{"h":' .. a.head .. ',"fb":' .. (fb == 'fb' and 'true' or 'false') ..
              ',"a":[' .. table.concat(bodies, ',') .. ']}')
   if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], a.ixttl) end
+  redis.call('ZADD', KEYS[5], snow + a.ixttl, 'k:' .. KEYS[3])
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', snow)
+redis.call('PEXPIRE', KEYS[5], math.max(a.ttl_ms, a.ixttl))
 return {verdicts, fb}
 """
 
@@ -369,7 +377,7 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
     ix = rules.interactions
     keys = [contacts_key(customer_id), decision_key(decision_id),
             interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id),
-            contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY]
+            contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY, customer_index_key(customer_id)]
     cand = []
     for i, (_priority, _p, verdict) in enumerate(candidates):
         action = verdict.action

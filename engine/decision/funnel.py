@@ -58,6 +58,7 @@ from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
+from engine.store.erasure import index_record
 from engine.store.profiles import (
     FEATURE_LAYOUTS_KEY,
     Profile,
@@ -66,6 +67,7 @@ from engine.store.profiles import (
     is_cluster,
     redis_deadline,
 )
+from engine.store.pseudonym import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Decision:
     preview: bool = False  # decided without side effects (nothing recorded, counted or reserved)
     campaign_eligible: list[str] = field(default_factory=list)  # running campaigns with an admitted action
     campaign_control: list[str] = field(default_factory=list)  # campaigns holding this customer out
+    quiet_until: float = 0.0  # quiet hours withheld actions: when they end on the customer's clock (epoch s)
 
 
 class _Stages:
@@ -200,7 +203,7 @@ class DecisionEngine:
             return self.store.fetch(req.customer_id, schema, now), {}, None
         except redis.exceptions.RedisError as exc:
             metrics.REDIS_ERRORS.labels("profile_fetch").inc()
-            log.warning("profile fetch failed for %s: %s", req.customer_id, exc)
+            log.warning("profile fetch failed for %s: %s", pseudonym(req.customer_id), exc)
             return Profile.cold(req.customer_id, schema), {}, "profile_store"
         except SchemaMismatch as exc:
             log.warning("%s", exc)
@@ -392,10 +395,13 @@ class DecisionEngine:
             candidates = _one_voice(candidates, interactions.tops(stored, place), req.interaction_id, funnel)
         candidates, played = campaign_stage(rules.ruleset, candidates, req.customer_id, funnel)
         decision.campaign_eligible, decision.campaign_control = sorted(played.eligible), sorted(played.held_out)
-        if contact is not None and contact.quiet_hours is not None and contact.quiet_hours.quiet(channel, now):
+        quiet = contact.quiet_hours if contact is not None else None
+        clock = quiet.clock_for(profile.categorical) if quiet is not None else None  # the customer's zone
+        if quiet is not None and quiet.quiet(channel, now, clock):
+            decision.quiet_until = quiet.ends_after(now, clock)
             withheld = [c for c in candidates if not c[2].action.quiet_exempt]  # alerts domain.yaml lets through
             if funnel is not None:
-                funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {contact.quiet_hours.describe()} "
+                funnel.extend(FunnelEntry(v.action.id, "quiet_hours", f"quiet hours {quiet.describe(clock)} "
                                           f"on {channel}", p, pr) for pr, p, v in withheld)
             if observe and not req.preview and withheld:
                 metrics.CONTACT_SUPPRESSED.labels("quiet_hours").inc()
@@ -504,7 +510,8 @@ class DecisionEngine:
             pipe.hsetnx(key, place, body)
         pipe.hget(key, place)
         pipe.pexpire(key, ix.window_ms)  # from the latest decision here (PRESENT: from the first)
-        first, winner, _ = pipe.execute()
+        index_record(pipe, req.customer_id, "k:" + key, ix.window_ms)  # found by erasure and export
+        first, winner = pipe.execute()[:2]
         return None if first else winner.decode()
 
     def _score(self, rules: CompiledRules, model: LoadedModel, x: np.ndarray, admitted: list[int]) -> np.ndarray:

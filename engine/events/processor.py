@@ -88,6 +88,7 @@ from engine.rules.patterns import (
 )
 from engine.store import streams
 from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
+from engine.store.pseudonym import pseudonym
 from engine.store.slots import customer_shard_key, shard_count
 from engine.store.updates import InvalidAttribute, apply_update, check_update
 
@@ -388,9 +389,9 @@ class EventProcessor:
         reply = self._withdraw_script(keys=[profile_key(customer_id)], args=channels)
         removed = [c.decode() if isinstance(c, bytes) else c for c in reply]
         if removed:
-            log.info("consent withdrawn for %s on %s", customer_id, ", ".join(removed))
+            log.info("consent withdrawn for %s on %s", pseudonym(customer_id), ", ".join(removed))
         else:
-            log.info("consent withdrawal for %s on %s: no stored profile with that consent", customer_id,
+            log.info("consent withdrawal for %s on %s: no stored profile with that consent", pseudonym(customer_id),
                      ", ".join(channels))
         return removed
 
@@ -484,13 +485,9 @@ class EventProcessor:
         stage = found.stage if found is not None else "not_ranked"
         result.reason = f"{stage}: {found.detail}" if found is not None else "not ranked"
         if found is not None and found.stage == "quiet_hours":
-            with self.rules.use() as rules:
-                contact = rules.ruleset.contact
-                quiet = contact.quiet_hours if contact is not None else None
-            window = f"quiet hours {quiet.describe()} on {spec.channel}" if quiet is not None else found.detail
-            # the funnel's clock decided it was quiet: the window it is in ends then (now if another
-            # rule set has no such window: the timer runs at once, on the rules of then)
-            due_ms = round((quiet.ends_after(decision.decided_at) if quiet is not None else decision.decided_at) * 1000)
+            window = found.detail  # "quiet hours 21:00-08:00 <zone> on email", on the customer's clock
+            # the decision's own rules and clock found it quiet and said when that window ends
+            due_ms = round((decision.quiet_until or decision.decided_at) * 1000)
             if expires_ms and expires_ms <= due_ms:
                 result.reason = (f"{window} until {_utc(due_ms)}: the trigger's time to live ends first "
                                  f"({_utc(expires_ms)}), not postponed")
@@ -502,13 +499,13 @@ class EventProcessor:
                     return result
                 result.status, result.reason = "postponed", f"{window}: postponed to {_utc(due_ms)}"
                 metrics.OUTBOUND.labels(pattern, "postponed", "quiet_hours").inc()
-                log.info("outbound %s for %s %s", spec.action, customer_id, result.reason)
+                log.info("outbound %s for %s %s", spec.action, pseudonym(customer_id), result.reason)
                 return result
         if not self._change(customer_id, pattern, event_id, expected, DONE, token):
             result.reason = "already sent for this event"
             return result
         metrics.OUTBOUND.labels(pattern, "suppressed", stage).inc()
-        log.info("outbound %s for %s suppressed (%s)", spec.action, customer_id, result.reason)
+        log.info("outbound %s for %s suppressed (%s)", spec.action, pseudonym(customer_id), result.reason)
         return result
 
     def _change(self, customer_id: str, pattern: str, event_id: str, expected: str, state: str, token: str,
@@ -560,7 +557,7 @@ class EventProcessor:
                     return out
             if self._change(customer_id, name, event_id, POSTPONED, DONE, token):
                 metrics.OUTBOUND.labels(name, "suppressed", stage).inc()
-                log.info("postponed outbound %s for %s suppressed (%s)", name, customer_id, result.reason)
+                log.info("postponed outbound %s for %s suppressed (%s)", name, pseudonym(customer_id), result.reason)
                 out.outbound.append(result)
             return out
         finally:

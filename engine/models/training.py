@@ -38,6 +38,7 @@ import csv
 import gzip
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -243,11 +244,16 @@ def export_csv(data: TrainingSet, path: str | Path) -> int:
     """One row per (decision, presented action): ids, time, label, then every model feature by name
     (the action column holds the action id; categorical features hold integer codes). ``.gz`` compresses."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     ids = data.action_ids()
     header = (["decision_id", "action_id", "ts", "label"] + (["p_true"] if data.p_true is not None else [])
               + list(data.rows.features))
-    with opener(path, "wt", newline="") as fh:
+    # derived from customers' data: owner only, whatever the umask, also when the file was there before
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    raw = os.fdopen(fd, "wb")
+    fh_ctx = (gzip.open(raw, "wt", newline="") if path.suffix == ".gz"
+              else open(raw.fileno(), "w", newline="", closefd=False))
+    with raw, fh_ctx as fh:
         out = csv.writer(fh)
         out.writerow(header)
         for i in range(len(data.y)):

@@ -1,9 +1,10 @@
 """Serving: the gRPC layer (``server``: messages to plain-Python calls, errors to status codes),
-who may call what (``security``: TLS and mTLS, callers and roles, rate limits), the channel callers
+who may call what (``security``: TLS and mTLS, callers and roles, rate limits), how many calls of each
+kind run at once and for how long (``admission``: lanes, shedding, idle streams), the channel callers
 open (``client``: retry policy, TLS, token), the composition of one worker (``app``: store, rules,
 models, engine, events wired together), the supervisor that runs workers and the embedded Redis
-(``serve``), a customer's export and erasure (``privacy``) and the code generator for ``engine/api``
-(``protogen``).
+(``serve``), a customer's export and erasure (``privacy``) run as audited jobs (``privacy_jobs``) and the
+code generator for ``engine/api`` (``protogen``).
 
 May import every wing below it; nothing imports serving except ``engine.cli``.
 """

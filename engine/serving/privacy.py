@@ -1,80 +1,116 @@
-"""Privacy: everything stored about one customer, exported as JSON or erased (``nba customer export`` /
-``nba customer forget``, ``AdminService.ExportCustomer`` / ``ForgetCustomer``).
+"""Privacy: a data-subject export of one customer, and erasure of customers (``nba customer export`` /
+``nba customer forget``, ``AdminService.ExportCustomer`` / ``ForgetCustomer``, run as jobs by
+``engine.serving.privacy_jobs``).
 
-Where the service keeps a customer's data in Redis (every place, found by the key builders and the
-stream writers of the wings below):
+Where the service keeps a customer's data in Redis, and how each place is found without scanning the
+database (the work scales with the customer, not the database):
 
-- the customer's own keys, all under the hash tag ``nba:{c:<id>}:*`` (found with ``SCAN MATCH``):
-  ``profile`` (``store/profiles.py``: features, consent, open cases), ``triggers``, ``contacts`` (the
-  contact history: counters per action, channel and day, ``decision/history.py``), ``ix:<interaction>``
-  (decisions stored per interaction), ``events`` and ``event_ids`` (event history and dedupe, ``events/processor.py``),
-  ``outbound:<pattern>:<event>`` and its ``:run`` claim (an outbound's state);
-- decision records ``nba:decision:<decision id>`` or ``nba:decision:{<slot tag>}:<decision id>`` (hash
-  with ``customer``; kept for the responses' ``accept_days``): the customer's decision ids come from the
-  decision, response and outbound stream entries, the interaction hashes, a contact history still in
-  its earlier layout (one sorted-set member per contact, with the decision id), and a ``SCAN`` of every
-  decision record whose ``customer`` is the customer (the streams may have been trimmed);
-- shared keys holding members of the customer: ``nba:timers`` (every shard of it on a Redis Cluster;
-  absence timers and postponed outbound actions, a JSON member whose ``"c"`` is the customer) and
-  ``nba:reservations`` (budget units reserved for unreported impressions,
-  ``<decision id>|<action>|<budget key>``: removed, and the unit given back as the releaser would at
-  the reservation's expiry: the impression was never reported);
-- every Redis Stream (found with ``SCAN TYPE stream``: ``nba:stream:decisions``, ``responses``,
-  ``events``, ``events:in``, ``events:invalid``, ``outbound``, the simulator's streams and any other),
-  read in chunks with ``XRANGE``: an entry is the customer's when its ``customer_id`` (or ``customer``)
-  field is the customer id; those entries are deleted with ``XDEL``. On a Redis Cluster the shards of a
-  stream (``<stream>:{shard:<k>}``, ``store/slots.py``) are streams of their own, found the same way
-  (SCAN runs on every primary); the export lists them under the stream's name.
+- the customer's own keys, under the hash tag ``nba:{c:<id>}:*``, by name: ``profile``
+  (``store/profiles.py``: attributes, consent, open cases), ``triggers``, ``contacts`` (contact history,
+  ``decision/history.py``), ``events``, ``event_ids`` and ``effects`` (``events/processor.py``), ``index``;
+  the interaction hashes ``ix:<interaction>`` through the customer's index
+  (``store/erasure.customer_index_key``: member ``k:<key>``); the outbound state keys
+  ``outbound:<pattern>:<event>[:run]`` by one ``SCAN MATCH nba:{c:*}:outbound:*`` per erasure batch
+  (key names only, matched by Redis; the one scan left, shared by every erasure of the batch);
+- decision records ``nba:decision:{<slot tag>}:<decision id>`` (hash with ``customer``) through the
+  index (``d:<decision id>``, written by the script that writes the record), the interaction hashes,
+  a contact history in its earlier layout, and the decision ids of the customer's stream entries
+  (records older than the index); a record is erased only when its ``customer`` is the customer;
+- ``nba:timers`` (the customer's shard: absence timers and postponed outbound actions, JSON members
+  whose ``"c"`` is the customer) and ``nba:reservations`` (budget units reserved for unreported
+  impressions, ``<decision id>|<action>|<budget keys>``: removed, and the unit given back);
+- stream entries whose ``customer_id`` (or ``customer``) is the customer: in the customer's shard
+  (``store/slots.customer_shard_key``) of ``CUSTOMER_STREAMS`` and in the single keys of
+  ``SHARED_STREAMS``. Erasure rewrites those streams without the entries (``store/erasure.py``:
+  ``XDEL`` would leave the bytes in memory, in ``DUMP`` and in the next AOF/RDB), one pass per stream
+  for every customer of the batch; then the AOF and RDB are rewritten (``rewrite_persistence``).
 
-Not erased, on purpose: aggregates without a customer id (``nba:budget:<action>:<day>`` counters,
-``nba:explore:counts`` / ``nba:explore:posterior:<period>`` per-action counts, ``nba:meta``), and the
-audit stream ``nba:stream:audit``, which keeps the customer id of each erasure request with who asked
-and when: that is the legal record of the erasure. Outside Redis: the service log (which may name
-customers), training sets exported to files and models trained earlier, and Redis's own persistence:
-with append-only persistence on (the embedded Redis) ``forget`` starts ``BGREWRITEAOF`` so the old
-file with the customer's data is replaced; RDB snapshots and backups of an external Redis keep it until
-they are rotated.
+Not erased, on purpose: aggregates without a customer id (``nba:budget:*`` counters, exploration
+counts, ``nba:meta``) and the audit trail, which names the customer by pseudonym only
+(``store/pseudonym.py``): who asked, when, and what was erased. Outside Redis and left to the operator:
+models trained earlier, training files exported earlier (written 0600), backups and replicas' files
+of an external Redis the admin user does not reach.
 
-Safe to run twice (the second run finds nothing and deletes nothing, but is audited too) and while
-the service runs. It is not a tombstone: a decision, response or event for the customer that is in
-flight (or arrives later) writes again, and the decision log writes decisions a few ms after they are
-made. Stop the customer's traffic first (the systems that call us should stop sending the customer's
-id), or run ``forget`` again a few seconds later: the counts of the second run say whether anything
-had come back.
+Not a tombstone: a decision or event for the customer arriving after the erasure writes again. Stop
+the customer's traffic first, or run ``forget`` again; the counts of the second run say what came back.
+
+The export (``export_customer``) answers a data-subject access request in plain fields, no internal
+key names or encoded blobs. Its JSON document:
+
+- ``customer_id``; ``exported_at`` (ISO 8601, UTC; every ``*_at`` below is too);
+- ``attributes``: the profile by the attribute names declared in ``domain.yaml`` (numbers, categories,
+  sets of values); ``consents``: the channels the customer consented to; ``open_cases``;
+- ``triggers``: ``[{name, expires_at}]``, situations raised by events (e.g. a complaint opened);
+- ``contact_history``: ``[{date, kind (shown | accepted | rejected), action, channel, count, first_at,
+  last_at}]``, what was presented when, on which channel, and the customer's answers, per day;
+- ``decisions``: ``[{decision_id, decided_at, channel, touchpoint, interaction_id, actions, control_group,
+  ruleset_version, model_version, responses: [{action, outcome, at}]}]``;
+- ``events``: ``[{event_id, type, at, source, attributes, refused (why an event was not accepted, or
+  "")}]``; ``outbound``: ``[{action, channel, decision_id, event_id, at, content}]`` (messages sent);
+- ``scheduled``: ``[{kind (absence timer | postponed message), due_at}]``;
+  ``budget_reservations``: ``[{decision_id, action, expires_at}]``;
+- ``interactions``: ``[{interaction_id, touchpoint, max_actions, decision_id, actions}]`` (a repeated ask
+  within an interaction gets the same answer);
+- ``privacy_requests``: the audit trail's records of this customer: ``[{action, at, who}]``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis
 
+from engine.decision import history
 from engine.decision.budget_claims import BudgetClaims
 from engine.decision.contact import RESERVATIONS_KEY, decision_key
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
-from engine.events.processor import TIMERS_KEY
+from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, effects_key, event_ids_key, events_key
+from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import FeatureSchema
 from engine.store.audit import AUDIT_STREAM, audit
-from engine.store.profiles import ProfileStore, SchemaMismatch, is_cluster, profile_key, triggers_key
-from engine.store.slots import shard_keys
-from engine.store.streams import id_order
+from engine.store.erasure import ErasureFailed, customer_index_key, rewrite_stream
+from engine.store.profiles import (
+    DECISIONS_STREAM,
+    EVENTS_STREAM,
+    RESPONSES_STREAM,
+    ProfileStore,
+    SchemaMismatch,
+    is_cluster,
+    profile_key,
+    triggers_key,
+)
+from engine.store.pseudonym import pseudonym
+from engine.store.slots import customer_shard_key, shard_keys
 
 log = logging.getLogger(__name__)
 
-DECISION_PREFIX = "nba:decision:"  # also ``nba:decision:{<slot tag>}:<id>``: the prefix matches both
-SHARD_SUFFIX = re.compile(r":\{shard:\d+\}$")  # a stream shard's key on a Redis Cluster (store/slots.py)
-CUSTOMER_FIELDS = (b"customer_id", b"customer")  # the field naming an entry's customer, by stream
-CHUNK = 1000  # keys per SCAN step, entries per XRANGE / XDEL, members per ZSCAN step
+CUSTOMER_STREAMS = (DECISIONS_STREAM, RESPONSES_STREAM, EVENTS_STREAM, OUTBOUND_STREAM)  # sharded by customer
+SHARED_STREAMS = (INGEST_STREAM, INVALID_STREAM)  # one key for every customer (written by other systems)
+CHUNK = 1000  # members per ZSCAN step, keys per DEL, entries per stream read
+
+# KEYS[1] stream; ARGV[1] start ('-' or '(<id>'), ARGV[2] count, ARGV[3] customer. The customer's entries
+# of the next ``count`` entries, read and filtered inside Redis: {last id read or '', entries}.
+_FIND = r"""
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
+local out, last = {}, ''
+for _, e in ipairs(entries) do
+  last = e[1]
+  local f = e[2]
+  for j = 1, #f, 2 do
+    if (f[j] == 'customer_id' or f[j] == 'customer') and f[j + 1] == ARGV[3] then out[#out + 1] = e; break end
+  end
+end
+return {last, #entries, out}
+"""
 
 # KEYS[1] reservations zset; ARGV reservation members. Removes them and gives each removed one's budget
-# unit back, as decision/contact.py RELEASE does at expiry (atomic with the releaser: a unit is given
-# back once). Returns {removed, units given back}.
+# unit back, as decision/contact.py RELEASE does at expiry. Returns {removed, units given back}.
 _DROP_RESERVATIONS = """
 local removed, returned = 0, 0
 for _, m in ipairs(ARGV) do
@@ -94,7 +130,139 @@ return {removed, returned}
 """
 
 
-def _drop_reservations(client: redis.Redis, reservations: list[tuple[str, str, float]]) -> tuple[int, int]:
+def check_customer_id(customer_id: str) -> str:
+    """A customer id as Decide accepts it; ``InvalidRequest`` names the field otherwise."""
+    if not customer_id or not customer_id.strip():
+        raise InvalidRequest("customer_id", "must not be empty")
+    if len(customer_id) > MAX_ID_LENGTH or any(c in customer_id for c in "{}\n\r\t "):
+        raise InvalidRequest("customer_id", f"at most {MAX_ID_LENGTH} characters, no spaces or braces")
+    return customer_id
+
+
+def _s(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _iso(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def fixed_keys(customer_id: str) -> list[str]:
+    """The customer's keys whose names are computed from the id alone."""
+    return [profile_key(customer_id), triggers_key(customer_id), history.contacts_key(customer_id),
+            events_key(customer_id), event_ids_key(customer_id), effects_key(customer_id),
+            customer_index_key(customer_id)]
+
+
+def customer_streams(client: Any, customer_id: str) -> list[str]:
+    """The stream keys that may hold the customer's entries (computed, not scanned)."""
+    return [customer_shard_key(base, customer_id, client) for base in CUSTOMER_STREAMS] + list(SHARED_STREAMS)
+
+
+def _tag_of(key: str) -> str | None:
+    """The customer id of a ``nba:{c:<id>}:...`` key."""
+    if not key.startswith("nba:{c:"):
+        return None
+    end = key.find("}:", 7)
+    return key[7:end] if end > 0 else None
+
+
+@dataclass
+class _Found:
+    """Where one customer's data is (apart from stream entries, found by the stream pass)."""
+
+    keys: list[str] = field(default_factory=list)
+    decision_ids: set[str] = field(default_factory=set)
+    timers: list[tuple[str, str, float]] = field(default_factory=list)  # (shard key, member, due ms)
+
+
+def _outbound_keys(client: Any, customers: set[str]) -> dict[str, list[str]]:
+    """The outbound state keys of ``customers``: one ``SCAN MATCH`` (key names only) for all of them."""
+    out: dict[str, list[str]] = {}
+    for key in client.scan_iter(match="nba:{c:*}:outbound:*", count=CHUNK):
+        name = _s(key)
+        owner = _tag_of(name)
+        if owner in customers:
+            out.setdefault(owner, []).append(name)
+    return out
+
+
+def _locate(client: Any, customer_id: str, outbound: list[str], with_timers: bool = True) -> _Found:
+    found = _Found()
+    index = [_s(m) for m in cast("list[bytes]", client.zrange(customer_index_key(customer_id), 0, -1))]
+    found.decision_ids = {m[2:] for m in index if m.startswith("d:")}
+    candidates = fixed_keys(customer_id) + [m[2:] for m in index if m.startswith("k:")] + outbound
+    pipe = client.pipeline(transaction=False)
+    for key in candidates:
+        pipe.type(key)
+    kinds = dict(zip(candidates, (_s(t) for t in pipe.execute())))
+    found.keys = sorted({k for k, t in kinds.items() if t != "none"})
+    for key in found.keys:
+        if key == history.contacts_key(customer_id) and kinds[key] == "zset":  # the earlier layout
+            for member in cast("list[bytes]", client.zrange(key, 0, -1)):
+                parts = _s(member).split("|")
+                if len(parts) > 5 and parts[5]:
+                    found.decision_ids.add(parts[5])
+        elif ":ix:" in key and kinds[key] == "hash":
+            for body in cast("dict[bytes, bytes]", client.hgetall(key)).values():
+                try:
+                    found.decision_ids.add(str(json.loads(body)["h"]["id"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+    if with_timers:
+        found.timers = _timers(client, {customer_id}).get(customer_id, [])
+    return found
+
+
+def _timers(client: Any, customers: set[str]) -> dict[str, list[tuple[str, str, float]]]:
+    """The customers' timers: one ZSCAN of each of their shards of ``nba:timers`` for all of them."""
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for key in sorted({customer_shard_key(TIMERS_KEY, c, client) for c in customers}):
+        for member, due in client.zscan_iter(key, count=CHUNK):
+            try:
+                owner = json.loads(member).get("c")
+            except (ValueError, AttributeError):
+                continue
+            if owner in customers:
+                out.setdefault(owner, []).append((key, _s(member), float(due)))
+    return out
+
+
+def _records(client: Any, customer_id: str, decision_ids: Iterable[str]) -> list[str]:
+    """The decision record keys among ``decision_ids`` that exist and belong to the customer."""
+    keys = sorted({decision_key(d) for d in decision_ids})
+    out: list[str] = []
+    for i in range(0, len(keys), CHUNK):
+        batch = keys[i:i + CHUNK]
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.hget(key, "customer")
+        out += [key for key, owner in zip(batch, pipe.execute()) if owner == customer_id.encode()]
+    return out
+
+
+def _reservations(client: Any, decision_ids: dict[str, str]) -> dict[str, list[tuple[str, str, float]]]:
+    """Budget reservations of the decisions (decision id -> customer), by customer; one ZSCAN per shard
+    for the whole batch (the set holds only the last ``reservation_minutes`` of reservations)."""
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for key in shard_keys(RESERVATIONS_KEY, client):
+        for member, expiry in client.zscan_iter(key, count=CHUNK):
+            owner = decision_ids.get(_s(member).split("|", 1)[0])
+            if owner is not None:
+                out.setdefault(owner, []).append((key, _s(member), float(expiry)))
+    return out
+
+
+def _drop_reservations(client: Any, reservations: list[tuple[str, str, float]]) -> tuple[int, int]:
     """Removes the reservations and gives their budget units back: (removed, given back). On a cluster
     the counters are on other slots than the reservations, so a unit goes back after its ZREM won."""
     gone = returned = 0
@@ -112,287 +280,284 @@ def _drop_reservations(client: redis.Redis, reservations: list[tuple[str, str, f
     return gone, returned
 
 
+# --- erasure ------------------------------------------------------------------------------------
+
 @dataclass
 class Erased:
-    """What ``forget_customer`` removed. ``places``: counts by kind of place (for the log and tests)."""
+    """What the erasure of one customer removed, and every failure met (empty: all done)."""
 
     customer_id: str
     keys_deleted: int = 0
     stream_entries_deleted: int = 0
     members_removed: int = 0
     budget_units_returned: int = 0
-    aof_rewrite: str = ""  # started | off | failed: ... (the append-only file still held the data)
-    places: dict[str, int] = field(default_factory=dict)
+    places: dict[str, int] = field(default_factory=dict)  # counts by kind of place (log, tests)
+    failures: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Found:
-    """Where one customer's data is, as found by ``_locate``."""
+def forget_customers(client: Any, customer_ids: Iterable[str], who: str | dict[str, str] = "cli",
+                     heartbeat: Callable[[], None] | None = None) -> dict[str, Erased]:
+    """Erase every customer of ``customer_ids`` from Redis memory (see the module's docstring): one
+    pass per stream for all of them. Each customer's erasure is audited under its pseudonym (``who``: the
+    requester, or each customer's requester). Failures
+    are collected, never raised (but ``check_customer_id``'s). The persistence files are the caller's
+    next step (``store.erasure.rewrite_persistence``): they still hold the data until rewritten."""
+    ids = sorted({check_customer_id(c) for c in customer_ids})
+    out = {c: Erased(c) for c in ids}
+    beat = heartbeat or (lambda: None)
+    try:
+        outbound = _outbound_keys(client, set(ids))
+    except redis.exceptions.RedisError as exc:
+        outbound = {}
+        for e in out.values():
+            e.failures.append(f"outbound keys not found: {exc}")
+    try:
+        timers = _timers(client, set(ids))
+    except redis.exceptions.RedisError as exc:
+        timers = {}
+        for e in out.values():
+            e.failures.append(f"timers not read: {exc}")
+    found: dict[str, _Found] = {}
+    for c in ids:
+        try:
+            found[c] = _locate(client, c, outbound.get(c, []), with_timers=False)
+        except redis.exceptions.RedisError as exc:
+            out[c].failures.append(f"locating the customer's keys: {exc}")
+            found[c] = _Found()
+        found[c].timers = timers.get(c, [])
+        # timers first: a timer firing would write the customer's keys again
+        removed = 0
+        for key, member, _ in found[c].timers:
+            try:
+                removed += int(client.zrem(key, member))
+            except redis.exceptions.RedisError as exc:
+                out[c].failures.append(f"timer in {key}: {exc}")
+        out[c].places["timers"] = removed
+        out[c].members_removed += removed
+    beat()
+    by_stream: dict[str, list[str]] = {}
+    for c in ids:
+        for key in customer_streams(client, c):
+            by_stream.setdefault(key, []).append(c)
+    for key, customers in sorted(by_stream.items()):
+        try:
+            done = rewrite_stream(client, key, customers, on_chunk=beat)
+        except ErasureFailed as exc:
+            for c in customers:
+                out[c].failures.append(str(exc))
+            continue
+        for c in customers:
+            n = done.by_customer.get(c, 0)
+            out[c].places[key] = n
+            out[c].stream_entries_deleted += n
+        for d in done.decision_ids:  # records the streams name (older than the index, too)
+            for c in customers:
+                found[c].decision_ids.add(d)
+        beat()
+    owners = {d: c for c in ids for d in found[c].decision_ids}
+    try:
+        reservations = _reservations(client, owners)
+    except redis.exceptions.RedisError as exc:
+        reservations = {}
+        for e in out.values():
+            e.failures.append(f"budget reservations not read: {exc}")
+    for c in ids:
+        e = out[c]
+        try:
+            gone, returned = _drop_reservations(client, reservations.get(c, []))
+            e.places["reservations"] = gone
+            e.members_removed += gone
+            e.budget_units_returned = returned
+            records = _records(client, c, found[c].decision_ids)
+            for kind, keys in (("customer_keys", found[c].keys), ("decision_records", records)):
+                deleted = 0
+                for i in range(0, len(keys), CHUNK):
+                    deleted += int(client.unlink(*keys[i:i + CHUNK]))  # one slot: the customer's
+                e.places[kind] = deleted
+                e.keys_deleted += deleted
+        except redis.exceptions.RedisError as exc:
+            e.failures.append(f"keys not deleted: {exc}")
+        asked = who if isinstance(who, str) else who.get(c, "?")
+        audit(client, asked, "forget_customer", customer=pseudonym(c), keys_deleted=e.keys_deleted,
+              stream_entries_deleted=e.stream_entries_deleted, members_removed=e.members_removed,
+              budget_units_returned=e.budget_units_returned, failures=len(e.failures))
+        log.info("customer %s forgotten by %s: %d keys, %d stream entries, %d members%s", pseudonym(c), asked,
+                 e.keys_deleted, e.stream_entries_deleted, e.members_removed,
+                 f", {len(e.failures)} failures" if e.failures else "")
+    return out
 
-    keys: list[str] = field(default_factory=list)  # the customer's own keys (hash tag)
-    decisions: list[str] = field(default_factory=list)  # decision record keys whose customer is this one
-    timers: list[tuple[str, str]] = field(default_factory=list)  # (timers shard key, member)
-    reservations: list[tuple[str, str, float]] = field(default_factory=list)  # (shard key, member, expiry ms)
-    entries: dict[str, list[tuple[str, dict[str, str]]]] = field(default_factory=dict)  # stream -> entries
 
+# --- export -------------------------------------------------------------------------------------
 
-def check_customer_id(customer_id: str) -> str:
-    """A customer id as Decide accepts it; ``InvalidRequest`` names the field otherwise."""
-    if not customer_id or not customer_id.strip():
-        raise InvalidRequest("customer_id", "must not be empty")
-    if len(customer_id) > MAX_ID_LENGTH or any(c in customer_id for c in "{}\n\r\t "):
-        raise InvalidRequest("customer_id", f"at most {MAX_ID_LENGTH} characters, no spaces or braces")
-    return customer_id
-
-
-def customer_pattern(customer_id: str) -> str:
-    """``SCAN MATCH`` pattern of every key with the customer's hash tag (glob characters escaped)."""
-    return "nba:{c:" + re.sub(r"([*?\[\]\\])", r"\\\1", customer_id) + "}:*"
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _scan(client: redis.Redis, **kw: Any) -> Iterator[str]:
-    # on a Redis Cluster redis-py 8 sends SCAN to every primary and follows each one's cursor
-    for key in client.scan_iter(count=CHUNK, **kw):
-        yield _s(key)
-
-
-def streams(client: redis.Redis) -> list[str]:
-    """Every stream in the database."""
-    return sorted(set(_scan(client, _type="stream")))
-
-
-def _decision_id(key: str) -> str:
-    """The decision id of a decision record's key (either form, see ``DECISION_PREFIX``)."""
-    rest = key[len(DECISION_PREFIX):]
-    return rest.split("}:", 1)[1] if rest.startswith("{") and "}:" in rest else rest
-
-
-def _entries_of(client: redis.Redis, stream: str, customer: bytes) -> Iterator[tuple[str, dict[str, str]]]:
-    """The customer's entries of ``stream``, read in chunks of ``CHUNK``."""
+def _entries(client: Any, key: str, customer_id: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The customer's entries of stream ``key``, filtered inside Redis ``CHUNK`` entries at a time."""
     start = "-"
     while True:
-        chunk = cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(stream, min=start, max="+", count=CHUNK))
-        for entry_id, fields in chunk:
-            if any(fields.get(f) == customer for f in CUSTOMER_FIELDS):
-                yield _s(entry_id), {_s(k): _s(v) for k, v in fields.items()}
+        last, n, found = cast("list[Any]", client.eval(_FIND, 1, key, start, CHUNK, customer_id))
+        for entry_id, flat in found:
+            yield _s(entry_id), {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+        if int(n) < CHUNK or not _s(last):
+            return
+        start = "(" + _s(last)
+
+
+def _ms_iso(ms: float | None) -> str:
+    return _iso(ms / 1000) if ms is not None else ""
+
+
+def _attributes(client: Any, customer_id: str, now_ms: int, schema: FeatureSchema | None) -> dict[str, Any]:
+    raw = cast("dict[bytes, bytes]", client.hgetall(profile_key(customer_id)))
+    if not raw:
+        return {"attributes": {}, "consents": [], "open_cases": []}
+    if schema is not None:
+        try:
+            p = ProfileStore(client).decode(customer_id, raw, {}, now_ms, schema)
+        except SchemaMismatch:
+            pass
+        else:
+            attributes: dict[str, Any] = {name: float(v) for name, v in zip(schema.numeric, p.numeric.tolist())}
+            attributes.update({name: p.categorical.get(name, "") for name in schema.categorical})
+            attributes.update({name: sorted(m) for name, m in p.sets.items() if name != "consent"})
+            return {"attributes": attributes, "consents": sorted(p.sets.get("consent", ())),
+                    "open_cases": list(p.open_cases)}
+    # stored under another schema: the stored fields that are plain text
+    plain = {_s(k): _s(v) for k, v in raw.items() if not k.startswith(b"_") and k not in (b"schema", b"features")}
+    consent = plain.pop("consent", "")
+    return {"attributes": plain, "consents": [c for c in consent.split(",") if c], "open_cases": []}
+
+
+_KINDS = {"i": "shown", "a": "accepted", "r": "rejected"}
+
+
+def _contact_history(client: Any, customer_id: str) -> list[dict[str, Any]]:
+    key = history.contacts_key(customer_id)
+    if _s(client.type(key)) != "hash":
+        return []
+    out = []
+    for f, v in cast("dict[bytes, bytes]", client.hgetall(key)).items():
+        c = history.parse(_s(f), _s(v))
+        if c is not None:
+            out.append({"date": datetime.fromtimestamp(c.day * 86_400, UTC).date().isoformat(),
+                        "kind": _KINDS.get(c.kind, c.kind), "action": c.action, "channel": c.channel,
+                        "count": c.count, "first_at": _ms_iso(c.first), "last_at": _ms_iso(c.last)})
+    return sorted(out, key=lambda x: (x["first_at"], x["action"], x["kind"]))
+
+
+def _decisions(client: Any, customer_id: str, streams: dict[str, list[tuple[str, dict[str, str]]]],
+               decision_ids: set[str]) -> list[dict[str, Any]]:
+    by_id: dict[str, dict[str, Any]] = {}
+    for _, f in streams.get(DECISIONS_STREAM, []):
+        d = f.get("decision_id", "")
+        by_id[d] = {"decision_id": d, "decided_at": _iso(_float(f.get("ts"))), "channel": f.get("channel", ""),
+                    "touchpoint": f.get("touchpoint", ""), "interaction_id": f.get("interaction_id", ""),
+                    "actions": [a for a in f.get("actions", "").split(",") if a],
+                    "control_group": f.get("control") == "1", "ruleset_version": f.get("ruleset_version", ""),
+                    "model_version": f.get("model_version", ""), "responses": []}
+    for key in _records(client, customer_id, decision_ids - set(by_id)):
+        r = {_s(k): _s(v) for k, v in cast("dict[bytes, bytes]", client.hgetall(key)).items()}
+        d = key.rsplit(":", 1)[-1]
+        by_id[d] = {"decision_id": d, "decided_at": _iso(_float(r.get("ts"))), "channel": r.get("channel", ""),
+                    "touchpoint": "", "interaction_id": "", "actions": [a for a in r.get("actions", "").split(",") if a],
+                    "control_group": r.get("control") == "1", "ruleset_version": r.get("ruleset", ""),
+                    "model_version": r.get("model", ""), "responses": []}
+    for _, f in streams.get(RESPONSES_STREAM, []):
+        d = f.get("decision_id", "")
+        target = by_id.setdefault(d, {"decision_id": d, "decided_at": _iso(_float(f.get("decided_at"))),
+                                      "channel": f.get("channel", ""), "touchpoint": "", "interaction_id": "",
+                                      "actions": [], "control_group": f.get("control") == "1",
+                                      "ruleset_version": "", "model_version": "", "responses": []})
+        target["responses"].append({"action": f.get("action_id", ""), "outcome": f.get("outcome", ""),
+                                    "at": _iso(_float(f.get("ts")))})
+    return sorted(by_id.values(), key=lambda d: (d["decided_at"], d["decision_id"]))
+
+
+def _event(f: dict[str, str], refused: str = "") -> dict[str, Any]:
+    return {"event_id": f.get("event_id", ""), "type": f.get("type", ""), "at": _iso(_float(f.get("ts"))),
+            "source": f.get("source", ""), "attributes": {k[5:]: v for k, v in f.items() if k.startswith("attr.")},
+            "refused": refused}
+
+
+def export_customer(client: Any, customer_id: str, who: str | None = "cli", now: float | None = None,
+                    schema: FeatureSchema | None = None) -> dict[str, Any]:
+    """Everything stored about ``customer_id`` in plain fields (see the module's docstring). The export
+    is audited under the customer's pseudonym (``who``; None: not audited)."""
+    check_customer_id(customer_id)
+    now = time.time() if now is None else now
+    found = _locate(client, customer_id, [])
+    streams: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for base in CUSTOMER_STREAMS:
+        streams[base] = list(_entries(client, customer_shard_key(base, customer_id, client), customer_id))
+    for key in SHARED_STREAMS:
+        streams[key] = list(_entries(client, key, customer_id))
+    ids = found.decision_ids | {f["decision_id"] for s in streams.values() for _, f in s if f.get("decision_id")}
+    triggers = cast("dict[bytes, bytes]", client.hgetall(triggers_key(customer_id)))
+    interactions = []
+    for key in found.keys:
+        if ":ix:" not in key:
+            continue
+        for placement, body in cast("dict[bytes, bytes]", client.hgetall(key)).items():
+            try:
+                stored = json.loads(body)
+                actions = [a.get("id", "") if isinstance(a, dict) else str(a) for a in stored.get("a", [])]
+                decision = str(stored.get("h", {}).get("id", ""))
+            except (ValueError, AttributeError):
+                actions, decision = [], ""
+            touchpoint, _, shown = _s(placement)[2:].rpartition("|")  # d:<touchpoint>|<max actions>
+            interactions.append({"interaction_id": key.split(":ix:", 1)[1], "touchpoint": touchpoint,
+                                 "max_actions": int(shown) if shown.isdigit() else 0, "decision_id": decision,
+                                 "actions": actions})
+    requests = [{"action": _s(f.get(b"action", b"")), "at": _iso(_float(_s(f.get(b"ts", b"")))),
+                 "who": _s(f.get(b"who", b""))}
+                for _, f in _audit_of(client, pseudonym(customer_id))]
+    out: dict[str, Any] = {
+        "customer_id": customer_id,
+        "exported_at": _iso(now),
+        **_attributes(client, customer_id, int(now * 1000), schema),
+        "triggers": sorted(({"name": _s(k), "expires_at": _ms_iso(float(v))} for k, v in triggers.items()),
+                           key=lambda t: t["name"]),
+        "contact_history": _contact_history(client, customer_id),
+        "decisions": _decisions(client, customer_id, streams, ids),
+        "events": [_event(f) for _, f in streams[EVENTS_STREAM]]
+                  + [_event(f, f.get("error", "refused")) for _, f in streams[INVALID_STREAM]],
+        "outbound": [{"action": f.get("action_id", ""), "channel": f.get("channel", ""),
+                      "decision_id": f.get("decision_id", ""), "event_id": f.get("event_id", ""),
+                      "at": _iso(_float(f.get("ts"))), "content": _json(f.get("treatment", ""))}
+                     for _, f in streams[OUTBOUND_STREAM]],
+        "scheduled": [{"kind": "postponed message" if _json(m).get("k") == "outbound" else "absence timer",
+                       "due_at": _ms_iso(due)} for _, m, due in found.timers],
+        "budget_reservations": [{"decision_id": m.split("|")[0], "action": m.split("|")[1] if "|" in m else "",
+                                 "expires_at": _ms_iso(e)}
+                                for members in _reservations(client, dict.fromkeys(ids, customer_id)).values()
+                                for _, m, e in members],
+        "interactions": interactions,
+        "privacy_requests": requests,
+    }
+    if who is not None:
+        audit(client, who, "export_customer", customer=pseudonym(customer_id),
+              decisions=len(out["decisions"]), events=len(out["events"]))
+    return out
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _audit_of(client: Any, pseudo: str) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+    start = "-"
+    while True:
+        chunk = cast("list[tuple[bytes, dict[bytes, bytes]]]",
+                     client.xrange(AUDIT_STREAM, min=start, max="+", count=CHUNK))
+        for entry_id, f in chunk:
+            if f.get(b"customer") == pseudo.encode():
+                yield _s(entry_id), f
         if len(chunk) < CHUNK:
             return
         start = "(" + _s(chunk[-1][0])
 
 
-def _locate(client: redis.Redis, customer_id: str, skip_streams: frozenset[str] = frozenset()) -> _Found:
-    found = _Found()
-    customer = customer_id.encode()
-    found.keys = sorted(set(_scan(client, match=customer_pattern(customer_id))))
-    candidates: set[str] = set()  # decision ids met in the customer's data
-    for stream in streams(client):
-        if stream in skip_streams:
-            continue
-        entries = list(_entries_of(client, stream, customer))
-        if entries:
-            found.entries[stream] = entries
-            candidates.update(f["decision_id"] for _, f in entries if f.get("decision_id"))
-    for key in found.keys:
-        kind = _s(cast(bytes, client.type(key)))
-        if key.endswith("}:contacts") and kind == "zset":  # not yet folded into counters
-            for member in cast("list[bytes]", client.zrange(key, 0, -1)):
-                parts = _s(member).split("|")
-                if len(parts) > 5 and parts[5]:
-                    candidates.add(parts[5])
-        elif ":ix:" in key and kind == "hash":
-            for body in cast("dict[bytes, bytes]", client.hgetall(key)).values():
-                try:
-                    candidates.add(str(json.loads(body)["h"]["id"]))
-                except (ValueError, KeyError, TypeError):
-                    pass
-    records = {decision_key(d) for d in candidates} | set(_scan(client, match=DECISION_PREFIX + "*"))
-    ordered = sorted(records)
-    for i in range(0, len(ordered), CHUNK):
-        batch = ordered[i:i + CHUNK]
-        pipe = client.pipeline(transaction=False)
-        for key in batch:
-            pipe.hget(key, "customer")
-        found.decisions += [key for key, owner in zip(batch, pipe.execute()) if owner == customer]
-    for timers in shard_keys(TIMERS_KEY, client):  # the customer's shard, and any other to be sure
-        for member, _due in client.zscan_iter(timers, count=CHUNK):
-            try:
-                owner = json.loads(member).get("c")
-            except (ValueError, AttributeError):
-                continue
-            if owner == customer_id:
-                found.timers.append((timers, _s(member)))
-    ids = {_decision_id(key) for key in found.decisions} | candidates
-    for reservations in shard_keys(RESERVATIONS_KEY, client):
-        for member, expiry in client.zscan_iter(reservations, count=CHUNK):
-            if _s(member).split("|", 1)[0] in ids:
-                found.reservations.append((reservations, _s(member), expiry))
-    return found
-
-
-# --- export -------------------------------------------------------------------------------------
-
-def _text(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return "hex:" + value.hex()
-
-
-def _maybe_json(text: str) -> Any:
-    if text[:1] in ("{", "["):
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _value(client: redis.Redis, key: str, customer_id: str, now_ms: int, schema: FeatureSchema | None) -> Any:
-    """A key's value as JSON-serialisable data (the profile decoded to attribute names under ``schema``;
-    as stored without one, or when it cannot be read under it)."""
-    kind = _s(cast(bytes, client.type(key)))
-    if kind == "hash":
-        raw = cast("dict[bytes, bytes]", client.hgetall(key))
-        if key == profile_key(customer_id) and schema is not None:
-            try:
-                p = ProfileStore(client).decode(customer_id, raw, {}, now_ms, schema)
-            except SchemaMismatch:
-                pass
-            else:
-                return {"schema": _text(raw.get(b"schema", b"")),
-                        "numeric": {name: float(v) for name, v in zip(schema.numeric, p.numeric.tolist())},
-                        "categorical": {name: p.categorical.get(name, "") for name in schema.categorical},
-                        "sets": {name: sorted(members) for name, members in p.sets.items()},
-                        "open_cases": list(p.open_cases)}
-        if key == triggers_key(customer_id):
-            return {_text(k): {"expires_ms": int(v)} for k, v in raw.items()}
-        return {_text(k): _maybe_json(_text(v)) for k, v in raw.items()}
-    if kind == "zset":
-        return [{"member": _maybe_json(_text(m)), "score": s}
-                for m, s in cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True))]
-    if kind == "string":
-        value = cast("bytes | None", client.get(key))
-        return None if value is None else _maybe_json(_text(value))
-    if kind == "set":
-        return sorted(_text(m) for m in cast("set[bytes]", client.smembers(key)))
-    if kind == "list":
-        return [_maybe_json(_text(m)) for m in cast("list[bytes]", client.lrange(key, 0, -1))]
-    if kind == "stream":
-        return [{"id": _s(i), **{_text(k): _text(v) for k, v in f.items()}}
-                for i, f in cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(key))]
-    return None  # deleted meanwhile
-
-
-def export_customer(client: redis.Redis, customer_id: str, who: str | None = "cli", now: float | None = None,
-                    schema: FeatureSchema | None = None) -> dict:
-    """Everything stored about ``customer_id``, as JSON-serialisable data: the customer's keys (with
-    their time to live), decision records, timers, budget reservations and stream entries (the audit
-    stream's included: earlier exports and erasures). The export itself is audited (``who``; None:
-    not audited)."""
-    check_customer_id(customer_id)
-    now = time.time() if now is None else now
-    now_ms = int(now * 1000)
-    found = _locate(client, customer_id)
-    keys = {key: _value(client, key, customer_id, now_ms, schema) for key in found.keys}
-    ttls = {key: (ttl if (ttl := int(client.pttl(key))) >= 0 else None) for key in found.keys}
-    decisions = {_decision_id(key): {_text(k): _text(v) for k, v in
-                                              cast("dict[bytes, bytes]", client.hgetall(key)).items()}
-                 for key in found.decisions}
-    out: dict[str, Any] = {
-        "customer_id": customer_id,
-        "exported_at": now,
-        "keys": {k: v for k, v in keys.items() if v is not None},
-        "key_ttl_ms": {k: ttls[k] for k in keys if keys[k] is not None},
-        "decision_records": {d: fields for d, fields in decisions.items() if fields},
-        "timers": [{"member": json.loads(m), "key": k} for k, m in found.timers],
-        "budget_reservations": [{"member": m, "expires_ms": e, "key": k} for k, m, e in found.reservations],
-        "streams": _by_base(found.entries),
-    }
-    if who is not None:
-        audit(client, who, "export_customer", customer_id=customer_id, keys=len(out["keys"]),
-              stream_entries=sum(len(e) for e in found.entries.values()))
-    return out
-
-
-def _by_base(entries: dict[str, list[tuple[str, dict[str, str]]]]) -> dict[str, list[dict[str, Any]]]:
-    """Stream entries by stream name: the shards of a stream on a Redis Cluster under their base name, in
-    entry id order, each entry with its ``shard`` key."""
-    out: dict[str, list[tuple[tuple[int, int], dict[str, Any]]]] = {}
-    for key, found in entries.items():
-        shard = SHARD_SUFFIX.search(key)
-        base = key[:shard.start()] if shard else key
-        for entry_id, fields in found:
-            out.setdefault(base, []).append((id_order(entry_id), {"id": entry_id, "fields": fields,
-                                                                  **({"shard": key} if shard else {})}))
-    return {base: [e for _, e in sorted(items, key=lambda x: x[0])] for base, items in sorted(out.items())}
-
-
-# --- erasure ------------------------------------------------------------------------------------
-
-def forget_customer(client: redis.Redis, customer_id: str, who: str = "cli", rewrite_aof: bool = True) -> Erased:
-    """Erase ``customer_id`` everywhere (see the module's docstring), then append an audit record to
-    ``nba:stream:audit`` (who, action, customer_id, counts, ts) and log it. Safe to run twice."""
-    check_customer_id(customer_id)
-    found = _locate(client, customer_id, skip_streams=frozenset({AUDIT_STREAM}))
-    out = Erased(customer_id)
-    # shared members first (a timer would write the customer's keys again), then keys, then streams
-    removed = 0
-    for key, member in found.timers:
-        removed += int(client.zrem(key, member))
-    out.places["timers"] = removed
-    gone, returned = _drop_reservations(client, found.reservations)
-    out.places["reservations"] = gone
-    out.members_removed = removed + gone
-    out.budget_units_returned = returned
-    for kind, keys in (("customer_keys", found.keys), ("decision_records", found.decisions)):
-        deleted = 0
-        for i in range(0, len(keys), CHUNK):
-            deleted += int(client.delete(*keys[i:i + CHUNK]))
-        out.places[kind] = deleted
-        out.keys_deleted += deleted
-    for stream, entries in found.entries.items():
-        ids = [i for i, _ in entries]
-        deleted = 0
-        for i in range(0, len(ids), CHUNK):
-            deleted += int(client.xdel(stream, *ids[i:i + CHUNK]))
-        out.places[stream] = deleted
-        out.stream_entries_deleted += deleted
-    if rewrite_aof:
-        out.aof_rewrite = _rewrite_aof(client)
-    audit(client, who, "forget_customer", customer_id=customer_id, keys_deleted=out.keys_deleted,
-          stream_entries_deleted=out.stream_entries_deleted, members_removed=out.members_removed,
-          budget_units_returned=out.budget_units_returned)
-    log.info("customer %s forgotten by %s: %d keys, %d stream entries, %d members (%s)",
-             customer_id, who, out.keys_deleted, out.stream_entries_deleted, out.members_removed,
-             ", ".join(f"{k} {v}" for k, v in out.places.items() if v) or "nothing found")
-    return out
-
-
-def _rewrite_aof(client: redis.Redis) -> str:
-    """Start rewriting the append-only file (which still holds the erased data) when it is on: on every
-    node of a cluster, replicas included (they hold the data too)."""
-    if is_cluster(client):
-        results = {_rewrite_node(node.redis_connection) for node in cast(Any, client).get_nodes()}
-        return results.pop() if len(results) == 1 else ", ".join(sorted(results))
-    return _rewrite_node(client)
-
-
-def _rewrite_node(client: redis.Redis) -> str:
-    try:
-        config = cast("dict[str, str]", client.config_get("appendonly"))
-        if config.get("appendonly") != "yes":
-            return "off"
-        client.bgrewriteaof()
-        return "started"
-    except redis.exceptions.ResponseError as exc:  # e.g. CONFIG not allowed to this ACL user
-        if "already in progress" in str(exc):
-            return "started"
-        log.warning("append-only file not rewritten after an erasure: %s", exc)
-        return f"failed: {exc}"
-
-
-__all__ = ["Erased", "check_customer_id", "export_customer", "forget_customer"]
+__all__ = ["CUSTOMER_STREAMS", "SHARED_STREAMS", "Erased", "check_customer_id", "customer_streams",
+           "export_customer", "fixed_keys", "forget_customers"]

@@ -11,6 +11,7 @@ import time
 import redis
 
 from engine.metrics import REDIS_ERRORS
+from engine.store.erasure import index_record
 from engine.store.profiles import DECISIONS_STREAM, STREAM_MAXLEN
 from engine.store.slots import customer_shard_key, shard_maxlen
 
@@ -65,6 +66,8 @@ class DecisionLog:
                         if isinstance(r, tuple):
                             pipe.hset(r[0], mapping=r[1])  # type: ignore[arg-type]
                             pipe.pexpire(r[0], r[2])
+                            if r[1].get("customer"):  # the customer's index, as decision/contact.PRESENT keeps it
+                                index_record(pipe, r[1]["customer"], "d:" + r[0].rsplit(":", 1)[-1], r[2])
                         else:
                             stream = customer_shard_key(self.stream, r.get("customer_id", ""), self.client)
                             pipe.xadd(stream, r, maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)  # type: ignore[arg-type]

@@ -302,14 +302,16 @@ class ForgetCustomerRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class ForgetCustomerResponse(_message.Message):
-    __slots__ = ("keys_deleted", "stream_entries_deleted", "members_removed")
+    __slots__ = ("keys_deleted", "stream_entries_deleted", "members_removed", "job_id")
     KEYS_DELETED_FIELD_NUMBER: _ClassVar[int]
     STREAM_ENTRIES_DELETED_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     keys_deleted: int
     stream_entries_deleted: int
     members_removed: int
-    def __init__(self, keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ...) -> None: ...
+    job_id: str
+    def __init__(self, keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ExportCustomerRequest(_message.Message):
     __slots__ = ("customer_id",)
@@ -318,10 +320,50 @@ class ExportCustomerRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
 
 class ExportCustomerResponse(_message.Message):
-    __slots__ = ("json",)
+    __slots__ = ("json", "job_id")
     JSON_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     json: str
-    def __init__(self, json: _Optional[str] = ...) -> None: ...
+    job_id: str
+    def __init__(self, json: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetCustomerJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CustomerJob(_message.Message):
+    __slots__ = ("job_id", "kind", "state", "customer_pseudonym", "keys_deleted", "stream_entries_deleted", "members_removed", "budget_units_returned", "failures", "persistence", "json", "created_at", "finished_at", "requested_by")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_PSEUDONYM_FIELD_NUMBER: _ClassVar[int]
+    KEYS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ENTRIES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_UNITS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    state: str
+    customer_pseudonym: str
+    keys_deleted: int
+    stream_entries_deleted: int
+    members_removed: int
+    budget_units_returned: int
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    persistence: str
+    json: str
+    created_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    requested_by: str
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., customer_pseudonym: _Optional[str] = ..., keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ..., budget_units_returned: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., persistence: _Optional[str] = ..., json: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class ReloadRulesRequest(_message.Message):
     __slots__ = ()

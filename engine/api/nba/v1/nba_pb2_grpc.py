@@ -293,6 +293,11 @@ class AdminServiceStub:
                 request_serializer=nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.SerializeToString,
                 response_deserializer=nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.FromString,
                 _registered_method=True)
+        self.GetCustomerJob = channel.unary_unary(
+                '/nba.v1.AdminService/GetCustomerJob',
+                request_serializer=nba_dot_v1_dot_nba__pb2.GetCustomerJobRequest.SerializeToString,
+                response_deserializer=nba_dot_v1_dot_nba__pb2.CustomerJob.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -313,14 +318,23 @@ class AdminServiceServicer:
 
     def ForgetCustomer(self, request, context):
         """Erase everything stored about one customer (a privacy request): profile, triggers, contact and
-        event history, interactions, timers, decision records and their entries in every stream.
+        event history, interactions, timers, decision records and their entries in every stream, then the
+        persistence files. Queues an audited job and answers its job_id at once: poll GetCustomerJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExportCustomer(self, request, context):
-        """Everything stored about one customer, as one JSON document.
+        """Everything stored about one customer in plain documented fields (engine/serving/privacy.py). Queues
+        an audited job and answers its job_id at once: GetCustomerJob returns the document when done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCustomerJob(self, request, context):
+        """The state, counts and every failure of a ForgetCustomer or ExportCustomer job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,6 +362,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ExportCustomer,
                     request_deserializer=nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.FromString,
                     response_serializer=nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.SerializeToString,
+            ),
+            'GetCustomerJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCustomerJob,
+                    request_deserializer=nba_dot_v1_dot_nba__pb2.GetCustomerJobRequest.FromString,
+                    response_serializer=nba_dot_v1_dot_nba__pb2.CustomerJob.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +477,33 @@ class AdminService:
             '/nba.v1.AdminService/ExportCustomer',
             nba_dot_v1_dot_nba__pb2.ExportCustomerRequest.SerializeToString,
             nba_dot_v1_dot_nba__pb2.ExportCustomerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCustomerJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nba.v1.AdminService/GetCustomerJob',
+            nba_dot_v1_dot_nba__pb2.GetCustomerJobRequest.SerializeToString,
+            nba_dot_v1_dot_nba__pb2.CustomerJob.FromString,
             options,
             channel_credentials,
             insecure,
