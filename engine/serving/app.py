@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from engine import metrics
 from engine.authoring.check import RuleError, RuleErrors, prepare
@@ -24,22 +25,28 @@ from engine.models.registry import NO_MODEL, ModelRefused, ModelRegistry, no_mod
 from engine.rules.domain import DOMAIN_FILE
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules
+from engine.serving.health import RedisOutage, outage_or_raise
 from engine.sim import demo
 from engine.store.audit import audit
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import ProfileStore
+from engine.store.profiles import ProfileStore, RedisUnavailable
+from engine.store.redis_acl import ADMIN_USER, SERVICE_USER
 from engine.store.redis_embedded import EmbeddedRedis, redis_for
 
 log = logging.getLogger(__name__)
 
 
 def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
-    """REDIS_URL when configured, else an embedded redis-server (password-protected) in the data directory.
-    Clients on the URL: ``ProfileStore.open(url, cfg)``, which checks that Redis accepts us."""
+    """REDIS_URL when configured, else an embedded redis-server (ACL users with passwords) in the data
+    directory, whose admin URL becomes ``cfg.redis_admin_url``. The URL returned is the service user's;
+    clients on it: ``ProfileStore.open(url, cfg)``, which checks that Redis accepts us."""
     server, url = redis_for(cfg)
     if server is not None:
-        log.info("embedded redis-server pid %s on 127.0.0.1:%s (data in %s, password in %s/redis.password)",
-                 server.pid, server.port, server.data_dir, server.data_dir)
+        log.info("embedded redis-server pid %s on 127.0.0.1:%s (data in %s; service user %r, password in "
+                 "redis.password; admin user %r, password in redis.admin.password)",
+                 server.pid, server.port, server.data_dir, SERVICE_USER, ADMIN_USER)
+    elif cfg.redis_admin_url is None:
+        log.info("no REDIS_ADMIN_URL: persistence steps after an erasure (AOF rewrite) are left to the operator")
     return server, url
 
 
@@ -68,18 +75,37 @@ class App:
         self.store: ProfileStore
         self.registry: ModelRegistry
         self._reload_lock = threading.Lock()
+        self.privacy_jobs: Any = None  # serving.privacy_jobs.PrivacyJobs, made on the first privacy call
         self.watcher: RuleWatcher | None = None
+        self.redis_outage: RedisOutage | None = None  # REDIS_URL could not be reached at start
+        self._after_redis: list[Callable[[], object]] = []  # what waits for Redis to answer (redis_reachable)
 
-    def start(self) -> App:
+    def start(self, redis_outage_ok: bool = False) -> App:
+        """``redis_outage_ok``: an external REDIS_URL that cannot be reached does not stop the start (a wrong
+        password, a failed TLS handshake or a bad URL still do): decisions are answered degraded, and what
+        needs Redis to start waits for ``redis_reachable``. The embedded redis-server must always answer."""
         cfg = self.config
         self.redis, url = open_redis(cfg)
         # the one client of this process (decisions, events, timers, streams): a wrong password, an
         # unreachable Redis or a failed TLS handshake stops the start here with one RedisUnavailable line
-        self.store = ProfileStore.open(url, cfg, "REDIS_URL" if self.redis is None else "embedded redis-server")
+        name = "REDIS_URL" if self.redis is None else "embedded redis-server"
+        try:
+            self.store = ProfileStore.open(url, cfg, name)
+        except RedisUnavailable as exc:
+            if not redis_outage_ok or self.redis is not None:
+                raise
+            self.redis_outage = outage_or_raise(exc)
+            log.warning("%s: starting anyway, answering degraded until Redis answers", self.redis_outage)
+            try:  # a cluster client needs a node's slot map to exist at all: RedisOutage, the caller waits
+                self.store = ProfileStore.from_url(url, cfg)
+            except RedisUnavailable as again:
+                raise outage_or_raise(again) from None
         files = files_digest(cfg.rules_dir)
         rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
         self.registry = ModelRegistry(cfg.models_dir, rules.schema)
-        if cfg.demo:
+        if cfg.demo and self.redis_outage is not None:
+            log.warning("demo data and model not checked: Redis is unreachable (restart once it answers)")
+        elif cfg.demo:
             ensure_demo(self.store, self.registry, rules.ruleset, cfg.demo_customers)
         self.rules = Live(rules, retire=lambda r: r.close())
         self.model = Live(self._first_models(rules))
@@ -96,7 +122,10 @@ class App:
         if cfg.events_poll_seconds > 0:
             self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds,
                                       clock=self.clock).start()
-            self.event_stream = EventStreamConsumer(self.store.client, self.events).start()
+            self.event_stream = EventStreamConsumer(self.store.client, self.events)
+            self._after_redis.append(self.event_stream.start)  # creates its consumer group in Redis
+            if self.redis_outage is None:
+                self.redis_reachable()
         self.reservations = ReservationReleaser(self.store.client).start()
         self.campaign_gauges = CampaignGauges(self.store.client, lambda: list(self.rules.current.ruleset.campaigns.values()),
                                               clock=self.clock).start()
@@ -107,6 +136,16 @@ class App:
         if cfg.rules_watch_seconds > 0:
             self.watcher = RuleWatcher(cfg.rules_dir, cfg.rules_watch_seconds, self.reload_rules, files).start()
         return self
+
+    def redis_reachable(self) -> None:
+        """Redis answers: start what an outage at start held back (``RedisHealth`` calls this). A Redis
+        error leaves the rest waiting for the next call."""
+        while self._after_redis:
+            self._after_redis[0]()
+            self._after_redis.pop(0)
+        if self.redis_outage is not None:
+            log.info("Redis answers: the outage at start is over")
+            self.redis_outage = None
 
     def _first_models(self, rules: CompiledRules) -> ModelSet:
         """The registry's models; with none promoted yet (an empty production start), decisions go on
@@ -193,7 +232,7 @@ class App:
 
     def close(self) -> None:
         for part in ("event_stream", "timers", "reservations", "campaign_gauges", "watcher", "model_watcher",
-                     "exploration"):
+                     "exploration", "privacy_jobs"):
             if getattr(self, part, None):
                 getattr(self, part).stop()
         if getattr(self, "decision_log", None):

@@ -21,9 +21,17 @@ import tempfile
 import threading
 import time
 from multiprocessing.context import SpawnProcess
+from typing import TYPE_CHECKING
 
 from engine.config import Config
 from engine.store.redis_embedded import die_with_parent, free_port
+
+if TYPE_CHECKING:  # the serving modules load numba and the rules: workers import them after the spawn
+    from grpc_health.v1.health import HealthServicer
+
+    from engine.serving.app import App
+    from engine.serving.health import RedisHealth, RedisOutage
+    from engine.store.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +63,25 @@ def _settle() -> None:
 def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
     from prometheus_client import start_http_server
 
-    from engine.serving.app import App
-    from engine.serving.health import RedisHealth
     from engine.serving.security import server_security
     from engine.serving.server import build_server
 
     tls, auth = server_security(config)
-    app = App(config)
+    app = _start_app(config, stop)
+    if app is None:
+        return 0
     http = None
     try:
-        app.start()
         _settle()
         server, port, health = build_server(app, config.grpc_address, tls=tls, auth=auth,
-                                            max_in_flight=config.max_in_flight)
+                                            max_in_flight=config.max_in_flight, reflection=config.reflection)
         server.start()
         if config.metrics_port:
             http, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
-        monitor = RedisHealth(app.store.client, health)
-        monitor.poll_once()
-        monitor.start()
-        _announce(config, port, f"ruleset {app.rules.current.version}, model {app.model.current.version}")
+        monitor = _watch_health(app, health)
+        _announce(config, port, f"ruleset {app.rules.current.version}, model {app.model.current.version}"
+                  + ("; Redis unreachable: answering degraded, readiness NOT_SERVING until it answers"
+                     if app.redis_outage is not None else ""))
         stop.wait()
         log.info("stopping: draining in-flight calls (up to %.0fs)", grace)
         monitor.stop()
@@ -88,6 +95,39 @@ def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
         log.info("stopped")
 
 
+def _start_app(config: Config, stop: threading.Event) -> App | None:
+    """``App.start``, riding out an outage of an external Redis: one node is answered degraded at once; a
+    cluster's client cannot exist before a node answers, so this waits for one (None: stopped meanwhile).
+    Configuration errors (a wrong password, a failed TLS handshake) raise at once."""
+    from engine.serving.app import App
+    from engine.serving.health import RedisOutage
+
+    delay = 1.0
+    while True:
+        app = App(config)
+        try:
+            return app.start(redis_outage_ok=True)
+        except RedisOutage as outage:
+            app.close()
+            log.warning("%s: waiting for a Redis Cluster node to answer (next try in %.0f s)", outage, delay)
+        except BaseException:
+            app.close()
+            raise
+        if stop.wait(delay):
+            return None
+        delay = min(2 * delay, 30.0)
+
+
+def _watch_health(app: App, health: HealthServicer) -> RedisHealth:
+    """Liveness SERVING from now on; readiness follows Redis (engine/serving/health.py)."""
+    from engine.serving.health import RedisHealth, live
+
+    live(health)
+    monitor = RedisHealth(app.store.client, health, on_reachable=app.redis_reachable)
+    monitor.poll_once()
+    return monitor.start()
+
+
 def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     """One serving process; SIGTERM (from the supervisor or the service manager) makes it drain."""
     die_with_parent()
@@ -95,22 +135,20 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
-    from engine.serving.app import App
-    from engine.serving.health import RedisHealth
     from engine.serving.security import server_security
     from engine.serving.server import build_server
 
-    app = App(config)
+    app = None
     try:
         tls, auth = server_security(config)
-        app.start()  # rules compiled, JIT compiled or loaded from cache, Redis pool open, stages warmed
+        app = _start_app(config, stop)  # rules compiled, JIT compiled or loaded from cache, stages warmed
+        if app is None:
+            return
         _settle()
         server, port, health = build_server(app, config.grpc_address, reuse_port=True, tls=tls, auth=auth,
-                                            max_in_flight=config.max_in_flight)
+                                            max_in_flight=config.max_in_flight, reflection=config.reflection)
         server.start()
-        monitor = RedisHealth(app.store.client, health)
-        monitor.poll_once()
-        monitor.start()
+        monitor = _watch_health(app, health)
         ready.put((index, os.getpid(), app.rules.current.version, app.model.current.version))
         stop.wait()
         monitor.stop()
@@ -120,7 +158,36 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
         log.exception("worker %d failed", index)
         ready.put((index, os.getpid(), None, f"{type(exc).__name__}: {exc}"))
     finally:
-        app.close()
+        if app is not None:
+            app.close()
+
+
+def _open_store(url: str, config: Config, external: bool,
+                stop: threading.Event) -> tuple[ProfileStore | None, RedisOutage | None]:
+    """A store on ``url`` and None when Redis answers; with the outage when an external Redis cannot be
+    reached (one node: its client connects once it answers). A cluster's client needs a node's slot map,
+    so for a cluster this waits until one answers ((None, outage): stopped meanwhile)."""
+    from engine.serving.health import outage_or_raise
+    from engine.store.profiles import ProfileStore, RedisUnavailable
+
+    name = "REDIS_URL" if external else "embedded redis-server"
+    delay = 1.0
+    while True:
+        try:
+            return ProfileStore.open(url, config, name), None
+        except RedisUnavailable as exc:
+            if not external:
+                raise
+            outage = outage_or_raise(exc)
+        try:
+            return ProfileStore.from_url(url, config), outage
+        except RedisUnavailable as exc:
+            outage = outage_or_raise(exc)
+        log.warning("%s: waiting for a Redis Cluster node to answer before starting workers (next try in %.0f s)",
+                    outage, delay)
+        if stop.wait(delay):
+            return None, outage
+        delay = min(2 * delay, 30.0)
 
 
 def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
@@ -130,7 +197,6 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     from engine.models.registry import ModelRegistry
     from engine.serving.app import ensure_demo, open_redis
     from engine.serving.security import server_security
-    from engine.store.profiles import ProfileStore
 
     server_security(config)  # refuse a bad auth file, missing certificates or an unsafe bind once, here
     metrics_dir = tempfile.mkdtemp(prefix="nba-metrics-")
@@ -141,10 +207,17 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     workers: dict[int, SpawnProcess] = {}
     http = None
     try:
-        # a wrong password or unreachable Redis fails here, once, with one line (not in every worker)
-        store = ProfileStore.open(url, config, "REDIS_URL" if redis_server is None else "embedded redis-server")
+        # a wrong password fails here, once, with one line (not in every worker); an unreachable REDIS_URL
+        # is an outage to serve through (degraded), not a reason to stay down
+        store, outage = _open_store(url, config, redis_server is None, stop)
+        if store is None:
+            return 0
         try:
-            if config.demo:
+            if outage is not None:
+                log.warning("%s: starting %d workers anyway; they answer degraded (the channels' fallback "
+                            "actions) with readiness NOT_SERVING until Redis answers, liveness SERVING%s", outage,
+                            config.workers, "; demo data and model not checked" if config.demo else "")
+            elif config.demo:
                 rules = prepare(config.rules_dir)  # fail here, not in every worker, when the rules are broken
                 try:
                     ensure_demo(store, ModelRegistry(config.models_dir, rules.schema), rules.ruleset,
@@ -180,6 +253,8 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             multiprocess.MultiProcessCollector(registry)
             http, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
         detail = ", ".join(f"ruleset {r}, model {m}" for r, m in sorted(versions))
+        if outage is not None:
+            detail += "; Redis unreachable at start: answering degraded, readiness NOT_SERVING until it answers"
         _announce(config, port, f"{config.workers} workers, {detail}")
         while not stop.wait(0.5):
             for index, proc in list(workers.items()):
