@@ -34,9 +34,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _channel(args: argparse.Namespace):
     """A channel to a running server with the command's --address, TLS and token options."""
-    from engine.serving.client import open_channel
+    from engine.serving.client import open_channel, read_token_file
+    from engine.serving.security import is_loopback, read_local_admin_token
 
-    return open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.token)
+    token: str | None = read_token_file(args.token_file) if args.token_file else os.environ.get("NBA_TOKEN", "").strip()
+    if not token and is_loopback(args.address):
+        # a local nba serve without an auth file wants its admin token for AdminService (security.py)
+        token = read_local_admin_token(getattr(args, "data_dir", None) or Config().data_dir)
+    return open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, token or "")
 
 
 def _rpc(args: argparse.Namespace, service: str, method: str, request):
@@ -60,7 +65,19 @@ def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="CA bundle to verify the server's certificate (TLS)")
     p.add_argument("--tls-cert", help="client certificate (mTLS)")
     p.add_argument("--tls-key", help="client certificate's key (mTLS)")
-    p.add_argument("--token", help="bearer token (default: env NBA_TOKEN)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: env NBA_TOKEN; on "
+                   "loopback the local admin token of --data-dir); sent only over TLS or to a loopback address")
+    p.add_argument("--token", action=_RefusedToken, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help="a local nba serve's data directory, whose admin.token is sent on loopback "
+                   "(default: env NBA_DATA_DIR or .nba-data)")
+
+
+class _RefusedToken(argparse.Action):
+    """``--token`` is gone: a command line is readable by every local user (``ps``, /proc/PID/cmdline)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error("--token is not accepted: every local user can read a command line (ps, /proc); put the "
+                     "token in a file only you can read and pass --token-file FILE, or set NBA_TOKEN")
 
 
 @contextmanager
@@ -112,8 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.contact_policies = not args.no_contact_policies
     cfg.rules_watch_seconds = args.watch_rules
     cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
-    cfg.auth_file, cfg.insecure = args.auth, args.insecure
+    cfg.auth_file, cfg.insecure, cfg.dev_open_admin = args.auth, args.insecure, args.dev_open_admin
     cfg.max_in_flight = args.max_in_flight
+    cfg.reflection = args.reflection
     if args.fsync is not None and cfg.redis_url is not None:
         logging.getLogger(__name__).warning("--fsync %s ignored: it sets the embedded Redis; set appendfsync on "
                                             "the Redis at REDIS_URL (README, 'Durability')", args.fsync)
@@ -124,12 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_auth_token(args: argparse.Namespace) -> int:
     import secrets
 
-    from engine.serving.security import token_hash
+    from engine.serving.security import check_expiry, token_hash
 
+    if args.expires:
+        check_expiry(args.expires, "--expires")
     token = secrets.token_urlsafe(32)
     print(f"token (give it to the caller, e.g. as NBA_TOKEN; it is not stored anywhere): {token}")
     print("auth file entry:")
-    print(f"  - name: {args.name}\n    token_sha256: {token_hash(token)}\n    roles: [{', '.join(args.roles)}]")
+    print(f"  - name: {args.name}\n    token_sha256: {token_hash(token)}\n    roles: [{', '.join(args.roles)}]"
+          + (f"\n    expires: {args.expires}" if args.expires else ""))
     return 0
 
 
@@ -415,23 +436,45 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
 
 def cmd_customer(args: argparse.Namespace) -> int:
-    """``nba customer forget ID`` / ``export ID``: the privacy RPCs of a running server."""
+    """``nba customer forget ID`` / ``export ID``: queue the privacy job on a running server, wait for it
+    (``--wait`` seconds, polling ``GetCustomerJob``) and print its result; exit 1 when it failed (every
+    failure on stderr) or is still running at the end of the wait (its job id printed to ask again)."""
 
     from engine.api.nba.v1 import nba_pb2 as pb
 
-    if args.customer_cmd == "forget":
-        erased = _rpc(args, "AdminService", "ForgetCustomer", pb.ForgetCustomerRequest(customer_id=args.customer_id))
-        print(f"forgot {args.customer_id}: {erased.keys_deleted} keys, {erased.stream_entries_deleted} stream "
-              f"entries, {erased.members_removed} timers and reservations deleted (audited in nba:stream:audit)")
-        return 0
-    exported = _rpc(args, "AdminService", "ExportCustomer", pb.ExportCustomerRequest(customer_id=args.customer_id))
-    text = json.dumps(json.loads(exported.json), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    if args.out:
+    if args.customer_cmd == "job":
+        job_id = args.job_id
+    elif args.customer_cmd == "forget":
+        job_id = _rpc(args, "AdminService", "ForgetCustomer", pb.ForgetCustomerRequest(customer_id=args.customer_id)).job_id
+    else:
+        job_id = _rpc(args, "AdminService", "ExportCustomer", pb.ExportCustomerRequest(customer_id=args.customer_id)).job_id
+    deadline = time.monotonic() + args.wait
+    while True:
+        job = _rpc(args, "AdminService", "GetCustomerJob", pb.GetCustomerJobRequest(job_id=job_id))
+        if job.state in ("succeeded", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for failure in job.failures:
+        print(f"failure: {failure}", file=sys.stderr)
+    if job.state not in ("succeeded", "failed"):
+        print(f"job {job_id} still {job.state} after {args.wait:g}s: ask again with nba customer job {job_id}",
+              file=sys.stderr)
+        return 1
+    if job.kind == "forget":
+        who = getattr(args, "customer_id", job.customer_pseudonym)
+        print(f"forgot {who}: {job.keys_deleted} keys, {job.stream_entries_deleted} stream entries, "
+              f"{job.members_removed} timers and reservations deleted; {job.persistence} "
+              f"(job {job_id}, {job.state}; audited as {job.customer_pseudonym})")
+        return 0 if job.state == "succeeded" else 1
+    if job.state != "succeeded":
+        return 1
+    text = json.dumps(json.loads(job.json), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    if getattr(args, "out", None):
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
         os.fchmod(fd, 0o600)  # also when the file was there before
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
-        print(f"exported {args.customer_id} to {args.out}", file=sys.stderr)
+        print(f"exported {job_id} to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
@@ -739,8 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see README, 'Running it securely')")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --address without TLS and --auth (logs a warning)")
+    p.add_argument("--dev-open-admin", action="store_true",
+                   help="without --auth: AdminService without the local admin token (<data dir>/admin.token); "
+                        "for development only (logs a warning)")
     p.add_argument("--max-in-flight", type=int, default=Config.max_in_flight,
                    help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
+    p.add_argument("--reflection", action="store_true",
+                   help="serve gRPC server reflection (grpcurl without .proto files; off by default); with --auth "
+                        "only if the auth file's open list names reflection")
     p.add_argument("--fsync", choices=("everysec", "always"),
                    help="the embedded Redis's appendfsync (default everysec): always fsyncs every write before "
                         "the OK (survives power loss; costs latency, README 'Durability')")
@@ -751,7 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     p = auth.add_parser("token", help="a new random bearer token and its auth file entry (only the hash is stored)")
     p.add_argument("name", help="the caller's name, e.g. web-frontend")
     p.add_argument("--roles", nargs="+", default=["decide", "respond"],
-                   choices=["decide", "respond", "events", "profiles", "admin"])
+                   choices=["decide", "respond", "events", "profiles", "operations", "privacy"],
+                   help="operations: GetStatus, ReloadRules; privacy: ForgetCustomer, ExportCustomer and their jobs")
+    p.add_argument("--expires", metavar="WHEN", help="the entry's expiry, e.g. 2027-03-01T00:00:00Z")
     p.set_defaults(fn=cmd_auth_token)
 
     sub.add_parser("loadtest", help="open-loop gRPC load test: nba loadtest --help", add_help=False)
@@ -880,15 +931,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("customer", help="privacy: erase or export everything stored about a customer")
     customer = p.add_subparsers(dest="customer_cmd", required=True)
     p = customer.add_parser("forget", help="erase the customer everywhere (profile, history, records, stream "
-                                           "entries); audited")
+                                           "entries, then the AOF/RDB files); an audited job, waited for")
     p.add_argument("customer_id")
+    p.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the job (default 900)")
     client_options(p)
-    p.set_defaults(fn=cmd_customer, timeout=300.0)  # reads every stream: longer than a decision
-    p = customer.add_parser("export", help="everything stored about the customer, as JSON; audited")
+    p.set_defaults(fn=cmd_customer)
+    p = customer.add_parser("export", help="everything stored about the customer in plain documented fields, as "
+                                           "JSON; an audited job, waited for")
     p.add_argument("customer_id")
     p.add_argument("--out", metavar="FILE", help="write it to FILE (mode 0600) instead of stdout")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the job (default 300)")
     client_options(p)
-    p.set_defaults(fn=cmd_customer, timeout=300.0)  # reads every stream: longer than a decision
+    p.set_defaults(fn=cmd_customer)
+    p = customer.add_parser("job", help="the state of a forget or export job (its id as forget/export printed)")
+    p.add_argument("job_id")
+    p.add_argument("--out", metavar="FILE", help="an export's document to FILE (mode 0600) instead of stdout")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the job to end (default 0)")
+    client_options(p)
+    p.set_defaults(fn=cmd_customer)
 
     rules = sub.add_parser("rules", help="rule file tools").add_subparsers(dest="rules_cmd", required=True)
     p = rules.add_parser("check", help="parse and type-check the rule files; lists every error")

@@ -1,5 +1,5 @@
-"""Service configuration: defaults, environment (REDIS_URL, REDIS_CA, REDIS_CERT, REDIS_KEY, NBA_DATA_DIR) and
-command-line overrides."""
+"""Service configuration: defaults, environment (REDIS_URL, REDIS_ADMIN_URL, REDIS_CA, REDIS_CERT, REDIS_KEY,
+NBA_DATA_DIR) and command-line overrides."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class Config:
     metrics_port: int = 9464  # 0 disables the /metrics endpoint
     # redis://[user:password@]host:port/db (password alone or an ACL user), rediss:// for TLS; None: embedded
     redis_url: str | None = field(default_factory=lambda: os.environ.get("REDIS_URL") or None)
+    # the same Redis as an admin user, for persistence steps the service user may not run (BGREWRITEAOF,
+    # BGSAVE, CONFIG; engine/store/redis_acl.py); None: they are left to the operator. The embedded Redis
+    # sets it to its own admin user
+    redis_admin_url: str | None = field(default_factory=lambda: os.environ.get("REDIS_ADMIN_URL") or None)
     # TLS to a rediss:// REDIS_URL: the CA bundle that signed the server's certificate (default: the system's),
     # and a client certificate and key when Redis requires them (tls-auth-clients)
     redis_ca: str | None = field(default_factory=lambda: os.environ.get("REDIS_CA") or None)
@@ -41,7 +45,9 @@ class Config:
     tls_client_ca: Path | None = None  # require client certificates chaining to this CA (mTLS)
     auth_file: Path | None = None  # callers and their roles (engine/serving/security.py)
     insecure: bool = False  # allow a non-loopback address without TLS and auth
+    dev_open_admin: bool = False  # without an auth file: AdminService open without the local admin token
     max_in_flight: int = 16  # calls at once per worker before RESOURCE_EXHAUSTED (load shedding)
+    reflection: bool = False  # serve grpc.reflection (what grpcurl lists); a method like any other under --auth
     model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
     events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no

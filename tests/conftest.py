@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis
 
+from engine.serving.security import AuthPolicy, local_policy, read_local_admin_token
 from engine.sim.telco import SCHEMA
 from engine.store.redis_cluster import LocalCluster
 from engine.store.redis_embedded import EmbeddedRedis
@@ -30,8 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 _CALENDAR = Path(tempfile.mkdtemp(prefix="nba-test-rules-"))
 atexit.register(shutil.rmtree, _CALENDAR, ignore_errors=True)
 RULES_DIR = on_test_calendar(REPO / "rules", _CALENDAR / "rules")
+# The local admin token of the suite's in-process servers (``local_auth``): AdminService needs it on
+# loopback, as it needs <data dir>/admin.token from a real ``nba serve`` (``served_admin_token``).
+ADMIN_TOKEN = "suite-local-admin-token"
 # A test that uses one of these talks to a real redis-server, gRPC server or trained model.
-SERVICE_FIXTURES = {"redis_server", "redis_url", "redis_cluster", "models_dir", "service"}
+SERVICE_FIXTURES = {"redis_server", "redis_url", "redis_admin_url", "redis_cluster", "models_dir", "service"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,8 +46,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.service)
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _add(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+
+def local_auth() -> AuthPolicy:
+    """The policy ``nba serve`` runs without an auth file, with ``ADMIN_TOKEN`` as the local admin token:
+    ``build_server(app, address, auth=local_auth())``."""
+    return local_policy(ADMIN_TOKEN)
+
+
+def as_admin(channel: grpc.Channel, token: str = ADMIN_TOKEN) -> grpc.Channel:
+    """``channel`` sending the local admin token with every call, as the nba commands do on loopback."""
+    return grpc.intercept_channel(channel, _Bearer(token))
+
+
+def served_admin_token(data_dir: Path, timeout: float = 60.0) -> str:
+    """The local admin token a ``nba serve --data-dir data_dir`` made (waits for it up to ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while (token := read_local_admin_token(data_dir)) is None:
+        assert time.monotonic() < deadline, f"no {data_dir}/admin.token within {timeout:.0f}s"
+        time.sleep(0.05)
+    return token
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedRedis:
+    """The embedded server, with its users: ``url`` is the least-privilege service user's (what the tests'
+    services run as), ``admin_url`` the admin user's."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
     yield server
     server.stop()
@@ -69,7 +109,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 @pytest.fixture()
 def redis_url(request: pytest.FixtureRequest, redis_mode: str) -> str:
-    """A clean database for each test: on one node, or on the cluster for ``redis_mode`` "cluster"."""
+    """A clean database for each test: on one node, or on the cluster for ``redis_mode`` "cluster". The URL
+    is the service user's (least privilege, ``engine.store.redis_acl``); flushing is the admin user's."""
     if redis_mode == "cluster":
         cluster: LocalCluster = request.getfixturevalue("redis_cluster")
         for port in cluster.master_ports():
@@ -78,10 +119,19 @@ def redis_url(request: pytest.FixtureRequest, redis_mode: str) -> str:
             node.close()
         return cluster.url
     server: EmbeddedRedis = request.getfixturevalue("redis_server")
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(server.admin_url)
     client.flushdb()
     client.close()
     return server.url
+
+
+@pytest.fixture()
+def redis_admin_url(request: pytest.FixtureRequest, redis_mode: str) -> str:
+    """The admin user's URL for the same server or cluster as ``redis_url`` (CONFIG, BGREWRITEAOF, BGSAVE,
+    CLIENT PAUSE, FLUSHDB: what the service user may not run)."""
+    if redis_mode == "cluster":
+        return request.getfixturevalue("redis_cluster").admin_url
+    return request.getfixturevalue("redis_server").admin_url
 
 
 @pytest.fixture(scope="session")
@@ -113,12 +163,12 @@ def service(redis_url: str, models_dir: Path, tmp_path: Path):
     shutil.copytree(RULES_DIR, rules_dir)
     app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir,
                      demo_customers=1_000, metrics_port=0)).start()
-    server, port, health = build_server(app, "127.0.0.1:0")
+    server, port, health = build_server(app, "127.0.0.1:0", auth=local_auth())
     server.start()
     health.set("", health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield app, channel
-    channel.close()
+    plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield app, as_admin(plain)  # the local admin token on every call, as the nba commands send it on loopback
+    plain.close()
     server.stop(0).wait()
     app.close()
 
@@ -136,10 +186,11 @@ def two_workers(redis_url: str, rules_dir: Path, models_dir: Path,
 
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
+    data_dir = Path(tempfile.mkdtemp(prefix="nba-serve-data-"))  # where it keeps its local admin token
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
          "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "200", "--max-in-flight", str(max_in_flight)],
+         "--customers", "200", "--max-in-flight", str(max_in_flight), "--data-dir", str(data_dir)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channels: list[grpc.Channel] = []
     try:
@@ -153,8 +204,10 @@ def two_workers(redis_url: str, rules_dir: Path, models_dir: Path,
                 assert time.monotonic() < deadline, "not serving within 120s"
                 time.sleep(0.2)
         pids = set()
+        token = served_admin_token(data_dir)
         for _ in range(40):  # fresh connections until both workers hold some
-            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            ch = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]),
+                          token)
             pids.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).worker_pid)
             channels.append(ch)
             if len(channels) >= 8 and len(pids) == 2:
@@ -169,3 +222,4 @@ def two_workers(redis_url: str, rules_dir: Path, models_dir: Path,
             proc.wait(30)
         finally:
             proc.kill()
+            shutil.rmtree(data_dir, ignore_errors=True)

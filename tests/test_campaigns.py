@@ -31,7 +31,7 @@ from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, ProfileSto
 from engine.store.streams import length, xrange_all
 
 from .clock import DAY, Clock, at, ymd
-from .conftest import REPO, RULES_DIR
+from .conftest import REPO, RULES_DIR, as_admin, local_auth
 from .test_scenarios import customer
 
 pytestmark = pytest.mark.both_redis
@@ -164,10 +164,10 @@ def served(redis_url: str, models_dir: Path, tmp_path: Path):
     rules_dir = rules_with(tmp_path, blitz(total=4, share=0.0))
     app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir, demo_customers=200,
                      metrics_port=0, rules_watch_seconds=0), clock=clock).start()
-    server, port, health = build_server(app, "127.0.0.1:0")
+    server, port, health = build_server(app, "127.0.0.1:0", auth=local_auth())
     server.start()
     health.set("", health_pb2.HealthCheckResponse.SERVING)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"))
     yield app, channel, clock, rules_dir
     channel.close()
     server.stop(0).wait()

@@ -21,7 +21,7 @@ from engine.serving.app import App
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
 
-from .conftest import RULES_DIR
+from .conftest import RULES_DIR, as_admin, local_auth
 from .test_scenarios import customer
 
 
@@ -32,9 +32,9 @@ def watched(redis_url: str, models_dir: Path, tmp_path: Path):
     shutil.copytree(RULES_DIR, rules_dir)
     app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir, demo_customers=200,
                      metrics_port=0, rules_watch_seconds=0.1)).start()
-    server, port, _ = build_server(app, "127.0.0.1:0")
+    server, port, _ = build_server(app, "127.0.0.1:0", auth=local_auth())
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"))
     yield app, channel
     channel.close()
     server.stop(0).wait()

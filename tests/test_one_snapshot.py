@@ -21,7 +21,7 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.rules.loader import rules_version
 from engine.store.redis_embedded import free_port
 
-from .conftest import REPO
+from .conftest import REPO, as_admin, served_admin_token
 from .test_contact import budget_rules
 
 BUDGET = 40
@@ -53,7 +53,7 @@ def _serve(rules_dir: Path, models_dir: Path, redis_url: str) -> tuple[subproces
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "serve", "--workers", "1", "--address", f"127.0.0.1:{port}",
          "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "300", "--watch-rules", "0"],
+         "--customers", "300", "--watch-rules", "0", "--data-dir", str(rules_dir.parent / "serve-data")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -83,7 +83,8 @@ def test_no_decision_mixes_rule_versions_while_rules_reload_every_50ms(redis_url
     try:
         for _ in range(2):  # one after the other: the first seeds the demo customers
             procs.append(_serve(rules_dir, models_dir, redis_url))
-        channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _, port in procs]
+        token = served_admin_token(rules_dir.parent / "serve-data")  # both keep their admin token there
+        channels = [as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"), token) for _, port in procs]
         reloads: list[pb.ReloadRulesResponse] = []
 
         def flip() -> None:

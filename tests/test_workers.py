@@ -19,7 +19,7 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.store.redis_embedded import free_port
 
-from .conftest import REPO
+from .conftest import REPO, as_admin, served_admin_token
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -68,7 +68,8 @@ def test_two_workers_share_the_port_and_metrics_sum_across_them(tmp_path: Path, 
         pids: dict[int, int] = {}
         calls = 0
         for attempt in range(60):  # fresh connections until both workers have answered several calls
-            with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            with as_admin(grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]),
+                          served_admin_token(tmp_path)) as channel:
                 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
                 pid = pb_grpc.AdminServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5).worker_pid

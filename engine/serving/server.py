@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -16,7 +17,7 @@ import grpc
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as server_reflection
 
 from engine import __version__, metrics
 from engine.api.nba.v1 import nba_pb2 as pb
@@ -24,15 +25,17 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision.funnel import Decision, redis_until
 from engine.decision.request import DecideInput, InvalidRequest
 from engine.decision.responses import NotFound
+from engine.serving.admission import Admission
 from engine.serving.privacy import check_customer_id
+from engine.serving.privacy_jobs import JobNotFound, PrivacyJobs
 from engine.serving.security import (
     MAX_MESSAGE_BYTES,
     AuthPolicy,
-    CallerInterceptor,
     ServerCertificates,
+    caller_interceptor,
     current_caller,
 )
-from engine.store.profiles import redis_deadline
+from engine.store.profiles import redis_client, redis_deadline
 from engine.store.updates import InvalidAttribute, ProfileExists, apply_update, check_update
 
 if TYPE_CHECKING:
@@ -73,7 +76,14 @@ OUTCOME_NAMES = {
 # circuit breaker (engine/store/breaker.py) frees the threads within about 50 ms. Measured in
 # BENCHMARKS.md ("Issue 14: fault drills"): 16 sheds a 3x burst with fewer missed deadlines than 32 or 64.
 MAX_IN_FLIGHT = 16
+_JOBS_LOCK = threading.Lock()  # one privacy job runner per App
 MAX_CONNECTION_AGE_MS = 30_000
+MAX_CONNECTION_IDLE_MS = 15_000
+# calls at once on one HTTP/2 connection (grpc's default: no limit). Admission bounds the work per worker;
+# this bounds what one connection can make grpc track. Calls refused without their request being read
+# keep their stream a little longer, so a busy connection needs room well above the lanes (at 100, a
+# connection flooding refused calls saw a few of its calls refused with REFUSED_STREAM).
+MAX_STREAMS_PER_CONNECTION = 256
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -315,28 +325,53 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             campaigns=_campaigns(self.app, rules.ruleset),
         )
 
+    def _jobs(self) -> PrivacyJobs:
+        """This worker's privacy job runner, made and started on its first privacy call (App.close
+        stops it)."""
+        jobs = getattr(self.app, "privacy_jobs", None)
+        if jobs is None:
+            with _JOBS_LOCK:
+                jobs = getattr(self.app, "privacy_jobs", None)
+                if jobs is None:
+                    admin_url = getattr(self.app.config, "redis_admin_url", None)
+                    admin = redis_client(admin_url, self.app.config, timeout=5.0) if admin_url else None
+                    jobs = PrivacyJobs(self.app.store.client, admin, lambda: self.app.rules.current.schema,
+                                       clock=self.app.clock)
+                    self.app.privacy_jobs = jobs
+        return jobs.start()
+
     @_counted_as("ForgetCustomer")
     def ForgetCustomer(self, request: pb.ForgetCustomerRequest,
                        context: grpc.ServicerContext) -> pb.ForgetCustomerResponse:
-        from engine.serving.privacy import forget_customer
-
-        erased = forget_customer(self.app.store.client, request.customer_id,
-                                 who=f"{current_caller()} via {context.peer()}")
-        return pb.ForgetCustomerResponse(keys_deleted=erased.keys_deleted,
-                                         stream_entries_deleted=erased.stream_entries_deleted,
-                                         members_removed=erased.members_removed)
+        check_customer_id(request.customer_id)
+        job = self._jobs().submit("forget", request.customer_id, who=f"{current_caller()} via {context.peer()}")
+        return pb.ForgetCustomerResponse(job_id=job)
 
     @_counted_as("ExportCustomer")
     def ExportCustomer(self, request: pb.ExportCustomerRequest,
                        context: grpc.ServicerContext) -> pb.ExportCustomerResponse:
-        import json
+        check_customer_id(request.customer_id)
+        job = self._jobs().submit("export", request.customer_id, who=f"{current_caller()} via {context.peer()}")
+        return pb.ExportCustomerResponse(job_id=job)
 
-        from engine.serving.privacy import export_customer
-
-        data = export_customer(self.app.store.client, request.customer_id,
-                               who=f"{current_caller()} via {context.peer()}", now=self.app.clock(),
-                               schema=self.app.rules.current.schema)
-        return pb.ExportCustomerResponse(json=json.dumps(data, ensure_ascii=False, sort_keys=True))
+    @_counted_as("GetCustomerJob")
+    def GetCustomerJob(self, request: pb.GetCustomerJobRequest, context: grpc.ServicerContext) -> pb.CustomerJob:
+        _require(request.job_id, "job_id")
+        try:
+            f = self._jobs().get(request.job_id)
+        except JobNotFound:
+            raise NotFound("job_id", f"no privacy job {request.job_id[:64]!r} (unknown, or expired)") from None
+        reply = pb.CustomerJob(
+            job_id=f["job_id"], kind=f.get("kind", ""), state=f.get("state", ""),
+            customer_pseudonym=f.get("pseudonym", ""), keys_deleted=int(f.get("keys_deleted") or 0),
+            stream_entries_deleted=int(f.get("stream_entries_deleted") or 0),
+            members_removed=int(f.get("members_removed") or 0),
+            budget_units_returned=int(f.get("budget_units_returned") or 0), failures=f["failures"],
+            persistence=f.get("persistence", ""), json=f.get("json", ""), requested_by=f.get("who", ""),
+            created_at=_timestamp(int(f.get("created_ms") or 0) / 1000))
+        if f.get("finished_ms"):
+            reply.finished_at.CopyFrom(_timestamp(int(f["finished_ms"]) / 1000))
+        return reply
 
 
 def _campaigns(app: App, ruleset) -> list[pb.CampaignStatus]:
@@ -359,9 +394,24 @@ def channel_options(reuse_port: bool) -> list[tuple[str, int]]:
     """The gRPC server's channel options (``build_server``; the load tests' bare servers use them too)."""
     return [("grpc.so_reuseport", 1 if reuse_port else 0),
             # clients reconnect now and then, so connections spread over the workers again after one
-            # was replaced (the kernel balances connections, not calls); calls in flight finish first
+            # was replaced (the kernel balances connections, not calls); calls in flight finish first.
+            # It also bounds how long any one connection, and so any call on it, can hold anything.
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", 5_000),
+            # a connection with no call for this long is closed: idle connections cost a descriptor and
+            # buffers each; a client reconnects on its next call
+            ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+            # a connection that has not finished its TLS and HTTP/2 handshake in 10 s is dropped (default 120 s)
+            ("grpc.server_handshake_timeout_ms", 10_000),
+            # beyond it the client queues its calls
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # keepalive enforcement: a client pinging more often than once a minute without calls in
+            # flight gets a strike, after 2 the connection is closed (ping floods, CVE-2019-9512)
+            ("grpc.http2.min_ping_interval_without_data_ms", 60_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.keepalive_permit_without_calls", 0),
+            # request headers: a token and a few grpc headers are well under 1 KiB
+            ("grpc.max_metadata_size", 8 * 1024),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 4 * MAX_MESSAGE_BYTES)]
 
@@ -369,32 +419,40 @@ def channel_options(reuse_port: bool) -> list[tuple[str, int]]:
 def build_server(app: App, address: str, reuse_port: bool = False,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: ServerCertificates | None = None, auth: AuthPolicy | None = None,
-                 max_in_flight: int = MAX_IN_FLIGHT) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A gRPC server with our services, grpc.health.v1 and reflection; returns it and its bound port.
+                 max_in_flight: int = MAX_IN_FLIGHT, reflection: bool = False,
+                 admission: Admission | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with our services and grpc.health.v1 (and server reflection when ``reflection``);
+    returns it and its bound port.
 
     ``reuse_port`` lets several worker processes listen on one port (the kernel balances connections).
     ``tls``: serve TLS only (mTLS when it has a client CA); ``auth``: callers and their roles.
-    ``max_in_flight``: calls beyond this many at once get RESOURCE_EXHAUSTED at once (load shedding)
-    instead of queueing until every call is late. Each admitted call has its own thread: a call waiting
-    on a stalled Redis must not keep an admitted one from starting before its deadline.
+    ``max_in_flight``: nba.v1 calls beyond this many at once get RESOURCE_EXHAUSTED at once (load
+    shedding) instead of queueing until every call is late. Each admitted call has its own thread: a
+    call waiting on a stalled Redis must not keep an admitted one from starting before its deadline.
+    Health checks and streaming calls have threads and limits of their own (``admission``, default
+    ``Admission(max_in_flight)``), so neither a flood of calls nor idle streams keep health from answering.
     """
-    options = channel_options(reuse_port)
-    chain = ([CallerInterceptor(auth)] if auth is not None else []) + list(interceptors) + [DecodeGuard()]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="grpc"),
-                         options=options, interceptors=chain, maximum_concurrent_rpcs=max_in_flight)
+    admission = admission or Admission(max_in_flight)
+    chain = [admission, caller_interceptor(app, auth, tls), *interceptors, DecodeGuard()]
+    # every call runs on its lane's threads; these run only what no lane claims
+    other = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc")
+    server = grpc.server(other, options=channel_options(reuse_port), interceptors=chain,
+                         maximum_concurrent_rpcs=admission.backstop())
     pb_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     pb_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(app), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        pb.DESCRIPTOR.services_by_name["DecisionService"].full_name,
-        pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
-        pb.DESCRIPTOR.services_by_name["ProfileService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
+    if reflection:
+        names = (
+            pb.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+            pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            pb.DESCRIPTOR.services_by_name["ProfileService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            server_reflection.SERVICE_NAME,
+        )
+        # grpcio-reflection serves only v1alpha (grpcurl and grpc_cli fall back to it)
+        server_reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(address, tls.credentials()) if tls is not None else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
