@@ -5,14 +5,16 @@ a handler returning one prebuilt ``DecideResponse`` (three ranked actions of the
 treatments, reasons and versions, as a call-center decision carries them), serialised by
 ``SerializeToString`` as the real server does (``decide_handler``: one handler for both modes).
 
-* default (sync): ``engine.serving.server.build_server`` itself (same options, thread pool of
-  ``MAX_IN_FLIGHT``, load shedding, interceptors, health and reflection); one extra interceptor, first in
-  the chain, hands ``Decide`` to ``decide_handler``, whose plain function runs on the thread pool.
-  Other methods (health, admin) are the real ones.
+* default (sync): ``engine.serving.server.build_server`` itself (same options, per-call threads,
+  admission and load shedding, the caller interceptor, health; no reflection, as ``nba serve`` without
+  ``--reflection``); one extra interceptor, after build_server's admission and caller interceptors (as
+  a real call passes them), hands ``Decide`` to ``decide_handler``, whose plain function runs on the
+  call's thread. Other methods are the real ones: health answers; AdminService is refused, as no local
+  admin token is given (``caller_interceptor``'s default policy).
 * ``--aio``: a ``grpc.aio.server`` with ``build_server``'s channel options (``channel_options``),
   ``maximum_concurrent_rpcs`` = ``MAX_IN_FLIGHT`` and no thread pool: ``Decide`` comes from a generic
   handler (the first one registered) whose coroutine returns the response on the event loop; health
-  (``grpc_health`` aio servicer) and reflection are registered, the admin service is not.
+  (``grpc_health`` aio servicer) is registered, reflection and the admin service are not.
 
 Both modes run ``gc.collect(); gc.freeze()`` once the response is built, before the server is built and
 started, as ``nba serve`` does after its warm-up.
@@ -125,8 +127,7 @@ def serve_bare(address: str, stop: threading.Event) -> None:
 
 def serve_bare_aio(address: str) -> None:
     """The asyncio twin of ``serve_bare``, until SIGINT or SIGTERM."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_health.v1 import health, health_pb2_grpc
 
     from engine.serving.server import MAX_IN_FLIGHT, channel_options
 
@@ -142,8 +143,6 @@ def serve_bare_aio(address: str) -> None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             DECISION_SERVICE, {DECIDE_METHOD: decide_handler(response, asynchronous=True)}),))
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        reflection.enable_server_reflection((DECISION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                             reflection.SERVICE_NAME), server)
         port = server.add_insecure_port(address)
         if port == 0:
             raise RuntimeError(f"cannot listen on {address}")

@@ -46,6 +46,7 @@ from bench_decide import open_loop, summary  # noqa: E402
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
+from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.profiles import ProfileStore  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def visibility(publish, decide, store: ProfileStore, calls: int, rate: float, de
             n = 0
             while n < 10_000:
                 n += 1
-                if "callback_requested" in store.fetch(customer).triggers:
+                if "callback_requested" in store.fetch(customer, SCHEMA).triggers:
                     visible_at[i] = time.perf_counter()
                     break
             reads[i] = n

@@ -166,8 +166,9 @@ def main() -> int:
               f"categories, {len(SCHEMA.sets)} sets): CSV {csv_path.stat().st_size / 1e6:.1f} MB, Parquet "
               f"{parquet_path.stat().st_size / 1e6:.1f} MB, made in {time.perf_counter() - made:.1f}s")
         store = ProfileStore.from_url(server.url)
-        plain = redis.Redis.from_url(server.url)
-        info = plain.info("server")
+        plain = redis.Redis.from_url(server.url)  # the service user, as the importer writes
+        admin = redis.Redis.from_url(server.admin_url)  # INFO and FLUSHDB are beyond the service user's ACL
+        info = admin.info("server")
         print(f"redis {info['redis_version']} on 127.0.0.1:{server.port}, {os.cpu_count()} cores, batch {args.batch}")
         for warm in ("warm.csv", "warm.parquet"):
             import_customers(store, folder / warm, SCHEMA, batch=args.batch)
@@ -177,7 +178,7 @@ def main() -> int:
                 print(f"stopped after {turn} turns (--max-seconds {args.max_seconds:g})")
                 break
             for method in METHODS if turn % 2 == 0 else tuple(reversed(METHODS)):
-                plain.flushdb()
+                admin.flushdb()
                 if method == METHODS[2]:
                     took = baseline(plain, encoded, args.batch)
                 elif method == METHODS[3]:
@@ -193,6 +194,7 @@ def main() -> int:
                 print(f"  turn {turn + 1}  {method:28} {args.customers / took:>10,.0f} profiles/s  ({took:.2f}s)")
         store.client.close()
         plain.close()
+        admin.close()
 
     rates = {m: args.customers / statistics.median(s) for m, s in seconds.items() if s}
     base, top = rates[METHODS[2]], rates[METHODS[3]]

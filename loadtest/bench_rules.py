@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.features import FeatureSchema  # noqa: E402
 from engine.models.derived import derive  # noqa: E402
 from engine.rules.facts import FactInputs  # noqa: E402
 from engine.rules.loader import load_rules  # noqa: E402
@@ -47,15 +48,16 @@ from engine.sim.world import generate  # noqa: E402
 PERCENTILES = (50, 90, 99, 99.9)
 
 
-def requests(n: int, seed: int) -> list[tuple]:
-    """(profile, derived, channel, context) for ``n`` customers of the synthetic world."""
+def requests(n: int, seed: int, schema: FeatureSchema) -> list[tuple]:
+    """(profile, derived, channel, context) for ``n`` customers of the synthetic world (derived features
+    by ``schema``, the compiled rules' own)."""
     world, rng = generate(n, seed), random.Random(seed)
     out = []
     for i in range(n):
         p = world.profile(i)
         p.triggers = frozenset(t for t in synthetic.TRIGGERS if rng.random() < 0.05)
         context = {"intent": rng.choice(synthetic.INTENTS + ("", "", ""))}
-        out.append((p, derive(p.numeric), rng.choice(CHANNELS), context))
+        out.append((p, derive(p.numeric, schema), rng.choice(CHANNELS), context))
     return out
 
 
@@ -64,7 +66,7 @@ def rule_stage(rules, request) -> tuple[int, int]:
     profile, derived, channel, context = request
     outcome = rules.evaluate(rules.build_fact(FactInputs(
         numbers=np.concatenate((profile.numeric, derived)), categories=profile.categorical,
-        products=profile.sets["products"], consents=profile.sets["consent"], channel=channel,
+        products=profile.sets["products"], sets=profile.sets, consents=profile.sets["consent"], channel=channel,
         touchpoint="", context=context, triggers=profile.triggers)))
     index, _ = rules.admitted(outcome, channel)
     return outcome.fired, len(index)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = synthetic.count_rules(ruleset)
         print(f"synthetic rule set: {counts}")
         designs = {"vectorised": compile_rules(ruleset), "naive durable": compile_rules(ruleset, eligibility="durable")}
-        reqs = requests(args.customers, args.seed)
+        reqs = requests(args.customers, args.seed, designs["vectorised"].schema)
         results["main"] = {"rules": counts, **measure(designs, reqs, args.decisions, args.block)}
         for rules in designs.values():
             rules.close()

@@ -175,11 +175,12 @@ def main() -> int:
                                            stderr=subprocess.STDOUT)
         for mode in MODES:
             began = time.monotonic()
-            while worker_pid(f"127.0.0.1:{ports[mode]}") is None:
+            while worker_pid(f"127.0.0.1:{ports[mode]}", data_dir=base / mode) is None:  # its admin token
                 if procs[mode].poll() is not None or time.monotonic() - began > 300:
                     raise SystemExit(f"nba serve --fsync {mode} did not start ({base / mode}.log)")
                 time.sleep(0.2)
-        clients = {m: redis.Redis.from_url((base / m / "redis" / "redis.url").read_text().strip()) for m in MODES}
+        # CONFIG and INFO are beyond the service user's ACL: each embedded Redis's admin user reads them
+        clients = {m: redis.Redis.from_url((base / m / "redis" / "redis.admin.url").read_text().strip()) for m in MODES}
         policy = {m: clients[m].config_get("appendfsync")["appendfsync"] for m in MODES}
         assert policy == {m: m for m in MODES}, policy
         log(f"serving: {policy}; data in {base}")

@@ -23,9 +23,16 @@ append-only file, and every acknowledged write is looked up by id: a RecordRespo
 its decision record (``r:<action>:<outcome>`` = the response id) and in ``nba:stream:responses``; a
 PublishEvent that returned OK in ``nba:stream:events`` (its stream id) and the customer's event ids;
 a Decide that returned OK, not degraded: its decision record ``nba:decision:<id>`` (the impressions and
-budget units are written by the same script). Per scenario (from the fault's start to the end of its
-observation) the JSON has requests, ok, degraded, errors by code, p99, deadline misses, recovery time
-and acknowledged writes lost. Every loop is bounded in time; the whole run took 3.5 minutes here.
+budget units are written by the same script). Separately, every Decide that returned OK is looked up by
+its decision id in the decision stream ``nba:stream:decisions`` (every shard): that entry is written
+after the reply by a background thread (``engine.store.decision_log``, best-effort by design, README
+"Durability"), so its losses are reported as ``decision_log_lost``, next to what the service counted
+dropping (``nba_redis_errors_total{operation="decision_log"}`` per batch Redis refused,
+``{operation="decision_log_full"}`` per record its queue had no room for; read from its ``/metrics``),
+not as acknowledged writes lost. Per scenario (from the fault's start to the end of its observation)
+the JSON has requests, ok, degraded, errors by code, p99, deadline misses, recovery time,
+acknowledged writes lost and decision-log entries lost. Every loop is bounded in time; the whole run
+took 3.5 minutes here.
 
     .venv/bin/python loadtest/faults.py --json /tmp/faults.json
     .venv/bin/python loadtest/faults.py --rate 150 --only redis_sigkill,client_pause --json /tmp/f.json
@@ -47,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +72,16 @@ import grpc  # noqa: E402
 import redis  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from loadgen import CHANNEL_MIX, TOUCHPOINTS  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
 from engine.decision.contact import decision_key  # noqa: E402
 from engine.events.processor import event_ids_key  # noqa: E402
-from engine.store.profiles import EVENTS_STREAM, RESPONSES_STREAM  # noqa: E402
+from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, RESPONSES_STREAM  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
 from engine.store.slots import customer_shard_key  # noqa: E402
+from engine.store.streams import xrange_all  # noqa: E402
 
 SCENARIOS = ("redis_sigkill", "client_pause", "worker_sigkill", "burst_3x", "maxmemory", "service_sigterm")
 DECIDE, RESPOND, EVENT = 0, 1, 2
@@ -83,6 +93,8 @@ OUTCOME_NAME = {pb.OUTCOME_IMPRESSION: "impression", pb.OUTCOME_CLICKED: "clicke
 CLIENT_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 100),
                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 FILLER = "nba:faults:filler:"
+# What the service counts when the decision log drops entries (nba_redis_errors_total's operation label).
+LOG_DROPS = ("decision_log", "decision_log_full")
 
 
 def log(msg: str) -> None:
@@ -98,12 +110,16 @@ class Service:
     def __init__(self, redis_url: str, port: int, workdir: Path, models_dir: str, workers: int, customers: int,
                  extra: list[str]) -> None:
         self.address = f"127.0.0.1:{port}"
+        metrics_port = free_port()  # what the service counted dropping from the decision log (log_drops)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.cmd = [sys.executable, "-m", "engine.cli", "serve", "--workers", str(workers), "--address", self.address,
-                    "--metrics-port", "0", "--data-dir", str(workdir / "nba-data"), "--models-dir", models_dir,
+                    "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
+                    "--data-dir", str(workdir / "nba-data"), "--models-dir", models_dir,
                     "--customers", str(customers), *extra]
         self.env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "GRPC_ENABLE_FORK_SUPPORT")
                     } | {"REDIS_URL": redis_url}
         self.log_path = workdir / "serve.log"
+        DATA_DIRS[self.address] = workdir / "nba-data"  # its local admin token, for GetStatus (worker_pid)
         self.proc: subprocess.Popen | None = None
         self.workers = workers
 
@@ -138,12 +154,55 @@ class Service:
                 self.proc.wait()
         self.proc = None
 
+    def log_drops(self) -> dict[str, float] | None:
+        """The decision-log drops this service counted so far (all its workers, dead ones too), or None
+        when /metrics does not answer."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return log_drops_in(text)
 
-def worker_pid(address: str, timeout: float = 1.0) -> int | None:
-    """The pid of the worker a new connection reaches, or None."""
+
+def log_drops_in(text: str) -> dict[str, float]:
+    """The decision-log drops in a Prometheus exposition: ``nba_redis_errors_total`` by ``LOG_DROPS`` label."""
+    out = dict.fromkeys(LOG_DROPS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nba_redis_errors_total" and sample.labels.get("operation") in out:
+                out[sample.labels["operation"]] += sample.value
+    return out
+
+
+def check_decision_log(client: Any, decided: list[tuple[str, str]],
+                       degraded: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """Per phase: OK Decides (``decided``: not degraded, ``degraded``: flagged degraded; (phase, decision
+    id)) looked up in every shard of the decision stream, and how many are missing from it."""
+    logged = {fields.get(b"decision_id", b"").decode() for _, fields in xrange_all(client, DECISIONS_STREAM)}
+    out: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+    for kind, acked in (("decision_log", decided), ("decision_log_degraded", degraded)):
+        for phase, decision_id in acked:
+            out[phase][f"{kind}_checked"] += 1
+            out[phase][f"{kind}_lost"] += decision_id not in logged
+    return {phase: dict(v) for phase, v in out.items()}
+
+
+DATA_DIRS: dict[str, Path] = {}  # a Service's address -> its data directory
+
+
+def worker_pid(address: str, timeout: float = 1.0, data_dir: Path | None = None) -> int | None:
+    """The pid of the worker a new connection reaches, or None (AdminService: with the local admin token
+    of ``data_dir``, the server's ``--data-dir``; default: the one a ``Service`` at ``address`` has)."""
+    from engine.serving.security import read_local_admin_token
+
+    data_dir = data_dir or DATA_DIRS.get(address)
+    token = read_local_admin_token(data_dir) if data_dir else None
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     try:
         with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-            return pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=timeout).worker_pid
+            return pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=timeout,
+                                                          metadata=metadata).worker_pid
     except grpc.RpcError:
         return None
 
@@ -189,6 +248,7 @@ class Load:
         self.calls: list[list] = []
         self.decided: collections.deque[tuple[str, str]] = collections.deque(maxlen=20_000)
         self.acked_decisions: list[tuple[str, str]] = []  # (phase, decision id)
+        self.acked_degraded: list[tuple[str, str]] = []  # (phase, decision id) of OK Decides flagged degraded
         self.acked_responses: list[tuple[str, str, str, str, str]] = []  # (phase, decision, action, outcome, id)
         self.acked_events: list[tuple[str, str, str, str]] = []  # (phase, event id, customer, stream id)
         self.lag_max = 0.0  # how far the sender fell behind its schedule (s)
@@ -290,6 +350,8 @@ class Load:
                 self.acked_decisions.append((phase, reply.decision_id))
                 if reply.actions:
                     self.decided.append((reply.decision_id, reply.actions[0].action_id))
+            elif reply.decision_id:
+                self.acked_degraded.append((phase, reply.decision_id))
         elif rec[3] == RESPOND:
             self.acked_responses.append((phase, *key, reply.response_id))
         elif not reply.duplicate:
@@ -398,9 +460,26 @@ class Drills:
         self.marks: list[tuple] = []
         self.results: list[dict] = []
         self.began = time.monotonic()
+        self.drops: dict[str, float] = dict.fromkeys(LOG_DROPS, 0.0)  # over every service run of the drill
+        self._drops_seen: dict[str, float] = dict.fromkeys(LOG_DROPS, 0.0)  # the running service's counters
+        self.drops_unread = 0  # scrapes /metrics did not answer (the one before a restart: its last counts missed)
+
+    def log_drops(self) -> dict[str, float]:
+        """The decision-log drops the service counted since the drill began, across restarts."""
+        now = self.service.log_drops()
+        if now is None:
+            self.drops_unread += 1
+            return dict(self.drops)
+        for op, value in now.items():
+            # a restarted service counts from 0 again
+            self.drops[op] += value - self._drops_seen[op] if value >= self._drops_seen[op] else value
+            self._drops_seen[op] = value
+        return dict(self.drops)
 
     def admin(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        """The fault injector's client: Redis's admin user (INFO, CONFIG, CLIENT PAUSE, the filler keys are
+        beyond the service user's ACL)."""
+        return redis.Redis.from_url(self.redis.admin_url, socket_timeout=5)
 
     def restart_redis(self) -> float:
         """After a SIGKILL: the same port and data directory; seconds until it answers (AOF replayed)."""
@@ -460,6 +539,7 @@ class Drills:
         assert self.load is not None
         args = self.args
         self.load.phase = f"{name} baseline"
+        drops_before = self.log_drops()
         base_start = time.monotonic()
         time.sleep(args.baseline)
         fault_start = time.monotonic()
@@ -479,7 +559,9 @@ class Drills:
             if streak >= 3 and time.monotonic() - fault_end >= args.min_observe:
                 break
         obs_end = time.monotonic()
-        self.marks.append((name, base_start, fault_start, fault_end, obs_end, detail))
+        time.sleep(0.1)  # the decision log's last batch of the window (it lingers 20 ms)
+        drops = {op: v - drops_before[op] for op, v in self.log_drops().items()}
+        self.marks.append((name, base_start, fault_start, fault_end, obs_end, {**detail, "decision_log_drops": drops}))
         log(f"{name}: observed {obs_end - fault_end:.0f}s after the fault")
 
     def rows(self) -> list[dict]:
@@ -562,6 +644,7 @@ class Drills:
 
     def service_sigterm(self) -> dict:
         assert self.service.proc is not None
+        self.log_drops()  # what this service counted, before its counters go with it
         self.service.proc.send_signal(signal.SIGTERM)
         began = time.monotonic()
         try:
@@ -571,6 +654,7 @@ class Drills:
             code = self.service.proc.wait()
         stopped = time.monotonic() - began
         self.service.proc = None
+        self._drops_seen = dict.fromkeys(LOG_DROPS, 0.0)
         self.service.start()
         up = self.service.wait_serving(timeout=240)
         return {"stopped_s": round(stopped, 1), "exit_code": code, "restarted_s": round(up, 1)}
@@ -605,6 +689,9 @@ class Drills:
                 ("events", lambda rep, i, e: not rep[2 * i] or rep[2 * i + 1] is None))
         batched(self.load.acked_decisions, lambda pipe, d: pipe.exists(decision_key(d[1])),
                 ("decisions", lambda rep, i, d: not rep[i]))
+        # the decision log is best-effort: its entries are checked and reported, but not as acknowledged writes
+        for phase, counts in check_decision_log(client, self.load.acked_decisions, self.load.acked_degraded).items():
+            out[phase].update(counts)
         return {phase: dict(v) for phase, v in out.items()}
 
 
@@ -669,6 +756,7 @@ def main() -> int:
             marks = {name: [b, s, e, o] for name, b, s, e, o, _ in drills.marks}
             arrays: dict[str, Any] = {"marks": np.array(json.dumps(marks)), **load.table()}
             np.savez_compressed(args.calls, **arrays)
+        drills.log_drops()
         drills.service.stop()
         # the strongest check: everything acknowledged must be in the append-only file, so kill once more
         assert drills.redis.process is not None
@@ -677,13 +765,15 @@ def main() -> int:
         acked = drills.check_acknowledged()
         for row in drills.results:
             phases = [acked.get(row["scenario"], {}), acked.get(f"{row['scenario']} baseline", {})]
-            for kind in ("responses", "events", "decisions"):
+            for kind in ("responses", "events", "decisions", "decision_log", "decision_log_degraded"):
                 row[f"{kind}_acknowledged"] = sum(ph.get(f"{kind}_checked", 0) for ph in phases)
                 row[f"{kind}_lost"] = sum(ph.get(f"{kind}_lost", 0) for ph in phases)
             row["acknowledged_lost"] = row["responses_lost"] + row["events_lost"]
+            row["decision_log_drops_counted"] = row.pop("decision_log_drops")
         totals = {k: sum(ph.get(k, 0) for ph in acked.values())
                   for k in ("responses_checked", "responses_lost", "events_checked", "events_lost",
-                            "decisions_checked", "decisions_lost")}
+                            "decisions_checked", "decisions_lost", "decision_log_checked", "decision_log_lost",
+                            "decision_log_degraded_checked", "decision_log_degraded_lost")}
         result = {
             "command": " ".join(["loadtest/faults.py", *sys.argv[1:]]),
             "rate": rate, "rate_steps": steps, "slo_ms": args.slo_ms, "workers": args.workers,
@@ -696,6 +786,7 @@ def main() -> int:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "acknowledged_total": totals, "acknowledged_by_phase": acked,
+            "decision_log_drops_counted": drills.drops, "metrics_unread": drills.drops_unread,
             "scenarios": drills.results,
             "notes": NOTES,
         }
@@ -730,6 +821,15 @@ NOTES = {
                          "the service stopped, and redis-server killed with SIGKILL and restarted from its "
                          "append-only file; decisions_lost: Decide answered OK and not degraded whose decision "
                          "record is missing (the same script counts impressions and budget units)",
+    "decision_log_lost": "Decide answered OK, not degraded, whose decision id is in no shard of nba:stream:decisions "
+                         "after the run (decision_log_degraded_lost: the same for OK answers flagged degraded). "
+                         "That entry is written by a background thread after the reply (engine.store.decision_log), "
+                         "best-effort: lost when Redis refuses its batch, when its queue is full, or when the worker "
+                         "dies with entries queued. Not an acknowledged write: the decision record (decisions_lost) "
+                         "is. decision_log_drops_counted: what the service's /metrics counted meanwhile, "
+                         "nba_redis_errors_total{operation=decision_log} once per refused batch (not per entry), "
+                         "{operation=decision_log_full} once per entry; a worker killed with entries queued counts "
+                         "nothing",
     "worker_sigkill": "the fault lasts from the kill until GetStatus answers from a new worker pid "
                       "(worker_replaced_s); meanwhile the other worker serves",
     "service_sigterm": "the fault ends when every worker of the restarted service answers",
@@ -743,13 +843,14 @@ NOTES = {
 
 def print_table(result: dict) -> None:
     cols = ("scenario", "requests", "ok", "degraded", "errors_by_code", "p99_ms", "answered_after_deadline",
-            "deadline_exceeded", "recovery_s", "acknowledged_lost")
+            "deadline_exceeded", "recovery_s", "acknowledged_lost", "decision_log_lost")
     print(f"rate {result['rate']:g} calls/s, SLO p99 {result['slo_ms']:g} ms, appendfsync {result['fsync']}, "
           f"{result['seconds']:.0f} s")
     print(" | ".join(cols))
     for r in result["scenarios"]:
         print(" | ".join(str(r[c]) for c in cols))
     print(f"acknowledged: {result['acknowledged_total']}")
+    print(f"decision-log drops the service counted: {result['decision_log_drops_counted']}")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,8 @@ def sections(client) -> dict[str, float]:
 
 def run(decisions: int, rate: float, window: int, customers: int, models_dir: str, seed: int, fill: int = 0,
         calibration: int = 300, ballast: int = 0, days: float = 0.0, profile: bool = False) -> dict:
+    import redis
+
     from engine.decision import funnel
     from engine.decision.funnel import DecisionEngine
     from engine.decision.history import contacts_key
@@ -192,7 +194,8 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         for _ in range(30):  # its history: filled once, then only previewed
             engine.decide(reference)
         reference = DecideInput(REFERENCE, "call_center", max_actions=3, preview=True)
-        admin = store.client
+        # INFO, DBSIZE, MEMORY USAGE and HLEN are beyond the service user's ACL: Redis's admin user reads them
+        admin = redis.Redis.from_url(server.admin_url)
         latency = np.empty(decisions)
         service = np.empty(decisions)
         calibrations = [calibrate(engine, admin, reference, calibration)]
@@ -240,6 +243,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         elapsed += time.perf_counter() - start
         hot = [f"C{i:07d}" for i in range(HOT)]
         sizes = [int(admin.memory_usage(f"nba:{{c:{c}}}:contacts", samples=0) or 0) for c in hot]
+        admin.close()
         rules.current.close()
     windows = []
     for w in range(len(marks) - 1):

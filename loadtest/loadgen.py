@@ -51,10 +51,13 @@ class Workload:
     # TCP connections per client process, used in turn: many desktops and app servers, not one pipe, so
     # that the kernel spreads them over workers sharing a port (it balances connections, not calls).
     connections: int = 4
-    tls_ca: str | None = None  # TLS (and mTLS with tls_cert/tls_key); token: a bearer token (--auth servers)
+    # TLS (and mTLS with tls_cert/tls_key); a bearer token for --auth servers: ``token``, else the one in
+    # ``token_file``, else env NBA_TOKEN (engine.serving.client.open_channel)
+    tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None
+    token_file: str | None = None
 
 
 def _client(work: Workload, rate: float, start: float, warmup: float, duration: float, drain: float,
@@ -99,7 +102,7 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
 
     # a local subchannel pool per channel: otherwise channels to one address share one connection
     conns = [open_channel(work.address, work.tls_ca, work.tls_cert, work.tls_key, work.token,
-                          options=[("grpc.use_local_subchannel_pool", 1)], retry=False)
+                          options=[("grpc.use_local_subchannel_pool", 1)], retry=False, token_file=work.token_file)
              for _ in range(work.connections)]
     try:
         stubs = [pb_grpc.DecisionServiceStub(c).Decide.future for c in conns]
@@ -276,6 +279,26 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+class _RefusedToken(argparse.Action):
+    """``--token`` is gone, as from the ``nba`` commands: every local user can read a command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error("--token is not accepted: every local user can read a command line (ps, /proc); put the "
+                     "token in a file only you can read and pass --token-file FILE, or set NBA_TOKEN")
+
+
+def _check_channel(work: Workload) -> None:
+    """A token file that cannot be read, or a token for plaintext off loopback: one error here, before the
+    client processes start (each would fail alike)."""
+    from engine.serving.client import ClientSecurityError, open_channel
+
+    try:
+        open_channel(work.address, work.tls_ca, work.tls_cert, work.tls_key, work.token,
+                     token_file=work.token_file).close()
+    except (ClientSecurityError, OSError) as exc:
+        raise SystemExit(f"nba loadtest: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nba loadtest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", default="127.0.0.1:50051")
@@ -298,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-ca", help="CA bundle to verify the server (TLS)")
     ap.add_argument("--tls-cert", help="client certificate (mTLS)")
     ap.add_argument("--tls-key", help="client certificate's key (mTLS)")
-    ap.add_argument("--token", help="bearer token for a server with --auth (default: env NBA_TOKEN)")
+    ap.add_argument("--token-file", metavar="FILE", help="file holding the bearer token for a server with --auth "
+                    "(default: env NBA_TOKEN); sent only over TLS or to a loopback address")
+    ap.add_argument("--token", action=_RefusedToken, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     slo = parse_slo(args.slo)
     work = Workload(args.address, customers=args.customers, cold_share=args.cold_share, hot_share=args.hot_share,
                     connections=args.connections, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                    token=args.token)
+                    token_file=args.token_file)
+    _check_channel(work)
     if args.find_max:
         if not slo:
             raise SystemExit("--find-max needs an --slo")

@@ -2,10 +2,12 @@
 
 ``backend("node", dir)``: an embedded redis-server with append-only persistence (``appendfsync
 everysec``), no replica. ``backend("cluster", dir)``: ``LocalCluster`` (3 masters + 3 replicas, each
-node append-only like the single node). Both yield a ``Backend``: its URL and a plain client per node
-(role ``master`` or ``replica``). ``snapshot`` reads, per node, INFO commandstats, cpu, stats,
-persistence and replication; ``delta`` subtracts two snapshots: commands (calls, usec), Redis CPU
-(``used_cpu_sys + used_cpu_user``), network bytes in and out, AOF bytes, replication-stream bytes.
+node append-only like the single node). Both yield a ``Backend``: its URL (the service user's, least
+privilege: ``engine.store.redis_acl``) and a plain client per node (role ``master`` or ``replica``) as
+the admin user, as the measurements need (INFO, MEMORY USAGE, OBJECT are beyond the service user's
+ACL). ``snapshot`` reads, per node, INFO commandstats, cpu, stats, persistence and replication;
+``delta`` subtracts two snapshots: commands (calls, usec), Redis CPU (``used_cpu_sys + used_cpu_user``),
+network bytes in and out, AOF bytes, replication-stream bytes.
 """
 
 from __future__ import annotations
@@ -48,18 +50,20 @@ def backend(name: str, data_dir: str | Path, masters: int = 3) -> Iterator[Backe
         from engine.store.redis_embedded import EmbeddedRedis
 
         with EmbeddedRedis(data_dir, persist=True) as server:
-            client = redis.Redis.from_url(server.url, socket_timeout=10)
+            client = redis.Redis.from_url(server.admin_url, socket_timeout=10)
             yield Backend(name, server.url, [Node(server.port, "master", client)])
             client.close()
         return
     if name != "cluster":
         raise ValueError(name)
+    from engine.store.redis_acl import ADMIN_USER
     from engine.store.redis_cluster import LocalCluster
 
     with LocalCluster(data_dir, masters=masters, replicas=1) as cluster:
         master_ports = set(cluster.master_ports())
         nodes = [Node(p, "master" if p in master_ports else "replica",
-                      redis.Redis(host="127.0.0.1", port=p, password=cluster.password, socket_timeout=10))
+                      redis.Redis(host="127.0.0.1", port=p, username=ADMIN_USER, password=cluster.password,
+                                  socket_timeout=10))
                  for p in cluster.ports]
         yield Backend(name, cluster.url, sorted(nodes, key=lambda n: (n.role != "master", n.port)))
         for n in nodes:

@@ -54,7 +54,8 @@ def main() -> int:
         engine = DecisionEngine(store, rules, model, DecisionLog(store.client), contacts=True, clock=lambda: now[0])
         engine.warmup()
 
-        servicer = DecisionServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]  # all it uses of an App
+        # all it uses of an App for Decide: the engine, and the rules (the declared channels; older trees ignore them)
+        servicer = DecisionServicer(SimpleNamespace(engine=engine, rules=rules))  # type: ignore[arg-type]
         rng = random.Random(7)
         channels = [pb.CHANNEL_WEB, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_EMAIL, pb.CHANNEL_SMS,
                     pb.CHANNEL_BRANCH]

@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(Decide {decide_rate:.1f}/s, PublishEvent {event_rate:.1f}/s, RecordResponse ~{0.33 * decide_rate:.1f}/s) "
                   f"for {args.duration:.0f}s", flush=True)
 
-            rclient = redis_client(redis_server.url)
+            rclient = redis_client(redis_server.admin_url)  # INFO and DBSIZE are beyond the service user's ACL
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
@@ -635,9 +635,12 @@ def report(result: dict) -> None:
     print(f"\nsent {result['sent']}, ok {result['ok']}, Decide degraded {result['decide_degraded']}")
     print(f"slopes over the last {s['window_s']:.0f} s ({s['samples']} samples), least squares:")
 
+    def pct(value: float | None) -> str:  # None: nothing to grow from (--workers 1 serves in the supervisor)
+        return f"{value:7.3f}%" if value is not None else "      -%"
+
     def line(name: str, m: dict) -> None:
-        print(f"  {name:26} {m['mb_per_h']:9.3f} MB/h  growth {m['fitted_growth_pct']:7.3f}% (fitted), "
-              f"{m['raw_growth_pct']:7.3f}% (first {m['first_mb']:.1f} -> last {m['last_mb']:.1f} MB)")
+        print(f"  {name:26} {m['mb_per_h']:9.3f} MB/h  growth {pct(m['fitted_growth_pct'])} (fitted), "
+              f"{pct(m['raw_growth_pct'])} (first {m['first_mb']:.1f} -> last {m['last_mb']:.1f} MB)")
 
     line("workers' RSS (sum)", s["workers_rss_total"])
     for pid, m in s["worker_rss"].items():

@@ -76,7 +76,8 @@ def family_of(key: str) -> str:
 
 
 def measure(client) -> dict:
-    """used_memory, DBSIZE and, per key family, keys, MEMORY USAGE bytes, entries and encodings."""
+    """used_memory, DBSIZE and, per key family, keys, MEMORY USAGE bytes, entries and encodings (``client``:
+    Redis's admin user; INFO, DBSIZE, MEMORY, OBJECT and HLEN are beyond the service user's ACL)."""
     fams: dict[str, dict] = {n: {"keys": 0, "bytes": 0, "entries": 0, "encodings": Counter(),
                                  "encoding_bytes": Counter(), "per_key": []} for n in (*FAMILIES, OTHER)}
     keys: list[str] = []
@@ -131,6 +132,8 @@ def fit(per_key: list[tuple[int, int]]) -> dict | None:
 
 def run_one(accept_days: float, decisions: int, customers: int, models_dir: str, max_seconds: float,
             seed: int = 12) -> dict:
+    import redis
+
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
     from engine.decision.responses import NotFound
@@ -159,13 +162,14 @@ def run_one(accept_days: float, decisions: int, customers: int, models_dir: str,
         with EmbeddedRedis(Path(tmp) / "redis", persist=False) as redis_server:
             store = ProfileStore.from_url(redis_server.url)
             client = store.client
+            admin = redis.Redis.from_url(redis_server.admin_url)  # what measure() reads
             demo.seed(store, customers)
             rules = Live(compiled, retire=lambda r: r.close())
             model = Live(ModelRegistry(models_dir, SCHEMA).load())
             decision_log = DecisionLog(client)
             engine = DecisionEngine(store, rules, model, decision_log=decision_log, clock=lambda: NOON_UTC)
             engine.warmup()
-            before = measure(client)
+            before = measure(admin)
 
             rng = random.Random(seed)
             channels, weights = list(CHANNEL_MIX), list(CHANNEL_MIX.values())
@@ -205,7 +209,8 @@ def run_one(accept_days: float, decisions: int, customers: int, models_dir: str,
             sample = next(client.scan_iter(match="nba:decision:*", count=1000), None)
             record_ttl_days = client.pttl(sample) / 86_400_000 if sample else None
             budgets = {k.decode(): int(client.get(k) or 0) for k in client.scan_iter(match="nba:budget:*")}
-            after = measure(client)
+            after = measure(admin)
+            admin.close()
             rules.current.close()
     return {"accept_days": accept_days, "history_days": history_days, "window_minutes": ix.window_minutes,
             "reservation_minutes": ix.reservation_minutes, "customers": customers, "seconds": round(seconds, 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,14 @@ import loadgen  # noqa: E402
 from engine.sim.telco import SCHEMA
 
 
+def _address(channel: object) -> str:
+    """The fixture's ephemeral 127.0.0.1 port, under whatever interceptors wrap its channel."""
+    inner = channel
+    while not hasattr(inner, "target"):
+        inner = inner._channel  # type: ignore[attr-defined]  # grpc's channel layers keep the next one here
+    return inner.target().decode()
+
+
 def test_parse_slo_units() -> None:
     assert loadgen.parse_slo(["p99=5ms", "p50=800us", "max=0.1s", "p99.9=7"]) == {
         "p99_ms": 5.0, "p50_ms": 0.8, "max_ms": 100.0, "p999_ms": 7.0}
@@ -25,7 +34,7 @@ def test_parse_slo_units() -> None:
 
 def test_a_short_run_reports_percentiles_json_and_png_and_checks_the_slo(service, tmp_path: Path) -> None:
     app, channel = service
-    address = channel._channel.target().decode()  # the fixture's ephemeral 127.0.0.1 port
+    address = _address(channel)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     args = ["--address", address, "--rate", "60", "--duration", "2", "--warmup", "0.5", "--processes", "2",
             "--customers", "1000", "--json", str(out), "--png", str(png)]
@@ -42,7 +51,7 @@ def test_a_short_run_reports_percentiles_json_and_png_and_checks_the_slo(service
 
 def test_find_max_steps_up_until_the_slo_breaks_judging_each_rate_on_its_median_run(service) -> None:
     app, channel = service
-    work = loadgen.Workload(channel._channel.target().decode(), customers=1000)
+    work = loadgen.Workload(_address(channel), customers=1000)
     held = loadgen.find_max(work, {"p99_ms": 2000.0}, start_rate=20, max_rate=40, step=1.5, duration=1,
                             warmup=0.3, processes=1, repeats=2)
     assert [s["offered_rps"] for s in held["steps"]] == [20, 30]  # 45/s is past --max-rate
@@ -79,3 +88,57 @@ def test_the_sections_probe_times_the_real_presenting_script(redis_url: str, mod
     assert len(took) == 5 and all(us >= 0 for us in took.values())
     for e in (plain, timed):
         e.rules.current.close()
+
+
+def _faults(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 - the loadtest module
+    # faults.py turns gRPC's fork handlers off for its own process (os.environ); not for this one's children
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "true"))
+    import faults
+
+    return faults
+
+
+@pytest.mark.both_redis
+def test_the_fault_drill_looks_up_every_ok_decide_in_every_shard_of_the_decision_stream(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``faults.py`` reports decision-log entries lost apart from acknowledged writes: a decision the real
+    ``DecisionLog`` wrote is found on whichever shard its customer has, one it never wrote is lost."""
+    from engine.store.decision_log import DecisionLog
+    from engine.store.profiles import redis_client
+
+    faults = _faults(monkeypatch)
+    client = redis_client(redis_url)
+    writer = DecisionLog(client)
+    customers = [f"LOG-{i}" for i in range(40)]  # spread over the cluster's 16 shards
+    for i, cid in enumerate(customers):
+        writer.write({"decision_id": f"d{i}", "customer_id": cid, "degraded": "1" if i % 10 == 0 else "0"})
+    writer.close()
+    decided = [("fault", f"d{i}") for i in range(40) if i % 10] + [("fault", "never-logged"), ("baseline", "d1")]
+    degraded = [("fault", f"d{i}") for i in range(0, 40, 10)] + [("fault", "degraded-never-logged")]
+    assert faults.check_decision_log(client, decided, degraded) == {
+        "fault": {"decision_log_checked": 37, "decision_log_lost": 1,
+                  "decision_log_degraded_checked": 5, "decision_log_degraded_lost": 1},
+        "baseline": {"decision_log_checked": 1, "decision_log_lost": 0},
+    }
+
+
+def test_the_fault_drill_reads_what_the_service_counted_dropping_from_its_metrics(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch Redis refuses is lost whole and counted once (per batch, not per entry: the drill reports
+    both figures for that reason)."""
+    import redis
+    from prometheus_client import REGISTRY, generate_latest
+
+    from engine.store.decision_log import DecisionLog
+    from engine.store.redis_embedded import free_port
+
+    faults = _faults(monkeypatch)
+    before = faults.log_drops_in(generate_latest(REGISTRY).decode())
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.5)  # nothing listens there
+    writer = DecisionLog(nowhere, linger=0.2)
+    for i in range(3):
+        writer.write({"decision_id": f"x{i}", "customer_id": "LOG-X"})
+    writer.close()
+    after = faults.log_drops_in(generate_latest(REGISTRY).decode())
+    assert after["decision_log"] - before["decision_log"] == 1
+    assert after["decision_log_full"] == before["decision_log_full"]
