@@ -23,14 +23,14 @@ import redis
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision.contact import RESERVATIONS_KEY
-from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY
+from engine.events.processor import OUTBOUND_INDEXED_SINCE, OUTBOUND_KEEP_MS, OUTBOUND_STREAM, TIMERS_KEY
 from engine.events.stream import GROUP, INGEST_STREAM, INVALID_STREAM, EventStreamConsumer
 from engine.rules.contact import ControlGroup
 from engine.serving.app import App
 from engine.serving.privacy import forget_customers
 from engine.serving.server import build_server
 from engine.store.audit import AUDIT_STREAM
-from engine.store.profiles import DECISIONS_STREAM, profile_key
+from engine.store.profiles import DECISIONS_STREAM, META_KEY, profile_key
 from engine.store.pseudonym import pseudonym
 from engine.store.slots import shard_keys
 from engine.store.streams import length
@@ -271,6 +271,7 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         own = [k for k in places if client.type(k) != b"stream" and k not in shared]
         entries = _stream_entries(client, anna)
         used = _budget_used(client)
+        client.hset(META_KEY, OUTBOUND_INDEXED_SINCE, 0)  # long indexed: the outbound keys only through the index
         job = _forget(channel, anna)
         assert (job.kind, job.state, list(job.failures)) == ("forget", "succeeded", []), job
         assert job.customer_pseudonym == pseudonym(anna) and anna not in str(job)
@@ -478,6 +479,21 @@ def test_a_job_outlives_the_worker_that_took_it_and_reports_every_failure(redis_
         assert any("taken over from a worker that stopped" in f for f in failures)
         assert any(f.startswith("persistence on ") and "no permissions" in f for f in failures), failures
         assert mentions(client, "JOB-ANNA") == {}
+
+
+def test_outbound_keys_written_before_the_index_are_scanned_for_until_none_can_be_left(redis_url: str) -> None:
+    from engine.store.profiles import redis_client
+
+    client = redis_client(redis_url)
+    legacy = "nba:{c:OLD-OUTBOUND}:outbound:data_cap:e1"  # as a version before the index wrote it
+    now_ms = int(time.time() * 1000)
+    for since, scanned in ((None, True), (now_ms, True), (now_ms - OUTBOUND_KEEP_MS - 2 * 86_400_000, False)):
+        client.delete(META_KEY)
+        if since is not None:
+            client.hset(META_KEY, OUTBOUND_INDEXED_SINCE, since)
+        client.set(legacy, "sent")
+        forget_customers(client, ["OLD-OUTBOUND"], who="test")
+        assert (client.exists(legacy) == 0) == scanned, since
 
 
 def test_one_pass_per_stream_erases_a_batch_and_keeps_writes_made_during_it(redis_url: str) -> None:

@@ -286,7 +286,8 @@ if a.ix ~= '' then
   redis.call('ZADD', KEYS[5], snow + a.ixttl, 'k:' .. KEYS[3])
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', snow)
-redis.call('PEXPIRE', KEYS[5], math.max(a.ttl_ms, a.ixttl))
+local top = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')  -- the index outlives its longest entry
+redis.call('PEXPIREAT', KEYS[5], top[2])
 return {verdicts, fb}
 """
 

@@ -87,7 +87,8 @@ from engine.rules.patterns import (
     Timer,
 )
 from engine.store import streams
-from engine.store.profiles import EVENTS_STREAM, STREAM_MAXLEN, profile_key, triggers_key
+from engine.store.erasure import INDEX_LUA, customer_index_key
+from engine.store.profiles import EVENTS_STREAM, META_KEY, STREAM_MAXLEN, profile_key, triggers_key
 from engine.store.pseudonym import pseudonym
 from engine.store.slots import customer_shard_key, shard_count
 from engine.store.updates import InvalidAttribute, apply_update, check_update
@@ -110,6 +111,8 @@ OUTBOUND_TIMER = "outbound"  # the "k" of a postponed outbound's timer member (a
 OUTBOUND_KEEP_MS = 30 * 86_400_000  # an outbound's state key lives this long after its last change
 OUTBOUND_RUN_MS = 30_000  # a postponed run's claim; a run that died is retried after the timer's lease
 STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound's state key
+# nba:meta field: when outbound state keys began to be indexed (epoch ms; erasure scans for older ones)
+OUTBOUND_INDEXED_SINCE = "outbound_indexed_since"
 
 # KEYS: history, ids, effects pending, and (one node only) the log stream. ARGV: event id, event time
 # ms, history member, now ms, keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when the
@@ -167,14 +170,25 @@ end
 return cleared
 """
 
-# An outbound's state change, only from the state the caller saw. KEYS: state, run claim. ARGV:
-# expected state, new state, keep ms, run token ('' none). Returns 1, or 0 (state changed meanwhile:
-# nothing done). The run claim is released if it is ours. The stream entry or timer that goes with the
-# change is another slot: see ``EventProcessor._change`` for the order.
+# An outbound's first run. KEYS: state, the customer's index. ARGV: state, keep ms. Claims the outbound
+# (SET NX) and indexes its state key for erasure and export. Returns 1, or 0 (it ran before).
+_START = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local ikey, member, ttl = KEYS[2], 'k:' .. KEYS[1], ARGV[2]
+""" + INDEX_LUA + """
+return 1
+"""
+
+# An outbound's state change, only from the state the caller saw. KEYS: state, run claim, the customer's
+# index. ARGV: expected state, new state, keep ms, run token ('' none). Returns 1, or 0 (state changed
+# meanwhile: nothing done). The run claim is released if it is ours. The stream entry or timer that goes
+# with the change is another slot: see ``EventProcessor._change`` for the order.
 _SETTLE = """
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local ikey, member, ttl = KEYS[3], 'k:' .. KEYS[1], ARGV[3]
+""" + INDEX_LUA + """
 return 1
 """
 
@@ -261,6 +275,8 @@ class EventProcessor:
         self._ingest = self.client.register_script(_INGEST)
         self._apply_script = self.client.register_script(_APPLY)
         self._settle_script = self.client.register_script(_SETTLE)
+        self._start_script = self.client.register_script(_START)
+        self._index_marked = False
         self._release_script = self.client.register_script(_RELEASE)
         self._withdraw_script = self.client.register_script(_WITHDRAW)
         engine.rankings.setdefault(OUTBOUND_RANKING, _outbound_ranking)
@@ -439,7 +455,10 @@ class EventProcessor:
         spec = cast(Outbound, pattern.outbound)
         result = OutboundResult(spec.action, spec.channel, pattern.name, "suppressed")
         key = outbound_key(customer_id, pattern.name, event_id)
-        if not self.client.set(key, STARTED, nx=True, px=OUTBOUND_KEEP_MS):
+        if not self._index_marked:
+            self.client.hsetnx(META_KEY, OUTBOUND_INDEXED_SINCE, int(time.time() * 1000))
+            self._index_marked = True
+        if not self._start_script(keys=[key, customer_index_key(customer_id)], args=[STARTED, OUTBOUND_KEEP_MS]):
             result.reason = ("already postponed for this event" if self._state(key) == POSTPONED
                              else "already sent for this event")
             return result
@@ -516,7 +535,8 @@ class EventProcessor:
         key = outbound_key(customer_id, pattern, event_id)
         if member:
             self.client.zadd(customer_shard_key(TIMERS_KEY, customer_id, self.client), {member: due_ms})
-        if not self._settle_script(keys=[key, f"{key}:run"], args=[expected, state, OUTBOUND_KEEP_MS, token]):
+        if not self._settle_script(keys=[key, f"{key}:run", customer_index_key(customer_id)],
+                                   args=[expected, state, OUTBOUND_KEEP_MS, token]):
             return False
         if entry is not None:
             streams.append(self.client, OUTBOUND_STREAM, customer_id, entry)

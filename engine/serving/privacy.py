@@ -8,10 +8,11 @@ database (the work scales with the customer, not the database):
 - the customer's own keys, under the hash tag ``nba:{c:<id>}:*``, by name: ``profile``
   (``store/profiles.py``: attributes, consent, open cases), ``triggers``, ``contacts`` (contact history,
   ``decision/history.py``), ``events``, ``event_ids`` and ``effects`` (``events/processor.py``), ``index``;
-  the interaction hashes ``ix:<interaction>`` through the customer's index
-  (``store/erasure.customer_index_key``: member ``k:<key>``); the outbound state keys
-  ``outbound:<pattern>:<event>[:run]`` by one ``SCAN MATCH nba:{c:*}:outbound:*`` per erasure batch
-  (key names only, matched by Redis; the one scan left, shared by every erasure of the batch);
+  the interaction hashes ``ix:<interaction>`` and the outbound state keys ``outbound:<pattern>:<event>``
+  (and their ``:run`` claims) through the customer's index (``store/erasure.customer_index_key``:
+  member ``k:<key>``). Outbound keys written before they were indexed are found by one ``SCAN MATCH
+  nba:{c:*}:outbound:*`` per erasure batch (key names only), until the indexing version has run
+  longer than such a key lives (``outbound_index_complete``; ``App.start`` records when it began);
 - decision records ``nba:decision:{<slot tag>}:<decision id>`` (hash with ``customer``) through the
   index (``d:<decision id>``, written by the script that writes the record), the interaction hashes,
   a contact history in its earlier layout, and the decision ids of the customer's stream entries
@@ -70,7 +71,15 @@ from engine.decision import history
 from engine.decision.budget_claims import BudgetClaims
 from engine.decision.contact import RESERVATIONS_KEY, decision_key
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
-from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, effects_key, event_ids_key, events_key
+from engine.events.processor import (
+    OUTBOUND_INDEXED_SINCE,
+    OUTBOUND_KEEP_MS,
+    OUTBOUND_STREAM,
+    TIMERS_KEY,
+    effects_key,
+    event_ids_key,
+    events_key,
+)
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import FeatureSchema
 from engine.store.audit import AUDIT_STREAM, audit
@@ -78,6 +87,7 @@ from engine.store.erasure import ErasureFailed, customer_index_key, rewrite_stre
 from engine.store.profiles import (
     DECISIONS_STREAM,
     EVENTS_STREAM,
+    META_KEY,
     RESPONSES_STREAM,
     ProfileStore,
     SchemaMismatch,
@@ -185,9 +195,19 @@ class _Found:
     timers: list[tuple[str, str, float]] = field(default_factory=list)  # (shard key, member, due ms)
 
 
+def outbound_index_complete(client: Any, now_ms: int) -> bool:
+    """Whether every outbound state key is in its customer's index: the indexing version has run longer
+    than such a key lives (``OUTBOUND_KEEP_MS``), so no key written before it can be left."""
+    since = client.hget(META_KEY, OUTBOUND_INDEXED_SINCE)
+    return since is not None and now_ms - int(since) > OUTBOUND_KEEP_MS + 86_400_000  # a day for a rolling upgrade
+
+
 def _outbound_keys(client: Any, customers: set[str]) -> dict[str, list[str]]:
-    """The outbound state keys of ``customers``: one ``SCAN MATCH`` (key names only) for all of them."""
+    """The outbound state keys of ``customers`` written before they were indexed: one ``SCAN MATCH`` (key
+    names only) for all of them, and only until ``outbound_index_complete``."""
     out: dict[str, list[str]] = {}
+    if outbound_index_complete(client, int(time.time() * 1000)):
+        return out
     for key in client.scan_iter(match="nba:{c:*}:outbound:*", count=CHUNK):
         name = _s(key)
         owner = _tag_of(name)
@@ -200,7 +220,9 @@ def _locate(client: Any, customer_id: str, outbound: list[str], with_timers: boo
     found = _Found()
     index = [_s(m) for m in cast("list[bytes]", client.zrange(customer_index_key(customer_id), 0, -1))]
     found.decision_ids = {m[2:] for m in index if m.startswith("d:")}
-    candidates = fixed_keys(customer_id) + [m[2:] for m in index if m.startswith("k:")] + outbound
+    indexed = [m[2:] for m in index if m.startswith("k:")]
+    runs = [f"{k}:run" for k in indexed if ":outbound:" in k]  # an outbound's run claim, while it runs
+    candidates = fixed_keys(customer_id) + indexed + runs + outbound
     pipe = client.pipeline(transaction=False)
     for key in candidates:
         pipe.type(key)

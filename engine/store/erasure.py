@@ -45,14 +45,24 @@ def customer_index_key(customer_id: str) -> str:
     return f"nba:{{c:{customer_id}}}:index"
 
 
+# Lua that adds ``member`` living ``ttl`` ms to the index ``ikey`` (names bound by the including script):
+# expiry by the server's clock, as PEXPIRE; entries past it dropped; the index lives as long as its
+# longest-lived entry (a shorter record must not cut a longer one's entry short).
+INDEX_LUA = """
+local it = redis.call('TIME')
+local inow = tonumber(it[1]) * 1000 + math.floor(tonumber(it[2]) / 1000)
+redis.call('ZADD', ikey, inow + tonumber(ttl), member)
+redis.call('ZREMRANGEBYSCORE', ikey, '-inf', inow)
+local top = redis.call('ZRANGE', ikey, -1, -1, 'WITHSCORES')
+if top[2] then redis.call('PEXPIREAT', ikey, top[2]) end
+"""
+_INDEX = "local ikey, member, ttl = KEYS[1], ARGV[1], ARGV[2]\n" + INDEX_LUA
+
+
 def index_record(pipe: Any, customer_id: str, member: str, ttl_ms: int) -> None:
     """Queue on ``pipe`` an index entry (``d:<decision id>`` or ``k:<key>``) for a record written outside
     ``PRESENT``, living ``ttl_ms``."""
-    now_ms = int(time.time() * 1000)
-    key = customer_index_key(customer_id)
-    pipe.zadd(key, {member: now_ms + ttl_ms})
-    pipe.zremrangebyscore(key, "-inf", now_ms)
-    pipe.pexpire(key, ttl_ms)
+    pipe.eval(_INDEX, 1, customer_index_key(customer_id), member, ttl_ms)
 
 
 CHUNK = 1000  # entries per copy script: ~1 ms of Redis time, so decisions keep flowing between chunks
