@@ -23,7 +23,7 @@ from engine import cli, metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.config import Config
-from engine.serving.admission import PER_HOST, Admission
+from engine.serving.admission import Admission
 from engine.serving.app import App
 from engine.serving.client import ClientSecurityError, is_loopback_target, open_channel, read_token_file
 from engine.serving.security import load_auth, token_hash
@@ -371,32 +371,6 @@ def test_one_host_holds_at_most_two_health_checks(redis_url: str, models_dir: Pa
             finally:
                 idle.released.set()
     assert admission.health.pool.held == 0 and not admission.health.hosts
-
-
-def test_a_health_check_whose_message_never_comes_is_ended(redis_url: str, models_dir: Path,
-                                                          tmp_path: Path) -> None:
-    """Headers sent, the request withheld (slowloris, needing no credentials): the call is ended after
-    a second and its slot freed."""
-    admission = Admission(2)
-    with served(redis_url, models_dir, tmp_path, admission=admission) as (_, address):
-        with grpc.insecure_channel(address) as channel:
-            withheld = channel.stream_unary("/grpc.health.v1.Health/Check",
-                                            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                                            response_deserializer=health_pb2.HealthCheckResponse.FromString)
-            idle = Idle()
-            try:
-                began = time.monotonic()
-                futures = [withheld.future(idle.requests()) for _ in range(PER_HOST)]
-                time.sleep(0.3)
-                with pytest.raises(grpc.RpcError) as busy:  # this host's health slots are held
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-                assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                codes = [f.exception(timeout=5).code() for f in futures]  # type: ignore[union-attr]
-                assert codes == [grpc.StatusCode.CANCELLED] * PER_HOST and time.monotonic() - began >= 1.0
-                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-            finally:
-                idle.released.set()
-    assert admission.health.pool.held == 0
 
 
 def test_reflection_is_unimplemented_unless_enabled(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
