@@ -32,8 +32,8 @@ of either lane. Lanes: nba.v1 (and any other unary) calls ``max_in_flight``; ``H
 The nba.v1 calls stay plain unary calls on their lane's threads: grpc reads the message before the
 handler runs, so a caller that withholds it holds a thread until its deadline or the connection's
 maximum age. Only callers past the credential check reach that lane (an unknown token is refused
-before its message is read, mTLS admits only the CA's certificates), and the watchdog would cost 3-5%
-of a Decide's p50 (measured with both variants in one process, alternating).
+before its message is read, mTLS admits only the CA's certificates), and the watchdog would cost about 3%
+of a Decide's p50 (loadtest/admission_overhead.py: median ratio of five runs 1.03, range 0.96-1.05).
 
 An interceptor that refuses a call (an unknown token) marks its behaviour with ``refusal``: it then
 runs on the shedding threads, outside every lane, and its request is never read.
@@ -266,7 +266,7 @@ class Admission(grpc.ServerInterceptor):
                  "response_serializer": handler.response_serializer}
         if handler.unary_unary and lane is self.calls:
             inner_plain = handler.unary_unary
-            # grpc reads the message before the behaviour runs; the watchdog below costs 3-5% of a
+            # grpc reads the message before the behaviour runs; the watchdog below costs about 3% of a
             # Decide's p50, and only callers that passed the credential check (or loopback without
             # --auth) reach this lane, so a withheld message is bounded by its deadline and max_connection_age
             def plain(request: Any, context: grpc.ServicerContext) -> Any:
