@@ -75,6 +75,9 @@ class DecisionLog:
                 except redis.exceptions.RedisError as exc:
                     REDIS_ERRORS.labels("decision_log").inc()
                     log.warning("decision log: %d records lost: %s", len(records), exc)
+                except Exception:  # a bug must not end the writer thread: every later record would be lost
+                    REDIS_ERRORS.labels("decision_log").inc()
+                    log.exception("decision log: %d records lost", len(records))
             if None in batch:
                 return
 
