@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 
@@ -588,3 +589,11 @@ def test_consent_withdrawn_by_event_stops_offers_on_that_channel_inbound_and_out
             _event(channel, "cw-fax", carl, "consent_withdrawn", channel="fax")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("attributes.channel")
+
+
+def test_exported_attributes_read_as_given() -> None:
+    from engine.serving.privacy import _attribute
+
+    assert _attribute(float(np.float32(0.037)), False) == 0.037  # not 0.03700000047683716
+    assert _attribute(20_000.0, True) == "2024-10-04" and _attribute(float("nan"), True) is None
+    assert _attribute(float("nan"), False) is None and _attribute(24.0, False) == 24.0

@@ -39,8 +39,9 @@ The export (``export_customer``) answers a data-subject access request in plain 
 key names or encoded blobs. Its JSON document:
 
 - ``customer_id``; ``exported_at`` (ISO 8601, UTC; every ``*_at`` below is too);
-- ``attributes``: the profile by the attribute names declared in ``domain.yaml`` (numbers, categories,
-  sets of values); ``consents``: the channels the customer consented to; ``open_cases``;
+- ``attributes``: the profile by the attribute names declared in ``domain.yaml`` (numbers, dates as
+  ``YYYY-MM-DD``, unknown values as null, categories, sets of values); ``consents``: the channels the
+  customer consented to; ``open_cases``;
 - ``triggers``: ``[{name, expires_at}]``, situations raised by events (e.g. a complaint opened);
 - ``contact_history``: ``[{date, kind (shown | accepted | rejected), action, channel, count, first_at,
   last_at}]``, what was presented when, on which channel, and the customer's answers, per day;
@@ -59,10 +60,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis
@@ -157,6 +159,16 @@ def _iso(seconds: float | None) -> str:
     if seconds is None:
         return ""
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _attribute(value: float, is_date: bool) -> Any:
+    """A stored number as the customer gave it: float32 noise dropped (7 significant digits), a date as
+    ``YYYY-MM-DD``, unknown (NaN) as None."""
+    if math.isnan(value):
+        return None
+    if is_date:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=value)).date().isoformat()
+    return float(f"{value:.7g}")
 
 
 def _float(value: str | None) -> float | None:
@@ -437,7 +449,8 @@ def _attributes(client: Any, customer_id: str, now_ms: int, schema: FeatureSchem
         except SchemaMismatch:
             pass
         else:
-            attributes: dict[str, Any] = {name: float(v) for name, v in zip(schema.numeric, p.numeric.tolist())}
+            attributes: dict[str, Any] = {name: _attribute(v, name in schema.dates)
+                                          for name, v in zip(schema.numeric, p.numeric.tolist())}
             attributes.update({name: p.categorical.get(name, "") for name in schema.categorical})
             attributes.update({name: sorted(m) for name, m in p.sets.items() if name != "consent"})
             return {"attributes": attributes, "consents": sorted(p.sets.get("consent", ())),
