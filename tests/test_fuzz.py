@@ -58,7 +58,7 @@ from engine.serving.app import App
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
 
-from .conftest import RULES_DIR, as_admin, local_auth
+from .conftest import REPO, RULES_DIR, as_admin, local_auth
 from .properties import examples
 
 FEATURES, ROW_FEATURES = model_input(SCHEMA).features, model_input(SCHEMA).row_features
@@ -825,3 +825,48 @@ def test_loading_rule_files_keeps_none_of_them_alive() -> None:
     for _ in range(3):
         prepare(RULES_DIR).close()
     assert nodes() <= before
+
+
+AUTH_EXAMPLE = next(b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                    if "callers:" in b)
+
+
+@st.composite
+def mutated_auth(draw) -> str:
+    """The README's example auth file with 1-3 line mutations: a value replaced by an odd token, a line
+    deleted, duplicated or shifted."""
+    lines = AUTH_EXAMPLE.split("\n")
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(lines) - 1))
+        kind = draw(st.sampled_from(["value", "delete", "duplicate", "indent"]))
+        if kind == "value" and ":" in lines[i]:
+            key = lines[i].split(":", 1)[0]
+            lines[i] = f"{key}: {draw(st.one_of(st.sampled_from(TOKENS), TEXT))}"
+        elif kind == "delete":
+            del lines[i]
+        elif kind == "duplicate":
+            lines.insert(i, lines[i])
+        else:
+            lines[i] = " " * draw(st.integers(0, 6)) + lines[i].lstrip()
+    return "\n".join(lines)
+
+
+def test_mutated_auth_files_load_or_are_refused_with_a_named_entry(tmp_path: Path) -> None:
+    """A broken auth file is a SecurityError naming the file (never another exception: a reload that
+    raised would take the serving thread's policy check down)."""
+    from engine.serving.security import SecurityError, load_auth
+
+    path = tmp_path / "auth.yaml"
+
+    @fuzz(150)
+    @given(mutated_auth())
+    @example(AUTH_EXAMPLE.replace("2027-03-01T00:00:00Z", "2027-02-30T00:00:00Z"))  # a date that is none
+    @example(AUTH_EXAMPLE.replace("roles: [operations]", "roles: operations"))
+    def run(text: str) -> None:
+        path.write_text(text, encoding="utf-8")
+        try:
+            load_auth(path)
+        except SecurityError as exc:
+            assert str(path) in str(exc)
+
+    run()
