@@ -339,18 +339,18 @@ def forget_customers(client: Any, customer_ids: Iterable[str], who: str | dict[s
     ids = sorted({check_customer_id(c) for c in customer_ids})
     out = {c: Erased(c) for c in ids}
     beat = heartbeat or (lambda: None)
-    try:
-        outbound = _outbound_keys(client, set(ids))
-    except redis.exceptions.RedisError as exc:
-        outbound = {}
-        for e in out.values():
-            e.failures.append(f"outbound keys not found: {exc}")
-    try:
-        timers = _timers(client, set(ids))
-    except redis.exceptions.RedisError as exc:
-        timers = {}
-        for e in out.values():
-            e.failures.append(f"timers not read: {exc}")
+
+    def shared_lookup(find: Callable[[Any, set[str]], dict], what: str) -> dict:
+        """One lookup for the whole batch; a Redis failure is every customer's failure."""
+        try:
+            return find(client, set(ids))
+        except redis.exceptions.RedisError as exc:
+            for e in out.values():
+                e.failures.append(f"{what}: {exc}")
+            return {}
+
+    outbound = shared_lookup(_outbound_keys, "outbound keys not found")
+    timers = shared_lookup(_timers, "timers not read")
     found: dict[str, _Found] = {}
     for c in ids:
         try:

@@ -62,7 +62,8 @@ _INDEX = "local ikey, member, ttl = KEYS[1], ARGV[1], ARGV[2]\n" + INDEX_LUA
 def index_record(pipe: Any, customer_id: str, member: str, ttl_ms: int) -> None:
     """Queue on ``pipe`` an index entry (``d:<decision id>`` or ``k:<key>``) for a record written outside
     ``PRESENT``, living ``ttl_ms``."""
-    # execute_command: a cluster pipeline has no eval(), but routes EVAL by its key
+    # a Redis script call by execute_command: redis-py's cluster pipeline has no method for it, but routes
+    # the command by its key
     pipe.execute_command("EVAL", _INDEX, 1, customer_index_key(customer_id), member, ttl_ms)
 
 
