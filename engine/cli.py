@@ -67,12 +67,12 @@ def client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="client certificate's key (mTLS)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: env NBA_TOKEN; on "
                    "loopback the local admin token of --data-dir); sent only over TLS or to a loopback address")
-    p.add_argument("--token", action=_RefusedToken, help=argparse.SUPPRESS)
+    p.add_argument("--token", action=RefusedToken, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help="a local nba serve's data directory, whose admin.token is sent on loopback "
                    "(default: env NBA_DATA_DIR or .nba-data)")
 
 
-class _RefusedToken(argparse.Action):
+class RefusedToken(argparse.Action):
     """``--token`` is gone: a command line is readable by every local user (``ps``, /proc/PID/cmdline)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:

@@ -279,14 +279,6 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-class _RefusedToken(argparse.Action):
-    """``--token`` is gone, as from the ``nba`` commands: every local user can read a command line."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error("--token is not accepted: every local user can read a command line (ps, /proc); put the "
-                     "token in a file only you can read and pass --token-file FILE, or set NBA_TOKEN")
-
-
 def _check_channel(work: Workload) -> None:
     """A token file that cannot be read, or a token for plaintext off loopback: one error here, before the
     client processes start (each would fail alike)."""
@@ -300,6 +292,8 @@ def _check_channel(work: Workload) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli import RefusedToken
+
     ap = argparse.ArgumentParser(prog="nba loadtest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", default="127.0.0.1:50051")
     ap.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
@@ -323,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-key", help="client certificate's key (mTLS)")
     ap.add_argument("--token-file", metavar="FILE", help="file holding the bearer token for a server with --auth "
                     "(default: env NBA_TOKEN); sent only over TLS or to a loopback address")
-    ap.add_argument("--token", action=_RefusedToken, help=argparse.SUPPRESS)
+    ap.add_argument("--token", action=RefusedToken, help=argparse.SUPPRESS)  # as the nba commands refuse it
     args = ap.parse_args(argv)
 
     slo = parse_slo(args.slo)
