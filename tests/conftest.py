@@ -71,6 +71,20 @@ def as_admin(channel: grpc.Channel, token: str = ADMIN_TOKEN) -> grpc.Channel:
     return grpc.intercept_channel(channel, _Bearer(token))
 
 
+class Served(subprocess.Popen):
+    """``nba serve`` in a child process with its output in a file: a pipe nobody reads fills up and blocks
+    the service on its next log line. ``tail()`` is for assertion messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as out:
+            super().__init__([sys.executable, "-m", "engine.cli", "serve", *args], cwd=REPO, env=env, stdout=out,
+                             stderr=subprocess.STDOUT, text=True)
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def served_admin_token(data_dir: Path, timeout: float = 60.0) -> str:
     """The local admin token a ``nba serve --data-dir data_dir`` made (waits for it up to ``timeout``)."""
     deadline = time.monotonic() + timeout
@@ -187,21 +201,19 @@ def two_workers(redis_url: str, rules_dir: Path, models_dir: Path,
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
     data_dir = Path(tempfile.mkdtemp(prefix="nba-serve-data-"))  # where it keeps its local admin token
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "200", "--max-in-flight", str(max_in_flight), "--data-dir", str(data_dir)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Served(["--workers", "2", "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
+                   "--rules-dir", str(rules_dir), "--models-dir", str(models_dir), "--customers", "200",
+                   "--max-in-flight", str(max_in_flight), "--data-dir", str(data_dir)], env, data_dir / "serve.log")
     channels: list[grpc.Channel] = []
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, proc.tail()
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
                 break
             except OSError:
-                assert time.monotonic() < deadline, "not serving within 120s"
+                assert time.monotonic() < deadline, f"not serving within 120s\n{proc.tail()}"
                 time.sleep(0.2)
         pids = set()
         token = served_admin_token(data_dir)

@@ -7,7 +7,6 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.rules.loader import rules_version
 from engine.store.redis_embedded import free_port
 
-from .conftest import REPO, as_admin, served_admin_token
+from .conftest import Served, as_admin, served_admin_token
 from .test_contact import budget_rules
 
 BUDGET = 40
@@ -50,19 +49,18 @@ def _write(rules_dir: Path, name: str, text: str) -> None:
 def _serve(rules_dir: Path, models_dir: Path, redis_url: str) -> tuple[subprocess.Popen, int]:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"REDIS_URL": redis_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "1", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--rules-dir", str(rules_dir), "--models-dir", str(models_dir),
-         "--customers", "300", "--watch-rules", "0", "--data-dir", str(rules_dir.parent / "serve-data")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Served(["--workers", "1", "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
+                   "--rules-dir", str(rules_dir), "--models-dir", str(models_dir), "--customers", "300",
+                   "--watch-rules", "0", "--data-dir", str(rules_dir.parent / "serve-data")],
+                  env, rules_dir.parent / "serve.log")
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, proc.tail()
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
             return proc, port
         except OSError:
-            assert time.monotonic() < deadline, "not serving within 120s"
+            assert time.monotonic() < deadline, f"not serving within 120s\n{proc.tail()}"
             time.sleep(0.2)
 
 

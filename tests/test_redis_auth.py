@@ -42,7 +42,7 @@ from engine.store.redis_embedded import (
     redis_for,
 )
 
-from .conftest import REPO
+from .conftest import REPO, Served
 
 pytestmark = pytest.mark.service
 REDIS_ENV = ("REDIS_URL", "REDIS_ADMIN_URL", "REDIS_CA", "REDIS_CERT", "REDIS_KEY", "PROMETHEUS_MULTIPROC_DIR")
@@ -138,17 +138,15 @@ def _serve(url: str, models_dir: Path, tmp_path: Path, workers: int) -> tuple[su
     """``nba serve`` with REDIS_URL in the environment, until SERVING."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in REDIS_ENV} | {"REDIS_URL": url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", str(workers), "--address", f"127.0.0.1:{port}",
-         "--metrics-port", "0", "--data-dir", str(tmp_path / "data"), "--models-dir", str(models_dir),
-         "--customers", "300"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Served(["--workers", str(workers), "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
+                   "--data-dir", str(tmp_path / "data"), "--models-dir", str(models_dir), "--customers", "300"],
+                  env, tmp_path / "serve.log")
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     with grpc.insecure_channel(address) as channel:
         while True:
             if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read())
+                raise AssertionError(proc.tail())
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -157,7 +155,7 @@ def _serve(url: str, models_dir: Path, tmp_path: Path, workers: int) -> tuple[su
                 pass
             if time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError("not SERVING within 180s")
+                raise AssertionError(f"not SERVING within 180s\n{proc.tail()}")
             time.sleep(0.2)
 
 

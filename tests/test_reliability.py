@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +30,7 @@ from engine.serving.health import RedisHealth
 from engine.serving.server import build_server
 from engine.store.redis_embedded import EmbeddedRedis, free_port
 
-from .conftest import REPO, RULES_DIR, as_admin, served_admin_token
+from .conftest import RULES_DIR, Served, as_admin, served_admin_token
 
 CONTROL = ControlGroup(0.1)
 
@@ -168,29 +168,54 @@ def test_overload_is_answered_resource_exhausted_at_once(redis_url: str, models_
         assert sum(code == grpc.StatusCode.OK for code, _ in results) == 4
 
 
-def test_a_killed_worker_is_replaced_and_serves_again(tmp_path: Path, models_dir: Path) -> None:
-    port = free_port()
+@contextlib.contextmanager
+def workers_on_own_redis(tmp_path: Path, models_dir: Path,
+                         *args: str) -> Iterator[tuple[Served, Callable[..., set[int]]]]:
+    """``nba serve --workers 2`` on its own embedded Redis, and a function that returns the pids of the
+    workers that answer GetStatus on fresh connections (until it has seen ``wanted`` of them)."""
+    port, data_dir = free_port(), tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", "0", "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "--customers", "300"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"127.0.0.1:{port}"
+    proc = Served(["--workers", "2", "--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--data-dir",
+                   str(data_dir), "--models-dir", str(models_dir), "--customers", "300", *args], env,
+                  tmp_path / "serve.log")
 
     def pids(wanted: int, timeout: float = 120) -> set[int]:
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(seen) < wanted:
-            assert proc.poll() is None and time.monotonic() < deadline, "workers not serving"
+            assert proc.poll() is None and time.monotonic() < deadline, f"workers not serving\n{proc.tail()}"
             try:
-                with as_admin(grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]),
-                              served_admin_token(tmp_path)) as ch:
+                with as_admin(grpc.insecure_channel(f"127.0.0.1:{port}",
+                                                    options=[("grpc.use_local_subchannel_pool", 1)]),
+                              served_admin_token(data_dir)) as ch:
                     seen.add(pb_grpc.AdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=2).worker_pid)
             except grpc.RpcError:
                 time.sleep(0.2)
         return seen
 
     try:
+        yield proc, pids
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"not stopped 60 s after SIGTERM\n{proc.tail()}") from None
+        finally:
+            proc.kill()
+
+
+def logged(proc: Served, text: str, timeout: float = 90) -> str:
+    """The service's log once it holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := proc.log.read_text(errors="replace")):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {text!r} logged\n{proc.tail()}"
+        time.sleep(0.2)
+    return log
+
+
+def test_a_killed_worker_is_replaced_and_serves_again(tmp_path: Path, models_dir: Path) -> None:
+    with workers_on_own_redis(tmp_path, models_dir) as (proc, pids):
         first = pids(2)
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
@@ -199,14 +224,29 @@ def test_a_killed_worker_is_replaced_and_serves_again(tmp_path: Path, models_dir
             now = pids(2, timeout=deadline - time.monotonic())
             if victim not in now and len(now - first) >= 1:
                 break
-        with grpc.insecure_channel(address) as ch:
-            assert timed_decide(ch, "C0000001", 5.0)[0].actions
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            proc.kill()
+        logged(proc, "serving again")
+
+
+def test_a_worker_that_cannot_start_is_retried_with_a_growing_pause(tmp_path: Path, models_dir: Path) -> None:
+    """A replacement that fails to start (here: a rule file broken since the service started) is logged
+    with the reason and retried after 1 s, 2 s, ... while the survivor serves; once the file is mended
+    the next try serves."""
+    rules = shutil.copytree(RULES_DIR, tmp_path / "rules")
+    catalog = rules / "catalog.yaml"
+    good = catalog.read_text()
+
+    with workers_on_own_redis(tmp_path, models_dir, "--rules-dir", str(rules), "--watch-rules", "0") as (proc,
+                                                                                                        pids):
+        first = pids(2)
+        catalog.write_text(good + "\n  - [not closed\n")
+        os.kill(min(first), signal.SIGKILL)
+        log = logged(proc, "(2 failed starts in a row)")
+        assert "restarting it in 1 s (1 failed starts in a row)" in log
+        assert "failed to start:" in log and "catalog.yaml" in log.split("failed to start:")[1].splitlines()[0]
+        assert pids(1) == {max(first)}  # the survivor answers (what it compiled at the start)
+        catalog.write_text(good)
+        logged(proc, "serving again")
+        assert len(pids(2) - first) == 1
 
 
 def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(redis_url: str,
@@ -244,8 +284,9 @@ def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(
 
 def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_once(redis_url: str, redis_admin_url: str,
                                                                                    models_dir: Path) -> None:
-    """During a stall, the calls already waiting answer degraded at their deadline; once one of them has
-    timed out, new calls do not wait at all. 30 at once all have a thread (no queueing behind the stall)."""
+    """During a stall, the calls already waiting answer degraded before their deadline; once one of them
+    has timed out, new calls do not wait at all. 30 at once all have a thread (no queueing behind the
+    stall). The deadlines leave room for a slow, busy machine: the 30 answers come in a burst."""
     from engine.store.breaker import breaker_for
 
     with served(redis_url, models_dir, max_in_flight=32) as (app, channel, _):
@@ -257,12 +298,12 @@ def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_onc
 
         def call(customer: str) -> None:
             try:
-                reply, took = timed_decide(channel, customer, 0.2)
+                reply, took = timed_decide(channel, customer, 1.0)
                 results.append(("degraded" if reply.degraded else "ok", took))
             except grpc.RpcError as exc:
                 results.append((exc.code().name, 0.0))
 
-        admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        admin.execute_command("CLIENT", "PAUSE", 5000, "ALL")
         try:
             first = [threading.Thread(target=call, args=(_customer(100 + i),)) for i in range(30)]
             for t in first:
@@ -271,17 +312,16 @@ def test_a_stalled_redis_opens_the_breaker_so_later_calls_answer_degraded_at_onc
                 t.join()
             assert breaker.is_open
             later = []
-            for i in range(10):  # within the pause (about 0.3 s of its 1.5 s have passed)
-                reply, took = timed_decide(channel, _customer(200 + i), 0.1)
+            for i in range(10):  # within the pause (about 1 s of its 5 s have passed)
+                reply, took = timed_decide(channel, _customer(200 + i), 0.5)
                 later.append(took)
                 assert reply.degraded and [a.action_id for a in reply.actions] == ["account_health_check"]
         finally:
             admin.execute_command("CLIENT", "UNPAUSE")
-        # all answered within their 0.2 s deadline (else DEADLINE_EXCEEDED); "took" is the client's own clock,
-        # which also counts its thread waking up after the answer came, so it gets a margin
+        # all answered within their deadline (else DEADLINE_EXCEEDED); the later ones at once, not after
+        # waiting 0.4 s for the stalled Redis
         assert [r for r, _ in results] == ["degraded"] * 30, results
-        assert max(took for _, took in results) < 0.25
-        assert sorted(later)[5] < 0.05, later  # no waiting on the stalled Redis
+        assert sorted(later)[5] < 0.1, later
         deadline = time.monotonic() + 2
         while timed_decide(channel, _customer(70), 1.0)[0].degraded:  # the next probe closes it
             assert time.monotonic() < deadline, "still degraded after the stall"

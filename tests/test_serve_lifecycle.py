@@ -22,7 +22,7 @@ from engine.serving.health import LIVENESS, RedisOutage, outage_or_raise
 from engine.store.profiles import ProfileStore, RedisUnavailable
 from engine.store.redis_embedded import find_redis_server, free_port
 
-from .conftest import REPO, RULES_DIR
+from .conftest import REPO, RULES_DIR, Served
 
 # Kubernetes restarts a pod after failureThreshold x periodSeconds of failed liveness probes: the review
 # found pods crash-looping after two minutes of Redis outage. Three minutes outlasts that.
@@ -48,23 +48,20 @@ def _alive(pid: int) -> bool:
 def _start(tmp_path: Path, models_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--address", f"127.0.0.1:{port}", "--metrics-port", "0",
-         "--data-dir", str(tmp_path / "data"), "--models-dir", str(models_dir), "--customers", "500"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = Served(["--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--data-dir", str(tmp_path / "data"),
+                   "--models-dir", str(models_dir), "--customers", "500"], env, tmp_path / "serve.log")
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(address) as channel:
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, proc.tail()
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return proc, address
             except grpc.RpcError:
                 pass
-            assert time.monotonic() < deadline, "server not SERVING within 120s"
+            assert time.monotonic() < deadline, f"server not SERVING within 120s\n{proc.tail()}"
             time.sleep(0.2)
 
 

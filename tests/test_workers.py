@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.store.redis_embedded import free_port
 
-from .conftest import REPO, as_admin, served_admin_token
+from .conftest import Served, as_admin, served_admin_token
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -47,22 +46,19 @@ def _lint(port: int) -> None:
 def test_two_workers_share_the_port_and_metrics_sum_across_them(tmp_path: Path, models_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--address", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--data-dir", str(tmp_path), "--models-dir", str(models_dir),
-         "--customers", "500"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = Served(["--workers", "2", "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
+                   "--data-dir", str(tmp_path), "--models-dir", str(models_dir), "--customers", "500"],
+                  env, tmp_path / "serve.log")
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, proc.tail()
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
                 break  # the supervisor serves /metrics once every worker is SERVING
             except OSError:
-                assert time.monotonic() < deadline, "not serving within 120s"
+                assert time.monotonic() < deadline, f"not serving within 120s\n{proc.tail()}"
                 time.sleep(0.2)
 
         pids: dict[int, int] = {}

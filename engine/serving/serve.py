@@ -15,6 +15,7 @@ import gc
 import logging
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import tempfile
@@ -24,6 +25,7 @@ from multiprocessing.context import SpawnProcess
 from typing import TYPE_CHECKING
 
 from engine.config import Config
+from engine.errors import NbaError
 from engine.store.redis_embedded import die_with_parent, free_port
 
 if TYPE_CHECKING:  # the serving modules load numba and the rules: workers import them after the spawn
@@ -155,7 +157,8 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
         health.enter_graceful_shutdown()
         server.stop(grace).wait()
     except Exception as exc:
-        log.exception("worker %d failed", index)
+        if not isinstance(exc, NbaError):  # an NbaError's message says it all: the supervisor logs it
+            log.exception("worker %d failed", index)
         ready.put((index, os.getpid(), None, f"{type(exc).__name__}: {exc}"))
     finally:
         if app is not None:
@@ -188,6 +191,50 @@ def _open_store(url: str, config: Config, external: bool,
         if stop.wait(delay):
             return None, outage
         delay = min(2 * delay, 30.0)
+
+
+class _Restarts:
+    """When to restart a worker that exited: at once after it had served, with a growing pause (up to
+    ``MAX_PAUSE`` s) while it keeps failing before it serves, so a broken start does not spin."""
+
+    MAX_PAUSE = 30.0
+
+    def __init__(self) -> None:
+        self.failures: dict[int, int] = {}
+        self.served: set[int] = set()  # the pids that reported SERVING
+        self.next_try: dict[int, float] = {}
+
+    def reported(self, ready: mp.Queue) -> None:
+        """Logs what the restarted workers reported: serving again, or why they failed to start."""
+        while True:
+            try:
+                index, pid, ruleset, model = ready.get_nowait()
+            except queue.Empty:
+                return
+            if ruleset is None:
+                log.error("worker %d (pid %d) failed to start: %s", index, pid, model)
+            else:
+                self.served.add(pid)
+                self.failures.pop(index, None)
+                log.info("worker %d (pid %d) serving again: ruleset %s, model %s", index, pid, ruleset, model)
+
+    def due(self, index: int, proc: SpawnProcess) -> bool:
+        """Whether to start the exited worker ``index`` again now."""
+        now = time.monotonic()
+        if index in self.next_try:
+            if now < self.next_try[index]:
+                return False
+            del self.next_try[index]
+            return True
+        failures = 0 if proc.pid in self.served else self.failures.get(index, 0) + 1
+        self.failures[index] = failures
+        pause = min(self.MAX_PAUSE, 2.0 ** (failures - 1)) if failures else 0.0
+        log.error("worker %d (pid %s) exited with %s: restarting it%s", index, proc.pid, proc.exitcode,
+                  f" in {pause:.0f} s ({failures} failed starts in a row)" if pause else "")
+        if pause:
+            self.next_try[index] = now + pause
+            return False
+        return True
 
 
 def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
@@ -243,11 +290,13 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
         for index in range(config.workers):
             spawn(index)
         versions = set()
+        restarts = _Restarts()
         for _ in range(config.workers):
             index, pid, ruleset, model = ready.get(timeout=600)
             if ruleset is None:
-                raise RuntimeError(f"worker {index} failed to start: {model}")
+                raise NbaError(f"worker {index} failed to start: {model}")
             versions.add((ruleset, model))
+            restarts.served.add(pid)
         if config.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -257,9 +306,9 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             detail += "; Redis unreachable at start: answering degraded, readiness NOT_SERVING until it answers"
         _announce(config, port, f"{config.workers} workers, {detail}")
         while not stop.wait(0.5):
+            restarts.reported(ready)
             for index, proc in list(workers.items()):
-                if not proc.is_alive():
-                    log.error("worker %d (pid %s) exited with %s: restarting it", index, proc.pid, proc.exitcode)
+                if not proc.is_alive() and restarts.due(index, proc):
                     multiprocess.mark_process_dead(proc.pid)
                     spawn(index)
         log.info("stopping: draining in-flight calls in %d workers (up to %.0fs)", len(workers), grace)
