@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class NbaError(Exception):
     """An error of the decision service: bad input, a refused rule or model file, a busy data dir."""
+
+    # what a client program tells apart (google.rpc.ErrorInfo ``reason`` on the wire, UPPER_SNAKE_CASE):
+    # set on a class or an instance; "" means one derived from the class name
+    reason: str = ""
