@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -164,27 +164,62 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+class AroundDecide(grpc.ServerInterceptor):
+    """A server interceptor that runs ``around(decide, request, context)`` in place of each Decide."""
+
+    def around(self, decide: Callable, request, context: grpc.ServicerContext):
+        raise NotImplementedError
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.endswith("/Decide"):
+            return handler
+        inner = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: self.around(inner, request, context),
+                                                   request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
 @pytest.fixture()
-def service(redis_url: str, models_dir: Path, tmp_path: Path):
-    """A real gRPC server (one process, in this one) on an ephemeral port: yields (app, channel)."""
+def rules_copy(tmp_path: Path) -> Path:
+    """A copy of the demo rules (on the test calendar) the test may edit."""
+    target = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, target)
+    return target
+
+
+@contextlib.contextmanager
+def served_app(redis_url: str, models_dir: Path, rules_dir: Path, **config: object):
+    """An App on a copy of the demo rules in ``rules_dir`` (made here), served by a real gRPC server in
+    this process on an ephemeral loopback port, SERVING: yields (app, address)."""
     from grpc_health.v1 import health_pb2
 
     from engine.config import Config
     from engine.serving.app import App
     from engine.serving.server import build_server
 
-    rules_dir = tmp_path / "rules"
     shutil.copytree(RULES_DIR, rules_dir)
-    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir,
-                     demo_customers=1_000, metrics_port=0)).start()
-    server, port, health = build_server(app, "127.0.0.1:0", auth=local_auth())
-    server.start()
-    health.set("", health_pb2.HealthCheckResponse.SERVING)
-    plain = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield app, as_admin(plain)  # the local admin token on every call, as the nba commands send it on loopback
-    plain.close()
-    server.stop(0).wait()
-    app.close()
+    settings: dict = {"demo_customers": 1_000, "metrics_port": 0} | config
+    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir, **settings)).start()
+    try:
+        server, port, health = build_server(app, "127.0.0.1:0", auth=local_auth())
+        server.start()
+        health.set("", health_pb2.HealthCheckResponse.SERVING)
+        try:
+            yield app, f"127.0.0.1:{port}"
+        finally:
+            server.stop(0).wait()
+    finally:
+        app.close()
+
+
+@pytest.fixture()
+def service(redis_url: str, models_dir: Path, tmp_path: Path):
+    """A real gRPC server (one process, in this one) on an ephemeral port: yields (app, channel)."""
+    with served_app(redis_url, models_dir, tmp_path / "rules") as (app, address):
+        plain = grpc.insecure_channel(address)
+        yield app, as_admin(plain)  # the local admin token on every call, as the nba commands send it on loopback
+        plain.close()
 
 
 @contextlib.contextmanager

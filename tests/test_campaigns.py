@@ -470,7 +470,7 @@ def test_the_plan_forecasts_what_the_funnel_decides(redis_url: str, models_dir: 
         assert plan.presentations > 50 and plan.run_out_day is not None  # demand beyond the total: it runs out
         assert plan.displaced.get("(no campaign)")  # the actions it takes the place of, under the live rules
         text = format_plan(plan)
-        assert "expected presentations: 50 within budgets" in text and f"runs out on {plan.run_out_day}" in text
+        assert "expected presentations over the 5 days: 50 within budgets" in text and f"runs out on {plan.run_out_day}" in text
     finally:
         live.close()
         planned.close()

@@ -208,7 +208,7 @@ def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine, c
     d = decide(engine, cid, "web")
     recorder = ResponseRecorder(engine.store.client, clock=clock)
     with pytest.raises(NotFound) as err:
-        recorder.record("no-such-decision", d.actions[0].action_id, "accepted")
+        recorder.record("0" * 32, d.actions[0].action_id, "accepted")  # well-formed, never issued
     assert err.value.field == "decision_id"
     with pytest.raises(NotFound) as err:
         recorder.record(d.decision_id, "upsell_premium_tv_not_shown", "accepted")
@@ -231,7 +231,7 @@ def test_record_response_over_grpc_not_found_and_idempotent(service) -> None:
                                        outcome=pb.OUTCOME_REJECTED)
     first, again = stub.RecordResponse(request, timeout=5), stub.RecordResponse(request, timeout=5)
     assert first.response_id == again.response_id
-    for decision_id, action_id, field in (("nope", reply.actions[0].action_id, "decision_id"),
+    for decision_id, action_id, field in (("0" * 32, reply.actions[0].action_id, "decision_id"),
                                           (reply.decision_id, "not_presented", "action_id")):
         with pytest.raises(grpc.RpcError) as err:
             stub.RecordResponse(pb.RecordResponseRequest(decision_id=decision_id, action_id=action_id,
@@ -390,3 +390,68 @@ def test_the_schema_describes_contact_yaml_as_the_loader_reads_it() -> None:
     assert set(props["contact_policies"]["items"]["properties"]) == set(LIMIT_KEYS)
     assert set(props["quiet_hours"]["properties"]) == set(QUIET_KEYS)
     assert set(props["control_group"]["properties"]) == set(CONTROL_KEYS)
+
+
+def scoped_rules(tmp_path: Path, policies: str) -> Path:
+    """The demo rules with ``policies`` (YAML list items) added to contact.yaml's contact policies."""
+    rules_dir = tmp_path / "scoped_rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    contact = rules_dir / "contact.yaml"
+    text = contact.read_text()
+    contact.write_text(text.replace("contact_policies:\n", "contact_policies:\n" + policies, 1))
+    return rules_dir
+
+
+def test_a_policy_scoped_to_one_action_caps_only_that_action(redis_url: str, models_dir: Path, clock: Clock,
+                                                             tmp_path: Path) -> None:
+    cid = not_control("S")
+    plain = make_engine(redis_url, models_dir, clock=clock)
+    plain.store.save([customer(cid)], SCHEMA)
+    first = marketing_ids(decide(plain, cid, "call_center", preview=True))
+    assert len(first) >= 3, first
+    once, other = first[0], first[1]
+    group = plain.rules.current.ruleset.action(other).group
+    plain.rules.current.close()
+    # once a week for `once` alone; and at most 2 of `other` per customer: counted over `other` only,
+    # so the other actions this customer is shown never use it up
+    rules_dir = scoped_rules(tmp_path, f"""  - name: once_a_week_only_this
+    per: action
+    max: 1
+    days: 7
+    actions: [{once}]
+  - name: other_twice
+    per: customer
+    max: 2
+    days: 7
+    actions: [{other}]
+    groups: [{group}]
+""")
+    engine = make_engine(redis_url, models_dir, rules_dir, clock)
+    try:
+        assert marketing_ids(decide(engine, cid, "call_center")) == first  # presented: counted
+        clock.now += 3600
+        d = decide(engine, cid, "call_center", explain=True)
+        again = marketing_ids(d)
+        assert once not in again
+        assert any(f.action_id == once and f.stage == "contact" and "once_a_week_only_this" in f.detail
+                   for f in d.funnel), d.funnel
+        assert set(first) - {once} <= set(again), (first, again)  # the others still come
+        assert not any(f.stage == "contact" and "other_twice" in f.detail for f in d.funnel)
+        clock.now += 8 * DAY
+        assert once in marketing_ids(decide(engine, cid, "call_center", max_actions=10))
+    finally:
+        engine.rules.current.close()
+
+
+def test_contact_policy_actions_and_groups_must_exist(tmp_path: Path) -> None:
+    rules_dir = scoped_rules(tmp_path, """  - name: typo
+    max: 1
+    days: 7
+    actions: [upsell_extra_dta]
+    groups: [mobile_plans]
+""")
+    with pytest.raises(RuleErrors) as err:
+        load_and_compile(rules_dir)
+    messages = [str(e) for e in err.value.errors]
+    assert any("contact.yaml:" in m and "upsell_extra_dta" in m and "upsell_extra_data" in m for m in messages), messages
+    assert any("contact.yaml:" in m and "mobile_plans" in m and "mobile_plan" in m for m in messages), messages

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from engine.rules.runtime import load_and_compile
 from .conftest import RULES_DIR
 
 DAY = 86_400_000
-
-
-@pytest.fixture()
-def rules_copy(tmp_path: Path) -> Path:
-    target = tmp_path / "rules"
-    shutil.copytree(RULES_DIR, target)
-    return target
 
 
 def _errors(rules_dir: Path, old: str, new: str) -> list[str]:

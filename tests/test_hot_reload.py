@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,31 +13,22 @@ import pytest
 from engine import metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.config import Config
 from engine.live import Live
 from engine.rules.runtime import CompiledRules, load_and_compile, open_rulesets
-from engine.serving.app import App
-from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
 
-from .conftest import RULES_DIR, as_admin, local_auth
+from .conftest import RULES_DIR, as_admin, served_app
 from .test_scenarios import customer
 
 
 @pytest.fixture()
 def watched(redis_url: str, models_dir: Path, tmp_path: Path):
     """A served App whose rule files (a copy) are watched every 0.1 s."""
-    rules_dir = tmp_path / "rules"
-    shutil.copytree(RULES_DIR, rules_dir)
-    app = App(Config(redis_url=redis_url, rules_dir=rules_dir, models_dir=models_dir, demo_customers=200,
-                     metrics_port=0, rules_watch_seconds=0.1)).start()
-    server, port, _ = build_server(app, "127.0.0.1:0", auth=local_auth())
-    server.start()
-    channel = as_admin(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    yield app, channel
-    channel.close()
-    server.stop(0).wait()
-    app.close()
+    with served_app(redis_url, models_dir, tmp_path / "rules", demo_customers=200, rules_watch_seconds=0.1) as (
+            app, address):
+        channel = as_admin(grpc.insecure_channel(address))
+        yield app, channel
+        channel.close()
 
 
 class Clients:

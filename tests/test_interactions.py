@@ -23,17 +23,18 @@ from engine.decision.contact import RESERVATIONS_KEY, new_decision_id
 from engine.decision.history import counted, read_history
 from engine.decision.request import DecideInput
 from engine.decision.reservations import ReservationReleaser
+from engine.decision.responses import DECISIONS_SINCE
 from engine.events.processor import OUTBOUND_STREAM
 from engine.rules.contact import ControlGroup
 from engine.serving.app import App
 from engine.serving.client import CLIENT_OPTIONS
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
-from engine.store.profiles import DECISIONS_STREAM
+from engine.store.profiles import DECISIONS_STREAM, META_KEY
 
 from . import shards
 from .clock import Clock, at
-from .conftest import RULES_DIR
+from .conftest import RULES_DIR, AroundDecide
 from .test_contact import budget_rules, make_engine
 from .test_quiet_hours import _app, _profile
 from .test_scenarios import NOON
@@ -48,29 +49,20 @@ def customers(control: bool, n: int = 1, start: int = 0) -> list[str]:
     return [c for c in (f"C{i:07d}" for i in range(start, 1000)) if CONTROL.contains(c) == control][:n]
 
 
-class FailFirstDecide(grpc.ServerInterceptor):
+class FailFirstDecide(AroundDecide):
     """Runs Decide, then loses the answer of each interaction's first attempt (UNAVAILABLE): the server
     decided, the caller never heard, as with a timeout on the way back."""
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or not details.method.endswith("/Decide"):
-            return handler
-        inner = handler.unary_unary
-
-        def decide(request, context):
-            reply = inner(request, context)
-            key = f"{request.customer_id}/{request.interaction_id}"
-            self.attempts[key] = self.attempts.get(key, 0) + 1
-            if self.attempts[key] == 1:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "answer lost on the way back")
-            return reply
-
-        return grpc.unary_unary_rpc_method_handler(decide, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+    def around(self, decide, request, context):
+        reply = decide(request, context)
+        key = f"{request.customer_id}/{request.interaction_id}"
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "answer lost on the way back")
+        return reply
 
 
 @contextlib.contextmanager
@@ -254,6 +246,7 @@ def test_record_response_checks_the_timestamp_and_the_response_window(service) -
         assert err.value.details().startswith("timestamp:") and words in err.value.details()
     assert impressions(app.store.client, cid) and not counted(read_history(app.store.client, cid), "r")  # nothing recorded
     respond(channel, reply.decision_id, action, pb.OUTCOME_REJECTED, at=time.time() + 10)  # within the skew
+    app.store.client.hset(META_KEY, DECISIONS_SINCE, int((time.time() - 30 * 86_400) * 1000))  # a month of service
     with pytest.raises(grpc.RpcError) as err:
         respond(channel, new_decision_id(time.time() - 8 * 86_400, "C0000001"), action)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in err.value.details()

@@ -151,7 +151,7 @@ def test_an_empty_production_start_decides_cold_until_data_and_a_model_arrive(re
     health.set("", health_pb2.HealthCheckResponse.SERVING)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        assert not app.store.client.exists("nba:meta")  # no demo customers were seeded
+        assert not app.store.client.hexists("nba:meta", "seeded_customers")  # no demo customers were seeded
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.DecisionServiceStub(channel)

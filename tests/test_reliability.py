@@ -30,7 +30,7 @@ from engine.serving.health import RedisHealth
 from engine.serving.server import build_server
 from engine.store.redis_embedded import EmbeddedRedis, free_port
 
-from .conftest import RULES_DIR, Served, as_admin, served_admin_token
+from .conftest import RULES_DIR, AroundDecide, Served, as_admin, served_admin_token
 
 CONTROL = ControlGroup(0.1)
 
@@ -127,21 +127,12 @@ def test_redis_gone_answers_degraded_reports_not_serving_and_recovers_without_a_
         server.stop()
 
 
-class Slow(grpc.ServerInterceptor):
+class Slow(AroundDecide):
     """Every Decide takes 300 ms (a slow dependency), so calls pile up."""
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or not details.method.endswith("/Decide"):
-            return handler
-        inner = handler.unary_unary
-
-        def slow(request, context):
-            time.sleep(0.3)
-            return inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(slow, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+    def around(self, decide, request, context):
+        time.sleep(0.3)
+        return decide(request, context)
 
 
 def test_overload_is_answered_resource_exhausted_at_once(redis_url: str, models_dir: Path) -> None:

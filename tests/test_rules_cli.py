@@ -16,13 +16,6 @@ from engine.rules.parser import parse
 from .conftest import RULES_DIR
 
 
-@pytest.fixture()
-def rules_copy(tmp_path: Path) -> Path:
-    target = tmp_path / "rules"
-    shutil.copytree(RULES_DIR, target)
-    return target
-
-
 def run(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     out = capsys.readouterr()
@@ -172,7 +165,7 @@ def stored_customers(redis_url: str) -> str:
 
 def test_what_if_reports_how_top_actions_move(capsys, stored_customers: str, models_dir: Path, rules_copy: Path,
                                               tmp_path: Path) -> None:
-    # Without the control group, whose random offers would move with any change of the candidates.
+    # Without the control group: every decision ranked (its random offers: the test after this one).
     contact = rules_copy / "contact.yaml"
     contact.write_text(contact.read_text().split("control_group:")[0])
     old_rules = tmp_path / "old"
@@ -229,3 +222,88 @@ def test_json_schema_of_rule_tests_accepts_the_demo_tests_and_agrees_with_the_re
     broken["tests"][1]["profile"]["value_tier"] = ["D"]
     broken["tests"][2]["expect"]["top"] = 3
     assert len(_validate(broken, schema, schema)) == 3
+
+
+def test_what_if_keeps_the_control_groups_random_offers_apart_from_the_changes_effect(
+        capsys, stored_customers: str, models_dir: Path, rules_copy: Path, tmp_path: Path) -> None:
+    contact = rules_copy / "contact.yaml"
+    contact.write_text(contact.read_text().replace("share: 0.1", "share: 0.5"))  # many control customers
+    old_rules = tmp_path / "old"
+    shutil.copytree(rules_copy, old_rules)
+    argv = ["rules", "diff", str(old_rules), str(rules_copy), "--customers", "300", "--redis-url", stored_customers,
+            "--models-dir", str(models_dir), "--json"]
+
+    def diff() -> dict:
+        code, out = run(capsys, *argv)
+        assert code == 0, out
+        return json.loads(out[out.index("{"): out.rindex("}") + 1])
+
+    policies = rules_copy / "policies.yaml"
+    policies.write_text(policies.read_text().replace("policies:\n", """policies:
+  - name: nothing_for_tv_lovers_in_branches
+    when: 'channel == "branch" and tv_hours_week > 1000'
+    blocks: {types: [bundle]}
+""", 1))
+    report = diff()  # a new rule that touches no web decision: nothing moves, control group included
+    assert report["changed"] == report["control_changed"] == 0 and report["moves"] == []
+    assert 100 < report["control_decisions"] < 200
+
+    policies.write_text(policies.read_text().replace("""policies:
+  - name: nothing_for_tv_lovers_in_branches
+""", """policies:
+  - name: no_bundles_online
+    when: 'channel == "web"'
+    blocks: {types: [bundle]}
+  - name: nothing_for_tv_lovers_in_branches
+""", 1))
+    report = diff()
+    bundles_before = sum(n for a, n in report["old_top"].items() if a.startswith("bundle_"))
+    # control customers whose random offer was not a bundle keep it: the same draw on both sides
+    assert report["changed"] == bundles_before > 0 and all(m["old"].startswith("bundle_") for m in report["moves"])
+    assert 0 < report["control_changed"] < report["changed"]
+
+
+CAP_EVERYTHING = """contact_policies:
+  - name: upsell_extra_data_once_a_week
+    description: Offer upsell_extra_data at most once a week
+    per: action
+    max: 1
+    days: 7
+"""
+
+
+def test_diff_and_test_say_what_a_contact_policy_applies_to_and_warn_of_a_misleading_name(
+        capsys, stored_customers: str, models_dir: Path, rules_copy: Path, tmp_path: Path) -> None:
+    old_rules = tmp_path / "old"
+    shutil.copytree(rules_copy, old_rules)
+    contact = rules_copy / "contact.yaml"
+    text = contact.read_text()
+    contact.write_text(text.replace("contact_policies:\n", CAP_EVERYTHING, 1))  # the trap: it caps every action
+    code, out = run(capsys, "rules", "test", str(rules_copy))
+    assert code == 0, out
+    warning = 'mentions action "upsell_extra_data" but it limits'
+    assert "upsell_extra_data_once_a_week: applies to" in out and warning in out, out
+    argv = ["rules", "diff", str(old_rules), str(rules_copy), "--customers", "50", "--redis-url", stored_customers,
+            "--models-dir", str(models_dir)]
+    code, out = run(capsys, *argv)
+    assert code == 0, out
+    catalog = re.search(r"upsell_extra_data_once_a_week \(new\): applies to (\d+) of (\d+) actions \(all\)", out)
+    assert catalog and catalog.group(1) == catalog.group(2), out
+    assert out.count(warning) == 2, out  # its name and its description
+    assert "no_repeats" not in out  # unchanged policies are not listed
+
+    contact.write_text(text.replace("contact_policies:\n", CAP_EVERYTHING + "    actions: [upsell_extra_data]\n", 1))
+    code, out = run(capsys, *argv, "--json")
+    assert code == 0, out
+    report = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert report["contact_policies"] == [{"name": "upsell_extra_data_once_a_week", "status": "new",
+                                           "applies_to": 1, "catalog": catalog and int(catalog.group(2)),
+                                           "actions": ["upsell_extra_data"], "warnings": []}]
+
+    contact.write_text(text.replace("contact_policies:\n", CAP_EVERYTHING.replace(
+        "upsell_extra_data_once_a_week", "mobile_plan_weekly").replace("Offer upsell_extra_data", "Plans") +
+        "    actions: [cross_sell_tv]\n", 1))
+    code, out = run(capsys, "rules", "test", str(rules_copy))
+    assert code == 0 and 'its name mentions group "mobile_plan" but it limits 1 other action(s) too' in out, out
+    code, out = run(capsys, "rules", "test", str(RULES_DIR))
+    assert code == 0 and "contact policy" not in out, out  # the demo's policies say what they limit

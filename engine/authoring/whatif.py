@@ -3,7 +3,10 @@
 Decides for a sample of stored customers under both rule sets (same profiles and contact history,
 same model, the real funnel, nothing written to Redis) and reports how the top actions move: counts per action, the
 customers whose top action changed, the biggest moves, and examples with the reason the old top
-action lost its place under the new rules.
+action lost its place under the new rules. Control-group decisions are counted on their own line: their
+offers come in a random order, drawn per customer, day and action (``decision.contact.control_order``),
+so both sides see the same draw and only a change of the customer's eligible offers moves them. New or
+changed contact policies are listed with the actions they apply to (``contactscope``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.authoring.contactscope import PolicyScope, policy_scopes
 from engine.decision.funnel import Decision, DecisionEngine
 from engine.decision.request import DecideInput
 from engine.live import Live
@@ -54,6 +58,9 @@ class WhatIf:
     new_top: Counter = field(default_factory=Counter)
     moves: Counter = field(default_factory=Counter)  # (old top, new top) -> decisions
     changes: list[Change] = field(default_factory=list)
+    control_decisions: int = 0  # decisions of control-group customers (on either side)
+    control_changed: int = 0  # of those, how many changed top action (included in ``changed``)
+    policies: list[PolicyScope] = field(default_factory=list)  # new or changed contact policies
 
     @property
     def changed(self) -> int:
@@ -65,6 +72,8 @@ class WhatIf:
             f"what-if: {self.old_version} -> {self.new_version}, model {self.model_version}, "
             f"{self.decisions} decisions ({', '.join(self.channels)})",
             f"top action changed in {self.changed} of {self.decisions} decisions ({pct:.1f}%)",
+            f"control group: top action changed in {self.control_changed} of {self.control_decisions} decisions "
+            "(random offers drawn alike on both sides: only offers that became eligible or not move them)",
             "",
             f"{'top action':34} {'old':>7} {'new':>7} {'change':>7}",
         ]
@@ -77,6 +86,10 @@ class WhatIf:
             lines += ["", "biggest moves (old top -> new top: decisions)"]
             for (old, new), count in self.moves.most_common(10):
                 lines.append(f"  {old} -> {new}: {count}")
+        if self.policies:
+            lines += ["", "contact policies new or changed"]
+            for scope in self.policies:
+                lines += scope.render()
         if self.changes and examples:
             lines += ["", "examples"]
             for c in self.changes[:examples]:
@@ -90,6 +103,8 @@ class WhatIf:
             "old_top": dict(self.old_top), "new_top": dict(self.new_top),
             "moves": [{"old": o, "new": n, "decisions": c} for (o, n), c in self.moves.most_common()],
             "examples": [c.__dict__ for c in self.changes[:examples]],
+            "control_decisions": self.control_decisions, "control_changed": self.control_changed,
+            "contact_policies": [p.as_dict() for p in self.policies],
         }
 
 
@@ -102,11 +117,16 @@ def what_if(store: ProfileStore, model: LoadedModel, old: CompiledRules, new: Co
     """Decide for every customer on every channel under ``old`` and ``new``; compare the top actions."""
     now = time.time()  # one clock for both: the control group's daily order is the same
     engines = [DecisionEngine(store, Live(rules), Live(model), clock=lambda: now) for rules in (old, new)]
-    report = WhatIf(old.version, new.version, model.version, list(channels))
+    report = WhatIf(old.version, new.version, model.version, list(channels),
+                    policies=policy_scopes(new.ruleset, old.ruleset))
     for cid in customers:
         for channel in channels:
-            before, after = (_top(e._decide(DecideInput(cid, channel), observe=False)[0]) for e in engines)
+            sides = [e._decide(DecideInput(cid, channel), observe=False)[0] for e in engines]
+            before, after = (_top(d) for d in sides)
             report.decisions += 1
+            if any(d.control for d in sides):
+                report.control_decisions += 1
+                report.control_changed += before != after
             report.old_top[before] += 1
             report.new_top[after] += 1
             if before != after:

@@ -2,7 +2,7 @@
 
 - ``request``: the request and its validation (errors name the field);
 - ``funnel``: ``DecisionEngine``, the stages in order (profile, derive, rules, scoring,
-  arbitration, presenting, logging), each timed;
+  arbitration, presenting, logging), each timed; ``traces``: their spans when tracing is on;
 - ``arbitration``: priority order, one action per group, the top N, the fallback, explanations;
 - ``contact``: contact limits and budgets applied atomically in Redis when actions are presented;
 - ``history``: the contact history those limits count, as bounded counters per action, channel and day;

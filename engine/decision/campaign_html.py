@@ -21,10 +21,16 @@ def _png(fig) -> str:
 
 def charts(report: dict) -> dict[str, str]:
     """Base64 PNGs: spend against the even-spend line, acceptance rate per segment, lift with its CI."""
+    return {name: _png(fig) for name, fig in figures(report).items()}
+
+
+def figures(report: dict) -> dict:
+    """The charts as matplotlib figures (rates and lift in percent, as the text gives them), by name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     out = {}
     spend = report["spend"]
@@ -49,7 +55,7 @@ def charts(report: dict) -> dict[str, str]:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out["spend"] = _png(fig)
+    out["spend"] = fig
 
     segments = report["by_segment"]
     fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -59,10 +65,11 @@ def charts(report: dict) -> dict[str, str]:
     if plan:
         ax.plot(names, [plan.get(n) or 0 for n in names], "D", color="k", label="plan")
         ax.legend(fontsize=8)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.set_ylabel("acceptance rate")
     ax.set_title("acceptance rate per segment")
     fig.tight_layout()
-    out["segments"] = _png(fig)
+    out["segments"] = fig
 
     lift = report["lift"]
     fig, ax = plt.subplots(figsize=(8, 1.8))
@@ -70,12 +77,15 @@ def charts(report: dict) -> dict[str, str]:
         lo, hi = lift["ci95"]
         ax.errorbar([lift["lift"]], [0], xerr=[[lift["lift"] - lo], [hi - lift["lift"]]], fmt="o", color="C0", capsize=6)
         ax.axvline(0, color="0.5", linewidth=0.8)
-        ax.set_title(f"lift on {lift['objective']} per customer vs control, 95% CI")
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        ax.set_xlabel("lift (95% interval)")
+        verdict = "significant" if lift.get("significant") else "not significant yet (the interval includes 0)"
+        ax.set_title(f"lift on {lift['objective']} per customer vs control: {lift['lift']:+.1%}, {verdict}")
     else:
         ax.text(0.5, 0.5, f"lift: {lift.get('note', 'n/a')}", ha="center", va="center", transform=ax.transAxes)
     ax.set_yticks([])
     fig.tight_layout()
-    out["lift"] = _png(fig)
+    out["lift"] = fig
     return out
 
 
@@ -94,15 +104,17 @@ def _rate(rate: float | None) -> str:
 def render_html(report: dict) -> str:
     t, lift = report["totals"], report["lift"]
     images = charts(report)
-    lift_text = (f"{lift['lift']:+.1%} (95% CI {lift['ci95'][0]:+.1%} .. {lift['ci95'][1]:+.1%})"
+    lift_text = (f"{lift['lift']:+.1%} (95% CI {lift['ci95'][0]:+.1%} .. {lift['ci95'][1]:+.1%}); "
+                 f"{html.escape(lift.get('in_words', ''))}"
                  if lift.get("lift") is not None else html.escape(str(lift.get("note", "n/a"))))
     plan_rows = "".join(
         f"<tr class='{html.escape(r['verdict'].replace(' ', '-'))}'><td>{html.escape(r['segment'])}</td>"
         f"<td>{r['presented_per_day']}</td><td>{r['planned_per_day']}</td><td>{_rate(r['acceptance_rate'])}</td>"
-        f"<td>{_rate(r['planned_acceptance_rate'])}</td><td>{html.escape(r['verdict'])}</td></tr>"
+        f"<td>{_rate(r['planned_acceptance_rate'])}</td><td>{html.escape(r.get('in_words', r['verdict']))}</td></tr>"
         for r in report.get("versus_plan") or [])
     plan = (f"<h2>Against the plan</h2><table><tr><th>segment</th><th>presented/day</th><th>planned/day</th>"
-            f"<th>rate</th><th>planned rate</th><th>verdict</th></tr>{plan_rows}</table>") if plan_rows else ""
+            f"<th>rate</th><th>planned rate</th><th>against the plan</th></tr>{plan_rows}</table>") if plan_rows else ""
+    pacing = report.get("pacing", {}).get("in_words")
     imgs = "".join(f'<img id="chart-{k}" alt="{k} chart" src="data:image/png;base64,{images[k]}">' for k in CHARTS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Campaign {html.escape(report['campaign'])}</title>
@@ -116,6 +128,7 @@ tr.under td{{background:#fde2e2}}tr.over td{{background:#e2f5e2}}</style></head>
 ({t['acceptance_rate']:.1%}), value <b>{t['value']:,.2f}</b>. Lift on {html.escape(lift['objective'])} per customer
 against the control group: <b>{lift_text}</b> ({lift['customers']['treated']} treated, {lift['customers']['control']}
 control customers).</p>
+{f"<p>Budget: {html.escape(pacing)}.</p>" if pacing else ""}
 {imgs}
 {_table('channel', report['by_channel'])}{_table('segment', report['by_segment'])}{_table('action', report['by_action'])}
 {plan}

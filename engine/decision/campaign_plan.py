@@ -9,7 +9,8 @@ campaign's own control group never sees it). Where it is shown, the action it pu
 under the live rules is *displaced* (what ``nba rules diff`` would show, per campaign).
 
 How often it is shown depends on traffic, which the plan does not invent: decisions per customer and
-day on each channel, measured on the recorded decision stream (or given), and on what the contact
+day on each channel, measured on the recorded decision stream (or given; the plan warns where the
+recorded traffic is missing, thin or spans fewer days than measured), and on what the contact
 policies hold back as the customer is contacted: ``plan_replay`` replays each targeted customer's
 coming decisions (on every channel: other offers' impressions count too) with the contact limits, the
 model's propensity as the chance of acceptance and the recorded share of rejections. Day by day, the
@@ -29,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from engine.decision.arbitration import order
 from engine.decision.contact import control_order
 from engine.decision.funnel import DecisionEngine
 from engine.decision.plan_replay import replay
+from engine.decision.request import DEFAULT_MAX_ACTIONS
 from engine.errors import NbaError
 from engine.features import FeatureSchema
 from engine.live import Live
@@ -63,6 +65,18 @@ from engine.store.streams import last_entry
 
 DAY = 86_400.0
 NO_CAMPAIGN = "(no campaign)"
+# fewer recorded decisions on a channel than this and its measured rate is off by more than 10% (Poisson)
+THIN_TRAFFIC = 100
+TRAFFIC_FIX = ("Recorded traffic is the decisions the running service (nba serve) logs to the decision stream over "
+               "the last --traffic-days days; until it has recorded enough, give the traffic: "
+               "--decisions-per-day CHANNEL=N (decisions per day on that channel, all customers together)")
+# what each count of the plan counts (the JSON says it, the text's headings too)
+UNITS = {"eligible": "customers (at the campaign's start, per channel)",
+         "shown": "customers whose top at the campaign's start holds its action (per channel)",
+         "displaced": "customers whose top at the campaign's start loses this action to the campaign (per channel)",
+         "presentations": "presentations over the forecast's days", "per_day": "presentations",
+         "by_segment": "presentations and acceptances over the forecast's days",
+         "traffic": "decisions per customer per day"}
 
 
 class PlanError(NbaError, ValueError):
@@ -78,6 +92,9 @@ class Plan:
     days: int  # the forecast's days (from the campaign's start)
     traffic: dict[str, float]  # decisions per customer per day (on average), by channel
     max_actions: int
+    traffic_recorded: dict[str, int] | None = None  # decisions measured per channel (None: traffic given)
+    warnings: list[str] = field(default_factory=list)  # why the forecast may be off, and how to fix it
+    units: dict[str, str] = field(default_factory=lambda: dict(UNITS))
     eligible: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers
     shown: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> segment -> customers shown
     presentations: float = 0.0  # expected, before budgets
@@ -87,7 +104,7 @@ class Plan:
     by_segment: dict[str, dict[str, float]] = field(default_factory=dict)
     per_day: list[float] = field(default_factory=list)  # expected presentations per day, within budgets
     run_out_day: str | None = None  # the day the total budget is expected to run out (None: it lasts)
-    displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> decisions
+    displaced: dict[str, dict[str, int]] = field(default_factory=dict)  # campaign -> action -> customers
     replays: int = 0  # replays of each eligible customer's coming decisions
     never_presented: list[str] = field(default_factory=list)  # its actions no recorded decision presented
     seconds: float = 0.0
@@ -160,12 +177,17 @@ class Traffic:
     customer's own rate (zeros for the customers without a decision), which the plan draws from because
     customers differ (a daily caller meets the contact limits, a yearly one never); ``per_day``: the most
     decisions one customer had in one day (0: unknown, then a day's decisions are Poisson); ``presented``:
-    the actions presented in those decisions (what a model trained on them can have learned about)."""
+    the actions presented in those decisions (what a model trained on them can have learned about);
+    ``recorded``: the decisions measured per channel (None: the traffic was given, not measured) in the
+    ``window`` days before the last one, of which the recorded decisions span (``covered``) so many."""
 
     channels: dict[str, float]
     customers: np.ndarray | None = None
     per_day: int = 0
     presented: frozenset[str] | None = None  # the actions those decisions presented (None: not known)
+    recorded: dict[str, int] | None = None
+    window: float = 0.0
+    covered: float = 0.0
 
     @classmethod
     def given(cls, channels: dict[str, float]) -> Traffic:
@@ -180,8 +202,9 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, chann
 
     last = last_entry(client, DECISIONS_STREAM)
     if last is None:
-        return Traffic({})
+        return Traffic({}, recorded={}, window=days)
     end = until if until is not None else float(last[1].get(b"ts", b"0"))
+    first = end
     counts: Counter[str] = Counter()
     per_customer: Counter[str] = Counter()
     per_customer_day: Counter[tuple[str, int]] = Counter()
@@ -190,6 +213,7 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, chann
     for _, d in _read(client, DECISIONS_STREAM, "-"):
         ts = float(d.get("ts") or 0)
         if end - days * DAY <= ts <= end:
+            first = min(first, ts)
             counts[d.get("channel", "")] += 1
             per_customer[d.get("customer_id", "")] += 1
             per_customer_day[(d.get("customer_id", ""), int(ts // DAY))] += 1
@@ -197,7 +221,31 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, chann
     rates = np.zeros(max(population, len(per_customer)))
     rates[: len(per_customer)] = np.array(list(per_customer.values()), dtype=float) / days
     return Traffic({ch: counts[ch] / (population * days) for ch in channels if counts[ch]}, rates,
-                   max(per_customer_day.values(), default=0), frozenset(presented))
+                   max(per_customer_day.values(), default=0), frozenset(presented),
+                   recorded={ch: counts[ch] for ch in channels}, window=days, covered=(end - first) / DAY)
+
+
+def traffic_warnings(traffic: Traffic, channels: Sequence[str]) -> list[str]:
+    """What makes the measured traffic on ``channels`` a poor basis for a forecast, each saying how to fix
+    it (none when the traffic was given)."""
+    if traffic.recorded is None:
+        return []
+    window = f"{traffic.window:g} day" + ("" if traffic.window == 1 else "s")
+    out = []
+    for ch in channels:
+        n = traffic.recorded.get(ch, 0)
+        if n == 0:
+            out.append(f"no decisions recorded on {ch} in the last {window}: the plan forecasts no presentations "
+                       f"there. {TRAFFIC_FIX}")
+        elif n < THIN_TRAFFIC:
+            out.append(f"only {n} decision{'s' if n > 1 else ''} recorded on {ch} in the last {window} (fewer than "
+                       f"{THIN_TRAFFIC}): its traffic, and the forecast there, are rough. {TRAFFIC_FIX}")
+    if any(traffic.recorded.values()) and traffic.covered < traffic.window - 1:
+        fix = (f"give --traffic-days {math.floor(traffic.covered)} or --decisions-per-day CHANNEL=N"
+               if traffic.covered >= 1 else "give --decisions-per-day CHANNEL=N, or plan once days are recorded")
+        out.append(f"the recorded decisions span only {traffic.covered:.1f} of the {window} measured, so the "
+                   f"traffic (their count over all {window}) is underestimated: {fix}")
+    return out
 
 
 def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
@@ -239,20 +287,23 @@ def _shown_top(candidates: list, max_actions: int) -> list:
 
 
 def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules | None, planned: CompiledRules,
-                  campaign: Campaign, customers: Sequence[str], traffic: Traffic, max_actions: int = 1,
+                  campaign: Campaign, customers: Sequence[str], traffic: Traffic, max_actions: int = 0,
                   days: int | None = None, at: float | None = None, reject_share: float = 0.0,
-                  replays: int = 0, seed: int = 0) -> Plan:
+                  replays: int = 0, seed: int = 0, progress: Callable[[str], None] | None = None) -> Plan:
     """The forecast of ``campaign`` (in ``planned``, the live rules with it) on ``customers``; the actions
     it displaces are those of ``live``'s top it takes the place of (``live`` None: not looked for).
     ``traffic``: decisions per customer and day (see ``Traffic``); ``reject_share``: the share of presentations
-    not accepted that get rejected; ``replays`` per customer (0: as many as fit about 200,000 decisions)."""
+    not accepted that get rejected; ``replays`` per customer (0: as many as fit about 200,000 decisions);
+    ``max_actions`` shown per decision (0: the service's default, as a Decide request without one);
+    ``progress`` is told each stage and every tenth of the customers."""
     started = time.perf_counter()
+    max_actions = max_actions or DEFAULT_MAX_ACTIONS
+    tell = progress or (lambda _: None)
     if not customers:
         raise PlanError("no stored customers to plan on (nba seed writes the demo ones)")
     own = _channels(planned, campaign)
     if not any(traffic.channels.get(ch, 0) > 0 for ch in own):
-        raise PlanError("no traffic on the campaign's channels: no decisions recorded in the stream; give "
-                        "--decisions-per-day CHANNEL=N")
+        raise PlanError(f"no traffic on the campaign's channels ({', '.join(own)}) to forecast with. {TRAFFIC_FIX}")
     span = max(1, math.ceil((campaign.end - campaign.start) / DAY))
     days = min(days or span, span)
     at = at if at is not None else campaign.start + 3600.0
@@ -262,7 +313,9 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     limits = contact.limits if contact is not None else ()
     mine = set(campaign.actions)
     plan = Plan(campaign.name, planned.version, model.version, len(customers), days,
-                {ch: traffic.channels.get(ch, 0.0) for ch in own}, max_actions)
+                {ch: traffic.channels.get(ch, 0.0) for ch in own}, max_actions,
+                {ch: traffic.recorded.get(ch, 0) for ch in own} if traffic.recorded is not None else None,
+                traffic_warnings(traffic, own))
     eligible: dict[str, Counter[str]] = defaultdict(Counter)
     shown_n: dict[str, Counter[str]] = defaultdict(Counter)
     displaced: dict[str, Counter[str]] = defaultdict(Counter)
@@ -278,7 +331,11 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     segment_accepted: dict[str, float] = defaultdict(float)
     schema = planned.schema
     rows = model_input(schema)
+    tenth = max(1, math.ceil(len(customers) / 10))
+    tell(f"ranking and replaying {len(customers):,} customers over {days} days ({replays} replays each)")
     for index, profile in enumerate(fetch_profiles(store, list(customers), at, schema)):
+        if index and index % tenth == 0:
+            tell(f"{index:,} of {len(customers):,} customers ({index / len(customers):.0%})")
         derived = derive(profile.numeric, schema, at)
         block = rows.customer_block(profile, derived)
         seg = profile.categorical.get("segment") or "unknown"
@@ -319,6 +376,7 @@ def plan_campaign(store: ProfileStore, model: LoadedModel, live: CompiledRules |
     plan.eligible = {ch: dict(sorted(c.items())) for ch, c in sorted(eligible.items())}
     plan.shown = {ch: dict(sorted(c.items())) for ch, c in sorted(shown_n.items())}
     plan.displaced = {k: dict(v.most_common()) for k, v in sorted(displaced.items())}
+    tell(f"{len(customers):,} of {len(customers):,} customers (100%); applying the budgets")
     _budgets(plan, campaign, per_day, float(accepted_n.sum()), accepted_value)
     scale = plan.presentations_in_budget / plan.presentations if plan.presentations > 0 else 0.0
     plan.by_segment = {seg: {"presentations": round(segment_shown[seg] * scale, 2),
@@ -381,12 +439,16 @@ def _budgets(plan: Plan, campaign: Campaign, per_day: np.ndarray, acceptances: f
 def format_plan(plan: Plan) -> str:
     lines = [f"plan for campaign {plan.campaign}: {plan.customers} customers, {plan.days} days, top {plan.max_actions} "
              f"per decision; rules {plan.ruleset_version}, model {plan.model_version} ({plan.seconds:.1f}s)",
-             "traffic (decisions per customer per day): " + ", ".join(f"{k} {v:.3f}" for k, v in plan.traffic.items()),
-             "", f"{'channel':14} {'segment':16} {'eligible':>9} {'shown':>7}"]
+             "traffic (decisions per customer per day): " + ", ".join(
+                 f"{k} {v:.3g}" + (f" ({plan.traffic_recorded.get(k, 0):,} decisions recorded)"
+                                   if plan.traffic_recorded is not None else " (given)")
+                 for k, v in plan.traffic.items()),
+             "", "customers at the campaign's start, per channel: eligible for its actions, and shown one (in the top)",
+             f"{'channel':14} {'segment':16} {'eligible':>9} {'shown':>7}"]
     for ch, segs in plan.eligible.items():
         for seg, n in segs.items():
             lines.append(f"{ch:14} {seg:16} {n:>9} {plan.shown.get(ch, {}).get(seg, 0):>7}")
-    lines += ["", f"expected presentations: {plan.presentations_in_budget:,.0f} within budgets "
+    lines += ["", f"expected presentations over the {plan.days} days: {plan.presentations_in_budget:,.0f} within budgets "
               f"({plan.presentations:,.0f} without them)",
               f"expected acceptances: {plan.acceptances:,.1f}, accepted value {plan.accepted_value:,.0f}",
               "total budget: " + (f"runs out on {plan.run_out_day}" if plan.run_out_day else "lasts the forecast")]
@@ -400,7 +462,8 @@ def format_plan(plan: Plan) -> str:
                   "move it as responses come in, and the presentations with it (nba simulate --campaign measures how "
                   "far)."]
     if plan.displaced:
-        lines += ["", "displaced from the top (decisions where the campaign takes their place):"]
+        lines += ["", "displaced from the top at the campaign's start (customers, not presentations: one per customer "
+                  "and channel whose top loses the action to the campaign):"]
         for owner, actions in plan.displaced.items():
             lines.append(f"  {owner}: " + ", ".join(f"{a} {n}" for a, n in actions.items()))
     return "\n".join(lines)

@@ -33,8 +33,8 @@ the units of claimed candidates that were not shown in the end.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-import random
 import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -105,13 +105,16 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
 
     Only offers change: service actions keep their ranked places (customer care is never the
     experiment); the offers' places are taken by the generic offer alone, or by the eligible offers
-    in a random order that is stable for one customer within one day."""
+    in a random order that is stable for one customer within one day. Each offer draws its own place
+    (a hash of customer, day and action id), so the order of two offers never depends on the other
+    candidates or their priorities: a rule change that leaves a control customer's eligible offers
+    alone leaves their order alone (``nba rules diff`` sees the change's effect, not a reshuffle)."""
     offers = [c for c in candidates if not c[2].action.service]
     if control.policy == "generic":
         offers = [c for c in offers if c[2].action.id == control.generic_action]
     else:
-        rng = random.Random(f"{customer_id}:{int(now // 86_400)}")
-        rng.shuffle(offers)
+        day = int(now // 86_400)
+        offers.sort(key=lambda c: _draw(customer_id, day, c[2].action.id))
     out, pending = [], iter(offers)
     for c in candidates:
         if c[2].action.service:
@@ -121,6 +124,10 @@ def control_order(control: ControlGroup, candidates: list, customer_id: str, now
             if nxt is not None:
                 out.append(nxt)
     return out
+
+
+def _draw(customer_id: str, day: int, action_id: str) -> bytes:
+    return hashlib.blake2b(f"{customer_id}:{day}:{action_id}".encode(), digest_size=8).digest()
 
 
 # --- the authoritative check, atomic in Redis ---------------------------------------------------------
@@ -160,13 +167,19 @@ local function count(li, act, grp, n)
   t.a[act] = (t.a[act] or 0) + n
   t.g[grp] = (t.g[grp] or 0) + n
 end
+-- whether a limit counts contacts with this action, group, type and channel (its filters: 0 = all)
+local function scoped(L, act, grp, typ, ch)
+  return (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) and (L[7] == 0 or L[7][act]) and (L[8] == 0 or L[8][grp])
+end
 -- the history's counters (engine/decision/history.py): read whole when a limit needs them
 local hist, stale, marks = nil, {}, {}
 if #a.lim > 0 then
   hist = {}
   local flat = hist_call('HGETALL', KEYS[1])
   local gone = a.now - a.keep_ms
-  local which = {}  -- kind|type|channel -> the limits that count such contacts (most fields: none)
+  local which = {}  -- kind|type|channel (|action|group) -> the limits that count such contacts (most fields: none)
+  local by_action = false  -- a limit scoped to action ids or groups: the key names them too
+  for _, L in ipairs(a.lim) do if L[7] ~= 0 or L[8] ~= 0 then by_action = true end end
   for i = 1, #flat, 2 do
     local k, act, grp, typ, ch, day = string.match(flat[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
     if k then
@@ -174,11 +187,12 @@ if #a.lim > 0 then
       if base + DAY_MS <= gone then stale[#stale + 1] = flat[i] else
         hist[flat[i]] = flat[i + 1]
         local wk = k .. '|' .. typ .. '|' .. ch
+        if by_action then wk = wk .. '|' .. act .. '|' .. grp end
         local ls = which[wk]
         if not ls then
           ls = {}
           for li, L in ipairs(a.lim) do
-            if k == L[1] and (L[5] == 0 or L[5][ch]) and (L[6] == 0 or L[6][typ]) then ls[#ls + 1] = li end
+            if k == L[1] and scoped(L, act, grp, typ, ch) then ls[#ls + 1] = li end
           end
           which[wk] = ls
         end
@@ -226,7 +240,7 @@ local function present(c)
   if a.mode == 'decide' then mark('i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch) end
   -- this decision's own actions count against its limits whether they count now or when seen
   for li, L in ipairs(a.lim) do
-    if L[1] == 'i' and (L[5] == 0 or L[5][a.ch]) and (L[6] == 0 or L[6][c[3]]) then count(li, c[1], c[2], 1) end
+    if L[1] == 'i' and scoped(L, c[1], c[2], c[3], a.ch) then count(li, c[1], c[2], 1) end
   end
   groups[c[2]] = true
   shown[#shown + 1] = c
@@ -293,16 +307,23 @@ return {verdicts, fb}
 
 # KEYS[1] decision record, KEYS[2] contact history hash, KEYS[3] responses stream, KEYS[4] reservations zset.
 # ARGV: field (response key), contact (``history.contact_head``, '' for none), its time (epoch ms), keep ms,
-# maxlen, reservation member ('' for none), then stream fields. The same response twice is stored once: the second returns the
+# maxlen, reservation member ('' for none), n, the n response fields this response contradicts
+# (``responses.CONTRADICTS``), then stream fields. The same response twice is stored once: the second returns the
 # first one's stream id. Returns {first, stream id, late} where late is 1 when the impression came after
-# its reserved budget unit had been released.
+# its reserved budget unit had been released, or {-1, stream id, field} of a recorded response it contradicts
+# (nothing changed).
 RESPOND = history.LUA + r"""
 local seen = redis.call('HGET', KEYS[1], ARGV[1])
 if seen then return {0, seen, 0} end
+local n = tonumber(ARGV[7])
+for i = 8, 7 + n do
+  local other = redis.call('HGET', KEYS[1], ARGV[i])
+  if other then return {-1, other, ARGV[i]} end
+end
 local late = 0
 if ARGV[6] ~= '' and redis.call('ZREM', KEYS[4], ARGV[6]) == 0 then late = 1 end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 redis.call('HSET', KEYS[1], ARGV[1], id)
 hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
@@ -310,13 +331,18 @@ return {1, id, late}
 """
 
 # On a cluster, the customer's part of ``RESPOND`` (the stream and the reservations are on other slots):
-# KEYS[1] decision record, KEYS[2] contact history hash; ARGV: field, contact, its time, keep ms. Returns
-# {0, stream id} for a response recorded before; else marks the response ``pending`` (the caller appends
+# KEYS[1] decision record, KEYS[2] contact history hash; ARGV: field, contact, its time, keep ms, n, the n
+# fields it contradicts. Returns {0, stream id} for a response recorded before, {-1, stream id or 'pending',
+# field} for a recorded one it contradicts; else marks the response ``pending`` (the caller appends
 # it to the stream, then stores the stream id in its place), counts the contact once, and returns {1, ''}.
 # A retry of a call that died after this (the mark still ``pending``) appends it again and counts nothing.
 RESPOND_CUSTOMER = history.LUA + r"""
 local seen = redis.call('HGET', KEYS[1], ARGV[1])
 if seen and seen ~= 'pending' then return {0, seen} end
+for i = 6, 5 + tonumber(ARGV[5]) do
+  local other = redis.call('HGET', KEYS[1], ARGV[i])
+  if other then return {-1, other, ARGV[i]} end
+end
 if not seen then
   redis.call('HSET', KEYS[1], ARGV[1], 'pending')
   hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))

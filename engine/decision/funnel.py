@@ -18,7 +18,7 @@ import numpy as np
 import redis
 
 from engine import metrics
-from engine.decision import interactions
+from engine.decision import interactions, traces
 from engine.decision.arbitration import (
     STAGE_NAMES,
     FunnelEntry,
@@ -116,15 +116,18 @@ class Decision:
 class _Stages:
     """Times consecutive stages with one clock read per boundary; ``decide`` observes them all at once."""
 
-    def __init__(self, observe: bool = True) -> None:
+    def __init__(self, observe: bool = True, traced: bool = False) -> None:
         self.observe = observe
         self.last = time.perf_counter()
         self.timings: list[tuple[str, float]] = []
+        self.starts: list[float] | None = [] if traced else None  # each stage's start, for its span
 
     def done(self, stage: str) -> None:
         now = time.perf_counter()
         if self.observe:
             self.timings.append((stage, now - self.last))
+            if self.starts is not None:
+                self.starts.append(self.last)
         self.last = now
 
 
@@ -211,16 +214,26 @@ class DecisionEngine:
 
     def decide(self, req: DecideInput) -> Decision:
         started = time.perf_counter()
-        stages = _Stages()
+        span = traces.recording_span()  # the RPC's span when this call is traced (None: tracing off)
+        stages = _Stages(traced=span is not None)
         seconds = None
+        named = None
         try:
             decision, degraded_by = self._decide(req, stages=stages)
             stages.last = time.perf_counter()
+            named = traces.DECISION_ID.set(decision.decision_id)  # for the log lines from here on
             self._record(decision, req, degraded_by)
             stages.done("logging")
             seconds = stages.last - started
         finally:
+            if named is not None:
+                traces.DECISION_ID.reset(named)
             metrics.observe_decision(req.channel, seconds, stages.timings)
+            if span is not None and stages.starts is not None:
+                traces.stage_spans(span, stages.timings, stages.starts)
+        if span is not None:
+            traces.decided(span, decision.decision_id, decision.channel, decision.ruleset_version,
+                              decision.model_version, decision.degraded)
         return decision
 
     def warmup(self) -> None:
@@ -262,7 +275,7 @@ class DecisionEngine:
         schema = rules.schema
         profile, stored, degraded_by = self._fetch(req, now, schema)
         stages.done("profile")
-        place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions)
+        place = interactions.FIELD_PREFIX + interactions.placement(req.touchpoint, max_actions, req.context)
         replace = place in stored
         if replace:
             head, actions = interactions.read(stored[place])

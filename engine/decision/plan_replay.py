@@ -51,8 +51,7 @@ class ContactBook:
             kind, since = KINDS[limit.counts], t - limit.days * DAY
             n = 0
             for c in self.history:
-                if (c.kind == kind and c.t >= since and (not limit.channels or c.channel in limit.channels)
-                        and (not limit.types or c.type in limit.types)
+                if (c.kind == kind and c.t >= since and limit.counts_contact(c.action, c.group, c.type, c.channel)
                         and (limit.per == "customer" or (limit.per == "action" and c.action == action.id)
                              or (limit.per == "group" and c.group == action.group))):
                     n += 1

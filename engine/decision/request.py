@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from engine.errors import NbaError
 from engine.features import FeatureSchema
@@ -19,6 +20,36 @@ class InvalidRequest(NbaError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+# A google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z
+MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def utc_text(ts: float) -> str:
+    """An epoch time as RFC 3339 UTC to the second (as the messages of errors show times)."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past year 9999 (a Timestamp's last nanosecond rounds up)
+        return f"{ts:.0f} s after 1970"
+
+
+def timestamp_seconds(seconds: int, nanos: int, name: str = "timestamp") -> float:
+    """A Timestamp's seconds and nanos as epoch seconds; INVALID_ARGUMENT naming ``name`` when it is no
+    valid Timestamp."""
+    if not 0 <= nanos <= 999_999_999:
+        raise InvalidRequest(name, f"nanos {nanos:,} is not within 0 to 999,999,999")
+    if not MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidRequest(name, f"seconds {seconds:,} is not within years 0001 to 9999 "
+                                   f"({MIN_TIMESTAMP_SECONDS:,} to {MAX_TIMESTAMP_SECONDS:,})")
+    return seconds + nanos / 1e9
+
+
+def check_not_ahead(ts: float, now: float, skew: float, name: str = "timestamp") -> None:
+    """The one wording of a time too far ahead of the server clock, for every RPC that takes one."""
+    if ts > now + skew:
+        raise InvalidRequest(name, f"{utc_text(ts)} is {ts - now:,.0f} s ahead of the server clock "
+                                   f"(at most {skew:,g} s)")
 
 
 @dataclass(frozen=True)

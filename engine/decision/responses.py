@@ -7,14 +7,26 @@ appends the response to ``nba:stream:responses`` (what training and ``nba report
 the customer's contact history (a rejection starts the cool-down; on an ``on_impression`` channel the
 impression is counted now and its reserved budget unit kept), unless the same (decision, action,
 outcome) was recorded before: then it returns the first recording's stream id and changes nothing.
+
+The outcomes of one presented action form a progression: impression, clicked and ignored may come
+before one final outcome, accepted or rejected. The final outcomes exclude each other, and ignored
+(no final outcome came) cannot follow one; such a contradicting response is refused
+(``OutcomeConflict``) in the same script that would store it. A final outcome after ignored is
+recorded (responses come late), and impression and clicked never contradict anything.
+
+A decision id that finds no record is told apart by the time it carries (``contact.decided_at``):
+older than ``accept_days`` it has expired (``ExpiredDecision``); dated ahead of the server clock,
+before the store's first decision (``nba:meta`` ``decisions_since``) or within the window but absent,
+this service never issued it, or it was erased (``UnknownDecision``). One that is no 32 hex digits is
+malformed (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 import redis
@@ -30,20 +42,26 @@ from engine.decision.contact import (
     reservation_member,
 )
 from engine.decision.history import contact_head, contacts_key
-from engine.decision.request import InvalidRequest
+from engine.decision.request import InvalidRequest, check_not_ahead, utc_text
 from engine.errors import NbaError
 from engine.rules.contact import DAY_MS, ContactRules
-from engine.store.profiles import RESPONSES_STREAM, STREAM_MAXLEN, is_cluster, replicated
+from engine.store.profiles import META_KEY, RESPONSES_STREAM, STREAM_MAXLEN, is_cluster, replicated
 from engine.store.slots import customer_shard_key, shard_maxlen
 
 if TYPE_CHECKING:
     from engine.live import Live
     from engine.rules.runtime import CompiledRules
 
+log = logging.getLogger(__name__)
+
 OUTCOMES = ("impression", "clicked", "accepted", "rejected", "ignored")
 # Outcomes that enter the contact history (impressions: on on_impression channels; elsewhere deciding counted them).
 _CONTACT_KIND = {"rejected": "r", "accepted": "a", "impression": "i"}
 BEFORE_DECISION_TOLERANCE = 1.0  # seconds a response may seem to precede its decision (clocks of two systems)
+# a recorded outcome -> the outcomes it refuses afterwards for the same decision and action (both ways)
+CONTRADICTS = {"accepted": ("rejected", "ignored"), "rejected": ("accepted", "ignored")}
+# nba:meta field: epoch ms of the first start of a service on this store; no decision id is older
+DECISIONS_SINCE = "decisions_since"
 
 
 class NotFound(NbaError, LookupError):
@@ -54,18 +72,50 @@ class NotFound(NbaError, LookupError):
         self.field = field
 
 
+class UnknownDecision(NotFound):
+    """No decision with this id was issued by this service (or its record was erased)."""
+
+    reason = "DECISION_UNKNOWN"
+
+
+class ExpiredDecision(NotFound):
+    """The decision is older than the response window (contact.yaml ``responses.accept_days``)."""
+
+    reason = "DECISION_EXPIRED"
+
+
+class OutcomeConflict(NbaError):
+    """A response that contradicts the outcome recorded for the same decision and action (FAILED_PRECONDITION)."""
+
+    reason = "OUTCOME_CONFLICT"
+    field = "outcome"
+
+
+def contradicted_by(outcome: str) -> tuple[str, ...]:
+    """The recorded outcomes that ``outcome`` contradicts (``CONTRADICTS`` read the other way round)."""
+    return tuple(o for o, refused in CONTRADICTS.items() if outcome in refused)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _conflict(decision_id: str, action_id: str, outcome: str, recorded: str, entry: str) -> OutcomeConflict:
+    """``recorded``: the contradicted response's field (``r:<action>:<outcome>``), ``entry`` its stream id
+    (whose first part is when it was recorded, epoch ms) or ``pending`` while another call records it."""
+    earlier = recorded.rsplit(":", 1)[-1]
+    when = "is being recorded now" if entry == "pending" else \
+        f"was recorded at {utc_text(int(entry.split('-')[0]) / 1000)} (response {entry})"
+    return OutcomeConflict(f"outcome: {outcome.upper()} contradicts {earlier.upper()}, which {when} for action "
+                           f"{action_id} of decision {decision_id}; accepted and rejected are final and exclude each "
+                           "other, and ignored cannot follow them")
+
+
 @dataclass
 class Recorded:
     response_id: str
     first: bool  # False when the same response had been recorded before
     customer_id: str = ""
-
-
-def _iso(ts: float) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (ValueError, OverflowError, OSError):  # past year 9999 (a Timestamp's last nanosecond rounds up)
-        return f"{ts:.0f} s after 1970"
 
 
 class ResponseRecorder:
@@ -81,6 +131,10 @@ class ResponseRecorder:
         self._script = client.register_script(RESPOND)
         self.cluster = is_cluster(client)
         self._customer_script = client.register_script(RESPOND_CUSTOMER)
+        try:
+            client.hsetnx(META_KEY, DECISIONS_SINCE, int(self.clock() * 1000))
+        except redis.exceptions.RedisError as exc:  # not up yet: a later recorder (or restart) sets it
+            log.warning("cannot mark when this store's decisions begin: %s", exc)
 
     def _contact(self) -> ContactRules:
         contact = self.rules.current.ruleset.contact if self.rules is not None else None
@@ -92,22 +146,22 @@ class ResponseRecorder:
         contact, now = self._contact(), self.clock()
         ix = contact.interactions
         ts = now if ts is None else ts
-        if ts > now + ix.future_skew_seconds:
-            raise InvalidRequest("timestamp", f"{_iso(ts)} is {ts - now:,.0f} s ahead of the server clock "
-                                              f"(at most {ix.future_skew_seconds:g} s)")
+        check_not_ahead(ts, now, ix.future_skew_seconds)
+        made = decided_at(decision_id)
+        if made is None:
+            bad = InvalidRequest("decision_id", f"{decision_id[:64]!r} is not a decision id of this service "
+                                                "(32 hexadecimal digits, as Decide returns them)")
+            bad.reason = "DECISION_ID_MALFORMED"
+            raise bad
         key = decision_key(decision_id)
         raw = self._record_of(key)
         if not raw and not self.cluster and key != legacy_decision_key(decision_id):  # decided before ids had slots
             key = legacy_decision_key(decision_id)
             raw = self._record_of(key)
         if not raw or "customer" not in raw:
-            made = decided_at(decision_id)
-            if made is not None and now - made > ix.accept_days * 86_400:
-                raise NotFound("decision_id", f"decision {decision_id} of {_iso(made)} has expired: responses are "
-                                              f"accepted for {ix.accept_days:g} days (contact.yaml responses.accept_days)")
-            raise NotFound("decision_id", f"no decision {decision_id}")
+            raise self._missing(decision_id, made, now, ix.accept_days, ix.future_skew_seconds)
         if ts < float(raw.get("ts") or 0) - BEFORE_DECISION_TOLERANCE:
-            raise InvalidRequest("timestamp", f"{_iso(ts)} is before the decision ({_iso(float(raw['ts']))})")
+            raise InvalidRequest("timestamp", f"{utc_text(ts)} is before the decision ({utc_text(float(raw['ts']))})")
         actions = raw.get("actions", "").split(",") if raw.get("actions") else []
         if action_id not in actions:
             raise NotFound("action_id", f"{action_id} was not presented in decision {decision_id}")
@@ -134,27 +188,50 @@ class ResponseRecorder:
         keep_ms = max(int(contact.history_days * DAY_MS), DAY_MS)
         field = f"r:{action_id}:{outcome}"
         stream = customer_shard_key(self.stream, customer, self.client)
+        refused = [f"r:{action_id}:{o}" for o in contradicted_by(outcome)]
         if self.cluster:
             first, entry, late = self._record_on_cluster(key, customer, field, member, int(ts * 1000), keep_ms,
-                                                         stream, reserved, fields)
+                                                         stream, reserved, fields, refused)
         else:
             first, entry, late = self._script(
                 keys=[key, contacts_key(customer), stream, RESERVATIONS_KEY],
-                args=[field, member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, *flat],
+                args=[field, member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, len(refused), *refused, *flat],
             )
+        if first == -1:  # ``late`` names the contradicted response's field, ``entry`` its stream id
+            raise _conflict(decision_id, action_id, outcome, _text(late), _text(entry))
         if late:
             metrics.RESERVATIONS.labels("late").inc()
         return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first), customer)
+
+    def _missing(self, decision_id: str, made: float, now: float, accept_days: float, skew: float) -> NotFound:
+        """Why no record answers to a well-formed ``decision_id`` decided at ``made``."""
+        window = f"responses are accepted for {accept_days:g} days (contact.yaml responses.accept_days)"
+        if made > now + skew:
+            return UnknownDecision("decision_id", f"no decision {decision_id} was issued: its time {utc_text(made)} "
+                                                  "is ahead of the server clock")
+        since = self.client.hget(META_KEY, DECISIONS_SINCE)
+        if since is not None and made * 1000 < int(since):
+            return UnknownDecision("decision_id", f"no decision {decision_id} was issued: its time {utc_text(made)} is "
+                                                  f"before this service's first decision ({utc_text(int(since) / 1000)})")
+        if now - made > accept_days * 86_400:
+            return ExpiredDecision("decision_id", f"decision {decision_id} of {utc_text(made)} has expired: {window}")
+        return UnknownDecision("decision_id", f"no decision {decision_id} was issued (or it was erased); "
+                                              f"its time {utc_text(made)} is within the response window")
 
     def _record_of(self, key: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
 
     def _record_on_cluster(self, key: str, customer: str, field: str, member: str, ts_ms: int, keep_ms: int,
-                           stream: str, reserved: str, fields: dict[str, str]) -> tuple[int, bytes | str, int]:
+                           stream: str, reserved: str, fields: dict[str, str],
+                           refused: list[str]) -> tuple[int, bytes | str, int | bytes]:
         """``RESPOND`` in steps that each touch one slot (``RESPOND_CUSTOMER``): a call that dies half-way
         is completed by its retry; an entry may then be in the stream twice (at least once). The answer
         waits until a replica has the stream entry and the record (``replicated``)."""
-        first, entry = self._customer_script(keys=[key, contacts_key(customer)], args=[field, member, ts_ms, keep_ms])
+        answer = self._customer_script(keys=[key, contacts_key(customer)],
+                                       args=[field, member, ts_ms, keep_ms, len(refused), *refused])
+        first, entry = answer[0], answer[1]
+        if first == -1:
+            return -1, entry, answer[2]
         if not first:
             return 0, entry, 0
         late = 1 if reserved and not self.client.zrem(customer_shard_key(RESERVATIONS_KEY, customer, self.client),

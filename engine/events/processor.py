@@ -73,7 +73,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from engine import metrics
-from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest
+from engine.decision.request import MAX_ID_LENGTH, DecideInput, InvalidRequest, check_not_ahead
 from engine.errors import NbaError
 from engine.rules.patterns import (
     ALL_CHANNELS,
@@ -310,8 +310,7 @@ class EventProcessor:
             raise InvalidRequest("type", "must not be empty")
         now_ms = int(self.clock() * 1000)
         ts_ms = now_ms if ts is None or ts <= 0 else int(ts * 1000)
-        if ts_ms > now_ms + FUTURE_SKEW_MS:
-            raise InvalidRequest("timestamp", "is in the future")
+        check_not_ahead(ts_ms / 1000, now_ms / 1000, FUTURE_SKEW_MS / 1000)
         with self.rules.use() as rules:
             events, patterns = rules.ruleset.events, rules.patterns
             if events is None:  # no events.yaml: events are only logged

@@ -164,8 +164,8 @@ def load_campaigns(loader: Any, scope: Scope, actions: list[Action]) -> tuple[di
             if item.is_scalar:  # a catalog action
                 action_id = loader.text(item, f"{what} action")
                 if action_id not in by_id:
-                    loader.err(item.error(f'unknown action "{action_id}" in {what}',
-                                          suggest(action_id, by_id) or "name a catalog action, or define it here"))
+                    hint = suggest(action_id, by_id) or "name a catalog action, or define it here"
+                    loader.ref_err("action", item.error(f'unknown action "{action_id}" in {what}', hint))
                     continue
                 index = by_id[action_id]
             else:  # an action of its own

@@ -17,6 +17,7 @@ from engine.rules.facts import consent_field, context_field, holds_field, set_fi
 from engine.rules.nodes import (
     And,
     Arith,
+    Bad,
     Bool,
     Call,
     Compare,
@@ -153,8 +154,8 @@ class _Checker:
         self.scope = scope
         self.errors: list[ConditionError] = []
 
-    def error(self, node: Node, message: str, hint: str = "") -> None:
-        self.errors.append(ConditionError(node.pos, max(node.end, node.pos + 1), message, hint))
+    def error(self, node: Node, message: str, hint: str = "", refers: str = "") -> None:
+        self.errors.append(ConditionError(node.pos, max(node.end, node.pos + 1), message, hint, refers))
 
     # returns (resolved node, type or None when an error was reported)
     def expr(self, node: Node) -> tuple[Node, Ty | None]:
@@ -170,6 +171,11 @@ class _Checker:
 
     def _Bool(self, node: Bool):
         return node, BOOL
+
+    def _Bad(self, node: Bad):
+        for part in node.parts:  # its syntax error is reported; what did parse may have mistakes of its own
+            self.expr(part)
+        return node, None
 
     def _ListLit(self, node: ListLit):
         self.error(node, 'a list [...] can only follow "in" or "not in"')
@@ -200,7 +206,7 @@ class _Checker:
             self.error(node, f'"{name}" is a set', f"use {use} to test membership")
             return node, None
         hint = suggest(name, self.scope.names()) or "see the feature list in rules/README.md"
-        self.error(node, f'unknown feature "{name}"', hint)
+        self.error(node, f'unknown feature "{name}"', hint, refers="situation")
         return node, None
 
     def _ContextRef(self, node: ContextRef):
@@ -347,7 +353,9 @@ class _Checker:
             return In(left, node.items, node.negated, **span), None
         ok = True
         for item in node.items:
-            if lt.kind == "num":
+            if isinstance(item, Bad):
+                ok = False
+            elif lt.kind == "num":
                 if not isinstance(item, Num):
                     self.error(item, "expected a number in the list (the left side is a number)")
                     ok = False

@@ -27,8 +27,8 @@ PERS = {"action": "a", "group": "g", "customer": "c"}
 @dataclass(frozen=True)
 class ContactLimit:
     """At most ``max`` contacts of kind ``counts`` per ``per`` within ``days``, counted over
-    ``channels`` (all when empty) and action ``types`` (all when empty); it applies to actions of those
-    types decided on those channels."""
+    ``channels``, action ``types``, ``actions`` (ids) and ``groups`` (each: all when empty; together:
+    all must hold); it applies to the actions it counts, decided on those channels."""
 
     name: str
     max: int
@@ -39,15 +39,30 @@ class ContactLimit:
     types: frozenset[str] = frozenset()
     reason: str = ""
     source: str = ""
+    actions: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    description: str = ""
 
     def applies(self, action: Action, channel: str) -> bool:
-        return (not self.types or action.type in self.types) and (not self.channels or channel in self.channels)
+        return self.counts_contact(action.id, action.group, action.type, channel)
+
+    def counts_contact(self, action_id: str, group: str, type_: str, channel: str) -> bool:
+        """Whether a contact with this action on ``channel`` is within the policy's scope."""
+        return ((not self.types or type_ in self.types) and (not self.channels or channel in self.channels)
+                and (not self.actions or action_id in self.actions) and (not self.groups or group in self.groups))
+
+    def scope(self, actions: Sequence[Action]) -> list[str]:
+        """The ids of ``actions`` the policy applies to (on its channels)."""
+        return [a.id for a in actions if (not self.types or a.type in self.types)
+                and (not self.actions or a.id in self.actions) and (not self.groups or a.group in self.groups)]
 
     def spec(self, now_ms: int) -> list:
         """The limit as the Lua script reads it."""
         return [KINDS[self.counts], PERS[self.per], self.max, now_ms - int(self.days * DAY_MS),
                 {c: 1 for c in self.channels} if self.channels else 0,
-                {t: 1 for t in self.types} if self.types else 0]
+                {t: 1 for t in self.types} if self.types else 0,
+                {a: 1 for a in self.actions} if self.actions else 0,
+                {g: 1 for g in self.groups} if self.groups else 0]
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,7 @@ IMPRESSION_KEYS = {"counted": False, "reservation_minutes": False}
 INTERACTION_KEYS = {"window_minutes": False}
 RESPONSE_KEYS = {"accept_days": False, "future_skew_seconds": False}
 LIMIT_KEYS = {"name": True, "max": False, "days": True, "per": False, "counts": False, "channels": False,
-              "types": False, "reason": False, "description": False}
+              "types": False, "actions": False, "groups": False, "reason": False, "description": False}
 QUIET_KEYS = {"channels": False, "from": True, "to": True, "time_zone": False, "customer_time_zone": False,
               "utc_offset_minutes": False}  # utc_offset_minutes: refused, with a pointer to time_zone
 CONTROL_KEYS = {"share": True, "policy": False, "generic": False}
@@ -213,12 +228,21 @@ def _time_of_day(loader, loc, what: str) -> int | None:
 
 def _names(loader, loc, what: str, known: Sequence[str]) -> frozenset[str]:
     out = set()
+    kind = what[:-1] if what.endswith("s") else what
     for value, item in loader.names(loc, what):
         if value not in known:
-            loader.err(item.error(f'unknown {what[:-1] if what.endswith("s") else what} "{value}"',
-                                  suggest(value, known) or "one of: " + ", ".join(known)))
+            error = item.error(f'unknown {kind} "{value}"', suggest(value, known) or "one of: " + ", ".join(known))
+            if kind in ("action", "group"):  # none is known while catalog.yaml does not parse
+                loader.ref_err(kind, error)
+            else:
+                loader.err(error)
         out.add(value)
     return frozenset(out)
+
+
+def _description(loc) -> str:
+    """A policy's description as written (not checked: it is prose; ``nba rules diff`` reads it)."""
+    return str(loc.value) if loc is not None and loc.is_scalar and loc.value is not None else ""
 
 
 def _quiet_channels(loader, fields: dict) -> frozenset[str]:
@@ -336,11 +360,14 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
                                               suggest(counts, KINDS)))
         channels = _names(loader, fields.get("channels"), "channels", loader.schema.channel_names)
         types = _names(loader, fields.get("types"), "types", loader.schema.type_names)
+        scoped_ids = _names(loader, fields.get("actions"), "actions", [a.id for a in actions])
+        groups = _names(loader, fields.get("groups"), "groups", sorted({a.group for a in actions}))
         if days is not None and maximum is not None and per in PERS and counts in KINDS:
             reason = loader.text(fields.get("reason"), f"{what} reason") or (
                 f"{int(maximum)} {counts} per {per} in {days:g} days")
             limits.append(ContactLimit(name, int(maximum), float(days), per, counts, channels, types, reason,
-                                       item.where()))
+                                       item.where(), scoped_ids, groups,
+                                       _description(fields.get("description"))))
     quiet = None
     if "quiet_hours" in top:
         q = loader.keys(top["quiet_hours"], QUIET_KEYS, "quiet_hours", {"channels": "[email, sms]"})
@@ -365,8 +392,8 @@ def load_contact(loader, rules_dir: Path, actions: Sequence[Action]) -> ContactR
             generic = loader.text(c.get("generic"), "control_group generic")
             ids = [a.id for a in actions]
             if generic and generic not in ids:
-                loader.err(c["generic"].error(f'unknown action "{generic}" in control_group generic',
-                                              suggest(generic, ids)))
+                loader.ref_err("action", c["generic"].error(f'unknown action "{generic}" in control_group generic',
+                                                            suggest(generic, ids)))
             if policy == "generic" and not generic:
                 at = c["share"] if "share" in c else c["policy"]  # share may be missing too (reported by keys())
                 loader.err(at.error('control_group policy "generic" needs "generic: <action id>"'))

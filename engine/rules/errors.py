@@ -19,6 +19,7 @@ class RuleError:
     message: str
     hint: str = ""
     snippet: str = ""  # the source line, for ``render()``
+    note: str = ""  # e.g. which checks elsewhere this error made impossible; shown by ``render()``
 
     def __str__(self) -> str:
         text = f"{self.file}:{self.line}:{self.column}: {self.message}"
@@ -26,10 +27,10 @@ class RuleError:
 
     def render(self) -> str:
         """The error followed by the source line and a caret under the column."""
-        if not self.snippet:
-            return str(self)
-        caret = " " * (self.column - 1) + "^"
-        return f"{self}\n    {self.snippet}\n    {caret}"
+        text = str(self)
+        if self.snippet:
+            text += "\n    " + self.snippet + "\n    " + " " * (self.column - 1) + "^"
+        return (text + f"\n    note: {self.note}") if self.note else text
 
 
 class RuleErrors(NbaError):
@@ -48,6 +49,7 @@ class ConditionError(NbaError):
     end: int
     message: str
     hint: str = ""
+    refers: str = ""  # "situation": the name may be one that an unreadable policies.yaml defines
 
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message

@@ -6,16 +6,17 @@ from engine.rules.checker import Scope, check
 from engine.rules.errors import ConditionError
 from engine.rules.evaluate import evaluate
 from engine.rules.nodes import Node
-from engine.rules.parser import parse
+from engine.rules.parser import parse, parse_all
 
 __all__ = ["ConditionError", "Scope", "compile_condition", "evaluate", "parse"]
 
 
 def compile_condition(text: str, scope: Scope) -> tuple[Node | None, list[ConditionError]]:
-    """The resolved tree of ``text`` and its errors (offsets into ``text``); the tree is None on errors."""
-    try:
-        tree = parse(text)
-    except ConditionError as err:
-        return None, [err]
-    resolved, errors = check(tree, scope)
+    """The resolved tree of ``text`` and every error in it, syntax and type errors alike, in the order of
+    their offsets into ``text``; the tree is None on errors."""
+    tree, errors = parse_all(text)
+    if tree is None:
+        return None, errors
+    resolved, type_errors = check(tree, scope)
+    errors = sorted([*errors, *type_errors], key=lambda e: e.pos)
     return (None, errors) if errors else (resolved, [])

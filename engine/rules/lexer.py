@@ -25,7 +25,7 @@ MISTAKES = {
 
 @dataclass(frozen=True)
 class Token:
-    kind: str  # "num", "str", "name", "kw", "op", "eof"
+    kind: str  # "num", "str", "name", "kw", "op", "eof"; "bad": a mistake already reported
     text: str  # source text (for "str": the decoded value)
     pos: int
     end: int
@@ -40,7 +40,16 @@ def _is_name_char(ch: str) -> bool:
     return ch.isascii() and (ch.isalnum() or ch == "_")
 
 
-def tokenize(text: str) -> list[Token]:
+def tokenize(text: str, errors: list[ConditionError] | None = None) -> list[Token]:
+    """The tokens of ``text``. Raises the first mistake, or with ``errors`` adds every mistake to it and
+    goes on: a typo with one meaning (``=``, ``&&``, ``AND``...) becomes what was meant, other mistakes
+    "bad" tokens, so that the parser and the checker still see the rest of the condition."""
+
+    def fail(err: ConditionError) -> None:
+        if errors is None:
+            raise err
+        errors.append(err)
+
     tokens: list[Token] = []
     i, n = 0, len(text)
     while i < n:
@@ -50,11 +59,15 @@ def tokenize(text: str) -> list[Token]:
             continue
         start = i
         if ch.isdigit() or (ch == "." and i + 1 < n and text[i + 1].isdigit()):
-            tokens.append(_number(text, i))
+            try:
+                tokens.append(_number(text, i))
+            except ConditionError as err:
+                fail(err)
+                tokens.append(Token("bad", text[err.pos:err.end], err.pos, err.end))
             i = tokens[-1].end
             continue
         if ch in "\"'":
-            tok = _string(text, i)
+            tok = _string(text, i, fail)
             tokens.append(tok)
             i = tok.end
             continue
@@ -64,19 +77,26 @@ def tokenize(text: str) -> list[Token]:
             word = text[start:i]
             low = word.lower()
             if word.startswith("_"):
-                raise ConditionError(start, i, f'syntax error: "{word}": names start with a letter',
-                                     "conditions use feature names, situations and holds/consent/trigger, nothing else")
-            if word in PYTHON_WORDS:
-                raise ConditionError(start, i, f'syntax error: "{word}" is not part of the condition language',
-                                     "conditions are not Python: compare features, e.g. tenure_months >= 12")
-            if low in KEYWORDS and word != low:
-                raise ConditionError(start, i, f'"{word}" must be written in lower case', f'write "{low}"')
-            tokens.append(Token("kw" if word in KEYWORDS else "name", word, start, i))
+                fail(ConditionError(start, i, f'syntax error: "{word}": names start with a letter',
+                                    "conditions use feature names, situations and holds/consent/trigger, nothing else"))
+                tokens.append(Token("bad", word, start, i))
+            elif word in PYTHON_WORDS:
+                fail(ConditionError(start, i, f'syntax error: "{word}" is not part of the condition language',
+                                    "conditions are not Python: compare features, e.g. tenure_months >= 12"))
+                tokens.append(Token("bad", word, start, i))
+            elif low in KEYWORDS and word != low:
+                fail(ConditionError(start, i, f'"{word}" must be written in lower case', f'write "{low}"'))
+                tokens.append(Token("kw", low, start, i))
+            else:
+                tokens.append(Token("kw" if word in KEYWORDS else "name", word, start, i))
             continue
         two = text[i : i + 2]
         if two in ("&&", "||", "<>", "=>", "=<"):
             good, hint = MISTAKES[two]
-            raise ConditionError(i, i + 2, f'unexpected "{two}"', hint)
+            fail(ConditionError(i, i + 2, f'unexpected "{two}"', hint))
+            tokens.append(_meant(good, i, i + 2))
+            i += 2
+            continue
         for op in OPERATORS:
             if text.startswith(op, i):
                 tokens.append(Token("op", op, i, i + len(op)))
@@ -85,12 +105,28 @@ def tokenize(text: str) -> list[Token]:
         else:
             if ch in MISTAKES:
                 good, hint = MISTAKES[ch]
-                raise ConditionError(i, i + 1, f'unexpected "{ch}"', hint)
-            if ch in "\u201c\u201d\u2018\u2019":
-                raise ConditionError(i, i + 1, f'unexpected typographic quote "{ch}"', 'use plain quotes " or \'')
-            raise ConditionError(i, i + 1, f'unexpected character "{ch}"', "")
+                fail(ConditionError(i, i + 1, f'unexpected "{ch}"', hint))
+                tokens.append(_meant(good, i, i + 1))
+            elif ch in TYPOGRAPHIC:
+                fail(ConditionError(i, i + 1, f'unexpected typographic quote "{ch}"', 'use plain quotes " or \''))
+                close = next((j for j in range(i + 1, n) if text[j] in TYPOGRAPHIC), -1)
+                if close > 0:  # read as the text it quotes (at its first letter: the quote has its error)
+                    tokens.append(Token("str", text[i + 1 : close], i + 1, close + 1))
+                    i = close + 1
+                    continue
+            else:
+                fail(ConditionError(i, i + 1, f'unexpected character "{ch}"', ""))
+            i += 1
     tokens.append(Token("eof", "", n, n))
     return tokens
+
+
+TYPOGRAPHIC = "\u201c\u201d\u2018\u2019"
+
+
+def _meant(good: str, pos: int, end: int) -> Token:
+    """The token a typo (``MISTAKES``) stands for."""
+    return Token("kw" if good in KEYWORDS else "op", good, pos, end)
 
 
 def _number(text: str, i: int) -> Token:
@@ -123,7 +159,8 @@ def _number(text: str, i: int) -> Token:
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
 
 
-def _string(text: str, i: int) -> Token:
+def _string(text: str, i: int, fail) -> Token:
+    """A quoted text; ``fail`` gets each mistake (and may raise it)."""
     quote, start, n = text[i], i, len(text)
     i += 1
     out: list[str] = []
@@ -134,12 +171,13 @@ def _string(text: str, i: int) -> Token:
         if ch == "\\" and i + 1 < n:
             esc = text[i + 1]
             if esc not in _ESCAPES:
-                raise ConditionError(i, i + 2, f'unknown escape "\\{esc}" in text', 'write "\\\\" for a backslash')
-            out.append(_ESCAPES[esc])
+                fail(ConditionError(i, i + 2, f'unknown escape "\\{esc}" in text', 'write "\\\\" for a backslash'))
+            out.append(_ESCAPES.get(esc, esc))
             i += 2
             continue
         if ch == "\n":
             break
         out.append(ch)
         i += 1
-    raise ConditionError(start, min(i, n), "text is not closed", f"add the closing {quote}")
+    fail(ConditionError(start, min(i, n), "text is not closed", f"add the closing {quote}"))
+    return Token("str", "".join(out), start, min(i, n))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -26,6 +27,9 @@ CONSENT_POLICY = "marketing_needs_consent"
 CONTACT_FILE = "contact.yaml"  # optional: contact policies, quiet hours, control group (engine/rules/contact.py)
 EVENTS_FILE = "events.yaml"  # optional: event types and event patterns (rules/patterns.py)
 VERSIONED_FILES = (DOMAIN_FILE, *RULE_FILES, CONTACT_FILE, EVENTS_FILE)
+# Which file defines the names another file may refer to, and how its note names them.
+DEFINED_IN = {"action": CATALOG_FILE, "group": CATALOG_FILE, "situation": POLICIES_FILE}
+DEFINITIONS = {CATALOG_FILE: "actions and groups", POLICIES_FILE: "situations"}
 
 CATALOG_KEYS = {"fallback": True, "actions": True, "groups": False, "description": False}
 POLICIES_KEYS = {"triggers": False, "situations": False, "policies": False, "levers": False,
@@ -103,12 +107,17 @@ class _Loader:
         self.errors: list[RuleError] = []
         self.files = read_rule_files(rules_dir)
         self.action_ids: dict[str, Loc] = {}  # action id -> where it was first defined
+        # files whose definitions could not be read (DEFINED_IN): "did not parse" or "could not be read"
+        self.unread: dict[str, str] = {}
+        self.unchecked: dict[str, int] = {}  # such a file -> references to its names left unchecked
 
     def yaml(self, name: str) -> Loc | None:
         """The tree of rule file ``name`` as read when loading started (errors go to ``errors``)."""
         path = self.dir / name
         tree, _source, errors = load_yaml(path, str(path), self.files.get(name))
         self.errors.extend(errors)
+        if tree is None:
+            self.unread[name] = "did not parse"
         return tree
 
     def has(self, name: str) -> bool:
@@ -117,6 +126,25 @@ class _Loader:
     # --- small validators -------------------------------------------------------------------------
     def err(self, error: RuleError) -> None:
         self.errors.append(error)
+
+    def ref_err(self, kind: str, error: RuleError) -> None:
+        """An error about an unknown name of ``kind`` (DEFINED_IN). When the file defining such names
+        could not be read every name would look unknown, so it is only counted for that file's note."""
+        defined_in = DEFINED_IN[kind]
+        if defined_in in self.unread:
+            self.unchecked[defined_in] = self.unchecked.get(defined_in, 0) + 1
+        else:
+            self.err(error)
+
+    def note_unchecked(self) -> None:
+        """Add to the first error of each unreadable file how many references to it were not checked."""
+        for name, count in self.unchecked.items():
+            path = str(self.dir / name)
+            first = min((i for i, e in enumerate(self.errors) if e.file == path),
+                        key=lambda i: (self.errors[i].line, self.errors[i].column), default=None)
+            if first is not None:
+                self.errors[first] = replace(self.errors[first], note=f"{name} {self.unread[name]}: {count} "
+                                             f"reference(s) to its {DEFINITIONS[name]} not checked")
 
     def mapping(self, loc: Loc | None, what: str) -> dict[str, Loc] | None:
         if loc is None:
@@ -219,11 +247,20 @@ class _Loader:
             return None
         tree, errors = compile_condition(loc.value, scope)
         for e in errors:
-            self.err(loc.error_at(e.pos, e.message, e.hint))
+            error = loc.error_at(e.pos, e.message, e.hint)
+            if e.refers:
+                self.ref_err(e.refers, error)
+            else:
+                self.err(error)
         return tree
 
     # --- files ------------------------------------------------------------------------------------
     def load(self) -> RuleSet | None:
+        ruleset = self.load_all()
+        self.note_unchecked()
+        return ruleset
+
+    def load_all(self) -> RuleSet | None:
         schema = load_domain(self)
         if schema is None:  # nothing else can be checked without the data model
             return None
@@ -234,6 +271,11 @@ class _Loader:
         policies_tree, catalog_tree = trees[POLICIES_FILE], trees[CATALOG_FILE]
         policies_top = self.keys(policies_tree, POLICIES_KEYS, POLICIES_FILE) if policies_tree else {}
         catalog_top = self.keys(catalog_tree, CATALOG_KEYS, CATALOG_FILE) if catalog_tree else {}
+        for name, top in ((POLICIES_FILE, policies_top), (CATALOG_FILE, catalog_top)):
+            if top is None:
+                self.unread.setdefault(name, "could not be read")
+        if catalog_top and "actions" in catalog_top and not catalog_top["actions"].is_seq:
+            self.unread.setdefault(CATALOG_FILE, "could not be read")
         policies_top = policies_top or {}
         catalog_top = catalog_top or {}
 
@@ -404,7 +446,7 @@ class _Loader:
         for name, item in (self.mapping(loc, "groups") or {}).items():
             if name not in known:
                 hint = suggest(name, known) or "a group gets conditions only when some action uses it"
-                self.err(item.key_error(f'no action is in group "{name}"', hint))
+                self.ref_err("group", item.key_error(f'no action is in group "{name}"', hint))
                 continue
             fields = self.keys(item, GROUP_KEYS, f'group "{name}"')
             if fields is None:
@@ -454,7 +496,7 @@ class _Loader:
             action_id = self.text(id_loc, "fallback action")
             if action_id not in by_id:
                 hint = suggest(action_id, by_id) if action_id else ""
-                self.err(id_loc.error(f'fallback names an unknown action "{action_id}"', hint))
+                self.ref_err("action", id_loc.error(f'fallback names an unknown action "{action_id}"', hint))
                 continue
             if channel != "default" and not by_id[action_id].offered_on(channel):
                 self.err(id_loc.error(f'fallback action "{action_id}" has no {channel} treatment',
@@ -487,7 +529,11 @@ class _Loader:
             for value, item in self.names(items.get(key), f"{what} {key}"):
                 if value not in known[key]:
                     hint = suggest(value, known[key]) or ""
-                    self.err(item.error(f'unknown {singular[key]} "{value}" in {what}', hint))
+                    error = item.error(f'unknown {singular[key]} "{value}" in {what}', hint)
+                    if key == "types":
+                        self.err(error)
+                    else:
+                        self.ref_err(singular[key], error)
                 found[key].add(value)
         if not any(found.values()) and not any(items.get(k) is not None for k in TARGET_KEYS):
             self.err(loc.error(f"{what} names no types, groups or actions"))

@@ -116,6 +116,14 @@ class Or(Node):
     items: tuple[Node, ...]
 
 
+@dataclass(frozen=True)
+class Bad(Node):
+    """Where the parser met a syntax error and went on; ``parts``: what it did parse there, still
+    checked for errors of their own."""
+
+    parts: tuple[Node, ...] = ()
+
+
 TRUE = Bool(True)
 FALSE = Bool(False)
 

@@ -26,6 +26,7 @@ from engine.rules.nodes import (
     COMPARE_OPS,
     And,
     Arith,
+    Bad,
     Bool,
     Call,
     Compare,
@@ -43,8 +44,21 @@ from engine.rules.nodes import (
 
 
 def parse(text: str) -> Node:
-    """Parse one condition; raises ``ConditionError`` with offsets into ``text``."""
-    return _Parser(text).parse()
+    """Parse one condition; raises its first ``ConditionError`` (offsets into ``text``)."""
+    tree, errors = parse_all(text)
+    if errors:
+        raise errors[0]
+    assert tree is not None
+    return tree
+
+
+def parse_all(text: str) -> tuple[Node | None, list[ConditionError]]:
+    """Parse one condition, going on after each syntax error: (the tree, with a ``Bad`` node where a part
+    did not parse; every error, the tokenizer's first). The tree is None when nothing could be parsed."""
+    lexed: list[ConditionError] = []
+    parser = _Parser(text, lexed)
+    tree = parser.parse()
+    return tree, lexed + [e for e in parser.errors if all(e.pos != seen.pos for seen in lexed)]
 
 
 def _describe(tok: Token) -> str:
@@ -56,10 +70,20 @@ def _describe(tok: Token) -> str:
 
 
 class _Parser:
-    def __init__(self, text: str):
+    def __init__(self, text: str, lexed: list[ConditionError]):
         self.text = text
-        self.tokens = tokenize(text)
+        self.tokens = tokenize(text, lexed)
         self.i = 0
+        self.errors: list[ConditionError] = []
+        # nesting in ( ) and [ ] of each token (a closer counts as outside): where recovery stops
+        self.levels: list[int] = []
+        depth = 0
+        for tok in self.tokens:
+            if tok.kind == "op" and tok.text in (")", "]"):
+                depth = max(depth - 1, 0)
+            self.levels.append(depth)
+            if tok.kind == "op" and tok.text in ("(", "["):
+                depth += 1
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
@@ -85,20 +109,43 @@ class _Parser:
             raise self._fail(what, hint)
         return self._next()
 
+    def _skip(self, level: int) -> None:
+        """Skip to the next "and" / "or" at nesting ``level``, the end of an enclosing group, or the end."""
+        while not self._is("eof") and self.levels[self.i] >= level:
+            if self.levels[self.i] == level and self.tok.kind == "kw" and self.tok.text in ("and", "or"):
+                return
+            self.i += 1
+
     # --- grammar ----------------------------------------------------------------------------------
-    def parse(self) -> Node:
+    def parse(self) -> Node | None:
         if self._is("eof"):
-            raise ConditionError(0, 0, "the condition is empty", 'write for example: tenure_months >= 12')
-        node = self._or()
-        if not self._is("eof"):
+            self.errors.append(ConditionError(0, 0, "the condition is empty", 'write for example: tenure_months >= 12'))
+            return None
+        parts = [self._or()]
+        while not self._is("eof"):
             tok = self.tok
             hint = ""
             if tok.kind in ("name", "num", "str") or self._is("op", "("):
                 hint = 'combine conditions with "and" / "or"'
             elif self._is("op", ")"):
                 hint = 'this ")" has no matching "("'
-            raise self._fail('"and", "or" or the end of the condition', hint)
-        return node
+            self.errors.append(self._fail('"and", "or" or the end of the condition', hint))
+            self._skip(0)
+            if not self._is("eof"):
+                self._next()  # the "and" / "or": the rest is checked too
+                parts.append(self._or())
+        return parts[0] if len(parts) == 1 else Bad(tuple(parts), pos=parts[0].pos, end=parts[-1].end)
+
+    def _operand(self) -> Node:
+        """One operand of "and" / "or". After a syntax error in it, the error is kept and the rest of the
+        operand skipped, so that the other operands are still parsed and checked."""
+        start, level = self.tok, self.levels[self.i]
+        try:
+            return self._not()
+        except ConditionError as err:
+            self.errors.append(err)
+            self._skip(level)
+            return Bad(pos=start.pos, end=max(start.end, err.end))
 
     def _or(self) -> Node:
         first = self._and()
@@ -111,11 +158,11 @@ class _Parser:
         return Or(tuple(items), pos=first.pos, end=items[-1].end)
 
     def _and(self) -> Node:
-        first = self._not()
+        first = self._operand()
         items = [first]
         while self._is("kw", "and"):
             self._next()
-            items.append(self._not())
+            items.append(self._operand())
         if len(items) == 1:
             return first
         return And(tuple(items), pos=first.pos, end=items[-1].end)
@@ -136,13 +183,19 @@ class _Parser:
         if tok.kind == "op" and tok.text in COMPARE_OPS:
             self._next()
             right = self._sum()
+            compare = Compare(tok.text, left, right, pos=left.pos, end=right.end)
             nxt = self.tok
             if nxt.kind == "op" and nxt.text in COMPARE_OPS:
-                raise ConditionError(
+                self.errors.append(ConditionError(
                     nxt.pos, nxt.end, "comparisons cannot be chained",
                     f"write two comparisons joined by and, e.g. a {tok.text} b and b {nxt.text} c",
-                )
-            return Compare(tok.text, left, right, pos=left.pos, end=right.end)
+                ))
+                parts: list[Node] = [compare]
+                while self.tok.kind == "op" and self.tok.text in COMPARE_OPS:
+                    self._next()
+                    parts.append(self._sum())
+                return Bad(tuple(parts), pos=left.pos, end=parts[-1].end)
+            return compare
         negated = False
         if self._is("kw", "not") and self.tokens[self.i + 1].kind == "kw" and self.tokens[self.i + 1].text == "in":
             self._next()
@@ -167,7 +220,8 @@ class _Parser:
                 break
         end = self._expect_op("]", '"," or "]" in the list')
         if not items:
-            raise ConditionError(start.pos, end.end, "the list is empty", "put at least one value between [ and ]")
+            self.errors.append(ConditionError(start.pos, end.end, "the list is empty",
+                                              "put at least one value between [ and ]"))
         return ListLit(tuple(items), pos=start.pos, end=end.end)
 
     def _list_item(self) -> Node:
@@ -183,7 +237,10 @@ class _Parser:
             num = self._next()
             return Num(-cast(float, num.value), pos=tok.pos, end=num.end)
         if tok.kind == "name":
-            raise ConditionError(tok.pos, tok.end, "a list holds fixed values only", f'put text in quotes: "{tok.text}"')
+            self.errors.append(ConditionError(tok.pos, tok.end, "a list holds fixed values only",
+                                              f'put text in quotes: "{tok.text}"'))
+            self._next()
+            return Bad(pos=tok.pos, end=tok.end)
         raise self._fail('a value ("text" or a number) in the list')
 
     def _sum(self) -> Node:
@@ -222,9 +279,15 @@ class _Parser:
         if tok.kind == "kw" and tok.text in ("true", "false"):
             self._next()
             return Bool(tok.text == "true", pos=tok.pos, end=tok.end)
+        if tok.kind == "bad":  # reported by the tokenizer
+            self._next()
+            return Bad(pos=tok.pos, end=tok.end)
         if self._is("op", "("):
             self._next()
             inner = self._or()
+            if self._is("eof"):  # only the ")" is missing: what is inside is still checked
+                self.errors.append(self._fail('")"', f'to close the "(" at position {tok.pos + 1} of the condition'))
+                return inner
             if not self._is("op", ")"):
                 raise self._fail('")"', f'to close the "(" at position {tok.pos + 1} of the condition')
             close = self._next()

@@ -40,7 +40,7 @@ from engine.rules.errors import ConditionError, RuleError, suggest
 from engine.rules.facts import GUARD_FIELD, to_json
 from engine.rules.nodes import And, Compare, Field, Node, Str
 from engine.rules.normalize import MAX_MARKERS, TooComplex, markers, prepare
-from engine.rules.parser import parse
+from engine.rules.parser import parse_all
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +260,15 @@ class _EventChecker(_Checker):
 
 
 def check_event_condition(text: str, event: EventType) -> tuple[Node | None, list[ConditionError]]:
-    try:
-        tree = parse(text)
-    except ConditionError as err:
-        return None, [err]
+    tree, errors = parse_all(text)
+    if tree is None:
+        return None, errors
     checker = _EventChecker(event)
     resolved, ty = checker.expr(tree)
     if ty is not None and ty.kind != "bool":
         checker.error(tree, f"expected a condition (true or false) but this is {ty.describe()}", _compare_hint(ty))
-    return (None, checker.errors) if checker.errors else (resolved, [])
+    errors = sorted([*errors, *checker.errors], key=lambda e: e.pos)
+    return (None, errors) if errors else (resolved, [])
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -356,7 +356,8 @@ def load_events(loader, rules_dir: Path, actions: Sequence, triggers: Iterable[s
                     clears_event.setdefault(event, set()).add(trigger)
             for aid, loc in loader.names(cleared.get("responses"), "cleared_by responses"):
                 if aid not in by_id:
-                    loader.err(loc.error(f'unknown action "{aid}"', suggest(aid, by_id) or "see the ids in catalog.yaml"))
+                    loader.ref_err("action", loc.error(f'unknown action "{aid}"',
+                                                       suggest(aid, by_id) or "see the ids in catalog.yaml"))
                 elif trigger:
                     for outcome in CLEARING_OUTCOMES:
                         clears_response.setdefault((aid, outcome), set()).add(trigger)
@@ -477,7 +478,8 @@ def _load_outbound(loader, loc, by_id: dict, what: str) -> Outbound | None:
     channel = loader.text(fields["channel"], "outbound channel")
     ok = True
     if action not in by_id:
-        loader.err(fields["action"].error(f'unknown action "{action}"', suggest(action, by_id) or "see the ids in catalog.yaml"))
+        loader.ref_err("action", fields["action"].error(f'unknown action "{action}"',
+                                                        suggest(action, by_id) or "see the ids in catalog.yaml"))
         ok = False
     outbound = loader.schema.outbound_channels
     if channel not in outbound:

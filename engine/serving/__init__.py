@@ -3,8 +3,10 @@ who may call what (``security``: TLS and mTLS, callers and roles, rate limits), 
 kind run at once and for how long (``admission``: lanes, shedding, idle streams), the channel callers
 open (``client``: retry policy, TLS, token), the composition of one worker (``app``: store, rules,
 models, engine, events wired together), the supervisor that runs workers and the embedded Redis
-(``serve``), a customer's export and erasure (``privacy``) run as audited jobs (``privacy_jobs``) and the
-code generator for ``engine/api`` (``protogen``).
+(``serve``), its traces and log lines (``telemetry``: tracer provider, JSON logs; ``tracing``: a span
+per call), a customer's export and erasure (``privacy``) run as audited jobs (``privacy_jobs``), server
+reflection as v1 and v1alpha (``reflection``), the code generator for ``engine/api`` and the slim client
+(``protogen``) and the check of the contract against the released one (``proto_compat``).
 
 May import every wing below it; nothing imports serving except ``engine.cli``.
 """

@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 import grpc
 
 from engine import metrics
+from engine.serving import error_details
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,10 @@ class Lane:
                 self.hosts[host] = held + 1
         if held >= self.per_host:
             metrics.rpcs.inc(_short(method), "RESOURCE_EXHAUSTED")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"server busy: {self.per_host} {self.what} at once from {host} on this worker")
+            error_details.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.per_host} {self.what} at once from {host} on this worker",
+                                error_details.OVERLOADED, retry_after=error_details.OVERLOADED_RETRY_SECONDS,
+                                metadata={"method": _short(method), "lane": self.name, "perHost": str(self.per_host)})
         try:
             yield
         finally:
@@ -255,7 +258,9 @@ class Admission(grpc.ServerInterceptor):
 
         def answer(_requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             metrics.rpcs.inc(short, "RESOURCE_EXHAUSTED")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            error_details.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, details, error_details.OVERLOADED,
+                                metadata={"method": short, "lane": lane.name, "limit": str(lane.limit)},
+                                retry_after=error_details.OVERLOADED_RETRY_SECONDS)
 
         answer.experimental_thread_pool = self.shed  # type: ignore[attr-defined]
         return grpc.stream_unary_rpc_method_handler(answer, request_deserializer=handler.request_deserializer,
@@ -336,7 +341,9 @@ class Admission(grpc.ServerInterceptor):
         finally:
             self.watchdog.disarm(key)
         if request is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{_short(method)} needs exactly one request message")
+            error_details.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{_short(method)} needs exactly one request message", error_details.MALFORMED_REQUEST,
+                                field="request", metadata={"method": _short(method)})
         return request
 
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # The client retry policy the README documents: a Decide, RecordResponse or PublishEvent that fails with
 # UNAVAILABLE (or times out on a server that did the work) is safe to send again with the same
-# interaction, decision or event id.
+# interaction, decision or event id. The slim client ships the same policy in
+# proto/client/nba_client/service_config.json; tests/test_slim_client.py keeps the two equal.
 RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "nba.v1.DecisionService", "method": "Decide"},
              {"service": "nba.v1.DecisionService", "method": "RecordResponse"},

@@ -72,6 +72,7 @@ import redis
 from engine.decision import history
 from engine.decision.budget_claims import BudgetClaims
 from engine.decision.contact import RESERVATIONS_KEY, decision_key
+from engine.decision.interactions import without_context
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
 from engine.events.processor import (
     OUTBOUND_INDEXED_SINCE,
@@ -537,7 +538,8 @@ def export_customer(client: Any, customer_id: str, who: str | None = "cli", now:
                 decision = str(stored.get("h", {}).get("id", ""))
             except (ValueError, AttributeError):
                 actions, decision = [], ""
-            touchpoint, _, shown = _s(placement)[2:].rpartition("|")  # d:<touchpoint>|<max actions>
+            # d:<touchpoint>|<max actions>[#<context digest>]
+            touchpoint, _, shown = without_context(_s(placement))[2:].rpartition("|")
             interactions.append({"interaction_id": key.split(":ix:", 1)[1], "touchpoint": touchpoint,
                                  "max_actions": int(shown) if shown.isdigit() else 0, "decision_id": decision,
                                  "actions": actions})

@@ -86,7 +86,7 @@ from prometheus_client import Counter, Histogram
 from engine.config import Config
 from engine.errors import NbaError
 from engine.metrics import LATENCY_BUCKETS
-from engine.serving import admission
+from engine.serving import admission, error_details
 
 log = logging.getLogger(__name__)
 
@@ -597,9 +597,10 @@ def _certificate(context: grpc.ServicerContext) -> tuple[list[str], list[str]]:
 class Refusal(NbaError):
     """Why a call is refused: its status code, the message for the caller, and the caller's label."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, label: str = "unknown") -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, label: str = "unknown",
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.label = code, message, label
+        self.code, self.message, self.label, self.retry_after = code, message, label, retry_after
 
 
 RESULTS = {grpc.StatusCode.UNAUTHENTICATED: "unauthenticated", grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
@@ -701,7 +702,8 @@ class CallerInterceptor(grpc.ServerInterceptor):
                 caller = self._by_certificate(policy, method, caller, context)
             if not self._bucket(caller).take():
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"caller {caller.name} is over its rate limit "
-                              f"({caller.per_second:g}/s, burst {caller.burst:g})", caller.name)
+                              f"({caller.per_second:g}/s, burst {caller.burst:g})", caller.name,
+                              retry_after=1 / caller.per_second)  # one token's refill
         except Refusal as refusal:
             AUTH_SECONDS.observe(time.perf_counter() - started)
             self._fail(context, method, refusal)
@@ -755,7 +757,11 @@ class CallerInterceptor(grpc.ServerInterceptor):
         short = method.rsplit("/", 1)[-1]
         CALLER_REQUESTS.labels(refusal.label, short, RESULTS.get(refusal.code, "refused")).inc()
         self.failures.failed(context.peer(), short, f"{refusal.code.name}: {refusal.message}")
-        context.abort(refusal.code, refusal.message)
+        # reasons UNAUTHENTICATED, PERMISSION_DENIED, RATE_LIMITED
+        reason = error_details.reason_of(refusal, RESULTS.get(refusal.code, "refused").upper())
+        metadata = {"method": short} | ({"caller": refusal.label} if refusal.label != "unknown" else {})
+        error_details.abort(context, refusal.code, refusal.message, reason, metadata=metadata,
+                            retry_after=refusal.retry_after)
 
     def _refused(self, handler: grpc.RpcMethodHandler, method: str, refusal: Refusal) -> grpc.RpcMethodHandler:
         """A handler of ``handler``'s kind that aborts with ``refusal`` at once; the request bytes are

@@ -17,17 +17,18 @@ import grpc
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection as server_reflection
 
 from engine import __version__, metrics
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision.funnel import Decision, redis_until
-from engine.decision.request import DecideInput, InvalidRequest
-from engine.decision.responses import NotFound
+from engine.decision.request import DecideInput, InvalidRequest, timestamp_seconds
+from engine.decision.responses import NotFound, OutcomeConflict
+from engine.serving import error_details
 from engine.serving.admission import Admission
 from engine.serving.privacy import check_customer_id
 from engine.serving.privacy_jobs import JobNotFound, PrivacyJobs
+from engine.serving.reflection import enable_reflection
 from engine.serving.security import (
     MAX_MESSAGE_BYTES,
     AuthPolicy,
@@ -35,6 +36,7 @@ from engine.serving.security import (
     caller_interceptor,
     current_caller,
 )
+from engine.serving.tracing import TracingInterceptor
 from engine.store.profiles import redis_client, redis_deadline
 from engine.store.updates import InvalidAttribute, ProfileExists, apply_update, check_update
 
@@ -116,33 +118,45 @@ def decision_to_pb(d: Decision) -> pb.DecideResponse:
 
 
 def _counted_as(method: str) -> Callable[[Callable], Callable]:
-    """Counts calls by status code; InvalidRequest becomes INVALID_ARGUMENT, Redis down UNAVAILABLE."""
+    """Counts calls by status code; InvalidRequest becomes INVALID_ARGUMENT, Redis down UNAVAILABLE; every
+    error carries google.rpc details (``error_details``)."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(self, request, context: grpc.ServicerContext):
+            field, retry_after = "", None
             try:
                 if isinstance(request, Undecodable):
-                    raise InvalidRequest("request", f"not a valid {request.method} request (bytes that do not parse, "
+                    bad = InvalidRequest("request", f"not a valid {request.method} request (bytes that do not parse, "
                                                     f"e.g. a string field that is not UTF-8): {request.error}")
+                    bad.reason = error_details.MALFORMED_REQUEST
+                    raise bad
                 reply = fn(self, request, context)
             except InvalidRequest as exc:
-                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+                code, message, field = grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field
+                reason = error_details.reason_of(exc, error_details.INVALID_FIELD)
             except NotFound as exc:
-                code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+                code, message, field = grpc.StatusCode.NOT_FOUND, str(exc), exc.field
+                reason = error_details.reason_of(exc, error_details.not_found_reason(exc.field))
             except ProfileExists as exc:
                 code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+                reason = error_details.reason_of(exc, error_details.PROFILE_EXISTS)
+            except OutcomeConflict as exc:
+                code, message, field = grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.field
+                reason = error_details.reason_of(exc)
             except redis.exceptions.RedisError as exc:
                 metrics.REDIS_ERRORS.labels(method).inc()
                 code, message = grpc.StatusCode.UNAVAILABLE, f"profile store unavailable: {exc}"
+                reason, retry_after = error_details.PROFILE_STORE_UNAVAILABLE, error_details.UNAVAILABLE_RETRY_SECONDS
             except Exception:
                 log.exception("%s failed", method)
-                code, message = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log"
+                code, message, reason = grpc.StatusCode.INTERNAL, f"{method} failed; see the server log", error_details.INTERNAL
             else:
                 metrics.rpcs.inc(method, "OK")
                 return reply
             metrics.RPCS.labels(method, code.name).inc()
-            context.abort(code, message)
+            error_details.abort(context, code, message, reason, field=field, metadata={"method": method},
+                                retry_after=retry_after)
 
         return wrapper
 
@@ -165,10 +179,7 @@ def _seconds(request) -> float | None:
     Timestamp (seconds outside years 1-9999, nanos outside 0-999,999,999)."""
     if not request.HasField("timestamp"):
         return None
-    try:
-        return request.timestamp.ToNanoseconds() / 1e9
-    except ValueError as exc:
-        raise InvalidRequest("timestamp", str(exc)) from None
+    return timestamp_seconds(request.timestamp.seconds, request.timestamp.nanos)
 
 
 class Undecodable:
@@ -288,6 +299,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             kind = value.WhichOneof("value")
             if kind is None:
                 raise InvalidRequest(f"attributes.{name}", "no value set")
+            if kind == "date":
+                timestamp_seconds(value.date.seconds, value.date.nanos, f"attributes.{name}.date")
             values[name] = (None if kind == "clear" else value.date.ToDatetime(tzinfo=UTC) if kind == "date"
                             else list(value.members.members) if kind == "members" else getattr(value, kind))
         schema = self.app.rules.current.schema
@@ -323,6 +336,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             exploration_strategy=model.exploration.strategy if model.exploration.enabled else "none",
             exploration_share=model.exploration.share if model.exploration.enabled else 0.0,
             campaigns=_campaigns(self.app, rules.ruleset),
+            **_rules_files(self.app),
         )
 
     def _jobs(self) -> PrivacyJobs:
@@ -390,6 +404,17 @@ def _campaigns(app: App, ruleset) -> list[pb.CampaignStatus]:
         pacing=s.pacing or 0.0) for s in statuses]
 
 
+def _rules_files(app: App) -> dict:
+    """GetStatus's fields about the rule directory: where, how often checked, and the last refused reload."""
+    refused = app.rules_refused
+    fields: dict = {"rules_dir": str(app.config.rules_dir.resolve()),
+                    "rules_watch_seconds": app.config.rules_watch_seconds, "ruleset_files_digest": app.rules_digest}
+    if refused is not None:
+        fields["rules_refused"] = pb.RulesRefused(at=_timestamp(refused.at), ruleset_version=refused.version,
+                                                  files_digest=refused.files_digest, errors=list(refused.errors))
+    return fields
+
+
 def channel_options(reuse_port: bool) -> list[tuple[str, int]]:
     """The gRPC server's channel options (``build_server``; the load tests' bare servers use them too)."""
     return [("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -433,7 +458,9 @@ def build_server(app: App, address: str, reuse_port: bool = False,
     ``Admission(max_in_flight)``), so neither a flood of calls nor idle streams keep health from answering.
     """
     admission = admission or Admission(max_in_flight)
-    chain = [admission, caller_interceptor(app, auth, tls), *interceptors, DecodeGuard()]
+    # tracing after admission (which must run first, in the polling thread) and before the credential
+    # check, so refused calls have spans too; it passes calls through untouched while tracing is off
+    chain = [admission, TracingInterceptor(), caller_interceptor(app, auth, tls), *interceptors, DecodeGuard()]
     # every call runs on its lane's threads; these run only what no lane claims
     other = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc")
     server = grpc.server(other, options=channel_options(reuse_port), interceptors=chain,
@@ -449,10 +476,8 @@ def build_server(app: App, address: str, reuse_port: bool = False,
             pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
             pb.DESCRIPTOR.services_by_name["ProfileService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            server_reflection.SERVICE_NAME,
         )
-        # grpcio-reflection serves only v1alpha (grpcurl and grpc_cli fall back to it)
-        server_reflection.enable_server_reflection(names, server)
+        enable_reflection(names, server)  # grpc.reflection.v1 and v1alpha
     port = server.add_secure_port(address, tls.credentials()) if tls is not None else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")

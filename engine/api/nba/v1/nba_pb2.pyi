@@ -384,7 +384,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid", "experiment_mode", "challenger_version", "challenger_share", "exploration_strategy", "exploration_share", "campaigns")
+    __slots__ = ("ruleset_version", "ruleset_loaded_at", "model_version", "model_loaded_at", "redis_ok", "redis_detail", "catalog_size", "service_version", "worker_pid", "experiment_mode", "challenger_version", "challenger_share", "exploration_strategy", "exploration_share", "campaigns", "rules_dir", "rules_watch_seconds", "ruleset_files_digest", "rules_refused")
     RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
     RULESET_LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +400,10 @@ class GetStatusResponse(_message.Message):
     EXPLORATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     EXPLORATION_SHARE_FIELD_NUMBER: _ClassVar[int]
     CAMPAIGNS_FIELD_NUMBER: _ClassVar[int]
+    RULES_DIR_FIELD_NUMBER: _ClassVar[int]
+    RULES_WATCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RULESET_FILES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RULES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     ruleset_version: str
     ruleset_loaded_at: _timestamp_pb2.Timestamp
     model_version: str
@@ -415,7 +419,23 @@ class GetStatusResponse(_message.Message):
     exploration_strategy: str
     exploration_share: float
     campaigns: _containers.RepeatedCompositeFieldContainer[CampaignStatus]
-    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ..., experiment_mode: _Optional[str] = ..., challenger_version: _Optional[str] = ..., challenger_share: _Optional[float] = ..., exploration_strategy: _Optional[str] = ..., exploration_share: _Optional[float] = ..., campaigns: _Optional[_Iterable[_Union[CampaignStatus, _Mapping]]] = ...) -> None: ...
+    rules_dir: str
+    rules_watch_seconds: float
+    ruleset_files_digest: str
+    rules_refused: RulesRefused
+    def __init__(self, ruleset_version: _Optional[str] = ..., ruleset_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[str] = ..., model_loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., redis_ok: _Optional[bool] = ..., redis_detail: _Optional[str] = ..., catalog_size: _Optional[int] = ..., service_version: _Optional[str] = ..., worker_pid: _Optional[int] = ..., experiment_mode: _Optional[str] = ..., challenger_version: _Optional[str] = ..., challenger_share: _Optional[float] = ..., exploration_strategy: _Optional[str] = ..., exploration_share: _Optional[float] = ..., campaigns: _Optional[_Iterable[_Union[CampaignStatus, _Mapping]]] = ..., rules_dir: _Optional[str] = ..., rules_watch_seconds: _Optional[float] = ..., ruleset_files_digest: _Optional[str] = ..., rules_refused: _Optional[_Union[RulesRefused, _Mapping]] = ...) -> None: ...
+
+class RulesRefused(_message.Message):
+    __slots__ = ("at", "ruleset_version", "files_digest", "errors")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    RULESET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    ruleset_version: str
+    files_digest: str
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ruleset_version: _Optional[str] = ..., files_digest: _Optional[str] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CampaignStatus(_message.Message):
     __slots__ = ("name", "objective", "owner", "live", "start", "end", "total_budget", "daily_budget", "spent", "spent_today", "budget_left", "even_spend", "pacing")
