@@ -132,6 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.auth_file, cfg.insecure, cfg.dev_open_admin = args.auth, args.insecure, args.dev_open_admin
     cfg.max_in_flight = args.max_in_flight
     cfg.reflection = args.reflection
+    cfg.traces = args.traces or cfg.traces
+    cfg.trace_sample = cfg.trace_sample if args.trace_sample is None else args.trace_sample
+    cfg.log_format = args.log_format
+    cfg.archive = args.archive
     if args.fsync is not None and cfg.redis_url is not None:
         logging.getLogger(__name__).warning("--fsync %s ignored: it sets the embedded Redis; set appendfsync on "
                                             "the Redis at REDIS_URL (README, 'Durability')", args.fsync)
@@ -285,6 +289,49 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _archive_for(args: argparse.Namespace, cfg: Config) -> Path | None:
+    """The archive a report reads: ``--archive DIR``, else the data directory's when it holds one; None
+    (the streams alone) with ``--no-archive``."""
+    from engine.store.archive import default_root, has_archive
+
+    if args.no_archive:
+        return None
+    if args.archive:
+        return Path(args.archive)
+    root = default_root(cfg.data_dir)
+    return root if has_archive(root) else None
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    import threading
+
+    from engine.store.archive import ArchiveWriter, default_root
+
+    cfg = _config(args)
+    root = Path(args.dir) if args.dir else default_root(cfg.data_dir)
+    with _store(cfg) as store, ArchiveWriter(store.client, root, file_entries=args.file_entries,
+                                             flush_seconds=args.flush_seconds) as writer:
+        if args.archive_cmd == "once":
+            written = writer.once()
+            lag = writer.lag()
+            print(json.dumps({"archive": str(root), "archived": written,
+                              "lag": {name: {"entries": e, "seconds": s} for name, (e, s) in lag.items()}}))
+            return 0
+        if args.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port, addr=args.metrics_host)
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        print(f"archiving into {root}; Ctrl-C stops", file=sys.stderr, flush=True)
+        writer.run(stop, poll=args.poll)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from engine.decision.report import build_report, format_report
     from engine.rules.loader import load_rules
@@ -295,7 +342,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     types = {a.id: a.type for a in ruleset.actions} if ruleset else {}
     with _store(cfg) as store:
         report = build_report(store.client, since=args.since, customer_prefix=args.customer_prefix,
-                              values=values, types=types, bootstrap=args.bootstrap, seed=args.seed)
+                              values=values, types=types, bootstrap=args.bootstrap, seed=args.seed,
+                              archive=_archive_for(args, cfg))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -314,7 +362,12 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
     from engine.decision.campaign_report import plan_key
     from engine.rules.errors import RuleErrors
 
+    def tell(stage: str) -> None:
+        if not args.quiet:
+            print(f"plan: {stage}", file=sys.stderr, flush=True)
+
     cfg = _config(args)
+    tell("loading the model and the rules with the campaign")
     model = _live_model(cfg)
     if model is None:
         return 1
@@ -336,11 +389,14 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
                     given[channel] = float(n) / max(len(everyone), 1)
                 traffic = Traffic.given(given)
             else:
+                tell(f"measuring traffic on the decision stream's last {args.traffic_days:g} days")
                 traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days,
                                               planned.schema.channel_names)
             reject = rejection_share(store.client, args.traffic_days)
             plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days,
-                                 reject_share=reject)
+                                 reject_share=reject, progress=tell)
+            for warning in plan.warnings:  # not silenced by --quiet: the forecast may be off
+                print(f"warning: {warning}", file=sys.stderr)
             if args.save:
                 store.client.set(plan_key(campaign.name), json.dumps(plan.as_dict()))
     except PlanError as exc:
@@ -369,7 +425,8 @@ def cmd_campaign_report(args: argparse.Namespace) -> int:
         return 1
     with _store(cfg) as store:
         saved = store.client.get(plan_key(campaign.name))
-        report = build_campaign_report(store.client, campaign, json.loads(saved) if saved else None, since=args.since)
+        report = build_campaign_report(store.client, campaign, json.loads(saved) if saved else None, since=args.since,
+                                       archive=_archive_for(args, cfg))
     if args.html:
         from engine.decision.campaign_html import render_html
 
@@ -399,7 +456,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
-        print(json.dumps(MessageToDict(reply), indent=2))
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0
     print(format_decision(reply))
     return 0
@@ -415,7 +472,7 @@ def cmd_event(args: argparse.Namespace) -> int:
     reply = _rpc(args, "DecisionService", "PublishEvent", request)
     from google.protobuf.json_format import MessageToDict
 
-    print(json.dumps(MessageToDict(reply), indent=2) if args.json else (
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2) if args.json else (
         "duplicate: already processed" if reply.duplicate else
         f"event {request.event_id}: patterns {', '.join(reply.patterns) or '-'}; raised "
         f"{', '.join(reply.triggers_raised) or '-'}; cleared {', '.join(reply.triggers_cleared) or '-'}"
@@ -513,11 +570,61 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_status(args: argparse.Namespace) -> int:
+    """Whether the running service took the rule files on disk: 0 live, 1 refused, 2 not yet picked up."""
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.authoring.watch import files_digest
+    from engine.rules.loader import rules_version
+
+    rules_dir = Path(args.dir) if args.dir else Config().rules_dir
+    reply = _rpc(args, "AdminService", "GetStatus", pb.GetStatusRequest())
+    text, code = rules_status_text(reply, rules_dir, rules_version(rules_dir), files_digest(rules_dir))
+    print(text)
+    return code
+
+
+def rules_status_text(reply, rules_dir: Path, version: str, digest: str) -> tuple[str, int]:
+    """What a GetStatus ``reply`` says about the files in ``rules_dir`` (their ``version`` and files
+    ``digest``), in words, and ``nba rules status``'s exit status."""
+    from datetime import datetime
+
+    def clock(seconds: float) -> str:
+        when = datetime.fromtimestamp(seconds)
+        return when.strftime("%H:%M:%S" if when.date() == datetime.now().date() else "%Y-%m-%d %H:%M:%S")
+
+    live = reply.ruleset_version
+    lines = [f"live: {live} (loaded {clock(reply.ruleset_loaded_at.ToNanoseconds() / 1e9)})"]
+    served = Path(reply.rules_dir) if reply.rules_dir else None
+    if served is not None and served != Path(rules_dir).resolve():
+        lines.append(f"note: the service reads {served}; these are the files in {Path(rules_dir).resolve()}")
+    refused = reply.rules_refused if reply.HasField("rules_refused") else None
+    if digest == reply.ruleset_files_digest or (version == live and (refused is None or refused.files_digest != digest)):
+        lines.append("your files are that version")
+        code = 0
+    elif refused is not None and refused.files_digest == digest:
+        lines.append(f"your files ({version}) are newer and were refused at "
+                     f"{clock(refused.at.ToNanoseconds() / 1e9)}; {live} stays live:")
+        lines.extend(f"  {e}" for e in refused.errors)
+        code = 1
+    elif reply.rules_watch_seconds > 0:
+        lines.append(f"your files ({version}) are not yet picked up: the service checks them every "
+                     f"{reply.rules_watch_seconds:g} s; ask again in a moment")
+        code = 2
+    else:
+        lines.append(f"your files ({version}) are not yet picked up: the service does not watch them "
+                     "(--watch-rules 0); they go live on a ReloadRules call")
+        code = 2
+    lines.append(f"(worker {reply.worker_pid} answered; with several workers each reloads on its own)")
+    return "\n".join(lines), code
+
+
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from engine.authoring.check import test
+    from engine.authoring.contactscope import policy_scopes
 
     rules_dir = Path(args.dir) if args.dir else Config().rules_dir
     rules, errors, results = test(rules_dir)
+    scopes = policy_scopes(rules.ruleset) if rules is not None else []
     if rules is not None:
         rules.close()
     if errors:
@@ -526,6 +633,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     for r in results:
         if args.verbose_tests or not r.passed:
             print(r.render())
+    for scope in scopes:  # a policy that limits more than its name says passes every test: say so
+        if scope.warnings:
+            print("contact policy " + "\n".join(scope.render()).strip(), file=sys.stderr)
     summary = f"{len(results)} rule tests: {len(results) - len(failed)} passed, {len(failed)} failed"
     print(summary, file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
@@ -745,7 +855,23 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 1 if unreadable else 0
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every command; a reader that closes its end of stdout early (``nba decide --json | head -1``) ends
+    it quietly with ``SIGPIPE_EXIT``, as a command stopped by SIGPIPE would."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python's own flush of stdout at exit would hit the closed pipe again and print a warning
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nba", description="Next-best-action decision service")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -757,6 +883,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--redis-cert", metavar="FILE", help="client certificate for Redis TLS (env REDIS_CERT)")
         p.add_argument("--redis-key", metavar="FILE", help="its private key (env REDIS_KEY)")
         p.add_argument("--data-dir", help="embedded Redis data directory (default .nba-data)")
+
+    def archive_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--archive", metavar="DIR", help="read the archive in DIR plus the streams' unarchived tails "
+                       "(default: the data directory's archive when there is one)")
+        p.add_argument("--no-archive", action="store_true", help="read the Redis streams alone")
 
     def paths(p: argparse.ArgumentParser) -> None:
         redis_options(p)
@@ -785,11 +916,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-open-admin", action="store_true",
                    help="without --auth: AdminService without the local admin token (<data dir>/admin.token); "
                         "for development only (logs a warning)")
+    p.add_argument("--archive", choices=("auto", "on", "off"), default=Config.archive,
+                   help="run the archive writer (<data dir>/archive) in this process: auto = with the embedded "
+                        "Redis only (with REDIS_URL run one `nba archive run` for the deployment instead); off by "
+                        "default: nba customer forget does not erase the archive's files yet")
     p.add_argument("--max-in-flight", type=int, default=Config.max_in_flight,
                    help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
     p.add_argument("--reflection", action="store_true",
                    help="serve gRPC server reflection (grpcurl without .proto files; off by default); with --auth "
                         "only if the auth file's open list names reflection")
+    p.add_argument("--traces", choices=("none", "console", "otlp"),
+                   help="OpenTelemetry traces of every call: none (default; OTEL_TRACES_EXPORTER), console, or otlp "
+                        "to OTEL_EXPORTER_OTLP_ENDPOINT (pip install 'nba-engine[otel]')")
+    p.add_argument("--trace-sample", type=float, metavar="RATIO",
+                   help="share of the traces started here that are sampled, 0-1 (default 1; OTEL_TRACES_SAMPLER_ARG); "
+                        "a caller's sampled traceparent is always followed")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="log lines as text (default) or one JSON object each with trace, span and decision ids "
+                        "(NBA_LOG_FORMAT)")
     p.add_argument("--fsync", choices=("everysec", "always"),
                    help="the embedded Redis's appendfsync (default everysec): always fsyncs every write before "
                         "the OK (survives power loss; costs latency, README 'Durability')")
@@ -871,7 +1015,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="also a customer-bootstrap 95%% CI of the lift from N resamples (0: off)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true")
+    archive_option(p)
     p.set_defaults(fn=cmd_report)
+
+    archive = sub.add_parser("archive", help="copy the decision, response and event streams into Parquet files "
+                             "(the archive reports read)").add_subparsers(dest="archive_cmd", required=True)
+    for name, text in (("run", "archive continuously until stopped (SIGINT/SIGTERM: flush, then stop)"),
+                       ("once", "archive every entry up to the streams' heads, then exit (prints a JSON line)")):
+        p = archive.add_parser(name, help=text)
+        redis_options(p)
+        p.add_argument("--dir", help="the archive's root (default <data dir>/archive)")
+        p.add_argument("--file-entries", type=int, default=20_000, help="entries per file at most (and the "
+                       "entries per stream shard held in memory)")
+        p.add_argument("--flush-seconds", type=float, default=60.0,
+                       help="run: write what waits after this long even when a file is not full")
+        p.add_argument("--poll", type=float, default=1.0, help="run: seconds between reads of the streams")
+        p.add_argument("--metrics-host", default="127.0.0.1")
+        p.add_argument("--metrics-port", type=int, default=0, help="run: serve /metrics (archive lag) here (0: off)")
+        p.set_defaults(fn=cmd_archive)
 
     campaign = sub.add_parser("campaign", help="campaigns (rules/campaigns/*.yaml): plan before launch, report after"
                               ).add_subparsers(dest="campaign_cmd", required=True)
@@ -881,13 +1042,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="the campaign file (it need not be in the rules folder yet)")
     p.add_argument("--customers", type=int, default=0, help="plan on the first N stored customers (0: all)")
     p.add_argument("--days", type=int, default=0, help="forecast the first N days of the campaign (0: all of it)")
-    p.add_argument("--max-actions", type=int, default=1, help="actions shown per decision")
+    p.add_argument("--max-actions", type=int, default=0,
+                   help="actions shown per decision (0: the service's default, as for a Decide without max_actions)")
     p.add_argument("--traffic-days", type=float, default=7.0,
                    help="traffic: decisions per customer and day measured over the last N recorded days")
     p.add_argument("--decisions-per-day", nargs="+", metavar="CHANNEL=N",
                    help="traffic given instead: decisions per day on a channel (all customers)")
     p.add_argument("--save", action="store_true", help="keep the plan for nba campaign report (under/over plan)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings still)")
     p.set_defaults(fn=cmd_campaign_plan)
     p = campaign.add_parser("report", help="a campaign's results from the streams: per channel and segment, lift "
                             "over its control group, spend and pacing, segments against the plan")
@@ -896,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
     p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (tables, PNG charts)")
     p.add_argument("--json", action="store_true")
+    archive_option(p)
     p.set_defaults(fn=cmd_campaign_report)
 
     p = sub.add_parser("decide", help="ask a running server for a decision and print it")
@@ -954,6 +1118,11 @@ def main(argv: list[str] | None = None) -> int:
     p = rules.add_parser("check", help="parse and type-check the rule files; lists every error")
     p.add_argument("dir", nargs="?")
     p.set_defaults(fn=cmd_rules_check)
+    p = rules.add_parser("status", help="ask the running service whether it took the rule files on disk: live, "
+                         "refused (with its errors) or not yet picked up (exit 0, 1, 2)")
+    p.add_argument("dir", nargs="?", help="the rule files to compare (default ./rules)")
+    client_options(p)
+    p.set_defaults(fn=cmd_rules_status)
     p = rules.add_parser("test", help="run the rule tests in DIR/tests/*.yaml; lists every failure")
     p.add_argument("dir", nargs="?")
     p.add_argument("-v", dest="verbose_tests", action="store_true", help="list the tests that pass too")
@@ -1016,8 +1185,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["loadtest"]:
         return cmd_loadtest(argv[1:])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.serving.telemetry import configure_logging
+
+    configure_logging(getattr(args, "log_format", None), logging.DEBUG if args.verbose else logging.INFO)
     from engine.errors import NbaError
     from engine.rules.errors import RuleErrors
 

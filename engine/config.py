@@ -16,6 +16,14 @@ def _default_dir(name: str) -> Path:
     return here if here.is_dir() else REPO / name
 
 
+def _ratio(text: str | None) -> float:
+    """A sampling ratio from the environment; -1 for one that is no number (nba serve refuses it, naming it)."""
+    try:
+        return float(text) if text else 1.0
+    except ValueError:
+        return -1.0
+
+
 @dataclass
 class Config:
     grpc_address: str = "127.0.0.1:50051"
@@ -33,6 +41,10 @@ class Config:
     redis_cert: str | None = field(default_factory=lambda: os.environ.get("REDIS_CERT") or None)
     redis_key: str | None = field(default_factory=lambda: os.environ.get("REDIS_KEY") or None)
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("NBA_DATA_DIR", ".nba-data")))
+    # the archive writer (engine/store/archive.py) in nba serve: "auto" runs it with the embedded Redis (the data
+    # directory is this machine's) and not with REDIS_URL (several serving machines: one `nba archive run` instead);
+    # "off" by default while customer erasure does not reach the archive's files
+    archive: str = "off"
     redis_fsync: str = "everysec"  # the embedded Redis's appendfsync: everysec or always (README, "Durability")
     rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))
@@ -48,6 +60,11 @@ class Config:
     dev_open_admin: bool = False  # without an auth file: AdminService open without the local admin token
     max_in_flight: int = 16  # calls at once per worker before RESOURCE_EXHAUSTED (load shedding)
     reflection: bool = False  # serve grpc.reflection (what grpcurl lists); a method like any other under --auth
+    # traces (engine/serving/telemetry.py): none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT says where); the share
+    # of traces started here that are sampled (a caller's sampled traceparent is always followed)
+    traces: str = field(default_factory=lambda: os.environ.get("OTEL_TRACES_EXPORTER") or "none")
+    trace_sample: float = field(default_factory=lambda: _ratio(os.environ.get("OTEL_TRACES_SAMPLER_ARG")))
+    log_format: str | None = None  # text or json log lines (None: NBA_LOG_FORMAT, else text)
     model_poll_seconds: float = 1.0  # how often a server checks models/ for a new champion or experiment
     rules_watch_seconds: float = 1.0  # poll rules_dir for changes this often and reload (0: off)
     events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no

@@ -109,6 +109,17 @@ CAMPAIGN_PACING = Gauge("nba_campaign_pacing_ratio", "Spend against the even-spe
                         "it, above 1: ahead of it).", ["campaign"], multiprocess_mode="livemax")
 
 
+# The archive writer (engine/store/archive.py): one process writes it (the supervisor, the single process or
+# nba archive run), so "livemax" is its value.
+ARCHIVE_LAG_ENTRIES = Gauge("nba_archive_lag_entries", "Stream entries not yet archived (over all shards; estimated "
+                            "when more than a file's worth waits). Past STREAM_MAXLEN they are trimmed unarchived.",
+                            ["stream"], multiprocess_mode="livemax")
+ARCHIVE_LAG_SECONDS = Gauge("nba_archive_lag_seconds", "Seconds from the oldest entry not yet archived to the "
+                            "stream's head (worst shard).", ["stream"], multiprocess_mode="livemax")
+ARCHIVED_ENTRIES = Counter("nba_archived_entries_total", "Stream entries written to the archive.", ["stream"])
+ARCHIVE_FILES = Counter("nba_archive_files_total", "Archive files written (one per shard, day and flush).", ["stream"])
+
+
 def set_version(gauge: Gauge, version: str) -> None:
     """Mark ``version`` as the one served, and every other version this process served as not."""
     for labels in list(gauge._metrics):  # the label values seen so far in this process

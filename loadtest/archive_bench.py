@@ -63,7 +63,6 @@ def main() -> None:
             t = time.perf_counter()
             out["responses"] = fill(client, args.decisions)
             out["fill_s"] = round(time.perf_counter() - t, 1)
-            out["redis_used_memory_mb"] = round(client.info("memory")["used_memory"] / 2**20, 1)
             t = time.perf_counter()
             report = build_report(client)
             out["report_from_streams_s"] = round(time.perf_counter() - t, 2)

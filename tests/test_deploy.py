@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -850,3 +851,106 @@ def test_round_robin_over_ipv4_addresses_reaches_every_replica() -> None:
     finally:
         a.stop(None)
         b.stop(None)
+
+
+# --- the Prometheus Operator component (issue 28) ---------------------------------------------------------
+
+MONITORING_COMPONENT = K8S / "monitoring"
+ALERTS = REPO / "loadtest" / "monitoring" / "nba-alerts.yml"
+
+
+def monitoring_manifests() -> list[dict]:
+    """The objects of the optional ``monitoring`` component (ServiceMonitor, PrometheusRule)."""
+    component = yaml.safe_load((MONITORING_COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    return [d for name in component["resources"] for d in yaml.safe_load_all((MONITORING_COMPONENT / name).read_text()) if d]
+
+
+def monitoring_problems(objects: list[dict], docs: list[dict]) -> list[str]:
+    """The ServiceMonitor scrapes /metrics through the metrics Service of ``docs`` (its selector finds that
+    Service alone, its port is the Service's metrics port); the PrometheusRule holds nba-alerts.yml's groups.
+    Neither names a namespace (kustomize places them with the rest)."""
+    problems = []
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    monitors = [d for d in objects if d["kind"] == "ServiceMonitor"]
+    rules = [d for d in objects if d["kind"] == "PrometheusRule"]
+    if len(monitors) != 1 or len(rules) != 1:
+        return [f"expected one ServiceMonitor and one PrometheusRule, found {len(monitors)} and {len(rules)}"]
+    for d in objects:
+        if d.get("apiVersion") != "monitoring.coreos.com/v1":
+            problems.append(f"{d['kind']}/{d['metadata']['name']}: apiVersion {d.get('apiVersion')}")
+        if "namespace" in d["metadata"]:
+            problems.append(f"{d['kind']}/{d['metadata']['name']} names a namespace")
+    spec = monitors[0]["spec"]
+    if "namespaceSelector" in spec:
+        problems.append("the ServiceMonitor looks for Services outside its own namespace")
+    selected = [n for n, s in services.items() if _matches(spec["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
+    if len(selected) != 1:
+        problems.append(f"the ServiceMonitor selects the Services {selected}, not the metrics Service alone")
+    else:
+        port_names = {p["name"] for p in services[selected[0]]["spec"]["ports"]}
+        targets = {p.get("targetPort") for p in services[selected[0]]["spec"]["ports"]}
+        if "metrics" not in targets or "grpc" in targets:
+            problems.append(f"the ServiceMonitor scrapes Service {selected[0]}, which is not the metrics Service")
+        for endpoint in spec.get("endpoints", []):
+            if endpoint.get("port") not in port_names:
+                problems.append(f"ServiceMonitor endpoint port {endpoint.get('port')!r} is no port of {selected[0]}")
+            if endpoint.get("path", "/metrics") != "/metrics" or endpoint.get("scheme", "http") != "http":
+                problems.append("the ServiceMonitor scrapes something other than http /metrics")
+    if not spec.get("endpoints"):
+        problems.append("the ServiceMonitor has no endpoints")
+    if rules[0]["spec"].get("groups") != yaml.safe_load(ALERTS.read_text())["groups"]:
+        problems.append("the PrometheusRule's groups differ from loadtest/monitoring/nba-alerts.yml")
+    return problems
+
+
+def test_the_monitoring_component_scrapes_the_metrics_service_and_alerts_as_nba_alerts_yml() -> None:
+    assert monitoring_problems(monitoring_manifests(), manifests()) == []
+    assert "monitoring" not in kustomization().get("resources", []) + kustomization().get("components", [])  # optional
+
+
+BROKEN_MONITORING = {
+    "scrapes the callers' Service": lambda o, d: next(x for x in o if x["kind"] == "ServiceMonitor")["spec"]["selector"][
+        "matchLabels"].__setitem__("app.kubernetes.io/component", "decision-service"),
+    "a port the Service lacks": lambda o, d: next(x for x in o if x["kind"] == "ServiceMonitor")["spec"]["endpoints"][0]
+    .__setitem__("port", "http"),
+    "the metrics Service renamed its port": lambda o, d: one(d, "Service", "nba-metrics")["spec"]["ports"][0].__setitem__(
+        "name", "prometheus"),
+    "an alert drifted": lambda o, d: next(x for x in o if x["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"][0]
+    .__setitem__("for", "1m"),
+    "an alert missing": lambda o, d: next(x for x in o if x["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"].pop(),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BROKEN_MONITORING))
+def test_a_broken_monitoring_component_is_caught(what: str) -> None:
+    objects, docs = copy.deepcopy(monitoring_manifests()), copy.deepcopy(manifests())
+    BROKEN_MONITORING[what](objects, docs)
+    assert monitoring_problems(objects, docs), f"{what}: not caught"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (.ci/run installs it where it can)")
+def test_promtool_accepts_the_alert_rules_of_both_files(tmp_path: Path) -> None:
+    rule = next(d for d in monitoring_manifests() if d["kind"] == "PrometheusRule")
+    (tmp_path / "operator.yml").write_text(yaml.safe_dump(rule["spec"]))
+    out = subprocess.run(["promtool", "check", "rules", str(ALERTS), str(tmp_path / "operator.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl to run kustomize")
+def test_kustomize_adds_the_monitoring_component(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "nba",
+        "resources": [os.path.relpath(K8S, tmp_path)], "components": [os.path.relpath(MONITORING_COMPONENT, tmp_path)]}))
+    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    added = [d for d in built if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert sorted(d["kind"] for d in added) == ["PrometheusRule", "ServiceMonitor"]
+    assert all(d["metadata"]["namespace"] == "nba" for d in added)
+    assert monitoring_problems([{**d, "metadata": {k: v for k, v in d["metadata"].items() if k != "namespace"}}
+                                for d in added],
+                               [{**d, "metadata": {k: v for k, v in d["metadata"].items() if k != "namespace"}}
+                                for d in built if d["kind"] == "Service"]) == []

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pyarrow.parquet as pq
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,11 +46,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start(tmp_path: Path, models_dir: Path) -> tuple[subprocess.Popen, str]:
+def _start(tmp_path: Path, models_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = Served(["--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--data-dir", str(tmp_path / "data"),
-                   "--models-dir", str(models_dir), "--customers", "500"], env, tmp_path / "serve.log")
+                   "--models-dir", str(models_dir), "--customers", "500", *args], env, tmp_path / "serve.log")
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(address) as channel:
@@ -79,7 +80,7 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
 
 
 def test_sigterm_stops_the_server_and_its_embedded_redis(tmp_path: Path, models_dir: Path) -> None:
-    proc, address = _start(tmp_path, models_dir)
+    proc, address = _start(tmp_path, models_dir, "--archive", "auto")
     try:
         redis_pid = _redis_child(proc)
         with grpc.insecure_channel(address) as channel:
@@ -90,6 +91,9 @@ def test_sigterm_stops_the_server_and_its_embedded_redis(tmp_path: Path, models_
         assert proc.wait(30) == 0
         assert _wait_gone(redis_pid), "embedded redis-server outlived the server"
         assert list((tmp_path / "data" / "redis").glob("appendonly*")), "no append-only file written"
+        # the supervisor archived the streams (embedded Redis: --archive auto runs it), the last decision included
+        files = list((tmp_path / "data" / "archive" / "decisions").glob("day=*/*.parquet"))
+        assert reply.decision_id in {d for f in files for d in pq.read_table(f).column("decision_id").to_pylist()}
     finally:
         proc.kill()
         proc.wait()

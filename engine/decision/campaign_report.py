@@ -17,8 +17,13 @@
 - **Spend and pacing**: presentations per day (in the campaign's time zone) and the cumulative spend
   against the even-spend line of the total budget.
 - **Against the plan** (``nba campaign plan --save`` stores it): per segment, the acceptance rate and
-  the presentations per day against the plan's; a segment is under or over its plan when the acceptance
-  rate differs by more than 1.96 binomial standard errors.
+  the presentations per day against the plan's, each judged on its own: the rate (``verdict``) is under
+  or over its plan when it differs by more than 1.96 binomial standard errors, the volume
+  (``volume_verdict``) when the presentations differ from the planned ones over the same days by more
+  than 1.96 Poisson standard errors; ``in_words`` says which.
+
+The text and the HTML page say in words what a marketer needs: whether the lift is significant yet (and
+roughly how many more customers it would take), and what share of an even spend has been spent by now.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -37,6 +43,7 @@ from engine.rules.campaigns import Campaign
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, profile_key
 
 Z95 = 1.959964
+Z80 = 0.841621  # one-sided, for 80% power
 
 
 def plan_key(name: str) -> str:
@@ -70,15 +77,16 @@ def _segments(client: redis.Redis, customers: list[str]) -> dict[str, str]:
 
 
 def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | None = None, since: str = "-",
-                          now: float | None = None) -> dict:
-    """The report of ``campaign`` from the streams (entries from ``since``); ``plan``: its saved plan."""
+                          now: float | None = None, archive: Path | None = None) -> dict:
+    """The report of ``campaign`` from the streams (entries from ``since``); ``plan``: its saved plan;
+    ``archive``: read the archive at that root plus the streams' unarchived tails."""
     name = campaign.name
     shown: list[_Shown] = []
     first_in_play: dict[str, float] = {}
     arm: dict[str, str] = {}  # customer -> "treated" | "control"
     customer_of: dict[str, str] = {}  # decision id -> customer (every decision: outcomes count all of them)
     decided_at: dict[str, float] = {}
-    for _, d in _read(client, DECISIONS_STREAM, since):
+    for _, d in _read(client, DECISIONS_STREAM, since, archive=archive):
         did, cid, ts = d.get("decision_id", ""), d.get("customer_id", ""), float(d.get("ts") or 0)
         customer_of[did], decided_at[did] = cid, ts
         for field_, side in (("campaign_eligible", "treated"), ("campaign_control", "control")):
@@ -94,7 +102,7 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
                 shown.append(_Shown(did, cid, d.get("channel", ""), actions[i],
                                     float(values[i]) if i < len(values) and values[i] else 0.0, ts))
     accepted: dict[tuple[str, str], tuple[float, str]] = {}  # (decision, action) -> (value, action type)
-    for _, r in _read(client, RESPONSES_STREAM, since):
+    for _, r in _read(client, RESPONSES_STREAM, since, archive=archive):
         if r.get("outcome") == "accepted":
             accepted.setdefault((r.get("decision_id", ""), r.get("action_id", "")),
                                 (float(r.get("value") or 0), r.get("action_type", "")))
@@ -124,6 +132,7 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
     lift["customers"] = {"treated": len(arms["treated"]), "control": len(arms["control"])}
     lift["outcome_per_customer"] = {side: round(float(v.mean()), 4) if len(v) else None for side, (v, _) in totals.items()}
     lift["objective"] = campaign.objective
+    lift |= significance(lift)
     days = _every_day(sorted(per_day))  # days without a presentation too: the chart's axis is the calendar
     spend, running = [], 0
     for day in days:
@@ -134,7 +143,7 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
                       "even_spend": round(even, 1) if even is not None else None})
     now = now if now is not None else max((s.ts for s in shown), default=campaign.start)
     even_now = campaign.even_spend(now)
-    report = {
+    report: dict = {
         "campaign": name, "objective": campaign.objective, "owner": campaign.owner, "dates": campaign.describe_dates(),
         "total_budget": campaign.total_budget, "daily_budget": campaign.daily_budget,
         "control_share": campaign.control_share,
@@ -148,7 +157,53 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
                    "ratio": round(total.presented / even_now, 3) if even_now else None},
         "versus_plan": versus_plan(by_segment, plan, days) if plan else None,
     }
+    report["pacing"]["in_words"] = pacing_words(report)
     return report
+
+
+def significance(lift: dict) -> dict:
+    """Whether the lift's 95% CI excludes 0, in words, with a rough count of the customers that would show
+    the lift at this size (80% power, the arms in their present proportion; None when significant or not
+    estimable). The count is the sample at which a true lift of the size seen so far would come out
+    significant four times in five; a smaller true lift needs more."""
+    if lift.get("lift") is None or not lift.get("ci95"):
+        return {"significant": None, "more_customers_needed": None,
+                "in_words": f"no lift yet: {lift.get('note', 'not enough data')}"}
+    lo, hi = lift["ci95"]
+    if lo > 0 or hi < 0:
+        side = "above" if lo > 0 else "below"
+        return {"significant": True, "more_customers_needed": None,
+                "in_words": f"significant: the whole 95% interval lies {side} 0 (the campaign does "
+                            f"{'better' if lo > 0 else 'worse'} than its control group)"}
+    words = ("not significant yet: the 95% interval includes 0, so the difference from the control group may "
+             "be chance")
+    needed = None
+    log_ratio = math.log1p(lift["lift"])
+    if log_ratio != 0 and lo > -1:
+        se = (math.log1p(hi) - math.log1p(lo)) / (2 * Z95)  # the interval is symmetric on the log scale
+        scale = ((Z95 + Z80) * se / abs(log_ratio)) ** 2  # the CI's width shrinks with the root of the sample
+        c = lift.get("customers", {})
+        needed = {arm: max(0, math.ceil(c.get(arm, 0) * (scale - 1))) for arm in ("treated", "control")}
+        words += (f"; if the true lift were {lift['lift']:+.1%}, about {needed['treated']:,} more treated and "
+                  f"{needed['control']:,} more control customers would show it (a rough estimate: a smaller "
+                  "true lift needs more)")
+    return {"significant": False, "more_customers_needed": needed, "in_words": words}
+
+
+def pacing_words(report: dict) -> str:
+    """The budget's spend against an even spend of it over the campaign's dates, in words."""
+    p, total = report["pacing"], report["total_budget"]
+    if total is None:
+        return f"no total budget ({p['spent']:,} presentations so far)"
+    spent = f"{p['spent']:,} of the {total:,} presentations of the total budget spent"
+    when = datetime.fromtimestamp(p["as_of"], ZoneInfo("UTC")).strftime("%Y-%m-%d %H:%M UTC")
+    if not p.get("even_spend"):
+        return f"{spent}; the campaign had not started by {when}"
+    share = p["spent"] / p["even_spend"]
+    pace = "behind" if share < 0.9 else "ahead of" if share > 1.1 else "about on"
+    percent = f"{share:.0%}" if share >= 0.095 else f"{share:.1%}"  # 0.4%, not 0%
+    return (f"{spent}: {percent} of what an even spend over the campaign's dates would have spent by {when} "
+            f"({p['even_spend']:,.0f}), {pace} pace")
 
 
 def _every_day(days: list[str]) -> list[str]:
@@ -161,7 +216,8 @@ def _every_day(days: list[str]) -> list[str]:
 
 def versus_plan(by_segment: dict[str, Tally], plan: dict, days: list[str]) -> list[dict]:
     """Per segment of the plan: actual against planned acceptance rate and presentations per day, and
-    whether the segment is under or over its plan (acceptance rate outside 1.96 binomial SEs)."""
+    whether each is under or over its plan: the rate (``verdict``) outside 1.96 binomial SEs, the volume
+    (``volume_verdict``) outside 1.96 Poisson SEs of the planned presentations over the same days."""
     out = []
     planned = plan.get("by_segment", {})
     plan_days = max(float(plan.get("days") or 1), 1.0)
@@ -180,13 +236,36 @@ def versus_plan(by_segment: dict[str, Tally], plan: dict, days: list[str]) -> li
                 verdict = "over"
         elif t.presented == 0 and p.get("presentations", 0) > 0:
             verdict = "not reached"
-        out.append({"segment": seg, "presented": t.presented,
-                    "presented_per_day": round(t.presented / live_days, 2),
-                    "planned_per_day": round(p.get("presentations", 0.0) / plan_days, 2),
-                    "acceptance_rate": round(rate, 4) if rate is not None else None,
-                    "planned_acceptance_rate": round(rate_plan, 4) if rate_plan is not None else None,
-                    "verdict": verdict})
+        expected = p.get("presentations", 0.0) / plan_days * live_days
+        volume = "as planned"
+        if t.presented < expected - Z95 * math.sqrt(expected):
+            volume = "under"
+        elif t.presented > expected + Z95 * math.sqrt(expected):
+            volume = "over"
+        row = {"segment": seg, "presented": t.presented,
+               "presented_per_day": round(t.presented / live_days, 2),
+               "planned_per_day": round(p.get("presentations", 0.0) / plan_days, 2),
+               "acceptance_rate": round(rate, 4) if rate is not None else None,
+               "planned_acceptance_rate": round(rate_plan, 4) if rate_plan is not None else None,
+               "verdict": verdict, "volume_verdict": volume}
+        out.append(row | {"in_words": _plan_words(row)})
     return out
+
+
+_SIDE = {"under": "below plan", "over": "above plan", "as planned": "as planned"}
+
+
+def _plan_words(row: dict) -> str:
+    if row["verdict"] == "not reached":
+        rate = "not reached yet (no presentations)"
+    elif row["acceptance_rate"] is None or row["planned_acceptance_rate"] is None:
+        rate = "acceptance rate: nothing to compare"
+    else:
+        rate = (f"acceptance rate {_SIDE[row['verdict']]} ({row['acceptance_rate']:.1%} vs "
+                f"{row['planned_acceptance_rate']:.1%} planned)")
+    volume = (f"volume {_SIDE[row['volume_verdict']]} ({row['presented_per_day']:g} vs "
+              f"{row['planned_per_day']:g} presentations/day planned)")
+    return f"{rate}; {volume}"
 
 
 def format_campaign_report(report: dict) -> str:
@@ -210,15 +289,14 @@ def format_campaign_report(report: dict) -> str:
         lines.append(f"lift on {lift['objective']} per customer: {lift['lift']:+.1%} (95% CI {lo:+.1%} .. {hi:+.1%}); "
                      f"treated {per['treated']} ({c['treated']} customers) vs control {per['control']} "
                      f"({c['control']} customers)")
-    p = report["pacing"]
-    if report["total_budget"] is not None:
-        ratio = f", pacing x{p['ratio']:.2f} of the even-spend line" if p["ratio"] is not None else ""
-        lines.append(f"budget: {p['spent']} of {report['total_budget']} spent{ratio}")
+        lines.append(f"  {lift.get('in_words') or significance(lift)['in_words']}")
+    lines.append(f"budget: {report['pacing'].get('in_words') or pacing_words(report)}")
     if report["versus_plan"]:
-        lines += ["", f"{'segment vs plan':20} {'presented/day':>13} {'planned/day':>11} {'rate':>7} {'planned':>8}  verdict"]
+        lines += ["", f"{'segment vs plan':20} {'presented/day':>13} {'planned/day':>11} {'rate':>7} {'planned':>8}  "
+                  "against the plan"]
         for r in report["versus_plan"]:
             rate = f"{r['acceptance_rate']:.1%}" if r["acceptance_rate"] is not None else "-"
             planned = f"{r['planned_acceptance_rate']:.1%}" if r["planned_acceptance_rate"] is not None else "-"
             lines.append(f"{r['segment']:20} {r['presented_per_day']:>13} {r['planned_per_day']:>11} {rate:>7} "
-                         f"{planned:>8}  {r['verdict']}")
+                         f"{planned:>8}  {r.get('in_words') or _plan_words(r)}")
     return "\n".join(lines)

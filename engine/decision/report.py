@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import redis
 
+from engine.store.archive import read_entries
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
 from engine.store.streams import xrange_all
 
@@ -64,9 +66,12 @@ class Arm:
         }
 
 
-def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000):
-    """Every entry of ``stream`` (all its shards on a cluster, in entry id order) from ``since``, decoded."""
-    for entry_id, fields in xrange_all(client, stream, since, chunk):
+def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000, archive: Path | None = None):
+    """Every entry of ``stream`` (all its shards on a cluster, in entry id order) from ``since``, decoded; with
+    an ``archive`` (its root), the archived entries and then the stream's tail not yet archived."""
+    entries = xrange_all(client, stream, since, chunk) if archive is None else read_entries(
+        client, stream, since, archive, chunk=chunk)
+    for entry_id, fields in entries:
         yield entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}
 
 
@@ -160,13 +165,14 @@ def lift_interval(treated: np.ndarray, control: np.ndarray, treated_customers: n
 
 def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "",
                  values: dict[str, float] | None = None, types: dict[str, str] | None = None,
-                 bootstrap: int = 0, seed: int = 0) -> dict:
+                 bootstrap: int = 0, seed: int = 0, archive: Path | None = None) -> dict:
     """The report over decisions logged from stream id ``since`` (and responses to them); ``bootstrap`` > 0
-    adds a customer-bootstrap CI of the lift from that many resamples (seeded with ``seed``)."""
+    adds a customer-bootstrap CI of the lift from that many resamples (seeded with ``seed``); ``archive``:
+    read the archive at that root plus the streams' unarchived tails (``engine/store/archive.py``)."""
     values, types = values or {}, types or {}
     decisions: dict[str, tuple[list[str], list[str], list[float], bool, str]] = {}
     models: dict[str, dict[str, int]] = {}  # model version (role) -> decisions, of which explored
-    for _, d in _read(client, DECISIONS_STREAM, since):
+    for _, d in _read(client, DECISIONS_STREAM, since, archive=archive):
         if customer_prefix and not d.get("customer_id", "").startswith(customer_prefix):
             continue
         actions = [a for a in d.get("actions", "").split(",") if a]
@@ -180,7 +186,7 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         model["decisions"] += 1
         model["explored"] += d.get("explored") == "1"
     accepted: set[tuple[str, str]] = set()
-    for _, r in _read(client, RESPONSES_STREAM, since):
+    for _, r in _read(client, RESPONSES_STREAM, since, archive=archive):
         if r.get("outcome") == "accepted" and r.get("decision_id") in decisions:
             accepted.add((r["decision_id"], r["action_id"]))
     by_action: dict[str, Tally] = {}

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from engine import metrics
@@ -23,6 +24,7 @@ from engine.models.experiment import ModelSet, ModelWatcher, load_model_set
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import NO_MODEL, ModelRefused, ModelRegistry, no_model
 from engine.rules.domain import DOMAIN_FILE
+from engine.rules.loader import rules_version
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules
 from engine.serving.health import RedisOutage, outage_or_raise
@@ -34,6 +36,16 @@ from engine.store.redis_acl import ADMIN_USER, SERVICE_USER
 from engine.store.redis_embedded import EmbeddedRedis, redis_for
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RulesRefused:
+    """A reload of the rule files that was refused: the previous rules stayed live."""
+
+    at: float  # time.time()
+    version: str  # the version the refused files would have had
+    files_digest: str  # engine.authoring.watch.files_digest of them
+    errors: tuple[str, ...]  # file:line:col: message
 
 
 def open_redis(cfg: Config) -> tuple[EmbeddedRedis | None, str]:
@@ -77,6 +89,8 @@ class App:
         self._reload_lock = threading.Lock()
         self.privacy_jobs: Any = None  # serving.privacy_jobs.PrivacyJobs, made on the first privacy call
         self.watcher: RuleWatcher | None = None
+        self.rules_digest = ""  # files_digest of the rule files as the live rules were read
+        self.rules_refused: RulesRefused | None = None  # the last refused reload since rules last went live
         self.redis_outage: RedisOutage | None = None  # REDIS_URL could not be reached at start
         self._after_redis: list[Callable[[], object]] = []  # what waits for Redis to answer (redis_reachable)
 
@@ -86,6 +100,7 @@ class App:
         needs Redis to start waits for ``redis_reachable``. The embedded redis-server must always answer."""
         cfg = self.config
         self.redis, url = open_redis(cfg)
+        self.redis_url = url  # the service user's, for the archive writer's own client (serve.py)
         # the one client of this process (decisions, events, timers, streams): a wrong password, an
         # unreachable Redis or a failed TLS handshake stops the start here with one RedisUnavailable line
         name = "REDIS_URL" if self.redis is None else "embedded redis-server"
@@ -102,6 +117,7 @@ class App:
                 raise outage_or_raise(again) from None
         files = files_digest(cfg.rules_dir)
         rules = prepare(cfg.rules_dir)  # loads, compiles and passes its rule tests, or raises
+        self.rules_digest = files
         self.registry = ModelRegistry(cfg.models_dir, rules.schema)
         if cfg.demo and self.redis_outage is not None:
             log.warning("demo data and model not checked: Redis is unreachable (restart once it answers)")
@@ -176,6 +192,7 @@ class App:
         finish on the set they started with; the old set's durable rulesets are freed after them."""
         with self._reload_lock:
             live = self.rules.current.version
+            files = files_digest(self.config.rules_dir)
             try:
                 new = prepare(self.config.rules_dir)
                 models = self._models_for(new)
@@ -186,8 +203,11 @@ class App:
                 log.warning("rules refused, %s stays live:\n%s", live, "\n".join(errors))
                 audit(self.store.client, who, "rules_refused", live=live, errors=len(errors),
                       first_error=errors[0] if errors else "")
+                self.rules_refused = RulesRefused(time.time(), rules_version(self.config.rules_dir), files,
+                                                  tuple(errors))
                 return False, live, errors
             metrics.RULE_RELOAD_ERRORS.set(0)
+            self.rules_digest, self.rules_refused = files, None
             if new.version == live:
                 new.close()
                 metrics.RULE_RELOADS.labels("unchanged").inc()

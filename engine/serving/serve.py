@@ -26,10 +26,15 @@ from typing import TYPE_CHECKING
 
 from engine.config import Config
 from engine.errors import NbaError
+from engine.serving import telemetry
 from engine.store.redis_embedded import die_with_parent, free_port
 
 if TYPE_CHECKING:  # the serving modules load numba and the rules: workers import them after the spawn
+    from collections.abc import Iterator
+
     from grpc_health.v1.health import HealthServicer
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
     from engine.serving.app import App
     from engine.serving.health import RedisHealth, RedisOutage
@@ -46,6 +51,45 @@ def serve(config: Config, stop: threading.Event | None = None, grace: float = 5.
     if config.workers <= 1:
         return _serve_here(config, stop, grace)
     return _supervise(config, stop, grace)
+
+
+class _Archiving:
+    """The archive writer on a thread of its own, with its own Redis client (long XRANGE reads are not the
+    hot path's short deadlines)."""
+
+    def __init__(self, config: Config, url: str) -> None:
+        from engine.store.archive import ArchiveWriter, default_root
+        from engine.store.profiles import redis_client
+
+        self.stop_event = threading.Event()
+        self.client = redis_client(url, config, timeout=30.0)
+        self.writer = ArchiveWriter(self.client, default_root(config.data_dir))
+        try:
+            self.writer.open()
+        except BaseException:
+            self.client.close()
+            raise
+        self.thread = threading.Thread(target=self.writer.run, args=(self.stop_event,), name="nba-archive", daemon=True)
+        self.thread.start()
+        log.info("archiving the streams into %s", self.writer.root)
+
+    @staticmethod
+    def start(config: Config, url: str) -> _Archiving | None:
+        from engine.store.archive import ArchiveError
+
+        if config.archive == "off" or (config.archive == "auto" and config.redis_url is not None):
+            return None
+        try:
+            return _Archiving(config, url)
+        except ArchiveError as exc:  # a separate `nba archive run` holds this archive: it writes it, not us
+            log.warning("not archiving here: %s", exc)
+            return None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30.0)  # the last flush is bounded (ArchiveWriter.run)
+        self.writer.close()
+        self.client.close()
 
 
 def _announce(config: Config, port: int, detail: str) -> None:
@@ -69,11 +113,15 @@ def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
     from engine.serving.server import build_server
 
     tls, auth = server_security(config)
+    tracing = telemetry.setup_tracing(config.traces, config.trace_sample)
     app = _start_app(config, stop)
     if app is None:
+        telemetry.shutdown_tracing(tracing)
         return 0
     http = None
+    archiving = None
     try:
+        archiving = _Archiving.start(config, app.redis_url)
         _settle()
         server, port, health = build_server(app, config.grpc_address, tls=tls, auth=auth,
                                             max_in_flight=config.max_in_flight, reflection=config.reflection)
@@ -91,9 +139,12 @@ def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
         server.stop(grace).wait()
         return 0
     finally:
+        if archiving is not None:
+            archiving.stop()
         if http is not None:
             http.shutdown()
         app.close()
+        telemetry.shutdown_tracing(tracing)
         log.info("stopped")
 
 
@@ -136,13 +187,15 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     stop = threading.Event()  # a multiprocessing.Event must not be set from a signal handler: deadlock
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    telemetry.configure_logging(config.log_format, worker=index)
     from engine.serving.security import server_security
     from engine.serving.server import build_server
 
     app = None
+    tracing = None
     try:
         tls, auth = server_security(config)
+        tracing = telemetry.setup_tracing(config.traces, config.trace_sample, worker=index)  # its own, after the spawn
         app = _start_app(config, stop)  # rules compiled, JIT compiled or loaded from cache, stages warmed
         if app is None:
             return
@@ -163,6 +216,7 @@ def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     finally:
         if app is not None:
             app.close()
+        telemetry.shutdown_tracing(tracing)
 
 
 def _open_store(url: str, config: Config, external: bool,
@@ -237,6 +291,25 @@ class _Restarts:
         return True
 
 
+def _local_archive_metrics(registry: CollectorRegistry) -> None:
+    """The supervisor's own archive metrics on its /metrics: this process loaded prometheus_client before
+    it set PROMETHEUS_MULTIPROC_DIR, so they live in its memory, not in the workers' files."""
+    from prometheus_client import values
+
+    from engine import metrics
+
+    if values.ValueClass is not values.MutexValue:
+        return  # multiprocess values: the MultiProcessCollector reads them already
+    parts = (metrics.ARCHIVE_LAG_ENTRIES, metrics.ARCHIVE_LAG_SECONDS, metrics.ARCHIVED_ENTRIES, metrics.ARCHIVE_FILES)
+
+    class Collector:
+        def collect(self) -> Iterator[Metric]:
+            for part in parts:
+                yield from part.collect()
+
+    registry.register(Collector())
+
+
 def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
@@ -246,6 +319,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     from engine.serving.security import server_security
 
     server_security(config)  # refuse a bad auth file, missing certificates or an unsafe bind once, here
+    telemetry.check_tracing(config.traces, config.trace_sample)
     metrics_dir = tempfile.mkdtemp(prefix="nba-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
     redis_server, url = open_redis(config)
@@ -253,6 +327,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
     ready: mp.Queue = ctx.Queue()
     workers: dict[int, SpawnProcess] = {}
     http = None
+    archiving = None
     try:
         # a wrong password fails here, once, with one line (not in every worker); an unreachable REDIS_URL
         # is an outage to serve through (degraded), not a reason to stay down
@@ -287,6 +362,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             proc.start()
             workers[index] = proc
 
+        archiving = _Archiving.start(config, url)
         for index in range(config.workers):
             spawn(index)
         versions = set()
@@ -300,6 +376,7 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
         if config.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            _local_archive_metrics(registry)
             http, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
         detail = ", ".join(f"ruleset {r}, model {m}" for r, m in sorted(versions))
         if outage is not None:
@@ -323,6 +400,8 @@ def _supervise(config: Config, stop: threading.Event, grace: float) -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if archiving is not None:
+            archiving.stop()
         if http is not None:
             http.shutdown()
         if redis_server is not None:

@@ -1,8 +1,9 @@
 """State in Redis: customer profiles and their key layout, and the one place a Redis client is built
 (``profiles``), partial profile updates and layout migration (``updates``), the bulk import of customer
 files (``bulk``), the embedded redis-server the service starts when no ``REDIS_URL`` is given
-(``redis_embedded``), the decision stream written off the request path (``decision_log``) and the
-audit trail (``audit``).
+(``redis_embedded``), the decision stream written off the request path (``decision_log``), the
+audit trail (``audit``) and the archive of the decision, response and event streams in Parquet files with
+its reader through DuckDB (``archive``).
 
 May import: the ground modules only.
 """

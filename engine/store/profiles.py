@@ -21,7 +21,8 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 - ``nba:layouts``: hash layout -> the numeric attribute names of that layout, joined by ","
 - ``nba:feature_layouts``: hash feature-schema fingerprint -> the names and levels of the model input that
   decisions logged under it carry (training reads older records by name)
-- ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world
+- ``nba:meta``: hash with ``schema`` and ``seeded_customers`` for the demo world, and ``decisions_since``
+  (``engine/decision/responses.py``)
 """
 
 from __future__ import annotations
