@@ -323,10 +323,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
             start_http_server(args.metrics_port, addr=args.metrics_host)
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            import signal
+            from engine.serving.serve import stop_on_signals
 
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
+            stop_on_signals(stop)
         print(f"archiving into {root}; Ctrl-C stops", file=sys.stderr, flush=True)
         writer.run(stop, poll=args.poll)
     return 0

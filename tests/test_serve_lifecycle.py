@@ -79,6 +79,20 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
     return not _alive(pid)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_burst_of_signals_stops_the_server(tmp_path: Path, models_dir: Path, workers: str) -> None:
+    """Ctrl-C pressed again and again, or SIGTERM from both a service manager and a script: a second
+    signal while the first one's handler holds the stop event's lock used to hang the server."""
+    proc, _ = _start(tmp_path, models_dir, "--workers", workers)
+    try:
+        for i in range(200):
+            proc.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.tail()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_stops_the_server_and_its_embedded_redis(tmp_path: Path, models_dir: Path) -> None:
     proc, address = _start(tmp_path, models_dir, "--archive", "auto")
     try:

@@ -43,11 +43,32 @@ if TYPE_CHECKING:  # the serving modules load numba and the rules: workers impor
 log = logging.getLogger(__name__)
 
 
+def stop_on_signals(stop: threading.Event, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """``signals`` set ``stop``, through a pipe a thread reads: a handler that set the Event itself runs on
+    the main thread, and a second signal that came while it held the Event's lock (Ctrl-C twice, SIGTERM
+    from the supervisor and from the service manager) would wait for that lock for ever."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def relay() -> None:
+        os.read(read_end, 1)
+        stop.set()
+
+    def handler(*_: object) -> None:
+        try:
+            os.write(write_end, b"s")
+        except BlockingIOError:  # the pipe is full of earlier signals: stop is on its way
+            pass
+
+    threading.Thread(target=relay, name="nba-signals", daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
 def serve(config: Config, stop: threading.Event | None = None, grace: float = 5.0) -> int:
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        stop_on_signals(stop)
     if config.workers <= 1:
         return _serve_here(config, stop, grace)
     return _supervise(config, stop, grace)
@@ -184,9 +205,9 @@ def _watch_health(app: App, health: HealthServicer) -> RedisHealth:
 def _worker(config: Config, index: int, ready: mp.Queue, grace: float) -> None:
     """One serving process; SIGTERM (from the supervisor or the service manager) makes it drain."""
     die_with_parent()
-    stop = threading.Event()  # a multiprocessing.Event must not be set from a signal handler: deadlock
+    stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, (signal.SIGTERM,))
     telemetry.configure_logging(config.log_format, worker=index)
     from engine.serving.security import server_security
     from engine.serving.server import build_server
