@@ -44,25 +44,24 @@ log = logging.getLogger(__name__)
 
 
 def stop_on_signals(stop: threading.Event, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
-    """``signals`` set ``stop``, through a pipe a thread reads: a handler that set the Event itself runs on
-    the main thread, and a second signal that came while it held the Event's lock (Ctrl-C twice, SIGTERM
-    from the supervisor and from the service manager) would wait for that lock for ever."""
+    """``signals`` set ``stop`` (call it on the main thread). A Python handler runs only when the main
+    thread runs Python: blocked in ``stop.wait()`` while another thread took the signal it never does, and
+    one that set the Event itself could be interrupted by a second signal while holding the Event's lock
+    and wait for it for ever (Ctrl-C twice). So the interpreter's own C handler, in whatever thread the
+    signal lands, writes its number to a pipe (``signal.set_wakeup_fd``) that a thread reads."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
+    wanted = {int(sig) for sig in signals}
 
     def relay() -> None:
-        os.read(read_end, 1)
-        stop.set()
-
-    def handler(*_: object) -> None:
-        try:
-            os.write(write_end, b"s")
-        except BlockingIOError:  # the pipe is full of earlier signals: stop is on its way
+        while not wanted.intersection(os.read(read_end, 64)):
             pass
+        stop.set()
 
     threading.Thread(target=relay, name="nba-signals", daemon=True).start()
     for sig in signals:
-        signal.signal(sig, handler)
+        signal.signal(sig, lambda *_: None)  # a Python handler, so that the C handler writes to the pipe
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
 
 
 def serve(config: Config, stop: threading.Event | None = None, grace: float = 5.0) -> int:
