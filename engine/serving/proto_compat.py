@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor_pb2 as d
 
@@ -130,11 +131,18 @@ def _message_changes(name: str, old: d.DescriptorProto, new: d.DescriptorProto, 
         if _oneof(new, now) != _oneof(old, was):
             yield (f"{label}: oneof membership changed {_oneof(old, was) or '(none)'} -> "
                    f"{_oneof(new, now) or '(none)'}")
-    for f in new.field:
-        if f.number not in {w.number for w in old.field} and _reserved(old.reserved_range, f.number, False):
-            yield f"{name}.{f.name} = {f.number}: reuses field number {f.number}, reserved in the released contract"
-        if f.name in old.reserved_name and f.name not in {w.name for w in old.field}:
-            yield f"{name}.{f.name} = {f.number}: reuses the reserved field name {f.name!r}"
+    yield from _reuses(name, "field", old, old.field, new.field, enum=False)
+
+
+def _reuses(name: str, what: str, old: Any, was: Sequence[Any], now: Sequence[Any], enum: bool) -> Iterator[str]:
+    """New fields or enum values (``now``) that take a number or name the released ``old`` reserved."""
+    numbers, names = {w.number for w in was}, {w.name for w in was}
+    for item in now:
+        if item.number not in numbers and _reserved(old.reserved_range, item.number, enum):
+            yield f"{name}.{item.name} = {item.number}: reuses {what} number {item.number}, reserved in the released contract"
+        if item.name in old.reserved_name and item.name not in names:
+            yield (f"{name}.{item.name} = {item.number}: reuses the reserved {'enum value' if enum else 'field'} "
+                   f"name {item.name!r}")
 
 
 def _enum_changes(name: str, old: d.EnumDescriptorProto, new: d.EnumDescriptorProto) -> Iterator[str]:
@@ -152,11 +160,7 @@ def _enum_changes(name: str, old: d.EnumDescriptorProto, new: d.EnumDescriptorPr
                        f'`reserved {was.number};` and `reserved "{was.name}";`')
         elif now.name != was.name and was.name not in new_by_name:  # an added alias is not a rename
             yield f"{name}.{was.name} = {was.number}: renamed to {now.name} (JSON carries enum names)"
-    for v in new.value:
-        if v.number not in {w.number for w in old.value} and _reserved(old.reserved_range, v.number, True):
-            yield f"{name}.{v.name} = {v.number}: reuses enum number {v.number}, reserved in the released contract"
-        if v.name in old.reserved_name and v.name not in {w.name for w in old.value}:
-            yield f"{name}.{v.name} = {v.number}: reuses the reserved enum value name {v.name!r}"
+    yield from _reuses(name, "enum", old, old.value, new.value, enum=True)
 
 
 def _service_changes(name: str, old: d.ServiceDescriptorProto, new: d.ServiceDescriptorProto) -> Iterator[str]:
