@@ -212,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif args.from_file:
             data = training.read_csv(args.from_file, rules.schema, catalog)
         elif args.from_history:
-            from engine.decision.past import read_past, training_set
+            from engine.analytics.past import read_past, training_set
 
             now = time.time()
             past = read_past(args.from_history, rules.ruleset, now)
@@ -262,7 +262,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     campaign = ""
     if args.campaign:
-        from engine.decision.campaign_plan import what_if_rules
+        from engine.analytics.campaign_plan import what_if_rules
 
         live, planned, found = what_if_rules(cfg.rules_dir, Path(args.campaign))
         ruleset, campaign = planned.ruleset, found.name
@@ -332,7 +332,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from engine.decision.report import build_report, format_report
+    from engine.analytics.report import build_report, format_report
     from engine.rules.loader import load_rules
 
     cfg = _config(args)
@@ -348,7 +348,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_plan(args: argparse.Namespace) -> int:
-    from engine.decision.campaign_plan import (
+    from engine.analytics.campaign_plan import (
         PlanError,
         Traffic,
         format_plan,
@@ -358,7 +358,7 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
         traffic_from_stream,
         what_if_rules,
     )
-    from engine.decision.campaign_report import plan_key
+    from engine.analytics.campaign_report import plan_key
     from engine.rules.errors import RuleErrors
 
     def tell(stage: str) -> None:
@@ -409,7 +409,7 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_report(args: argparse.Namespace) -> int:
-    from engine.decision.campaign_report import build_campaign_report, format_campaign_report, plan_key
+    from engine.analytics.campaign_report import build_campaign_report, format_campaign_report, plan_key
     from engine.rules.errors import RuleErrors
     from engine.rules.loader import load_rules
 
@@ -427,7 +427,7 @@ def cmd_campaign_report(args: argparse.Namespace) -> int:
         report = build_campaign_report(store.client, campaign, json.loads(saved) if saved else None, since=args.since,
                                        archive=_archive_for(args, cfg))
     if args.html:
-        from engine.decision.campaign_html import render_html
+        from engine.analytics.campaign_html import render_html
 
         try:
             page = render_html(report)
@@ -805,7 +805,7 @@ def cmd_import_history(args: argparse.Namespace) -> int:
     rejected (the others imported), 2 when the file cannot be used."""
     import getpass
 
-    from engine.decision.past import HistoryRefused, fill_contacts, read_past
+    from engine.analytics.past import HistoryRefused, fill_contacts, read_past
     from engine.rules.errors import RuleErrors
     from engine.rules.loader import load_rules
     from engine.store.audit import audit

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from engine.decision.report import build_report
+from engine.analytics.report import build_report
 from engine.store.archive import ArchiveWriter
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, redis_client
 from engine.store.redis_embedded import EmbeddedRedis

@@ -13,9 +13,10 @@ LAYERS = {  # wing -> layer; a module may import its own wing and wings on lower
     "store": 1,
     "rules": 2, "models": 2,
     "decision": 3,
-    "events": 4, "authoring": 4, "sim": 4, "api": 4,  # api: the code generated from proto/
-    "serving": 5,
-    "cli": 6,
+    "events": 4, "authoring": 4, "analytics": 4, "api": 4,  # api: the code generated from proto/
+    "sim": 5,
+    "serving": 6,
+    "cli": 7,
 }
 
 

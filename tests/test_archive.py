@@ -18,8 +18,8 @@ import redis
 from prometheus_client import REGISTRY
 
 from engine import cli
-from engine.decision.campaign_report import build_campaign_report
-from engine.decision.report import build_report
+from engine.analytics.campaign_report import build_campaign_report
+from engine.analytics.report import build_report
 from engine.store.archive import (
     SCHEMA_VERSION,
     TMP_PREFIX,

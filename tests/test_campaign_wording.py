@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.decision.campaign_report import (
+from engine.analytics.campaign_report import (
     format_campaign_report,
     pacing_words,
     significance,
     versus_plan,
 )
-from engine.decision.report import Tally
+from engine.analytics.report import Tally
 from engine.decision.request import DEFAULT_MAX_ACTIONS, DecideInput, validate
 from engine.models.registry import ModelRegistry
 from engine.sim.telco import SCHEMA
@@ -76,7 +76,7 @@ def test_a_plan_on_missing_or_thin_recorded_traffic_says_so_and_how_to_fix_it(
 def test_the_plans_default_shows_as_many_actions_as_the_service(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
     """Without ``max_actions`` the plan ranks the service's default top (not a copy of the number): its shown
     customers are those a Decide without max_actions shows the campaign's action to."""
-    from engine.decision.campaign_plan import Traffic, format_plan, plan_campaign, what_if_rules
+    from engine.analytics.campaign_plan import Traffic, format_plan, plan_campaign, what_if_rules
     from engine.decision.funnel import DecisionEngine
     from engine.live import Live
     from engine.sim import demo
@@ -175,7 +175,7 @@ def test_a_segment_says_whether_its_rate_or_its_volume_is_over_plan() -> None:
 
 def test_the_charts_show_rates_and_lift_in_percent() -> None:
     pytest.importorskip("matplotlib")
-    from engine.decision.campaign_html import figures, render_html
+    from engine.analytics.campaign_html import figures, render_html
 
     report = _report(8, 200.0)
     figs = figures(report)

@@ -14,9 +14,9 @@ import grpc
 import pytest
 import redis
 
+from engine.analytics.campaign_report import build_campaign_report
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
-from engine.decision.campaign_report import build_campaign_report
 from engine.decision.campaigns import day_key, spent_key
 from engine.decision.funnel import DecisionEngine
 from engine.decision.request import DecideInput
@@ -396,7 +396,7 @@ def test_the_html_report_is_self_contained_and_its_charts_render_in_chromium(cam
     import re
     import subprocess
 
-    from engine.decision.campaign_html import CHARTS, render_html
+    from engine.analytics.campaign_html import CHARTS, render_html
 
     engine, clock = campaign_engine
     campaign = engine.rules.current.ruleset.campaigns["test_blitz"]
@@ -440,7 +440,7 @@ def test_the_html_report_is_self_contained_and_its_charts_render_in_chromium(cam
 def test_the_plan_forecasts_what_the_funnel_decides(redis_url: str, models_dir: Path, tmp_path: Path) -> None:
     """The plan's eligible and shown customers are what the real funnel decides for them (previews, at
     the same moment); its budgets cap the days and give the run-out day."""
-    from engine.decision.campaign_plan import Traffic, format_plan, plan_campaign, what_if_rules
+    from engine.analytics.campaign_plan import Traffic, format_plan, plan_campaign, what_if_rules
     from engine.sim import demo
 
     store = ProfileStore.from_url(redis_url)
@@ -600,8 +600,8 @@ def test_training_from_the_streams_filters_or_weighs_a_campaign(campaign_engine)
 
 
 def test_segments_are_under_or_over_their_plan_beyond_the_binomial_error() -> None:
-    from engine.decision.campaign_report import versus_plan
-    from engine.decision.report import Tally
+    from engine.analytics.campaign_report import versus_plan
+    from engine.analytics.report import Tally
 
     plan = {"days": 10, "by_segment": {"family": {"presentations": 100, "acceptance_rate": 0.3},
                                        "student": {"presentations": 100, "acceptance_rate": 0.3},

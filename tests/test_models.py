@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from engine.analytics.report import build_report
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.cli import main as nba
 from engine.config import Config
-from engine.decision.report import build_report
 from engine.models.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet, parse_experiment
 from engine.models.exploration import COUNTS_KEY
 from engine.models.model_input import model_input

@@ -113,8 +113,8 @@ def library(tmp_path: Path) -> Path:
 def test_a_library_imports_its_customers_trains_on_its_history_and_decides(redis_url: str, tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2
 
+    from engine.analytics.past import fill_contacts, read_past, training_set
     from engine.config import Config
-    from engine.decision.past import fill_contacts, read_past, training_set
     from engine.models.registry import ModelRegistry
     from engine.models.training import fit
     from engine.rules.loader import load_rules

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.decision.report import (
+from engine.analytics.report import (
     bootstrap_lifts,
     build_report,
     cluster_totals,

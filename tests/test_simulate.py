@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import redis
 
+from engine.analytics.report import lift_interval
 from engine.cli import main
-from engine.decision.report import lift_interval
 from engine.models.model_input import model_input
 from engine.rules.loader import load_rules
 from engine.sim.simulate import POLICIES, Settings, mean_ci, simulate

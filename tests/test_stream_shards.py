@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from engine.analytics.report import _read
 from engine.config import Config
-from engine.decision.report import _read
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, effects_key
 from engine.serving.app import App
 from engine.serving.privacy import export_customer, forget_customers

@@ -8,12 +8,11 @@
 - ``history``: the contact history those limits count, as bounded counters per action, channel and day;
 - ``interactions``: what a decision stores for its interaction id (one voice, safe retries);
 - ``reservations``: gives back the budget units of impressions a channel did not report in time;
-- ``responses``: ``RecordResponse``; ``report``: what decisions earned against the control group;
-- ``past``: offers and outcomes from before the engine, imported from a file (contact histories, a first
-  training set);
-- ``campaigns``: a campaign's control group, budgets (counted by ``contact``'s script), status and gauges;
-  ``campaign_plan`` (with ``plan_replay``): ``nba campaign plan``; ``campaign_report`` and
-  ``campaign_html``: ``nba campaign report``.
+- ``responses``: ``RecordResponse``;
+- ``campaigns``: a campaign's control group, budgets (counted by ``contact``'s script), status and gauges.
 
-May import: models, rules, store and the ground modules; not events, sim, authoring or serving.
+The funnel's hot path lives here; what reads decisions afterwards (reports, plans, training sets) is
+``engine.analytics``'s.
+
+May import: models, rules, store and the ground modules; not analytics, events, sim, authoring or serving.
 """

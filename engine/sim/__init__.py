@@ -6,6 +6,6 @@ domain.yaml (``datagen``), the policy simulation against baselines and oracles o
 trained only on recorded traffic of another population (``simulate``), and large synthetic rule sets
 for benchmarks (``synthetic_rules``).
 
-May import: decision, models, rules, store and the ground modules. The service imports it only to
+May import: analytics, decision, models, rules, store and the ground modules. The service imports it only to
 seed the demo.
 """

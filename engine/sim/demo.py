@@ -99,7 +99,7 @@ def train_generated(registry: ModelRegistry, store: ProfileStore, ruleset: RuleS
                     world_seed: int = WORLD_SEED, rounds: int = 100) -> tuple[str, dict]:
     """A first model of ``ruleset``'s domain from a generated history of the seeded customers (a demo: it
     learns on the customers it then decides for, so its metrics are no evaluation), promoted."""
-    from engine.decision.past import read_past, training_set
+    from engine.analytics.past import read_past, training_set
     from engine.models.training import fit
 
     table = _generated(ruleset.schema, customers, world_seed)

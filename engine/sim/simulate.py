@@ -57,10 +57,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.analytics.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
+from engine.analytics.report import build_report
 from engine.config import DEMO_CUSTOMERS
-from engine.decision.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.decision.funnel import DecisionEngine
-from engine.decision.report import build_report
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
 from engine.errors import NbaError

@@ -380,10 +380,16 @@ def _sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _from_files(files: list[ArchivedFile], low: Id, high: Id, batch: int = 10_000) -> Iterator[Entry]:
+def connect_duckdb(root: Path) -> Any:
+    """A DuckDB connection that reads the archive's files at ``root`` by their ``ArchivedFile.path``."""
     import duckdb
 
-    con = duckdb.connect()
+    del root  # a local directory needs no filesystem registered
+    return duckdb.connect()
+
+
+def _from_files(root: Path, files: list[ArchivedFile], low: Id, high: Id, batch: int = 10_000) -> Iterator[Entry]:
+    con = connect_duckdb(root)
     try:
         reader = con.sql(
             f"SELECT * FROM read_parquet({_sql_list([f.path for f in files])}, union_by_name = true, hive_partitioning = false) "
@@ -427,7 +433,7 @@ def read_entries(client: Any, base: str, since: str = "-", root: Path | None = N
     for shard in sorted(set(range(len(keys))) | set(files)):
         mine = files.get(shard, [])
         inside = [f for f in mine if f.last >= low and f.first <= high]
-        part: list[Iterator[Entry]] = [_from_files(inside, low, high)] if inside else []
+        part: list[Iterator[Entry]] = [_from_files(root, inside, low, high)] if inside and root is not None else []
         if shard < len(keys):
             after = mine[-1].last if mine else None
             start = "(" + _id_text(after) if after is not None and after >= low else _id_text(low)

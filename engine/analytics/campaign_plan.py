@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from engine.analytics.plan_replay import replay
 from engine.decision.arbitration import order
 from engine.decision.contact import control_order
 from engine.decision.funnel import DecisionEngine
-from engine.decision.plan_replay import replay
 from engine.decision.request import DEFAULT_MAX_ACTIONS
 from engine.errors import NbaError
 from engine.features import FeatureSchema
@@ -198,7 +198,7 @@ def traffic_from_stream(client: redis.Redis, population: int, days: float, chann
                         until: float | None = None) -> Traffic:
     """The traffic of the ``days`` before ``until`` (default: the last recorded decision) in the decision
     stream; ``population``: the customers that traffic came from (those without a decision count as 0)."""
-    from engine.decision.report import _read
+    from engine.analytics.report import _read
 
     last = last_entry(client, DECISIONS_STREAM)
     if last is None:
@@ -251,7 +251,7 @@ def traffic_warnings(traffic: Traffic, channels: Sequence[str]) -> list[str]:
 def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
     """Of the actions presented in the ``days`` before ``until`` (default: the last recorded decision) and
     not accepted, the share with a recorded rejection (0 without recorded decisions)."""
-    from engine.decision.report import _read
+    from engine.analytics.report import _read
 
     last = last_entry(client, DECISIONS_STREAM)
     if last is None:

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import redis
 
-from engine.decision.campaign_plan import fetch_profiles
+from engine.analytics.campaign_plan import fetch_profiles
 from engine.decision.history import LUA as HISTORY_LUA
 from engine.decision.history import contact_head, contacts_key
 from engine.decision.request import MAX_ID_LENGTH

@@ -13,7 +13,7 @@
   customer's decisions from the first one in play until the campaign's end: accepted value
   (``value``), accepted actions (``acceptances``) or accepted retention actions (``retention_saves``).
   Lift = mean outcome per treated customer / mean per control customer - 1, with the customer-clustered
-  95% CI of ``decision/report.py`` (one unit per customer).
+  95% CI of ``analytics/report.py`` (one unit per customer).
 - **Spend and pacing**: presentations per day (in the campaign's time zone) and the cumulative spend
   against the even-spend line of the total budget.
 - **Against the plan** (``nba campaign plan --save`` stores it): per segment, the acceptance rate and
@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import redis
 
-from engine.decision.report import Tally, _read, lift_from_totals
+from engine.analytics.report import Tally, _read, lift_from_totals
 from engine.rules.campaigns import Campaign
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, profile_key
 
