@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.archive = args.archive
     if args.fsync is not None and cfg.redis_url is not None:
         logging.getLogger(__name__).warning("--fsync %s ignored: it sets the embedded Redis; set appendfsync on "
-                                            "the Redis at REDIS_URL (README, 'Durability')", args.fsync)
+                                            "the Redis at REDIS_URL (engine/deploy/README.md, 'Durability')", args.fsync)
     cfg.redis_fsync = args.fsync or "everysec"
     return serve(cfg)
 
@@ -909,7 +909,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", type=Path, help="serve TLS only, with this certificate (PEM; reloaded on change)")
     p.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see README, 'Running it securely')")
+    p.add_argument("--auth", type=Path, help="callers and their roles (YAML; see engine/deploy/README.md, 'Running it securely')")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --address without TLS and --auth (logs a warning)")
     p.add_argument("--dev-open-admin", action="store_true",
@@ -935,7 +935,7 @@ def _main(argv: list[str] | None = None) -> int:
                         "(NBA_LOG_FORMAT)")
     p.add_argument("--fsync", choices=("everysec", "always"),
                    help="the embedded Redis's appendfsync (default everysec): always fsyncs every write before "
-                        "the OK (survives power loss; costs latency, README 'Durability')")
+                        "the OK (survives power loss; costs latency, engine/deploy/README.md, 'Durability')")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("auth", help="make credentials for the auth file")

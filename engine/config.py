@@ -45,7 +45,7 @@ class Config:
     # directory is this machine's) and not with REDIS_URL (several serving machines: one `nba archive run` instead);
     # "off" by default while customer erasure does not reach the archive's files
     archive: str = "off"
-    redis_fsync: str = "everysec"  # the embedded Redis's appendfsync: everysec or always (README, "Durability")
+    redis_fsync: str = "everysec"  # the embedded Redis's appendfsync: everysec or always (engine/deploy/README.md, "Durability")
     rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))
     demo_customers: int = DEMO_CUSTOMERS

@@ -25,8 +25,8 @@ PublishEvent that returned OK in ``nba:stream:events`` (its stream id) and the c
 a Decide that returned OK, not degraded: its decision record ``nba:decision:<id>`` (the impressions and
 budget units are written by the same script). Separately, every Decide that returned OK is looked up by
 its decision id in the decision stream ``nba:stream:decisions`` (every shard): that entry is written
-after the reply by a background thread (``engine.store.decision_log``, best-effort by design, README
-"Durability"), so its losses are reported as ``decision_log_lost``, next to what the service counted
+after the reply by a background thread (``engine.store.decision_log``, best-effort by design,
+engine/deploy/README.md "Durability"), so its losses are reported as ``decision_log_lost``, next to what the service counted
 dropping (``nba_redis_errors_total{operation="decision_log"}`` per batch Redis refused,
 ``{operation="decision_log_full"}`` per record its queue had no room for; read from its ``/metrics``),
 not as acknowledged writes lost. Per scenario (from the fault's start to the end of its observation)

@@ -2,7 +2,7 @@
 
 They draw the same examples on every run (``derandomize``), so a red run is a failure that the same
 command reproduces anywhere. ``HYPOTHESIS_PROFILE=explore`` draws new random examples, EXPLORE_FACTOR
-times as many: the exploring run before a release (README, "Tests"); what it finds becomes an ``@example``.
+times as many: the exploring run before a release (ARCHITECTURE.md, "Tests"); what it finds becomes an ``@example``.
 """
 
 from __future__ import annotations

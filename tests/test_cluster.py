@@ -251,7 +251,7 @@ def test_a_master_killed_under_concurrent_load_loses_no_acknowledged_write(tmp_p
     (OK, not degraded) its record. And every response written on the promoted master, which has no replica
     any more, was counted in ``nba_redis_unreplicated_total`` (stream entry and record field: 2 each).
 
-    RecordResponse waits for a replica (``WAIT``); Decide and PublishEvent do not (README "Redis Cluster"),
+    RecordResponse waits for a replica (``WAIT``); Decide and PublishEvent do not (engine/deploy/README.md, "On a Redis Cluster"),
     but on loopback a master sends a write to its replica in the same event-loop pass as the reply, so a
     kill after the reply loses neither: a loss here would be a bug, not replication lag."""
     import shutil

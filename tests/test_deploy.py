@@ -836,7 +836,7 @@ def _named_server(name: bytes) -> tuple[grpc.Server, int]:
 
 
 def test_round_robin_over_ipv4_addresses_reaches_every_replica() -> None:
-    """The README's client-side load balancing: ``ipv4:HOST:PORT,HOST:PORT`` with round_robin spreads the
+    """The operator guide's client-side load balancing: ``ipv4:HOST:PORT,HOST:PORT`` with round_robin spreads the
     calls of one channel over both servers; without it (pick_first) one server gets them all."""
     (a, port_a), (b, port_b) = _named_server(b"a"), _named_server(b"b")
     target = f"ipv4:127.0.0.1:{port_a},127.0.0.1:{port_b}"

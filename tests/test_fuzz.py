@@ -827,13 +827,13 @@ def test_loading_rule_files_keeps_none_of_them_alive() -> None:
     assert nodes() <= before
 
 
-AUTH_EXAMPLE = next(b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+AUTH_EXAMPLE = next(b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "engine" / "deploy" / "README.md").read_text(), re.S)
                     if "callers:" in b)
 
 
 @st.composite
 def mutated_auth(draw) -> str:
-    """The README's example auth file with 1-3 line mutations: a value replaced by an odd token, a line
+    """The operator guide's example auth file with 1-3 line mutations: a value replaced by an odd token, a line
     deleted, duplicated or shifted."""
     lines = AUTH_EXAMPLE.split("\n")
     for _ in range(draw(st.integers(1, 3))):

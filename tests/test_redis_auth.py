@@ -248,7 +248,7 @@ def _text(value: object) -> object:
 
 @pytest.fixture()
 def acl_redis(tmp_path: Path, redis_servers: list[RedisProcess]) -> Iterator[RedisProcess]:
-    """An external Redis set up as the README says: the default user off, the service user with the
+    """An external Redis set up as the operator guide says: the default user off, the service user with the
     documented least-privilege ACL (``redis_acl.service_acl``), an admin user. Whatever ran on it, nothing
     may have been refused to the service user."""
     binary = find_redis_server()

@@ -408,9 +408,9 @@ def test_with_redis_unreachable_each_worker_limits_at_its_share(caplog: pytest.L
 
 
 def test_the_readme_example_auth_file_loads(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "engine" / "deploy" / "README.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "callers:" in b]
-    assert blocks, "README.md has no yaml block with callers:"
+    assert blocks, "engine/deploy/README.md has no yaml block with callers:"
     path = tmp_path / "auth.yaml"
     path.write_text(blocks[0])
     policy = load_auth(path)

@@ -19,7 +19,7 @@ from engine.errors import NbaError
 
 log = logging.getLogger(__name__)
 
-# The client retry policy the README documents: a Decide, RecordResponse or PublishEvent that fails with
+# The client retry policy proto/README.md documents: a Decide, RecordResponse or PublishEvent that fails with
 # UNAVAILABLE (or times out on a server that did the work) is safe to send again with the same
 # interaction, decision or event id. The slim client ships the same policy in
 # proto/client/nba_client/service_config.json; tests/test_slim_client.py keeps the two equal.

@@ -1,4 +1,4 @@
-"""The google.rpc error model on every error status the service returns (README.md, "Errors").
+"""The google.rpc error model on every error status the service returns (proto/README.md, "Errors").
 
 Each error carries a ``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer with the same code
 and message as the status itself, and in it: a ``google.rpc.ErrorInfo`` (``reason``, domain ``nba.v1``,
@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 
 DOMAIN = "nba.v1"
 
-# The reasons (ErrorInfo.reason) the service gives; stable: clients branch on them. README.md lists
+# The reasons (ErrorInfo.reason) the service gives; stable: clients branch on them. proto/README.md lists
 # them with what a client should do.
 INVALID_FIELD = "INVALID_FIELD"  # INVALID_ARGUMENT: the field named in BadRequest
 MALFORMED_REQUEST = "MALFORMED_REQUEST"  # INVALID_ARGUMENT: bytes that do not parse, or no request message

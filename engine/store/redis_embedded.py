@@ -46,7 +46,7 @@ PASSWORD_FILE = "redis.password"  # the service user's
 ADMIN_PASSWORD_FILE = "redis.admin.password"
 URL_FILE = "redis.url"
 ADMIN_URL_FILE = "redis.admin.url"
-# appendfsync of the embedded server (README, "Durability"): "everysec" writes every command to the file
+# appendfsync of the embedded server (engine/deploy/README.md, "Durability"): "everysec" writes every command to the file
 # before its reply and fsyncs once a second, so a crash of redis-server or of the service loses nothing
 # acknowledged and an OS crash or power loss up to a second (up to 2 s when a slow fsync makes Redis hold
 # writes back, which it does while still replying); "always" fsyncs before replying (nothing acknowledged
