@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,10 @@ LATENCY_BUCKETS = (
 DECIDE_SECONDS = Histogram(
     "nba_decide_duration_seconds", "Decide latency inside the server, by channel.",
     ["channel"], buckets=LATENCY_BUCKETS,
+)
+GC_PAUSE_SECONDS = Histogram(
+    "nba_gc_pause_seconds", "Pauses of the garbage collector in a worker, by generation collected (every "
+    "thread of the process waits meanwhile).", ["generation"], buckets=LATENCY_BUCKETS,
 )
 STAGE_SECONDS = Histogram(
     "nba_decision_stage_duration_seconds",
@@ -202,3 +208,20 @@ def observe_decision(channel: str, seconds: float | None, stages: Sequence[tuple
         stage_seconds.observe(amount, stage)
     if seconds is not None:
         decide_seconds.observe(seconds, channel)
+
+
+def time_gc() -> None:
+    """Time every collection of the garbage collector into ``nba_gc_pause_seconds`` (from now on)."""
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
+
+
+_gc_started = [0.0]
+_gc_generations = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        _gc_generations[info["generation"]].observe(time.perf_counter() - _gc_started[0])

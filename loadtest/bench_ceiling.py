@@ -14,6 +14,16 @@ with the same worker counts: before and after in one run. Servers not under load
 (their health and file-watch pollers wake a few times a second).
 
     python loadtest/bench_ceiling.py --rounds 1 --repeats 3 --duration 10 --slo p99=5ms --json /tmp/ceiling.json
+
+Scaling over workers: ``--workers 1 2 4 8`` finds each count's highest rate beside the bare server's, and
+prints each count's rate against one worker's (ratios within a round) and how evenly its workers shared
+the Decides (each worker's answered Decides, read from its Prometheus multiprocess file; the kernel
+balances connections, not calls, so the share follows the ``--processes`` x 4 connections). The bare
+server under the same ``--processes`` shows whether the load generator keeps up. On the 16-core machine
+(one device run, about 5 minutes):
+
+    python loadtest/bench_ceiling.py --workers 1 2 4 8 --processes 8 --rounds 1 --repeats 1 --duration 5 \
+        --warmup 1 --step 1.4 --start-rate 200 --bare-start-rate 1000 --json $OUT/scaling.json
     python loadtest/bench_ceiling.py --alternate 200 --alternate-rounds 3 --compare-tree /tmp/before
 
 ``--alternate RATE`` replaces the find-max rounds by pairs of servers sharing one open-loop client that
@@ -96,8 +106,8 @@ def start_servers(redis_url: str, workers: list[int], models_dir: str, compare_t
     return servers
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of process ``pid`` and all its descendants (workers), from /proc."""
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process, from /proc."""
     stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -106,12 +116,46 @@ def tree_cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    tree, total = {pid}, 0.0
+    return stats
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` and all its descendants (workers), from /proc."""
+    stats = _proc_stats()
+    tree = {pid}
     for _ in range(4):  # supervisor -> workers -> (none deeper today)
         tree |= {p for p, (parent, _) in stats.items() if parent in tree}
-    for p in tree:
-        total += stats.get(p, (0, 0.0))[1]
-    return total
+    return sum(stats.get(p, (0, 0.0))[1] for p in tree)
+
+
+def worker_decides(pid: int) -> dict[int, float]:
+    """Decide calls each worker of the ``nba serve`` supervisor ``pid`` has answered so far (worker pid ->
+    count), from the workers' Prometheus multiprocess files: the spawned workers inherit the
+    supervisor's PROMETHEUS_MULTIPROC_DIR and each writes ``counter_<pid>.db``. Empty for the bare server."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    counts: dict[int, float] = {}
+    for child, (parent, _) in _proc_stats().items():
+        if parent != pid:
+            continue
+        try:
+            env = dict(v.split("=", 1) for v in (Path("/proc") / str(child) / "environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        path = Path(env.get("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")) / f"counter_{child}.db"
+        if not path.is_file():
+            continue
+        keys = ((json.loads(key), value) for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)))
+        counts[child] = sum(value for (_, name, labels, _), value in keys
+                            if name == "nba_grpc_requests_total" and labels.get("method") == "Decide")
+    return counts
+
+
+def shares(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Each worker's share of the Decides answered between two ``worker_decides`` readings, largest first."""
+    done = {p: after[p] - before.get(p, 0.0) for p in after}
+    total = sum(done.values())
+    return sorted((n / total for n in done.values()), reverse=True) if total else []
 
 
 def stop_servers(servers: dict[str, tuple[subprocess.Popen, str]]) -> None:
@@ -177,15 +221,20 @@ def main() -> int:
                     print(f"--- round {r + 1}: {name} ({time.strftime('%H:%M:%S')}, load average "
                           f"{os.getloadavg()[0]:.2f})", flush=True)
                     start = args.bare_start_rate if name in (BARE, BARE_AIO) else args.start_rate
+                    pid = servers[name][0].pid
+                    counted = worker_decides(pid)
                     found = loadgen.find_max(work, slo, start, 100_000, args.step, args.duration, args.warmup,
                                              args.processes, args.repeats)
-                    cpu = tree_cpu_seconds(servers[name][0].pid)
+                    found["worker_shares"] = shares(counted, worker_decides(pid))
+                    cpu, counted = tree_cpu_seconds(pid), worker_decides(pid)
                     at = loadgen.run(work, args.p50_rate, args.duration, args.warmup, args.processes)
                     # every request sent (warm-up too); the server's idle time meanwhile is counted as well
-                    at["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                    at["server_cpu_ms_per_request"] = ((tree_cpu_seconds(pid) - cpu) * 1000
                                                        / (args.p50_rate * (args.warmup + args.duration)))
+                    at["worker_shares"] = shares(counted, worker_decides(pid))
                     print(f"at {args.p50_rate:g}/s: {loadgen._line(at)}  server CPU "
-                          f"{at['server_cpu_ms_per_request']:.3f} ms/request", flush=True)
+                          f"{at['server_cpu_ms_per_request']:.3f} ms/request{_share_text(at['worker_shares'])}",
+                          flush=True)
                     for step in found["steps"]:
                         step.pop("series", None)
                     at.pop("series", None)
@@ -207,6 +256,7 @@ def main() -> int:
         print(f"{name:>18} {t['max_rps']:11.0f} {ratio} {', '.join(f'{x:.0f}' for x in t['max_rps_rounds']):>20} | "
               f"{t['p50_ms']:14.3f} {t['p50_ratio']:7.2f} {t['p99_ms']:8.3f} {t['p999_ms']:9.3f} "
               f"{t['cpu_ms']:10.3f} {t['cpu_ratio']:7.2f}")
+    print_scaling(table, rounds)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": table, "rounds": rounds, "args": vars(args)},
                                               indent=2, default=str))
@@ -272,15 +322,17 @@ def sweep(args: argparse.Namespace) -> int:
                 for name in names[shift:] + names[:shift]:
                     work = loadgen.Workload(servers[name][1], customers=args.customers)
                     for rate in args.sweep:
-                        cpu = tree_cpu_seconds(servers[name][0].pid)
+                        pid = servers[name][0].pid
+                        cpu, counted = tree_cpu_seconds(pid), worker_decides(pid)
                         result = loadgen.run(work, rate, args.duration, args.warmup, args.processes)
                         result.pop("series", None)
-                        result["server_cpu_ms_per_request"] = ((tree_cpu_seconds(servers[name][0].pid) - cpu) * 1000
+                        result["server_cpu_ms_per_request"] = ((tree_cpu_seconds(pid) - cpu) * 1000
                                                                / (rate * (args.warmup + args.duration)))
+                        result["worker_shares"] = shares(counted, worker_decides(pid))
                         runs.setdefault(name, {}).setdefault(rate, []).append(result)
                         print(f"round {r + 1} {name:>16} {loadgen._line(result)}  CPU "
-                              f"{result['server_cpu_ms_per_request']:.3f} ms/req (load average "
-                              f"{os.getloadavg()[0]:.2f})", flush=True)
+                              f"{result['server_cpu_ms_per_request']:.3f} ms/req{_share_text(result['worker_shares'])} "
+                              f"(load average {os.getloadavg()[0]:.2f})", flush=True)
         finally:
             stop_servers(servers)
     print(f"\nmedians over {args.rounds} round(s) of {args.duration:g} s per server and rate")
@@ -294,6 +346,27 @@ def sweep(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": runs, "args": vars(args)}, indent=2, default=str))
     return 0
+
+
+def _share_text(worker_shares: list[float]) -> str:
+    return f"  per-worker share {'/'.join(f'{x:.0%}' for x in worker_shares)}" if len(worker_shares) > 1 else ""
+
+
+def print_scaling(table: dict[str, dict], rounds: list[dict[str, dict]]) -> None:
+    """Each worker count's highest rate against one worker's (the same tree, ratios within each round) and
+    how evenly its workers shared the Decides of its find-max runs (largest share first, last round)."""
+    one = "1 worker"
+    if one not in table:
+        return
+    print(f"\n{'scaling':>18} {'/ 1 worker':>11} {'per round':>20} | per-worker share of Decides in find-max (last round)")
+    for name in table:
+        if name in (BARE, BARE_AIO) or name.startswith("before "):
+            continue
+        ratios = [r[name]["max_rps"] / r[one]["max_rps"] for r in rounds if r[one]["max_rps"]]
+        text = ", ".join(f"{x:.2f}" for x in ratios)
+        median = f"{float(np.median(ratios)):11.2f}" if ratios else f"{'-':>11}"
+        print(f"{name:>18} {median} {text:>20} | "
+              + "/".join(f"{x:.0%}" for x in rounds[-1][name]["find_max"].get("worker_shares", [])))
 
 
 def summarize(rounds: list[dict[str, dict]]) -> dict[str, dict]:

@@ -88,6 +88,7 @@ def test_two_workers_share_the_port_and_metrics_sum_across_them(tmp_path: Path, 
         presented = sum(v for k, v in samples.items() if k.startswith("nba_actions_presented_total{"))
         assert presented >= calls
         assert any(k.startswith("nba_ruleset_info{") and v == 1 for k, v in samples.items())
+        assert sum(v for k, v in samples.items() if k.startswith("nba_gc_pause_seconds_count{")) > 0  # calls allocate
         _lint(metrics_port)
 
         proc.send_signal(signal.SIGTERM)

@@ -121,9 +121,13 @@ def _announce(config: Config, port: int, detail: str) -> None:
 
 def _settle() -> None:
     """After warm-up: move everything loaded so far (modules, rules, models, JIT code) out of the
-    garbage collector's reach, so collections during requests only walk what requests allocate."""
+    garbage collector's reach, so collections during requests only walk what requests allocate; time
+    them from now on (``nba_gc_pause_seconds``)."""
+    from engine import metrics
+
     gc.collect()
     gc.freeze()
+    metrics.time_gc()
 
 
 def _serve_here(config: Config, stop: threading.Event, grace: float) -> int:
