@@ -31,7 +31,6 @@ bigger machine would see.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -48,28 +47,12 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
 import redis_backends as rb  # noqa: E402
-from bench_ceiling import stop_servers, tree_cpu_seconds  # noqa: E402
-from grpc_modes import wait_serving  # noqa: E402
-
-from engine.store.redis_embedded import free_port  # noqa: E402
+from harness import args as common  # noqa: E402
+from harness import servers as srv  # noqa: E402
+from harness.results import stamp, write_json  # noqa: E402
+from harness.servers import tree_cpu_seconds  # noqa: E402
 
 SIDES = ("node", "cluster")
-
-
-def start_server(url: str, workers: int, models_dir: str) -> tuple[subprocess.Popen, str]:
-    address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, REDIS_URL=url, PYTHONPATH=str(ROOT))
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", str(workers), "--no-demo", "--metrics-port", "0",
-         "--models-dir", models_dir, "--address", address],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_serving(address, proc)
-    except BaseException:
-        proc.terminate()
-        raise
-    return proc, address
 
 
 def cpu_run(b: rb.Backend, proc: subprocess.Popen, work: loadgen.Workload, rate: float, duration: float,
@@ -89,24 +72,20 @@ def cpu_run(b: rb.Backend, proc: subprocess.Popen, work: loadgen.Workload, rate:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="nba serve --workers, both sides")
-    ap.add_argument("--slo", action="append", default=[], help="default p99=10ms")
-    ap.add_argument("--start-rate", type=float, default=150)
-    ap.add_argument("--step", type=float, default=1.25)
-    ap.add_argument("--duration", type=float, default=6, help="measured seconds per find-max run")
-    ap.add_argument("--warmup", type=float, default=2)
-    ap.add_argument("--processes", type=int, default=2, help="load generator processes")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per rate, judged on the median p99")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds; the sides' order alternates by round")
+    common.add_slo(ap, "p99=10ms")
+    common.add_find_max(ap, start_rate=150)
+    common.add_load(ap, duration=6, warmup=2, duration_help="measured seconds per find-max run")
+    common.add_processes(ap)
+    common.add_rounds(ap, 2)
     ap.add_argument("--cpu-rate", type=float, default=150, help="rate of the fixed-rate CPU run")
     ap.add_argument("--cpu-duration", type=float, default=10)
     ap.add_argument("--no-find-max", action="store_true", help="only the fixed-rate CPU runs")
-    ap.add_argument("--customers", type=int, default=20_000)
+    common.add_customers(ap)
     ap.add_argument("--masters", type=int, default=3)
-    ap.add_argument("--models-dir", default="/tmp/nba-models" if Path("/tmp/nba-models/propensity/CHAMPION").is_file()
-                    else str(ROOT / "models"))
-    ap.add_argument("--json")
+    common.add_models_dir(ap, srv.default_models())
+    common.add_json(ap)
     args = ap.parse_args()
     slo = loadgen.parse_slo(args.slo or ["p99=10ms"])
 
@@ -116,12 +95,13 @@ def main() -> int:
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         backends = {s: stack.enter_context(rb.backend(s, tmp, args.masters)) for s in SIDES}
-        servers = {}
+        servers: srv.Servers = {}
         for b in backends.values():
             demo.seed(ProfileStore.from_url(b.url), args.customers)
         try:
             for s, b in backends.items():
-                servers[s] = start_server(b.url, args.workers, args.models_dir)
+                servers |= srv.start({s: srv.serve_command(srv.loopback(), workers=args.workers,
+                                                           models_dir=args.models_dir)}, b.url)
             time.sleep(2)
             idle = {}
             for b in backends.values():
@@ -132,8 +112,7 @@ def main() -> int:
                 for s in order:
                     proc, address = servers[s]
                     work = loadgen.Workload(address, customers=args.customers)
-                    print(f"--- round {r + 1}: {s} ({time.strftime('%H:%M:%S')}, load average "
-                          f"{os.getloadavg()[0]:.2f})", flush=True)
+                    print(f"--- round {r + 1}: {s} ({stamp()})", flush=True)
                     at = cpu_run(backends[s], proc, work, args.cpu_rate, args.cpu_duration, args.warmup,
                                  args.processes, idle)
                     red = at["redis"]
@@ -160,17 +139,13 @@ def main() -> int:
                                  "max_rps": found["max_rps_meeting_slo"] if found else None,
                                  "load_average": os.getloadavg()[0]}
                 rounds.append(result)
-                if args.json:
-                    Path(args.json).write_text(json.dumps({"summary": summarize(rounds), "rounds": rounds,
-                                                           "args": vars(args)}, indent=2, default=str))
+                write_json(args.json, {"summary": summarize(rounds), "rounds": rounds, "args": vars(args)})
         finally:
-            stop_servers(servers)
+            srv.stop(servers)
 
     table = summarize(rounds)
     report(table, args, slo)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": table, "rounds": rounds, "args": vars(args)},
-                                              indent=2, default=str))
+    write_json(args.json, {"summary": table, "rounds": rounds, "args": vars(args)})
     return 0
 
 

@@ -24,10 +24,7 @@ Latency counts from each request's intended send time (open loop), so queueing s
 
 from __future__ import annotations
 
-import argparse
-import json
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,8 +38,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bench_decide  # noqa: E402
-from bench_decide import open_loop, summary  # noqa: E402
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+from harness import args as common  # noqa: E402
+from harness import results  # noqa: E402
+from harness.clients import open_loop  # noqa: E402
+from harness.servers import embedded_serve  # noqa: E402
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
@@ -50,12 +51,9 @@ from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.profiles import ProfileStore  # noqa: E402
 
 
-def start_server(customers: int) -> tuple[subprocess.Popen, str, str, tempfile.TemporaryDirectory]:
-    """``nba serve --workers 1``; returns the process, gRPC address, Redis URL and the data directory."""
-    proc, address, tmp = bench_decide.start_server(customers, "--workers", "1")
-    # the embedded redis-server, started before SERVING, leaves its URL in its data directory
-    url = (Path(tmp.name) / "redis" / "redis.url").read_text().strip()
-    return proc, address, url, tmp
+def summary(seconds: np.ndarray) -> dict:
+    """p50/p90/p99/p99.9/max in ms of latencies in seconds (NaN: none)."""
+    return results.summary(seconds, keys=("p50", "p90", "p99", "p999", "max"), scale=1000, digits=None)
 
 
 def visibility(publish, decide, store: ProfileStore, calls: int, rate: float, decide_every: int, prefix: str,
@@ -190,17 +188,17 @@ def in_process(calls: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=500.0, help="events per second (open loop)")
+    ap = common.parser(__doc__)
+    common.add_load(ap, rate=500.0, rate_help="events per second (open loop)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each open-loop run")
-    ap.add_argument("--warmup", type=int, default=1_000)
+    ap.add_argument("--warmup", type=int, default=1_000, help="calls of each kind before measuring")
     ap.add_argument("--decide-every", type=int, default=10, help="a Decide after every n-th event's reply (0: none)")
     ap.add_argument("--check-every", type=int, default=1,
                     help="read the triggers after every n-th event's reply (the checks load the same 2 cores)")
     ap.add_argument("--max-seconds", type=float, default=10.0, help="length of the throughput run")
     ap.add_argument("--inflight", type=int, default=64)
-    ap.add_argument("--customers", type=int, default=2_000, help="demo customers to seed")
-    ap.add_argument("--json", help="write the results here")
+    common.add_customers(ap, 2_000)
+    common.add_json(ap)
     ap.add_argument("--in-process", type=int, metavar="N",
                     help="instead: time EventProcessor.publish N times per event type, no gRPC, and exit")
     args = ap.parse_args()
@@ -210,16 +208,14 @@ def main() -> int:
         print(f"in process, no gRPC, {args.in_process} events per type (data_usage: a quarter)")
         for kind, s in result.items():
             print(f"{kind:20} p50 {s['p50_ms'] * 1000:6.0f} us  p99 {s['p99_ms'] * 1000:6.0f} us  ({s['what']})")
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        results.write_json(args.json, result)
         return 0
 
     calls = int(args.rate * args.seconds)
-    proc, address, url, tmp = start_server(args.customers)
-    try:
-        if not url:
-            raise SystemExit("cannot find the embedded Redis URL")
-        store = ProfileStore.from_url(url)
+    # one worker: one client channel is one connection, which the kernel gives to one worker of several
+    with embedded_serve(args.customers, workers=1) as (_, address, data):
+        # the embedded redis-server, started before SERVING, leaves its URL in its data directory
+        store = ProfileStore.from_url((data / "redis" / "redis.url").read_text().strip())
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.DecisionServiceStub(channel)
             publish, decide = stub.PublishEvent.future, stub.Decide
@@ -244,10 +240,6 @@ def main() -> int:
             result["publish_no_pattern_baseline"] = summary(resolved) | {"errors": resolved_err}
             result["throughput"] = throughput(publish, args.max_seconds, args.inflight, "TP")
         store.client.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        tmp.cleanup()
 
     result.update(offered_eps=args.rate, calls=calls, check_every=args.check_every, decide_every=args.decide_every)
     base = result["health_baseline"]
@@ -258,16 +250,12 @@ def main() -> int:
     print(f"open loop, {args.rate:g} events/s, {calls} calls each, one client on loopback, one server "
           f"process; triggers read after every {args.check_every}th reply, Decide after every "
           f"{args.decide_every}th")
-    print(f"{'measure':40} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'n':>6}")
-    for name, key in (("PublishEvent contact_request", "publish"),
-                      ("trigger visible after return", "visible_after_return"),
-                      ("send -> trigger visible (end to end)", "end_to_end_send_to_visible"),
-                      ("Decide after return (callback on top)", "decide_after_return"),
-                      ("PublishEvent no-pattern baseline", "publish_no_pattern_baseline"),
-                      ("Health.Check baseline", "health_baseline")):
-        s = result[key]
-        print(f"{name:40} {s['p50_ms']:8.3f} {s['p90_ms']:8.3f} {s['p99_ms']:8.3f} {s['p999_ms']:9.3f} "
-              f"{s['max_ms']:8.3f} {s['calls']:6d}")
+    print(results.table({name: result[key] for name, key in (
+        ("PublishEvent contact_request", "publish"), ("trigger visible after return", "visible_after_return"),
+        ("send -> trigger visible (end to end)", "end_to_end_send_to_visible"),
+        ("Decide after return (callback on top)", "decide_after_return"),
+        ("PublishEvent no-pattern baseline", "publish_no_pattern_baseline"), ("Health.Check baseline", "health_baseline"))},
+        keys=("p50", "p90", "p99", "p999", "max"), title="measure", extra=("calls",)))
     print(f"errors: publish {result['publish']['errors']}, never visible {result['never_visible']}, "
           f"reads needed max {result['reads_needed_max']}, Decide without callback on top "
           f"{result['decide_after_return']['wrong_top']}")
@@ -277,8 +265,7 @@ def main() -> int:
     t = result["throughput"]
     print(f"throughput (closed loop, {t['inflight']} in flight, {t['seconds']:.1f}s): "
           f"{t['events_per_s']:.0f} PublishEvent/s, {t['errors']} errors")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    results.write_json(args.json, result)
     failed = result["publish"]["errors"] or result["never_visible"] or result["decide_after_return"]["wrong_top"]
     return 1 if failed else 0
 

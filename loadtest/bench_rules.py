@@ -21,9 +21,7 @@ time spent waiting for a core). Exit code 1 when the vectorised p99 is above ``-
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import random
 import sys
 import tempfile
@@ -35,6 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+from harness import args as common  # noqa: E402
+from harness.results import write_json  # noqa: E402
 
 from engine.features import FeatureSchema  # noqa: E402
 from engine.models.derived import derive  # noqa: E402
@@ -108,17 +111,17 @@ def measure(designs: dict, reqs: list, decisions: int, block: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--actions", type=int, default=100)
     parser.add_argument("--rules", type=int, default=300)
     parser.add_argument("--customer-rules", type=int, default=60, help="of --rules, the customer-level ones")
     parser.add_argument("--scaling", default="", help="also time ours with these customer-level counts, e.g. 120,200")
     parser.add_argument("--decisions", type=int, default=20_000, help="per design")
     parser.add_argument("--block", type=int, default=200)
-    parser.add_argument("--customers", type=int, default=5_000)
+    common.add_customers(parser, 5_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--budget-us", type=float, default=300.0)
-    parser.add_argument("--json")
+    common.add_json(parser)
     args = parser.parse_args(argv)
 
     results = {}
@@ -157,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = ours["p99"] <= args.budget_us
     print(f"\nvectorised p99 {ours['p99']} us: {'within' if ok else 'OVER'} the {args.budget_us:g} us budget; "
           f"naive durable p99 {results['main']['naive durable']['p99']} us")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_json(args.json, {"args": vars(args), "results": results})
     return 0 if ok else 1
 
 

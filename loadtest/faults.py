@@ -36,6 +36,14 @@ took 3.5 minutes here.
 
     .venv/bin/python loadtest/faults.py --json /tmp/faults.json
     .venv/bin/python loadtest/faults.py --rate 150 --only redis_sigkill,client_pause --json /tmp/f.json
+
+Two longer reliability runs are modes of this tool (their code in ``loadtest/reliability/``): ``--soak``, the
+service under a steady open-loop mix for a long run, with memory, descriptors and p99 per interval and
+their slopes; ``--durability``, what Redis's ``appendfsync always`` costs against ``everysec`` for
+Decide, RecordResponse and PublishEvent, two servers alternating request by request.
+
+    .venv/bin/python loadtest/faults.py --soak --rate 200 --duration 1800 --json /tmp/soak.json
+    .venv/bin/python loadtest/faults.py --durability --rate 150 --duration 20 --rounds 4 --json /tmp/durability.json
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 import grpc  # noqa: E402
 import redis  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from harness import args as common  # noqa: E402
 from loadgen import CHANNEL_MIX, TOUCHPOINTS  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -695,20 +704,23 @@ class Drills:
         return {phase: dict(v) for phase, v in out.items()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write the result here")
-    ap.add_argument("--rate", type=float, help="calls/s (default: find the sustainable rate first)")
+def main(argv: list[str] | None = None) -> int:
+    ap = common.parser(__doc__)
+    common.add_modes(ap, {"--soak": "the soak (loadtest/reliability/soak.py)",
+                          "--durability": "appendfsync always against everysec (loadtest/reliability/durability.py)"})
+    common.add_json(ap)
+    ap.add_argument("--rate", type=float, help="calls/s (drills and --soak: default find the sustainable rate first; "
+                                               "--soak offers --fraction of it; --durability: in total, default 150)")
     ap.add_argument("--rate-steps", type=lambda s: [float(x) for x in s.split(",")],
                     default=[50, 100, 150, 200, 250, 300, 350, 400, 500, 600, 700, 800])
     ap.add_argument("--slo-ms", type=float, default=10.0,
                     help="p99 of all calls per one-second window (default 10: with 2 workers on 2 cores no rate "
-                         "holds 5 ms, BENCHMARKS.md issue 7)")
+                         "holds 5 ms); --soak: the Decide p99 the found sustainable rate meets")
     ap.add_argument("--only", help="comma-separated scenarios (default: all, in order)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="nba serve --workers (--durability: always 1)")
     ap.add_argument("--max-in-flight", type=int, help="nba serve --max-in-flight (default: the service's)")
-    ap.add_argument("--customers", type=int, default=20_000)
-    ap.add_argument("--models-dir", default="/tmp/nba-models", help="trained there by nba serve when empty")
+    common.add_customers(ap)
+    common.add_models_dir(ap, "/tmp/nba-models")
     ap.add_argument("--fsync", choices=("everysec", "always"), default="everysec", help="the Redis appendfsync")
     ap.add_argument("--baseline", type=float, default=5.0, help="seconds before each fault")
     ap.add_argument("--observe", type=float, default=30.0, help="at most this many seconds after a fault")
@@ -716,10 +728,30 @@ def main() -> int:
     ap.add_argument("--redis-down", type=float, default=1.0, help="seconds between the SIGKILL and the restart")
     ap.add_argument("--oom-seconds", type=float, default=5.0, help="seconds Redis refuses writes")
     ap.add_argument("--respond-share", type=float, default=0.1, help="share of calls that are RecordResponse")
-    ap.add_argument("--event-share", type=float, default=0.1, help="share of calls that are PublishEvent")
+    ap.add_argument("--event-share", type=float, help="share of calls that are PublishEvent (default 0.1; --soak 0.07)")
     ap.add_argument("--calls", help="also write every call (times, method, deadline, code) here (.npz)")
     ap.add_argument("--workdir", help="keep the data and the service log here (default: a temporary directory)")
-    args = ap.parse_args()
+    ap.add_argument("--duration", type=float,
+                    help="--soak: soak seconds (60..14400, default 1800); --durability: measured seconds per round (default 20)")
+    common.add_rounds(ap, 4, "--durability: rounds, the modes' order alternating")
+    ap.add_argument("--warmup", type=float, default=2, help="--durability: seconds of each round not measured")
+    ap.add_argument("--fraction", type=float, default=0.5, help="--soak: share of the sustainable rate offered")
+    ap.add_argument("--interval", type=float, default=60, help="--soak: seconds per recorded row")
+    ap.add_argument("--window", type=float, default=1200, help="--soak: slopes over the last this many seconds")
+    common.add_processes(ap)
+    ap.add_argument("--decide-deadline", type=float, default=0.25, help="--soak: seconds")
+    ap.add_argument("--other-deadline", type=float, default=0.5, help="--soak: RecordResponse / PublishEvent deadline, s")
+    args = ap.parse_args(argv)
+    if args.soak:
+        from reliability import soak
+
+        args.event_share = 0.07 if args.event_share is None else args.event_share
+        return soak.run(args, argv)
+    if args.durability:
+        from reliability import durability
+
+        return durability.run(args)
+    args.event_share = 0.1 if args.event_share is None else args.event_share
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = set(names) - set(SCENARIOS)
     if unknown:

@@ -20,6 +20,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,16 @@ class Workload:
     token_file: str | None = None
 
 
+def pick_customer(rng: random.Random, work: Workload, new_id: Callable[[], str]) -> str:
+    """A customer id of ``work``'s mix: an unknown one (``new_id()``, a cold start), a hot one or any."""
+    r = rng.random()
+    if r < work.cold_share:
+        return new_id()
+    if r < work.cold_share + work.hot_share:
+        return f"C{rng.randrange(work.hot_customers):07d}"
+    return f"C{rng.randrange(work.customers):07d}"
+
+
 def _client(work: Workload, rate: float, start: float, warmup: float, duration: float, drain: float,
             seed: int, out: mp.Queue) -> None:
     """One client process: open loop at ``rate`` from wall-clock ``start``; returns arrays via ``out``."""
@@ -80,13 +91,7 @@ def _client(work: Workload, rate: float, start: float, warmup: float, duration: 
     pending = threading.Semaphore(0)
 
     def request(i: int) -> pb.DecideRequest:
-        r = rng.random()
-        if r < work.cold_share:
-            cid = f"LOAD-NEW-{seed}-{i}"
-        elif r < work.cold_share + work.hot_share:
-            cid = f"C{rng.randrange(work.hot_customers):07d}"
-        else:
-            cid = f"C{rng.randrange(work.customers):07d}"
+        cid = pick_customer(rng, work, lambda: f"LOAD-NEW-{seed}-{i}")
         channel = rng.choices(channels, weights)[0]
         name = pb.Channel.Name(channel)
         intent = rng.choice(INTENTS)

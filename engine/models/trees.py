@@ -61,7 +61,7 @@ def go_left(node: int, fval: float, threshold: np.ndarray, decision_type: np.nda
             cat_start: np.ndarray, cat_words: np.ndarray, cat_bits: np.ndarray) -> bool:
     """One node's decision for one value (``NumericalDecision`` / ``CategoricalDecision``), for the bound
     scorer's catalog splits at bind time. ``scorer._score_batch`` spells the same test out in its loop:
-    calling this there made the walker 5.8x slower (loadtest/bench_scorer.py, 30 rows: p50 1,131 us
+    calling this there made the walker 5.8x slower (loadtest/bench_models.py, 30 rows: p50 1,131 us
     against 195 us)."""
     isnan = math.isnan(fval)
     # The C API drops |v| <= kZeroThreshold from a dense row, so the tree sees exactly 0.0.

@@ -33,7 +33,7 @@ The nba.v1 calls stay plain unary calls on their lane's threads: grpc reads the 
 handler runs, so a caller that withholds it holds a thread until its deadline or the connection's
 maximum age. Only callers past the credential check reach that lane (an unknown token is refused
 before its message is read, mTLS admits only the CA's certificates), and the watchdog would cost about 3%
-of a Decide's p50 (loadtest/admission_overhead.py: median ratio of five runs 1.03, range 0.96-1.05).
+of a Decide's p50 (loadtest/bench_ceiling.py --ab admission: median ratio of five runs 1.03, range 0.96-1.05).
 
 An interceptor that refuses a call (an unknown token) marks its behaviour with ``refusal``: it then
 runs on the shedding threads, outside every lane, and its request is never read.

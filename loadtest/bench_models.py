@@ -1,4 +1,8 @@
-"""Per-call latency of the numba scorers vs lightgbm.Booster.predict and lleaves, on decision-shaped
+"""The propensity model's costs and shape: the numba scorers against LightGBM (default), the derived-feature
+kernel against its hand-written baseline (``--derived``), and one model across actions against one per
+action type (``--shapes``).
+
+Scorers (default): per-call latency of the numba scorers vs lightgbm.Booster.predict and lleaves, on decision-shaped
 batches.
 
 One binary propensity model (200 trees, 31 leaves, 40 features of which 5 categorical) is trained on
@@ -21,7 +25,27 @@ Scorers, each given the input in its natural form:
 The scorers of this process take turns (25 calls each) so that a busy spell on a shared machine hits
 them alike; lleaves is timed right after, in its own process.
 
-    python loadtest/bench_scorer.py [--lleaves-python PATH] [--repeats N] [--budget S] [--json FILE]
+    python loadtest/bench_models.py [--lleaves-python PATH] [--repeats N] [--budget S] [--json FILE]
+    python loadtest/bench_models.py --repeats 300 --budget 0.5
+
+Derived features (``--derived``): the kernel that runs domain.yaml's compiled formulas against the hand-written numba
+kernel it replaced (kept here, verbatim, as the baseline), on the telco demo's seven features.
+
+A call derives one customer (what a decision does) or a batch (training, campaign plans). Both kernels
+get the same float32 vectors, are warmed up alike and take turns (200 calls each) so that a busy spell
+hits them alike; their outputs are checked equal before timing.
+
+    python loadtest/bench_models.py --derived [--calls N] [--batch N]
+
+Model shapes (``--shapes``): One propensity model across all actions vs one model per action type, on the synthetic world.
+
+Same simulated responses, same time-based holdout (latest 20%), same LightGBM parameters and rounds
+per model. Reports holdout AUC, log loss, mean |calibration error| and rank correlation with the
+hidden truth overall and per type (actions seen in training), training time, and separately how well
+each shape ranks actions it never saw (three catalog actions dropped from the training rows, kept in
+the holdout).
+
+    python loadtest/bench_models.py --shapes [--customers N] [--rounds R] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +62,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+from harness import args as common  # noqa: E402
+from harness.results import write_json  # noqa: E402
 
 BATCH_SIZES = (1, 30, 300, 3000)
 ACTIONS_PER_DECISION = 30
@@ -159,19 +190,32 @@ def rows_for(cust: np.ndarray, catalog: np.ndarray, c: np.ndarray, a: np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_modes(ap, {"--derived": "the derived-feature kernels",
+                          "--shapes": "one model across actions vs one per action type"})
     ap.add_argument("--repeats", type=int, default=5000, help="max timed calls per scorer and batch size")
     ap.add_argument("--budget", type=float, default=3.0, help="max seconds per scorer and batch size")
     ap.add_argument("--lleaves-python", help="python of a virtualenv with lleaves (timed in a subprocess)")
-    ap.add_argument("--json", type=Path, help="also write results to this JSON file")
+    ap.add_argument("--calls", type=int, default=20_000, help="--derived: single-customer calls per kernel")
+    ap.add_argument("--batch", type=int, default=100_000, help="--derived: customers in one batch call")
+    common.add_customers(ap, 50_000)
+    ap.add_argument("--rounds", type=int, default=200, help="--shapes: boosting rounds per model")
+    ap.add_argument("--learning-rate", type=float, help="--shapes: default the service's (engine.models.training.PARAMS)")
+    common.add_json(ap, "also write results to this JSON file")
     ap.add_argument("--lleaves-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.lleaves_worker:
         return lleaves_worker(args.lleaves_worker, args.repeats, args.budget)
+    if args.derived:
+        return derived(args)
+    if args.shapes:
+        return shapes(args)
+    return scorers(args)
 
+
+def scorers(args: argparse.Namespace) -> int:
     import lightgbm as lgb
     import numba
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from engine.models.scorer import CompiledModel
 
     rng = np.random.default_rng(42)
@@ -292,15 +336,209 @@ def main(argv: list[str] | None = None) -> int:
     print("\n'p50 / decision' = scorer p50 / numba decision p50: how many times faster the decision scorer is.")
 
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, {
             "env": {"python": platform.python_version(), "lightgbm": lgb.__version__,
                     "numba": numba.__version__, "numpy": np.__version__, "cpus": os.cpu_count()},
             "model": {"row_split_share": row_split_share, "channel_split_share": channel_split_share,
                       "bind_ms": bind_s * 1e3},
             "max_abs_diff_vs_booster": max_diff, "notes": notes, "results": results,
-        }, indent=2))
+        })
     return 0
+
+
+
+# --- derived features -------------------------------------------------------------------------------------
+
+def kernels() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The hand-written numba kernel as it was before domain.yaml (engine/models/derived.py, kept here
+    verbatim as the baseline) and the service's kernel, on the telco demo's features. Built here, not at
+    import: the lleaves worker's interpreter has no numba."""
+    import numba
+
+    from engine.models.derived import derive
+    from engine.sim.telco import DERIVED, NUMERIC, SCHEMA
+
+    index = {name: i for i, name in enumerate(NUMERIC)}
+    usage, allowance_at = index["data_usage_gb"], index["data_allowance_gb"]
+    days, purchases, revenue, margin = (index["days_since_last_purchase"], index["purchases_12m"], index["revenue_12m"],
+                                        index["margin_12m"])
+    recency_days = np.array([365.0, 180.0, 90.0, 30.0])
+    frequency = np.array([1.0, 3.0, 5.0, 8.0])
+    monetary = np.array([200.0, 500.0, 900.0, 1500.0])
+
+    @numba.njit(nogil=True)
+    def score_up(x: float, cuts: np.ndarray) -> float:
+        s = 1.0
+        for c in cuts:
+            if x >= c:
+                s += 1.0
+        return s
+
+    @numba.njit(nogil=True)
+    def score_down(x: float, cuts: np.ndarray) -> float:
+        s = 1.0
+        for c in cuts:
+            if x <= c:
+                s += 1.0
+        return s
+
+    @numba.njit(nogil=True)
+    def derive_rows(num: np.ndarray, out: np.ndarray) -> None:
+        for i in range(num.shape[0]):
+            allowance = num[i, allowance_at]
+            out[i, 0] = num[i, usage] / allowance if allowance > 0 else 0.0
+            r = score_down(num[i, days], recency_days)
+            f = score_up(num[i, purchases], frequency)
+            m = score_up(num[i, revenue], monetary)
+            out[i, 1] = r
+            out[i, 2] = f
+            out[i, 3] = m
+            out[i, 4] = r + f + m
+            out[i, 5] = np.exp(-max(num[i, days], 0.0) / 90.0)
+            out[i, 6] = (r + f + m) / 15.0 * 0.5 + min(max(num[i, margin], 0.0) / 1000.0, 1.0) * 0.5
+
+    def hand_written(num: np.ndarray) -> np.ndarray:
+        rows = np.atleast_2d(np.asarray(num, dtype=np.float64))
+        out = np.empty((rows.shape[0], len(DERIVED)), dtype=np.float64)
+        derive_rows(rows, out)
+        return out[0] if np.ndim(num) == 1 else out
+
+    def declared(num: np.ndarray) -> np.ndarray:
+        return derive(num, SCHEMA, 1.8e9)
+
+    return {"hand-written (baseline)": hand_written, "domain.yaml program": declared}
+
+
+def derived(args: argparse.Namespace) -> int:
+    from engine.sim.telco import DERIVED, NUMERIC
+
+    rng = np.random.default_rng(1)
+    batch = rng.uniform(-50, 2000, size=(args.batch, len(NUMERIC))).astype(np.float32)
+    batch[::5, NUMERIC.index("data_allowance_gb")] = 0.0
+    by_name = kernels()
+    hand_written, declared = by_name.values()
+    if not np.allclose(hand_written(batch), declared(batch), rtol=1e-15, atol=0):
+        raise SystemExit("the kernels disagree")
+    single: dict[str, list[int]] = {name: [] for name in by_name}
+    bulk: dict[str, list[float]] = {name: [] for name in by_name}
+    rows = batch[: args.calls]
+    turn = 200
+    for start in range(0, args.calls, turn):
+        for name, fn in by_name.items():
+            times = single[name]
+            for row in rows[start: start + turn]:
+                t0 = time.perf_counter_ns()
+                fn(row)
+                times.append(time.perf_counter_ns() - t0)
+    for _ in range(5):
+        for name, fn in by_name.items():
+            began = time.perf_counter()
+            fn(batch)
+            bulk[name].append(time.perf_counter() - began)
+    base = "hand-written (baseline)"
+    print(f"derived features ({len(DERIVED)} of the telco demo), {args.calls} single-customer calls per kernel "
+          f"in turns of {turn}; batch of {args.batch} customers, 5 calls each")
+    print(f"{'kernel':26} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'vs base p50':>11} {'batch Mrows/s':>14}")
+    p50_base = np.percentile(single[base], 50)
+    for name in by_name:
+        t = np.array(single[name]) / 1000.0
+        p50, p99, p999 = np.percentile(t, [50, 99, 99.9])
+        rate = args.batch / min(bulk[name]) / 1e6
+        print(f"{name:26} {p50:8.2f} {p99:8.2f} {p999:9.2f} {p50 * 1000 / p50_base:10.2f}x {rate:14.1f}")
+    return 0
+
+
+
+# --- model shapes -----------------------------------------------------------------------------------------
+
+
+def calibration_error(y: np.ndarray, p: np.ndarray) -> float:
+    """Row-weighted mean |observed - predicted| over the calibration bins."""
+    from engine.models.training import calibration
+
+    table = calibration(y, p)
+    return float(sum(b["rows"] * abs(b["observed"] - b["predicted"]) for b in table) / max(1, len(y)))
+
+
+def shapes(args: argparse.Namespace) -> int:
+    import lightgbm as lgb
+
+    from engine.models.model_input import model_input
+    from engine.models.training import PARAMS, auc, logloss, spearman
+    from engine.rules.runtime import load_and_compile
+    from engine.sim.telco import ACTION_TYPES, SCHEMA
+    from engine.sim.training_data import simulate_responses
+    from engine.sim.world import generate
+
+    layout = model_input(SCHEMA)
+    categorical_features, features = layout.categorical_features, layout.features
+    action_col, type_col = features.index("action"), features.index("action_type")
+    if args.learning_rate is None:
+        args.learning_rate = PARAMS["learning_rate"]
+    rules = load_and_compile(ROOT / "rules")
+    actions = rules.ruleset.actions
+    rules.close()
+    data = simulate_responses(generate(args.customers, 7), actions)
+    train_mask, hold = data.split()
+    # Three actions never seen in training: how does each shape rank a new action?
+    rng = np.random.default_rng(5)
+    unseen = rng.choice(len(actions), 3, replace=False)
+    train_mask &= ~np.isin(data.x[:, action_col], unseen)
+    cats = [features.index(c) for c in categorical_features]
+    params = {**PARAMS, "learning_rate": args.learning_rate}
+    y, types = data.y, data.x[:, type_col]
+
+    preds, seconds = {}, {}
+    t0 = time.perf_counter()
+    one = lgb.train(params, lgb.Dataset(data.x[train_mask], y[train_mask], categorical_feature=cats), args.rounds)
+    seconds["one model across actions"] = time.perf_counter() - t0
+    preds["one model across actions"] = one.predict(data.x[hold])
+    per = np.empty(hold.sum())
+    t0 = time.perf_counter()
+    for code in range(len(ACTION_TYPES)):
+        sel = train_mask & (types == code)
+        if not sel.any():
+            continue
+        booster = lgb.train(params, lgb.Dataset(data.x[sel], y[sel], categorical_feature=cats), args.rounds)
+        per[types[hold] == code] = booster.predict(data.x[hold][types[hold] == code])
+    seconds["one model per action type"] = time.perf_counter() - t0
+    preds["one model per action type"] = per
+
+    new = np.isin(data.x[hold, action_col], unseen)
+    yh_all, truth_all = y[hold], data.p_true[hold]
+    yh, truth, th = yh_all[~new], truth_all[~new], types[hold][~new]
+    report = {}
+    for name, p_all in preds.items():
+        p = p_all[~new]
+        row = {"auc": auc(yh, p), "logloss": logloss(yh, p), "calibration_error": calibration_error(yh, p),
+               "rank_correlation_with_truth": spearman(p, truth), "train_seconds": seconds[name],
+               "unseen_actions_rank_correlation": spearman(p_all[new], truth_all[new]),
+               "unseen_actions_logloss": logloss(yh_all[new], p_all[new]), "by_type": {}}
+        for code, t in enumerate(ACTION_TYPES):
+            s = th == code
+            row["by_type"][t] = {"rows": int(s.sum()), "auc": auc(yh[s], p[s]), "logloss": logloss(yh[s], p[s]),
+                                 "calibration_error": calibration_error(yh[s], p[s]),
+                                 "rank_correlation_with_truth": spearman(p[s], truth[s])}
+        report[name] = row
+
+    print(f"synthetic world: {args.customers:,} customers, {len(y):,} simulated responses, {len(actions)} actions, "
+          f"{args.rounds} rounds per model; holdout = latest 20% ({hold.sum():,} rows); "
+          f"learning rate {args.learning_rate}; {len(unseen)} actions dropped from training "
+          f"({new.sum():,} holdout rows, scored apart)")
+    print(f"\n{'':28}{'AUC':>8}{'logloss':>9}{'cal.err':>9}{'rank-corr':>10}{'unseen rc':>10}{'unseen ll':>10}{'train s':>9}")
+    for name, r in report.items():
+        print(f"{name:28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['calibration_error']:>9.4f}"
+              f"{r['rank_correlation_with_truth']:>10.4f}{r['unseen_actions_rank_correlation']:>10.4f}"
+              f"{r['unseen_actions_logloss']:>10.4f}{r['train_seconds']:>9.1f}")
+    print("\nper action type: AUC / calibration error (one model | per type)")
+    for t in ACTION_TYPES:
+        a, b = report["one model across actions"]["by_type"][t], report["one model per action type"]["by_type"][t]
+        print(f"  {t:12} rows {a['rows']:>6}  auc {a['auc']:.4f} | {b['auc']:.4f}   "
+              f"cal.err {a['calibration_error']:.4f} | {b['calibration_error']:.4f}")
+    write_json(args.json, report)
+    return 0
+
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ treatments, reasons and versions, as a call-center decision carries them), seria
 Both modes run ``gc.collect(); gc.freeze()`` once the response is built, before the server is built and
 started, as ``nba serve`` does after its warm-up.
 
-    python loadtest/bare_server.py --address 127.0.0.1:50061
-    python loadtest/bare_server.py --aio --address 127.0.0.1:50062
+    python loadtest/bench_ceiling.py --serve-bare --address 127.0.0.1:50061
+    python loadtest/bench_ceiling.py --serve-bare --aio --address 127.0.0.1:50062
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import signal
@@ -36,7 +35,7 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -154,21 +153,13 @@ def serve_bare_aio(address: str) -> None:
     asyncio.run(run())
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--address", default="127.0.0.1:50061")
-    ap.add_argument("--aio", action="store_true",
-                    help="a grpc.aio server with the same options and per-call work (see the module docstring)")
-    args = ap.parse_args()
-    if args.aio:
-        serve_bare_aio(args.address)
+def serve(address: str, aio: bool) -> int:
+    """The bare server on ``address`` until SIGINT or SIGTERM (``aio``: the asyncio twin)."""
+    if aio:
+        serve_bare_aio(address)
         return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serve_bare(args.address, stop)
+    serve_bare(address, stop)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

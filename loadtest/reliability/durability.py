@@ -12,7 +12,7 @@ intended send time; a 5-second round first warms both up (not counted). Also tim
 ``fdatasync`` of a 300-byte record in the same directory (what `always` adds per Redis event-loop
 iteration), and reports Redis's ``aof_delayed_fsync``.
 
-    .venv/bin/python loadtest/durability.py --rate 150 --duration 20 --rounds 4 --json /tmp/durability.json
+    .venv/bin/python loadtest/faults.py --durability --rate 150 --duration 20 --rounds 4 --json /tmp/durability.json
 """
 
 from __future__ import annotations
@@ -20,32 +20,27 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
-import json
 import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import redis
+from faults import CLIENT_OPTIONS, log, worker_pid
+from harness.results import per_round, ratio_line, ratios, summary, write_json
+from harness.servers import ROOT, serve_command
+from loadgen import CHANNEL_MIX, TOUCHPOINTS
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "loadtest"))
-
-import grpc  # noqa: E402
-import redis  # noqa: E402
-from faults import CLIENT_OPTIONS, log, worker_pid  # noqa: E402
-from loadgen import CHANNEL_MIX, TOUCHPOINTS  # noqa: E402
-
-from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
-from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
-from engine.store.redis_embedded import free_port  # noqa: E402
+from engine.api.nba.v1 import nba_pb2 as pb
+from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.store.redis_embedded import free_port
 
 MODES = ("everysec", "always")
 KINDS = ("Decide", "RecordResponse", "PublishEvent")
@@ -66,9 +61,7 @@ def fsync_cost(directory: Path, n: int = 2000) -> dict:
     finally:
         os.close(fd)
         path.unlink()
-    ms = np.array(times) * 1000
-    return {"calls": n, "p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "p999_ms": round(float(np.percentile(ms, 99.9)), 3)}
+    return summary(times, scale=1000)
 
 
 def rounds_run(addresses: dict[str, str], rate: float, duration: float, warmup: float, customers: int,
@@ -141,26 +134,11 @@ def rounds_run(addresses: dict[str, str], rate: float, duration: float, warmup: 
     return {m: {k: np.array(v) for k, v in ks.items()} for m, ks in out.items()}
 
 
-def stats(ms: np.ndarray) -> dict:
-    good = ms[~np.isnan(ms)]
-    return {"p50_ms": round(float(np.percentile(good, 50)), 3), "p99_ms": round(float(np.percentile(good, 99)), 3),
-            "p999_ms": round(float(np.percentile(good, 99.9)), 3), "calls": int(len(ms)),
-            "errors": int(np.isnan(ms).sum())}
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=150, help="calls/s in total (both servers)")
-    ap.add_argument("--duration", type=float, default=20, help="measured seconds per round")
-    ap.add_argument("--warmup", type=float, default=2)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--customers", type=int, default=20_000)
-    ap.add_argument("--models-dir", default="/tmp/nba-models")
-    ap.add_argument("--dir", help="data directories here (default: a temporary directory under /tmp)")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-
-    base = Path(args.dir or tempfile.mkdtemp(prefix="nba-durability-"))
+def run(args: argparse.Namespace) -> int:
+    """The comparison with ``faults.py``'s arguments (``--durability``)."""
+    args.rate = args.rate or 150.0
+    args.duration = args.duration or 20.0
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="nba-durability-"))
     procs: dict[str, subprocess.Popen] = {}
     ports = {m: free_port() for m in MODES}
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
@@ -168,9 +146,8 @@ def main() -> int:
     try:
         for mode in MODES:
             (base / mode).mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "engine.cli", "serve", "--workers", "1", "--fsync", mode, "--metrics-port",
-                   "0", "--address", f"127.0.0.1:{ports[mode]}", "--data-dir", str(base / mode), "--models-dir",
-                   args.models_dir, "--customers", str(args.customers)]
+            cmd = serve_command(f"127.0.0.1:{ports[mode]}", "--fsync", mode, "--data-dir", str(base / mode),
+                                "--customers", str(args.customers), models_dir=args.models_dir, demo=True)
             procs[mode] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=(base / f"{mode}.log").open("w"),
                                            stderr=subprocess.STDOUT)
         for mode in MODES:
@@ -207,14 +184,12 @@ def main() -> int:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        if not args.dir:
+        if not args.workdir:
             shutil.rmtree(base, ignore_errors=True)
-    table = {m: {k: stats(np.concatenate(rounds[m][k])) | {
-        "rounds_p50_ms": [round(float(np.nanpercentile(x, 50)), 3) for x in rounds[m][k]],
-        "rounds_p99_ms": [round(float(np.nanpercentile(x, 99)), 3) for x in rounds[m][k]]} for k in KINDS}
+    table = {m: {k: summary(np.concatenate(rounds[m][k])) | {
+        "rounds_p50_ms": per_round(rounds[m][k], "p50"), "rounds_p99_ms": per_round(rounds[m][k], "p99")} for k in KINDS}
         for m in MODES}
-    ratios = {k: {q: round(table["always"][k][q] / table["everysec"][k][q], 2) for q in ("p50_ms", "p99_ms", "p999_ms")}
-              for k in KINDS}
+    ratio = {k: ratios(table["always"][k], table["everysec"][k]) for k in KINDS}
     print(f"{args.rounds} rounds x {args.duration:g}s at {args.rate:g} calls/s in total, alternating; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'':10} {'call':15} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'calls':>6} {'errors':>6}")
@@ -223,14 +198,8 @@ def main() -> int:
             t = table[m][k]
             print(f"{m:10} {k:15} {t['p50_ms']:8.3f} {t['p99_ms']:8.3f} {t['p999_ms']:9.3f} {t['calls']:6} {t['errors']:6}")
     for k in KINDS:
-        print(f"always / everysec {k}: " + ", ".join(f"{q[:-3]} x{v:.2f}" for q, v in ratios[k].items()))
+        print(ratio_line(f"always / everysec {k}", ratio[k]))
     print(f"write + fdatasync of 300 B on this disk: {disk}; aof_delayed_fsync: {delayed}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"table": table, "ratios": ratios, "fdatasync": disk,
-                                               "aof_delayed_fsync": delayed, "rate": args.rate,
-                                               "rounds": args.rounds, "duration": args.duration}, indent=2))
+    write_json(args.json, {"table": table, "ratios": ratio, "fdatasync": disk, "aof_delayed_fsync": delayed,
+                           "rate": args.rate, "rounds": args.rounds, "duration": args.duration})
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,7 +3,7 @@
 Starts its own redis-server (``EmbeddedRedis``, append-only persistence, in a temp dir), seeds the demo
 customers, then ``nba serve --workers 2 --no-demo`` on loopback ports (its own copy of the rule files, so
 edits in the checkout do not reload it mid-run). Takes the sustainable rate from ``--rate`` or finds it
-(``loadgen.find_max``: Decide only, ``--slo``), then offers ``--fraction`` (0.5) of it for ``--duration``
+(``loadgen.find_max``: Decide only, ``--slo-ms``), then offers ``--fraction`` (0.5) of it for ``--duration``
 seconds as an open-loop mix of calls, each with a deadline:
 
 - Decide (about 70% of calls): web 40%, mobile app 30%, call center 30%; 500 hot customers get 30% of
@@ -26,8 +26,8 @@ At the end it fits least-squares slopes over the last ``--window`` seconds (1200
 % growth over the window), Redis memory per hour, descriptors per hour, p99 drift (ms/h); prints a
 table and writes ``--json``.
 
-    python loadtest/soak.py --rate 200 --duration 1800 --json /tmp/soak.json
-    python loadtest/soak.py --duration 300 --interval 20 --window 200      # a short try
+    python loadtest/faults.py --soak --rate 200 --duration 1800 --json /tmp/soak.json
+    python loadtest/faults.py --soak --duration 300 --interval 20 --window 200      # a short try
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -54,15 +53,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from harness.results import write_json
+from harness.servers import ROOT, children, wait_serving
+from loadgen import Workload, find_max, pick_customer
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT), str(ROOT / "loadtest")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from loadgen import Workload, find_max  # noqa: E402
-
-from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
+from engine.store.redis_embedded import EmbeddedRedis, free_port
 
 DECIDE, RESPONSE, EVENT = 0, 1, 2
 KINDS = ("Decide", "RecordResponse", "PublishEvent")
@@ -76,18 +71,13 @@ EVENT_WEIGHTS = {"consent_withdrawn": 0.1}  # it changes a customer's consent fo
 
 
 @dataclass
-class Mix:
-    """What one client process sends (rates are per process)."""
+class Mix(Workload):
+    """What one client process sends (rates are per process); the customers as ``loadgen.Workload``'s."""
 
-    address: str
-    decide_rate: float
-    event_rate: float
-    start: float
-    duration: float
-    customers: int = 20_000
-    hot_customers: int = 500
-    hot_share: float = 0.3
-    cold_share: float = 0.05
+    decide_rate: float = 0.0
+    event_rate: float = 0.0
+    start: float = 0.0
+    duration: float = 0.0
     interaction_share: float = 0.25
     repeat_share: float = 0.1
     impression_share: float = 0.4
@@ -95,7 +85,6 @@ class Mix:
     accept_share: float = 0.3
     decide_deadline: float = 0.25
     other_deadline: float = 0.5
-    connections: int = 4
     event_types: list[tuple[str, dict, float]] = field(default_factory=list)  # (type, attributes, weight)
     action_ids: list[str] = field(default_factory=list)
 
@@ -191,13 +180,7 @@ def _client(mix: Mix, seed: int, out: mp.Queue) -> None:
         if recent and rng.random() < mix.interaction_share * mix.repeat_share:
             cid, channel, tp, ix = rng.choice(recent)
             return pb.DecideRequest(customer_id=cid, channel=channel, touchpoint=tp, max_actions=3, interaction_id=ix)
-        r = rng.random()
-        if r < mix.cold_share:
-            cid = f"SOAK-NEW-{seed}-{next(counter)}"
-        elif r < mix.cold_share + mix.hot_share:
-            cid = f"C{rng.randrange(mix.hot_customers):07d}"
-        else:
-            cid = f"C{rng.randrange(mix.customers):07d}"
+        cid = pick_customer(rng, mix, lambda: f"SOAK-NEW-{seed}-{next(counter)}")
         channel, name, tp = rng.choices(channels, weights)[0]
         intent = rng.choice(INTENTS) if name == "CHANNEL_CALL_CENTER" else ""
         ix = ""
@@ -297,16 +280,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return sorted(set(pids))
-
-
 def worker_pids(supervisor: int) -> list[int]:
     """The serving processes: the supervisor's spawned children (not multiprocessing's resource tracker)."""
     found = []
@@ -337,24 +310,6 @@ def scrape(url: str) -> dict[str, float]:
         elif line.startswith("nba_rule_reloads_total{"):
             out["rule_reloads"] = out.get("rule_reloads", 0.0) + float(line.rsplit(" ", 1)[1])
     return out
-
-
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from engine.serving.client import open_channel
-
-    deadline = time.monotonic() + timeout
-    with open_channel(address) as channel:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"nba serve exited with {proc.returncode}")
-            try:
-                if health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.3)
-    raise SystemExit(f"nba serve not SERVING within {timeout:.0f}s")
 
 
 def ensure_model(models_dir: Path) -> None:
@@ -474,23 +429,10 @@ HEADER = ("min  decide/resp/event  p50 ms  p99 ms degr  worker RSS MB/fds       
           "RSS, AOF       worker CPU  load")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, help="the sustainable rate (calls/s); default: find it (Decide only, --slo)")
-    ap.add_argument("--fraction", type=float, default=0.5, help="share of the sustainable rate offered in the soak")
-    ap.add_argument("--slo", type=float, default=10.0, help="Decide p99 ms that the found sustainable rate meets")
-    ap.add_argument("--duration", type=float, default=1800, help="soak seconds (60..14400)")
-    ap.add_argument("--interval", type=float, default=60, help="seconds per recorded row")
-    ap.add_argument("--window", type=float, default=1200, help="slopes over the last this many seconds")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--processes", type=int, default=2, help="client processes sharing the load")
-    ap.add_argument("--customers", type=int, default=20_000)
-    ap.add_argument("--event-share", type=float, default=0.07, help="share of calls that are PublishEvent")
-    ap.add_argument("--decide-deadline", type=float, default=0.25, help="seconds")
-    ap.add_argument("--other-deadline", type=float, default=0.5, help="RecordResponse / PublishEvent deadline, s")
-    ap.add_argument("--models-dir", type=Path, default=Path("/tmp/nba-models"))
-    ap.add_argument("--json", help="write rows, samples and slopes here")
-    args = ap.parse_args(argv)
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """The soak with ``faults.py``'s arguments (``--soak``)."""
+    args.duration = 1800 if args.duration is None else args.duration
+    args.models_dir = Path(args.models_dir)
     if not 60 <= args.duration <= 14_400:
         raise SystemExit("--duration must be 60..14400 seconds")
     if args.interval < 5 or args.interval > args.duration / 2:
@@ -520,14 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             with open(tmp_path / "serve.log", "wb") as server_log:  # the child keeps its own descriptor
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, REDIS_URL=redis_server.url),
                                         stdout=server_log, stderr=subprocess.STDOUT)
-            wait_serving(address, proc)
+            wait_serving(address, proc, timeout=600)
             time.sleep(1.0)
             print(f"nba serve pid {proc.pid}, workers {worker_pids(proc.pid)} on {address}", flush=True)
 
             search = None
             if args.rate is None:
-                print(f"finding the sustainable rate (Decide only, p99 <= {args.slo:g} ms)", flush=True)
-                search = find_max(Workload(address, customers=args.customers), {"p99_ms": args.slo}, 100.0, 2000.0,
+                print(f"finding the sustainable rate (Decide only, p99 <= {args.slo_ms:g} ms)", flush=True)
+                search = find_max(Workload(address, customers=args.customers), {"p99_ms": args.slo_ms}, 100.0, 2000.0,
                                   1.25, 10.0, 2.0, args.processes)
                 sustainable = search["max_rps_meeting_slo"]
                 if not sustainable:
@@ -547,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             ctx = mp.get_context("spawn")
             out: mp.Queue = ctx.Queue()
             start = time.time() + 3.0 + 0.3 * args.processes
-            mixes = [Mix(address, decide_rate / args.processes, event_rate / args.processes,
-                         start + k / max(decide_rate, 1.0), args.duration, customers=args.customers,
+            mixes = [Mix(address, decide_rate=decide_rate / args.processes, event_rate=event_rate / args.processes,
+                         start=start + k / max(decide_rate, 1.0), duration=args.duration, customers=args.customers,
                          decide_deadline=args.decide_deadline, other_deadline=args.other_deadline,
                          event_types=types, action_ids=action_ids) for k in range(args.processes)]
             clients = [ctx.Process(target=_client, args=(m, 1000 * (k + 1), out), daemon=True)
@@ -599,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [minute_row(k, calls, start, args.interval, names) for k in range(minutes)]  # every straggler in
             sent = [sum(s[i] for s in sent_by_client) for i in range(3)]
             result = {
-                "command": " ".join(sys.argv if argv is None else ["loadtest/soak.py", *argv]),
+                "command": " ".join(sys.argv if argv is None else ["loadtest/faults.py", *argv]),
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "sustainable_rate": sustainable, "rate_search": search,
                 "offered": {"calls_per_s": total, "decide_per_s": decide_rate, "event_per_s": event_rate},
@@ -607,15 +549,15 @@ def main(argv: list[str] | None = None) -> int:
                 "answered": {KINDS[i]: int((calls[:, 0] == i).sum()) for i in range(3)},
                 "ok": {KINDS[i]: int(((calls[:, 0] == i) & (calls[:, 3] == 0)).sum()) for i in range(3)},
                 "decide_degraded": int(calls[calls[:, 0] == DECIDE][:, 4].sum()),
-                "mix": {k: v for k, v in asdict(mixes[0]).items() if k not in ("event_types", "action_ids", "start")},
+                "mix": {k: v for k, v in asdict(mixes[0]).items()
+                        if k not in ("event_types", "action_ids", "start") and not k.startswith(("tls_", "token"))},
                 "durable_sessions": "not observable from outside (not in /metrics or GetStatus); proxies: "
                                     "degraded_rule_engine in server counters, PublishEvent errors",
                 "rows": rows, "samples": samples,
             }
             result["slopes"] = slopes(samples, rows, args.window, args.interval)
             report(result)
-            if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=2))
+            write_json(args.json, result)
             return 0
         finally:
             if proc is not None and proc.poll() is None:
@@ -653,7 +595,3 @@ def report(result: dict) -> None:
     print(f"  worker restarts: {s['worker_restarts'] or 'none'}")
     print(f"  RSS growth under 5% over the window: {'yes' if s['rss_growth_under_5pct'] else 'NO'}")
     print(f"  server counters at the end: {result['samples'][-1]['server']}")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
