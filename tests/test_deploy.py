@@ -11,12 +11,20 @@ the real ``nba`` parser. Then what a security review asks (issue 27): a NetworkP
 admits gRPC from callers, metrics from the monitoring namespace only, egress to Redis and DNS only; the
 metrics port is in no Service that callers use; Redis is reached over TLS (``rediss``) with its CA
 mounted; no namespace is written into the set (the pods learn theirs from the downward API); every
-replica reads one model registry (a ReadWriteMany claim, read-only for the servers) that a Job fills.
-Each check returns the problems it finds, so the tests also show that a broken manifest is caught. Last,
+replica reads one model registry (a ReadWriteMany claim, read-only for the servers) that a Job fills; every
+workload (Deployments, Jobs, CronJobs) is non-root with a read-only root filesystem, a seccomp profile,
+resources and no service account token. The archive: one ``nba archive run`` (its arguments parsed by the
+real parser), a Deployment of one replica with ``Recreate``, live on its metrics port, covered by a
+NetworkPolicy (metrics from the monitoring namespace, egress to Redis and DNS) and scraped by the monitoring
+component; every pod that serves, writes, compacts or trains from the archive names the same one
+(``NBA_ARCHIVE``) and mounts one ReadWriteMany claim at that path, writable where erasure or the writer
+change files; a CronJob compacts it, never twice at once; in compose, one ``archive`` service and one named
+volume that the image makes for its user. Each check returns the problems it finds, so the tests also show
+that a broken manifest is caught. Last,
 the probe script (TLS, mTLS, ``--service``) and gRPC client-side round_robin over ``ipv4:`` addresses run
 against real servers on 127.0.0.1. Not covered: applying the manifests to a live cluster (so neither
 whether the network plugin enforces the NetworkPolicy nor whether the storage class offers ReadWriteMany),
-building the image, starting compose.
+building the image, starting compose, whether the storage's locks (flock over NFS) work across nodes.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -50,6 +60,8 @@ LIVENESS = "nba.liveness"  # engine/serving/health.py
 REDIS_PORT = 6379
 DNS_PORT = 53
 MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+SERVING = "nba"  # the serving Deployment (nba serve)
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -86,6 +98,22 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+def pod_template(doc: dict) -> dict | None:
+    """A workload's pod template (a CronJob's through its jobTemplate); None for other kinds."""
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]
+    return doc["spec"]["template"] if doc["kind"] in WORKLOADS else None
+
+
+def workloads(docs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """``(Kind/name, the workload, its pod template)`` for every workload of the set."""
+    return [(f"{d['kind']}/{d['metadata']['name']}", d, t) for d in docs if (t := pod_template(d)) is not None]
+
+
+def argv(container: dict) -> list[str]:
+    return container.get("command", []) + container.get("args", [])
+
+
 # --- checks: each returns a list of problems ------------------------------------------------------------
 
 def schema_problems(docs: list[dict]) -> list[str]:
@@ -106,18 +134,39 @@ def _matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def _serve_args(argv: list[str]):
-    """``nba serve`` parsed by the real parser of engine/cli.py (SystemExit for an unknown flag)."""
+def _parsed(command: list[str], handler: str):
+    """``nba COMMAND`` parsed by the real parser of engine/cli.py, its handler (the function ``handler``
+    of engine/cli.py) not run (SystemExit for an unknown flag)."""
     import engine.cli as cli
 
     seen = []
-    original = cli.cmd_serve
-    cli.cmd_serve = lambda args: seen.append(args) or 0
+    original = getattr(cli, handler)
+    setattr(cli, handler, lambda args: seen.append(args) or 0)
     try:
-        cli.main(["serve", *argv])
+        cli.main(command)
     finally:
-        cli.cmd_serve = original
+        setattr(cli, handler, original)
     return seen[0]
+
+
+def _serve_args(argv: list[str]):
+    """``nba serve`` parsed by the real parser of engine/cli.py (SystemExit for an unknown flag)."""
+    return _parsed(["serve", *argv], "cmd_serve")
+
+
+def _archive_args(sub: str, argv: list[str]):
+    """``nba archive SUB`` (run, compact) parsed by the real parser (SystemExit for an unknown flag)."""
+    return _parsed(["archive", sub, *argv], "cmd_archive")
+
+
+def archive_command_problems(command: list[str], sub: str) -> list[str]:
+    if command[:3] != ["nba", "archive", sub]:
+        return [f"the command is {command[:3]}, not nba archive {sub}"]
+    try:
+        _archive_args(sub, command[3:])
+    except SystemExit as e:
+        return [f"nba archive {sub} rejects {command[3:]} (exit {e.code})"]
+    return []
 
 
 def serve_problems(command: list[str]) -> list[str]:
@@ -162,7 +211,7 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     by_kind: dict[str, dict[str, dict]] = {}
     for d in docs:
         by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
-    deploy = one(docs, "Deployment")
+    deploy = one(docs, "Deployment", SERVING)
     spec = deploy["spec"]
     pod = spec["template"]["spec"]
     labels = spec["template"]["metadata"].get("labels", {})
@@ -260,13 +309,19 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     problems += rules_mount_problems(volumes.get(mounts.get(str(args.rules_dir), "")) if args is not None else None,
                                      by_kind, "--rules-dir")
 
-    # Services, PDB and HPA find the Deployment's pods
+    # Services find one workload's pods (the callers' ones the serving pods), on ports they have; PDB and
+    # HPA find the serving pods
     for name, svc in by_kind.get("Service", {}).items():
-        if not _matches(svc["spec"].get("selector", {}), labels):
-            problems.append(f"Service {name} does not select the pods")
+        selected = [(who, t) for who, _, t in workloads(docs)
+                    if _matches(svc["spec"].get("selector", {}), t["metadata"].get("labels", {}))]
+        carries_grpc = any(p.get("targetPort") in ("grpc", ports.get("grpc")) for p in svc["spec"]["ports"])
+        if len(selected) != 1 or (carries_grpc and not _matches(svc["spec"].get("selector", {}), labels)):
+            problems.append(f"Service {name} does not select the pods (it selects {[w for w, _ in selected]})")
+            continue
+        theirs = {p["name"]: p["containerPort"] for c in selected[0][1]["spec"]["containers"] for p in c.get("ports", [])}
         for p in svc["spec"]["ports"]:
-            if p.get("targetPort") not in ports and p.get("targetPort") not in ports.values():
-                problems.append(f"Service {name} port {p['name']} targets no container port")
+            if p.get("targetPort") not in theirs and p.get("targetPort") not in theirs.values():
+                problems.append(f"Service {name} port {p['name']} targets no container port of {selected[0][0]}")
     if not any(s["spec"].get("clusterIP") == "None" for s in by_kind.get("Service", {}).values()):
         problems.append("no headless Service")
     if not any(s["spec"].get("clusterIP") != "None" for s in by_kind.get("Service", {}).values()):
@@ -290,6 +345,11 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     problems += network_policy_problems(docs, pod, labels, ports)
     if args is not None:
         problems += model_registry_problems(docs, by_kind, volumes, container, str(args.models_dir), labels)
+        if args.archive == "on":
+            problems.append("the serving pods run an archive writer each (--archive=on): the archive has one writer")
+    problems += hardening_problems(docs, by_kind)
+    problems += archive_volume_problems(docs, by_kind)
+    problems += archive_writer_problems(docs, by_kind)
     return problems
 
 
@@ -370,14 +430,10 @@ def _rule_ports(rule: dict, ports: dict[str, int]) -> set[int] | None:
             for p in rule["ports"]}
 
 
-def network_policy_problems(docs: list[dict], pod: dict, labels: dict, ports: dict[str, int]) -> list[str]:
-    """A NetworkPolicy of both types selects the pods: gRPC from chosen callers, metrics only from the
-    monitoring namespace, egress only to Redis and DNS, each on its port. Every other pod of the set (the
-    model trainer) is selected by one too."""
-    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    mine = [p for p in policies if _selects(p["spec"].get("podSelector", {}), labels)]
-    if not mine:
-        return ["no NetworkPolicy selects the pods"]
+def _rule_problems(mine: list[dict], ports: dict[str, int]) -> list[str]:
+    """The rules of the NetworkPolicies ``mine`` (those that select one kind of pod, whose container ports
+    are ``ports``): both policy types, ingress only to the pods' gRPC and metrics ports from labelled pods or
+    namespaces (metrics from the monitoring namespace alone), egress only to Redis and DNS."""
     problems = []
     for policy in mine:
         name, spec = policy["metadata"]["name"], policy["spec"]
@@ -395,28 +451,59 @@ def network_policy_problems(docs: list[dict], pod: dict, labels: dict, ports: di
             if ports.get("metrics") in reached and any(peer.get("namespaceSelector", {}).get("matchLabels") != MONITORING
                                                        or "podSelector" in peer for peer in peers):
                 problems.append(f"NetworkPolicy {name}: the metrics port is open beyond the monitoring namespace")
-            if reached - {ports.get("grpc"), ports.get("metrics")}:
-                problems.append(f"NetworkPolicy {name}: ingress to ports the pods do not serve: {sorted(reached)}")
+            if reached - {ports.get("grpc"), ports.get("metrics")} - {None}:
+                problems.append(f"NetworkPolicy {name}: ingress to ports the pods do not serve: {sorted(map(str, reached))}")
         for rule in spec.get("egress", []):
             reached = _rule_ports(rule, ports)
             if reached is None or not rule.get("to"):
                 problems.append(f"NetworkPolicy {name}: an egress rule allows {'every port' if reached is None else 'any destination'}")
             elif reached - {REDIS_PORT, DNS_PORT}:
-                problems.append(f"NetworkPolicy {name}: egress beyond Redis and DNS: ports {sorted(reached)}")
+                problems.append(f"NetworkPolicy {name}: egress beyond Redis and DNS: ports {sorted(map(str, reached))}")
+    return problems
+
+
+def _reaches(rules: list[dict], port: int | None, ports: dict[str, int]) -> bool:
+    return port is not None and any(port in (_rule_ports(r, ports) or set()) for r in rules)
+
+
+def network_policy_problems(docs: list[dict], pod: dict, labels: dict, ports: dict[str, int]) -> list[str]:
+    """A NetworkPolicy of both types selects the pods: gRPC from chosen callers, metrics only from the
+    monitoring namespace, egress only to Redis and DNS, each on its port. Every other pod of the set (the
+    model trainer, the archive's writer and compaction) is selected by one too."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    mine = [p for p in policies if _selects(p["spec"].get("podSelector", {}), labels)]
+    if not mine:
+        return ["no NetworkPolicy selects the pods"]
+    problems = _rule_problems(mine, ports)
     ingress = [r for p in mine for r in p["spec"].get("ingress", [])]
     egress = [r for p in mine for r in p["spec"].get("egress", [])]
-    if not any(ports.get("grpc") in (_rule_ports(r, ports) or set()) for r in ingress):
+    if not _reaches(ingress, ports.get("grpc"), ports):
         problems.append("no NetworkPolicy admits the callers to the gRPC port")
-    if not any(ports.get("metrics") in (_rule_ports(r, ports) or set()) for r in ingress):
+    if not _reaches(ingress, ports.get("metrics"), ports):
         problems.append("no NetworkPolicy admits the scraper to the metrics port")
     for port, what in ((REDIS_PORT, "Redis"), (DNS_PORT, "DNS")):
-        if not any(port in (_rule_ports(r, ports) or set()) for r in egress):
+        if not _reaches(egress, port, ports):
             problems.append(f"no NetworkPolicy lets the pods reach {what} (port {port})")
-    for d in docs:
-        template = d.get("spec", {}).get("template", {}) if d["kind"] in ("Job", "Deployment") else {}
+    for who, _, template in workloads(docs):
         other = template.get("metadata", {}).get("labels", {})
-        if template and other != labels and not any(_selects(p["spec"].get("podSelector", {}), other) for p in policies):
-            problems.append(f"no NetworkPolicy selects the pods of {d['kind']} {d['metadata']['name']}")
+        if other != labels and not any(_selects(p["spec"].get("podSelector", {}), other) for p in policies):
+            problems.append(f"no NetworkPolicy selects the pods of {who}")
+    return problems
+
+
+def writer_network_problems(docs: list[dict], who: str, labels: dict, ports: dict[str, int]) -> list[str]:
+    """The archive writer's pods: a NetworkPolicy of both types admits only the scraper (monitoring
+    namespace) to their metrics port and lets them reach Redis and DNS only; nothing else."""
+    mine = [p for p in docs if p["kind"] == "NetworkPolicy" and _selects(p["spec"].get("podSelector", {}), labels)]
+    if not mine:
+        return [f"no NetworkPolicy selects the archive writer ({who})"]
+    problems = _rule_problems(mine, {"metrics": ports["metrics"]} if "metrics" in ports else {})
+    if not _reaches([r for p in mine for r in p["spec"].get("ingress", [])], ports.get("metrics"), ports):
+        problems.append(f"no NetworkPolicy admits the scraper to the archive writer's metrics port ({who})")
+    egress = [r for p in mine for r in p["spec"].get("egress", [])]
+    for port, what in ((REDIS_PORT, "Redis"), (DNS_PORT, "DNS")):
+        if not _reaches(egress, port, ports):
+            problems.append(f"no NetworkPolicy lets the archive writer reach {what} (port {port})")
     return problems
 
 
@@ -463,6 +550,203 @@ def model_registry_problems(docs: list[dict], by_kind: dict[str, dict[str, dict]
                 problems.append(f"Service {name} would send calls to Job {job['metadata']['name']}")
     if not writers:
         problems.append(f"no Job writes models into the claim {claim['claimName']} (--models-dir on its writable mount)")
+    return problems
+
+
+def hardening_problems(docs: list[dict], by_kind: dict[str, dict[str, dict]]) -> list[str]:
+    """Every workload of the set (Deployments, Jobs, CronJobs): no service account token, every container
+    non-root, read-only root filesystem, no privilege escalation, no capabilities, a seccomp profile,
+    resource requests and limits; every volume it mounts is declared and every ConfigMap, Secret and claim
+    it names is in the set."""
+    problems = []
+    for who, _, template in workloads(docs):
+        pod = template["spec"]
+        pod_sc = pod.get("securityContext", {})
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{who}: the pods get a service account token (automountServiceAccountToken: false)")
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            sc = c.get("securityContext", {})
+            if not (pod_sc.get("runAsNonRoot") or sc.get("runAsNonRoot")):
+                problems.append(f"{who}: container {c['name']} is not runAsNonRoot")
+            if not sc.get("readOnlyRootFilesystem"):
+                problems.append(f"{who}: container {c['name']} has no readOnlyRootFilesystem")
+            if sc.get("allowPrivilegeEscalation") is not False or "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                problems.append(f"{who}: container {c['name']} may escalate privileges or keeps capabilities")
+            if (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{who}: container {c['name']} has no seccomp profile")
+            if not (c.get("resources", {}).get("requests") and c.get("resources", {}).get("limits")):
+                problems.append(f"{who}: container {c['name']} has no resource requests and limits")
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    problems.append(f"{who}: volumeMount {m['name']} has no volume")
+        for v in volumes.values():
+            for key, kind, name_key in (("configMap", "ConfigMap", "name"), ("secret", "Secret", "secretName"),
+                                        ("persistentVolumeClaim", "PersistentVolumeClaim", "claimName")):
+                if key in v and v[key][name_key] not in by_kind.get(kind, {}):
+                    problems.append(f"{who}: {kind} {v[key][name_key]} is not in the set")
+    return problems
+
+
+# --- the archive (engine/store/archive.py; engine/deploy/README.md, "The archive") -----------------------
+
+ARCHIVE_WRITES = {"serve": "erases customers from it", "writer": "writes it", "compact": "merges its files"}
+ARCHIVE_COMMANDS = {"serve": "nba serve", "writer": "nba archive run", "compact": "nba archive compact",
+                    "train": "nba train --from-stream", "reader": "nba"}
+
+
+def _env(container: dict, name: str) -> dict | None:
+    return next((e for e in container.get("env", []) if e["name"] == name), None)
+
+
+def archive_role(container: dict) -> str | None:
+    """What a container does with the archive: serve (erasure and export rewrite and read it), writer,
+    compact, train (``nba train --from-stream`` reads it), reader (names it with NBA_ARCHIVE); None: nothing."""
+    command = argv(container)
+    text = " ".join(command)
+    if command[:2] == ["nba", "serve"]:
+        return "serve"
+    if command[:3] == ["nba", "archive", "run"]:
+        return "writer"
+    if command[:3] == ["nba", "archive", "compact"]:
+        return "compact"
+    if re.search(r"\bnba train\b", text) and "--from-stream" in text:
+        return "train"
+    return "reader" if _env(container, "NBA_ARCHIVE") else None
+
+
+def archive_root(container: dict, role: str) -> str | None:
+    """The archive a container uses: its command's flag (serve --archive-dir, archive --dir, train
+    --archive), else NBA_ARCHIVE's literal value; None when it names none (then nba uses its own data
+    directory's archive). A command line the parser refuses is reported elsewhere; then NBA_ARCHIVE alone."""
+    command = argv(container)
+    flag = None
+    try:
+        if role == "serve":
+            flag = _serve_args(command[2:]).archive_dir
+        elif role in ("writer", "compact"):
+            flag = _archive_args(command[2], command[3:]).dir
+    except SystemExit:
+        pass
+    if role == "train":
+        found = re.search(r"--archive[= ](\S+)", " ".join(command))
+        flag = found.group(1) if found else None
+    env = _env(container, "NBA_ARCHIVE") or {}
+    return flag or env.get("value")
+
+
+def archive_volume_problems(docs: list[dict], by_kind: dict[str, dict[str, dict]]) -> list[str]:
+    """Every pod that serves, writes, compacts or trains from the archive names the same one (NBA_ARCHIVE
+    or its flag); on a path (not an object-storage URL) that path is where one ReadWriteMany claim of the set
+    is mounted, writable for those that write it (serving pods: erasure rewrites files)."""
+    problems = []
+    roots: dict[str, list[str]] = {}
+    claims: dict[str, list[str]] = {}
+    for who, _, template in workloads(docs):
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        for c in template["spec"]["containers"]:
+            role = archive_role(c)
+            if role is None:
+                continue
+            root = archive_root(c, role)
+            if root is None:
+                problems.append(f"{who}: no NBA_ARCHIVE (nor a flag naming the archive): {ARCHIVE_COMMANDS[role]} would "
+                                "use its own data directory's archive, not the deployment's")
+                continue
+            roots.setdefault(root.rstrip("/"), []).append(who)
+            if "://" in root:  # object storage (s3://...): no volume
+                continue
+            mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == root.rstrip("/")), None)
+            claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim") if mount else None
+            if mount is None or claim is None:
+                problems.append(f"{who}: the archive {root} is not a PersistentVolumeClaim mounted at that path")
+                continue
+            claims.setdefault(claim["claimName"], []).append(who)
+            if role in ARCHIVE_WRITES and (mount.get("readOnly") or claim.get("readOnly")):
+                problems.append(f"{who}: the archive is mounted read-only, but {ARCHIVE_COMMANDS[role]} {ARCHIVE_WRITES[role]}")
+    if not roots:
+        problems.append("no pod names an archive")
+    if len(roots) > 1:
+        problems.append(f"the pods name different archives: {roots}")
+    if len(claims) > 1:
+        problems.append(f"the pods mount different archive claims: {claims}")
+    for name in claims:
+        pvc = by_kind.get("PersistentVolumeClaim", {}).get(name)
+        if pvc is None:
+            problems.append(f"PersistentVolumeClaim {name} is not in the set")
+        elif "ReadWriteMany" not in pvc["spec"].get("accessModes", []):
+            problems.append(f"PersistentVolumeClaim {name} is not ReadWriteMany: serving pods on other nodes cannot "
+                            "mount the archive")
+    return problems
+
+
+def _probe_port(probe: dict | None) -> object:
+    return next((probe[k].get("port") for k in ("httpGet", "tcpSocket", "grpc") if probe and k in probe), None)
+
+
+def archive_writer_problems(docs: list[dict], by_kind: dict[str, dict[str, dict]]) -> list[str]:
+    """One ``nba archive run`` in the set: a Deployment of 1 replica that is recreated (never two writers at
+    once), no autoscaler; its arguments parse and serve /metrics on its metrics port to the pod's address;
+    liveness asks that port; it reaches Redis over TLS with the CA mounted; a NetworkPolicy covers it. A
+    CronJob compacts the archive with ``nba archive compact``, never two at once."""
+    problems = []
+    writers = [(who, d, t, c) for who, d, t in workloads(docs) for c in t["spec"]["containers"]
+               if argv(c)[:3] == ["nba", "archive", "run"]]
+    if len(writers) != 1:
+        return [f"{len(writers)} workloads run nba archive run ({[w[0] for w in writers]}), not one: one writer per archive"]
+    who, doc, template, c = writers[0]
+    if doc["kind"] != "Deployment":
+        problems.append(f"{who}: the archive writer is not a Deployment")
+    else:
+        if doc["spec"].get("replicas", 1) != 1:
+            problems.append(f"{who}: {doc['spec']['replicas']} replicas of the archive writer, not 1")
+        if doc["spec"].get("strategy", {}).get("type") != "Recreate":
+            problems.append(f"{who}: not strategy Recreate: a rolling update starts a second writer beside the first")
+        for name, hpa in by_kind.get("HorizontalPodAutoscaler", {}).items():
+            if hpa["spec"]["scaleTargetRef"]["name"] == doc["metadata"]["name"]:
+                problems.append(f"HorizontalPodAutoscaler {name} scales the archive writer")
+    pod = template["spec"]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    bad = archive_command_problems(argv(c), "run")
+    problems += [f"{who}: {p}" for p in bad]
+    if not bad:
+        args = _archive_args("run", argv(c)[3:])
+        if not args.metrics_port or args.metrics_port != ports.get("metrics") or args.metrics_host != "0.0.0.0":
+            problems.append(f"{who}: --metrics-host/--metrics-port ({args.metrics_host}:{args.metrics_port}) do not "
+                            f"expose the container port named metrics ({ports.get('metrics')})")
+    for kind in ("livenessProbe", "startupProbe"):
+        probe = c.get(kind)
+        if probe is None and kind == "livenessProbe":
+            problems.append(f"{who}: no livenessProbe")
+        elif probe is not None and _probe_port(probe) not in ("metrics", ports.get("metrics")):
+            problems.append(f"{who}: the {kind} does not ask the metrics port: {probe}")
+    if pod.get("terminationGracePeriodSeconds", 30) < 15:
+        problems.append(f"{who}: terminationGracePeriodSeconds under 15: the last flush (up to 10 s) is cut short")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    if not _env(c, "REDIS_URL"):
+        problems.append(f"{who}: no REDIS_URL")
+    else:
+        problems += [f"{who}: {p}" for p in redis_tls_problems(by_kind, c, volumes, mounts)]
+    problems += writer_network_problems(docs, who, template["metadata"].get("labels", {}), ports)
+
+    compactors = [(w, d, c) for w, d, t in workloads(docs) for c in t["spec"]["containers"]
+                  if argv(c)[:3] == ["nba", "archive", "compact"]]
+    if not compactors:
+        problems.append("nothing runs nba archive compact: a day flushed every minute stays 1,440 files per shard")
+    for w, d, c in compactors:
+        if d["kind"] != "CronJob":
+            problems.append(f"{w}: nba archive compact is not a CronJob")
+        elif d["spec"].get("concurrencyPolicy") != "Forbid":
+            problems.append(f"{w}: concurrencyPolicy is not Forbid: a slow night would start a second compaction")
+        problems += [f"{w}: {p}" for p in archive_command_problems(argv(c), "compact")]
+        if not _env(c, "REDIS_URL"):
+            problems.append(f"{w}: no REDIS_URL (nba would start an embedded Redis of its own)")
+        else:
+            cpod = pod_template(d)["spec"]
+            problems += [f"{w}: {p}" for p in redis_tls_problems(
+                by_kind, c, {v["name"]: v for v in cpod.get("volumes", [])},
+                {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])})]
     return problems
 
 
@@ -531,7 +815,93 @@ def compose_problems(doc: dict) -> list[str]:
         for name, s in nba.items():
             if writers and (s.get("depends_on", {}).get(writers[0]) or {}).get("condition") != "service_completed_successfully":
                 problems.append(f"{name} does not wait for {writers[0]}")
+    problems += compose_archive_problems(doc, image, nba)
+    problems += compose_mount_point_problems(image)
     return problems
+
+
+def _compose_mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """A compose service's volume mounts (short syntax): container path -> (volume or host path, read-only)."""
+    mounts = {}
+    for v in service.get("volumes", []):
+        parts = str(v).split(":")
+        mounts[parts[1].rstrip("/")] = (parts[0], parts[2:3] == ["ro"])
+    return mounts
+
+
+def compose_archive_problems(doc: dict, image: dict[str, dict], nba: dict[str, dict]) -> list[str]:
+    """One service runs ``nba archive run`` (arguments the parser takes, not scaled, on the cluster the
+    replicas use); it, every replica and a compaction service name the same archive (NBA_ARCHIVE or the
+    flag), which is one named volume mounted at that path, writable (the replicas' erasure rewrites files);
+    the replicas run no writer of their own."""
+    problems = []
+    services = doc.get("services", {})
+    writers = {n: s for n, s in image.items() if s.get("entrypoint", [])[:3] == ["nba", "archive", "run"]}
+    compactors = {n: s for n, s in image.items() if s.get("entrypoint", [])[:3] == ["nba", "archive", "compact"]}
+    if len(writers) != 1:
+        problems.append(f"{len(writers)} services run nba archive run ({sorted(writers)}), not one")
+    roots: dict[str, list[str]] = {}
+    volumes: dict[str, list[str]] = {}
+    users = [(n, s, "writer") for n, s in writers.items()] + [(n, s, "compact") for n, s in compactors.items()] + \
+        [(n, s, "serve") for n, s in nba.items()]
+    for name, s, role in users:
+        command = s.get("entrypoint", dockerfile_entrypoint()[0]) + s.get("command", [])
+        try:
+            args = _serve_args(command[2:]) if role == "serve" else _archive_args(command[2], command[3:])
+        except SystemExit as e:
+            problems.append(f"{name}: {' '.join(command[:3])} rejects {command[3:]} (exit {e.code})")
+            continue
+        if role == "serve" and args.archive == "on":
+            problems.append(f"{name}: runs an archive writer of its own (--archive=on): the archive has one writer")
+        if role == "writer":
+            if s.get("scale", 1) != 1 or s.get("deploy", {}).get("replicas", 1) != 1:
+                problems.append(f"{name}: the archive writer is scaled beyond one")
+            url = s.get("environment", {}).get("REDIS_URL", "")
+            if set(re.findall(r"(\d+\.\d+\.\d+\.\d+):6379", url)) != set(re.findall(
+                    r"(\d+\.\d+\.\d+\.\d+):6379", next(iter(nba.values()), {}).get("environment", {}).get("REDIS_URL", ""))):
+                problems.append(f"{name}: REDIS_URL is not the replicas' Redis Cluster")
+            if not args.metrics_port or args.metrics_host != "0.0.0.0":
+                problems.append(f"{name}: no --metrics-host=0.0.0.0 --metrics-port (the archive lag)")
+        root = (args.archive_dir if role == "serve" else args.dir) or s.get("environment", {}).get("NBA_ARCHIVE")
+        if not root:
+            problems.append(f"{name}: no NBA_ARCHIVE: it would use its own data directory's archive")
+            continue
+        roots.setdefault(root.rstrip("/"), []).append(name)
+        if "://" in root:
+            continue
+        volume, read_only = _compose_mounts(s).get(root.rstrip("/"), ("", False))
+        if volume not in doc.get("volumes", {}):
+            problems.append(f"{name}: the archive {root} is not a named volume mounted there")
+            continue
+        volumes.setdefault(volume, []).append(name)
+        if read_only:
+            problems.append(f"{name}: the archive is mounted read-only, but {ARCHIVE_COMMANDS[role]} {ARCHIVE_WRITES[role]}")
+    if len(roots) > 1:
+        problems.append(f"the services name different archives: {roots}")
+    if len(volumes) > 1:
+        problems.append(f"the services mount different archive volumes: {volumes}")
+    for name in writers:
+        if services[name].get("profiles"):
+            problems.append(f"{name}: the archive writer is in a profile: `up` would not start it")
+    return problems
+
+
+def _image_dirs() -> set[str]:
+    """The directories the Dockerfile makes (``mkdir -p``) and gives to the image's user (uid 10001)."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    made = {p.rstrip("/") for m in re.finditer(r"mkdir -p ([^&\n]+)", text) for p in m.group(1).split()}
+    owned = {p.rstrip("/") for m in re.finditer(r"chown -R 10001:10001 ([^&\n]+)", text) for p in m.group(1).split()}
+    return {d for d in made if any(d == o or d.startswith(o + "/") for o in owned)}
+
+
+def compose_mount_point_problems(image: dict[str, dict]) -> list[str]:
+    """A named volume an image service writes is mounted on a directory the image has, owned by its user:
+    Docker gives a new named volume the owner of that directory, root when it is missing, and the non-root
+    nba could not write it."""
+    dirs = _image_dirs()
+    return [f"{name}: the volume {volume} is mounted writable at {path}, which the image does not make for uid 10001"
+            for name, s in image.items() for path, (volume, read_only) in _compose_mounts(s).items()
+            if not read_only and not volume.startswith((".", "/")) and path not in dirs]
 
 
 def dockerfile_entrypoint() -> tuple[list[str], list[str]]:
@@ -565,7 +935,7 @@ def test_kustomize_builds_the_set_that_the_checks_saw() -> None:
     assert schema_problems(built) == []
     rules = one(built, "ConfigMap")
     assert re.fullmatch(r"nba-rules-[a-z0-9]{10}", rules["metadata"]["name"])  # hashed, and the pods use that name
-    pod = one(built, "Deployment")["spec"]["template"]["spec"]
+    pod = one(built, "Deployment", SERVING)["spec"]["template"]["spec"]
     assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} == {rules["metadata"]["name"]}
     assert sorted((d["kind"], d["metadata"]["name"]) for d in built if d["kind"] != "ConfigMap") == \
         sorted((d["kind"], d["metadata"]["name"]) for d in manifests() if d["kind"] != "ConfigMap")
@@ -578,7 +948,7 @@ def _mutated(change) -> list[dict]:
 
 
 BROKEN = {
-    "readiness probe on another port": lambda d: one(d, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    "readiness probe on another port": lambda d: one(d, "Deployment", SERVING)["spec"]["template"]["spec"]["containers"][0]
     ["readinessProbe"]["exec"]["command"].__setitem__(1, "--address=127.0.0.1:50052"),
     "HPA scales something else": lambda d: one(d, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].__setitem__("name", "nbx"),
     "PDB selects other pods": lambda d: one(d, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].__setitem__(
@@ -586,10 +956,10 @@ BROKEN = {
     "Service selects other pods": lambda d: one(d, "Service", "nba-headless")["spec"]["selector"].__setitem__(
         "app.kubernetes.io/component", "other"),
     "a Secret missing": lambda d: d.remove(one(d, "Secret", "nba-auth")),
-    "an unknown nba serve flag": lambda d: one(d, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].append(
+    "an unknown nba serve flag": lambda d: one(d, "Deployment", SERVING)["spec"]["template"]["spec"]["containers"][0]["args"].append(
         "--no-such-flag"),
-    "a rule file not mounted": lambda d: one(d, "Deployment")["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"].pop(),
-    "root filesystem writable": lambda d: one(d, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    "a rule file not mounted": lambda d: one(d, "Deployment", SERVING)["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"].pop(),
+    "root filesystem writable": lambda d: one(d, "Deployment", SERVING)["spec"]["template"]["spec"]["containers"][0]
     ["securityContext"].__setitem__("readOnlyRootFilesystem", False),
     # issue 27
     "liveness asks readiness": lambda d: _probe_command(d, "livenessProbe").remove(f"--service={LIVENESS}"),
@@ -623,14 +993,85 @@ BROKEN = {
         (m.pop("readOnly", None), v["persistentVolumeClaim"].pop("readOnly", None))
         for m in _container(d)["volumeMounts"] if m["name"] == "models"
         for v in _pod(d)["volumes"] if v["name"] == "models"],
-    "registry on one node only": lambda d: one(d, "PersistentVolumeClaim")["spec"].__setitem__(
+    "registry on one node only": lambda d: one(d, "PersistentVolumeClaim", "nba-models")["spec"].__setitem__(
         "accessModes", ["ReadWriteOnce"]),
     "no Job trains the first model": lambda d: d.remove(one(d, "Job")),
+    # the archive
+    "serving pods without NBA_ARCHIVE": lambda d: _container(d)["env"].remove(_env(_container(d), "NBA_ARCHIVE")),
+    "serving pods mount the archive read-only": lambda d: _mount(_container(d), "archive").__setitem__("readOnly", True),
+    "serving pods' archive on an emptyDir": lambda d: _pod(d)["volumes"].__setitem__(
+        [v["name"] for v in _pod(d)["volumes"]].index("archive"), {"name": "archive", "emptyDir": {}}),
+    "serving pods run a writer each": lambda d: _container(d)["args"].append("--archive=on"),
+    "NBA_ARCHIVE not where the claim is mounted": lambda d: _env(_writer(d), "NBA_ARCHIVE").__setitem__(
+        "value", "/var/lib/nba/archive2"),
+    "serving pods name another archive": lambda d: (_container(d)["args"].append("--archive-dir=/var/lib/nba/data/a"),
+                                                    _mount(_container(d), "archive").__setitem__("mountPath", "/var/lib/nba/data/a")),
+    "the writer on another claim": lambda d: (d.append({**copy.deepcopy(one(d, "PersistentVolumeClaim", "nba-archive")),
+                                                        "metadata": {"name": "nba-archive-b"}}),
+                                              _writer_pod(d)["volumes"][0]["persistentVolumeClaim"].__setitem__(
+                                                  "claimName", "nba-archive-b")),
+    "archive on one node only": lambda d: one(d, "PersistentVolumeClaim", "nba-archive")["spec"].__setitem__(
+        "accessModes", ["ReadWriteOnce"]),
+    "an unknown nba archive run flag": lambda d: _writer(d)["args"].append("--no-such-flag"),
+    "two writer replicas": lambda d: one(d, "Deployment", "nba-archive")["spec"].__setitem__("replicas", 2),
+    "the writer rolls": lambda d: one(d, "Deployment", "nba-archive")["spec"].__setitem__(
+        "strategy", {"type": "RollingUpdate"}),
+    "a second writer Deployment": lambda d: d.append({**copy.deepcopy(one(d, "Deployment", "nba-archive")),
+                                                      "metadata": {"name": "nba-archive-2"}}),
+    "no archive writer": lambda d: d.remove(one(d, "Deployment", "nba-archive")),
+    "writer metrics not on its port": lambda d: _writer(d)["args"].__setitem__(1, "--metrics-port=9466"),
+    "writer metrics on loopback": lambda d: _writer(d)["args"].remove("--metrics-host=0.0.0.0"),
+    "writer without liveness": lambda d: _writer(d).pop("livenessProbe"),
+    "writer liveness on another port": lambda d: _writer(d)["livenessProbe"]["httpGet"].__setitem__("port", 9999),
+    "writer without REDIS_URL": lambda d: _writer(d)["env"].remove(_env(_writer(d), "REDIS_URL")),
+    "writer without the Redis CA": lambda d: _writer(d)["env"].remove(_env(_writer(d), "REDIS_CA")),
+    "writer with a writable root": lambda d: _writer(d)["securityContext"].__setitem__("readOnlyRootFilesystem", False),
+    "writer gets a token": lambda d: _writer_pod(d).__setitem__("automountServiceAccountToken", True),
+    "writer without seccomp": lambda d: _writer_pod(d)["securityContext"].pop("seccompProfile"),
+    "writer without resources": lambda d: _writer(d).pop("resources"),
+    "writer in no NetworkPolicy": lambda d: d.remove(one(d, "NetworkPolicy", "nba-archive")),
+    "writer metrics open to every namespace": lambda d: one(d, "NetworkPolicy", "nba-archive")["spec"]["ingress"][0][
+        "from"][0].__setitem__("namespaceSelector", {}),
+    "writer reachable by callers": lambda d: one(d, "NetworkPolicy", "nba-archive")["spec"]["ingress"].append(
+        {"from": [{"podSelector": {"matchLabels": {"nba-client": "true"}}}], "ports": [{"port": 50051}]}),
+    "writer egress to the web": lambda d: one(d, "NetworkPolicy", "nba-archive")["spec"]["egress"].append(
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}),
+    "writer cannot reach Redis": lambda d: one(d, "NetworkPolicy", "nba-archive")["spec"]["egress"].pop(0),
+    "no compaction": lambda d: d.remove(one(d, "CronJob")),
+    "two compactions at once": lambda d: one(d, "CronJob")["spec"].__setitem__("concurrencyPolicy", "Allow"),
+    "an unknown nba archive compact flag": lambda d: _compact(d)["command"].append("--no-such-flag"),
+    "compaction on another volume": lambda d: _compact_pod(d)["volumes"].__setitem__(0, {"name": "archive", "emptyDir": {}}),
+    "compaction in no NetworkPolicy": lambda d: d.remove(one(d, "NetworkPolicy", "nba-archive-compact")),
+    "training from the stream without the archive": lambda d: (
+        one(d, "Job")["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(
+            0, "exec nba train --from-stream --rules-dir=/etc/nba/rules --models-dir=/var/lib/nba/models"),
+        one(d, "Job")["spec"]["template"]["spec"]["containers"][0]["env"].remove(
+            _env(one(d, "Job")["spec"]["template"]["spec"]["containers"][0], "NBA_ARCHIVE"))),
 }
 
 
+def _mount(container: dict, name: str) -> dict:
+    return next(m for m in container["volumeMounts"] if m["name"] == name)
+
+
+def _writer_pod(docs: list[dict]) -> dict:
+    return one(docs, "Deployment", "nba-archive")["spec"]["template"]["spec"]
+
+
+def _writer(docs: list[dict]) -> dict:
+    return _writer_pod(docs)["containers"][0]
+
+
+def _compact_pod(docs: list[dict]) -> dict:
+    return one(docs, "CronJob", "nba-archive-compact")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _compact(docs: list[dict]) -> dict:
+    return _compact_pod(docs)["containers"][0]
+
+
 def _pod(docs: list[dict]) -> dict:
-    return one(docs, "Deployment")["spec"]["template"]["spec"]
+    return one(docs, "Deployment", SERVING)["spec"]["template"]["spec"]
 
 
 def _container(docs: list[dict]) -> dict:
@@ -648,7 +1089,7 @@ def test_a_broken_manifest_is_caught(what: str) -> None:
 
 def test_a_manifest_the_schema_refuses_is_caught() -> None:
     def bad(docs: list[dict]) -> None:
-        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSeconds"] = "often"
+        one(docs, "Deployment", SERVING)["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSeconds"] = "often"
         one(docs, "Service", "nba")["spec"]["portz"] = []
 
     problems = schema_problems(_mutated(bad))
@@ -686,6 +1127,43 @@ def test_a_broken_compose_file_is_caught() -> None:
     del doc["services"]["nba-models-init"]
     doc["services"]["nba-1"]["depends_on"].pop("nba-models-init")
     assert any("0 services train" in p for p in compose_problems(doc))
+
+
+BROKEN_COMPOSE = {
+    "no archive writer": lambda d: d["services"].pop("archive"),
+    "two archive writers": lambda d: d["services"].__setitem__("archive-2", copy.deepcopy(d["services"]["archive"])),
+    "the writer scaled": lambda d: d["services"]["archive"].__setitem__("scale", 2),
+    "the writer only in a profile": lambda d: d["services"]["archive"].__setitem__("profiles", ["maintenance"]),
+    "an unknown nba archive run flag": lambda d: d["services"]["archive"]["command"].append("--no-such-flag"),
+    "writer metrics on loopback": lambda d: d["services"]["archive"]["command"].remove("--metrics-host=0.0.0.0"),
+    "the writer on another Redis": lambda d: d["services"]["archive"]["environment"].__setitem__(
+        "REDIS_URL", "redis+cluster://:pw@172.30.0.99:6379"),
+    "a replica without NBA_ARCHIVE": lambda d: d["services"]["nba-2"].__setitem__(
+        "environment", {k: v for k, v in d["services"]["nba-2"]["environment"].items() if k != "NBA_ARCHIVE"}),
+    "a replica on a volume of its own": lambda d: (
+        d["services"]["nba-2"].__setitem__("volumes", [v.replace("nba-archive:", "nba-2-archive:")
+                                                       for v in d["services"]["nba-2"]["volumes"]]),
+        d["volumes"].__setitem__("nba-2-archive", {})),
+    "a replica mounts the archive read-only": lambda d: d["services"]["nba-1"].__setitem__(
+        "volumes", [v + ":ro" if v.startswith("nba-archive:") else v for v in d["services"]["nba-1"]["volumes"]]),
+    "a replica runs a writer too": lambda d: d["services"]["nba-1"].__setitem__(
+        "command", d["services"]["nba-1"]["command"] + ["--archive=on"]),
+    "compaction on another archive": lambda d: d["services"]["archive-compact"]["environment"].__setitem__(
+        "NBA_ARCHIVE", "/var/lib/nba/other"),
+    "an unknown nba archive compact flag": lambda d: d["services"]["archive-compact"].__setitem__(
+        "command", ["--no-such-flag"]),
+    "the archive on a directory the image lacks": lambda d: [
+        (s["environment"].__setitem__("NBA_ARCHIVE", "/srv/archive"),
+         s.__setitem__("volumes", [v.replace(":/var/lib/nba/archive", ":/srv/archive") for v in s["volumes"]]))
+        for s in d["services"].values() if "NBA_ARCHIVE" in s.get("environment", {})],
+}
+
+
+@pytest.mark.parametrize("what", sorted(BROKEN_COMPOSE))
+def test_a_broken_compose_archive_is_caught(what: str) -> None:
+    doc = compose_doc()
+    BROKEN_COMPOSE[what](doc)
+    assert compose_problems(doc), f"{what}: not caught"
 
 
 # --- real gRPC on loopback: the probe script, and round_robin over several addresses ------------------
@@ -804,7 +1282,7 @@ def test_the_probes_of_the_deployment_pass_against_nba_under_mtls(tmp_path: Path
     live(servicer)
     RedisHealth(app.store.client, servicer).poll_once()
     files = {"/etc/nba/tls/ca.crt": ca.pem, "/etc/nba/probe/tls.crt": probe.cert, "/etc/nba/probe/tls.key": probe.key}
-    container = one(manifests(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = one(manifests(), "Deployment", SERVING)["spec"]["template"]["spec"]["containers"][0]
     try:
         for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
             cmd = [a.replace("127.0.0.1:50051", f"127.0.0.1:{port}") for a in container[kind]["exec"]["command"][1:]]
@@ -824,6 +1302,65 @@ def test_the_probes_of_the_deployment_pass_against_nba_under_mtls(tmp_path: Path
     finally:
         server.stop(None)
         app.close()
+
+
+def _run_as_manifest(container: dict, redis_url: str, archive: Path, metrics_port: int | None = None) -> subprocess.Popen:
+    """A container's nba command (its env's literal values) run here: the test Redis for REDIS_URL (no
+    TLS, so no REDIS_CA), ``archive`` for NBA_ARCHIVE, ``metrics_port`` for its metrics port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "NBA_"))}
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e and e["name"] != "REDIS_CA"})
+    env.update(REDIS_URL=redis_url, NBA_ARCHIVE=str(archive), NBA_DATA_DIR=str(archive.parent / "data"))
+    command = argv(container)
+    if metrics_port is not None:
+        command = [re.sub(r"^--metrics-port=\d+$", f"--metrics-port={metrics_port}", a) for a in command]
+    assert command[0] == "nba"
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *command[1:]], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_archive_writer_and_compaction_of_the_manifests_run(redis_url: str, tmp_path: Path) -> None:
+    """The nba-archive Deployment's command and env, run against a real Redis: its probes' path answers on
+    the metrics port with the archive lag; a second writer on the same archive (what Recreate avoids)
+    exits, naming the lock; SIGTERM stops it within the grace period with exit 0; then the CronJob's
+    compaction runs on the same archive and succeeds."""
+    import urllib.request
+
+    from engine.store.redis_embedded import free_port
+
+    docs = manifests()
+    writer = one(docs, "Deployment", "nba-archive")
+    pod = writer["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    path = container["livenessProbe"]["httpGet"]["path"]
+    assert container["startupProbe"]["httpGet"]["path"] == path
+    archive, port = tmp_path / "archive", free_port()
+    proc = _run_as_manifest(container, redis_url, archive, port)
+    try:
+        deadline = time.monotonic() + 60
+        scraped = ""
+        while time.monotonic() < deadline and "nba_archive_lag_entries" not in scraped:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                    scraped = reply.read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert 'nba_archive_lag_entries{stream="decisions"}' in scraped, scraped[-2000:]
+        second = _run_as_manifest(container, redis_url, archive, free_port())
+        _, err = second.communicate(timeout=60)
+        assert second.returncode != 0 and "another archive writer holds" in err, err
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=pod.get("terminationGracePeriodSeconds", 30))
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    compact = one(docs, "CronJob", "nba-archive-compact")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    done = _run_as_manifest(compact, redis_url, archive)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["archive"] == str(archive)
 
 
 def _named_server(name: bytes) -> tuple[grpc.Server, int]:
@@ -867,38 +1404,52 @@ def monitoring_manifests() -> list[dict]:
 
 
 def monitoring_problems(objects: list[dict], docs: list[dict]) -> list[str]:
-    """The ServiceMonitor scrapes /metrics through the metrics Service of ``docs`` (its selector finds that
-    Service alone, its port is the Service's metrics port); the PrometheusRule holds nba-alerts.yml's groups.
-    Neither names a namespace (kustomize places them with the rest)."""
+    """Each ServiceMonitor scrapes /metrics through one metrics Service of ``docs`` (its selector finds that
+    Service alone, which carries no gRPC port; its port is the Service's), and together they scrape every
+    Deployment that has a metrics port (the serving pods and the archive writer, whose lag the archive
+    alerts watch); the PrometheusRule holds nba-alerts.yml's groups. None names a namespace (kustomize
+    places them with the rest)."""
     problems = []
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     monitors = [d for d in objects if d["kind"] == "ServiceMonitor"]
     rules = [d for d in objects if d["kind"] == "PrometheusRule"]
-    if len(monitors) != 1 or len(rules) != 1:
-        return [f"expected one ServiceMonitor and one PrometheusRule, found {len(monitors)} and {len(rules)}"]
+    if not monitors or len(rules) != 1:
+        return [f"expected ServiceMonitors and one PrometheusRule, found {len(monitors)} and {len(rules)}"]
     for d in objects:
         if d.get("apiVersion") != "monitoring.coreos.com/v1":
             problems.append(f"{d['kind']}/{d['metadata']['name']}: apiVersion {d.get('apiVersion')}")
         if "namespace" in d["metadata"]:
             problems.append(f"{d['kind']}/{d['metadata']['name']} names a namespace")
-    spec = monitors[0]["spec"]
-    if "namespaceSelector" in spec:
-        problems.append("the ServiceMonitor looks for Services outside its own namespace")
-    selected = [n for n, s in services.items() if _matches(spec["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
-    if len(selected) != 1:
-        problems.append(f"the ServiceMonitor selects the Services {selected}, not the metrics Service alone")
-    else:
-        port_names = {p["name"] for p in services[selected[0]]["spec"]["ports"]}
-        targets = {p.get("targetPort") for p in services[selected[0]]["spec"]["ports"]}
-        if "metrics" not in targets or "grpc" in targets:
-            problems.append(f"the ServiceMonitor scrapes Service {selected[0]}, which is not the metrics Service")
-        for endpoint in spec.get("endpoints", []):
-            if endpoint.get("port") not in port_names:
-                problems.append(f"ServiceMonitor endpoint port {endpoint.get('port')!r} is no port of {selected[0]}")
-            if endpoint.get("path", "/metrics") != "/metrics" or endpoint.get("scheme", "http") != "http":
-                problems.append("the ServiceMonitor scrapes something other than http /metrics")
-    if not spec.get("endpoints"):
-        problems.append("the ServiceMonitor has no endpoints")
+    scraped: list[dict] = []
+    for monitor in monitors:
+        name, spec = monitor["metadata"]["name"], monitor["spec"]
+        if "namespaceSelector" in spec:
+            problems.append(f"ServiceMonitor {name} looks for Services outside its own namespace")
+        selected = [n for n, s in services.items() if _matches(spec["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
+        if len(selected) != 1:
+            problems.append(f"ServiceMonitor {name} selects the Services {selected}, not one metrics Service")
+        else:
+            service = services[selected[0]]
+            port_names = {p["name"] for p in service["spec"]["ports"]}
+            targets = {p.get("targetPort") for p in service["spec"]["ports"]}
+            if "metrics" not in targets or "grpc" in targets:
+                problems.append(f"ServiceMonitor {name} scrapes Service {selected[0]}, which is not a metrics Service")
+            else:
+                scraped.append(service)
+            for endpoint in spec.get("endpoints", []):
+                if endpoint.get("port") not in port_names:
+                    problems.append(f"ServiceMonitor {name}: endpoint port {endpoint.get('port')!r} is no port of {selected[0]}")
+                if endpoint.get("path", "/metrics") != "/metrics" or endpoint.get("scheme", "http") != "http":
+                    problems.append(f"ServiceMonitor {name} scrapes something other than http /metrics")
+        if not spec.get("endpoints"):
+            problems.append(f"ServiceMonitor {name} has no endpoints")
+    for d in docs:
+        template = pod_template(d) if d["kind"] == "Deployment" else None
+        if template is None or not any(p.get("name") == "metrics" for c in template["spec"]["containers"]
+                                       for p in c.get("ports", [])):
+            continue
+        if not any(_matches(s["spec"].get("selector", {}), template["metadata"].get("labels", {})) for s in scraped):
+            problems.append(f"no ServiceMonitor scrapes the metrics of Deployment {d['metadata']['name']}")
     if rules[0]["spec"].get("groups") != yaml.safe_load(ALERTS.read_text())["groups"]:
         problems.append("the PrometheusRule's groups differ from loadtest/monitoring/nba-alerts.yml")
     return problems
@@ -919,6 +1470,12 @@ BROKEN_MONITORING = {
     "an alert drifted": lambda o, d: next(x for x in o if x["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"][0]
     .__setitem__("for", "1m"),
     "an alert missing": lambda o, d: next(x for x in o if x["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"].pop(),
+    "the archive writer not scraped": lambda o, d: o.remove(next(
+        x for x in o if x["kind"] == "ServiceMonitor" and x["metadata"]["name"] == "nba-archive")),
+    "the writer's metrics Service selects the serving pods": lambda o, d: one(d, "Service", "nba-archive-metrics")[
+        "spec"]["selector"].__setitem__("app.kubernetes.io/component", "decision-service"),
+    "the writer's metrics Service lost its port": lambda o, d: one(d, "Service", "nba-archive-metrics")["spec"][
+        "ports"][0].__setitem__("targetPort", 9999),
 }
 
 
@@ -948,9 +1505,9 @@ def test_kustomize_adds_the_monitoring_component(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     built = [d for d in yaml.safe_load_all(out.stdout) if d]
     added = [d for d in built if d["apiVersion"] == "monitoring.coreos.com/v1"]
-    assert sorted(d["kind"] for d in added) == ["PrometheusRule", "ServiceMonitor"]
+    assert sorted(d["kind"] for d in added) == ["PrometheusRule", "ServiceMonitor", "ServiceMonitor"]
     assert all(d["metadata"]["namespace"] == "nba" for d in added)
     assert monitoring_problems([{**d, "metadata": {k: v for k, v in d["metadata"].items() if k != "namespace"}}
                                 for d in added],
                                [{**d, "metadata": {k: v for k, v in d["metadata"].items() if k != "namespace"}}
-                                for d in built if d["kind"] == "Service"]) == []
+                                for d in built if d not in added]) == []
