@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -208,20 +209,37 @@ def observe_decision(channel: str, seconds: float | None, stages: Sequence[tuple
         stage_seconds.observe(amount, stage)
     if seconds is not None:
         decide_seconds.observe(seconds, channel)
+    if _gc_pauses:
+        _record_gc_pauses()
 
 
 def time_gc() -> None:
-    """Time every collection of the garbage collector into ``nba_gc_pause_seconds`` (from now on)."""
+    """Time every collection of the garbage collector into ``nba_gc_pause_seconds`` (from now on): the
+    pauses are recorded with the next decision's metrics (no thread of their own)."""
     if _gc_timer not in gc.callbacks:
         gc.callbacks.append(_gc_timer)
 
 
 _gc_started = [0.0]
 _gc_generations = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+# (generation, seconds) of collections not yet in the histogram. The callback runs in whichever thread
+# allocated when the collector started, possibly one inside prometheus_client holding its lock (in
+# multiprocess mode one non-reentrant lock for every value, held while it builds a new child's key):
+# observing there would wait for that lock forever, and every thread touching a metric with it.
+_gc_pauses: deque[tuple[int, float]] = deque(maxlen=10_000)
 
 
 def _gc_timer(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        _gc_generations[info["generation"]].observe(time.perf_counter() - _gc_started[0])
+        _gc_pauses.append((info["generation"], time.perf_counter() - _gc_started[0]))
+
+
+def _record_gc_pauses() -> None:
+    while True:
+        try:
+            generation, seconds = _gc_pauses.popleft()
+        except IndexError:
+            return
+        _gc_generations[generation].observe(seconds)

@@ -96,3 +96,35 @@ def test_two_workers_share_the_port_and_metrics_sum_across_them(tmp_path: Path, 
     finally:
         proc.kill()
         proc.wait()
+
+
+_GC_IN_A_METRIC = """
+import gc
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+from engine import metrics
+metrics.time_gc()
+gc.set_threshold(1)  # a collection on nearly every allocation, so some start inside prometheus_client's lock
+counter = Counter("nba_probe_total", "labels made one after another", ["k"])
+for i in range(300):
+    counter.labels(str(i)).inc()
+gc.set_threshold(700)
+metrics.observe_decision("web", 0.001, [])
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+print(sum(s.value for f in registry.collect() if f.name == "nba_gc_pause_seconds"
+          for s in f.samples if s.name.endswith("_count")))
+"""
+
+
+def test_a_collection_inside_a_metric_update_is_timed_without_waiting_for_the_metrics_lock(tmp_path: Path) -> None:
+    """A worker's collections start in whichever thread allocates, also one inside prometheus_client's
+    multiprocess lock (building a new child's key): timing it there waited for that lock forever, and so
+    did every thread of the worker touching a metric (Decide calls hung until their deadline)."""
+    import sys
+
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _GC_IN_A_METRIC], cwd=Path(__file__).resolve().parent.parent,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) > 0  # the pauses are in the histogram
