@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from engine.config import Config
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
     from engine.features import FeatureSchema
     from engine.models.registry import LoadedModel
+    from engine.models.training import TrainingSet
     from engine.rules.errors import RuleError
+    from engine.store.profiles import ProfileStore
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -136,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.trace_sample = cfg.trace_sample if args.trace_sample is None else args.trace_sample
     cfg.log_format = args.log_format
     cfg.archive = args.archive
+    cfg.archive_dir = args.archive_dir or cfg.archive_dir
     if args.fsync is not None and cfg.redis_url is not None:
         logging.getLogger(__name__).warning("--fsync %s ignored: it sets the embedded Redis; set appendfsync on "
                                             "the Redis at REDIS_URL (engine/deploy/README.md, 'Durability')", args.fsync)
@@ -207,8 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     except ValueError:
                         print(f"error: --campaign-weight {item}: expected NAME=WEIGHT", file=sys.stderr)
                         return 1
-                data = training.from_streams(store.client, rules.schema, catalog, args.window_days, args.as_of,
-                                             campaigns=args.campaign or (), campaign_weights=weights)
+                data = _recorded_training_rows(args, cfg, store, rules.schema, catalog, weights)
         elif args.from_file:
             data = training.read_csv(args.from_file, rules.schema, catalog)
         elif args.from_history:
@@ -253,6 +255,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_training_rows(args: argparse.Namespace, cfg: Config, store: ProfileStore, schema: FeatureSchema,
+                            catalog: list[str], weights: dict[str, float]) -> TrainingSet:
+    """``nba train --from-stream``: the rows of the decisions recorded from --since to --until (the archive
+    plus the streams' tails), assembled in DuckDB."""
+    from engine.analytics.training_rows import from_streams
+
+    return from_streams(store.client, schema, catalog, args.window_days, args.as_of, campaigns=args.campaign or (),
+                        campaign_weights=weights, archive=_archive_for(args, cfg), since=args.since, until=args.until)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs on a redis-server of its own (``engine.sim.simulate.private_store``), never on REDIS_URL's."""
     from engine.rules.errors import RuleErrors
@@ -290,27 +302,46 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _archive_for(args: argparse.Namespace, cfg: Config) -> Path | None:
-    """The archive a report reads: ``--archive DIR``, else the data directory's when it holds one; None
+    """The archive a report reads: ``--archive DIR|URL``, else NBA_ARCHIVE's or the data directory's when it
+    holds one; None
     (the streams alone) with ``--no-archive``."""
-    from engine.store.archive import default_root, has_archive
+    from engine.store.archive import has_archive
+    from engine.store.archive_fs import local_path
 
     if args.no_archive:
         return None
-    if args.archive:
-        return Path(args.archive)
-    root = default_root(cfg.data_dir)
-    return root if has_archive(root) else None
+    root = args.archive or cfg.archive_root()
+    if not args.archive and not has_archive(root):
+        return None
+    # a URL stays a string: the reports pass it to archive.read_entries, which takes either
+    return local_path(root) or cast("Path", root)
+
+
+def cmd_archive_compact(args: argparse.Namespace, cfg: Config) -> int:
+    """``nba archive compact``: one file per closed day and stream shard (prints a JSON line)."""
+    from engine.store.archive_compact import compact, parse_day
+
+    root = args.dir or cfg.archive_root()
+    before = parse_day(args.before) if args.before else time.strftime("%Y-%m-%d", time.gmtime())
+    with _store(cfg) as store:
+        done = compact(store.client, root, before)
+    print(json.dumps({"archive": str(root), "before": before, "files_before": done.files_before,
+                      "files_after": done.files_after, "merged": done.merged}))
+    return 0
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
     import threading
 
-    from engine.store.archive import ArchiveWriter, default_root
+    from engine.store.archive import ArchiveWriter
 
     cfg = _config(args)
-    root = Path(args.dir) if args.dir else default_root(cfg.data_dir)
+    if args.archive_cmd == "compact":
+        return cmd_archive_compact(args, cfg)
+    root = args.dir or cfg.archive_root()
     with _store(cfg) as store, ArchiveWriter(store.client, root, file_entries=args.file_entries,
-                                             flush_seconds=args.flush_seconds) as writer:
+                                             flush_seconds=args.flush_seconds, trim=not args.no_trim,
+                                             keep_seconds=args.keep_seconds) as writer:
         if args.archive_cmd == "once":
             written = writer.once()
             lag = writer.lag()
@@ -342,7 +373,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     with _store(cfg) as store:
         report = build_report(store.client, since=args.since, customer_prefix=args.customer_prefix,
                               values=values, types=types, bootstrap=args.bootstrap, seed=args.seed,
-                              archive=_archive_for(args, cfg))
+                              archive=_archive_for(args, cfg), until=args.until)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -390,8 +421,8 @@ def cmd_campaign_plan(args: argparse.Namespace) -> int:
             else:
                 tell(f"measuring traffic on the decision stream's last {args.traffic_days:g} days")
                 traffic = traffic_from_stream(store.client, max(len(everyone), 1), args.traffic_days,
-                                              planned.schema.channel_names)
-            reject = rejection_share(store.client, args.traffic_days)
+                                              planned.schema.channel_names, archive=_archive_for(args, cfg))
+            reject = rejection_share(store.client, args.traffic_days, archive=_archive_for(args, cfg))
             plan = plan_campaign(store, model, live, planned, campaign, customers, traffic, args.max_actions, args.days,
                                  reject_share=reject, progress=tell)
             for warning in plan.warnings:  # not silenced by --quiet: the forecast may be off
@@ -425,7 +456,7 @@ def cmd_campaign_report(args: argparse.Namespace) -> int:
     with _store(cfg) as store:
         saved = store.client.get(plan_key(campaign.name))
         report = build_campaign_report(store.client, campaign, json.loads(saved) if saved else None, since=args.since,
-                                       archive=_archive_for(args, cfg))
+                                       archive=_archive_for(args, cfg), until=args.until)
     if args.html:
         from engine.analytics.campaign_html import render_html
 
@@ -884,9 +915,16 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", help="embedded Redis data directory (default .nba-data)")
 
     def archive_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--archive", metavar="DIR", help="read the archive in DIR plus the streams' unarchived tails "
-                       "(default: the data directory's archive when there is one)")
+        p.add_argument("--archive", metavar="DIR|URL", help="read the archive in DIR (or at an fsspec URL) plus the "
+                       "streams' unarchived tails (default: NBA_ARCHIVE's, else the data directory's archive when "
+                       "there is one)")
         p.add_argument("--no-archive", action="store_true", help="read the Redis streams alone")
+
+    def range_options(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--since", default="-", help=f"first {what}: a UTC day (YYYY-MM-DD) or stream id (ms-seq or "
+                       "ms); default: everything kept")
+        p.add_argument("--until", default="+", help=f"last {what}: a UTC day (YYYY-MM-DD, all of it) or stream id; "
+                       "default: the newest")
 
     def paths(p: argparse.ArgumentParser) -> None:
         redis_options(p)
@@ -916,9 +954,13 @@ def _main(argv: list[str] | None = None) -> int:
                    help="without --auth: AdminService without the local admin token (<data dir>/admin.token); "
                         "for development only (logs a warning)")
     p.add_argument("--archive", choices=("auto", "on", "off"), default=Config.archive,
-                   help="run the archive writer (<data dir>/archive) in this process: auto = with the embedded "
-                        "Redis only (with REDIS_URL run one `nba archive run` for the deployment instead); off by "
-                        "default: nba customer forget does not erase the archive's files yet")
+                   help="run the archive writer (into --archive-dir) in this process: auto (the default) = with "
+                        "the embedded Redis only (with REDIS_URL run one `nba archive run` for the deployment "
+                        "instead, and give this service its --dir as --archive-dir or NBA_ARCHIVE); customer "
+                        "forget and export reach the archive whatever this says")
+    p.add_argument("--archive-dir", metavar="DIR|URL",
+                   help="the archive's root: a directory or an fsspec URL (s3://, gs://: install s3fs or gcsfs); "
+                        "default NBA_ARCHIVE, else <data dir>/archive")
     p.add_argument("--max-in-flight", type=int, default=Config.max_in_flight,
                    help="calls at once per worker; more get RESOURCE_EXHAUSTED at once (load shedding)")
     p.add_argument("--reflection", action="store_true",
@@ -959,8 +1001,8 @@ def _main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a propensity model (synthetic world, recorded streams or a file)")
     paths(p)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--from-stream", action="store_true",
-                        help="recorded decisions joined with their responses (Redis streams)")
+    source.add_argument("--from-stream", "--from-recorded", dest="from_stream", action="store_true",
+                        help="recorded decisions joined with their responses (the archive plus the streams' tails)")
     source.add_argument("--from-file", metavar="FILE", help="a training set written by --export")
     source.add_argument("--from-history", metavar="FILE", help="past offers and outcomes (as nba import history "
                         "reads them) on the customers' stored profiles")
@@ -974,6 +1016,8 @@ def _main(argv: list[str] | None = None) -> int:
                    "'-' for actions of no campaign)")
     p.add_argument("--campaign-weight", action="append", metavar="NAME=WEIGHT",
                    help="--from-stream: weigh the rows of a campaign's actions (e.g. fibre_migration=3; '-' for none)")
+    range_options(p, "recorded decision (--from-stream)")
+    archive_option(p)
     p.add_argument("--customers", type=int, default=50_000, help="synthetic world: customers")
     p.add_argument("--world-seed", type=int, default=7)
     p.add_argument("--rounds", type=int, default=200)
@@ -1008,7 +1052,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("report", help="outcomes per action and type, and lift over the control group, from the streams")
     paths(p)
-    p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
+    range_options(p, "decision")
     p.add_argument("--customer-prefix", default="", help="only customers whose id starts with this")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="also a customer-bootstrap 95%% CI of the lift from N resamples (0: off)")
@@ -1023,7 +1067,9 @@ def _main(argv: list[str] | None = None) -> int:
                        ("once", "archive every entry up to the streams' heads, then exit (prints a JSON line)")):
         p = archive.add_parser(name, help=text)
         redis_options(p)
-        p.add_argument("--dir", help="the archive's root (default <data dir>/archive)")
+        p.add_argument("--dir", metavar="DIR|URL", help="the archive's root, a directory or an fsspec URL "
+                       "(s3://, gs://: install s3fs or gcsfs; default NBA_ARCHIVE, else <data dir>/archive); give the "
+                       "service the same as NBA_ARCHIVE or nba serve --archive-dir, so that erasure reaches it")
         p.add_argument("--file-entries", type=int, default=20_000, help="entries per file at most (and the "
                        "entries per stream shard held in memory)")
         p.add_argument("--flush-seconds", type=float, default=60.0,
@@ -1031,7 +1077,16 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--poll", type=float, default=1.0, help="run: seconds between reads of the streams")
         p.add_argument("--metrics-host", default="127.0.0.1")
         p.add_argument("--metrics-port", type=int, default=0, help="run: serve /metrics (archive lag) here (0: off)")
+        p.add_argument("--no-trim", action="store_true", help="leave the streams as they are (default: trim each "
+                       "shard to what is archived, XTRIM MINID; STREAM_MAXLEN stays the memory cap)")
+        p.add_argument("--keep-seconds", type=float, default=0.0,
+                       help="when trimming, keep this many seconds of the newest entries in the streams")
         p.set_defaults(fn=cmd_archive)
+    p = archive.add_parser("compact", help="merge each closed day's files of a stream shard into one file")
+    redis_options(p)
+    p.add_argument("--dir", metavar="DIR|URL", help="the archive's root (default NBA_ARCHIVE, else <data dir>/archive)")
+    p.add_argument("--before", metavar="YYYY-MM-DD", help="compact the days before this one (default: today, UTC)")
+    p.set_defaults(fn=cmd_archive)
 
     campaign = sub.add_parser("campaign", help="campaigns (rules/campaigns/*.yaml): plan before launch, report after"
                               ).add_subparsers(dest="campaign_cmd", required=True)
@@ -1050,12 +1105,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", action="store_true", help="keep the plan for nba campaign report (under/over plan)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings still)")
+    archive_option(p)
     p.set_defaults(fn=cmd_campaign_plan)
     p = campaign.add_parser("report", help="a campaign's results from the streams: per channel and segment, lift "
                             "over its control group, spend and pacing, segments against the plan")
     paths(p)
     p.add_argument("name")
-    p.add_argument("--since", default="-", help="first stream id (ms-seq or ms), default: everything kept")
+    range_options(p, "decision")
     p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (tables, PNG charts)")
     p.add_argument("--json", action="store_true")
     archive_option(p)

@@ -1,5 +1,5 @@
 """Service configuration: defaults, environment (REDIS_URL, REDIS_ADMIN_URL, REDIS_CA, REDIS_CERT, REDIS_KEY,
-NBA_DATA_DIR) and command-line overrides."""
+NBA_DATA_DIR, NBA_ARCHIVE) and command-line overrides."""
 
 from __future__ import annotations
 
@@ -42,9 +42,12 @@ class Config:
     redis_key: str | None = field(default_factory=lambda: os.environ.get("REDIS_KEY") or None)
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("NBA_DATA_DIR", ".nba-data")))
     # the archive writer (engine/store/archive.py) in nba serve: "auto" runs it with the embedded Redis (the data
-    # directory is this machine's) and not with REDIS_URL (several serving machines: one `nba archive run` instead);
-    # "off" by default while customer erasure does not reach the archive's files
-    archive: str = "off"
+    # directory is this machine's) and not with REDIS_URL (several serving machines: one `nba archive run` instead)
+    archive: str = "auto"
+    # where the archive is (a directory or an fsspec URL; None: <data dir>/archive): written by the writer, erased
+    # and exported by the privacy jobs, read by reports. A deployment running `nba archive run --dir X` sets
+    # NBA_ARCHIVE=X for the service too, so that erasure reaches it
+    archive_dir: str | None = field(default_factory=lambda: os.environ.get("NBA_ARCHIVE") or None)
     redis_fsync: str = "everysec"  # the embedded Redis's appendfsync: everysec or always (engine/deploy/README.md, "Durability")
     rules_dir: Path = field(default_factory=lambda: _default_dir("rules"))
     models_dir: Path = field(default_factory=lambda: _default_dir("models"))
@@ -70,4 +73,6 @@ class Config:
     events_poll_seconds: float = 0.5  # absence timers are checked this often; with 0 no timer poller and no
     #                                   ingest-stream consumer run in this process (PublishEvent still works)
 
-
+    def archive_root(self) -> Path | str:
+        """The archive's root: ``archive_dir`` (a directory or a URL), else ``<data dir>/archive``."""
+        return self.archive_dir or self.data_dir / "archive"

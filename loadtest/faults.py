@@ -22,8 +22,8 @@ Afterwards the service is stopped, redis-server is killed with SIGKILL once more
 append-only file, and every acknowledged write is looked up by id: a RecordResponse that returned OK in
 its decision record (``r:<action>:<outcome>`` = the response id) and in ``nba:stream:responses``; a
 PublishEvent that returned OK in ``nba:stream:events`` (its stream id) and the customer's event ids;
-a Decide that returned OK, not degraded: its decision record ``nba:decision:<id>`` (the impressions and
-budget units are written by the same script). Separately, every Decide that returned OK is looked up by
+a Decide that returned OK, not degraded: its decision record, ``engine.decision.records`` (the impressions
+and budget units are written by the same script). Separately, every Decide that returned OK is looked up by
 its decision id in the decision stream ``nba:stream:decisions`` (every shard): that entry is written
 after the reply by a background thread (``engine.store.decision_log``, best-effort by design,
 engine/deploy/README.md "Durability"), so its losses are reported as ``decision_log_lost``, next to what the service counted
@@ -85,7 +85,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from engine.api.nba.v1 import nba_pb2 as pb  # noqa: E402
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc  # noqa: E402
-from engine.decision.contact import decision_key  # noqa: E402
+from engine.decision import records  # noqa: E402
+from engine.decision.codes import Codes  # noqa: E402
 from engine.events.processor import event_ids_key  # noqa: E402
 from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, RESPONSES_STREAM  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis, free_port  # noqa: E402
@@ -688,15 +689,19 @@ class Drills:
                     if lost[1](replies, i, item):
                         out[item[0]][lost[0] + "_lost"] += 1
 
+        codes = Codes(client)
+
+        def mark(raw: bytes | None, r: tuple) -> str | None:  # the stream id the record holds for the response
+            return None if raw is None else records.decode(codes, r[1], raw.decode()).get(f"r:{r[2]}:{r[3]}")
+
         batched(self.load.acked_responses,
-                lambda pipe, r: (pipe.hget(decision_key(r[1]), f"r:{r[2]}:{r[3]}"),
-                                 pipe.xrange(RESPONSES_STREAM, r[4], r[4])),
-                ("responses", lambda rep, i, r: rep[2 * i] is None or rep[2 * i].decode() != r[4] or not rep[2 * i + 1]))
+                lambda pipe, r: (pipe.hget(*records.location(r[1])), pipe.xrange(RESPONSES_STREAM, r[4], r[4])),
+                ("responses", lambda rep, i, r: mark(rep[2 * i], r) != r[4] or not rep[2 * i + 1]))
         batched(self.load.acked_events,
                 lambda pipe, e: (pipe.xrange(customer_shard_key(EVENTS_STREAM, e[2], client), e[3], e[3]),
                                  pipe.zscore(event_ids_key(e[2]), e[1])),
                 ("events", lambda rep, i, e: not rep[2 * i] or rep[2 * i + 1] is None))
-        batched(self.load.acked_decisions, lambda pipe, d: pipe.exists(decision_key(d[1])),
+        batched(self.load.acked_decisions, lambda pipe, d: pipe.hexists(*records.location(d[1])),
                 ("decisions", lambda rep, i, d: not rep[i]))
         # the decision log is best-effort: its entries are checked and reported, but not as acknowledged writes
         for phase, counts in check_decision_log(client, self.load.acked_decisions, self.load.acked_degraded).items():

@@ -122,7 +122,7 @@ def timed_sections(script: str) -> str:
     marks = [("local a = cjson.decode(ARGV[1])\n", "decode arguments"),
              ("local function mark(head)", "read and count the history"),
              ("if #need > 0 then return {'need', need} end", "judge and present candidates"),
-             ("local acts, grps, typs, vals, bodies = {}, {}, {}, {}, {}", "write the history"),
+             ("local bodies = {}\n", "write the history"),
              ("return {verdicts, fb}\n", "write the decision record")]
     head = ("local function bench_now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end\n"
             "local bench_last = bench_now()\n"

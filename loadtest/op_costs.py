@@ -70,8 +70,11 @@ FAMILIES = (("profile", re.compile(r"^nba:\{c:[^}]*\}:profile$")),
             ("event effects", re.compile(r"^nba:\{c:[^}]*\}:events:pending$")),
             ("interactions", re.compile(r"^nba:\{c:[^}]*\}:ix:")),
             ("outbound", re.compile(r"^nba:\{c:[^}]*\}:outbound:")),
+            ("record minutes", re.compile(r"^nba:\{c:[^}]*\}:record_minutes$")),
+            ("erasure index", re.compile(r"^nba:\{c:[^}]*\}:index$")),
             ("other per customer", re.compile(r"^nba:\{c:")),
             ("decision records", re.compile(r"^nba:(\{[^}]*\}:)?decision:")),
+            ("decision record buckets", re.compile(r"^nba:decisions:")),
             ("streams", re.compile(r"^nba:stream:")),
             ("budgets", re.compile(r"budget")))
 
@@ -235,6 +238,9 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
     decision records (bytes per record) and streams (bytes per entry)."""
     per_customer: dict[str, dict[str, int]] = {}
     records: list[int] = []
+    buckets = {"bytes": 0, "keys": 0, "records": 0}
+    sample: list[bytes] = []  # record values, to measure buckets as full as production makes them
+    bench: tuple = (None, "")
     streams: dict[str, dict[str, int]] = {}
     for node in b.masters:
         c = node.client
@@ -257,6 +263,13 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
                     per_customer[cust][fam] = per_customer[cust].get(fam, 0) + int(usage)
                 elif fam == "decision records":
                     records.append(int(usage))
+                elif fam == "decision record buckets":
+                    buckets["bytes"] += int(usage)
+                    buckets["keys"] += 1
+                    buckets["records"] += int(c.hlen(k))
+                    if len(sample) < 2000:
+                        sample += list(c.hvals(k))
+                        bench = (c, "nba:bench:" + k[k.index("{"):k.index("}") + 1])  # a key on this node's slots
                 elif fam == "streams" and kind in (b"stream", "stream"):
                     s = streams.setdefault(re.sub(r":\{shard:[^}]*\}$", "", k), {"bytes": 0, "entries": 0, "keys": 0})
                     s["bytes"] += int(usage)
@@ -272,8 +285,20 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
     table["all per-customer keys"] = {"mean": float(totals.mean()), "p50": float(np.median(totals)),
                                       "p99": float(np.percentile(totals, 99)), "max": float(totals.max())}
     info = [n.client.info("memory") for n in b.masters]
+    dense = {}
+    if sample:  # a bucket holds ~18 records at 5,000 decisions/s over 16,384 slots, ~73 at 20,000/s
+        c, key = bench
+        for n in (18, 73):
+            c.delete(key)
+            c.hset(key, mapping={f"{i:04x}{i:016x}": sample[i % len(sample)] for i in range(n)})
+            dense[n] = {"bytes_per_record": int(c.memory_usage(key, samples=0)) / n,
+                        "encoding": c.object("encoding", key).decode()}
+            c.delete(key)
     return {"per_customer": table, "customers": len(per_customer),
-            "decision_record_bytes": float(np.mean(records)) if records else 0.0, "decision_records": len(records),
+            "decision_record_bytes": float(np.mean(records)) if records else
+            (buckets["bytes"] / buckets["records"] if buckets["records"] else 0.0),
+            "decision_records": len(records) or buckets["records"], "record_buckets": buckets,
+            "dense_buckets": dense,
             "streams": {k: dict(v, bytes_per_entry=v["bytes"] / v["entries"] if v["entries"] else 0.0)
                         for k, v in sorted(streams.items())},
             "used_memory": sum(int(i["used_memory"]) for i in info)}
@@ -333,6 +358,13 @@ def report_memory(name: str, res: dict, args: argparse.Namespace) -> None:
     for f, v in m["per_customer"].items():
         print(f"  {f:<22} mean {v['mean']:8.0f} B  p50 {v['p50']:8.0f}  p99 {v['p99']:8.0f}  max {v['max']:8.0f}")
     print(f"  decision record {m['decision_record_bytes']:.0f} B ({m['decision_records']} records)")
+    if m.get("record_buckets", {}).get("keys"):
+        bk = m["record_buckets"]
+        print(f"  record buckets: {bk['keys']} keys, {bk['records']} records, {bk['bytes']} B (MEMORY USAGE; "
+              f"+ ~120 B per key outside it)")
+    for n, v in m.get("dense_buckets", {}).items():
+        print(f"  a bucket of {n} of these records: {v['bytes_per_record']:.1f} B per record + 120 / {n} = "
+              f"{v['bytes_per_record'] + 120 / n:.1f} B with the key's overhead ({v['encoding']})")
     for k, v in m["streams"].items():
         print(f"  {k}: {v['bytes_per_entry']:.0f} B per entry ({v['entries']} entries in {v['keys']} keys)")
     base = m["per_customer"]["all per-customer keys"]["mean"]

@@ -55,7 +55,11 @@ ACCEPTED_SHARE = 0.30
 
 # key family -> (pattern, how its entries are counted)
 FAMILIES = {
-    "decision records": (re.compile(r"^nba:decision:"), "HLEN"),
+    # a field per record in a bucket per slot and minute (engine/decision/records.py), or, in the
+    # earlier layout, a key per record (HLEN then counts its fields)
+    "decision records": (re.compile(r"^nba:decisions?:"), "HLEN"),
+    "record codes": (re.compile(r"^nba:codes$"), "HLEN"),
+    "erasure indexes": (re.compile(r"^nba:\{c:[^}]*\}:index$"), "ZCARD"),
     "contact histories": (re.compile(r"^nba:\{c:[^}]*\}:contacts$"), "HLEN"),
     "interaction hashes": (re.compile(r"^nba:\{c:[^}]*\}:ix:"), "HLEN"),
     "budgets": (re.compile(r"^nba:budget:"), None),
@@ -206,7 +210,7 @@ def run_one(accept_days: float, decisions: int, customers: int, models_dir: str,
                           file=sys.stderr, flush=True)
             seconds = time.monotonic() - started
             decision_log.close(timeout=60)
-            sample = next(client.scan_iter(match="nba:decision:*", count=1000), None)
+            sample = next(client.scan_iter(match="nba:decisions:*", count=1000), None)
             record_ttl_days = client.pttl(sample) / 86_400_000 if sample else None
             budgets = {k.decode(): int(client.get(k) or 0) for k in client.scan_iter(match="nba:budget:*")}
             after = measure(admin)

@@ -573,7 +573,7 @@ def test_simulate_plans_a_campaign_then_plays_it() -> None:
 def test_training_from_the_streams_filters_or_weighs_a_campaign(campaign_engine) -> None:
     import numpy as np
 
-    from engine.models.training import from_streams
+    from engine.analytics.training_rows import from_streams
 
     engine, clock = campaign_engine
     ids = [f"T{i:03d}" for i in range(60)]

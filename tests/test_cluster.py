@@ -259,7 +259,8 @@ def test_a_master_killed_under_concurrent_load_loses_no_acknowledged_write(tmp_p
     from grpc_health.v1 import health_pb2
 
     from engine.config import Config
-    from engine.decision.contact import decision_key
+    from engine.decision import records
+    from engine.decision.codes import Codes
     from engine.events.processor import event_ids_key
     from engine.serving.app import App
     from engine.serving.server import build_server
@@ -321,11 +322,12 @@ def test_a_master_killed_under_concurrent_load_loses_no_acknowledged_write(tmp_p
             responses = {e[0].decode() for e in xrange_all(client, RESPONSES_STREAM)}
             events = {f[b"event_id"].decode() for _, f in xrange_all(client, EVENTS_STREAM)}
             kinds: collections.Counter[str] = collections.Counter()
+            stored = records.read(client, Codes(client), [a.decision_id for a in acked])
             for a in acked:
                 if a.response:
                     action, outcome, response_id = a.response
-                    got = client.hget(decision_key(a.decision_id), f"r:{action}:{outcome}")
-                    assert got == response_id.encode(), ("response lost from its record", a)
+                    got = stored.get(a.decision_id, ("", {}))[1].get(f"r:{action}:{outcome}")
+                    assert got == response_id, ("response lost from its record", a)
                     assert response_id in responses, ("response lost from the stream", a)
                     kinds["responses"] += 1
                 elif a.event:
@@ -333,7 +335,7 @@ def test_a_master_killed_under_concurrent_load_loses_no_acknowledged_write(tmp_p
                     assert a.event[0] in events, ("event lost from the stream", a)
                     kinds["events"] += 1
                 else:
-                    assert client.exists(decision_key(a.decision_id)), ("decision record lost", a)
+                    assert a.decision_id in stored, ("decision record lost", a)
                     kinds["decisions"] += 1
             print(f"acknowledged and found: {dict(kinds)}")
 
@@ -343,7 +345,7 @@ def test_a_master_killed_under_concurrent_load_loses_no_acknowledged_write(tmp_p
                 return key_slot(key.encode()) in victim_slots
 
             expected = sum(on_promoted(customer_shard_key(RESPONSES_STREAM, a.customer, client))
-                           + on_promoted(decision_key(a.decision_id))
+                           + on_promoted(records.location(a.decision_id)[0])
                            for a in acked if a.response and a.first and a.start > promoted)
             counted = _unreplicated() - unreplicated_before
             print(f"nba_redis_unreplicated_total +{counted:g} since the kill; {expected} writes on the promoted "

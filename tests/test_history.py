@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from engine.decision.codes import Codes
 from engine.decision.contact import PRESENT, present_args
 from engine.decision.history import contacts_key, counted, read_history
 from engine.decision.responses import ResponseRecorder
@@ -69,13 +70,15 @@ class Presenter:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.script = client.register_script(PRESENT)
+        self.codes = Codes(client)
         self.n = 0
 
     def present(self, rules: ContactRules, cid: str, act: Act, channel: str, now: float, mode: str) -> str:
         self.n += 1
         did = f"{int(now * 1000):012x}{self.n:020x}"
         record = {"customer": cid, "channel": channel, "ts": f"{now:.3f}", "counted": "1"}
-        keys, args, _ = present_args(rules, [(1.0, 0.5, Verdict(act))], None, 1, channel, did, now, record, cid, mode)
+        keys, args, _ = present_args(rules, [(1.0, 0.5, Verdict(act))], None, 1, channel, did, now, record, cid, mode,
+                                     codes=self.codes)
         verdicts, _ = self.script(keys=keys, args=[args])
         return f"{did}:{verdicts[0].decode()}"
 

@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from engine.analytics.report import build_report
+from engine.analytics.training_rows import from_streams
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.cli import main as nba
@@ -26,7 +27,7 @@ from engine.models.experiment import EXPERIMENT_FILE, ExperimentError, ModelSet,
 from engine.models.exploration import COUNTS_KEY
 from engine.models.model_input import model_input
 from engine.models.registry import ModelRefused, ModelRegistry
-from engine.models.training import from_streams, read_csv
+from engine.models.training import read_csv
 from engine.serving.app import App
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA

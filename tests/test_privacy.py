@@ -23,6 +23,7 @@ import redis
 
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+from engine.decision import records
 from engine.decision.contact import RESERVATIONS_KEY
 from engine.events.processor import OUTBOUND_INDEXED_SINCE, OUTBOUND_KEEP_MS, OUTBOUND_STREAM, TIMERS_KEY
 from engine.events.stream import GROUP, INGEST_STREAM, INVALID_STREAM, EventStreamConsumer
@@ -219,7 +220,7 @@ def _full_day(app: App, channel: grpc.Channel, clock: Clock, people: list[str]) 
         (out,) = app.events.publish(f"{c}-pf2", c, "payment_failed", {"amount": "35"}).outbound
         assert out.status == "postponed", out.reason
     # every decision, the outbound ones decided by the events too (their records exist at once)
-    _wait_logged(client, decided | {k.decode().rsplit(":", 1)[1] for k in client.scan_iter("nba:decision:*")})
+    _wait_logged(client, decided | {d for c in people for d in records.customer_record_ids(client, c)})
     return decided
 
 
@@ -269,7 +270,11 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         # --- forget anna: a job the caller polls, with its counts
         places = mentions(client, anna)
         shared = {k for k in places if k.startswith(("nba:timers", "nba:reservations", "nba:{privacy}"))}
-        own = [k for k in places if client.type(k) != b"stream" and k not in shared]
+        # keys of anna's own, and her decision records: fields of the shared per-minute buckets
+        own = [k for k in places if client.type(k) != b"stream" and k not in shared and not k.startswith("nba:decisions:")]
+        own_records = sum(v.startswith(f"{anna}\t".encode()) for k in places if k.startswith("nba:decisions:")
+                          for v in client.hvals(k))
+        assert own_records >= 5
         entries = _stream_entries(client, anna)
         used = _budget_used(client)
         client.hset(META_KEY, OUTBOUND_INDEXED_SINCE, 0)  # long indexed: the outbound keys only through the index
@@ -277,7 +282,7 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         assert (job.kind, job.state, list(job.failures)) == ("forget", "succeeded", []), job
         assert job.customer_pseudonym == pseudonym(anna) and anna not in str(job)
         assert job.persistence.startswith("aof rewritten (where on) and rdb saved on")
-        assert job.keys_deleted == len(own) and job.stream_entries_deleted == entries
+        assert job.keys_deleted == len(own) + own_records and job.stream_entries_deleted == entries
         assert job.members_removed == len(exported["scheduled"]) + len(reservations)
         assert job.budget_units_returned == len(reservations)
         assert _budget_used(client) == used - len(reservations)  # the unreported impressions' units given back
@@ -327,7 +332,9 @@ def test_forget_erases_a_customer_everywhere_after_a_full_day_and_leaves_the_oth
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         assert _comparable(json.loads(out.read_text())) == _comparable(bert_before)
         bert_keys = [k for k in mentions(client, bert) if client.type(k) != b"stream" and not k.startswith(
-            ("nba:timers", "nba:reservations", "nba:{privacy}"))]
+            ("nba:timers", "nba:reservations", "nba:{privacy}", "nba:decisions:"))]
+        bert_keys += [v for k in mentions(client, bert) if k.startswith("nba:decisions:") for v in client.hvals(k)
+                      if v.startswith(f"{bert}\t".encode())]  # his records: fields of shared buckets
         done = subprocess.run([*cli, "forget", bert, "--address", f"127.0.0.1:{port}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr

@@ -174,7 +174,8 @@ def test_an_empty_production_start_decides_cold_until_data_and_a_model_arrive(re
 
 
 def test_growing_the_domain_on_a_running_service_keeps_profiles_model_and_history(service) -> None:
-    from engine.models.training import fit, from_streams
+    from engine.analytics.training_rows import from_streams
+    from engine.models.training import fit
 
     app, channel = service
     stub = pb_grpc.DecisionServiceStub(channel)

@@ -21,7 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.config import Config
-from engine.decision.contact import contacts_key, decision_key
+from engine.decision import records
+from engine.decision.codes import Codes
+from engine.decision.contact import contacts_key
 from engine.decision.history import read_history
 from engine.decision.request import DecideInput
 from engine.rules.contact import ControlGroup
@@ -86,7 +88,7 @@ def test_a_paused_redis_gives_degraded_answers_within_the_deadline_and_records_n
             assert reply.degraded and took < 0.12, (mode, took)  # answered, not DEADLINE_EXCEEDED; the client may see it late
             assert [a.action_id for a in reply.actions] == ["account_health_check"]  # the call center's fallback
             time.sleep(0.2)  # the presenting script, if it ran after the pause, had to find itself late
-            assert not admin.exists(decision_key(reply.decision_id)), mode
+            assert not admin.hexists(*records.location(reply.decision_id)), mode
             assert read_history(admin, customer) == seen  # no impression of the late decision
         again, _ = timed_decide(channel, cid, 1.0)
         assert not again.degraded
@@ -261,14 +263,14 @@ def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(
         now = time.time()
         for late_ms, expect in ((int(now * 1000) - 1, b"late"), (int(now * 1000) + 60_000, None)):
             keys, args, _ = present_args(rules.ruleset.contact, [(1.0, 0.5, verdict)], None, 3, "call_center",
-                                         f"d{late_ms}", now, {"customer": "LATE-1"}, "LATE-1", "decide",
-                                         late_ms=late_ms)
+                                         f"d{late_ms}", now, {"customer": "LATE-1", "ts": f"{now:.3f}"}, "LATE-1",
+                                         "decide", late_ms=late_ms, codes=Codes(client))
             verdicts, _ = script(keys=keys, args=[args])
             if expect is not None:
-                assert verdicts == expect and not client.exists(decision_key(f"d{late_ms}"))
+                assert verdicts == expect and not client.hexists(*records.location(f"d{late_ms}"))
                 assert not client.exists(contacts_key("LATE-1"))
             else:
-                assert verdicts == [b"ok"] and client.exists(decision_key(f"d{late_ms}"))
+                assert verdicts == [b"ok"] and client.hexists(*records.location(f"d{late_ms}"))
     finally:
         rules.close()
 
@@ -363,8 +365,9 @@ def test_a_retried_response_clears_the_trigger_its_first_call_did_not(redis_url:
         assert first.value.code() == grpc.StatusCode.UNAVAILABLE
         admin.delete(triggers_key(cid))
         admin.rename("parked", triggers_key(cid))
-        first_id = admin.hget(decision_key(decision.decision_id), "r:callback_customer:accepted")
+        stored = records.read(admin, Codes(admin), [decision.decision_id])[decision.decision_id][1]
+        first_id = stored.get("r:callback_customer:accepted")
         assert first_id  # the first call did record the response
         again = stub.RecordResponse(response, timeout=5)
-        assert again.response_id == first_id.decode()
+        assert again.response_id == first_id
         assert not admin.hexists(triggers_key(cid), "callback_requested")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from engine.analytics.report import _read
+from engine.analytics.recorded import Recorded
 from engine.config import Config
 from engine.events.processor import OUTBOUND_STREAM, TIMERS_KEY, effects_key
 from engine.serving.app import App
@@ -59,8 +59,10 @@ def test_a_customers_entries_land_in_one_shard_in_order_and_readers_see_every_sh
     everything = list(xrange_all(client, DECISIONS_STREAM, chunk=3))  # pages of 3 per shard
     assert len(everything) == 20 == length(client, DECISIONS_STREAM)
     assert [id_order(e[0]) for e in everything] == sorted(id_order(e[0]) for e in everything)
-    assert {d["decision_id"] for _, d in _read(client, DECISIONS_STREAM, "-", chunk=2)} == {
-        f"{c}-{i}" for c in customers for i in range(5)}
+    with Recorded(client, chunk=2) as recorded:  # the analytics' reader, in pages of 2 per shard
+        view = recorded.view(DECISIONS_STREAM, ["decision_id"])
+        seen = [row[0] for row in recorded.con.sql(f"SELECT decision_id FROM {view}").fetchall()]
+    assert sorted(seen) == sorted(f"{c}-{i}" for c in customers for i in range(5))
     last = last_entry(client, DECISIONS_STREAM)
     assert last is not None and id_order(last[0]) == max(id_order(e[0]) for e in everything)
     assert last_entry(client, "nba:stream:nothing") is None

@@ -1,8 +1,12 @@
 """What is learnt from decisions after they were made, off the funnel's hot path.
 
+- ``recorded``: one DuckDB view per stream over the archive's files plus the streams' unarchived tails
+  (each entry once), for a range of ids or days: what every reader below aggregates in SQL;
 - ``report``: ``nba report``, what decisions earned against the control group;
 - ``campaign_plan`` (with ``plan_replay``, the replay of coming decisions): ``nba campaign plan``;
 - ``campaign_report`` and ``campaign_html``: ``nba campaign report`` (text, HTML);
+- ``training_rows``: training rows from recorded decisions joined with their responses;
+- ``offpolicy``: off-policy estimators (IPS, SNIPS, DR) of what a candidate policy would have earned;
 - ``past``: offers and outcomes from before the engine, imported from a file (contact histories, a first
   training set).
 

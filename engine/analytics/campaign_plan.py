@@ -38,6 +38,7 @@ import numpy as np
 import redis
 
 from engine.analytics.plan_replay import replay
+from engine.analytics.recorded import Recorded
 from engine.decision.arbitration import order
 from engine.decision.contact import control_order
 from engine.decision.funnel import DecisionEngine
@@ -61,7 +62,6 @@ from engine.store.profiles import (
     profile_key,
     triggers_key,
 )
-from engine.store.streams import last_entry
 
 DAY = 86_400.0
 NO_CAMPAIGN = "(no campaign)"
@@ -194,35 +194,41 @@ class Traffic:
         return cls(channels)
 
 
-def traffic_from_stream(client: redis.Redis, population: int, days: float, channels: Sequence[str],
-                        until: float | None = None) -> Traffic:
-    """The traffic of the ``days`` before ``until`` (default: the last recorded decision) in the decision
-    stream; ``population``: the customers that traffic came from (those without a decision count as 0)."""
-    from engine.analytics.report import _read
+def _last_ts(rec: Recorded) -> float | None:
+    """The ``ts`` of the decision with the highest entry id (None: none recorded)."""
+    row = rec.sql("SELECT CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) FROM decisions "
+                  "ORDER BY _ms DESC, _seq DESC, _shard LIMIT 1").fetchone()
+    return None if row is None else float(row[0])
 
-    last = last_entry(client, DECISIONS_STREAM)
-    if last is None:
-        return Traffic({}, recorded={}, window=days)
-    end = until if until is not None else float(last[1].get(b"ts", b"0"))
-    first = end
-    counts: Counter[str] = Counter()
-    per_customer: Counter[str] = Counter()
-    per_customer_day: Counter[tuple[str, int]] = Counter()
-    presented: set[str] = set()
+
+def traffic_from_stream(client: redis.Redis, population: int, days: float, channels: Sequence[str],
+                        until: float | None = None, archive: Path | str | None = None) -> Traffic:
+    """The traffic of the ``days`` before ``until`` (default: the last recorded decision) in the recorded
+    decisions (the archive at ``archive`` plus the streams' tails; without one, the streams); ``population``:
+    the customers that traffic came from (those without a decision count as 0)."""
     # by the decisions' own times: entry ids are Redis's clock, which a simulation's decisions do not keep
-    for _, d in _read(client, DECISIONS_STREAM, "-"):
-        ts = float(d.get("ts") or 0)
-        if end - days * DAY <= ts <= end:
-            first = min(first, ts)
-            counts[d.get("channel", "")] += 1
-            per_customer[d.get("customer_id", "")] += 1
-            per_customer_day[(d.get("customer_id", ""), int(ts // DAY))] += 1
-            presented.update(a for a in d.get("actions", "").split(",") if a)
+    with Recorded(client, archive) as rec:
+        rec.view(DECISIONS_STREAM, ("ts", "channel", "customer_id", "actions"))
+        last = _last_ts(rec)
+        if last is None:
+            return Traffic({}, recorded={}, window=days)
+        end = until if until is not None else last
+        rec.sql("CREATE TEMP TABLE w AS SELECT (_ms, _seq, _shard) AS k, CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) AS ts, "
+                "coalesce(channel, '') AS channel, coalesce(customer_id, '') AS cid, actions FROM decisions; "
+                "DELETE FROM w WHERE NOT (? - ? <= ts AND ts <= ?)", [end, days * DAY, end])
+        counts = dict(rec.sql("SELECT channel, count(*) FROM w GROUP BY channel").fetchall())
+        first = rec.sql("SELECT min(ts) FROM w").fetchone()[0]
+        per_customer = rec.sql("SELECT count(*) AS n, min(k) AS seen FROM w GROUP BY cid ORDER BY seen").fetchnumpy()["n"]
+        per_day = rec.sql("SELECT max(n) FROM (SELECT count(*) AS n FROM w GROUP BY cid, CAST(floor(ts / ?) AS BIGINT))",
+                          [DAY]).fetchone()[0]
+        presented = {a for (a,) in rec.sql("SELECT DISTINCT unnest(string_split(coalesce(actions, ''), ',')) FROM w")
+                     .fetchall() if a}
+    first = min(end, float(first)) if first is not None else end
     rates = np.zeros(max(population, len(per_customer)))
-    rates[: len(per_customer)] = np.array(list(per_customer.values()), dtype=float) / days
-    return Traffic({ch: counts[ch] / (population * days) for ch in channels if counts[ch]}, rates,
-                   max(per_customer_day.values(), default=0), frozenset(presented),
-                   recorded={ch: counts[ch] for ch in channels}, window=days, covered=(end - first) / DAY)
+    rates[: len(per_customer)] = np.asarray(per_customer, dtype=float) / days
+    return Traffic({ch: counts[ch] / (population * days) for ch in channels if counts.get(ch)}, rates,
+                   int(per_day or 0), frozenset(presented),
+                   recorded={ch: int(counts.get(ch, 0)) for ch in channels}, window=days, covered=(end - first) / DAY)
 
 
 def traffic_warnings(traffic: Traffic, channels: Sequence[str]) -> list[str]:
@@ -248,27 +254,31 @@ def traffic_warnings(traffic: Traffic, channels: Sequence[str]) -> list[str]:
     return out
 
 
-def rejection_share(client: redis.Redis, days: float, until: float | None = None) -> float:
+def rejection_share(client: redis.Redis, days: float, until: float | None = None,
+                    archive: Path | str | None = None) -> float:
     """Of the actions presented in the ``days`` before ``until`` (default: the last recorded decision) and
-    not accepted, the share with a recorded rejection (0 without recorded decisions)."""
-    from engine.analytics.report import _read
-
-    last = last_entry(client, DECISIONS_STREAM)
-    if last is None:
-        return 0.0
-    end = until if until is not None else float(last[1].get(b"ts", b"0"))
-    presented: set[tuple[str, str]] = set()
-    for _, d in _read(client, DECISIONS_STREAM, "-"):
-        if end - days * DAY <= float(d.get("ts") or 0) <= end and d.get("actions"):
-            presented.update((d["decision_id"], a) for a in d["actions"].split(","))
-    outcome: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for _, r in _read(client, RESPONSES_STREAM, "-"):
-        key = (r.get("decision_id", ""), r.get("action_id", ""))
-        if key in presented:
-            outcome[key].add(r.get("outcome", ""))
-    accepted = sum("accepted" in outcome[k] for k in presented)
-    rejected = sum("rejected" in outcome[k] and "accepted" not in outcome[k] for k in presented)
-    return rejected / (len(presented) - accepted) if len(presented) > accepted else 0.0
+    not accepted, the share with a recorded rejection (0 without recorded decisions); from the archive at
+    ``archive`` plus the streams' tails (without one, the streams)."""
+    with Recorded(client, archive) as rec:
+        rec.view(DECISIONS_STREAM, ("decision_id", "ts", "actions"))
+        rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome"))
+        last = _last_ts(rec)
+        if last is None:
+            return 0.0
+        end = until if until is not None else last
+        presented, accepted, rejected = rec.sql("""
+WITH pres AS (
+    SELECT DISTINCT did, aid FROM (
+        SELECT decision_id AS did, unnest(string_split(actions, ',')) AS aid FROM decisions
+        WHERE coalesce(actions, '') <> '' AND ? - ? <= CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE)
+          AND CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) <= ?)),
+o AS (
+    SELECT coalesce(decision_id, '') AS did, coalesce(action_id, '') AS aid, bool_or(outcome = 'accepted') AS acc,
+           bool_or(outcome = 'rejected') AS rej
+    FROM responses GROUP BY ALL)
+SELECT count(*), count(*) FILTER (WHERE o.acc), count(*) FILTER (WHERE o.rej AND NOT o.acc)
+FROM pres p LEFT JOIN o ON o.did = p.did AND o.aid = p.aid""", [end, days * DAY, end]).fetchone()
+    return rejected / (presented - accepted) if presented > accepted else 0.0
 
 
 # --- the forecast ------------------------------------------------------------------------------------

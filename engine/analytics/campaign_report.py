@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -38,7 +37,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import redis
 
-from engine.analytics.report import Tally, _read, lift_from_totals
+from engine.analytics.recorded import Recorded
+from engine.analytics.report import Tally, lift_from_totals
 from engine.rules.campaigns import Campaign
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, profile_key
 
@@ -51,22 +51,13 @@ def plan_key(name: str) -> str:
     return f"nba:campaign:{name}:plan"
 
 
-@dataclass
-class _Shown:
-    decision_id: str
-    customer: str
-    channel: str
-    action: str
-    value: float
-    ts: float
-
-
-def _objective(objective: str, value: float, kind: str) -> float:
+def _objective_sql(objective: str) -> str:
+    """The campaign's objective of one accepted response (columns ``value`` and ``kind``) in SQL."""
     if objective == "value":
-        return value
+        return "a.value"
     if objective == "retention_saves":
-        return 1.0 if kind == "retention" else 0.0
-    return 1.0
+        return "CASE WHEN a.kind = 'retention' THEN 1.0 ELSE 0.0 END"
+    return "1.0"
 
 
 def _segments(client: redis.Redis, customers: list[str]) -> dict[str, str]:
@@ -76,58 +67,82 @@ def _segments(client: redis.Redis, customers: list[str]) -> dict[str, str]:
     return {cid: (s.decode() if isinstance(s, bytes) else s) or "unknown" for cid, s in zip(customers, pipe.execute())}
 
 
+# $name: the campaign's name (a quoted literal). A decision puts its customer in play (``campaign_eligible``:
+# treated, ``campaign_control``: control; the first such decision decides the arm, eligible before control
+# within one); ``shown``: the actions its ``campaigns`` field tags with the campaign; ``acc``: the first
+# accepted response per (decision, action); ``latest``: the last record of each decision an acceptance names.
+_CAMPAIGN_SQL = """
+CREATE TEMP TABLE d AS
+SELECT (_ms, _seq, _shard) AS k, coalesce(decision_id, '') AS did, coalesce(customer_id, '') AS cid,
+       CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) AS ts, coalesce(channel, '') AS channel,
+       list_contains(string_split(coalesce(campaign_eligible, ''), ','), $name) AS eligible,
+       list_contains(string_split(coalesce(campaign_control, ''), ','), $name) AS held_out,
+       string_split(coalesce(campaigns, ''), ',') AS tags, actions, "values"
+FROM decisions;
+CREATE TEMP TABLE inplay AS
+SELECT cid, arg_min(CASE WHEN eligible THEN 'treated' ELSE 'control' END, k) AS side, min(ts) AS first
+FROM d WHERE eligible OR held_out GROUP BY cid;
+CREATE TEMP TABLE acc AS
+SELECT coalesce(decision_id, '') AS did, coalesce(action_id, '') AS aid,
+       arg_min(CAST(coalesce(nullif(value, ''), '0') AS DOUBLE), (_ms, _seq, _shard)) AS value,
+       arg_min(coalesce(action_type, ''), (_ms, _seq, _shard)) AS kind
+FROM responses WHERE outcome = 'accepted' GROUP BY ALL;
+CREATE TEMP TABLE shown AS
+WITH tagged AS (
+    SELECT did, cid, channel, ts, tags, string_split(coalesce(actions, ''), ',') AS acts,
+           string_split(coalesce("values", ''), ',') AS vals, unnest(range(1, len(tags) + 1)) AS i
+    FROM d WHERE list_contains(tags, $name))
+SELECT t.did, t.cid, t.channel, t.ts, t.acts[t.i] AS action,
+       CASE WHEN t.i <= len(t.vals) AND t.vals[t.i] <> '' THEN CAST(t.vals[t.i] AS DOUBLE) ELSE 0.0 END AS value,
+       a.did IS NOT NULL AS hit
+FROM tagged t LEFT JOIN acc a ON a.did = t.did AND a.aid = t.acts[t.i]
+WHERE t.tags[t.i] = $name AND t.i <= len(t.acts);
+CREATE TEMP TABLE latest AS
+SELECT did, arg_max(cid, k) AS cid, arg_max(ts, k) AS ts FROM d WHERE did IN (SELECT did FROM acc) GROUP BY did;
+"""
+_TALLY = "count(*), count(*) FILTER (WHERE hit), coalesce(sum(value) FILTER (WHERE hit), 0.0)"
+
+
+def _tally(row: tuple) -> Tally:
+    return Tally(int(row[0]), int(row[1]), float(row[2]))
+
+
 def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | None = None, since: str = "-",
-                          now: float | None = None, archive: Path | None = None) -> dict:
-    """The report of ``campaign`` from the streams (entries from ``since``); ``plan``: its saved plan;
-    ``archive``: read the archive at that root plus the streams' unarchived tails."""
+                          now: float | None = None, archive: Path | str | None = None, until: str = "+") -> dict:
+    """The report of ``campaign`` from the decisions and responses recorded from ``since`` to ``until``
+    (stream ids or UTC days); ``plan``: its saved plan; ``archive``: read the archive at that root plus the
+    streams' unarchived tails. Aggregated in DuckDB."""
     name = campaign.name
-    shown: list[_Shown] = []
-    first_in_play: dict[str, float] = {}
-    arm: dict[str, str] = {}  # customer -> "treated" | "control"
-    customer_of: dict[str, str] = {}  # decision id -> customer (every decision: outcomes count all of them)
-    decided_at: dict[str, float] = {}
-    for _, d in _read(client, DECISIONS_STREAM, since, archive=archive):
-        did, cid, ts = d.get("decision_id", ""), d.get("customer_id", ""), float(d.get("ts") or 0)
-        customer_of[did], decided_at[did] = cid, ts
-        for field_, side in (("campaign_eligible", "treated"), ("campaign_control", "control")):
-            if name in (d.get(field_) or "").split(","):
-                arm.setdefault(cid, side)
-                first_in_play[cid] = min(first_in_play.get(cid, ts), ts)
-        tags = (d.get("campaigns") or "").split(",")
-        if name not in tags:
-            continue
-        actions, values = d.get("actions", "").split(","), d.get("values", "").split(",")
-        for i, tag in enumerate(tags):
-            if tag == name and i < len(actions):
-                shown.append(_Shown(did, cid, d.get("channel", ""), actions[i],
-                                    float(values[i]) if i < len(values) and values[i] else 0.0, ts))
-    accepted: dict[tuple[str, str], tuple[float, str]] = {}  # (decision, action) -> (value, action type)
-    for _, r in _read(client, RESPONSES_STREAM, since, archive=archive):
-        if r.get("outcome") == "accepted":
-            accepted.setdefault((r.get("decision_id", ""), r.get("action_id", "")),
-                                (float(r.get("value") or 0), r.get("action_type", "")))
-    customers = sorted({s.customer for s in shown} | set(arm))
-    segment = _segments(client, customers)
-    total = Tally()
-    by_channel: dict[str, Tally] = defaultdict(Tally)
-    by_segment: dict[str, Tally] = defaultdict(Tally)
-    by_action: dict[str, Tally] = defaultdict(Tally)
     tz = ZoneInfo(campaign.time_zone)
+    with Recorded(client, archive, since, until) as rec:
+        rec.view(DECISIONS_STREAM, ("decision_id", "customer_id", "ts", "channel", "campaign_eligible",
+                                    "campaign_control", "campaigns", "actions", "values"))
+        rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome", "value", "action_type"))
+        rec.sql(_CAMPAIGN_SQL.replace("$name", "'" + name.replace("'", "''") + "'"))
+        total = _tally(rec.sql(f"SELECT {_TALLY} FROM shown").fetchone())
+        by_channel = {k: _tally(r) for k, *r in rec.sql(f"SELECT channel, {_TALLY} FROM shown GROUP BY channel").fetchall()}
+        by_action = {k: _tally(r) for k, *r in rec.sql(f"SELECT action, {_TALLY} FROM shown GROUP BY action").fetchall()}
+        by_customer = {k: _tally(r) for k, *r in rec.sql(f"SELECT cid, {_TALLY} FROM shown GROUP BY cid").fetchall()}
+        # presentations per minute: a minute never straddles a local midnight (offsets are whole minutes)
+        per_minute = rec.sql("SELECT CAST(floor(ts / 60) AS BIGINT) AS m, count(*) FROM shown GROUP BY m").fetchall()
+        last_shown = rec.sql("SELECT max(ts) FROM shown").fetchone()[0]
+        arm = dict(rec.sql("SELECT cid, side FROM inplay").fetchall())
+        outcome = dict(rec.sql(
+            f"SELECT l.cid, sum({_objective_sql(campaign.objective)}) FROM acc a JOIN latest l ON l.did = a.did "
+            f"JOIN inplay p ON p.cid = l.cid WHERE p.first <= l.ts AND l.ts < ? GROUP BY l.cid",
+            [float(campaign.end)]).fetchall())
+    customers = sorted(set(by_customer) | set(arm))
+    segment = _segments(client, customers)
+    by_segment: dict[str, Tally] = defaultdict(Tally)
+    for cid, t in by_customer.items():
+        seg = by_segment[segment.get(cid, "unknown")]
+        seg.presented, seg.accepted, seg.value = seg.presented + t.presented, seg.accepted + t.accepted, seg.value + t.value
     per_day: dict[str, int] = defaultdict(int)
-    for s in shown:
-        hit = (s.decision_id, s.action) in accepted
-        for tally in (total, by_channel[s.channel], by_segment[segment.get(s.customer, "unknown")], by_action[s.action]):
-            tally.presented += 1
-            tally.accepted += hit
-            tally.value += s.value if hit else 0.0
-        per_day[datetime.fromtimestamp(s.ts, tz).strftime("%Y-%m-%d")] += 1
-    outcome: dict[str, float] = defaultdict(float)
-    for (did, _action), (value, kind) in accepted.items():
-        cid = customer_of.get(did)
-        if cid in arm and first_in_play[cid] <= decided_at[did] < campaign.end:
-            outcome[cid] += _objective(campaign.objective, value, kind)
+    for minute, n in per_minute:
+        per_day[datetime.fromtimestamp(minute * 60, tz).strftime("%Y-%m-%d")] += int(n)
     arms = {side: sorted(c for c, a in arm.items() if a == side) for side in ("treated", "control")}
-    totals = {side: (np.array([outcome[c] for c in ids], dtype=float), np.ones(len(ids))) for side, ids in arms.items()}
+    totals = {side: (np.array([float(outcome.get(c, 0.0)) for c in ids], dtype=float), np.ones(len(ids)))
+              for side, ids in arms.items()}
     lift = lift_from_totals(totals["treated"], totals["control"])
     lift["customers"] = {"treated": len(arms["treated"]), "control": len(arms["control"])}
     lift["outcome_per_customer"] = {side: round(float(v.mean()), 4) if len(v) else None for side, (v, _) in totals.items()}
@@ -141,13 +156,13 @@ def build_campaign_report(client: redis.Redis, campaign: Campaign, plan: dict | 
         even = campaign.even_spend(end_of_day)
         spend.append({"day": day, "presented": per_day.get(day, 0), "cumulative": running,
                       "even_spend": round(even, 1) if even is not None else None})
-    now = now if now is not None else max((s.ts for s in shown), default=campaign.start)
+    now = now if now is not None else (float(last_shown) if last_shown is not None else campaign.start)
     even_now = campaign.even_spend(now)
     report: dict = {
         "campaign": name, "objective": campaign.objective, "owner": campaign.owner, "dates": campaign.describe_dates(),
         "total_budget": campaign.total_budget, "daily_budget": campaign.daily_budget,
         "control_share": campaign.control_share,
-        "totals": total.row() | {"customers": len({s.customer for s in shown})},
+        "totals": total.row() | {"customers": len(by_customer)},
         "by_channel": {k: v.row() for k, v in sorted(by_channel.items())},
         "by_segment": {k: v.row() for k, v in sorted(by_segment.items())},
         "by_action": {k: v.row() for k, v in sorted(by_action.items())},

@@ -26,15 +26,14 @@ without a customer id count as their own customer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis
 
-from engine.store.archive import read_entries
+from engine.analytics.recorded import Recorded
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
-from engine.store.streams import xrange_all
 
 Z95 = 1.959964
 
@@ -49,30 +48,6 @@ class Tally:
         rate = self.accepted / self.presented if self.presented else 0.0
         return {"presented": self.presented, "accepted": self.accepted, "acceptance_rate": round(rate, 4),
                 "value": round(self.value, 2)}
-
-
-@dataclass
-class Arm:
-    values: list[float] = field(default_factory=list)
-    customers: list[str] = field(default_factory=list)  # the customer of each decision (the cluster)
-    tally: Tally = field(default_factory=Tally)
-
-    def summary(self) -> dict:
-        v = np.asarray(self.values, dtype=float)
-        n = len(v)
-        return self.tally.row() | {
-            "decisions": n,
-            "value_per_1000_decisions": round(1000 * float(v.mean()), 1) if n else 0.0,
-        }
-
-
-def _read(client: redis.Redis, stream: str, since: str, chunk: int = 10_000, archive: Path | None = None):
-    """Every entry of ``stream`` (all its shards on a cluster, in entry id order) from ``since``, decoded; with
-    an ``archive`` (its root), the archived entries and then the stream's tail not yet archived."""
-    entries = xrange_all(client, stream, since, chunk) if archive is None else read_entries(
-        client, stream, since, archive, chunk=chunk)
-    for entry_id, fields in entries:
-        yield entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}
 
 
 def cluster_totals(values: np.ndarray, customers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -163,61 +138,125 @@ def lift_interval(treated: np.ndarray, control: np.ndarray, treated_customers: n
                             bootstrap=bootstrap, seed=seed)
 
 
+_DECISION_COLUMNS = ("decision_id", "customer_id", "actions", "types", "values", "control", "model_version",
+                     "model_role", "explored")
+
+# A decision recorded twice (one id) counts once with its last record, where it first appeared (as the dict
+# the report was kept in before); its presented actions are the first n of the actions (empty ones dropped),
+# of ``types`` (else the catalog's type, else "?") and ``values`` (else the catalog's, else 0), n the
+# shortest of the three, as zip() paired them. ``$types``/``$values``: the catalog as SQL maps. Entries are
+# ordered as read_entries merges the shards: (_ms, _seq, _shard).
+_REPORT_SQL = """
+CREATE TEMP TABLE d AS
+SELECT (_ms, _seq, _shard) AS k, decision_id, customer_id, actions, types, "values", control, model_version,
+       model_role, explored
+FROM decisions WHERE starts_with(coalesce(customer_id, ''), $prefix);
+CREATE TEMP TABLE twice AS
+SELECT decision_id, min(k) AS first, max(k) AS last FROM d GROUP BY decision_id HAVING count(*) > 1;
+CREATE TEMP TABLE accepted AS
+SELECT decision_id, list(action_id) AS accs FROM (
+    SELECT DISTINCT decision_id, action_id FROM responses WHERE outcome = 'accepted' AND decision_id IS NOT NULL)
+GROUP BY decision_id;
+CREATE TEMP TABLE x AS
+WITH one AS (
+    SELECT coalesce(t.first, d.k) AS first, d.decision_id, d.control = '1' AS is_control,
+           coalesce(nullif(d.customer_id, ''), 'decision:' || d.decision_id) AS customer,
+           list_filter(string_split(coalesce(d.actions, ''), ','), lambda a: a <> '') AS acts,
+           CASE WHEN coalesce(d.types, '') <> '' THEN string_split(d.types, ',') END AS kinds,
+           CASE WHEN coalesce(d."values", '') <> ''
+                THEN list_transform(string_split(d."values", ','), lambda v: CAST(v AS DOUBLE)) END AS vals
+    FROM d LEFT JOIN twice t ON t.decision_id = d.decision_id
+    WHERE t.decision_id IS NULL OR d.k = t.last),
+sized AS (
+    SELECT *, least(len(acts), coalesce(len(kinds), len(acts)), coalesce(len(vals), len(acts))) AS n FROM one),
+listed AS (
+    SELECT s.first, s.decision_id, s.is_control, s.customer, s.n, coalesce(a.accs, []) AS accs, s.acts[1:s.n] AS acts,
+           CASE WHEN s.kinds IS NULL THEN list_transform(s.acts[1:s.n], lambda a: coalesce($types[a], '?'))
+                ELSE s.kinds[1:s.n] END AS kinds,
+           CASE WHEN s.vals IS NULL THEN list_transform(s.acts[1:s.n], lambda a: coalesce($values[a], 0.0))
+                ELSE s.vals[1:s.n] END AS vals
+    FROM sized s LEFT JOIN accepted a ON a.decision_id = s.decision_id)
+SELECT first, decision_id, is_control, customer, acts, kinds, vals, len(accs) AS n_accepted,
+       CASE WHEN len(accs) = 0 THEN list_resize([]::BOOLEAN[], n, false)
+            ELSE list_transform(acts, lambda a: list_contains(accs, a)) END AS hits,
+       CASE WHEN len(accs) = 0 THEN 0.0
+            ELSE coalesce(list_sum(list_transform(range(1, n + 1), lambda i: CASE WHEN list_contains(accs, acts[i])
+                 THEN vals[i] ELSE 0.0 END)), 0.0) END AS total
+FROM listed;
+"""
+# presented actions, one row each, tallied per action, per type and per arm in one pass
+_TALLY_SQL = """
+WITH p AS (
+    SELECT first, is_control, unnest(range(1, len(acts) + 1)) AS i, unnest(acts) AS action, unnest(kinds) AS kind,
+           unnest(vals) AS value, unnest(hits) AS hit
+    FROM x)
+SELECT action, kind, is_control, count(*), count(*) FILTER (WHERE hit),
+       coalesce(sum(value) FILTER (WHERE hit), 0.0), min((first, i)) AS seen
+FROM p GROUP BY GROUPING SETS ((action), (kind), (is_control)) ORDER BY seen
+"""
+
+
+def _sql_map(items: dict, value_type: str) -> str:
+    """A DuckDB MAP literal of ``items`` (string keys)."""
+    keys = "[" + ", ".join("'" + str(k).replace("'", "''") + "'" for k in items) + "]"
+    values = "[" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in items.values()) + "]"
+    return f"MAP(CAST({keys} AS VARCHAR[]), CAST({values} AS {value_type}[]))"
+
+
 def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "",
                  values: dict[str, float] | None = None, types: dict[str, str] | None = None,
-                 bootstrap: int = 0, seed: int = 0, archive: Path | None = None) -> dict:
-    """The report over decisions logged from stream id ``since`` (and responses to them); ``bootstrap`` > 0
-    adds a customer-bootstrap CI of the lift from that many resamples (seeded with ``seed``); ``archive``:
-    read the archive at that root plus the streams' unarchived tails (``engine/store/archive.py``)."""
+                 bootstrap: int = 0, seed: int = 0, archive: Path | str | None = None, until: str = "+") -> dict:
+    """The report over decisions logged from stream id ``since`` to ``until`` (ids or UTC days, see
+    ``analytics/recorded.py``) and responses to them; ``bootstrap`` > 0 adds a customer-bootstrap CI of the
+    lift from that many resamples (seeded with ``seed``); ``archive``: read the archive at that root plus the
+    streams' unarchived tails (``engine/store/archive.py``). Aggregated in DuckDB."""
+
     values, types = values or {}, types or {}
-    decisions: dict[str, tuple[list[str], list[str], list[float], bool, str]] = {}
-    models: dict[str, dict[str, int]] = {}  # model version (role) -> decisions, of which explored
-    for _, d in _read(client, DECISIONS_STREAM, since, archive=archive):
-        if customer_prefix and not d.get("customer_id", "").startswith(customer_prefix):
-            continue
-        actions = [a for a in d.get("actions", "").split(",") if a]
-        kinds = d.get("types", "").split(",") if d.get("types") else [types.get(a, "?") for a in actions]
-        vals = ([float(x) for x in d["values"].split(",")] if d.get("values")
-                else [values.get(a, 0.0) for a in actions])
-        customer = d.get("customer_id") or f"decision:{d['decision_id']}"  # no customer id: its own cluster
-        decisions[d["decision_id"]] = (actions, kinds, vals, d.get("control") == "1", customer)
-        model = models.setdefault(f"{d.get('model_version', '?')} ({d.get('model_role') or 'champion'})",
-                                  {"decisions": 0, "explored": 0})
-        model["decisions"] += 1
-        model["explored"] += d.get("explored") == "1"
-    accepted: set[tuple[str, str]] = set()
-    for _, r in _read(client, RESPONSES_STREAM, since, archive=archive):
-        if r.get("outcome") == "accepted" and r.get("decision_id") in decisions:
-            accepted.add((r["decision_id"], r["action_id"]))
-    by_action: dict[str, Tally] = {}
-    by_type: dict[str, Tally] = {}
-    arms = {"decision_policy": Arm(), "control": Arm()}
-    for decision_id, (actions, kinds, vals, is_control, customer) in decisions.items():
-        arm = arms["control" if is_control else "decision_policy"]
-        total = 0.0
-        for action_id, kind, value in zip(actions, kinds, vals):
-            hit = (decision_id, action_id) in accepted
-            for tally in (by_action.setdefault(action_id, Tally()), by_type.setdefault(kind, Tally()), arm.tally):
-                tally.presented += 1
-                tally.accepted += hit
-                tally.value += value if hit else 0.0
-            total += value if hit else 0.0
-        arm.values.append(total)
-        arm.customers.append(customer)
-    treated, control = arms["decision_policy"], arms["control"]
-    lift = lift_interval(np.asarray(treated.values), np.asarray(control.values), np.asarray(treated.customers),
-                         np.asarray(control.customers), bootstrap=bootstrap, seed=seed)
+    with Recorded(client, archive, since, until) as rec:
+        rec.view(DECISIONS_STREAM, _DECISION_COLUMNS)
+        rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome"))
+        rec.sql(_REPORT_SQL.replace("$prefix", "'" + customer_prefix.replace("'", "''") + "'")
+                .replace("$types", _sql_map(types, "VARCHAR"))
+                .replace("$values", _sql_map({k: float(v) for k, v in values.items()}, "DOUBLE")))
+        models = {f"{name} ({role})": {"decisions": int(n), "explored": int(explored)} for name, role, n, explored, _ in rec.sql(
+            "SELECT coalesce(model_version, '?'), coalesce(nullif(model_role, ''), 'champion'), count(*), "
+            "count(*) FILTER (WHERE explored = '1'), min(k) AS seen FROM d GROUP BY ALL ORDER BY seen").fetchall()}
+        n_decisions, n_accepted = (int(v or 0) for v in rec.sql("SELECT count(*), sum(n_accepted) FROM x").fetchone())
+        by_action: dict[str, Tally] = {}
+        by_type: dict[str, Tally] = {}
+        by_arm: dict[bool, Tally] = {}
+        for action, kind, is_control, presented, hits, value, _ in rec.sql(_TALLY_SQL).fetchall():
+            tally = Tally(int(presented), int(hits), float(value))
+            if action is not None:
+                by_action[action] = tally
+            elif kind is not None:
+                by_type[kind] = tally
+            else:
+                by_arm[bool(is_control)] = tally
+        arms: dict[str, dict] = {}
+        clusters: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, is_control in (("decision_policy", False), ("control", True)):
+            n, mean = rec.sql(f"SELECT count(*), avg(total) FROM x WHERE is_control = {is_control}").fetchone()
+            arms[name] = by_arm.get(is_control, Tally()).row() | {
+                "decisions": int(n), "value_per_1000_decisions": round(1000 * float(mean), 1) if n else 0.0}
+            per = rec.sql(f"SELECT sum(total) AS v, count(*) AS n FROM x WHERE is_control = {is_control} "
+                          "GROUP BY customer ORDER BY customer").fetchnumpy()  # np.unique's order
+            clusters[name] = (np.asarray(per["v"], dtype=float), np.asarray(per["n"], dtype=float))
+    by_action = dict(sorted(by_action.items(), key=lambda kv: -kv[1].value))
+    by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1].value))
+    lift = lift_from_totals(clusters["decision_policy"], clusters["control"], bootstrap=bootstrap, seed=seed)
     return {
         "since": since,
-        "decisions": len(decisions),
-        "responses_accepted": len(accepted),
-        "by_action": {a: t.row() for a, t in sorted(by_action.items(), key=lambda kv: -kv[1].value)},
-        "by_type": {k: t.row() for k, t in sorted(by_type.items(), key=lambda kv: -kv[1].value)},
-        "policy": {name: arm.summary() for name, arm in arms.items()},
+        **({"until": until} if until != "+" else {}),
+        "decisions": n_decisions,
+        "responses_accepted": n_accepted,
+        "by_action": {a: t.row() for a, t in by_action.items()},
+        "by_type": {k: t.row() for k, t in by_type.items()},
+        "policy": arms,
         "lift": lift,
         "models": models,
         "exploration": {"decisions": (explored := sum(m["explored"] for m in models.values())),
-                        "share": explored / len(decisions) if decisions else 0.0},
+                        "share": explored / n_decisions if n_decisions else 0.0},
     }
 
 

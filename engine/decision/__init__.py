@@ -6,6 +6,8 @@
 - ``arbitration``: priority order, one action per group, the top N, the fallback, explanations;
 - ``contact``: contact limits and budgets applied atomically in Redis when actions are presented;
 - ``history``: the contact history those limits count, as bounded counters per action, channel and day;
+- ``records``: the decision records ``RecordResponse`` checks, packed as fields of one hash per minute and
+  hash slot, with ``codes``: the append-only dictionary of the codes they are packed with;
 - ``interactions``: what a decision stores for its interaction id (one voice, safe retries);
 - ``reservations``: gives back the budget units of impressions a channel did not report in time;
 - ``responses``: ``RecordResponse``;

@@ -15,7 +15,7 @@ and says which limit and count stopped each one (for explanations). Then, by the
   and ``RELEASE`` gives unreported units back after the reservation time.
 - ``dry`` (preview): nothing is written.
 
-It stores the decision record (``nba:decision:<id>``) that ``RecordResponse`` checks and, for a request
+It stores the decision record (``engine.decision.records``) that ``RecordResponse`` checks and, for a request
 with an interaction id, the decision itself in ``nba:{c:<id>}:ix:<interaction>`` (one field per
 placement); if another call of the same interaction and placement got there first, the script
 returns that one instead of presenting. Several processes deciding at once for one customer therefore
@@ -32,19 +32,19 @@ the units of claimed candidates that were not shown in the end.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import secrets
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from engine.decision import history
+from engine.decision import history, records
 from engine.decision.campaigns import budget_specs
+from engine.decision.codes import Codes
 from engine.decision.history import contacts_key
+from engine.decision.records import utc_day
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
-from engine.store.erasure import customer_index_key
-from engine.store.slots import SLOTS, customer_slot, slot_tag
+from engine.store.erasure import MINUTES_LUA, customer_index_key, customer_minutes_key
+from engine.store.slots import customer_slot
 
 if TYPE_CHECKING:
     from engine.rules.model import Action
@@ -52,28 +52,6 @@ if TYPE_CHECKING:
 BUDGET_TTL_SECONDS = 2 * 86_400
 RESERVATIONS_KEY = "nba:reservations"
 DECIDE, RESERVE, DRY = "decide", "reserve", "dry"
-
-
-def decision_key(decision_id: str) -> str:
-    """The decision record, on the hash slot its id names (its customer's); an id without one (made
-    before ids carried the slot) keeps the plain key, ``legacy_decision_key``."""
-    slot = _id_slot(decision_id)
-    return legacy_decision_key(decision_id) if slot is None else f"nba:decision:{{{slot_tag(slot)}}}:{decision_id}"
-
-
-def legacy_decision_key(decision_id: str) -> str:
-    return f"nba:decision:{decision_id}"
-
-
-def _id_slot(decision_id: str) -> int | None:
-    if len(decision_id) != 32:
-        return None
-    try:
-        slot = int(decision_id[12:16], 16)
-        int(decision_id, 16)
-    except ValueError:
-        return None
-    return slot if slot < SLOTS else None
 
 
 def interaction_key(customer_id: str, interaction_id: str) -> str:
@@ -133,13 +111,16 @@ def _draw(customer_id: str, day: int, action_id: str) -> bytes:
 # --- the authoritative check, atomic in Redis ---------------------------------------------------------
 
 # KEYS[1] contact history hash, KEYS[2] decision record, KEYS[3] interaction hash, KEYS[4] reservations zset,
-# KEYS[5] the customer's index of records (``store.erasure.customer_index_key``), KEYS[6..] budget counters.
+# KEYS[5] the customer's index of records (``store.erasure.customer_index_key``), KEYS[6] the minutes of its
+# decision records (``store.erasure.customer_minutes_key``), KEYS[7..] budget counters.
 # ARGV[1] JSON: now, n (max actions), ch, id, mode (decide | reserve | dry), keep_ms (history kept),
 #   ttl_ms (decision record), bttl (budget ttl, s), rsv (reservation expiry ms), lim (limit specs),
 #   cand (ranked candidates: [action, group, type, value, [limit indexes], budget key index or 0, budget, body,
 #   campaign budgets [[key index, budget, verdict, ttl s]...], and on a cluster two more: the budgets' state
 #   (0 none, 1 claimed, 2 not claimed yet, or the verdict that stopped the claim) and their keys]),
-#   fb (fallback candidate or 0), rec (decision record fields),
+#   fb (fallback candidate or 0), codes, fbcode, rf, cust, ctx, tsd (the record: ``engine.decision.records``),
+#   rmin, rpre, rcut (its minute, its bucket's key less the minute, the oldest minute that may be live; rmin 0:
+#   its bucket is not on the customer's slot, it is indexed by id),
 #   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
 #   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
@@ -147,7 +128,7 @@ def _draw(customer_id: str, day: int, action_id: str) -> bytes:
 # 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
 # or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''},
 # or {'need', [candidate indexes]}: these would be shown but their budgets are not claimed yet (nothing written).
-PRESENT = history.LUA + r"""
+PRESENT = history.LUA + MINUTES_LUA + r"""
 local a = cjson.decode(ARGV[1])
 if a.late_ms > 0 then  -- the caller has had its (degraded) answer by now: present nothing
   local t = redis.call('TIME')
@@ -220,7 +201,8 @@ local function mark(head)  -- one more impression now, written with the decision
   marks[#marks + 1] = f; marks[#marks + 1] = v
 end
 local groups, verdicts, shown, budgets, need = {}, {}, {}, {}, {}
-local function present(c)
+local codes = {}
+local function present(c, code)
   local bkey = c[11] or ''
   if write and not c[11] then
     local used = {}
@@ -243,8 +225,8 @@ local function present(c)
     if L[1] == 'i' and scoped(L, c[1], c[2], c[3], a.ch) then count(li, c[1], c[2], 1) end
   end
   groups[c[2]] = true
+  codes[#shown + 1] = code
   shown[#shown + 1] = c
-  budgets[#budgets + 1] = bkey
 end
 for ci, c in ipairs(a.cand) do
   local v = nil
@@ -268,84 +250,92 @@ for ci, c in ipairs(a.cand) do
   if not v and c[10] and c[10] ~= 0 and c[10] ~= 1 then
     if c[10] == 2 then need[#need + 1] = ci else v = c[10] end
   end
-  if not v then v = 'ok'; present(c) end
+  if not v then v = 'ok'; present(c, a.codes[ci]) end
   verdicts[ci] = v
 end
 if #need > 0 then return {'need', need} end
 local fb = ''
-if #shown == 0 and a.fb ~= 0 then present(a.fb); fb = 'fb' end
+if #shown == 0 and a.fb ~= 0 then present(a.fb, a.fbcode); fb = 'fb' end
 if not write then return {verdicts, fb} end
 for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[1], unpack(stale, i, math.min(i + 999, #stale))) end
 if #marks > 0 then
   redis.call('HSET', KEYS[1], unpack(marks))
   redis.call('PEXPIRE', KEYS[1], a.keep_ms)
 end
-local acts, grps, typs, vals, bodies = {}, {}, {}, {}, {}
-for i, c in ipairs(shown) do
-  acts[i] = c[1]; grps[i] = c[2]; typs[i] = c[3]; vals[i] = tostring(c[4]); bodies[i] = c[8]
-end
-local rec = {'actions', table.concat(acts, ','), 'groups', table.concat(grps, ','), 'types', table.concat(typs, ','),
-             'values', table.concat(vals, ','), 'budgets', table.concat(budgets, ',')}
-for k, v in pairs(a.rec) do rec[#rec + 1] = k; rec[#rec + 1] = v end
-redis.call('HSET', KEYS[2], unpack(rec))
+local bodies = {}
+for i, c in ipairs(shown) do bodies[i] = c[8] end
+-- the record (engine/decision/records.py): customer, context code, action codes, ts offset
+redis.call('HSET', KEYS[2], a.rf, a.cust .. '\t' .. a.ctx .. '\t' .. table.concat(codes, ',') .. '\t' .. a.tsd)
 redis.call('PEXPIRE', KEYS[2], a.ttl_ms)
--- the index erasure and export read instead of scanning the keyspace: member -> expiry (server ms, as PEXPIRE)
-local st = redis.call('TIME')
-local snow = tonumber(st[1]) * 1000 + math.floor(tonumber(st[2]) / 1000)
-redis.call('ZADD', KEYS[5], snow + a.ttl_ms, 'd:' .. a.id)
-if a.ix ~= '' then
-  redis.call('HSET', KEYS[3], a.ix, '{"h":' .. a.head .. ',"fb":' .. (fb == 'fb' and 'true' or 'false') ..
-             ',"a":[' .. table.concat(bodies, ',') .. ']}')
-  if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], a.ixttl) end
-  redis.call('ZADD', KEYS[5], snow + a.ixttl, 'k:' .. KEYS[3])
+-- what erasure and export read instead of scanning the keyspace: the record's minute (its bucket), or
+-- an index member (expiry, server ms as PEXPIRE) for a record elsewhere and for the interaction hash
+if a.rmin ~= 0 then index_minute(KEYS[6], a.rpre, a.rmin, a.rcut, a.ttl_ms) end
+if a.rmin == 0 or a.ix ~= '' then
+  local st = redis.call('TIME')
+  local snow = tonumber(st[1]) * 1000 + math.floor(tonumber(st[2]) / 1000)
+  if a.rmin == 0 then redis.call('ZADD', KEYS[5], snow + a.ttl_ms, 'd:' .. a.id) end
+  if a.ix ~= '' then
+    redis.call('HSET', KEYS[3], a.ix, '{"h":' .. a.head .. ',"fb":' .. (fb == 'fb' and 'true' or 'false') ..
+               ',"a":[' .. table.concat(bodies, ',') .. ']}')
+    if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], a.ixttl) end
+    redis.call('ZADD', KEYS[5], snow + a.ixttl, 'k:' .. KEYS[3])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', snow)
+  local top = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')  -- the index outlives its longest entry
+  redis.call('PEXPIREAT', KEYS[5], top[2])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', snow)
-local top = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')  -- the index outlives its longest entry
-redis.call('PEXPIREAT', KEYS[5], top[2])
 return {verdicts, fb}
 """
 
-# KEYS[1] decision record, KEYS[2] contact history hash, KEYS[3] responses stream, KEYS[4] reservations zset.
-# ARGV: field (response key), contact (``history.contact_head``, '' for none), its time (epoch ms), keep ms,
-# maxlen, reservation member ('' for none), n, the n response fields this response contradicts
-# (``responses.CONTRADICTS``), then stream fields. The same response twice is stored once: the second returns the
-# first one's stream id. Returns {first, stream id, late} where late is 1 when the impression came after
-# its reserved budget unit had been released, or {-1, stream id, field} of a recorded response it contradicts
-# (nothing changed).
-RESPOND = history.LUA + r"""
-local seen = redis.call('HGET', KEYS[1], ARGV[1])
+# KEYS[1] the decision record's bucket (``engine.decision.records``), KEYS[2] contact history hash, KEYS[3]
+# responses stream, KEYS[4] reservations zset. ARGV: the record's field, the response's mark key
+# (``<action index><outcome letter>``), contact (``history.contact_head``, '' for none), its time (epoch
+# ms), keep ms, maxlen, reservation member ('' for none), the decision id's ms, n, the n mark keys this
+# response contradicts (``responses.CONTRADICTS``), then stream fields. The same response twice is stored
+# once: the second returns the first one's stream id. Returns {first, stream id, late} where late is 1
+# when the impression came after its reserved budget unit had been released, {-1, stream id, mark key}
+# of a recorded response it contradicts (nothing changed), or {-2, '', 0} when the record is gone.
+RESPOND = history.LUA + records.LUA + r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return {-2, '', 0} end
+local idms = tonumber(ARGV[8])
+local seen = rec_mark(v, ARGV[2], idms)
 if seen then return {0, seen, 0} end
-local n = tonumber(ARGV[7])
-for i = 8, 7 + n do
-  local other = redis.call('HGET', KEYS[1], ARGV[i])
+local n = tonumber(ARGV[9])
+for i = 10, 9 + n do
+  local other = rec_mark(v, ARGV[i], idms)
   if other then return {-1, other, ARGV[i]} end
 end
 local late = 0
-if ARGV[6] ~= '' and redis.call('ZREM', KEYS[4], ARGV[6]) == 0 then late = 1 end
+if ARGV[7] ~= '' and redis.call('ZREM', KEYS[4], ARGV[7]) == 0 then late = 1 end
 local fields = {}
-for i = 8 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
-redis.call('HSET', KEYS[1], ARGV[1], id)
-hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+for i = 10 + n, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
+redis.call('HSET', KEYS[1], ARGV[1], v .. '\t' .. ARGV[2] .. rec_enc(id, idms))
+hist_contact(KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return {1, id, late}
 """
 
 # On a cluster, the customer's part of ``RESPOND`` (the stream and the reservations are on other slots):
-# KEYS[1] decision record, KEYS[2] contact history hash; ARGV: field, contact, its time, keep ms, n, the n
-# fields it contradicts. Returns {0, stream id} for a response recorded before, {-1, stream id or 'pending',
-# field} for a recorded one it contradicts; else marks the response ``pending`` (the caller appends
-# it to the stream, then stores the stream id in its place), counts the contact once, and returns {1, ''}.
-# A retry of a call that died after this (the mark still ``pending``) appends it again and counts nothing.
-RESPOND_CUSTOMER = history.LUA + r"""
-local seen = redis.call('HGET', KEYS[1], ARGV[1])
+# KEYS[1] the record's bucket, KEYS[2] contact history hash; ARGV: field, mark key, contact, its time, keep
+# ms, the id's ms, n, the n mark keys it contradicts. Returns {0, stream id} for a response recorded
+# before, {-1, stream id or 'pending', mark key} for a recorded one it contradicts, {-2, ''} when the
+# record is gone; else marks the response pending (the caller appends it to the stream, then stores the
+# stream id in its place: ``records.SET_MARK``), counts the contact once, and returns {1, ''}. A retry of
+# a call that died after this (the mark still pending) appends it again and counts nothing.
+RESPOND_CUSTOMER = history.LUA + records.LUA + r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return {-2, ''} end
+local idms = tonumber(ARGV[6])
+local seen = rec_mark(v, ARGV[2], idms)
 if seen and seen ~= 'pending' then return {0, seen} end
-for i = 6, 5 + tonumber(ARGV[5]) do
-  local other = redis.call('HGET', KEYS[1], ARGV[i])
+for i = 8, 7 + tonumber(ARGV[7]) do
+  local other = rec_mark(v, ARGV[i], idms)
   if other then return {-1, other, ARGV[i]} end
 end
 if not seen then
-  redis.call('HSET', KEYS[1], ARGV[1], 'pending')
-  hist_contact(KEYS[2], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], ARGV[1], v .. '\t' .. ARGV[2] .. 'p')
+  hist_contact(KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 end
 return {1, ''}
 """
@@ -377,38 +367,37 @@ def candidate_budgets(action: Action, campaigns: dict | None, now: float) -> lis
     return own + budget_specs(campaigns.get(action.campaign) if campaigns and action.campaign else None, now)
 
 
-def utc_day(now: float) -> str:
-    """``now``'s UTC day as yyyymmdd (formatted once per day: it is asked on every decision)."""
-    return _day(int(now // 86_400))
-
-
-@functools.lru_cache(maxsize=8)
-def _day(days: int) -> str:
-    return f"{datetime.fromtimestamp(days * 86_400, UTC):%Y%m%d}"
-
-
 def present_args(rules: ContactRules, candidates: list, fallback: Action | None, max_actions: int,
                  channel: str, decision_id: str, now: float, record: dict[str, str], customer_id: str,
                  mode: str, interaction: str = "", placement: str = "", bodies: list[str] | None = None,
                  head: str = "", replace: bool = False, late_ms: int = 0,
                  campaigns: dict | None = None,
-                 claims: list[int | str] | None = None) -> tuple[list[str], str, list[ContactLimit]]:
+                 claims: list[int | str] | None = None,
+                 codes: Codes | None = None) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
     ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
     this decision replaces the placement's stored one (else a stored one is returned instead);
     ``campaigns``: the rule set's campaigns by name (their budgets are judged with the actions');
     ``claims``: on a cluster, each candidate's budget state (see ``PRESENT``): then the script touches no
-    budget key."""
+    budget key. ``codes``: the dictionary of record codes (``engine.decision.records``); ``record``: the
+    record's ``customer``, ``channel``, ``control``, ``ts``, ``ruleset``, ``model`` and ``counted``."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
     ix = rules.interactions
-    keys = [contacts_key(customer_id), decision_key(decision_id),
+    if codes is None:
+        raise ValueError("present_args: codes (the record dictionary) is required")
+    bucket, field = records.location(decision_id)
+    day = utc_day(now)
+    keys = [contacts_key(customer_id), bucket,
             interaction_key(customer_id, interaction) if interaction else contacts_key(customer_id),
-            contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY, customer_index_key(customer_id)]
-    cand = []
+            contacts_key(customer_id) if claims is not None else RESERVATIONS_KEY, customer_index_key(customer_id),
+            customer_minutes_key(customer_id)]
+    cand, action_codes = [], []
     for i, (_priority, _p, verdict) in enumerate(candidates):
         action = verdict.action
         specs = candidate_budgets(action, campaigns, now)
+        action_codes.append(records.action_code(codes, action.id, action.group, action.type, _lua_number(action.value),
+                                                " ".join(spec[0] for spec in specs), day))
         entry = [action.id, action.group, action.type, action.value, rules.applicable(action, channel), 0,
                  action.daily_budget or 0, bodies[i] if bodies else "", []]
         if claims is not None:
@@ -422,14 +411,28 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
                     entry[8].append([len(keys), budget, verdict_, ttl])
         cand.append(entry)
     fb: list[object] | int = 0
+    fbcode = ""
     if fallback is not None:
+        fbcode = records.action_code(codes, fallback.id, fallback.group, fallback.type, _lua_number(fallback.value),
+                                     "", day)
         fb = [fallback.id, fallback.group, fallback.type, fallback.value, [], 0, 0, bodies[-1] if bodies else "", []]
     keep_ms = max(int(rules.history_days * DAY_MS), DAY_MS)  # history kept (and its key's TTL)
+    minute = records.minute_index(decision_id, customer_id, ix.accept_ms)
     args = {
         "now": now_ms, "n": max_actions, "ch": channel, "id": decision_id, "mode": mode,
-        "keep_ms": keep_ms, "ttl_ms": ix.accept_ms,
+        "keep_ms": keep_ms, "ttl_ms": records.ttl_ms(decision_id, ix.accept_ms),
         "bttl": BUDGET_TTL_SECONDS, "rsv": now_ms + ix.reservation_ms, "lim": [l.spec(now_ms) for l in limits],
-        "cand": cand, "fb": fb, "rec": record, "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
+        "cand": cand, "fb": fb, "codes": action_codes, "fbcode": fbcode, "rf": field,
+        "cust": record["customer"], "tsd": records.ts_offset(decision_id, record["ts"]),
+        "ctx": records.context_code(codes, record.get("channel", channel), record.get("control", "0"),
+                                    record.get("counted", "1"), record.get("ruleset", ""), record.get("model", "")),
+        "rpre": minute[0] if minute else "", "rmin": minute[1] if minute else 0, "rcut": minute[2] if minute else 0,
+        "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
         "head": head or "{}", "replace": replace, "late_ms": late_ms,
     }
     return keys, json.dumps(args, separators=(",", ":")), limits
+
+
+def _lua_number(value: float) -> str:
+    """A number as Lua's ``tostring`` writes it (what the record showed when the script wrote it)."""
+    return f"{float(value):.14g}"

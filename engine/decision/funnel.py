@@ -18,7 +18,7 @@ import numpy as np
 import redis
 
 from engine import metrics
-from engine.decision import interactions, traces
+from engine.decision import interactions, records, traces
 from engine.decision.arbitration import (
     STAGE_NAMES,
     FunnelEntry,
@@ -40,7 +40,6 @@ from engine.decision.contact import (
     RESERVE,
     candidate_budgets,
     control_order,
-    decision_key,
     interaction_key,
     new_decision_id,
     present_args,
@@ -456,7 +455,7 @@ class DecisionEngine:
                                                   decision.decision_id, now, record, req.customer_id, mode,
                                                   req.interaction_id, place[len(interactions.FIELD_PREFIX):], bodies,
                                                   head, replace, _late_ms(req.deadline), rules.ruleset.campaigns,
-                                                  claims)
+                                                  claims, self.responses.codes)
                 verdicts, fb = self.store.hot.script(self._present_script, keys, [args])
                 if verdicts != b"need":
                     break
@@ -504,13 +503,17 @@ class DecisionEngine:
         decision for this placement (unless a concurrent call stored one first: then that one)."""
         if self.decision_log is not None:
             a = decision.actions
-            self.decision_log.write_record(decision_key(decision.decision_id), {
+            bucket, field = records.location(decision.decision_id)
+            value = records.encode(self.responses.codes, decision.decision_id, {
                 "actions": ",".join(x.action_id for x in a), "groups": ",".join(x.group for x in a),
                 "types": ",".join(x.type for x in a), "values": ",".join(f"{x.value:g}" for x in a),
                 "customer": req.customer_id, "channel": req.channel, "control": "1" if decision.control else "0",
                 "ts": f"{decision.decided_at:.3f}", "ruleset": decision.ruleset_version,
                 "model": decision.model_version, "counted": "1",
-            }, ix.accept_ms)
+            })
+            self.decision_log.write_record(bucket, {field: value}, records.ttl_ms(decision.decision_id, ix.accept_ms),
+                                           req.customer_id, decision.decision_id,
+                                           records.minute_index(decision.decision_id, req.customer_id, ix.accept_ms))
         if not req.interaction_id:
             return None
         key = interaction_key(req.customer_id, req.interaction_id)

@@ -1,6 +1,6 @@
 """Recording a response: checked against the decision that presented the action, stored once.
 
-``record`` reads the decision record (``nba:decision:<id>``, written when the decision presented its
+``record`` reads the decision record (``engine.decision.records``, written when the decision presented its
 actions, kept for the contact configuration's ``responses: accept_days``), checks the timestamp (at
 most ``future_skew_seconds`` ahead of the server clock, not before the decision), then one Lua script
 appends the response to ``nba:stream:responses`` (what training and ``nba report`` read) and updates
@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, cast
 import redis
 
 from engine import metrics
+from engine.decision import records
+from engine.decision.codes import Codes
 from engine.decision.contact import (
     RESERVATIONS_KEY,
     RESPOND,
     RESPOND_CUSTOMER,
     decided_at,
-    decision_key,
-    legacy_decision_key,
     reservation_member,
 )
 from engine.decision.history import contact_head, contacts_key
@@ -131,6 +131,9 @@ class ResponseRecorder:
         self._script = client.register_script(RESPOND)
         self.cluster = is_cluster(client)
         self._customer_script = client.register_script(RESPOND_CUSTOMER)
+        self._migrate = client.register_script(records.MIGRATE)
+        self._set_mark = client.register_script(records.SET_MARK)
+        self.codes = Codes(client)
         try:
             client.hsetnx(META_KEY, DECISIONS_SINCE, int(self.clock() * 1000))
         except redis.exceptions.RedisError as exc:  # not up yet: a later recorder (or restart) sets it
@@ -153,11 +156,8 @@ class ResponseRecorder:
                                                 "(32 hexadecimal digits, as Decide returns them)")
             bad.reason = "DECISION_ID_MALFORMED"
             raise bad
-        key = decision_key(decision_id)
-        raw = self._record_of(key)
-        if not raw and not self.cluster and key != legacy_decision_key(decision_id):  # decided before ids had slots
-            key = legacy_decision_key(decision_id)
-            raw = self._record_of(key)
+        key, rfield = records.location(decision_id)
+        raw = self._record_of(decision_id, key, rfield, ix.accept_ms)
         if not raw or "customer" not in raw:
             raise self._missing(decision_id, made, now, ix.accept_days, ix.future_skew_seconds)
         if ts < float(raw.get("ts") or 0) - BEFORE_DECISION_TOLERANCE:
@@ -186,19 +186,23 @@ class ResponseRecorder:
         }
         flat = [x for kv in fields.items() for x in kv]
         keep_ms = max(int(contact.history_days * DAY_MS), DAY_MS)
-        field = f"r:{action_id}:{outcome}"
+        mark = f"{i}{records.OUTCOME_LETTERS[outcome]}"
+        refused = {f"{i}{records.OUTCOME_LETTERS[o]}": f"r:{action_id}:{o}" for o in contradicted_by(outcome)}
         stream = customer_shard_key(self.stream, customer, self.client)
-        refused = [f"r:{action_id}:{o}" for o in contradicted_by(outcome)]
+        id_ms = int(decision_id[:12], 16)
         if self.cluster:
-            first, entry, late = self._record_on_cluster(key, customer, field, member, int(ts * 1000), keep_ms,
-                                                         stream, reserved, fields, refused)
+            first, entry, late = self._record_on_cluster(key, rfield, customer, mark, member, int(ts * 1000), keep_ms,
+                                                         id_ms, stream, reserved, fields, list(refused))
         else:
             first, entry, late = self._script(
                 keys=[key, contacts_key(customer), stream, RESERVATIONS_KEY],
-                args=[field, member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, len(refused), *refused, *flat],
+                args=[rfield, mark, member, int(ts * 1000), keep_ms, STREAM_MAXLEN, reserved, id_ms, len(refused),
+                      *refused, *flat],
             )
-        if first == -1:  # ``late`` names the contradicted response's field, ``entry`` its stream id
-            raise _conflict(decision_id, action_id, outcome, _text(late), _text(entry))
+        if first == -2:  # the record expired or was erased since it was read
+            raise self._missing(decision_id, made, now, ix.accept_days, ix.future_skew_seconds)
+        if first == -1:  # ``late`` names the contradicted response's mark, ``entry`` its stream id
+            raise _conflict(decision_id, action_id, outcome, refused.get(_text(late), _text(late)), _text(entry))
         if late:
             metrics.RESERVATIONS.labels("late").inc()
         return Recorded(entry.decode() if isinstance(entry, bytes) else str(entry), bool(first), customer)
@@ -218,20 +222,38 @@ class ResponseRecorder:
         return UnknownDecision("decision_id", f"no decision {decision_id} was issued (or it was erased); "
                                               f"its time {utc_text(made)} is within the response window")
 
-    def _record_of(self, key: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", self.client.hgetall(key)).items()}
+    def _record_of(self, decision_id: str, key: str, field: str, accept_ms: int) -> dict[str, str]:
+        """The record's fields (``records.decode``); one in the earlier layout is moved into the compact
+        one first (``records.MIGRATE``), so the scripts below see one layout."""
+        raw = self.client.hget(key, field)
+        if raw is not None:
+            return records.decode(self.codes, decision_id, _text(raw))
+        old = [records.decision_key(decision_id)]
+        if not self.cluster and old[0] != records.legacy_decision_key(decision_id):  # decided before ids had slots
+            old.append(records.legacy_decision_key(decision_id))
+        for old_key in old:
+            fields = {k.decode(): v.decode()
+                      for k, v in cast("dict[bytes, bytes]", self.client.hgetall(old_key)).items()}
+            if fields and "customer" in fields:
+                value = records.encode(self.codes, decision_id, fields)
+                self._migrate(keys=[old_key, key], args=[field, value, records.ttl_ms(decision_id, accept_ms)])
+                raw = self.client.hget(key, field)
+                return records.decode(self.codes, decision_id, _text(raw)) if raw is not None else {}
+        return {}
 
-    def _record_on_cluster(self, key: str, customer: str, field: str, member: str, ts_ms: int, keep_ms: int,
-                           stream: str, reserved: str, fields: dict[str, str],
+    def _record_on_cluster(self, key: str, field: str, customer: str, mark: str, member: str, ts_ms: int,
+                           keep_ms: int, id_ms: int, stream: str, reserved: str, fields: dict[str, str],
                            refused: list[str]) -> tuple[int, bytes | str, int | bytes]:
         """``RESPOND`` in steps that each touch one slot (``RESPOND_CUSTOMER``): a call that dies half-way
         is completed by its retry; an entry may then be in the stream twice (at least once). The answer
         waits until a replica has the stream entry and the record (``replicated``)."""
         answer = self._customer_script(keys=[key, contacts_key(customer)],
-                                       args=[field, member, ts_ms, keep_ms, len(refused), *refused])
+                                       args=[field, mark, member, ts_ms, keep_ms, id_ms, len(refused), *refused])
         first, entry = answer[0], answer[1]
         if first == -1:
             return -1, entry, answer[2]
+        if first == -2:
+            return -2, "", 0
         if not first:
             return 0, entry, 0
         late = 1 if reserved and not self.client.zrem(customer_shard_key(RESERVATIONS_KEY, customer, self.client),
@@ -239,5 +261,15 @@ class ResponseRecorder:
         flat = [x for kv in fields.items() for x in kv]
         maxlen = shard_maxlen(STREAM_MAXLEN, self.client)
         entry = replicated(self.client, stream, "XADD", stream, "MAXLEN", "~", maxlen, "*", *flat, operation="response")
-        replicated(self.client, key, "HSET", key, field, entry, operation="response")
+        self._set_mark_replicated(key, field, mark, _text(entry), id_ms)
         return 1, entry, late
+
+    def _set_mark_replicated(self, key: str, field: str, mark: str, entry: str, id_ms: int) -> None:
+        """``records.SET_MARK`` by its digest (``replicated``), loading it where the master does not know it
+        (a new or promoted node)."""
+        command = ("EVALSHA", self._set_mark.sha, 1, key, field, mark, entry, id_ms)
+        try:
+            replicated(self.client, key, *command, operation="response")
+        except redis.exceptions.NoScriptError:
+            self.client.script_load(records.SET_MARK)
+            replicated(self.client, key, *command, operation="response")

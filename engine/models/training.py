@@ -3,7 +3,8 @@
 **Sources.**
 - The synthetic world (``engine.sim.training_data.simulate_responses``): random actions shown to world customers on
   random channels, responses drawn from the hidden ground truth, which is kept for evaluation only.
-- Recorded traffic (``from_streams``): every decision logged to ``nba:stream:decisions`` carries the
+- Recorded traffic (``analytics/training_rows.from_streams``, which assembles the rows in DuckDB over the
+  archive and the streams): every decision logged to ``nba:stream:decisions`` carries the
   model input it was decided on (``features``: the customer block as base64 float32, in
   ``ModelInput.customer_features`` order, with the feature-schema fingerprint, the channel, and each presented
   action's id, type and value), so a training row is the customer *as they were at decision time*:
@@ -18,7 +19,7 @@
 - A file written by ``export_csv`` (``--export``), read back by ``read_csv`` (``--from-file``).
 
 **One model across actions**, with the action id, its type, value and the channel as features,
-rather than one model per action type. Measured on the synthetic world (``loadtest/model_shapes.py``,
+rather than one model per action type. Measured on the synthetic world (``loadtest/bench_models.py --shapes``,
 figures in ``models/README.md``): higher holdout AUC (0.884 vs 0.869), lower log loss and a much
 better rank correlation with the hidden truth (0.937 vs 0.872), which is what arbitration across
 action types needs; per-type AUC is higher for every type too, since customer traits shared by all
@@ -49,7 +50,7 @@ import lightgbm as lgb
 import numpy as np
 
 from engine.features import FeatureSchema
-from engine.models.model_input import Adapter, ModelInput, decode_block, model_input
+from engine.models.model_input import ModelInput, model_input
 
 PARAMS = {
     "objective": "binary",
@@ -114,115 +115,6 @@ class TrainingSet:
 
 
 # --- recorded decisions and responses ---------------------------------------------------------------
-
-def from_streams(client, schema: FeatureSchema, catalog: Sequence[str] = (), window_days: float = 7.0, as_of: float | None = None,
-                 positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
-                 responses_stream: str | None = None, campaigns: Sequence[str] = (),
-                 campaign_weights: dict[str, float] | None = None) -> TrainingSet:
-    """Training rows from the decision and response streams (labels: see the module docstring).
-    ``campaigns``: only the rows of actions presented for these campaigns (the decision stream's
-    ``campaigns`` field; "-" stands for actions of no campaign); ``campaign_weights``: campaign -> row
-    weight in training ("-" for no campaign; others weigh 1)."""
-    from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
-    from engine.store.streams import xrange_all
-
-    as_of = time.time() if as_of is None else as_of
-    window = window_days * 86400.0
-    fingerprint = schema.fingerprint()
-    layout = model_input(schema)
-    channels, kinds = schema.channel_names, schema.type_names
-    outcomes: dict[tuple[str, str], list[tuple[str, float]]] = {}
-    n_responses = 0
-    for _, f in xrange_all(client, responses_stream or RESPONSES_STREAM):
-        n_responses += 1
-        key = ((f.get(b"decision_id") or b"").decode(), (f.get(b"action_id") or b"").decode())
-        outcomes.setdefault(key, []).append(((f.get(b"outcome") or b"").decode(), float(f.get(b"ts") or 0)))
-
-    levels = list(dict.fromkeys(catalog))
-    index = {a: i for i, a in enumerate(levels)}
-    blocks: list[np.ndarray] = []
-    rows: list[tuple[int, int, float, float, float, float]] = []  # block, action, type, value, channel, ts
-    labels: list[float] = []
-    decision_ids: list[str] = []
-    weights: list[float] = []
-    only = set(campaigns)
-    counts = {"decisions": 0, "other_campaigns": 0, "without_features": 0, "other_schema": 0, "pending": 0,
-              "responses": n_responses, "older_schema": 0}
-    older = read_feature_layouts(client)
-    adapters: dict[str, Adapter | None] = {}
-    for _, f in xrange_all(client, decisions_stream or DECISIONS_STREAM):
-        counts["decisions"] += 1
-        features = f.get(b"features")
-        actions = (f.get(b"actions") or b"").decode()
-        if not actions:
-            continue
-        if not features:
-            counts["without_features"] += 1
-            continue
-        recorded = (f.get(b"feature_schema") or b"").decode()
-        older_block = None  # the customer block of an older layout, read by name
-        if recorded != fingerprint:
-            if recorded not in adapters:  # read by name: attributes added since are missing, levels recoded
-                known = older.get(recorded)
-                adapters[recorded] = None if known is None else Adapter(
-                    known["features"], known["levels"], layout.customer_features, layout.feature_levels())
-            adapter = adapters[recorded]
-            raw = decode_block(features.decode())
-            if adapter is None or len(raw) != adapter.width:
-                counts["other_schema"] += 1
-                continue
-            older_block = adapter(raw)
-            counts["older_schema"] += 1
-        decision_id = (f.get(b"decision_id") or b"").decode()
-        ts = float(f.get(b"ts") or 0)
-        channel = (f.get(b"channel") or b"").decode()
-        channel_code = float(channels.index(channel)) if channel in channels else math.nan
-        types = (f.get(b"types") or b"").decode().split(",")
-        values = (f.get(b"values") or b"").decode().split(",")
-        tags = (f.get(b"campaigns") or b"").decode().split(",")
-        block = len(blocks)
-        blocks.append(layout.decode_features(features.decode()) if older_block is None else older_block)
-        for i, action in enumerate(actions.split(",")):
-            campaign = (tags[i] if i < len(tags) else "") or "-"
-            if only and campaign not in only:
-                counts["other_campaigns"] += 1
-                continue
-            seen = outcomes.get((decision_id, action), [])
-            if any(o in positive and r_ts - ts <= window for o, r_ts in seen):
-                label = 1.0
-            elif any(o in FINAL_NEGATIVE for o, _ in seen) or ts + window <= as_of:
-                label = 0.0
-            else:
-                counts["pending"] += 1
-                continue
-            if action not in index:
-                index[action] = len(levels)
-                levels.append(action)
-            kind = types[i] if i < len(types) else ""
-            value = float(values[i]) if i < len(values) and values[i] else math.nan
-            rows.append((block, index[action], float(kinds.index(kind)) if kind in kinds else math.nan,
-                         value, channel_code, ts))
-            labels.append(label)
-            decision_ids.append(decision_id)
-            weights.append((campaign_weights or {}).get(campaign, 1.0))
-    x = np.empty((len(rows), len(layout.features)), dtype=np.float64)
-    if rows:
-        r = np.array(rows, dtype=np.float64)
-        x[:, :len(layout.customer_features)] = np.stack(blocks)[r[:, 0].astype(int)]
-        x[:, [*layout.row_features, layout.channel_index]] = r[:, 1:5]
-        t = r[:, 5]
-    else:
-        t = np.empty(0)
-    y = np.array(labels, dtype=np.float64)
-    counts.update(rows=len(y), positives=int(y.sum()))
-    weighted = bool(campaign_weights) and any(w != 1.0 for w in weights)
-    return TrainingSet(x, y, t, levels, None, decision_ids,
-                       summary={"source": "recorded decisions and responses", "label_window_days": window_days,
-                                "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts,
-                                **({"campaigns": sorted(only)} if only else {}),
-                                **({"campaign_weights": dict(campaign_weights or {})} if weighted else {})},
-                       w=np.array(weights, dtype=np.float64) if weighted else None, schema=schema)
-
 
 def read_feature_layouts(client) -> dict[str, dict]:
     """Every feature schema decisions were logged under (``nba:feature_layouts``): fingerprint ->

@@ -7,14 +7,18 @@ database (the work scales with the customer, not the database):
 
 - the customer's own keys, under the hash tag ``nba:{c:<id>}:*``, by name: ``profile``
   (``store/profiles.py``: attributes, consent, open cases), ``triggers``, ``contacts`` (contact history,
-  ``decision/history.py``), ``events``, ``event_ids`` and ``effects`` (``events/processor.py``), ``index``;
+  ``decision/history.py``), ``events``, ``event_ids`` and ``effects`` (``events/processor.py``), ``index``,
+  ``record_minutes``;
   the interaction hashes ``ix:<interaction>`` and the outbound state keys ``outbound:<pattern>:<event>``
   (and their ``:run`` claims) through the customer's index (``store/erasure.customer_index_key``:
   member ``k:<key>``). Outbound keys written before they were indexed are found by one ``SCAN MATCH
   nba:{c:*}:outbound:*`` per erasure batch (key names only), until the indexing version has run
   longer than such a key lives (``outbound_index_complete``; ``App.start`` records when it began);
-- decision records ``nba:decision:{<slot tag>}:<decision id>`` (hash with ``customer``) through the
-  index (``d:<decision id>``, written by the script that writes the record), the interaction hashes,
+- decision records (``decision/records.py``: a field of ``nba:decisions:{<slot tag>}:<minute>`` whose
+  value starts with the customer; or, in the earlier layout, ``nba:decision:{<slot tag>}:<decision id>``)
+  through the minutes of the customer's records (``store/erasure.customer_minutes_key``: their buckets,
+  written by the script that writes the record), the index (``d:<decision id>``: records written before
+  the minutes, or whose bucket is elsewhere), the interaction hashes,
   a contact history in its earlier layout, and the decision ids of the customer's stream entries
   (records older than the index); a record is erased only when its ``customer`` is the customer;
 - ``nba:timers`` (the customer's shard: absence timers and postponed outbound actions, JSON members
@@ -24,7 +28,11 @@ database (the work scales with the customer, not the database):
   (``store/slots.customer_shard_key``) of ``CUSTOMER_STREAMS`` and in the single keys of
   ``SHARED_STREAMS``. Erasure rewrites those streams without the entries (``store/erasure.py``:
   ``XDEL`` would leave the bytes in memory, in ``DUMP`` and in the next AOF/RDB), one pass per stream
-  for every customer of the batch; then the AOF and RDB are rewritten (``rewrite_persistence``).
+  for every customer of the batch; then the AOF and RDB are rewritten (``rewrite_persistence``);
+- the archive's copies of the decision, response and event streams (``engine/store/archive.py``, its
+  root given as ``archive``): the customer's rows are removed from every Parquet file of the customer's
+  shard that holds them, after the streams' rewrite (``store/archive_erasure.py``); the export adds the
+  archived entries that are no longer in the streams (by entry id).
 
 Not erased, on purpose: aggregates without a customer id (``nba:budget:*`` counters, exploration
 counts, ``nba:meta``) and the audit trail, which names the customer by pseudonym only
@@ -69,9 +77,10 @@ from typing import Any, cast
 
 import redis
 
-from engine.decision import history
+from engine.decision import history, records
 from engine.decision.budget_claims import BudgetClaims
-from engine.decision.contact import RESERVATIONS_KEY, decision_key
+from engine.decision.codes import Codes
+from engine.decision.contact import RESERVATIONS_KEY
 from engine.decision.interactions import without_context
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
 from engine.events.processor import (
@@ -85,8 +94,10 @@ from engine.events.processor import (
 )
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import FeatureSchema
+from engine.store.archive_erasure import customer_entries, erase_customers
+from engine.store.archive_fs import Root
 from engine.store.audit import AUDIT_STREAM, audit
-from engine.store.erasure import ErasureFailed, customer_index_key, rewrite_stream
+from engine.store.erasure import ErasureFailed, customer_index_key, customer_minutes_key, rewrite_stream
 from engine.store.profiles import (
     DECISIONS_STREAM,
     EVENTS_STREAM,
@@ -183,7 +194,7 @@ def fixed_keys(customer_id: str) -> list[str]:
     """The customer's keys whose names are computed from the id alone."""
     return [profile_key(customer_id), triggers_key(customer_id), history.contacts_key(customer_id),
             events_key(customer_id), event_ids_key(customer_id), effects_key(customer_id),
-            customer_index_key(customer_id)]
+            customer_index_key(customer_id), customer_minutes_key(customer_id)]
 
 
 def customer_streams(client: Any, customer_id: str) -> list[str]:
@@ -232,7 +243,7 @@ def _outbound_keys(client: Any, customers: set[str]) -> dict[str, list[str]]:
 def _locate(client: Any, customer_id: str, outbound: list[str], with_timers: bool = True) -> _Found:
     found = _Found()
     index = [_s(m) for m in cast("list[bytes]", client.zrange(customer_index_key(customer_id), 0, -1))]
-    found.decision_ids = {m[2:] for m in index if m.startswith("d:")}
+    found.decision_ids = {m[2:] for m in index if m.startswith("d:")} | records.customer_record_ids(client, customer_id)
     indexed = [m[2:] for m in index if m.startswith("k:")]
     runs = [f"{k}:run" for k in indexed if ":outbound:" in k]  # an outbound's run claim, while it runs
     candidates = fixed_keys(customer_id) + indexed + runs + outbound
@@ -272,17 +283,11 @@ def _timers(client: Any, customers: set[str]) -> dict[str, list[tuple[str, str, 
     return out
 
 
-def _records(client: Any, customer_id: str, decision_ids: Iterable[str]) -> list[str]:
-    """The decision record keys among ``decision_ids`` that exist and belong to the customer."""
-    keys = sorted({decision_key(d) for d in decision_ids})
-    out: list[str] = []
-    for i in range(0, len(keys), CHUNK):
-        batch = keys[i:i + CHUNK]
-        pipe = client.pipeline(transaction=False)
-        for key in batch:
-            pipe.hget(key, "customer")
-        out += [key for key, owner in zip(batch, pipe.execute()) if owner == customer_id.encode()]
-    return out
+def _records(client: Any, customer_id: str, decision_ids: Iterable[str]) -> dict[str, tuple[str, dict[str, str]]]:
+    """The decision records among ``decision_ids`` that exist and belong to the customer, in either layout
+    (``decision/records.read``: decision id -> (where, fields))."""
+    found = records.read(client, Codes(client), decision_ids, CHUNK)
+    return {d: r for d, r in found.items() if r[1].get("customer") == customer_id}
 
 
 def _reservations(client: Any, decision_ids: dict[str, str]) -> dict[str, list[tuple[str, str, float]]]:
@@ -326,16 +331,17 @@ class Erased:
     stream_entries_deleted: int = 0
     members_removed: int = 0
     budget_units_returned: int = 0
+    archive_rows_deleted: int = 0  # rows of the archive's Parquet files
     places: dict[str, int] = field(default_factory=dict)  # counts by kind of place (log, tests)
     failures: list[str] = field(default_factory=list)
 
 
 def forget_customers(client: Any, customer_ids: Iterable[str], who: str | dict[str, str] = "cli",
-                     heartbeat: Callable[[], None] | None = None) -> dict[str, Erased]:
-    """Erase every customer of ``customer_ids`` from Redis memory (see the module's docstring): one
-    pass per stream for all of them. Each customer's erasure is audited under its pseudonym (``who``: the
-    requester, or each customer's requester). Failures
-    are collected, never raised (but ``check_customer_id``'s). The persistence files are the caller's
+                     heartbeat: Callable[[], None] | None = None, archive: Root | None = None) -> dict[str, Erased]:
+    """Erase every customer of ``customer_ids`` from Redis memory and from the archive at ``archive``
+    (see the module's docstring): one pass per stream and one over the archive for all of them. Each
+    customer's erasure is audited under its pseudonym (``who``: the requester, or each customer's
+    requester). Failures are collected, never raised (but ``check_customer_id``'s). The persistence files are the caller's
     next step (``store.erasure.rewrite_persistence``): they still hold the data until rewritten."""
     ids = sorted({check_customer_id(c) for c in customer_ids})
     out = {c: Erased(c) for c in ids}
@@ -389,6 +395,12 @@ def forget_customers(client: Any, customer_ids: Iterable[str], who: str | dict[s
             for c in customers:
                 found[c].decision_ids.add(d)
         beat()
+    # after the streams: a writer reading them now gets no entry of the customers (archive_erasure.py)
+    archived = erase_customers(client, archive, ids, heartbeat=beat)
+    for c in ids:
+        out[c].archive_rows_deleted = archived.rows.get(c, 0)
+        out[c].places["archive"] = archived.rows.get(c, 0)
+        out[c].failures += archived.failures
     owners = {d: c for c in ids for d in found[c].decision_ids}
     try:
         reservations = _reservations(client, owners)
@@ -403,21 +415,25 @@ def forget_customers(client: Any, customer_ids: Iterable[str], who: str | dict[s
             e.places["reservations"] = gone
             e.members_removed += gone
             e.budget_units_returned = returned
-            records = _records(client, c, found[c].decision_ids)
-            for kind, keys in (("customer_keys", found[c].keys), ("decision_records", records)):
-                deleted = 0
-                for i in range(0, len(keys), CHUNK):
-                    deleted += int(client.unlink(*keys[i:i + CHUNK]))  # one slot: the customer's
-                e.places[kind] = deleted
-                e.keys_deleted += deleted
+            keys = found[c].keys
+            deleted = 0
+            for i in range(0, len(keys), CHUNK):
+                deleted += int(client.unlink(*keys[i:i + CHUNK]))  # one slot: the customer's
+            e.places["customer_keys"] = deleted
+            e.keys_deleted += deleted
+            owned = _records(client, c, found[c].decision_ids)
+            deleted = records.delete(client, {d: where for d, (where, _) in owned.items()})
+            e.places["decision_records"] = deleted
+            e.keys_deleted += deleted
         except redis.exceptions.RedisError as exc:
             e.failures.append(f"keys not deleted: {exc}")
         asked = who if isinstance(who, str) else who.get(c, "?")
         audit(client, asked, "forget_customer", customer=pseudonym(c), keys_deleted=e.keys_deleted,
               stream_entries_deleted=e.stream_entries_deleted, members_removed=e.members_removed,
-              budget_units_returned=e.budget_units_returned, failures=len(e.failures))
-        log.info("customer %s forgotten by %s: %d keys, %d stream entries, %d members%s", pseudonym(c), asked,
-                 e.keys_deleted, e.stream_entries_deleted, e.members_removed,
+              budget_units_returned=e.budget_units_returned, archive_rows_deleted=e.archive_rows_deleted,
+              failures=len(e.failures))
+        log.info("customer %s forgotten by %s: %d keys, %d stream entries, %d archived rows, %d members%s",
+                 pseudonym(c), asked, e.keys_deleted, e.stream_entries_deleted, e.archive_rows_deleted, e.members_removed,
                  f", {len(e.failures)} failures" if e.failures else "")
     return out
 
@@ -489,9 +505,7 @@ def _decisions(client: Any, customer_id: str, streams: dict[str, list[tuple[str,
                     "actions": [a for a in f.get("actions", "").split(",") if a],
                     "control_group": f.get("control") == "1", "ruleset_version": f.get("ruleset_version", ""),
                     "model_version": f.get("model_version", ""), "responses": []}
-    for key in _records(client, customer_id, decision_ids - set(by_id)):
-        r = {_s(k): _s(v) for k, v in cast("dict[bytes, bytes]", client.hgetall(key)).items()}
-        d = key.rsplit(":", 1)[-1]
+    for d, (_, r) in sorted(_records(client, customer_id, decision_ids - set(by_id)).items()):
         by_id[d] = {"decision_id": d, "decided_at": _iso(_float(r.get("ts"))), "channel": r.get("channel", ""),
                     "touchpoint": "", "interaction_id": "", "actions": [a for a in r.get("actions", "").split(",") if a],
                     "control_group": r.get("control") == "1", "ruleset_version": r.get("ruleset", ""),
@@ -514,15 +528,18 @@ def _event(f: dict[str, str], refused: str = "") -> dict[str, Any]:
 
 
 def export_customer(client: Any, customer_id: str, who: str | None = "cli", now: float | None = None,
-                    schema: FeatureSchema | None = None) -> dict[str, Any]:
-    """Everything stored about ``customer_id`` in plain fields (see the module's docstring). The export
-    is audited under the customer's pseudonym (``who``; None: not audited)."""
+                    schema: FeatureSchema | None = None, archive: Root | None = None) -> dict[str, Any]:
+    """Everything stored about ``customer_id`` in plain fields (see the module's docstring), in Redis and
+    in the archive at ``archive``. The export is audited under the customer's pseudonym (``who``; None:
+    not audited)."""
     check_customer_id(customer_id)
     now = time.time() if now is None else now
     found = _locate(client, customer_id, [])
     streams: dict[str, list[tuple[str, dict[str, str]]]] = {}
     for base in CUSTOMER_STREAMS:
-        streams[base] = list(_entries(client, customer_shard_key(base, customer_id, client), customer_id))
+        live = list(_entries(client, customer_shard_key(base, customer_id, client), customer_id))
+        seen = {entry_id for entry_id, _ in live}
+        streams[base] = [e for e in customer_entries(client, archive, base, customer_id) if e[0] not in seen] + live
     for key in SHARED_STREAMS:
         streams[key] = list(_entries(client, key, customer_id))
     ids = found.decision_ids | {f["decision_id"] for s in streams.values() for _, f in s if f.get("decision_id")}

@@ -37,6 +37,7 @@ import redis
 
 from engine.features import FeatureSchema
 from engine.serving.privacy import check_customer_id, export_customer, forget_customers
+from engine.store.archive_fs import Root
 from engine.store.audit import audit
 from engine.store.erasure import rewrite_persistence
 from engine.store.pseudonym import pseudonym
@@ -82,12 +83,14 @@ class JobNotFound(LookupError):
 
 class PrivacyJobs:
     """The job queue and this worker's thread that runs it. ``admin``: a client of the admin Redis user
-    for the persistence step (None: left to the operator); ``schema``: the live schema, for exports."""
+    for the persistence step (None: left to the operator); ``schema``: the live schema, for exports;
+    ``archive``: the archive's root, erased and exported with the streams (None: no archive)."""
 
     def __init__(self, client: Any, admin: Any | None, schema: Callable[[], FeatureSchema | None],
                  clock: Callable[[], float] = time.time, poll_seconds: float = 0.2,
-                 persistence_timeout: float = 300.0) -> None:
+                 persistence_timeout: float = 300.0, archive: Root | None = None) -> None:
         self.client = client
+        self.archive = archive
         self.admin = admin
         self.schema = schema
         self.clock = clock
@@ -207,7 +210,8 @@ class PrivacyJobs:
         whos = {f["customer"]: f.get("who", "?") for f in jobs.values() if f.get("customer")}
         for job_id in ids:
             self.client.hset(job_key(job_id), "started_ms", int(time.time() * 1000))
-        erased = forget_customers(self.client, customers, who=whos, heartbeat=lambda: self._heartbeat(ids))
+        erased = forget_customers(self.client, customers, who=whos, heartbeat=lambda: self._heartbeat(ids),
+                                  archive=self.archive)
         self._drop_exports({pseudonym(c) for c in customers})
         results: dict[str, tuple[dict[str, Any], list[str]]] = {}
         for job_id, f in jobs.items():
@@ -217,7 +221,8 @@ class PrivacyJobs:
             if f.get("retaken"):
                 failures.append("taken over from a worker that stopped: the counts are this run's only")
             counts = {"keys_deleted": e.keys_deleted, "stream_entries_deleted": e.stream_entries_deleted,
-                      "members_removed": e.members_removed, "budget_units_returned": e.budget_units_returned} \
+                      "members_removed": e.members_removed, "budget_units_returned": e.budget_units_returned,
+                      "archive_rows_deleted": e.archive_rows_deleted} \
                 if e is not None else {}
             results[job_id] = (counts, failures)
             # before the persistence rewrite: the files must not keep the id through the job either
@@ -262,8 +267,8 @@ class PrivacyJobs:
         self.client.hset(job_key(job_id), "started_ms", int(time.time() * 1000))
         try:
             document = export_customer(self.client, customer, who=f.get("who", "?"), now=self.clock(),
-                                       schema=self.schema())
-        except (redis.exceptions.RedisError, ValueError) as exc:
+                                       schema=self.schema(), archive=self.archive)
+        except (redis.exceptions.RedisError, ValueError, OSError) as exc:  # OSError: the archive's files
             self._finish(job_id, {}, [f"export failed: {exc}"], EXPORT_KEEP_MS)
             return
         self._finish(job_id, {"json": json.dumps(document, ensure_ascii=False, sort_keys=True)}, [],

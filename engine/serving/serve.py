@@ -78,12 +78,12 @@ class _Archiving:
     hot path's short deadlines)."""
 
     def __init__(self, config: Config, url: str) -> None:
-        from engine.store.archive import ArchiveWriter, default_root
+        from engine.store.archive import ArchiveWriter
         from engine.store.profiles import redis_client
 
         self.stop_event = threading.Event()
         self.client = redis_client(url, config, timeout=30.0)
-        self.writer = ArchiveWriter(self.client, default_root(config.data_dir))
+        self.writer = ArchiveWriter(self.client, config.archive_root())
         try:
             self.writer.open()
         except BaseException:

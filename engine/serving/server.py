@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager
 from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -86,6 +87,12 @@ MAX_CONNECTION_IDLE_MS = 15_000
 # keep their stream a little longer, so a busy connection needs room well above the lanes (at 100, a
 # connection flooding refused calls saw a few of its calls refused with REFUSED_STREAM).
 MAX_STREAMS_PER_CONNECTION = 256
+
+
+def _archive_of(config: object) -> Path | str | None:
+    """The archive the privacy jobs erase and export with the streams (``Config.archive_root``)."""
+    root = getattr(config, "archive_root", None)
+    return root() if callable(root) else None
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -350,7 +357,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                     admin_url = getattr(self.app.config, "redis_admin_url", None)
                     admin = redis_client(admin_url, self.app.config, timeout=5.0) if admin_url else None
                     jobs = PrivacyJobs(self.app.store.client, admin, lambda: self.app.rules.current.schema,
-                                       clock=self.app.clock)
+                                       clock=self.app.clock, archive=_archive_of(self.app.config))
                     self.app.privacy_jobs = jobs
         return jobs.start()
 

@@ -59,6 +59,7 @@ import numpy as np
 
 from engine.analytics.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.analytics.report import build_report
+from engine.analytics.training_rows import from_streams
 from engine.config import DEMO_CUSTOMERS
 from engine.decision.funnel import DecisionEngine
 from engine.decision.request import DecideInput
@@ -68,7 +69,7 @@ from engine.live import Live
 from engine.models.experiment import ExplorationConfig, ModelSet
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import LoadedModel, ModelRegistry
-from engine.models.training import TrainingSet, auc, fit, from_streams
+from engine.models.training import TrainingSet, auc, fit
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules, compile_rules
 from engine.sim.dynamics import DAY, REALISM, Draws, Drift, Population, Realism, drift_of, event_round, response

@@ -11,11 +11,14 @@ import time
 import redis
 
 from engine.metrics import REDIS_ERRORS
-from engine.store.erasure import index_record
+from engine.store.erasure import index_minute, index_record
 from engine.store.profiles import DECISIONS_STREAM, STREAM_MAXLEN
 from engine.store.slots import customer_shard_key, shard_maxlen
 
 log = logging.getLogger(__name__)
+
+# key, fields, ttl ms, customer, decision id, minute index (``DecisionLog.write_record``)
+_Record = tuple[str, dict[str, str], int, str, str, tuple[str, int, int] | None]
 
 
 class DecisionLog:
@@ -26,7 +29,7 @@ class DecisionLog:
         self.client = client
         self.stream = stream
         self.linger = linger
-        self._queue: queue.Queue[dict[str, str] | tuple[str, dict[str, str], int] | None] = queue.Queue(capacity)
+        self._queue: queue.Queue[dict[str, str] | _Record | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
         self._thread.start()
 
@@ -36,10 +39,13 @@ class DecisionLog:
         except queue.Full:
             REDIS_ERRORS.labels("decision_log_full").inc()
 
-    def write_record(self, key: str, fields: dict[str, str], ttl_ms: int) -> None:
-        """A hash written with the next batch (the decision record when contacts are not enforced)."""
+    def write_record(self, key: str, fields: dict[str, str], ttl_ms: int, customer: str = "",
+                     decision_id: str = "", minute: tuple[str, int, int] | None = None) -> None:
+        """Hash fields written with the next batch (the decision record when contacts are not enforced:
+        ``engine.decision.records``), the key living ``ttl_ms``, indexed under ``customer`` by its
+        ``minute`` (``erasure.index_minute``'s prefix, minute and cutoff) or else by ``decision_id``."""
         try:
-            self._queue.put_nowait((key, fields, ttl_ms))
+            self._queue.put_nowait((key, fields, ttl_ms, customer, decision_id, minute))
         except queue.Full:
             REDIS_ERRORS.labels("decision_log_full").inc()
 
@@ -66,8 +72,11 @@ class DecisionLog:
                         if isinstance(r, tuple):
                             pipe.hset(r[0], mapping=r[1])  # type: ignore[arg-type]
                             pipe.pexpire(r[0], r[2])
-                            if r[1].get("customer"):  # the customer's index, as decision/contact.PRESENT keeps it
-                                index_record(pipe, r[1]["customer"], "d:" + r[0].rsplit(":", 1)[-1], r[2])
+                            if r[3] and r[4]:  # the customer's index, as decision/contact.PRESENT keeps it
+                                if r[5] is not None:
+                                    index_minute(pipe, r[3], *r[5], r[2])
+                                else:
+                                    index_record(pipe, r[3], "d:" + r[4], r[2])
                         else:
                             stream = customer_shard_key(self.stream, r.get("customer_id", ""), self.client)
                             pipe.xadd(stream, r, maxlen=shard_maxlen(STREAM_MAXLEN, self.client), approximate=True)  # type: ignore[arg-type]

@@ -38,8 +38,9 @@ from engine.store.slots import key_slot
 
 def customer_index_key(customer_id: str) -> str:
     """The customer's index of records stored outside the customer's keys or under names no computation
-    gives: a sorted set on the customer's slot, member -> expiry (epoch ms): ``d:<decision id>`` (its
-    decision record), ``k:<key>`` (an interaction hash). Written by the script that writes the record
+    gives: a sorted set on the customer's slot, member -> expiry (epoch ms): ``k:<key>`` (an interaction
+    hash, an outbound state), ``d:<decision id>`` (a decision record whose bucket is not on the customer's
+    slot, and every record written before ``customer_minutes_key``). Written by the script that writes the record
     (``decision/contact.PRESENT``; ``index_record`` where records are written off the hot path), trimmed
     by expiry there; read by erasure and export instead of a scan."""
     return f"nba:{{c:{customer_id}}}:index"
@@ -65,6 +66,44 @@ def index_record(pipe: Any, customer_id: str, member: str, ttl_ms: int) -> None:
     # a Redis script call by execute_command: redis-py's cluster pipeline has no method for it, but routes
     # the command by its key
     pipe.execute_command("EVAL", _INDEX, 1, customer_index_key(customer_id), member, ttl_ms)
+
+
+def customer_minutes_key(customer_id: str) -> str:
+    """The minutes in which the customer's decision records were written (``engine.decision.records``):
+    a string of 4-byte big-endian minutes since the epoch, appended in order (a minute once in a row), on
+    the customer's slot like the buckets of those minutes, which erasure and export read for the
+    customer's records. About 4 B per decision (1 KB at 30-day records and 8.64 decisions a day) where a
+    sorted-set member per record cost about 150 B. The script that appends drops the oldest minutes whose
+    bucket is gone (``MINUTES_LUA``); the key lives as long as its longest-lived bucket."""
+    return f"nba:{{c:{customer_id}}}:record_minutes"
+
+
+# Lua: index_minute(key, bucket prefix, minute, cutoff minute, ttl ms) appends ``minute`` to the minutes
+# ``key`` (``customer_minutes_key``) and drops the oldest ones before ``cutoff`` whose bucket
+# (``<prefix><minute>``, on the same slot) no longer exists: a minute leaves only with every record in it,
+# whatever the callers' clocks (the buckets expire by the server's).
+MINUTES_LUA = """
+local function index_minute(mkey, prefix, minute, cutoff, ttl)
+  local packed = struct.pack('>I4', minute)
+  if redis.call('GETRANGE', mkey, -4, -1) ~= packed then redis.call('APPEND', mkey, packed) end
+  local drop = 0
+  while true do
+    local head = redis.call('GETRANGE', mkey, drop, drop + 3)
+    if #head < 4 then break end
+    local m = struct.unpack('>I4', head)
+    if m >= cutoff or redis.call('EXISTS', prefix .. string.format('%d', m)) == 1 then break end
+    drop = drop + 4
+  end
+  if drop > 0 then redis.call('SET', mkey, redis.call('GETRANGE', mkey, drop, -1), 'KEEPTTL') end
+  if redis.call('PTTL', mkey) < ttl then redis.call('PEXPIRE', mkey, ttl) end
+end
+"""
+_MINUTE = MINUTES_LUA + "index_minute(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))\n"
+
+
+def index_minute(pipe: Any, customer_id: str, prefix: str, minute: int, cutoff: int, ttl_ms: int) -> None:
+    """Queue on ``pipe`` the minute of a decision record written outside ``PRESENT`` (``MINUTES_LUA``)."""
+    pipe.execute_command("EVAL", _MINUTE, 1, customer_minutes_key(customer_id), prefix, minute, cutoff, ttl_ms)
 
 
 CHUNK = 1000  # entries per copy script: ~1 ms of Redis time, so decisions keep flowing between chunks
@@ -386,5 +425,6 @@ def rewrite_persistence(admin: Any | None, timeout: float = 300.0) -> Persisted:
     return Persisted(summary, failures)
 
 
-__all__ = ["CHUNK", "OPERATOR_STEP", "ErasureFailed", "Persisted", "Rewritten", "copy_key", "customer_index_key",
-           "index_record", "persist_node", "rewrite_persistence", "rewrite_stream"]
+__all__ = ["CHUNK", "MINUTES_LUA", "OPERATOR_STEP", "ErasureFailed", "Persisted", "Rewritten", "copy_key",
+           "customer_index_key", "customer_minutes_key", "index_minute", "index_record", "persist_node",
+           "rewrite_persistence", "rewrite_stream"]

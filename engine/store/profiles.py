@@ -14,7 +14,10 @@ Redis Cluster keeps a customer on one node and one pipeline serves a decision:
 - ``nba:{c:<id>}:triggers`` hash: trigger name -> expiry (epoch milliseconds)
 - ``nba:{c:<id>}:contacts`` hash: contact history, counters per kind, action, channel and UTC day, see
   ``engine/decision/history.py``
-- ``nba:decision:<decision id>`` hash: what a decision presented, for ``RecordResponse`` (30 days)
+- ``nba:decisions:{<slot tag>}:<minute>`` hash: one field per decision, what it presented, for
+  ``RecordResponse`` (``responses.accept_days``), in a compact encoding (``engine/decision/records.py``);
+  ``nba:codes`` its append-only dictionary; ``nba:decision:{<slot tag>}:<id>`` the earlier layout, moved
+  by the first response to it
 - ``nba:budget:<action>:<yyyymmdd>``: units of an action's daily budget used
 - ``nba:stream:decisions`` / ``nba:stream:responses`` / ``nba:stream:events``: Redis Streams
 - event history, dedupe, absence timers and the outbound stream: see ``engine/events/processor.py``

@@ -62,9 +62,12 @@ SERVICE_RULES: tuple[tuple[str, str], ...] = (
     # strings
     ("+get", "budgets, campaign spend, dedupe markers"),
     ("+mget", "campaign spend of several days at once"),
-    ("+set", "dedupe markers and campaign plans"),
-    ("+incr", "budget and campaign counters (in scripts)"),
+    ("+set", "dedupe markers and campaign plans; the archive's locks on object storage (SET NX PX, "
+             "engine/store/archive_lock.py)"),
+    ("+incr", "budget and campaign counters (in scripts); the archive's erasure generation"),
     ("+decr", "a reservation given back"),
+    ("+append", "scripts: a minute appended to the minutes of a customer's decision records"),
+    ("+getrange", "scripts: the last and the oldest of those minutes"),
     # hashes
     ("+hget", "one field of a decision record, layout or meta"),
     ("+hmget", "several fields of a decision record (scripts)"),
@@ -96,13 +99,15 @@ SERVICE_RULES: tuple[tuple[str, str], ...] = (
     ("+xautoclaim", "the ingest stream consumer takes over a dead consumer's entries"),
     ("+xgroup|create", "the ingest stream consumer's group, made on first start"),
     # erasure rewrites a stream without the erased customers' entries (engine/store/erasure.py)
-    ("+xinfo", "erasure: the stream's top id, consumer groups and consumers, to recreate them"),
+    ("+xinfo", "erasure: the stream's top id, consumer groups and consumers, to recreate them; the archive "
+              "writer's lag, and the groups' positions it trims no further than"),
     ("+xpending", "erasure: the pending entries of each group, to restore them"),
     ("+xclaim", "erasure: a pending entry restored with its idle time and delivery count"),
     ("+xgroup|createconsumer", "erasure: a group's consumers recreated"),
     ("+xgroup|destroy", "erasure: the helper group that makes an empty stream"),
     ("+xsetid", "erasure: the rewritten stream keeps its top id"),
-    ("+xtrim", "erasure: what the source stream trimmed during the rewrite"),
+    ("+xtrim", "erasure: what the source stream trimmed during the rewrite; the archive writer trims each shard "
+              "to what it archived (XTRIM MINID, engine/store/archive.py)"),
     ("+rename", "erasure: the rewritten stream swapped in"),
     # read-only, for export of any key type
     ("+smembers", "export reads a set-typed customer key"),

@@ -1,0 +1,90 @@
+"""Compaction: a closed day's files of a stream shard merged into one (``nba archive compact``).
+
+The writer writes a file per shard per flush, so a day holds up to thousands of small files. Compaction
+merges a day's files of one shard into one file named by the first file's first id and the last file's
+last id, written atomically, and then removes the parts. Between the two steps the merged file's id range
+covers every part's: a reader ignores a file whose range lies inside another's of its shard
+(``archive.archived_files``), so a crash there doubles nothing, and the next compaction removes the
+parts it left. Each merge holds the archive's files lock (``archive_lock.py``), so it never races an
+erasure or the writer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.store.archive import (
+    SCHEMA_VERSION,
+    STREAMS,
+    ArchivedFile,
+    ArchiveError,
+    _covering,
+    _days,
+    _files,
+    file_name,
+    read_table,
+    write_table,
+)
+from engine.store.archive_fs import Root, name_of, parent_of, remove
+from engine.store.archive_lock import files_lock
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass
+class Compacted:
+    """Files of the compacted days before and after, and the merges done."""
+
+    files_before: int = 0
+    files_after: int = 0
+    merged: int = 0
+
+
+def parse_day(text: str) -> str:
+    if not _DAY.match(text):
+        raise ArchiveError(f"--before: {text!r} is not a day (YYYY-MM-DD)")
+    return text
+
+
+def merge(root: Root, files: list[ArchivedFile], base: str, remove_parts: bool = True) -> ArchivedFile:
+    """One file of ``files`` (one shard and day, the files a reader reads, in id order); the parts removed
+    after it is written unless not ``remove_parts`` (a crash's state, for tests)."""
+    import pyarrow as pa
+
+    tables = [read_table(f.path) for f in files]
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.replace_schema_metadata({"nba.schema_version": str(SCHEMA_VERSION), "nba.stream": base})
+    first, last = files[0].first, max(f.last for f in files)
+    parent, name = parent_of(files[0].path), file_name(files[0].shard, first, last)
+    path = parent / name if isinstance(parent, Path) else f"{parent}/{name}"
+    write_table(path, table)
+    if remove_parts:
+        for f in files:
+            if name_of(f.path) != name_of(path):
+                remove(f.path)
+    return ArchivedFile(files[0].shard, first, last, path)
+
+
+def compact(client: object, root: Root, before: str, streams: tuple[str, ...] = tuple(STREAMS)) -> Compacted:
+    """Merge every day before ``before`` (``YYYY-MM-DD``): one file per stream shard and day."""
+    parse_day(before)
+    out = Compacted()
+    for base in streams:
+        for day in _days(root, base):
+            if name_of(day)[4:] >= before:
+                continue
+            shards = sorted({f.shard for f in _files(day)})
+            for shard in shards:
+                with files_lock(root, client).acquire(wait=600.0):
+                    found = list(_files(day, shard))  # as they are now, under the lock
+                    read, covered = _covering(found)
+                    out.files_before += len(found)
+                    if len(read) > 1:
+                        merge(root, read, base)
+                        out.merged += 1
+                    for f in covered:  # left by a compaction that stopped before removing them
+                        remove(f.path)
+                    out.files_after += 1 if read else 0
+    return out
