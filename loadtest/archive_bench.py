@@ -23,18 +23,40 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 
-from engine.analytics.report import build_report
-from engine.store.archive import ArchiveWriter
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, redis_client
-from engine.store.redis_embedded import EmbeddedRedis
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+from harness import args as common  # noqa: E402
+from harness.results import write_json  # noqa: E402
+
+from engine.analytics.report import build_report  # noqa: E402
+from engine.store.archive import ArchiveWriter  # noqa: E402
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM, redis_client  # noqa: E402
+from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
 
 ACTIONS = [f"action_{i}" for i in range(40)]
+
+
+@contextmanager
+def own_redis(folder: Path) -> Iterator:
+    """A client of a redis-server of this run's own (no persistence) in ``folder``."""
+    server = EmbeddedRedis(folder / "redis", persist=False).start()
+    client = redis_client(server.url, timeout=60.0)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop()
 
 
 def fill(client, n: int, seed: int = 0) -> int:
@@ -155,9 +177,7 @@ def _check_generated_equals_written(n: int = 3_000) -> None:
     width, fingerprint = len(model_input(SCHEMA).customer_features), SCHEMA.fingerprint()
     step = 86_400_000 * 2 // n
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", persist=False).start()
-        client = redis_client(server.url, timeout=60.0)
-        try:
+        with own_redis(Path(tmp)) as client:
             pipe = client.pipeline(transaction=False)
             for i in range(n):
                 ms = START_MS + i * step
@@ -177,9 +197,6 @@ def _check_generated_equals_written(n: int = 3_000) -> None:
             _generate(generated, n, 2, seed=0)
             a, b = build_report(client, archive=written), build_report(client, archive=generated)
             assert a == b and a["decisions"] == n, "generated files and writer-written files give different reports"
-        finally:
-            client.close()
-            server.stop()
 
 
 def old_python_report(client, since: str, until: str, archive: Path) -> dict:
@@ -247,9 +264,7 @@ def generated(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             out |= _generate(root, args.decisions, args.generated)
             out["generate_s"] = round(time.perf_counter() - t, 1)
-        server = EmbeddedRedis(Path(tmp) / "redis", persist=False).start()
-        client = redis_client(server.url, timeout=60.0)
-        try:
+        with own_redis(Path(tmp)) as client:
             out["report_p50_s"], report = _p50(lambda: build_report(client, archive=root), args.runs)
             assert isinstance(report, dict) and report["decisions"] == args.decisions
             out["report_responses_accepted"] = report["responses_accepted"]
@@ -275,14 +290,16 @@ def generated(args: argparse.Namespace) -> dict:
                 out["baseline_decisions"] = subset["decisions"]
                 out["baseline_old_python_report_p50_s"] = round(statistics.median(old), 2)
                 out["baseline_sql_report_same_subset_p50_s"] = round(statistics.median(new), 2)
-        finally:
-            client.close()
-            server.stop()
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def show(out: dict, path: str | None) -> None:
+    print(json.dumps(out, indent=2))
+    write_json(path, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser(__doc__)
     parser.add_argument("--decisions", type=int, default=200_000)
     parser.add_argument("--generated", type=int, default=0, metavar="DAYS",
                         help="generate the archive's files over DAYS days instead of filling Redis")
@@ -293,15 +310,14 @@ def main() -> None:
                         help="--generated: also time the old Python-per-entry report on the first N days (0: off)")
     parser.add_argument("--baseline-runs", type=int, default=1, help="--generated: runs of the baseline comparison")
     parser.add_argument("--dir", help="--generated: generate into DIR and keep it; reuse it when it holds files")
-    args = parser.parse_args()
+    common.add_json(parser, "also write the printed result here")
+    args = parser.parse_args(argv)
     if args.generated:
-        print(json.dumps(generated(args), indent=2))
-        return
+        show(generated(args), args.json)
+        return 0
     out: dict = {"decisions": args.decisions}
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", persist=False).start()
-        client = redis_client(server.url, timeout=60.0)
-        try:
+        with own_redis(Path(tmp)) as client:
             t = time.perf_counter()
             out["responses"] = fill(client, args.decisions)
             out["fill_s"] = round(time.perf_counter() - t, 1)
@@ -330,11 +346,9 @@ def main() -> None:
                            "union_by_name = true)").fetchall()
             out["duckdb_count_distinct_customers_s"] = round(time.perf_counter() - t, 2)
             assert rows[0][0] == args.decisions
-        finally:
-            client.close()
-            server.stop()
-    print(json.dumps(out, indent=2))
+    show(out, args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

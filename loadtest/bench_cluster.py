@@ -1,7 +1,7 @@
 """Decisions/s within the SLO of ``nba serve`` on one Redis node against a local 3-master Redis Cluster,
 and the Redis side's own capacity per shard, measured in one run.
 
-Starts both backends of ``redis_backends`` at once (an embedded node, append-only; ``LocalCluster``: 3
+Starts both backends of ``harness.redis_backends`` at once (an embedded node, append-only; ``LocalCluster``: 3
 masters + 3 replicas, append-only; all on loopback), seeds each with the same ``--customers`` demo
 customers (``engine.sim.demo.seed``), and starts ``nba serve --workers W`` (the same W, full funnel:
 demo catalog, ``--models-dir``'s champion, contact policies and budgets, decision log) against each
@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
-import redis_backends as rb  # noqa: E402
 from harness import args as common  # noqa: E402
+from harness import redis_backends as rb  # noqa: E402
 from harness import servers as srv  # noqa: E402
 from harness.results import stamp, write_json  # noqa: E402
 from harness.servers import tree_cpu_seconds  # noqa: E402

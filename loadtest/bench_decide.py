@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 from harness import args as common  # noqa: E402
 from harness import servers as srv  # noqa: E402
-from harness.clients import open_loop  # noqa: E402
+from harness.clients import CallContext, open_loop  # noqa: E402
 from harness.results import ratio_line, ratios, summary, table, write_json  # noqa: E402
 from loadgen import CHANNEL_MIX  # noqa: E402
 
@@ -255,14 +255,6 @@ def install(buckets: Buckets, engine: Any) -> None:
     w(DecisionLog, "write", "decision-log record")
 
 
-class _Context:
-    def time_remaining(self) -> None:
-        return None
-
-    def abort(self, code: Any, message: str) -> None:
-        raise RuntimeError(f"{code}: {message}")
-
-
 def thread_cpu_ns(native_id: int) -> int:
     """utime + stime of one thread of this process (clock ticks, so 10 ms resolution)."""
     with open(f"/proc/self/task/{native_id}/stat") as f:
@@ -314,7 +306,7 @@ def profile(args: argparse.Namespace) -> int:
 
         # all it uses of an App for Decide: the engine, and the rules (the declared channels)
         servicer = DecisionServicer(SimpleNamespace(engine=engine, rules=rules))  # type: ignore[arg-type]
-        context = _Context()
+        context = CallContext()
         rng = random.Random(5)
         channels = [getattr(pb, n) for n, _ in CHANNEL_MIX]
         weights = [s for _, s in CHANNEL_MIX]

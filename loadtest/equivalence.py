@@ -19,11 +19,22 @@ says how many decisions differ and shows the first ones.
     python loadtest/equivalence.py compare /tmp/eq-old.jsonl /tmp/eq-new.jsonl
     python loadtest/equivalence.py replay /tmp/eq-requests.jsonl /tmp/eq-cluster.jsonl --cluster  # the same on a cluster?
     python loadtest/equivalence.py replay ... --budget 20  # every offer with a daily budget, which runs out
+
+``servicer`` sends a fixed Decide sequence through one source tree's gRPC servicer (``DecisionServicer.Decide``
+in process: the request and answer messages as served) and writes one JSON line per answer, the random
+decision id left out; run it on two trees (before and after a change meant to change no behaviour) and
+compare the files. A fresh embedded Redis seeded with 3,000 demo customers, the engine as ``nba serve``
+builds it (contact policies, budgets, decision log) with the tree's rules and ``--models-dir``'s model, on a
+clock that moves 7 s per request, so hot customers (half the traffic on 50) run into contact limits and
+budgets; requests draw channel, max_actions, explain (20%) and interaction ids (20%) from a fixed seed.
+
+    python loadtest/equivalence.py servicer /tmp/before.jsonl --tree /tmp/before --calls 5000
+    python loadtest/equivalence.py servicer /tmp/after.jsonl --calls 5000
+    python loadtest/equivalence.py compare /tmp/before.jsonl /tmp/after.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -36,8 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
-
-from engine.sim.telco import SCHEMA  # noqa: E402
+from harness import args as common  # noqa: E402
 
 START = datetime(2030, 3, 1, tzinfo=UTC).timestamp()
 CUSTOMERS = 2_000
@@ -97,6 +107,7 @@ def replay(requests: str, out: str, models_dir: str, cluster: bool = False, budg
     from engine.models.registry import ModelRegistry
     from engine.rules.runtime import load_and_compile
     from engine.sim import demo
+    from engine.sim.telco import SCHEMA
     from engine.store.profiles import ProfileStore
     from engine.store.redis_cluster import LocalCluster
     from engine.store.redis_embedded import EmbeddedRedis
@@ -137,8 +148,9 @@ def compare(a: str, b: str) -> int:
     left = [json.loads(line) for line in Path(a).read_text().splitlines()]
     right = [json.loads(line) for line in Path(b).read_text().splitlines()]
     differ = [(x, y) for x, y in zip(left, right) if x != y]
-    shown = sum(len(x["actions"]) for x in left)
-    limited = sum(f[1] == "contact" for x in left for f in x["funnel"])
+    shown = sum(len(x.get("actions", [])) for x in left)
+    # replay's funnel rows are [action, stage, detail]; servicer's answers carry the proto's funnel messages
+    limited = sum(isinstance(f, list) and f[1] == "contact" for x in left for f in x.get("funnel", []))
     print(f"{len(left)} and {len(right)} decisions ({shown} actions presented, {limited} stopped by a contact "
           f"policy); {len(differ)} differ")
     for x, y in differ[:5]:
@@ -146,8 +158,59 @@ def compare(a: str, b: str) -> int:
     return 0 if not differ and len(left) == len(right) else 1
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def servicer(tree: Path, calls: int, out: str, models_dir: str) -> None:
+    """``calls`` Decides through ``tree``'s ``DecisionServicer``, one JSON line per answer (no decision id)."""
+    sys.path.insert(0, str(tree))  # before the first engine import: the tree's code answers
+    from types import SimpleNamespace
+
+    from google.protobuf.json_format import MessageToDict
+    from harness.clients import CallContext
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.decision.funnel import DecisionEngine
+    from engine.live import Live
+    from engine.models.registry import ModelRegistry
+    from engine.rules.runtime import load_and_compile
+    from engine.serving.server import DecisionServicer
+    from engine.sim import demo
+    from engine.sim.telco import SCHEMA
+    from engine.store.decision_log import DecisionLog
+    from engine.store.profiles import ProfileStore
+    from engine.store.redis_embedded import EmbeddedRedis
+
+    imported = Path(sys.modules["engine"].__file__ or "").resolve()
+    if not imported.is_relative_to(tree):
+        raise SystemExit(f"--tree {tree}: engine was imported from {imported.parent}, not from the tree")
+    now = [1_781_524_800.0]  # noon UTC: no quiet hours at first
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as redis_server:
+        store = ProfileStore.from_url(redis_server.url)
+        demo.seed(store, 3000)
+        rules = Live(load_and_compile(tree / "rules"), retire=lambda r: r.close())
+        model = Live(ModelRegistry(models_dir, SCHEMA).load())
+        engine = DecisionEngine(store, rules, model, DecisionLog(store.client), contacts=True, clock=lambda: now[0])
+        engine.warmup()
+        # all it uses of an App for Decide: the engine, and the rules (the declared channels; older trees ignore them)
+        served = DecisionServicer(SimpleNamespace(engine=engine, rules=rules))  # type: ignore[arg-type]
+        rng = random.Random(7)
+        channels = [pb.CHANNEL_WEB, pb.CHANNEL_MOBILE_APP, pb.CHANNEL_CALL_CENTER, pb.CHANNEL_EMAIL, pb.CHANNEL_SMS,
+                    pb.CHANNEL_BRANCH]
+        with open(out, "w") as f:
+            for i in range(calls):
+                now[0] += 7.0
+                r = rng.random()
+                cid = f"C{rng.randrange(50 if r < 0.5 else 3000):07d}" if r >= 0.05 else f"NEW-{i}"
+                req = pb.DecideRequest(customer_id=cid, channel=rng.choice(channels), touchpoint="t",
+                                       max_actions=rng.choice([0, 1, 3]), explain=rng.random() < 0.2,
+                                       interaction_id=f"ix{rng.randrange(200)}" if rng.random() < 0.2 else "")
+                answer = MessageToDict(served.Decide(req, CallContext()))
+                answer.pop("decisionId", None)
+                f.write(json.dumps(answer, sort_keys=True) + "\n")
+        rules.current.close()
+    print(f"{calls} answers of {tree}'s servicer -> {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = common.parser(__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("record")
     r.add_argument("requests")
@@ -158,17 +221,24 @@ def main() -> int:
     p = sub.add_parser("replay")
     p.add_argument("requests")
     p.add_argument("out")
-    p.add_argument("--models-dir", default=str(ROOT / "models"))
+    common.add_models_dir(p, ROOT / "models")
     p.add_argument("--cluster", action="store_true", help="on a local Redis Cluster (3 masters, 3 replicas)")
     p.add_argument("--budget", type=int, default=0, help="a daily budget of this many on every offer")
+    v = sub.add_parser("servicer")
+    v.add_argument("out")
+    v.add_argument("--tree", type=Path, default=ROOT, help=f"the source tree whose servicer answers (default {ROOT})")
+    v.add_argument("--calls", type=int, default=5000, help="Decides (default 5000)")
+    common.add_models_dir(v, "/tmp/nba-models")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.command == "record":
         record(args.requests, args.steps, args.days, args.hot, args.seed)
     elif args.command == "replay":
         replay(args.requests, args.out, args.models_dir, args.cluster, args.budget)
+    elif args.command == "servicer":
+        servicer(args.tree.resolve(), args.calls, args.out, args.models_dir)
     else:
         return compare(args.a, args.b)
     return 0

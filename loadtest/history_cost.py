@@ -33,16 +33,29 @@ measured window sees histories in their steady state (old days dropped as new on
 
     python loadtest/history_cost.py --models-dir /tmp/nba-models --json /tmp/history_cost.json
     python loadtest/history_cost.py --models-dir /tmp/nba-models --fill 200000 --days 60 --json /tmp/hc-days.json
+
+``--by-size`` instead times the presenting script against the size of one customer's contact history:
+customers with 1, 10, 100, 1,000 and 10,000 impressions in their history (written by the presenting script
+itself, deciding with no limits on a clock 1 to 29 days back), either all on one day or spread over 29
+days, over 10 demo actions (without a daily budget) on 3 channels. Then it judges 10 candidates against
+``rules/contact.yaml`` (a preview: it reads and counts, writes nothing) for each customer in turn, in blocks
+of ``--calls`` calls, the order of the customers reversed every round (``--rounds``); the time per call is
+the ``INFO commandstats`` EVALSHA delta of the block. ``--against FILE`` also times another version of the
+presenting script (the Lua text in FILE, e.g. an earlier commit's ``PRESENT``) on the same histories: every
+block runs once with each script, their order alternating, and the table gets its time and the ratio.
+
+    python loadtest/history_cost.py --by-size --json /tmp/history_probe.json
+    PYTHONPATH=<old checkout> python -c "from engine.decision.contact import PRESENT; print(PRESENT)" > /tmp/present-old.lua
+    python loadtest/history_cost.py --by-size --against /tmp/present-old.lua
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +65,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 import loadgen  # noqa: E402
+from harness import args as common  # noqa: E402
+from harness.results import summary, write_json  # noqa: E402
 
 from engine.sim.telco import SCHEMA  # noqa: E402
 from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
@@ -87,11 +102,6 @@ def evalsha(client) -> tuple[int, int, float, int, int]:
     return (int(stats.get("calls", 0)), int(stats.get("usec", 0)),
             float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(client.info("memory")["used_memory_lua"]),
             int(client.dbsize()))
-
-
-def pct(ms: np.ndarray) -> dict:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "p999_ms": round(float(np.percentile(ms, 99.9)), 3)}
 
 
 REFERENCE = "REF-0000001"
@@ -250,7 +260,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
         sl = slice(w * window, (w + 1) * window)
         calls, usec = marks[w + 1][0] - marks[w][0], marks[w + 1][1] - marks[w][1]
         windows.append({"decisions": [w * window + 1, (w + 1) * window],
-                        "latency": pct(latency[sl] * 1000), "service": pct(service[sl] * 1000),
+                        "latency": summary(latency[sl] * 1000), "service": summary(service[sl] * 1000),
                         "script_us_per_call": round(usec / max(calls, 1), 1), "script_calls": calls,
                         "redis_cpu_us_per_decision": round((marks[w + 1][2] - marks[w][2]) / window * 1e6, 1),
                         "calibration": calibrations[w], "lua_heap_bytes": marks[w + 1][3], "keys": marks[w + 1][4],
@@ -276,13 +286,99 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+SIZES = (1, 10, 100, 1_000, 10_000)
+PROBE_NOW = datetime(2030, 6, 15, 12, tzinfo=UTC).timestamp()
+PROBE_CHANNELS = ("call_center", "branch", "email")
+
+
+class _Verdict:
+    def __init__(self, action: object) -> None:
+        self.action = action
+
+
+def by_size(rounds: int, calls: int, against: str | None = None) -> dict:
+    """``--by-size``: the presenting script's time per preview call for customers with 1 to 10,000
+    impressions in their history (all on one day, or over 29 days); with ``against``, that script too."""
+    import redis
+
+    from engine.decision.codes import Codes
+    from engine.decision.contact import PRESENT, present_args
+    from engine.rules.contact import ContactLimit, ContactRules
+    from engine.rules.runtime import load_and_compile
+
+    def record(cid: str, channel: str, at: float) -> dict[str, str]:
+        return {"customer": cid, "channel": channel, "ts": f"{at:.3f}", "counted": "1"}
+
+    rules = load_and_compile(ROOT / "rules")
+    contact = rules.ruleset.contact
+    actions = [a for a in rules.ruleset.actions if "call_center" in a.channels and a.daily_budget is None][:10]
+    # writing: no limit that stops a contact, but the history kept 30 days as the demo rules keep it
+    keep = ContactRules((ContactLimit("keep_30_days", 10**9, 30, counts="acceptances"),))
+    candidates = [(1.0 - i / 100, 0.5, _Verdict(a)) for i, a in enumerate(actions)]
+    customers = {f"{spread}-{n}": (spread, n) for spread in ("1 day", "29 days") for n in SIZES}
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
+        client = redis.Redis.from_url(server.url)  # the service user runs the scripts, as the service does
+        admin = redis.Redis.from_url(server.admin_url)  # INFO and MEMORY USAGE are beyond its ACL
+        codes = Codes(client)
+        scripts = {"this": client.register_script(PRESENT)}
+        if against:
+            scripts["against"] = client.register_script(against)
+        k = 0
+        for cid, (spread, n) in customers.items():
+            for i in range(n):
+                k += 1
+                at = PROBE_NOW - 3600 - (i % 29) * 86_400 * (spread != "1 day") - (i % 97)
+                a = actions[i % len(actions)]
+                channel = PROBE_CHANNELS[i % 3]
+                keys, argv, _ = present_args(keep, [(1.0, 0.5, _Verdict(a))], None, 1, channel,
+                                             f"{int(at * 1000):012x}{k:020x}", at, record(cid, channel, at), cid,
+                                             "decide", codes=codes)
+                scripts["this"](keys=keys, args=[argv])
+        times: dict[str, dict[str, list[float]]] = {cid: {name: [] for name in scripts} for cid in customers}
+        order = list(customers)
+        for r in range(rounds):
+            for cid in (order if r % 2 == 0 else order[::-1]):
+                for name in (list(scripts) if r % 2 == 0 else list(scripts)[::-1]):
+                    before = evalsha(admin)
+                    for j in range(calls):
+                        channel = PROBE_CHANNELS[j % 3]
+                        keys, argv, _ = present_args(contact, candidates, None, 3, channel, f"p{r}{j}", PROBE_NOW,
+                                                     record(cid, channel, PROBE_NOW), cid, "dry", codes=codes)
+                        scripts[name](keys=keys, args=[argv])
+                    after = evalsha(admin)
+                    times[cid][name].append((after[1] - before[1]) / (after[0] - before[0]))
+        sizes = {cid: int(admin.memory_usage(f"nba:{{c:{cid}}}:contacts", samples=0) or 0) for cid in customers}
+        client.close()
+        admin.close()
+    rules.close()
+    out = {}
+    for cid, t in times.items():
+        row = out[cid] = {"spread": customers[cid][0], "impressions": customers[cid][1], "key_bytes": sizes[cid]}
+        for name, prefix in (("this", ""), ("against", "against_")):
+            if name in t:
+                row[f"{prefix}us_per_call"] = round(float(np.median(t[name])), 1)
+                row[f"{prefix}us_per_call_rounds"] = [round(x, 1) for x in t[name]]
+        if against:
+            row["this_over_against"] = round(float(np.median(np.divide(t["this"], t["against"]))), 3)
+    return out
+
+
+def print_by_size(table: dict, against: bool) -> None:
+    print(f"{'history':>8} {'impressions':>12} {'us/call (median of rounds)':>27} {'key bytes':>10}"
+          + (f" {'--against us/call':>18} {'ratio (median of rounds)':>25}" if against else ""))
+    for row in table.values():
+        print(f"{row['spread']:>8} {row['impressions']:>12,} {row['us_per_call']:>27.1f} {row['key_bytes']:>10,}"
+              + (f" {row['against_us_per_call']:>18.1f} {row['this_over_against']:>25.3f}" if against else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = common.parser(__doc__)
+    common.add_modes(ap, {"--by-size": "the presenting script's time against one customer's history size"})
     ap.add_argument("--decisions", type=int, default=200_000)
-    ap.add_argument("--rate", type=float, default=300.0, help="Decides per second, open loop")
+    common.add_load(ap, rate=300.0, rate_help="Decides per second, open loop")
     ap.add_argument("--window", type=int, default=20_000)
-    ap.add_argument("--customers", type=int, default=20_000)
-    ap.add_argument("--models-dir", default=str(ROOT / "models"))
+    common.add_customers(ap)
+    common.add_models_dir(ap, ROOT / "models")
     ap.add_argument("--seed", type=int, default=18)
     ap.add_argument("--fill", type=int, default=0, help="decisions of the same mix before the first window")
     ap.add_argument("--calibration", type=int, default=300, help="reference previews before every window")
@@ -292,8 +388,16 @@ def main() -> int:
                          "--fill and --decisions (default: the real clock, every contact on today)")
     ap.add_argument("--sections", action="store_true",
                     help="time the presenting script's sections inside Redis (TIME marks; they add their own cost)")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    common.add_rounds(ap, 6, "--by-size: rounds, the customers' and the scripts' order alternating")
+    ap.add_argument("--calls", type=int, default=300, help="--by-size: script calls per customer and round (default 300)")
+    ap.add_argument("--against", metavar="FILE", help="--by-size: another presenting script (Lua) to time alongside")
+    common.add_json(ap)
+    args = ap.parse_args(argv)
+    if args.by_size:
+        table = by_size(args.rounds, args.calls, Path(args.against).read_text() if args.against else None)
+        print_by_size(table, bool(args.against))
+        write_json(args.json, table)
+        return 0
     out = run(args.decisions, args.rate, args.window, args.customers, args.models_dir, args.seed, args.fill,
               args.calibration, args.ballast, args.days, args.sections)
     first, last = out["windows"][0], out["windows"][-1]
@@ -311,8 +415,7 @@ def main() -> int:
     c = out["last_over_first_calibrated"]
     print(f"calibrated by the reference work: service p99 {c['service_p99']:.3f}, script time per call "
           f"{c['script_us_per_call']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return 0 if abs(r["latency_p99"] - 1) <= 0.1 and abs(r["script_us_per_call"] - 1) <= 0.1 else 1
 
 

@@ -3,7 +3,7 @@
 In-process (no gRPC: the Redis side of an operation is the same either way), the service as ``nba
 serve`` composes it (``engine.serving.app.App``: contact policies and budgets on, decision log, event
 processor; no timer poller or ingest consumer; ``--models-dir``) on each backend of
-``redis_backends``: an embedded node (append-only, everysec) and ``LocalCluster`` (3 masters + 3
+``harness.redis_backends``: an embedded node (append-only, everysec) and ``LocalCluster`` (3 masters + 3
 replicas, append-only), each seeded with ``--customers`` demo customers (``engine.sim.demo.seed``).
 Phases, ``--ops`` operations each, customers uniform over the seeded ones:
 
@@ -23,7 +23,7 @@ replicas apart; and the service process's CPU per operation (``time.process_time
 this process, the decision-log writer included). Each phase is bounded by ``--max-seconds``.
 
 Then a 31-day simulation on a fixed set of ``--sim-customers`` fresh demo customers with a clock that
-moves a day at a time, ``--sim-per-day`` decisions per customer per day (the storage.py mix: channels,
+moves a day at a time, ``--sim-per-day`` decisions per customer per day (the ``--bytes-per-decision`` mix: channels,
 impressions reported on web and app, 5% responses) and ``--sim-events-per-day`` events, and ``MEMORY
 USAGE`` of every key of those customers at the end (profile, triggers, contact history, event history
 and ids, interaction hashes), of the decision records and of the stream entries (bytes per entry). The
@@ -31,12 +31,20 @@ memory per customer for the capacity model is their sum plus the decision record
 (``decisions/customer/day x retention days x bytes per record``), printed for a few rates.
 
     python loadtest/op_costs.py --models-dir /tmp/nba-models --json /tmp/op_costs.json
+
+Two more storage measurements are modes of this tool (their code in ``loadtest/capacity/``):
+``--bytes-per-decision``, the Redis bytes and keys each decision adds per key family and what the response
+retention (``--accept-days``) costs in steady state at ``--rate``; ``--import-rate``, how fast ``nba import
+customers`` loads ``--customers`` profiles from CSV and Parquet against a plain redis-py pipeline and the
+importer's own pre-packed commands:
+
+    python loadtest/op_costs.py --bytes-per-decision --models-dir /tmp/nba-models --decisions 30000 --accept-days 7
+    python loadtest/op_costs.py --import-rate --customers 50000 --turns 5 --json /tmp/bench_import.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -50,7 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-import redis_backends as rb  # noqa: E402
+from harness import args as common  # noqa: E402
+from harness import redis_backends as rb  # noqa: E402
+from harness.results import stamp, write_json  # noqa: E402
 
 EVENT_MIX = (("data_usage", lambda r: {"used_ratio": f"{r.uniform(0.5, 1.0):.2f}"}),
              ("payment_failed", lambda r: {"amount": f"{r.uniform(5, 80):.2f}"}),
@@ -61,17 +71,12 @@ EVENT_MIX = (("data_usage", lambda r: {"used_ratio": f"{r.uniform(0.5, 1.0):.2f}
 SIM_CHANNELS = {"call_center": 0.25, "web": 0.35, "mobile_app": 0.25, "branch": 0.08, "email": 0.07}
 TOUCHPOINTS = {"call_center": "call_center.inbound", "web": "web.home.hero", "mobile_app": "app.home.card",
                "branch": "branch.desk", "email": "email.weekly"}
-# per-customer key families (the hash tag {c:<id>}) and the shared ones
-FAMILIES = (("profile", re.compile(r"^nba:\{c:[^}]*\}:profile$")),
-            ("triggers", re.compile(r"^nba:\{c:[^}]*\}:triggers$")),
-            ("contact history", re.compile(r"^nba:\{c:[^}]*\}:contacts$")),
-            ("event history", re.compile(r"^nba:\{c:[^}]*\}:events$")),
-            ("event ids", re.compile(r"^nba:\{c:[^}]*\}:event_ids$")),
-            ("event effects", re.compile(r"^nba:\{c:[^}]*\}:events:pending$")),
-            ("interactions", re.compile(r"^nba:\{c:[^}]*\}:ix:")),
-            ("outbound", re.compile(r"^nba:\{c:[^}]*\}:outbound:")),
-            ("record minutes", re.compile(r"^nba:\{c:[^}]*\}:record_minutes$")),
-            ("erasure index", re.compile(r"^nba:\{c:[^}]*\}:index$")),
+# per-customer key families (the hash tag {c:<id>}: the key's tail after it), in the order they are matched
+PER_CUSTOMER = (("profile", "profile$"), ("triggers", "triggers$"), ("contact history", "contacts$"),
+                ("event history", "events$"), ("event ids", "event_ids$"), ("event effects", "events:pending$"),
+                ("interactions", "ix:"), ("outbound", "outbound:"), ("record minutes", "record_minutes$"),
+                ("erasure index", "index$"))
+FAMILIES = (*((name, re.compile(r"^nba:\{c:[^}]*\}:" + tail)) for name, tail in PER_CUSTOMER),
             ("other per customer", re.compile(r"^nba:\{c:")),
             ("decision records", re.compile(r"^nba:(\{[^}]*\}:)?decision:")),
             ("decision record buckets", re.compile(r"^nba:decisions:")),
@@ -304,21 +309,49 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
             "used_memory": sum(int(i["used_memory"]) for i in info)}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = common.parser(__doc__)
+    common.add_modes(ap, {
+        "--bytes-per-decision": "Redis bytes and keys per decision by key family, per --accept-days "
+                                "(loadtest/capacity/decision_bytes.py)",
+        "--import-rate": "nba import customers (CSV, Parquet) against a redis-py pipeline "
+                         "(loadtest/capacity/import_rate.py)"})
     ap.add_argument("--backends", nargs="+", default=["node", "cluster"], choices=["node", "cluster"])
-    ap.add_argument("--customers", type=int, default=20_000)
+    ap.add_argument("--customers", type=int,
+                    help="demo customers (default 20,000; --import-rate: customers imported, default 200,000)")
     ap.add_argument("--ops", type=int, default=3000, help="operations per phase")
-    ap.add_argument("--max-seconds", type=float, default=60, help="bound on each phase")
+    ap.add_argument("--max-seconds", type=float,
+                    help="bound on each phase (default 60); --bytes-per-decision: on each run's decision loop, "
+                         "--import-rate: no new turn after this long (default 600)")
     ap.add_argument("--sim-customers", type=int, default=300)
     ap.add_argument("--sim-per-day", type=float, default=2.0, help="decisions per customer per simulated day")
     ap.add_argument("--sim-events-per-day", type=float, default=1.0)
     ap.add_argument("--sim-days", type=int, default=31)
-    ap.add_argument("--models-dir", default="/tmp/nba-models" if Path("/tmp/nba-models/propensity/CHAMPION").is_file()
-                    else str(ROOT / "models"))
-    ap.add_argument("--seed", type=int, default=15)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    common.add_models_dir(ap, "/tmp/nba-models" if Path("/tmp/nba-models/propensity/CHAMPION").is_file()
+                          else ROOT / "models")
+    ap.add_argument("--seed", type=int, help="default 15; --import-rate: 7")
+    common.add_json(ap)
+    ap.add_argument("--decisions", type=int, default=100_000, help="--bytes-per-decision: decisions per run")
+    ap.add_argument("--accept-days", type=float, nargs="+", default=[7, 30],
+                    help="--bytes-per-decision: one run per value of contact.yaml's responses accept_days")
+    common.add_load(ap, rate=300, rate_help="--bytes-per-decision: decisions/s for the steady state")
+    ap.add_argument("--extrapolate-to", type=int, default=1_000_000, help="--bytes-per-decision: decisions")
+    ap.add_argument("--turns", type=int, default=3, help="--import-rate: runs of each method (alternating order)")
+    ap.add_argument("--batch", type=int, default=2_000, help="--import-rate: customers per pipeline")
+    args = ap.parse_args(argv)
+    if args.bytes_per_decision:
+        from capacity import decision_bytes
+
+        args.customers = args.customers or 20_000
+        return decision_bytes.run(args)
+    if args.import_rate:
+        from capacity import import_rate
+
+        args.seed = 7 if args.seed is None else args.seed
+        return import_rate.run(args)
+    args.customers = args.customers or 20_000
+    args.max_seconds = args.max_seconds or 60.0
+    args.seed = 15 if args.seed is None else args.seed
 
     from engine.sim import demo
     from engine.store.profiles import ProfileStore
@@ -327,8 +360,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backends:
             with rb.backend(name, tmp) as b:
-                print(f"--- {name} ({time.strftime('%H:%M:%S')}, load average "
-                      f"{__import__('os').getloadavg()[0]:.2f})", flush=True)
+                print(f"--- {name} ({stamp()})", flush=True)
                 store = ProfileStore.from_url(b.url)
                 demo.seed(store, args.customers + args.sim_customers)
                 clock = Clock()
@@ -346,8 +378,7 @@ def main() -> int:
                     app.close()
                 out["backends"][name] = res
                 report_memory(name, res, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    write_json(args.json, out)
     return 0
 
 

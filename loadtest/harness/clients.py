@@ -1,7 +1,8 @@
 """One-process open-loop clients: ``open_loop`` sends any call at a constant rate; ``alternate`` sends Decides
 alternating request by request between two servers (on a machine shared with other work a burst of
 someone else's load hits both sides of the comparison alike). Latency counts from each request's
-intended send time, so a slow reply delays the next ones' numbers instead of hiding them."""
+intended send time, so a slow reply delays the next ones' numbers instead of hiding them. ``CallContext``
+stands in for the gRPC context when a servicer method is called in process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from typing import Any
 import numpy as np
 
 from harness.results import per_round, summary
+
+
+class CallContext:
+    """What a servicer method uses of ``grpc.ServicerContext`` when it is called in process: no deadline,
+    and ``abort`` raises."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def abort(self, code: Any, message: str) -> None:
+        raise RuntimeError(f"{code}: {message}")
 
 Connect = Callable[[str, str], Any]  # (side, address) -> channel
 

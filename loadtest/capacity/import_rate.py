@@ -1,4 +1,5 @@
-"""How fast ``nba import customers`` loads a customer base, against a plain redis-py pipeline.
+"""How fast ``nba import customers`` loads a customer base, against a plain redis-py pipeline
+(``op_costs.py --import-rate``).
 
 Generates ``--customers`` telco demo customers (``engine.sim.world.generate``: 24 numbers, 6
 categories, products and consent as ``;``-separated cells) into a temporary CSV and Parquet file,
@@ -24,17 +25,15 @@ equals ``encode_profile``. Before the turns, each importer loads a 2,000-custome
 The importer and the baseline run in this process, Redis in its own: on a 2-core machine they share
 the cores. Every run is bounded by the data; the turns stop early once ``--max-seconds`` have passed.
 
-    python loadtest/bench_import.py                      # 200,000 customers, 3 turns
-    python loadtest/bench_import.py --customers 50000 --turns 5 --json /tmp/bench_import.json
+    python loadtest/op_costs.py --import-rate                      # 200,000 customers, 3 turns
+    python loadtest/op_costs.py --import-rate --customers 50000 --turns 5 --json /tmp/bench_import.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import deque
@@ -45,15 +44,13 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import redis
+from harness.results import write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from engine.sim.telco import SCHEMA  # noqa: E402
-from engine.sim.world import generate  # noqa: E402
-from engine.store.bulk import import_customers  # noqa: E402
-from engine.store.profiles import _SAVE_PROFILE, _SAVE_SHA, ProfileStore, encode_profile, pack, profile_key  # noqa: E402
-from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
+from engine.sim.telco import SCHEMA
+from engine.sim.world import generate
+from engine.store.bulk import import_customers
+from engine.store.profiles import _SAVE_PROFILE, _SAVE_SHA, ProfileStore, encode_profile, pack, profile_key
+from engine.store.redis_embedded import EmbeddedRedis
 
 METHODS = ("import CSV", "import Parquet", "baseline HSET pipeline", "ceiling EVALSHA pre-packed")
 IN_FLIGHT = 16_000  # as engine/store/bulk.py
@@ -145,16 +142,10 @@ def check(client: redis.Redis, encoded: list[tuple[str, dict]], method: str) -> 
         assert client.hgetall(key) == want, f"{method}: {key} differs from encode_profile"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--customers", type=int, default=200_000)
-    ap.add_argument("--turns", type=int, default=3, help="runs of each method (alternating order)")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=2_000, help="customers per pipeline, importer and baseline")
-    ap.add_argument("--max-seconds", type=float, default=600.0, help="no new turn after this long")
-    ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args()
-
+def run(args: argparse.Namespace) -> int:
+    """The comparison with ``op_costs.py``'s arguments (``--import-rate``)."""
+    args.customers = args.customers or 200_000
+    args.max_seconds = args.max_seconds or 600.0
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nba-bench-import-") as tmp, \
             EmbeddedRedis(Path(tmp) / "redis", persist=False) as server:
@@ -203,14 +194,9 @@ def main() -> int:
         print(f"{method:28} {rate:>20,.0f} {rate / base:>11.2f}x {rate / top:>10.2f}x")
     print("baseline: HSET of pre-encoded fields through a redis-py pipeline (no parsing or checking, no DEL);\n"
           "ceiling: the importer's EVALSHA commands packed beforehand, sent as it sends them (no parsing or checking)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "customers": args.customers, "batch": args.batch, "cores": os.cpu_count(),
-            "seconds": seconds, "profiles_per_second": rates,
-            "ratio_to_baseline": {m: r / base for m, r in rates.items()},
-            "ratio_to_ceiling": {m: r / top for m, r in rates.items()}}, indent=2))
+    write_json(args.json, {
+        "customers": args.customers, "batch": args.batch, "cores": os.cpu_count(),
+        "seconds": seconds, "profiles_per_second": rates,
+        "ratio_to_baseline": {m: r / base for m, r in rates.items()},
+        "ratio_to_ceiling": {m: r / top for m, r in rates.items()}})
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

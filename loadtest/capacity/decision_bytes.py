@@ -1,4 +1,5 @@
-"""Redis bytes and keys per decision and per customer, and what the response retention costs.
+"""Redis bytes and keys per decision and per customer, and what the response retention costs
+(``op_costs.py --bytes-per-decision``).
 
 For each ``--accept-days`` value (default 7, the demo's ``responses: accept_days``, and 30, the retention
 that was fixed before it was configurable) the script copies ``rules/`` to a temp directory with that
@@ -20,13 +21,12 @@ Per decision it reports the bytes each key family grew by, keys per decision and
 Redis encodings, a linear extrapolation to 1,000,000 decisions, and the steady state at a given rate
 (``--rate``) as a formula of how long each family keeps what a decision wrote.
 
-    python loadtest/storage.py --models-dir /tmp/nba-models --decisions 100000 --json /tmp/storage.json
+    python loadtest/op_costs.py --bytes-per-decision --models-dir /tmp/nba-models --decisions 100000 --json /tmp/storage.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import shutil
@@ -37,12 +37,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from harness.results import write_json
+from harness.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from engine.sim.telco import SCHEMA  # noqa: E402
-from engine.store.redis_embedded import EmbeddedRedis  # noqa: E402
+from engine.sim.telco import SCHEMA
+from engine.store.redis_embedded import EmbeddedRedis
 
 NOON_UTC = 1_781_524_800.0  # 2026-06-15 12:00 UTC
 CHANNEL_MIX = {"call_center": 0.25, "web": 0.35, "mobile_app": 0.25, "branch": 0.08, "email": 0.07}
@@ -354,26 +353,17 @@ def report(run: dict, per: dict, ext: dict) -> None:
           f"(after N: with the {run['customers']:,} customers' {size(ext['customers_before_bytes'])}; steady: customers aside)")
 
 
-def main() -> int:
+def run(args: argparse.Namespace) -> int:
+    """The measurement with ``op_costs.py``'s arguments (``--bytes-per-decision``)."""
     from engine.store.profiles import STREAM_MAXLEN
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--decisions", type=int, default=100_000)
-    ap.add_argument("--customers", type=int, default=20_000)
-    ap.add_argument("--max-seconds", type=float, default=600, help="bounds the decision loop of each run")
-    ap.add_argument("--accept-days", type=float, nargs="+", default=[7, 30])
-    ap.add_argument("--rate", type=float, default=300, help="decisions/s for the steady state")
-    ap.add_argument("--extrapolate-to", type=int, default=1_000_000)
-    ap.add_argument("--models-dir", default=str(ROOT / "models"))
-    ap.add_argument("--json")
-    args = ap.parse_args()
     out = []
     for days in args.accept_days:
-        run = run_one(days, args.decisions, args.customers, args.models_dir, args.max_seconds)
-        per = per_decision(run)
-        ext = extrapolate(run, per, args.extrapolate_to, args.rate, STREAM_MAXLEN)
-        report(run, per, ext)
-        out.append({"run": run, "per_decision": per, "extrapolation": ext})
+        one = run_one(days, args.decisions, args.customers, args.models_dir, args.max_seconds or 600)
+        per = per_decision(one)
+        ext = extrapolate(one, per, args.extrapolate_to, args.rate, STREAM_MAXLEN)
+        report(one, per, ext)
+        out.append({"run": one, "per_decision": per, "extrapolation": ext})
     if len(out) > 1:
         print()
         base = out[0]["extrapolation"]
@@ -384,10 +374,5 @@ def main() -> int:
             print(f"steady state at {args.rate:g}/s, accept_days {out[0]['run']['accept_days']:g} vs "
                   f"{o['run']['accept_days']:g}: decision records {size(a)} vs {size(b)}; "
                   f"total {size(ta)} vs {size(tb)} (saves {size(tb - ta)})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, {"runs": out})
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
