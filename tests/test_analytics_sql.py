@@ -321,6 +321,15 @@ def check_all(client: redis.Redis, archive: Path | None) -> None:
         assert data_closed.summary["pending"] == 0 and len(data_closed) > len(data) > 100
 
 
+def _trim_to_nothing(redis_admin_url: str) -> None:
+    """XTRIM MAXLEN 0 on every shard of the decision and response streams, as the admin."""
+    admin = redis_client(redis_admin_url)
+    for base in (DECISIONS_STREAM, RESPONSES_STREAM):
+        for key in shard_keys(base, admin):
+            admin.xtrim(key, maxlen=0, approximate=False)
+    admin.close()
+
+
 def test_the_sql_figures_equal_the_python_ones_from_the_streams_and_from_the_archive(redis_url: str,
                                                                                    tmp_path: Path) -> None:
     client = redis_client(redis_url)
@@ -347,10 +356,7 @@ def test_traffic_and_rejections_for_the_plan_read_the_archive(redis_url: str, re
     root = tmp_path / "archive"
     with ArchiveWriter(client, root, file_entries=40) as writer:
         writer.once()
-    admin = redis_client(redis_admin_url)
-    for base in (DECISIONS_STREAM, RESPONSES_STREAM):
-        for key in shard_keys(base, admin):
-            admin.xtrim(key, maxlen=0, approximate=False)
+    _trim_to_nothing(redis_admin_url)
     assert traffic_from_stream(client, 60, 1.0, ["web"]).recorded == {}  # the streams alone: nothing left
     again = traffic_from_stream(client, 60, 1.0, ["web", "app", "sms", "email"], archive=root)
     assert again.channels == traffic.channels and again.recorded == traffic.recorded
@@ -375,10 +381,7 @@ def test_reports_and_training_see_everything_after_the_streams_are_trimmed_to_no
     root = tmp_path / "archive"
     with ArchiveWriter(client, root, file_entries=70) as writer:
         writer.once()
-    admin = redis_client(redis_admin_url)
-    for base in (DECISIONS_STREAM, RESPONSES_STREAM):
-        for key in shard_keys(base, admin):
-            admin.xtrim(key, maxlen=0, approximate=False)  # XTRIM MAXLEN 0, as the admin
+    _trim_to_nothing(redis_admin_url)
     assert sum(1 for _ in xrange_all(client, DECISIONS_STREAM)) == 0
 
     assert cli.main(["report", *common, "--archive", str(root), "--json"]) == 0

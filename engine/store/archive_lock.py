@@ -127,20 +127,20 @@ class RedisLease(Lock):
             self.client.eval(_RENEW, 1, self.key, self.token, 0)
 
 
-def writer_lock(root: Root, client: Any) -> Lock:
+def _lock(root: Root, client: Any, name: str, lease_ms: int) -> Lock:
     if is_remote(root):
-        return RedisLease(client, _lock_key(root, "writer"), WRITER_LEASE_MS)
+        return RedisLease(client, _lock_key(root, name), lease_ms)
     base = local_path(root)
     assert base is not None
-    return FileLock(base / ".lock")
+    return FileLock(base / (".lock" if name == "writer" else f".{name}.lock"))
+
+
+def writer_lock(root: Root, client: Any) -> Lock:
+    return _lock(root, client, "writer", WRITER_LEASE_MS)
 
 
 def files_lock(root: Root, client: Any) -> Lock:
-    if is_remote(root):
-        return RedisLease(client, _lock_key(root, "files"), FILES_LEASE_MS)
-    base = local_path(root)
-    assert base is not None
-    return FileLock(base / ".files.lock")
+    return _lock(root, client, "files", FILES_LEASE_MS)
 
 
 def erasures(client: Any) -> int:
