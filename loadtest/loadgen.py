@@ -297,7 +297,7 @@ def _check_channel(work: Workload) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import RefusedToken
+    from engine.commands.options import RefusedToken
 
     ap = argparse.ArgumentParser(prog="nba loadtest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", default="127.0.0.1:50051")

@@ -16,7 +16,8 @@ LAYERS = {  # wing -> layer; a module may import its own wing and wings on lower
     "events": 4, "authoring": 4, "analytics": 4, "api": 4,  # api: the code generated from proto/
     "sim": 5,
     "serving": 6,
-    "cli": 7,
+    "commands": 7,  # the nba subcommands, one module per command group
+    "cli": 8,
 }
 
 

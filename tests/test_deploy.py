@@ -134,29 +134,32 @@ def _matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def _parsed(command: list[str], handler: str):
+def _parsed(command: list[str], group: str, handler: str):
     """``nba COMMAND`` parsed by the real parser of engine/cli.py, its handler (the function ``handler``
-    of engine/cli.py) not run (SystemExit for an unknown flag)."""
+    of the command group engine/commands/``group``.py) not run (SystemExit for an unknown flag)."""
+    import importlib
+
     import engine.cli as cli
 
+    home = importlib.import_module(f"engine.commands.{group}")
     seen = []
-    original = getattr(cli, handler)
-    setattr(cli, handler, lambda args: seen.append(args) or 0)
+    original = getattr(home, handler)
+    setattr(home, handler, lambda args: seen.append(args) or 0)
     try:
         cli.main(command)
     finally:
-        setattr(cli, handler, original)
+        setattr(home, handler, original)
     return seen[0]
 
 
 def _serve_args(argv: list[str]):
     """``nba serve`` parsed by the real parser of engine/cli.py (SystemExit for an unknown flag)."""
-    return _parsed(["serve", *argv], "cmd_serve")
+    return _parsed(["serve", *argv], "serve", "cmd_serve")
 
 
 def _archive_args(sub: str, argv: list[str]):
     """``nba archive SUB`` (run, compact) parsed by the real parser (SystemExit for an unknown flag)."""
-    return _parsed(["archive", sub, *argv], "cmd_archive")
+    return _parsed(["archive", sub, *argv], "report", "cmd_archive")
 
 
 def archive_command_problems(command: list[str], sub: str) -> list[str]:

@@ -168,7 +168,7 @@ def test_rules_status_says_not_yet_picked_up(capsys, service, tmp_path: Path) ->
     from engine.api.nba.v1 import nba_pb2 as pb
     from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
     from engine.authoring.watch import files_digest
-    from engine.cli import rules_status_text
+    from engine.commands.rules import rules_status_text
     from engine.rules.loader import rules_version
 
     app, channel = service

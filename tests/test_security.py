@@ -202,7 +202,7 @@ def test_admin_on_loopback_needs_the_local_admin_token(redis_url: str, models_di
         assert "nba.v1.AdminService" in _reflect(channel)
         assert _code(_calls(channel, _bearer(token))["operations"]) == OK
         # the nba commands' channel finds the token in the data directory, for loopback addresses only
-        from engine.cli import _channel
+        from engine.commands.common import server_channel as _channel
         args = argparse.Namespace(address=f"127.0.0.1:{port}", tls_ca=None, tls_cert=None, tls_key=None, token_file=None,
                                   data_dir=str(data))
         with _channel(args) as cli:

@@ -8,5 +8,6 @@ per call), a customer's export and erasure (``privacy``) run as audited jobs (``
 reflection as v1 and v1alpha (``reflection``), the code generator for ``engine/api`` and the slim client
 (``protogen``) and the check of the contract against the released one (``proto_compat``).
 
-May import every wing below it; nothing imports serving except ``engine.cli``.
+May import every wing below it; nothing imports serving except the ``nba`` command (``engine.cli``,
+``engine.commands``).
 """

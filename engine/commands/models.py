@@ -1,0 +1,91 @@
+"""``nba models``: the model registry's versions and their holdout metrics (``list``, ``show``) and the
+champion (``promote``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from engine.commands.common import audit_by_user, config_for, domain_schema
+from engine.config import Config
+
+if TYPE_CHECKING:
+    from engine.models.registry import ModelRegistry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="model registry")
+    p.add_argument("--models-dir")
+    models = p.add_subparsers(dest="models_cmd", required=True)
+    p = models.add_parser("list", help="versions and holdout metrics; * marks the champion")
+    p.set_defaults(fn=cmd_models)
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p = models.add_parser("show", help="a version's metrics: per action type, calibration, training data")
+    p.add_argument("version")
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p.set_defaults(fn=cmd_models)
+    p = models.add_parser("promote", help="make VERSION the champion (running servers switch within a second)")
+    p.add_argument("version")
+    p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p.set_defaults(fn=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.models.registry import ModelRegistry
+
+    cfg = config_for(args)
+    registry = ModelRegistry(cfg.models_dir, domain_schema(cfg))
+    if args.models_cmd == "promote":
+        return _promote(cfg, registry, args.version)
+    if args.models_cmd == "show":
+        return _show(registry, args.version)
+    return _list(registry)
+
+
+def _promote(cfg: Config, registry: ModelRegistry, version: str) -> int:
+    from engine.models.registry import ModelRefused
+
+    try:
+        registry.promote(version)
+    except ModelRefused as exc:
+        audit_by_user(cfg, "model_promotion_refused", model=version, reason=str(exc))
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    audit_by_user(cfg, "model_promoted", model=version)
+    print(f"{version} is the champion")
+    return 0
+
+
+def _show(registry: ModelRegistry, version: str) -> int:
+    from engine.models.training import format_metrics
+
+    if version not in registry.versions():
+        print(f"no model {version} in {registry.dir}", file=sys.stderr)
+        return 1
+    saved = registry.metrics(version)
+    print(f"{version}: " + ", ".join(f"{k} {v}" for k, v in saved.get("training", {}).items()
+                                     if not isinstance(v, (dict, list))))
+    print(format_metrics(saved.get("metrics", {})))
+    return 0
+
+
+def _list(registry: ModelRegistry) -> int:
+    from engine.models.experiment import ExperimentError, read_experiment
+
+    champion = registry.champion()
+    try:
+        challenger = read_experiment(registry).challenger
+    except ExperimentError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        challenger = None
+    print("* champion, c challenger (experiment.yaml), ! cannot go live")
+    for version in registry.versions():
+        saved = registry.metrics(version)
+        m, t = saved.get("metrics", {}), saved.get("training", {})
+        mark = "*" if version == champion else "c" if challenger and version == challenger.version else " "
+        problem = registry.problem(version)
+        print(f"{mark}{'!' if problem else ' '} {version}  auc {m.get('holdout_auc', '?')}  "
+              f"logloss {m.get('holdout_logloss', '?')}  rank-corr-with-truth {m.get('rank_correlation_with_truth', '-')}  "
+              f"rows {t.get('rows', '?')}  source {t.get('source', '?')}" + (f"  ({problem})" if problem else ""))
+    return 0
