@@ -234,7 +234,10 @@ def test_growing_the_domain_on_a_running_service_keeps_profiles_model_and_histor
     data = from_streams(app.store.client, schema, as_of=app.clock() + 30 * 86_400)
     assert data.summary["older_schema"] >= len(customers) and data.summary["other_schema"] == 0
     column = data.rows.features.index("loyalty_points")
-    assert np.isnan(data.x[:, column]).all()  # logged before the attribute existed: missing, not misread
+    values = data.x[:, column]
+    # logged before the attribute existed: missing, not misread; the two Decides after the reload (up to 3
+    # rows each, logged off the request path, so they may or may not be in the stream yet) carry its 100
+    assert set(values[~np.isnan(values)].tolist()) <= {100.0} and np.isnan(values).sum() >= len(values) - 6
     booster, metrics, _ = fit(data, rounds=5)
     assert booster.num_feature() == len(data.rows.features)
 
