@@ -44,7 +44,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from engine.api.nba.v1 import nba_pb2 as pb
@@ -279,7 +279,12 @@ def not_utf8(draw) -> bytes:
     an overlong lead byte or one past U+10FFFF)."""
     raw = bytearray(draw(st.binary(min_size=len(MARK), max_size=len(MARK))))
     raw[draw(st.integers(0, len(MARK) - 1))] = draw(st.sampled_from([0x80, 0xBF, 0xC0, 0xC1, 0xF5, 0xF8, 0xFE, 0xFF]))
-    return bytes(raw)
+    try:  # a continuation byte after a lead byte is valid UTF-8 after all (the exploring run drew C2 80)
+        bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(raw)
+    assume(False)
+    return b""
 
 
 def test_invalid_utf8_and_garbage_bytes_are_refused_as_invalid_arguments(service, caplog) -> None:
