@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from engine.errors import NbaError
-from engine.store.archive import ArchivedFile, archived_files, bound, connect_duckdb
+from engine.store.archive import ArchivedFile, bound, connect_duckdb, shard_parts, sql_list
 from engine.store.profiles import StreamEntries
-from engine.store.slots import shard_keys
 from engine.store.streams import id_order
 
 RESERVED = ("_id", "_ms", "_seq", "_shard")
@@ -52,10 +51,6 @@ def stream_bound(text: str, low: bool, name: str = "--since") -> str:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_list(paths: Sequence[Any]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def _tail(client: Any, key: str, start: str, high: Id, shard: int, columns: Sequence[str], chunk: int) -> dict:
@@ -113,18 +108,12 @@ class Recorded:
         name = name or STREAMS.get(base, base.replace(":", "_"))
         low = self.low if since is None else bound(stream_bound(since, True), True)
         high = self.high if until is None else bound(stream_bound(until, False, "--until"), False)
-        files = archived_files(self.archive, base, low, high) if self.archive is not None else {}
-        keys = shard_keys(base, self.client)
         inside: list[ArchivedFile] = []
         tails: list[dict] = []
-        for shard in sorted(set(range(len(keys))) | set(files)):
-            mine = files.get(shard, [])
-            inside += [f for f in mine if f.last >= low and f.first <= high]
-            if shard < len(keys):
-                after = mine[-1].last if mine else None
-                start = (f"({after[0]}-{after[1]}" if after is not None and after >= low
-                         else "-" if low == (0, 0) else f"{low[0]}-{low[1]}")
-                tails.append(_tail(self.client, keys[shard], start, high, shard, columns, self.chunk))
+        for where in shard_parts(self.client, base, low, high, self.archive):
+            inside += where.files
+            if where.key is not None:
+                tails.append(_tail(self.client, where.key, where.start, high, where.shard, columns, self.chunk))
         types = {"_id": pa.string(), "_ms": pa.int64(), "_seq": pa.int64(), "_shard": pa.int32()}
         tail = pa.table({c: pa.array([v for t in tails for v in t[c]], types.get(c, pa.string()))
                          for c in (*RESERVED, *columns)})
@@ -134,7 +123,7 @@ class Recorded:
                           + [(c, "VARCHAR") for c in columns])
         parts = [f"SELECT * FROM {_quote(name + '__tail')}", f"SELECT {empty} WHERE false"]
         if inside:
-            parts.insert(0, f"SELECT * FROM read_parquet({_sql_list([f.path for f in inside])}, union_by_name = true, "
+            parts.insert(0, f"SELECT * FROM read_parquet({sql_list(f.path for f in inside)}, union_by_name = true, "
                             f"hive_partitioning = false) WHERE (_ms, _seq) >= ({low[0]}, {low[1]}) "
                             f"AND (_ms, _seq) <= ({high[0]}, {high[1]})")
         wanted = ", ".join(_quote(c) for c in (*RESERVED, *columns))

@@ -475,15 +475,42 @@ class ArchiveWriter:
 
 # --- reading -------------------------------------------------------------------------------------------
 
-def _sql_list(paths: list[Path | str]) -> str:
+def sql_list(paths: Iterable[Path | str]) -> str:
+    """``paths`` as a DuckDB list literal (for ``read_parquet``)."""
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """Where a shard's entries of a range are: the archived ``files`` that hold some, then the Redis
+    stream ``key`` from ``start`` (XRANGE) on, after the shard's last archived id (``key`` None: the shard
+    is gone from Redis)."""
+
+    shard: int
+    files: list[ArchivedFile]
+    key: str | None
+    start: str
+
+
+def shard_parts(client: Any, base: str, low: Id, high: Id, root: Root | None) -> list[ShardPart]:
+    """Per shard of ``base``, what to read so that each entry from ``low`` to ``high`` comes once."""
+    files = archived_files(root, base, low, high) if root is not None else {}
+    keys = shard_keys(base, client)
+    parts = []
+    for shard in sorted(set(range(len(keys))) | set(files)):
+        mine = files.get(shard, [])
+        after = mine[-1].last if mine else None
+        parts.append(ShardPart(
+            shard, [f for f in mine if f.last >= low and f.first <= high], keys[shard] if shard < len(keys) else None,
+            "(" + _id_text(after) if after is not None and after >= low else _id_text(low)))
+    return parts
 
 
 def _from_files(root: Root, files: list[ArchivedFile], low: Id, high: Id, batch: int = 10_000) -> Iterator[Entry]:
     con = connect_duckdb(root)
     try:
         reader = con.sql(
-            f"SELECT * FROM read_parquet({_sql_list([f.path for f in files])}, union_by_name = true, hive_partitioning = false) "
+            f"SELECT * FROM read_parquet({sql_list(f.path for f in files)}, union_by_name = true, hive_partitioning = false) "
             f"WHERE (_ms, _seq) >= ({low[0]}, {low[1]}) AND (_ms, _seq) <= ({high[0]}, {high[1]}) ORDER BY _ms, _seq"
         ).to_arrow_reader(batch)
         for record_batch in reader:
@@ -518,17 +545,11 @@ def read_entries(client: Any, base: str, since: str = "-", root: Root | None = N
     from the archive at ``root`` and, per shard, from Redis after the shard's last archived id, so each
     entry comes once (by shard and entry id). Without an archive, the streams alone."""
     low, high = bound(since, True), bound(until, False)
-    files = archived_files(root, base, low, high) if root is not None else {}
-    keys = shard_keys(base, client)
     parts: list[Iterator[Entry]] = []
-    for shard in sorted(set(range(len(keys))) | set(files)):
-        mine = files.get(shard, [])
-        inside = [f for f in mine if f.last >= low and f.first <= high]
-        part: list[Iterator[Entry]] = [_from_files(root, inside, low, high)] if inside and root is not None else []
-        if shard < len(keys):
-            after = mine[-1].last if mine else None
-            start = "(" + _id_text(after) if after is not None and after >= low else _id_text(low)
-            part.append(_from_redis(client, keys[shard], start, high, chunk))
+    for where in shard_parts(client, base, low, high, root):
+        part: list[Iterator[Entry]] = [_from_files(root, where.files, low, high)] if where.files and root is not None else []
+        if where.key is not None:
+            part.append(_from_redis(client, where.key, where.start, high, chunk))
         parts.append(_chain(part))
     if len(parts) == 1:
         return parts[0]
