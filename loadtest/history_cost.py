@@ -4,8 +4,8 @@ script's Redis time, first decisions against last, in one run.
 In-process (no gRPC: what grows is the engine's and Redis's work, not the transport), on an embedded
 Redis with ``--customers`` demo customers, contact policies, budgets and the decision log on, the real
 clock. ``--decisions`` Decides are sent open loop at ``--rate`` per second from one thread, with the load
-generator's mix (``loadtest/loadgen.py``): 5% unknown customers, 30% on 500 hot customers, the rest
-uniform over all; its channel mix, touchpoints and intents; 3 actions. Latency counts from each
+generator's mix (``loadtest/loadgen.py``): 5% unknown customers, 30% on 500 hot customers (all of them
+when ``--customers`` is 500 or fewer), the rest uniform over all; its channel mix, touchpoints and intents; 3 actions. Latency counts from each
 request's intended send time (a late decision delays the next ones, as a queue would); the service time
 of ``decide`` itself is reported too.
 
@@ -85,7 +85,7 @@ def requests(n: int, customers: int, seed: int) -> list:
     for i in range(n):
         r = rng.random()
         cid = (f"LOAD-NEW-{seed}-{i}" if r < 0.05 else
-               f"C{rng.randrange(HOT if r < 0.35 else customers):07d}")
+               f"C{rng.randrange(min(HOT, customers) if r < 0.35 else customers):07d}")
         name = rng.choices(names, weights)[0]
         intent = rng.choice(loadgen.INTENTS)
         channel = "pos" if name == "CHANNEL_POINT_OF_SALE" else name.removeprefix("CHANNEL_").lower()
@@ -251,7 +251,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
                         sections(admin)  # the calibration's previews are not the window's
                     start = time.perf_counter() + 0.05
         elapsed += time.perf_counter() - start
-        hot = [f"C{i:07d}" for i in range(HOT)]
+        hot = [f"C{i:07d}" for i in range(min(HOT, customers))]
         sizes = [int(admin.memory_usage(f"nba:{{c:{c}}}:contacts", samples=0) or 0) for c in hot]
         admin.close()
         rules.current.close()
@@ -270,7 +270,7 @@ def run(decisions: int, rate: float, window: int, customers: int, models_dir: st
     c0, cn = first["calibration"], last["calibration"]
     return {
         "decisions": decisions, "rate": rate, "achieved_rate": round(decisions / elapsed, 1), "window": window,
-        "customers": customers, "hot_customers": HOT, "hot_share": 0.3, "windows": windows,
+        "customers": customers, "hot_customers": min(HOT, customers), "hot_share": 0.3, "windows": windows,
         "last_over_first": {
             "latency_p99": round(last["latency"]["p99_ms"] / first["latency"]["p99_ms"], 3),
             "service_p99": round(last["service"]["p99_ms"] / first["service"]["p99_ms"], 3),

@@ -93,7 +93,7 @@ def test_an_action_is_shown_at_most_3_times_in_30_days_on_any_channel(engine: De
 def test_a_rejection_starts_a_14_day_cool_down(engine: DecisionEngine, clock: Clock) -> None:
     cid = not_control("J")
     engine.store.save([customer(cid)], SCHEMA)
-    recorder = ResponseRecorder(engine.store.client, clock=clock)
+    recorder = ResponseRecorder(engine.store.client, engine.rules, clock=clock)
     d = decide(engine, cid, "web")
     rejected = marketing_ids(d)[0]
     recorder.record(d.decision_id, rejected, "rejected", ts=clock.now)
@@ -206,7 +206,7 @@ def test_responses_are_checked_idempotent_and_streamed(engine: DecisionEngine, c
     cid = not_control("P")
     engine.store.save([customer(cid)], SCHEMA)
     d = decide(engine, cid, "web")
-    recorder = ResponseRecorder(engine.store.client, clock=clock)
+    recorder = ResponseRecorder(engine.store.client, engine.rules, clock=clock)
     with pytest.raises(NotFound) as err:
         recorder.record("0" * 32, d.actions[0].action_id, "accepted")  # well-formed, never issued
     assert err.value.field == "decision_id"

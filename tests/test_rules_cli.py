@@ -290,6 +290,9 @@ def test_diff_and_test_say_what_a_contact_policy_applies_to_and_warn_of_a_mislea
     catalog = re.search(r"upsell_extra_data_once_a_week \(new\): applies to (\d+) of (\d+) actions \(all\)", out)
     assert catalog and catalog.group(1) == catalog.group(2), out
     assert out.count(warning) == 2, out  # its name and its description
+    # it counts service actions' impressions, which no live policy counts: the history has none of them yet
+    assert re.search(r"the impressions it counts \(\d+ action x channel pair\(s\), e\.g\. \w+ on \w+\) were not "
+                     r"kept under the live policies, so for its first 7 days it counts only those made after", out), out
     assert "no_repeats" not in out  # unchanged policies are not listed
 
     contact.write_text(text.replace("contact_policies:\n", CAP_EVERYTHING + "    actions: [upsell_extra_data]\n", 1))

@@ -5,7 +5,7 @@ ISO timestamp or epoch seconds; outcome impression, clicked, accepted, rejected 
 customer gave). Every row is checked against the rule set (a catalog action, a declared channel, a time
 not ahead of now); bad rows are reported with their row and column and left out. The good ones serve
 
-- the contact history: presentations within the contact policies' reach (``history_days``) are added to
+- the contact history: presentations a contact policy counts, within its window, are added to
   each customer's counters, so limits such as "2 e-mails a week" count the campaigns run before;
 - a first model: ``training_set`` joins them with the customers' stored profiles. Those are the profiles
   as they are now, not as they were at the offer (the file has no features), so an attribute that an
@@ -166,8 +166,9 @@ def read_past(path: str | Path, ruleset: RuleSet, now: float) -> HistoryReport:
 
 
 def fill_contacts(client: redis.Redis, ruleset: RuleSet, offers: list[PastOffer], now: float) -> int:
-    """Add the offers within the contact policies' reach (``history_days``) to the customers' contact
-    histories; returns how many presentations were added. Importing the same file twice counts twice."""
+    """Add the offers a contact policy counts, within its reach, to the customers' contact histories
+    (``ContactRules.keep_ms``); returns how many presentations were added. Importing the same file twice
+    counts twice."""
     contact = ruleset.contact
     history_ms = max(int((contact.history_days if contact is not None else 0) * DAY_MS), DAY_MS)
     now_ms = int(now * 1000)
@@ -181,13 +182,19 @@ def fill_contacts(client: redis.Redis, ruleset: RuleSet, offers: list[PastOffer]
         action = ruleset.by_id[offer.action_id]
         kinds = ["i"] + (["r"] if offer.outcome == "rejected" else ["a"] if offer.outcome == "accepted" else [])
         day, off = divmod(ts, DAY_MS)
+        kept = False
         for kind in kinds:
+            keep = contact.keep_ms(kind, action.id, action.group, action.type, offer.channel) if contact else 0
+            if ts < now_ms - keep:
+                continue  # the history keeps only what a contact limit counts, as long as one counts it
             name = f"{contact_head(kind, action.id, action.group, action.type, offer.channel)}|{day}"
             got = fields[offer.customer_id].get(name)
             fields[offer.customer_id][name] = [1, off, off] if got is None else [got[0] + 1, min(got[1], off),
                                                                                   max(got[2], off)]
-        latest[offer.customer_id] = max(latest.get(offer.customer_id, 0), ts)
-        added += 1
+            kept = True
+        if kept:
+            latest[offer.customer_id] = max(latest.get(offer.customer_id, 0), ts)
+            added += 1
     script = client.register_script(_MERGE)
     pipe = client.pipeline(transaction=False)
     for k, (cid, counts) in enumerate(fields.items()):

@@ -4,7 +4,8 @@ A policy without ``types``, ``actions`` or ``groups`` limits every action of the
 ``booster_once_a_week``, it reads as a limit on the booster while it caps everything: checks, rule
 tests and the what-if all pass, and customers get only the fallback. So the tools say how many actions
 each new or changed policy applies to, and warn when its name or description mentions an action id or
-group that its filters do not restrict it to.
+group that its filters do not restrict it to, and when it counts contacts the live policies did not keep
+(the contact history keeps only what they count).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from engine.rules.contact import ContactLimit, ContactRules
+from engine.rules.contact import DAY_MS, KINDS, ContactLimit, ContactRules
 from engine.rules.model import Action, RuleSet
 
 FEW = 5  # scopes this small list their action ids
@@ -69,6 +70,30 @@ def mismatches(limit: ContactLimit, actions: Sequence[Action]) -> list[str]:
     return out
 
 
+def unkept(limit: ContactLimit, old: ContactRules, actions: Sequence[Action], channels: Sequence[str]) -> str | None:
+    """Why ``limit`` will not see all of its window at first: the contact history keeps only what the
+    live policies count, as long as they count it (``ContactRules.keep_ms``), so contacts within its
+    scope that ``old`` did not count, or counted over a shorter window, are not there to count."""
+    kind = KINDS[limit.counts]
+    window = int(limit.days * DAY_MS)
+    short = [(a, ch, old.keep_ms(kind, a.id, a.group, a.type, ch)) for a in actions for ch in channels
+             if limit.counts_contact(a.id, a.group, a.type, ch)]
+    short = [x for x in short if x[2] < window]
+    if not short:
+        return None
+    a, ch, kept = short[0]
+    had = "were not kept" if not kept else f"were kept {kept / DAY_MS:g} days"
+    return (f"the {limit.counts} it counts ({len(short)} action x channel pair(s), e.g. {a.id} on {ch}) {had} under the "
+            f"live policies, so for its first {limit.days:g} days it counts only those made after it goes live")
+
+
+def unkept_contacts(new: RuleSet, old: RuleSet) -> list[str]:
+    """``<policy>: <why>`` for each policy of ``new`` that will not see all of its window at first."""
+    before = old.contact or ContactRules()
+    limits = new.contact.limits if new.contact else ()
+    return [f"{l.name}: {why}" for l in limits if (why := unkept(l, before, new.actions, new.schema.channel_names))]
+
+
 def policy_scopes(new: RuleSet, old: RuleSet | None = None) -> list[PolicyScope]:
     """Each contact policy of ``new`` that is new or changed against ``old`` (every one when ``old`` is
     None) with the actions it applies to and any mismatch of its name or description."""
@@ -80,6 +105,10 @@ def policy_scopes(new: RuleSet, old: RuleSet | None = None) -> list[PolicyScope]
             else "changed"
         if old is not None and status == "unchanged":
             continue
+        warnings = mismatches(limit, new.actions)
+        if old is not None:
+            why = unkept(limit, old.contact or ContactRules(), new.actions, new.schema.channel_names)
+            warnings += [why] if why else []
         out.append(PolicyScope(limit.name, status if old is not None else "", limit.scope(new.actions),
-                               len(new.actions), mismatches(limit, new.actions)))
+                               len(new.actions), warnings))
     return out

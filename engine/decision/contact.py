@@ -1,8 +1,9 @@
 """Contact policies, volume budgets, interactions and the control group, applied atomically in Redis.
 
 Contact history is a hash of counters per customer, ``nba:{c:<id>}:contacts``: how many impressions,
-rejections and acceptances of each action on each channel per UTC day (``engine.decision.history``:
-its size and a decision's cost do not grow with how often the customer was seen). It is read and
+rejections and acceptances of each action on each channel per UTC day, of those a contact limit counts
+(``engine.decision.history``: its size and a decision's cost do not grow with how often the customer
+was seen). It is read and
 judged by one Lua script when a decision presents its actions (``PRESENT``), the decision's second and
 last Redis round trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
 contact limit or an exhausted budget forbids *now* (whatever other server processes did meanwhile),
@@ -157,35 +158,37 @@ local hist, stale, marks = nil, {}, {}
 if #a.lim > 0 then
   hist = {}
   local flat = hist_call('HGETALL', KEYS[1])
-  local gone = a.now - a.keep_ms
-  local which = {}  -- kind|type|channel (|action|group) -> the limits that count such contacts (most fields: none)
+  -- kind|type|channel (|action|group) -> {the limits that count such contacts, the earliest of their window
+  -- starts}; a field no limit counts, or older than every window that counts it, is never read again
+  local which = {}
   local by_action = false  -- a limit scoped to action ids or groups: the key names them too
   for _, L in ipairs(a.lim) do if L[7] ~= 0 or L[8] ~= 0 then by_action = true end end
   for i = 1, #flat, 2 do
     local k, act, grp, typ, ch, day = string.match(flat[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
     if k then
-      local base = tonumber(day) * DAY_MS
-      if base + DAY_MS <= gone then stale[#stale + 1] = flat[i] else
-        hist[flat[i]] = flat[i + 1]
-        local wk = k .. '|' .. typ .. '|' .. ch
-        if by_action then wk = wk .. '|' .. act .. '|' .. grp end
-        local ls = which[wk]
-        if not ls then
-          ls = {}
-          for li, L in ipairs(a.lim) do
-            if k == L[1] and scoped(L, act, grp, typ, ch) then ls[#ls + 1] = li end
+      local wk = k .. '|' .. typ .. '|' .. ch
+      if by_action then wk = wk .. '|' .. act .. '|' .. grp end
+      local w = which[wk]
+      if not w then
+        w = {{}, nil}
+        for li, L in ipairs(a.lim) do
+          if k == L[1] and scoped(L, act, grp, typ, ch) then
+            w[1][#w[1] + 1] = li
+            if not w[2] or L[4] < w[2] then w[2] = L[4] end
           end
-          which[wk] = ls
         end
-        if #ls > 0 then
-          local n, lo, hi = string.match(flat[i + 1], '^(%d+):(%d+):(%d+)$')
-          if n then
-            n = tonumber(n)
-            local first, last = base + tonumber(lo), base + tonumber(hi)
-            for _, li in ipairs(ls) do
-              local w = hist_weight(n, first, last, a.lim[li][4])
-              if w > 0 then count(li, act, grp, w) end
-            end
+        which[wk] = w
+      end
+      local base = tonumber(day) * DAY_MS
+      if not w[2] or base + DAY_MS <= w[2] then stale[#stale + 1] = flat[i] else
+        hist[flat[i]] = flat[i + 1]
+        local n, lo, hi = string.match(flat[i + 1], '^(%d+):(%d+):(%d+)$')
+        if n then
+          n = tonumber(n)
+          local first, last = base + tonumber(lo), base + tonumber(hi)
+          for _, li in ipairs(w[1]) do
+            local wt = hist_weight(n, first, last, a.lim[li][4])
+            if wt > 0 then count(li, act, grp, wt) end
           end
         end
       end
@@ -219,11 +222,13 @@ local function present(c, code)
     bkey = table.concat(used, ' ')
     if a.mode == 'reserve' and bkey ~= '' then redis.call('ZADD', KEYS[4], a.rsv, a.id .. '|' .. c[1] .. '|' .. bkey) end
   end
-  if a.mode == 'decide' then mark('i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch) end
-  -- this decision's own actions count against its limits whether they count now or when seen
+  -- this decision's own actions count against its limits whether they count now or when seen; the
+  -- history keeps only what a limit counts
+  local counted = false
   for li, L in ipairs(a.lim) do
-    if L[1] == 'i' and scoped(L, c[1], c[2], c[3], a.ch) then count(li, c[1], c[2], 1) end
+    if L[1] == 'i' and scoped(L, c[1], c[2], c[3], a.ch) then count(li, c[1], c[2], 1); counted = true end
   end
+  if a.mode == 'decide' and counted then mark('i|' .. c[1] .. '|' .. c[2] .. '|' .. c[3] .. '|' .. a.ch) end
   groups[c[2]] = true
   codes[#shown + 1] = code
   shown[#shown + 1] = c

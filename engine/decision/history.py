@@ -8,6 +8,15 @@ the history of a customer seen 10,000 times a day is as large, and as quick to j
 seen once a day with the same actions on the same channels: it holds at most (kinds x actions x
 channels seen) x (days kept + 1) fields, whatever the number of contacts.
 
+What is kept is what the live contact policies can read (``ContactRules.keep_ms``): a contact no limit
+counts (e.g. a service action's impression when every impression limit is scoped to marketing types) is
+not written, and a field is removed by the next presentation once it is older than the longest window
+of the limits that count it (a rejection kept for a 14-day cool-down is gone after 15 days, an impression
+under a 30-day limit stays 31). A limit that a later rule set adds therefore counts only what the
+earlier limits kept, from before its reload, as a window longer than the earlier ones sees only the
+days they kept. The limits themselves bound the rest: a customer is shown an action at most ``max``
+times in a window that counts it.
+
 How a limit of ``days`` counts a field against its window start ``s = now - days`` (exact, as the
 per-contact history counted, except in one case where it counts more, never fewer):
 

@@ -44,7 +44,7 @@ from engine.decision.contact import (
 from engine.decision.history import contact_head, contacts_key
 from engine.decision.request import InvalidRequest, check_not_ahead, utc_text
 from engine.errors import NbaError
-from engine.rules.contact import DAY_MS, ContactRules
+from engine.rules.contact import ContactRules
 from engine.store.profiles import META_KEY, RESPONSES_STREAM, STREAM_MAXLEN, is_cluster, replicated
 from engine.store.slots import customer_shard_key, shard_maxlen
 
@@ -173,9 +173,11 @@ class ResponseRecorder:
 
         group, kind, value = at("groups"), at("types"), at("values")
         customer, channel = raw["customer"], raw.get("channel", "")
-        member, reserved = "", ""
+        member, reserved, keep_ms = "", "", 0
         if outcome in _CONTACT_KIND and not (outcome == "impression" and raw.get("counted", "1") == "1"):
-            member = contact_head(_CONTACT_KIND[outcome], action_id, group, kind, channel)
+            keep_ms = contact.keep_ms(_CONTACT_KIND[outcome], action_id, group, kind, channel)
+            if keep_ms:  # the history keeps only what a contact limit counts
+                member = contact_head(_CONTACT_KIND[outcome], action_id, group, kind, channel)
         if outcome == "impression" and raw.get("counted") == "0" and at("budgets"):
             reserved = reservation_member(decision_id, action_id, at("budgets"))
         fields = {
@@ -185,7 +187,6 @@ class ResponseRecorder:
             "ruleset_version": raw.get("ruleset", ""), "model_version": raw.get("model", ""),
         }
         flat = [x for kv in fields.items() for x in kv]
-        keep_ms = max(int(contact.history_days * DAY_MS), DAY_MS)
         mark = f"{i}{records.OUTCOME_LETTERS[outcome]}"
         refused = {f"{i}{records.OUTCOME_LETTERS[o]}": f"r:{action_id}:{o}" for o in contradicted_by(outcome)}
         stream = customer_shard_key(self.stream, customer, self.client)

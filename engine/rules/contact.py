@@ -189,6 +189,13 @@ class ContactRules:
     def history_days(self) -> float:
         return max((l.days for l in self.limits), default=0.0)
 
+    def keep_ms(self, kind: str, action_id: str, group: str, type_: str, channel: str) -> int:
+        """How long the contact history keeps a contact of ``kind`` (``i``, ``r``, ``a``): the longest
+        window of the limits that count it, at least a day; 0 when none does (it is not kept)."""
+        days = [l.days for l in self.limits
+                if KINDS[l.counts] == kind and l.counts_contact(action_id, group, type_, channel)]
+        return max(int(max(days) * DAY_MS), DAY_MS) if days else 0
+
     def applicable(self, action: Action, channel: str) -> list[int]:
         """1-based indexes of the limits that apply to ``action`` decided on ``channel``."""
         key = (action.id, channel)

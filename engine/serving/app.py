@@ -11,6 +11,7 @@ from typing import Any
 
 from engine import metrics
 from engine.authoring.check import RuleError, RuleErrors, prepare
+from engine.authoring.contactscope import unkept_contacts
 from engine.authoring.watch import RuleWatcher, files_digest
 from engine.config import Config
 from engine.decision.campaigns import CampaignGauges
@@ -215,6 +216,8 @@ class App:
                 audit(self.store.client, who, "rules_unchanged", ruleset=live)
                 return True, live, []
             self.engine.prepare(models, rules=new)  # bind the models to the new catalog before it goes live
+            for why in unkept_contacts(new.ruleset, self.rules.current.ruleset):
+                log.warning("contact policy %s", why)
             self.rules.swap(new)
             self.registry.schema = new.schema  # the model watcher takes models that fit the live schema
             if models is not self.model.current:  # a model trained on the new domain.yaml goes live with it
