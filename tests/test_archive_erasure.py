@@ -304,3 +304,28 @@ def test_a_writer_that_lost_its_lease_stops_instead_of_writing_beside_another(re
     assert archived_files(url, DECISIONS_STREAM) == before  # it wrote nothing after losing the lease
     assert client.get(lease.key) == b"another writer's token"  # and left the other's lease alone
     client.close()
+
+
+def test_get_customer_job_reports_the_archived_rows_a_forget_removed(redis_url: str, redis_admin_url: str,
+                                                                      models_dir: Path, tmp_path: Path) -> None:
+    import grpc
+
+    from engine.api.nba.v1 import nba_pb2 as pb
+    from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
+
+    from .conftest import as_admin, served_app
+    from .test_privacy import _job
+
+    root = tmp_path / "archive"
+    with served_app(redis_url, models_dir, tmp_path / "rules", archive="off", archive_dir=str(root),
+                    redis_admin_url=redis_admin_url) as (app, address):
+        client = app.store.client
+        _add(client, [ANNA, *OTHERS[:3]], 2)
+        with ArchiveWriter(client, root) as writer:
+            writer.once()
+        with grpc.insecure_channel(address) as plain:
+            channel = as_admin(plain)
+            admin = pb_grpc.AdminServiceStub(channel)
+            job = _job(channel, admin.ForgetCustomer(pb.ForgetCustomerRequest(customer_id=ANNA), timeout=10).job_id)
+    assert job.archive_rows_deleted == 2 * 3, job  # a decision, response and event a round
+    assert job.state == "succeeded", list(job.failures)

@@ -387,7 +387,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             customer_pseudonym=f.get("pseudonym", ""), keys_deleted=int(f.get("keys_deleted") or 0),
             stream_entries_deleted=int(f.get("stream_entries_deleted") or 0),
             members_removed=int(f.get("members_removed") or 0),
-            budget_units_returned=int(f.get("budget_units_returned") or 0), failures=f["failures"],
+            budget_units_returned=int(f.get("budget_units_returned") or 0),
+            archive_rows_deleted=int(f.get("archive_rows_deleted") or 0), failures=f["failures"],
             persistence=f.get("persistence", ""), json=f.get("json", ""), requested_by=f.get("who", ""),
             created_at=_timestamp(int(f.get("created_ms") or 0) / 1000))
         if f.get("finished_ms"):

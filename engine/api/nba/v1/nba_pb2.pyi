@@ -334,7 +334,7 @@ class GetCustomerJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class CustomerJob(_message.Message):
-    __slots__ = ("job_id", "kind", "state", "customer_pseudonym", "keys_deleted", "stream_entries_deleted", "members_removed", "budget_units_returned", "failures", "persistence", "json", "created_at", "finished_at", "requested_by")
+    __slots__ = ("job_id", "kind", "state", "customer_pseudonym", "keys_deleted", "stream_entries_deleted", "members_removed", "budget_units_returned", "failures", "persistence", "json", "created_at", "finished_at", "requested_by", "archive_rows_deleted")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,7 @@ class CustomerJob(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_ROWS_DELETED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kind: str
     state: str
@@ -363,7 +364,8 @@ class CustomerJob(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     requested_by: str
-    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., customer_pseudonym: _Optional[str] = ..., keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ..., budget_units_returned: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., persistence: _Optional[str] = ..., json: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requested_by: _Optional[str] = ...) -> None: ...
+    archive_rows_deleted: int
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., customer_pseudonym: _Optional[str] = ..., keys_deleted: _Optional[int] = ..., stream_entries_deleted: _Optional[int] = ..., members_removed: _Optional[int] = ..., budget_units_returned: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., persistence: _Optional[str] = ..., json: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requested_by: _Optional[str] = ..., archive_rows_deleted: _Optional[int] = ...) -> None: ...
 
 class ReloadRulesRequest(_message.Message):
     __slots__ = ()
