@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -329,3 +330,36 @@ def test_get_customer_job_reports_the_archived_rows_a_forget_removed(redis_url: 
             job = _job(channel, admin.ForgetCustomer(pb.ForgetCustomerRequest(customer_id=ANNA), timeout=10).job_id)
     assert job.archive_rows_deleted == 2 * 3, job  # a decision, response and event a round
     assert job.state == "succeeded", list(job.failures)
+
+
+def test_prune_removes_the_days_before_a_date_but_keeps_each_shards_checkpoint(redis_url: str, tmp_path: Path) -> None:
+    """Retention: days before the date go; a stream shard whose newest file is in them keeps that file,
+    emptied, so the writer resumes after it instead of archiving the shard's stream from its start (here
+    the streams are not trimmed, so that would bring every pruned entry back)."""
+    from engine.store.archive_compact import prune
+
+    client = redis_client(redis_url)
+    root = tmp_path / "archive"
+    day_ms = 86_400_000
+    today = int(time.time() * 1000) // day_ms * day_ms
+    for back in (3, 2, 1):  # decisions on three days, events only on the first
+        for i, c in enumerate(OTHERS):
+            ms = today - back * day_ms + 1_000 + i
+            client.xadd(customer_shard_key(DECISIONS_STREAM, c, client), {"decision_id": f"d{back}-{c}", "customer_id": c},
+                        id=f"{ms}-0")
+            if back == 3:
+                client.xadd(customer_shard_key(EVENTS_STREAM, c, client), {"event_id": f"e-{c}", "customer_id": c},
+                            id=f"{ms}-0")
+    with ArchiveWriter(client, root, trim=False) as writer:
+        writer.once()
+    before = time.strftime("%Y-%m-%d", time.gmtime((today - day_ms) / 1000))
+    done = prune(client, root, before)
+    assert done.days >= 1 and done.files >= 2 and done.checkpoints_kept >= 1
+    decisions = [f[b"decision_id"].decode() for _, f in read_entries(client, DECISIONS_STREAM, root=root)]
+    assert sorted(decisions) == sorted(f"d1-{c}" for c in OTHERS)  # only the day kept
+    assert list(read_entries(client, EVENTS_STREAM, root=root)) == []  # pruned, and not archived again
+    with ArchiveWriter(client, root, trim=False) as writer:
+        writer.once()
+    assert list(read_entries(client, EVENTS_STREAM, root=root)) == []
+    assert [f[b"decision_id"].decode() for _, f in read_entries(client, DECISIONS_STREAM, root=root)] == decisions
+    client.close()

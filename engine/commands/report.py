@@ -54,6 +54,14 @@ def _archive_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", metavar="DIR|URL", help="the archive's root (default NBA_ARCHIVE, else <data dir>/archive)")
     p.add_argument("--before", metavar="YYYY-MM-DD", help="compact the days before this one (default: today, UTC)")
     p.set_defaults(fn=cmd_archive)
+    p = archive.add_parser("prune", help="remove the days before a date (retention); each stream shard's newest "
+                           "file stays, emptied, as the writer's checkpoint")
+    redis_options(p)
+    p.add_argument("--dir", metavar="DIR|URL", help="the archive's root (default NBA_ARCHIVE, else <data dir>/archive)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--before", metavar="YYYY-MM-DD", help="remove the days before this one")
+    when.add_argument("--keep-days", type=int, metavar="N", help="remove the days before today (UTC) less N days")
+    p.set_defaults(fn=cmd_archive)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -85,6 +93,22 @@ def cmd_archive_compact(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_archive_prune(args: argparse.Namespace, cfg: Config) -> int:
+    """``nba archive prune``: retention (prints a JSON line)."""
+    from engine.store.archive_compact import parse_day, prune
+
+    root = args.dir or cfg.archive_root()
+    if args.keep_days is not None and args.keep_days < 1:
+        raise SystemExit("nba archive prune: --keep-days must be at least 1")
+    before = parse_day(args.before) if args.before else time.strftime(
+        "%Y-%m-%d", time.gmtime(time.time() - args.keep_days * 86_400))
+    with open_store(cfg) as store:
+        done = prune(store.client, root, before)
+    print(json.dumps({"archive": str(root), "before": before, "days_removed": done.days,
+                      "files_removed": done.files, "checkpoints_kept": done.checkpoints_kept}))
+    return 0
+
+
 def cmd_archive(args: argparse.Namespace) -> int:
     import threading
 
@@ -93,6 +117,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     cfg = config_for(args)
     if args.archive_cmd == "compact":
         return cmd_archive_compact(args, cfg)
+    if args.archive_cmd == "prune":
+        return cmd_archive_prune(args, cfg)
     root = args.dir or cfg.archive_root()
     with open_store(cfg) as store, ArchiveWriter(store.client, root, file_entries=args.file_entries,
                                                  flush_seconds=args.flush_seconds, trim=not args.no_trim,

@@ -1,4 +1,5 @@
-"""Compaction: a closed day's files of a stream shard merged into one (``nba archive compact``).
+"""Compaction: a closed day's files of a stream shard merged into one (``nba archive compact``); retention:
+the days before a date removed (``nba archive prune``).
 
 The writer writes a file per shard per flush, so a day holds up to thousands of small files. Compaction
 merges a day's files of one shard into one file named by the first file's first id and the last file's
@@ -7,6 +8,11 @@ covers every part's: a reader ignores a file whose range lies inside another's o
 (``archive.archived_files``), so a crash there doubles nothing, and the next compaction removes the
 parts it left. Each merge holds the archive's files lock (``archive_lock.py``), so it never races an
 erasure or the writer.
+
+Pruning removes every file of the days before the date, except each stream shard's newest file: the
+files' names are the writer's checkpoint (``archive.checkpoints``), so a shard whose last entry is older
+than the date keeps that one file (emptied of rows, so nothing older than the date is read, but named as
+it was), and the writer resumes after it instead of archiving the shard's stream from its start again.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from engine.store.archive import (
     _covering,
     _days,
     _files,
+    checkpoints,
     file_name,
     read_table,
     write_table,
 )
-from engine.store.archive_fs import Root, name_of, parent_of, remove
+from engine.store.archive_fs import Root, listdir, local_path, name_of, parent_of, remove
 from engine.store.archive_lock import files_lock
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -88,3 +95,46 @@ def compact(client: object, root: Root, before: str, streams: tuple[str, ...] = 
                         remove(f.path)
                     out.files_after += 1 if read else 0
     return out
+
+
+@dataclass
+class Pruned:
+    """Day directories and files removed, and the shards' newest files kept as emptied checkpoints."""
+
+    days: int = 0
+    files: int = 0
+    checkpoints_kept: int = 0
+
+
+def prune(client: object, root: Root, before: str, streams: tuple[str, ...] = tuple(STREAMS)) -> Pruned:
+    """Remove the archive's days before ``before`` (``YYYY-MM-DD``), keeping each shard's newest file as an
+    empty checkpoint (see the module's docstring)."""
+    parse_day(before)
+    out = Pruned()
+    for base in streams:
+        with files_lock(root, client).acquire(wait=600.0):
+            newest = checkpoints(root, base)
+            for day in _days(root, base):
+                if name_of(day)[4:] >= before:
+                    break
+                kept = False
+                for f in list(_files(day)):
+                    if f.last == newest.get(f.shard):
+                        if read_table(f.path).num_rows:
+                            write_table(f.path, read_table(f.path).slice(0, 0))
+                        out.checkpoints_kept += 1
+                        kept = True
+                    else:
+                        remove(f.path)
+                        out.files += 1
+                if not kept:
+                    _remove_dir(day)
+                    out.days += 1
+    return out
+
+
+def _remove_dir(day: Path | str) -> None:
+    """An emptied day directory (on object storage a prefix with no files left is gone already)."""
+    local = local_path(day)
+    if local is not None and not any(True for _ in listdir(day)):
+        local.rmdir()
