@@ -5,9 +5,9 @@ In-process (no gRPC: what grows is the engine's and Redis's work, not the transp
 Redis with ``--customers`` demo customers, contact policies, budgets and the decision log on, the real
 clock. ``--decisions`` Decides are sent open loop at ``--rate`` per second from one thread, with the load
 generator's mix (``loadtest/loadgen.py``): 5% unknown customers, 30% on 500 hot customers (all of them
-when ``--customers`` is 500 or fewer), the rest uniform over all; its channel mix, touchpoints and intents; 3 actions. Latency counts from each
-request's intended send time (a late decision delays the next ones, as a queue would); the service time
-of ``decide`` itself is reported too.
+when ``--customers`` is 500 or fewer), the rest uniform over all; its channel mix, touchpoints and
+intents; 3 actions. Latency counts from each request's intended send time (a late decision delays the
+next ones, as a queue would); the service time of ``decide`` itself is reported too.
 
 The run is cut into windows of ``--window`` decisions. Per window: Decide p50 / p99 / p99.9 and the
 Redis time per ``EVALSHA`` call from ``INFO commandstats`` deltas (only the presenting script is called

@@ -28,7 +28,10 @@ impressions reported on web and app, 5% responses) and ``--sim-events-per-day`` 
 USAGE`` of every key of those customers at the end (profile, triggers, contact history, event history
 and ids, interaction hashes), of the decision records and of the stream entries (bytes per entry). The
 memory per customer for the capacity model is their sum plus the decision records a customer keeps
-(``decisions/customer/day x retention days x bytes per record``), printed for a few rates.
+(``decisions/customer/day x retention days x bytes per record``), printed for a few rates, and the keys
+per customer (each about 120 B outside ``MEMORY USAGE``). What the scripts trim by the simulated clock
+(contact and event histories, record minutes) is in its steady state; what Redis expires by its own clock
+(outbound state keys, their index members) is not: all 31 days of them are still there, an upper bound.
 
     python loadtest/op_costs.py --models-dir /tmp/nba-models --json /tmp/op_costs.json
 
@@ -242,6 +245,7 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
     """MEMORY USAGE (SAMPLES 0) of every key on the masters: per family for the simulated customers,
     decision records (bytes per record) and streams (bytes per entry)."""
     per_customer: dict[str, dict[str, int]] = {}
+    key_counts: dict[str, int] = {}  # keys per simulated customer (each costs ~120 B outside MEMORY USAGE)
     records: list[int] = []
     buckets = {"bytes": 0, "keys": 0, "records": 0}
     sample: list[bytes] = []  # record values, to measure buckets as full as production makes them
@@ -266,6 +270,7 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
                 if cust in sim_customers:
                     per_customer.setdefault(cust, {})
                     per_customer[cust][fam] = per_customer[cust].get(fam, 0) + int(usage)
+                    key_counts[cust] = key_counts.get(cust, 0) + 1
                 elif fam == "decision records":
                     records.append(int(usage))
                 elif fam == "decision record buckets":
@@ -300,6 +305,7 @@ def memory(b: rb.Backend, sim_customers: set[str]) -> dict:
                         "encoding": c.object("encoding", key).decode()}
             c.delete(key)
     return {"per_customer": table, "customers": len(per_customer),
+            "keys_per_customer": float(np.mean(list(key_counts.values()))) if key_counts else 0.0,
             "decision_record_bytes": float(np.mean(records)) if records else
             (buckets["bytes"] / buckets["records"] if buckets["records"] else 0.0),
             "decision_records": len(records) or buckets["records"], "record_buckets": buckets,
@@ -388,6 +394,7 @@ def report_memory(name: str, res: dict, args: argparse.Namespace) -> None:
           f"{args.sim_per_day:g} decisions and {args.sim_events_per_day:g} events per customer per day)")
     for f, v in m["per_customer"].items():
         print(f"  {f:<22} mean {v['mean']:8.0f} B  p50 {v['p50']:8.0f}  p99 {v['p99']:8.0f}  max {v['max']:8.0f}")
+    print(f"  keys per customer: {m['keys_per_customer']:.1f} (each ~120 B outside MEMORY USAGE)")
     print(f"  decision record {m['decision_record_bytes']:.0f} B ({m['decision_records']} records)")
     if m.get("record_buckets", {}).get("keys"):
         bk = m["record_buckets"]

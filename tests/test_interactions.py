@@ -358,3 +358,28 @@ def test_a_served_web_reservation_is_released_after_its_time(redis_url: str, mod
             time.sleep(0.2)
         assert budget_used(app.store.client) == 0 and shards.zcard(app.store.client, RESERVATIONS_KEY) == 0
         assert set(offers) <= set(ids(decide(channel, holder)))
+
+
+def test_the_index_names_an_interaction_briefly_and_still_reads_the_earlier_members(service, redis_admin_url) -> None:
+    """Erasure and export find a customer's interaction hashes through the customer's index: a member
+    ``c:<key less the customer's prefix>`` keeps the index a compact listpack; an index written before
+    (``k:<key>``) is read as well."""
+    from engine.decision.contact import interaction_key
+    from engine.serving.privacy import export_customer
+    from engine.store.erasure import customer_index_key
+    from engine.store.profiles import redis_client
+
+    app, channel = service
+    client = app.store.client
+    admin = redis_client(redis_admin_url)
+    (cid,) = customers(control=False, start=340)
+    decide(channel, cid, pb.CHANNEL_CALL_CENTER, interaction_id="visit-1")
+    index = customer_index_key(cid)
+    assert client.zrange(index, 0, -1) == [b"c:ix:visit-1"]
+    assert admin.object("encoding", index) == b"ziplist"  # compact (Redis 7 names it listpack)
+    assert [i["interaction_id"] for i in export_customer(client, cid, who=None)["interactions"]] == ["visit-1"]
+    expiry = client.zscore(index, "c:ix:visit-1")
+    client.zrem(index, "c:ix:visit-1")
+    client.zadd(index, {"k:" + interaction_key(cid, "visit-1"): expiry})
+    assert [i["interaction_id"] for i in export_customer(client, cid, who=None)["interactions"]] == ["visit-1"]
+    admin.close()

@@ -25,7 +25,7 @@ from engine.api.nba.v1 import nba_pb2 as pb
 from engine.api.nba.v1 import nba_pb2_grpc as pb_grpc
 from engine.decision import records
 from engine.decision.contact import RESERVATIONS_KEY
-from engine.events.processor import OUTBOUND_INDEXED_SINCE, OUTBOUND_KEEP_MS, OUTBOUND_STREAM, TIMERS_KEY
+from engine.events.processor import OUTBOUND_INDEXED_SINCE, OUTBOUND_STREAM, TIMERS_KEY
 from engine.events.stream import GROUP, INGEST_STREAM, INVALID_STREAM, EventStreamConsumer
 from engine.rules.contact import ControlGroup
 from engine.serving.app import App
@@ -490,12 +490,16 @@ def test_a_job_outlives_the_worker_that_took_it_and_reports_every_failure(redis_
 
 
 def test_outbound_keys_written_before_the_index_are_scanned_for_until_none_can_be_left(redis_url: str) -> None:
+    from engine.events.processor import OUTBOUND_KEEP_MS
+    from engine.serving.privacy import LEGACY_OUTBOUND_KEEP_MS
     from engine.store.profiles import redis_client
 
     client = redis_client(redis_url)
     legacy = "nba:{c:OLD-OUTBOUND}:outbound:data_cap:e1"  # as a version before the index wrote it
     now_ms = int(time.time() * 1000)
-    for since, scanned in ((None, True), (now_ms, True), (now_ms - OUTBOUND_KEEP_MS - 2 * 86_400_000, False)):
+    # keys written before the index lived 30 days, longer than an outbound's state lives now
+    assert LEGACY_OUTBOUND_KEEP_MS > OUTBOUND_KEEP_MS
+    for since, scanned in ((None, True), (now_ms, True), (now_ms - LEGACY_OUTBOUND_KEEP_MS - 2 * 86_400_000, False)):
         client.delete(META_KEY)
         if since is not None:
             client.hset(META_KEY, OUTBOUND_INDEXED_SINCE, since)

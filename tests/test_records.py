@@ -38,6 +38,25 @@ def _web(engine: DecisionEngine, prefix: str):
 
 
 @pytest.mark.both_redis
+def test_the_service_redis_keeps_records_of_several_responses_compact(engine: DecisionEngine,
+                                                                       redis_admin_url: str) -> None:
+    """The embedded Redis and every node of the local cluster take ``redis_tuning``'s limit: a record with
+    an impression and a final outcome for each of its actions (over Redis's default 64 bytes) leaves its
+    bucket compact."""
+    from engine.store.redis_tuning import COMPACT_VALUE_BYTES
+
+    cid, d = _web(engine, "T")
+    for a in d.actions:
+        engine.responses.record(d.decision_id, a.action_id, "impression")
+        engine.responses.record(d.decision_id, a.action_id, "rejected")
+    key, field = records.location(d.decision_id)
+    admin = redis_client(redis_admin_url)
+    value = admin.hget(key, field)
+    assert value is not None and 64 < len(value) <= COMPACT_VALUE_BYTES, value
+    assert admin.object("encoding", key) in (b"listpack", b"ziplist")
+
+
+@pytest.mark.both_redis
 def test_a_record_is_one_short_field_of_a_listpack_bucket(engine: DecisionEngine, redis_admin_url: str) -> None:
     cid, d = _web(engine, "K")
     for a in d.actions:  # every action's impression reported: three marks on the record

@@ -3,7 +3,8 @@
 A test gives a customer (a partial profile, as in the other rule tests) and a timed sequence of
 events (``at: 0s``, ``at: 3d``...), and expects triggers active at the end, patterns that matched and
 outbound actions sent. It runs the compiled patterns (the same durable ruleset and the same window,
-count and order logic as the server) on an in-memory history with a simulated clock: absence timers
+count and order logic as the server) on an in-memory history kept as the server keeps it (per event
+type, ``EventRules.keeps``, the ids as their tags) with a simulated clock: absence timers
 fire when the clock passes their due time, replays (an event ``id`` seen before) count once. An
 outbound action counts as sent when the rules admit it for that customer on its channel at that
 moment (triggers included); like the other rule tests, contact history, budgets and quiet hours are
@@ -119,8 +120,10 @@ class _Simulation:
         if event.id in self.seen:
             return
         self.seen.add(event.id)
-        keep = self.events.history_ms
-        self.history = [e for e in self.history if e.ts_ms >= self.now - keep] + [event]
+        keep = self.events.keep_ms
+        # as the server stores and trims it: per type, in the compact member (the id as its tag)
+        stored = [Event.decode(event.member(), event.ts_ms)] if keep(event.type) else []
+        self.history = [e for e in self.history + stored if keep(e.type) and e.ts_ms >= self.now - keep(e.type)]
         self.history = sorted(self.history, key=lambda e: e.ts_ms)[-MAX_HISTORY_EVENTS:]
         window = [e for e in self.history if e.ts_ms >= event.ts_ms - self.events.window_ms]
         firings, timers = self.patterns.on_event(window, event)

@@ -44,7 +44,7 @@ from engine.decision.codes import Codes
 from engine.decision.history import contacts_key
 from engine.decision.records import utc_day
 from engine.rules.contact import DAY_MS, ContactLimit, ContactRules, ControlGroup
-from engine.store.erasure import MINUTES_LUA, customer_index_key, customer_minutes_key
+from engine.store.erasure import MINUTES_LUA, customer_index_key, customer_minutes_key, own_member
 from engine.store.slots import customer_slot
 
 if TYPE_CHECKING:
@@ -122,8 +122,8 @@ def _draw(customer_id: str, day: int, action_id: str) -> bytes:
 #   fb (fallback candidate or 0), codes, fbcode, rf, cust, ctx, tsd (the record: ``engine.decision.records``),
 #   rmin, rpre, rcut (its minute, its bucket's key less the minute, the oldest minute that may be live; rmin 0:
 #   its bucket is not on the customer's slot, it is indexed by id),
-#   ix (interaction placement field or ''), ixttl (ms), head (the decision's JSON header), replace (true:
-#   overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
+#   ix (interaction placement field or ''), ixttl (ms), ixm (its index member), head (the decision's JSON
+#   header), replace (true: overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
 #   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
 # 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
@@ -283,7 +283,7 @@ if a.rmin == 0 or a.ix ~= '' then
     redis.call('HSET', KEYS[3], a.ix, '{"h":' .. a.head .. ',"fb":' .. (fb == 'fb' and 'true' or 'false') ..
                ',"a":[' .. table.concat(bodies, ',') .. ']}')
     if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], a.ixttl) end
-    redis.call('ZADD', KEYS[5], snow + a.ixttl, 'k:' .. KEYS[3])
+    redis.call('ZADD', KEYS[5], snow + a.ixttl, a.ixm)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', snow)
   local top = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')  -- the index outlives its longest entry
@@ -433,6 +433,7 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
                                     record.get("counted", "1"), record.get("ruleset", ""), record.get("model", "")),
         "rpre": minute[0] if minute else "", "rmin": minute[1] if minute else 0, "rcut": minute[2] if minute else 0,
         "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
+        "ixm": own_member(customer_id, interaction_key(customer_id, interaction)) if interaction else "",
         "head": head or "{}", "replace": replace, "late_ms": late_ms,
     }
     return keys, json.dumps(args, separators=(",", ":")), limits

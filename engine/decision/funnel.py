@@ -57,7 +57,7 @@ from engine.rules.contact import ContactRules, Interactions
 from engine.rules.facts import FactInputs
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 from engine.store.decision_log import DecisionLog
-from engine.store.erasure import index_record
+from engine.store.erasure import index_record, own_member
 from engine.store.profiles import (
     FEATURE_LAYOUTS_KEY,
     Profile,
@@ -526,7 +526,7 @@ class DecisionEngine:
             pipe.hsetnx(key, place, body)
         pipe.hget(key, place)
         pipe.pexpire(key, ix.window_ms)  # from the latest decision here (PRESENT: from the first)
-        index_record(pipe, req.customer_id, "k:" + key, ix.window_ms)  # found by erasure and export
+        index_record(pipe, req.customer_id, own_member(req.customer_id, key), ix.window_ms)  # for erasure, export
         first, winner = pipe.execute()[:2]
         return None if first else winner.decode()
 

@@ -1,11 +1,11 @@
 """Processing one event: the same path for ``PublishEvent``, the ingest stream and absence timers.
 
 1. One Lua script on the customer's keys: idempotency by event id (per customer), append to the
-   customer's bounded history (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age and
-   count), and read back the history the patterns need: one round trip. On one Redis node the same
-   script appends the event to the ``nba:stream:events`` log; on a Redis Cluster the log is sharded
-   (``engine.store.slots``: another slot than the customer's) and the entry is written after the
-   event's other effects (steps 3 and 4).
+   customer's bounded history (``nba:{c:<id>}:events``, a sorted set by event time, trimmed by age per
+   event type and by count; only types a pattern reads), and read back the history the patterns need:
+   one round trip. On one Redis node the same script appends the event to the ``nba:stream:events``
+   log; on a Redis Cluster the log is sharded (``engine.store.slots``: another slot than the
+   customer's) and the entry is written after the event's other effects (steps 3 and 4).
    Before it, a ``consent_withdrawn`` event (declared in events.yaml with a ``channel`` attribute;
    ``all`` for every channel) removes that channel from the profile's ``consent`` in one script (a
    replay does it again: idempotent, so a retry of a call that failed half-way still withdraws), so every
@@ -50,8 +50,15 @@ and a run that dies before it leaves ``postponed`` for the timer's retry. A run 
 
 Key layout added here (all customer keys carry the customer's hash tag):
 
-- ``nba:{c:<id>}:events``    sorted set: event JSON by event time (ms); newest ``MAX_HISTORY_EVENTS``
-                             within the longest pattern window (at least a day)
+- ``nba:{c:<id>}:events``    sorted set: the events the patterns can read, by event time (ms); member
+                             ``<type>\\x1f<id tag>\\x1f<attributes JSON>`` (``Event.member``: the id as an
+                             11-character digest, ``id_tag``; the time is the score), short enough for
+                             the compact listpack encoding. An event type stays as long as a pattern can
+                             read it plus a day (``EventRules.keeps``): a 30-day sequence keeps its
+                             ``first`` events 31 days, a threshold's 1 day; a type no pattern names is
+                             not stored (it is in the log). The newest ``MAX_HISTORY_EVENTS`` at most;
+                             the key lives as long as the longest keep. Members of the earlier layout
+                             (event JSON with id and time) are still read and trimmed by their type.
 - ``nba:{c:<id>}:event_ids`` sorted set: event ids seen, by arrival time (dedupe window)
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>``  an outbound's state: 1 | sent | done | postponed
 - ``nba:{c:<id>}:outbound:<pattern>:<event id>:run``  the claim of a postponed run (short-lived)
@@ -87,9 +94,10 @@ from engine.rules.patterns import (
     Timer,
 )
 from engine.store import streams
-from engine.store.erasure import INDEX_LUA, customer_index_key
+from engine.store.erasure import INDEX_LUA, customer_index_key, own_member
 from engine.store.profiles import EVENTS_STREAM, META_KEY, STREAM_MAXLEN, profile_key, triggers_key
 from engine.store.pseudonym import pseudonym
+from engine.store.redis_tuning import COMPACT_VALUE_BYTES
 from engine.store.slots import customer_shard_key, shard_count
 from engine.store.updates import InvalidAttribute, apply_update, check_update
 
@@ -108,23 +116,29 @@ FUTURE_SKEW_MS = 5 * 60_000  # event times may be at most this far ahead of the 
 OUTBOUND_CONTEXT = "outbound_action"  # DecideInput.context key: the action an outbound decision aims at
 OUTBOUND_RANKING = "outbound"
 OUTBOUND_TIMER = "outbound"  # the "k" of a postponed outbound's timer member (absence timers have none)
-OUTBOUND_KEEP_MS = 30 * 86_400_000  # an outbound's state key lives this long after its last change
+# an outbound's state key lives this long after its last change: past the dedupe window a replay of its
+# event is a new event (its triggers are raised again too), so a longer guard would only cost memory
+OUTBOUND_KEEP_MS = DEDUPE_MS + 86_400_000
 OUTBOUND_RUN_MS = 30_000  # a postponed run's claim; a run that died is retried after the timer's lease
 STARTED, SENT, DONE, POSTPONED = "1", "sent", "done", "postponed"  # an outbound's state key
 # nba:meta field: when outbound state keys began to be indexed (epoch ms; erasure scans for older ones)
 OUTBOUND_INDEXED_SINCE = "outbound_indexed_since"
 
 # KEYS: history, ids, effects pending, and (one node only) the log stream. ARGV: event id, event time
-# ms, history member, now ms, keep ms, max events, dedupe ms, read from ms, stream maxlen, '1' when the
-# event's effects are pending until ``publish`` clears the mark (a pattern reacts to its type, or the log
-# entry is written after this script: on a cluster), then the log entry's fields. A call that failed in
-# between and is retried applies the pending effects again. Returns {0} for a duplicate, {2, '', history}
-# for a duplicate whose effects are pending, else {1, log entry id ('' without KEYS[4]), history since
-# ARGV[8]}.
+# ms, history member ('' when no pattern reads its type: not stored), now ms, keeps (JSON: event type ->
+# ms its events stay; a type not in it is not kept), max events, dedupe ms, read from ms, stream maxlen,
+# '1' when the event's effects are pending until ``publish`` clears the mark (a pattern reacts to its
+# type, or the log entry is written after this script: on a cluster), then the log entry's fields. A
+# call that failed in between and is retried applies the pending effects again. Returns {0} for a
+# duplicate, {2, '', history} for a duplicate whose effects are pending, else {1, log entry id ('' without
+# KEYS[4]), history since ARGV[8]}; a history is (member, score) pairs, flat.
+# Trimming reads every member's type: the compact layout starts with it, the earlier JSON one has it
+# under "t" (the id before it is JSON text: an escaped quote cannot make '"t":"'). The set is small
+# (listpack-sized in the common case, MAX_HISTORY_EVENTS at most).
 _INGEST = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return {0} end
-  return {2, '', redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
+  return {2, '', redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf', 'WITHSCORES')}
 end
 if ARGV[10] == '1' then
   redis.call('HSET', KEYS[3], ARGV[1], '1')
@@ -134,15 +148,41 @@ local now = tonumber(ARGV[4])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[7]))
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[5])))
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3]) end
+local keeps, longest, gone, long_gone, long_left = cjson.decode(ARGV[5]), 0, {}, false, false
+for _, ms in pairs(keeps) do if ms > longest then longest = ms end end
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local m, kind = all[i], nil
+  if string.byte(m, 1) == 123 then kind = string.match(m, '"t":"([^"]*)"') else kind = string.match(m, '^[%w_]+') end
+  local keep = keeps[kind or ''] or 0
+  if keep <= 0 or tonumber(all[i + 1]) < now - keep then
+    gone[#gone + 1] = m
+    long_gone = long_gone or #m > COMPACT
+  else
+    long_left = long_left or #m > COMPACT
+  end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+if long_gone and not long_left then
+  -- the last member over COMPACT bytes (zset-max-listpack-value as store/redis_tuning.py sets it: an
+  -- earlier-layout member, a long text attribute) went: written anew, the set is listpack-encoded again
+  -- if it fits (Redis does not convert a skiplist back as it shrinks)
+  local left = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  if #left > 0 then
+    local args = {}
+    for i = 1, #left, 2 do args[#args + 1] = left[i + 1]; args[#args + 1] = left[i] end
+    redis.call('DEL', KEYS[1])
+    redis.call('ZADD', KEYS[1], unpack(args))
+  end
+end
 local n = redis.call('ZCARD', KEYS[1])
 if n > tonumber(ARGV[6]) then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - tonumber(ARGV[6]) - 1) end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if longest > 0 then redis.call('PEXPIRE', KEYS[1], longest) end
 local entry = ''
 if #KEYS > 3 then entry = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', unpack(ARGV, 11)) end
-return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf')}
-"""
+return {1, entry, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[8], '+inf', 'WITHSCORES')}
+""".replace("COMPACT", str(COMPACT_VALUE_BYTES))
 
 # The trigger changes of one event. KEYS[1] triggers hash. ARGV: number of triggers to clear, their
 # names, number of triggers to raise, (name, expiry ms) pairs. Keeps the hash alive until its latest
@@ -170,24 +210,25 @@ end
 return cleared
 """
 
-# An outbound's first run. KEYS: state, the customer's index. ARGV: state, keep ms. Claims the outbound
-# (SET NX) and indexes its state key for erasure and export. Returns 1, or 0 (it ran before).
+# An outbound's first run. KEYS: state, the customer's index. ARGV: state, keep ms, its index member
+# (``store.erasure.own_member``). Claims the outbound (SET NX) and indexes its state key for erasure and
+# export. Returns 1, or 0 (it ran before).
 _START = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-local ikey, member, ttl = KEYS[2], 'k:' .. KEYS[1], ARGV[2]
+local ikey, member, ttl = KEYS[2], ARGV[3], ARGV[2]
 """ + INDEX_LUA + """
 return 1
 """
 
 # An outbound's state change, only from the state the caller saw. KEYS: state, run claim, the customer's
-# index. ARGV: expected state, new state, keep ms, run token ('' none). Returns 1, or 0 (state changed
+# index. ARGV: expected state, new state, keep ms, run token ('' none), index member. Returns 1, or 0 (state changed
 # meanwhile: nothing done). The run claim is released if it is ours. The stream entry or timer that goes
 # with the change is another slot: see ``EventProcessor._change`` for the order.
 _SETTLE = """
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-local ikey, member, ttl = KEYS[3], 'k:' .. KEYS[1], ARGV[3]
+local ikey, member, ttl = KEYS[3], ARGV[5], ARGV[3]
 """ + INDEX_LUA + """
 return 1
 """
@@ -335,7 +376,7 @@ class EventProcessor:
                     raise InvalidRequest(f"attributes.{source}", str(exc).split(": ", 1)[1]) from None
                 apply_update(self.store, customer_id, change, rules.schema)
             event = Event(event_id, event_type, ts_ms, attrs)
-            keep_ms = events.history_ms if events is not None else 86_400_000
+            keeps = events.keeps if events is not None else {}
             since = ts_ms - (events.window_ms if events is not None else 0)
             log_fields = {"event_id": event_id, "customer_id": customer_id, "type": event_type,
                           "ts": f"{ts_ms / 1000:.3f}", "source": source,
@@ -348,7 +389,8 @@ class EventProcessor:
             keys = [events_key(customer_id), event_ids_key(customer_id), effects_key(customer_id)]
             reply = self._ingest(
                 keys=keys + [EVENTS_STREAM] if inline else keys,
-                args=[event_id, ts_ms, event.encode(), now_ms, keep_ms, MAX_HISTORY_EVENTS, DEDUPE_MS, since,
+                args=[event_id, ts_ms, event.member() if keeps.get(event_type) else "", now_ms,
+                      json.dumps(keeps, separators=(",", ":")), MAX_HISTORY_EVENTS, DEDUPE_MS, since,
                       STREAM_MAXLEN, "1" if reactive or not inline else "0",
                       *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:
@@ -359,7 +401,7 @@ class EventProcessor:
             out = Processed(stream_id=stream_id, duplicate=reply[0] == 2, consent_withdrawn=withdrawn)
             if reactive:
                 assert events is not None and patterns is not None
-                history = [Event.decode(m) for m in reply[2]]
+                history = history_events(reply[2])
                 firings, timers = patterns.on_event(history, event)
                 cleared = sorted(events.clears_by_event.get(event_type, ()))
                 self._apply(customer_id, firings, cleared, timers, out, now_ms)
@@ -437,8 +479,9 @@ class EventProcessor:
             patterns = rules.patterns
             if patterns is None:
                 return out
-            raw = cast("list[bytes]", self.client.zrangebyscore(events_key(customer_id), timer.opened_ms, timer.due_ms))
-            firing = patterns.on_timer([Event.decode(m) for m in raw], timer)
+            raw = cast("list[tuple[bytes, float]]", self.client.zrangebyscore(
+                events_key(customer_id), timer.opened_ms, timer.due_ms, withscores=True))
+            firing = patterns.on_timer([Event.decode(m, score) for m, score in raw], timer)
             metrics.EVENT_TIMERS.labels("fired" if firing else "resolved").inc()
             if firing is not None:
                 self._apply(customer_id, [firing], [], [], out, int(self.clock() * 1000))
@@ -457,7 +500,8 @@ class EventProcessor:
         if not self._index_marked:
             self.client.hsetnx(META_KEY, OUTBOUND_INDEXED_SINCE, int(time.time() * 1000))
             self._index_marked = True
-        if not self._start_script(keys=[key, customer_index_key(customer_id)], args=[STARTED, OUTBOUND_KEEP_MS]):
+        index: list[str | int] = [STARTED, OUTBOUND_KEEP_MS, own_member(customer_id, key)]
+        if not self._start_script(keys=[key, customer_index_key(customer_id)], args=index):
             result.reason = ("already postponed for this event" if self._state(key) == POSTPONED
                              else "already sent for this event")
             return result
@@ -535,7 +579,7 @@ class EventProcessor:
         if member:
             self.client.zadd(customer_shard_key(TIMERS_KEY, customer_id, self.client), {member: due_ms})
         if not self._settle_script(keys=[key, f"{key}:run", customer_index_key(customer_id)],
-                                   args=[expected, state, OUTBOUND_KEEP_MS, token]):
+                                   args=[expected, state, OUTBOUND_KEEP_MS, token, own_member(customer_id, key)]):
             return False
         if entry is not None:
             streams.append(self.client, OUTBOUND_STREAM, customer_id, entry)
@@ -598,6 +642,11 @@ def _utc(ms: int) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ" if at.second else "%Y-%m-%dT%H:%MZ")
 
 
+def history_events(flat: Sequence[bytes | str]) -> list[Event]:
+    """The events of a history read back as flat (member, score) pairs, of either layout."""
+    return [Event.decode(flat[i], float(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+
+
 def timer_member(customer_id: str, timer: Timer) -> str:
     return json.dumps({"c": customer_id, "p": timer.pattern, "e": timer.opened_by, "o": timer.opened_ms,
                        "d": timer.due_ms}, separators=(",", ":"))
@@ -627,4 +676,5 @@ def _check_id(value: str, name: str, limit: int) -> None:
         raise InvalidRequest(name, f"at most {limit} characters, no spaces or braces")
 
 
-__all__ = ["EventProcessor", "OUTBOUND_STREAM", "OutboundBusy", "Processed", "TIMERS_KEY", "events_key"]
+__all__ = ["EventProcessor", "OUTBOUND_STREAM", "OutboundBusy", "Processed", "TIMERS_KEY", "events_key",
+           "history_events"]

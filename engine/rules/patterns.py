@@ -19,6 +19,8 @@ the rule set (``CompiledRules.patterns``), so a hot reload swaps both together.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import logging
@@ -28,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import durable_rules_engine
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 EVENTS_FILE = "events.yaml"
 KINDS = ("count", "threshold", "sequence", "absence")
 PARTS = {"count": ("on",), "threshold": ("on",), "sequence": ("first", "then"), "absence": ("after", "missing")}
+HISTORY_PARTS = ("first", "missing")  # with a count's "on": the parts whose events are read from the history
 ATTRIBUTE_TYPES = ("number", "text")  # or a list of levels
 MAX_HISTORY_EVENTS = 200  # per customer, newest kept
 MIN_HISTORY_MS = 86_400_000  # history kept at least a day even when every window is shorter
@@ -167,9 +171,25 @@ class EventRules:
         """The longest window of any pattern: how much history an evaluation needs."""
         return max((p.within_ms for p in self.patterns), default=0)
 
-    @property
-    def history_ms(self) -> int:
-        return max(self.window_ms, MIN_HISTORY_MS)
+    @cached_property
+    def keeps(self) -> dict[str, int]:
+        """Event type -> how long (ms) an event of it stays in the customer's history; types no pattern
+        part names are not in it (never stored). A part whose events are read from the history (a count's
+        ``on``, a sequence's ``first``, an absence's ``missing``) keeps them its pattern's window; a part
+        that reads only the arriving event (a threshold, a sequence's ``then``, an absence's ``after``)
+        adds nothing to it. Every kept type gets ``MIN_HISTORY_MS`` more, for late timers and events
+        that arrive after their time."""
+        out: dict[str, int] = {}
+        for p in self.patterns:
+            for key, part in p.parts.items():
+                read = p.kind == "count" or key in HISTORY_PARTS
+                out[part.event] = max(out.get(part.event, 0), p.within_ms if read else 0)
+        return {t: ms + MIN_HISTORY_MS for t, ms in out.items()}
+
+    def keep_ms(self, event_type: str) -> int:
+        """How long an event of ``event_type`` must stay in the history for the patterns to read it; 0:
+        never stored."""
+        return self.keeps.get(event_type, 0)
 
     def by_name(self, name: str) -> Pattern | None:
         return next((p for p in self.patterns if p.name == name), None)
@@ -209,20 +229,47 @@ class InvalidEvent(NbaError, ValueError):
         self.field = field
 
 
+MEMBER_SEP = "\x1f"  # between the fields of a history member (no type, tag or JSON text holds it)
+
+
+def id_tag(event_id: str) -> str:
+    """A short stable digest of an event id (11 characters): what the history stores in place of the id.
+    64 bits: two distinct events fold into one member (same type, attributes and time) or are taken for
+    each other (``CompiledPatterns.on_event``) only when their ids' digests collide, about n * n / 2**65
+    for the n <= 200 events of a customer's history."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 @dataclass(frozen=True)
 class Event:
-    id: str
+    id: str  # decoded from a history member: its ``id_tag``
     type: str
     ts_ms: int
     attrs: dict = field(default_factory=dict)
 
+    def member(self) -> str:
+        """The history member: ``<type>\\x1f<id tag>\\x1f<attributes JSON, '' when none>``; the time is
+        the member's score. Short enough (about 50 bytes for short attributes) for Redis to keep a
+        customer's history in its compact listpack encoding."""
+        attrs = json.dumps(self.attrs, separators=(",", ":")) if self.attrs else ""
+        return MEMBER_SEP.join((self.type, id_tag(self.id), attrs))
+
     def encode(self) -> str:
+        """The earlier history member (JSON with the id and time), still read until it ages out."""
         return json.dumps({"id": self.id, "t": self.type, "ts": self.ts_ms, "a": self.attrs}, separators=(",", ":"))
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> Event:
-        d = json.loads(raw)
-        return cls(d["id"], d["t"], int(d["ts"]), d.get("a") or {})
+    def decode(cls, raw: bytes | str, score: float | None = None) -> Event:
+        """A history member of either layout; ``score`` (its time, ms) is needed for the compact one."""
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if text.startswith("{"):
+            d = json.loads(text)
+            return cls(d["id"], d["t"], int(d["ts"]), d.get("a") or {})
+        if score is None:
+            raise ValueError("a compact history member needs its score")
+        kind, tag, attrs = text.split(MEMBER_SEP, 2)
+        return cls(tag, kind, int(score), json.loads(attrs) if attrs else {})
 
 
 # --- conditions on event attributes -----------------------------------------------------------------
@@ -612,7 +659,8 @@ class CompiledPatterns:
     def on_event(self, history: Sequence[Event], current: Event) -> tuple[list[Firing], list[Timer]]:
         """What ``current`` (already in ``history``) completes, and the absence timers it opens."""
         events = list(history)
-        ci = next((i for i, e in enumerate(events) if e.id == current.id), None)
+        ids = (current.id, id_tag(current.id))  # decoded from the history, it has its id's tag
+        ci = next((i for i, e in enumerate(events) if e.id in ids), None)
         if ci is None:
             events.append(current)
             ci = len(events) - 1
@@ -646,7 +694,8 @@ class CompiledPatterns:
         p = self.events.by_name(timer.pattern)
         if p is None or p.kind != "absence":
             return None
-        window = [e for e in history if timer.opened_ms <= e.ts_ms <= timer.due_ms and e.id != timer.opened_by]
+        opener = (timer.opened_by, id_tag(timer.opened_by))
+        window = [e for e in history if timer.opened_ms <= e.ts_ms <= timer.due_ms and e.id not in opener]
         if window and self.match(window).get((p.name, "missing")):
             return None
         return Firing(p, timer.opened_by)
@@ -681,4 +730,4 @@ def compile_patterns(events: EventRules | None, name: str = "") -> CompiledPatte
 
 
 __all__ = ["CompiledPatterns", "Event", "EventRules", "EventType", "Firing", "InvalidEvent",
-           "Pattern", "Timer", "compile_patterns", "load_events", "parse_duration"]
+           "Pattern", "Timer", "compile_patterns", "id_tag", "load_events", "parse_duration"]

@@ -56,7 +56,11 @@ key names or encoded blobs. Its JSON document:
 - ``decisions``: ``[{decision_id, decided_at, channel, touchpoint, interaction_id, actions, control_group,
   ruleset_version, model_version, responses: [{action, outcome, at}]}]``;
 - ``events``: ``[{event_id, type, at, source, attributes, refused (why an event was not accepted, or
-  "")}]``; ``outbound``: ``[{action, channel, decision_id, event_id, at, content}]`` (messages sent);
+  "")}]`` (the log); ``event_history``: ``[{event_id, id_tag, type, at, attributes}]``, the recent events
+  the patterns read (``events/processor.py``): a member of the compact layout stores an 11-character
+  digest of the id (``id_tag``), shown with the id when the log still has the event, else ``event_id``
+  is ""; a member of the earlier layout has its ``event_id`` and no tag;
+  ``outbound``: ``[{action, channel, decision_id, event_id, at, content}]`` (messages sent);
 - ``scheduled``: ``[{kind (absence timer | postponed message), due_at}]``;
   ``budget_reservations``: ``[{decision_id, action, expires_at}]``;
 - ``interactions``: ``[{interaction_id, touchpoint, max_actions, decision_id, actions}]`` (a repeated ask
@@ -85,7 +89,6 @@ from engine.decision.interactions import without_context
 from engine.decision.request import MAX_ID_LENGTH, InvalidRequest
 from engine.events.processor import (
     OUTBOUND_INDEXED_SINCE,
-    OUTBOUND_KEEP_MS,
     OUTBOUND_STREAM,
     TIMERS_KEY,
     effects_key,
@@ -94,10 +97,11 @@ from engine.events.processor import (
 )
 from engine.events.stream import INGEST_STREAM, INVALID_STREAM
 from engine.features import FeatureSchema
+from engine.rules.patterns import Event, id_tag
 from engine.store.archive_erasure import customer_entries, erase_customers
 from engine.store.archive_fs import Root
 from engine.store.audit import AUDIT_STREAM, audit
-from engine.store.erasure import ErasureFailed, customer_index_key, customer_minutes_key, rewrite_stream
+from engine.store.erasure import ErasureFailed, customer_index_key, customer_minutes_key, indexed_keys, rewrite_stream
 from engine.store.profiles import (
     DECISIONS_STREAM,
     EVENTS_STREAM,
@@ -219,11 +223,14 @@ class _Found:
     timers: list[tuple[str, str, float]] = field(default_factory=list)  # (shard key, member, due ms)
 
 
+LEGACY_OUTBOUND_KEEP_MS = 30 * 86_400_000  # how long the versions before the index kept an outbound's state
+
+
 def outbound_index_complete(client: Any, now_ms: int) -> bool:
     """Whether every outbound state key is in its customer's index: the indexing version has run longer
-    than such a key lives (``OUTBOUND_KEEP_MS``), so no key written before it can be left."""
+    than such a key lived (``LEGACY_OUTBOUND_KEEP_MS``), so no key written before it can be left."""
     since = client.hget(META_KEY, OUTBOUND_INDEXED_SINCE)
-    return since is not None and now_ms - int(since) > OUTBOUND_KEEP_MS + 86_400_000  # a day for a rolling upgrade
+    return since is not None and now_ms - int(since) > LEGACY_OUTBOUND_KEEP_MS + 86_400_000  # a day for an upgrade
 
 
 def _outbound_keys(client: Any, customers: set[str]) -> dict[str, list[str]]:
@@ -244,7 +251,7 @@ def _locate(client: Any, customer_id: str, outbound: list[str], with_timers: boo
     found = _Found()
     index = [_s(m) for m in cast("list[bytes]", client.zrange(customer_index_key(customer_id), 0, -1))]
     found.decision_ids = {m[2:] for m in index if m.startswith("d:")} | records.customer_record_ids(client, customer_id)
-    indexed = [m[2:] for m in index if m.startswith("k:")]
+    indexed = indexed_keys(customer_id, index)
     runs = [f"{k}:run" for k in indexed if ":outbound:" in k]  # an outbound's run claim, while it runs
     candidates = fixed_keys(customer_id) + indexed + runs + outbound
     pipe = client.pipeline(transaction=False)
@@ -527,6 +534,24 @@ def _event(f: dict[str, str], refused: str = "") -> dict[str, Any]:
             "refused": refused}
 
 
+def _event_history(client: Any, customer_id: str, logged: Iterable[str]) -> list[dict[str, Any]]:
+    """The customer's event history (``nba:{c:<id>}:events``) in plain fields, either layout."""
+    key = events_key(customer_id)
+    if _s(client.type(key)) != "zset":
+        return []
+    ids = {id_tag(i): i for i in logged}
+    out = []
+    for member, score in cast("list[tuple[bytes, float]]", client.zrange(key, 0, -1, withscores=True)):
+        try:
+            e = Event.decode(member, score)
+        except (ValueError, KeyError, TypeError):
+            continue
+        compact = not _s(member).startswith("{")
+        out.append({"event_id": ids.get(e.id, "") if compact else e.id, "id_tag": e.id if compact else "",
+                    "type": e.type, "at": _ms_iso(e.ts_ms), "attributes": e.attrs})
+    return out
+
+
 def export_customer(client: Any, customer_id: str, who: str | None = "cli", now: float | None = None,
                     schema: FeatureSchema | None = None, archive: Root | None = None) -> dict[str, Any]:
     """Everything stored about ``customer_id`` in plain fields (see the module's docstring), in Redis and
@@ -573,6 +598,7 @@ def export_customer(client: Any, customer_id: str, who: str | None = "cli", now:
         "decisions": _decisions(client, customer_id, streams, ids),
         "events": [_event(f) for _, f in streams[EVENTS_STREAM]]
                   + [_event(f, f.get("error", "refused")) for _, f in streams[INVALID_STREAM]],
+        "event_history": _event_history(client, customer_id, (f.get("event_id", "") for _, f in streams[EVENTS_STREAM])),
         "outbound": [{"action": f.get("action_id", ""), "channel": f.get("channel", ""),
                       "decision_id": f.get("decision_id", ""), "event_id": f.get("event_id", ""),
                       "at": _iso(_float(f.get("ts"))), "content": _json(f.get("treatment", ""))}

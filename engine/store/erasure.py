@@ -38,12 +38,26 @@ from engine.store.slots import key_slot
 
 def customer_index_key(customer_id: str) -> str:
     """The customer's index of records stored outside the customer's keys or under names no computation
-    gives: a sorted set on the customer's slot, member -> expiry (epoch ms): ``k:<key>`` (an interaction
-    hash, an outbound state), ``d:<decision id>`` (a decision record whose bucket is not on the customer's
+    gives: a sorted set on the customer's slot, member -> expiry (epoch ms): ``c:<key less nba:{c:<id>}:>``
+    (one of the customer's own keys: an interaction hash, an outbound state; ``own_member``), ``k:<key>``
+    (the same, as written before), ``d:<decision id>`` (a decision record whose bucket is not on the customer's
     slot, and every record written before ``customer_minutes_key``). Written by the script that writes the record
     (``decision/contact.PRESENT``; ``index_record`` where records are written off the hot path), trimmed
     by expiry there; read by erasure and export instead of a scan."""
     return f"nba:{{c:{customer_id}}}:index"
+
+
+def own_member(customer_id: str, key: str) -> str:
+    """The index member of one of the customer's keys: ``c:`` and the key without the customer's prefix,
+    short enough (under 64 bytes) for the index to stay a compact listpack; ``k:<key>`` for any other."""
+    prefix = f"nba:{{c:{customer_id}}}:"
+    return "c:" + key[len(prefix):] if key.startswith(prefix) else "k:" + key
+
+
+def indexed_keys(customer_id: str, members: Iterable[str]) -> list[str]:
+    """The keys the index members name (``c:`` and ``k:`` members)."""
+    prefix = f"nba:{{c:{customer_id}}}:"
+    return [prefix + m[2:] if m.startswith("c:") else m[2:] for m in members if m.startswith(("c:", "k:"))]
 
 
 # Lua that adds ``member`` living ``ttl`` ms to the index ``ikey`` (names bound by the including script):
@@ -61,7 +75,7 @@ _INDEX = "local ikey, member, ttl = KEYS[1], ARGV[1], ARGV[2]\n" + INDEX_LUA
 
 
 def index_record(pipe: Any, customer_id: str, member: str, ttl_ms: int) -> None:
-    """Queue on ``pipe`` an index entry (``d:<decision id>`` or ``k:<key>``) for a record written outside
+    """Queue on ``pipe`` an index entry (``d:<decision id>``, or ``own_member``) for a record written outside
     ``PRESENT``, living ``ttl_ms``."""
     # a Redis script call by execute_command: redis-py's cluster pipeline has no method for it, but routes
     # the command by its key

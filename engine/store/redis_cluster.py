@@ -23,6 +23,7 @@ import redis
 
 from engine.store.redis_acl import ADMIN_USER, REPLICA_USER, SERVICE_USER, hardening_directives, server_version, user_directives
 from engine.store.redis_embedded import die_with_parent, find_redis_server
+from engine.store.redis_tuning import encoding_directives
 
 
 def find_redis_cli() -> str:
@@ -98,7 +99,7 @@ class LocalCluster:
                   f"appendonly yes\nsave \"\"\nmasteruser {REPLICA_USER}\nmasterauth \"{self.replica_password}\"\n"
                   f"logfile {(node_dir / 'redis.log').resolve()}\n"
                   + user_directives(self.service_password, self.password, version, self.replica_password)
-                  + hardening_directives(version))
+                  + hardening_directives(version) + encoding_directives())
         proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         assert proc.stdin is not None

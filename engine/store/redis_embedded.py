@@ -40,6 +40,7 @@ from engine.store.redis_acl import (
     server_version,
     user_directives,
 )
+from engine.store.redis_tuning import encoding_directives
 
 log = logging.getLogger(__name__)
 PASSWORD_FILE = "redis.password"  # the service user's
@@ -239,7 +240,7 @@ class EmbeddedRedis:
         assert self.process.stdin is not None
         try:
             self.process.stdin.write((user_directives(self._password, self._admin_password, version)
-                                      + hardening_directives(version)).encode())
+                                      + hardening_directives(version) + encoding_directives()).encode())
             self.process.stdin.close()
         except BrokenPipeError:
             pass  # it exited: reported below
