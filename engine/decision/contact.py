@@ -3,11 +3,11 @@
 Contact history is a hash of counters per customer, ``nba:{c:<id>}:contacts``: how many impressions,
 rejections and acceptances of each action on each channel per UTC day, of those a contact limit counts
 (``engine.decision.history``: its size and a decision's cost do not grow with how often the customer
-was seen). It is read and
-judged by one Lua script when a decision presents its actions (``PRESENT``), the decision's second and
-last Redis round trip: the script counts the history once per limit, walks the ranked candidates, skips any that a
-contact limit or an exhausted budget forbids *now* (whatever other server processes did meanwhile),
-and says which limit and count stopped each one (for explanations). Then, by the channel's mode:
+was seen). It is read and judged by one Lua script when a decision presents its actions (``PRESENT``),
+the decision's second and last Redis round trip: the script counts the history once per limit, walks
+the ranked candidates, skips any that a contact limit or an exhausted budget forbids *now* (whatever
+other server processes did meanwhile), and says which limit and count stopped each one (for
+explanations). Then, by the channel's mode:
 
 - ``decide`` (call center, branch, outbound): deciding is presenting; the impressions are recorded and
   the budgets (``nba:budget:<action>:<yyyymmdd>``) consumed.
@@ -123,8 +123,9 @@ def _draw(customer_id: str, day: int, action_id: str) -> bytes:
 #   rmin, rpre, rcut (its minute, its bucket's key less the minute, the oldest minute that may be live; rmin 0:
 #   its bucket is not on the customer's slot, it is indexed by id),
 #   ix (interaction placement field or ''), ixttl (ms), ixm (its index member), head (the decision's JSON
-#   header), replace (true: overwrite the placement's stored decision rather than return it), late_ms (epoch ms after which the
-#   caller no longer waits for this answer: the script then changes nothing; 0: no deadline).
+#   header), replace (true: overwrite the placement's stored decision rather than return it), late_ms
+#   (epoch ms after which the caller no longer waits for this answer: the script then changes nothing;
+#   0: no deadline).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
 # 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
 # or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''},
