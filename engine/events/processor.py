@@ -376,7 +376,6 @@ class EventProcessor:
                     raise InvalidRequest(f"attributes.{source}", str(exc).split(": ", 1)[1]) from None
                 apply_update(self.store, customer_id, change, rules.schema)
             event = Event(event_id, event_type, ts_ms, attrs)
-            keeps = events.keeps if events is not None else {}
             since = ts_ms - (events.window_ms if events is not None else 0)
             log_fields = {"event_id": event_id, "customer_id": customer_id, "type": event_type,
                           "ts": f"{ts_ms / 1000:.3f}", "source": source,
@@ -389,8 +388,8 @@ class EventProcessor:
             keys = [events_key(customer_id), event_ids_key(customer_id), effects_key(customer_id)]
             reply = self._ingest(
                 keys=keys + [EVENTS_STREAM] if inline else keys,
-                args=[event_id, ts_ms, event.member() if keeps.get(event_type) else "", now_ms,
-                      json.dumps(keeps, separators=(",", ":")), MAX_HISTORY_EVENTS, DEDUPE_MS, since,
+                args=[event_id, ts_ms, event.member() if events is not None and events.keep_ms(event_type) else "",
+                      now_ms, events.keeps_json if events is not None else "{}", MAX_HISTORY_EVENTS, DEDUPE_MS, since,
                       STREAM_MAXLEN, "1" if reactive or not inline else "0",
                       *[x for kv in log_fields.items() for x in kv]])
             if not reply[0]:

@@ -186,6 +186,11 @@ class EventRules:
                 out[part.event] = max(out.get(part.event, 0), p.within_ms if read else 0)
         return {t: ms + MIN_HISTORY_MS for t, ms in out.items()}
 
+    @cached_property
+    def keeps_json(self) -> str:
+        """``keeps`` as the ingest script takes it (made once per rule set, not per event)."""
+        return json.dumps(self.keeps, separators=(",", ":"))
+
     def keep_ms(self, event_type: str) -> int:
         """How long an event of ``event_type`` must stay in the history for the patterns to read it; 0:
         never stored."""

@@ -120,8 +120,9 @@ def prune(client: object, root: Root, before: str, streams: tuple[str, ...] = tu
                 kept = False
                 for f in list(_files(day)):
                     if f.last == newest.get(f.shard):
-                        if read_table(f.path).num_rows:
-                            write_table(f.path, read_table(f.path).slice(0, 0))
+                        table = read_table(f.path)
+                        if table.num_rows:
+                            write_table(f.path, table.slice(0, 0))
                         out.checkpoints_kept += 1
                         kept = True
                     else:

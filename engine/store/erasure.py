@@ -47,16 +47,20 @@ def customer_index_key(customer_id: str) -> str:
     return f"nba:{{c:{customer_id}}}:index"
 
 
+def _own_prefix(customer_id: str) -> str:
+    return f"nba:{{c:{customer_id}}}:"
+
+
 def own_member(customer_id: str, key: str) -> str:
     """The index member of one of the customer's keys: ``c:`` and the key without the customer's prefix,
     short enough (under 64 bytes) for the index to stay a compact listpack; ``k:<key>`` for any other."""
-    prefix = f"nba:{{c:{customer_id}}}:"
+    prefix = _own_prefix(customer_id)
     return "c:" + key[len(prefix):] if key.startswith(prefix) else "k:" + key
 
 
 def indexed_keys(customer_id: str, members: Iterable[str]) -> list[str]:
     """The keys the index members name (``c:`` and ``k:`` members)."""
-    prefix = f"nba:{{c:{customer_id}}}:"
+    prefix = _own_prefix(customer_id)
     return [prefix + m[2:] if m.startswith("c:") else m[2:] for m in members if m.startswith(("c:", "k:"))]
 
 
