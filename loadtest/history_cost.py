@@ -133,7 +133,7 @@ def timed_sections(script: str) -> str:
              ("local function mark(head)", "read and count the history"),
              ("if #need > 0 then return {'need', need} end", "judge and present candidates"),
              ("local bodies = {}\n", "write the history"),
-             ("return {verdicts, fb}\n", "write the decision record")]
+             ("return {verdicts, fb, sets, picks}\n", "write the decision record")]
     head = ("local function bench_now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end\n"
             "local bench_last = bench_now()\n"
             "local function bench_mark(name)\n"

@@ -93,7 +93,7 @@ class Presenter:
         record = {"customer": cid, "channel": channel, "ts": f"{now:.3f}", "counted": "1"}
         keys, args, _ = present_args(rules, [(1.0, 0.5, Verdict(act))], None, 1, channel, did, now, record, cid, mode,
                                      codes=self.codes)
-        verdicts, _ = self.script(keys=keys, args=[args])
+        verdicts = self.script(keys=keys, args=[args])[0]
         return f"{did}:{verdicts[0].decode()}"
 
 

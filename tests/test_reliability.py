@@ -265,7 +265,7 @@ def test_the_presenting_script_presents_nothing_once_the_caller_stopped_waiting(
             keys, args, _ = present_args(rules.ruleset.contact, [(1.0, 0.5, verdict)], None, 3, "call_center",
                                          f"d{late_ms}", now, {"customer": "LATE-1", "ts": f"{now:.3f}"}, "LATE-1",
                                          "decide", late_ms=late_ms, codes=Codes(client))
-            verdicts, _ = script(keys=keys, args=[args])
+            verdicts = script(keys=keys, args=[args])[0]
             if expect is not None:
                 assert verdicts == expect and not client.hexists(*records.location(f"d{late_ms}"))
                 assert not client.exists(contacts_key("LATE-1"))

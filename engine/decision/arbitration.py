@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import metrics
+from engine.decision.choice import pick
 from engine.rules.runtime import ActionVerdict, CompiledRules, RuleOutcome
 
 
@@ -129,22 +130,34 @@ def arbitrate(admitted: list[ActionVerdict], propensity: np.ndarray, channel: st
     return select(order(admitted, propensity), channel, max_actions, funnel)
 
 
-def select(scored: list, channel: str, max_actions: int, funnel: list[FunnelEntry] | None) -> list[RankedAction]:
-    """The top ``max_actions`` of ordered candidates, at most one per group."""
+def select(scored: list, channel: str, max_actions: int, funnel: list[FunnelEntry] | None,
+           epsilon: float = 0.0, draws: list[float] | None = None,
+           sets: list[list[int]] | None = None) -> list[RankedAction]:
+    """Up to ``max_actions`` of ordered candidates, at most one per group, slot by slot as
+    ``engine.decision.choice`` describes (``epsilon`` 0: the top of the order); ``sets`` receives each
+    slot's feasible candidates (indexes into ``scored``)."""
     ranked: list[RankedAction] = []
     groups: set[str] = set()
-    for priority, p, v in scored:
-        action = v.action
-        if funnel is None and len(ranked) >= max_actions:
+    verdicts: dict[int, str] = {}
+    pending = list(range(len(scored)))
+    while pending and len(ranked) < max_actions:
+        feasible = [k for k in pending if scored[k][2].action.group not in groups]
+        if not feasible:
             break
-        if action.group in groups or len(ranked) >= max_actions:
-            if funnel is not None:
-                funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority)
-                              if action.group in groups else
-                              FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
-            continue
-        groups.add(action.group)
+        u = draws[len(ranked)] if draws is not None and len(ranked) < len(draws) else 1.0
+        chosen = feasible[pick(u, epsilon, len(feasible))]
+        if sets is not None:
+            sets.append(feasible)
+        priority, p, v = scored[chosen]
+        groups.add(v.action.group)
         ranked.append(ranked_action(v, p, priority, channel, len(ranked) + 1))
-        if funnel is not None:
-            funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+        verdicts[chosen] = f"rank {len(ranked)}"
+        pending = [k for k in pending if k != chosen and scored[k][2].action.group not in groups]
+    if funnel is not None:
+        for k, (priority, p, v) in enumerate(scored):
+            verdict = verdicts.get(k, "group" if v.action.group in groups else "cutoff")
+            funnel.append(FunnelEntry(v.action.id, "ranked", verdict, p, priority) if verdict.startswith("rank") else
+                          FunnelEntry(v.action.id, "group", f"group {v.action.group} already shown", p, priority)
+                          if verdict == "group" else
+                          FunnelEntry(v.action.id, "cutoff", f"below the top {max_actions}", p, priority))
     return ranked

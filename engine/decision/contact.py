@@ -126,8 +126,10 @@ def _draw(customer_id: str, day: int, action_id: str) -> bytes:
 #   header), replace (true: overwrite the placement's stored decision rather than return it), late_ms
 #   (epoch ms after which the caller no longer waits for this answer: the script then changes nothing;
 #   0: no deadline).
+#   eps, u: the exploration share per slot and the slots' draws (``engine.decision.choice``).
 # Returns {verdict per candidate ('ok', 'group', 'limit:<i>:<count>', 'budget', 'campaign_total:<name>',
-# 'campaign_daily:<name>', 'cutoff'), 'fb' or ''},
+# 'campaign_daily:<name>', 'cutoff'), 'fb' or '', per slot the feasible candidates' indexes (0-based), the
+# shown candidates' indexes in the order of their slots},
 # or {'replay', stored decision} when the interaction's placement was decided already, or {'late', ''},
 # or {'need', [candidate indexes]}: these would be shown but their budgets are not claimed yet (nothing written).
 PRESENT = history.LUA + MINUTES_LUA + r"""
@@ -234,35 +236,69 @@ local function present(c, code)
   codes[#shown + 1] = code
   shown[#shown + 1] = c
 end
-for ci, c in ipairs(a.cand) do
-  local v = nil
-  if #shown >= a.n then v = 'cutoff' elseif groups[c[2]] then v = 'group' end
-  if not v then
-    for _, li in ipairs(c[5]) do
-      local L, t = a.lim[li], cnt[li]
-      local n = t.c
-      if L[2] == 'a' then n = t.a[c[1]] or 0 elseif L[2] == 'g' then n = t.g[c[2]] or 0 end
-      if n >= L[3] then v = 'limit:' .. li .. ':' .. n; break end
-    end
-  end
-  if not v and c[6] > 0 then
-    if tonumber(redis.call('GET', KEYS[c[6]]) or '0') >= c[7] then v = 'budget' end
-  end
-  if not v then
-    for _, b in ipairs(c[9]) do
-      if tonumber(redis.call('GET', KEYS[b[1]]) or '0') >= b[2] then v = b[3]; break end
-    end
-  end
-  if not v and c[10] and c[10] ~= 0 and c[10] ~= 1 then
-    if c[10] == 2 then need[#need + 1] = ci else v = c[10] end
-  end
-  if not v then v = 'ok'; present(c, a.codes[ci]) end
-  verdicts[ci] = v
+-- budget counters read once per call; the walk's own presentations add to them
+local bval = {}
+local function budget_used(k)
+  local v = bval[k]
+  if v == nil then v = tonumber(redis.call('GET', KEYS[k]) or '0'); bval[k] = v end
+  return v
 end
+-- why a candidate cannot be shown now (nil: it can; a cluster's unclaimed budget counts as showable)
+local function blocked(c)
+  if groups[c[2]] then return 'group' end
+  for _, li in ipairs(c[5]) do
+    local L, t = a.lim[li], cnt[li]
+    local n = t.c
+    if L[2] == 'a' then n = t.a[c[1]] or 0 elseif L[2] == 'g' then n = t.g[c[2]] or 0 end
+    if n >= L[3] then return 'limit:' .. li .. ':' .. n end
+  end
+  if c[6] > 0 and budget_used(c[6]) >= c[7] then return 'budget' end
+  for _, b in ipairs(c[9]) do
+    if budget_used(b[1]) >= b[2] then return b[3] end
+  end
+  if c[10] and c[10] ~= 0 and c[10] ~= 1 and c[10] ~= 2 then return c[10] end
+  return nil
+end
+-- slot by slot (engine/decision/choice.py): the feasible candidates in ranked order, the first of them,
+-- or with draw u < eps the one u picks uniformly; a candidate ranked above the pick that cannot be shown
+-- is settled with the reason the slot saw, the others are judged again at the next slot
+local pending, sets, picks = {}, {}, {}
+for ci = 1, #a.cand do pending[ci] = ci end
+while #pending > 0 and #shown < a.n do
+  local feasible, why = {}, {}
+  for k, ci in ipairs(pending) do
+    local v = blocked(a.cand[ci])
+    if v then why[k] = v else feasible[#feasible + 1] = k end
+  end
+  if #feasible == 0 then
+    for k, ci in ipairs(pending) do verdicts[ci] = why[k] end
+    pending = {}
+    break
+  end
+  local j, u = 1, a.u[#shown + 1]
+  if u and u < a.eps then j = math.min(math.floor(u / a.eps * #feasible) + 1, #feasible) end
+  local set = {}
+  for i, k in ipairs(feasible) do set[i] = pending[k] - 1 end
+  sets[#sets + 1] = set
+  local chosen, rest = feasible[j], {}
+  for k, ci in ipairs(pending) do
+    if k < chosen and why[k] then verdicts[ci] = why[k] elseif k ~= chosen then rest[#rest + 1] = ci end
+  end
+  local ci = pending[chosen]
+  local c = a.cand[ci]
+  if c[10] == 2 then need[#need + 1] = ci end
+  if c[6] > 0 and write and not c[11] then bval[c[6]] = budget_used(c[6]) + 1 end
+  if write and not c[11] then for _, b in ipairs(c[9]) do bval[b[1]] = budget_used(b[1]) + 1 end end
+  verdicts[ci] = 'ok'
+  picks[#picks + 1] = ci - 1
+  present(c, a.codes[ci])
+  pending = rest
+end
+for _, ci in ipairs(pending) do verdicts[ci] = 'cutoff' end
 if #need > 0 then return {'need', need} end
 local fb = ''
 if #shown == 0 and a.fb ~= 0 then present(a.fb, a.fbcode); fb = 'fb' end
-if not write then return {verdicts, fb} end
+if not write then return {verdicts, fb, sets, picks} end
 for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[1], unpack(stale, i, math.min(i + 999, #stale))) end
 if #marks > 0 then
   redis.call('HSET', KEYS[1], unpack(marks))
@@ -290,7 +326,7 @@ if a.rmin == 0 or a.ix ~= '' then
   local top = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')  -- the index outlives its longest entry
   redis.call('PEXPIREAT', KEYS[5], top[2])
 end
-return {verdicts, fb}
+return {verdicts, fb, sets, picks}
 """
 
 # KEYS[1] the decision record's bucket (``engine.decision.records``), KEYS[2] contact history hash, KEYS[3]
@@ -379,14 +415,16 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
                  head: str = "", replace: bool = False, late_ms: int = 0,
                  campaigns: dict | None = None,
                  claims: list[int | str] | None = None,
-                 codes: Codes | None = None) -> tuple[list[str], str, list[ContactLimit]]:
+                 codes: Codes | None = None, epsilon: float = 0.0,
+                 draws: list[float] | None = None) -> tuple[list[str], str, list[ContactLimit]]:
     """KEYS and ARGV of ``PRESENT`` for ranked ``candidates`` (``(priority, propensity, verdict)``).
     ``bodies``: with an interaction id, each candidate's stored JSON (then the fallback's); ``replace``:
     this decision replaces the placement's stored one (else a stored one is returned instead);
     ``campaigns``: the rule set's campaigns by name (their budgets are judged with the actions');
     ``claims``: on a cluster, each candidate's budget state (see ``PRESENT``): then the script touches no
     budget key. ``codes``: the dictionary of record codes (``engine.decision.records``); ``record``: the
-    record's ``customer``, ``channel``, ``control``, ``ts``, ``ruleset``, ``model`` and ``counted``."""
+    record's ``customer``, ``channel``, ``control``, ``ts``, ``ruleset``, ``model`` and ``counted``;
+    ``epsilon`` and ``draws``: the logging policy's exploration and its draws per slot (``engine.decision.choice``)."""
     now_ms = int(now * 1000)
     limits = list(rules.limits)
     ix = rules.interactions
@@ -435,7 +473,7 @@ def present_args(rules: ContactRules, candidates: list, fallback: Action | None,
         "rpre": minute[0] if minute else "", "rmin": minute[1] if minute else 0, "rcut": minute[2] if minute else 0,
         "ix": f"d:{placement}" if interaction else "", "ixttl": ix.window_ms,
         "ixm": own_member(customer_id, interaction_key(customer_id, interaction)) if interaction else "",
-        "head": head or "{}", "replace": replace, "late_ms": late_ms,
+        "head": head or "{}", "replace": replace, "late_ms": late_ms, "eps": epsilon, "u": draws or [],
     }
     return keys, json.dumps(args, separators=(",", ":")), limits
 

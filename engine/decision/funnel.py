@@ -18,7 +18,7 @@ import numpy as np
 import redis
 
 from engine import metrics
-from engine.decision import interactions, records, traces
+from engine.decision import choice, interactions, records, traces
 from engine.decision.arbitration import (
     STAGE_NAMES,
     FunnelEntry,
@@ -49,7 +49,7 @@ from engine.decision.responses import ResponseRecorder
 from engine.features import FeatureSchema
 from engine.live import Live
 from engine.models.derived import derive
-from engine.models.experiment import ModelSet, exploration_of, resolve
+from engine.models.experiment import ExplorationConfig, ModelSet, exploration_of, resolve
 from engine.models.exploration import Explorer
 from engine.models.model_input import ActionTable, Adapter, model_input, row_columns
 from engine.models.registry import LoadedModel
@@ -110,6 +110,13 @@ class Decision:
     campaign_eligible: list[str] = field(default_factory=list)  # running campaigns with an admitted action
     campaign_control: list[str] = field(default_factory=list)  # campaigns holding this customer out
     quiet_until: float = 0.0  # quiet hours withheld actions: when they end on the customer's clock (epoch s)
+    # the logging policy (engine.decision.choice): its exploration share, the walk's candidates in ranked
+    # order (action id, value x weight), each slot's feasible candidates (indexes), and each presented
+    # action's probability at its slot (empty: not known, a Thompson-sampled ranking)
+    epsilon: float = 0.0
+    candidates: list[tuple[str, float]] = field(default_factory=list)
+    choice_sets: list[list[int]] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
 
 
 class _Stages:
@@ -264,7 +271,8 @@ class DecisionEngine:
         models = self.model.current
         return Decision(decision_id=new_decision_id(now, req.customer_id), customer_id=req.customer_id, channel=req.channel,
                         actions=actions, ruleset_version=rules.version, model_version=models.version,
-                        degraded=True, cold_start=False, situations=[], decided_at=now, preview=req.preview)
+                        degraded=True, cold_start=False, situations=[], decided_at=now, preview=req.preview,
+                        probabilities=[1.0] * len(actions))
 
     def _decide_in_time(self, rules: CompiledRules, req: DecideInput, max_actions: int,
                         observe: bool, stages: _Stages) -> tuple[Decision, str | None]:
@@ -302,6 +310,7 @@ class DecisionEngine:
         propensity = self._score(rules, model, x, admitted)
         shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
         explore = self._explore(models, model, rules, req, admitted, propensity, now)
+        exploration = exploration_of(models)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                   for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
@@ -312,7 +321,8 @@ class DecisionEngine:
             funnel=funnel or [], model_role=role, features=x, schema=schema, interaction_id=req.interaction_id,
             preview=req.preview)
         repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
-                               funnel, stored, place, observe, explore, replace, degraded_by == "profile_store")
+                               funnel, stored, place, observe, explore, replace, degraded_by == "profile_store",
+                               exploration)
         if repeat is not None:  # a concurrent call of this interaction and placement decided first
             return self._repeat(rules, req, *interactions.read(repeat), now), None
         if decision.degraded and degraded_by is None:
@@ -361,7 +371,7 @@ class DecisionEngine:
         """Ranking propensities blended with Thompson samples when this decision explores, else None.
         Never for the control group (unless configured) nor for a named ranking."""
         config = exploration_of(models)
-        if self.explorer is None or not config.enabled or req.ranking or not admitted:
+        if self.explorer is None or config.strategy != "thompson" or not config.enabled or req.ranking or not admitted:
             return None
         if not Explorer.explores(config, req.customer_id, now):
             return None
@@ -394,7 +404,8 @@ class DecisionEngine:
     def _present(self, rules: CompiledRules, decision: Decision, outcome: RuleOutcome, profile: Profile,
                  admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
                  funnel: list[FunnelEntry] | None, stored: dict[str, str], place: str, observe: bool,
-                 explore: np.ndarray | None, replace: bool, store_down: bool) -> str | None:
+                 explore: np.ndarray | None, replace: bool, store_down: bool,
+                 exploration: ExplorationConfig) -> str | None:
         """Order the candidates, drop those a contact policy forbids, then keep the top N, one per group,
         within budgets: atomically in Redis when contact policies are enforced. Fills ``decision`` (actions,
         control, degraded); returns the stored decision instead when a concurrent call of the same
@@ -421,14 +432,18 @@ class DecisionEngine:
         else:
             fallback = fallback_action(rules, outcome, channel, funnel) if req.fallback else None
         exploring = explore is not None and not decision.control
+        epsilon, draws = _epsilon(exploration, req, decision.control, now, max_actions)
+        sets: list[list[int]] = []
         if contact is not None and store_down:  # Redis failed us just now: limits and budgets cannot be judged
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
+            _logging_policy(decision, [], [], 0.0)
             return None
         if contact is None or not observe:
-            ranked = select(candidates, channel, max_actions, funnel)
+            ranked = select(candidates, channel, max_actions, funnel, epsilon, draws, sets)
             if not ranked and fallback is not None:
                 ranked = [fallback_ranked(fallback, channel)]
             decision.actions = _exploring(ranked) if exploring else ranked
+            _logging_policy(decision, candidates, sets, epsilon, exploring)
             if observe and not req.preview:
                 return self._write_records(decision, req, place, (rules.ruleset.contact or ContactRules()).interactions,
                                            replace)
@@ -455,8 +470,9 @@ class DecisionEngine:
                                                   decision.decision_id, now, record, req.customer_id, mode,
                                                   req.interaction_id, place[len(interactions.FIELD_PREFIX):], bodies,
                                                   head, replace, _late_ms(req.deadline), rules.ruleset.campaigns,
-                                                  claims, self.responses.codes)
-                verdicts, fb = self.store.hot.script(self._present_script, keys, [args])
+                                                  claims, self.responses.codes, epsilon, draws)
+                reply = self.store.hot.script(self._present_script, keys, [args])
+                verdicts, fb = reply[0], reply[1]
                 if verdicts != b"need":
                     break
                 assert budgets is not None and claims is not None  # "need" comes only with claims
@@ -467,6 +483,7 @@ class DecisionEngine:
             # limits and budgets cannot be judged: no offer is shown unchecked, only the channel's fallback
             log.warning("presenting decision %s failed (answered with the fallback): %s", decision.decision_id, exc)
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
+            _logging_policy(decision, [], [], 0.0)
             decision.degraded = True
             return None
         if budgets is not None and claims is not None and mode != DRY:
@@ -477,24 +494,27 @@ class DecisionEngine:
             return fb.decode()
         if verdicts == b"late":
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
+            _logging_policy(decision, [], [], 0.0)
             decision.degraded = True
             return None
-        ranked = []
-        for (priority, p, v), verdict in zip(candidates, verdicts):
+        picks = [int(i) for i in reply[3]]  # in the order of their slots
+        ranked = [ranked_action(candidates[i][2], candidates[i][1], candidates[i][0], channel, rank)
+                  for rank, i in enumerate(picks, 1)]
+        for k, ((priority, p, v), verdict) in enumerate(zip(candidates, verdicts)):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
             if observe and not req.preview and (verdict == "budget" or verdict.startswith(("limit:", "campaign_"))):
                 metrics.contact_suppressed.inc(
                     "budget" if verdict == "budget" else "campaign_budget" if verdict.startswith("campaign_")
                     else limits[int(verdict.split(":")[1]) - 1].name)
             if verdict == "ok":
-                ranked.append(ranked_action(v, p, priority, channel, len(ranked) + 1))
                 if funnel is not None:
-                    funnel.append(FunnelEntry(v.action.id, "ranked", f"rank {len(ranked)}", p, priority))
+                    funnel.append(FunnelEntry(v.action.id, "ranked", f"rank {picks.index(k) + 1}", p, priority))
             elif funnel is not None:
                 funnel.append(FunnelEntry(v.action.id, *present_detail(verdict, v, limits, max_actions), p, priority))
         if fb and fallback is not None:
             ranked = [fallback_ranked(fallback, channel)]
         decision.actions = _exploring(ranked) if exploring else ranked
+        _logging_policy(decision, candidates, [[int(i) for i in s] for s in reply[2]], epsilon, exploring)
         return None
 
     def _write_records(self, decision: Decision, req: DecideInput, place: str, ix: Interactions,
@@ -588,6 +608,7 @@ class DecisionEngine:
                 "model_version": decision.model_version,
                 "model_role": decision.model_role,
                 "explored": "1" if decision.explored else "0",
+                **_choice_fields(decision),
                 **({"shadow_model": decision.shadow_version,
                     "shadow_propensities": ",".join(f"{p:.5f}" for p in decision.shadow_propensities),
                     "shadow_top": decision.shadow_top} if decision.shadow_version else {}),
@@ -613,12 +634,63 @@ def _campaign_fields(decision: Decision) -> dict[str, str]:
     return out
 
 
+def _choice_fields(decision: Decision) -> dict[str, str]:
+    """The decision stream's record of the logging policy (``engine.decision.choice``): ``probabilities``
+    (each presented action's at its slot; absent when not known), ``epsilon``, ``candidates`` (the walk's,
+    in ranked order: ``<action>:<value x weight>``) and ``choice_sets`` (per slot, the feasible candidates'
+    indexes, space-separated; slots separated by ``;``)."""
+    out = {"epsilon": f"{decision.epsilon:g}"}
+    if decision.probabilities:
+        out["probabilities"] = ",".join(f"{p:.9g}" for p in decision.probabilities)
+    if decision.candidates:
+        out["candidates"] = ",".join(f"{a}:{m:.9g}" for a, m in decision.candidates)
+        out["choice_sets"] = ";".join(" ".join(map(str, s)) for s in decision.choice_sets)
+    return out
+
+
 def _late_ms(deadline: float) -> int:
     """The caller's deadline (``time.monotonic()``) in epoch ms, as Redis's clock reads it; 0: none."""
     return int((time.time() + deadline - time.monotonic()) * 1000) if deadline else 0
 
 
 EXPLORING = "exploring: ranked on the model blended with a Thompson sample"
+
+
+def _epsilon(config: ExplorationConfig, req: DecideInput, control: bool, now: float,
+             slots: int) -> tuple[float, list[float] | None]:
+    """This decision's exploration share per slot and its draws (``engine.decision.choice``): none for
+    another strategy, a named ranking, or the control group (unless ``control`` is configured)."""
+    if config.strategy != "epsilon" or not config.enabled or req.ranking or (control and not config.control):
+        return 0.0, None
+    return config.share, choice.draws(req.customer_id, Explorer.period(config, now), slots)
+
+
+def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]], epsilon: float,
+                    sampled: bool = False) -> None:
+    """Record with ``decision`` how the logging policy chose its actions and with what probability: each
+    presented action's at its slot (1 for a fallback, which no draw chose); none when a Thompson sample
+    (``sampled``) ranked, whose probabilities have no closed form."""
+    decision.epsilon = epsilon
+    decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
+    decision.choice_sets = sets
+    if sampled:
+        return
+    index = {action_id: i for i, (action_id, _) in enumerate(decision.candidates)}
+    decision.probabilities = []
+    for slot, a in enumerate(decision.actions):
+        if slot >= len(sets) or index.get(a.action_id) not in sets[slot]:
+            decision.probabilities.append(1.0)  # the fallback
+            continue
+        at = sets[slot].index(index[a.action_id])
+        p = choice.slot_probability(epsilon, len(sets[slot]), at)
+        decision.probabilities.append(p)
+        if at:
+            a.reasons.append(f"exploring: drawn from the {len(sets[slot])} actions that could be shown "
+                             f"(probability {p:.3f})")
+    if epsilon > 0 and sets:
+        decision.explored = True
+        first = index.get(decision.actions[0].action_id) if decision.actions else None
+        decision.explored_top = "same" if first == sets[0][0] else "changed"
 
 
 def _exploring(ranked: list[RankedAction]) -> list[RankedAction]:

@@ -8,8 +8,9 @@ challenger and an exploration strategy (format in ``models/README.md``)::
       mode: split                        # split: it decides for `share` of customers; shadow: it only
       share: 0.2                         #   scores alongside the champion, logged, never shown
     exploration:
-      strategy: thompson                 # none | thompson
-      share: 0.1                         # share of customers whose decisions explore, per period
+      strategy: thompson                 # none | thompson | epsilon (see below)
+      share: 0.1                         # thompson: share of customers whose decisions explore, per period;
+                                         #   epsilon: each slot's chance of a uniform pick (choice.py)
       period_hours: 24                   # draws and posterior are fixed per customer and period
       weight: 0.3                        # ranking propensity = (1 - weight) x model + weight x sample
       prior_mean: 0.1                    # Beta prior per action: mean and strength (pseudo-decisions)
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.yaml"
 MODES = ("split", "shadow")
-STRATEGIES = ("none", "thompson")
+STRATEGIES = ("none", "thompson", "epsilon")
 
 
 def bucket(customer_id: str, salt: str) -> float:
@@ -77,7 +78,7 @@ class ExplorationConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.strategy != "none" and self.share > 0 and self.weight > 0
+        return self.strategy != "none" and self.share > 0 and (self.strategy == "epsilon" or self.weight > 0)
 
 
 @dataclass(frozen=True)

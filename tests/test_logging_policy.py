@@ -1,0 +1,134 @@
+"""The logging policy's exact probabilities (``engine.decision.choice``): every decision on the stream says
+with what probability each presented action was chosen, and a test recomputes it from the logged inputs:
+the feasible sets, the exploration share and the draws of the customer and period."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine.decision import choice
+from engine.decision.funnel import DecisionEngine
+from engine.live import Live
+from engine.models.experiment import ExplorationConfig, ModelSet
+from engine.models.exploration import Explorer
+from engine.models.registry import ModelRegistry
+from engine.rules.contact import ControlGroup
+from engine.rules.runtime import load_and_compile
+from engine.sim.telco import SCHEMA
+from engine.store.decision_log import DecisionLog
+from engine.store.profiles import DECISIONS_STREAM, ProfileStore
+from engine.store.streams import xrange_all
+
+from .clock import Clock
+from .conftest import RULES_DIR
+from .test_contact import decide
+from .test_scenarios import NOON, customer
+
+pytestmark = pytest.mark.both_redis
+
+EPSILON = ExplorationConfig(strategy="epsilon", share=0.4)
+
+
+def make(redis_url: str, models_dir: Path, exploration: ExplorationConfig = EPSILON,
+         contacts: bool = True) -> DecisionEngine:
+    store = ProfileStore.from_url(redis_url)
+    models = ModelSet(ModelRegistry(models_dir, SCHEMA).load(), exploration=exploration)
+    engine = DecisionEngine(store, Live(load_and_compile(RULES_DIR), retire=lambda r: r.close()), Live(models),
+                            DecisionLog(store.client, linger=0), contacts=contacts, clock=Clock(NOON))
+    return engine
+
+
+def logged(engine: DecisionEngine) -> dict[str, dict[str, str]]:
+    assert engine.decision_log is not None
+    engine.decision_log.close()
+    return {f[b"decision_id"].decode(): {k.decode(): v.decode() for k, v in f.items()}
+            for _, f in xrange_all(engine.store.client, DECISIONS_STREAM)}
+
+
+def recompute(entry: dict[str, str], exploration: ExplorationConfig) -> list[float]:
+    """Each presented action's probability from the logged inputs alone, checking on the way that the
+    customer's draws pick exactly the presented actions out of the logged feasible sets."""
+    epsilon = float(entry["epsilon"])
+    candidates = [c.split(":")[0] for c in entry["candidates"].split(",")] if entry.get("candidates") else []
+    sets = [[int(i) for i in s.split()] for s in entry["choice_sets"].split(";")] if candidates else []
+    shown = [a for a in entry["actions"].split(",") if a]
+    draws = choice.draws(entry["customer_id"], Explorer.period(exploration, float(entry["ts"])), len(shown))
+    out = []
+    for slot, action in enumerate(shown):
+        if slot >= len(sets):  # the channel's fallback: no draw chose it
+            out.append(1.0)
+            continue
+        ids = [candidates[i] for i in sets[slot]]
+        at = choice.pick(draws[slot], epsilon, len(ids))
+        assert ids[at] == action, (slot, ids, action)
+        out.append(choice.slot_probability(epsilon, len(ids), at))
+    assert choice.slate_probability(epsilon, [[candidates[i] for i in s] for s in sets], shown[:len(sets)]) == \
+        pytest.approx(math.prod(out))
+    return out
+
+
+def test_every_logged_probability_is_recomputed_from_the_logged_inputs(redis_url: str, models_dir: Path) -> None:
+    """Many customers, every channel, three slots, contact limits that count the decision's own actions (two
+    marketing e-mails a week: the third e-mail slot's feasible set has no offer left)."""
+    engine = make(redis_url, models_dir)
+    ids = [f"LP{i}" for i in range(60)]
+    engine.store.save([customer(c) for c in ids], SCHEMA)
+    for cid in ids:
+        for channel in ("call_center", "email", "web"):
+            decide(engine, cid, channel)
+    entries = logged(engine)
+    assert len(entries) == 180
+    explored = 0
+    for entry in entries.values():
+        p = [float(x) for x in entry["probabilities"].split(",")]
+        assert p == pytest.approx(recompute(entry, EPSILON), abs=1e-9)
+        control = ControlGroup(0.1).contains(entry["customer_id"])
+        assert float(entry["epsilon"]) == (0.0 if control else 0.4)
+        explored += any(x < 0.5 for x in p)
+    assert explored > 20  # exploration happened, and each such pick carries its small probability
+    by_id = engine.rules.current.ruleset.by_id
+    two_offers = [e for e in entries.values() if e["channel"] == "email" and len(e["choice_sets"].split(";")) == 3
+                  and not any(by_id[a].service for a in e["actions"].split(",")[:2])]
+    assert two_offers, "some e-mail decisions show two offers, then fill a third slot"
+    for e in two_offers:
+        names = [c.split(":")[0] for c in e["candidates"].split(",")]
+        third = [names[int(i)] for i in e["choice_sets"].split(";")[2].split()]
+        assert all(by_id[a].service for a in third), third
+    engine.rules.current.close()
+
+
+def test_the_pick_frequencies_match_the_logged_probabilities(redis_url: str, models_dir: Path) -> None:
+    """Identical customers in one state: how often each top action is shown matches its logged probability
+    (the draws are uniform), within four standard errors."""
+    engine = make(redis_url, models_dir, contacts=False)
+    control = ControlGroup(0.1)
+    ids = [c for c in (f"FQ{i}" for i in range(900)) if not control.contains(c)][:800]
+    engine.store.save([customer(c) for c in ids], SCHEMA)
+    firsts = Counter()
+    probability: dict[str, float] = {}
+    for cid in ids:
+        d = decide(engine, cid, "call_center", max_actions=1)
+        firsts[d.actions[0].action_id] += 1
+        probability.setdefault(d.actions[0].action_id, d.probabilities[0])
+        assert probability[d.actions[0].action_id] == pytest.approx(d.probabilities[0])
+    assert len(firsts) > 3 and sum(probability.values()) == pytest.approx(1.0)
+    for action, n in firsts.items():
+        p = probability[action]
+        assert abs(n / len(ids) - p) < 4 * (p * (1 - p) / len(ids)) ** 0.5 + 1e-9, (action, n, p)
+    engine.rules.current.close()
+
+
+def test_without_exploration_every_probability_is_one_and_the_walk_is_the_ranking(redis_url: str,
+                                                                                 models_dir: Path) -> None:
+    engine = make(redis_url, models_dir, ExplorationConfig())
+    engine.store.save([customer("NX1")], SCHEMA)
+    d = decide(engine, "NX1", "call_center")
+    entry = logged(engine)[d.decision_id]
+    assert entry["epsilon"] == "0" and entry["probabilities"] == ",".join("1" for _ in d.actions)
+    names = [c.split(":")[0] for c in entry["candidates"].split(",")]
+    assert [names[int(s.split()[0])] for s in entry["choice_sets"].split(";")] == [a.action_id for a in d.actions]
+    engine.rules.current.close()
