@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 
-from engine.commands import campaign, customer, data, loadtest, models, report, rules, serve, training
+from engine.commands import campaign, customer, data, evaluate, loadtest, models, report, rules, serve, training
 
-GROUPS = (serve, loadtest, training, report, campaign, customer, rules, models, data)  # nba --help's order
+GROUPS = (serve, loadtest, training, report, evaluate, campaign, customer, rules, models, data)  # nba --help's order
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
 

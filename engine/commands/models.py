@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from engine.commands.common import audit_by_user, config_for, domain_schema
+from engine.commands.options import redis_options
 from engine.config import Config
 
 if TYPE_CHECKING:
@@ -25,9 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("version")
     p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
     p.set_defaults(fn=cmd_models)
-    p = models.add_parser("promote", help="make VERSION the champion (running servers switch within a second)")
+    p = models.add_parser("promote", help="make VERSION the champion (running servers switch within a second); shows "
+                          "its off-policy estimate against the champion, and refuses it where experiment.yaml's "
+                          "promotion gate says so")
     p.add_argument("version")
+    redis_options(p)
+    p.add_argument("--rules-dir", help="rule files (default ./rules)")
     p.add_argument("--models-dir", default=argparse.SUPPRESS, help="model registry (default ./models)")
+    p.add_argument("--force", action="store_true", help="promote even when the gate refuses (audited)")
     p.set_defaults(fn=cmd_models)
 
 
@@ -37,22 +43,51 @@ def cmd_models(args: argparse.Namespace) -> int:
     cfg = config_for(args)
     registry = ModelRegistry(cfg.models_dir, domain_schema(cfg))
     if args.models_cmd == "promote":
-        return _promote(cfg, registry, args.version)
+        # the estimate needs the recorded decisions: a Redis given, or the data directory's embedded one
+        evaluate = bool(cfg.redis_url or args.data_dir or (cfg.data_dir / "redis").is_dir())
+        return _promote(cfg, registry, args.version, args.force, evaluate)
     if args.models_cmd == "show":
         return _show(registry, args.version)
     return _list(registry)
 
 
-def _promote(cfg: Config, registry: ModelRegistry, version: str) -> int:
+def _promote(cfg: Config, registry: ModelRegistry, version: str, force: bool = False, evaluate: bool = True) -> int:
+    from engine.commands.evaluate import print_estimate, promotion_estimate
+    from engine.errors import NbaError
+    from engine.models.experiment import ExperimentError, read_experiment
     from engine.models.registry import ModelRefused
 
+    try:
+        gate = read_experiment(registry).promotion
+    except ExperimentError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    versus, size, why = None, None, ""
+    if (evaluate or gate.require != "none") and version != registry.champion() and version in registry.versions():
+        try:
+            result = promotion_estimate(cfg, version, gate.days)
+            print_estimate(result)
+            entry = result["candidates"][-1]
+            versus, size = entry.get("versus_champion"), entry.get("effective_sample_size")
+            why = entry.get("refused", "")
+        except NbaError as exc:
+            why = str(exc)
+            print(f"no off-policy estimate: {exc}", file=sys.stderr)
+    refusal = gate.verdict(versus, size)
+    if refusal is not None:
+        refusal = f"promotion gate ({gate.require}): {refusal}" + (f" ({why})" if why and versus is None else "")
+        if not force:
+            audit_by_user(cfg, "model_promotion_refused", model=version, reason=refusal)
+            print(f"refused: {refusal}; --force promotes anyway", file=sys.stderr)
+            return 1
+        print(f"warning: {refusal}; promoted anyway (--force)", file=sys.stderr)
     try:
         registry.promote(version)
     except ModelRefused as exc:
         audit_by_user(cfg, "model_promotion_refused", model=version, reason=str(exc))
         print(f"refused: {exc}", file=sys.stderr)
         return 1
-    audit_by_user(cfg, "model_promoted", model=version)
+    audit_by_user(cfg, "model_promoted", model=version, **({"gate_overridden": refusal} if refusal else {}))
     print(f"{version} is the champion")
     return 0
 

@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.commands.common import config_for, live_model, open_store, rpc, rule_errors
 from engine.commands.options import client_options, redis_options
 from engine.config import Config
+
+if TYPE_CHECKING:
+    from engine.rules.model import RuleSet
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +125,18 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _off_policy(cfg: Config, store, old_dir: Path, new_dir: Path, old: RuleSet) -> dict:
+    """What the new rule set's catalog values would have earned on the recorded decisions against the old
+    (``nba evaluate --candidate-rules``), or why that cannot be estimated."""
+    from engine.commands.evaluate import candidate_values, off_policy
+    from engine.errors import NbaError
+
+    try:
+        return off_policy(cfg, store, [(str(new_dir), None, {}, candidate_values(new_dir, old))], rules_dir=old_dir)
+    except NbaError as exc:
+        return {"error": str(exc)}
+
+
 def cmd_rules_diff(args: argparse.Namespace) -> int:
     from engine.authoring.check import RuleErrors, test
     from engine.authoring.whatif import load_pair, sample_customers, what_if
@@ -140,13 +156,22 @@ def cmd_rules_diff(args: argparse.Namespace) -> int:
                 print("error: no stored customers (nba seed writes the demo ones)", file=sys.stderr)
                 return 1
             report = what_if(store, model, old, new, customers, args.channel or ["web"], args.examples)
+            estimate = _off_policy(cfg, store, Path(args.old_dir), Path(args.new_dir), old.ruleset)
     finally:
         old.close()
         new.close()
     if args.json:
-        print(json.dumps(report.as_dict(args.examples), indent=2))
+        print(json.dumps(report.as_dict(args.examples) | {"off_policy": estimate}, indent=2))
     else:
         print(report.render(args.examples))
+        print(f"\noff-policy estimate on the recorded decisions ({args.new_dir}'s catalog values; eligibility and "
+              "levers as logged):")
+        if "error" in estimate:
+            print(f"  none: {estimate['error']}")
+        else:
+            from engine.analytics.evaluate import format_evaluation
+
+            print(format_evaluation(estimate))
     rules, _, results = test(Path(args.new_dir))
     if rules is not None:
         rules.close()

@@ -81,11 +81,43 @@ class ExplorationConfig:
         return self.strategy != "none" and self.share > 0 and (self.strategy == "epsilon" or self.weight > 0)
 
 
+GATES = ("none", "above_champion", "not_below_champion")
+
+
+@dataclass(frozen=True)
+class PromotionGate:
+    """When ``nba models promote`` lets a version become the champion, judged by off-policy evaluation on
+    the recorded decisions of the last ``days`` (``engine.analytics.evaluate``): ``above_champion``, the
+    95% CI of its value less the champion's lies above 0; ``not_below_champion``, that CI reaches 0 or
+    above; in both, the estimate must rest on at least ``min_effective_sample_size`` decisions."""
+
+    require: str = "none"
+    days: float = 30.0
+    min_effective_sample_size: float = 100.0
+
+    def verdict(self, versus: dict | None, effective_sample_size: float | None) -> str | None:
+        """Why the gate refuses (None: it lets the version through)."""
+        if self.require == "none":
+            return None
+        if versus is None or versus.get("ci95") is None:
+            return "no estimate of its value against the champion"
+        if (effective_sample_size or 0.0) < self.min_effective_sample_size:
+            return (f"effective sample size {effective_sample_size or 0:,.1f} is below "
+                    f"{self.min_effective_sample_size:,.0f}")
+        low, high = versus["ci95"]
+        if self.require == "above_champion" and low <= 0:
+            return f"its value less the champion's, 95% CI {low:+,.1f}..{high:+,.1f}, does not lie above 0"
+        if self.require == "not_below_champion" and high < 0:
+            return f"its value less the champion's, 95% CI {low:+,.1f}..{high:+,.1f}, lies below 0"
+        return None
+
+
 @dataclass(frozen=True)
 class Experiment:
     challenger: Challenger | None = None
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     fingerprint: str = ""
+    promotion: PromotionGate = field(default_factory=PromotionGate)
 
 
 def _number(section: str, data: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -114,7 +146,7 @@ def parse_experiment(text: str) -> Experiment:
     # RecursionError: nested too deeply for the parser; ValueError: a date that is none (2026-13-01)
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise ExperimentError(f"not valid YAML: {exc}") from exc
-    data = _keys("experiment.yaml", data, {"challenger", "exploration"})
+    data = _keys("experiment.yaml", data, {"challenger", "exploration", "promotion"})
     challenger = None
     c = _keys("challenger", data.get("challenger"), {"version", "mode", "share"})
     if c:
@@ -143,7 +175,13 @@ def parse_experiment(text: str) -> Experiment:
         period_hours=_number("exploration", e, "period_hours", 24.0, 1 / 60, 24 * 366),
         control=control,
     )
-    return Experiment(challenger, exploration, hashlib.sha256(text.encode()).hexdigest()[:12])
+    g = _keys("promotion", data.get("promotion"), {"require", "days", "min_effective_sample_size"})
+    require = g.get("require", "none")
+    if require not in GATES:
+        raise ExperimentError(f"promotion.require: must be one of {', '.join(GATES)}, got {require!r}")
+    gate = PromotionGate(require, _number("promotion", g, "days", 30.0, 1 / 24, 3660.0),
+                         _number("promotion", g, "min_effective_sample_size", 100.0, 0.0, 1e12))
+    return Experiment(challenger, exploration, hashlib.sha256(text.encode()).hexdigest()[:12], gate)
 
 
 @dataclass(frozen=True)

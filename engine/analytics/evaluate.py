@@ -1,0 +1,268 @@
+"""``nba evaluate``: what a candidate policy would have earned on the recorded decisions, without showing it
+to a single customer (off-policy evaluation, ``engine.analytics.offpolicy``'s estimators).
+
+**What is read.** The decisions recorded from ``since`` to ``until`` (the archive plus the streams' tails,
+``analytics/recorded.py``) with what the logging policy logged (``engine.decision.choice``): each slot's
+feasible candidates, their value x weight, the exploration share, each presented action's probability,
+and the customer block the model read. A decision's reward is the value of its presented actions that were
+accepted within ``window_days``. Left out, and counted: control-group decisions (a held-out baseline the
+candidate never decides for), decisions without logged probabilities (a Thompson-sampled ranking, or logged
+before probabilities were), and those whose features or actions the current schema and catalog cannot read.
+
+**A candidate** is a model (a registry version, scored on the logged features), arbitration weights
+(multipliers by action id, group or type) and the catalog values of a rule set, on top of the logged value
+x weight of each candidate. The candidate is the greedy policy: at each slot it takes the feasible
+candidate of highest priority. Its probability of the logged slate is 1 when it would have picked every
+logged action at its slot (the feasible sets it meets are then the logged ones) and 0 otherwise. What the
+logs cannot tell: eligibility and levers a rule set would change (the logged ones are used), and actions
+never logged as candidates (a candidate catalog adding actions is refused).
+
+**Support.** A decision logged without exploration (epsilon 0) had probability 0 for any other slate: where
+the candidate departs from it, the row is unsupported; over ``max_unsupported`` of rows, the estimate is
+refused. **DR**'s reward model is the champion's propensity x value, summed over a slate; the candidate's
+slate past the first slot where it departs from the log is approximated (the feasible set less the groups
+taken; contact limits are not replayed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.analytics.offpolicy import MAX_UNSUPPORTED, EvaluationError, Logged, difference, estimate
+from engine.analytics.recorded import Recorded
+from engine.features import FeatureSchema
+from engine.models.model_input import decode_block, model_input, row_columns
+from engine.models.registry import LoadedModel
+from engine.rules.model import RuleSet
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+
+_COLUMNS = ("decision_id", "customer_id", "ts", "channel", "control", "model_version", "actions", "values",
+            "probabilities", "epsilon", "candidates", "choice_sets", "features", "feature_schema")
+ESTIMATORS = ("dr", "snips", "ips")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A policy to evaluate: ``model`` scores the logged features; ``weights`` multiply the priority of
+    actions by id, group or type (the first that names the action wins, in that order); ``values`` are a
+    rule set's catalog values (action id -> value), replacing the logged ones in the priority; an action a
+    rule set dropped is never picked."""
+
+    name: str
+    model: LoadedModel
+    weights: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] | None = None
+
+
+@dataclass
+class _Decision:
+    customer: str
+    reward: float
+    probability: float
+    epsilon: float
+    candidates: list[str]
+    multipliers: np.ndarray
+    sets: list[list[int]]
+    picks: list[int]
+    block: np.ndarray
+    channel: str
+
+
+@dataclass
+class LoggedDecisions:
+    """The recorded decisions an evaluation reads, and why others were left out."""
+
+    decisions: list[_Decision]
+    counts: dict[str, int]
+    logged_value: dict
+
+
+def read_logged(client: Any, schema: FeatureSchema, ruleset: RuleSet, archive: Path | str | None = None,
+                since: str = "-", until: str = "+", window_days: float = 7.0) -> LoggedDecisions:
+    """The recorded decisions with their logging probabilities and rewards (see the module docstring)."""
+    fingerprint = schema.fingerprint()
+    width = len(model_input(schema).customer_features)
+    window = window_days * 86_400.0
+    counts = {"decisions": 0, "control": 0, "no_probabilities": 0, "other_schema": 0, "unknown_actions": 0,
+              "evaluated": 0}
+    with Recorded(client, archive, since, until) as rec:
+        rec.view(DECISIONS_STREAM, _COLUMNS, name="decisions")
+        rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome", "ts"), name="responses", until="+")
+        accepted: dict[str, set[str]] = {}
+        for did, aid in rec.sql(f"""
+SELECT r.decision_id, r.action_id FROM responses r JOIN decisions d ON d.decision_id = r.decision_id
+WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= {window!r}""").fetchall():
+            accepted.setdefault(did, set()).add(aid)
+        rows = rec.sql(f"SELECT {', '.join(chr(34) + c + chr(34) for c in _COLUMNS)} FROM decisions "
+                       "ORDER BY _ms, _seq, _shard").fetchall()
+    catalog = ruleset.by_id
+    out: list[_Decision] = []
+    for row in rows:
+        r = dict(zip(_COLUMNS, row))
+        counts["decisions"] += 1
+        if r["control"] == "1":
+            counts["control"] += 1
+            continue
+        shown = [a for a in (r["actions"] or "").split(",") if a]
+        if not r["probabilities"] or not r["epsilon"] or (shown and not r["candidates"] and not r["features"]):
+            counts["no_probabilities"] += 1
+            continue
+        names = [c.rpartition(":")[0] for c in r["candidates"].split(",")] if r["candidates"] else []
+        if names and (r["feature_schema"] != fingerprint or not r["features"]):
+            counts["other_schema"] += 1
+            continue
+        if any(a not in catalog for a in names):
+            counts["unknown_actions"] += 1
+            continue
+        values = [float(v) for v in (r["values"] or "").split(",") if v]
+        taken = accepted.get(r["decision_id"], set())
+        reward = sum(v for a, v in zip(shown, values) if a in taken)
+        index = {a: i for i, a in enumerate(names)}
+        sets = [[int(i) for i in s.split()] for s in r["choice_sets"].split(";")] if names else []
+        block = decode_block(r["features"]) if names else np.empty(0)
+        if names and block.shape != (width,):
+            counts["other_schema"] += 1
+            continue
+        out.append(_Decision(
+            customer=r["customer_id"], reward=reward,
+            probability=math.prod(float(p) for p in r["probabilities"].split(",")), epsilon=float(r["epsilon"]),
+            candidates=names, multipliers=np.array([float(c.rpartition(":")[2]) for c in r["candidates"].split(",")])
+            if names else np.empty(0), sets=sets, picks=[index[a] for a in shown[:len(sets)]], block=block,
+            channel=r["channel"]))
+    counts["evaluated"] = len(out)
+    rewards = np.array([d.reward for d in out])
+    logged_value = estimate(Logged(np.array([d.customer for d in out]), rewards, np.ones(len(out)),
+                                   np.ones(len(out))))["ips"] if out else {"value": None, "ci95": None}
+    return LoggedDecisions(out, counts, logged_value)
+
+
+class _Scores:
+    """A model's propensities for a decision's candidates, on the logged customer block and channel."""
+
+    def __init__(self, model: LoadedModel, schema: FeatureSchema, ruleset: RuleSet) -> None:
+        rows = model_input(schema)
+        self.rows = rows
+        self.catalog = {a.id: i for i, a in enumerate(ruleset.actions)}
+        table = rows.action_table(ruleset.actions, model.action_levels, model.levels.get("action_type"))
+        columns = row_columns(len(model.features)) if model.features else rows.row_features
+        self.scorer = model.scorer.bind(columns, table.rows)
+        self.adapter = rows.adapter(model.features, model.levels)
+
+    def __call__(self, d: _Decision) -> np.ndarray:
+        if not d.candidates:
+            return np.empty(0)
+        x = self.rows.shared_row(d.block, d.channel)
+        idx = np.array([self.catalog[a] for a in d.candidates], dtype=np.int64)
+        return np.asarray(self.scorer.predict(x if self.adapter is None else self.adapter(x), idx), dtype=float)
+
+
+def _multiplier(candidate: Candidate, ruleset: RuleSet, action_id: str) -> float:
+    action = ruleset.by_id[action_id]
+    for key in (action.id, action.group, action.type):
+        if key in candidate.weights:
+            return candidate.weights[key]
+    return 1.0
+
+
+def _greedy(priority: np.ndarray, feasible: list[int], names: list[str]) -> int:
+    """The feasible candidate of highest priority (ties: the action id, as ``arbitration.order``)."""
+    return min(feasible, key=lambda i: (-priority[i], names[i]))
+
+
+def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedModel, schema: FeatureSchema,
+             ruleset: RuleSet) -> Logged:
+    """The estimators' rows for ``candidate``: its probability of each logged slate, the logging
+    probability, the reward, the DR terms, and the unsupported mass."""
+    score = _Scores(candidate.model, schema, ruleset)
+    reward_model = score if champion.version == candidate.model.version else _Scores(champion, schema, ruleset)
+    groups = {a.id: a.group for a in ruleset.actions}
+    n = len(logged.decisions)
+    target, q_logged, q_target, unsupported = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    for k, d in enumerate(logged.decisions):
+        if not d.candidates:  # the fallback alone: every policy shows it
+            target[k] = 1.0
+            q_logged[k] = q_target[k] = 0.0
+            continue
+        p = score(d)
+        values = np.array([candidate.values.get(a, math.nan) if candidate.values is not None else 1.0
+                           for a in d.candidates])
+        logged_values = np.array([ruleset.by_id[a].value or 1.0 for a in d.candidates], dtype=float)
+        rescale = values / logged_values if candidate.values is not None else np.ones(len(d.candidates))
+        weight = np.array([_multiplier(candidate, ruleset, a) for a in d.candidates])
+        priority = np.where(np.isnan(rescale), -np.inf, p * d.multipliers * np.nan_to_num(rescale) * weight)
+        q = (reward_model(d) if reward_model is not score else p) * np.array(
+            [ruleset.by_id[a].value for a in d.candidates])
+        q_logged[k] = float(q[d.picks].sum())
+        # the candidate's slate along the logged feasible sets while it agrees with the log, then approximated
+        picks: list[int] = []
+        agree = True
+        feasible = list(d.sets[0])
+        for slot in range(len(d.sets)):
+            if agree:
+                feasible = list(d.sets[slot])
+            live = [i for i in feasible if priority[i] > -np.inf]
+            if not live:
+                break
+            choice = _greedy(priority, live, d.candidates)
+            picks.append(choice)
+            if agree and choice != d.picks[slot]:
+                agree = False
+                at = d.sets[slot].index(choice)
+                if d.epsilon <= 0.0 and at != 0:
+                    unsupported[k] = 1.0
+            taken = groups[d.candidates[choice]]
+            feasible = [i for i in feasible if i != choice and groups[d.candidates[i]] != taken]
+        target[k] = 1.0 if agree and len(picks) == len(d.picks) else 0.0
+        q_target[k] = float(q[picks].sum())
+    return Logged(np.array([d.customer for d in logged.decisions]), np.array([d.reward for d in logged.decisions]),
+                  np.array([d.probability for d in logged.decisions]), target, q_logged, q_target, unsupported)
+
+
+def evaluate(logged: LoggedDecisions, candidates: Sequence[Candidate], champion: LoadedModel, schema: FeatureSchema,
+             ruleset: RuleSet, per: float = 1000.0, max_unsupported: float = MAX_UNSUPPORTED) -> dict:
+    """Each candidate's estimates (IPS, SNIPS, DR with customer-clustered CIs, effective sample size,
+    support), and each one's difference from the first (the baseline), paired on the same decisions."""
+    if not logged.decisions:
+        raise EvaluationError("no recorded decision can be evaluated: "
+                              + ", ".join(f"{k} {v}" for k, v in logged.counts.items()))
+    rows = [rows_for(logged, c, champion, schema, ruleset) for c in candidates]
+    out: dict = {"decisions": logged.counts, "logged_value": logged.logged_value, "per": per, "candidates": []}
+    for c, r in zip(candidates, rows):
+        entry = {"name": c.name, "model": c.model.version, **estimate(r, per, max_unsupported)}
+        if c is not candidates[0] and "refused" not in entry:
+            entry["versus_" + candidates[0].name] = difference(r, rows[0], per)
+        out["candidates"].append(entry)
+    return out
+
+
+def format_evaluation(result: dict) -> str:
+    c = result["decisions"]
+    lines = [f"{c['evaluated']:,} of {c['decisions']:,} recorded decisions evaluated (left out: control group "
+             f"{c['control']:,}, no logged probabilities {c['no_probabilities']:,}, other feature schema "
+             f"{c['other_schema']:,}, actions not in the catalog {c['unknown_actions']:,})"]
+    lv = result["logged_value"]
+    if lv.get("value") is not None:
+        lines.append(f"logged (what the logging policy earned): {lv['value']:,.1f} per {result['per']:,.0f} decisions, "
+                     f"95% CI {lv['ci95'][0]:,.1f}..{lv['ci95'][1]:,.1f}")
+    for e in result["candidates"]:
+        head = f"{e['name']} (model {e['model']})"
+        if "refused" in e:
+            lines.append(f"{head}: refused: {e['refused']}")
+            continue
+        lines.append(f"{head}: effective sample size {e['effective_sample_size']:,.1f} of {e['decisions']:,} "
+                     f"decisions ({e['customers']:,} customers); unsupported {e['unsupported_share']:.1%}")
+        for name in ESTIMATORS:
+            est = e.get(name)
+            if est and est.get("value") is not None:
+                lines.append(f"  {name.upper():5} {est['value']:>10,.1f}  95% CI {est['ci95'][0]:,.1f}..{est['ci95'][1]:,.1f}")
+        for key, diff in e.items():
+            if key.startswith("versus_") and diff.get("value") is not None:
+                lines.append(f"  {key.replace('_', ' ')} ({diff['estimator'].upper()}): {diff['value']:+,.1f}, "
+                             f"95% CI {diff['ci95'][0]:+,.1f}..{diff['ci95'][1]:+,.1f}")
+    return "\n".join(lines)
