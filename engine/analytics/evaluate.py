@@ -61,7 +61,8 @@ class Candidate:
 
 
 @dataclass
-class _Decision:
+class LoggedDecision:
+    decision_id: str
     customer: str
     reward: float
     probability: float
@@ -78,7 +79,7 @@ class _Decision:
 class LoggedDecisions:
     """The recorded decisions an evaluation reads, and why others were left out."""
 
-    decisions: list[_Decision]
+    decisions: list[LoggedDecision]
     counts: dict[str, int]
     logged_value: dict
 
@@ -102,7 +103,7 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
         rows = rec.sql(f"SELECT {', '.join(chr(34) + c + chr(34) for c in _COLUMNS)} FROM decisions "
                        "ORDER BY _ms, _seq, _shard").fetchall()
     catalog = ruleset.by_id
-    out: list[_Decision] = []
+    out: list[LoggedDecision] = []
     for row in rows:
         r = dict(zip(_COLUMNS, row))
         counts["decisions"] += 1
@@ -110,7 +111,7 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
             counts["control"] += 1
             continue
         shown = [a for a in (r["actions"] or "").split(",") if a]
-        if not r["probabilities"] or not r["epsilon"] or (shown and not r["candidates"] and not r["features"]):
+        if r["probabilities"] is None or not r["epsilon"]:
             counts["no_probabilities"] += 1
             continue
         names = [c.rpartition(":")[0] for c in r["candidates"].split(",")] if r["candidates"] else []
@@ -129,9 +130,9 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
         if names and block.shape != (width,):
             counts["other_schema"] += 1
             continue
-        out.append(_Decision(
-            customer=r["customer_id"], reward=reward,
-            probability=math.prod(float(p) for p in r["probabilities"].split(",")), epsilon=float(r["epsilon"]),
+        out.append(LoggedDecision(
+            decision_id=r["decision_id"], customer=r["customer_id"], reward=reward,
+            probability=math.prod(float(p) for p in r["probabilities"].split(",") if p), epsilon=float(r["epsilon"]),
             candidates=names, multipliers=np.array([float(c.rpartition(":")[2]) for c in r["candidates"].split(",")])
             if names else np.empty(0), sets=sets, picks=[index[a] for a in shown[:len(sets)]], block=block,
             channel=r["channel"]))
@@ -154,7 +155,7 @@ class _Scores:
         self.scorer = model.scorer.bind(columns, table.rows)
         self.adapter = rows.adapter(model.features, model.levels)
 
-    def __call__(self, d: _Decision) -> np.ndarray:
+    def __call__(self, d: LoggedDecision) -> np.ndarray:
         if not d.candidates:
             return np.empty(0)
         x = self.rows.shared_row(d.block, d.channel)
@@ -176,18 +177,20 @@ def _greedy(priority: np.ndarray, feasible: list[int], names: list[str]) -> int:
 
 
 def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedModel, schema: FeatureSchema,
-             ruleset: RuleSet) -> Logged:
+             ruleset: RuleSet, slates: list[list[str]] | None = None) -> Logged:
     """The estimators' rows for ``candidate``: its probability of each logged slate, the logging
-    probability, the reward, the DR terms, and the unsupported mass."""
+    probability, the reward, the DR terms, and the unsupported mass; ``slates`` receives the candidate's
+    slate of each decision (past its first departure from the log, approximated; [] for the fallback)."""
     score = _Scores(candidate.model, schema, ruleset)
     reward_model = score if champion.version == candidate.model.version else _Scores(champion, schema, ruleset)
     groups = {a.id: a.group for a in ruleset.actions}
     n = len(logged.decisions)
     target, q_logged, q_target, unsupported = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     for k, d in enumerate(logged.decisions):
-        if not d.candidates:  # the fallback alone: every policy shows it
+        if not d.sets:  # nothing could be shown but the fallback (if any): every policy shows the same
             target[k] = 1.0
-            q_logged[k] = q_target[k] = 0.0
+            if slates is not None:
+                slates.append([])
             continue
         p = score(d)
         values = np.array([candidate.values.get(a, math.nan) if candidate.values is not None else 1.0
@@ -220,6 +223,8 @@ def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedMode
             feasible = [i for i in feasible if i != choice and groups[d.candidates[i]] != taken]
         target[k] = 1.0 if agree and len(picks) == len(d.picks) else 0.0
         q_target[k] = float(q[picks].sum())
+        if slates is not None:
+            slates.append([d.candidates[i] for i in picks])
     return Logged(np.array([d.customer for d in logged.decisions]), np.array([d.reward for d in logged.decisions]),
                   np.array([d.probability for d in logged.decisions]), target, q_logged, q_target, unsupported)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.commands.common import archive_for, config_for, open_store
+from engine.commands.common import archive_for, config_for, domain_schema, open_store
 from engine.commands.options import archive_option, paths, range_options
 from engine.config import Config
 
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     paths(p)
     p.add_argument("--customers", type=int, default=20_000)
     p.add_argument("--world-seed", type=int, default=7)
+    p.add_argument("--decisions", type=int, default=0, metavar="N", help="then play N one-action decisions of demo "
+                   "traffic through the real funnel (the live models and experiment.yaml), each answered as the "
+                   "synthetic customer would: the data nba evaluate reads (telco demo only)")
     p.set_defaults(fn=cmd_seed)
     _train_parser(sub)
     _simulate_parser(sub)
@@ -77,7 +80,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history-days", type=int, default=7, help="days of that recorded traffic")
     p.add_argument("--no-retrain", action="store_true", help="keep the starting model (default: retrain nightly "
                    "on the history plus the decisions and responses recorded in the run)")
-    p.add_argument("--explore", type=float, default=0.1, help="share of nba decisions that explore (0: off)")
+    p.add_argument("--explore", type=float, default=0.1, help="share of nba decisions that explore (0: off); with "
+                   "--off-policy, the logging policy's epsilon per slot")
+    p.add_argument("--off-policy", action="store_true", help="instead: check nba evaluate's estimators against the "
+                   "truth (one logged day per seed, five candidate policies; engine/sim/offpolicy_check.py)")
     p.add_argument("--trees", type=int, default=100, help="boosting rounds per training")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="only these policies (nba rules_only generic random_eligible constrained_oracle oracle)")
@@ -100,7 +106,18 @@ def cmd_seed(args: argparse.Namespace) -> int:
         raise RuleErrors(errors)
     with open_store(cfg) as store:  # the telco demo's world, or customers generated for the declared domain
         seconds = demo.seed_for(store, ruleset, args.customers, args.world_seed)
-    print(f"seeded {args.customers} customers (C0000000..C{args.customers - 1:07d}) in {seconds:.1f}s")
+        print(f"seeded {args.customers} customers (C0000000..C{args.customers - 1:07d}) in {seconds:.1f}s")
+        if args.decisions > 0:
+            if not demo.is_telco(ruleset):
+                print("error: --decisions plays the telco demo's synthetic world", file=sys.stderr)
+                return 1
+            from engine.models.registry import ModelRegistry
+
+            started = time.perf_counter()
+            played = demo.play_traffic(store, cfg.rules_dir, ModelRegistry(cfg.models_dir, domain_schema(cfg)),
+                                       args.decisions, args.customers, args.world_seed)
+            print(f"played {played['decisions']:,} decisions ({played['accepted']:,} accepted) in "
+                  f"{time.perf_counter() - started:.1f}s")
     return 0
 
 
@@ -232,12 +249,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if loaded is None:
             raise RuleErrors(errors)
         ruleset = loaded
+    progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
+    if args.off_policy:
+        from engine.sim.offpolicy_check import CheckSettings, check, format_check
+
+        result = check(ruleset, CheckSettings(world=args.world, seeds=tuple(range(args.seed, args.seed + args.seeds)),
+                                              customers=args.customers, history_customers=args.history_customers,
+                                              history_days=args.history_days, trees=args.trees,
+                                              epsilon=args.explore), progress)
+        print(json.dumps(result, indent=2) if args.json else format_check(result))
+        return 0
     settings = Settings(world=args.world, customers=args.customers, rounds=args.rounds,
                         seeds=tuple(range(args.seed, args.seed + args.seeds)),
                         history_customers=args.history_customers, history_days=args.history_days,
                         retrain=not args.no_retrain, explore=args.explore, trees=args.trees,
                         policies=tuple(args.policies) if args.policies else POLICIES, campaign=campaign)
-    progress = (lambda msg: print(msg, file=sys.stderr)) if args.verbose_progress else (lambda msg: None)
     sim = simulate(ruleset, settings, progress=progress)
     if args.png:
         plot_curves(sim, args.png)

@@ -112,11 +112,11 @@ class Decision:
     quiet_until: float = 0.0  # quiet hours withheld actions: when they end on the customer's clock (epoch s)
     # the logging policy (engine.decision.choice): its exploration share, the walk's candidates in ranked
     # order (action id, value x weight), each slot's feasible candidates (indexes), and each presented
-    # action's probability at its slot (empty: not known, a Thompson-sampled ranking)
+    # action's probability at its slot (None: not known, a Thompson-sampled ranking)
     epsilon: float = 0.0
     candidates: list[tuple[str, float]] = field(default_factory=list)
     choice_sets: list[list[int]] = field(default_factory=list)
-    probabilities: list[float] = field(default_factory=list)
+    probabilities: list[float] | None = field(default_factory=list)
 
 
 class _Stages:
@@ -640,7 +640,7 @@ def _choice_fields(decision: Decision) -> dict[str, str]:
     in ranked order: ``<action>:<value x weight>``) and ``choice_sets`` (per slot, the feasible candidates'
     indexes, space-separated; slots separated by ``;``)."""
     out = {"epsilon": f"{decision.epsilon:g}"}
-    if decision.probabilities:
+    if decision.probabilities is not None:  # "" for a decision that showed nothing (probability 1)
         out["probabilities"] = ",".join(f"{p:.9g}" for p in decision.probabilities)
     if decision.candidates:
         out["candidates"] = ",".join(f"{a}:{m:.9g}" for a, m in decision.candidates)
@@ -674,6 +674,7 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
     decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
     decision.choice_sets = sets
     if sampled:
+        decision.probabilities = None
         return
     index = {action_id: i for i, (action_id, _) in enumerate(decision.candidates)}
     decision.probabilities = []

@@ -124,3 +124,42 @@ def train_demo(registry: ModelRegistry, actions: Sequence[ActionLike], customers
     if promote:
         registry.promote(version)
     return version, metrics
+
+
+def play_traffic(store: ProfileStore, rules_dir: Path, registry: ModelRegistry, decisions: int,
+                 customers: int = DEMO_CUSTOMERS, world_seed: int = WORLD_SEED, seed: int = 0) -> dict[str, int]:
+    """Demo traffic on ``store`` (``nba seed --decisions``): ``decisions`` one-action decisions for random
+    demo customers on random channels through the real funnel, with the registry's models and
+    experiment.yaml (its exploration included), recorded like production traffic; each presented action
+    answered as the synthetic customer would, accepted with its true probability, else rejected."""
+    import numpy as np
+
+    from engine.decision.funnel import DecisionEngine
+    from engine.decision.request import DecideInput
+    from engine.live import Live
+    from engine.models.experiment import load_model_set
+    from engine.rules.runtime import load_and_compile
+    from engine.sim.dynamics import REALISM, Population
+    from engine.sim.telco import CHANNELS
+    from engine.sim.world import customer_id
+    from engine.store.decision_log import DecisionLog
+
+    rules = load_and_compile(rules_dir)
+    log = DecisionLog(store.client)
+    accepted = 0
+    try:
+        engine = DecisionEngine(store, Live(rules), Live(load_model_set(registry)), log)
+        pop = Population(generate(customers, world_seed), rules.ruleset.actions, REALISM["realistic"])
+        rng = np.random.default_rng(seed)
+        for _ in range(decisions):
+            i, c = int(rng.integers(customers)), int(rng.integers(len(CHANNELS)))
+            d = engine.decide(DecideInput(customer_id=customer_id(i), channel=CHANNELS[c], max_actions=1))
+            for a in d.actions:
+                p = float(pop.probability(i, [a.action_id], c, time.time(), False)[0])
+                outcome = "accepted" if rng.random() < p else "rejected"
+                engine.responses.record(d.decision_id, a.action_id, outcome)
+                accepted += outcome == "accepted"
+    finally:
+        log.close()
+        rules.close()
+    return {"decisions": decisions, "accepted": accepted}
