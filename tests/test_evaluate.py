@@ -5,6 +5,7 @@ one-slot policy on these decisions is known exactly, and the estimates must cove
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,38 @@ def test_the_commands_estimate_and_promotion_waits_for_the_gate(redis_url: str, 
     same, new = estimate["candidates"]
     assert new["name"] == str(new_rules) and new["ips"] != same["ips"]
     assert new["versus_champion"]["value"] < 0  # leading with the TV offer everywhere earns less
+
+
+def test_demo_traffic_then_evaluate_from_the_archive_as_from_the_streams(redis_url: str, models_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """``nba seed --decisions`` plays demo traffic with experiment.yaml's exploration; the archived rows carry
+    the probabilities, and the estimate read through the archive equals the one from the streams."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from engine.store.archive import ArchiveWriter
+
+    from .conftest import RULES_DIR
+    from .test_models import run_cli
+
+    registry_dir = tmp_path / "models"
+    shutil.copytree(models_dir, registry_dir)
+    (registry_dir / "propensity" / "experiment.yaml").write_text("exploration:\n  strategy: epsilon\n  share: 0.25\n")
+    where = ["--redis-url", redis_url, "--rules-dir", str(RULES_DIR), "--models-dir", str(registry_dir)]
+    code, out, err = run_cli("seed", *where, "--customers", "400", "--decisions", "300")
+    assert code == 0 and "played 300 decisions" in out, err
+    code, streams, err = run_cli("evaluate", *where, "--no-archive", "--json", "--weight", "retention=3")
+    assert code == 0, err
+    from engine.store.profiles import redis_client
+
+    with ArchiveWriter(redis_client(redis_url), tmp_path / "archive", trim=False) as writer:
+        assert writer.once() > 0
+    rows = pq.read_table(next((tmp_path / "archive" / "decisions").rglob("*.parquet")),
+                         columns=["probabilities", "epsilon", "choice_sets"]).to_pylist()
+    assert rows and all(r["epsilon"] in ("0", "0.25") and r["probabilities"] is not None for r in rows)
+    code, archived, err = run_cli("evaluate", *where, "--archive", str(tmp_path / "archive"), "--json",
+                                  "--weight", "retention=3")
+    assert code == 0, err
+    assert json.loads(archived)["candidates"] == json.loads(streams)["candidates"]
+    assert json.loads(streams)["decisions"]["evaluated"] > 200
