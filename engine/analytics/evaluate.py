@@ -115,21 +115,21 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
             counts["no_probabilities"] += 1
             continue
         names = [c.rpartition(":")[0] for c in r["candidates"].split(",")] if r["candidates"] else []
-        if names and (r["feature_schema"] != fingerprint or not r["features"]):
+        sets = [[int(i) for i in s.split()] for s in r["choice_sets"].split(";") if s] if names else []
+        if sets and (r["feature_schema"] != fingerprint or not r["features"]):
             counts["other_schema"] += 1
             continue
         if any(a not in catalog for a in names):
             counts["unknown_actions"] += 1
             continue
+        block = decode_block(r["features"]) if sets else np.empty(0)
+        if sets and block.shape != (width,):
+            counts["other_schema"] += 1
+            continue
         values = [float(v) for v in (r["values"] or "").split(",") if v]
         taken = accepted.get(r["decision_id"], set())
         reward = sum(v for a, v in zip(shown, values) if a in taken)
         index = {a: i for i, a in enumerate(names)}
-        sets = [[int(i) for i in s.split()] for s in r["choice_sets"].split(";")] if names else []
-        block = decode_block(r["features"]) if names else np.empty(0)
-        if names and block.shape != (width,):
-            counts["other_schema"] += 1
-            continue
         out.append(LoggedDecision(
             decision_id=r["decision_id"], customer=r["customer_id"], reward=reward,
             probability=math.prod(float(p) for p in r["probabilities"].split(",") if p), epsilon=float(r["epsilon"]),
