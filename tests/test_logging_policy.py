@@ -132,3 +132,22 @@ def test_without_exploration_every_probability_is_one_and_the_walk_is_the_rankin
     names = [c.split(":")[0] for c in entry["candidates"].split(",")]
     assert [names[int(s.split()[0])] for s in entry["choice_sets"].split(";")] == [a.action_id for a in d.actions]
     engine.rules.current.close()
+
+
+def test_a_thompson_ranked_decision_logs_no_probability_and_evaluation_leaves_it_out(redis_url: str,
+                                                                                     models_dir: Path) -> None:
+    """A Thompson sample's chance of a ranking has no closed form: such a decision carries no
+    ``probabilities`` (rather than a wrong one), and ``nba evaluate`` counts it among those left out."""
+    from engine.analytics.evaluate import read_logged
+    from engine.models.exploration import ExplorationCounts
+
+    engine = make(redis_url, models_dir, ExplorationConfig(strategy="thompson", share=1.0))
+    engine.explorer = Explorer(ExplorationCounts(engine.store.client))
+    cid = next(c for c in (f"TS{i}" for i in range(50)) if not ControlGroup(0.1).contains(c))
+    engine.store.save([customer(cid)], SCHEMA)
+    d = decide(engine, cid, "call_center")
+    assert d.explored and d.probabilities is None
+    entry = logged(engine)[d.decision_id]
+    assert "probabilities" not in entry and entry["explored"] == "1"
+    assert read_logged(engine.store.client, SCHEMA, engine.rules.current.ruleset).counts["no_probabilities"] == 1
+    engine.rules.current.close()
