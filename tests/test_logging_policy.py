@@ -151,3 +151,31 @@ def test_a_thompson_ranked_decision_logs_no_probability_and_evaluation_leaves_it
     assert "probabilities" not in entry and entry["explored"] == "1"
     assert read_logged(engine.store.client, SCHEMA, engine.rules.current.ruleset).counts["no_probabilities"] == 1
     engine.rules.current.close()
+
+
+def test_exploring_every_slot_keeps_contact_limits_groups_and_the_control_group(redis_url: str,
+                                                                                models_dir: Path) -> None:
+    """With epsilon 1 every slot is a uniform draw, yet no decision shows two actions of one group, the
+    e-mail limit (two marketing e-mails a week) holds within and across decisions, and the control group's
+    decisions do not explore."""
+    from .test_contact import marketing_ids
+
+    engine = make(redis_url, models_dir, ExplorationConfig(strategy="epsilon", share=1.0))
+    control = ControlGroup(0.1)
+    ids = [f"XL{i}" for i in range(40)]
+    engine.store.save([customer(c) for c in ids], SCHEMA)
+    clock = engine.clock
+    assert isinstance(clock, Clock)
+    by_id = engine.rules.current.ruleset.by_id
+    for cid in ids:
+        emails = 0
+        for day in range(3):
+            clock.now = NOON + day * 86_400
+            for channel in ("email", "call_center"):
+                d = decide(engine, cid, channel, max_actions=5)
+                groups = [by_id[a.action_id].group for a in d.actions]
+                assert len(groups) == len(set(groups)), d.actions
+                emails += len(marketing_ids(d)) if channel == "email" else 0
+                assert d.epsilon == (0.0 if control.contains(cid) else 1.0)
+        assert emails <= 2, cid
+    engine.rules.current.close()
