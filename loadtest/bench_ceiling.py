@@ -43,6 +43,7 @@ leaves the bare server out), ``--alternate`` pairs bare with bare aio:
 
 Overheads, A/B in one run (``--ab``); each prints both sides' p50/p99/p99.9 and the ratio:
 
+* ``explore``: in process, epsilon exploration (0.2 per slot) against none, both enforcing contact policies.
 * ``contact``: ``nba serve --workers 1`` enforcing ``rules/contact.yaml`` and the daily budgets against one
   with ``--no-contact-policies``, alternating request by request (exit 1 when the p99 ratio is over 1.5);
   with ``--in-process CALLS`` the two engines in one process, call by call, no gRPC;
@@ -55,6 +56,7 @@ Overheads, A/B in one run (``--ab``); each prints both sides' p50/p99/p99.9 and 
 
     python loadtest/bench_ceiling.py --ab contact --alternate 200 --duration 20 --alternate-rounds 4 --json /tmp/contact.json
     python loadtest/bench_ceiling.py --ab contact --in-process 4000
+    python loadtest/bench_ceiling.py --ab explore --in-process 4000
     python loadtest/bench_ceiling.py --ab tls --alternate 200 --duration 15 --alternate-rounds 4
     python loadtest/bench_ceiling.py --ab admission --turns 12 --calls 300
     python loadtest/bench_ceiling.py --ab tracing --via grpc --turns 12 --calls 300
@@ -127,7 +129,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sweep", type=float, nargs="+", metavar="RATE",
                     help="instead of find-max: every server at these fixed rates (loadgen.run), --rounds times, "
                          "the servers' order rotating by round; median p50/p99 per server and rate")
-    ap.add_argument("--ab", choices=("contact", "tls", "admission", "tracing"),
+    ap.add_argument("--ab", choices=("contact", "explore", "tls", "admission", "tracing"),
                     help="instead: one overhead, A/B in one run (see the module docstring); "
                          "contact and tls alternate at --alternate RATE (default 200) for --alternate-rounds")
     ap.add_argument("--in-process", type=int, default=0, metavar="CALLS",
@@ -353,21 +355,35 @@ def ab_contact(args: argparse.Namespace) -> int:
     return 0 if r["p99"] <= 1.5 else 1
 
 
-def contact_in_process(calls: int, customers: int, models_dir: str) -> dict[str, dict]:
+def ab_explore(args: argparse.Namespace) -> int:
+    """Epsilon exploration (0.2 per slot: the walk judges every candidate it could still show at each slot
+    and records the feasible sets) against none, in process, both with contact policies."""
+    t = contact_in_process(args.in_process or 4000, args.customers, args.models_dir, explore=0.2)
+    r = _ab_report(t, "off", "on", args, f"epsilon exploration 0.2, in-process, {args.in_process or 4000} calls each")
+    write_json(args.json, t | {"ratios": r, "args": vars(args)})
+    return 0
+
+
+def contact_in_process(calls: int, customers: int, models_dir: str, explore: float = 0.0) -> dict[str, dict]:
     """``DecisionEngine.decide`` with contact policies on and off, one process, alternating call by call on
-    the same request sequence (no gRPC: the cost of the policies and budgets themselves)."""
+    the same request sequence (no gRPC: the cost of the policies and budgets themselves); with ``explore``,
+    both sides enforce contact policies and "on" explores epsilon-greedy with that share per slot."""
     import random
 
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
+    from engine.live import Live
+    from engine.models.experiment import ExplorationConfig, ModelSet
     from engine.sim.telco import CHANNELS
 
     mix = dict(zip(CHANNELS, (0.25, 0.35, 0.25, 0.07, 0.03, 0.03, 0.02)))
     times: dict[str, list[float]] = {"off": [], "on": []}
     with srv.engine_parts(customers, models_dir) as parts:
-        engines = {"off": DecisionEngine(parts.store, parts.rules, parts.model, contacts=False),
-                   "on": DecisionEngine(parts.store, parts.rules, parts.model, contacts=True,
-                                        clock=lambda: 1_781_524_800.0)}
+        exploring = Live(ModelSet(parts.model.current, exploration=ExplorationConfig(strategy="epsilon", share=explore)))
+        clock = lambda: 1_781_524_800.0  # noqa: E731
+        engines = {"off": DecisionEngine(parts.store, parts.rules, parts.model, contacts=explore > 0, clock=clock),
+                   "on": DecisionEngine(parts.store, parts.rules, exploring if explore > 0 else parts.model,
+                                        contacts=True, clock=clock)}
         for e in engines.values():
             e.warmup()
         rng = random.Random(5)
@@ -544,7 +560,7 @@ def ab_tracing(args: argparse.Namespace) -> int:
 
 
 AB: dict[str, Callable[[argparse.Namespace], int]] = {
-    "contact": ab_contact, "tls": ab_tls, "admission": ab_admission, "tracing": ab_tracing}
+    "contact": ab_contact, "explore": ab_explore, "tls": ab_tls, "admission": ab_admission, "tracing": ab_tracing}
 
 
 if __name__ == "__main__":

@@ -86,21 +86,21 @@ def test_the_estimates_cover_the_true_value_of_the_champion_and_of_a_very_differ
     rules.close()
 
 
-def test_logs_without_exploration_support_only_the_policy_that_made_them(redis_url: str, models_dir: Path,
-                                                                         population: list[str]) -> None:
+def test_logs_without_exploration_support_no_estimate(redis_url: str, models_dir: Path,
+                                                       population: list[str]) -> None:
+    """Decisions that did not explore gave every other choice no chance: they are left out, counted, and with
+    nothing else logged the estimate is refused, saying why."""
+    from engine.analytics.offpolicy import EvaluationError
+
     engine = make(redis_url, models_dir, ExplorationConfig())
-    engine.store.save([customer(c) for c in population[:200]], SCHEMA)
-    decisions = play(engine, population[:200])
+    engine.store.save([customer(c) for c in population[:100]], SCHEMA)
+    play(engine, population[:100])
     rules = engine.rules.current
     champion = engine.model.current.champion
     logged = read_logged(engine.store.client, SCHEMA, rules.ruleset)
-    result = evaluate(logged, [Candidate("champion", champion),
-                               Candidate("favour", champion, {"cross_sell_security_suite": 1000.0})],
-                      champion, SCHEMA, rules.ruleset)
-    same, other = result["candidates"]
-    assert same["unsupported_share"] == 0 and same["ips"]["value"] == pytest.approx(truth(engine, decisions, None),
-                                                                                    abs=0.01)
-    assert "refused" in other and "logging policy" in other["refused"]
+    assert logged.counts["not_exploring"] == 100 and not logged.decisions
+    with pytest.raises(EvaluationError, match="not exploring 100.*exploration strategy epsilon"):
+        evaluate(logged, [Candidate("champion", champion)], champion, SCHEMA, rules.ruleset)
     rules.close()
 
 

@@ -91,7 +91,7 @@ def test_every_logged_probability_is_recomputed_from_the_logged_inputs(redis_url
         explored += any(x < 0.5 for x in p)
     assert explored > 20  # exploration happened, and each such pick carries its small probability
     by_id = engine.rules.current.ruleset.by_id
-    two_offers = [e for e in entries.values() if e["channel"] == "email" and len(e["choice_sets"].split(";")) == 3
+    two_offers = [e for e in entries.values() if e["channel"] == "email" and len(e.get("choice_sets", "").split(";")) == 3
                   and not any(by_id[a].service for a in e["actions"].split(",")[:2])]
     assert two_offers, "some e-mail decisions show two offers, then fill a third slot"
     for e in two_offers:
@@ -122,15 +122,17 @@ def test_the_pick_frequencies_match_the_logged_probabilities(redis_url: str, mod
     engine.rules.current.close()
 
 
-def test_without_exploration_every_probability_is_one_and_the_walk_is_the_ranking(redis_url: str,
-                                                                                 models_dir: Path) -> None:
+def test_without_exploration_every_probability_is_one_and_nothing_more_is_logged(redis_url: str,
+                                                                                models_dir: Path) -> None:
+    """Not exploring, the walk judges each candidate once in ranked order (as it always did) and the
+    decision records probability 1 for each action, without the feasible sets an evaluation would need."""
     engine = make(redis_url, models_dir, ExplorationConfig())
     engine.store.save([customer("NX1")], SCHEMA)
     d = decide(engine, "NX1", "call_center")
     entry = logged(engine)[d.decision_id]
-    assert entry["epsilon"] == "0" and entry["probabilities"] == ",".join("1" for _ in d.actions)
-    names = [c.split(":")[0] for c in entry["candidates"].split(",")]
-    assert [names[int(s.split()[0])] for s in entry["choice_sets"].split(";")] == [a.action_id for a in d.actions]
+    assert len(d.actions) == 3 and d.probabilities == [1.0, 1.0, 1.0]
+    assert entry["epsilon"] == "0" and entry["probabilities"] == "1,1,1"
+    assert "choice_sets" not in entry and "candidates" not in entry
     engine.rules.current.close()
 
 

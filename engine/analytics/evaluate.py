@@ -1,13 +1,15 @@
 """``nba evaluate``: what a candidate policy would have earned on the recorded decisions, without showing it
 to a single customer (off-policy evaluation, ``engine.analytics.offpolicy``'s estimators).
 
-**What is read.** The decisions recorded from ``since`` to ``until`` (the archive plus the streams' tails,
-``analytics/recorded.py``) with what the logging policy logged (``engine.decision.choice``): each slot's
-feasible candidates, their value x weight, the exploration share, each presented action's probability,
-and the customer block the model read. A decision's reward is the value of its presented actions that were
-accepted within ``window_days``. Left out, and counted: control-group decisions (a held-out baseline the
-candidate never decides for), decisions without logged probabilities (a Thompson-sampled ranking, or logged
-before probabilities were), and those whose features or actions the current schema and catalog cannot read.
+**What is read.** The exploring decisions recorded from ``since`` to ``until`` (the archive plus the
+streams' tails, ``analytics/recorded.py``) with what the logging policy logged (``engine.decision.choice``):
+each slot's feasible candidates, their value x weight, the exploration share, each presented action's
+probability, and the customer block the model read. A decision's reward is the value of its presented
+actions that were accepted within ``window_days``. Left out, and counted: control-group decisions (a
+held-out baseline the candidate never decides for), decisions without logged probabilities (a
+Thompson-sampled ranking, or logged before probabilities were), decisions that did not explore (epsilon 0:
+they gave any other choice no chance, so they support no candidate that departs from them), and those whose
+features or actions the current schema and catalog cannot read. With none left, the estimate is refused.
 
 **A candidate** is a model (a registry version, scored on the logged features), arbitration weights
 (multipliers by action id, group or type) and the catalog values of a rule set, on top of the logged value
@@ -17,11 +19,13 @@ logged action at its slot (the feasible sets it meets are then the logged ones) 
 logs cannot tell: eligibility and levers a rule set would change (the logged ones are used), and actions
 never logged as candidates (a candidate catalog adding actions is refused).
 
-**Support.** A decision logged without exploration (epsilon 0) had probability 0 for any other slate: where
-the candidate departs from it, the row is unsupported; over ``max_unsupported`` of rows, the estimate is
-refused. **DR**'s reward model is the champion's propensity x value, summed over a slate; the candidate's
-slate past the first slot where it departs from the log is approximated (the feasible set less the groups
-taken; contact limits are not replayed).
+**Support.** In an exploring decision every action a slot could show had a chance, so every candidate that
+ranks the logged feasible sets is supported; a candidate catalog with actions the logs never had as
+candidates is refused (``commands/evaluate.candidate_values``).
+
+**DR**'s reward model is the champion's propensity x value, summed over a slate; the candidate's slate past
+the first slot where it departs from the log is approximated (the feasible set less the groups taken;
+contact limits are not replayed).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.analytics.offpolicy import MAX_UNSUPPORTED, EvaluationError, Logged, difference, estimate
+from engine.analytics.offpolicy import EvaluationError, Logged, difference, estimate
 from engine.analytics.recorded import Recorded
 from engine.features import FeatureSchema
 from engine.models.model_input import decode_block, model_input, row_columns
@@ -90,7 +94,8 @@ def read_logged(client: Any, schema: FeatureSchema, ruleset: RuleSet, archive: P
     fingerprint = schema.fingerprint()
     width = len(model_input(schema).customer_features)
     window = window_days * 86_400.0
-    counts = {"decisions": 0, "control": 0, "no_probabilities": 0, "other_schema": 0, "unknown_actions": 0,
+    counts = {"decisions": 0, "control": 0, "no_probabilities": 0, "not_exploring": 0, "other_schema": 0,
+              "unknown_actions": 0,
               "evaluated": 0}
     with Recorded(client, archive, since, until) as rec:
         rec.view(DECISIONS_STREAM, _COLUMNS, name="decisions")
@@ -113,6 +118,9 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
         shown = [a for a in (r["actions"] or "").split(",") if a]
         if r["probabilities"] is None or not r["epsilon"]:
             counts["no_probabilities"] += 1
+            continue
+        if float(r["epsilon"]) <= 0:
+            counts["not_exploring"] += 1
             continue
         names = [c.rpartition(":")[0] for c in r["candidates"].split(",")] if r["candidates"] else []
         sets = [[int(i) for i in s.split()] for s in r["choice_sets"].split(";") if s] if names else []
@@ -179,13 +187,13 @@ def _greedy(priority: np.ndarray, feasible: list[int], names: list[str]) -> int:
 def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedModel, schema: FeatureSchema,
              ruleset: RuleSet, slates: list[list[str]] | None = None) -> Logged:
     """The estimators' rows for ``candidate``: its probability of each logged slate, the logging
-    probability, the reward, the DR terms, and the unsupported mass; ``slates`` receives the candidate's
+    probability, the reward and the DR terms; ``slates`` receives the candidate's
     slate of each decision (past its first departure from the log, approximated; [] for the fallback)."""
     score = _Scores(candidate.model, schema, ruleset)
     reward_model = score if champion.version == candidate.model.version else _Scores(champion, schema, ruleset)
     groups = {a.id: a.group for a in ruleset.actions}
     n = len(logged.decisions)
-    target, q_logged, q_target, unsupported = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    target, q_logged, q_target = np.zeros(n), np.zeros(n), np.zeros(n)
     for k, d in enumerate(logged.decisions):
         if not d.sets:  # nothing could be shown but the fallback (if any): every policy shows the same
             target[k] = 1.0
@@ -216,9 +224,6 @@ def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedMode
             picks.append(choice)
             if agree and choice != d.picks[slot]:
                 agree = False
-                at = d.sets[slot].index(choice)
-                if d.epsilon <= 0.0 and at != 0:
-                    unsupported[k] = 1.0
             taken = groups[d.candidates[choice]]
             feasible = [i for i in feasible if i != choice and groups[d.candidates[i]] != taken]
         target[k] = 1.0 if agree and len(picks) == len(d.picks) else 0.0
@@ -226,20 +231,22 @@ def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedMode
         if slates is not None:
             slates.append([d.candidates[i] for i in picks])
     return Logged(np.array([d.customer for d in logged.decisions]), np.array([d.reward for d in logged.decisions]),
-                  np.array([d.probability for d in logged.decisions]), target, q_logged, q_target, unsupported)
+                  np.array([d.probability for d in logged.decisions]), target, q_logged, q_target)
 
 
 def evaluate(logged: LoggedDecisions, candidates: Sequence[Candidate], champion: LoadedModel, schema: FeatureSchema,
-             ruleset: RuleSet, per: float = 1000.0, max_unsupported: float = MAX_UNSUPPORTED) -> dict:
+             ruleset: RuleSet, per: float = 1000.0) -> dict:
     """Each candidate's estimates (IPS, SNIPS, DR with customer-clustered CIs, effective sample size,
     support), and each one's difference from the first (the baseline), paired on the same decisions."""
     if not logged.decisions:
-        raise EvaluationError("no recorded decision can be evaluated: "
-                              + ", ".join(f"{k} {v}" for k, v in logged.counts.items()))
+        raise EvaluationError("no recorded decision can be evaluated ("
+                              + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in logged.counts.items())
+                              + "): the logs support an estimate only where the decisions explored "
+                              "(exploration strategy epsilon in experiment.yaml)")
     rows = [rows_for(logged, c, champion, schema, ruleset) for c in candidates]
     out: dict = {"decisions": logged.counts, "logged_value": logged.logged_value, "per": per, "candidates": []}
     for c, r in zip(candidates, rows):
-        entry = {"name": c.name, "model": c.model.version, **estimate(r, per, max_unsupported)}
+        entry = {"name": c.name, "model": c.model.version, **estimate(r, per)}
         if c is not candidates[0] and "refused" not in entry:
             entry["versus_" + candidates[0].name] = difference(r, rows[0], per)
         out["candidates"].append(entry)
@@ -249,7 +256,8 @@ def evaluate(logged: LoggedDecisions, candidates: Sequence[Candidate], champion:
 def format_evaluation(result: dict) -> str:
     c = result["decisions"]
     lines = [f"{c['evaluated']:,} of {c['decisions']:,} recorded decisions evaluated (left out: control group "
-             f"{c['control']:,}, no logged probabilities {c['no_probabilities']:,}, other feature schema "
+             f"{c['control']:,}, no logged probabilities {c['no_probabilities']:,}, not exploring "
+             f"{c['not_exploring']:,}, other feature schema "
              f"{c['other_schema']:,}, actions not in the catalog {c['unknown_actions']:,})"]
     lv = result["logged_value"]
     if lv.get("value") is not None:
@@ -261,7 +269,7 @@ def format_evaluation(result: dict) -> str:
             lines.append(f"{head}: refused: {e['refused']}")
             continue
         lines.append(f"{head}: effective sample size {e['effective_sample_size']:,.1f} of {e['decisions']:,} "
-                     f"decisions ({e['customers']:,} customers); unsupported {e['unsupported_share']:.1%}")
+                     f"decisions ({e['customers']:,} customers)")
         for name in ESTIMATORS:
             est = e.get(name)
             if est and est.get("value") is not None:

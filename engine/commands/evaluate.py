@@ -33,9 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(eligibility and levers stay as logged; a catalog with new actions is refused)")
     p.add_argument("--window-days", type=float, default=7.0, help="an acceptance counts this long after the "
                    "decision (default 7, as training's label window)")
-    p.add_argument("--max-unsupported", type=float, default=0.01, metavar="SHARE",
-                   help="refuse an estimate when more of the decisions than this had no chance of the "
-                   "candidate's choice under the logging policy (default 0.01)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_evaluate)
 
@@ -70,7 +67,7 @@ def candidate_values(rules_dir: Path, live: RuleSet) -> dict[str, float]:
 def off_policy(cfg: Config, store: Any, candidates: list[tuple[str, LoadedModel | None, dict[str, float],
                                                                   dict[str, float] | None]],
                since: str = "-", until: str = "+", archive: Path | str | None = None, window_days: float = 7.0,
-               max_unsupported: float = 0.01, rules_dir: Path | None = None) -> dict:
+               rules_dir: Path | None = None) -> dict:
     """Evaluate ``candidates`` (name, model or None for the champion, weights, catalog values) with the
     champion's greedy policy first (the baseline) on the decisions recorded in the range, under the rule
     set of ``rules_dir`` (default: the configured one, the rules that decided)."""
@@ -86,7 +83,7 @@ def off_policy(cfg: Config, store: Any, candidates: list[tuple[str, LoadedModel 
     logged = read_logged(store.client, schema, ruleset, archive, since, until, window_days)
     chosen = [Candidate("champion", champion)] + [
         Candidate(name, model or champion, weights, values) for name, model, weights, values in candidates]
-    return evaluate(logged, chosen, champion, schema, ruleset, max_unsupported=max_unsupported)
+    return evaluate(logged, chosen, champion, schema, ruleset)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -105,8 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         values = candidate_values(Path(args.candidate_rules), live)
     candidates = [("candidate", model, weights, values)] if (model or weights or values is not None) else []
     with open_store(cfg) as store:
-        result = off_policy(cfg, store, candidates, args.since, args.until, archive_for(args, cfg), args.window_days,
-                            args.max_unsupported)
+        result = off_policy(cfg, store, candidates, args.since, args.until, archive_for(args, cfg), args.window_days)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
     return 0
 

@@ -138,6 +138,22 @@ def select(scored: list, channel: str, max_actions: int, funnel: list[FunnelEntr
     slot's feasible candidates (indexes into ``scored``)."""
     ranked: list[RankedAction] = []
     groups: set[str] = set()
+    if epsilon <= 0:  # the ranking's choice at every slot: one pass in order
+        for priority, p, v in scored:
+            action = v.action
+            if funnel is None and len(ranked) >= max_actions:
+                break
+            if action.group in groups or len(ranked) >= max_actions:
+                if funnel is not None:
+                    funnel.append(FunnelEntry(action.id, "group", f"group {action.group} already shown", p, priority)
+                                  if action.group in groups else
+                                  FunnelEntry(action.id, "cutoff", f"below the top {max_actions}", p, priority))
+                continue
+            groups.add(action.group)
+            ranked.append(ranked_action(v, p, priority, channel, len(ranked) + 1))
+            if funnel is not None:
+                funnel.append(FunnelEntry(action.id, "ranked", f"rank {len(ranked)}", p, priority))
+        return ranked
     verdicts: dict[int, str] = {}
     pending = list(range(len(scored)))
     while pending and len(ranked) < max_actions:

@@ -207,6 +207,13 @@ local function mark(head)  -- one more impression now, written with the decision
   marks[#marks + 1] = f; marks[#marks + 1] = v
 end
 local groups, verdicts, shown, budgets, need = {}, {}, {}, {}, {}
+-- budget counters read once per call; kept as the presentations add to them
+local bval = {}
+local function budget_used(k)
+  local v = bval[k]
+  if v == nil then v = tonumber(redis.call('GET', KEYS[k]) or '0'); bval[k] = v end
+  return v
+end
 local codes = {}
 local function present(c, code)
   local bkey = c[11] or ''
@@ -214,12 +221,12 @@ local function present(c, code)
     local used = {}
     if c[6] > 0 then
       used[1] = KEYS[c[6]]
-      redis.call('INCR', KEYS[c[6]])
+      bval[c[6]] = redis.call('INCR', KEYS[c[6]])
       redis.call('EXPIRE', KEYS[c[6]], a.bttl)
     end
     for _, b in ipairs(c[9]) do  -- the campaign's budgets: {key index, budget, verdict, ttl}
       used[#used + 1] = KEYS[b[1]]
-      redis.call('INCR', KEYS[b[1]])
+      bval[b[1]] = redis.call('INCR', KEYS[b[1]])
       redis.call('EXPIRE', KEYS[b[1]], b[4])
     end
     bkey = table.concat(used, ' ')
@@ -235,13 +242,6 @@ local function present(c, code)
   groups[c[2]] = true
   codes[#shown + 1] = code
   shown[#shown + 1] = c
-end
--- budget counters read once per call; the walk's own presentations add to them
-local bval = {}
-local function budget_used(k)
-  local v = bval[k]
-  if v == nil then v = tonumber(redis.call('GET', KEYS[k]) or '0'); bval[k] = v end
-  return v
 end
 -- why a candidate cannot be shown now (nil: it can; a cluster's unclaimed budget counts as showable)
 local function blocked(c)
@@ -259,42 +259,53 @@ local function blocked(c)
   if c[10] and c[10] ~= 0 and c[10] ~= 1 and c[10] ~= 2 then return c[10] end
   return nil
 end
--- slot by slot (engine/decision/choice.py): the feasible candidates in ranked order, the first of them,
--- or with draw u < eps the one u picks uniformly; a candidate ranked above the pick that cannot be shown
--- is settled with the reason the slot saw, the others are judged again at the next slot
-local pending, sets, picks = {}, {}, {}
-for ci = 1, #a.cand do pending[ci] = ci end
-while #pending > 0 and #shown < a.n do
-  local feasible, why = {}, {}
-  for k, ci in ipairs(pending) do
-    local v = blocked(a.cand[ci])
-    if v then why[k] = v else feasible[#feasible + 1] = k end
-  end
-  if #feasible == 0 then
-    for k, ci in ipairs(pending) do verdicts[ci] = why[k] end
-    pending = {}
-    break
-  end
-  local j, u = 1, a.u[#shown + 1]
-  if u and u < a.eps then j = math.min(math.floor(u / a.eps * #feasible) + 1, #feasible) end
-  local set = {}
-  for i, k in ipairs(feasible) do set[i] = pending[k] - 1 end
-  sets[#sets + 1] = set
-  local chosen, rest = feasible[j], {}
-  for k, ci in ipairs(pending) do
-    if k < chosen and why[k] then verdicts[ci] = why[k] elseif k ~= chosen then rest[#rest + 1] = ci end
-  end
-  local ci = pending[chosen]
+local sets, picks = {}, {}
+local function take(ci)
   local c = a.cand[ci]
   if c[10] == 2 then need[#need + 1] = ci end
-  if c[6] > 0 and write and not c[11] then bval[c[6]] = budget_used(c[6]) + 1 end
-  if write and not c[11] then for _, b in ipairs(c[9]) do bval[b[1]] = budget_used(b[1]) + 1 end end
   verdicts[ci] = 'ok'
   picks[#picks + 1] = ci - 1
   present(c, a.codes[ci])
-  pending = rest
 end
-for _, ci in ipairs(pending) do verdicts[ci] = 'cutoff' end
+if a.eps == 0 then
+  -- no exploration: the ranked order, each candidate judged once, when the walk reaches it
+  for ci, c in ipairs(a.cand) do
+    if #shown >= a.n then verdicts[ci] = 'cutoff' else
+      local v = blocked(c)
+      if v then verdicts[ci] = v else take(ci) end
+    end
+  end
+else
+  -- slot by slot (engine/decision/choice.py): the feasible candidates in ranked order, the first of them,
+  -- or with draw u < eps the one u picks uniformly; a candidate ranked above the pick that cannot be
+  -- shown is settled with the reason the slot saw, the others are judged again at the next slot
+  local pending = {}
+  for ci = 1, #a.cand do pending[ci] = ci end
+  while #pending > 0 and #shown < a.n do
+    local feasible, why = {}, {}
+    for k, ci in ipairs(pending) do
+      local v = blocked(a.cand[ci])
+      if v then why[k] = v else feasible[#feasible + 1] = k end
+    end
+    if #feasible == 0 then
+      for k, ci in ipairs(pending) do verdicts[ci] = why[k] end
+      pending = {}
+      break
+    end
+    local j, u = 1, a.u[#shown + 1]
+    if u and u < a.eps then j = math.min(math.floor(u / a.eps * #feasible) + 1, #feasible) end
+    local set = {}
+    for i, k in ipairs(feasible) do set[i] = pending[k] - 1 end
+    sets[#sets + 1] = set
+    local chosen, rest = feasible[j], {}
+    for k, ci in ipairs(pending) do
+      if k < chosen and why[k] then verdicts[ci] = why[k] elseif k ~= chosen then rest[#rest + 1] = ci end
+    end
+    take(pending[chosen])
+    pending = rest
+  end
+  for _, ci in ipairs(pending) do verdicts[ci] = 'cutoff' end
+end
 if #need > 0 then return {'need', need} end
 local fb = ''
 if #shown == 0 and a.fb ~= 0 then present(a.fb, a.fbcode); fb = 'fb' end

@@ -439,7 +439,7 @@ class DecisionEngine:
             _logging_policy(decision, [], [], 0.0)
             return None
         if contact is None or not observe:
-            ranked = select(candidates, channel, max_actions, funnel, epsilon, draws, sets)
+            ranked = select(candidates, channel, max_actions, funnel, epsilon, draws, sets if epsilon > 0 else None)
             if not ranked and fallback is not None:
                 ranked = [fallback_ranked(fallback, channel)]
             decision.actions = _exploring(ranked) if exploring else ranked
@@ -636,9 +636,12 @@ def _campaign_fields(decision: Decision) -> dict[str, str]:
 
 def _choice_fields(decision: Decision) -> dict[str, str]:
     """The decision stream's record of the logging policy (``engine.decision.choice``): ``probabilities``
-    (each presented action's at its slot; absent when not known), ``epsilon``, ``candidates`` (the walk's,
-    in ranked order: ``<action>:<value x weight>``) and ``choice_sets`` (per slot, the feasible candidates'
-    indexes, space-separated; slots separated by ``;``)."""
+    (each presented action's at its slot; absent when not known), ``epsilon``, and for an exploring
+    decision ``candidates`` (the walk's, in ranked order: ``<action>:<value x weight>``) and ``choice_sets``
+    (per slot, the feasible candidates' indexes, space-separated; slots separated by ``;``)."""
+    if decision.epsilon <= 0:
+        return {"epsilon": "0"} if decision.probabilities is None else {
+            "epsilon": "0", "probabilities": ",".join("1" for _ in decision.probabilities)}
     out = {"epsilon": f"{decision.epsilon:g}"}
     if decision.probabilities is not None:  # "" for a decision that showed nothing (probability 1)
         out["probabilities"] = ",".join(f"{p:.9g}" for p in decision.probabilities)
@@ -671,11 +674,14 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
     presented action's at its slot (1 for a fallback, which no draw chose); none when a Thompson sample
     (``sampled``) ranked, whose probabilities have no closed form."""
     decision.epsilon = epsilon
-    decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
-    decision.choice_sets = sets
     if sampled:
         decision.probabilities = None
         return
+    if epsilon <= 0:  # the ranking's choice at every slot (or the fallback): nothing more is logged
+        decision.probabilities = [1.0] * len(decision.actions)
+        return
+    decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
+    decision.choice_sets = sets
     index = {action_id: i for i, (action_id, _) in enumerate(decision.candidates)}
     decision.probabilities = []
     for slot, a in enumerate(decision.actions):
@@ -688,7 +694,7 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
         if at:
             a.reasons.append(f"exploring: drawn from the {len(sets[slot])} actions that could be shown "
                              f"(probability {p:.3f})")
-    if epsilon > 0 and sets:
+    if sets:
         decision.explored = True
         first = index.get(decision.actions[0].action_id) if decision.actions else None
         decision.explored_top = "same" if first == sets[0][0] else "changed"

@@ -142,7 +142,7 @@ def _one_seed(store, registry: ModelRegistry, rules: tuple, settings: CheckSetti
     for cand in candidates:
         slates: list[list[str]] = []
         rows = rows_for(logged, cand, model, SCHEMA, evaluated_rules.ruleset, slates)
-        est = estimate(rows, max_unsupported=1.0)
+        est = estimate(rows)
         out["candidates"][cand.name] = {"truth": round(true_value(slates), 2),
                                         **{k: est.get(k) for k in (*ESTIMATORS, "effective_sample_size")}}
     logger = 0.0
