@@ -94,9 +94,6 @@ def read_logged(client: Any, schema: FeatureSchema, ruleset: RuleSet, archive: P
     fingerprint = schema.fingerprint()
     width = len(model_input(schema).customer_features)
     window = window_days * 86_400.0
-    counts = {"decisions": 0, "control": 0, "no_probabilities": 0, "not_exploring": 0, "other_schema": 0,
-              "unknown_actions": 0,
-              "evaluated": 0}
     with Recorded(client, archive, since, until) as rec:
         rec.view(DECISIONS_STREAM, _COLUMNS, name="decisions")
         rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome", "ts"), name="responses", until="+")
@@ -105,23 +102,22 @@ def read_logged(client: Any, schema: FeatureSchema, ruleset: RuleSet, archive: P
 SELECT r.decision_id, r.action_id FROM responses r JOIN decisions d ON d.decision_id = r.decision_id
 WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= {window!r}""").fetchall():
             accepted.setdefault(did, set()).add(aid)
-        rows = rec.sql(f"SELECT {', '.join(chr(34) + c + chr(34) for c in _COLUMNS)} FROM decisions "
-                       "ORDER BY _ms, _seq, _shard").fetchall()
+        # only the exploring decisions come into Python; the others are counted where they are
+        kind = """CASE WHEN control = '1' THEN 'control' WHEN probabilities IS NULL OR coalesce(epsilon, '') = ''
+                  THEN 'no_probabilities' WHEN CAST(epsilon AS DOUBLE) <= 0 THEN 'not_exploring' ELSE 'read' END"""
+        counts = {"decisions": 0, "control": 0, "no_probabilities": 0, "not_exploring": 0, "other_schema": 0,
+                  "unknown_actions": 0, "evaluated": 0}
+        for name, n in rec.sql(f"SELECT {kind} AS kind, count(*) FROM decisions GROUP BY ALL").fetchall():
+            counts["decisions"] += n
+            if name != "read":
+                counts[name] = n
+        quoted = ", ".join(f'"{c}"' for c in _COLUMNS)
+        rows = rec.sql(f"SELECT {quoted} FROM decisions WHERE {kind} = 'read' ORDER BY _ms, _seq, _shard").fetchall()
     catalog = ruleset.by_id
     out: list[LoggedDecision] = []
     for row in rows:
         r = dict(zip(_COLUMNS, row))
-        counts["decisions"] += 1
-        if r["control"] == "1":
-            counts["control"] += 1
-            continue
         shown = [a for a in (r["actions"] or "").split(",") if a]
-        if r["probabilities"] is None or not r["epsilon"]:
-            counts["no_probabilities"] += 1
-            continue
-        if float(r["epsilon"]) <= 0:
-            counts["not_exploring"] += 1
-            continue
         names = [c.rpartition(":")[0] for c in r["candidates"].split(",")] if r["candidates"] else []
         sets = [[int(i) for i in s.split()] for s in r["choice_sets"].split(";") if s] if names else []
         if sets and (r["feature_schema"] != fingerprint or not r["features"]):
