@@ -50,13 +50,18 @@ def _weights(items: list[str]) -> dict[str, float]:
     return out
 
 
-def candidate_values(rules_dir: Path, live: RuleSet) -> dict[str, float]:
-    """The catalog values of the rule set in ``rules_dir``; refused when it adds actions the logs never saw."""
+def _ruleset(rules_dir: Path) -> RuleSet:
     from engine.rules.loader import load_rules
 
     ruleset, errors = load_rules(rules_dir)
     if ruleset is None:
         raise NbaError(f"{rules_dir}: " + "; ".join(str(e) for e in errors[:3]))
+    return ruleset
+
+
+def candidate_values(rules_dir: Path, live: RuleSet) -> dict[str, float]:
+    """The catalog values of the rule set in ``rules_dir``; refused when it adds actions the logs never saw."""
+    ruleset = _ruleset(rules_dir)
     new = sorted(set(ruleset.by_id) - set(live.by_id))
     if new:
         raise NbaError(f"{rules_dir} adds action(s) {', '.join(new)}: the recorded decisions never had them as "
@@ -73,12 +78,9 @@ def off_policy(cfg: Config, store: Any, candidates: list[tuple[str, LoadedModel 
     set of ``rules_dir`` (default: the configured one, the rules that decided)."""
     from engine.analytics.evaluate import Candidate, evaluate, read_logged
     from engine.models.registry import ModelRegistry
-    from engine.rules.loader import load_rules
 
     schema = domain_schema(cfg)
-    ruleset, errors = load_rules(rules_dir or cfg.rules_dir)
-    if ruleset is None:
-        raise NbaError(f"{rules_dir or cfg.rules_dir}: " + "; ".join(str(e) for e in errors[:3]))
+    ruleset = _ruleset(rules_dir or cfg.rules_dir)
     champion = ModelRegistry(cfg.models_dir, schema).load()
     logged = read_logged(store.client, schema, ruleset, archive, since, until, window_days)
     chosen = [Candidate("champion", champion)] + [
@@ -89,17 +91,11 @@ def off_policy(cfg: Config, store: Any, candidates: list[tuple[str, LoadedModel 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from engine.analytics.evaluate import format_evaluation
     from engine.models.registry import ModelRegistry
-    from engine.rules.loader import load_rules
 
     cfg = config_for(args)
     weights = _weights(args.weight)
     model = ModelRegistry(cfg.models_dir, domain_schema(cfg)).load(args.model) if args.model else None
-    values = None
-    if args.candidate_rules:
-        live, errors = load_rules(cfg.rules_dir)
-        if live is None:
-            raise NbaError(f"{cfg.rules_dir}: " + "; ".join(str(e) for e in errors[:3]))
-        values = candidate_values(Path(args.candidate_rules), live)
+    values = candidate_values(Path(args.candidate_rules), _ruleset(cfg.rules_dir)) if args.candidate_rules else None
     candidates = [("candidate", model, weights, values)] if (model or weights or values is not None) else []
     with open_store(cfg) as store:
         result = off_policy(cfg, store, candidates, args.since, args.until, archive_for(args, cfg), args.window_days)
@@ -117,9 +113,3 @@ def promotion_estimate(cfg: Config, version: str, days: float) -> dict:
     archive = archive_for(argparse.Namespace(archive=None, no_archive=False), cfg)
     with open_store(cfg) as store:
         return off_policy(cfg, store, [(version, model, {}, None)], since, "+", archive)
-
-
-def print_estimate(result: dict) -> None:
-    from engine.analytics.evaluate import format_evaluation
-
-    print(format_evaluation(result))

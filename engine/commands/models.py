@@ -52,7 +52,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _promote(cfg: Config, registry: ModelRegistry, version: str, force: bool = False, evaluate: bool = True) -> int:
-    from engine.commands.evaluate import print_estimate, promotion_estimate
+    from engine.analytics.evaluate import format_evaluation
+    from engine.commands.evaluate import promotion_estimate
     from engine.errors import NbaError
     from engine.models.experiment import ExperimentError, read_experiment
     from engine.models.registry import ModelRefused
@@ -66,10 +67,9 @@ def _promote(cfg: Config, registry: ModelRegistry, version: str, force: bool = F
     if (evaluate or gate.require != "none") and version != registry.champion() and version in registry.versions():
         try:
             result = promotion_estimate(cfg, version, gate.days)
-            print_estimate(result)
+            print(format_evaluation(result))
             entry = result["candidates"][-1]
             versus, size = entry.get("versus_champion"), entry.get("effective_sample_size")
-            why = entry.get("refused", "")
         except NbaError as exc:
             why = str(exc)
             print(f"no off-policy estimate: {exc}", file=sys.stderr)
