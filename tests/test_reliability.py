@@ -371,3 +371,21 @@ def test_a_retried_response_clears_the_trigger_its_first_call_did_not(redis_url:
         again = stub.RecordResponse(response, timeout=5)
         assert again.response_id == first_id
         assert not admin.hexists(triggers_key(cid), "callback_requested")
+
+
+def test_a_redis_server_killed_before_it_answered_is_started_again(tmp_path: Path) -> None:
+    """Between fork and exec the child runs the parent's fork handlers, and gRPC's can abort it while the
+    parent's gRPC threads are busy: a child that dies of a signal before answering is started again (here
+    a wrapper that aborts on its first start, then runs the real server)."""
+    from engine.store.redis_embedded import find_redis_server
+
+    marker = tmp_path / "aborted-once"
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = - ] && [ ! -e {marker} ] && touch {marker} && kill -ABRT $$\n"
+                       f"exec {find_redis_server()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "data", persist=False, binary=str(wrapper)).start()
+    try:
+        assert marker.exists() and redis.Redis.from_url(server.admin_url).ping()
+    finally:
+        server.stop()

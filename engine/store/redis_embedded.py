@@ -76,6 +76,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class _KilledAtStart(RuntimeError):
+    """The redis-server child died of a signal before it answered."""
+
+
 def die_with_parent() -> None:
     # Linux: the kernel sends SIGTERM to redis if our process dies without stopping it (kill -9),
     # so an embedded server is never left orphaned.
@@ -206,7 +210,16 @@ class EmbeddedRedis:
         try:
             self._password = embedded_password(self.data_dir)
             self._admin_password = embedded_password(self.data_dir, ADMIN_PASSWORD_FILE)
-            self._start(timeout)
+            for attempt in range(3):
+                try:
+                    self._start(timeout)
+                    break
+                except _KilledAtStart as exc:
+                    # between fork and exec the child runs the parent's fork handlers: gRPC's can abort it
+                    # while the parent's gRPC threads are busy (a test process, a CLI after serving)
+                    if attempt == 2:
+                        raise
+                    log.warning("%s; starting it again", exc)
         except BaseException:
             self._release_lock()
             raise
@@ -249,7 +262,8 @@ class EmbeddedRedis:
         while True:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {err.strip()}")
+                failed = _KilledAtStart if self.process.returncode < 0 else RuntimeError
+                raise failed(f"redis-server exited with {self.process.returncode}: {err.strip()}")
             try:
                 if client.ping():
                     break
