@@ -142,6 +142,9 @@ def test_the_commands_estimate_and_promotion_waits_for_the_gate(redis_url: str, 
     code, out, err = run_cli("models", "promote", twin, "--models-dir", str(registry_dir), *where)
     assert code == 1 and "promotion gate (above_champion)" in err and "+0.0..+0.0" in err, err
     assert f"{twin} (model {twin})" in out and registry.champion() == champion
+    code, _, err = run_cli("models", "promote", twin, "--force", "--models-dir", str(registry_dir), *where)
+    assert code == 0 and registry.champion() == twin and "promoted anyway (--force)" in err
+    registry.promote(champion)
     (registry.dir / "experiment.yaml").write_text("promotion:\n  require: not_below_champion\n")
     code, out, err = run_cli("models", "promote", twin, "--models-dir", str(registry_dir), *where)
     assert code == 0 and registry.champion() == twin, err

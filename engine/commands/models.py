@@ -73,7 +73,7 @@ def _promote(cfg: Config, registry: ModelRegistry, version: str, force: bool = F
         except NbaError as exc:
             why = str(exc)
             print(f"no off-policy estimate: {exc}", file=sys.stderr)
-    refusal = gate.verdict(versus, size)
+    refusal = None if version == registry.champion() else gate.verdict(versus, size)
     if refusal is not None:
         refusal = f"promotion gate ({gate.require}): {refusal}" + (f" ({why})" if why and versus is None else "")
         if not force:
