@@ -128,17 +128,20 @@ def test_the_fault_drill_reads_what_the_service_counted_dropping_from_its_metric
     both figures for that reason)."""
     import redis
     from prometheus_client import REGISTRY, generate_latest
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from engine.store.decision_log import DecisionLog
     from engine.store.redis_embedded import free_port
 
     faults = _faults(monkeypatch)
     before = faults.log_drops_in(generate_latest(REGISTRY).decode())
-    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.5)  # nothing listens there
+    # nothing listens there; no retries: redis-py's default ten, with backoff, can outlast close()'s wait
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     writer = DecisionLog(nowhere, linger=0.2)
     for i in range(3):
         writer.write({"decision_id": f"x{i}", "customer_id": "LOG-X"})
-    writer.close()
+    writer.close(timeout=30)
     after = faults.log_drops_in(generate_latest(REGISTRY).decode())
     assert after["decision_log"] - before["decision_log"] == 1
     assert after["decision_log_full"] == before["decision_log_full"]
