@@ -70,7 +70,6 @@ class LoggedDecision:
     customer: str
     reward: float
     probability: float
-    epsilon: float
     candidates: list[str]
     multipliers: np.ndarray
     sets: list[list[int]]
@@ -136,7 +135,7 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
         index = {a: i for i, a in enumerate(names)}
         out.append(LoggedDecision(
             decision_id=r["decision_id"], customer=r["customer_id"], reward=reward,
-            probability=math.prod(float(p) for p in r["probabilities"].split(",") if p), epsilon=float(r["epsilon"]),
+            probability=math.prod(float(p) for p in r["probabilities"].split(",") if p),
             candidates=names, multipliers=np.array([float(c.rpartition(":")[2]) for c in r["candidates"].split(",")])
             if names else np.empty(0), sets=sets, picks=[index[a] for a in shown[:len(sets)]], block=block,
             channel=r["channel"]))
@@ -147,32 +146,34 @@ WHERE r.outcome = 'accepted' AND CAST(r.ts AS DOUBLE) - CAST(d.ts AS DOUBLE) <= 
     return LoggedDecisions(out, counts, logged_value)
 
 
-class _Scores:
-    """A model's propensities for a decision's candidates, on the logged customer block and channel."""
-
-    def __init__(self, model: LoadedModel, schema: FeatureSchema, ruleset: RuleSet) -> None:
-        rows = model_input(schema)
-        self.rows = rows
-        self.catalog = {a.id: i for i, a in enumerate(ruleset.actions)}
-        table = rows.action_table(ruleset.actions, model.action_levels, model.levels.get("action_type"))
-        columns = row_columns(len(model.features)) if model.features else rows.row_features
-        self.scorer = model.scorer.bind(columns, table.rows)
-        self.adapter = rows.adapter(model.features, model.levels)
-
-    def __call__(self, d: LoggedDecision) -> np.ndarray:
-        if not d.candidates:
-            return np.empty(0)
-        x = self.rows.shared_row(d.block, d.channel)
-        idx = np.array([self.catalog[a] for a in d.candidates], dtype=np.int64)
-        return np.asarray(self.scorer.predict(x if self.adapter is None else self.adapter(x), idx), dtype=float)
+def scores(model: LoadedModel, logged: LoggedDecisions, schema: FeatureSchema, ruleset: RuleSet) -> list[np.ndarray]:
+    """``model``'s propensity of each logged decision's candidates, on its logged customer block and channel."""
+    rows = model_input(schema)
+    catalog = {a.id: i for i, a in enumerate(ruleset.actions)}
+    table = rows.action_table(ruleset.actions, model.action_levels, model.levels.get("action_type"))
+    scorer = model.scorer.bind(row_columns(len(model.features)) if model.features else rows.row_features, table.rows)
+    adapter = rows.adapter(model.features, model.levels)
+    out = []
+    for d in logged.decisions:
+        if not d.sets:
+            out.append(np.empty(0))
+            continue
+        x = rows.shared_row(d.block, d.channel)
+        idx = np.array([catalog[a] for a in d.candidates], dtype=np.int64)
+        out.append(np.asarray(scorer.predict(x if adapter is None else adapter(x), idx), dtype=float))
+    return out
 
 
-def _multiplier(candidate: Candidate, ruleset: RuleSet, action_id: str) -> float:
-    action = ruleset.by_id[action_id]
-    for key in (action.id, action.group, action.type):
-        if key in candidate.weights:
-            return candidate.weights[key]
-    return 1.0
+def _factors(candidate: Candidate, ruleset: RuleSet) -> dict[str, float]:
+    """Per action, what the candidate multiplies the logged value x weight by: its weight (by action id,
+    group or type, the first that names it) and its catalog value over the live one; NaN for an action
+    its catalog dropped (never picked)."""
+    out = {}
+    for a in ruleset.actions:
+        weight = next((candidate.weights[k] for k in (a.id, a.group, a.type) if k in candidate.weights), 1.0)
+        rescale = 1.0 if candidate.values is None else candidate.values.get(a.id, math.nan) / (a.value or 1.0)
+        out[a.id] = weight * rescale
+    return out
 
 
 def _greedy(priority: np.ndarray, feasible: list[int], names: list[str]) -> int:
@@ -180,14 +181,16 @@ def _greedy(priority: np.ndarray, feasible: list[int], names: list[str]) -> int:
     return min(feasible, key=lambda i: (-priority[i], names[i]))
 
 
-def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedModel, schema: FeatureSchema,
-             ruleset: RuleSet, slates: list[list[str]] | None = None) -> Logged:
+def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: tuple[LoadedModel, list[np.ndarray]],
+             schema: FeatureSchema, ruleset: RuleSet, slates: list[list[str]] | None = None) -> Logged:
     """The estimators' rows for ``candidate``: its probability of each logged slate, the logging
-    probability, the reward and the DR terms; ``slates`` receives the candidate's
-    slate of each decision (past its first departure from the log, approximated; [] for the fallback)."""
-    score = _Scores(candidate.model, schema, ruleset)
-    reward_model = score if champion.version == candidate.model.version else _Scores(champion, schema, ruleset)
-    groups = {a.id: a.group for a in ruleset.actions}
+    probability, the reward and the DR terms (``champion``: the reward model and its ``scores``);
+    ``slates`` receives the candidate's slate of each decision (past its first departure from the log,
+    approximated; [] for the fallback)."""
+    model, champion_p = champion
+    candidate_p = champion_p if candidate.model.version == model.version else scores(
+        candidate.model, logged, schema, ruleset)
+    factor = _factors(candidate, ruleset)
     n = len(logged.decisions)
     target, q_logged, q_target = np.zeros(n), np.zeros(n), np.zeros(n)
     for k, d in enumerate(logged.decisions):
@@ -196,15 +199,9 @@ def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedMode
             if slates is not None:
                 slates.append([])
             continue
-        p = score(d)
-        values = np.array([candidate.values.get(a, math.nan) if candidate.values is not None else 1.0
-                           for a in d.candidates])
-        logged_values = np.array([ruleset.by_id[a].value or 1.0 for a in d.candidates], dtype=float)
-        rescale = values / logged_values if candidate.values is not None else np.ones(len(d.candidates))
-        weight = np.array([_multiplier(candidate, ruleset, a) for a in d.candidates])
-        priority = np.where(np.isnan(rescale), -np.inf, p * d.multipliers * np.nan_to_num(rescale) * weight)
-        q = (reward_model(d) if reward_model is not score else p) * np.array(
-            [ruleset.by_id[a].value for a in d.candidates])
+        f = np.array([factor[a] for a in d.candidates])
+        priority = np.where(np.isnan(f), -np.inf, candidate_p[k] * d.multipliers * np.nan_to_num(f))
+        q = champion_p[k] * np.array([ruleset.by_id[a].value for a in d.candidates])
         q_logged[k] = float(q[d.picks].sum())
         # the candidate's slate along the logged feasible sets while it agrees with the log, then approximated
         picks: list[int] = []
@@ -218,10 +215,9 @@ def rows_for(logged: LoggedDecisions, candidate: Candidate, champion: LoadedMode
                 break
             choice = _greedy(priority, live, d.candidates)
             picks.append(choice)
-            if agree and choice != d.picks[slot]:
-                agree = False
-            taken = groups[d.candidates[choice]]
-            feasible = [i for i in feasible if i != choice and groups[d.candidates[i]] != taken]
+            agree = agree and choice == d.picks[slot]
+            taken = ruleset.by_id[d.candidates[choice]].group
+            feasible = [i for i in feasible if i != choice and ruleset.by_id[d.candidates[i]].group != taken]
         target[k] = 1.0 if agree and len(picks) == len(d.picks) else 0.0
         q_target[k] = float(q[picks].sum())
         if slates is not None:
@@ -239,7 +235,8 @@ def evaluate(logged: LoggedDecisions, candidates: Sequence[Candidate], champion:
                               + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in logged.counts.items())
                               + "): the logs support an estimate only where the decisions explored "
                               "(exploration strategy epsilon in experiment.yaml)")
-    rows = [rows_for(logged, c, champion, schema, ruleset) for c in candidates]
+    reward_model = (champion, scores(champion, logged, schema, ruleset))
+    rows = [rows_for(logged, c, reward_model, schema, ruleset) for c in candidates]
     out: dict = {"decisions": logged.counts, "logged_value": logged.logged_value, "per": per, "candidates": []}
     for c, r in zip(candidates, rows):
         entry = {"name": c.name, "model": c.model.version, **estimate(r, per)}

@@ -68,13 +68,29 @@ def _interval(v: np.ndarray, n: np.ndarray, per: float) -> dict:
     return {"value": round(per * r, 2), "ci95": [round(per * (r - half), 2), round(per * (r + half), 2)]}
 
 
+def _codes(logged: Logged) -> np.ndarray:
+    """Each row's customer as a cluster code."""
+    return np.unique(np.asarray(logged.customers), return_inverse=True)[1].ravel()
+
+
+def _weights(logged: Logged) -> np.ndarray:
+    return np.asarray(logged.target, dtype=float) / np.asarray(logged.propensities, dtype=float)
+
+
+def _dr_rows(logged: Logged, w: np.ndarray) -> np.ndarray | None:
+    """Each row's doubly robust term ``q_pi + w (r - q)``; None without reward estimates."""
+    if logged.q_logged is None or logged.q_target is None:
+        return None
+    r = np.asarray(logged.rewards, dtype=float)
+    return np.asarray(logged.q_target, dtype=float) + w * (r - np.asarray(logged.q_logged, dtype=float))
+
+
 def estimate(logged: Logged, per: float = 1000.0, max_unsupported: float = MAX_UNSUPPORTED) -> dict:
     """IPS, SNIPS and (with reward estimates) DR of the candidate's value per ``per`` decisions, each with a
     customer-clustered 95% CI; the effective sample size, and the support check."""
     rows = len(logged.rewards)
-    _, codes = np.unique(np.asarray(logged.customers), return_inverse=True)
-    codes = codes.ravel()
-    w = np.asarray(logged.target, dtype=float) / np.asarray(logged.propensities, dtype=float)
+    codes = _codes(logged)
+    w = _weights(logged)
     r = np.asarray(logged.rewards, dtype=float)
     ones = cluster_totals(np.ones(rows), codes)[0]
     out: dict = {"decisions": rows, "customers": len(ones), "per": per, "unit": "customer"}
@@ -87,8 +103,8 @@ def estimate(logged: Logged, per: float = 1000.0, max_unsupported: float = MAX_U
     out["effective_sample_size"] = round(float(w.sum() ** 2 / (w * w).sum()), 1) if (w * w).sum() else 0.0
     out["ips"] = _interval(cluster_totals(w * r, codes)[0], ones, per)
     out["snips"] = _interval(cluster_totals(w * r, codes)[0], cluster_totals(w, codes)[0], per)
-    if logged.q_logged is not None and logged.q_target is not None:
-        dr = np.asarray(logged.q_target, dtype=float) + w * (r - np.asarray(logged.q_logged, dtype=float))
+    dr = _dr_rows(logged, w)
+    if dr is not None:
         out["dr"] = _interval(cluster_totals(dr, codes)[0], ones, per)
     return out
 
@@ -97,17 +113,11 @@ def difference(candidate: Logged, baseline: Logged, per: float = 1000.0) -> dict
     """The candidate's value less the baseline's on the same logged decisions (rows aligned), by DR where
     both have reward estimates, else IPS, with a customer-clustered 95% CI: paired, so the decisions both
     policies would have taken alike cancel out."""
-    _, codes = np.unique(np.asarray(candidate.customers), return_inverse=True)
-    codes = codes.ravel()
+    codes = _codes(candidate)
     r = np.asarray(candidate.rewards, dtype=float)
-
-    def per_row(logged: Logged, dr: bool) -> np.ndarray:
-        w = np.asarray(logged.target, dtype=float) / np.asarray(logged.propensities, dtype=float)
-        if not dr:
-            return w * r
-        return np.asarray(logged.q_target, dtype=float) + w * (r - np.asarray(logged.q_logged, dtype=float))
-
-    dr = all(x.q_logged is not None and x.q_target is not None for x in (candidate, baseline))
-    v = per_row(candidate, dr) - per_row(baseline, dr)
+    wc, wb = _weights(candidate), _weights(baseline)
+    dc, db = _dr_rows(candidate, wc), _dr_rows(baseline, wb)
+    dr = dc is not None and db is not None
+    v = dc - db if dc is not None and db is not None else (wc - wb) * r
     return {"estimator": "dr" if dr else "ips",
             **_interval(cluster_totals(v, codes)[0], cluster_totals(np.ones(len(r)), codes)[0], per)}

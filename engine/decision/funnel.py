@@ -309,8 +309,8 @@ class DecisionEngine:
         x = rows.shared_row(rows.customer_block(profile, derived), req.channel)
         propensity = self._score(rules, model, x, admitted)
         shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
-        explore = self._explore(models, model, rules, req, admitted, propensity, now)
         exploration = exploration_of(models)
+        explore = self._explore(exploration, model, rules, req, admitted, propensity, now)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                   for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
@@ -366,11 +366,10 @@ class DecisionEngine:
             control=head["control"], model_role=head["role"], explored=head["explored"],
             interaction_id=req.interaction_id, repeat=True, preview=req.preview)
 
-    def _explore(self, models, model: LoadedModel, rules: CompiledRules, req: DecideInput, admitted: list[int],
+    def _explore(self, config: ExplorationConfig, model: LoadedModel, rules: CompiledRules, req: DecideInput, admitted: list[int],
                  propensity: np.ndarray, now: float) -> np.ndarray | None:
         """Ranking propensities blended with Thompson samples when this decision explores, else None.
         Never for the control group (unless configured) nor for a named ranking."""
-        config = exploration_of(models)
         if self.explorer is None or config.strategy != "thompson" or not config.enabled or req.ranking or not admitted:
             return None
         if not Explorer.explores(config, req.customer_id, now):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.analytics.evaluate import ESTIMATORS, Candidate, read_logged, rows_for
+from engine.analytics.evaluate import ESTIMATORS, Candidate, read_logged, rows_for, scores
 from engine.analytics.offpolicy import estimate
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
@@ -139,9 +139,10 @@ def _one_seed(store, registry: ModelRegistry, rules: tuple, settings: CheckSetti
             total += sum(q[a] for a in slate) if d.sets else q_shown[d.decision_id]  # as every policy would
         return 1000.0 * total / len(logged.decisions)
 
+    reward_model = (model, scores(model, logged, SCHEMA, evaluated_rules.ruleset))
     for cand in candidates:
         slates: list[list[str]] = []
-        rows = rows_for(logged, cand, model, SCHEMA, evaluated_rules.ruleset, slates)
+        rows = rows_for(logged, cand, reward_model, SCHEMA, evaluated_rules.ruleset, slates)
         est = estimate(rows)
         out["candidates"][cand.name] = {"truth": round(true_value(slates), 2),
                                         **{k: est.get(k) for k in (*ESTIMATORS, "effective_sample_size")}}
