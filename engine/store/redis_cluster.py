@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from engine.store.redis_acl import ADMIN_USER, REPLICA_USER, SERVICE_USER, hardening_directives, server_version, user_directives
-from engine.store.redis_embedded import die_with_parent, find_redis_server
+from engine.store.redis_embedded import find_redis_server, start_redis
 from engine.store.redis_tuning import encoding_directives
 
 
@@ -100,26 +100,11 @@ class LocalCluster:
                   f"logfile {(node_dir / 'redis.log').resolve()}\n"
                   + user_directives(self.service_password, self.password, version, self.replica_password)
                   + hardening_directives(version) + encoding_directives())
-        proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=die_with_parent)
-        assert proc.stdin is not None
-        proc.stdin.write(config.encode())
-        proc.stdin.close()
-        self.processes[port] = proc
-        deadline = time.monotonic() + 10
         client = self.node(port)
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"redis-server on {port} exited with {proc.returncode}: {err.strip()}")
-            try:
-                client.ping()
-                break
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {port} did not answer") from None
-                time.sleep(0.02)
-        client.close()
+        try:
+            self.processes[port] = start_redis([binary, "-"], config, client, 10.0, f"redis-server on {port}")
+        finally:
+            client.close()
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -76,10 +76,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class _KilledAtStart(RuntimeError):
-    """The redis-server child died of a signal before it answered."""
-
-
 def die_with_parent() -> None:
     # Linux: the kernel sends SIGTERM to redis if our process dies without stopping it (kill -9),
     # so an embedded server is never left orphaned.
@@ -88,6 +84,40 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def start_redis(argv: list[str], config: str, client: redis.Redis, timeout: float, name: str) -> subprocess.Popen:
+    """Start a redis-server (``argv`` reads the rest of its ``config`` from stdin, so no password is on the
+    command line, which every local user can read in /proc/<pid>/cmdline) and wait until ``client``'s PING
+    answers. A child killed by a signal before it answers is started again, twice at most: between fork and
+    exec it runs the parent's fork handlers, and gRPC's can abort it while the parent's gRPC threads are
+    busy (a test process, a CLI after serving)."""
+    for attempt in range(3):
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=die_with_parent)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(config.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it exited: reported below
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            try:
+                if client.ping():
+                    return proc
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{name} did not answer within {timeout}s")
+            time.sleep(0.02)
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        if proc.returncode >= 0 or attempt == 2:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {err}")
+        log.warning("%s was killed (%d) before it answered; starting it again: %s", name, proc.returncode, err)
+    raise AssertionError("unreachable")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -210,16 +240,7 @@ class EmbeddedRedis:
         try:
             self._password = embedded_password(self.data_dir)
             self._admin_password = embedded_password(self.data_dir, ADMIN_PASSWORD_FILE)
-            for attempt in range(3):
-                try:
-                    self._start(timeout)
-                    break
-                except _KilledAtStart as exc:
-                    # between fork and exec the child runs the parent's fork handlers: gRPC's can abort it
-                    # while the parent's gRPC threads are busy (a test process, a CLI after serving)
-                    if attempt == 2:
-                        raise
-                    log.warning("%s; starting it again", exc)
+            self._start(timeout)
         except BaseException:
             self._release_lock()
             raise
@@ -244,38 +265,13 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]
-        # "-": the rest of the configuration comes from stdin, so the password is never on the command
-        # line (which every local user can read in /proc/<pid>/cmdline)
-        self.process = subprocess.Popen(
-            [args[0], "-", *args[1:]], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent,
-        )
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.write((user_directives(self._password, self._admin_password, version)
-                                      + hardening_directives(version) + encoding_directives()).encode())
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass  # it exited: reported below
         client = redis_client(self.url, timeout=0.2)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                failed = _KilledAtStart if self.process.returncode < 0 else RuntimeError
-                raise failed(f"redis-server exited with {self.process.returncode}: {err.strip()}")
-            try:
-                if client.ping():
-                    break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                pass
-            except redis.exceptions.BusyLoadingError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
-            time.sleep(0.02)
-        client.close()
+        try:
+            self.process = start_redis([args[0], "-", *args[1:]], user_directives(
+                self._password, self._admin_password, version) + hardening_directives(version) + encoding_directives(),
+                client, timeout, f"redis-server on port {self.port}")
+        finally:
+            client.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (redis flushes its append-only file), then SIGKILL if it lingers."""
