@@ -5,7 +5,15 @@ for the plain trainer in ``models/training.py`` (labels: see that module's docst
 
 Per (decision, presented action): positive when an outcome of ``positive`` was recorded within the label
 window of the decision (the earliest such response decides it), negative when a ``rejected`` or ``ignored``
-response was, or the window has closed by ``as_of``; otherwise pending and left out. Customer blocks are
+response was, or the window has closed by ``as_of``; otherwise pending and left out.
+
+The *organic* arm (``arm="organic"``, ``nba train --uplift``: the second model of uplift arbitration) reads
+what was not shown: per exploring decision (``candidates`` and ``choice_sets`` logged, epsilon > 0) and
+each candidate that could have been shown at its first slot but was shown at no slot, positive when the
+customer took that action anyway, an ``offer_accepted`` event (``attr.action_id``) of the customer within
+the label window after the decision, negative once the window has closed without one. The logging
+policy's randomisation is what makes these rows an untreated arm of the same customers: which candidate
+was shown was drawn, not chosen by anything the outcome depends on beyond the logged features. Customer blocks are
 decoded in bulk (base64 in SQL, one ``numpy`` view of all of them); those logged under an older feature
 schema are read by name (``models/model_input.Adapter``), one by one.
 """
@@ -23,9 +31,12 @@ from engine.analytics.recorded import Recorded
 from engine.features import FeatureSchema
 from engine.models.model_input import Adapter, decode_block, model_input
 from engine.models.training import FINAL_NEGATIVE, POSITIVE, TrainingSet, read_feature_layouts
-from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
+from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, RESPONSES_STREAM
 
 _COLUMNS = ("decision_id", "ts", "channel", "feature_schema", "features", "actions", "types", "values", "campaigns")
+_CHOICE = ("customer_id", "epsilon", "candidates", "choice_sets")
+ORGANIC_EVENT = "offer_accepted"
+ARMS = ("treated", "organic")
 
 
 def _literals(items: Sequence[str]) -> str:
@@ -59,7 +70,8 @@ def from_streams(client: Any, schema: FeatureSchema, catalog: Sequence[str] = ()
                  as_of: float | None = None, positive: Sequence[str] = POSITIVE, decisions_stream: str | None = None,
                  responses_stream: str | None = None, campaigns: Sequence[str] = (),
                  campaign_weights: dict[str, float] | None = None, archive: Path | str | None = None,
-                 since: str = "-", until: str = "+") -> TrainingSet:
+                 since: str = "-", until: str = "+", arm: str = "treated",
+                 actions: dict[str, tuple[str, float]] | None = None) -> TrainingSet:
     """Training rows from the decisions recorded from ``since`` to ``until`` (stream ids or UTC days) and every
     response recorded (the archive at ``archive`` plus the streams' tails; without one, the streams).
     ``campaigns``: only the rows of actions presented for these campaigns (the decision stream's ``campaigns``
@@ -67,6 +79,9 @@ def from_streams(client: Any, schema: FeatureSchema, catalog: Sequence[str] = ()
     ("-" for no campaign; others weigh 1)."""
     import pyarrow as pa
 
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {arm!r}")
+    organic = arm == "organic"
     as_of = time.time() if as_of is None else as_of
     window = window_days * 86400.0
     fingerprint = schema.fingerprint()
@@ -75,7 +90,7 @@ def from_streams(client: Any, schema: FeatureSchema, catalog: Sequence[str] = ()
     only = sorted(set(campaigns))
     weights_given = dict(campaign_weights or {})
     with Recorded(client, archive, since, until) as rec:
-        rec.view(decisions_stream or DECISIONS_STREAM, _COLUMNS, name="decisions")
+        rec.view(decisions_stream or DECISIONS_STREAM, _COLUMNS + _CHOICE if organic else _COLUMNS, name="decisions")
         rec.view(responses_stream or RESPONSES_STREAM, ("decision_id", "action_id", "outcome", "ts"), name="responses",
                  until="+")  # the responses to those decisions come after them
         rec.sql(f"""
@@ -83,6 +98,7 @@ CREATE TEMP TABLE dec AS
 SELECT row_number() OVER (ORDER BY _ms, _seq, _shard) - 1 AS rn, coalesce(decision_id, '') AS did,
        CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) AS ts, coalesce(channel, '') AS channel,
        coalesce(feature_schema, '') AS fschema, features, actions, types, "values", campaigns
+       {", coalesce(customer_id, '') AS cust, candidates, choice_sets" if organic else ""}
 FROM decisions WHERE coalesce(actions, '') <> '' AND coalesce(features, '') <> '';
 CREATE TEMP TABLE outcomes AS
 SELECT coalesce(decision_id, '') AS did, coalesce(action_id, '') AS aid,
@@ -116,21 +132,26 @@ FROM responses GROUP BY ALL;
         weights = {k: float(v) for k, v in weights_given.items()}
         rec.con.register("weights", pa.table({"campaign": pa.array(list(weights), pa.string()),
                                               "weight": pa.array(list(weights.values()), pa.float64())}))
+        if organic:
+            _organic_rows(rec, window, as_of, actions or {})
+        else:
+            rec.sql(f"""
+    CREATE TEMP TABLE presented AS
+    WITH d AS (
+        SELECT rn, did, ts, channel, string_split(actions, ',') AS acts, string_split(coalesce(types, ''), ',') AS kinds,
+               string_split(coalesce("values", ''), ',') AS vals, string_split(coalesce(campaigns, ''), ',') AS tags
+        FROM dec WHERE rn NOT IN (SELECT rn FROM excluded)),
+    r AS (
+        SELECT rn, did, ts, channel, unnest(range(1, len(acts) + 1)) AS i, acts, kinds, vals, tags FROM d)
+    SELECT r.rn, r.i, r.did, r.ts, r.channel, r.acts[r.i] AS action,
+           CASE WHEN r.i <= len(r.kinds) THEN r.kinds[r.i] ELSE '' END AS kind,
+           CASE WHEN r.i <= len(r.vals) AND r.vals[r.i] <> '' THEN CAST(r.vals[r.i] AS DOUBLE) END AS value,
+           coalesce(nullif(CASE WHEN r.i <= len(r.tags) THEN r.tags[r.i] ELSE '' END, ''), '-') AS campaign,
+           CASE WHEN o.pos_ts IS NOT NULL AND o.pos_ts - r.ts <= {window!r} THEN 1.0
+                WHEN coalesce(o.neg, false) OR r.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
+    FROM r LEFT JOIN outcomes o ON o.did = r.did AND o.aid = r.acts[r.i];
+""")
         rec.sql(f"""
-CREATE TEMP TABLE presented AS
-WITH d AS (
-    SELECT rn, did, ts, channel, string_split(actions, ',') AS acts, string_split(coalesce(types, ''), ',') AS kinds,
-           string_split(coalesce("values", ''), ',') AS vals, string_split(coalesce(campaigns, ''), ',') AS tags
-    FROM dec WHERE rn NOT IN (SELECT rn FROM excluded)),
-r AS (
-    SELECT rn, did, ts, channel, unnest(range(1, len(acts) + 1)) AS i, acts, kinds, vals, tags FROM d)
-SELECT r.rn, r.i, r.did, r.ts, r.channel, r.acts[r.i] AS action,
-       CASE WHEN r.i <= len(r.kinds) THEN r.kinds[r.i] ELSE '' END AS kind,
-       CASE WHEN r.i <= len(r.vals) AND r.vals[r.i] <> '' THEN CAST(r.vals[r.i] AS DOUBLE) END AS value,
-       coalesce(nullif(CASE WHEN r.i <= len(r.tags) THEN r.tags[r.i] ELSE '' END, ''), '-') AS campaign,
-       CASE WHEN o.pos_ts IS NOT NULL AND o.pos_ts - r.ts <= {window!r} THEN 1.0
-            WHEN coalesce(o.neg, false) OR r.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
-FROM r LEFT JOIN outcomes o ON o.did = r.did AND o.aid = r.acts[r.i];
 CREATE TEMP TABLE kept AS
 SELECT * FROM presented WHERE {"campaign IN (" + _literals(only) + ")" if only else "true"} AND label IS NOT NULL;
 """)
@@ -177,8 +198,45 @@ ORDER BY k.rn, k.i""").to_arrow_table()  # to_arrow_table: the relation's, witho
     weighted = bool(weights_given) and bool((w != 1.0).any())
     return TrainingSet(x, y, t, levels, None, rows.column("did").to_pylist(),
                        summary={"source": "recorded decisions and responses", "label_window_days": window_days,
+                                **({"arm": "organic: candidates not shown; offer_accepted events"} if organic else {}),
                                 "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts,
                                 **({"campaigns": only} if only else {}),
                                 **({"campaign_weights": weights_given} if weighted else {})},
                        w=w if weighted else None, schema=schema)
 
+
+
+def _organic_rows(rec: Recorded, window: float, as_of: float, actions: dict[str, tuple[str, float]]) -> None:
+    """The ``presented`` table of the organic arm: per exploring decision, the first slot's feasible
+    candidates that no slot showed, labelled by the customer's ``offer_accepted`` events."""
+    import pyarrow as pa
+
+    rec.view(EVENTS_STREAM, ("event_id", "customer_id", "type", "ts", "attr.action_id"), name="events", until="+")
+    rec.con.register("catalog_rows", pa.table({
+        "action": pa.array(list(actions), pa.string()),
+        "kind": pa.array([k for k, _ in actions.values()], pa.string()),
+        "value": pa.array([float(v) for _, v in actions.values()], pa.float64())}))
+    rec.sql(f"""
+CREATE TEMP TABLE organic AS
+SELECT DISTINCT coalesce(customer_id, '') AS cust, coalesce("attr.action_id", '') AS action,
+       CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) AS ts
+FROM events WHERE type = '{ORGANIC_EVENT}';
+CREATE TEMP TABLE presented AS
+WITH d AS (
+    SELECT rn, did, ts, channel, cust, string_split(actions, ',') AS acts, string_split(candidates, ',') AS cands,
+           string_split(split_part(choice_sets, ';', 1), ' ') AS first
+    FROM dec WHERE rn NOT IN (SELECT rn FROM excluded) AND coalesce(candidates, '') <> ''
+      AND coalesce(choice_sets, '') <> ''),
+r AS (SELECT rn, did, ts, channel, cust, acts, cands, unnest(first) AS j FROM d),
+c AS (
+    SELECT rn, did, ts, channel, cust, CAST(j AS INTEGER) + 1 AS i,
+           split_part(cands[CAST(j AS INTEGER) + 1], ':', 1) AS action, acts
+    FROM r WHERE j <> ''),
+u AS (SELECT * FROM c WHERE NOT list_contains(acts, action)),
+hit AS (
+    SELECT u.rn, u.i FROM u JOIN organic o ON o.cust = u.cust AND o.action = u.action
+    WHERE o.ts > u.ts AND o.ts <= u.ts + {window!r} AND o.ts <= {as_of!r} GROUP BY ALL)
+SELECT u.rn, u.i, u.did, u.ts, u.channel, u.action, coalesce(k.kind, '') AS kind, k.value, '-' AS campaign,
+       CASE WHEN h.rn IS NOT NULL THEN 1.0 WHEN u.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
+FROM u LEFT JOIN hit h ON h.rn = u.rn AND h.i = u.i LEFT JOIN catalog_rows k ON k.action = u.action;
+""")

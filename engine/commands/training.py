@@ -48,6 +48,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window-days", type=float, default=7.0,
                    help="label window: an acceptance within it is positive; later, no acceptance is negative")
     p.add_argument("--as-of", type=float, help="epoch seconds that closes label windows (default: now)")
+    p.add_argument("--uplift", action="store_true",
+                   help="--from-stream: also train the organic model of uplift arbitration (what customers take "
+                   "without being shown it: exploring decisions' candidates joined with offer_accepted events)")
     p.add_argument("--export", metavar="FILE", help="also write the training set to FILE (CSV; .gz compresses)")
     p.add_argument("--export-only", action="store_true", help="write --export and stop")
     p.add_argument("--campaign", action="append", metavar="NAME",
@@ -69,8 +72,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="play the synthetic world on a private Redis: NBA vs rules-only, generic, "
                        "random, and oracles under the same and under no contact limits")
     paths(p)
-    p.add_argument("--world", choices=("realistic", "ideal"), default="realistic",
-                   help="realistic (unobserved traits, fatigue, holdings, late responses, drift, new actions) or ideal")
+    p.add_argument("--world", choices=("realistic", "uplift", "ideal"), default="realistic",
+                   help="realistic (unobserved traits, fatigue, holdings, late responses, drift, new actions), uplift "
+                   "(realistic plus sure things, sleeping dogs and organic purchases) or ideal")
     p.add_argument("--customers", type=int, default=1000, help="evaluated customers (the same for every policy)")
     p.add_argument("--rounds", type=int, default=8, help="rounds (simulated days)")
     p.add_argument("--seeds", type=int, default=5, help="world seeds (mean and 95%% CI over them)")
@@ -86,7 +90,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    "truth (one logged day per seed, five candidate policies; engine/sim/offpolicy_check.py)")
     p.add_argument("--trees", type=int, default=100, help="boosting rounds per training")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
-                   help="only these policies (nba rules_only generic random_eligible constrained_oracle oracle)")
+                   help="only these policies (nba rules_only generic random_eligible constrained_oracle oracle; "
+                   "the uplift world also nba_uplift uplift_oracle, and plays nba nba_uplift rules_only "
+                   "constrained_oracle uplift_oracle by default)")
     p.add_argument("--campaign", metavar="FILE", help="a campaign file: plan it on the evaluated customers (traffic "
                    "and model from the history), then play it over the simulated days; reports plan vs presented")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by policy, plus world, seeds, model")
@@ -126,20 +132,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.rules.runtime import load_and_compile
 
     cfg = config_for(args)
+    if args.uplift and not args.from_stream:
+        print("error: --uplift trains from recorded decisions and events: add --from-stream", file=sys.stderr)
+        return 2
     rules = load_and_compile(cfg.rules_dir)
+    organic = None
     try:
         data = _training_set(args, cfg, rules)
+        if data is not None and args.uplift:
+            organic = _organic_rows(args, cfg, rules, list(data.actions))
     finally:
         rules.close()
     if data is None:
         return 1
+    if organic is not None:
+        print("organic rows: " + ", ".join(f"{k} {v}" for k, v in organic.summary.items()
+                                           if not isinstance(v, (dict, list))) + f"; {len(organic)} labelled rows")
     print("training set: " + ", ".join(f"{k} {v}" for k, v in data.summary.items()
                                        if not isinstance(v, (dict, list))) + f"; {len(data)} labelled rows")
     if args.export:
         print(f"exported {training.export_csv(data, args.export)} rows to {args.export}")
     if args.export_only:
         return 0
-    return _train_and_register(args, cfg, rules.schema, data)
+    return _train_and_register(args, cfg, rules.schema, data, organic)
+
+
+def _organic_rows(args: argparse.Namespace, cfg: Config, rules: CompiledRules, levels: list[str]) -> TrainingSet:
+    """``nba train --from-stream --uplift``: the untreated arm (``training_rows``' organic rows)."""
+    from engine.analytics.training_rows import from_streams
+
+    with open_store(cfg) as store:
+        return from_streams(store.client, rules.schema, levels, args.window_days, args.as_of,
+                            archive=archive_for(args, cfg), since=args.since, until=args.until, arm="organic",
+                            actions={a.id: (a.type, a.value) for a in rules.ruleset.actions})
 
 
 def _training_set(args: argparse.Namespace, cfg: Config, rules: CompiledRules) -> TrainingSet | None:
@@ -208,7 +233,8 @@ def _synthetic_rows(args: argparse.Namespace, cfg: Config, ruleset: RuleSet) -> 
     return simulate_responses(generate(args.customers, args.world_seed), ruleset.actions)
 
 
-def _train_and_register(args: argparse.Namespace, cfg: Config, schema: FeatureSchema, data: TrainingSet) -> int:
+def _train_and_register(args: argparse.Namespace, cfg: Config, schema: FeatureSchema, data: TrainingSet,
+                        organic: TrainingSet | None = None) -> int:
     """Train on ``data``, store the model and promote it unless --no-promote or the champion does better."""
     from engine.models import training
     from engine.models.registry import ModelRegistry
@@ -216,7 +242,7 @@ def _train_and_register(args: argparse.Namespace, cfg: Config, schema: FeatureSc
     registry = ModelRegistry(cfg.models_dir, schema)
     try:
         version, metrics, promoted = training.train_and_register(
-            registry, data, args.rounds, promote="never" if args.no_promote else "if-better")
+            registry, data, args.rounds, promote="never" if args.no_promote else "if-better", organic=organic)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -231,7 +257,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs on a redis-server of its own (``engine.sim.simulate.private_store``), never on REDIS_URL's."""
     from engine.rules.errors import RuleErrors
     from engine.rules.loader import load_rules
-    from engine.sim.simulate import POLICIES, Settings, format_simulation, plot_curves, simulate, table
+    from engine.sim.simulate import POLICIES, UPLIFT_POLICIES, Settings, format_simulation, plot_curves, simulate, table
 
     cfg = config_for(args)
     campaign = ""
@@ -263,7 +289,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         seeds=tuple(range(args.seed, args.seed + args.seeds)),
                         history_customers=args.history_customers, history_days=args.history_days,
                         retrain=not args.no_retrain, explore=args.explore, trees=args.trees,
-                        policies=tuple(args.policies) if args.policies else POLICIES, campaign=campaign)
+                        policies=tuple(args.policies) if args.policies
+                        else UPLIFT_POLICIES if args.world == "uplift" else POLICIES, campaign=campaign)
     sim = simulate(ruleset, settings, progress=progress)
     if args.png:
         plot_curves(sim, args.png)

@@ -117,6 +117,8 @@ class Decision:
     candidates: list[tuple[str, float]] = field(default_factory=list)
     choice_sets: list[list[int]] = field(default_factory=list)
     probabilities: list[float] | None = field(default_factory=list)
+    # uplift arbitration: each admitted action's (P(take | shown), P(take | not shown)); empty otherwise
+    uplift: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class _Stages:
@@ -200,7 +202,9 @@ class DecisionEngine:
         models = models if models is not None else self.model.current
         rules = rules if rules is not None else self.rules.current
         for model in getattr(models, "models", (models,)):
-            self._scorer(rules, model)[0].warmup()
+            for half in (model, model.organic):
+                if half is not None:
+                    self._scorer(rules, half)[0].warmup()
 
     def _fetch(self, req: DecideInput, now: float, schema: FeatureSchema) -> tuple[Profile, dict[str, str], str | None]:
         """The profile (triggers active at ``now``) and, with an interaction id, what the interaction stored."""
@@ -311,6 +315,8 @@ class DecisionEngine:
         shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
         exploration = exploration_of(models)
         explore = self._explore(exploration, model, rules, req, admitted, propensity, now)
+        organic = (self._score(rules, model.organic, x, admitted)
+                   if getattr(models, "arbitration", "") == "uplift" and model.organic is not None else None)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                   for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
@@ -320,13 +326,18 @@ class DecisionEngine:
             cold_start=not profile.found, situations=sorted(outcome.situations), decided_at=now,
             funnel=funnel or [], model_role=role, features=x, schema=schema, interaction_id=req.interaction_id,
             preview=req.preview)
+        ranking = _uplift(decision, candidates, propensity, explore, organic) if organic is not None else None
         repeat = self._present(rules, decision, outcome, profile, candidates, propensity, req, max_actions,
                                funnel, stored, place, observe, explore, replace, degraded_by == "profile_store",
-                               exploration)
+                               exploration, ranking)
         if repeat is not None:  # a concurrent call of this interaction and placement decided first
             return self._repeat(rules, req, *interactions.read(repeat), now), None
         if decision.degraded and degraded_by is None:
             degraded_by = "contact_store"
+        for a in decision.actions:
+            if a.action_id in decision.uplift:
+                p, q = decision.uplift[a.action_id]
+                a.reasons.append(f"uplift arbitration: {p:.3f} if shown, {q:.3f} without")
         if explore is not None and not decision.control:
             decision.explored = True
             decision.explored_top = "same" if (order(candidates, propensity)[0][2].action.id
@@ -404,15 +415,19 @@ class DecisionEngine:
                  admitted: list[ActionVerdict], propensity: np.ndarray, req: DecideInput, max_actions: int,
                  funnel: list[FunnelEntry] | None, stored: dict[str, str], place: str, observe: bool,
                  explore: np.ndarray | None, replace: bool, store_down: bool,
-                 exploration: ExplorationConfig) -> str | None:
+                 exploration: ExplorationConfig, ranking: np.ndarray | None = None) -> str | None:
         """Order the candidates, drop those a contact policy forbids, then keep the top N, one per group,
         within budgets: atomically in Redis when contact policies are enforced. Fills ``decision`` (actions,
         control, degraded); returns the stored decision instead when a concurrent call of the same
-        interaction and placement decided first (``replace``: this decision replaces the stored one)."""
+        interaction and placement decided first (``replace``: this decision replaces the stored one).
+        ``ranking``: what the priority multiplies in place of the (blended) propensity (uplift arbitration)."""
         channel, now = req.channel, decision.decided_at
         contact = (rules.ruleset.contact or ContactRules()) if self.contacts else None
-        candidates, decision.control = self._order(contact, order(admitted, propensity, explore), req, profile, now,
+        ranked_by = ranking if ranking is not None else explore
+        candidates, decision.control = self._order(contact, order(admitted, propensity, ranked_by), req, profile, now,
                                                    funnel)
+        if ranking is not None and not decision.control:
+            candidates = _no_uplift(candidates, decision.uplift, funnel)
         if stored:
             candidates = _one_voice(candidates, interactions.tops(stored, place), req.interaction_id, funnel)
         candidates, played = campaign_stage(rules.ruleset, candidates, req.customer_id, funnel)
@@ -608,6 +623,7 @@ class DecisionEngine:
                 "model_role": decision.model_role,
                 "explored": "1" if decision.explored else "0",
                 **_choice_fields(decision),
+                **_uplift_fields(decision),
                 **({"shadow_model": decision.shadow_version,
                     "shadow_propensities": ",".join(f"{p:.5f}" for p in decision.shadow_propensities),
                     "shadow_top": decision.shadow_top} if decision.shadow_version else {}),
@@ -618,6 +634,45 @@ class DecisionEngine:
                 "ts": f"{decision.decided_at:.3f}",
                 **_campaign_fields(decision),
             })
+
+
+def _uplift(decision: Decision, admitted: list[ActionVerdict], propensity: np.ndarray, explore: np.ndarray | None,
+            organic: np.ndarray) -> np.ndarray:
+    """Uplift arbitration's ranking: P(take | shown) (blended with the Thompson sample when exploring) less
+    P(take | not shown), per admitted action; both kept with the decision."""
+    decision.uplift = {v.action.id: (p, q) for v, p, q in zip(admitted, propensity.tolist(), organic.tolist())}
+    return (propensity if explore is None else explore) - organic
+
+
+def _no_uplift(candidates: list, uplift: dict[str, tuple[float, float]], funnel: list[FunnelEntry] | None) -> list:
+    """Drop the offers whose estimated uplift is not above zero (stage ``no_uplift``): shown, they would
+    reach only customers who take them anyway, or push them away. Service actions stay."""
+    kept = []
+    for c in candidates:
+        p, q = uplift.get(c[2].action.id, (0.0, 0.0))
+        if c[0] > 0 or c[2].action.service:
+            kept.append(c)
+        elif funnel is not None:
+            funnel.append(FunnelEntry(c[2].action.id, "no_uplift", f"uplift arbitration: {p:.3f} if shown, "
+                                      f"{q:.3f} without: showing it gains nothing", p, c[0]))
+    return kept
+
+
+def _uplift_fields(decision: Decision) -> dict[str, str]:
+    """Uplift arbitration's record: ``arbitration``, each presented action's estimated uplift (``uplifts``,
+    aligned with ``actions``) and, when exploring, each candidate's (``candidate_uplifts``, aligned with
+    ``candidates``): what ``nba report``'s Qini curves rank by."""
+    if not decision.uplift:
+        return {}
+
+    def gain(action_id: str) -> str:
+        p, q = decision.uplift.get(action_id, (0.0, 0.0))
+        return f"{p - q:.6g}"
+
+    out = {"arbitration": "uplift", "uplifts": ",".join(gain(a.action_id) for a in decision.actions)}
+    if decision.candidates:
+        out["candidate_uplifts"] = ",".join(gain(a) for a, _ in decision.candidates)
+    return out
 
 
 def _campaign_fields(decision: Decision) -> dict[str, str]:

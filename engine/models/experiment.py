@@ -16,6 +16,13 @@ challenger and an exploration strategy (format in ``models/README.md``)::
       prior_mean: 0.1                    # Beta prior per action: mean and strength (pseudo-decisions)
       prior_strength: 20
       control: false                     # the control group never explores unless this is true
+    arbitration: propensity              # propensity | uplift (below)
+
+``arbitration: uplift`` ranks by expected *incremental* value, (P(take | shown) - P(take | not shown)) x
+value x weight, with the two models of a version trained by ``nba train --uplift`` (``organic.txt``
+beside ``model.txt``), and drops offers whose estimate is not above zero (an offer that only reaches
+customers who would buy anyway, or that pushes them away, earns nothing or less). Every model it names
+must carry its organic half, or the file is refused and the running set stays.
 
 Customers are split by a stable hash of their id (the same customer always lands on the same side of
 a given challenger), so one customer never flips between models from one decision to the next.
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "experiment.yaml"
 MODES = ("split", "shadow")
 STRATEGIES = ("none", "thompson", "epsilon")
+ARBITRATIONS = ("propensity", "uplift")
 
 
 def bucket(customer_id: str, salt: str) -> float:
@@ -118,6 +126,7 @@ class Experiment:
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     fingerprint: str = ""
     promotion: PromotionGate = field(default_factory=PromotionGate)
+    arbitration: str = "propensity"
 
 
 def _number(section: str, data: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -146,7 +155,10 @@ def parse_experiment(text: str) -> Experiment:
     # RecursionError: nested too deeply for the parser; ValueError: a date that is none (2026-13-01)
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise ExperimentError(f"not valid YAML: {exc}") from exc
-    data = _keys("experiment.yaml", data, {"challenger", "exploration", "promotion"})
+    data = _keys("experiment.yaml", data, {"challenger", "exploration", "promotion", "arbitration"})
+    arbitration = data.get("arbitration", "propensity")
+    if arbitration not in ARBITRATIONS:
+        raise ExperimentError(f"arbitration: must be one of {', '.join(ARBITRATIONS)}, got {arbitration!r}")
     challenger = None
     c = _keys("challenger", data.get("challenger"), {"version", "mode", "share"})
     if c:
@@ -181,7 +193,7 @@ def parse_experiment(text: str) -> Experiment:
         raise ExperimentError(f"promotion.require: must be one of {', '.join(GATES)}, got {require!r}")
     gate = PromotionGate(require, _number("promotion", g, "days", 30.0, 1 / 24, 3660.0),
                          _number("promotion", g, "min_effective_sample_size", 100.0, 0.0, 1e12))
-    return Experiment(challenger, exploration, hashlib.sha256(text.encode()).hexdigest()[:12], gate)
+    return Experiment(challenger, exploration, hashlib.sha256(text.encode()).hexdigest()[:12], gate, arbitration)
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,7 @@ class ModelSet:
     share: float = 0.0
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     experiment: str = ""  # fingerprint of experiment.yaml ("" without one)
+    arbitration: str = "propensity"  # propensity | uplift (every model then has its ``organic`` half)
 
     @property
     def version(self) -> str:
@@ -224,6 +237,8 @@ class ModelSet:
                 f" {self.share:.0%})" if self.mode == "split" else ")")
         if self.exploration.enabled:
             text += f", exploration {self.exploration.strategy} {self.exploration.share:.0%}"
+        if self.arbitration != "propensity":
+            text += f", {self.arbitration} arbitration"
         return text
 
 
@@ -262,7 +277,13 @@ def load_model_set(registry: ModelRegistry, previous: ModelSet | None = None,
         except ModelRefused as exc:
             raise ModelRefused(f"challenger refused: {exc}") from exc
         mode, share = experiment.challenger.mode, experiment.challenger.share
-    return ModelSet(champion, challenger, mode, share, experiment.exploration, experiment.fingerprint)
+    if experiment.arbitration == "uplift":
+        for model in (champion, challenger):
+            if model is not None and model.organic is None:
+                raise ExperimentError(f"arbitration: uplift needs models trained with `nba train --uplift`; "
+                                      f"{model.version} has no organic model (organic.txt)")
+    return ModelSet(champion, challenger, mode, share, experiment.exploration, experiment.fingerprint,
+                    experiment.arbitration)
 
 
 class ModelWatcher:
@@ -310,7 +331,8 @@ class ModelWatcher:
                 return False
             old = self.current()
             if (new.champion is old.champion and new.challenger is old.challenger and new.mode == old.mode
-                    and new.share == old.share and new.exploration == old.exploration):
+                    and new.share == old.share and new.exploration == old.exploration
+                    and new.arbitration == old.arbitration):
                 return False
             self.swap(new)
             self.last_error = None

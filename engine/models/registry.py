@@ -64,6 +64,9 @@ class LoadedModel:
     feature_schema: str = ""  # the fingerprint of the feature schema it was trained on
     features: tuple[str, ...] = ()  # its input columns by name (schema.json); () for the live schema's own
     levels: dict[str, list[str]] = field(default_factory=dict)  # categorical feature -> its codes' levels
+    # uplift arbitration's second model (``nba train --uplift``): the probability of taking an action
+    # without being shown it; None for a propensity-only version
+    organic: LoadedModel | None = None
 
 
 def live_schema(features: FeatureSchema) -> dict:
@@ -132,15 +135,21 @@ class ModelRegistry:
         self.dir = Path(root) / name
         self.schema = schema
 
-    def save(self, model_text: str, actions: list[str], metrics: dict, summary: dict) -> str:
-        """Store a trained model as a new version (not yet champion); returns the version."""
+    def save(self, model_text: str, actions: list[str], metrics: dict, summary: dict,
+             organic: tuple[str, dict, dict] | None = None) -> str:
+        """Store a trained model as a new version (not yet champion); returns the version. ``organic``:
+        the uplift model's untreated half (model text, metrics, training summary), in ``organic.txt``."""
         version = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + f"{time.time_ns() % 1000000:06d}"
         target = self.dir / version
         target.mkdir(parents=True)
         (target / "model.txt").write_text(model_text)
         schema = live_schema(self.schema) | {"actions": actions}
         (target / "schema.json").write_text(json.dumps(schema, indent=2))
-        (target / "metrics.json").write_text(json.dumps({"metrics": metrics, "training": summary}, indent=2))
+        record: dict = {"metrics": metrics, "training": summary}
+        if organic is not None:
+            (target / "organic.txt").write_text(organic[0])
+            record["organic"] = {"metrics": organic[1], "training": organic[2]}
+        (target / "metrics.json").write_text(json.dumps(record, indent=2))
         return version
 
     def versions(self) -> list[str]:
@@ -194,20 +203,31 @@ class ModelRegistry:
         mismatch = schema_mismatch(schema, self.schema)
         if mismatch is not None:
             raise ModelRefused(f"{folder}: {mismatch}")
-        try:
-            scorer = CompiledModel.from_file(folder / "model.txt")
-        except Exception as exc:  # LightGBM raises its own error types for corrupt files
-            raise ModelRefused(f"{folder / 'model.txt'}: not a usable LightGBM model: {exc}") from exc
-        if scorer.num_features != len(schema["features"]):
-            raise ModelRefused(f"{folder}: model.txt has {scorer.num_features} features, schema.json "
-                               f"{len(schema['features'])}")
-        if not scorer.probabilities:
-            raise ModelRefused(f"{folder}: objective {scorer.objective!r} does not score probabilities; "
-                               "a propensity model is binary")
-        scorer.warmup()
         actions = tuple(schema.get("actions", ()))
-        # Compile the decision kernels and build their layout now, never on a customer's request.
-        columns = row_columns(len(schema["features"]))
-        scorer.bind(columns, np.zeros((1, len(columns)))).warmup()
-        return LoadedModel(version, scorer, actions, time.time(), self.metrics(version).get("metrics", {}),
-                           str(schema["feature_schema"]), tuple(schema["features"]), dict(schema["levels"]))
+        record = self.metrics(version)
+        organic = None
+        if (folder / "organic.txt").is_file():
+            organic = LoadedModel(f"{version}+organic", _compiled(folder / "organic.txt", schema), actions, time.time(),
+                                  record.get("organic", {}).get("metrics", {}), str(schema["feature_schema"]),
+                                  tuple(schema["features"]), dict(schema["levels"]))
+        return LoadedModel(version, _compiled(folder / "model.txt", schema), actions, time.time(),
+                           record.get("metrics", {}), str(schema["feature_schema"]), tuple(schema["features"]),
+                           dict(schema["levels"]), organic)
+
+
+def _compiled(path: Path, schema: dict) -> CompiledModel:
+    """A model file compiled for scoring, its decision kernels warmed up (never on a customer's request)."""
+    try:
+        scorer = CompiledModel.from_file(path)
+    except Exception as exc:  # LightGBM raises its own error types for corrupt files
+        raise ModelRefused(f"{path}: not a usable LightGBM model: {exc}") from exc
+    if scorer.num_features != len(schema["features"]):
+        raise ModelRefused(f"{path.parent}: {path.name} has {scorer.num_features} features, schema.json "
+                           f"{len(schema['features'])}")
+    if not scorer.probabilities:
+        raise ModelRefused(f"{path.parent}: objective {scorer.objective!r} does not score probabilities; "
+                           "a propensity model is binary")
+    scorer.warmup()
+    columns = row_columns(len(schema["features"]))
+    scorer.bind(columns, np.zeros((1, len(columns)))).warmup()
+    return scorer

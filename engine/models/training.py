@@ -308,15 +308,24 @@ def champion_on_holdout(registry, data: TrainingSet) -> dict | None:
     return out
 
 
-def train_and_register(registry, data: TrainingSet, rounds: int = 200, promote: str = "if-better"
-                       ) -> tuple[str, dict, bool]:
+def train_and_register(registry, data: TrainingSet, rounds: int = 200, promote: str = "if-better",
+                       organic: TrainingSet | None = None) -> tuple[str, dict, bool]:
     """Fit, compare with the champion on the same holdout, store; promote "always", "never" or
-    "if-better" (no champion, or holdout AUC at least the champion's). Returns (version, metrics, promoted)."""
+    "if-better" (no champion, or holdout AUC at least the champion's). Returns (version, metrics, promoted).
+    ``organic``: the untreated rows of uplift arbitration (``arm="organic"``), fitted as the version's
+    second model; its action levels must begin with ``data``'s."""
     booster, metrics, summary = fit(data, rounds)
     champion = champion_on_holdout(registry, data)
     if champion is not None:
         metrics["champion"] = champion
-    version = registry.save(booster.model_to_string(), list(data.actions), metrics, summary)
+    levels, second = list(data.actions), None
+    if organic is not None:
+        if list(organic.actions[: len(levels)]) != levels:
+            raise ValueError("the organic rows' action levels must begin with the treated rows'")
+        organic_booster, organic_metrics, organic_summary = fit(organic, rounds)
+        levels, second = list(organic.actions), (organic_booster.model_to_string(), organic_metrics, organic_summary)
+        metrics["organic"] = organic_metrics
+    version = registry.save(booster.model_to_string(), levels, metrics, summary, organic=second)
     better = (champion is None or "holdout_auc" not in champion or champion["holdout_auc"] is None
               or (metrics["holdout_auc"] or 0) >= champion["holdout_auc"])
     promoted = promote == "always" or (promote == "if-better" and better)

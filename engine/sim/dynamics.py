@@ -18,6 +18,11 @@ current state. This module moves that state as a simulation runs, for one popula
 - **New actions.** Some catalog actions go live only from a later round, with no history.
 - **Uneven activity.** Each customer interacts on a given day with their own probability
   (Beta-distributed), on a channel of the channel mix.
+- **Organic purchases** (the uplift world only). On each day a customer interacts, every action the
+  decision did not show them may be taken anyway, with the organic probability of ``engine.sim.world``
+  (``organic_shift``; drift applies, contact fatigue does not: nobody tires of not being contacted). It
+  changes the customer as an accepted offer does, and is reported to the engine as an ``offer_accepted``
+  event (``attr.action_id``) with the same shares and delays as reported acceptances (some never are).
 
 The ideal world has none of these: every customer decides every day, responses arrive at once and
 are all reported, nobody tires or changes.
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from engine.sim.telco import ACTION_TYPES, CATEGORICAL, CHANNELS, NUMERIC, SETS
-from engine.sim.world import ActionLike, World, true_logits
+from engine.sim.world import ActionLike, World, organic_shift, true_logits
 from engine.store.profiles import Profile
 
 DAY = 86_400.0
@@ -95,6 +100,7 @@ class Realism:
     drift_at: float  # share of the run after which the drift holds
     new_actions: tuple[str, ...]  # go live mid-run
     new_actions_at: float  # share of the run after which they are live
+    organic: bool = False  # customers take actions they were not shown (``organic_shift``)
 
 
 REALISTIC = Realism("realistic", activity=(1.2, 1.8), fatigue_per_impression=0.3, fatigue_days=7.0,
@@ -103,7 +109,8 @@ REALISTIC = Realism("realistic", activity=(1.2, 1.8), fatigue_per_impression=0.3
 IDEAL = Realism("ideal", activity=None, fatigue_per_impression=0.0, fatigue_days=7.0, holdings_change=False,
                 accepted_now=1.0, accepted_late=0.0, late_days=0.0, rejected=0.3, ignored=0.7, drift_shift=0.0,
                 drift_at=1.0, new_actions=(), new_actions_at=1.0)
-REALISM = {"realistic": REALISTIC, "ideal": IDEAL}
+UPLIFT = replace(REALISTIC, name="uplift", organic=True)
+REALISM = {"realistic": REALISTIC, "uplift": UPLIFT, "ideal": IDEAL}
 
 
 def event_round(rounds: int, at: float) -> int | None:
@@ -144,6 +151,12 @@ class Draws:
     accept: np.ndarray  # (rounds, n) uniform: accepted when below the true probability
     outcome: np.ndarray  # (rounds, n) uniform: which response (and whether reported)
     delay: np.ndarray  # (rounds, n) uniform: when a late response lands
+    seed: int = 0
+
+    def organic(self, r: int, actions: int) -> np.ndarray:
+        """(n, actions) uniforms of round ``r``: the action is taken organically when below its organic
+        probability (a stream of its own: the other draws are those of the worlds without it)."""
+        return np.random.default_rng([self.seed, 0x0E6A, r]).random((self.active.shape[1], actions))
 
     @classmethod
     def draw(cls, n: int, rounds: int, seed: int, realism: Realism) -> Draws:
@@ -155,7 +168,7 @@ class Draws:
             active = rng.random((rounds, n)) < rate
         mix = np.array([CHANNEL_MIX.get(ch, 0.0) for ch in CHANNELS])
         channel = rng.choice(len(CHANNELS), size=(rounds, n), p=mix / mix.sum())
-        return cls(active, channel, rng.random((rounds, n)), rng.random((rounds, n)), rng.random((rounds, n)))
+        return cls(active, channel, rng.random((rounds, n)), rng.random((rounds, n)), rng.random((rounds, n)), seed)
 
 
 @dataclass
@@ -243,6 +256,16 @@ class Population:
         p = 1.0 / (1.0 + np.exp(-logit))
         if self.realism.holdings_change:
             p[self.taken[i, k]] = 0.0
+        return p
+
+    def organic_probability(self, i: int, channel: int, now: float, drifted: bool) -> np.ndarray:
+        """Per catalog action: the probability that customer ``i`` takes it now without being shown it."""
+        k = np.arange(len(self.actions))
+        logit = self.logits[i, k, channel] + organic_shift(self.world, np.full(len(k), i), self.types)
+        if drifted and self.drift is not None and self.world.categorical["segment"][i] == self.drift.segment:
+            logit += self.drift.shift * ((self.types == self.drift.up).astype(float) - (self.types == self.drift.down))
+        p = 1.0 / (1.0 + np.exp(-logit))
+        p[self.taken[i]] = 0.0
         return p
 
     def presented(self, i: int, action_id: str, now: float) -> None:

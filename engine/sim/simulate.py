@@ -36,6 +36,20 @@ two populations and every random draw):
 - ``oracle``: the same ranking with contact policies and budgets off (rules still decide eligibility):
   a reference, not a bound any policy can reach.
 
+In the ``uplift`` world (sure things and sleeping dogs, organic purchases: ``engine.sim.world``) two more:
+
+- ``nba_uplift``: the service with ``arbitration: uplift``: the same models' version, trained on the same
+  rows, ranks by (P(take | shown) - P(take | not shown)) x value x levers and drops offers estimated to
+  gain nothing. There the history explores with epsilon 1 (each slot drawn uniformly from what could be
+  shown: the same random admitted action, now with its candidates and probabilities logged) and both
+  ``nba`` and ``nba_uplift`` explore with epsilon ``explore`` (Thompson sampling logs no candidates), so
+  every training has its untreated rows: the candidates not shown, labelled by ``offer_accepted`` events.
+- ``uplift_oracle``: knows the truth and ranks by true incremental value, through the same limits.
+
+There every row also counts *incremental value*: per presented action, value x (taken when shown - taken
+without it), both outcomes from the same uniform draw (the customer's potential outcomes, coupled), so a
+sure thing's acceptance counts 0 and a sleeping dog's lost purchase counts minus its value.
+
 **Counting.** Every row counts the same customers: those outside the control group (the control
 group's customers are simulated in every run, and excluded from every row). Value is the value of
 accepted actions when the customer accepts, whether or not the acceptance is ever reported.
@@ -59,12 +73,13 @@ import numpy as np
 
 from engine.analytics.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.analytics.report import build_report
-from engine.analytics.training_rows import from_streams
+from engine.analytics.training_rows import ORGANIC_EVENT, from_streams
 from engine.config import DEMO_CUSTOMERS
 from engine.decision.funnel import DecisionEngine
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
 from engine.errors import NbaError
+from engine.events.processor import EventProcessor
 from engine.live import Live
 from engine.models.experiment import ExplorationConfig, ModelSet
 from engine.models.exploration import ExplorationCounts, Explorer
@@ -82,6 +97,8 @@ from engine.store.redis_embedded import EmbeddedRedis
 log = logging.getLogger(__name__)
 
 POLICIES = ("nba", "rules_only", "generic", "random_eligible", "constrained_oracle", "oracle")
+UPLIFT_POLICIES = ("nba", "nba_uplift", "rules_only", "constrained_oracle", "uplift_oracle")
+LEARNING = ("nba", "nba_uplift")  # the service's own policies: trained, retrained, exploring
 SIM_START = datetime(2030, 1, 7, tzinfo=UTC).timestamp()  # a Monday, midnight UTC
 DAY_OPENS, DAY_HOURS = 9 * 3600.0, 10.0 * 3600.0  # decisions from 09:00 to 19:00 (no quiet hours)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -120,9 +137,11 @@ class Settings:
             raise SimulationError("at least one world seed is needed")
         if not 0.0 <= self.explore <= 1.0:
             raise SimulationError(f"explore must be a share from 0 to 1, got {self.explore}")
-        unknown = set(self.policies) - set(POLICIES)
+        known = POLICIES + UPLIFT_POLICIES if self.realism.organic else POLICIES
+        unknown = set(self.policies) - set(known)
         if unknown:
-            raise SimulationError(f"unknown policies {', '.join(sorted(unknown))} (known: {', '.join(POLICIES)})")
+            raise SimulationError(f"unknown policies {', '.join(sorted(unknown))} in the {self.world} world "
+                                  f"(known: {', '.join(dict.fromkeys(known))})")
 
 
 @dataclass
@@ -140,10 +159,16 @@ class PolicyRun:
     control_decisions: int = 0  # the control group's (not counted above)
     control_value: float = 0.0
     campaign_presented: dict[str, int] = field(default_factory=dict)  # campaign -> presentations (every customer)
+    incremental: float = 0.0  # uplift world: value x (taken when shown - taken without), presented actions
+    organic: int = 0  # uplift world: actions customers took without being shown them
 
     @property
     def per_1000(self) -> float:
         return 1000.0 * self.value / self.decisions if self.decisions else 0.0
+
+    @property
+    def incremental_per_1000(self) -> float:
+        return 1000.0 * self.incremental / self.decisions if self.decisions else 0.0
 
 
 @dataclass
@@ -207,11 +232,13 @@ class _Play:
                  engine: DecisionEngine, ranking: str, recorder: ResponseRecorder | None, start: float,
                  counted: Callable[[str], bool], new_actions: Sequence[str] = (), new_round: int | None = None,
                  full_rules: CompiledRules | None = None, drift_round: int | None = None,
-                 truth: dict[tuple[str, str], tuple[float, float]] | None = None) -> None:
+                 truth: dict[tuple[str, str], tuple[float, float]] | None = None,
+                 events: EventProcessor | None = None) -> None:
         self.store, self.pop, self.draws, self.clock = store, pop, draws, clock
         self.engine, self.ranking, self.recorder, self.start = engine, ranking, recorder, start
         self.counted, self.new_actions, self.new_round = counted, frozenset(new_actions), new_round
-        self.full_rules, self.drift_round, self.truth = full_rules, drift_round, truth
+        self.full_rules, self.drift_round, self.truth, self.events = full_rules, drift_round, truth, events
+        self._organic_u: tuple[int, np.ndarray] | None = None
         self.pending: list[tuple[float, int, int, str, str, str, bool]] = []
         self._seq = 0
         self.run = PolicyRun()
@@ -229,6 +256,21 @@ class _Play:
         return [cand for _, cand in sorted(zip((p[k] * cands[k][2].action.value for k in range(len(cands))), cands),
                                            key=lambda s: (-s[0], s[1][2].action.id))]
 
+    def uplift_oracle(self, cands: list, req: DecideInput, profile, now: float) -> list:
+        """Ranked by true incremental value; offers that gain nothing dropped."""
+        i, c = self.pop.row(req.customer_id), CHANNELS.index(req.channel)
+        ids = [v.action.id for _, _, v in cands]
+        p = self.pop.probability(i, ids, c, now, self.drifted)
+        q = self.pop.organic_probability(i, c, now, self.drifted)[[self.pop.index[a] for a in ids]]
+        gain = [(p[k] - q[k]) * cands[k][2].action.value for k in range(len(cands))]
+        return [cand for g, cand in sorted(zip(gain, cands), key=lambda s: (-s[0], s[1][2].action.id))
+                if g > 0 or cand[2].action.service]
+
+    def _organic(self, r: int) -> np.ndarray:
+        if self._organic_u is None or self._organic_u[0] != r:
+            self._organic_u = (r, self.draws.organic(r, len(self.pop.actions)))
+        return self._organic_u[1]
+
     def _push(self, at: float, i: int, decision_id: str, action_id: str, outcome: str, report: bool) -> None:
         self._seq += 1
         heapq.heappush(self.pending, (at, self._seq, i, decision_id, action_id, outcome, report))
@@ -237,6 +279,14 @@ class _Play:
         """Responses and acceptances that land by ``now``."""
         while self.pending and self.pending[0][0] <= now:
             at, _, i, decision_id, action_id, outcome, report = heapq.heappop(self.pending)
+            if outcome == "organic":
+                if report and self.events is not None:
+                    self.events.publish(f"organic-{i}-{action_id}-{at:.0f}", customer_id(i, self.pop.world.prefix),
+                                        ORGANIC_EVENT, {"action_id": action_id}, ts=at, source="simulation")
+                changed = self.pop.apply(i, action_id)
+                if changed is not None:
+                    self.store.save([changed], SCHEMA)
+                continue
             if report and self.recorder is not None:
                 try:
                     self.recorder.record(decision_id, action_id, outcome, ts=at)
@@ -273,6 +323,7 @@ class _Play:
                 run.round_decisions[r] += 1
             else:
                 run.control_decisions += 1
+            organic = pop.organic_probability(i, c, now, self.drifted) if realism.organic else None
             for a in d.actions:
                 if a.campaign:
                     run.campaign_presented[a.campaign] = run.campaign_presented.get(a.campaign, 0) + 1
@@ -284,6 +335,9 @@ class _Play:
                 if self.recorder is not None and channel in self.on_impression:
                     self.recorder.record(d.decision_id, a.action_id, "impression", ts=now + 1.0)
                 accepted = bool(draws.accept[r, i] < p)
+                if organic is not None and counted:
+                    anyway = bool(draws.accept[r, i] < organic[pop.index[a.action_id]])
+                    run.incremental += a.value * (int(accepted) - int(anyway))
                 answer = response(realism, accepted, float(draws.outcome[r, i]), float(draws.delay[r, i]), now)
                 if accepted:
                     pop.accepted(i, a.action_id)
@@ -299,7 +353,23 @@ class _Play:
                         run.round_value[r] += a.value
                 elif accepted:
                     run.control_value += a.value
+            if organic is not None:
+                self._take_anyway(r, i, organic, {a.action_id for a in d.actions}, now, counted)
         self.finish(day_start + DAY - 1.0)
+
+    def _take_anyway(self, r: int, i: int, organic: np.ndarray, shown: set[str], now: float, counted: bool) -> None:
+        """The uplift world's organic purchases of customer ``i`` in this decision: live offers it did not
+        show, taken with their organic probability; reported as ``offer_accepted`` events like acceptances."""
+        pop, live = self.pop, {a.id for a in self.engine.rules.current.ruleset.actions}
+        u = self._organic(r)[i]
+        for k in np.flatnonzero(u < organic).tolist():
+            action = pop.actions[k]
+            if action.id in shown or action.type == "service" or action.id not in live:
+                continue
+            pop.accepted(i, action.id)
+            answer = response(pop.realism, True, float(u[k] / organic[k]), float(self.draws.delay[r, i]), now)
+            self._push(answer.lands or now, i, "", action.id, "organic", answer.at is not None)
+            self.run.organic += counted
 
     def finish(self, until: float) -> None:
         """Let the responses and acceptances due by ``until`` land."""
@@ -310,6 +380,12 @@ class _Play:
 def _engine(store: ProfileStore, rules: CompiledRules, models: Live[ModelSet], clock: dict[str, float],
             contacts: bool = True, decision_log: DecisionLog | None = None) -> DecisionEngine:
     return DecisionEngine(store, Live(rules), models, decision_log, contacts=contacts, clock=lambda: clock["now"])
+
+
+def _events(store: ProfileStore, engine: DecisionEngine, clock: dict[str, float],
+            realism: Realism) -> EventProcessor | None:
+    """Where the uplift world's organic purchases are reported (the service's own event path)."""
+    return EventProcessor(store, engine.rules, engine, clock=lambda: clock["now"]) if realism.organic else None
 
 
 def _seed_profiles(store: ProfileStore, world: World) -> None:
@@ -331,6 +407,12 @@ def _recorded(store: ProfileStore, levels: Sequence[str], as_of: float,
     return data
 
 
+def _organic_rows(store: ProfileStore, levels: Sequence[str], as_of: float, rules: CompiledRules) -> TrainingSet:
+    """The untreated rows of the uplift world's recorded traffic (``training_rows``' organic arm)."""
+    return from_streams(store.client, SCHEMA, catalog=levels, as_of=as_of, arm="organic",
+                        actions={a.id: (a.type, a.value) for a in rules.ruleset.actions})
+
+
 def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
     levels = list(then.actions)
     p1 = first.p_true if first.p_true is not None else np.full(len(first), np.nan)
@@ -342,12 +424,20 @@ def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
                                 "run_rows": len(then)}, schema=SCHEMA)
 
 
-def _train(registry: ModelRegistry, data: TrainingSet, trees: int) -> tuple[LoadedModel, dict]:
+def _train(registry: ModelRegistry, data: TrainingSet, trees: int,
+           organic: TrainingSet | None = None) -> tuple[LoadedModel, dict]:
+    """A model version from ``data`` (with its organic half from ``organic``, uplift arbitration's)."""
     try:
         booster, metrics, summary = fit(data, trees)
+        second = None
+        if organic is not None:
+            organic_booster, organic_metrics, organic_summary = fit(organic, trees)
+            second = (organic_booster.model_to_string(), organic_metrics, organic_summary)
+            metrics = {**metrics, "organic": organic_metrics}
     except ValueError as exc:
         raise SimulationError(f"{exc} (a larger --history-customers or --history-days records more)") from exc
-    version = registry.save(booster.model_to_string(), list(data.actions), metrics, summary)
+    levels = list(organic.actions if organic is not None and len(organic.actions) > len(data.actions) else data.actions)
+    version = registry.save(booster.model_to_string(), levels, metrics, summary, organic=second)
     return registry.load(version), metrics
 
 
@@ -469,13 +559,16 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     hist_start = SIM_START - (settings.history_days + 7) * DAY  # a week between history and evaluation
     truth: dict[tuple[str, str], tuple[float, float]] = {}
     decision_log = DecisionLog(store.client)
-    engine = _engine(store, history_rules[0], Live(ModelSet(_placeholder(registry, [a.id for a in ruleset.actions]))),
-                     clock, decision_log=decision_log)
+    # the uplift world's history logs what it could have shown: epsilon 1 draws each slot uniformly (a random
+    # admitted action, as elsewhere), with its candidates and probabilities
+    uniform = ExplorationConfig(strategy="epsilon", share=1.0, control=True) if realism.organic else ExplorationConfig()
+    engine = _engine(store, history_rules[0], Live(ModelSet(_placeholder(registry, [a.id for a in ruleset.actions]),
+                                                            exploration=uniform)), clock, decision_log=decision_log)
     engine.rankings["random_eligible"] = _random_eligible(seed)
     play = _Play(store, Population(hist, actions, realism, drift), Draws.draw(hist.size, settings.history_days,
-                 history_seed, realism), clock, engine, "random_eligible",
+                 history_seed, realism), clock, engine, "" if realism.organic else "random_eligible",
                  ResponseRecorder(store.client, engine.rules, clock=lambda: clock["now"]), hist_start,
-                 counted=lambda cid: True, truth=truth)
+                 counted=lambda cid: True, truth=truth, events=_events(store, engine, clock, realism))
     for r in range(settings.history_days):
         play.day(r)
     play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
@@ -484,9 +577,11 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         traffic_from_stream(store.client, hist.size, settings.history_days, CHANNELS, until=SIM_START - 7 * DAY),
         rejection_share(store.client, settings.history_days, until=SIM_START - 7 * DAY))
     history = _recorded(store, [a.id for a in history_rules[0].ruleset.actions], SIM_START, truth)
+    history_organic = (_organic_rows(store, list(history.actions), SIM_START, history_rules[0])
+                       if realism.organic else None)
     if on_training is not None:
         on_training("history", history, store)
-    model, metrics = _train(registry, history, settings.trees)
+    model, metrics = _train(registry, history, settings.trees, history_organic)
     model_info: dict = {"trained_on": {"customers": hist.size, "population_seed": history_seed,
                                        "days": settings.history_days, "rows": len(history),
                                        "positives": int(history.y.sum())},
@@ -513,40 +608,48 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         pop = Population(world, actions, realism, drift)
         clock["now"] = SIM_START
         run_truth: dict[tuple[str, str], tuple[float, float]] = {}
-        run_log = DecisionLog(store.client) if name == "nba" else None
-        exploration = ExplorationConfig(strategy="thompson", share=settings.explore if name == "nba" else 0.0)
-        models = Live(ModelSet(champion=model, exploration=exploration))
+        learning = name in LEARNING
+        run_log = DecisionLog(store.client) if learning else None
+        exploration = ExplorationConfig(strategy="epsilon" if realism.organic else "thompson",
+                                        share=settings.explore if learning else 0.0)
+        arbitration = "uplift" if name == "nba_uplift" else "propensity"
+        models = Live(ModelSet(champion=model, exploration=exploration, arbitration=arbitration))
         engine = _engine(store, rules[0], models, clock, contacts=name != "oracle", decision_log=run_log)
         recorder = None if name == "oracle" else ResponseRecorder(store.client, engine.rules,
                                                                    clock=lambda: clock["now"])
-        ranking = "" if name == "nba" else name
+        ranking = "" if learning else name
         play = _Play(store, pop, draws, clock, engine, ranking, recorder, SIM_START, counted, new_actions, new_round,
-                     rules[1], drift_round, run_truth)
+                     rules[1], drift_round, run_truth, _events(store, engine, clock, realism))
         counts = None
-        if exploration.enabled:
+        if exploration.enabled and exploration.strategy == "thompson":
             counts = ExplorationCounts(store.client)
             engine.explorer = Explorer(counts)
         engine.rankings.update({"rules_only": _rules_only, "random_eligible": _random_eligible(seed),
                                 "generic": _generic(generic), "constrained_oracle": play.oracle,
-                                "oracle": play.oracle})
+                                "oracle": play.oracle, "uplift_oracle": play.uplift_oracle})
         for r in range(settings.rounds):
             if counts is not None:
                 counts.step()
             play.day(r)
-            if name != "nba":
+            if not learning:
                 continue
             assert run_log is not None
             run_log.close()  # flushed: the night's training and tomorrow's exploration counts see today
             run_log = DecisionLog(store.client)
             engine.decision_log = run_log
             if settings.retrain and r < settings.rounds - 1:
-                recorded = _recorded(store, [a.id for a in actions], SIM_START + (r + 1) * DAY, run_truth)
+                as_of = SIM_START + (r + 1) * DAY
+                recorded = _recorded(store, [a.id for a in actions], as_of, run_truth)
                 data = _concat(history, recorded)
+                organic = (None if history_organic is None else
+                           _concat(history_organic, _organic_rows(store, list(data.actions), as_of, rules[1])))
                 if on_training is not None:
                     on_training("retrain", data, store)
-                new, m = _train(registry, data, settings.trees)
-                models.swap(ModelSet(champion=new, exploration=exploration))
-                model_info["retrained"].append({"round": r + 1, "rows": len(data), **_auc_summary(m, data, truth, run_truth)})
+                new, m = _train(registry, data, settings.trees, organic)
+                models.swap(ModelSet(champion=new, exploration=exploration, arbitration=arbitration))
+                if name == "nba":
+                    model_info["retrained"].append({"round": r + 1, "rows": len(data),
+                                                    **_auc_summary(m, data, truth, run_truth)})
         if run_log is not None:
             run_log.close()
         if name == "nba":
@@ -677,6 +780,11 @@ def table(sim: Simulation) -> dict:
         decisions, presented = sum(r.decisions for r in runs), sum(r.presented for r in runs)
         row.update({"acceptance_rate": round(sum(r.accepted for r in runs) / presented, 4) if presented else 0.0,
                     "decisions": decisions, "per_seed": [_rounded(v) for v in per_seed[name]]})
+        if sim.settings.realism.organic:
+            inc, inc_ci = mean_ci([r.incremental_per_1000 for r in runs])
+            row.update({"incremental_per_1000": _rounded(inc), "incremental_ci95": [_rounded(x) for x in inc_ci],
+                        "incremental_per_seed": [_rounded(r.incremental_per_1000) for r in runs],
+                        "organic_purchases": sum(r.organic for r in runs)})
         out[name] = row
     if {"nba", "rules_only"} <= set(per_seed):
         diff, diff_ci = mean_ci([a - b for a, b in zip(per_seed["nba"], per_seed["rules_only"])])
@@ -684,6 +792,8 @@ def table(sim: Simulation) -> dict:
             "difference_per_1000": _rounded(diff), "ci95": [_rounded(diff_ci[0]), _rounded(diff_ci[1])],
             "row_cis_overlap": bool(out["nba"]["ci95"][0] <= out["rules_only"]["ci95"][1]),
             "seeds_nba_ahead": sum(a > b for a, b in zip(per_seed["nba"], per_seed["rules_only"]))}
+    if {"nba", "nba_uplift"} <= set(per_seed):
+        out["nba_uplift_vs_nba"] = _paired(sim, "nba_uplift", "nba")
     start = [s.model["start"] for s in sim.seeds]
     last = [s.model["retrained"][-1] for s in sim.seeds if s.model["retrained"]]
 
@@ -732,6 +842,17 @@ def table(sim: Simulation) -> dict:
     return out
 
 
+def _paired(sim: Simulation, a: str, b: str) -> dict:
+    """``a`` less ``b`` per seed (the same customers, draws and limits): incremental and accepted value."""
+    out: dict = {}
+    for key, of in (("incremental", lambda r: r.incremental_per_1000), ("value", lambda r: r.per_1000)):
+        diffs = [of(s.runs[a]) - of(s.runs[b]) for s in sim.seeds]
+        m, ci = mean_ci(diffs)
+        out[key] = {"difference_per_1000": _rounded(m), "ci95": [_rounded(ci[0]), _rounded(ci[1])],
+                    "seeds_ahead": sum(d > 0 for d in diffs), "ci_excludes_0": bool(ci[0] > 0 or ci[1] < 0)}
+    return out
+
+
 def targets(per_seed: dict[str, list[float]]) -> dict | None:
     """Issue 16's targets on the realistic world, judged on the lower 95% bounds (unrounded): nba >= 2.7x
     generic, >= 80% of the constrained oracle, and above rules_only with non-overlapping CIs."""
@@ -767,6 +888,19 @@ def format_simulation(sim: Simulation) -> str:
                f"{r['pct_of_constrained_oracle_ci95'][1]:.1f})" if r["pct_of_constrained_oracle"] is not None else "-")
         lines.append(f"{name:20} {r['value_per_1000']:>14,.1f} {ci:>18} {xg:>22} {pct:>27} "
                      f"{r['acceptance_rate']:>7.2%} {r['decisions']:>9,}")
+    if s.realism.organic:
+        lines.append(f"{'incremental value':20} " + "; ".join(
+            f"{name} {t[name]['incremental_per_1000']:,.1f} ({t[name]['incremental_ci95'][0]:,.0f} .. "
+            f"{t[name]['incremental_ci95'][1]:,.0f})" for name in s.policies)
+                     + " per 1,000 decisions (value x (taken when shown - taken without))")
+    up = t.get("nba_uplift_vs_nba")
+    if up:
+        lines.append("nba_uplift - nba (paired by seed): incremental "
+                     f"{up['incremental']['difference_per_1000']:+,.1f} per 1,000 decisions (95% CI "
+                     f"{up['incremental']['ci95'][0]:+,.1f} .. {up['incremental']['ci95'][1]:+,.1f}; ahead on "
+                     f"{up['incremental']['seeds_ahead']} of {len(s.seeds)} seeds), accepted value "
+                     f"{up['value']['difference_per_1000']:+,.1f} ({up['value']['ci95'][0]:+,.1f} .. "
+                     f"{up['value']['ci95'][1]:+,.1f})")
     m = t["model"]
     lines.append(f"model: {m['trained_on']}")
     lines.append(f"  holdout AUC {m['holdout_auc']}; on the same rows the oracle's {m['oracle_auc']}, the truth "

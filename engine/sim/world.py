@@ -15,6 +15,17 @@ Two kinds of world:
   them, so no model of the observed features can reach the oracle's AUC. The dynamic parts (acceptance
   changes holdings, contact fatigue, delayed and missing responses, drift, new actions) are in
   ``engine.sim.dynamics``.
+- ``uplift``: the realistic world whose customers also differ in what an offer *changes* (issue 31). Every
+  customer and action has an *organic* probability: that the customer takes the action's product within
+  the decision's window without being shown it (``organic_logit``). Most customers are *persuadable*:
+  the organic logit is the treated one less ``ORGANIC_GAP`` (about one in twelve would buy anyway).
+  ``SURE_THING_SHARE`` of them are *sure things* for up-sells, cross-sells and bundles (organic = treated:
+  they buy what they buy whether shown it or not), ``SLEEPING_DOG_SHARE`` are *sleeping dogs* for
+  retention offers and up-sells (organic = treated + ``SLEEPING_DOG_GAP``: a retention call or an upgrade
+  pitch reminds a quiet customer to review the contract, and fewer stay or buy than if left alone). Who
+  is which is a noisy function of observed features (``uplift_class``): frequent recent buyers tend to be
+  sure things, long-tenured quiet customers sleeping dogs, so a model can learn it from the data. The
+  organic purchases happen in ``engine.sim.dynamics`` and reach the engine as ``offer_accepted`` events.
 - ``ideal``: acceptance is a fixed function of the observed features (no unobserved traits); the world
   before issue 16, kept for comparison.
 """
@@ -39,10 +50,16 @@ _STAGES = CATEGORICAL["lifecycle_stage"]
 # Share of customers consenting per channel; a channel domain.yaml adds later: half of them.
 CONSENT_SHARE = {"call_center": 0.92, "web": 0.97, "mobile_app": 0.8, "email": 0.6, "sms": 0.5, "branch": 0.95,
                  "pos": 0.95}
-WORLDS = ("realistic", "ideal")
+WORLDS = ("realistic", "uplift", "ideal")
 LATENT_TRAITS = 4  # responsiveness, then three latent tastes
 RESPONSIVENESS_SD = 0.8  # logit sd of the general responsiveness
 LATENT_LOADING_SD = 0.6  # sd of each action's loading on each latent taste
+PERSUADABLE, SURE_THING, SLEEPING_DOG = 0, 1, 2
+SURE_THING_SHARE, SLEEPING_DOG_SHARE = 0.20, 0.15  # of the customers (of a large population; the draw is noisy)
+ORGANIC_GAP = 2.5  # a persuadable customer's organic logit lies this far below the treated one
+SLEEPING_DOG_GAP = 1.0  # a sleeping dog's organic logit lies this far above the treated one
+SURE_THING_TYPES = frozenset({"upsell", "cross_sell", "bundle"})
+SLEEPING_DOG_TYPES = frozenset({"retention", "upsell"})
 
 
 class ActionLike(Protocol):
@@ -70,6 +87,7 @@ class World:
     laws: int = -1  # seed of the hidden response laws (-1: the population's seed)
     kind: str = "realistic"
     latent: np.ndarray = field(default_factory=lambda: np.zeros((0, LATENT_TRAITS)))  # (n, 4): never observed
+    uplift: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  # (n,) uplift class; () but uplift
     prefix: str = "C"  # customer ids are prefix + 7 digits
 
     def __post_init__(self) -> None:
@@ -122,8 +140,55 @@ def generate(n: int, seed: int = 7, kind: str = "realistic", laws: int | None = 
     world.kind = kind
     world.prefix = prefix
     latent = np.random.default_rng([seed, 0x1A7E]).normal(0.0, 1.0, (n, LATENT_TRAITS))
-    world.latent = latent if kind == "realistic" else np.zeros((n, LATENT_TRAITS))
+    world.latent = latent if kind != "ideal" else np.zeros((n, LATENT_TRAITS))
+    world.uplift = uplift_class(world) if kind == "uplift" else np.zeros(n, dtype=np.int8)
     return world
+
+
+def uplift_class(world: World) -> np.ndarray:
+    """Each customer's class (``PERSUADABLE``, ``SURE_THING``, ``SLEEPING_DOG``): a score of observed
+    features plus noise of their own stream, cut at fixed thresholds of the reference population's scores
+    (so the shares do not depend on who or how many are generated)."""
+    sure, dog = _class_scores(world.numeric, np.random.default_rng([world.seed, 0x5EED]), world.size)
+    sure_cut, dog_cut = _class_cuts()
+    out = np.full(world.size, PERSUADABLE, dtype=np.int8)
+    out[dog > dog_cut] = SLEEPING_DOG
+    out[(sure > sure_cut) & (out == PERSUADABLE)] = SURE_THING
+    return out
+
+
+def _class_scores(numeric: np.ndarray, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    num = numeric.astype(np.float64)
+    mean, std = _trait_scale()
+    z = {t: (num[:, _N[t]] - mean[k]) / std[k] for k, t in enumerate(_TRAITS)}
+    purchases = num[:, _N["purchases_12m"]]
+    recent = -np.log1p(num[:, _N["days_since_last_purchase"]]) + 4.5
+    quiet = -(num[:, _N["support_calls_90d"]] + num[:, _N["complaints_90d"]])
+    noise = rng.normal(0.0, 0.6, (2, n))
+    sure = 0.5 * (purchases - 2.5) + 0.6 * recent + 0.4 * z["monthly_spend"] + noise[0]
+    dog = 0.8 * z["tenure_months"] + 0.7 * quiet - 0.5 * z["nps"] + noise[1]
+    return sure, dog
+
+
+@cache
+def _class_cuts() -> tuple[float, float]:
+    ref = _observed(20_000, 0)
+    sure, dog = _class_scores(ref.numeric, np.random.default_rng([0, 0x5EED]), ref.size)
+    dog_cut = float(np.quantile(dog, 1 - SLEEPING_DOG_SHARE))
+    rest = sure[dog <= dog_cut]
+    return float(np.quantile(rest, 1 - SURE_THING_SHARE / (1 - SLEEPING_DOG_SHARE))), dog_cut
+
+
+def organic_shift(world: World, rows: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """What to add to the treated logit of an action of type ``types[k]`` for customer ``rows[k]`` to get
+    the organic logit (the customer takes it without being shown it)."""
+    shift = np.full(len(rows), -ORGANIC_GAP)
+    if not len(world.uplift):
+        return shift
+    cls = world.uplift[rows]
+    shift[(cls == SURE_THING) & np.isin(types, list(SURE_THING_TYPES))] = 0.0
+    shift[(cls == SLEEPING_DOG) & np.isin(types, list(SLEEPING_DOG_TYPES))] = SLEEPING_DOG_GAP
+    return shift
 
 
 def _observed(n: int, seed: int) -> World:
@@ -265,7 +330,7 @@ def true_logits(world: World, rows: np.ndarray, actions: Sequence[ActionLike], a
     """(``true_logit``, the same without the unobserved traits): the second is the best any model of the
     observed features could learn."""
     observed = _observed_logit(world, rows, actions, action_idx, channel_idx)
-    if world.kind != "realistic" or not len(world.latent):
+    if world.kind == "ideal" or not len(world.latent):
         return observed, observed
     loadings = _stacked(_latent_loadings, tuple(a.id for a in actions), world.laws)
     return observed + (world.latent[rows] * loadings[action_idx]).sum(axis=1), observed

@@ -1,0 +1,230 @@
+"""Uplift arbitration (issue 31, part 4): the uplift world's sure things and sleeping dogs, the organic
+rows the second model trains on, a version with both models, the funnel ranking on incremental value, and
+``nba simulate`` comparing it with propensity arbitration."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.analytics.training_rows import ORGANIC_EVENT, from_streams
+from engine.decision.funnel import DecisionEngine
+from engine.decision.request import DecideInput
+from engine.errors import NbaError
+from engine.live import Live
+from engine.models.experiment import ExperimentError, ExplorationConfig, ModelSet, load_model_set, parse_experiment
+from engine.models.registry import ConstantScorer, LoadedModel, ModelRefused, ModelRegistry
+from engine.rules.loader import load_rules
+from engine.rules.runtime import load_and_compile
+from engine.sim import world as sim_world
+from engine.sim.dynamics import UPLIFT, Population
+from engine.sim.simulate import Settings, simulate, table
+from engine.sim.telco import ACTION_TYPES, SCHEMA
+from engine.store.decision_log import DecisionLog
+from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, ProfileStore
+from engine.store.streams import xrange_all
+
+from .clock import Clock
+from .conftest import RULES_DIR
+from .test_contact import not_control
+from .test_scenarios import NOON, customer
+
+DAY = 86_400.0
+
+
+def test_the_uplift_world_has_its_documented_shares_and_laws() -> None:
+    w = sim_world.generate(20_000, 3, "uplift")
+    shares = np.bincount(w.uplift, minlength=3) / w.size
+    assert shares[sim_world.SURE_THING] == pytest.approx(sim_world.SURE_THING_SHARE, abs=0.02)
+    assert shares[sim_world.SLEEPING_DOG] == pytest.approx(sim_world.SLEEPING_DOG_SHARE, abs=0.02)
+    assert not sim_world.generate(500, 3, "realistic").uplift.any()  # the other worlds: everyone persuadable
+    # the same observed customers as the realistic world of the seed: only what an offer changes differs
+    assert np.array_equal(sim_world.generate(500, 3, "realistic").numeric, sim_world.generate(500, 3, "uplift").numeric)
+
+    class A:
+        def __init__(self, id: str, type: str) -> None:
+            self.id, self.type, self.value = id, type, 30.0
+
+    actions = [A(f"a_{t}", t) for t in ACTION_TYPES]
+    pop = Population(w, actions, UPLIFT)
+    by_type = {t: k for k, t in enumerate(ACTION_TYPES)}
+    for cls in (sim_world.PERSUADABLE, sim_world.SURE_THING, sim_world.SLEEPING_DOG):
+        i = int(np.flatnonzero(w.uplift == cls)[0])
+        treated = pop.probability(i, [a.id for a in actions], 0, 0.0, False)
+        organic = pop.organic_probability(i, 0, 0.0, False)
+        for t, k in by_type.items():
+            if cls == sim_world.SLEEPING_DOG and t in sim_world.SLEEPING_DOG_TYPES:
+                assert organic[k] > treated[k]  # the offer pushes them away
+            elif cls == sim_world.SURE_THING and t in sim_world.SURE_THING_TYPES:
+                assert organic[k] == pytest.approx(treated[k])  # they take it anyway
+            else:
+                logit = np.log(organic[k] / (1 - organic[k])) - np.log(treated[k] / (1 - treated[k]))
+                assert logit == pytest.approx(-sim_world.ORGANIC_GAP)  # few would take it anyway
+    # learnable: the classes lean on observed features (frequent recent buyers, long-tenured quiet customers)
+    purchases = w.numeric[:, sim_world._N["purchases_12m"]]
+    tenure = w.numeric[:, sim_world._N["tenure_months"]]
+    assert purchases[w.uplift == sim_world.SURE_THING].mean() > purchases[w.uplift == sim_world.PERSUADABLE].mean() + 1
+    assert tenure[w.uplift == sim_world.SLEEPING_DOG].mean() > tenure[w.uplift == sim_world.PERSUADABLE].mean() + 15
+
+
+def _two_halves(registry: ModelRegistry, source: Path) -> str:
+    """A version whose organic half is the demo model itself (a real LightGBM file)."""
+    text = (source / "model.txt").read_text()
+    actions = list(registry.load().action_levels)
+    return registry.save(text, actions, {}, {}, organic=(text, {"holdout_auc": 0.5}, {"rows": 1}))
+
+
+def test_a_version_with_an_organic_model_and_an_experiment_that_needs_one(models_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(models_dir, root)
+    registry = ModelRegistry(root, SCHEMA)
+    plain = registry.champion()
+    assert plain is not None and registry.load().organic is None
+    (registry.dir / "experiment.yaml").write_text("arbitration: uplift\n")
+    with pytest.raises(ExperimentError, match=f"{plain} has no organic model"):
+        load_model_set(registry)  # refused: the running set stays
+    version = _two_halves(registry, registry.dir / plain)
+    registry.promote(version)
+    models = load_model_set(registry)
+    assert models.arbitration == "uplift" and models.champion.organic is not None
+    assert models.champion.organic.version == f"{version}+organic"
+    assert "uplift arbitration" in models.describe()
+    assert registry.metrics(version)["organic"]["metrics"] == {"holdout_auc": 0.5}
+    (registry.dir / version / "organic.txt").write_text("not a model")
+    with pytest.raises(ModelRefused, match="organic.txt: not a usable LightGBM model"):
+        registry.load(version)
+    with pytest.raises(ExperimentError, match="arbitration: must be one of propensity, uplift"):
+        parse_experiment("arbitration: lift\n")
+    assert isinstance(ExperimentError("x"), NbaError)
+
+
+def _engine(redis_url: str, model: LoadedModel, exploration: ExplorationConfig = ExplorationConfig()
+            ) -> DecisionEngine:
+    store = ProfileStore.from_url(redis_url)
+    models = ModelSet(model, exploration=exploration, arbitration="uplift")
+    return DecisionEngine(store, Live(load_and_compile(RULES_DIR), retire=lambda r: r.close()), Live(models),
+                          DecisionLog(store.client, linger=0), clock=Clock(NOON))
+
+
+def _with_organic(model: LoadedModel, p: float) -> LoadedModel:
+    return replace(model, organic=replace(model, version=f"{model.version}+organic", scorer=ConstantScorer(p)))
+
+
+def _stream(engine: DecisionEngine) -> dict[str, dict[str, str]]:
+    assert engine.decision_log is not None
+    engine.decision_log.close()
+    return {f[b"decision_id"].decode(): {k.decode(): v.decode() for k, v in f.items()}
+            for _, f in xrange_all(engine.store.client, DECISIONS_STREAM)}
+
+
+@pytest.mark.both_redis
+def test_the_funnel_ranks_on_incremental_value_and_drops_offers_that_gain_nothing(redis_url: str,
+                                                                                  models_dir: Path) -> None:
+    champion = ModelRegistry(models_dir, SCHEMA).load()
+    engine = _engine(redis_url, _with_organic(champion, 0.05))
+    cid = not_control("UP")
+    engine.store.save([customer(cid, data_usage_gb=38)], SCHEMA)
+    d = engine.decide(DecideInput(customer_id=cid, channel="web", max_actions=3, explain=True))
+    dropped = {e.action_id: e for e in d.funnel if e.stage == "no_uplift"}
+    ranked = [e for e in d.funnel if e.stage == "ranked"]
+    assert d.actions and all(a.propensity > 0.05 or a.type == "service" for a in d.actions)
+    assert all(e.propensity <= 0.05 for e in dropped.values())
+    for e in ranked:  # priority = (p - organic) x value x weight
+        assert e.priority > 0
+    for a in d.actions:
+        assert f"uplift arbitration: {a.propensity:.3f} if shown, 0.050 without" in a.reasons
+    # the order is by incremental value: a lower propensity of a dearer offer may rank first
+    priorities = [a.priority for a in d.actions]
+    assert priorities == sorted(priorities, reverse=True)
+    entry = _stream(engine)[d.decision_id]
+    assert entry["arbitration"] == "uplift"
+    assert [float(u) for u in entry["uplifts"].split(",")] == pytest.approx([a.propensity - 0.05 for a in d.actions],
+                                                                             abs=1e-5)
+
+    everything = _engine(redis_url, _with_organic(champion, 0.999))  # every offer reaches only who buys anyway
+    other = not_control("UQ")
+    everything.store.save([customer(other)], SCHEMA)
+    d = everything.decide(DecideInput(customer_id=other, channel="web", max_actions=3, explain=True))
+    assert all(a.type == "service" or a.reasons[0].startswith("fallback") for a in d.actions)
+    assert any(e.stage == "no_uplift" for e in d.funnel)
+
+
+@pytest.mark.both_redis
+def test_exploring_uplift_decisions_log_each_candidates_estimate(redis_url: str, models_dir: Path) -> None:
+    champion = ModelRegistry(models_dir, SCHEMA).load()
+    engine = _engine(redis_url, _with_organic(champion, 0.02), ExplorationConfig(strategy="epsilon", share=0.5))
+    ids = [not_control(f"UX{i}") for i in range(8)]
+    engine.store.save([customer(c) for c in ids], SCHEMA)
+    decisions = [engine.decide(DecideInput(customer_id=c, channel="call_center", max_actions=1, explain=True))
+                 for c in ids]
+    stream = _stream(engine)
+    for d in decisions:
+        entry = stream[d.decision_id]
+        candidates = [c.split(":")[0] for c in entry["candidates"].split(",")]
+        uplifts = [float(u) for u in entry["candidate_uplifts"].split(",")]
+        assert len(uplifts) == len(candidates) and all(u > 0 or c.startswith(("resolve", "payment", "callback"))
+                                                       for c, u in zip(candidates, uplifts))
+        ranked = {e.action_id: e.propensity for e in d.funnel if e.propensity}
+        for c, u in zip(candidates, uplifts):
+            if c in ranked:
+                assert u == pytest.approx(ranked[c] - 0.02, abs=1e-5)
+
+
+def test_organic_rows_are_the_candidates_not_shown_labelled_by_offer_accepted_events(redis_url: str,
+                                                                                    models_dir: Path) -> None:
+    engine = _engine(redis_url, _with_organic(ModelRegistry(models_dir, SCHEMA).load(), 0.01),
+                     ExplorationConfig(strategy="epsilon", share=1.0, control=True))
+    ids = [f"OR{i}" for i in range(12)]
+    engine.store.save([customer(c) for c in ids], SCHEMA)
+    for c in ids:
+        engine.decide(DecideInput(customer_id=c, channel="call_center", max_actions=1))
+    stream = _stream(engine)
+    client = engine.store.client
+    expected: dict[tuple[str, str], float] = {}
+    event = 0
+    for k, (did, entry) in enumerate(sorted(stream.items())):
+        candidates = [c.split(":")[0] for c in entry["candidates"].split(",")]
+        first = [candidates[int(i)] for i in entry["choice_sets"].split(";")[0].split()]
+        ts = float(entry["ts"])
+        for j, action in enumerate(a for a in first if a != entry["actions"]):
+            # within the window: a purchase; before the decision or after the window: not this row's
+            at = {0: ts + 3600, 1: ts - 60, 2: ts + 8 * DAY}.get((k + j) % 4, None)
+            if at is not None:
+                event += 1
+                client.xadd(EVENTS_STREAM, {"event_id": f"e{event}", "customer_id": entry["customer_id"],
+                                            "type": ORGANIC_EVENT, "ts": f"{at:.3f}", "attr.action_id": action})
+            expected[(did, action)] = 1.0 if (k + j) % 4 == 0 else 0.0
+    client.xadd(EVENTS_STREAM, {"event_id": "other", "customer_id": ids[0], "type": "payment_failed",
+                                "ts": f"{NOON + 3600:.3f}", "attr.amount": "3"})
+    actions = {a.id: (a.type, a.value) for a in engine.rules.current.ruleset.actions}
+    data = from_streams(client, SCHEMA, as_of=NOON + 30 * DAY, arm="organic", actions=actions)
+    got = {(d, a): y for d, a, y in zip(data.decision_ids or [], data.action_ids(), data.y)}
+    assert got == expected and sum(expected.values()) > 0
+    assert data.summary["arm"].startswith("organic")
+    layout_value = data.rows.row_features[2]
+    assert {data.x[k, layout_value] for k in range(len(data))} <= {v for _, v in actions.values()}
+    pending = from_streams(client, SCHEMA, as_of=NOON + DAY, arm="organic", actions=actions)
+    assert len(pending) == sum(expected.values())  # only the rows already positive: the rest wait for the window
+    assert pending.summary["pending"] == len(expected) - len(pending)
+
+
+def test_simulate_compares_uplift_with_propensity_arbitration_in_the_uplift_world() -> None:
+    ruleset, errors = load_rules(RULES_DIR)
+    assert ruleset is not None, errors
+    settings = Settings(world="uplift", customers=120, rounds=2, seeds=(5,), history_customers=900, history_days=2,
+                        trees=10, policies=("nba", "nba_uplift", "uplift_oracle"))
+    sim = simulate(ruleset, settings)
+    out = table(sim)
+    runs = sim.seeds[0].runs
+    assert runs["nba"].round_decisions == runs["nba_uplift"].round_decisions  # the same customers and days
+    assert all(r.organic > 0 for r in runs.values())  # customers take actions they were not shown
+    paired = out["nba_uplift_vs_nba"]["incremental"]
+    assert paired["difference_per_1000"] == pytest.approx(runs["nba_uplift"].incremental_per_1000
+                                                          - runs["nba"].incremental_per_1000, abs=0.1)
+    assert out["uplift_oracle"]["incremental_per_1000"] > 0
+    with pytest.raises(NbaError, match="unknown policies nba_uplift in the realistic world"):
+        Settings(policies=("nba_uplift",)).check()
