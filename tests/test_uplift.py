@@ -23,7 +23,7 @@ from engine.rules.runtime import load_and_compile
 from engine.sim import world as sim_world
 from engine.sim.dynamics import UPLIFT, Population
 from engine.sim.simulate import Settings, simulate, table
-from engine.sim.telco import ACTION_TYPES, SCHEMA
+from engine.sim.telco import ACTION_TYPES, CHANNELS, SCHEMA
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, ProfileStore
 from engine.store.streams import xrange_all
@@ -54,8 +54,8 @@ def test_the_uplift_world_has_its_documented_shares_and_laws() -> None:
     by_type = {t: k for k, t in enumerate(ACTION_TYPES)}
     for cls in (sim_world.PERSUADABLE, sim_world.SURE_THING, sim_world.SLEEPING_DOG):
         i = int(np.flatnonzero(w.uplift == cls)[0])
-        treated = pop.probability(i, [a.id for a in actions], 0, 0.0, False)
-        organic = pop.organic_probability(i, 0, 0.0, False)
+        organic = pop.organic_probability(i, False)
+        treated = pop.probability(i, [a.id for a in actions], CHANNELS.index("web"), 0.0, False)
         for t, k in by_type.items():
             if cls == sim_world.SLEEPING_DOG and t in sim_world.SLEEPING_DOG_TYPES:
                 assert organic[k] > treated[k]  # the offer pushes them away
@@ -102,10 +102,10 @@ def test_a_version_with_an_organic_model_and_an_experiment_that_needs_one(models
     assert isinstance(ExperimentError("x"), NbaError)
 
 
-def _engine(redis_url: str, model: LoadedModel, exploration: ExplorationConfig = ExplorationConfig()
+def _engine(redis_url: str, model: LoadedModel, exploration: ExplorationConfig | None = None
             ) -> DecisionEngine:
     store = ProfileStore.from_url(redis_url)
-    models = ModelSet(model, exploration=exploration, arbitration="uplift")
+    models = ModelSet(model, exploration=exploration or ExplorationConfig(), arbitration="uplift")
     return DecisionEngine(store, Live(load_and_compile(RULES_DIR), retire=lambda r: r.close()), Live(models),
                           DecisionLog(store.client, linger=0), clock=Clock(NOON))
 

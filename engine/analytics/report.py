@@ -33,6 +33,8 @@ import numpy as np
 import redis
 
 from engine.analytics.recorded import Recorded
+from engine.analytics.uplift_curve import DECISION_COLUMNS as UPLIFT_COLUMNS
+from engine.analytics.uplift_curve import format_qini, qini_recorded
 from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
 
 Z95 = 1.959964
@@ -209,11 +211,14 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
     """The report over decisions logged from stream id ``since`` to ``until`` (ids or UTC days, see
     ``analytics/recorded.py``) and responses to them; ``bootstrap`` > 0 adds a customer-bootstrap CI of the
     lift from that many resamples (seeded with ``seed``); ``archive``: read the archive at that root plus the
-    streams' unarchived tails (``engine/store/archive.py``). Aggregated in DuckDB."""
+    streams' unarchived tails (``engine/store/archive.py``). Aggregated in DuckDB. With decisions ranked by
+    uplift (``arbitration`` = uplift) it adds ``uplift``: their Qini curves, AUUC and uplift estimates per
+    action (``analytics/uplift_curve.py``, 7-day window, as of now)."""
 
     values, types = values or {}, types or {}
+    uplift: dict | None = None
     with Recorded(client, archive, since, until) as rec:
-        rec.view(DECISIONS_STREAM, _DECISION_COLUMNS)
+        rec.view(DECISIONS_STREAM, (*_DECISION_COLUMNS, "arbitration"))
         rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome"))
         rec.sql(_REPORT_SQL.replace("$prefix", "'" + customer_prefix.replace("'", "''") + "'")
                 .replace("$types", _sql_map(types, "VARCHAR"))
@@ -242,6 +247,11 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
             per = rec.sql(f"SELECT sum(total) AS v, count(*) AS n FROM x WHERE is_control = {is_control} "
                           "GROUP BY customer ORDER BY customer").fetchnumpy()  # np.unique's order
             clusters[name] = (np.asarray(per["v"], dtype=float), np.asarray(per["n"], dtype=float))
+        prefix = "'" + customer_prefix.replace("'", "''") + "'"
+        if rec.sql("SELECT count(*) FROM decisions WHERE arbitration = 'uplift' AND "
+                   f"starts_with(coalesce(customer_id, ''), {prefix})").fetchall()[0][0]:
+            rec.view(DECISIONS_STREAM, UPLIFT_COLUMNS, name="uplift_decisions")
+            uplift = qini_recorded(rec, "uplift_decisions", customer_prefix=customer_prefix)
     by_action = dict(sorted(by_action.items(), key=lambda kv: -kv[1].value))
     by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1].value))
     lift = lift_from_totals(clusters["decision_policy"], clusters["control"], bootstrap=bootstrap, seed=seed)
@@ -257,6 +267,7 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
         "models": models,
         "exploration": {"decisions": (explored := sum(m["explored"] for m in models.values())),
                         "share": explored / n_decisions if n_decisions else 0.0},
+        **({"uplift": uplift} if uplift is not None else {}),
     }
 
 
@@ -291,4 +302,6 @@ def format_report(report: dict) -> str:
             ci = lift.get("bootstrap_ci95") or [None, None]
             text = " .. ".join("n/a" if end is None else f"{end:+.1%}" for end in ci)
             lines.append(f"  customer bootstrap ({lift['bootstrap_resamples']:,} resamples): 95% CI {text}")
+    if report.get("uplift") is not None:
+        lines += ["", format_qini(report["uplift"])]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ class FunnelEntry:
     action_id: str
     stage: str  # ranked | channel | expired | not_eligible | not_applicable | not_suitable | blocked | contact |
     #             quiet_hours | control_group | one_voice | campaign_dates | campaign_control | budget |
-    #             campaign_budget | group | cutoff
+    #             campaign_budget | group | cutoff | no_uplift
     detail: str
     propensity: float = 0.0
     priority: float = 0.0

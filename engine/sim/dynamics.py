@@ -18,11 +18,15 @@ current state. This module moves that state as a simulation runs, for one popula
 - **New actions.** Some catalog actions go live only from a later round, with no history.
 - **Uneven activity.** Each customer interacts on a given day with their own probability
   (Beta-distributed), on a channel of the channel mix.
-- **Organic purchases** (the uplift world only). On each day a customer interacts, every action the
-  decision did not show them may be taken anyway, with the organic probability of ``engine.sim.world``
-  (``organic_shift``; drift applies, contact fatigue does not: nobody tires of not being contacted). It
-  changes the customer as an accepted offer does, and is reported to the engine as an ``offer_accepted``
-  event (``attr.action_id``) with the same shares and delays as reported acceptances (some never are).
+- **Organic purchases** (the uplift world only). ``engine.sim.world``'s organic probability
+  (``organic_shift``; drift applies, contact fatigue does not: nobody tires of not being contacted) is
+  the chance to take an action within ``ORGANIC_WINDOW_DAYS`` without being shown it. Every day every
+  customer takes each live offer they do not hold with the daily hazard that compounds to it over the
+  window (in the shop or on the web: the web channel's law), except an offer shown to them in
+  the last window: that window's outcome was the response to it (the customer's potential outcomes are
+  coupled: a sure thing who declines the offer would not have bought it anyway). It changes the customer
+  as an accepted offer does, and is reported to the engine as an ``offer_accepted`` event
+  (``attr.action_id``) with the same share as acceptances (``accepted_now + accepted_late``).
 
 The ideal world has none of these: every customer decides every day, responses arrive at once and
 are all reported, nobody tires or changes.
@@ -48,6 +52,7 @@ _PLAN = CATEGORICAL["plan"]
 _STAGE = CATEGORICAL["lifecycle_stage"]
 _ALLOWANCE = {"prepaid": 5.0, "sim_only": 20.0, "standard": 40.0, "unlimited": 1000.0}
 OFFER_TYPES = tuple(t for t in ACTION_TYPES if t != "service")
+ORGANIC_WINDOW_DAYS = 7.0  # the organic probability's horizon: the label window of training and reports
 CHANNEL_MIX = {"web": 0.30, "mobile_app": 0.25, "call_center": 0.20, "email": 0.15, "sms": 0.05, "branch": 0.05}
 # New actions of the demo catalog: launched mid-run, never seen in training history.
 NEW_ACTIONS = ("bundle_home_duo", "cross_sell_security_suite", "cross_sell_smart_home")
@@ -154,9 +159,10 @@ class Draws:
     seed: int = 0
 
     def organic(self, r: int, actions: int) -> np.ndarray:
-        """(n, actions) uniforms of round ``r``: the action is taken organically when below its organic
-        probability (a stream of its own: the other draws are those of the worlds without it)."""
-        return np.random.default_rng([self.seed, 0x0E6A, r]).random((self.active.shape[1], actions))
+        """(2, n, actions) uniforms of round ``r``: whether (below the daily hazard) and when and whether
+        reported (the second) each organic purchase happens; a stream of its own, so the other draws are
+        those of the worlds without it."""
+        return np.random.default_rng([self.seed, 0x0E6A, r]).random((2, self.active.shape[1], actions))
 
     @classmethod
     def draw(cls, n: int, rounds: int, seed: int, realism: Realism) -> Draws:
@@ -209,6 +215,7 @@ class Population:
     logits: np.ndarray = field(init=False)  # (n, actions, channels) truth logit in the current state
     observed: np.ndarray = field(init=False)  # the same without the unobserved traits
     taken: np.ndarray = field(init=False)  # (n, actions) accepted already
+    shown_at: np.ndarray = field(init=False)
     seen: list[deque] = field(init=False)  # per customer: times of recent marketing impressions
     index: dict[str, int] = field(init=False)
     types: np.ndarray = field(init=False)
@@ -221,6 +228,7 @@ class Population:
         self.types = np.array([a.type for a in self.actions])
         self.logits, self.observed = self._table(np.arange(self.world.size))
         self.taken = np.zeros((self.world.size, len(self.actions)), dtype=bool)
+        self.shown_at = np.full((self.world.size, len(self.actions)), -np.inf)  # when each was last presented
         self.seen = [deque() for _ in range(self.world.size)]
 
     def _table(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,17 +266,32 @@ class Population:
             p[self.taken[i, k]] = 0.0
         return p
 
-    def organic_probability(self, i: int, channel: int, now: float, drifted: bool) -> np.ndarray:
-        """Per catalog action: the probability that customer ``i`` takes it now without being shown it."""
-        k = np.arange(len(self.actions))
-        logit = self.logits[i, k, channel] + organic_shift(self.world, np.full(len(k), i), self.types)
-        if drifted and self.drift is not None and self.world.categorical["segment"][i] == self.drift.segment:
-            logit += self.drift.shift * ((self.types == self.drift.up).astype(float) - (self.types == self.drift.down))
+    def organic_probability(self, i: int | np.ndarray, drifted: bool) -> np.ndarray:
+        """Per catalog action: the probability that customer ``i`` (or each of the customers ``i``, a row
+        each) takes it within ``ORGANIC_WINDOW_DAYS`` without being shown it, in their current state (in
+        the shop or on the web: the web channel's law)."""
+        channel = CHANNELS.index("web")
+        rows = np.atleast_1d(np.asarray(i, dtype=np.int64))
+        a = len(self.actions)
+        logit = self.logits[rows, :, channel] + organic_shift(self.world, np.repeat(rows, a),
+                                                              np.tile(self.types, len(rows))).reshape(len(rows), a)
+        if drifted and self.drift is not None:
+            moved = self.drift.shift * ((self.types == self.drift.up).astype(float) - (self.types == self.drift.down))
+            logit += np.outer(self.world.categorical["segment"][rows] == self.drift.segment, moved)
         p = 1.0 / (1.0 + np.exp(-logit))
-        p[self.taken[i]] = 0.0
-        return p
+        p[self.taken[rows]] = 0.0
+        return p if np.ndim(i) else p[0]
+
+    def organic_hazard(self, drifted: bool, now: float) -> np.ndarray:
+        """(n, actions): the chance of an organic purchase today, compounding to ``organic_probability``
+        over the window; 0 for an action shown to the customer within the last window."""
+        p = self.organic_probability(np.arange(self.world.size), drifted)
+        hazard = 1.0 - (1.0 - p) ** (1.0 / ORGANIC_WINDOW_DAYS)
+        hazard[self.shown_at > now - ORGANIC_WINDOW_DAYS * DAY] = 0.0
+        return hazard
 
     def presented(self, i: int, action_id: str, now: float) -> None:
+        self.shown_at[i, self.index[action_id]] = now
         if self.types[self.index[action_id]] != "service":
             self.seen[i].append(now)
 

@@ -74,6 +74,7 @@ import numpy as np
 from engine.analytics.campaign_plan import Traffic, plan_campaign, rejection_share, traffic_from_stream
 from engine.analytics.report import build_report
 from engine.analytics.training_rows import ORGANIC_EVENT, from_streams
+from engine.analytics.uplift_curve import qini
 from engine.config import DEMO_CUSTOMERS
 from engine.decision.funnel import DecisionEngine
 from engine.decision.request import DecideInput
@@ -87,7 +88,18 @@ from engine.models.registry import LoadedModel, ModelRegistry
 from engine.models.training import TrainingSet, auc, fit
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules, compile_rules
-from engine.sim.dynamics import DAY, REALISM, Draws, Drift, Population, Realism, drift_of, event_round, response
+from engine.sim.dynamics import (
+    DAY,
+    ORGANIC_WINDOW_DAYS,
+    REALISM,
+    Draws,
+    Drift,
+    Population,
+    Realism,
+    drift_of,
+    event_round,
+    response,
+)
 from engine.sim.telco import CHANNELS, SCHEMA
 from engine.sim.world import World, customer_id, generate, population_seeds
 from engine.store.decision_log import DecisionLog
@@ -182,6 +194,7 @@ class SeedResult:
     drift: str
     lift: dict | None  # nba report on the nba run's recorded streams: lift over the control group
     campaign: dict | None = None  # the campaign's plan against what the nba run presented
+    qini: dict | None = None  # nba report's uplift section on the nba_uplift run's recorded streams
 
 
 @dataclass
@@ -261,7 +274,7 @@ class _Play:
         i, c = self.pop.row(req.customer_id), CHANNELS.index(req.channel)
         ids = [v.action.id for _, _, v in cands]
         p = self.pop.probability(i, ids, c, now, self.drifted)
-        q = self.pop.organic_probability(i, c, now, self.drifted)[[self.pop.index[a] for a in ids]]
+        q = self.pop.organic_probability(i, self.drifted)[[self.pop.index[a] for a in ids]]
         gain = [(p[k] - q[k]) * cands[k][2].action.value for k in range(len(cands))]
         return [cand for g, cand in sorted(zip(gain, cands), key=lambda s: (-s[0], s[1][2].action.id))
                 if g > 0 or cand[2].action.service]
@@ -280,6 +293,11 @@ class _Play:
         while self.pending and self.pending[0][0] <= now:
             at, _, i, decision_id, action_id, outcome, report = heapq.heappop(self.pending)
             if outcome == "organic":
+                k = self.pop.index[action_id]
+                if self.pop.taken[i, k] or self.pop.shown_at[i, k] > at - ORGANIC_WINDOW_DAYS * DAY:
+                    continue
+                self.pop.accepted(i, action_id)
+                self.run.organic += self.counted(customer_id(i, self.pop.world.prefix))
                 if report and self.events is not None:
                     self.events.publish(f"organic-{i}-{action_id}-{at:.0f}", customer_id(i, self.pop.world.prefix),
                                         ORGANIC_EVENT, {"action_id": action_id}, ts=at, source="simulation")
@@ -309,6 +327,8 @@ class _Play:
         day_start = self.start + r * DAY
         n = pop.world.size
         realism = pop.realism
+        if realism.organic:
+            self._organic_day(r, day_start)
         for i in np.flatnonzero(draws.active[r]).tolist():
             now = day_start + DAY_OPENS + DAY_HOURS * i / n
             self.clock["now"] = now
@@ -323,7 +343,7 @@ class _Play:
                 run.round_decisions[r] += 1
             else:
                 run.control_decisions += 1
-            organic = pop.organic_probability(i, c, now, self.drifted) if realism.organic else None
+            organic = pop.organic_probability(i, self.drifted) if realism.organic else None
             for a in d.actions:
                 if a.campaign:
                     run.campaign_presented[a.campaign] = run.campaign_presented.get(a.campaign, 0) + 1
@@ -353,23 +373,20 @@ class _Play:
                         run.round_value[r] += a.value
                 elif accepted:
                     run.control_value += a.value
-            if organic is not None:
-                self._take_anyway(r, i, organic, {a.action_id for a in d.actions}, now, counted)
         self.finish(day_start + DAY - 1.0)
 
-    def _take_anyway(self, r: int, i: int, organic: np.ndarray, shown: set[str], now: float, counted: bool) -> None:
-        """The uplift world's organic purchases of customer ``i`` in this decision: live offers it did not
-        show, taken with their organic probability; reported as ``offer_accepted`` events like acceptances."""
-        pop, live = self.pop, {a.id for a in self.engine.rules.current.ruleset.actions}
-        u = self._organic(r)[i]
-        for k in np.flatnonzero(u < organic).tolist():
-            action = pop.actions[k]
-            if action.id in shown or action.type == "service" or action.id not in live:
-                continue
-            pop.accepted(i, action.id)
-            answer = response(pop.realism, True, float(u[k] / organic[k]), float(self.draws.delay[r, i]), now)
-            self._push(answer.lands or now, i, "", action.id, "organic", answer.at is not None)
-            self.run.organic += counted
+    def _organic_day(self, r: int, day_start: float) -> None:
+        """The uplift world's organic purchases of day ``r`` (``engine.sim.dynamics``), each at its own time
+        of the day (``_due`` lands them: not when the offer was shown or taken in the meantime)."""
+        pop, realism = self.pop, self.pop.realism
+        live = {a.id for a in self.engine.rules.current.ruleset.actions}
+        offers = np.array([a.id in live and a.type != "service" for a in pop.actions])
+        hazard = pop.organic_hazard(self.drifted, day_start) * offers
+        u, v = self.draws.organic(r, len(pop.actions))
+        reported = realism.accepted_now + realism.accepted_late
+        for i, k in zip(*np.nonzero(u < hazard)):
+            at = day_start + DAY_OPENS + DAY_HOURS * float(u[i, k] / hazard[i, k])
+            self._push(at, int(i), "", pop.actions[int(k)].id, "organic", float(v[i, k]) < reported)
 
     def finish(self, until: float) -> None:
         """Let the responses and acceptances due by ``until`` land."""
@@ -602,7 +619,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     planned = _plan(store, model, rules[0], settings, world, traffic, rejections) if settings.campaign else None
     generic = _generic_offer(store, rules[0], Population(world, actions, realism, drift), draws.channel[0])
     runs: dict[str, PolicyRun] = {}
-    lift = None
+    lift = qini_result = None
     for name in settings.policies:
         _seed_profiles(store, world)
         pop = Population(world, actions, realism, drift)
@@ -659,9 +676,14 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
             lift["control_decisions"] = report["policy"]["control"]["decisions"]
             lift["true_lift"] = (round((run.value / run.decisions) / (run.control_value / run.control_decisions) - 1, 4)
                                  if run.decisions and run.control_decisions and run.control_value else None)
+        if name == "nba_uplift":
+            end = SIM_START + (settings.rounds + 7) * DAY
+            play.finish(end)  # the last decisions' label windows close (nothing more is counted)
+            qini_result = qini(store.client, as_of=end)
         runs[name] = play.run
         progress(f"seed {seed}: {name:18} {play.run.per_1000:>10,.1f} per 1,000 decisions "
-                 f"({play.run.decisions:,} decisions)")
+                 f"({play.run.decisions:,} decisions" + (f"; incremental {play.run.incremental_per_1000:,.1f}"
+                                                         if realism.organic else "") + ")")
     check = None
     if planned is not None and "nba" in runs:
         presented = runs["nba"].campaign_presented.get(settings.campaign, 0)
@@ -674,7 +696,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
         progress(f"seed {seed}: campaign {settings.campaign}: planned {planned.presentations_in_budget:,.0f} "
                  f"presentations, nba presented {presented:,}")
     return SeedResult(seed, history_seed, evaluated_seed, generic, runs, model_info,
-                      drift.describe() if drift is not None else "", lift, check)
+                      drift.describe() if drift is not None else "", lift, check, qini_result)
 
 
 # --- a campaign: planned, then played ------------------------------------------------------------------
@@ -794,6 +816,16 @@ def table(sim: Simulation) -> dict:
             "seeds_nba_ahead": sum(a > b for a, b in zip(per_seed["nba"], per_seed["rules_only"]))}
     if {"nba", "nba_uplift"} <= set(per_seed):
         out["nba_uplift_vs_nba"] = _paired(sim, "nba_uplift", "nba")
+    pooled = [s.qini["all"] for s in sim.seeds if s.qini and s.qini.get("all")]
+    if pooled:
+        coefficients = [p["qini_coefficient"] for p in pooled if p["qini_coefficient"] is not None]
+        actions = [(name, g["qini_coefficient"]) for s in sim.seeds if s.qini for name, g in s.qini["actions"].items()
+                   if g["qini_coefficient"] is not None]
+        out["nba_uplift_qini"] = {
+            "qini_coefficient_all": _rounded(float(np.mean(coefficients)), 5) if coefficients else None,
+            "per_seed": [{"qini_coefficient": p["qini_coefficient"], "auuc": p["auuc"], "uplift": p["uplift"],
+                          "rows": p["rows"]} for p in pooled],
+            "actions_with_a_curve": len(actions), "actions_positive": sum(c > 0 for _, c in actions)}
     start = [s.model["start"] for s in sim.seeds]
     last = [s.model["retrained"][-1] for s in sim.seeds if s.model["retrained"]]
 
@@ -901,6 +933,11 @@ def format_simulation(sim: Simulation) -> str:
                      f"{up['incremental']['seeds_ahead']} of {len(s.seeds)} seeds), accepted value "
                      f"{up['value']['difference_per_1000']:+,.1f} ({up['value']['ci95'][0]:+,.1f} .. "
                      f"{up['value']['ci95'][1]:+,.1f})")
+    q = t.get("nba_uplift_qini")
+    if q:
+        lines.append(f"nba report on the nba_uplift run's streams: Qini coefficient of its uplift estimates, all "
+                     f"actions pooled, {q['qini_coefficient_all']:+.5f} (mean over seeds); positive for "
+                     f"{q['actions_positive']} of {q['actions_with_a_curve']} (action, seed) curves")
     m = t["model"]
     lines.append(f"model: {m['trained_on']}")
     lines.append(f"  holdout AUC {m['holdout_auc']}; on the same rows the oracle's {m['oracle_auc']}, the truth "

@@ -17,7 +17,8 @@ Two kinds of world:
   ``engine.sim.dynamics``.
 - ``uplift``: the realistic world whose customers also differ in what an offer *changes* (issue 31). Every
   customer and action has an *organic* probability: that the customer takes the action's product within
-  the decision's window without being shown it (``organic_logit``). Most customers are *persuadable*:
+  the label window without being shown it (``organic_shift`` added to the treated logit on the web, where
+  organic purchases happen). Most customers are *persuadable*:
   the organic logit is the treated one less ``ORGANIC_GAP`` (about one in twelve would buy anyway).
   ``SURE_THING_SHARE`` of them are *sure things* for up-sells, cross-sells and bundles (organic = treated:
   they buy what they buy whether shown it or not), ``SLEEPING_DOG_SHARE`` are *sleeping dogs* for
