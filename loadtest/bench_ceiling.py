@@ -44,6 +44,8 @@ leaves the bare server out), ``--alternate`` pairs bare with bare aio:
 Overheads, A/B in one run (``--ab``); each prints both sides' p50/p99/p99.9 and the ratio:
 
 * ``explore``: in process, epsilon exploration (0.2 per slot) against none, both enforcing contact policies.
+* ``uplift``: in process, uplift arbitration (a second model of the same size scores every admitted action)
+  against propensity arbitration, both enforcing contact policies.
 * ``contact``: ``nba serve --workers 1`` enforcing ``rules/contact.yaml`` and the daily budgets against one
   with ``--no-contact-policies``, alternating request by request (exit 1 when the p99 ratio is over 1.5);
   with ``--in-process CALLS`` the two engines in one process, call by call, no gRPC;
@@ -57,6 +59,7 @@ Overheads, A/B in one run (``--ab``); each prints both sides' p50/p99/p99.9 and 
     python loadtest/bench_ceiling.py --ab contact --alternate 200 --duration 20 --alternate-rounds 4 --json /tmp/contact.json
     python loadtest/bench_ceiling.py --ab contact --in-process 4000
     python loadtest/bench_ceiling.py --ab explore --in-process 4000
+    python loadtest/bench_ceiling.py --ab uplift --in-process 4000
     python loadtest/bench_ceiling.py --ab tls --alternate 200 --duration 15 --alternate-rounds 4
     python loadtest/bench_ceiling.py --ab admission --turns 12 --calls 300
     python loadtest/bench_ceiling.py --ab tracing --via grpc --turns 12 --calls 300
@@ -129,7 +132,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sweep", type=float, nargs="+", metavar="RATE",
                     help="instead of find-max: every server at these fixed rates (loadgen.run), --rounds times, "
                          "the servers' order rotating by round; median p50/p99 per server and rate")
-    ap.add_argument("--ab", choices=("contact", "explore", "tls", "admission", "tracing"),
+    ap.add_argument("--ab", choices=("contact", "explore", "uplift", "tls", "admission", "tracing"),
                     help="instead: one overhead, A/B in one run (see the module docstring); "
                          "contact and tls alternate at --alternate RATE (default 200) for --alternate-rounds")
     ap.add_argument("--in-process", type=int, default=0, metavar="CALLS",
@@ -364,11 +367,23 @@ def ab_explore(args: argparse.Namespace) -> int:
     return 0
 
 
-def contact_in_process(calls: int, customers: int, models_dir: str, explore: float = 0.0) -> dict[str, dict]:
+def ab_uplift(args: argparse.Namespace) -> int:
+    """Uplift arbitration (the champion's model file as the organic half: a second model of the same size
+    scores every admitted action) against propensity arbitration, in process, both with contact policies."""
+    t = contact_in_process(args.in_process or 4000, args.customers, args.models_dir, uplift=True)
+    r = _ab_report(t, "off", "on", args, f"uplift arbitration, in-process, {args.in_process or 4000} calls each")
+    write_json(args.json, t | {"ratios": r, "args": vars(args)})
+    return 0
+
+
+def contact_in_process(calls: int, customers: int, models_dir: str, explore: float = 0.0,
+                       uplift: bool = False) -> dict[str, dict]:
     """``DecisionEngine.decide`` with contact policies on and off, one process, alternating call by call on
     the same request sequence (no gRPC: the cost of the policies and budgets themselves); with ``explore``,
-    both sides enforce contact policies and "on" explores epsilon-greedy with that share per slot."""
+    both sides enforce contact policies and "on" explores epsilon-greedy with that share per slot; with
+    ``uplift``, both enforce them and "on" ranks by uplift."""
     import random
+    from dataclasses import replace
 
     from engine.decision.funnel import DecisionEngine
     from engine.decision.request import DecideInput
@@ -379,11 +394,18 @@ def contact_in_process(calls: int, customers: int, models_dir: str, explore: flo
     mix = dict(zip(CHANNELS, (0.25, 0.35, 0.25, 0.07, 0.03, 0.03, 0.02)))
     times: dict[str, list[float]] = {"off": [], "on": []}
     with srv.engine_parts(customers, models_dir) as parts:
-        exploring = Live(ModelSet(parts.model.current, exploration=ExplorationConfig(strategy="epsilon", share=explore)))
+        model = parts.model.current
+        if uplift:
+            champion = model.champion if isinstance(model, ModelSet) else model
+            on = Live(ModelSet(replace(champion, organic=replace(champion, version=f"{champion.version}+organic")),
+                               arbitration="uplift"))
+        else:
+            on = Live(ModelSet(model, exploration=ExplorationConfig(strategy="epsilon", share=explore))) \
+                if explore > 0 else parts.model
         clock = lambda: 1_781_524_800.0  # noqa: E731
-        engines = {"off": DecisionEngine(parts.store, parts.rules, parts.model, contacts=explore > 0, clock=clock),
-                   "on": DecisionEngine(parts.store, parts.rules, exploring if explore > 0 else parts.model,
-                                        contacts=True, clock=clock)}
+        engines = {"off": DecisionEngine(parts.store, parts.rules, parts.model, contacts=explore > 0 or uplift,
+                                         clock=clock),
+                   "on": DecisionEngine(parts.store, parts.rules, on, contacts=True, clock=clock)}
         for e in engines.values():
             e.warmup()
         rng = random.Random(5)
@@ -560,7 +582,8 @@ def ab_tracing(args: argparse.Namespace) -> int:
 
 
 AB: dict[str, Callable[[argparse.Namespace], int]] = {
-    "contact": ab_contact, "explore": ab_explore, "tls": ab_tls, "admission": ab_admission, "tracing": ab_tracing}
+    "contact": ab_contact, "explore": ab_explore, "uplift": ab_uplift, "tls": ab_tls, "admission": ab_admission,
+    "tracing": ab_tracing}
 
 
 if __name__ == "__main__":

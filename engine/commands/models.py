@@ -102,6 +102,11 @@ def _show(registry: ModelRegistry, version: str) -> int:
     print(f"{version}: " + ", ".join(f"{k} {v}" for k, v in saved.get("training", {}).items()
                                      if not isinstance(v, (dict, list))))
     print(format_metrics(saved.get("metrics", {})))
+    organic = saved.get("organic")
+    if organic:
+        print("\norganic model (uplift arbitration: P(take | not shown)): " + ", ".join(
+            f"{k} {v}" for k, v in organic.get("training", {}).items() if not isinstance(v, (dict, list))))
+        print(format_metrics(organic.get("metrics", {})))
     return 0
 
 

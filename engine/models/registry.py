@@ -64,8 +64,8 @@ class LoadedModel:
     feature_schema: str = ""  # the fingerprint of the feature schema it was trained on
     features: tuple[str, ...] = ()  # its input columns by name (schema.json); () for the live schema's own
     levels: dict[str, list[str]] = field(default_factory=dict)  # categorical feature -> its codes' levels
-    # uplift arbitration's second model (``nba train --uplift``): the probability of taking an action
-    # without being shown it; None for a propensity-only version
+    # uplift arbitration's second model (``nba train --uplift``, ``training.fit_organic``): the logit shift
+    # from this model's P(take | shown) to P(take | not shown); None for a propensity-only version
     organic: LoadedModel | None = None
 
 

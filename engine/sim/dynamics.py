@@ -280,6 +280,7 @@ class Population:
             logit += np.outer(self.world.categorical["segment"][rows] == self.drift.segment, moved)
         p = 1.0 / (1.0 + np.exp(-logit))
         p[self.taken[rows]] = 0.0
+        p[:, self.types == "service"] = 0.0  # customer care is given, not bought
         return p if np.ndim(i) else p[0]
 
     def organic_hazard(self, drifted: bool, now: float) -> np.ndarray:

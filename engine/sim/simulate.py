@@ -85,7 +85,7 @@ from engine.live import Live
 from engine.models.experiment import ExplorationConfig, ModelSet
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import LoadedModel, ModelRegistry
-from engine.models.training import TrainingSet, auc, fit
+from engine.models.training import TrainingSet, auc, fit, fit_organic
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules, compile_rules
 from engine.sim.dynamics import (
@@ -113,6 +113,7 @@ UPLIFT_POLICIES = ("nba", "nba_uplift", "rules_only", "constrained_oracle", "upl
 LEARNING = ("nba", "nba_uplift")  # the service's own policies: trained, retrained, exploring
 SIM_START = datetime(2030, 1, 7, tzinfo=UTC).timestamp()  # a Monday, midnight UTC
 DAY_OPENS, DAY_HOURS = 9 * 3600.0, 10.0 * 3600.0  # decisions from 09:00 to 19:00 (no quiet hours)
+LABEL_DAYS = 7  # the label window of training and reports
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
@@ -388,6 +389,15 @@ class _Play:
             at = day_start + DAY_OPENS + DAY_HOURS * float(u[i, k] / hazard[i, k])
             self._push(at, int(i), "", pop.actions[int(k)].id, "organic", float(v[i, k]) < reported)
 
+    def after(self, days: int) -> None:
+        """``days`` more days without decisions (organic purchases go on): the label windows of the last
+        decisions close on the same world as the first ones' (the uplift world; elsewhere nothing happens)."""
+        if not self.pop.realism.organic:
+            return
+        for r in range(self.round + 1, self.round + 1 + days):
+            self._organic_day(r, self.start + r * DAY)
+            self.finish(self.start + (r + 1) * DAY - 1.0)
+
     def finish(self, until: float) -> None:
         """Let the responses and acceptances due by ``until`` land."""
         self.clock["now"] = max(self.clock["now"], until)
@@ -448,7 +458,7 @@ def _train(registry: ModelRegistry, data: TrainingSet, trees: int,
         booster, metrics, summary = fit(data, trees)
         second = None
         if organic is not None:
-            organic_booster, organic_metrics, organic_summary = fit(organic, trees)
+            organic_booster, organic_metrics, organic_summary = fit_organic(booster, organic, trees)
             second = (organic_booster.model_to_string(), organic_metrics, organic_summary)
             metrics = {**metrics, "organic": organic_metrics}
     except ValueError as exc:
@@ -588,7 +598,8 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
                  counted=lambda cid: True, truth=truth, events=_events(store, engine, clock, realism))
     for r in range(settings.history_days):
         play.day(r)
-    play.finish(SIM_START - 1.0)  # a week later every label window of the history has closed
+    play.after(LABEL_DAYS)  # a week later every label window of the history has closed
+    play.finish(SIM_START - 1.0)
     decision_log.close()
     traffic, rejections = (Traffic({}), 0.0) if not settings.campaign else (
         traffic_from_stream(store.client, hist.size, settings.history_days, CHANNELS, until=SIM_START - 7 * DAY),
@@ -677,9 +688,8 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
             lift["true_lift"] = (round((run.value / run.decisions) / (run.control_value / run.control_decisions) - 1, 4)
                                  if run.decisions and run.control_decisions and run.control_value else None)
         if name == "nba_uplift":
-            end = SIM_START + (settings.rounds + 7) * DAY
-            play.finish(end)  # the last decisions' label windows close (nothing more is counted)
-            qini_result = qini(store.client, as_of=end)
+            play.after(LABEL_DAYS)  # the last decisions' label windows close (nothing more is counted)
+            qini_result = qini(store.client, as_of=SIM_START + (settings.rounds + LABEL_DAYS) * DAY)
         runs[name] = play.run
         progress(f"seed {seed}: {name:18} {play.run.per_1000:>10,.1f} per 1,000 decisions "
                  f"({play.run.decisions:,} decisions" + (f"; incremental {play.run.incremental_per_1000:,.1f}"
