@@ -240,3 +240,38 @@ def test_simulate_compares_uplift_with_propensity_arbitration_in_the_uplift_worl
     assert out["uplift_oracle"]["incremental_per_1000"] > 0
     with pytest.raises(NbaError, match="unknown policies nba_uplift in the realistic world"):
         Settings(policies=("nba_uplift",)).check()
+
+
+def test_nba_train_uplift_stores_both_models_from_recorded_traffic(redis_url: str, models_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from engine.cli import main
+
+    engine = _engine(redis_url, _with_organic(ModelRegistry(models_dir, SCHEMA).load(), 0.1),
+                     ExplorationConfig(strategy="epsilon", share=1.0, control=True))
+    ids = [f"TU{i}" for i in range(90)]
+    engine.store.save([customer(c, data_usage_gb=5 + i % 40) for i, c in enumerate(ids)], SCHEMA)
+    decisions = [engine.decide(DecideInput(customer_id=c, channel=ch, max_actions=1))
+                 for c in ids for ch in ("web", "call_center")]
+    for k, d in enumerate(decisions):
+        if d.actions and k % 3 == 0:
+            engine.responses.record(d.decision_id, d.actions[0].action_id, "accepted", ts=NOON + 60)
+    stream = _stream(engine)
+    for k, (_, entry) in enumerate(sorted(stream.items())):
+        candidates = [c.split(":")[0] for c in entry["candidates"].split(",")]
+        unshown = [a for a in candidates if a != entry["actions"]]
+        if unshown and k % 4 == 0:
+            engine.store.client.xadd(EVENTS_STREAM, {"event_id": f"t{k}", "customer_id": entry["customer_id"],
+                                                     "type": ORGANIC_EVENT, "ts": f"{NOON + DAY:.3f}",
+                                                     "attr.action_id": unshown[0]})
+    target = tmp_path / "models"
+    args = ["train", "--redis-url", redis_url, "--rules-dir", str(RULES_DIR), "--models-dir", str(target),
+            "--rounds", "5", "--as-of", str(NOON + 30 * DAY)]
+    assert main([*args[:1], "--uplift", *args[1:]]) == 2
+    assert "--uplift trains from recorded decisions and events: add --from-stream" in capsys.readouterr().err
+    assert main([*args, "--from-stream", "--uplift"]) == 0
+    out = capsys.readouterr().out
+    assert "organic rows:" in out and "arm organic" in out
+    registry = ModelRegistry(target, SCHEMA)
+    model = registry.load()
+    assert model.organic is not None
+    assert registry.metrics(model.version)["organic"]["training"]["learns"].startswith("the logit shift")

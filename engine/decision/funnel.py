@@ -117,8 +117,8 @@ class Decision:
     candidates: list[tuple[str, float]] = field(default_factory=list)
     choice_sets: list[list[int]] = field(default_factory=list)
     probabilities: list[float] | None = field(default_factory=list)
-    # uplift arbitration: each admitted action's (P(take | shown), P(take | not shown)); empty otherwise
-    uplift: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # uplift arbitration: each admitted action's (P(take | shown), P(take | not shown), value x weight)
+    uplift: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 class _Stages:
@@ -336,7 +336,7 @@ class DecisionEngine:
             degraded_by = "contact_store"
         for a in decision.actions:
             if a.action_id in decision.uplift:
-                p, q = decision.uplift[a.action_id]
+                p, q, _ = decision.uplift[a.action_id]
                 a.reasons.append(f"uplift arbitration: {p:.3f} if shown, {q:.3f} without")
         if explore is not None and not decision.control:
             decision.explored = True
@@ -648,16 +648,18 @@ def _uplift(decision: Decision, admitted: list[ActionVerdict], propensity: np.nd
             organic: np.ndarray) -> np.ndarray:
     """Uplift arbitration's ranking: P(take | shown) (blended with the Thompson sample when exploring) less
     P(take | not shown), per admitted action; both kept with the decision."""
-    decision.uplift = {v.action.id: (p, q) for v, p, q in zip(admitted, propensity.tolist(), organic.tolist())}
+    decision.uplift = {v.action.id: (p, q, v.action.value * v.weight)
+                       for v, p, q in zip(admitted, propensity.tolist(), organic.tolist())}
     return (propensity if explore is None else explore) - organic
 
 
-def _no_uplift(candidates: list, uplift: dict[str, tuple[float, float]], funnel: list[FunnelEntry] | None) -> list:
+def _no_uplift(candidates: list, uplift: dict[str, tuple[float, float, float]],
+               funnel: list[FunnelEntry] | None) -> list:
     """Drop the offers whose estimated uplift is not above zero (stage ``no_uplift``): shown, they would
     reach only customers who take them anyway, or push them away. Service actions stay."""
     kept = []
     for c in candidates:
-        p, q = uplift.get(c[2].action.id, (0.0, 0.0))
+        p, q, _ = uplift.get(c[2].action.id, (0.0, 0.0, 0.0))
         if c[0] > 0 or c[2].action.service:
             kept.append(c)
         elif funnel is not None:
@@ -674,7 +676,7 @@ def _uplift_fields(decision: Decision) -> dict[str, str]:
         return {}
 
     def gain(action_id: str) -> str:
-        p, q = decision.uplift.get(action_id, (0.0, 0.0))
+        p, q, _ = decision.uplift.get(action_id, (0.0, 0.0, 0.0))
         return f"{p - q:.6g}"
 
     out = {"arbitration": "uplift", "uplifts": ",".join(gain(a.action_id) for a in decision.actions)}

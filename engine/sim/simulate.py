@@ -111,6 +111,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("nba", "rules_only", "generic", "random_eligible", "constrained_oracle", "oracle")
 UPLIFT_POLICIES = ("nba", "nba_uplift", "rules_only", "constrained_oracle", "uplift_oracle")
 LEARNING = ("nba", "nba_uplift")  # the service's own policies: trained, retrained, exploring
+UPLIFT_DIAGNOSIS = ("estimated propensity", "estimated uplift", "estimated propensity, true shift",
+                    "true propensity, estimated shift", "true uplift")
 SIM_START = datetime(2030, 1, 7, tzinfo=UTC).timestamp()  # a Monday, midnight UTC
 DAY_OPENS, DAY_HOURS = 9 * 3600.0, 10.0 * 3600.0  # decisions from 09:00 to 19:00 (no quiet hours)
 LABEL_DAYS = 7  # the label window of training and reports
@@ -174,6 +176,7 @@ class PolicyRun:
     campaign_presented: dict[str, int] = field(default_factory=dict)  # campaign -> presentations (every customer)
     incremental: float = 0.0  # uplift world: value x (taken when shown - taken without), presented actions
     organic: int = 0  # uplift world: actions customers took without being shown them
+    diagnosis: dict[str, float] = field(default_factory=dict)  # nba_uplift: ``uplift_diagnosis``'s sums
 
     @property
     def per_1000(self) -> float:
@@ -345,6 +348,8 @@ class _Play:
             else:
                 run.control_decisions += 1
             organic = pop.organic_probability(i, self.drifted) if realism.organic else None
+            if d.uplift and counted and organic is not None:
+                self._diagnose(d.uplift, i, c, now, organic)
             for a in d.actions:
                 if a.campaign:
                     run.campaign_presented[a.campaign] = run.campaign_presented.get(a.campaign, 0) + 1
@@ -376,6 +381,23 @@ class _Play:
                     run.control_value += a.value
         self.finish(day_start + DAY - 1.0)
 
+    def _diagnose(self, estimates: dict[str, tuple[float, float, float]], i: int, c: int, now: float,
+                  organic: np.ndarray) -> None:
+        """One uplift-ranked decision's candidates, taken alone (no contact limits, one slot): the true
+        incremental value of the top candidate by each ranking (``UPLIFT_DIAGNOSIS``), where the estimated
+        P(take | shown) and the estimated shift to P(take | not shown) are each swapped for the truth."""
+        ids = list(estimates)
+        p_hat, q_hat, worth = (np.array(x) for x in zip(*estimates.values()))
+        p = self.pop.probability(i, ids, c, now, self.drifted)
+        q = organic[[self.pop.index[a] for a in ids]]
+        gain = (p - q) * worth
+        for name, score in (("estimated uplift", (p_hat - q_hat) * worth), ("estimated propensity", p_hat * worth),
+                            ("estimated propensity, true shift", (p_hat - _shifted(p_hat, q, p)) * worth),
+                            ("true propensity, estimated shift", (p - _shifted(p, q_hat, p_hat)) * worth),
+                            ("true uplift", gain)):
+            self.run.diagnosis[name] = self.run.diagnosis.get(name, 0.0) + float(gain[int(np.argmax(score))])
+        self.run.diagnosis["decisions"] = self.run.diagnosis.get("decisions", 0.0) + 1
+
     def _organic_day(self, r: int, day_start: float) -> None:
         """The uplift world's organic purchases of day ``r`` (``engine.sim.dynamics``), each at its own time
         of the day (``_due`` lands them: not when the offer was shown or taken in the meantime)."""
@@ -402,6 +424,14 @@ class _Play:
         """Let the responses and acceptances due by ``until`` land."""
         self.clock["now"] = max(self.clock["now"], until)
         self._due(until)
+
+
+def _shifted(p: np.ndarray, q: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """``p`` moved by the logit shift from ``base`` to ``q``."""
+    def logit(x: np.ndarray) -> np.ndarray:
+        x = np.clip(x, 1e-9, 1 - 1e-9)
+        return np.log(x / (1 - x))
+    return 1.0 / (1.0 + np.exp(-(logit(p) + logit(q) - logit(base))))
 
 
 def _engine(store: ProfileStore, rules: CompiledRules, models: Live[ModelSet], clock: dict[str, float],
@@ -826,6 +856,12 @@ def table(sim: Simulation) -> dict:
             "seeds_nba_ahead": sum(a > b for a, b in zip(per_seed["nba"], per_seed["rules_only"]))}
     if {"nba", "nba_uplift"} <= set(per_seed):
         out["nba_uplift_vs_nba"] = _paired(sim, "nba_uplift", "nba")
+    diagnosed = [s.runs["nba_uplift"].diagnosis for s in sim.seeds if "nba_uplift" in s.runs
+                 and s.runs["nba_uplift"].diagnosis.get("decisions")]
+    if diagnosed:
+        out["uplift_diagnosis"] = {name: {"per_1000": _rounded(mean_ci(v)[0]), "ci95": [_rounded(x) for x in mean_ci(v)[1]]}
+                                   for name in UPLIFT_DIAGNOSIS
+                                   for v in [[1000 * d[name] / d["decisions"] for d in diagnosed]]}
     pooled = [s.qini["all"] for s in sim.seeds if s.qini and s.qini.get("all")]
     if pooled:
         coefficients = [p["qini_coefficient"] for p in pooled if p["qini_coefficient"] is not None]
@@ -943,6 +979,10 @@ def format_simulation(sim: Simulation) -> str:
                      f"{up['incremental']['seeds_ahead']} of {len(s.seeds)} seeds), accepted value "
                      f"{up['value']['difference_per_1000']:+,.1f} ({up['value']['ci95'][0]:+,.1f} .. "
                      f"{up['value']['ci95'][1]:+,.1f})")
+    diagnosis = t.get("uplift_diagnosis")
+    if diagnosis:
+        lines.append("nba_uplift's decisions, candidates taken alone (no limits): true incremental value per 1,000 "
+                     "of the top candidate by " + "; ".join(f"{name} {d['per_1000']:,.0f}" for name, d in diagnosis.items()))
     q = t.get("nba_uplift_qini")
     if q:
         lines.append(f"nba report on the nba_uplift run's streams: Qini coefficient of its uplift estimates, all "
