@@ -57,7 +57,9 @@ def test_the_uplift_world_has_its_documented_shares_and_laws() -> None:
         organic = pop.organic_probability(i, False)
         treated = pop.probability(i, [a.id for a in actions], CHANNELS.index("web"), 0.0, False)
         for t, k in by_type.items():
-            if cls == sim_world.SLEEPING_DOG and t in sim_world.SLEEPING_DOG_TYPES:
+            if t == "service":
+                assert organic[k] == 0  # customer care is given, not bought
+            elif cls == sim_world.SLEEPING_DOG and t in sim_world.SLEEPING_DOG_TYPES:
                 assert organic[k] > treated[k]  # the offer pushes them away
             elif cls == sim_world.SURE_THING and t in sim_world.SURE_THING_TYPES:
                 assert organic[k] == pytest.approx(treated[k])  # they take it anyway
