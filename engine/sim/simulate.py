@@ -48,7 +48,12 @@ In the ``uplift`` world (sure things and sleeping dogs, organic purchases: ``eng
 
 There every row also counts *incremental value*: per presented action, value x (taken when shown - taken
 without it), both outcomes from the same uniform draw (the customer's potential outcomes, coupled), so a
-sure thing's acceptance counts 0 and a sleeping dog's lost purchase counts minus its value.
+sure thing's acceptance counts 0 and a sleeping dog's lost purchase counts minus its value. Two
+checks of ``nba_uplift``'s estimates: ``nba report``'s Qini curves on its recorded streams (after a
+label window without decisions, so the last decisions' outcomes are in), and a diagnosis of its
+decisions (``_Play._diagnose``): each decision's candidates taken alone, the true incremental value
+of the top one by estimated propensity, by estimated uplift, by each with one estimated half swapped
+for the truth, and by the true uplift.
 
 **Counting.** Every row counts the same customers: those outside the control group (the control
 group's customers are simulated in every run, and excluded from every row). Value is the value of
