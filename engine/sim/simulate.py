@@ -116,6 +116,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("nba", "rules_only", "generic", "random_eligible", "constrained_oracle", "oracle")
 UPLIFT_POLICIES = ("nba", "nba_uplift", "rules_only", "constrained_oracle", "uplift_oracle")
 LEARNING = ("nba", "nba_uplift")  # the service's own policies: trained, retrained, exploring
+UPLIFT_CLASSES = ("persuadable", "sure_thing", "sleeping_dog")  # engine.sim.world's codes, in order
 UPLIFT_DIAGNOSIS = ("estimated propensity", "estimated uplift", "estimated propensity, true shift",
                     "true propensity, estimated shift", "true uplift")
 SIM_START = datetime(2030, 1, 7, tzinfo=UTC).timestamp()  # a Monday, midnight UTC
@@ -182,6 +183,7 @@ class PolicyRun:
     incremental: float = 0.0  # uplift world: value x (taken when shown - taken without), presented actions
     organic: int = 0  # uplift world: actions customers took without being shown them
     diagnosis: dict[str, float] = field(default_factory=dict)  # nba_uplift: ``uplift_diagnosis``'s sums
+    shifts: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (class, type) -> est., true, n
 
     @property
     def per_1000(self) -> float:
@@ -402,6 +404,14 @@ class _Play:
                             ("true uplift", gain)):
             self.run.diagnosis[name] = self.run.diagnosis.get(name, 0.0) + float(gain[int(np.argmax(score))])
         self.run.diagnosis["decisions"] = self.run.diagnosis.get("decisions", 0.0) + 1
+        kind = UPLIFT_CLASSES[int(self.pop.world.uplift[i])]
+        for k, a in enumerate(ids):
+            t = str(self.pop.types[self.pop.index[a]])
+            if t != "service":
+                acc = self.run.shifts.setdefault((kind, t), [0.0, 0.0, 0.0])
+                acc[0] += _logit(q_hat[k]) - _logit(p_hat[k])
+                acc[1] += _logit(q[k]) - _logit(p[k])
+                acc[2] += 1
 
     def _organic_day(self, r: int, day_start: float) -> None:
         """The uplift world's organic purchases of day ``r`` (``engine.sim.dynamics``), each at its own time
@@ -431,12 +441,14 @@ class _Play:
         self._due(until)
 
 
+def _logit(x: np.ndarray | float) -> np.ndarray:
+    x = np.clip(x, 1e-9, 1 - 1e-9)
+    return np.log(x / (1 - x))
+
+
 def _shifted(p: np.ndarray, q: np.ndarray, base: np.ndarray) -> np.ndarray:
     """``p`` moved by the logit shift from ``base`` to ``q``."""
-    def logit(x: np.ndarray) -> np.ndarray:
-        x = np.clip(x, 1e-9, 1 - 1e-9)
-        return np.log(x / (1 - x))
-    return 1.0 / (1.0 + np.exp(-(logit(p) + logit(q) - logit(base))))
+    return 1.0 / (1.0 + np.exp(-(_logit(p) + _logit(q) - _logit(base))))
 
 
 def _engine(store: ProfileStore, rules: CompiledRules, models: Live[ModelSet], clock: dict[str, float],
@@ -647,7 +659,10 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     model, metrics = _train(registry, history, settings.trees, history_organic)
     model_info: dict = {"trained_on": {"customers": hist.size, "population_seed": history_seed,
                                        "days": settings.history_days, "rows": len(history),
-                                       "positives": int(history.y.sum())},
+                                       "positives": int(history.y.sum()),
+                                       **({"organic_rows": len(history_organic),
+                                           "organic_positives": int(history_organic.y.sum())}
+                                          if history_organic is not None else {})},
                         "start": _auc_summary(metrics, history, truth), "retrained": []}
     progress(f"seed {seed}: model from {len(history):,} recorded rows of {hist.size:,} other customers: holdout AUC "
              f"{metrics.get('holdout_auc')}, oracle AUC {metrics.get('oracle_auc')}")
@@ -867,6 +882,12 @@ def table(sim: Simulation) -> dict:
         out["uplift_diagnosis"] = {name: {"per_1000": _rounded(mean_ci(v)[0]), "ci95": [_rounded(x) for x in mean_ci(v)[1]]}
                                    for name in UPLIFT_DIAGNOSIS
                                    for v in [[1000 * d[name] / d["decisions"] for d in diagnosed]]}
+        shifts: dict[tuple[str, str], list[float]] = {}
+        for s in sim.seeds:
+            for pair, acc in s.runs["nba_uplift"].shifts.items():
+                shifts[pair] = [a + b for a, b in zip(shifts.get(pair, [0.0, 0.0, 0.0]), acc)]
+        out["uplift_shifts"] = [{"class": c, "type": t, "candidates": int(n), "estimated": _rounded(e / n, 2),
+                                 "true": _rounded(tr / n, 2)} for (c, t), (e, tr, n) in sorted(shifts.items())]
     pooled = [s.qini["all"] for s in sim.seeds if s.qini and s.qini.get("all")]
     if pooled:
         coefficients = [p["qini_coefficient"] for p in pooled if p["qini_coefficient"] is not None]
@@ -891,6 +912,10 @@ def table(sim: Simulation) -> dict:
         **aucs(start),
         "per_seed": start,
     }
+    organic = [s.model["trained_on"] for s in sim.seeds if "organic_rows" in s.model["trained_on"]]
+    if organic:
+        model["organic_rows"] = [t["organic_rows"] for t in organic]
+        model["organic_positives"] = [t["organic_positives"] for t in organic]
     if last:
         model["retrained"] = {**aucs(last), "retrainings_per_seed": len(sim.seeds[0].model["retrained"])}
     checks = [s.campaign for s in sim.seeds if s.campaign]
@@ -988,6 +1013,9 @@ def format_simulation(sim: Simulation) -> str:
     if diagnosis:
         lines.append("nba_uplift's decisions, candidates taken alone (no limits): true incremental value per 1,000 "
                      "of the top candidate by " + "; ".join(f"{name} {d['per_1000']:,.0f}" for name, d in diagnosis.items()))
+    if t.get("uplift_shifts"):
+        lines.append("  mean logit shift from shown to not shown, estimated / true: " + "; ".join(
+            f"{r['class']} {r['type']} {r['estimated']:+.2f} / {r['true']:+.2f}" for r in t["uplift_shifts"]))
     q = t.get("nba_uplift_qini")
     if q:
         lines.append(f"nba report on the nba_uplift run's streams: Qini coefficient of its uplift estimates, all "
