@@ -334,7 +334,7 @@ class DecisionEngine:
             return self._repeat(rules, req, *interactions.read(repeat), now), None
         if decision.degraded and degraded_by is None:
             degraded_by = "contact_store"
-        for a in decision.actions:
+        for a in [] if decision.control else decision.actions:  # the control policy did not rank on it
             if a.action_id in decision.uplift:
                 p, q, _ = decision.uplift[a.action_id]
                 a.reasons.append(f"uplift arbitration: {p:.3f} if shown, {q:.3f} without")

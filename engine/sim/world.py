@@ -7,7 +7,7 @@ one market share. A model trained on one population is evaluated on another popu
 laws (``engine.sim.simulate``). The ground truth is hidden from the engine: only responses drawn from
 it (and recorded) reach training.
 
-Two kinds of world:
+The kinds of world:
 
 - ``realistic`` (the default): every customer also has unobserved traits (a general responsiveness and
   three latent tastes, drawn from their own random stream, never a feature nor in Redis) that move
