@@ -262,7 +262,6 @@ class _Play:
         self.engine, self.ranking, self.recorder, self.start = engine, ranking, recorder, start
         self.counted, self.new_actions, self.new_round = counted, frozenset(new_actions), new_round
         self.full_rules, self.drift_round, self.truth, self.events = full_rules, drift_round, truth, events
-        self._organic_u: tuple[int, np.ndarray] | None = None
         self.pending: list[tuple[float, int, int, str, str, str, bool]] = []
         self._seq = 0
         self.run = PolicyRun()
@@ -289,11 +288,6 @@ class _Play:
         gain = [(p[k] - q[k]) * cands[k][2].action.value for k in range(len(cands))]
         return [cand for g, cand in sorted(zip(gain, cands), key=lambda s: (-s[0], s[1][2].action.id))
                 if g > 0 or cand[2].action.service]
-
-    def _organic(self, r: int) -> np.ndarray:
-        if self._organic_u is None or self._organic_u[0] != r:
-            self._organic_u = (r, self.draws.organic(r, len(self.pop.actions)))
-        return self._organic_u[1]
 
     def _push(self, at: float, i: int, decision_id: str, action_id: str, outcome: str, report: bool) -> None:
         self._seq += 1
@@ -507,7 +501,6 @@ def _train(registry: ModelRegistry, data: TrainingSet, trees: int,
         if organic is not None:
             organic_booster, organic_metrics, organic_summary = fit_organic(booster, organic, trees)
             second = (organic_booster.model_to_string(), organic_metrics, organic_summary)
-            metrics = {**metrics, "organic": organic_metrics}
     except ValueError as exc:
         raise SimulationError(f"{exc} (a larger --history-customers or --history-days records more)") from exc
     levels = list(organic.actions if organic is not None and len(organic.actions) > len(data.actions) else data.actions)
