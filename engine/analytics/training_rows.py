@@ -206,21 +206,30 @@ ORDER BY k.rn, k.i""").to_arrow_table()  # to_arrow_table: the relation's, witho
 
 
 
+def organic_events(rec: Recorded, table: str) -> None:
+    """A temp table ``table`` (cust, action, ts) of the ``offer_accepted`` events recorded from the range's
+    start to the stream's end, one row per event id: the outcomes of what was not shown."""
+    view = rec.view(EVENTS_STREAM, ("event_id", "customer_id", "type", "ts", "attr.action_id"), name=f"{table}__events",
+                    until="+")
+    rec.sql(f"""
+CREATE OR REPLACE TEMP TABLE {table} AS
+SELECT coalesce(customer_id, '') AS cust, "attr.action_id" AS action, TRY_CAST(ts AS DOUBLE) AS ts
+FROM {view} WHERE type = '{ORGANIC_EVENT}' AND coalesce("attr.action_id", '') <> ''
+QUALIFY row_number() OVER (PARTITION BY coalesce(nullif(event_id, ''), _id) ORDER BY _ms, _seq, _shard) = 1;
+""")
+
+
 def _organic_rows(rec: Recorded, window: float, as_of: float, actions: dict[str, tuple[str, float]]) -> None:
     """The ``presented`` table of the organic arm: per exploring decision, the first slot's feasible
     candidates that no slot showed, labelled by the customer's ``offer_accepted`` events."""
     import pyarrow as pa
 
-    rec.view(EVENTS_STREAM, ("event_id", "customer_id", "type", "ts", "attr.action_id"), name="events", until="+")
+    organic_events(rec, "organic")
     rec.con.register("catalog_rows", pa.table({
         "action": pa.array(list(actions), pa.string()),
         "kind": pa.array([k for k, _ in actions.values()], pa.string()),
         "value": pa.array([float(v) for _, v in actions.values()], pa.float64())}))
     rec.sql(f"""
-CREATE TEMP TABLE organic AS
-SELECT DISTINCT coalesce(customer_id, '') AS cust, coalesce("attr.action_id", '') AS action,
-       CAST(coalesce(nullif(ts, ''), '0') AS DOUBLE) AS ts
-FROM events WHERE type = '{ORGANIC_EVENT}';
 CREATE TEMP TABLE presented AS
 WITH d AS (
     SELECT rn, did, ts, channel, cust, string_split(actions, ',') AS acts, string_split(candidates, ',') AS cands,

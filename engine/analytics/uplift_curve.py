@@ -48,15 +48,14 @@ from typing import Any
 import numpy as np
 
 from engine.analytics.recorded import Recorded
-from engine.analytics.training_rows import ORGANIC_EVENT
-from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, RESPONSES_STREAM
+from engine.analytics.training_rows import organic_events
+from engine.store.profiles import DECISIONS_STREAM, RESPONSES_STREAM
 
 Z95 = 1.959964
 MIN_ARM = 30  # treated and untreated rows an action needs for a curve
 DECISION_COLUMNS = ("decision_id", "customer_id", "ts", "actions", "control", "epsilon", "candidates",
                     "choice_sets", "arbitration", "candidate_uplifts")
 RESPONSE_COLUMNS = ("decision_id", "action_id", "outcome", "ts")
-EVENT_COLUMNS = ("event_id", "customer_id", "type", "ts", "attr.action_id")
 EXPLAINED = ("Qini: incremental conversions per customer when the top x% by the model's uplift score get the "
              "offer; AUUC: the area under it; Qini coefficient: AUUC less random targeting's (> 0: the score "
              "finds the customers the offer sways).")
@@ -106,16 +105,12 @@ FROM e;
 _OUTCOMES_SQL = """
 CREATE OR REPLACE TEMP TABLE q_closed AS
 SELECT * FROM q_rows WHERE ts + $window <= $as_of;
-CREATE OR REPLACE TEMP TABLE q_events AS
-SELECT customer_id AS cid, "attr.action_id" AS action, TRY_CAST(ts AS DOUBLE) AS ts
-FROM $events WHERE type = $organic AND coalesce("attr.action_id", '') <> ''
-QUALIFY row_number() OVER (PARTITION BY coalesce(nullif(event_id, ''), _id) ORDER BY _ms, _seq, _shard) = 1;
 CREATE OR REPLACE TEMP TABLE q_hits AS
 SELECT q.rid FROM q_closed q JOIN $responses r ON r.decision_id = q.did AND r.action_id = q.action
 WHERE r.outcome = 'accepted' AND (TRY_CAST(r.ts AS DOUBLE) IS NULL OR
       (TRY_CAST(r.ts AS DOUBLE) - q.ts <= $window AND TRY_CAST(r.ts AS DOUBLE) <= $as_of))
 UNION
-SELECT q.rid FROM q_closed q JOIN q_events e ON e.cid = q.cid AND e.action = q.action
+SELECT q.rid FROM q_closed q JOIN q_events e ON e.cust = q.cid AND e.action = q.action
 WHERE q.cid <> '' AND e.ts > q.ts AND e.ts <= q.ts + $window AND e.ts <= $as_of;
 """
 
@@ -148,9 +143,9 @@ def qini_recorded(rec: Recorded, decisions: str, window_days: float = 7.0, as_of
     if not counts["read"]:
         return out
     responses = rec.view(RESPONSES_STREAM, RESPONSE_COLUMNS, name="uplift_responses", until="+")
-    events = rec.view(EVENTS_STREAM, EVENT_COLUMNS, name="uplift_events", until="+")
+    organic_events(rec, "q_events")
     rec.sql(_OUTCOMES_SQL.replace("$window", repr(window)).replace("$as_of", repr(as_of))
-            .replace("$responses", responses).replace("$events", events).replace("$organic", _literal(ORGANIC_EVENT)))
+            .replace("$responses", responses))
     total, closed = rec.sql("SELECT (SELECT count(*) FROM q_rows), (SELECT count(*) FROM q_closed)").fetchall()[0]
     out["rows"], out["pending"] = int(closed), int(total - closed)
     names = [a for a, in rec.sql("SELECT action FROM q_closed GROUP BY action ORDER BY count(*) DESC, action").fetchall()]

@@ -308,6 +308,21 @@ def fit_organic(treated: lgb.Booster, organic: TrainingSet, rounds: int = 200) -
     return booster, metrics, {**summary, "learns": "the logit shift from the treated model (offset)"}
 
 
+def fit_version(data: TrainingSet, rounds: int = 200, organic: TrainingSet | None = None
+                ) -> tuple[lgb.Booster, dict, dict, list[str], tuple[str, dict, dict] | None]:
+    """The models of one version: the propensity model on ``data`` (booster, metrics, summary), the action
+    levels both score by, and with ``organic`` (uplift's untreated rows, whose levels must begin with
+    ``data``'s) the organic model (text, metrics, summary)."""
+    booster, metrics, summary = fit(data, rounds)
+    if organic is None:
+        return booster, metrics, summary, list(data.actions), None
+    if list(organic.actions[: len(data.actions)]) != list(data.actions):
+        raise ValueError("the organic rows' action levels must begin with the treated rows'")
+    organic_booster, organic_metrics, organic_summary = fit_organic(booster, organic, rounds)
+    return (booster, metrics, summary, list(organic.actions),
+            (organic_booster.model_to_string(), organic_metrics, organic_summary))
+
+
 def champion_on_holdout(registry, data: TrainingSet) -> dict | None:
     """The current champion scored on the same holdout (None without a usable champion)."""
     from engine.models.registry import ModelRefused
@@ -333,16 +348,10 @@ def train_and_register(registry, data: TrainingSet, rounds: int = 200, promote: 
     "if-better" (no champion, or holdout AUC at least the champion's). Returns (version, metrics, promoted).
     ``organic``: the untreated rows of uplift arbitration (``arm="organic"``), fitted as the version's
     second model; its action levels must begin with ``data``'s."""
-    booster, metrics, summary = fit(data, rounds)
+    booster, metrics, summary, levels, second = fit_version(data, rounds, organic)
     champion = champion_on_holdout(registry, data)
     if champion is not None:
         metrics["champion"] = champion
-    levels, second = list(data.actions), None
-    if organic is not None:
-        if list(organic.actions[: len(levels)]) != levels:
-            raise ValueError("the organic rows' action levels must begin with the treated rows'")
-        organic_booster, organic_metrics, organic_summary = fit_organic(booster, organic, rounds)
-        levels, second = list(organic.actions), (organic_booster.model_to_string(), organic_metrics, organic_summary)
     version = registry.save(booster.model_to_string(), levels, metrics, summary, organic=second)
     better = (champion is None or "holdout_auc" not in champion or champion["holdout_auc"] is None
               or (metrics["holdout_auc"] or 0) >= champion["holdout_auc"])

@@ -90,7 +90,7 @@ from engine.live import Live
 from engine.models.experiment import ExplorationConfig, ModelSet
 from engine.models.exploration import ExplorationCounts, Explorer
 from engine.models.registry import LoadedModel, ModelRegistry
-from engine.models.training import TrainingSet, auc, fit, fit_organic
+from engine.models.training import TrainingSet, auc, fit_version
 from engine.rules.model import RuleSet
 from engine.rules.runtime import CompiledRules, compile_rules
 from engine.sim.dynamics import (
@@ -496,14 +496,9 @@ def _train(registry: ModelRegistry, data: TrainingSet, trees: int,
            organic: TrainingSet | None = None) -> tuple[LoadedModel, dict]:
     """A model version from ``data`` (with its organic half from ``organic``, uplift arbitration's)."""
     try:
-        booster, metrics, summary = fit(data, trees)
-        second = None
-        if organic is not None:
-            organic_booster, organic_metrics, organic_summary = fit_organic(booster, organic, trees)
-            second = (organic_booster.model_to_string(), organic_metrics, organic_summary)
+        booster, metrics, summary, levels, second = fit_version(data, trees, organic)
     except ValueError as exc:
         raise SimulationError(f"{exc} (a larger --history-customers or --history-days records more)") from exc
-    levels = list(organic.actions if organic is not None and len(organic.actions) > len(data.actions) else data.actions)
     version = registry.save(booster.model_to_string(), levels, metrics, summary, organic=second)
     return registry.load(version), metrics
 
