@@ -49,7 +49,7 @@ from engine.decision.responses import ResponseRecorder
 from engine.features import FeatureSchema
 from engine.live import Live
 from engine.models.derived import derive
-from engine.models.experiment import ExplorationConfig, ModelSet, exploration_of, resolve
+from engine.models.experiment import ExplorationConfig, ModelSet, arbitration_of, exploration_of, resolve
 from engine.models.exploration import Explorer
 from engine.models.model_input import ActionTable, Adapter, model_input, row_columns
 from engine.models.registry import LoadedModel
@@ -316,7 +316,7 @@ class DecisionEngine:
         exploration = exploration_of(models)
         explore = self._explore(exploration, model, rules, req, admitted, propensity, now)
         organic = (_without_offer(propensity, self._score(rules, model.organic, x, admitted))
-                   if getattr(models, "arbitration", "") == "uplift" and model.organic is not None else None)
+                   if arbitration_of(models) == "uplift" and model.organic is not None else None)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
                   for v in rules.verdicts(outcome, req.channel, now=now) if not v.admitted] if req.explain else None
@@ -659,10 +659,10 @@ def _no_uplift(candidates: list, uplift: dict[str, tuple[float, float, float]],
     reach only customers who take them anyway, or push them away. Service actions stay."""
     kept = []
     for c in candidates:
-        p, q, _ = uplift.get(c[2].action.id, (0.0, 0.0, 0.0))
         if c[0] > 0 or c[2].action.service:
             kept.append(c)
         elif funnel is not None:
+            p, q, _ = uplift[c[2].action.id]
             funnel.append(FunnelEntry(c[2].action.id, "no_uplift", f"uplift arbitration: {p:.3f} if shown, "
                                       f"{q:.3f} without: showing it gains nothing", p, c[0]))
     return kept

@@ -365,5 +365,9 @@ def resolve(models: ModelSet | LoadedModel, customer_id: str) -> tuple[LoadedMod
     return models, "champion", None
 
 
+def arbitration_of(models: ModelSet | LoadedModel) -> str:
+    return models.arbitration if isinstance(models, ModelSet) else "propensity"
+
+
 def exploration_of(models: ModelSet | LoadedModel) -> ExplorationConfig:
     return models.exploration if isinstance(models, ModelSet) else ExplorationConfig()

@@ -273,21 +273,20 @@ class _Play:
     def drifted(self) -> bool:
         return self.drift_round is not None and self.round >= self.drift_round
 
-    def oracle(self, cands: list, req: DecideInput, profile, now: float) -> list:
-        i, c = self.pop.row(req.customer_id), CHANNELS.index(req.channel)
-        p = self.pop.probability(i, [v.action.id for _, _, v in cands], c, now, self.drifted)
-        return [cand for _, cand in sorted(zip((p[k] * cands[k][2].action.value for k in range(len(cands))), cands),
-                                           key=lambda s: (-s[0], s[1][2].action.id))]
-
-    def uplift_oracle(self, cands: list, req: DecideInput, profile, now: float) -> list:
-        """Ranked by true incremental value; offers that gain nothing dropped."""
+    def oracle(self, cands: list, req: DecideInput, profile, now: float, uplift: bool = False) -> list:
+        """Ranked by true probability x value; ``uplift``: by true incremental value, offers that gain
+        nothing dropped."""
         i, c = self.pop.row(req.customer_id), CHANNELS.index(req.channel)
         ids = [v.action.id for _, _, v in cands]
         p = self.pop.probability(i, ids, c, now, self.drifted)
-        q = self.pop.organic_probability(i, self.drifted)[[self.pop.index[a] for a in ids]]
-        gain = [(p[k] - q[k]) * cands[k][2].action.value for k in range(len(cands))]
-        return [cand for g, cand in sorted(zip(gain, cands), key=lambda s: (-s[0], s[1][2].action.id))
-                if g > 0 or cand[2].action.service]
+        if uplift:
+            p = p - self.pop.organic_probability(i, self.drifted)[[self.pop.index[a] for a in ids]]
+        ranked = sorted(zip((p[k] * cands[k][2].action.value for k in range(len(cands))), cands),
+                        key=lambda s: (-s[0], s[1][2].action.id))
+        return [cand for g, cand in ranked if not uplift or g > 0 or cand[2].action.service]
+
+    def uplift_oracle(self, cands: list, req: DecideInput, profile, now: float) -> list:
+        return self.oracle(cands, req, profile, now, uplift=True)
 
     def _push(self, at: float, i: int, decision_id: str, action_id: str, outcome: str, report: bool) -> None:
         self._seq += 1
@@ -867,9 +866,10 @@ def table(sim: Simulation) -> dict:
     diagnosed = [s.runs["nba_uplift"].diagnosis for s in sim.seeds if "nba_uplift" in s.runs
                  and s.runs["nba_uplift"].diagnosis.get("decisions")]
     if diagnosed:
-        out["uplift_diagnosis"] = {name: {"per_1000": _rounded(mean_ci(v)[0]), "ci95": [_rounded(x) for x in mean_ci(v)[1]]}
-                                   for name in UPLIFT_DIAGNOSIS
-                                   for v in [[1000 * d[name] / d["decisions"] for d in diagnosed]]}
+        out["uplift_diagnosis"] = {}
+        for name in UPLIFT_DIAGNOSIS:
+            m, ci = mean_ci([1000 * d[name] / d["decisions"] for d in diagnosed])
+            out["uplift_diagnosis"][name] = {"per_1000": _rounded(m), "ci95": [_rounded(x) for x in ci]}
         shifts: dict[tuple[str, str], list[float]] = {}
         for s in sim.seeds:
             for pair, acc in s.runs["nba_uplift"].shifts.items():
