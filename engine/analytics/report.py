@@ -220,7 +220,8 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
     with Recorded(client, archive, since, until) as rec:
         rec.view(DECISIONS_STREAM, (*_DECISION_COLUMNS, "arbitration"))
         rec.view(RESPONSES_STREAM, ("decision_id", "action_id", "outcome"))
-        rec.sql(_REPORT_SQL.replace("$prefix", "'" + customer_prefix.replace("'", "''") + "'")
+        prefix = "'" + customer_prefix.replace("'", "''") + "'"
+        rec.sql(_REPORT_SQL.replace("$prefix", prefix)
                 .replace("$types", _sql_map(types, "VARCHAR"))
                 .replace("$values", _sql_map({k: float(v) for k, v in values.items()}, "DOUBLE")))
         models = {f"{name} ({role})": {"decisions": int(n), "explored": int(explored)} for name, role, n, explored, _ in rec.sql(
@@ -247,7 +248,6 @@ def build_report(client: redis.Redis, since: str = "-", customer_prefix: str = "
             per = rec.sql(f"SELECT sum(total) AS v, count(*) AS n FROM x WHERE is_control = {is_control} "
                           "GROUP BY customer ORDER BY customer").fetchnumpy()  # np.unique's order
             clusters[name] = (np.asarray(per["v"], dtype=float), np.asarray(per["n"], dtype=float))
-        prefix = "'" + customer_prefix.replace("'", "''") + "'"
         if rec.sql("SELECT count(*) FROM decisions WHERE arbitration = 'uplift' AND "
                    f"starts_with(coalesce(customer_id, ''), {prefix})").fetchall()[0][0]:
             rec.view(DECISIONS_STREAM, UPLIFT_COLUMNS, name="uplift_decisions")

@@ -135,22 +135,7 @@ FROM responses GROUP BY ALL;
         if organic:
             _organic_rows(rec, window, as_of, actions or {})
         else:
-            rec.sql(f"""
-    CREATE TEMP TABLE presented AS
-    WITH d AS (
-        SELECT rn, did, ts, channel, string_split(actions, ',') AS acts, string_split(coalesce(types, ''), ',') AS kinds,
-               string_split(coalesce("values", ''), ',') AS vals, string_split(coalesce(campaigns, ''), ',') AS tags
-        FROM dec WHERE rn NOT IN (SELECT rn FROM excluded)),
-    r AS (
-        SELECT rn, did, ts, channel, unnest(range(1, len(acts) + 1)) AS i, acts, kinds, vals, tags FROM d)
-    SELECT r.rn, r.i, r.did, r.ts, r.channel, r.acts[r.i] AS action,
-           CASE WHEN r.i <= len(r.kinds) THEN r.kinds[r.i] ELSE '' END AS kind,
-           CASE WHEN r.i <= len(r.vals) AND r.vals[r.i] <> '' THEN CAST(r.vals[r.i] AS DOUBLE) END AS value,
-           coalesce(nullif(CASE WHEN r.i <= len(r.tags) THEN r.tags[r.i] ELSE '' END, ''), '-') AS campaign,
-           CASE WHEN o.pos_ts IS NOT NULL AND o.pos_ts - r.ts <= {window!r} THEN 1.0
-                WHEN coalesce(o.neg, false) OR r.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
-    FROM r LEFT JOIN outcomes o ON o.did = r.did AND o.aid = r.acts[r.i];
-""")
+            _treated_rows(rec, window, as_of)
         rec.sql(f"""
 CREATE TEMP TABLE kept AS
 SELECT * FROM presented WHERE {"campaign IN (" + _literals(only) + ")" if only else "true"} AND label IS NOT NULL;
@@ -216,6 +201,26 @@ CREATE OR REPLACE TEMP TABLE {table} AS
 SELECT coalesce(customer_id, '') AS cust, "attr.action_id" AS action, TRY_CAST(ts AS DOUBLE) AS ts
 FROM {view} WHERE type = '{ORGANIC_EVENT}' AND coalesce("attr.action_id", '') <> ''
 QUALIFY row_number() OVER (PARTITION BY coalesce(nullif(event_id, ''), _id) ORDER BY _ms, _seq, _shard) = 1;
+""")
+
+
+def _treated_rows(rec: Recorded, window: float, as_of: float) -> None:
+    """The ``presented`` table of the treated arm: per decision, each presented action and its label."""
+    rec.sql(f"""
+CREATE TEMP TABLE presented AS
+WITH d AS (
+    SELECT rn, did, ts, channel, string_split(actions, ',') AS acts, string_split(coalesce(types, ''), ',') AS kinds,
+           string_split(coalesce("values", ''), ',') AS vals, string_split(coalesce(campaigns, ''), ',') AS tags
+    FROM dec WHERE rn NOT IN (SELECT rn FROM excluded)),
+r AS (
+    SELECT rn, did, ts, channel, unnest(range(1, len(acts) + 1)) AS i, acts, kinds, vals, tags FROM d)
+SELECT r.rn, r.i, r.did, r.ts, r.channel, r.acts[r.i] AS action,
+       CASE WHEN r.i <= len(r.kinds) THEN r.kinds[r.i] ELSE '' END AS kind,
+       CASE WHEN r.i <= len(r.vals) AND r.vals[r.i] <> '' THEN CAST(r.vals[r.i] AS DOUBLE) END AS value,
+       coalesce(nullif(CASE WHEN r.i <= len(r.tags) THEN r.tags[r.i] ELSE '' END, ''), '-') AS campaign,
+       CASE WHEN o.pos_ts IS NOT NULL AND o.pos_ts - r.ts <= {window!r} THEN 1.0
+            WHEN coalesce(o.neg, false) OR r.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
+FROM r LEFT JOIN outcomes o ON o.did = r.did AND o.aid = r.acts[r.i];
 """)
 
 
