@@ -205,14 +205,16 @@ class ModelRegistry:
             raise ModelRefused(f"{folder}: {mismatch}")
         actions = tuple(schema.get("actions", ()))
         record = self.metrics(version)
-        organic = None
-        if (folder / "organic.txt").is_file():
-            organic = LoadedModel(f"{version}+organic", _compiled(folder / "organic.txt", schema), actions, time.time(),
-                                  record.get("organic", {}).get("metrics", {}), str(schema["feature_schema"]),
-                                  tuple(schema["features"]), dict(schema["levels"]))
-        return LoadedModel(version, _compiled(folder / "model.txt", schema), actions, time.time(),
-                           record.get("metrics", {}), str(schema["feature_schema"]), tuple(schema["features"]),
-                           dict(schema["levels"]), organic)
+
+        def half(name: str, file: str, metrics: dict) -> LoadedModel:
+            return LoadedModel(name, _compiled(folder / file, schema), actions, time.time(), metrics,
+                               str(schema["feature_schema"]), tuple(schema["features"]), dict(schema["levels"]))
+
+        organic = (half(f"{version}+organic", "organic.txt", record.get("organic", {}).get("metrics", {}))
+                   if (folder / "organic.txt").is_file() else None)
+        model = half(version, "model.txt", record.get("metrics", {}))
+        model.organic = organic
+        return model
 
 
 def _compiled(path: Path, schema: dict) -> CompiledModel:
