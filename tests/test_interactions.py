@@ -30,7 +30,8 @@ from engine.serving.app import App
 from engine.serving.client import CLIENT_OPTIONS
 from engine.serving.server import build_server
 from engine.sim.telco import SCHEMA
-from engine.store.profiles import DECISIONS_STREAM, META_KEY
+from engine.store.profiles import DECISIONS_STREAM, META_KEY, RESPONSES_STREAM
+from engine.store.slots import shard_keys
 
 from . import shards
 from .clock import Clock, at
@@ -224,6 +225,7 @@ def _contents(client: redis.Redis) -> dict:
 def test_a_preview_changes_nothing_in_redis(budgeted) -> None:
     app, channel = budgeted
     client = app.store.client
+    assert all(client.exists(k) for k in shard_keys(RESPONSES_STREAM, client))  # made by a group at start, not later
     cid, other = with_offer(channel, 200), with_offer(channel, 240, pb.CHANNEL_CALL_CENTER)
     decide(channel, other, pb.CHANNEL_CALL_CENTER, interaction_id="earlier")  # some state to keep as it is
     app.decision_log.close(), app.__setattr__("decision_log", None)  # flushed: nothing pending that could land later

@@ -88,7 +88,7 @@ class ExplorationCounts:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _ensure_groups(self) -> None:
+    def ensure_groups(self) -> None:
         if self._groups_ready:
             return
         for stream in (*shard_keys(DECISIONS_STREAM, self.client), *shard_keys(RESPONSES_STREAM, self.client)):
@@ -101,7 +101,7 @@ class ExplorationCounts:
 
     def step(self) -> int:
         """Count what arrived since the last step (any process's), then refresh the snapshot."""
-        self._ensure_groups()
+        self.ensure_groups()
         consumed = 0
         while True:
             reply = read_group(self.client, GROUP, self.consumer, (DECISIONS_STREAM, RESPONSES_STREAM), self.batch,

@@ -147,6 +147,8 @@ class App:
         self.campaign_gauges = CampaignGauges(self.store.client, lambda: list(self.rules.current.ruleset.campaigns.values()),
                                               clock=self.clock).start()
         self._publish_versions()
+        if self.redis_outage is None:  # the groups exist once the service is up, not a tick later
+            self.exploration.ensure_groups()
         self.exploration.start()
         self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
                                           interval=cfg.model_poll_seconds).start()
