@@ -181,3 +181,27 @@ def test_exploring_every_slot_keeps_contact_limits_groups_and_the_control_group(
                 assert d.epsilon == (0.0 if control.contains(cid) else 1.0)
         assert emails <= 2, cid
     engine.rules.current.close()
+
+
+@pytest.mark.parametrize("strategy", ["epsilon", "thompson"])
+def test_asked_again_an_interaction_says_whether_its_decision_explored(redis_url: str, models_dir: Path,
+                                                                       strategy: str) -> None:
+    """The interaction's stored header is written before the script draws: it says the decision explored, as
+    the decision and its stream entry do, and a repeat of the interaction answers the same."""
+    from engine.models.exploration import ExplorationCounts
+
+    engine = make(redis_url, models_dir, ExplorationConfig(strategy=strategy, share=1.0))
+    engine.explorer = Explorer(ExplorationCounts(engine.store.client))
+    control = ControlGroup(0.1)
+    explorer, held = (next(c for c in (f"HX{i}" for i in range(60)) if control.contains(c) == k) for k in (False, True))
+    engine.store.save([customer(explorer), customer(held)], SCHEMA)
+    made = {}
+    for cid, exploring in ((explorer, True), (held, False)):
+        first = decide(engine, cid, "call_center", interaction_id=f"call-{cid}")
+        again = decide(engine, cid, "call_center", interaction_id=f"call-{cid}")
+        assert again.repeat and again.decision_id == first.decision_id
+        assert first.explored is again.explored is exploring, (cid, first.explored, again.explored)
+        made[first.decision_id] = "1" if exploring else "0"
+    entries = logged(engine)
+    assert {d: entries[d]["explored"] for d in made} == made
+    engine.rules.current.close()

@@ -338,8 +338,7 @@ class DecisionEngine:
             if a.action_id in decision.uplift:
                 p, q, _ = decision.uplift[a.action_id]
                 a.reasons.append(f"uplift arbitration: {p:.3f} if shown, {q:.3f} without")
-        if explore is not None and not decision.control:
-            decision.explored = True
+        if decision.explored and explore is not None:
             decision.explored_top = "same" if (order(candidates, propensity)[0][2].action.id
                                                == order(candidates, propensity, explore)[0][2].action.id) else "changed"
         for key, value in _shadow(shadow, shadow_p, candidates, decision.actions).items():
@@ -447,6 +446,7 @@ class DecisionEngine:
             fallback = fallback_action(rules, outcome, channel, funnel) if req.fallback else None
         exploring = explore is not None and not decision.control
         epsilon, draws = _epsilon(exploration, req, decision.control, now, max_actions)
+        decision.explored = exploring or (epsilon > 0 and bool(candidates))  # the interaction's header says it
         sets: list[list[int]] = []
         if contact is not None and store_down:  # Redis failed us just now: limits and budgets cannot be judged
             decision.actions = [fallback_ranked(fallback, channel)] if fallback else []
@@ -743,6 +743,7 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
         return
     if epsilon <= 0:  # the ranking's choice at every slot (or the fallback): nothing more is logged
         decision.probabilities = [1.0] * len(decision.actions)
+        decision.explored = False
         return
     decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
     decision.choice_sets = sets
@@ -758,8 +759,8 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
         if at:
             a.reasons.append(f"exploring: drawn from the {len(sets[slot])} actions that could be shown "
                              f"(probability {p:.3f})")
+    decision.explored = bool(sets)
     if sets:
-        decision.explored = True
         first = index.get(decision.actions[0].action_id) if decision.actions else None
         decision.explored_top = "same" if first == sets[0][0] else "changed"
 
