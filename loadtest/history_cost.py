@@ -36,11 +36,13 @@ measured window sees histories in their steady state (old days dropped as new on
 
 ``--by-size`` instead times the presenting script against the size of one customer's contact history:
 customers with 1, 10, 100, 1,000 and 10,000 impressions in their history (written by the presenting script
-itself, deciding with no limits on a clock 1 to 29 days back), either all on one day or spread over 29
-days, over 10 demo actions (without a daily budget) on 3 channels. Then it judges 10 candidates against
+itself, deciding under a limit that counts every impression and stops none, on a clock 1 to 29 days
+back), either all on one day or spread over 29 days, over 10 demo actions (without a daily budget) on 3
+channels. Then it judges 10 candidates against
 ``rules/contact.yaml`` (a preview: it reads and counts, writes nothing) for each customer in turn, in blocks
 of ``--calls`` calls, the order of the customers reversed every round (``--rounds``); the time per call is
-the ``INFO commandstats`` EVALSHA delta of the block. ``--against FILE`` also times another version of the
+the ``INFO commandstats`` EVALSHA delta of the block, and its ratio to the customer of the same spread with
+a single impression (round by round, the median). ``--against FILE`` also times another version of the
 presenting script (the Lua text in FILE, e.g. an earlier commit's ``PRESENT``) on the same histories: every
 block runs once with each script, their order alternating, and the table gets its time and the ratio.
 
@@ -312,8 +314,9 @@ def by_size(rounds: int, calls: int, against: str | None = None) -> dict:
     rules = load_and_compile(ROOT / "rules")
     contact = rules.ruleset.contact
     actions = [a for a in rules.ruleset.actions if "call_center" in a.channels and a.daily_budget is None][:10]
-    # writing: no limit that stops a contact, but the history kept 30 days as the demo rules keep it
-    keep = ContactRules((ContactLimit("keep_30_days", 10**9, 30, counts="acceptances"),))
+    # writing: a limit that counts every impression (the history keeps only what a limit counts) and stops
+    # none, over the 30 days the demo rules keep
+    keep = ContactRules((ContactLimit("keep_30_days", 10**9, 30),))
     candidates = [(1.0 - i / 100, 0.5, _Verdict(a)) for i, a in enumerate(actions)]
     customers = {f"{spread}-{n}": (spread, n) for spread in ("1 day", "29 days") for n in SIZES}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(tmp, persist=False) as server:
@@ -358,16 +361,19 @@ def by_size(rounds: int, calls: int, against: str | None = None) -> dict:
             if name in t:
                 row[f"{prefix}us_per_call"] = round(float(np.median(t[name])), 1)
                 row[f"{prefix}us_per_call_rounds"] = [round(x, 1) for x in t[name]]
+        # the baseline in the same run: the customer of the same spread with a single impression
+        row["over_one_impression"] = round(float(np.median(np.divide(t["this"], times[f"{row['spread']}-1"]["this"]))), 2)
         if against:
             row["this_over_against"] = round(float(np.median(np.divide(t["this"], t["against"]))), 3)
     return out
 
 
 def print_by_size(table: dict, against: bool) -> None:
-    print(f"{'history':>8} {'impressions':>12} {'us/call (median of rounds)':>27} {'key bytes':>10}"
+    print(f"{'history':>8} {'impressions':>12} {'us/call (median of rounds)':>27} {'x 1 impression':>15} {'key bytes':>10}"
           + (f" {'--against us/call':>18} {'ratio (median of rounds)':>25}" if against else ""))
     for row in table.values():
-        print(f"{row['spread']:>8} {row['impressions']:>12,} {row['us_per_call']:>27.1f} {row['key_bytes']:>10,}"
+        print(f"{row['spread']:>8} {row['impressions']:>12,} {row['us_per_call']:>27.1f} {row['over_one_impression']:>15.2f} "
+              f"{row['key_bytes']:>10,}"
               + (f" {row['against_us_per_call']:>18.1f} {row['this_over_against']:>25.3f}" if against else ""))
 
 
