@@ -351,6 +351,8 @@ def by_size(rounds: int, calls: int, against: str | None = None) -> dict:
                     after = evalsha(admin)
                     times[cid][name].append((after[1] - before[1]) / (after[0] - before[0]))
         sizes = {cid: int(admin.memory_usage(f"nba:{{c:{cid}}}:contacts", samples=0) or 0) for cid in customers}
+        if empty := [cid for cid, size in sizes.items() if not size]:
+            raise SystemExit(f"--by-size: the presenting script kept no contact history for {empty}: nothing was timed")
         client.close()
         admin.close()
     rules.close()

@@ -90,6 +90,19 @@ def test_the_sections_probe_times_the_real_presenting_script(redis_url: str, mod
         e.rules.current.close()
 
 
+def test_the_history_size_probe_times_histories_that_grow_to_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``history_cost.py --by-size`` must time histories the presenting script kept: each size's key grows
+    with its impressions until the (kind, action, channel, day) fields are all there."""
+    import history_cost
+
+    monkeypatch.setattr(history_cost, "SIZES", (1, 10, 100, 1_000))
+    table = history_cost.by_size(rounds=1, calls=2)
+    size = {(r["spread"], r["impressions"]): r["key_bytes"] for r in table.values()}
+    assert 0 < size["1 day", 1] < size["1 day", 10] < size["1 day", 100]
+    assert size["1 day", 100] < size["29 days", 100] < size["29 days", 1_000]
+    assert all(r["over_one_impression"] > 0 for r in table.values())
+
+
 def _faults(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 - the loadtest module
     # faults.py turns gRPC's fork handlers off for its own process (os.environ); not for this one's children
     monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "true"))
