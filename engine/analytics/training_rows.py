@@ -11,7 +11,11 @@ The *organic* arm (``arm="organic"``, ``nba train --uplift``: the second model o
 what was not shown: per exploring decision (``candidates`` and ``choice_sets`` logged, epsilon > 0) and
 each candidate that could have been shown at its first slot but was shown at no slot, positive when the
 customer took that action anyway, an ``offer_accepted`` event (``attr.action_id``) of the customer within
-the label window after the decision, negative once the window has closed without one. The logging
+the label window after the decision, negative once the window has closed without one. A showing of that
+action to the customer within the window before the decision (its effect is not over) or after it (the
+rest is a treated outcome) leaves only the span from the earlier showing's window end to the later
+showing untreated: the label counts events in that span alone, ``exposure`` is its share of the window
+(the organic model's offset), and a row with no span left is dropped. The logging
 policy's randomisation is what makes these rows an untreated arm of the same customers: which candidate
 was shown was drawn, not chosen by anything the outcome depends on beyond the logged features. Customer blocks are
 decoded in bulk (base64 in SQL, one ``numpy`` view of all of them); those logged under an older feature
@@ -151,9 +155,9 @@ SELECT * FROM presented WHERE {"campaign IN (" + _literals(only) + ")" if only e
         _codes(rec, "action_codes", levels)
         _codes(rec, "kind_codes", schema.type_names)
         _codes(rec, "channel_codes", schema.channel_names)
-        rows = rec.con.sql("""
+        rows = rec.con.sql(f"""
 SELECT k.rn, a.code AS action, t.code AS kind, coalesce(k.value, 'NaN'::DOUBLE) AS value, c.code AS channel, k.ts,
-       k.label, coalesce(w.weight, 1.0) AS weight, k.did
+       k.label, coalesce(w.weight, 1.0) AS weight, {"k.exposure" if organic else "1.0"} AS exposure, k.did
 FROM kept k JOIN action_codes a ON a.level = k.action LEFT JOIN kind_codes t ON t.level = k.kind
 LEFT JOIN channel_codes c ON c.level = k.channel LEFT JOIN weights w ON w.campaign = k.campaign
 ORDER BY k.rn, k.i""").to_arrow_table()  # to_arrow_table: the relation's, without the DB-API copy
@@ -187,7 +191,8 @@ ORDER BY k.rn, k.i""").to_arrow_table()  # to_arrow_table: the relation's, witho
                                 "as_of": round(as_of, 3), "positive_outcomes": list(positive), **counts,
                                 **({"campaigns": only} if only else {}),
                                 **({"campaign_weights": weights_given} if weighted else {})},
-                       w=w if weighted else None, schema=schema)
+                       w=w if weighted else None, schema=schema,
+                       exposure=np.asarray(column["exposure"], dtype=np.float64) if organic and n else None)
 
 
 
@@ -247,10 +252,21 @@ c AS (
            split_part(cands[CAST(j AS INTEGER) + 1], ':', 1) AS action, acts
     FROM r WHERE j <> ''),
 u AS (SELECT * FROM c WHERE NOT list_contains(acts, action)),
+shown AS (SELECT cust, unnest(string_split(actions, ',')) AS action, ts FROM dec),
+near AS (
+    SELECT u.rn, u.i, max(s.ts) FILTER (WHERE s.ts < u.ts) AS before, min(s.ts) FILTER (WHERE s.ts > u.ts) AS after
+    FROM u JOIN shown s ON s.cust = u.cust AND s.action = u.action
+    WHERE s.ts > u.ts - {window!r} AND s.ts <= u.ts + {window!r} GROUP BY ALL),
+e AS (
+    SELECT u.*, greatest(u.ts, coalesce(n.before + {window!r}, u.ts)) AS t0,
+           least(u.ts + {window!r}, coalesce(n.after, u.ts + {window!r})) AS t1
+    FROM u LEFT JOIN near n ON n.rn = u.rn AND n.i = u.i),
 hit AS (
-    SELECT u.rn, u.i FROM u JOIN organic o ON o.cust = u.cust AND o.action = u.action
-    WHERE o.ts > u.ts AND o.ts <= u.ts + {window!r} AND o.ts <= {as_of!r} GROUP BY ALL)
-SELECT u.rn, u.i, u.did, u.ts, u.channel, u.action, coalesce(k.kind, '') AS kind, k.value, '-' AS campaign,
-       CASE WHEN h.rn IS NOT NULL THEN 1.0 WHEN u.ts + {window!r} <= {as_of!r} THEN 0.0 END AS label
-FROM u LEFT JOIN hit h ON h.rn = u.rn AND h.i = u.i LEFT JOIN catalog_rows k ON k.action = u.action;
+    SELECT e.rn, e.i FROM e JOIN organic o ON o.cust = e.cust AND o.action = e.action
+    WHERE o.ts > e.t0 AND o.ts <= e.t1 AND o.ts <= {as_of!r} GROUP BY ALL)
+SELECT e.rn, e.i, e.did, e.ts, e.channel, e.action, coalesce(k.kind, '') AS kind, k.value, '-' AS campaign,
+       CASE WHEN h.rn IS NOT NULL THEN 1.0 WHEN e.t1 <= {as_of!r} THEN 0.0 END AS label,
+       (e.t1 - e.t0) / {window!r} AS exposure
+FROM e LEFT JOIN hit h ON h.rn = e.rn AND h.i = e.i LEFT JOIN catalog_rows k ON k.action = e.action
+WHERE e.t1 > e.t0;
 """)

@@ -315,7 +315,7 @@ class DecisionEngine:
         shadow_p = self._score(rules, shadow, x, admitted) if shadow is not None else None
         exploration = exploration_of(models)
         explore = self._explore(exploration, model, rules, req, admitted, propensity, now)
-        organic = (_without_offer(propensity, self._score(rules, model.organic, x, admitted))
+        organic = (without_offer(propensity, self._score(rules, model.organic, x, admitted))
                    if arbitration_of(models) == "uplift" and model.organic is not None else None)
         stages.done("scoring")
         funnel = [FunnelEntry(v.action.id, STAGE_NAMES[v.stage], dropped_detail(v))
@@ -636,7 +636,7 @@ class DecisionEngine:
             })
 
 
-def _without_offer(treated: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def without_offer(treated: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """P(take | not shown) = sigmoid(logit P(take | shown) + the organic model's logit shift), the shift
     scored as sigmoid(shift) (``models.training.fit_organic``)."""
     t = np.clip(treated, 1e-9, 1 - 1e-9)

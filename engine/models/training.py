@@ -84,6 +84,7 @@ class TrainingSet:
     summary: dict = field(default_factory=dict)
     w: np.ndarray | None = None  # row weights (e.g. per campaign); None: every row weighs 1
     schema: FeatureSchema = field(kw_only=True)  # the rows' layout: ``model_input(schema)``
+    exposure: np.ndarray | None = field(default=None, kw_only=True)  # organic rows: share of the window untreated
 
     def __len__(self) -> int:
         return len(self.y)
@@ -304,6 +305,8 @@ def fit_organic(treated: lgb.Booster, organic: TrainingSet, rounds: int = 200) -
     the difference: what is left to learn is how much of an offer's effect a customer would have had
     anyway (about as much for a sure thing, more for a sleeping dog, little for the rest)."""
     offset = cast(np.ndarray, treated.predict(organic.x, raw_score=True))
+    if organic.exposure is not None:  # a row seen untreated for part of the window: odds in proportion (rare events)
+        offset = offset + np.log(organic.exposure)
     booster, metrics, summary = fit(organic, rounds, offset=offset)
     return booster, metrics, {**summary, "learns": "the logit shift from the treated model (offset)"}
 

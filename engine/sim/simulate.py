@@ -81,7 +81,7 @@ from engine.analytics.report import build_report
 from engine.analytics.training_rows import ORGANIC_EVENT, from_streams
 from engine.analytics.uplift_curve import qini
 from engine.config import DEMO_CUSTOMERS
-from engine.decision.funnel import DecisionEngine
+from engine.decision.funnel import DecisionEngine, without_offer
 from engine.decision.request import DecideInput
 from engine.decision.responses import ResponseRecorder
 from engine.errors import NbaError
@@ -108,8 +108,9 @@ from engine.sim.dynamics import (
 from engine.sim.telco import CHANNELS, SCHEMA
 from engine.sim.world import World, customer_id, generate, population_seeds
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import ProfileStore
+from engine.store.profiles import DECISIONS_STREAM, ProfileStore
 from engine.store.redis_embedded import EmbeddedRedis
+from engine.store.streams import xrange_all
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,30 @@ def _organic_rows(store: ProfileStore, levels: Sequence[str], as_of: float, rule
                         actions={a.id: (a.type, a.value) for a in rules.ruleset.actions})
 
 
+def _organic_labels(pop: Population, rows: TrainingSet, store: ProfileStore, model: LoadedModel) -> dict[str, list[float]]:
+    """The history's untreated rows per "uplift class|action type": how many, how many positive, the
+    positives the world's organic law predicts for the span each row was observed (reported in the
+    acceptances' share), and the sum of the organic model's estimates for a whole window."""
+    customer = {f[b"decision_id"].decode(): f[b"customer_id"].decode()
+                for _, f in xrange_all(store.client, DECISIONS_STREAM)}
+    who = np.array([pop.row(customer[d]) for d in rows.decision_ids or []], dtype=np.int64)
+    what = np.array([pop.index[a] for a in rows.action_ids()], dtype=np.int64)
+    exposure = rows.exposure if rows.exposure is not None else np.ones(len(rows))
+    reported = pop.realism.accepted_now + pop.realism.accepted_late
+    expected = reported * (1.0 - (1.0 - pop.organic_law(who, what)) ** exposure)
+    x = rows.recoded(model.action_levels)
+    if model.organic is None:
+        raise SimulationError("the uplift world's model has no organic half")
+    estimate = without_offer(model.scorer.predict(x), model.organic.scorer.predict(x))
+    classes, types = pop.world.uplift[who], pop.types[what]
+    out = {}
+    for c, t in sorted(set(zip(classes.tolist(), types.tolist()))):
+        m = (classes == c) & (types == t)
+        out[f"{UPLIFT_CLASSES[c]}|{t}"] = [float(m.sum()), float(rows.y[m].sum()), float(expected[m].sum()),
+                                           float(estimate[m].sum())]
+    return out
+
+
 def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
     levels = list(then.actions)
     p1 = first.p_true if first.p_true is not None else np.full(len(first), np.nan)
@@ -488,7 +513,9 @@ def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
                        np.concatenate([first.t, then.t]), levels, np.concatenate([p1, p2]),
                        (first.decision_ids or []) + (then.decision_ids or []),
                        summary={"source": "recorded decisions and responses", "history_rows": len(first),
-                                "run_rows": len(then)}, schema=SCHEMA)
+                                "run_rows": len(then)}, schema=SCHEMA,
+                       exposure=None if first.exposure is None and then.exposure is None else np.concatenate(
+                           [np.ones(len(s)) if s.exposure is None else s.exposure for s in (first, then)]))
 
 
 def _train(registry: ModelRegistry, data: TrainingSet, trees: int,
@@ -651,6 +678,8 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
                                            "organic_positives": int(history_organic.y.sum())}
                                           if history_organic is not None else {})},
                         "start": _auc_summary(metrics, history, truth), "retrained": []}
+    if history_organic is not None:
+        model_info["organic_labels"] = _organic_labels(play.pop, history_organic, store, model)
     progress(f"seed {seed}: model from {len(history):,} recorded rows of {hist.size:,} other customers: holdout AUC "
              f"{metrics.get('holdout_auc')}, oracle AUC {metrics.get('oracle_auc')}")
 
@@ -876,6 +905,15 @@ def table(sim: Simulation) -> dict:
                 shifts[pair] = [a + b for a, b in zip(shifts.get(pair, [0.0, 0.0, 0.0]), acc)]
         out["uplift_shifts"] = [{"class": c, "type": t, "candidates": int(n), "estimated": _rounded(e / n, 2),
                                  "true": _rounded(tr / n, 2)} for (c, t), (e, tr, n) in sorted(shifts.items())]
+    labelled: dict[str, list[float]] = {}
+    for s in sim.seeds:
+        for pair, acc in s.model.get("organic_labels", {}).items():
+            labelled[pair] = [a + b for a, b in zip(labelled.get(pair, [0.0] * 4), acc)]
+    if labelled:
+        out["uplift_organic_labels"] = [
+            {"class": pair.split("|")[0], "type": pair.split("|")[1], "rows": int(n), "label_rate": _rounded(y / n, 4),
+             "expected_rate": _rounded(e / n, 4), "estimated_rate": _rounded(q / n, 4)}
+            for pair, (n, y, e, q) in sorted(labelled.items())]
     pooled = [s.qini["all"] for s in sim.seeds if s.qini and s.qini.get("all")]
     if pooled:
         coefficients = [p["qini_coefficient"] for p in pooled if p["qini_coefficient"] is not None]
@@ -1004,6 +1042,11 @@ def format_simulation(sim: Simulation) -> str:
     if t.get("uplift_shifts"):
         lines.append("  mean logit shift from shown to not shown, estimated / true: " + "; ".join(
             f"{r['class']} {r['type']} {r['estimated']:+.2f} / {r['true']:+.2f}" for r in t["uplift_shifts"]))
+    if t.get("uplift_organic_labels"):
+        lines.append("  the histories' untreated rows, organic purchase rate labelled / the world's law for the span "
+                     "observed / the organic model's estimate for a whole window: " + "; ".join(
+                         f"{r['class']} {r['type']} {r['label_rate']:.3f} / {r['expected_rate']:.3f} / "
+                         f"{r['estimated_rate']:.3f}" for r in t["uplift_organic_labels"]))
     q = t.get("nba_uplift_qini")
     if q:
         lines.append(f"nba report on the nba_uplift run's streams: Qini coefficient of its uplift estimates, all "
