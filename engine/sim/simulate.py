@@ -53,7 +53,9 @@ checks of ``nba_uplift``'s estimates: ``nba report``'s Qini curves on its record
 label window without decisions, so the last decisions' outcomes are in), and a diagnosis of its
 decisions (``_Play._diagnose``): each decision's candidates taken alone, the true incremental value
 of the top one by estimated propensity, by estimated uplift, by each with one estimated half swapped
-for the truth, and by the true uplift.
+for the truth, and by the true uplift. And of the organic model's rows (``_organic_labels``): per uplift
+class and action type, the histories' untreated rows' rate of reported organic purchases, the rate the
+world's organic law predicts for the span each was observed, and the model's estimate for a whole window.
 
 **Counting.** Every row counts the same customers: those outside the control group (the control
 group's customers are simulated in every run, and excluded from every row). Value is the value of
@@ -108,9 +110,8 @@ from engine.sim.dynamics import (
 from engine.sim.telco import CHANNELS, SCHEMA
 from engine.sim.world import World, customer_id, generate, population_seeds
 from engine.store.decision_log import DecisionLog
-from engine.store.profiles import DECISIONS_STREAM, ProfileStore
+from engine.store.profiles import ProfileStore
 from engine.store.redis_embedded import EmbeddedRedis
-from engine.store.streams import xrange_all
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +259,13 @@ class _Play:
                  counted: Callable[[str], bool], new_actions: Sequence[str] = (), new_round: int | None = None,
                  full_rules: CompiledRules | None = None, drift_round: int | None = None,
                  truth: dict[tuple[str, str], tuple[float, float]] | None = None,
-                 events: EventProcessor | None = None) -> None:
+                 events: EventProcessor | None = None,
+                 organic_truth: dict[tuple[str, str], tuple[float, str, str]] | None = None) -> None:
         self.store, self.pop, self.draws, self.clock = store, pop, draws, clock
         self.engine, self.ranking, self.recorder, self.start = engine, ranking, recorder, start
         self.counted, self.new_actions, self.new_round = counted, frozenset(new_actions), new_round
         self.full_rules, self.drift_round, self.truth, self.events = full_rules, drift_round, truth, events
+        self.organic_truth = organic_truth  # (decision, logged candidate) -> (organic law then, class, type)
         self.pending: list[tuple[float, int, int, str, str, str, bool]] = []
         self._seq = 0
         self.run = PolicyRun()
@@ -349,6 +352,11 @@ class _Play:
             else:
                 run.control_decisions += 1
             organic = pop.organic_probability(i, self.drifted) if realism.organic else None
+            if self.organic_truth is not None and d.candidates:
+                k = np.array([pop.index[a] for a, _ in d.candidates])
+                law, kind = pop.organic_law(np.full(len(k), i), k), UPLIFT_CLASSES[int(pop.world.uplift[i])]
+                for a, q, t in zip(k.tolist(), law.tolist(), pop.types[k].tolist()):
+                    self.organic_truth[(d.decision_id, pop.actions[a].id)] = (q, kind, t)
             if d.uplift and counted and organic is not None:
                 self._diagnose(d.uplift, i, c, now, organic)
             for a in d.actions:
@@ -481,28 +489,22 @@ def _organic_rows(store: ProfileStore, levels: Sequence[str], as_of: float, rule
                         actions={a.id: (a.type, a.value) for a in rules.ruleset.actions})
 
 
-def _organic_labels(pop: Population, rows: TrainingSet, store: ProfileStore, model: LoadedModel) -> dict[str, list[float]]:
+def _organic_labels(truth: dict[tuple[str, str], tuple[float, str, str]], rows: TrainingSet, model: LoadedModel,
+                    reported: float) -> dict[str, list[float]]:
     """The history's untreated rows per "uplift class|action type": how many, how many positive, the
-    positives the world's organic law predicts for the span each row was observed (reported in the
-    acceptances' share), and the sum of the organic model's estimates for a whole window."""
-    customer = {f[b"decision_id"].decode(): f[b"customer_id"].decode()
-                for _, f in xrange_all(store.client, DECISIONS_STREAM)}
-    who = np.array([pop.row(customer[d]) for d in rows.decision_ids or []], dtype=np.int64)
-    what = np.array([pop.index[a] for a in rows.action_ids()], dtype=np.int64)
+    positives the world's organic law at the decision predicts for the span each row was observed (reported
+    in the acceptances' share), and the sum of the organic model's estimates for a whole window."""
+    law = [truth[(d, a)] for d, a in zip(rows.decision_ids or [], rows.action_ids())]
+    q = np.array([x[0] for x in law])
     exposure = rows.exposure if rows.exposure is not None else np.ones(len(rows))
-    reported = pop.realism.accepted_now + pop.realism.accepted_late
-    expected = reported * (1.0 - (1.0 - pop.organic_law(who, what)) ** exposure)
-    x = rows.recoded(model.action_levels)
+    expected = reported * (1.0 - (1.0 - q) ** exposure)
     if model.organic is None:
         raise SimulationError("the uplift world's model has no organic half")
+    x = rows.recoded(model.action_levels)
     estimate = without_offer(model.scorer.predict(x), model.organic.scorer.predict(x))
-    classes, types = pop.world.uplift[who], pop.types[what]
-    out = {}
-    for c, t in sorted(set(zip(classes.tolist(), types.tolist()))):
-        m = (classes == c) & (types == t)
-        out[f"{UPLIFT_CLASSES[c]}|{t}"] = [float(m.sum()), float(rows.y[m].sum()), float(expected[m].sum()),
-                                           float(estimate[m].sum())]
-    return out
+    pairs = np.array([f"{kind}|{t}" for _, kind, t in law])
+    return {pair: [float((m := pairs == pair).sum()), float(rows.y[m].sum()), float(expected[m].sum()),
+                   float(estimate[m].sum())] for pair in sorted(set(pairs.tolist()))}
 
 
 def _concat(first: TrainingSet, then: TrainingSet) -> TrainingSet:
@@ -646,6 +648,7 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     _seed_profiles(store, hist)
     hist_start = SIM_START - (settings.history_days + 7) * DAY  # a week between history and evaluation
     truth: dict[tuple[str, str], tuple[float, float]] = {}
+    organic_truth: dict[tuple[str, str], tuple[float, str, str]] | None = {} if realism.organic else None
     decision_log = DecisionLog(store.client)
     # the uplift world's history logs what it could have shown: epsilon 1 draws each slot uniformly (a random
     # admitted action, as elsewhere), with its candidates and probabilities
@@ -656,7 +659,8 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
     play = _Play(store, Population(hist, actions, realism, drift), Draws.draw(hist.size, settings.history_days,
                  history_seed, realism), clock, engine, "" if realism.organic else "random_eligible",
                  ResponseRecorder(store.client, engine.rules, clock=lambda: clock["now"]), hist_start,
-                 counted=lambda cid: True, truth=truth, events=_events(store, engine, clock, realism))
+                 counted=lambda cid: True, truth=truth, events=_events(store, engine, clock, realism),
+                 organic_truth=organic_truth)
     for r in range(settings.history_days):
         play.day(r)
     play.after(LABEL_DAYS)  # a week later every label window of the history has closed
@@ -678,8 +682,9 @@ def _one_seed(store: ProfileStore, registry: ModelRegistry, ruleset: RuleSet, se
                                            "organic_positives": int(history_organic.y.sum())}
                                           if history_organic is not None else {})},
                         "start": _auc_summary(metrics, history, truth), "retrained": []}
-    if history_organic is not None:
-        model_info["organic_labels"] = _organic_labels(play.pop, history_organic, store, model)
+    if history_organic is not None and organic_truth is not None:
+        model_info["organic_labels"] = _organic_labels(organic_truth, history_organic, model,
+                                                       realism.accepted_now + realism.accepted_late)
     progress(f"seed {seed}: model from {len(history):,} recorded rows of {hist.size:,} other customers: holdout AUC "
              f"{metrics.get('holdout_auc')}, oracle AUC {metrics.get('oracle_auc')}")
 
