@@ -22,7 +22,7 @@ from engine.rules.loader import load_rules
 from engine.rules.runtime import load_and_compile
 from engine.sim import world as sim_world
 from engine.sim.dynamics import UPLIFT, Population
-from engine.sim.simulate import Settings, simulate, table
+from engine.sim.simulate import Settings, format_simulation, simulate, table
 from engine.sim.telco import ACTION_TYPES, CHANNELS, SCHEMA
 from engine.store.decision_log import DecisionLog
 from engine.store.profiles import DECISIONS_STREAM, EVENTS_STREAM, ProfileStore
@@ -326,9 +326,10 @@ def test_simulate_compares_uplift_with_propensity_arbitration_in_the_uplift_worl
     assert out["uplift_oracle"]["incremental_per_1000"] > 0
     labelled = {(r["class"], r["type"]): r for r in out["uplift_organic_labels"]}
     assert sum(r["rows"] for r in labelled.values()) == sim.seeds[0].model["trained_on"]["organic_rows"]
-    for (kind, action_type), r in labelled.items():  # nobody takes a service unasked; a sure thing buys anyway
+    for (_, action_type), r in labelled.items():  # nobody takes a service unasked; a sure thing buys anyway
         assert (r["label_rate"] == r["expected_rate"] == 0) == (action_type == "service"), r
     assert labelled["sure_thing", "cross_sell"]["expected_rate"] > 3 * labelled["persuadable", "cross_sell"]["expected_rate"]
+    assert "the histories' untreated rows" in format_simulation(sim)  # printed too, Qini or none
     with pytest.raises(NbaError, match="unknown policies nba_uplift in the realistic world"):
         Settings(policies=("nba_uplift",)).check()
 

@@ -1054,8 +1054,9 @@ def format_simulation(sim: Simulation) -> str:
                          f"{r['estimated_rate']:.3f}" for r in t["uplift_organic_labels"]))
     q = t.get("nba_uplift_qini")
     if q:
+        c = q["qini_coefficient_all"]  # None: no curve had enough rows
         lines.append(f"nba report on the nba_uplift run's streams: Qini coefficient of its uplift estimates, all "
-                     f"actions pooled, {q['qini_coefficient_all']:+.5f} (mean over seeds); positive for "
+                     f"actions pooled, {'none' if c is None else f'{c:+.5f}'} (mean over seeds); positive for "
                      f"{q['actions_positive']} of {q['actions_with_a_curve']} (action, seed) curves")
     m = t["model"]
     lines.append(f"model: {m['trained_on']}")
