@@ -38,11 +38,11 @@ measured window sees histories in their steady state (old days dropped as new on
 customers with 1, 10, 100, 1,000 and 10,000 impressions in their history (written by the presenting script
 itself, deciding under a limit that counts every impression and stops none, on a clock 1 to 29 days
 back), either all on one day or spread over 29 days, over 10 demo actions (without a daily budget) on 3
-channels. Then it judges 10 candidates against
-``rules/contact.yaml`` (a preview: it reads and counts, writes nothing) for each customer in turn, in blocks
-of ``--calls`` calls, the order of the customers reversed every round (``--rounds``); the time per call is
-the ``INFO commandstats`` EVALSHA delta of the block, and its ratio to the customer of the same spread with
-a single impression (round by round, the median). ``--against FILE`` also times another version of the
+channels. Then it judges 10 candidates against ``rules/contact.yaml`` (a preview: it reads and counts,
+writes nothing) for each customer in turn, in blocks of ``--calls`` calls, the order of the customers
+reversed every round (``--rounds``); the time per call is the ``INFO commandstats`` EVALSHA delta of the
+block, and its ratio to the customer of the same spread with a single impression (round by round, the
+median). ``--against FILE`` also times another version of the
 presenting script (the Lua text in FILE, e.g. an earlier commit's ``PRESENT``) on the same histories: every
 block runs once with each script, their order alternating, and the table gets its time and the ratio.
 
