@@ -738,12 +738,12 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
     presented action's at its slot (1 for a fallback, which no draw chose); none when a Thompson sample
     (``sampled``) ranked, whose probabilities have no closed form."""
     decision.epsilon = epsilon
+    decision.explored = sampled or bool(sets)
     if sampled:
         decision.probabilities = None
         return
     if epsilon <= 0:  # the ranking's choice at every slot (or the fallback): nothing more is logged
         decision.probabilities = [1.0] * len(decision.actions)
-        decision.explored = False
         return
     decision.candidates = [(v.action.id, v.action.value * v.weight) for _, _, v in candidates]
     decision.choice_sets = sets
@@ -759,7 +759,6 @@ def _logging_policy(decision: Decision, candidates: list, sets: list[list[int]],
         if at:
             a.reasons.append(f"exploring: drawn from the {len(sets[slot])} actions that could be shown "
                              f"(probability {p:.3f})")
-    decision.explored = bool(sets)
     if sets:
         first = index.get(decision.actions[0].action_id) if decision.actions else None
         decision.explored_top = "same" if first == sets[0][0] else "changed"

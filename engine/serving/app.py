@@ -135,20 +135,19 @@ class App:
         self.engine.explorer.warmup()
         self.engine.prepare()
         self.engine.warmup()
+        self._after_redis.append(self.exploration.ensure_groups)  # its consumer groups exist once the service is up
         self.events = EventProcessor(self.store, self.rules, self.engine, clock=self.clock)
         if cfg.events_poll_seconds > 0:
             self.timers = TimerPoller(self.store.client, self.events.on_timer, cfg.events_poll_seconds,
                                       clock=self.clock).start()
             self.event_stream = EventStreamConsumer(self.store.client, self.events)
             self._after_redis.append(self.event_stream.start)  # creates its consumer group in Redis
-            if self.redis_outage is None:
-                self.redis_reachable()
+        if self.redis_outage is None:
+            self.redis_reachable()
         self.reservations = ReservationReleaser(self.store.client).start()
         self.campaign_gauges = CampaignGauges(self.store.client, lambda: list(self.rules.current.ruleset.campaigns.values()),
                                               clock=self.clock).start()
         self._publish_versions()
-        if self.redis_outage is None:  # the groups exist once the service is up, not a tick later
-            self.exploration.ensure_groups()
         self.exploration.start()
         self.model_watcher = ModelWatcher(self.registry, lambda: self.model.current, self._swap_models,
                                           interval=cfg.model_poll_seconds).start()

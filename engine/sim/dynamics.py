@@ -283,12 +283,6 @@ class Population:
         p[:, self.types == "service"] = 0.0  # customer care is given, not bought
         return p if np.ndim(i) else p[0]
 
-    def organic_law(self, rows: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """Per pair: the probability that customer ``rows[j]`` takes action ``actions[j]`` (catalog index)
-        within the window without being shown it, before any drift and whatever they hold now."""
-        logit = self.logits[rows, actions, CHANNELS.index("web")] + organic_shift(self.world, rows, self.types[actions])
-        return np.where(self.types[actions] == "service", 0.0, 1.0 / (1.0 + np.exp(-logit)))
-
     def organic_hazard(self, drifted: bool, now: float) -> np.ndarray:
         """(n, actions): the chance of an organic purchase today, compounding to ``organic_probability``
         over the window; 0 for an action shown to the customer within the last window."""

@@ -352,11 +352,11 @@ class _Play:
             else:
                 run.control_decisions += 1
             organic = pop.organic_probability(i, self.drifted) if realism.organic else None
-            if self.organic_truth is not None and d.candidates:
-                k = np.array([pop.index[a] for a, _ in d.candidates])
-                law, kind = pop.organic_law(np.full(len(k), i), k), UPLIFT_CLASSES[int(pop.world.uplift[i])]
-                for a, q, t in zip(k.tolist(), law.tolist(), pop.types[k].tolist()):
-                    self.organic_truth[(d.decision_id, pop.actions[a].id)] = (q, kind, t)
+            if self.organic_truth is not None and organic is not None:
+                kind = UPLIFT_CLASSES[int(pop.world.uplift[i])]
+                for candidate, _ in d.candidates:
+                    k = pop.index[candidate]
+                    self.organic_truth[(d.decision_id, candidate)] = (float(organic[k]), kind, str(pop.types[k]))
             if d.uplift and counted and organic is not None:
                 self._diagnose(d.uplift, i, c, now, organic)
             for a in d.actions:
